@@ -1,0 +1,78 @@
+//! Every default and limit in one place, each with the reason for its size.
+
+use std::time::Duration;
+
+/// HTTP + WebSocket listen address. Loopback: TLS is terminated by a reverse proxy
+/// (Caddy, Traefik, nginx) in front of meshd, as for the reference broker.
+pub const LISTEN: &str = "127.0.0.1:7900";
+
+/// Largest WebSocket message accepted. The reference's 64 KiB killed peer-file relays
+/// above ~48 KiB; 2 MiB fits a 1 MiB file in base64 with room to spare (Appendix A).
+pub const MAX_FRAME_BYTES: usize = 2 * 1024 * 1024;
+
+/// Largest `nonce + ciphertext + targetSpec` of one `send`; refused with `ack.error`
+/// beyond it. Half the frame size leaves room for JSON overhead.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Time a new connection has to authenticate. The reference had no limit (§10.1.2);
+/// clients send hello immediately and wait 5 s for the ack, so 10 s is generous.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket ping interval, as the reference (clients rely on library auto-pong).
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A connection that has not answered pings for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Simultaneous connections, authenticated or not. Each idle connection costs tens of
+/// KiB; 20 000 stays well under a GiB and under systemd's `LimitNOFILE=65536`.
+pub const MAX_CONNECTIONS: usize = 20_000;
+
+/// Connections per mesh. The reference allowed 100; meshes of agents grow past that.
+pub const MAX_CONNECTIONS_PER_MESH: usize = 1_000;
+
+/// Frames buffered for one slow client before live fan-out to it is dropped. Direct
+/// messages are never dropped: they stay in the store and are drained later.
+pub const OUTBOUND_QUEUE: usize = 1_024;
+
+/// Sustained `send`s per second per connection. Agents send a few per minute; this
+/// stops a runaway loop from flooding a mesh while leaving headroom for tools.
+pub const SENDS_PER_SECOND: u32 = 100;
+
+/// Burst allowance above [`SENDS_PER_SECOND`].
+pub const SEND_BURST: u32 = 200;
+
+/// How long an undelivered direct message waits for its recipient (HEAD uses 7 days).
+pub const QUEUE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long delivered messages stay queryable through `message_status`.
+pub const DELIVERED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a push to a client that acknowledges (`client_ack`) waits for the ack
+/// before it is offered again (HEAD's lease).
+pub const ACK_LEASE: Duration = Duration::from_secs(30);
+
+/// Largest value of one shared-state key.
+pub const MAX_STATE_VALUE_BYTES: usize = 256 * 1024;
+
+/// Shared-state keys per mesh.
+pub const MAX_STATE_KEYS_PER_MESH: usize = 10_000;
+
+/// Time given to connections and the store to finish on SIGTERM. The systemd unit's
+/// `TimeoutStopSec` (30 s) must stay above it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Most operations the store commits in one transaction (group commit).
+pub const MAX_BATCH: usize = 1_024;
+
+/// Status-source freshness window (§4.5).
+pub const STATUS_FRESH_WINDOW: Duration = Duration::from_secs(30);
+
+/// Hook-reported `working` decays to `idle` after this (§4.5).
+pub const STATUS_TTL: Duration = Duration::from_secs(60);
+
+/// Default log filter (`RUST_LOG` syntax).
+pub const LOG_LEVEL: &str = "info";
+
+/// SQLite file name inside the data directory.
+pub const SQLITE_FILE: &str = "meshd.db";

@@ -1,0 +1,400 @@
+//! Broker → client frames.
+//!
+//! Field names and optionality follow the reference broker exactly (§3.2): clients read
+//! `_reqId`, `id`, `senderPubkey` and friends by name, and old clients ignore fields they
+//! do not know, so HEAD-era additions are sent to everyone.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::client::{GroupEntry, Stats};
+
+/// One outbound frame. Serialises with its `type` tag.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BrokerFrame {
+    /// Answer to a successful `hello`/`session_hello`.
+    HelloAck(HelloAck),
+    /// Answer to `send`, `set_visible`, `set_profile`.
+    Ack(Ack),
+    /// A delivered envelope or a broker event.
+    Push(Push),
+    /// Answer to `list_peers`.
+    PeersList(PeersList),
+    /// Another peer changed a shared key.
+    StateChange(StateChange),
+    /// Answer to `get_state`.
+    StateResult(StateResult),
+    /// Answer to `list_state`.
+    StateList(StateList),
+    /// Answer to `message_status`.
+    MessageStatusResult(MessageStatusResult),
+    /// A refusal.
+    Error(ErrorFrame),
+}
+
+impl BrokerFrame {
+    /// The JSON text of this frame.
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string and no
+        // Serialize impl here returns an error.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","code":"internal","message":"{e}"}}"#)
+        })
+    }
+}
+
+/// `hello_ack` (§2.2 plus the HEAD additions of §2.7).
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HelloAck {
+    /// Id of this presence.
+    pub presence_id: String,
+    /// Effective display name.
+    pub member_display_name: String,
+    /// True when a saved session state existed ("welcome back").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<bool>,
+    /// Summary saved at the last disconnect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_summary: Option<String>,
+    /// ISO time of the last disconnect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen_at: Option<String>,
+    /// Saved groups, when the hello carried none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_groups: Option<Vec<GroupEntry>>,
+    /// Cumulative counters across sessions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_stats: Option<CumulativeStats>,
+    /// HEAD: the member's profile as the broker sees it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member_profile: Option<MemberProfile>,
+}
+
+/// Counters carried in `hello_ack.restoredStats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CumulativeStats {
+    /// Messages received.
+    pub messages_in: u64,
+    /// Messages sent.
+    pub messages_out: u64,
+    /// Tool calls.
+    pub tool_calls: u64,
+    /// Errors.
+    pub errors: u64,
+}
+
+/// HEAD's `hello_ack.memberProfile`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberProfile {
+    /// The member's role in the mesh (`admin` or `member`).
+    pub role_tag: String,
+    /// The presence's groups.
+    pub groups: Vec<GroupEntry>,
+    /// Always `"push"`: meshd pushes messages as they arrive.
+    pub message_mode: String,
+}
+
+/// `ack`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    /// The send's `id` (or the `_reqId`/resource id for the other ack shapes).
+    pub id: String,
+    /// Broker message id; empty when the send was refused.
+    pub message_id: String,
+    /// Whether the message was accepted.
+    pub queued: bool,
+    /// Why a send was refused (HEAD shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `push`: a delivered envelope, or a broker event when `subtype` is set.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Push {
+    /// Broker message id.
+    pub message_id: String,
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Session key of the sender if it announced one, else its member key;
+    /// `"system"` for events.
+    pub sender_pubkey: String,
+    /// `now`, `next` or `low`.
+    pub priority: &'static str,
+    /// Base64 nonce, or empty.
+    pub nonce: String,
+    /// Base64 ciphertext, or empty for events.
+    pub ciphertext: String,
+    /// ISO send time.
+    pub created_at: String,
+    /// `system`, `webhook` or `reminder`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subtype: Option<&'static str>,
+    /// Event name for system/webhook pushes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<&'static str>,
+    /// Event payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_data: Option<serde_json::Value>,
+    /// HEAD: the sender's member key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_member_pubkey: Option<String>,
+    /// HEAD: the sender's member id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_member_id: Option<String>,
+    /// HEAD: the sender's display name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_name: Option<String>,
+    /// HEAD: the sender's idempotency id.
+    #[serde(
+        rename = "client_message_id",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_message_id: Option<String>,
+}
+
+/// `peers_list`.
+#[derive(Debug, Serialize)]
+pub struct PeersList {
+    /// Live, visible peers (the caller included).
+    pub peers: Vec<PeerEntry>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// One `peers_list` entry (§4.3 plus HEAD's `memberPubkey`/`peerRole`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerEntry {
+    /// Session key if announced, else member key.
+    pub pubkey: String,
+    /// Effective display name.
+    pub display_name: String,
+    /// `idle`, `working` or `dnd`.
+    pub status: &'static str,
+    /// Summary or null.
+    pub summary: Option<String>,
+    /// Groups.
+    pub groups: Vec<GroupEntry>,
+    /// Client session id.
+    pub session_id: String,
+    /// ISO connect time.
+    pub connected_at: String,
+    /// Working directory (`""` when the client sent none).
+    pub cwd: String,
+    /// Host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Peer type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_type: Option<String>,
+    /// Channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Last reported counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
+    /// Visibility (always present for live peers).
+    pub visible: bool,
+    /// Profile, only when non-empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<serde_json::Map<String, serde_json::Value>>,
+    /// HEAD: the member key behind this presence.
+    pub member_pubkey: String,
+    /// HEAD: `control-plane` for `hello` presences, `session` for `session_hello` ones.
+    pub peer_role: &'static str,
+}
+
+/// `state_change`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateChange {
+    /// Key.
+    pub key: String,
+    /// New value, verbatim.
+    pub value: Box<RawValue>,
+    /// Display name of the writer.
+    pub updated_by: String,
+}
+
+/// `state_result`. A missing key has `value: null`, `updatedBy: ""`, `updatedAt: ""`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateResult {
+    /// Key.
+    pub key: String,
+    /// Value, verbatim, or null.
+    pub value: Box<RawValue>,
+    /// ISO time of the last write, or `""`.
+    pub updated_at: String,
+    /// Display name of the last writer, or `""`.
+    pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `state_list`.
+#[derive(Debug, Serialize)]
+pub struct StateList {
+    /// Every key of the mesh, sorted.
+    pub entries: Vec<StateEntry>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// One `state_list` entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateEntry {
+    /// Key.
+    pub key: String,
+    /// Value, verbatim.
+    pub value: Box<RawValue>,
+    /// Display name of the last writer.
+    pub updated_by: String,
+    /// ISO time of the last write.
+    pub updated_at: String,
+}
+
+/// `message_status_result` (§4.7).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageStatusResult {
+    /// The message.
+    pub message_id: String,
+    /// Its target spec.
+    pub target_spec: String,
+    /// Whether it was delivered.
+    pub delivered: bool,
+    /// ISO delivery time or null.
+    pub delivered_at: Option<String>,
+    /// Per-recipient state.
+    pub recipients: Vec<RecipientStatus>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// One recipient in a `message_status_result`.
+#[derive(Debug, Serialize)]
+pub struct RecipientStatus {
+    /// Display name.
+    pub name: String,
+    /// Key addressed.
+    pub pubkey: String,
+    /// `delivered`, `held` (recipient online, message waiting) or `disconnected`.
+    pub status: &'static str,
+}
+
+/// `error`. Handshake errors carry neither `id` nor `_reqId`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorFrame {
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The `id` of the send this refuses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+impl ErrorFrame {
+    /// An error without correlation (handshake errors, `no_hello`).
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            id: None,
+            req_id: None,
+        }
+    }
+
+    /// The same error answering a request.
+    #[must_use]
+    pub fn with_req_id(mut self, req_id: Option<String>) -> Self {
+        self.req_id = req_id;
+        self
+    }
+}
+
+/// Builds the payload of a `system` push about a peer (`peer_joined`, `peer_left`, …).
+pub fn peer_event_data(name: &str, pubkey: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("name".into(), name.into());
+    m.insert("pubkey".into(), pubkey.into());
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_shape() {
+        let f = BrokerFrame::Ack(Ack {
+            id: "s1".into(),
+            message_id: "m1".into(),
+            queued: true,
+            error: None,
+            req_id: None,
+        });
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"ack","id":"s1","messageId":"m1","queued":true}"#
+        );
+    }
+
+    #[test]
+    fn error_shape_and_req_id() {
+        let f = BrokerFrame::Error(
+            ErrorFrame::new("unknown_message_type", "unknown type x").with_req_id(Some("r".into())),
+        );
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"error","code":"unknown_message_type","message":"unknown type x","_reqId":"r"}"#
+        );
+    }
+
+    #[test]
+    fn push_omits_absent_optionals() {
+        let f = BrokerFrame::Push(Push {
+            message_id: "m".into(),
+            mesh_id: "x".into(),
+            sender_pubkey: "system".into(),
+            priority: "low",
+            nonce: String::new(),
+            ciphertext: String::new(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            subtype: Some("system"),
+            event: Some("peer_left"),
+            event_data: Some(serde_json::Value::Object(peer_event_data("a", "b"))),
+            sender_member_pubkey: None,
+            sender_member_id: None,
+            sender_name: None,
+            client_message_id: None,
+        });
+        let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(v["type"], "push");
+        assert_eq!(v["senderPubkey"], "system");
+        assert_eq!(v["eventData"]["name"], "a");
+        assert!(v.get("senderName").is_none());
+    }
+}

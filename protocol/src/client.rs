@@ -1,0 +1,744 @@
+//! Client → broker frames.
+//!
+//! A frame is one JSON object per WebSocket text message, discriminated by `type`, with an
+//! optional `_reqId` correlation string. [`decode`] parses the envelope first and then the
+//! body of the named type, so a bad body still yields the `type`, `_reqId` and `id` needed
+//! to answer it correctly (the CLI correlates replies per response type and falls back to
+//! FIFO matching when `_reqId` is missing, so a reply must never go out un-correlated).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::routing::Status;
+
+/// Longest accepted display name, summary, hostname etc. (characters are bytes here).
+pub const MAX_NAME_LEN: usize = 256;
+/// Longest accepted working directory.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Longest accepted summary.
+pub const MAX_SUMMARY_LEN: usize = 16 * 1024;
+/// Most groups a presence can be in.
+pub const MAX_GROUPS: usize = 64;
+/// Longest accepted state key.
+pub const MAX_STATE_KEY_LEN: usize = 512;
+
+/// A decoded frame with its correlation id.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The client's `_reqId`, echoed in the direct reply.
+    pub req_id: Option<String>,
+    /// The frame body.
+    pub frame: ClientFrame,
+}
+
+/// Every client → broker frame meshd understands.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientFrame {
+    /// Authenticate with a member key (§2.1).
+    Hello(Box<Hello>),
+    /// Authenticate a session vouched for by its member (§2.6).
+    SessionHello(Box<SessionHello>),
+    /// Route an envelope (§4).
+    Send(Box<Send>),
+    /// Manual status. No reply.
+    SetStatus {
+        /// New status.
+        status: Status,
+    },
+    /// Free-text summary. No reply.
+    SetSummary {
+        /// New summary.
+        summary: String,
+    },
+    /// Hide or show this presence. Replied with an `ack`.
+    SetVisible {
+        /// Whether others see this peer.
+        visible: bool,
+    },
+    /// Merge profile fields. Replied with an `ack`.
+    SetProfile(ProfilePatch),
+    /// Replace the reported counters. No reply.
+    SetStats(Stats),
+    /// Join (or change role in) a group. No reply.
+    JoinGroup(GroupEntry),
+    /// Leave a group. No reply.
+    LeaveGroup {
+        /// Group name.
+        name: String,
+    },
+    /// List the mesh's live peers.
+    ListPeers,
+    /// Upsert a shared key. No reply to the sender.
+    SetState {
+        /// Key.
+        key: String,
+        /// Any JSON value, kept verbatim; `None` is JSON `null` (or an absent value).
+        value: Option<Box<RawValue>>,
+    },
+    /// Read a shared key.
+    GetState {
+        /// Key.
+        key: String,
+    },
+    /// List every shared key.
+    ListState,
+    /// Delivery status of a message this mesh sent.
+    MessageStatus {
+        /// The `messageId` from the send's ack.
+        message_id: String,
+    },
+    /// The client confirms it processed a push (HEAD clients). No reply.
+    ClientAck {
+        /// The sender's idempotency id.
+        client_message_id: Option<String>,
+        /// The broker's `messageId`.
+        broker_message_id: Option<String>,
+    },
+    /// A claudemesh frame type that meshd recognises but does not serve.
+    Unsupported {
+        /// The frame type.
+        kind: &'static str,
+        /// Whether the client waits for an answer (so an `error` must be sent back).
+        awaits_reply: bool,
+    },
+}
+
+impl ClientFrame {
+    /// Whether the reference broker answers this frame. Errors for frames that get no
+    /// answer must not be sent: the CLI would hand them to an unrelated waiter.
+    pub const fn awaits_reply(&self) -> bool {
+        match self {
+            Self::Hello(_)
+            | Self::SessionHello(_)
+            | Self::Send(_)
+            | Self::SetVisible { .. }
+            | Self::SetProfile(_)
+            | Self::ListPeers
+            | Self::GetState { .. }
+            | Self::ListState
+            | Self::MessageStatus { .. } => true,
+            Self::SetStatus { .. }
+            | Self::SetSummary { .. }
+            | Self::SetStats(_)
+            | Self::JoinGroup(_)
+            | Self::LeaveGroup { .. }
+            | Self::SetState { .. }
+            | Self::ClientAck { .. } => false,
+            Self::Unsupported { awaits_reply, .. } => *awaits_reply,
+        }
+    }
+}
+
+/// `hello` (§2.1). Only the listed fields are read; the rest are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// Mesh id (not the slug).
+    pub mesh_id: String,
+    /// Member id from `/join`; must match the member found by `pubkey`.
+    pub member_id: String,
+    /// Member public key, 64 hex.
+    pub pubkey: String,
+    /// Per-process session key used for routing and DM crypto.
+    #[serde(default)]
+    pub session_pubkey: Option<String>,
+    /// Per-session display name override.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Changes on every reconnect.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Client process id.
+    #[serde(default)]
+    pub pid: Option<serde_json::Number>,
+    /// Working directory; the SDK sends none.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Host name, relayed in `peers_list`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `ai`, `human` or `connector` (not interpreted).
+    #[serde(default)]
+    pub peer_type: Option<String>,
+    /// `claude-code`, `sdk`, `slack`… (not interpreted).
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Model name (not interpreted).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Initial groups.
+    #[serde(default)]
+    pub groups: Option<Vec<GroupEntry>>,
+    /// Milliseconds since the epoch; must be an integer.
+    pub timestamp: serde_json::Number,
+    /// Ed25519 signature over [`crate::hello::hello_signing_string`], 128 hex.
+    pub signature: String,
+}
+
+/// Signed statement by a member key that a session key acts for it (§2.6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attestation {
+    /// Session key being vouched for.
+    pub session_pubkey: String,
+    /// Vouching member key.
+    pub parent_member_pubkey: String,
+    /// Expiry in ms since the epoch.
+    pub expires_at: serde_json::Number,
+    /// Signature by the parent key over [`crate::hello::attestation_signing_string`].
+    pub signature: String,
+}
+
+/// `session_hello` (§2.6, HEAD clients).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionHello {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// If present, must be the id of the member owning `parent_member_pubkey`.
+    #[serde(default)]
+    pub parent_member_id: Option<String>,
+    /// Member key.
+    pub parent_member_pubkey: String,
+    /// Session key (signs this hello).
+    pub session_pubkey: String,
+    /// The member's attestation for the session key.
+    pub parent_attestation: Attestation,
+    /// Display name override.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Session id.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Client process id.
+    #[serde(default)]
+    pub pid: Option<serde_json::Number>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Host name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Peer type.
+    #[serde(default)]
+    pub peer_type: Option<String>,
+    /// Channel.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Initial groups.
+    #[serde(default)]
+    pub groups: Option<Vec<GroupEntry>>,
+    /// Milliseconds since the epoch.
+    pub timestamp: serde_json::Number,
+    /// Signature by the session key over [`crate::hello::session_hello_signing_string`].
+    pub signature: String,
+}
+
+/// `send` (§4). Validation of the priority and target happens in the broker so that a bad
+/// value is answered with an `ack` carrying `error`, which every client matches by `id`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Send {
+    /// Client correlation id, echoed in the `ack`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Recipient spec (see [`crate::routing::TargetSpec`]).
+    pub target_spec: String,
+    /// `now`, `next` (default) or `low`.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Base64 nonce (24 bytes for crypto_box DMs; a placeholder for plaintext).
+    pub nonce: String,
+    /// Base64 ciphertext (or base64 plaintext for multicast).
+    pub ciphertext: String,
+    /// HEAD idempotency id; its presence marks a client that sends `client_ack`.
+    #[serde(default, rename = "client_message_id")]
+    pub client_message_id: Option<String>,
+}
+
+/// A group membership, `{name, role?}`. Roles are free text the broker never interprets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEntry {
+    /// Group name, hierarchical with `/`.
+    pub name: String,
+    /// Free-text role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// The profile fields a `set_profile` may carry. A field absent from the frame is left
+/// alone; a field present with JSON `null` is set to null (the reference's semantics).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfilePatch {
+    /// `(field, value)` for each of `avatar`, `title`, `bio`, `capabilities` present.
+    pub fields: Vec<(&'static str, serde_json::Value)>,
+}
+
+/// The profile keys `set_profile` may change.
+pub const PROFILE_FIELDS: [&str; 4] = ["avatar", "title", "bio", "capabilities"];
+
+/// `set_stats` counters. Reported numbers are kept as given; missing ones are absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    /// Messages received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_in: Option<f64>,
+    /// Messages sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_out: Option<f64>,
+    /// Tool calls made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<f64>,
+    /// Seconds since the session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime: Option<f64>,
+    /// Errors seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<f64>,
+}
+
+/// Why a text frame could not be turned into an [`Inbound`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Not a JSON object with a string `type`. Nothing can be correlated.
+    #[error("frame is not a JSON object with a string \"type\": {0}")]
+    Malformed(String),
+    /// A `type` this broker does not know.
+    #[error("unknown message type {kind:?}")]
+    UnknownType {
+        /// The type as sent (truncated to 64 bytes).
+        kind: String,
+        /// Its `_reqId`.
+        req_id: Option<String>,
+    },
+    /// A known type whose fields are missing or of the wrong shape.
+    #[error("invalid {kind} frame: {reason}")]
+    Invalid {
+        /// The frame type.
+        kind: &'static str,
+        /// Its `_reqId`.
+        req_id: Option<String>,
+        /// Its `id` (a `send`'s correlation id), if a string.
+        id: Option<String>,
+        /// What was wrong, for the error message.
+        reason: String,
+        /// Whether the client waits for a reply to this type.
+        awaits_reply: bool,
+    },
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(rename = "_reqId", default)]
+    req_id: Option<serde_json::Value>,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+}
+
+/// Decodes one text frame.
+///
+/// # Errors
+/// See [`DecodeError`]. Decoding never panics, whatever the input.
+pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
+    let env: Envelope<'_> =
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let req_id = match env.req_id {
+        Some(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let Some((kind, awaits_reply)) = lookup_kind(&env.kind) else {
+        let mut kind = env.kind.into_owned();
+        truncate_utf8(&mut kind, 64);
+        return Err(DecodeError::UnknownType { kind, req_id });
+    };
+    let invalid = |reason: String| DecodeError::Invalid {
+        kind,
+        req_id: req_id.clone(),
+        id: match &env.id {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            _ => None,
+        },
+        reason,
+        awaits_reply,
+    };
+    let frame = decode_body(kind, text).map_err(|e| invalid(e.to_string()))?;
+    validate(&frame).map_err(|r| invalid(r.to_owned()))?;
+    Ok(Inbound { req_id, frame })
+}
+
+fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct StatusBody {
+        status: Status,
+    }
+    #[derive(Deserialize)]
+    struct SummaryBody {
+        summary: String,
+    }
+    #[derive(Deserialize)]
+    struct VisibleBody {
+        visible: bool,
+    }
+    #[derive(Deserialize)]
+    struct StatsBody {
+        #[serde(default)]
+        stats: Stats,
+    }
+    #[derive(Deserialize)]
+    struct NameBody {
+        name: String,
+    }
+    #[derive(Deserialize)]
+    struct SetStateBody {
+        key: String,
+        #[serde(default)]
+        value: Option<Box<RawValue>>,
+    }
+    #[derive(Deserialize)]
+    struct KeyBody {
+        key: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct MessageStatusBody {
+        message_id: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ClientAckBody {
+        #[serde(default)]
+        client_message_id: Option<String>,
+        #[serde(default)]
+        broker_message_id: Option<String>,
+    }
+
+    Ok(match kind {
+        "hello" => ClientFrame::Hello(Box::new(serde_json::from_str(text)?)),
+        "session_hello" => ClientFrame::SessionHello(Box::new(serde_json::from_str(text)?)),
+        "send" => ClientFrame::Send(Box::new(serde_json::from_str(text)?)),
+        "set_status" => ClientFrame::SetStatus {
+            status: serde_json::from_str::<StatusBody>(text)?.status,
+        },
+        "set_summary" => ClientFrame::SetSummary {
+            summary: serde_json::from_str::<SummaryBody>(text)?.summary,
+        },
+        "set_visible" => ClientFrame::SetVisible {
+            visible: serde_json::from_str::<VisibleBody>(text)?.visible,
+        },
+        "set_profile" => {
+            let mut obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)?;
+            let fields = PROFILE_FIELDS
+                .iter()
+                .filter_map(|&f| obj.remove(f).map(|v| (f, v)))
+                .collect();
+            ClientFrame::SetProfile(ProfilePatch { fields })
+        }
+        "set_stats" => ClientFrame::SetStats(serde_json::from_str::<StatsBody>(text)?.stats),
+        "join_group" => ClientFrame::JoinGroup(serde_json::from_str(text)?),
+        "leave_group" => ClientFrame::LeaveGroup {
+            name: serde_json::from_str::<NameBody>(text)?.name,
+        },
+        "list_peers" => ClientFrame::ListPeers,
+        "set_state" => {
+            let b: SetStateBody = serde_json::from_str(text)?;
+            ClientFrame::SetState {
+                key: b.key,
+                value: b.value,
+            }
+        }
+        "get_state" => ClientFrame::GetState {
+            key: serde_json::from_str::<KeyBody>(text)?.key,
+        },
+        "list_state" => ClientFrame::ListState,
+        "message_status" => ClientFrame::MessageStatus {
+            message_id: serde_json::from_str::<MessageStatusBody>(text)?.message_id,
+        },
+        "client_ack" => {
+            let b: ClientAckBody = serde_json::from_str(text)?;
+            ClientFrame::ClientAck {
+                client_message_id: b.client_message_id,
+                broker_message_id: b.broker_message_id,
+            }
+        }
+        other => {
+            let awaits_reply = lookup_kind(other).is_some_and(|(_, r)| r);
+            ClientFrame::Unsupported {
+                kind,
+                awaits_reply,
+            }
+        }
+    })
+}
+
+/// Field limits that serde cannot express. Returns the reason on failure.
+fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
+    fn opt_len(s: &Option<String>, max: usize) -> bool {
+        s.as_ref().is_none_or(|s| s.len() <= max)
+    }
+    fn groups_ok(g: &Option<Vec<GroupEntry>>) -> bool {
+        g.as_ref().is_none_or(|g| {
+            g.len() <= MAX_GROUPS
+                && g.iter().all(|e| {
+                    !e.name.is_empty() && e.name.len() <= MAX_NAME_LEN && opt_len(&e.role, MAX_NAME_LEN)
+                })
+        })
+    }
+    match frame {
+        ClientFrame::Hello(h) => {
+            if !(opt_len(&h.display_name, MAX_NAME_LEN)
+                && opt_len(&h.session_id, MAX_NAME_LEN)
+                && opt_len(&h.cwd, MAX_PATH_LEN)
+                && opt_len(&h.hostname, MAX_NAME_LEN)
+                && opt_len(&h.peer_type, MAX_NAME_LEN)
+                && opt_len(&h.channel, MAX_NAME_LEN)
+                && opt_len(&h.model, MAX_NAME_LEN)
+                && groups_ok(&h.groups))
+            {
+                return Err("a hello field exceeds its length limit");
+            }
+        }
+        ClientFrame::SessionHello(h) => {
+            if !(opt_len(&h.display_name, MAX_NAME_LEN)
+                && opt_len(&h.session_id, MAX_NAME_LEN)
+                && opt_len(&h.cwd, MAX_PATH_LEN)
+                && opt_len(&h.hostname, MAX_NAME_LEN)
+                && opt_len(&h.peer_type, MAX_NAME_LEN)
+                && opt_len(&h.channel, MAX_NAME_LEN)
+                && opt_len(&h.model, MAX_NAME_LEN)
+                && groups_ok(&h.groups))
+            {
+                return Err("a session_hello field exceeds its length limit");
+            }
+        }
+        ClientFrame::SetSummary { summary } if summary.len() > MAX_SUMMARY_LEN => {
+            return Err("summary exceeds 16 KiB");
+        }
+        ClientFrame::JoinGroup(g) if !groups_ok(&Some(vec![g.clone()])) => {
+            return Err("group name must be 1..=256 bytes");
+        }
+        ClientFrame::SetState { key, .. } | ClientFrame::GetState { key }
+            if key.is_empty() || key.len() > MAX_STATE_KEY_LEN =>
+        {
+            return Err("state key must be 1..=512 bytes");
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+/// Frame types meshd knows, and whether the client awaits a reply. Types served by
+/// this build decode into their own variants; the rest become [`ClientFrame::Unsupported`].
+fn lookup_kind(kind: &str) -> Option<(&'static str, bool)> {
+    KNOWN.iter().find(|(k, _)| *k == kind).copied()
+}
+
+/// Every client frame of the reference broker at 56b1cc0 plus `session_hello` and
+/// `client_ack`, with whether its sender waits for the answer. `claim_task`,
+/// `complete_task` and `mesh_execute` are answered by the reference but the CLI does not
+/// wait for them, so an error for them would be matched to the wrong waiter.
+const KNOWN: &[(&str, bool)] = &[
+    ("hello", true),
+    ("session_hello", true),
+    ("send", true),
+    ("set_status", false),
+    ("list_peers", true),
+    ("set_summary", false),
+    ("set_visible", true),
+    ("set_profile", true),
+    ("set_stats", false),
+    ("join_group", false),
+    ("leave_group", false),
+    ("set_state", false),
+    ("get_state", true),
+    ("list_state", true),
+    ("message_status", true),
+    ("client_ack", false),
+    ("remember", true),
+    ("recall", true),
+    ("forget", true),
+    ("get_file", true),
+    ("list_files", true),
+    ("file_status", true),
+    ("delete_file", true),
+    ("grant_file_access", true),
+    ("share_context", true),
+    ("get_context", true),
+    ("list_contexts", true),
+    ("create_task", true),
+    ("claim_task", false),
+    ("complete_task", false),
+    ("list_tasks", true),
+    ("vector_store", true),
+    ("vector_search", true),
+    ("vector_delete", true),
+    ("list_collections", true),
+    ("graph_query", true),
+    ("graph_execute", true),
+    ("mesh_query", true),
+    ("mesh_execute", false),
+    ("mesh_schema", true),
+    ("create_stream", true),
+    ("publish", false),
+    ("subscribe", true),
+    ("unsubscribe", false),
+    ("list_streams", true),
+    ("mesh_info", true),
+    ("set_clock", true),
+    ("pause_clock", true),
+    ("resume_clock", true),
+    ("get_clock", true),
+    ("schedule", true),
+    ("list_scheduled", true),
+    ("cancel_scheduled", true),
+    ("mcp_register", true),
+    ("mcp_unregister", false),
+    ("mcp_list", true),
+    ("mcp_call", true),
+    ("mcp_call_response", false),
+    ("share_skill", true),
+    ("get_skill", true),
+    ("list_skills", true),
+    ("remove_skill", true),
+    ("create_webhook", true),
+    ("list_webhooks", true),
+    ("delete_webhook", true),
+    ("peer_file_request", true),
+    ("peer_file_response", false),
+    ("peer_dir_request", true),
+    ("peer_dir_response", false),
+    ("audit_query", true),
+    ("audit_verify", true),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_hello_without_cwd() {
+        let text = r#"{"type":"hello","meshId":"m","memberId":"u","pubkey":"aa","sessionPubkey":"bb",
+            "sessionId":"sdk-1-2","pid":42,"peerType":"connector","channel":"sdk","timestamp":1775599200123,
+            "signature":"cc"}"#;
+        let inbound = decode(text).unwrap();
+        let ClientFrame::Hello(h) = inbound.frame else {
+            panic!("not a hello")
+        };
+        assert_eq!(h.cwd, None);
+        assert_eq!(h.timestamp.to_string(), "1775599200123");
+        assert_eq!(h.pid.and_then(|p| p.as_i64()), Some(42));
+    }
+
+    #[test]
+    fn envelope_errors_keep_correlation() {
+        assert!(matches!(decode("not json"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode("[1,2]"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(r#"{"type":7}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert_eq!(
+            decode(r#"{"type":"teleport","_reqId":"r1"}"#).unwrap_err(),
+            DecodeError::UnknownType {
+                kind: "teleport".into(),
+                req_id: Some("r1".into())
+            }
+        );
+        let err = decode(r#"{"type":"send","id":"s1","_reqId":"r2","targetSpec":"*"}"#).unwrap_err();
+        let DecodeError::Invalid {
+            kind,
+            req_id,
+            id,
+            awaits_reply,
+            ..
+        } = err
+        else {
+            panic!("expected Invalid, got {err:?}")
+        };
+        assert_eq!(
+            (kind, req_id.as_deref(), id.as_deref(), awaits_reply),
+            ("send", Some("r2"), Some("s1"), true)
+        );
+    }
+
+    #[test]
+    fn unsupported_frames_know_whether_a_reply_is_awaited() {
+        let f = decode(r#"{"type":"remember","content":"x","_reqId":"r"}"#).unwrap();
+        assert!(matches!(
+            f.frame,
+            ClientFrame::Unsupported {
+                kind: "remember",
+                awaits_reply: true
+            }
+        ));
+        let f = decode(r#"{"type":"publish","stream":"s","data":1}"#).unwrap();
+        assert!(!f.frame.awaits_reply());
+    }
+
+    #[test]
+    fn profile_patch_distinguishes_absent_from_null() {
+        let f = decode(r#"{"type":"set_profile","title":null,"bio":"b","evil":1}"#).unwrap();
+        let ClientFrame::SetProfile(p) = f.frame else {
+            panic!()
+        };
+        assert_eq!(
+            p.fields,
+            vec![
+                ("title", serde_json::Value::Null),
+                ("bio", serde_json::Value::String("b".into()))
+            ]
+        );
+    }
+
+    #[test]
+    fn set_state_keeps_raw_value_and_defaults_to_null() {
+        let f = decode(r#"{"type":"set_state","key":"k","value":{"b":1, "a":[1,2]}}"#).unwrap();
+        let ClientFrame::SetState { value, .. } = f.frame else {
+            panic!()
+        };
+        assert_eq!(value.unwrap().get(), r#"{"b":1, "a":[1,2]}"#);
+        let f = decode(r#"{"type":"set_state","key":"k"}"#).unwrap();
+        let ClientFrame::SetState { value, .. } = f.frame else {
+            panic!()
+        };
+        assert!(value.is_none());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let long = "x".repeat(MAX_STATE_KEY_LEN + 1);
+        let text = format!(r#"{{"type":"get_state","key":"{long}","_reqId":"r"}}"#);
+        assert!(matches!(decode(&text), Err(DecodeError::Invalid { .. })));
+        let text = r#"{"type":"join_group","name":""}"#;
+        assert!(matches!(decode(text), Err(DecodeError::Invalid { .. })));
+    }
+
+    #[test]
+    fn unknown_type_is_truncated_on_a_char_boundary() {
+        let kind = "é".repeat(100);
+        let err = decode(&format!(r#"{{"type":"{kind}"}}"#)).unwrap_err();
+        let DecodeError::UnknownType { kind, .. } = err else {
+            panic!()
+        };
+        assert!(kind.len() <= 64 && kind.chars().all(|c| c == 'é'));
+    }
+}

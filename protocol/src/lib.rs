@@ -1,0 +1,30 @@
+//! The claudemesh wire contract, sans-IO.
+//!
+//! This crate knows the JSON frames that claudemesh clients (the CLI/MCP server and
+//! `@claudemesh/sdk`) exchange with a broker, the canonical strings they sign, and the
+//! pure rules a broker applies to them: hello verification with a replay cache, invite
+//! verification, target-spec parsing, status/priority gating and the per-connection
+//! handshake phases.
+//!
+//! It never opens a socket, never reads a clock and never spawns a task: every function
+//! that depends on time takes `now` (milliseconds since the Unix epoch) as an argument.
+//! The daemon (`meshd`) drives it; tests drive it with plain values.
+//!
+//! Entry points: [`client::decode`] for inbound frames, [`broker::BrokerFrame`] for
+//! outbound ones, [`hello::verify_hello`], [`invite::InvitePayload`] and
+//! [`session::Session`].
+
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod client;
+pub mod hello;
+pub mod invite;
+pub mod keys;
+pub mod routing;
+pub mod session;
+pub mod status;
+pub mod time;
+
+pub use keys::{KeyError, Pubkey};
+pub use routing::{Priority, Status, TargetSpec};
