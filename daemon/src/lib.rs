@@ -1,1 +1,281 @@
-//! placeholder
+//! meshd: a claudemesh-compatible broker daemon.
+//!
+//! [`Daemon::bind`] opens the store (migrating it), starts nothing yet and binds the
+//! HTTP/WebSocket listener, so the caller knows the address before serving. [`Bound::run`]
+//! serves until its cancellation token fires, then shuts down in phases: stop accepting,
+//! let sessions flush and save their state, commit and close the store.
+//!
+//! Entry points for binaries: [`cli::main`]. Library users (the test harness): [`Daemon`].
+
+pub mod admin;
+pub mod cli;
+mod http;
+mod hub;
+mod ids;
+mod metrics;
+mod session;
+pub mod store;
+mod systemd;
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use meshd_config::Config;
+use meshd_protocol::hello::ReplayCache;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::writer::{WriteOp, WriterHandle};
+use crate::store::{Db, StoreError, WriterConn};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The store could not be opened or migrated.
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every connection and background task.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) config: Config,
+    pub(crate) db: Db,
+    pub(crate) writer: WriterHandle,
+    pub(crate) hub: Hub,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) replay: std::sync::Mutex<ReplayCache>,
+    /// Every session task.
+    pub(crate) sessions: TaskTracker,
+    /// Cancelled when sessions must end (shutdown phase 2).
+    pub(crate) sessions_cancel: CancellationToken,
+    /// Limits simultaneous WebSocket connections.
+    pub(crate) connections: Arc<Semaphore>,
+    next_conn: AtomicU64,
+    started: tokio::time::Instant,
+}
+
+impl Ctx {
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Entry point for running a broker.
+#[derive(Debug)]
+pub struct Daemon;
+
+/// A broker with its store open and its listener bound, not yet serving.
+#[derive(Debug)]
+pub struct Bound {
+    ctx: Arc<Ctx>,
+    listener: tokio::net::TcpListener,
+    writer: store::writer::Writer,
+    writer_stop: CancellationToken,
+}
+
+impl Daemon {
+    /// Opens the store and binds the listener.
+    ///
+    /// # Errors
+    /// [`StartError`].
+    pub async fn bind(config: Config) -> Result<Bound, StartError> {
+        let db = Db::open(&config.storage.backend, config.storage.durability).await?;
+        let conn = WriterConn::open(&config.storage.backend, config.storage.durability).await?;
+        let metrics = Arc::new(Metrics::default());
+        let (writer, task) = store::writer::channel(
+            conn,
+            config.storage.max_batch * 4,
+            config.storage.max_batch,
+            metrics.clone(),
+        );
+        // No connection survives a restart, so no lease does either.
+        writer.send(WriteOp::ClearLeases).await?;
+        let addr = config.server.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
+        let ctx = Arc::new(Ctx {
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
+            config,
+            db,
+            writer,
+            hub: Hub::default(),
+            metrics,
+            sessions: TaskTracker::new(),
+            sessions_cancel: CancellationToken::new(),
+            next_conn: AtomicU64::new(0),
+            started: tokio::time::Instant::now(),
+        });
+        Ok(Bound {
+            ctx,
+            listener,
+            writer: task,
+            writer_stop: CancellationToken::new(),
+        })
+    }
+}
+
+impl Bound {
+    /// The bound HTTP/WebSocket address (useful with port 0).
+    ///
+    /// # Panics
+    /// Never in practice: a bound TCP listener always has a local address.
+    #[allow(clippy::expect_used)]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// An I/O error of the listener.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), std::io::Error> {
+        let Self {
+            ctx,
+            listener,
+            writer,
+            writer_stop,
+        } = self;
+        let addr = listener.local_addr()?;
+        let background = TaskTracker::new();
+        let background_cancel = CancellationToken::new();
+
+        let writer_task = background.spawn(writer.run(writer_stop.clone()));
+        background.spawn(housekeeping(ctx.clone(), background_cancel.clone()));
+
+        let accept_cancel = CancellationToken::new();
+        let app = http::router(ctx.clone());
+        let server = {
+            let stop = accept_cancel.clone();
+            tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+            })
+        };
+
+        let (public_url, _) = ctx.config.public_url();
+        info!(%addr, store = ctx.db.kind(), %public_url, "meshd serving");
+        systemd::notify(&format!("READY=1\nSTATUS=serving http on {addr}"));
+
+        shutdown.cancelled().await;
+        let grace = ctx.config.server.shutdown_grace;
+        info!(?grace, "shutting down");
+        systemd::notify("STOPPING=1\nSTATUS=draining connections");
+
+        // Phase 1: stop accepting. Phase 2: sessions flush, release leases and save state.
+        accept_cancel.cancel();
+        ctx.sessions_cancel.cancel();
+        ctx.sessions.close();
+        if tokio::time::timeout(grace, ctx.sessions.wait()).await.is_err() {
+            warn!("sessions did not finish within the grace period");
+        }
+        match tokio::time::timeout(grace, server).await {
+            Ok(Ok(Err(e))) => warn!(cause = %e, "http server ended with an error"),
+            Ok(Err(e)) => warn!(cause = %e, "http server task failed"),
+            Err(_) => warn!("http server did not stop within the grace period"),
+            Ok(Ok(Ok(()))) => {}
+        }
+        // Phase 3: commit everything queued, then stop the writer and close the store.
+        background_cancel.cancel();
+        if tokio::time::timeout(grace, ctx.writer.flush()).await.is_err() {
+            warn!("store flush did not finish within the grace period");
+        }
+        writer_stop.cancel();
+        background.close();
+        if tokio::time::timeout(grace, writer_task).await.is_err() {
+            warn!("store writer did not stop within the grace period");
+        }
+        background.wait().await;
+        ctx.db.close().await;
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Periodic upkeep: expiry sweeps, the revocation watch, health and gauges.
+async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut revoked_watermark = ids::now_ms() - 60_000;
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        // Revocations made by `meshd member revoke` in another process.
+        let now = ids::now_ms();
+        match ctx.db.revoked_since(revoked_watermark - 5_000).await {
+            Ok(rows) => {
+                for m in rows {
+                    if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
+                        let closed = mesh.revoke(&m.pubkey);
+                        if closed > 0 {
+                            info!(mesh.id = %m.mesh_id, member.id = %m.id, closed, "member revoked; connections closed");
+                        }
+                    }
+                }
+                revoked_watermark = now;
+            }
+            Err(e) => warn!(cause = %e, "revocation watch"),
+        }
+        if n % 5 == 1 {
+            let healthy = ctx.db.ping().await.is_ok();
+            ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
+        }
+        if n % 15 == 1 {
+            if let Ok(depth) = ctx.db.queue_depth().await {
+                ctx.metrics.queue_depth.store(depth, Ordering::Relaxed);
+            }
+        }
+        if n % 30 == 1 {
+            let retention = i64::try_from(ctx.config.limits.delivered_retention.as_millis()).unwrap_or(i64::MAX);
+            let r = ctx
+                .writer
+                .call(|reply| WriteOp::Sweep {
+                    delivered_before: now.saturating_sub(retention),
+                    now,
+                    reply,
+                })
+                .await;
+            match r {
+                Ok((old, expired)) if old + expired > 0 => {
+                    info!(delivered_removed = old, expired_undelivered = expired, "swept messages");
+                }
+                Ok(_) => {}
+                Err(e) => warn!(cause = %e, "message sweep"),
+            }
+        }
+    }
+}

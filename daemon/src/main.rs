@@ -1,1 +1,5 @@
-fn main() {}
+//! The `meshd` binary: see `meshd --help`.
+
+fn main() -> std::process::ExitCode {
+    meshd::cli::main()
+}

@@ -1,0 +1,355 @@
+//! Admin operations behind `meshd mesh …`, `meshd invite …` and `meshd member …`.
+//!
+//! They open the store directly (SQLite's busy timeout lets them run beside a live
+//! daemon, which notices new members on their first hello and revocations within two
+//! seconds). Mesh owner keys are secret files, `<data_dir>/keys/<mesh_id>.key`, mode 0600.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshd_config::Config;
+use meshd_protocol::invite::{InvitePayload, Role};
+use meshd_protocol::keys::SecretKey;
+use serde::Serialize;
+
+use crate::ids::{now_ms, random_bytes, random_id};
+use crate::store::{Db, InviteRow, MemberRow, MeshRow, StoreError};
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No mesh has that slug.
+    #[error("no mesh with slug {0:?} (see `meshd mesh list`)")]
+    NoSuchMesh(String),
+    /// The slug is in use.
+    #[error("slug {0:?} is already taken")]
+    SlugTaken(String),
+    /// The slug has the wrong shape.
+    #[error("invalid slug {0:?}: use 1-63 lowercase letters, digits and dashes, starting with a letter or digit")]
+    InvalidSlug(String),
+    /// A key file problem.
+    #[error("mesh owner key: {0}")]
+    Key(#[from] meshd_certs::SecretFileError),
+    /// The key file does not hold a key.
+    #[error("mesh owner key {0} is corrupt")]
+    CorruptKey(PathBuf),
+    /// No such member.
+    #[error("no live member {0:?} in this mesh (give a member id or public key)")]
+    NoSuchMember(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Invalid(String),
+    /// Running as root on a data directory owned by the daemon's user would leave files
+    /// the daemon cannot read.
+    #[error(
+        "{dir} belongs to uid {owner}; run admin commands as that user (e.g. `sudo -u meshd meshd …`)"
+    )]
+    WrongUser {
+        /// Data directory.
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
+}
+
+/// A created mesh (`meshd mesh create --json`).
+#[derive(Debug, Serialize)]
+pub struct MeshCreated {
+    /// Id clients put in `hello.meshId`.
+    pub mesh_id: String,
+    /// Slug.
+    pub slug: String,
+    /// Name.
+    pub name: String,
+    /// Owner key (signs invites).
+    pub owner_pubkey: String,
+}
+
+/// One mesh in `meshd mesh list --json`.
+#[derive(Debug, Serialize)]
+pub struct MeshInfo {
+    /// Id.
+    pub mesh_id: String,
+    /// Slug.
+    pub slug: String,
+    /// Name.
+    pub name: String,
+    /// Owner key.
+    pub owner_pubkey: String,
+    /// ISO creation time.
+    pub created_at: String,
+    /// Live members.
+    pub members: i64,
+}
+
+/// A created invite (`meshd invite create --json`).
+#[derive(Debug, Serialize)]
+pub struct InviteCreated {
+    /// The claudemesh v1 invite token.
+    pub token: String,
+    /// `ic://join/<token>`, accepted by `claudemesh join`.
+    pub url: String,
+    /// Expiry, Unix seconds (as in the invite payload).
+    pub expires_at: i64,
+    /// Mesh.
+    pub mesh_id: String,
+    /// Slug.
+    pub slug: String,
+    /// Role granted.
+    pub role: String,
+    /// Enrollments allowed.
+    pub max_uses: i64,
+    /// The broker URL the invite pins.
+    pub broker_url: String,
+}
+
+/// One member in `meshd member list --json`.
+#[derive(Debug, Serialize)]
+pub struct MemberInfo {
+    /// Id.
+    pub member_id: String,
+    /// Key.
+    pub pubkey: String,
+    /// Display name.
+    pub display_name: String,
+    /// Role.
+    pub role: String,
+    /// ISO join time.
+    pub joined_at: String,
+    /// ISO revocation time.
+    pub revoked_at: Option<String>,
+}
+
+impl From<MemberRow> for MemberInfo {
+    fn from(m: MemberRow) -> Self {
+        Self {
+            member_id: m.id,
+            pubkey: m.pubkey,
+            display_name: m.display_name,
+            role: m.role,
+            joined_at: meshd_protocol::time::iso8601_ms(m.joined_at),
+            revoked_at: m.revoked_at.map(meshd_protocol::time::iso8601_ms),
+        }
+    }
+}
+
+/// Opens the store for an admin command (after the ownership check).
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn open(config: &Config) -> Result<Db, AdminError> {
+    check_user(&config.data_dir)?;
+    meshd_certs::ensure_private_dir(&config.data_dir)?;
+    Ok(Db::open(&config.storage.backend, config.storage.durability).await?)
+}
+
+fn check_user(dir: &Path) -> Result<(), AdminError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective uid.
+    let (Ok(me), Ok(d)) = (std::fs::metadata("/proc/self"), std::fs::metadata(dir)) else {
+        return Ok(());
+    };
+    if me.uid() == 0 && d.uid() != 0 {
+        return Err(AdminError::WrongUser {
+            dir: dir.to_owned(),
+            owner: d.uid(),
+        });
+    }
+    Ok(())
+}
+
+fn key_path(config: &Config, mesh_id: &str) -> PathBuf {
+    config.data_dir.join("keys").join(format!("{mesh_id}.key"))
+}
+
+/// Turns a name into a slug: lowercase ASCII letters and digits, other runs → `-`.
+pub fn slugify(name: &str) -> String {
+    let mut slug = String::new();
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+    }
+    while slug.ends_with('-') {
+        slug.pop();
+    }
+    slug.truncate(63);
+    slug
+}
+
+fn valid_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+/// `meshd mesh create`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn create_mesh(db: &Db, config: &Config, name: &str, slug: Option<&str>) -> Result<MeshCreated, AdminError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 256 {
+        return Err(AdminError::Invalid("the mesh name must be 1 to 256 bytes".into()));
+    }
+    let slug = slug.map_or_else(|| slugify(name), str::to_owned);
+    if !valid_slug(&slug) {
+        return Err(AdminError::InvalidSlug(slug));
+    }
+    if db.mesh_by_slug(&slug).await?.is_some() {
+        return Err(AdminError::SlugTaken(slug));
+    }
+    let owner = SecretKey::from_seed(random_bytes());
+    let row = MeshRow {
+        id: random_id(),
+        name: name.to_owned(),
+        slug: slug.clone(),
+        owner_pubkey: owner.public().to_hex(),
+        root_key: {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+        },
+        created_at: now_ms(),
+        archived_at: None,
+    };
+    let path = key_path(config, &row.id);
+    meshd_certs::write_secret_file(&path, owner.to_hex().as_bytes())?;
+    if let Err(e) = db.insert_mesh(&row).await {
+        let _ = std::fs::remove_file(&path);
+        if db.mesh_by_slug(&slug).await.ok().flatten().is_some() {
+            return Err(AdminError::SlugTaken(slug));
+        }
+        return Err(e.into());
+    }
+    Ok(MeshCreated {
+        mesh_id: row.id,
+        slug,
+        name: row.name,
+        owner_pubkey: row.owner_pubkey,
+    })
+}
+
+/// `meshd mesh list`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn list_meshes(db: &Db) -> Result<Vec<MeshInfo>, AdminError> {
+    let mut out = Vec::new();
+    for m in db.meshes().await? {
+        let members = db.member_count(&m.id).await?;
+        out.push(MeshInfo {
+            mesh_id: m.id,
+            slug: m.slug,
+            name: m.name,
+            owner_pubkey: m.owner_pubkey,
+            created_at: meshd_protocol::time::iso8601_ms(m.created_at),
+            members,
+        });
+    }
+    Ok(out)
+}
+
+async fn mesh(db: &Db, slug: &str) -> Result<MeshRow, AdminError> {
+    db.mesh_by_slug(slug)
+        .await?
+        .ok_or_else(|| AdminError::NoSuchMesh(slug.to_owned()))
+}
+
+/// `meshd invite create`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn create_invite(
+    db: &Db,
+    config: &Config,
+    slug: &str,
+    role: Role,
+    max_uses: i64,
+    ttl: Duration,
+    broker_url: &str,
+) -> Result<InviteCreated, AdminError> {
+    if max_uses < 1 {
+        return Err(AdminError::Invalid("--max-uses must be at least 1".into()));
+    }
+    let m = mesh(db, slug).await?;
+    let path = key_path(config, &m.id);
+    let text = meshd_certs::read_secret_file(&path)?;
+    let owner = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| SecretKey::parse_hex(t.trim()).ok())
+        .filter(|k| k.public().to_hex() == m.owner_pubkey)
+        .ok_or_else(|| AdminError::CorruptKey(path.clone()))?;
+    let now = now_ms();
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires_ms = now.saturating_add(ttl_ms);
+    let expires_at = expires_ms / 1000;
+    let payload = InvitePayload::sign(&owner, &m.id, &m.slug, broker_url, expires_at, &m.root_key, role);
+    let token = payload.to_token();
+    db.insert_invite(&InviteRow {
+        id: random_id(),
+        mesh_id: m.id.clone(),
+        token: token.clone(),
+        role: role.as_str().to_owned(),
+        max_uses,
+        used_count: 0,
+        // The stored expiry is authoritative and matches the signed payload's second.
+        expires_at: expires_at * 1000,
+        created_at: now,
+        revoked_at: None,
+    })
+    .await?;
+    Ok(InviteCreated {
+        url: format!("ic://join/{token}"),
+        token,
+        expires_at,
+        mesh_id: m.id,
+        slug: m.slug,
+        role: role.as_str().to_owned(),
+        max_uses,
+        broker_url: broker_url.to_owned(),
+    })
+}
+
+/// `meshd member list`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn list_members(db: &Db, slug: &str) -> Result<Vec<MemberInfo>, AdminError> {
+    let m = mesh(db, slug).await?;
+    Ok(db.members(&m.id).await?.into_iter().map(Into::into).collect())
+}
+
+/// `meshd member revoke`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn revoke_member(db: &Db, slug: &str, member: &str) -> Result<MemberInfo, AdminError> {
+    let m = mesh(db, slug).await?;
+    db.revoke_member(&m.id, member, now_ms())
+        .await?
+        .map(Into::into)
+        .ok_or_else(|| AdminError::NoSuchMember(member.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs() {
+        assert_eq!(slugify("My Team!  Alpha"), "my-team-alpha");
+        assert_eq!(slugify("--x--"), "x");
+        assert_eq!(slugify("Équipe"), "quipe");
+        assert!(valid_slug("ops-2"));
+        assert!(!valid_slug("Ops"));
+        assert!(!valid_slug("-x"));
+        assert!(!valid_slug(""));
+    }
+}

@@ -1,0 +1,361 @@
+//! The `meshd` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshd_config::{Config, ConfigError, Environment, Overrides};
+use meshd_protocol::invite::Role;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+
+/// meshd — a claudemesh broker you run yourself.
+///
+/// Serves claudemesh clients (the CLI/MCP server and @claudemesh/sdk) over WebSocket at
+/// /ws, enrolls them with signed invites (POST /join), stores every acknowledged direct
+/// message durably (SQLite by default, PostgreSQL on request), and reports /health and
+/// /metrics. The admin commands below work while the daemon runs.
+///
+/// Configuration: a TOML file (--config or MESHD_CONFIG), MESHD_<SECTION>_<KEY>
+/// environment variables, and the flags below, highest first: flags, environment, file.
+#[derive(Debug, Parser)]
+#[command(name = "meshd", version, about, long_about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (TOML). Unknown keys are errors.
+    #[arg(long, global = true, env = "MESHD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (database, mesh owner keys). Default: $STATE_DIRECTORY, else
+    /// $XDG_DATA_HOME/meshd, else ~/.local/share/meshd.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Database URL: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long, global = true, value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (foreground; systemd-ready with Type=notify).
+    Serve {
+        /// Listen address for HTTP and WebSocket, e.g. 0.0.0.0:7900.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Public WebSocket URL clients use (written into invites), e.g. wss://mesh.example.com/ws.
+        #[arg(long, value_name = "URL")]
+        public_url: Option<String>,
+    },
+    /// Create and list meshes.
+    #[command(subcommand)]
+    Mesh(MeshCmd),
+    /// Create invites (claudemesh invite v1) that enroll clients with this broker.
+    #[command(subcommand)]
+    Invite(InviteCmd),
+    /// List and revoke members.
+    #[command(subcommand)]
+    Member(MemberCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum MeshCmd {
+    /// Create a mesh and its owner key (stored readable by this user only).
+    Create {
+        /// Human-readable name.
+        name: String,
+        /// Short unique name used by the other commands (default: derived from NAME).
+        #[arg(long)]
+        slug: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// List meshes.
+    List {
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InviteCmd {
+    /// Create a signed invite; give its url to `claudemesh join`.
+    Create {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        /// Role granted to whoever enrolls with it.
+        #[arg(long, value_enum, default_value_t = RoleArg::Member)]
+        role: RoleArg,
+        /// How many clients may enroll with it.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        max_uses: i64,
+        /// Lifetime, e.g. 30m, 12h, 7d.
+        #[arg(long, default_value = "7d", value_name = "DURATION")]
+        ttl: String,
+        /// Broker URL to pin in the invite (default: the configured server.public_url).
+        #[arg(long, value_name = "URL")]
+        public_url: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCmd {
+    /// List the members of a mesh (revoked ones included).
+    List {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Revoke a member: its connections are closed and it can no longer connect.
+    Revoke {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        /// Member id or public key.
+        member: String,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Member,
+    Admin,
+}
+
+#[derive(Debug, Args)]
+struct Output {
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit code for configuration errors (`EX_USAGE`).
+const EX_USAGE: u8 = 64;
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve { .. } => serve(config).await,
+        Command::Mesh(cmd) => mesh(config, cmd).await,
+        Command::Invite(cmd) => invite(config, cmd).await,
+        Command::Member(cmd) => member(config, cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let env = Environment::from_vars(std::env::vars());
+    let (listen, public_url) = match &cli.command {
+        Command::Serve { listen, public_url } => (listen.clone(), public_url.clone()),
+        _ => (None, None),
+    };
+    let overrides = Overrides {
+        data_dir: cli.data_dir.clone(),
+        listen,
+        public_url,
+        database_url: cli.database_url.clone(),
+    };
+    let config = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            Config::load(Some((&path.display().to_string(), &text)), &env, &overrides)
+        }
+        None => Config::load(None, &env, &overrides),
+    };
+    config.map_err(|e: ConfigError| anyhow::anyhow!(e))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    crate::telemetry::init(&config.log);
+    tracing::info!(data_dir = %config.data_dir.display(), backend = ?config.storage.backend, "starting meshd {}", env!("CARGO_PKG_VERSION"));
+    let bound = crate::Daemon::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    bound.run(shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        println!("{}", text(value));
+    }
+    Ok(())
+}
+
+async fn mesh(config: Config, cmd: MeshCmd) -> anyhow::Result<()> {
+    let db = admin::open(&config).await?;
+    let r = match cmd {
+        MeshCmd::Create { name, slug, out } => {
+            let m = admin::create_mesh(&db, &config, &name, slug.as_deref()).await?;
+            print(out.json, &m, |m| {
+                format!(
+                    "created mesh {:?}\n  slug:         {}\n  mesh_id:      {}\n  owner_pubkey: {}\nnext: meshd invite create --mesh {}",
+                    m.name, m.slug, m.mesh_id, m.owner_pubkey, m.slug
+                )
+            })
+        }
+        MeshCmd::List { out } => {
+            #[derive(Serialize)]
+            struct List {
+                meshes: Vec<admin::MeshInfo>,
+            }
+            let list = List {
+                meshes: admin::list_meshes(&db).await?,
+            };
+            print(out.json, &list, |l| {
+                if l.meshes.is_empty() {
+                    return "no meshes yet: meshd mesh create NAME".into();
+                }
+                let mut s = format!("{:<24} {:<32} {:>7}  {}", "SLUG", "MESH ID", "MEMBERS", "NAME");
+                for m in &l.meshes {
+                    s.push_str(&format!("\n{:<24} {:<32} {:>7}  {}", m.slug, m.mesh_id, m.members, m.name));
+                }
+                s
+            })
+        }
+    };
+    db.close().await;
+    r
+}
+
+async fn invite(config: Config, cmd: InviteCmd) -> anyhow::Result<()> {
+    let InviteCmd::Create {
+        mesh,
+        role,
+        max_uses,
+        ttl,
+        public_url,
+        out,
+    } = cmd;
+    let ttl = meshd_config::parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    if ttl.is_zero() {
+        anyhow::bail!("--ttl must be greater than zero");
+    }
+    let broker_url = match public_url {
+        Some(u) => {
+            if !(u.starts_with("ws://") || u.starts_with("wss://")) {
+                anyhow::bail!("--public-url must start with ws:// or wss://");
+            }
+            u
+        }
+        None => {
+            let (u, derived) = config.public_url();
+            if derived {
+                eprintln!(
+                    "warning: server.public_url is not configured; the invite pins {u}, which only works on this machine (set --public-url or server.public_url)"
+                );
+            }
+            u
+        }
+    };
+    let role = match role {
+        RoleArg::Member => Role::Member,
+        RoleArg::Admin => Role::Admin,
+    };
+    let db = admin::open(&config).await?;
+    let r = admin::create_invite(&db, &config, &mesh, role, max_uses, ttl, &broker_url).await;
+    db.close().await;
+    let inv = r?;
+    print(out.json, &inv, |i| {
+        format!(
+            "invite for {} ({} use{}, role {}, expires {})\n{}\n\njoin with: claudemesh join {}",
+            i.slug,
+            i.max_uses,
+            if i.max_uses == 1 { "" } else { "s" },
+            i.role,
+            meshd_protocol::time::iso8601_ms(i.expires_at * 1000),
+            i.url,
+            i.url
+        )
+    })
+}
+
+async fn member(config: Config, cmd: MemberCmd) -> anyhow::Result<()> {
+    let db = admin::open(&config).await?;
+    let r = match cmd {
+        MemberCmd::List { mesh, out } => {
+            #[derive(Serialize)]
+            struct List {
+                members: Vec<admin::MemberInfo>,
+            }
+            let list = List {
+                members: admin::list_members(&db, &mesh).await?,
+            };
+            print(out.json, &list, |l| {
+                let mut s = format!("{:<32} {:<64} {:<7} {:<8} {}", "MEMBER ID", "PUBKEY", "ROLE", "STATE", "NAME");
+                for m in &l.members {
+                    let state = if m.revoked_at.is_some() { "revoked" } else { "active" };
+                    s.push_str(&format!(
+                        "\n{:<32} {:<64} {:<7} {:<8} {}",
+                        m.member_id, m.pubkey, m.role, state, m.display_name
+                    ));
+                }
+                s
+            })
+        }
+        MemberCmd::Revoke { mesh, member, out } => {
+            let m = admin::revoke_member(&db, &mesh, &member).await?;
+            print(out.json, &m, |m| {
+                format!("revoked {} ({}); its connections close within seconds", m.member_id, m.display_name)
+            })
+        }
+    };
+    db.close().await;
+    r
+}

@@ -1,0 +1,223 @@
+//! The HTTP side of the one port: `/ws`, `POST /join`, `/health`, `/metrics`.
+//!
+//! Every response carries the reference's CORS headers; any `OPTIONS` gets 204; unknown
+//! routes get `404 not found`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use meshd_protocol::Pubkey;
+use meshd_protocol::invite::InvitePayload;
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::Ctx;
+use crate::hub::MemberInfo;
+use crate::ids::{now_ms, random_id};
+use crate::store::writer::{JoinOp, JoinOutcome, WriteOp};
+
+/// Largest `/join` body (the reference used its 64 KiB message limit).
+const JOIN_BODY_LIMIT: usize = 64 * 1024;
+
+pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/ws", get(ws))
+        .route("/join", post(join).layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT)))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn(cors))
+        .with_state(ctx)
+}
+
+async fn cors(req: Request, next: Next) -> Response {
+    let mut resp = if req.method() == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, GET, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(
+            "Content-Type, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec",
+        ),
+    );
+    resp
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, "not found")
+}
+
+async fn ws(
+    State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if ctx.sessions_cancel.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+        ctx.metrics.connections_rejected.inc("too_many_connections");
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    let max = ctx.config.limits.max_frame_bytes;
+    let conn_id = ctx.next_conn_id();
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            // The session runs on our tracker so shutdown can wait for it (axum's own
+            // upgrade task is not tracked).
+            let tracker = ctx.sessions.clone();
+            let run = crate::session::run(ctx, socket, remote, conn_id, permit);
+            let _ = tracker.spawn(run).await;
+        })
+}
+
+async fn health(State(ctx): State<Arc<Ctx>>) -> Response {
+    let healthy = ctx.metrics.db_healthy.load(Ordering::Relaxed);
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "db": if healthy { "up" } else { "down" },
+        "store": ctx.db.kind(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime": ctx.uptime().as_secs(),
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.metrics.render(ctx.uptime()),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct JoinRequest {
+    invite_token: Option<String>,
+    invite_payload: Option<serde_json::Value>,
+    peer_pubkey: Option<String>,
+    display_name: Option<String>,
+}
+
+fn join_error(code: StatusCode, error: impl Into<String>) -> Response {
+    (code, axum::Json(json!({"ok": false, "error": error.into()}))).into_response()
+}
+
+/// `POST /join` (§7.2), with the reference's holes closed: the role and expiry come
+/// from the stored invite, the token must encode exactly the submitted payload, and uses
+/// are counted atomically in the store writer.
+async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
+    let refused = |error: &'static str| {
+        ctx.metrics.joins.inc("refused");
+        join_error(StatusCode::BAD_REQUEST, error)
+    };
+    let Ok(req) = serde_json::from_slice::<JoinRequest>(&body) else {
+        return refused("invalid JSON body");
+    };
+    let (Some(token), Some(payload), Some(pubkey), Some(display_name)) =
+        (req.invite_token, req.invite_payload, req.peer_pubkey, req.display_name)
+    else {
+        return refused("invite_token, invite_payload, peer_pubkey, display_name required");
+    };
+    let Ok(pubkey) = Pubkey::parse_hex(&pubkey) else {
+        return refused("peer_pubkey must be 64 hex chars (32 bytes)");
+    };
+    let display_name = display_name.trim().to_owned();
+    if display_name.is_empty() || display_name.len() > meshd_protocol::client::MAX_NAME_LEN {
+        return refused("display_name must be 1 to 256 bytes");
+    }
+    let Ok(payload) = serde_json::from_value::<InvitePayload>(payload) else {
+        return refused("invite_malformed");
+    };
+    let Ok(owner) = payload.verify() else {
+        return refused("invite_bad_signature");
+    };
+    match InvitePayload::from_token(&token) {
+        Ok(p) if p == payload => {}
+        _ => return refused("invite_token_mismatch"),
+    }
+    let mesh = match ctx.db.mesh_by_id(&payload.mesh_id).await {
+        Ok(Some(m)) if m.archived_at.is_none() => m,
+        Ok(_) => return refused("mesh_not_found"),
+        Err(e) => {
+            warn!(cause = %e, "join: store");
+            ctx.metrics.joins.inc("error");
+            return join_error(StatusCode::INTERNAL_SERVER_ERROR, "store unavailable");
+        }
+    };
+    if mesh.owner_pubkey != owner.to_hex() {
+        return refused("invite_owner_mismatch");
+    }
+    let pubkey_hex = pubkey.to_hex();
+    let outcome = ctx
+        .writer
+        .call(|reply| {
+            WriteOp::Join(Box::new(JoinOp {
+                mesh_id: mesh.id.clone(),
+                token: token.clone(),
+                pubkey: pubkey_hex.clone(),
+                display_name: display_name.clone(),
+                new_member_id: random_id(),
+                now: now_ms(),
+                reply,
+            }))
+        })
+        .await;
+    match outcome {
+        Ok(JoinOutcome::Joined { member_id, role }) => {
+            ctx.metrics.joins.inc("joined");
+            info!(mesh.id = %mesh.id, member.id = %member_id, %role, "member enrolled");
+            if let Some(hub) = ctx.hub.loaded(&mesh.id) {
+                hub.upsert_member(
+                    &pubkey_hex,
+                    MemberInfo {
+                        id: member_id.clone(),
+                        display_name,
+                        role,
+                        revoked: false,
+                    },
+                );
+            }
+            (StatusCode::OK, axum::Json(json!({"ok": true, "memberId": member_id}))).into_response()
+        }
+        Ok(JoinOutcome::AlreadyMember { member_id }) => {
+            ctx.metrics.joins.inc("already_member");
+            (
+                StatusCode::OK,
+                axum::Json(json!({"ok": true, "memberId": member_id, "alreadyMember": true})),
+            )
+                .into_response()
+        }
+        Ok(JoinOutcome::Refused(code)) => refused(code),
+        Err(e) => {
+            warn!(cause = %e, "join: store");
+            ctx.metrics.joins.inc("error");
+            join_error(StatusCode::INTERNAL_SERVER_ERROR, "store unavailable")
+        }
+    }
+}

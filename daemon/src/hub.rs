@@ -1,0 +1,701 @@
+//! The live view of every mesh: who is connected, with what status, groups and
+//! visibility; the member and session keys that may be addressed; the shared state.
+//!
+//! Each mesh sits behind its own `std::sync::Mutex`, held only for short, non-async
+//! critical sections (routing decisions, presence changes). Fan-out never waits on a
+//! peer: it uses `try_send`, and a peer whose queue is full is closed as a slow consumer.
+//! Direct messages are never lost that way, because they are stored and drained again
+//! when the peer reconnects.
+//!
+//! # Delivery order
+//! A direct message takes the *hot path* (pushed straight to the recipient's queue by
+//! the store writer while it commits the row) only while the recipient is `caught_up`:
+//! nothing it is eligible for is waiting in the store. Otherwise the row is stored
+//! undelivered and the recipient's session drains the store in `seq` order. A sender
+//! deciding the slow path bumps the recipient's `inflight` count under the mesh lock;
+//! the writer clears it after commit. A drain only declares the peer caught up (under the
+//! same lock) when `inflight` is zero and nothing was committed since its last claim, so
+//! a later message can never overtake an earlier one from the same sender.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_protocol::broker::{BrokerFrame, CumulativeStats, PeerEntry, Push, peer_event_data};
+use meshd_protocol::client::{GroupEntry, Stats};
+use meshd_protocol::routing::group_reaches;
+use meshd_protocol::status::StatusState;
+use meshd_protocol::{Priority, TargetSpec};
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, OnceCell, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Db, MemberRow, MeshRow, StoreError};
+
+/// Process-local connection number (also the lease owner in the store).
+pub(crate) type ConnId = u64;
+
+/// What a session's writer loop sends to its socket.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A serialized frame.
+    Frame(Utf8Bytes),
+    /// A stored direct message leased to this connection: after it is written, the
+    /// session marks it delivered (or, for acknowledging clients, waits for `client_ack`).
+    Stored { id: String, frame: Utf8Bytes },
+}
+
+/// Why the broker closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// A new connection took over this session key.
+    Replaced,
+    /// The member was revoked.
+    Revoked,
+    /// The outbound queue overflowed.
+    SlowConsumer,
+    /// The broker is stopping.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// WebSocket close code and reason text.
+    pub(crate) const fn frame(self) -> (u16, &'static str) {
+        match self {
+            Self::Replaced => (1000, "session_replaced"),
+            Self::Revoked => (4002, "banned"),
+            Self::SlowConsumer => (1008, "slow consumer"),
+            Self::Shutdown => (1001, "shutting down"),
+        }
+    }
+}
+
+/// The parts of a live peer that other tasks touch without the mesh lock.
+#[derive(Debug)]
+pub(crate) struct PeerShared {
+    pub(crate) conn_id: ConnId,
+    pub(crate) tx: mpsc::Sender<Outbound>,
+    /// Wakes the session to drain the store.
+    pub(crate) wake: Notify,
+    /// Nothing this peer is eligible for waits in the store (see the module docs).
+    pub(crate) caught_up: AtomicBool,
+    /// Slow-path inserts for this peer decided but not yet committed.
+    pub(crate) inflight: AtomicU32,
+    /// Something for this peer was committed since the drain's last claim.
+    pub(crate) dirty: AtomicBool,
+    /// The client acknowledges pushes (`client_ack`): its pushes are leased, not marked
+    /// delivered on write.
+    pub(crate) acks: AtomicBool,
+    /// Cancelled to close the connection.
+    pub(crate) cancel: CancellationToken,
+    close: Mutex<Option<CloseReason>>,
+}
+
+impl PeerShared {
+    pub(crate) fn new(conn_id: ConnId, tx: mpsc::Sender<Outbound>, cancel: CancellationToken) -> Self {
+        Self {
+            conn_id,
+            tx,
+            wake: Notify::new(),
+            caught_up: AtomicBool::new(false),
+            inflight: AtomicU32::new(0),
+            dirty: AtomicBool::new(true),
+            acks: AtomicBool::new(false),
+            cancel,
+            close: Mutex::new(None),
+        }
+    }
+
+    /// Asks the session to close (the first reason wins).
+    pub(crate) fn close(&self, reason: CloseReason) {
+        lock(&self.close).get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    /// Why the broker closed this connection, if it did.
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        *lock(&self.close)
+    }
+
+    /// A slow-path insert for this peer committed (or failed): drain again.
+    pub(crate) fn committed(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Something for this peer may be waiting in the store: leave the hot path and drain.
+    pub(crate) fn invalidate(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.caught_up.store(false, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning: every critical section here leaves the data
+/// consistent even if it panicked half-way (they only push/remove whole entries).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A live presence.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) shared: Arc<PeerShared>,
+    pub(crate) presence_id: String,
+    pub(crate) member_id: String,
+    pub(crate) member_pubkey: String,
+    pub(crate) session_pubkey: Option<String>,
+    pub(crate) display_name: String,
+    /// `control-plane` (hello) or `session` (session_hello), as HEAD reports it.
+    pub(crate) peer_role: &'static str,
+    pub(crate) session_id: String,
+    pub(crate) cwd: String,
+    pub(crate) hostname: Option<String>,
+    pub(crate) peer_type: Option<String>,
+    pub(crate) channel: Option<String>,
+    pub(crate) model: Option<String>,
+    pub(crate) connected_at: i64,
+    pub(crate) status: StatusState,
+    pub(crate) summary: Option<String>,
+    pub(crate) groups: Vec<GroupEntry>,
+    pub(crate) visible: bool,
+    pub(crate) profile: serde_json::Map<String, serde_json::Value>,
+    pub(crate) stats: Option<Stats>,
+    /// Counters restored at hello (baseline for the cumulative total at disconnect).
+    pub(crate) restored_stats: Option<CumulativeStats>,
+}
+
+impl Peer {
+    /// The key others address this peer by and see as its `pubkey`.
+    pub(crate) fn routing_key(&self) -> &str {
+        self.session_pubkey.as_deref().unwrap_or(&self.member_pubkey)
+    }
+
+    fn in_group(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| group_reaches(group, &g.name))
+    }
+
+    fn entry(&self) -> PeerEntry {
+        PeerEntry {
+            pubkey: self.routing_key().to_owned(),
+            display_name: self.display_name.clone(),
+            status: self.status.status.as_str(),
+            summary: self.summary.clone(),
+            groups: self.groups.clone(),
+            session_id: self.session_id.clone(),
+            connected_at: meshd_protocol::time::iso8601_ms(self.connected_at),
+            cwd: self.cwd.clone(),
+            hostname: self.hostname.clone(),
+            peer_type: self.peer_type.clone(),
+            channel: self.channel.clone(),
+            model: self.model.clone(),
+            stats: self.stats,
+            visible: self.visible,
+            profile: (!self.profile.is_empty()).then(|| self.profile.clone()),
+            member_pubkey: self.member_pubkey.clone(),
+            peer_role: self.peer_role,
+        }
+    }
+}
+
+/// What the hub knows about a member key.
+#[derive(Debug, Clone)]
+pub(crate) struct MemberInfo {
+    pub(crate) id: String,
+    pub(crate) display_name: String,
+    pub(crate) role: String,
+    pub(crate) revoked: bool,
+}
+
+/// One shared-state value.
+#[derive(Debug, Clone)]
+pub(crate) struct StateValue {
+    pub(crate) value: Arc<str>,
+    pub(crate) updated_by: String,
+    pub(crate) updated_at: i64,
+}
+
+#[derive(Debug, Default)]
+struct MeshInner {
+    peers: HashMap<ConnId, Peer>,
+    /// Member and session keys of live peers → their connections.
+    by_key: HashMap<String, Vec<ConnId>>,
+    /// Every member key of the mesh.
+    members: HashMap<String, MemberInfo>,
+    /// Session keys seen in hellos → owning member id.
+    session_keys: HashMap<String, String>,
+    state: BTreeMap<String, StateValue>,
+    state_bytes: usize,
+}
+
+/// The live state of one mesh.
+#[derive(Debug)]
+pub(crate) struct MeshHub {
+    pub(crate) row: MeshRow,
+    inner: Mutex<MeshInner>,
+}
+
+/// Where a direct message goes.
+#[derive(Debug)]
+pub(crate) enum DirectRoute {
+    /// Push it now to this peer (hot path), if it is still caught up when committed.
+    Deliver(Arc<PeerShared>),
+    /// Store it undelivered; wake these peers after commit (their `inflight` was bumped).
+    Queue(Vec<Arc<PeerShared>>),
+    /// No member or known session of this mesh has that key.
+    Unknown,
+    /// The key belongs to a revoked member.
+    Revoked,
+}
+
+/// Result of registering a presence.
+#[derive(Debug)]
+pub(crate) enum Registered {
+    /// A new presence.
+    New,
+    /// This connection took over a live connection of the same session key; it keeps
+    /// that presence's id and state and nothing is announced.
+    Reattached,
+}
+
+impl MeshHub {
+    fn inner(&self) -> MutexGuard<'_, MeshInner> {
+        lock(&self.inner)
+    }
+
+    /// The member holding `pubkey`, if any.
+    pub(crate) fn member(&self, pubkey: &str) -> Option<MemberInfo> {
+        self.inner().members.get(pubkey).cloned()
+    }
+
+    /// Adds or updates a member (after `/join`).
+    pub(crate) fn upsert_member(&self, pubkey: &str, info: MemberInfo) {
+        self.inner().members.insert(pubkey.to_owned(), info);
+    }
+
+    /// The member a session key is bound to, if any.
+    pub(crate) fn session_owner(&self, pubkey: &str) -> Option<String> {
+        self.inner().session_keys.get(pubkey).cloned()
+    }
+
+    /// Records a session key binding.
+    pub(crate) fn bind_session(&self, pubkey: &str, member_id: &str) {
+        self.inner()
+            .session_keys
+            .insert(pubkey.to_owned(), member_id.to_owned());
+    }
+
+    /// Marks a member revoked and closes its live connections.
+    pub(crate) fn revoke(&self, pubkey: &str) -> usize {
+        let mut inner = self.inner();
+        let Some(member) = inner.members.get_mut(pubkey) else {
+            return 0;
+        };
+        member.revoked = true;
+        let mut closed = 0;
+        for p in inner.peers.values().filter(|p| p.member_pubkey == pubkey) {
+            p.shared.close(CloseReason::Revoked);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Registers a presence. Takes over a live connection with the same session key (or
+    /// the same session id) of the same member, as HEAD's reattach does.
+    ///
+    /// # Errors
+    /// Gives the peer back when the mesh is at `max_peers`.
+    pub(crate) fn register(&self, mut peer: Peer, max_peers: usize) -> Result<(Registered, String), Peer> {
+        let mut inner = self.inner();
+        let old = inner
+            .peers
+            .values()
+            .find(|p| {
+                p.member_pubkey == peer.member_pubkey
+                    && ((peer.session_pubkey.is_some() && p.session_pubkey == peer.session_pubkey)
+                        || p.session_id == peer.session_id)
+            })
+            .map(|p| p.shared.conn_id);
+        if old.is_none() && inner.peers.len() >= max_peers {
+            return Err(peer);
+        }
+        let registered = match old.and_then(|id| remove_peer(&mut inner, id)) {
+            Some(old) => {
+                old.shared.close(CloseReason::Replaced);
+                peer.presence_id = old.presence_id;
+                peer.status = old.status;
+                peer.summary = old.summary;
+                peer.visible = old.visible;
+                peer.profile = old.profile;
+                peer.stats = old.stats;
+                peer.restored_stats = old.restored_stats;
+                if peer.groups.is_empty() {
+                    peer.groups = old.groups;
+                }
+                Registered::Reattached
+            }
+            None => Registered::New,
+        };
+        let presence_id = peer.presence_id.clone();
+        let conn = peer.shared.conn_id;
+        for key in [Some(peer.member_pubkey.clone()), peer.session_pubkey.clone()]
+            .into_iter()
+            .flatten()
+        {
+            let list = inner.by_key.entry(key).or_default();
+            if !list.contains(&conn) {
+                list.push(conn);
+            }
+        }
+        inner.peers.insert(conn, peer);
+        Ok((registered, presence_id))
+    }
+
+    /// Removes a presence (connection closed).
+    pub(crate) fn unregister(&self, conn: ConnId) -> Option<Peer> {
+        remove_peer(&mut self.inner(), conn)
+    }
+
+    /// Runs `f` on a live peer.
+    pub(crate) fn with_peer<R>(&self, conn: ConnId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
+        self.inner().peers.get_mut(&conn).map(f)
+    }
+
+    /// Live peers of the same member other than `conn` (to wake after leases are released).
+    pub(crate) fn siblings(&self, member_pubkey: &str, conn: ConnId) -> Vec<Arc<PeerShared>> {
+        self.inner()
+            .peers
+            .values()
+            .filter(|p| p.member_pubkey == member_pubkey && p.shared.conn_id != conn)
+            .map(|p| p.shared.clone())
+            .collect()
+    }
+
+    /// Decides where a direct message to `key` goes (see the module docs).
+    pub(crate) fn route_direct(&self, key: &str, priority: Priority, sender: ConnId) -> DirectRoute {
+        let inner = self.inner();
+        let live: Vec<&Peer> = inner
+            .by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| inner.peers.get(c))
+            .collect();
+        if live.is_empty() {
+            return match (inner.members.get(key), inner.session_keys.get(key)) {
+                (Some(m), _) if m.revoked => DirectRoute::Revoked,
+                (Some(_), _) | (None, Some(_)) => DirectRoute::Queue(Vec::new()),
+                (None, None) => DirectRoute::Unknown,
+            };
+        }
+        let eligible: Vec<&Peer> = live
+            .into_iter()
+            .filter(|p| p.status.status.admits(priority))
+            .collect();
+        // Prefer another session over the sender (a DM to one's own member key from one
+        // session is meant for a sibling), then the most recent connection.
+        let hot = eligible
+            .iter()
+            .filter(|p| p.shared.caught_up.load(Ordering::SeqCst))
+            .max_by_key(|p| (p.shared.conn_id != sender, p.connected_at, p.shared.conn_id));
+        if let Some(p) = hot {
+            return DirectRoute::Deliver(p.shared.clone());
+        }
+        DirectRoute::Queue(
+            eligible
+                .into_iter()
+                .map(|p| {
+                    p.shared.inflight.fetch_add(1, Ordering::SeqCst);
+                    p.shared.clone()
+                })
+                .collect(),
+        )
+    }
+
+    /// Declares a peer caught up if nothing for it is in flight or newly committed.
+    /// Returns whether it did. Must be the only place `caught_up` becomes true.
+    pub(crate) fn try_mark_caught_up(&self, shared: &PeerShared) -> bool {
+        let _guard = self.inner();
+        if shared.inflight.load(Ordering::SeqCst) == 0 && !shared.dirty.load(Ordering::SeqCst) {
+            shared.caught_up.store(true, Ordering::SeqCst);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Pushes a multicast envelope to every eligible live peer: visible, not the sender,
+    /// and (for `@group`) in the group or a sub-group. Returns (delivered, dropped).
+    pub(crate) fn fan_out(&self, target: &TargetSpec, sender: ConnId, frame: &Utf8Bytes) -> (usize, usize) {
+        let inner = self.inner();
+        let (mut delivered, mut dropped) = (0, 0);
+        for p in inner.peers.values() {
+            if p.shared.conn_id == sender || !p.visible {
+                continue;
+            }
+            if let TargetSpec::Group(g) = target
+                && !p.in_group(g)
+            {
+                continue;
+            }
+            if offer(&p.shared, Outbound::Frame(frame.clone())) {
+                delivered += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        (delivered, dropped)
+    }
+
+    /// Sends a frame to every live peer except `except_conn` and, if given, except the
+    /// connections of `except_member` (HEAD does not announce a member to itself).
+    pub(crate) fn announce(&self, frame: &Utf8Bytes, except_conn: ConnId, except_member: Option<&str>) {
+        let inner = self.inner();
+        for p in inner.peers.values() {
+            if p.shared.conn_id == except_conn || except_member.is_some_and(|m| m == p.member_pubkey) {
+                continue;
+            }
+            offer(&p.shared, Outbound::Frame(frame.clone()));
+        }
+    }
+
+    /// `peers_list` for `viewer`: every live peer, hidden ones only for their own member.
+    pub(crate) fn peers_for(&self, viewer_member: &str) -> Vec<PeerEntry> {
+        let inner = self.inner();
+        let mut peers: Vec<&Peer> = inner
+            .peers
+            .values()
+            .filter(|p| p.visible || p.member_pubkey == viewer_member)
+            .collect();
+        peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
+        peers.into_iter().map(Peer::entry).collect()
+    }
+
+    /// Live peers addressed by `key` (for `message_status`): (display name, connected).
+    pub(crate) fn live_names(&self, key: &str) -> Vec<String> {
+        let inner = self.inner();
+        inner
+            .by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| inner.peers.get(c))
+            .map(|p| p.display_name.clone())
+            .collect()
+    }
+
+    /// Live peers reached by a multicast spec, the sender included (for `message_status`).
+    pub(crate) fn multicast_recipients(&self, target: &TargetSpec) -> Vec<(String, String)> {
+        let inner = self.inner();
+        let mut peers: Vec<&Peer> = inner
+            .peers
+            .values()
+            .filter(|p| match target {
+                TargetSpec::Group(g) => p.in_group(g),
+                _ => true,
+            })
+            .collect();
+        peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
+        peers
+            .into_iter()
+            .map(|p| (p.display_name.clone(), p.routing_key().to_owned()))
+            .collect()
+    }
+
+    // ---- shared state ----------------------------------------------------------------
+
+    /// Current value of a key.
+    pub(crate) fn state_get(&self, key: &str) -> Option<StateValue> {
+        self.inner().state.get(key).cloned()
+    }
+
+    /// Every key, sorted.
+    pub(crate) fn state_list(&self) -> Vec<(String, StateValue)> {
+        self.inner()
+            .state
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Sets a key and pushes `state_change` to every other connection. Returns `false`
+    /// (and changes nothing) when the mesh's state budget would be exceeded.
+    pub(crate) fn state_set(
+        &self,
+        key: &str,
+        value: StateValue,
+        writer_conn: ConnId,
+        max_bytes: usize,
+    ) -> bool {
+        let mut inner = self.inner();
+        let old = inner.state.get(key).map_or(0, |v| key.len() + v.value.len());
+        let new = key.len() + value.value.len();
+        let total = inner.state_bytes - old + new;
+        if total > max_bytes {
+            return false;
+        }
+        inner.state_bytes = total;
+        let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
+            key: key.to_owned(),
+            value: raw(&value.value),
+            updated_by: value.updated_by.clone(),
+        });
+        let frame = Utf8Bytes::from(change.to_json());
+        inner.state.insert(key.to_owned(), value);
+        for p in inner.peers.values() {
+            if p.shared.conn_id != writer_conn {
+                offer(&p.shared, Outbound::Frame(frame.clone()));
+            }
+        }
+        true
+    }
+}
+
+/// Re-wraps stored JSON text. The text was validated when it was set, so this only
+/// fails on a corrupted store, where `null` is the honest answer.
+pub(crate) fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned())
+        .or_else(|_| RawValue::from_string("null".to_owned()))
+        .unwrap_or_else(|_| Box::<RawValue>::default())
+}
+
+fn remove_peer(inner: &mut MeshInner, conn: ConnId) -> Option<Peer> {
+    let peer = inner.peers.remove(&conn)?;
+    for key in [Some(&peer.member_pubkey), peer.session_pubkey.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(list) = inner.by_key.get_mut(key) {
+            list.retain(|c| *c != conn);
+            if list.is_empty() {
+                inner.by_key.remove(key);
+            }
+        }
+    }
+    Some(peer)
+}
+
+/// Offers a frame without waiting. A full queue means the client stopped reading: it is
+/// closed as a slow consumer (what it misses is either live-only by design or stored).
+/// Returns whether the frame was queued.
+pub(crate) fn offer(peer: &PeerShared, out: Outbound) -> bool {
+    match peer.tx.try_send(out) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            peer.close(CloseReason::SlowConsumer);
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// A `system` push about a peer.
+pub(crate) fn system_push(
+    mesh_id: &str,
+    event: &'static str,
+    data: serde_json::Map<String, serde_json::Value>,
+    message_id: String,
+    now: i64,
+) -> Utf8Bytes {
+    let push = BrokerFrame::Push(Push {
+        message_id,
+        mesh_id: mesh_id.to_owned(),
+        sender_pubkey: "system".to_owned(),
+        priority: Priority::Low.as_str(),
+        nonce: String::new(),
+        ciphertext: String::new(),
+        created_at: meshd_protocol::time::iso8601_ms(now),
+        subtype: Some("system"),
+        event: Some(event),
+        event_data: Some(serde_json::Value::Object(data)),
+        sender_member_pubkey: None,
+        sender_member_id: None,
+        sender_name: None,
+        client_message_id: None,
+    });
+    Utf8Bytes::from(push.to_json())
+}
+
+/// `{name, pubkey}` event data for a peer.
+pub(crate) fn peer_data(peer: &Peer) -> serde_json::Map<String, serde_json::Value> {
+    peer_event_data(&peer.display_name, peer.routing_key())
+}
+
+/// Every loaded mesh.
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    meshes: Mutex<HashMap<String, Arc<OnceCell<Option<Arc<MeshHub>>>>>>,
+}
+
+impl Hub {
+    /// The live state of a mesh, loading it from the store on first use. `None` when
+    /// the mesh does not exist or is archived.
+    ///
+    /// # Errors
+    /// [`StoreError`] while loading.
+    pub(crate) async fn mesh(&self, db: &Db, mesh_id: &str) -> Result<Option<Arc<MeshHub>>, StoreError> {
+        let cell = lock(&self.meshes)
+            .entry(mesh_id.to_owned())
+            .or_default()
+            .clone();
+        let loaded = cell
+            .get_or_try_init(|| async { load_mesh(db, mesh_id).await })
+            .await?
+            .clone();
+        if loaded.is_none() {
+            // Do not cache absence: the mesh may be created by `meshd mesh create` later.
+            lock(&self.meshes).remove(mesh_id);
+        }
+        Ok(loaded)
+    }
+
+    /// A mesh if it is already loaded.
+    pub(crate) fn loaded(&self, mesh_id: &str) -> Option<Arc<MeshHub>> {
+        lock(&self.meshes)
+            .get(mesh_id)
+            .and_then(|c| c.get().cloned().flatten())
+    }
+}
+
+async fn load_mesh(db: &Db, mesh_id: &str) -> Result<Option<Arc<MeshHub>>, StoreError> {
+    let Some(row) = db.mesh_by_id(mesh_id).await? else {
+        return Ok(None);
+    };
+    if row.archived_at.is_some() {
+        return Ok(None);
+    }
+    let mut inner = MeshInner::default();
+    for m in db.members(mesh_id).await? {
+        inner.members.insert(m.pubkey.clone(), member_info(&m));
+    }
+    for s in db.session_keys(mesh_id).await? {
+        inner.session_keys.insert(s.pubkey, s.member_id);
+    }
+    for s in db.state(mesh_id).await? {
+        inner.state_bytes += s.key.len() + s.value.len();
+        inner.state.insert(
+            s.key,
+            StateValue {
+                value: Arc::from(s.value),
+                updated_by: s.updated_by,
+                updated_at: s.updated_at,
+            },
+        );
+    }
+    Ok(Some(Arc::new(MeshHub {
+        row,
+        inner: Mutex::new(inner),
+    })))
+}
+
+/// The hub's view of a member row.
+pub(crate) fn member_info(m: &MemberRow) -> MemberInfo {
+    MemberInfo {
+        id: m.id.clone(),
+        display_name: m.display_name.clone(),
+        role: m.role.clone(),
+        revoked: m.revoked_at.is_some(),
+    }
+}

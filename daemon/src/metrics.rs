@@ -1,0 +1,216 @@
+//! Prometheus metrics, rendered by hand in the text exposition format (0.0.4).
+//!
+//! A fixed set of atomics: no registry, no locks, nothing on the hot path beyond a
+//! relaxed increment. Label values are closed sets known at compile time.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A counter with one label drawn from a fixed set.
+#[derive(Debug)]
+pub(crate) struct Labeled {
+    label: &'static str,
+    values: &'static [&'static str],
+    counts: Vec<AtomicU64>,
+}
+
+impl Labeled {
+    fn new(label: &'static str, values: &'static [&'static str]) -> Self {
+        Self {
+            label,
+            values,
+            counts: values.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Adds one for `value`; unknown values count as `other`.
+    pub(crate) fn inc(&self, value: &str) {
+        let i = self
+            .values
+            .iter()
+            .position(|v| *v == value)
+            .unwrap_or(self.values.len() - 1);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Current count for `value`.
+    #[cfg(test)]
+    pub(crate) fn get(&self, value: &str) -> u64 {
+        self.values
+            .iter()
+            .position(|v| *v == value)
+            .map_or(0, |i| self.counts[i].load(Ordering::Relaxed))
+    }
+}
+
+const PRIORITIES: &[&str] = &["now", "next", "low", "other"];
+const CONN_REJECTS: &[&str] = &[
+    "capacity",
+    "too_many_connections",
+    "timestamp_skew",
+    "malformed",
+    "bad_signature",
+    "replayed",
+    "unauthorized",
+    "revoked",
+    "bad_session_pubkey",
+    "bad_parent_pubkey",
+    "attestation_mismatch",
+    "expired",
+    "ttl_too_long",
+    "parent_member_id_mismatch",
+    "hello_timeout",
+    "store_error",
+    "other",
+];
+const MSG_REJECTS: &[&str] = &[
+    "unknown_recipient",
+    "revoked_recipient",
+    "unroutable_target",
+    "invalid_priority",
+    "invalid_target",
+    "too_large",
+    "rate_limited",
+    "store_error",
+    "other",
+];
+const FRAME_DROPS: &[&str] = &[
+    "malformed",
+    "invalid",
+    "unsupported",
+    "oversized",
+    "binary",
+    "state_too_large",
+    "other",
+];
+const CLOSES: &[&str] = &[
+    "client",
+    "slow_consumer",
+    "replaced",
+    "revoked",
+    "shutdown",
+    "idle_timeout",
+    "error",
+    "other",
+];
+
+/// Every metric meshd exports.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_active: AtomicI64,
+    pub(crate) sessions_active: AtomicI64,
+    pub(crate) connections_rejected: Labeled,
+    pub(crate) connections_closed: Labeled,
+    pub(crate) frames_received: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+    pub(crate) frames_dropped: Labeled,
+    pub(crate) messages_routed: Labeled,
+    pub(crate) messages_rejected: Labeled,
+    pub(crate) multicast_deliveries: AtomicU64,
+    pub(crate) fanout_dropped: AtomicU64,
+    pub(crate) queue_depth: AtomicI64,
+    pub(crate) db_healthy: AtomicBool,
+    pub(crate) joins: Labeled,
+    store_commits: AtomicU64,
+    store_ops: AtomicU64,
+    store_commit_micros: AtomicU64,
+    store_max_batch: AtomicU64,
+}
+
+const JOIN_RESULTS: &[&str] = &["joined", "already_member", "refused", "error", "other"];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connections_total: AtomicU64::new(0),
+            connections_active: AtomicI64::new(0),
+            sessions_active: AtomicI64::new(0),
+            connections_rejected: Labeled::new("reason", CONN_REJECTS),
+            connections_closed: Labeled::new("reason", CLOSES),
+            frames_received: AtomicU64::new(0),
+            frames_sent: AtomicU64::new(0),
+            frames_dropped: Labeled::new("reason", FRAME_DROPS),
+            messages_routed: Labeled::new("priority", PRIORITIES),
+            messages_rejected: Labeled::new("reason", MSG_REJECTS),
+            multicast_deliveries: AtomicU64::new(0),
+            fanout_dropped: AtomicU64::new(0),
+            queue_depth: AtomicI64::new(0),
+            db_healthy: AtomicBool::new(true),
+            joins: Labeled::new("result", JOIN_RESULTS),
+            store_commits: AtomicU64::new(0),
+            store_ops: AtomicU64::new(0),
+            store_commit_micros: AtomicU64::new(0),
+            store_max_batch: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one committed batch of `ops` operations that took `took`.
+    pub(crate) fn record_commit(&self, ops: usize, took: Duration) {
+        self.store_commits.fetch_add(1, Ordering::Relaxed);
+        self.store_ops.fetch_add(ops as u64, Ordering::Relaxed);
+        self.store_commit_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.store_max_batch.fetch_max(ops as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self, uptime: Duration) -> String {
+        let mut out = String::with_capacity(4096);
+        let c = |o: &mut String, name: &str, help: &str, kind: &str, v: String| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        let l = |o: &mut String, name: &str, help: &str, m: &Labeled| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (v, n) in m.values.iter().zip(&m.counts) {
+                let _ = writeln!(o, "{name}{{{}=\"{v}\"}} {}", m.label, n.load(Ordering::Relaxed));
+            }
+        };
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let g = |a: &AtomicI64| a.load(Ordering::Relaxed).to_string();
+        c(&mut out, "meshd_uptime_seconds", "Seconds since the daemon started.", "gauge", uptime.as_secs().to_string());
+        c(&mut out, "meshd_connections_total", "WebSocket connections accepted.", "counter", r(&self.connections_total));
+        c(&mut out, "meshd_connections_active", "Open WebSocket connections.", "gauge", g(&self.connections_active));
+        c(&mut out, "meshd_sessions_active", "Authenticated connections (live presences).", "gauge", g(&self.sessions_active));
+        l(&mut out, "meshd_connections_rejected_total", "Connections refused or closed during the handshake, by reason.", &self.connections_rejected);
+        l(&mut out, "meshd_connections_closed_total", "Authenticated connections closed, by reason.", &self.connections_closed);
+        c(&mut out, "meshd_frames_received_total", "WebSocket text frames received.", "counter", r(&self.frames_received));
+        c(&mut out, "meshd_frames_sent_total", "WebSocket frames written.", "counter", r(&self.frames_sent));
+        l(&mut out, "meshd_frames_dropped_total", "Inbound frames ignored without a reply, by reason.", &self.frames_dropped);
+        l(&mut out, "meshd_messages_routed_total", "Messages accepted for routing, by priority.", &self.messages_routed);
+        l(&mut out, "meshd_messages_rejected_total", "Sends refused with ack.error, by reason.", &self.messages_rejected);
+        c(&mut out, "meshd_multicast_deliveries_total", "Pushes of broadcast and group messages.", "counter", r(&self.multicast_deliveries));
+        c(&mut out, "meshd_fanout_dropped_total", "Multicast pushes dropped because a recipient's queue was full.", "counter", r(&self.fanout_dropped));
+        c(&mut out, "meshd_queue_depth", "Undelivered direct messages in the store (refreshed every 30 s).", "gauge", g(&self.queue_depth));
+        c(&mut out, "meshd_db_healthy", "1 when the last store operation succeeded.", "gauge", u8::from(self.db_healthy.load(Ordering::Relaxed)).to_string());
+        l(&mut out, "meshd_joins_total", "POST /join outcomes.", &self.joins);
+        c(&mut out, "meshd_store_commits_total", "Transactions committed by the store writer.", "counter", r(&self.store_commits));
+        c(&mut out, "meshd_store_operations_total", "Operations committed by the store writer.", "counter", r(&self.store_ops));
+        c(&mut out, "meshd_store_commit_seconds_total", "Time spent running writer batches.", "counter",
+            format!("{:.6}", self.store_commit_micros.load(Ordering::Relaxed) as f64 / 1e6));
+        c(&mut out, "meshd_store_max_batch", "Largest batch committed in one transaction.", "gauge", r(&self.store_max_batch));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labels_and_counts() {
+        let m = Metrics::default();
+        m.messages_routed.inc("now");
+        m.messages_routed.inc("bogus");
+        m.record_commit(5, Duration::from_millis(2));
+        let text = m.render(Duration::from_secs(3));
+        assert!(text.contains("meshd_messages_routed_total{priority=\"now\"} 1"));
+        assert!(text.contains("meshd_messages_routed_total{priority=\"other\"} 1"));
+        assert!(text.contains("meshd_store_operations_total 5"));
+        assert!(text.contains("# TYPE meshd_connections_active gauge"));
+        assert_eq!(m.messages_routed.get("now"), 1);
+    }
+}

@@ -1,0 +1,1415 @@
+//! One WebSocket connection: the handshake, then the request loop.
+//!
+//! A session is a single task that owns its socket, its outbound queue receiver and its
+//! pending replies, so no lock guards per-connection state. Its `select!` loop is
+//! biased in priority order: cancellation, replies, outbound pushes, store drains, wake
+//! signals, inbound frames (only while the reply and store queues have room, which is the
+//! back-pressure on a fast sender), pings, lease timers.
+//!
+//! Every write the session asks of the store goes through a local FIFO (`outbox`) fed to
+//! the writer with `reserve()`, so a congested store never stops the session from
+//! writing to its socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::future::OptionFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{SinkExt as _, StreamExt as _};
+use meshd_protocol::broker::{
+    Ack, BrokerFrame, CumulativeStats, ErrorFrame, HelloAck, MemberProfile, MessageStatusResult,
+    PeersList, Push, RecipientStatus, StateEntry, StateList, StateResult,
+};
+use meshd_protocol::client::{ClientFrame, GroupEntry, Hello, Inbound, SessionHello, Stats};
+use meshd_protocol::hello::{HelloError, verify_hello, verify_session_hello};
+use meshd_protocol::session::{Session, Verdict};
+use meshd_protocol::status::{StatusSource, StatusState};
+use meshd_protocol::time::iso8601_ms;
+use meshd_protocol::{Priority, TargetSpec};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{Instrument as _, debug, field, info, info_span, warn};
+
+use crate::Ctx;
+use crate::hub::{
+    CloseReason, ConnId, DirectRoute, MeshHub, Outbound, Peer, PeerShared, Registered, StateValue,
+    lock, member_info, peer_data, raw, system_push,
+};
+use crate::ids::{now_ms, random_id, uuid_v4};
+use crate::store::writer::{BindOutcome, ClaimSpec, Claimed, Delivery, NewMessage, PeerStateWrite, WriteOp};
+use crate::store::StoreError;
+
+/// Replies awaited concurrently but written in request order.
+type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>>;
+
+/// Requests whose replies may be outstanding before the session stops reading.
+const MAX_PENDING: usize = 256;
+/// Store operations a session may queue locally before it stops reading.
+const MAX_OUTBOX: usize = 256;
+/// Rows fetched per drain round.
+const CLAIM_LIMIT: i64 = 256;
+/// Outbound frames written between flushes.
+const WRITE_BATCH: usize = 64;
+
+/// Runs one connection to completion.
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    socket: WebSocket,
+    remote: SocketAddr,
+    conn_id: ConnId,
+    permit: OwnedSemaphorePermit,
+) {
+    let span = info_span!(
+        "ws.session",
+        conn.id = conn_id,
+        remote.addr = %remote,
+        mesh.id = field::Empty,
+        member.id = field::Empty
+    );
+    async move {
+        ctx.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+        let mut socket = socket;
+        if let Some(live) = handshake(&ctx, &mut socket, conn_id).await {
+            ctx.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
+            live.serve(socket).await;
+            ctx.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+        }
+        ctx.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// A refused handshake: the error frame, then a close.
+struct Refusal {
+    code: &'static str,
+    message: String,
+    close_code: u16,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            close_code: 1008,
+        }
+    }
+
+    fn from_hello(e: &HelloError) -> Self {
+        Self::new(e.code(), format!("hello rejected: {e}"))
+    }
+
+    fn store(e: &StoreError) -> Self {
+        warn!(cause = %e, "store error during handshake");
+        Self {
+            code: "internal",
+            message: "the broker's store is unavailable; retry".into(),
+            close_code: 1011,
+        }
+    }
+}
+
+async fn send_text(socket: &mut WebSocket, ctx: &Ctx, text: String) -> bool {
+    ctx.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+    socket.send(Message::Text(text.into())).await.is_ok()
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })))
+        .await;
+}
+
+/// Waits for a valid handshake. Returns `None` when the connection ended instead.
+async fn handshake(ctx: &Arc<Ctx>, socket: &mut WebSocket, conn_id: ConnId) -> Option<Live> {
+    let timeout_ms = i64::try_from(ctx.config.limits.hello_timeout.as_millis()).unwrap_or(i64::MAX);
+    let mut hs = Session::new(now_ms(), timeout_ms);
+    let deadline = Instant::now() + ctx.config.limits.hello_timeout;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            () = ctx.sessions_cancel.cancelled() => {
+                close(socket, 1001, "shutting down").await;
+                return None;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                ctx.metrics.connections_rejected.inc("hello_timeout");
+                let e = ErrorFrame::new("no_hello", "no hello within the handshake timeout");
+                let _ = send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await;
+                close(socket, 1008, "hello timeout").await;
+                return None;
+            }
+            msg = socket.recv() => msg,
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                ctx.metrics.frames_dropped.inc("binary");
+                continue;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_))) | None => return None,
+            Some(Err(e)) => {
+                oversize_close(ctx, socket, &e).await;
+                return None;
+            }
+        };
+        ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+        match hs.on_text(&text) {
+            Verdict::Handshake(inbound) => match authenticate(ctx, inbound, conn_id).await {
+                Ok((live, ack)) => {
+                    hs.accepted();
+                    if !send_text(socket, ctx, ack).await {
+                        live.teardown(Vec::new()).await;
+                        return None;
+                    }
+                    live.announce_arrival();
+                    return Some(live);
+                }
+                Err(r) => {
+                    ctx.metrics
+                        .connections_rejected
+                        .inc(if r.close_code == 1011 { "store_error" } else { r.code });
+                    debug!(code = r.code, "handshake refused");
+                    let e = ErrorFrame::new(r.code, r.message);
+                    let _ = send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await;
+                    let reason = match r.close_code {
+                        4002 => "banned",
+                        1011 => "internal error",
+                        _ => r.code,
+                    };
+                    close(socket, r.close_code, reason).await;
+                    return None;
+                }
+            },
+            Verdict::Reply(e) => {
+                if !send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await {
+                    return None;
+                }
+            }
+            Verdict::Request(_) | Verdict::Ignore(_) => {}
+        }
+    }
+}
+
+/// Closes a connection whose frame exceeded the size limit, with a clear reason.
+async fn oversize_close(ctx: &Ctx, socket: &mut WebSocket, e: &axum::Error) {
+    let text = e.to_string();
+    if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
+        ctx.metrics.frames_dropped.inc("oversized");
+        info!(cause = %text, "frame over the size limit; closing");
+        close(socket, 1009, "frame exceeds the size limit").await;
+    } else {
+        debug!(cause = %text, "socket error");
+    }
+}
+
+/// Checks a handshake frame and registers the presence.
+async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Result<(Live, String), Refusal> {
+    let now = now_ms();
+    let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
+    let (ident, fields) = match inbound.frame {
+        ClientFrame::Hello(h) => {
+            let v = verify_hello(&h, now, skew).map_err(|e| Refusal::from_hello(&e))?;
+            lock(&ctx.replay)
+                .check_and_insert(&v.signature, v.timestamp, now)
+                .map_err(|e| Refusal::from_hello(&e))?;
+            (
+                Ident {
+                    mesh_id: h.mesh_id.clone(),
+                    member_pubkey: v.member_pubkey.to_hex(),
+                    member_id: Some(h.member_id.clone()),
+                    session_pubkey: v.session_pubkey.map(|k| k.to_hex()),
+                    session: false,
+                },
+                HelloFields::from_hello(*h),
+            )
+        }
+        ClientFrame::SessionHello(h) => {
+            let v = verify_session_hello(&h, now, skew).map_err(|e| Refusal::from_hello(&e))?;
+            lock(&ctx.replay)
+                .check_and_insert(&v.signature, v.timestamp, now)
+                .map_err(|e| Refusal::from_hello(&e))?;
+            (
+                Ident {
+                    mesh_id: h.mesh_id.clone(),
+                    member_pubkey: v.member_pubkey.to_hex(),
+                    member_id: h.parent_member_id.clone(),
+                    session_pubkey: Some(v.session_pubkey.to_hex()),
+                    session: true,
+                },
+                HelloFields::from_session_hello(*h),
+            )
+        }
+        _ => return Err(Refusal::new("no_hello", "must send hello first")),
+    };
+
+    let not_member = || Refusal::new("unauthorized", "hello rejected: pubkey not found in mesh");
+    let mesh = ctx
+        .hub
+        .mesh(&ctx.db, &ident.mesh_id)
+        .await
+        .map_err(|e| Refusal::store(&e))?
+        .ok_or_else(not_member)?;
+    let member = match mesh.member(&ident.member_pubkey) {
+        Some(m) => m,
+        // The cache can miss a member enrolled through another process; ask the store.
+        None => match ctx
+            .db
+            .member_by_pubkey(&ident.mesh_id, &ident.member_pubkey)
+            .await
+            .map_err(|e| Refusal::store(&e))?
+        {
+            Some(row) => {
+                let info = member_info(&row);
+                mesh.upsert_member(&row.pubkey, info.clone());
+                info
+            }
+            None => return Err(not_member()),
+        },
+    };
+    if member.revoked {
+        return Err(Refusal {
+            code: "revoked",
+            message: format!("You've been removed from \"{}\".", mesh.row.name),
+            close_code: 4002,
+        });
+    }
+    if let Some(claimed) = &ident.member_id
+        && *claimed != member.id
+    {
+        return Err(if ident.session {
+            Refusal::new("parent_member_id_mismatch", "parentMemberId does not match the member key")
+        } else {
+            Refusal::new("unauthorized", "hello rejected: memberId does not match the member key")
+        });
+    }
+    tracing::Span::current().record("mesh.id", field::display(&ident.mesh_id));
+    tracing::Span::current().record("member.id", field::display(&member.id));
+
+    // A session key belongs to the first member that presents it and can never be a
+    // member key of someone else: otherwise one member could drain another's DMs.
+    if let Some(spk) = &ident.session_pubkey {
+        let taken = || Refusal::new("bad_session_pubkey", "sessionPubkey belongs to another member");
+        if *spk != ident.member_pubkey && mesh.member(spk).is_some() {
+            return Err(taken());
+        }
+        match mesh.session_owner(spk) {
+            Some(owner) if owner != member.id => return Err(taken()),
+            Some(_) => {}
+            None => {
+                let bound = ctx
+                    .writer
+                    .call(|reply| WriteOp::BindSession {
+                        mesh_id: ident.mesh_id.clone(),
+                        pubkey: spk.clone(),
+                        member_id: member.id.clone(),
+                        now,
+                        reply,
+                    })
+                    .await
+                    .map_err(|e| Refusal::store(&e))?;
+                if bound == BindOutcome::Taken {
+                    return Err(taken());
+                }
+                mesh.bind_session(spk, &member.id);
+            }
+        }
+    }
+
+    let saved = ctx
+        .db
+        .peer_state(&ident.mesh_id, &member.id)
+        .await
+        .map_err(|e| Refusal::store(&e))?;
+    let saved_groups: Vec<GroupEntry> = saved
+        .as_ref()
+        .and_then(|s| serde_json::from_str(&s.groups).ok())
+        .unwrap_or_default();
+    let saved_stats: Option<CumulativeStats> = saved.as_ref().map(|s| serde_json::from_str(&s.stats).unwrap_or_default());
+    let hello_groups = fields.groups.clone().filter(|g| !g.is_empty());
+    let groups = hello_groups.clone().unwrap_or_else(|| saved_groups.clone());
+    let display_name = fields
+        .display_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| member.display_name.clone());
+
+    let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
+    let cancel = ctx.sessions_cancel.child_token();
+    let shared = Arc::new(PeerShared::new(conn_id, tx, cancel));
+    shared.acks.store(ident.session, Ordering::SeqCst);
+    let peer = Peer {
+        shared: shared.clone(),
+        presence_id: random_id(),
+        member_id: member.id.clone(),
+        member_pubkey: ident.member_pubkey.clone(),
+        session_pubkey: ident.session_pubkey.clone(),
+        display_name: display_name.clone(),
+        peer_role: if ident.session { "session" } else { "control-plane" },
+        session_id: fields.session_id.clone().unwrap_or_else(random_id),
+        cwd: fields.cwd.clone().unwrap_or_default(),
+        hostname: fields.hostname.clone(),
+        peer_type: fields.peer_type.clone(),
+        channel: fields.channel.clone(),
+        model: fields.model.clone(),
+        connected_at: now,
+        status: StatusState::new(now),
+        summary: None,
+        groups: groups.clone(),
+        visible: saved.as_ref().is_none_or(|s| s.visible),
+        profile: saved
+            .as_ref()
+            .and_then(|s| serde_json::from_str(&s.profile).ok())
+            .unwrap_or_default(),
+        stats: None,
+        restored_stats: saved_stats,
+    };
+    let (registered, presence_id) = mesh
+        .register(peer, ctx.config.limits.max_connections_per_mesh)
+        .map_err(|_| Refusal::new("capacity", "mesh at connection capacity"))?;
+    let reattached = matches!(registered, Registered::Reattached);
+
+    let restored = saved.is_some() && !ident.session;
+    let ack = BrokerFrame::HelloAck(HelloAck {
+        presence_id,
+        member_display_name: display_name.clone(),
+        restored: restored.then_some(true),
+        last_summary: if restored { saved.as_ref().and_then(|s| s.last_summary.clone()) } else { None },
+        last_seen_at: if restored { saved.as_ref().map(|s| iso8601_ms(s.last_seen_at)) } else { None },
+        restored_groups: (restored && hello_groups.is_none() && !saved_groups.is_empty()).then(|| saved_groups.clone()),
+        restored_stats: if restored { saved_stats } else { None },
+        member_profile: Some(MemberProfile {
+            role_tag: member.role.clone(),
+            groups,
+            message_mode: "push".into(),
+        }),
+    });
+    info!(session = ident.session, reattached, restored, "session authenticated");
+    // Drain whatever waited for this peer while it was away.
+    shared.invalidate();
+    let mut machine = Session::new(now, 0);
+    machine.accepted();
+    let live = Live {
+        ctx: ctx.clone(),
+        machine,
+        mesh,
+        shared,
+        rx,
+        conn: conn_id,
+        member_id: member.id,
+        member_pubkey: ident.member_pubkey,
+        session_pubkey: ident.session_pubkey,
+        display_name,
+        announce: if reattached {
+            None
+        } else if saved.is_some() {
+            Some(("peer_returned", saved.map(|s| (s.last_seen_at, s.last_summary))))
+        } else {
+            Some(("peer_joined", None))
+        },
+        pending: FuturesOrdered::new(),
+        outbox: VecDeque::new(),
+        claim: None,
+        drain_wanted: true,
+        lease_timer: None,
+        leased: HashMap::new(),
+        bucket: Bucket::new(ctx.config.limits.sends_per_second, ctx.config.limits.send_burst),
+        last_activity: Instant::now(),
+    };
+    Ok((live, ack.to_json()))
+}
+
+struct Ident {
+    mesh_id: String,
+    member_pubkey: String,
+    member_id: Option<String>,
+    session_pubkey: Option<String>,
+    /// Authenticated with `session_hello` (HEAD): acknowledges pushes, role `session`.
+    session: bool,
+}
+
+#[derive(Clone)]
+struct HelloFields {
+    display_name: Option<String>,
+    session_id: Option<String>,
+    cwd: Option<String>,
+    hostname: Option<String>,
+    peer_type: Option<String>,
+    channel: Option<String>,
+    model: Option<String>,
+    groups: Option<Vec<GroupEntry>>,
+}
+
+impl HelloFields {
+    fn from_hello(h: Hello) -> Self {
+        Self {
+            display_name: h.display_name,
+            session_id: h.session_id,
+            cwd: h.cwd,
+            hostname: h.hostname,
+            peer_type: h.peer_type,
+            channel: h.channel,
+            model: h.model,
+            groups: h.groups,
+        }
+    }
+
+    fn from_session_hello(h: SessionHello) -> Self {
+        Self {
+            display_name: h.display_name,
+            session_id: h.session_id,
+            cwd: h.cwd,
+            hostname: h.hostname,
+            peer_type: h.peer_type,
+            channel: h.channel,
+            model: h.model,
+            groups: h.groups,
+        }
+    }
+}
+
+/// Token bucket for `send`s (rate 0 = unlimited).
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// An authenticated connection.
+struct Live {
+    ctx: Arc<Ctx>,
+    /// The connection's protocol state (authenticated).
+    machine: Session,
+    mesh: Arc<MeshHub>,
+    shared: Arc<PeerShared>,
+    rx: mpsc::Receiver<Outbound>,
+    conn: ConnId,
+    member_id: String,
+    member_pubkey: String,
+    session_pubkey: Option<String>,
+    display_name: String,
+    /// The system event to announce once `hello_ack` is out.
+    announce: Option<(&'static str, Option<(i64, Option<String>)>)>,
+    pending: Pending,
+    outbox: VecDeque<WriteOp>,
+    claim: Option<oneshot::Receiver<Result<Claimed, StoreError>>>,
+    drain_wanted: bool,
+    lease_timer: Option<Instant>,
+    /// Pushes leased to an acknowledging client: broker id → client message id.
+    leased: HashMap<String, Option<String>>,
+    bucket: Bucket,
+    last_activity: Instant,
+}
+
+impl Live {
+    fn routing_key(&self) -> &str {
+        self.session_pubkey.as_deref().unwrap_or(&self.member_pubkey)
+    }
+
+    fn mesh_id(&self) -> &str {
+        &self.mesh.row.id
+    }
+
+    /// Announces the arrival to the rest of the mesh (not to the member's own sessions,
+    /// and not at all for a hidden peer).
+    fn announce_arrival(&self) {
+        let Some((event, returned)) = &self.announce else {
+            return;
+        };
+        let Some(data) = self.mesh.with_peer(self.conn, |p| {
+            p.visible.then(|| {
+                let mut d = peer_data(p);
+                d.insert("groups".into(), serde_json::to_value(&p.groups).unwrap_or_default());
+                if let Some((last_seen, summary)) = returned {
+                    d.insert("lastSeenAt".into(), iso8601_ms(*last_seen).into());
+                    d.insert("summary".into(), summary.clone().map_or(serde_json::Value::Null, Into::into));
+                }
+                d
+            })
+        }) else {
+            return;
+        };
+        if let Some(data) = data {
+            let frame = system_push(self.mesh_id(), event, data, uuid_v4(), now_ms());
+            self.mesh.announce(&frame, self.conn, Some(&self.member_pubkey));
+        }
+    }
+
+    async fn serve(mut self, mut socket: WebSocket) {
+        let ping_every = self.ctx.config.limits.ping_interval;
+        let idle_timeout = self.ctx.config.limits.idle_timeout;
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cancel = self.shared.cancel.clone();
+        let writer_tx = self.ctx.writer.clone();
+        let mut unflushed: Vec<String> = Vec::new();
+        let ended: &'static str = loop {
+            if self.drain_wanted && self.claim.is_none() {
+                self.start_claim();
+            }
+            let reading = self.pending.len() < MAX_PENDING && self.outbox.len() < MAX_OUTBOX;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    break match self.shared.close_reason() {
+                        Some(CloseReason::Replaced) => "replaced",
+                        Some(CloseReason::Revoked) => "revoked",
+                        Some(CloseReason::SlowConsumer) => "slow_consumer",
+                        Some(CloseReason::Shutdown) | None => "shutdown",
+                    };
+                }
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Some(text) = reply
+                        && !write(&self.ctx.metrics, &mut socket, Message::Text(text)).await
+                    {
+                        break "error";
+                    }
+                }
+                Some(out) = self.rx.recv() => {
+                    if !self.write_outbound(&mut socket, out, &mut unflushed).await {
+                        break "error";
+                    }
+                }
+                Some(result) = OptionFuture::from(self.claim.as_mut()), if self.claim.is_some() => {
+                    self.claim = None;
+                    match result {
+                        Ok(Ok(claimed)) => {
+                            if !self.deliver_claimed(&mut socket, claimed, &mut unflushed).await {
+                                break "error";
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            warn!(cause = %e, "drain failed; retrying on the next wake");
+                        }
+                        Err(_) => break "shutdown",
+                    }
+                }
+                permit = writer_tx.reserve(), if !self.outbox.is_empty() => {
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(op) = self.outbox.pop_front() {
+                                permit.send(op);
+                            }
+                        }
+                        Err(_) => break "shutdown",
+                    }
+                }
+                () = self.shared.wake.notified() => {
+                    self.drain_wanted = true;
+                }
+                msg = socket.recv(), if reading => {
+                    self.last_activity = Instant::now();
+                    match msg {
+                        Some(Ok(Message::Text(t))) => {
+                            self.ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+                            if let Some(text) = self.on_text(&t) {
+                                if self.pending.is_empty() {
+                                    if !write(&self.ctx.metrics, &mut socket, Message::Text(text)).await {
+                                        break "error";
+                                    }
+                                } else {
+                                    self.pending.push_back(Box::pin(async move { Some(text) }));
+                                }
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => self.ctx.metrics.frames_dropped.inc("binary"),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => break "client",
+                        Some(Err(e)) => {
+                            oversize_close(&self.ctx, &mut socket, &e).await;
+                            break "error";
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if self.last_activity.elapsed() > idle_timeout {
+                        break "idle_timeout";
+                    }
+                    if !write(&self.ctx.metrics, &mut socket, Message::Ping(Default::default())).await {
+                        break "error";
+                    }
+                }
+                () = sleep_until_opt(self.lease_timer), if self.lease_timer.is_some() => {
+                    self.lease_timer = None;
+                    self.drain_wanted = true;
+                }
+            }
+        };
+        self.ctx.metrics.connections_closed.inc(ended);
+        let close_frame = match ended {
+            "replaced" => Some(CloseReason::Replaced.frame()),
+            "revoked" => Some(CloseReason::Revoked.frame()),
+            "slow_consumer" => Some(CloseReason::SlowConsumer.frame()),
+            "shutdown" => {
+                // Flush what is already queued for this client before saying goodbye.
+                self.flush_queued(&mut socket, &mut unflushed).await;
+                Some(CloseReason::Shutdown.frame())
+            }
+            "idle_timeout" => Some((1001, "idle timeout")),
+            _ => None,
+        };
+        if ended == "revoked" {
+            let e = ErrorFrame::new("revoked", format!("You've been removed from \"{}\".", self.mesh.row.name));
+            let _ = send_text(&mut socket, &self.ctx, BrokerFrame::Error(e).to_json()).await;
+        }
+        if let Some((code, reason)) = close_frame {
+            let _ = tokio::time::timeout(Duration::from_secs(2), close(&mut socket, code, reason)).await;
+        }
+        info!(reason = ended, "session closed");
+        self.teardown(unflushed).await;
+    }
+
+
+    /// Writes an outbound item and whatever else is queued (up to a batch), then flushes
+    /// once and records the stored messages as delivered (or leased).
+    async fn write_outbound(&mut self, socket: &mut WebSocket, first: Outbound, unflushed: &mut Vec<String>) -> bool {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            let text = match out {
+                Outbound::Frame(t) => t,
+                Outbound::Stored { id, frame } => {
+                    unflushed.push(id);
+                    frame
+                }
+            };
+            if socket.feed(Message::Text(text)).await.is_err() {
+                return false;
+            }
+            n += 1;
+            if n < WRITE_BATCH {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        self.ctx.metrics.frames_sent.fetch_add(n as u64, Ordering::Relaxed);
+        if socket.flush().await.is_err() {
+            return false;
+        }
+        self.written(std::mem::take(unflushed), None);
+        true
+    }
+
+    /// After stored messages reached the socket: legacy clients' rows are delivered;
+    /// acknowledging clients' rows stay leased until `client_ack`.
+    fn written(&mut self, ids: Vec<String>, client_ids: Option<Vec<Option<String>>>) {
+        if ids.is_empty() {
+            return;
+        }
+        if self.shared.acks.load(Ordering::SeqCst) {
+            let lease = self.ctx.config.limits.ack_lease;
+            let client_ids = client_ids.unwrap_or_else(|| vec![None; ids.len()]);
+            for (id, cid) in ids.into_iter().zip(client_ids) {
+                self.leased.insert(id, cid);
+            }
+            let at = Instant::now() + lease;
+            self.lease_timer = Some(self.lease_timer.map_or(at, |t| t.min(at)));
+        } else {
+            self.outbox.push_back(WriteOp::MarkDelivered { ids, at: now_ms() });
+        }
+    }
+
+    fn start_claim(&mut self) {
+        self.drain_wanted = false;
+        self.shared.dirty.store(false, Ordering::SeqCst);
+        let Some(max) = self.mesh.with_peer(self.conn, |p| p.status.status.max_admitted()) else {
+            return;
+        };
+        let now = now_ms();
+        let lease_ms = i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_until = if self.shared.acks.load(Ordering::SeqCst) {
+            now.saturating_add(lease_ms)
+        } else {
+            i64::MAX
+        };
+        let (tx, rx) = oneshot::channel();
+        self.outbox.push_back(WriteOp::Claim {
+            spec: Box::new(ClaimSpec {
+                mesh_id: self.mesh_id().to_owned(),
+                member_key: self.member_pubkey.clone(),
+                session_key: self.routing_key().to_owned(),
+                max_priority: max.rank(),
+                conn: i64::try_from(self.conn).unwrap_or(i64::MAX),
+                lease_until,
+                now,
+                limit: CLAIM_LIMIT,
+            }),
+            reply: tx,
+        });
+        self.claim = Some(rx);
+    }
+
+    async fn deliver_claimed(&mut self, socket: &mut WebSocket, claimed: Claimed, unflushed: &mut Vec<String>) -> bool {
+        let full = claimed.rows.len() as i64 >= CLAIM_LIMIT;
+        let mut ids = Vec::with_capacity(claimed.rows.len());
+        let mut client_ids = Vec::with_capacity(claimed.rows.len());
+        for row in claimed.rows {
+            let priority = Priority::from_rank(row.priority).unwrap_or(Priority::Next);
+            let frame = BrokerFrame::Push(Push {
+                message_id: row.id.clone(),
+                mesh_id: self.mesh_id().to_owned(),
+                sender_pubkey: row.sender_pubkey,
+                priority: priority.as_str(),
+                nonce: row.nonce,
+                ciphertext: row.ciphertext,
+                created_at: iso8601_ms(row.created_at),
+                subtype: row.subtype.as_deref().and_then(known_subtype),
+                event: None,
+                event_data: None,
+                sender_member_pubkey: Some(row.sender_member_pubkey),
+                sender_member_id: Some(row.sender_member_id),
+                sender_name: Some(row.sender_name),
+                client_message_id: row.client_message_id.clone(),
+            });
+            unflushed.push(row.id.clone());
+            if socket.feed(Message::Text(frame.to_json().into())).await.is_err() {
+                return false;
+            }
+            self.ctx.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+            ids.push(row.id);
+            client_ids.push(row.client_message_id);
+        }
+        if socket.flush().await.is_err() {
+            return false;
+        }
+        unflushed.clear();
+        self.written(ids, Some(client_ids));
+        if let Some(at) = claimed.next_lease_expiry {
+            let wait = Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0));
+            let at = Instant::now() + wait;
+            self.lease_timer = Some(self.lease_timer.map_or(at, |t| t.min(at)));
+        }
+        if full {
+            self.drain_wanted = true;
+        } else if !self.mesh.try_mark_caught_up(&self.shared) && self.shared.dirty.load(Ordering::SeqCst) {
+            // Something was committed for us during the claim: go again. (If only an
+            // insert is still in flight, its commit wakes us.)
+            self.drain_wanted = true;
+        }
+        true
+    }
+
+    /// At shutdown: write what is queued for this client, within a short budget.
+    async fn flush_queued(&mut self, socket: &mut WebSocket, unflushed: &mut Vec<String>) {
+        let budget = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(out) = self.rx.try_recv() {
+                if !self.write_outbound(socket, out, unflushed).await {
+                    break;
+                }
+            }
+        });
+        let _ = budget.await;
+    }
+
+    /// Handles one text frame. Returns an immediate reply, if any; asynchronous replies
+    /// are queued on `pending`.
+    fn on_text(&mut self, text: &str) -> Option<Utf8Bytes> {
+        let inbound = match self.machine.on_text(text) {
+            Verdict::Request(inbound) => inbound,
+            Verdict::Reply(e) => return Some(BrokerFrame::Error(e).to_json().into()),
+            Verdict::Ignore(reason) => {
+                self.ctx.metrics.frames_dropped.inc(reason);
+                return None;
+            }
+            Verdict::Handshake(_) => return None,
+        };
+        let req_id = inbound.req_id;
+        let now = now_ms();
+        let small_ack = |req_id: Option<String>| -> Option<Utf8Bytes> {
+            Some(
+                BrokerFrame::Ack(Ack {
+                    id: req_id.clone().unwrap_or_default(),
+                    message_id: String::new(),
+                    queued: false,
+                    error: None,
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            )
+        };
+        match inbound.frame {
+            ClientFrame::Send(send) => self.on_send(req_id, *send, now),
+            ClientFrame::SetStatus { status } => {
+                let fresh = 30_000;
+                let released = self.mesh.with_peer(self.conn, |p| {
+                    let before = p.status.status.max_admitted();
+                    p.status.write(status, StatusSource::Manual, now, fresh);
+                    p.status.status.max_admitted() > before
+                });
+                // Unlike the reference, becoming more available releases held messages now.
+                if released == Some(true) {
+                    self.shared.invalidate();
+                }
+                None
+            }
+            ClientFrame::SetSummary { summary } => {
+                self.mesh.with_peer(self.conn, |p| p.summary = Some(summary));
+                None
+            }
+            ClientFrame::SetVisible { visible } => {
+                let changed = self.mesh.with_peer(self.conn, |p| {
+                    let changed = p.visible != visible;
+                    p.visible = visible;
+                    changed.then(|| peer_data(p))
+                });
+                if let Some(Some(data)) = changed {
+                    let event = if visible { "peer_visible" } else { "peer_hidden" };
+                    let frame = system_push(self.mesh_id(), event, data, uuid_v4(), now);
+                    self.mesh.announce(&frame, self.conn, None);
+                }
+                small_ack(req_id)
+            }
+            ClientFrame::SetProfile(patch) => {
+                self.mesh.with_peer(self.conn, |p| {
+                    for (k, v) in patch.fields {
+                        p.profile.insert(k.to_owned(), v);
+                    }
+                });
+                small_ack(req_id)
+            }
+            ClientFrame::SetStats(stats) => {
+                self.mesh.with_peer(self.conn, |p| p.stats = Some(stats));
+                None
+            }
+            ClientFrame::JoinGroup(group) => {
+                self.mesh.with_peer(self.conn, |p| {
+                    if let Some(i) = p.groups.iter().position(|g| g.name == group.name) {
+                        p.groups[i].role = group.role;
+                    } else if p.groups.len() < meshd_protocol::client::MAX_GROUPS {
+                        p.groups.push(group);
+                    }
+                });
+                None
+            }
+            ClientFrame::LeaveGroup { name } => {
+                self.mesh.with_peer(self.conn, |p| p.groups.retain(|g| g.name != name));
+                None
+            }
+            ClientFrame::ListPeers => Some(
+                BrokerFrame::PeersList(PeersList {
+                    peers: self.mesh.peers_for(&self.member_pubkey),
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            ),
+            ClientFrame::SetState { key, value } => {
+                let json: Arc<str> = value.map_or_else(|| Arc::from("null"), |v| Arc::from(v.get()));
+                let limits = &self.ctx.config.limits;
+                let ok = json.len() <= limits.max_state_value_bytes
+                    && self.mesh.state_set(
+                        &key,
+                        StateValue {
+                            value: json.clone(),
+                            updated_by: self.display_name.clone(),
+                            updated_at: now,
+                        },
+                        self.conn,
+                        limits.max_state_value_bytes.saturating_mul(64),
+                    );
+                if ok {
+                    self.outbox.push_back(WriteOp::SetState {
+                        mesh_id: self.mesh_id().to_owned(),
+                        key,
+                        value: json,
+                        updated_by: self.display_name.clone(),
+                        at: now,
+                    });
+                } else {
+                    // set_state never gets a reply (§0.6); the refusal is logged and counted.
+                    warn!(key = %key, bytes = json.len(), "set_state refused: over the state size limit");
+                    self.ctx.metrics.frames_dropped.inc("state_too_large");
+                }
+                None
+            }
+            ClientFrame::GetState { key } => {
+                let frame = match self.mesh.state_get(&key) {
+                    Some(v) => StateResult {
+                        key,
+                        value: raw(&v.value),
+                        updated_at: iso8601_ms(v.updated_at),
+                        updated_by: v.updated_by,
+                        req_id,
+                    },
+                    None => StateResult {
+                        key,
+                        value: raw("null"),
+                        updated_at: String::new(),
+                        updated_by: String::new(),
+                        req_id,
+                    },
+                };
+                Some(BrokerFrame::StateResult(frame).to_json().into())
+            }
+            ClientFrame::ListState => {
+                let entries = self
+                    .mesh
+                    .state_list()
+                    .into_iter()
+                    .map(|(key, v)| StateEntry {
+                        key,
+                        value: raw(&v.value),
+                        updated_by: v.updated_by,
+                        updated_at: iso8601_ms(v.updated_at),
+                    })
+                    .collect();
+                Some(BrokerFrame::StateList(StateList { entries, req_id }).to_json().into())
+            }
+            ClientFrame::MessageStatus { message_id } => {
+                self.queue_message_status(message_id, req_id);
+                None
+            }
+            ClientFrame::ClientAck {
+                client_message_id,
+                broker_message_id,
+            } => {
+                self.shared.acks.store(true, Ordering::SeqCst);
+                if let Some(id) = &broker_message_id {
+                    self.leased.remove(id);
+                }
+                if let Some(cid) = &client_message_id {
+                    self.leased.retain(|_, c| c.as_ref() != Some(cid));
+                }
+                self.outbox.push_back(WriteOp::Ack {
+                    mesh_id: self.mesh_id().to_owned(),
+                    keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
+                    message_id: broker_message_id,
+                    client_message_id,
+                    at: now,
+                });
+                None
+            }
+            // Handshakes and unsupported frames are answered by the protocol machine.
+            _ => None,
+        }
+    }
+
+    fn on_send(&mut self, req_id: Option<String>, send: meshd_protocol::client::Send, now: i64) -> Option<Utf8Bytes> {
+        let id = send.id.clone().unwrap_or_default();
+        let metrics = self.ctx.metrics.clone();
+        let refuse = |reason: &'static str, error: String| -> Option<Utf8Bytes> {
+            metrics.messages_rejected.inc(reason);
+            Some(
+                BrokerFrame::Ack(Ack {
+                    id: id.clone(),
+                    message_id: String::new(),
+                    queued: false,
+                    error: Some(error),
+                    req_id: req_id.clone(),
+                })
+                .to_json()
+                .into(),
+            )
+        };
+        if !self.bucket.take(Instant::now()) {
+            let l = &self.ctx.config.limits;
+            return refuse(
+                "rate_limited",
+                format!("rate_limit: max {}/s (burst {}) — slow down", l.sends_per_second, l.send_burst),
+            );
+        }
+        let priority = match send.priority.as_deref() {
+            None => Priority::Next,
+            Some(p) => match Priority::parse(p) {
+                Some(p) => p,
+                None => return refuse("invalid_priority", format!("invalid priority {p:?}: use now, next or low")),
+            },
+        };
+        let size = send.nonce.len() + send.ciphertext.len() + send.target_spec.len();
+        if size > self.ctx.config.limits.max_message_bytes {
+            return refuse(
+                "too_large",
+                format!("message too large: {size} bytes (max {})", self.ctx.config.limits.max_message_bytes),
+            );
+        }
+        let target = match TargetSpec::parse(&send.target_spec) {
+            Ok(t) => t,
+            Err(e) => return refuse("invalid_target", format!("invalid targetSpec: {e}")),
+        };
+        match &target {
+            TargetSpec::Channel(_) => {
+                return refuse("unroutable_target", "#channels are not supported by this broker".into());
+            }
+            TargetSpec::Tag(_) => {
+                return refuse("unroutable_target", "tag: targets are not supported by this broker".into());
+            }
+            TargetSpec::Name(n) => {
+                return refuse(
+                    "unroutable_target",
+                    format!("no peer has the key {n:?}: address a member or session key (resolve names with list_peers), @group or *"),
+                );
+            }
+            _ => {}
+        }
+        if send.client_message_id.is_some() {
+            self.shared.acks.store(true, Ordering::SeqCst);
+        }
+        let message_id = random_id();
+        let sender_key = self.routing_key().to_owned();
+        let push = BrokerFrame::Push(Push {
+            message_id: message_id.clone(),
+            mesh_id: self.mesh_id().to_owned(),
+            sender_pubkey: sender_key.clone(),
+            priority: priority.as_str(),
+            nonce: send.nonce.clone(),
+            ciphertext: send.ciphertext.clone(),
+            created_at: iso8601_ms(now),
+            subtype: None,
+            event: None,
+            event_data: None,
+            sender_member_pubkey: Some(self.member_pubkey.clone()),
+            sender_member_id: Some(self.member_id.clone()),
+            sender_name: Some(self.display_name.clone()),
+            client_message_id: send.client_message_id.clone(),
+        });
+        let frame = Utf8Bytes::from(push.to_json());
+        let ttl = i64::try_from(self.ctx.config.limits.queue_ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut row = NewMessage {
+            id: message_id.clone(),
+            mesh_id: self.mesh_id().to_owned(),
+            sender_member_id: self.member_id.clone(),
+            sender_pubkey: sender_key,
+            sender_member_pubkey: self.member_pubkey.clone(),
+            sender_name: self.display_name.clone(),
+            target_spec: send.target_spec.clone(),
+            target_key: None,
+            priority: priority.rank(),
+            nonce: send.nonce,
+            ciphertext: send.ciphertext,
+            subtype: None,
+            client_message_id: send.client_message_id,
+            created_at: now,
+            expires_at: now.saturating_add(ttl),
+            delivered_at: None,
+            lease_conn: None,
+            lease_until: None,
+        };
+        let (delivery, wake) = match &target {
+            TargetSpec::Direct(pk) => {
+                let key = pk.to_hex();
+                let route = self.mesh.route_direct(&key, priority, self.conn);
+                row.target_key = Some(key.clone());
+                match route {
+                    DirectRoute::Unknown => {
+                        return refuse("unknown_recipient", format!("no member or session of this mesh has the key {key}"));
+                    }
+                    DirectRoute::Revoked => {
+                        return refuse("revoked_recipient", "the recipient was removed from this mesh".into());
+                    }
+                    DirectRoute::Deliver(target) => {
+                        let lease_ms = i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
+                        let lease_until = if target.acks.load(Ordering::SeqCst) {
+                            now.saturating_add(lease_ms)
+                        } else {
+                            i64::MAX
+                        };
+                        (
+                            Some(Delivery {
+                                target,
+                                frame,
+                                lease_until,
+                            }),
+                            Vec::new(),
+                        )
+                    }
+                    DirectRoute::Queue(wake) => (None, wake),
+                }
+            }
+            TargetSpec::Broadcast | TargetSpec::Group(_) => {
+                let (delivered, dropped) = self.mesh.fan_out(&target, self.conn, &frame);
+                self.ctx.metrics.multicast_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
+                self.ctx.metrics.fanout_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                // Multicast is live-only: keep the metadata for message_status, not the body.
+                row.delivered_at = Some(now);
+                row.nonce = String::new();
+                row.ciphertext = String::new();
+                (None, Vec::new())
+            }
+            TargetSpec::Channel(_) | TargetSpec::Tag(_) | TargetSpec::Name(_) => return None,
+        };
+        self.ctx.metrics.messages_routed.inc(priority.as_str());
+        let (tx, rx) = oneshot::channel();
+        self.outbox.push_back(WriteOp::Insert {
+            row: Box::new(row),
+            delivery,
+            wake,
+            reply: Some(tx),
+        });
+        let metrics = self.ctx.metrics.clone();
+        self.pending.push_back(Box::pin(async move {
+            let (queued, message_id, error) = match rx.await {
+                Ok(Ok(())) => (true, message_id, None),
+                Ok(Err(e)) => {
+                    metrics.messages_rejected.inc("store_error");
+                    warn!(cause = %e, "storing a message failed");
+                    (false, String::new(), Some("the broker could not store the message; retry".to_owned()))
+                }
+                Err(_) => (false, String::new(), Some("the broker is shutting down; retry".to_owned())),
+            };
+            Some(
+                BrokerFrame::Ack(Ack {
+                    id,
+                    message_id,
+                    queued,
+                    error,
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            )
+        }));
+        None
+    }
+
+    fn queue_message_status(&mut self, message_id: String, req_id: Option<String>) {
+        let db = self.ctx.db.clone();
+        let mesh = self.mesh.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        self.pending.push_back(Box::pin(async move {
+            let not_found = |req_id| {
+                Some(
+                    BrokerFrame::Error(ErrorFrame::new("not_found", "no such message in this mesh").with_req_id(req_id))
+                        .to_json()
+                        .into(),
+                )
+            };
+            let row = match db.message_status(&message_id).await {
+                Ok(Some(r)) if r.mesh_id == mesh_id => r,
+                Ok(_) => return not_found(req_id),
+                Err(e) => {
+                    warn!(cause = %e, "message_status");
+                    return Some(
+                        BrokerFrame::Error(
+                            ErrorFrame::new("internal", "the broker's store is unavailable").with_req_id(req_id),
+                        )
+                        .to_json()
+                        .into(),
+                    );
+                }
+            };
+            let delivered = row.delivered_at.is_some();
+            let recipients = match (&row.target_key, TargetSpec::parse(&row.target_spec)) {
+                (Some(key), _) => {
+                    let live = mesh.live_names(key);
+                    let name = live.first().cloned().or_else(|| mesh.member(key).map(|m| m.display_name));
+                    let status = if delivered {
+                        "delivered"
+                    } else if live.is_empty() {
+                        "disconnected"
+                    } else {
+                        "held"
+                    };
+                    vec![RecipientStatus {
+                        name: name.unwrap_or_else(|| "unknown".into()),
+                        pubkey: key.clone(),
+                        status,
+                    }]
+                }
+                (None, Ok(target)) => mesh
+                    .multicast_recipients(&target)
+                    .into_iter()
+                    .map(|(name, pubkey)| RecipientStatus {
+                        name,
+                        pubkey,
+                        status: if delivered { "delivered" } else { "held" },
+                    })
+                    .collect(),
+                (None, Err(_)) => Vec::new(),
+            };
+            Some(
+                BrokerFrame::MessageStatusResult(MessageStatusResult {
+                    message_id: row.id,
+                    target_spec: row.target_spec,
+                    delivered,
+                    delivered_at: row.delivered_at.map(iso8601_ms),
+                    recipients,
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            )
+        }));
+    }
+
+    /// After the socket is gone: give back unwritten leases, leave the mesh, announce
+    /// the departure, save the session state for "welcome back".
+    async fn teardown(mut self, mut unflushed: Vec<String>) {
+        // Stored messages that never reached the socket go back to the store's queue.
+        self.rx.close();
+        while let Ok(out) = self.rx.try_recv() {
+            if let Outbound::Stored { id, .. } = out {
+                unflushed.push(id);
+            }
+        }
+        unflushed.extend(self.leased.drain().map(|(id, _)| id));
+        let released = !unflushed.is_empty();
+        if released {
+            self.outbox.push_back(WriteOp::Release { ids: unflushed });
+        }
+        let peer = self.mesh.unregister(self.conn);
+        let now = now_ms();
+        if let Some(peer) = &peer {
+            if self.shared.close_reason() != Some(CloseReason::Shutdown)
+                && !self.ctx.sessions_cancel.is_cancelled()
+                && peer.visible
+            {
+                let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), uuid_v4(), now);
+                self.mesh.announce(&frame, self.conn, Some(&self.member_pubkey));
+            }
+            self.outbox.push_back(WriteOp::SavePeerState(Box::new(peer_state(&self.mesh.row.id, peer, now))));
+        }
+        // Flush this session's store operations (the writer is still running).
+        while let Some(op) = self.outbox.pop_front() {
+            if self.ctx.writer.send(op).await.is_err() {
+                break;
+            }
+        }
+        if released && peer.is_some() {
+            // Another session of the member may take over messages this one released.
+            for sibling in self.mesh.siblings(&self.member_pubkey, self.conn) {
+                sibling.invalidate();
+            }
+        }
+    }
+}
+
+/// Writes one frame and flushes.
+async fn write(metrics: &crate::metrics::Metrics, socket: &mut WebSocket, msg: Message) -> bool {
+    metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+    socket.send(msg).await.is_ok()
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn known_subtype(s: &str) -> Option<&'static str> {
+    match s {
+        "reminder" => Some("reminder"),
+        "system" => Some("system"),
+        "webhook" => Some("webhook"),
+        _ => None,
+    }
+}
+
+/// The "welcome back" record for a departing peer. Cumulative counters add this
+/// session's own activity once: the CLI seeds its counters from `restoredStats` and
+/// reports running totals, so a report at or above the restored value already includes
+/// it (the reference added them again on every reconnect, §8 B1).
+fn peer_state(mesh_id: &str, peer: &Peer, now: i64) -> PeerStateWrite {
+    let prev = peer.restored_stats.unwrap_or_default();
+    let stats = peer.stats.map_or(prev, |s| cumulative(prev, s));
+    PeerStateWrite {
+        mesh_id: mesh_id.to_owned(),
+        member_id: peer.member_id.clone(),
+        groups: serde_json::to_string(&peer.groups).unwrap_or_else(|_| "[]".into()),
+        profile: serde_json::to_string(&peer.profile).unwrap_or_else(|_| "{}".into()),
+        visible: peer.visible,
+        last_summary: peer.summary.clone(),
+        last_display_name: peer.display_name.clone(),
+        stats: serde_json::to_string(&stats).unwrap_or_else(|_| "{}".into()),
+        at: now,
+    }
+}
+
+fn cumulative(prev: CumulativeStats, reported: Stats) -> CumulativeStats {
+    fn one(prev: u64, reported: Option<f64>) -> u64 {
+        let Some(r) = reported.filter(|r| r.is_finite() && *r >= 0.0) else {
+            return prev;
+        };
+        // f64 → u64 saturates; counters never approach 2^53 in practice.
+        let r = r as u64;
+        if r >= prev { r } else { prev.saturating_add(r) }
+    }
+    CumulativeStats {
+        messages_in: one(prev.messages_in, reported.messages_in),
+        messages_out: one(prev.messages_out, reported.messages_out),
+        tool_calls: one(prev.tool_calls, reported.tool_calls),
+        errors: one(prev.errors, reported.errors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cumulative_stats_do_not_double_count() {
+        let prev = CumulativeStats {
+            messages_in: 10,
+            messages_out: 4,
+            tool_calls: 0,
+            errors: 1,
+        };
+        // A CLI that seeded from restoredStats reports running totals.
+        let seeded = Stats {
+            messages_in: Some(15.0),
+            messages_out: Some(4.0),
+            ..Stats::default()
+        };
+        let c = cumulative(prev, seeded);
+        assert_eq!((c.messages_in, c.messages_out, c.errors), (15, 4, 1));
+        // A client with fresh counters reports only this session.
+        let fresh = Stats {
+            messages_in: Some(3.0),
+            errors: Some(f64::NAN),
+            ..Stats::default()
+        };
+        let c = cumulative(prev, fresh);
+        assert_eq!((c.messages_in, c.errors), (13, 1));
+    }
+
+    #[test]
+    fn bucket_refills() {
+        let mut b = Bucket::new(10, 2);
+        let t = Instant::now();
+        assert!(b.take(t) && b.take(t));
+        assert!(!b.take(t));
+        assert!(b.take(t + Duration::from_millis(150)));
+        let mut unlimited = Bucket::new(0, 0);
+        assert!((0..1000).all(|_| unlimited.take(t)));
+    }
+}

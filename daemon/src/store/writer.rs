@@ -1,0 +1,901 @@
+//! The group-commit writer: one task, one connection, many operations per transaction.
+//!
+//! Sessions send [`WriteOp`]s through a bounded channel (a full channel back-pressures
+//! the senders' sockets, never drops). The writer takes every operation already queued
+//! (up to `max_batch`), runs them in one transaction and answers each after the commit,
+//! so a `send` is acknowledged only once its row is durable, while one fsync (or, with
+//! `durability = "normal"`, one WAL write) serves the whole batch.
+//!
+//! Within a batch, operations run by kind in a fixed order — inserts, lease releases,
+//! delivery marks, the rest in arrival order, claims last — which keeps inserts in
+//! multi-row statements and lets every claim see every earlier insert. Hot-path pushes
+//! (see `hub`) happen here, in channel order, before the insert is executed: any
+//! delivery mark a recipient sends for that message can only arrive after it.
+//!
+//! If a batch fails, it is rolled back and each operation is retried alone, so one bad
+//! operation fails alone.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use axum::extract::ws::Utf8Bytes;
+use sqlx::{AssertSqlSafe, Connection as _};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+use super::{StoreError, WriterConn};
+use crate::hub::{Outbound, PeerShared};
+use crate::metrics::Metrics;
+
+/// A row of the `message` table to insert.
+#[derive(Debug, Clone)]
+pub(crate) struct NewMessage {
+    pub(crate) id: String,
+    pub(crate) mesh_id: String,
+    pub(crate) sender_member_id: String,
+    pub(crate) sender_pubkey: String,
+    pub(crate) sender_member_pubkey: String,
+    pub(crate) sender_name: String,
+    pub(crate) target_spec: String,
+    pub(crate) target_key: Option<String>,
+    pub(crate) priority: i64,
+    pub(crate) nonce: String,
+    pub(crate) ciphertext: String,
+    pub(crate) subtype: Option<String>,
+    pub(crate) client_message_id: Option<String>,
+    pub(crate) created_at: i64,
+    pub(crate) expires_at: i64,
+    pub(crate) delivered_at: Option<i64>,
+    pub(crate) lease_conn: Option<i64>,
+    pub(crate) lease_until: Option<i64>,
+}
+
+const MESSAGE_COLUMNS: usize = 18;
+
+/// A hot-path push to attempt while inserting.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) target: Arc<PeerShared>,
+    pub(crate) frame: Utf8Bytes,
+    /// Lease end if pushed (`i64::MAX` for clients that do not acknowledge).
+    pub(crate) lease_until: i64,
+}
+
+/// A stored message handed to a drain.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct ClaimedRow {
+    pub(crate) seq: i64,
+    pub(crate) id: String,
+    pub(crate) sender_pubkey: String,
+    pub(crate) sender_member_pubkey: String,
+    pub(crate) sender_member_id: String,
+    pub(crate) sender_name: String,
+    pub(crate) priority: i64,
+    pub(crate) nonce: String,
+    pub(crate) ciphertext: String,
+    pub(crate) subtype: Option<String>,
+    pub(crate) client_message_id: Option<String>,
+    pub(crate) created_at: i64,
+}
+
+/// What a claim returned.
+#[derive(Debug, Default)]
+pub(crate) struct Claimed {
+    /// Rows now leased to the claimer, in `seq` order.
+    pub(crate) rows: Vec<ClaimedRow>,
+    /// When the earliest still-leased row addressed to these keys becomes claimable
+    /// again (only computed when the claim came back short).
+    pub(crate) next_lease_expiry: Option<i64>,
+}
+
+/// Parameters of a claim.
+#[derive(Debug)]
+pub(crate) struct ClaimSpec {
+    pub(crate) mesh_id: String,
+    pub(crate) member_key: String,
+    pub(crate) session_key: String,
+    pub(crate) max_priority: i64,
+    pub(crate) conn: i64,
+    pub(crate) lease_until: i64,
+    pub(crate) now: i64,
+    pub(crate) limit: i64,
+}
+
+/// Outcome of binding a session key to a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BindOutcome {
+    /// Bound (or already bound) to this member.
+    Bound,
+    /// Already bound to another member.
+    Taken,
+}
+
+/// An enrollment through `/join`, checked and applied atomically.
+#[derive(Debug)]
+pub(crate) struct JoinOp {
+    pub(crate) mesh_id: String,
+    pub(crate) token: String,
+    pub(crate) pubkey: String,
+    pub(crate) display_name: String,
+    pub(crate) new_member_id: String,
+    pub(crate) now: i64,
+    pub(crate) reply: oneshot::Sender<Result<JoinOutcome, StoreError>>,
+}
+
+/// Result of a join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum JoinOutcome {
+    /// Enrolled with this id and role.
+    Joined { member_id: String, role: String },
+    /// The key was already a live member.
+    AlreadyMember { member_id: String },
+    /// Refused, with the reference's error code.
+    Refused(&'static str),
+}
+
+/// One saved "welcome back" record.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerStateWrite {
+    pub(crate) mesh_id: String,
+    pub(crate) member_id: String,
+    pub(crate) groups: String,
+    pub(crate) profile: String,
+    pub(crate) visible: bool,
+    pub(crate) last_summary: Option<String>,
+    pub(crate) last_display_name: String,
+    pub(crate) stats: String,
+    pub(crate) at: i64,
+}
+
+/// An operation for the writer.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    /// Store a message; push it first if `delivery` is set; then wake `wake`.
+    Insert {
+        row: Box<NewMessage>,
+        delivery: Option<Delivery>,
+        wake: Vec<Arc<PeerShared>>,
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
+    /// Messages written to their recipient's socket (clients that do not acknowledge).
+    MarkDelivered { ids: Vec<String>, at: i64 },
+    /// Give leases back (connection closed before writing them).
+    Release { ids: Vec<String> },
+    /// `client_ack`.
+    Ack {
+        mesh_id: String,
+        keys: [String; 2],
+        message_id: Option<String>,
+        client_message_id: Option<String>,
+        at: i64,
+    },
+    /// Lease up to `limit` undelivered messages for a recipient.
+    Claim {
+        spec: Box<ClaimSpec>,
+        reply: oneshot::Sender<Result<Claimed, StoreError>>,
+    },
+    /// Bind a session key to a member.
+    BindSession {
+        mesh_id: String,
+        pubkey: String,
+        member_id: String,
+        now: i64,
+        reply: oneshot::Sender<Result<BindOutcome, StoreError>>,
+    },
+    /// Upsert a shared-state key.
+    SetState {
+        mesh_id: String,
+        key: String,
+        value: Arc<str>,
+        updated_by: String,
+        at: i64,
+    },
+    /// Save a member's session state.
+    SavePeerState(Box<PeerStateWrite>),
+    /// `/join`.
+    Join(Box<JoinOp>),
+    /// Delete expired and old delivered messages.
+    Sweep {
+        delivered_before: i64,
+        now: i64,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// Clear every lease (at startup, when no connection can hold one).
+    ClearLeases,
+    /// Answered once everything queued before it is committed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The sending side of the writer.
+#[derive(Debug, Clone)]
+pub(crate) struct WriterHandle {
+    tx: mpsc::Sender<WriteOp>,
+}
+
+impl WriterHandle {
+    /// Queues an operation, waiting for room.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] once the writer has stopped.
+    pub(crate) async fn send(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Queues an operation and waits for its answer.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] or the operation's own error.
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Waits for room in the queue (cancel-safe), for callers that must not block.
+    pub(crate) async fn reserve(&self) -> Result<mpsc::Permit<'_, WriteOp>, StoreError> {
+        self.tx.reserve().await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Waits until everything queued so far is committed.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`].
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Flush(tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+}
+
+/// Creates the writer's channel. Run the returned [`Writer`] on the daemon's tracker.
+pub(crate) fn channel(conn: WriterConn, capacity: usize, max_batch: usize, metrics: Arc<Metrics>) -> (WriterHandle, Writer) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (
+        WriterHandle { tx },
+        Writer {
+            conn,
+            rx,
+            max_batch,
+            metrics,
+        },
+    )
+}
+
+/// The writer task's state.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    conn: WriterConn,
+    rx: mpsc::Receiver<WriteOp>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// Replies to send once the transaction commits.
+#[derive(Default)]
+struct Done {
+    unit: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    wake: Vec<Arc<PeerShared>>,
+    claims: Vec<(oneshot::Sender<Result<Claimed, StoreError>>, Claimed)>,
+    binds: Vec<(oneshot::Sender<Result<BindOutcome, StoreError>>, BindOutcome)>,
+    joins: Vec<(oneshot::Sender<Result<JoinOutcome, StoreError>>, JoinOutcome)>,
+    sweeps: Vec<(oneshot::Sender<Result<(u64, u64), StoreError>>, (u64, u64))>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+impl Done {
+    fn complete(self) {
+        for r in self.unit {
+            let _ = r.send(Ok(()));
+        }
+        for p in self.wake {
+            p.committed();
+        }
+        for (r, v) in self.claims {
+            let _ = r.send(Ok(v));
+        }
+        for (r, v) in self.binds {
+            let _ = r.send(Ok(v));
+        }
+        for (r, v) in self.joins {
+            let _ = r.send(Ok(v));
+        }
+        for (r, v) in self.sweeps {
+            let _ = r.send(Ok(v));
+        }
+        for r in self.flushes {
+            let _ = r.send(());
+        }
+    }
+}
+
+impl Writer {
+    /// Runs until `stop` is cancelled (or every [`WriterHandle`] is dropped), commits
+    /// what is still queued, and closes its connection cleanly.
+    pub(crate) async fn run(mut self, stop: tokio_util::sync::CancellationToken) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        let mut stopping = false;
+        loop {
+            let n = if stopping {
+                self.rx.recv_many(&mut batch, self.max_batch).await
+            } else {
+                tokio::select! {
+                    biased;
+                    n = self.rx.recv_many(&mut batch, self.max_batch) => n,
+                    () = stop.cancelled() => {
+                        // Refuse new operations; the loop drains the ones already queued.
+                        self.rx.close();
+                        stopping = true;
+                        continue;
+                    }
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            let started = std::time::Instant::now();
+            let n = batch.len();
+            self.run_batch(std::mem::take(&mut batch)).await;
+            self.metrics.record_commit(n, started.elapsed());
+        }
+        let result = match self.conn {
+            WriterConn::Sqlite(c) => c.close().await,
+            WriterConn::Postgres(c) => c.close().await,
+        };
+        if let Err(e) = result {
+            warn!(cause = %e, "closing the writer connection");
+        }
+        debug!("store writer stopped");
+    }
+
+    async fn run_batch(&mut self, ops: Vec<WriteOp>) {
+        let mut plan = Plan::new(ops);
+        plan.push_hot();
+        let mut done = Done::default();
+        let attempt = match &mut self.conn {
+            WriterConn::Sqlite(c) => exec_sqlite(c, &mut plan, &mut done).await,
+            WriterConn::Postgres(c) => exec_pg(c, &mut plan, &mut done).await,
+        };
+        match attempt {
+            Ok(()) => {
+                self.metrics.db_healthy.store(true, Ordering::Relaxed);
+                done.complete();
+            }
+            Err(e) if plan.len() > 1 => {
+                warn!(cause = %e, ops = plan.len(), "batch failed; retrying its operations one by one");
+                for single in plan.split() {
+                    let mut single = single;
+                    let mut done = Done::default();
+                    let r = match &mut self.conn {
+                        WriterConn::Sqlite(c) => exec_sqlite(c, &mut single, &mut done).await,
+                        WriterConn::Postgres(c) => exec_pg(c, &mut single, &mut done).await,
+                    };
+                    match r {
+                        Ok(()) => done.complete(),
+                        Err(e) => {
+                            self.metrics.db_healthy.store(false, Ordering::Relaxed);
+                            single.fail(&e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.db_healthy.store(false, Ordering::Relaxed);
+                plan.fail(&e);
+            }
+        }
+    }
+}
+
+/// A batch sorted by kind (see the module docs).
+#[derive(Default)]
+struct Plan {
+    inserts: Vec<(Box<NewMessage>, Vec<Arc<PeerShared>>, Option<oneshot::Sender<Result<(), StoreError>>>)>,
+    hot: Vec<Option<Delivery>>,
+    releases: Vec<String>,
+    delivered: Vec<(String, i64)>,
+    misc: Vec<WriteOp>,
+    claims: Vec<(Box<ClaimSpec>, oneshot::Sender<Result<Claimed, StoreError>>)>,
+}
+
+impl Plan {
+    fn new(ops: Vec<WriteOp>) -> Self {
+        let mut p = Self::default();
+        for op in ops {
+            match op {
+                WriteOp::Insert {
+                    row,
+                    delivery,
+                    wake,
+                    reply,
+                } => {
+                    p.inserts.push((row, wake, reply));
+                    p.hot.push(delivery);
+                }
+                WriteOp::Release { ids } => p.releases.extend(ids),
+                WriteOp::MarkDelivered { ids, at } => p.delivered.extend(ids.into_iter().map(|i| (i, at))),
+                WriteOp::Claim { spec, reply } => p.claims.push((spec, reply)),
+                other => p.misc.push(other),
+            }
+        }
+        p
+    }
+
+    fn len(&self) -> usize {
+        self.inserts.len()
+            + usize::from(!self.releases.is_empty())
+            + usize::from(!self.delivered.is_empty())
+            + self.misc.len()
+            + self.claims.len()
+    }
+
+    /// Attempts the hot-path pushes, in channel order, and records the lease on rows
+    /// whose push was accepted. A refused push leaves the row for a drain.
+    fn push_hot(&mut self) {
+        for ((row, wake, _), delivery) in self.inserts.iter_mut().zip(self.hot.iter_mut()) {
+            let Some(d) = delivery.take() else { continue };
+            // The recipient may have fallen behind since the sender decided.
+            // A full queue is not a slow-consumer offence here: the message is durable,
+            // so it simply waits for the recipient's drain.
+            let pushed = d.target.caught_up.load(Ordering::SeqCst)
+                && d.target
+                    .tx
+                    .try_send(Outbound::Stored {
+                        id: row.id.clone(),
+                        frame: d.frame,
+                    })
+                    .is_ok();
+            if pushed {
+                row.lease_conn = i64::try_from(d.target.conn_id).ok();
+                row.lease_until = Some(d.lease_until);
+            } else {
+                d.target.invalidate();
+                wake.push(d.target.clone());
+                // `committed()` decrements inflight: balance it.
+                d.target.inflight.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// One plan per operation, for isolating a failure.
+    fn split(self) -> Vec<Self> {
+        let mut out = Vec::new();
+        for (i, h) in self.inserts.into_iter().zip(self.hot) {
+            out.push(Self {
+                inserts: vec![i],
+                hot: vec![h],
+                ..Self::default()
+            });
+        }
+        if !self.releases.is_empty() {
+            out.push(Self {
+                releases: self.releases,
+                ..Self::default()
+            });
+        }
+        if !self.delivered.is_empty() {
+            out.push(Self {
+                delivered: self.delivered,
+                ..Self::default()
+            });
+        }
+        for m in self.misc {
+            out.push(Self {
+                misc: vec![m],
+                ..Self::default()
+            });
+        }
+        for c in self.claims {
+            out.push(Self {
+                claims: vec![c],
+                ..Self::default()
+            });
+        }
+        out
+    }
+
+    /// Answers every operation with the failure.
+    fn fail(self, e: &StoreError) {
+        error!(cause = %e, "store write failed");
+        let err = || StoreError::Corrupt(format!("write failed: {e}"));
+        for (_, wake, reply) in self.inserts {
+            if let Some(r) = reply {
+                let _ = r.send(Err(err()));
+            }
+            for p in wake {
+                p.committed();
+            }
+        }
+        for m in self.misc {
+            match m {
+                WriteOp::BindSession { reply, .. } => {
+                    let _ = reply.send(Err(err()));
+                }
+                WriteOp::Join(j) => {
+                    let _ = j.reply.send(Err(err()));
+                }
+                WriteOp::Sweep { reply, .. } => {
+                    let _ = reply.send(Err(err()));
+                }
+                _ => {}
+            }
+        }
+        for (_, reply) in self.claims {
+            let _ = reply.send(Err(err()));
+        }
+    }
+}
+
+/// Placeholder lists cached per shape, so each distinct statement is prepared once.
+fn values_sql(head: &'static str, cols: usize, rows: usize, tail: &'static str) -> String {
+    let mut sql = String::with_capacity(head.len() + rows * cols * 5 + tail.len());
+    sql.push_str(head);
+    let mut n = 1;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&n.to_string());
+            n += 1;
+        }
+        sql.push(')');
+    }
+    sql.push_str(tail);
+    sql
+}
+
+fn in_list_sql(head: &'static str, first: usize, count: usize, tail: &'static str) -> String {
+    let mut sql = String::from(head);
+    sql.push('(');
+    for i in 0..count {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('$');
+        sql.push_str(&(first + i).to_string());
+    }
+    sql.push(')');
+    sql.push_str(tail);
+    sql
+}
+
+/// Chunk sizes for multi-row statements: few distinct shapes, few round trips.
+const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+fn chunked<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let size = CHUNKS.into_iter().find(|c| *c <= rest.len()).unwrap_or(1);
+        let (head, tail) = rest.split_at(size);
+        rest = tail;
+        Some(head)
+    })
+}
+
+struct SqlCache {
+    insert: Vec<Arc<str>>,
+    delivered: Vec<Arc<str>>,
+    release: Vec<Arc<str>>,
+}
+
+fn sql_cache() -> &'static SqlCache {
+    static CACHE: OnceLock<SqlCache> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let max = CHUNKS[0];
+        SqlCache {
+            insert: (0..=max)
+                .map(|n| {
+                    Arc::from(values_sql(
+                        "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
+                         sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
+                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until) VALUES ",
+                        MESSAGE_COLUMNS,
+                        n,
+                        "",
+                    ))
+                })
+                .collect(),
+            delivered: (0..=max)
+                .map(|n| {
+                    Arc::from(in_list_sql(
+                        "UPDATE message SET delivered_at = $1, lease_conn = NULL, lease_until = NULL, \
+                         nonce = '', ciphertext = '' WHERE delivered_at IS NULL AND id IN ",
+                        2,
+                        n,
+                        "",
+                    ))
+                })
+                .collect(),
+            release: (0..=max)
+                .map(|n| {
+                    Arc::from(in_list_sql(
+                        "UPDATE message SET lease_conn = NULL, lease_until = NULL WHERE delivered_at IS NULL AND id IN ",
+                        1,
+                        n,
+                        "",
+                    ))
+                })
+                .collect(),
+        }
+    })
+}
+
+const CLAIM_SQL: &str = "UPDATE message SET lease_conn = $1, lease_until = $2 \
+     WHERE seq IN (SELECT seq FROM message \
+        WHERE mesh_id = $3 AND target_key IN ($4, $5) AND delivered_at IS NULL \
+          AND (lease_until IS NULL OR lease_until <= $6) AND priority <= $7 AND expires_at > $6 \
+        ORDER BY seq LIMIT $8) \
+     RETURNING seq, id, sender_pubkey, sender_member_pubkey, sender_member_id, sender_name, priority, \
+               nonce, ciphertext, subtype, client_message_id, created_at";
+
+const NEXT_LEASE_SQL: &str = "SELECT MIN(lease_until) FROM message \
+     WHERE mesh_id = $1 AND target_key IN ($2, $3) AND delivered_at IS NULL \
+       AND lease_until > $4 AND lease_until < $5 AND expires_at > $4";
+
+const ACK_SQL: &str = "UPDATE message SET delivered_at = $1, lease_conn = NULL, lease_until = NULL, nonce = '', ciphertext = '' \
+     WHERE mesh_id = $2 AND target_key IN ($3, $4) AND delivered_at IS NULL \
+       AND (id = $5 OR client_message_id = $6)";
+
+const BIND_SQL: &str = "INSERT INTO session_key (mesh_id, pubkey, member_id, first_seen, last_seen) \
+     VALUES ($1, $2, $3, $4, $4) \
+     ON CONFLICT (mesh_id, pubkey) DO UPDATE SET last_seen = excluded.last_seen \
+       WHERE session_key.member_id = excluded.member_id \
+     RETURNING member_id";
+
+const SET_STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by, updated_at) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (mesh_id, key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, \
+       updated_at = excluded.updated_at";
+
+const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups, profile, visible, last_summary, \
+       last_display_name, stats, last_seen_at, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9) \
+     ON CONFLICT (mesh_id, member_id) DO UPDATE SET groups = excluded.groups, profile = excluded.profile, \
+       visible = excluded.visible, last_summary = excluded.last_summary, \
+       last_display_name = excluded.last_display_name, stats = excluded.stats, \
+       last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
+
+const JOIN_INVITE_SQL: &str = "SELECT id, mesh_id, role, max_uses, used_count, expires_at, revoked_at FROM invite WHERE token = $1";
+const JOIN_MEMBER_SQL: &str = "SELECT id, revoked_at FROM member WHERE mesh_id = $1 AND pubkey = $2";
+const JOIN_USE_SQL: &str = "UPDATE invite SET used_count = used_count + 1 WHERE id = $1 AND used_count < max_uses";
+const JOIN_INSERT_SQL: &str = "INSERT INTO member (id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, invite_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)";
+
+const SWEEP_DELIVERED_SQL: &str = "DELETE FROM message WHERE delivered_at IS NOT NULL AND delivered_at < $1";
+const SWEEP_EXPIRED_SQL: &str = "DELETE FROM message WHERE delivered_at IS NULL AND expires_at <= $1";
+const CLEAR_LEASES_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
+     WHERE delivered_at IS NULL AND lease_conn IS NOT NULL";
+
+#[derive(sqlx::FromRow)]
+struct JoinInvite {
+    id: String,
+    mesh_id: String,
+    role: String,
+    max_uses: i64,
+    used_count: i64,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct JoinMember {
+    id: String,
+    revoked_at: Option<i64>,
+}
+
+/// Expands the batch executor for one backend (the SQL is shared; the types differ).
+macro_rules! executor {
+    ($name:ident, $conn:ty, $begin:expr) => {
+        async fn $name(conn: &mut $conn, plan: &mut Plan, done: &mut Done) -> Result<(), StoreError> {
+            let mut tx = $begin(conn).await?;
+            let cache = sql_cache();
+
+            // 1. inserts, multi-row
+            let rows: Vec<&NewMessage> = plan.inserts.iter().map(|(r, _, _)| &**r).collect();
+            for chunk in chunked(&rows) {
+                let mut q = sqlx::query(AssertSqlSafe(cache.insert[chunk.len()].clone()));
+                for r in chunk {
+                    q = q
+                        .bind(&r.id).bind(&r.mesh_id).bind(&r.sender_member_id).bind(&r.sender_pubkey)
+                        .bind(&r.sender_member_pubkey).bind(&r.sender_name).bind(&r.target_spec)
+                        .bind(&r.target_key).bind(r.priority).bind(&r.nonce).bind(&r.ciphertext)
+                        .bind(&r.subtype).bind(&r.client_message_id).bind(r.created_at)
+                        .bind(r.expires_at).bind(r.delivered_at).bind(r.lease_conn).bind(r.lease_until);
+                }
+                q.execute(&mut *tx).await?;
+            }
+
+            // 2. lease releases
+            for chunk in chunked(&plan.releases) {
+                let mut q = sqlx::query(AssertSqlSafe(cache.release[chunk.len()].clone()));
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+
+            // 3. delivery marks (one timestamp per statement: the batch's latest)
+            if let Some(at) = plan.delivered.iter().map(|(_, at)| *at).max() {
+                let ids: Vec<&String> = plan.delivered.iter().map(|(id, _)| id).collect();
+                for chunk in chunked(&ids) {
+                    let mut q = sqlx::query(AssertSqlSafe(cache.delivered[chunk.len()].clone())).bind(at);
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+            }
+
+            // 4. everything else, in arrival order
+            let mut binds = Vec::new();
+            let mut joins = Vec::new();
+            let mut sweeps = Vec::new();
+            let mut flushes = Vec::new();
+            for (i, op) in plan.misc.iter().enumerate() {
+                match op {
+                    WriteOp::Ack { mesh_id, keys, message_id, client_message_id, at } => {
+                        sqlx::query(ACK_SQL)
+                            .bind(at).bind(mesh_id).bind(&keys[0]).bind(&keys[1])
+                            .bind(message_id).bind(client_message_id)
+                            .execute(&mut *tx).await?;
+                    }
+                    WriteOp::BindSession { mesh_id, pubkey, member_id, now, .. } => {
+                        let owner: Option<String> = sqlx::query_scalar(BIND_SQL)
+                            .bind(mesh_id).bind(pubkey).bind(member_id).bind(now)
+                            .fetch_optional(&mut *tx).await?;
+                        binds.push((i, if owner.is_some() { BindOutcome::Bound } else { BindOutcome::Taken }));
+                    }
+                    WriteOp::SetState { mesh_id, key, value, updated_by, at } => {
+                        sqlx::query(SET_STATE_SQL)
+                            .bind(mesh_id).bind(key).bind(&**value).bind(updated_by).bind(at)
+                            .execute(&mut *tx).await?;
+                    }
+                    WriteOp::SavePeerState(s) => {
+                        sqlx::query(PEER_STATE_SQL)
+                            .bind(&s.mesh_id).bind(&s.member_id).bind(&s.groups).bind(&s.profile)
+                            .bind(s.visible).bind(&s.last_summary).bind(&s.last_display_name)
+                            .bind(&s.stats).bind(s.at)
+                            .execute(&mut *tx).await?;
+                    }
+                    WriteOp::Join(j) => {
+                        let invite: Option<JoinInvite> = sqlx::query_as(JOIN_INVITE_SQL)
+                            .bind(&j.token).fetch_optional(&mut *tx).await?;
+                        let outcome = match invite {
+                            None => JoinOutcome::Refused("invite_not_found"),
+                            Some(inv) if inv.mesh_id != j.mesh_id => JoinOutcome::Refused("invite_mesh_mismatch"),
+                            Some(inv) if inv.revoked_at.is_some() => JoinOutcome::Refused("invite_revoked"),
+                            Some(inv) if inv.expires_at <= j.now => JoinOutcome::Refused("invite_expired"),
+                            Some(inv) => {
+                                let existing: Option<JoinMember> = sqlx::query_as(JOIN_MEMBER_SQL)
+                                    .bind(&j.mesh_id).bind(&j.pubkey).fetch_optional(&mut *tx).await?;
+                                match existing {
+                                    Some(m) if m.revoked_at.is_some() => JoinOutcome::Refused("member_revoked"),
+                                    Some(m) => JoinOutcome::AlreadyMember { member_id: m.id },
+                                    None if inv.used_count >= inv.max_uses => JoinOutcome::Refused("invite_exhausted"),
+                                    None => {
+                                        let used = sqlx::query(JOIN_USE_SQL).bind(&inv.id)
+                                            .execute(&mut *tx).await?.rows_affected();
+                                        if used == 0 {
+                                            JoinOutcome::Refused("invite_exhausted")
+                                        } else {
+                                            sqlx::query(JOIN_INSERT_SQL)
+                                                .bind(&j.new_member_id).bind(&j.mesh_id).bind(&j.pubkey)
+                                                .bind(&j.display_name).bind(&inv.role).bind(j.now).bind(&inv.id)
+                                                .execute(&mut *tx).await?;
+                                            JoinOutcome::Joined { member_id: j.new_member_id.clone(), role: inv.role }
+                                        }
+                                    }
+                                }
+                            }
+                        };
+                        joins.push((i, outcome));
+                    }
+                    WriteOp::Sweep { delivered_before, now, .. } => {
+                        let old = sqlx::query(SWEEP_DELIVERED_SQL).bind(delivered_before)
+                            .execute(&mut *tx).await?.rows_affected();
+                        let expired = sqlx::query(SWEEP_EXPIRED_SQL).bind(now)
+                            .execute(&mut *tx).await?.rows_affected();
+                        sweeps.push((i, (old, expired)));
+                    }
+                    WriteOp::ClearLeases => {
+                        sqlx::query(CLEAR_LEASES_SQL).execute(&mut *tx).await?;
+                    }
+                    WriteOp::Flush(_) => flushes.push(i),
+                    WriteOp::Insert { .. } | WriteOp::MarkDelivered { .. } | WriteOp::Release { .. }
+                    | WriteOp::Claim { .. } => {}
+                }
+            }
+
+            // 5. claims: each sees every insert above
+            let mut claims = Vec::with_capacity(plan.claims.len());
+            for (spec, _) in &plan.claims {
+                let mut rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_SQL)
+                    .bind(spec.conn).bind(spec.lease_until).bind(&spec.mesh_id)
+                    .bind(&spec.member_key).bind(&spec.session_key).bind(spec.now)
+                    .bind(spec.max_priority).bind(spec.limit)
+                    .fetch_all(&mut *tx).await?;
+                rows.sort_by_key(|r| r.seq);
+                let next_lease_expiry = if (rows.len() as i64) < spec.limit {
+                    sqlx::query_scalar::<_, Option<i64>>(NEXT_LEASE_SQL)
+                        .bind(&spec.mesh_id).bind(&spec.member_key).bind(&spec.session_key)
+                        .bind(spec.now).bind(i64::MAX)
+                        .fetch_one(&mut *tx).await?
+                } else {
+                    None
+                };
+                claims.push(Claimed { rows, next_lease_expiry });
+            }
+
+            tx.commit().await?;
+
+            // Success: move the replies out of the plan.
+            for (_, wake, reply) in plan.inserts.drain(..) {
+                if let Some(r) = reply {
+                    done.unit.push(r);
+                }
+                done.wake.extend(wake);
+            }
+            for ((_, reply), claimed) in plan.claims.drain(..).zip(claims) {
+                done.claims.push((reply, claimed));
+            }
+            let mut misc: Vec<Option<WriteOp>> = plan.misc.drain(..).map(Some).collect();
+            for (i, v) in binds {
+                if let Some(WriteOp::BindSession { reply, .. }) = misc[i].take() {
+                    done.binds.push((reply, v));
+                }
+            }
+            for (i, v) in joins {
+                if let Some(WriteOp::Join(j)) = misc[i].take() {
+                    done.joins.push((j.reply, v));
+                }
+            }
+            for (i, v) in sweeps {
+                if let Some(WriteOp::Sweep { reply, .. }) = misc[i].take() {
+                    done.sweeps.push((reply, v));
+                }
+            }
+            for i in flushes {
+                if let Some(WriteOp::Flush(reply)) = misc[i].take() {
+                    done.flushes.push(reply);
+                }
+            }
+            plan.releases.clear();
+            plan.delivered.clear();
+            Ok(())
+        }
+    };
+}
+
+async fn begin_sqlite(c: &mut sqlx::SqliteConnection) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, sqlx::Error> {
+    // IMMEDIATE takes the write lock up front, so a concurrent admin command makes us
+    // wait (busy timeout) instead of failing a read-then-write upgrade.
+    c.begin_with("BEGIN IMMEDIATE").await
+}
+
+async fn begin_pg(c: &mut sqlx::PgConnection) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    c.begin().await
+}
+
+executor!(exec_sqlite, sqlx::SqliteConnection, begin_sqlite);
+executor!(exec_pg, sqlx::PgConnection, begin_pg);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_shapes() {
+        assert_eq!(values_sql("V ", 2, 2, ";"), "V ($1, $2), ($3, $4);");
+        assert_eq!(in_list_sql("X IN ", 2, 3, ""), "X IN ($2, $3, $4)");
+        let sizes: Vec<usize> = chunked(&[0u8; 90]).map(<[u8]>::len).collect();
+        assert_eq!(sizes, vec![64, 16, 4, 4, 1, 1]);
+    }
+}
