@@ -288,10 +288,18 @@ pub async fn create_invite(
         .ok_or_else(|| AdminError::CorruptKey(path.clone()))?;
     let now = now_ms();
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    let expires_ms = now.saturating_add(ttl_ms);
-    let expires_at = expires_ms / 1000;
-    let payload = InvitePayload::sign(&owner, &m.id, &m.slug, broker_url, expires_at, &m.root_key, role);
-    let token = payload.to_token();
+    let mut expires_at = now.saturating_add(ttl_ms) / 1000;
+    // The v1 payload has no nonce, so two invites of one mesh with the same role, URL and
+    // expiry second would share a token (and a use counter). Push the expiry one second
+    // further until the token is unique; the payload keeps exactly the v1 shape.
+    let token = loop {
+        let payload = InvitePayload::sign(&owner, &m.id, &m.slug, broker_url, expires_at, &m.root_key, role);
+        let token = payload.to_token();
+        if db.invite_by_token(&token).await?.is_none() {
+            break token;
+        }
+        expires_at += 1;
+    };
     db.insert_invite(&InviteRow {
         id: random_id(),
         mesh_id: m.id.clone(),

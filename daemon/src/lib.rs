@@ -174,6 +174,12 @@ impl Bound {
         let server = {
             let stop = accept_cancel.clone();
             tokio::spawn(async move {
+                use axum::serve::ListenerExt as _;
+                // Pushes are small frames: without TCP_NODELAY, Nagle's algorithm would
+                // hold them back waiting for the client's delayed ACK.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(
                     listener,
                     app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -250,10 +256,8 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
             }
             Err(e) => warn!(cause = %e, "revocation watch"),
         }
-        if n % 5 == 1 {
-            let healthy = ctx.db.ping().await.is_ok();
-            ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
-        }
+        let healthy = ctx.db.ping().await.is_ok();
+        ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
         if n % 15 == 1 {
             if let Ok(depth) = ctx.db.queue_depth().await {
                 ctx.metrics.queue_depth.store(depth, Ordering::Relaxed);

@@ -263,22 +263,20 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         .await
         .map_err(|e| Refusal::store(&e))?
         .ok_or_else(not_member)?;
-    let member = match mesh.member(&ident.member_pubkey) {
-        Some(m) => m,
-        // The cache can miss a member enrolled through another process; ask the store.
-        None => match ctx
-            .db
-            .member_by_pubkey(&ident.mesh_id, &ident.member_pubkey)
-            .await
-            .map_err(|e| Refusal::store(&e))?
-        {
-            Some(row) => {
-                let info = member_info(&row);
-                mesh.upsert_member(&row.pubkey, info.clone());
-                info
-            }
-            None => return Err(not_member()),
-        },
+    // The store is authoritative (members join and are revoked from other processes);
+    // the hub's copy is refreshed on every hello.
+    let member = match ctx
+        .db
+        .member_by_pubkey(&ident.mesh_id, &ident.member_pubkey)
+        .await
+        .map_err(|e| Refusal::store(&e))?
+    {
+        Some(row) => {
+            let info = member_info(&row);
+            mesh.upsert_member(&row.pubkey, info.clone());
+            info
+        }
+        None => return Err(not_member()),
     };
     if member.revoked {
         return Err(Refusal {
@@ -1286,23 +1284,28 @@ impl Live {
         if released {
             self.outbox.push_back(WriteOp::Release { ids: unflushed });
         }
-        let peer = self.mesh.unregister(self.conn);
+        // Save "welcome back" state and wait for it to commit before the presence goes,
+        // so a quick reconnect restores it. (A reattached connection was already replaced
+        // and has nothing to save.)
         let now = now_ms();
-        if let Some(peer) = &peer {
-            if self.shared.close_reason() != Some(CloseReason::Shutdown)
-                && !self.ctx.sessions_cancel.is_cancelled()
-                && peer.visible
-            {
-                let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), uuid_v4(), now);
-                self.mesh.announce(&frame, self.conn, Some(&self.member_pubkey));
-            }
-            self.outbox.push_back(WriteOp::SavePeerState(Box::new(peer_state(&self.mesh.row.id, peer, now))));
+        let mesh_id = self.mesh.row.id.clone();
+        if let Some(state) = self.mesh.with_peer(self.conn, |p| peer_state(&mesh_id, p, now)) {
+            self.outbox.push_back(WriteOp::SavePeerState(Box::new(state)));
         }
-        // Flush this session's store operations (the writer is still running).
         while let Some(op) = self.outbox.pop_front() {
             if self.ctx.writer.send(op).await.is_err() {
                 break;
             }
+        }
+        let _ = self.ctx.writer.flush().await;
+        let peer = self.mesh.unregister(self.conn);
+        if let Some(peer) = &peer
+            && self.shared.close_reason() != Some(CloseReason::Shutdown)
+            && !self.ctx.sessions_cancel.is_cancelled()
+            && peer.visible
+        {
+            let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), uuid_v4(), now);
+            self.mesh.announce(&frame, self.conn, Some(&self.member_pubkey));
         }
         if released && peer.is_some() {
             // Another session of the member may take over messages this one released.

@@ -1,1 +1,43 @@
+//! meshd integration tests: one binary, one module per area. Tests that touch the store
+//! run against SQLite and PostgreSQL (see [`both!`]).
 
+use meshd_tests::Backend;
+
+/// The daemon binary built by this package (same code as `meshd`).
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_meshd-under-test");
+
+/// Defines `mod $name { fn sqlite(); fn postgres(); }` running the same body on both
+/// backends.
+macro_rules! both {
+    ($(#[$m:meta])* async fn $name:ident($b:ident: Backend) -> anyhow::Result<()> $body:block) => {
+        $(#[$m])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn body($b: Backend) -> anyhow::Result<()> $body
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() -> anyhow::Result<()> {
+                body(Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                body(Backend::Postgres).await
+            }
+        }
+    };
+}
+
+mod cli;
+mod compat;
+mod durability;
+mod enroll;
+mod frames;
+mod gating;
+mod handshake;
+mod http;
+mod presence;
+mod routing;
+mod state;
+
+#[allow(dead_code)]
+fn _backend_is_used(_: Backend) {}

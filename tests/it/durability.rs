@@ -1,0 +1,102 @@
+//! An acknowledged DM survives `kill -9` of the daemon and a restart; SIGTERM drains
+//! connections and saves state.
+
+use meshd_tests::{Backend, Client, DaemonProcess, HelloOpts, Keypair, Member, RawWs};
+use serde_json::json;
+
+use crate::DAEMON;
+
+/// Spawns the daemon binary on `dir` with the given store.
+async fn spawn(dir: &std::path::Path, db_url: &Option<String>) -> anyhow::Result<DaemonProcess> {
+    let mut args = vec![];
+    if let Some(url) = db_url {
+        args.extend(["--database-url", url.as_str()]);
+    }
+    // No send rate limit: the test sends a burst.
+    DaemonProcess::spawn(DAEMON, dir, &args, &[("MESHD_LIMITS_SENDS_PER_SECOND", "0")]).await
+}
+
+async fn setup(backend: Backend, dir: &std::path::Path) -> anyhow::Result<(Option<String>, meshd::store::Db, meshd_config::Config)> {
+    let config = meshd_tests::broker::test_config(backend, dir).await?;
+    let db_url = match &config.storage.backend {
+        meshd_config::Backend::Postgres { url } => Some(url.expose().clone()),
+        meshd_config::Backend::Sqlite { .. } => None,
+    };
+    let db = meshd::admin::open(&config).await?;
+    Ok((db_url, db, config))
+}
+
+async fn enroll(addr: std::net::SocketAddr, db: &meshd::store::Db, config: &meshd_config::Config, slug: &str, mesh_id: &str, name: &str) -> anyhow::Result<Member> {
+    let inv = meshd::admin::create_invite(db, config, slug, meshd_protocol::invite::Role::Member, 1,
+        std::time::Duration::from_secs(600), &format!("ws://{addr}/ws")).await?;
+    let keys = Keypair::generate();
+    let payload = meshd_protocol::invite::InvitePayload::from_token(&inv.token).unwrap();
+    let (status, v) = meshd_tests::http_json(addr, "POST", "/join", &json!({
+        "invite_token": inv.token, "invite_payload": payload, "peer_pubkey": keys.public_hex(), "display_name": name,
+    })).await?;
+    anyhow::ensure!(status == 200, "join: {v}");
+    Ok(Member { mesh_id: mesh_id.into(), member_id: v["memberId"].as_str().unwrap().into(), keys, display_name: name.into() })
+}
+
+both! {
+    async fn acknowledged_dm_survives_kill_9(b: Backend) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (db_url, db, config) = setup(b, dir.path()).await?;
+        let mesh = meshd::admin::create_mesh(&db, &config, "durable", None).await?;
+        let mut daemon = spawn(dir.path(), &db_url).await?;
+        let alice = enroll(daemon.addr, &db, &config, &mesh.slug, &mesh.mesh_id, "alice").await?;
+        let bob = enroll(daemon.addr, &db, &config, &mesh.slug, &mesh.mesh_id, "bob").await?;
+        let bob_session = Keypair::generate();
+        let bob_opts = HelloOpts { session: Some(bob_session.clone()), ..HelloOpts::default() };
+        // Bob's session key becomes known, then bob goes offline.
+        Client::connect(&daemon.ws_url(), &bob, bob_opts.clone()).await?.close().await;
+
+        let mut a = Client::connect(&daemon.ws_url(), &alice, HelloOpts::default()).await?;
+        let n = 200;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let ack = a.dm(&bob_session.public_hex(), &format!("durable {i}"), "next").await?;
+            assert_eq!(ack["queued"], true, "{ack}");
+            ids.push(ack["messageId"].as_str().unwrap().to_owned());
+        }
+        // Every ack above was sent after its commit: kill without any chance to flush.
+        daemon.kill9().await?;
+        drop(a);
+
+        let daemon = spawn(dir.path(), &db_url).await?;
+        let mut bc = Client::connect(&daemon.ws_url(), &bob, bob_opts).await?;
+        for (i, id) in ids.iter().enumerate() {
+            let (push, text) = bc.expect_message().await?;
+            assert_eq!(text, format!("durable {i}"));
+            assert_eq!(push["messageId"], id.as_str());
+        }
+        bc.sync().await?;
+        assert!(bc.pending_messages().is_empty());
+        drop(daemon);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_gracefully() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (db_url, db, config) = setup(Backend::Sqlite, dir.path()).await?;
+    let mesh = meshd::admin::create_mesh(&db, &config, "term", None).await?;
+    let mut daemon = spawn(dir.path(), &db_url).await?;
+    let m = enroll(daemon.addr, &db, &config, &mesh.slug, &mesh.mesh_id, "m").await?;
+    let mut c = Client::connect(&daemon.ws_url(), &m, HelloOpts::default()).await?;
+    c.send(json!({"type": "set_summary", "summary": "saved on shutdown"})).await?;
+    c.sync().await?;
+    let mut idle = RawWs::connect(&daemon.ws_url()).await?;
+    let (status, stopping) = daemon.terminate().await?;
+    assert!(status.success(), "exit status {status}");
+    assert!(stopping, "STOPPING=1 sent to the service manager");
+    assert_eq!(c.ws.expect_close().await, Some((1001, "shutting down".into())));
+    assert_eq!(idle.expect_close().await.map(|c| c.0), Some(1001));
+    // The session state was saved: the next hello is a welcome back.
+    let daemon = spawn(dir.path(), &db_url).await?;
+    let c = Client::connect(&daemon.ws_url(), &m, HelloOpts::default()).await?;
+    assert_eq!(c.hello_ack["restored"], true);
+    assert_eq!(c.hello_ack["lastSummary"], "saved on shutdown");
+    Ok(())
+}
