@@ -122,7 +122,11 @@ mod tests {
         write_secret_file(&path, b"s3cret").unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dmode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dmode, 0o700);
         assert_eq!(read_secret_file(&path).unwrap(), b"s3cret");
         // Replacing keeps it private.
@@ -137,7 +141,10 @@ mod tests {
         fs::write(&path, b"x").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_secret_file(&path).unwrap_err();
-        assert!(matches!(err, SecretFileError::WorldAccessible { mode: 0o644, .. }));
+        assert!(matches!(
+            err,
+            SecretFileError::WorldAccessible { mode: 0o644, .. }
+        ));
         assert!(err.to_string().contains("chmod 600"));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         assert!(read_secret_file(&path).is_ok());

@@ -16,7 +16,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("{s:?} is not a duration like 250ms, 10s, 5m, 2h or 7d"));
+            return Err(format!(
+                "{s:?} is not a duration like 250ms, 10s, 5m, 2h or 7d"
+            ));
         }
         let n: u128 = rest[..digits]
             .parse()

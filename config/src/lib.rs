@@ -328,10 +328,12 @@ impl Config {
             None => toml::Table::new(),
         };
         overlay_env(&mut table, &env.vars)?;
-        let raw: RawConfig = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: file.map_or("environment", |(o, _)| o).to_owned(),
-            message: e.to_string(),
-        })?;
+        let raw: RawConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin: file.map_or("environment", |(o, _)| o).to_owned(),
+                message: e.to_string(),
+            })?;
         Self::validate(raw, env, overrides)
     }
 
@@ -430,9 +432,21 @@ impl Config {
         let limits = Limits {
             max_frame_bytes,
             max_message_bytes,
-            hello_timeout: dur("limits.hello_timeout", l.hello_timeout, defaults::HELLO_TIMEOUT)?,
-            ping_interval: dur("limits.ping_interval", l.ping_interval, defaults::PING_INTERVAL)?,
-            idle_timeout: dur("limits.idle_timeout", l.idle_timeout, defaults::IDLE_TIMEOUT)?,
+            hello_timeout: dur(
+                "limits.hello_timeout",
+                l.hello_timeout,
+                defaults::HELLO_TIMEOUT,
+            )?,
+            ping_interval: dur(
+                "limits.ping_interval",
+                l.ping_interval,
+                defaults::PING_INTERVAL,
+            )?,
+            idle_timeout: dur(
+                "limits.idle_timeout",
+                l.idle_timeout,
+                defaults::IDLE_TIMEOUT,
+            )?,
             max_connections: positive(
                 "limits.max_connections",
                 l.max_connections,
@@ -481,7 +495,10 @@ impl Config {
             ));
         }
 
-        let level = raw.log.level.unwrap_or_else(|| defaults::LOG_LEVEL.to_owned());
+        let level = raw
+            .log
+            .level
+            .unwrap_or_else(|| defaults::LOG_LEVEL.to_owned());
         if level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -632,7 +649,9 @@ mod tests {
         let c = Config::defaults(&env(&[("HOME", "/home/u")]), &Overrides::default()).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/home/u/.local/share/meshd"));
         assert_eq!(c.server.listen.to_string(), defaults::LISTEN);
-        assert!(matches!(&c.storage.backend, Backend::Sqlite { path } if path.ends_with("meshd.db")));
+        assert!(
+            matches!(&c.storage.backend, Backend::Sqlite { path } if path.ends_with("meshd.db"))
+        );
         assert_eq!(c.public_url(), ("ws://127.0.0.1:7900/ws".into(), true));
         assert_eq!(c.limits.max_frame_bytes, 2 * 1024 * 1024);
     }
@@ -656,10 +675,17 @@ mod tests {
         )
         .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("max_frames") && msg.contains("meshd.toml"), "{msg}");
+        assert!(
+            msg.contains("max_frames") && msg.contains("meshd.toml"),
+            "{msg}"
+        );
 
-        let err = Config::load(None, &env(&[("MESHD_LIMITS_MAX_FRAMES", "3")]), &Overrides::default())
-            .unwrap_err();
+        let err = Config::load(
+            None,
+            &env(&[("MESHD_LIMITS_MAX_FRAMES", "3")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::UnknownEnv(v) if v == "MESHD_LIMITS_MAX_FRAMES"));
     }
 
@@ -688,19 +714,34 @@ mod tests {
     fn invalid_values_name_the_key() {
         let cases = [
             ("[server]\nlisten = \"nope\"", "server.listen"),
-            ("[server]\npublic_url = \"http://x/ws\"", "server.public_url"),
-            ("[storage]\ndurability = \"sometimes\"", "storage.durability"),
+            (
+                "[server]\npublic_url = \"http://x/ws\"",
+                "server.public_url",
+            ),
+            (
+                "[storage]\ndurability = \"sometimes\"",
+                "storage.durability",
+            ),
             ("[storage]\nurl = \"mysql://x\"", "storage.url"),
             ("[limits]\nhello_timeout = \"ten\"", "limits.hello_timeout"),
-            ("[limits]\nmax_message_bytes = 99999999", "limits.max_message_bytes"),
+            (
+                "[limits]\nmax_message_bytes = 99999999",
+                "limits.max_message_bytes",
+            ),
             ("[limits]\nmax_connections = 0", "limits.max_connections"),
             ("[log]\nformat = \"xml\"", "log.format"),
         ];
         for (text, key) in cases {
-            let err = Config::load(Some(("f", text)), &env(&[]), &Overrides::default()).unwrap_err();
+            let err =
+                Config::load(Some(("f", text)), &env(&[]), &Overrides::default()).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
         }
-        let err = Config::load(Some(("f", "[limits]\nmax_connections = \"x\"")), &env(&[]), &Overrides::default()).unwrap_err();
+        let err = Config::load(
+            Some(("f", "[limits]\nmax_connections = \"x\"")),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("max_connections"), "{err}");
     }
 
@@ -725,14 +766,20 @@ mod tests {
             ..Default::default()
         };
         let c = Config::defaults(&env(&[]), &ov).unwrap();
-        assert!(matches!(&c.storage.backend, Backend::Sqlite { path } if path == Path::new("/srv/m/x.db")));
+        assert!(
+            matches!(&c.storage.backend, Backend::Sqlite { path } if path == Path::new("/srv/m/x.db"))
+        );
     }
 
     #[test]
     fn example_config_parses() {
         let text = include_str!("../meshd.example.toml");
-        let c = Config::load(Some(("meshd.example.toml", text)), &env(&[]), &Overrides::default())
-            .unwrap();
+        let c = Config::load(
+            Some(("meshd.example.toml", text)),
+            &env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/meshd"));
     }
 
@@ -751,8 +798,15 @@ mod tests {
                 "storage.max_batch" => "1000",
                 "limits.max_frame_bytes" => "4194304",
                 "limits.idle_timeout" => "100s",
-                k if k.ends_with("_timeout") || k.ends_with("ttl") || k.ends_with("interval")
-                    || k.ends_with("retention") || k.ends_with("lease") || k.ends_with("grace") => "20s",
+                k if k.ends_with("_timeout")
+                    || k.ends_with("ttl")
+                    || k.ends_with("interval")
+                    || k.ends_with("retention")
+                    || k.ends_with("lease")
+                    || k.ends_with("grace") =>
+                {
+                    "20s"
+                }
                 _ => "70000",
             };
             Config::load(None, &env(&[(&var, value)]), &Overrides::default())

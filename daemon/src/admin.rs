@@ -29,7 +29,9 @@ pub enum AdminError {
     #[error("slug {0:?} is already taken")]
     SlugTaken(String),
     /// The slug has the wrong shape.
-    #[error("invalid slug {0:?}: use 1-63 lowercase letters, digits and dashes, starting with a letter or digit")]
+    #[error(
+        "invalid slug {0:?}: use 1-63 lowercase letters, digits and dashes, starting with a letter or digit"
+    )]
     InvalidSlug(String),
     /// A key file problem.
     #[error("mesh owner key: {0}")]
@@ -186,7 +188,8 @@ pub fn slugify(name: &str) -> String {
 fn valid_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
 }
 
@@ -194,10 +197,17 @@ fn valid_slug(s: &str) -> bool {
 ///
 /// # Errors
 /// [`AdminError`].
-pub async fn create_mesh(db: &Db, config: &Config, name: &str, slug: Option<&str>) -> Result<MeshCreated, AdminError> {
+pub async fn create_mesh(
+    db: &Db,
+    config: &Config,
+    name: &str,
+    slug: Option<&str>,
+) -> Result<MeshCreated, AdminError> {
     let name = name.trim();
     if name.is_empty() || name.len() > 256 {
-        return Err(AdminError::Invalid("the mesh name must be 1 to 256 bytes".into()));
+        return Err(AdminError::Invalid(
+            "the mesh name must be 1 to 256 bytes".into(),
+        ));
     }
     let slug = slug.map_or_else(|| slugify(name), str::to_owned);
     if !valid_slug(&slug) {
@@ -293,7 +303,15 @@ pub async fn create_invite(
     // expiry second would share a token (and a use counter). Push the expiry one second
     // further until the token is unique; the payload keeps exactly the v1 shape.
     let token = loop {
-        let payload = InvitePayload::sign(&owner, &m.id, &m.slug, broker_url, expires_at, &m.root_key, role);
+        let payload = InvitePayload::sign(
+            &owner,
+            &m.id,
+            &m.slug,
+            broker_url,
+            expires_at,
+            &m.root_key,
+            role,
+        );
         let token = payload.to_token();
         if db.invite_by_token(&token).await?.is_none() {
             break token;
@@ -331,7 +349,12 @@ pub async fn create_invite(
 /// [`AdminError`].
 pub async fn list_members(db: &Db, slug: &str) -> Result<Vec<MemberInfo>, AdminError> {
     let m = mesh(db, slug).await?;
-    Ok(db.members(&m.id).await?.into_iter().map(Into::into).collect())
+    Ok(db
+        .members(&m.id)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect())
 }
 
 /// `meshd member revoke`.

@@ -144,7 +144,10 @@ const EX_USAGE: u8 = 64;
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -216,7 +219,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -229,7 +235,11 @@ async fn wait_for_signal() {
     }
 }
 
-fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+fn print<T: Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(value)?);
     } else {
@@ -262,9 +272,15 @@ async fn mesh(config: Config, cmd: MeshCmd) -> anyhow::Result<()> {
                 if l.meshes.is_empty() {
                     return "no meshes yet: meshd mesh create NAME".into();
                 }
-                let mut s = format!("{:<24} {:<32} {:>7}  {}", "SLUG", "MESH ID", "MEMBERS", "NAME");
+                let mut s = format!(
+                    "{:<24} {:<32} {:>7}  {}",
+                    "SLUG", "MESH ID", "MEMBERS", "NAME"
+                );
                 for m in &l.meshes {
-                    s.push_str(&format!("\n{:<24} {:<32} {:>7}  {}", m.slug, m.mesh_id, m.members, m.name));
+                    s.push_str(&format!(
+                        "\n{:<24} {:<32} {:>7}  {}",
+                        m.slug, m.mesh_id, m.members, m.name
+                    ));
                 }
                 s
             })
@@ -338,9 +354,16 @@ async fn member(config: Config, cmd: MemberCmd) -> anyhow::Result<()> {
                 members: admin::list_members(&db, &mesh).await?,
             };
             print(out.json, &list, |l| {
-                let mut s = format!("{:<32} {:<64} {:<7} {:<8} {}", "MEMBER ID", "PUBKEY", "ROLE", "STATE", "NAME");
+                let mut s = format!(
+                    "{:<32} {:<64} {:<7} {:<8} {}",
+                    "MEMBER ID", "PUBKEY", "ROLE", "STATE", "NAME"
+                );
                 for m in &l.members {
-                    let state = if m.revoked_at.is_some() { "revoked" } else { "active" };
+                    let state = if m.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
                     s.push_str(&format!(
                         "\n{:<32} {:<64} {:<7} {:<8} {}",
                         m.member_id, m.pubkey, m.role, state, m.display_name
@@ -352,7 +375,10 @@ async fn member(config: Config, cmd: MemberCmd) -> anyhow::Result<()> {
         MemberCmd::Revoke { mesh, member, out } => {
             let m = admin::revoke_member(&db, &mesh, &member).await?;
             print(out.json, &m, |m| {
-                format!("revoked {} ({}); its connections close within seconds", m.member_id, m.display_name)
+                format!(
+                    "revoked {} ({}); its connections close within seconds",
+                    m.member_id, m.display_name
+                )
             })
         }
     };

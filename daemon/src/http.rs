@@ -32,7 +32,10 @@ const JOIN_BODY_LIMIT: usize = 64 * 1024;
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/ws", get(ws))
-        .route("/join", post(join).layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT)))
+        .route(
+            "/join",
+            post(join).layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT)),
+        )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -47,7 +50,10 @@ async fn cors(req: Request, next: Next) -> Response {
         next.run(req).await
     };
     let h = resp.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("POST, GET, OPTIONS"),
@@ -125,7 +131,11 @@ struct JoinRequest {
 }
 
 fn join_error(code: StatusCode, error: impl Into<String>) -> Response {
-    (code, axum::Json(json!({"ok": false, "error": error.into()}))).into_response()
+    (
+        code,
+        axum::Json(json!({"ok": false, "error": error.into()})),
+    )
+        .into_response()
 }
 
 /// `POST /join` (§7.2), with the reference's holes closed: the role and expiry come
@@ -139,9 +149,12 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
     let Ok(req) = serde_json::from_slice::<JoinRequest>(&body) else {
         return refused("invalid JSON body");
     };
-    let (Some(token), Some(payload), Some(pubkey), Some(display_name)) =
-        (req.invite_token, req.invite_payload, req.peer_pubkey, req.display_name)
-    else {
+    let (Some(token), Some(payload), Some(pubkey), Some(display_name)) = (
+        req.invite_token,
+        req.invite_payload,
+        req.peer_pubkey,
+        req.display_name,
+    ) else {
         return refused("invite_token, invite_payload, peer_pubkey, display_name required");
     };
     let Ok(pubkey) = Pubkey::parse_hex(&pubkey) else {
@@ -203,7 +216,11 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
                     },
                 );
             }
-            (StatusCode::OK, axum::Json(json!({"ok": true, "memberId": member_id}))).into_response()
+            (
+                StatusCode::OK,
+                axum::Json(json!({"ok": true, "memberId": member_id})),
+            )
+                .into_response()
         }
         Ok(JoinOutcome::AlreadyMember { member_id }) => {
             ctx.metrics.joins.inc("already_member");

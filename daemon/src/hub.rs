@@ -12,13 +12,15 @@
 //! the store writer while it commits the row) only while the recipient is `caught_up`:
 //! nothing it is eligible for is waiting in the store. Otherwise the row is stored
 //! undelivered and the recipient's session drains the store in `seq` order. A sender
-//! deciding the slow path bumps the recipient's `inflight` count under the mesh lock;
-//! the writer clears it after commit. A drain only declares the peer caught up (under the
-//! same lock) when `inflight` is zero and nothing was committed since its last claim, so
-//! a later message can never overtake an earlier one from the same sender.
+//! deciding the slow path counts the message as *pending* for the target key under the
+//! mesh lock (whether or not the recipient is online: it may connect before the insert
+//! commits); the writer uncounts it after commit and wakes the key's live peers. A drain
+//! only declares a peer caught up (under the same lock) when nothing is pending for its
+//! keys and nothing was committed for it since its last claim, so a later message can
+//! never overtake an earlier one from the same sender.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -42,8 +44,21 @@ pub(crate) enum Outbound {
     /// A serialized frame.
     Frame(Utf8Bytes),
     /// A stored direct message leased to this connection: after it is written, the
-    /// session marks it delivered (or, for acknowledging clients, waits for `client_ack`).
-    Stored { id: String, frame: Utf8Bytes },
+    /// session marks it delivered, or, for a client that acknowledges, waits for
+    /// `client_ack`.
+    Stored { frame: Utf8Bytes, sent: Sent },
+}
+
+/// A stored message pushed (or about to be) on a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Sent {
+    /// Broker message id.
+    pub(crate) id: String,
+    /// The sender's idempotency id, which `client_ack` may use instead.
+    pub(crate) client_id: Option<String>,
+    /// Its lease in the store is finite (taken for a client that acknowledges); an
+    /// infinite lease lasts until the connection writes it or closes.
+    pub(crate) finite_lease: bool,
 }
 
 /// Why the broker closed a connection.
@@ -80,8 +95,6 @@ pub(crate) struct PeerShared {
     pub(crate) wake: Notify,
     /// Nothing this peer is eligible for waits in the store (see the module docs).
     pub(crate) caught_up: AtomicBool,
-    /// Slow-path inserts for this peer decided but not yet committed.
-    pub(crate) inflight: AtomicU32,
     /// Something for this peer was committed since the drain's last claim.
     pub(crate) dirty: AtomicBool,
     /// The client acknowledges pushes (`client_ack`): its pushes are leased, not marked
@@ -93,13 +106,16 @@ pub(crate) struct PeerShared {
 }
 
 impl PeerShared {
-    pub(crate) fn new(conn_id: ConnId, tx: mpsc::Sender<Outbound>, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        conn_id: ConnId,
+        tx: mpsc::Sender<Outbound>,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             conn_id,
             tx,
             wake: Notify::new(),
             caught_up: AtomicBool::new(false),
-            inflight: AtomicU32::new(0),
             dirty: AtomicBool::new(true),
             acks: AtomicBool::new(false),
             cancel,
@@ -116,13 +132,6 @@ impl PeerShared {
     /// Why the broker closed this connection, if it did.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         *lock(&self.close)
-    }
-
-    /// A slow-path insert for this peer committed (or failed): drain again.
-    pub(crate) fn committed(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
-        self.inflight.fetch_sub(1, Ordering::SeqCst);
-        self.wake.notify_one();
     }
 
     /// Something for this peer may be waiting in the store: leave the hot path and drain.
@@ -170,7 +179,9 @@ pub(crate) struct Peer {
 impl Peer {
     /// The key others address this peer by and see as its `pubkey`.
     pub(crate) fn routing_key(&self) -> &str {
-        self.session_pubkey.as_deref().unwrap_or(&self.member_pubkey)
+        self.session_pubkey
+            .as_deref()
+            .unwrap_or(&self.member_pubkey)
     }
 
     fn in_group(&self, group: &str) -> bool {
@@ -228,6 +239,8 @@ struct MeshInner {
     session_keys: HashMap<String, String>,
     state: BTreeMap<String, StateValue>,
     state_bytes: usize,
+    /// Slow-path direct messages decided but not yet committed, per target key.
+    pending: HashMap<String, u32>,
 }
 
 /// The live state of one mesh.
@@ -242,13 +255,18 @@ pub(crate) struct MeshHub {
 pub(crate) enum DirectRoute {
     /// Push it now to this peer (hot path), if it is still caught up when committed.
     Deliver(Arc<PeerShared>),
-    /// Store it undelivered; wake these peers after commit (their `inflight` was bumped).
-    Queue(Vec<Arc<PeerShared>>),
+    /// Store it undelivered. It is counted as pending for its key until the writer
+    /// calls [`MeshHub::committed`].
+    Queue,
     /// No member or known session of this mesh has that key.
     Unknown,
     /// The key belongs to a revoked member.
     Revoked,
 }
+
+/// The mesh is at its connection limit.
+#[derive(Debug)]
+pub(crate) struct AtCapacity;
 
 /// Result of registering a presence.
 #[derive(Debug)]
@@ -306,8 +324,12 @@ impl MeshHub {
     /// the same session id) of the same member, as HEAD's reattach does.
     ///
     /// # Errors
-    /// Gives the peer back when the mesh is at `max_peers`.
-    pub(crate) fn register(&self, mut peer: Peer, max_peers: usize) -> Result<(Registered, String), Peer> {
+    /// [`AtCapacity`] when the mesh has `max_peers` connections.
+    pub(crate) fn register(
+        &self,
+        mut peer: Peer,
+        max_peers: usize,
+    ) -> Result<(Registered, String), AtCapacity> {
         let mut inner = self.inner();
         let old = inner
             .peers
@@ -319,7 +341,7 @@ impl MeshHub {
             })
             .map(|p| p.shared.conn_id);
         if old.is_none() && inner.peers.len() >= max_peers {
-            return Err(peer);
+            return Err(AtCapacity);
         }
         let registered = match old.and_then(|id| remove_peer(&mut inner, id)) {
             Some(old) => {
@@ -340,9 +362,12 @@ impl MeshHub {
         };
         let presence_id = peer.presence_id.clone();
         let conn = peer.shared.conn_id;
-        for key in [Some(peer.member_pubkey.clone()), peer.session_pubkey.clone()]
-            .into_iter()
-            .flatten()
+        for key in [
+            Some(peer.member_pubkey.clone()),
+            peer.session_pubkey.clone(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let list = inner.by_key.entry(key).or_default();
             if !list.contains(&conn) {
@@ -374,51 +399,71 @@ impl MeshHub {
     }
 
     /// Decides where a direct message to `key` goes (see the module docs).
-    pub(crate) fn route_direct(&self, key: &str, priority: Priority, sender: ConnId) -> DirectRoute {
-        let inner = self.inner();
-        let live: Vec<&Peer> = inner
-            .by_key
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| inner.peers.get(c))
-            .collect();
-        if live.is_empty() {
-            return match (inner.members.get(key), inner.session_keys.get(key)) {
-                (Some(m), _) if m.revoked => DirectRoute::Revoked,
-                (Some(_), _) | (None, Some(_)) => DirectRoute::Queue(Vec::new()),
-                (None, None) => DirectRoute::Unknown,
-            };
-        }
-        let eligible: Vec<&Peer> = live
-            .into_iter()
-            .filter(|p| p.status.status.admits(priority))
-            .collect();
-        // Prefer another session over the sender (a DM to one's own member key from one
-        // session is meant for a sibling), then the most recent connection.
-        let hot = eligible
-            .iter()
-            .filter(|p| p.shared.caught_up.load(Ordering::SeqCst))
-            .max_by_key(|p| (p.shared.conn_id != sender, p.connected_at, p.shared.conn_id));
-        if let Some(p) = hot {
-            return DirectRoute::Deliver(p.shared.clone());
-        }
-        DirectRoute::Queue(
-            eligible
+    pub(crate) fn route_direct(
+        &self,
+        key: &str,
+        priority: Priority,
+        sender: ConnId,
+    ) -> DirectRoute {
+        let mut inner = self.inner();
+        let hot = {
+            let live: Vec<&Peer> = inner
+                .by_key
+                .get(key)
                 .into_iter()
-                .map(|p| {
-                    p.shared.inflight.fetch_add(1, Ordering::SeqCst);
-                    p.shared.clone()
+                .flatten()
+                .filter_map(|c| inner.peers.get(c))
+                .collect();
+            if live.is_empty() {
+                match (inner.members.get(key), inner.session_keys.get(key)) {
+                    (Some(m), _) if m.revoked => return DirectRoute::Revoked,
+                    (None, None) => return DirectRoute::Unknown,
+                    _ => {}
+                }
+            }
+            // Prefer another session over the sender (a DM to one's own member key from
+            // one session is meant for a sibling), then the most recent connection.
+            live.into_iter()
+                .filter(|p| {
+                    p.status.status.admits(priority) && p.shared.caught_up.load(Ordering::SeqCst)
                 })
-                .collect(),
-        )
+                .max_by_key(|p| (p.shared.conn_id != sender, p.connected_at, p.shared.conn_id))
+                .map(|p| p.shared.clone())
+        };
+        match hot {
+            Some(p) => DirectRoute::Deliver(p),
+            None => {
+                // Counted under the same lock the drains use to declare a peer caught up.
+                *inner.pending.entry(key.to_owned()).or_default() += 1;
+                DirectRoute::Queue
+            }
+        }
+    }
+
+    /// A slow-path message for `key` was committed (or failed to be): it is no longer
+    /// pending, and the key's live peers must drain.
+    pub(crate) fn committed(&self, key: &str) {
+        let mut inner = self.inner();
+        if let Some(n) = inner.pending.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.pending.remove(key);
+            }
+        }
+        for conn in inner.by_key.get(key).into_iter().flatten() {
+            if let Some(p) = inner.peers.get(conn) {
+                p.shared.dirty.store(true, Ordering::SeqCst);
+                p.shared.wake.notify_one();
+            }
+        }
     }
 
     /// Declares a peer caught up if nothing for it is in flight or newly committed.
     /// Returns whether it did. Must be the only place `caught_up` becomes true.
-    pub(crate) fn try_mark_caught_up(&self, shared: &PeerShared) -> bool {
-        let _guard = self.inner();
-        if shared.inflight.load(Ordering::SeqCst) == 0 && !shared.dirty.load(Ordering::SeqCst) {
+    pub(crate) fn try_mark_caught_up(&self, shared: &PeerShared, keys: [&str; 2]) -> bool {
+        let inner = self.inner();
+        let pending = keys.iter().any(|k| inner.pending.contains_key(*k));
+        if !pending && !shared.dirty.load(Ordering::SeqCst) {
             shared.caught_up.store(true, Ordering::SeqCst);
             true
         } else {
@@ -428,7 +473,12 @@ impl MeshHub {
 
     /// Pushes a multicast envelope to every eligible live peer: visible, not the sender,
     /// and (for `@group`) in the group or a sub-group. Returns (delivered, dropped).
-    pub(crate) fn fan_out(&self, target: &TargetSpec, sender: ConnId, frame: &Utf8Bytes) -> (usize, usize) {
+    pub(crate) fn fan_out(
+        &self,
+        target: &TargetSpec,
+        sender: ConnId,
+        frame: &Utf8Bytes,
+    ) -> (usize, usize) {
         let inner = self.inner();
         let (mut delivered, mut dropped) = (0, 0);
         for p in inner.peers.values() {
@@ -451,10 +501,17 @@ impl MeshHub {
 
     /// Sends a frame to every live peer except `except_conn` and, if given, except the
     /// connections of `except_member` (HEAD does not announce a member to itself).
-    pub(crate) fn announce(&self, frame: &Utf8Bytes, except_conn: ConnId, except_member: Option<&str>) {
+    pub(crate) fn announce(
+        &self,
+        frame: &Utf8Bytes,
+        except_conn: ConnId,
+        except_member: Option<&str>,
+    ) {
         let inner = self.inner();
         for p in inner.peers.values() {
-            if p.shared.conn_id == except_conn || except_member.is_some_and(|m| m == p.member_pubkey) {
+            if p.shared.conn_id == except_conn
+                || except_member.is_some_and(|m| m == p.member_pubkey)
+            {
                 continue;
             }
             offer(&p.shared, Outbound::Frame(frame.clone()));
@@ -530,7 +587,10 @@ impl MeshHub {
         max_bytes: usize,
     ) -> bool {
         let mut inner = self.inner();
-        let old = inner.state.get(key).map_or(0, |v| key.len() + v.value.len());
+        let old = inner
+            .state
+            .get(key)
+            .map_or(0, |v| key.len() + v.value.len());
         let new = key.len() + value.value.len();
         let total = inner.state_bytes - old + new;
         if total > max_bytes {
@@ -623,10 +683,13 @@ pub(crate) fn peer_data(peer: &Peer) -> serde_json::Map<String, serde_json::Valu
     peer_event_data(&peer.display_name, peer.routing_key())
 }
 
+/// A mesh being loaded or loaded (`None`: it does not exist).
+type MeshSlot = Arc<OnceCell<Option<Arc<MeshHub>>>>;
+
 /// Every loaded mesh.
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
-    meshes: Mutex<HashMap<String, Arc<OnceCell<Option<Arc<MeshHub>>>>>>,
+    meshes: Mutex<HashMap<String, MeshSlot>>,
 }
 
 impl Hub {
@@ -635,7 +698,11 @@ impl Hub {
     ///
     /// # Errors
     /// [`StoreError`] while loading.
-    pub(crate) async fn mesh(&self, db: &Db, mesh_id: &str) -> Result<Option<Arc<MeshHub>>, StoreError> {
+    pub(crate) async fn mesh(
+        &self,
+        db: &Db,
+        mesh_id: &str,
+    ) -> Result<Option<Arc<MeshHub>>, StoreError> {
         let cell = lock(&self.meshes)
             .entry(mesh_id.to_owned())
             .or_default()

@@ -202,7 +202,10 @@ impl Bound {
         accept_cancel.cancel();
         ctx.sessions_cancel.cancel();
         ctx.sessions.close();
-        if tokio::time::timeout(grace, ctx.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(grace, ctx.sessions.wait())
+            .await
+            .is_err()
+        {
             warn!("sessions did not finish within the grace period");
         }
         match tokio::time::timeout(grace, server).await {
@@ -213,7 +216,10 @@ impl Bound {
         }
         // Phase 3: commit everything queued, then stop the writer and close the store.
         background_cancel.cancel();
-        if tokio::time::timeout(grace, ctx.writer.flush()).await.is_err() {
+        if tokio::time::timeout(grace, ctx.writer.flush())
+            .await
+            .is_err()
+        {
             warn!("store flush did not finish within the grace period");
         }
         writer_stop.cancel();
@@ -258,13 +264,14 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         let healthy = ctx.db.ping().await.is_ok();
         ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
-        if n % 15 == 1 {
-            if let Ok(depth) = ctx.db.queue_depth().await {
-                ctx.metrics.queue_depth.store(depth, Ordering::Relaxed);
-            }
+        if n % 15 == 1
+            && let Ok(depth) = ctx.db.queue_depth().await
+        {
+            ctx.metrics.queue_depth.store(depth, Ordering::Relaxed);
         }
         if n % 30 == 1 {
-            let retention = i64::try_from(ctx.config.limits.delivered_retention.as_millis()).unwrap_or(i64::MAX);
+            let retention = i64::try_from(ctx.config.limits.delivered_retention.as_millis())
+                .unwrap_or(i64::MAX);
             let r = ctx
                 .writer
                 .call(|reply| WriteOp::Sweep {
@@ -274,8 +281,12 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 })
                 .await;
             match r {
-                Ok((old, expired)) if old + expired > 0 => {
-                    info!(delivered_removed = old, expired_undelivered = expired, "swept messages");
+                Ok(swept) if swept.delivered + swept.expired > 0 => {
+                    info!(
+                        delivered_removed = swept.delivered,
+                        expired_undelivered = swept.expired,
+                        "swept messages"
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => warn!(cause = %e, "message sweep"),

@@ -152,9 +152,12 @@ impl Metrics {
     pub(crate) fn record_commit(&self, ops: usize, took: Duration) {
         self.store_commits.fetch_add(1, Ordering::Relaxed);
         self.store_ops.fetch_add(ops as u64, Ordering::Relaxed);
-        self.store_commit_micros
-            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.store_max_batch.fetch_max(ops as u64, Ordering::Relaxed);
+        self.store_commit_micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.store_max_batch
+            .fetch_max(ops as u64, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -166,32 +169,153 @@ impl Metrics {
         let l = |o: &mut String, name: &str, help: &str, m: &Labeled| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
             for (v, n) in m.values.iter().zip(&m.counts) {
-                let _ = writeln!(o, "{name}{{{}=\"{v}\"}} {}", m.label, n.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    o,
+                    "{name}{{{}=\"{v}\"}} {}",
+                    m.label,
+                    n.load(Ordering::Relaxed)
+                );
             }
         };
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
         let g = |a: &AtomicI64| a.load(Ordering::Relaxed).to_string();
-        c(&mut out, "meshd_uptime_seconds", "Seconds since the daemon started.", "gauge", uptime.as_secs().to_string());
-        c(&mut out, "meshd_connections_total", "WebSocket connections accepted.", "counter", r(&self.connections_total));
-        c(&mut out, "meshd_connections_active", "Open WebSocket connections.", "gauge", g(&self.connections_active));
-        c(&mut out, "meshd_sessions_active", "Authenticated connections (live presences).", "gauge", g(&self.sessions_active));
-        l(&mut out, "meshd_connections_rejected_total", "Connections refused or closed during the handshake, by reason.", &self.connections_rejected);
-        l(&mut out, "meshd_connections_closed_total", "Authenticated connections closed, by reason.", &self.connections_closed);
-        c(&mut out, "meshd_frames_received_total", "WebSocket text frames received.", "counter", r(&self.frames_received));
-        c(&mut out, "meshd_frames_sent_total", "WebSocket frames written.", "counter", r(&self.frames_sent));
-        l(&mut out, "meshd_frames_dropped_total", "Inbound frames ignored without a reply, by reason.", &self.frames_dropped);
-        l(&mut out, "meshd_messages_routed_total", "Messages accepted for routing, by priority.", &self.messages_routed);
-        l(&mut out, "meshd_messages_rejected_total", "Sends refused with ack.error, by reason.", &self.messages_rejected);
-        c(&mut out, "meshd_multicast_deliveries_total", "Pushes of broadcast and group messages.", "counter", r(&self.multicast_deliveries));
-        c(&mut out, "meshd_fanout_dropped_total", "Multicast pushes dropped because a recipient's queue was full.", "counter", r(&self.fanout_dropped));
-        c(&mut out, "meshd_queue_depth", "Undelivered direct messages in the store (refreshed every 30 s).", "gauge", g(&self.queue_depth));
-        c(&mut out, "meshd_db_healthy", "1 when the last store operation succeeded.", "gauge", u8::from(self.db_healthy.load(Ordering::Relaxed)).to_string());
-        l(&mut out, "meshd_joins_total", "POST /join outcomes.", &self.joins);
-        c(&mut out, "meshd_store_commits_total", "Transactions committed by the store writer.", "counter", r(&self.store_commits));
-        c(&mut out, "meshd_store_operations_total", "Operations committed by the store writer.", "counter", r(&self.store_ops));
-        c(&mut out, "meshd_store_commit_seconds_total", "Time spent running writer batches.", "counter",
-            format!("{:.6}", self.store_commit_micros.load(Ordering::Relaxed) as f64 / 1e6));
-        c(&mut out, "meshd_store_max_batch", "Largest batch committed in one transaction.", "gauge", r(&self.store_max_batch));
+        c(
+            &mut out,
+            "meshd_uptime_seconds",
+            "Seconds since the daemon started.",
+            "gauge",
+            uptime.as_secs().to_string(),
+        );
+        c(
+            &mut out,
+            "meshd_connections_total",
+            "WebSocket connections accepted.",
+            "counter",
+            r(&self.connections_total),
+        );
+        c(
+            &mut out,
+            "meshd_connections_active",
+            "Open WebSocket connections.",
+            "gauge",
+            g(&self.connections_active),
+        );
+        c(
+            &mut out,
+            "meshd_sessions_active",
+            "Authenticated connections (live presences).",
+            "gauge",
+            g(&self.sessions_active),
+        );
+        l(
+            &mut out,
+            "meshd_connections_rejected_total",
+            "Connections refused or closed during the handshake, by reason.",
+            &self.connections_rejected,
+        );
+        l(
+            &mut out,
+            "meshd_connections_closed_total",
+            "Authenticated connections closed, by reason.",
+            &self.connections_closed,
+        );
+        c(
+            &mut out,
+            "meshd_frames_received_total",
+            "WebSocket text frames received.",
+            "counter",
+            r(&self.frames_received),
+        );
+        c(
+            &mut out,
+            "meshd_frames_sent_total",
+            "WebSocket frames written.",
+            "counter",
+            r(&self.frames_sent),
+        );
+        l(
+            &mut out,
+            "meshd_frames_dropped_total",
+            "Inbound frames ignored without a reply, by reason.",
+            &self.frames_dropped,
+        );
+        l(
+            &mut out,
+            "meshd_messages_routed_total",
+            "Messages accepted for routing, by priority.",
+            &self.messages_routed,
+        );
+        l(
+            &mut out,
+            "meshd_messages_rejected_total",
+            "Sends refused with ack.error, by reason.",
+            &self.messages_rejected,
+        );
+        c(
+            &mut out,
+            "meshd_multicast_deliveries_total",
+            "Pushes of broadcast and group messages.",
+            "counter",
+            r(&self.multicast_deliveries),
+        );
+        c(
+            &mut out,
+            "meshd_fanout_dropped_total",
+            "Multicast pushes dropped because a recipient's queue was full.",
+            "counter",
+            r(&self.fanout_dropped),
+        );
+        c(
+            &mut out,
+            "meshd_queue_depth",
+            "Undelivered direct messages in the store (refreshed every 30 s).",
+            "gauge",
+            g(&self.queue_depth),
+        );
+        c(
+            &mut out,
+            "meshd_db_healthy",
+            "1 when the last store operation succeeded.",
+            "gauge",
+            u8::from(self.db_healthy.load(Ordering::Relaxed)).to_string(),
+        );
+        l(
+            &mut out,
+            "meshd_joins_total",
+            "POST /join outcomes.",
+            &self.joins,
+        );
+        c(
+            &mut out,
+            "meshd_store_commits_total",
+            "Transactions committed by the store writer.",
+            "counter",
+            r(&self.store_commits),
+        );
+        c(
+            &mut out,
+            "meshd_store_operations_total",
+            "Operations committed by the store writer.",
+            "counter",
+            r(&self.store_ops),
+        );
+        c(
+            &mut out,
+            "meshd_store_commit_seconds_total",
+            "Time spent running writer batches.",
+            "counter",
+            format!(
+                "{:.6}",
+                self.store_commit_micros.load(Ordering::Relaxed) as f64 / 1e6
+            ),
+        );
+        c(
+            &mut out,
+            "meshd_store_max_batch",
+            "Largest batch committed in one transaction.",
+            "gauge",
+            r(&self.store_max_batch),
+        );
         out
     }
 }

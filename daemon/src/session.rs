@@ -38,12 +38,14 @@ use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::Ctx;
 use crate::hub::{
-    CloseReason, ConnId, DirectRoute, MeshHub, Outbound, Peer, PeerShared, Registered, StateValue,
-    lock, member_info, peer_data, raw, system_push,
+    CloseReason, ConnId, DirectRoute, MeshHub, Outbound, Peer, PeerShared, Registered, Sent,
+    StateValue, lock, member_info, peer_data, raw, system_push,
 };
 use crate::ids::{now_ms, random_id, uuid_v4};
-use crate::store::writer::{BindOutcome, ClaimSpec, Claimed, Delivery, NewMessage, PeerStateWrite, WriteOp};
 use crate::store::StoreError;
+use crate::store::writer::{
+    BindOutcome, ClaimSpec, Claimed, Delivery, NewMessage, PeerStateWrite, Ticket, WriteOp,
+};
 
 /// Replies awaited concurrently but written in request order.
 type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>>;
@@ -73,15 +75,21 @@ pub(crate) async fn run(
         member.id = field::Empty
     );
     async move {
-        ctx.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        ctx.metrics
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
         let mut socket = socket;
         if let Some(live) = handshake(&ctx, &mut socket, conn_id).await {
             ctx.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
             live.serve(socket).await;
             ctx.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
         }
-        ctx.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+        ctx.metrics
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     }
     .instrument(span)
@@ -181,7 +189,11 @@ async fn handshake(ctx: &Arc<Ctx>, socket: &mut WebSocket, conn_id: ConnId) -> O
                 Err(r) => {
                     ctx.metrics
                         .connections_rejected
-                        .inc(if r.close_code == 1011 { "store_error" } else { r.code });
+                        .inc(if r.close_code == 1011 {
+                            "store_error"
+                        } else {
+                            r.code
+                        });
                     debug!(code = r.code, "handshake refused");
                     let e = ErrorFrame::new(r.code, r.message);
                     let _ = send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await;
@@ -217,7 +229,11 @@ async fn oversize_close(ctx: &Ctx, socket: &mut WebSocket, e: &axum::Error) {
 }
 
 /// Checks a handshake frame and registers the presence.
-async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Result<(Live, String), Refusal> {
+async fn authenticate(
+    ctx: &Arc<Ctx>,
+    inbound: Inbound,
+    conn_id: ConnId,
+) -> Result<(Live, String), Refusal> {
     let now = now_ms();
     let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
     let (ident, fields) = match inbound.frame {
@@ -289,9 +305,15 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         && *claimed != member.id
     {
         return Err(if ident.session {
-            Refusal::new("parent_member_id_mismatch", "parentMemberId does not match the member key")
+            Refusal::new(
+                "parent_member_id_mismatch",
+                "parentMemberId does not match the member key",
+            )
         } else {
-            Refusal::new("unauthorized", "hello rejected: memberId does not match the member key")
+            Refusal::new(
+                "unauthorized",
+                "hello rejected: memberId does not match the member key",
+            )
         });
     }
     tracing::Span::current().record("mesh.id", field::display(&ident.mesh_id));
@@ -300,7 +322,12 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
     // A session key belongs to the first member that presents it and can never be a
     // member key of someone else: otherwise one member could drain another's DMs.
     if let Some(spk) = &ident.session_pubkey {
-        let taken = || Refusal::new("bad_session_pubkey", "sessionPubkey belongs to another member");
+        let taken = || {
+            Refusal::new(
+                "bad_session_pubkey",
+                "sessionPubkey belongs to another member",
+            )
+        };
         if *spk != ident.member_pubkey && mesh.member(spk).is_some() {
             return Err(taken());
         }
@@ -336,7 +363,9 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         .as_ref()
         .and_then(|s| serde_json::from_str(&s.groups).ok())
         .unwrap_or_default();
-    let saved_stats: Option<CumulativeStats> = saved.as_ref().map(|s| serde_json::from_str(&s.stats).unwrap_or_default());
+    let saved_stats: Option<CumulativeStats> = saved
+        .as_ref()
+        .map(|s| serde_json::from_str(&s.stats).unwrap_or_default());
     let hello_groups = fields.groups.clone().filter(|g| !g.is_empty());
     let groups = hello_groups.clone().unwrap_or_else(|| saved_groups.clone());
     let display_name = fields
@@ -356,7 +385,11 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         member_pubkey: ident.member_pubkey.clone(),
         session_pubkey: ident.session_pubkey.clone(),
         display_name: display_name.clone(),
-        peer_role: if ident.session { "session" } else { "control-plane" },
+        peer_role: if ident.session {
+            "session"
+        } else {
+            "control-plane"
+        },
         session_id: fields.session_id.clone().unwrap_or_else(random_id),
         cwd: fields.cwd.clone().unwrap_or_default(),
         hostname: fields.hostname.clone(),
@@ -385,9 +418,18 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         presence_id,
         member_display_name: display_name.clone(),
         restored: restored.then_some(true),
-        last_summary: if restored { saved.as_ref().and_then(|s| s.last_summary.clone()) } else { None },
-        last_seen_at: if restored { saved.as_ref().map(|s| iso8601_ms(s.last_seen_at)) } else { None },
-        restored_groups: (restored && hello_groups.is_none() && !saved_groups.is_empty()).then(|| saved_groups.clone()),
+        last_summary: if restored {
+            saved.as_ref().and_then(|s| s.last_summary.clone())
+        } else {
+            None
+        },
+        last_seen_at: if restored {
+            saved.as_ref().map(|s| iso8601_ms(s.last_seen_at))
+        } else {
+            None
+        },
+        restored_groups: (restored && hello_groups.is_none() && !saved_groups.is_empty())
+            .then(|| saved_groups.clone()),
         restored_stats: if restored { saved_stats } else { None },
         member_profile: Some(MemberProfile {
             role_tag: member.role.clone(),
@@ -395,7 +437,10 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
             message_mode: "push".into(),
         }),
     });
-    info!(session = ident.session, reattached, restored, "session authenticated");
+    info!(
+        session = ident.session,
+        reattached, restored, "session authenticated"
+    );
     // Drain whatever waited for this peer while it was away.
     shared.invalidate();
     let mut machine = Session::new(now, 0);
@@ -414,9 +459,15 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         announce: if reattached {
             None
         } else if saved.is_some() {
-            Some(("peer_returned", saved.map(|s| (s.last_seen_at, s.last_summary))))
+            Some(Arrival {
+                event: "peer_returned",
+                returned: saved.map(|s| (s.last_seen_at, s.last_summary)),
+            })
         } else {
-            Some(("peer_joined", None))
+            Some(Arrival {
+                event: "peer_joined",
+                returned: None,
+            })
         },
         pending: FuturesOrdered::new(),
         outbox: VecDeque::new(),
@@ -424,7 +475,11 @@ async fn authenticate(ctx: &Arc<Ctx>, inbound: Inbound, conn_id: ConnId) -> Resu
         drain_wanted: true,
         lease_timer: None,
         leased: HashMap::new(),
-        bucket: Bucket::new(ctx.config.limits.sends_per_second, ctx.config.limits.send_burst),
+        claim_leased: false,
+        bucket: Bucket::new(
+            ctx.config.limits.sends_per_second,
+            ctx.config.limits.send_burst,
+        ),
         last_activity: Instant::now(),
     };
     Ok((live, ack.to_json()))
@@ -513,6 +568,13 @@ impl Bucket {
     }
 }
 
+/// How a new presence is announced: `peer_joined`, or `peer_returned` with the last
+/// disconnect time and summary.
+struct Arrival {
+    event: &'static str,
+    returned: Option<(i64, Option<String>)>,
+}
+
 /// An authenticated connection.
 struct Live {
     ctx: Arc<Ctx>,
@@ -527,7 +589,7 @@ struct Live {
     session_pubkey: Option<String>,
     display_name: String,
     /// The system event to announce once `hello_ack` is out.
-    announce: Option<(&'static str, Option<(i64, Option<String>)>)>,
+    announce: Option<Arrival>,
     pending: Pending,
     outbox: VecDeque<WriteOp>,
     claim: Option<oneshot::Receiver<Result<Claimed, StoreError>>>,
@@ -535,13 +597,17 @@ struct Live {
     lease_timer: Option<Instant>,
     /// Pushes leased to an acknowledging client: broker id → client message id.
     leased: HashMap<String, Option<String>>,
+    /// Whether the claim in flight leases rows until acknowledged.
+    claim_leased: bool,
     bucket: Bucket,
     last_activity: Instant,
 }
 
 impl Live {
     fn routing_key(&self) -> &str {
-        self.session_pubkey.as_deref().unwrap_or(&self.member_pubkey)
+        self.session_pubkey
+            .as_deref()
+            .unwrap_or(&self.member_pubkey)
     }
 
     fn mesh_id(&self) -> &str {
@@ -551,16 +617,22 @@ impl Live {
     /// Announces the arrival to the rest of the mesh (not to the member's own sessions,
     /// and not at all for a hidden peer).
     fn announce_arrival(&self) {
-        let Some((event, returned)) = &self.announce else {
+        let Some(Arrival { event, returned }) = &self.announce else {
             return;
         };
         let Some(data) = self.mesh.with_peer(self.conn, |p| {
             p.visible.then(|| {
                 let mut d = peer_data(p);
-                d.insert("groups".into(), serde_json::to_value(&p.groups).unwrap_or_default());
+                d.insert(
+                    "groups".into(),
+                    serde_json::to_value(&p.groups).unwrap_or_default(),
+                );
                 if let Some((last_seen, summary)) = returned {
                     d.insert("lastSeenAt".into(), iso8601_ms(*last_seen).into());
-                    d.insert("summary".into(), summary.clone().map_or(serde_json::Value::Null, Into::into));
+                    d.insert(
+                        "summary".into(),
+                        summary.clone().map_or(serde_json::Value::Null, Into::into),
+                    );
                 }
                 d
             })
@@ -569,7 +641,8 @@ impl Live {
         };
         if let Some(data) = data {
             let frame = system_push(self.mesh_id(), event, data, uuid_v4(), now_ms());
-            self.mesh.announce(&frame, self.conn, Some(&self.member_pubkey));
+            self.mesh
+                .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
     }
 
@@ -580,7 +653,7 @@ impl Live {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let cancel = self.shared.cancel.clone();
         let writer_tx = self.ctx.writer.clone();
-        let mut unflushed: Vec<String> = Vec::new();
+        let mut unflushed: Vec<Sent> = Vec::new();
         let ended: &'static str = loop {
             if self.drain_wanted && self.claim.is_none() {
                 self.start_claim();
@@ -687,27 +760,35 @@ impl Live {
             _ => None,
         };
         if ended == "revoked" {
-            let e = ErrorFrame::new("revoked", format!("You've been removed from \"{}\".", self.mesh.row.name));
+            let e = ErrorFrame::new(
+                "revoked",
+                format!("You've been removed from \"{}\".", self.mesh.row.name),
+            );
             let _ = send_text(&mut socket, &self.ctx, BrokerFrame::Error(e).to_json()).await;
         }
         if let Some((code, reason)) = close_frame {
-            let _ = tokio::time::timeout(Duration::from_secs(2), close(&mut socket, code, reason)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), close(&mut socket, code, reason))
+                .await;
         }
         info!(reason = ended, "session closed");
         self.teardown(unflushed).await;
     }
 
-
     /// Writes an outbound item and whatever else is queued (up to a batch), then flushes
     /// once and records the stored messages as delivered (or leased).
-    async fn write_outbound(&mut self, socket: &mut WebSocket, first: Outbound, unflushed: &mut Vec<String>) -> bool {
+    async fn write_outbound(
+        &mut self,
+        socket: &mut WebSocket,
+        first: Outbound,
+        unflushed: &mut Vec<Sent>,
+    ) -> bool {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
             let text = match out {
                 Outbound::Frame(t) => t,
-                Outbound::Stored { id, frame } => {
-                    unflushed.push(id);
+                Outbound::Stored { frame, sent } => {
+                    unflushed.push(sent);
                     frame
                 }
             };
@@ -719,46 +800,71 @@ impl Live {
                 next = self.rx.try_recv().ok();
             }
         }
-        self.ctx.metrics.frames_sent.fetch_add(n as u64, Ordering::Relaxed);
+        self.ctx
+            .metrics
+            .frames_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
         if socket.flush().await.is_err() {
             return false;
         }
-        self.written(std::mem::take(unflushed), None);
+        self.written(std::mem::take(unflushed));
         true
     }
 
-    /// After stored messages reached the socket: legacy clients' rows are delivered;
-    /// acknowledging clients' rows stay leased until `client_ack`.
-    fn written(&mut self, ids: Vec<String>, client_ids: Option<Vec<Option<String>>>) {
-        if ids.is_empty() {
+    /// After stored messages reached the socket: a client that acknowledges keeps them
+    /// leased until `client_ack` (offered again when the lease ends); for any other
+    /// client they are delivered.
+    fn written(&mut self, sent: Vec<Sent>) {
+        if sent.is_empty() {
             return;
         }
         if self.shared.acks.load(Ordering::SeqCst) {
             let lease = self.ctx.config.limits.ack_lease;
-            let client_ids = client_ids.unwrap_or_else(|| vec![None; ids.len()]);
-            for (id, cid) in ids.into_iter().zip(client_ids) {
-                self.leased.insert(id, cid);
+            // Rows claimed before the client announced acknowledgements hold an
+            // open-ended lease: bound it now.
+            let open: Vec<String> = sent
+                .iter()
+                .filter(|s| !s.finite_lease)
+                .map(|s| s.id.clone())
+                .collect();
+            if !open.is_empty() {
+                let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+                self.outbox.push_back(WriteOp::Lease {
+                    ids: open,
+                    until: now_ms().saturating_add(lease_ms),
+                });
+            }
+            for s in sent {
+                self.leased.insert(s.id, s.client_id);
             }
             let at = Instant::now() + lease;
             self.lease_timer = Some(self.lease_timer.map_or(at, |t| t.min(at)));
         } else {
-            self.outbox.push_back(WriteOp::MarkDelivered { ids, at: now_ms() });
+            self.outbox.push_back(WriteOp::MarkDelivered {
+                ids: sent.into_iter().map(|s| s.id).collect(),
+                at: now_ms(),
+            });
         }
     }
 
     fn start_claim(&mut self) {
         self.drain_wanted = false;
         self.shared.dirty.store(false, Ordering::SeqCst);
-        let Some(max) = self.mesh.with_peer(self.conn, |p| p.status.status.max_admitted()) else {
+        let Some(max) = self
+            .mesh
+            .with_peer(self.conn, |p| p.status.status.max_admitted())
+        else {
             return;
         };
         let now = now_ms();
-        let lease_ms = i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms =
+            i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
         let lease_until = if self.shared.acks.load(Ordering::SeqCst) {
             now.saturating_add(lease_ms)
         } else {
             i64::MAX
         };
+        self.claim_leased = lease_until != i64::MAX;
         let (tx, rx) = oneshot::channel();
         self.outbox.push_back(WriteOp::Claim {
             spec: Box::new(ClaimSpec {
@@ -774,13 +880,32 @@ impl Live {
             reply: tx,
         });
         self.claim = Some(rx);
+        debug!(max_priority = max.as_str(), lease_until, "drain: claiming");
     }
 
-    async fn deliver_claimed(&mut self, socket: &mut WebSocket, claimed: Claimed, unflushed: &mut Vec<String>) -> bool {
+    async fn deliver_claimed(
+        &mut self,
+        socket: &mut WebSocket,
+        claimed: Claimed,
+        unflushed: &mut Vec<Sent>,
+    ) -> bool {
         let full = claimed.rows.len() as i64 >= CLAIM_LIMIT;
-        let mut ids = Vec::with_capacity(claimed.rows.len());
-        let mut client_ids = Vec::with_capacity(claimed.rows.len());
-        for row in claimed.rows {
+        debug!(rows = claimed.rows.len(), next_lease = ?claimed.next_lease_expiry, "drain: claimed");
+        let mut sent = Vec::with_capacity(claimed.rows.len());
+        // The claim used the status of when it started; the peer may have become busy
+        // since. What it no longer admits goes back (it is drained again on idle).
+        let max = self
+            .mesh
+            .with_peer(self.conn, |p| p.status.status.max_admitted().rank())
+            .unwrap_or(Priority::Now.rank());
+        let (rows, not_now): (Vec<_>, Vec<_>) =
+            claimed.rows.into_iter().partition(|r| r.priority <= max);
+        if !not_now.is_empty() {
+            self.outbox.push_back(WriteOp::Release {
+                ids: not_now.into_iter().map(|r| r.id).collect(),
+            });
+        }
+        for row in rows {
             let priority = Priority::from_rank(row.priority).unwrap_or(Priority::Next);
             let frame = BrokerFrame::Push(Push {
                 message_id: row.id.clone(),
@@ -798,27 +923,40 @@ impl Live {
                 sender_name: Some(row.sender_name),
                 client_message_id: row.client_message_id.clone(),
             });
-            unflushed.push(row.id.clone());
-            if socket.feed(Message::Text(frame.to_json().into())).await.is_err() {
+            let s = Sent {
+                id: row.id,
+                client_id: row.client_message_id,
+                finite_lease: self.claim_leased,
+            };
+            unflushed.push(s.clone());
+            sent.push(s);
+            if socket
+                .feed(Message::Text(frame.to_json().into()))
+                .await
+                .is_err()
+            {
                 return false;
             }
             self.ctx.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-            ids.push(row.id);
-            client_ids.push(row.client_message_id);
         }
         if socket.flush().await.is_err() {
             return false;
         }
         unflushed.clear();
-        self.written(ids, Some(client_ids));
+        self.written(sent);
         if let Some(at) = claimed.next_lease_expiry {
-            let wait = Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0));
+            let wait =
+                Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0));
             let at = Instant::now() + wait;
             self.lease_timer = Some(self.lease_timer.map_or(at, |t| t.min(at)));
         }
         if full {
             self.drain_wanted = true;
-        } else if !self.mesh.try_mark_caught_up(&self.shared) && self.shared.dirty.load(Ordering::SeqCst) {
+        } else if !self
+            .mesh
+            .try_mark_caught_up(&self.shared, [&self.member_pubkey, self.routing_key()])
+            && self.shared.dirty.load(Ordering::SeqCst)
+        {
             // Something was committed for us during the claim: go again. (If only an
             // insert is still in flight, its commit wakes us.)
             self.drain_wanted = true;
@@ -827,7 +965,7 @@ impl Live {
     }
 
     /// At shutdown: write what is queued for this client, within a short budget.
-    async fn flush_queued(&mut self, socket: &mut WebSocket, unflushed: &mut Vec<String>) {
+    async fn flush_queued(&mut self, socket: &mut WebSocket, unflushed: &mut Vec<Sent>) {
         let budget = tokio::time::timeout(Duration::from_secs(2), async {
             while let Ok(out) = self.rx.try_recv() {
                 if !self.write_outbound(socket, out, unflushed).await {
@@ -881,7 +1019,8 @@ impl Live {
                 None
             }
             ClientFrame::SetSummary { summary } => {
-                self.mesh.with_peer(self.conn, |p| p.summary = Some(summary));
+                self.mesh
+                    .with_peer(self.conn, |p| p.summary = Some(summary));
                 None
             }
             ClientFrame::SetVisible { visible } => {
@@ -891,7 +1030,11 @@ impl Live {
                     changed.then(|| peer_data(p))
                 });
                 if let Some(Some(data)) = changed {
-                    let event = if visible { "peer_visible" } else { "peer_hidden" };
+                    let event = if visible {
+                        "peer_visible"
+                    } else {
+                        "peer_hidden"
+                    };
                     let frame = system_push(self.mesh_id(), event, data, uuid_v4(), now);
                     self.mesh.announce(&frame, self.conn, None);
                 }
@@ -920,7 +1063,8 @@ impl Live {
                 None
             }
             ClientFrame::LeaveGroup { name } => {
-                self.mesh.with_peer(self.conn, |p| p.groups.retain(|g| g.name != name));
+                self.mesh
+                    .with_peer(self.conn, |p| p.groups.retain(|g| g.name != name));
                 None
             }
             ClientFrame::ListPeers => Some(
@@ -932,7 +1076,8 @@ impl Live {
                 .into(),
             ),
             ClientFrame::SetState { key, value } => {
-                let json: Arc<str> = value.map_or_else(|| Arc::from("null"), |v| Arc::from(v.get()));
+                let json: Arc<str> =
+                    value.map_or_else(|| Arc::from("null"), |v| Arc::from(v.get()));
                 let limits = &self.ctx.config.limits;
                 let ok = json.len() <= limits.max_state_value_bytes
                     && self.mesh.state_set(
@@ -991,7 +1136,11 @@ impl Live {
                         updated_at: iso8601_ms(v.updated_at),
                     })
                     .collect();
-                Some(BrokerFrame::StateList(StateList { entries, req_id }).to_json().into())
+                Some(
+                    BrokerFrame::StateList(StateList { entries, req_id })
+                        .to_json()
+                        .into(),
+                )
             }
             ClientFrame::MessageStatus { message_id } => {
                 self.queue_message_status(message_id, req_id);
@@ -1022,7 +1171,12 @@ impl Live {
         }
     }
 
-    fn on_send(&mut self, req_id: Option<String>, send: meshd_protocol::client::Send, now: i64) -> Option<Utf8Bytes> {
+    fn on_send(
+        &mut self,
+        req_id: Option<String>,
+        send: meshd_protocol::client::Send,
+        now: i64,
+    ) -> Option<Utf8Bytes> {
         let id = send.id.clone().unwrap_or_default();
         let metrics = self.ctx.metrics.clone();
         let refuse = |reason: &'static str, error: String| -> Option<Utf8Bytes> {
@@ -1043,21 +1197,32 @@ impl Live {
             let l = &self.ctx.config.limits;
             return refuse(
                 "rate_limited",
-                format!("rate_limit: max {}/s (burst {}) — slow down", l.sends_per_second, l.send_burst),
+                format!(
+                    "rate_limit: max {}/s (burst {}) — slow down",
+                    l.sends_per_second, l.send_burst
+                ),
             );
         }
         let priority = match send.priority.as_deref() {
             None => Priority::Next,
             Some(p) => match Priority::parse(p) {
                 Some(p) => p,
-                None => return refuse("invalid_priority", format!("invalid priority {p:?}: use now, next or low")),
+                None => {
+                    return refuse(
+                        "invalid_priority",
+                        format!("invalid priority {p:?}: use now, next or low"),
+                    );
+                }
             },
         };
         let size = send.nonce.len() + send.ciphertext.len() + send.target_spec.len();
         if size > self.ctx.config.limits.max_message_bytes {
             return refuse(
                 "too_large",
-                format!("message too large: {size} bytes (max {})", self.ctx.config.limits.max_message_bytes),
+                format!(
+                    "message too large: {size} bytes (max {})",
+                    self.ctx.config.limits.max_message_bytes
+                ),
             );
         }
         let target = match TargetSpec::parse(&send.target_spec) {
@@ -1066,15 +1231,23 @@ impl Live {
         };
         match &target {
             TargetSpec::Channel(_) => {
-                return refuse("unroutable_target", "#channels are not supported by this broker".into());
+                return refuse(
+                    "unroutable_target",
+                    "#channels are not supported by this broker".into(),
+                );
             }
             TargetSpec::Tag(_) => {
-                return refuse("unroutable_target", "tag: targets are not supported by this broker".into());
+                return refuse(
+                    "unroutable_target",
+                    "tag: targets are not supported by this broker".into(),
+                );
             }
             TargetSpec::Name(n) => {
                 return refuse(
                     "unroutable_target",
-                    format!("no peer has the key {n:?}: address a member or session key (resolve names with list_peers), @group or *"),
+                    format!(
+                        "no peer has the key {n:?}: address a member or session key (resolve names with list_peers), @group or *"
+                    ),
                 );
             }
             _ => {}
@@ -1122,20 +1295,27 @@ impl Live {
             lease_conn: None,
             lease_until: None,
         };
-        let (delivery, wake) = match &target {
+        let (delivery, ticket) = match &target {
             TargetSpec::Direct(pk) => {
                 let key = pk.to_hex();
                 let route = self.mesh.route_direct(&key, priority, self.conn);
                 row.target_key = Some(key.clone());
                 match route {
                     DirectRoute::Unknown => {
-                        return refuse("unknown_recipient", format!("no member or session of this mesh has the key {key}"));
+                        return refuse(
+                            "unknown_recipient",
+                            format!("no member or session of this mesh has the key {key}"),
+                        );
                     }
                     DirectRoute::Revoked => {
-                        return refuse("revoked_recipient", "the recipient was removed from this mesh".into());
+                        return refuse(
+                            "revoked_recipient",
+                            "the recipient was removed from this mesh".into(),
+                        );
                     }
                     DirectRoute::Deliver(target) => {
-                        let lease_ms = i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
+                        let lease_ms = i64::try_from(self.ctx.config.limits.ack_lease.as_millis())
+                            .unwrap_or(i64::MAX);
                         let lease_until = if target.acks.load(Ordering::SeqCst) {
                             now.saturating_add(lease_ms)
                         } else {
@@ -1147,21 +1327,33 @@ impl Live {
                                 frame,
                                 lease_until,
                             }),
-                            Vec::new(),
+                            None,
                         )
                     }
-                    DirectRoute::Queue(wake) => (None, wake),
+                    DirectRoute::Queue => (
+                        None,
+                        Some(Ticket {
+                            mesh: self.mesh.clone(),
+                            key,
+                        }),
+                    ),
                 }
             }
             TargetSpec::Broadcast | TargetSpec::Group(_) => {
                 let (delivered, dropped) = self.mesh.fan_out(&target, self.conn, &frame);
-                self.ctx.metrics.multicast_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
-                self.ctx.metrics.fanout_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .multicast_deliveries
+                    .fetch_add(delivered as u64, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .fanout_dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
                 // Multicast is live-only: keep the metadata for message_status, not the body.
                 row.delivered_at = Some(now);
                 row.nonce = String::new();
                 row.ciphertext = String::new();
-                (None, Vec::new())
+                (None, None)
             }
             TargetSpec::Channel(_) | TargetSpec::Tag(_) | TargetSpec::Name(_) => return None,
         };
@@ -1170,7 +1362,7 @@ impl Live {
         self.outbox.push_back(WriteOp::Insert {
             row: Box::new(row),
             delivery,
-            wake,
+            ticket,
             reply: Some(tx),
         });
         let metrics = self.ctx.metrics.clone();
@@ -1180,9 +1372,17 @@ impl Live {
                 Ok(Err(e)) => {
                     metrics.messages_rejected.inc("store_error");
                     warn!(cause = %e, "storing a message failed");
-                    (false, String::new(), Some("the broker could not store the message; retry".to_owned()))
+                    (
+                        false,
+                        String::new(),
+                        Some("the broker could not store the message; retry".to_owned()),
+                    )
                 }
-                Err(_) => (false, String::new(), Some("the broker is shutting down; retry".to_owned())),
+                Err(_) => (
+                    false,
+                    String::new(),
+                    Some("the broker is shutting down; retry".to_owned()),
+                ),
             };
             Some(
                 BrokerFrame::Ack(Ack {
@@ -1206,9 +1406,12 @@ impl Live {
         self.pending.push_back(Box::pin(async move {
             let not_found = |req_id| {
                 Some(
-                    BrokerFrame::Error(ErrorFrame::new("not_found", "no such message in this mesh").with_req_id(req_id))
-                        .to_json()
-                        .into(),
+                    BrokerFrame::Error(
+                        ErrorFrame::new("not_found", "no such message in this mesh")
+                            .with_req_id(req_id),
+                    )
+                    .to_json()
+                    .into(),
                 )
             };
             let row = match db.message_status(&message_id).await {
@@ -1218,7 +1421,8 @@ impl Live {
                     warn!(cause = %e, "message_status");
                     return Some(
                         BrokerFrame::Error(
-                            ErrorFrame::new("internal", "the broker's store is unavailable").with_req_id(req_id),
+                            ErrorFrame::new("internal", "the broker's store is unavailable")
+                                .with_req_id(req_id),
                         )
                         .to_json()
                         .into(),
@@ -1229,7 +1433,10 @@ impl Live {
             let recipients = match (&row.target_key, TargetSpec::parse(&row.target_spec)) {
                 (Some(key), _) => {
                     let live = mesh.live_names(key);
-                    let name = live.first().cloned().or_else(|| mesh.member(key).map(|m| m.display_name));
+                    let name = live
+                        .first()
+                        .cloned()
+                        .or_else(|| mesh.member(key).map(|m| m.display_name));
                     let status = if delivered {
                         "delivered"
                     } else if live.is_empty() {
@@ -1271,26 +1478,32 @@ impl Live {
 
     /// After the socket is gone: give back unwritten leases, leave the mesh, announce
     /// the departure, save the session state for "welcome back".
-    async fn teardown(mut self, mut unflushed: Vec<String>) {
-        // Stored messages that never reached the socket go back to the store's queue.
+    async fn teardown(mut self, unflushed: Vec<Sent>) {
+        // Stored messages that never reached the socket (or were never acknowledged) go
+        // back to the store's queue.
+        let mut ids: Vec<String> = unflushed.into_iter().map(|s| s.id).collect();
         self.rx.close();
         while let Ok(out) = self.rx.try_recv() {
-            if let Outbound::Stored { id, .. } = out {
-                unflushed.push(id);
+            if let Outbound::Stored { sent, .. } = out {
+                ids.push(sent.id);
             }
         }
-        unflushed.extend(self.leased.drain().map(|(id, _)| id));
-        let released = !unflushed.is_empty();
+        ids.extend(self.leased.drain().map(|(id, _)| id));
+        let released = !ids.is_empty();
         if released {
-            self.outbox.push_back(WriteOp::Release { ids: unflushed });
+            self.outbox.push_back(WriteOp::Release { ids });
         }
         // Save "welcome back" state and wait for it to commit before the presence goes,
         // so a quick reconnect restores it. (A reattached connection was already replaced
         // and has nothing to save.)
         let now = now_ms();
         let mesh_id = self.mesh.row.id.clone();
-        if let Some(state) = self.mesh.with_peer(self.conn, |p| peer_state(&mesh_id, p, now)) {
-            self.outbox.push_back(WriteOp::SavePeerState(Box::new(state)));
+        if let Some(state) = self
+            .mesh
+            .with_peer(self.conn, |p| peer_state(&mesh_id, p, now))
+        {
+            self.outbox
+                .push_back(WriteOp::SavePeerState(Box::new(state)));
         }
         while let Some(op) = self.outbox.pop_front() {
             if self.ctx.writer.send(op).await.is_err() {
@@ -1305,7 +1518,8 @@ impl Live {
             && peer.visible
         {
             let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), uuid_v4(), now);
-            self.mesh.announce(&frame, self.conn, Some(&self.member_pubkey));
+            self.mesh
+                .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
         if released && peer.is_some() {
             // Another session of the member may take over messages this one released.

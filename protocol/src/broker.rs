@@ -39,9 +39,8 @@ impl BrokerFrame {
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: every map key is a string and no
         // Serialize impl here returns an error.
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"{e}"}}"#)
-        })
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"type":"error","code":"internal","message":"{e}"}}"#))
     }
 }
 
@@ -155,10 +154,7 @@ pub struct Push {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_name: Option<String>,
     /// HEAD: the sender's idempotency id.
-    #[serde(
-        rename = "client_message_id",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "client_message_id", skip_serializing_if = "Option::is_none")]
     pub client_message_id: Option<String>,
 }
 

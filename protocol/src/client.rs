@@ -472,10 +472,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         }
         other => {
             let awaits_reply = lookup_kind(other).is_some_and(|(_, r)| r);
-            ClientFrame::Unsupported {
-                kind,
-                awaits_reply,
-            }
+            ClientFrame::Unsupported { kind, awaits_reply }
         }
     })
 }
@@ -489,36 +486,49 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
         g.as_ref().is_none_or(|g| {
             g.len() <= MAX_GROUPS
                 && g.iter().all(|e| {
-                    !e.name.is_empty() && e.name.len() <= MAX_NAME_LEN && opt_len(&e.role, MAX_NAME_LEN)
+                    !e.name.is_empty()
+                        && e.name.len() <= MAX_NAME_LEN
+                        && opt_len(&e.role, MAX_NAME_LEN)
                 })
         })
     }
+    let presence_ok = |names: [&Option<String>; 6], cwd: &Option<String>, groups| {
+        names.iter().all(|n| opt_len(n, MAX_NAME_LEN))
+            && opt_len(cwd, MAX_PATH_LEN)
+            && groups_ok(groups)
+    };
     match frame {
-        ClientFrame::Hello(h) => {
-            if !(opt_len(&h.display_name, MAX_NAME_LEN)
-                && opt_len(&h.session_id, MAX_NAME_LEN)
-                && opt_len(&h.cwd, MAX_PATH_LEN)
-                && opt_len(&h.hostname, MAX_NAME_LEN)
-                && opt_len(&h.peer_type, MAX_NAME_LEN)
-                && opt_len(&h.channel, MAX_NAME_LEN)
-                && opt_len(&h.model, MAX_NAME_LEN)
-                && groups_ok(&h.groups))
-            {
-                return Err("a hello field exceeds its length limit");
-            }
+        ClientFrame::Hello(h)
+            if !presence_ok(
+                [
+                    &h.display_name,
+                    &h.session_id,
+                    &h.hostname,
+                    &h.peer_type,
+                    &h.channel,
+                    &h.model,
+                ],
+                &h.cwd,
+                &h.groups,
+            ) =>
+        {
+            return Err("a hello field exceeds its length limit");
         }
-        ClientFrame::SessionHello(h) => {
-            if !(opt_len(&h.display_name, MAX_NAME_LEN)
-                && opt_len(&h.session_id, MAX_NAME_LEN)
-                && opt_len(&h.cwd, MAX_PATH_LEN)
-                && opt_len(&h.hostname, MAX_NAME_LEN)
-                && opt_len(&h.peer_type, MAX_NAME_LEN)
-                && opt_len(&h.channel, MAX_NAME_LEN)
-                && opt_len(&h.model, MAX_NAME_LEN)
-                && groups_ok(&h.groups))
-            {
-                return Err("a session_hello field exceeds its length limit");
-            }
+        ClientFrame::SessionHello(h)
+            if !presence_ok(
+                [
+                    &h.display_name,
+                    &h.session_id,
+                    &h.hostname,
+                    &h.peer_type,
+                    &h.channel,
+                    &h.model,
+                ],
+                &h.cwd,
+                &h.groups,
+            ) =>
+        {
+            return Err("a session_hello field exceeds its length limit");
         }
         ClientFrame::SetSummary { summary } if summary.len() > MAX_SUMMARY_LEN => {
             return Err("summary exceeds 16 KiB");
@@ -663,7 +673,8 @@ mod tests {
                 req_id: Some("r1".into())
             }
         );
-        let err = decode(r#"{"type":"send","id":"s1","_reqId":"r2","targetSpec":"*"}"#).unwrap_err();
+        let err =
+            decode(r#"{"type":"send","id":"s1","_reqId":"r2","targetSpec":"*"}"#).unwrap_err();
         let DecodeError::Invalid {
             kind,
             req_id,

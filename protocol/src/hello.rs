@@ -71,7 +71,12 @@ impl HelloError {
 }
 
 /// The UTF-8 bytes a member signs in `hello`: `meshId|memberId|pubkey|timestamp`.
-pub fn hello_signing_string(mesh_id: &str, member_id: &str, pubkey: &str, timestamp: i64) -> String {
+pub fn hello_signing_string(
+    mesh_id: &str,
+    member_id: &str,
+    pubkey: &str,
+    timestamp: i64,
+) -> String {
     format!("{mesh_id}|{member_id}|{pubkey}|{timestamp}")
 }
 
@@ -155,10 +160,12 @@ pub fn verify_session_hello(
 ) -> Result<VerifiedSessionHello, HelloError> {
     let session_pubkey =
         Pubkey::parse_hex(&hello.session_pubkey).map_err(|_| HelloError::BadSessionPubkey)?;
-    let member_pubkey = Pubkey::parse_hex(&hello.parent_member_pubkey)
-        .map_err(|_| HelloError::BadParentPubkey)?;
+    let member_pubkey =
+        Pubkey::parse_hex(&hello.parent_member_pubkey).map_err(|_| HelloError::BadParentPubkey)?;
     let att = &hello.parent_attestation;
-    if !att.session_pubkey.eq_ignore_ascii_case(&hello.session_pubkey)
+    if !att
+        .session_pubkey
+        .eq_ignore_ascii_case(&hello.session_pubkey)
         || !att
             .parent_member_pubkey
             .eq_ignore_ascii_case(&hello.parent_member_pubkey)
@@ -258,8 +265,10 @@ impl ReplayCache {
             return Err(HelloError::Busy);
         }
         // After timestamp + window the hello fails the skew check anyway.
-        self.seen
-            .insert(*signature.as_bytes(), timestamp.saturating_add(self.window_ms));
+        self.seen.insert(
+            *signature.as_bytes(),
+            timestamp.saturating_add(self.window_ms),
+        );
         Ok(())
     }
 
@@ -340,7 +349,9 @@ mod tests {
     fn non_integer_timestamp_is_skew() {
         let text = r#"{"type":"hello","meshId":"m","memberId":"u","pubkey":"aa","timestamp":1.5,"signature":"bb"}"#;
         assert_eq!(
-            verify_hello(&parse(text), NOW, DEFAULT_SKEW_MS).unwrap_err().code(),
+            verify_hello(&parse(text), NOW, DEFAULT_SKEW_MS)
+                .unwrap_err()
+                .code(),
             "timestamp_skew"
         );
     }
@@ -394,13 +405,26 @@ mod tests {
         };
         let ok = make(NOW + 3_600_000, NOW, &member);
         let v = verify_session_hello(&ok, NOW, DEFAULT_SKEW_MS).unwrap();
-        assert_eq!((v.member_pubkey, v.session_pubkey), (member.public(), session.public()));
+        assert_eq!(
+            (v.member_pubkey, v.session_pubkey),
+            (member.public(), session.public())
+        );
 
-        let codes = |h: &SessionHello| verify_session_hello(h, NOW, DEFAULT_SKEW_MS).unwrap_err().code();
+        let codes = |h: &SessionHello| {
+            verify_session_hello(h, NOW, DEFAULT_SKEW_MS)
+                .unwrap_err()
+                .code()
+        };
         assert_eq!(codes(&make(NOW - 1, NOW, &member)), "expired");
-        assert_eq!(codes(&make(NOW + 25 * 3_600_000, NOW, &member)), "ttl_too_long");
+        assert_eq!(
+            codes(&make(NOW + 25 * 3_600_000, NOW, &member)),
+            "ttl_too_long"
+        );
         assert_eq!(codes(&make(NOW + 1000, NOW, &session)), "bad_signature");
-        assert_eq!(codes(&make(NOW + 1000, NOW - 120_000, &member)), "timestamp_skew");
+        assert_eq!(
+            codes(&make(NOW + 1000, NOW - 120_000, &member)),
+            "timestamp_skew"
+        );
         let mut mismatch = ok.clone();
         mismatch.parent_attestation.session_pubkey = mpk.clone();
         assert_eq!(codes(&mismatch), "attestation_mismatch");

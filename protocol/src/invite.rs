@@ -131,8 +131,8 @@ impl InvitePayload {
         }
         let owner = Pubkey::parse_hex(&self.owner_pubkey)
             .map_err(|_| InviteError::Malformed("owner_pubkey"))?;
-        let sig =
-            Signature::parse_hex(&self.signature).map_err(|_| InviteError::Malformed("signature"))?;
+        let sig = Signature::parse_hex(&self.signature)
+            .map_err(|_| InviteError::Malformed("signature"))?;
         if owner.verify(self.signing_string().as_bytes(), &sig) {
             Ok(owner)
         } else {
@@ -198,9 +198,6 @@ mod tests {
         let (_, mut p) = sample();
         p.v = 2;
         assert_eq!(p.verify(), Err(InviteError::Version(2)));
-        assert_eq!(
-            InvitePayload::from_token("!!!"),
-            Err(InviteError::BadToken)
-        );
+        assert_eq!(InvitePayload::from_token("!!!"), Err(InviteError::BadToken));
     }
 }

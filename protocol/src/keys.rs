@@ -173,7 +173,9 @@ impl fmt::Debug for SecretKey {
 /// True when `s` is exactly 64 lowercase hex characters, the form claudemesh clients use
 /// to recognise a direct-message target.
 pub fn is_lower_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn decode_hex<const N: usize>(s: &str) -> Result<[u8; N], KeyError> {

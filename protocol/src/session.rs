@@ -124,8 +124,11 @@ impl Session {
             }
             Phase::Ready => match decoded {
                 Ok(inbound) if is_handshake(&inbound.frame) => Verdict::Reply(
-                    ErrorFrame::new("already_authenticated", "this connection already sent hello")
-                        .with_req_id(inbound.req_id),
+                    ErrorFrame::new(
+                        "already_authenticated",
+                        "this connection already sent hello",
+                    )
+                    .with_req_id(inbound.req_id),
                 ),
                 Ok(Inbound {
                     req_id,
@@ -133,11 +136,8 @@ impl Session {
                 }) => {
                     if awaits_reply {
                         Verdict::Reply(
-                            ErrorFrame::new(
-                                "unsupported",
-                                format!("meshd does not serve {kind}"),
-                            )
-                            .with_req_id(req_id),
+                            ErrorFrame::new("unsupported", format!("meshd does not serve {kind}"))
+                                .with_req_id(req_id),
                         )
                     } else {
                         Verdict::Ignore("unsupported")
@@ -160,8 +160,9 @@ impl Session {
                     awaits_reply,
                 }) => {
                     if awaits_reply {
-                        let mut e = ErrorFrame::new("malformed", format!("invalid {kind}: {reason}"))
-                            .with_req_id(req_id);
+                        let mut e =
+                            ErrorFrame::new("malformed", format!("invalid {kind}: {reason}"))
+                                .with_req_id(req_id);
                         e.id = id;
                         Verdict::Reply(e)
                     } else {
@@ -211,7 +212,10 @@ mod tests {
     fn handshake_then_requests() {
         let mut s = Session::new(0, 10_000);
         assert_eq!(code(&s.on_text(HELLO)), "handshake");
-        assert!(matches!(s.phase(), Phase::Authenticating { deadline: 10_000 }));
+        assert!(matches!(
+            s.phase(),
+            Phase::Authenticating { deadline: 10_000 }
+        ));
         s.accepted();
         assert_eq!(code(&s.on_text(r#"{"type":"list_peers"}"#)), "request");
         assert_eq!(code(&s.on_text(HELLO)), "already_authenticated");
@@ -224,7 +228,10 @@ mod tests {
             code(&s.on_text(r#"{"type":"recall","query":"q","_reqId":"r"}"#)),
             "unsupported"
         );
-        assert_eq!(code(&s.on_text(r#"{"type":"publish","stream":"s"}"#)), "unsupported");
+        assert_eq!(
+            code(&s.on_text(r#"{"type":"publish","stream":"s"}"#)),
+            "unsupported"
+        );
         // set_state with a bad body gets no reply (it never gets one)
         assert_eq!(code(&s.on_text(r#"{"type":"set_state"}"#)), "invalid");
         // a bad send is answered and carries the send's id
@@ -244,7 +251,10 @@ mod tests {
         let _ = s.on_text(HELLO);
         assert!(s.poll_timeout(11_000));
         s.retry();
-        assert!(matches!(s.phase(), Phase::AwaitingHello { deadline: 11_000 }));
+        assert!(matches!(
+            s.phase(),
+            Phase::AwaitingHello { deadline: 11_000 }
+        ));
         let _ = s.on_text(HELLO);
         s.accepted();
         assert!(!s.poll_timeout(i64::MAX));

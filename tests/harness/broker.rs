@@ -76,7 +76,10 @@ impl TestBroker {
     ///
     /// # Errors
     /// Startup failure.
-    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+    pub async fn start_with(
+        backend: Backend,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
         crate::init_tracing();
         let dir = tempfile::tempdir()?;
         let mut config = test_config(backend, dir.path()).await?;
@@ -151,7 +154,12 @@ impl TestBroker {
     ///
     /// # Errors
     /// Admin failure.
-    pub async fn invite(&self, slug: &str, role: Role, max_uses: i64) -> anyhow::Result<InviteCreated> {
+    pub async fn invite(
+        &self,
+        slug: &str,
+        role: Role,
+        max_uses: i64,
+    ) -> anyhow::Result<InviteCreated> {
         Ok(admin::create_invite(
             &self.db,
             &self.config,
@@ -168,7 +176,12 @@ impl TestBroker {
     ///
     /// # Errors
     /// Transport failure (HTTP errors are returned as status + body).
-    pub async fn join(&self, token: &str, keys: &Keypair, name: &str) -> anyhow::Result<(u16, Value)> {
+    pub async fn join(
+        &self,
+        token: &str,
+        keys: &Keypair,
+        name: &str,
+    ) -> anyhow::Result<(u16, Value)> {
         let payload = InvitePayload::from_token(token).map_err(|e| anyhow!("{e}"))?;
         let body = json!({
             "invite_token": token,
@@ -217,7 +230,12 @@ impl Drop for TestBroker {
 ///
 /// # Errors
 /// Transport failure or an unparseable response.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> anyhow::Result<(u16, String, Vec<u8>)> {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, String, Vec<u8>)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let body = body.unwrap_or_default();
     let head = format!(
@@ -241,7 +259,10 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no HTTP status")?;
-    if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         payload = dechunk(&payload)?;
     }
     Ok((status, headers, payload))
@@ -250,7 +271,10 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").context("chunk size")?;
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("chunk size")?;
         let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end])?.trim(), 16)?;
         data = &data[line_end + 2..];
         if size == 0 {
@@ -265,10 +289,19 @@ fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
 ///
 /// # Errors
 /// Transport failure or a non-JSON answer.
-pub async fn http_json(addr: SocketAddr, method: &str, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+pub async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<(u16, Value)> {
     let (status, _, payload) = http(addr, method, path, Some(body.to_string().as_bytes())).await?;
-    let v = serde_json::from_slice(&payload)
-        .with_context(|| format!("non-JSON answer ({status}): {}", String::from_utf8_lossy(&payload)))?;
+    let v = serde_json::from_slice(&payload).with_context(|| {
+        format!(
+            "non-JSON answer ({status}): {}",
+            String::from_utf8_lossy(&payload)
+        )
+    })?;
     Ok((status, v))
 }
 
@@ -289,7 +322,12 @@ impl DaemonProcess {
     ///
     /// # Errors
     /// The daemon did not become ready.
-    pub async fn spawn(binary: &str, data_dir: &Path, global_args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub async fn spawn(
+        binary: &str,
+        data_dir: &Path,
+        global_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let notify_dir = tempfile::tempdir()?;
         let sock_path = notify_dir.path().join("notify.sock");
         let notify = tokio::net::UnixDatagram::bind(&sock_path)?;
@@ -316,7 +354,9 @@ impl DaemonProcess {
                 bail!("daemon did not send READY=1");
             }
             // Bounded waits so the exit check above runs.
-            let n = match tokio::time::timeout(Duration::from_millis(200), notify.recv(&mut buf)).await {
+            let n = match tokio::time::timeout(Duration::from_millis(200), notify.recv(&mut buf))
+                .await
+            {
                 Ok(r) => r?,
                 Err(_) => continue,
             };
@@ -378,7 +418,11 @@ impl DaemonProcess {
 ///
 /// # Errors
 /// The binary could not be run.
-pub async fn run_cli(binary: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, String, String)> {
+pub async fn run_cli(
+    binary: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(i32, String, String)> {
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args(args).stdin(std::process::Stdio::null());
     for (k, v) in env {

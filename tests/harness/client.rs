@@ -102,7 +102,10 @@ impl Default for HelloOpts {
 /// Builds a signed `hello` exactly as the CLI does.
 pub fn hello_frame(member: &Member, opts: &HelloOpts, timestamp: i64) -> Value {
     let pubkey = member.keys.public_hex();
-    let canonical = format!("{}|{}|{}|{}", member.mesh_id, member.member_id, pubkey, timestamp);
+    let canonical = format!(
+        "{}|{}|{}|{}",
+        member.mesh_id, member.member_id, pubkey, timestamp
+    );
     let mut v = json!({
         "type": "hello",
         "meshId": member.mesh_id,
@@ -202,7 +205,9 @@ impl RawWs {
     pub async fn read(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             match msg {
                 Some(Ok(Message::Text(t))) => {
                     return Some(serde_json::from_str(t.as_str()).unwrap_or_else(|e| {
@@ -210,7 +215,10 @@ impl RawWs {
                     }));
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    self.closed = Some(frame.map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string())));
+                    self.closed =
+                        Some(frame.map(|CloseFrame { code, reason }| {
+                            (u16::from(code), reason.to_string())
+                        }));
                     return None;
                 }
                 Some(Ok(_)) => {}
@@ -226,7 +234,11 @@ impl RawWs {
     ///
     /// # Errors
     /// Timeout or close, with the frames seen.
-    pub async fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub async fn expect(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         self.expect_within(what, patience(), pred).await
     }
 
@@ -251,7 +263,11 @@ impl RawWs {
                 Some(v) => self.backlog.push_back(v),
                 None => bail!(
                     "waiting for {what}: {} (closed: {:?}); other frames seen: {:?}",
-                    if self.closed.is_some() { "socket closed" } else { "timed out" },
+                    if self.closed.is_some() {
+                        "socket closed"
+                    } else {
+                        "timed out"
+                    },
                     self.closed,
                     self.backlog
                 ),
@@ -308,7 +324,8 @@ impl Client {
     /// Connection failure or a refused hello (the error frame is in the message).
     pub async fn connect(url: &str, member: &Member, opts: HelloOpts) -> anyhow::Result<Self> {
         let mut ws = RawWs::connect(url).await?;
-        ws.send_json(&hello_frame(member, &opts, unique_ts())).await?;
+        ws.send_json(&hello_frame(member, &opts, unique_ts()))
+            .await?;
         let ack = ws
             .expect_within("hello_ack", Duration::from_secs(5).max(patience()), |v| {
                 v["type"] == "hello_ack" || v["type"] == "error"
@@ -375,11 +392,19 @@ impl Client {
     ///
     /// # Errors
     /// Timeout.
-    pub async fn send_envelope(&mut self, target: &str, priority: &str, nonce: &str, ciphertext: &str) -> anyhow::Result<Value> {
+    pub async fn send_envelope(
+        &mut self,
+        target: &str,
+        priority: &str,
+        nonce: &str,
+        ciphertext: &str,
+    ) -> anyhow::Result<Value> {
         let id = self.req_id();
         self.ws
-            .send_json(&json!({"type": "send", "id": id, "targetSpec": target, "priority": priority,
-                "nonce": nonce, "ciphertext": ciphertext}))
+            .send_json(
+                &json!({"type": "send", "id": id, "targetSpec": target, "priority": priority,
+                "nonce": nonce, "ciphertext": ciphertext}),
+            )
             .await?;
         self.ws
             .expect("ack", |v| v["type"] == "ack" && v["id"] == id.as_str())
@@ -411,9 +436,13 @@ impl Client {
     pub async fn expect_message(&mut self) -> anyhow::Result<(Value, String)> {
         let push = self
             .ws
-            .expect("a message push", |v| v["type"] == "push" && v.get("subtype").is_none())
+            .expect("a message push", |v| {
+                v["type"] == "push" && v.get("subtype").is_none()
+            })
             .await?;
-        let text = self.read_push(&push).ok_or_else(|| anyhow!("push does not decrypt: {push}"))?;
+        let text = self
+            .read_push(&push)
+            .ok_or_else(|| anyhow!("push does not decrypt: {push}"))?;
         Ok((push, text))
     }
 
@@ -459,7 +488,11 @@ impl Client {
     ///
     /// # Errors
     /// The deadline passed.
-    pub async fn until_peers(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub async fn until_peers(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         self.poll(what, json!({"type": "list_peers"}), pred).await
     }
 
@@ -467,12 +500,26 @@ impl Client {
     ///
     /// # Errors
     /// The deadline passed.
-    pub async fn until_status(&mut self, message_id: &Value, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub async fn until_status(
+        &mut self,
+        message_id: &Value,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let what = format!("message_status of {message_id}");
-        self.poll(&what, json!({"type": "message_status", "messageId": message_id}), pred).await
+        self.poll(
+            &what,
+            json!({"type": "message_status", "messageId": message_id}),
+            pred,
+        )
+        .await
     }
 
-    async fn poll(&mut self, what: &str, frame: Value, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    async fn poll(
+        &mut self,
+        what: &str,
+        frame: Value,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + patience();
         let mut pause = Duration::from_millis(5);
         loop {

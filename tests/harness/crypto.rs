@@ -82,13 +82,19 @@ pub fn seal_with_nonce(
 ) -> (String, String) {
     let rpk = x25519_public(recipient_ed25519_hex).expect("recipient key");
     let mut c = vec![0u8; plaintext.len() + 16];
-    crypto_box_easy(&mut c, plaintext, nonce, &rpk, &sender.x25519_secret()).expect("crypto_box_easy");
+    crypto_box_easy(&mut c, plaintext, nonce, &rpk, &sender.x25519_secret())
+        .expect("crypto_box_easy");
     (STANDARD.encode(nonce), STANDARD.encode(c))
 }
 
 /// Opens a DM like the CLI: `crypto_box_open_easy` with the push's `senderPubkey` and
 /// our own key. `None` when it does not authenticate.
-pub fn open(nonce_b64: &str, ciphertext_b64: &str, sender_ed25519_hex: &str, me: &Keypair) -> Option<String> {
+pub fn open(
+    nonce_b64: &str,
+    ciphertext_b64: &str,
+    sender_ed25519_hex: &str,
+    me: &Keypair,
+) -> Option<String> {
     let nonce: [u8; 24] = STANDARD.decode(nonce_b64).ok()?.try_into().ok()?;
     let c = STANDARD.decode(ciphertext_b64).ok()?;
     if c.len() < 16 {

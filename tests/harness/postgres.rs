@@ -45,7 +45,9 @@ fn random<const N: usize>() -> [u8; N] {
 
 /// `postgres://u@h:p/db?x` → same URL with database `name`.
 fn replace_database(url: &str, name: &str) -> String {
-    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
+    let (head, query) = url
+        .split_once('?')
+        .map_or((url, None), |(h, q)| (h, Some(q)));
     let scheme_end = head.find("://").map_or(0, |i| i + 3);
     let base = match head[scheme_end..].find('/') {
         Some(i) => &head[..scheme_end + i],
@@ -86,7 +88,10 @@ fn run_as_pg(bin: &Path, args: &[&str]) -> anyhow::Result<()> {
     } else {
         Command::new(bin)
     };
-    let out = cmd.args(args).output().with_context(|| format!("running {}", bin.display()))?;
+    let out = cmd
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
         bail!(
             "{} {:?} failed: {}{}",
@@ -101,7 +106,10 @@ fn run_as_pg(bin: &Path, args: &[&str]) -> anyhow::Result<()> {
 
 fn start_cluster() -> anyhow::Result<String> {
     let bin = bin_dir()?;
-    let dir = tempfile::Builder::new().prefix("meshd-pg-").tempdir()?.keep();
+    let dir = tempfile::Builder::new()
+        .prefix("meshd-pg-")
+        .tempdir()?
+        .keep();
     let data = dir.join("data");
     std::fs::create_dir(&data)?;
     if is_root() {
@@ -114,19 +122,39 @@ fn start_cluster() -> anyhow::Result<String> {
             bail!("chown postgres {} failed", dir.display());
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let data_s = data.to_string_lossy().to_string();
     let dir_s = dir.to_string_lossy().to_string();
-    run_as_pg(&bin.join("initdb"), &["-D", &data_s, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
+    run_as_pg(
+        &bin.join("initdb"),
+        &[
+            "-D",
+            &data_s,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+    )?;
     let opts = format!(
         "-p {port} -k {dir_s} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
     );
     let log = format!("{dir_s}/log");
-    run_as_pg(&bin.join("pg_ctl"), &["-D", &data_s, "-o", &opts, "-l", &log, "-w", "start"])?;
+    run_as_pg(
+        &bin.join("pg_ctl"),
+        &["-D", &data_s, "-o", &opts, "-l", &log, "-w", "start"],
+    )?;
     // Stop the cluster when this test process exits (nothing else would).
     let pg_ctl = bin.join("pg_ctl");
     let stop = if is_root() {
-        format!("runuser -u postgres -- {} -D {data_s} -m immediate stop", pg_ctl.display())
+        format!(
+            "runuser -u postgres -- {} -D {data_s} -m immediate stop",
+            pg_ctl.display()
+        )
     } else {
         format!("{} -D {data_s} -m immediate stop", pg_ctl.display())
     };
@@ -150,8 +178,17 @@ mod tests {
 
     #[test]
     fn database_replacement() {
-        assert_eq!(replace_database("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
-        assert_eq!(replace_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
-        assert_eq!(replace_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            replace_database("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            replace_database("postgres://u@h:1", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            replace_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
     }
 }

@@ -13,10 +13,19 @@ async fn spawn(dir: &std::path::Path, db_url: &Option<String>) -> anyhow::Result
         args.extend(["--database-url", url.as_str()]);
     }
     // No send rate limit: the test sends a burst.
-    DaemonProcess::spawn(DAEMON, dir, &args, &[("MESHD_LIMITS_SENDS_PER_SECOND", "0")]).await
+    DaemonProcess::spawn(
+        DAEMON,
+        dir,
+        &args,
+        &[("MESHD_LIMITS_SENDS_PER_SECOND", "0")],
+    )
+    .await
 }
 
-async fn setup(backend: Backend, dir: &std::path::Path) -> anyhow::Result<(Option<String>, meshd::store::Db, meshd_config::Config)> {
+async fn setup(
+    backend: Backend,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Option<String>, meshd::store::Db, meshd_config::Config)> {
     let config = meshd_tests::broker::test_config(backend, dir).await?;
     let db_url = match &config.storage.backend {
         meshd_config::Backend::Postgres { url } => Some(url.expose().clone()),
@@ -26,16 +35,36 @@ async fn setup(backend: Backend, dir: &std::path::Path) -> anyhow::Result<(Optio
     Ok((db_url, db, config))
 }
 
-async fn enroll(addr: std::net::SocketAddr, db: &meshd::store::Db, config: &meshd_config::Config, slug: &str, mesh_id: &str, name: &str) -> anyhow::Result<Member> {
-    let inv = meshd::admin::create_invite(db, config, slug, meshd_protocol::invite::Role::Member, 1,
-        std::time::Duration::from_secs(600), &format!("ws://{addr}/ws")).await?;
+async fn enroll(
+    addr: std::net::SocketAddr,
+    db: &meshd::store::Db,
+    config: &meshd_config::Config,
+    slug: &str,
+    mesh_id: &str,
+    name: &str,
+) -> anyhow::Result<Member> {
+    let inv = meshd::admin::create_invite(
+        db,
+        config,
+        slug,
+        meshd_protocol::invite::Role::Member,
+        1,
+        std::time::Duration::from_secs(600),
+        &format!("ws://{addr}/ws"),
+    )
+    .await?;
     let keys = Keypair::generate();
     let payload = meshd_protocol::invite::InvitePayload::from_token(&inv.token).unwrap();
     let (status, v) = meshd_tests::http_json(addr, "POST", "/join", &json!({
         "invite_token": inv.token, "invite_payload": payload, "peer_pubkey": keys.public_hex(), "display_name": name,
     })).await?;
     anyhow::ensure!(status == 200, "join: {v}");
-    Ok(Member { mesh_id: mesh_id.into(), member_id: v["memberId"].as_str().unwrap().into(), keys, display_name: name.into() })
+    Ok(Member {
+        mesh_id: mesh_id.into(),
+        member_id: v["memberId"].as_str().unwrap().into(),
+        keys,
+        display_name: name.into(),
+    })
 }
 
 both! {
@@ -85,13 +114,17 @@ async fn sigterm_drains_gracefully() -> anyhow::Result<()> {
     let mut daemon = spawn(dir.path(), &db_url).await?;
     let m = enroll(daemon.addr, &db, &config, &mesh.slug, &mesh.mesh_id, "m").await?;
     let mut c = Client::connect(&daemon.ws_url(), &m, HelloOpts::default()).await?;
-    c.send(json!({"type": "set_summary", "summary": "saved on shutdown"})).await?;
+    c.send(json!({"type": "set_summary", "summary": "saved on shutdown"}))
+        .await?;
     c.sync().await?;
     let mut idle = RawWs::connect(&daemon.ws_url()).await?;
     let (status, stopping) = daemon.terminate().await?;
     assert!(status.success(), "exit status {status}");
     assert!(stopping, "STOPPING=1 sent to the service manager");
-    assert_eq!(c.ws.expect_close().await, Some((1001, "shutting down".into())));
+    assert_eq!(
+        c.ws.expect_close().await,
+        Some((1001, "shutting down".into()))
+    );
     assert_eq!(idle.expect_close().await.map(|c| c.0), Some(1001));
     // The session state was saved: the next hello is a welcome back.
     let daemon = spawn(dir.path(), &db_url).await?;

@@ -5,7 +5,6 @@ use meshd_protocol::keys::SecretKey;
 use meshd_tests::{Backend, Keypair, TestBroker, http, http_json};
 use serde_json::json;
 
-
 both! {
     /// A member invite enrolls a member, and a second use of a one-use invite fails.
     async fn join_and_exhaust(b: Backend) -> anyhow::Result<()> {

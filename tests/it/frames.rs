@@ -11,13 +11,23 @@ async fn unknown_malformed_and_unsupported() -> anyhow::Result<()> {
     let mut a = broker.connect(&a).await?;
 
     let e = a.request(json!({"type": "teleport"})).await?;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unknown_message_type")));
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unknown_message_type"))
+    );
     // HEAD clients probe with frames meshd does not know and expect exactly this code.
     let e = a.request(json!({"type": "topic_list"})).await?;
     assert_eq!(e["code"], "unknown_message_type");
 
     // Malformed JSON never closes the socket and gets no (uncorrelatable) reply.
-    for junk in ["{", "[]", "\"str\"", "{\"type\":7}", "null", "{\"no\":\"type\"}"] {
+    for junk in [
+        "{",
+        "[]",
+        "\"str\"",
+        "{\"type\":7}",
+        "null",
+        "{\"no\":\"type\"}",
+    ] {
         a.ws.send_text(junk).await?;
     }
     a.ws.send_binary(vec![0, 1, 2]).await?;
@@ -29,23 +39,39 @@ async fn unknown_malformed_and_unsupported() -> anyhow::Result<()> {
     // waits for an answer, silence when it does not (a stray reply would be matched to
     // the wrong waiter by the CLI).
     let e = a.request(json!({"type": "recall", "query": "x"})).await?;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unsupported")));
-    a.send(json!({"type": "publish", "stream": "s", "data": 1})).await?;
-    a.send(json!({"type": "set_status", "status": "sleeping"})).await?;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unsupported"))
+    );
+    a.send(json!({"type": "publish", "stream": "s", "data": 1}))
+        .await?;
+    a.send(json!({"type": "set_status", "status": "sleeping"}))
+        .await?;
     a.send(json!({"type": "join_group"})).await?;
     a.sync().await?;
     assert!(a.ws.backlog().is_empty(), "{:?}", a.ws.backlog());
-    let metrics = String::from_utf8(meshd_tests::http(broker.addr, "GET", "/metrics", None).await?.2)?;
-    assert!(metrics.contains("meshd_frames_dropped_total{reason=\"malformed\"} 6"), "{metrics}");
+    let metrics = String::from_utf8(
+        meshd_tests::http(broker.addr, "GET", "/metrics", None)
+            .await?
+            .2,
+    )?;
+    assert!(
+        metrics.contains("meshd_frames_dropped_total{reason=\"malformed\"} 6"),
+        "{metrics}"
+    );
     assert!(metrics.contains("meshd_frames_dropped_total{reason=\"binary\"} 1"));
     Ok(())
 }
 
 #[tokio::test]
 async fn oversized_frame_closes_only_its_connection() -> anyhow::Result<()> {
-    let broker = TestBroker::start_with(Backend::Sqlite, |c| c.limits.max_frame_bytes = 64 * 1024).await?;
+    let broker =
+        TestBroker::start_with(Backend::Sqlite, |c| c.limits.max_frame_bytes = 64 * 1024).await?;
     let mesh = broker.create_mesh("big").await?;
-    let (a, b) = (broker.enroll(&mesh, "a").await?, broker.enroll(&mesh, "b").await?);
+    let (a, b) = (
+        broker.enroll(&mesh, "a").await?,
+        broker.enroll(&mesh, "b").await?,
+    );
     let mut a = broker.connect(&a).await?;
     let mut b = broker.connect(&b).await?;
     // Just under the limit is fine (a peer-file relay needs frames this large).
@@ -54,7 +80,10 @@ async fn oversized_frame_closes_only_its_connection() -> anyhow::Result<()> {
     assert_eq!(ack["queued"], true);
     assert_eq!(b.expect_message().await?.1.len(), 60 * 1024 * 3 / 4);
     // Over it: the offender is closed with 1009; everyone else carries on.
-    let huge = format!("{{\"type\":\"send\",\"targetSpec\":\"*\",\"nonce\":\"\",\"ciphertext\":\"{}\"}}", "A".repeat(100 * 1024));
+    let huge = format!(
+        "{{\"type\":\"send\",\"targetSpec\":\"*\",\"nonce\":\"\",\"ciphertext\":\"{}\"}}",
+        "A".repeat(100 * 1024)
+    );
     a.ws.send_text(huge).await?;
     let close = a.ws.expect_close().await;
     assert_eq!(close.map(|c| c.0), Some(1009));

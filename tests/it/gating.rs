@@ -6,7 +6,6 @@ use std::time::Duration;
 use meshd_tests::{Backend, Client, HelloOpts, Keypair, TestBroker};
 use serde_json::json;
 
-
 both! {
     /// `working` and `dnd` hold `next` and `low` but not `now`; going idle releases the
     /// held messages at once, in order (the reference waited for a hook or reconnect).
@@ -93,11 +92,20 @@ async fn hot_path_and_backlog_keep_order() -> anyhow::Result<()> {
     // pushes must interleave without reordering or duplicating.
     let broker = TestBroker::start(Backend::Sqlite).await?;
     let mesh = broker.create_mesh("order").await?;
-    let (a, r) = (broker.enroll(&mesh, "a").await?, broker.enroll(&mesh, "r").await?);
+    let (a, r) = (
+        broker.enroll(&mesh, "a").await?,
+        broker.enroll(&mesh, "r").await?,
+    );
     let session = Keypair::generate();
-    let opts = HelloOpts { session: Some(session.clone()), ..HelloOpts::default() };
+    let opts = HelloOpts {
+        session: Some(session.clone()),
+        ..HelloOpts::default()
+    };
     // Bind the session key first so DMs to it are accepted while it is offline.
-    Client::connect(&broker.ws_url(), &r, opts.clone()).await?.close().await;
+    Client::connect(&broker.ws_url(), &r, opts.clone())
+        .await?
+        .close()
+        .await;
     let rk = session.public_hex();
     let mut ac = broker.connect(&a).await?;
     let total = 600;

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use meshd_tests::{Backend, Client, HelloOpts, Keypair, RawWs, TestBroker, hello_frame, now_ms, unique_ts};
+use meshd_tests::{
+    Backend, Client, HelloOpts, Keypair, RawWs, TestBroker, hello_frame, now_ms, unique_ts,
+};
 use serde_json::{Value, json};
-
 
 /// Sends one frame on a fresh socket; returns the error frame and the close frame.
 async fn refused(url: &str, frame: &Value) -> anyhow::Result<(Value, Option<(u16, String)>)> {
@@ -18,8 +19,13 @@ async fn refused(url: &str, frame: &Value) -> anyhow::Result<(Value, Option<(u16
 fn assert_refusal(got: &(Value, Option<(u16, String)>), code: &str, close_code: u16) {
     let (err, close) = got;
     assert_eq!(err["code"], code, "{err}");
-    assert!(err.get("_reqId").is_none() && err.get("id").is_none(), "handshake errors are uncorrelated: {err}");
-    let (c, reason) = close.clone().unwrap_or_else(|| panic!("no close frame after {code}"));
+    assert!(
+        err.get("_reqId").is_none() && err.get("id").is_none(),
+        "handshake errors are uncorrelated: {err}"
+    );
+    let (c, reason) = close
+        .clone()
+        .unwrap_or_else(|| panic!("no close frame after {code}"));
     assert_eq!(c, close_code, "close code for {code}");
     if close_code == 1008 {
         assert_eq!(reason, code);
@@ -117,29 +123,46 @@ both! {
 
 #[tokio::test]
 async fn no_hello_and_timeout() -> anyhow::Result<()> {
-    let broker = TestBroker::start_with(Backend::Sqlite, |c| c.limits.hello_timeout = Duration::from_millis(500)).await?;
+    let broker = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.limits.hello_timeout = Duration::from_millis(500)
+    })
+    .await?;
     let mut ws = RawWs::connect(&broker.ws_url()).await?;
-    ws.send_json(&json!({"type": "list_peers", "_reqId": "r1"})).await?;
+    ws.send_json(&json!({"type": "list_peers", "_reqId": "r1"}))
+        .await?;
     let e = ws.expect("no_hello", |v| v["type"] == "error").await?;
     assert_eq!(e["code"], "no_hello");
-    assert!(e.get("_reqId").is_none(), "no_hello is uncorrelated, as the reference");
+    assert!(
+        e.get("_reqId").is_none(),
+        "no_hello is uncorrelated, as the reference"
+    );
     // The socket stays open until the handshake deadline, then closes with 1008.
     let close = ws.expect_close().await.expect("close frame");
     assert_eq!(close, (1008, "hello timeout".to_owned()));
-    let metrics = meshd_tests::http(broker.addr, "GET", "/metrics", None).await?.2;
+    let metrics = meshd_tests::http(broker.addr, "GET", "/metrics", None)
+        .await?
+        .2;
     let text = String::from_utf8(metrics)?;
-    assert!(text.contains("meshd_connections_rejected_total{reason=\"hello_timeout\"} 1"), "{text}");
+    assert!(
+        text.contains("meshd_connections_rejected_total{reason=\"hello_timeout\"} 1"),
+        "{text}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn capacity_per_mesh() -> anyhow::Result<()> {
-    let broker = TestBroker::start_with(Backend::Sqlite, |c| c.limits.max_connections_per_mesh = 1).await?;
+    let broker =
+        TestBroker::start_with(Backend::Sqlite, |c| c.limits.max_connections_per_mesh = 1).await?;
     let mesh = broker.create_mesh("small").await?;
     let a = broker.enroll(&mesh, "a").await?;
     let b = broker.enroll(&mesh, "b").await?;
     let _a = broker.connect(&a).await?;
-    let got = refused(&broker.ws_url(), &hello_frame(&b, &HelloOpts::default(), unique_ts())).await?;
+    let got = refused(
+        &broker.ws_url(),
+        &hello_frame(&b, &HelloOpts::default(), unique_ts()),
+    )
+    .await?;
     assert_refusal(&got, "capacity", 1008);
     Ok(())
 }

@@ -3,16 +3,22 @@
 use meshd_tests::{Backend, TestBroker, http};
 use serde_json::Value;
 
-
 #[tokio::test]
 async fn health_metrics_cors_404() -> anyhow::Result<()> {
     let broker = TestBroker::start(Backend::Sqlite).await?;
     let (status, headers, body) = http(broker.addr, "GET", "/health", None).await?;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_slice(&body)?;
-    assert_eq!((v["status"].as_str(), v["db"].as_str()), (Some("ok"), Some("up")));
+    assert_eq!(
+        (v["status"].as_str(), v["db"].as_str()),
+        (Some("ok"), Some("up"))
+    );
     assert!(v["uptime"].is_u64() && v["version"].is_string());
-    assert!(headers.to_ascii_lowercase().contains("access-control-allow-origin: *"));
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: *")
+    );
 
     let (status, headers, body) = http(broker.addr, "GET", "/metrics", None).await?;
     assert_eq!(status, 200);
@@ -68,14 +74,19 @@ async fn health_reports_a_dead_store() -> anyhow::Result<()> {
         meshd_config::Backend::Sqlite { .. } => unreachable!(),
     };
     let (base, db_name) = url.rsplit_once('/').unwrap();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db_name} WITH (FORCE)")))
-        .execute(&mut admin)
-        .await?;
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/postgres")).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {db_name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
     let addr = broker.addr;
     meshd_tests::eventually("health 503", || async move {
         let (status, _, body) = http(addr, "GET", "/health", None).await.ok()?;
-        (status == 503).then(|| serde_json::from_slice::<Value>(&body).ok()).flatten()
+        (status == 503)
+            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .flatten()
     })
     .await
     .map(|v| assert_eq!(v["db"], "down"))

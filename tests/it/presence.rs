@@ -4,9 +4,11 @@
 use meshd_tests::{Backend, Client, HelloOpts, Keypair, TestBroker};
 use serde_json::{Value, json};
 
-
 fn find<'a>(peers: &'a Value, key: &str) -> Option<&'a Value> {
-    peers["peers"].as_array()?.iter().find(|p| p["pubkey"] == key)
+    peers["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["pubkey"] == key)
 }
 
 both! {
@@ -177,15 +179,24 @@ async fn reattach_same_session_key_is_silent() -> anyhow::Result<()> {
     // presence (HEAD's reattach): no ghost duplicate, no join/leave noise.
     let broker = TestBroker::start(Backend::Sqlite).await?;
     let mesh = broker.create_mesh("reattach").await?;
-    let (w, r) = (broker.enroll(&mesh, "w").await?, broker.enroll(&mesh, "r").await?);
+    let (w, r) = (
+        broker.enroll(&mesh, "w").await?,
+        broker.enroll(&mesh, "r").await?,
+    );
     let mut w = broker.connect(&w).await?;
     let session = Keypair::generate();
-    let opts = HelloOpts { session: Some(session.clone()), ..HelloOpts::default() };
+    let opts = HelloOpts {
+        session: Some(session.clone()),
+        ..HelloOpts::default()
+    };
     let mut old = Client::connect(&broker.ws_url(), &r, opts.clone()).await?;
     w.expect_event("peer_joined").await?;
     let new = Client::connect(&broker.ws_url(), &r, opts).await?;
     assert_eq!(new.hello_ack["presenceId"], old.hello_ack["presenceId"]);
-    assert_eq!(old.ws.expect_close().await, Some((1000, "session_replaced".into())));
+    assert_eq!(
+        old.ws.expect_close().await,
+        Some((1000, "session_replaced".into()))
+    );
     let peers = w.sync().await?;
     assert_eq!(peers["peers"].as_array().unwrap().len(), 2);
     assert!(w.ws.drain_backlog(|v| v["subtype"] == "system").is_empty());

@@ -4,7 +4,6 @@
 use meshd_tests::{Backend, Client, HelloOpts, Keypair, TestBroker};
 use serde_json::json;
 
-
 both! {
     /// A DM sealed with crypto_box between session keys is pushed with the sender's
     /// session key, so the recipient can open it (§0.3).
@@ -179,17 +178,27 @@ async fn size_and_rate_limits() -> anyhow::Result<()> {
     let mut a = broker.connect(&a).await?;
     let big = "A".repeat(2000);
     let ack = a.send_envelope("*", "next", "", &big).await?;
-    assert!(ack["error"].as_str().unwrap().contains("too large"), "{ack}");
+    assert!(
+        ack["error"].as_str().unwrap().contains("too large"),
+        "{ack}"
+    );
     let mut refused = 0;
     for _ in 0..5 {
         let ack = a.multicast("*", "spam").await?;
-        if ack["error"].as_str().is_some_and(|e| e.starts_with("rate_limit")) {
+        if ack["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("rate_limit"))
+        {
             refused += 1;
         }
     }
     // The oversized send used one token; two more pass, then the bucket is empty.
     assert!(refused >= 2, "{refused} refused");
-    let metrics = String::from_utf8(meshd_tests::http(broker.addr, "GET", "/metrics", None).await?.2)?;
+    let metrics = String::from_utf8(
+        meshd_tests::http(broker.addr, "GET", "/metrics", None)
+            .await?
+            .2,
+    )?;
     assert!(metrics.contains("meshd_messages_rejected_total{reason=\"rate_limited\"}"));
     assert!(metrics.contains("meshd_messages_rejected_total{reason=\"too_large\"} 1"));
     Ok(())

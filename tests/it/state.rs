@@ -4,7 +4,6 @@
 use meshd_tests::{Backend, TestBroker};
 use serde_json::json;
 
-
 both! {
     async fn shared_state(b: Backend) -> anyhow::Result<()> {
         let broker = TestBroker::start(b).await?;
@@ -52,14 +51,23 @@ both! {
 
 #[tokio::test]
 async fn oversized_state_is_refused_silently() -> anyhow::Result<()> {
-    let broker = TestBroker::start_with(Backend::Sqlite, |c| c.limits.max_state_value_bytes = 100).await?;
+    let broker =
+        TestBroker::start_with(Backend::Sqlite, |c| c.limits.max_state_value_bytes = 100).await?;
     let mesh = broker.create_mesh("big-state").await?;
     let a = broker.enroll(&mesh, "a").await?;
     let mut a = broker.connect(&a).await?;
-    a.send(json!({"type": "set_state", "key": "k", "value": "x".repeat(500)})).await?;
+    a.send(json!({"type": "set_state", "key": "k", "value": "x".repeat(500)}))
+        .await?;
     let r = a.request(json!({"type": "get_state", "key": "k"})).await?;
     assert!(r["value"].is_null(), "{r}");
-    let metrics = String::from_utf8(meshd_tests::http(broker.addr, "GET", "/metrics", None).await?.2)?;
-    assert!(metrics.contains("meshd_frames_dropped_total{reason=\"state_too_large\"} 1"), "{metrics}");
+    let metrics = String::from_utf8(
+        meshd_tests::http(broker.addr, "GET", "/metrics", None)
+            .await?
+            .2,
+    )?;
+    assert!(
+        metrics.contains("meshd_frames_dropped_total{reason=\"state_too_large\"} 1"),
+        "{metrics}"
+    );
     Ok(())
 }

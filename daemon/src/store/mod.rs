@@ -225,7 +225,9 @@ impl Db {
     /// Closes the pool (and, for SQLite, folds the WAL back into the database file).
     pub async fn close(&self) {
         if let Self::Sqlite(pool) = self {
-            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(pool).await;
+            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(pool)
+                .await;
         }
         with_db!(self, p => p.close().await);
     }
@@ -298,7 +300,9 @@ impl Db {
     ) -> Result<Option<MemberRow>, StoreError> {
         const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at \
                            FROM member WHERE mesh_id = $1 AND pubkey = $2";
-        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(pubkey).fetch_optional(p).await)?)
+        Ok(
+            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(pubkey).fetch_optional(p).await)?,
+        )
     }
 
     /// Revokes a member by id or public key. Returns the member if it was live.
@@ -365,7 +369,9 @@ impl Db {
     ) -> Result<Option<PeerStateRow>, StoreError> {
         const SQL: &str = "SELECT mesh_id, member_id, groups, profile, visible, last_summary, last_display_name, stats, last_seen_at \
                            FROM peer_state WHERE mesh_id = $1 AND member_id = $2";
-        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(member_id).fetch_optional(p).await)?)
+        Ok(
+            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(member_id).fetch_optional(p).await)?,
+        )
     }
 
     /// A message's delivery record.
@@ -437,7 +443,10 @@ pub(crate) enum WriterConn {
 
 impl WriterConn {
     /// Opens the writer connection for `backend`.
-    pub(crate) async fn open(backend: &Backend, durability: Durability) -> Result<Self, StoreError> {
+    pub(crate) async fn open(
+        backend: &Backend,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
         use sqlx::Connection as _;
         match backend {
             Backend::Sqlite { path } => Ok(Self::Sqlite(
@@ -446,7 +455,9 @@ impl WriterConn {
             Backend::Postgres { url } => {
                 let mut conn = sqlx::PgConnection::connect_with(&pg_options(url.expose())?).await?;
                 if durability == Durability::Fsync {
-                    sqlx::query("SET synchronous_commit = on").execute(&mut conn).await?;
+                    sqlx::query("SET synchronous_commit = on")
+                        .execute(&mut conn)
+                        .await?;
                 }
                 Ok(Self::Postgres(conn))
             }

@@ -16,8 +16,8 @@
 //! operation fails alone.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
 
 use axum::extract::ws::Utf8Bytes;
 use sqlx::{AssertSqlSafe, Connection as _};
@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{StoreError, WriterConn};
-use crate::hub::{Outbound, PeerShared};
+use crate::hub::{MeshHub, Outbound, PeerShared, Sent};
 use crate::metrics::Metrics;
 
 /// A row of the `message` table to insert.
@@ -52,6 +52,21 @@ pub(crate) struct NewMessage {
 }
 
 const MESSAGE_COLUMNS: usize = 18;
+
+/// A slow-path message counted as pending for its key (see `hub`). Dropping it uncounts
+/// the message and wakes the key's peers, so it is dropped only after the insert commits
+/// (or failed) — and an operation lost at shutdown cannot leave a count behind.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub(crate) mesh: Arc<MeshHub>,
+    pub(crate) key: String,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.mesh.committed(&self.key);
+    }
+}
 
 /// A hot-path push to attempt while inserting.
 #[derive(Debug)]
@@ -151,17 +166,19 @@ pub(crate) struct PeerStateWrite {
 /// An operation for the writer.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
-    /// Store a message; push it first if `delivery` is set; then wake `wake`.
+    /// Store a message; push it first if `delivery` is set; settle `ticket` after.
     Insert {
         row: Box<NewMessage>,
         delivery: Option<Delivery>,
-        wake: Vec<Arc<PeerShared>>,
+        ticket: Option<Ticket>,
         reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
     /// Messages written to their recipient's socket (clients that do not acknowledge).
     MarkDelivered { ids: Vec<String>, at: i64 },
     /// Give leases back (connection closed before writing them).
     Release { ids: Vec<String> },
+    /// Shorten leases to `until` (rows written to a client that acknowledges).
+    Lease { ids: Vec<String>, until: i64 },
     /// `client_ack`.
     Ack {
         mesh_id: String,
@@ -199,7 +216,7 @@ pub(crate) enum WriteOp {
     Sweep {
         delivered_before: i64,
         now: i64,
-        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+        reply: oneshot::Sender<Result<Swept, StoreError>>,
     },
     /// Clear every lease (at startup, when no connection can hold one).
     ClearLeases,
@@ -252,7 +269,12 @@ impl WriterHandle {
 }
 
 /// Creates the writer's channel. Run the returned [`Writer`] on the daemon's tracker.
-pub(crate) fn channel(conn: WriterConn, capacity: usize, max_batch: usize, metrics: Arc<Metrics>) -> (WriterHandle, Writer) {
+pub(crate) fn channel(
+    conn: WriterConn,
+    capacity: usize,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+) -> (WriterHandle, Writer) {
     let (tx, rx) = mpsc::channel(capacity);
     (
         WriterHandle { tx },
@@ -274,15 +296,33 @@ pub(crate) struct Writer {
     metrics: Arc<Metrics>,
 }
 
+/// Rows removed by a sweep.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Swept {
+    /// Delivered messages past their retention.
+    pub(crate) delivered: u64,
+    /// Undelivered messages past their TTL.
+    pub(crate) expired: u64,
+}
+
+/// Where an operation's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
 /// Replies to send once the transaction commits.
 #[derive(Default)]
 struct Done {
-    unit: Vec<oneshot::Sender<Result<(), StoreError>>>,
-    wake: Vec<Arc<PeerShared>>,
-    claims: Vec<(oneshot::Sender<Result<Claimed, StoreError>>, Claimed)>,
-    binds: Vec<(oneshot::Sender<Result<BindOutcome, StoreError>>, BindOutcome)>,
-    joins: Vec<(oneshot::Sender<Result<JoinOutcome, StoreError>>, JoinOutcome)>,
-    sweeps: Vec<(oneshot::Sender<Result<(u64, u64), StoreError>>, (u64, u64))>,
+    unit: Vec<Reply<()>>,
+    tickets: Vec<Ticket>,
+    claims: Vec<(Reply<Claimed>, Claimed)>,
+    binds: Vec<(
+        oneshot::Sender<Result<BindOutcome, StoreError>>,
+        BindOutcome,
+    )>,
+    joins: Vec<(
+        oneshot::Sender<Result<JoinOutcome, StoreError>>,
+        JoinOutcome,
+    )>,
+    sweeps: Vec<(Reply<Swept>, Swept)>,
     flushes: Vec<oneshot::Sender<()>>,
 }
 
@@ -291,9 +331,7 @@ impl Done {
         for r in self.unit {
             let _ = r.send(Ok(()));
         }
-        for p in self.wake {
-            p.committed();
-        }
+        drop(self.tickets);
         for (r, v) in self.claims {
             let _ = r.send(Ok(v));
         }
@@ -390,15 +428,18 @@ impl Writer {
     }
 }
 
+/// An insert with its ticket and reply.
+type PlannedInsert = (Box<NewMessage>, Option<Ticket>, Option<Reply<()>>);
+
 /// A batch sorted by kind (see the module docs).
 #[derive(Default)]
 struct Plan {
-    inserts: Vec<(Box<NewMessage>, Vec<Arc<PeerShared>>, Option<oneshot::Sender<Result<(), StoreError>>>)>,
+    inserts: Vec<PlannedInsert>,
     hot: Vec<Option<Delivery>>,
     releases: Vec<String>,
     delivered: Vec<(String, i64)>,
     misc: Vec<WriteOp>,
-    claims: Vec<(Box<ClaimSpec>, oneshot::Sender<Result<Claimed, StoreError>>)>,
+    claims: Vec<(Box<ClaimSpec>, Reply<Claimed>)>,
 }
 
 impl Plan {
@@ -409,14 +450,16 @@ impl Plan {
                 WriteOp::Insert {
                     row,
                     delivery,
-                    wake,
+                    ticket,
                     reply,
                 } => {
-                    p.inserts.push((row, wake, reply));
+                    p.inserts.push((row, ticket, reply));
                     p.hot.push(delivery);
                 }
                 WriteOp::Release { ids } => p.releases.extend(ids),
-                WriteOp::MarkDelivered { ids, at } => p.delivered.extend(ids.into_iter().map(|i| (i, at))),
+                WriteOp::MarkDelivered { ids, at } => {
+                    p.delivered.extend(ids.into_iter().map(|i| (i, at)))
+                }
                 WriteOp::Claim { spec, reply } => p.claims.push((spec, reply)),
                 other => p.misc.push(other),
             }
@@ -435,7 +478,7 @@ impl Plan {
     /// Attempts the hot-path pushes, in channel order, and records the lease on rows
     /// whose push was accepted. A refused push leaves the row for a drain.
     fn push_hot(&mut self) {
-        for ((row, wake, _), delivery) in self.inserts.iter_mut().zip(self.hot.iter_mut()) {
+        for ((row, _, _), delivery) in self.inserts.iter_mut().zip(self.hot.iter_mut()) {
             let Some(d) = delivery.take() else { continue };
             // The recipient may have fallen behind since the sender decided.
             // A full queue is not a slow-consumer offence here: the message is durable,
@@ -444,18 +487,21 @@ impl Plan {
                 && d.target
                     .tx
                     .try_send(Outbound::Stored {
-                        id: row.id.clone(),
                         frame: d.frame,
+                        sent: Sent {
+                            id: row.id.clone(),
+                            client_id: row.client_message_id.clone(),
+                            finite_lease: d.lease_until != i64::MAX,
+                        },
                     })
                     .is_ok();
+            tracing::trace!(id = %row.id, conn = d.target.conn_id, pushed, "hot path");
             if pushed {
                 row.lease_conn = i64::try_from(d.target.conn_id).ok();
                 row.lease_until = Some(d.lease_until);
             } else {
+                // Drained instead; marked before the commit, so no drain can miss it.
                 d.target.invalidate();
-                wake.push(d.target.clone());
-                // `committed()` decrements inflight: balance it.
-                d.target.inflight.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
@@ -501,13 +547,11 @@ impl Plan {
     fn fail(self, e: &StoreError) {
         error!(cause = %e, "store write failed");
         let err = || StoreError::Corrupt(format!("write failed: {e}"));
-        for (_, wake, reply) in self.inserts {
+        for (_, ticket, reply) in self.inserts {
             if let Some(r) = reply {
                 let _ = r.send(Err(err()));
             }
-            for p in wake {
-                p.committed();
-            }
+            drop(ticket);
         }
         for m in self.misc {
             match m {
@@ -585,6 +629,7 @@ struct SqlCache {
     insert: Vec<Arc<str>>,
     delivered: Vec<Arc<str>>,
     release: Vec<Arc<str>>,
+    lease: Vec<Arc<str>>,
 }
 
 fn sql_cache() -> &'static SqlCache {
@@ -620,6 +665,16 @@ fn sql_cache() -> &'static SqlCache {
                     Arc::from(in_list_sql(
                         "UPDATE message SET lease_conn = NULL, lease_until = NULL WHERE delivered_at IS NULL AND id IN ",
                         1,
+                        n,
+                        "",
+                    ))
+                })
+                .collect(),
+            lease: (0..=max)
+                .map(|n| {
+                    Arc::from(in_list_sql(
+                        "UPDATE message SET lease_until = $1 WHERE delivered_at IS NULL AND id IN ",
+                        2,
                         n,
                         "",
                     ))
@@ -664,13 +719,17 @@ const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups
        last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
 
 const JOIN_INVITE_SQL: &str = "SELECT id, mesh_id, role, max_uses, used_count, expires_at, revoked_at FROM invite WHERE token = $1";
-const JOIN_MEMBER_SQL: &str = "SELECT id, revoked_at FROM member WHERE mesh_id = $1 AND pubkey = $2";
-const JOIN_USE_SQL: &str = "UPDATE invite SET used_count = used_count + 1 WHERE id = $1 AND used_count < max_uses";
+const JOIN_MEMBER_SQL: &str =
+    "SELECT id, revoked_at FROM member WHERE mesh_id = $1 AND pubkey = $2";
+const JOIN_USE_SQL: &str =
+    "UPDATE invite SET used_count = used_count + 1 WHERE id = $1 AND used_count < max_uses";
 const JOIN_INSERT_SQL: &str = "INSERT INTO member (id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, invite_id) \
      VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)";
 
-const SWEEP_DELIVERED_SQL: &str = "DELETE FROM message WHERE delivered_at IS NOT NULL AND delivered_at < $1";
-const SWEEP_EXPIRED_SQL: &str = "DELETE FROM message WHERE delivered_at IS NULL AND expires_at <= $1";
+const SWEEP_DELIVERED_SQL: &str =
+    "DELETE FROM message WHERE delivered_at IS NOT NULL AND delivered_at < $1";
+const SWEEP_EXPIRED_SQL: &str =
+    "DELETE FROM message WHERE delivered_at IS NULL AND expires_at <= $1";
 const CLEAR_LEASES_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
      WHERE delivered_at IS NULL AND lease_conn IS NOT NULL";
 
@@ -694,7 +753,11 @@ struct JoinMember {
 /// Expands the batch executor for one backend (the SQL is shared; the types differ).
 macro_rules! executor {
     ($name:ident, $conn:ty, $begin:expr) => {
-        async fn $name(conn: &mut $conn, plan: &mut Plan, done: &mut Done) -> Result<(), StoreError> {
+        async fn $name(
+            conn: &mut $conn,
+            plan: &mut Plan,
+            done: &mut Done,
+        ) -> Result<(), StoreError> {
             let mut tx = $begin(conn).await?;
             let cache = sql_cache();
 
@@ -704,11 +767,24 @@ macro_rules! executor {
                 let mut q = sqlx::query(AssertSqlSafe(cache.insert[chunk.len()].clone()));
                 for r in chunk {
                     q = q
-                        .bind(&r.id).bind(&r.mesh_id).bind(&r.sender_member_id).bind(&r.sender_pubkey)
-                        .bind(&r.sender_member_pubkey).bind(&r.sender_name).bind(&r.target_spec)
-                        .bind(&r.target_key).bind(r.priority).bind(&r.nonce).bind(&r.ciphertext)
-                        .bind(&r.subtype).bind(&r.client_message_id).bind(r.created_at)
-                        .bind(r.expires_at).bind(r.delivered_at).bind(r.lease_conn).bind(r.lease_until);
+                        .bind(&r.id)
+                        .bind(&r.mesh_id)
+                        .bind(&r.sender_member_id)
+                        .bind(&r.sender_pubkey)
+                        .bind(&r.sender_member_pubkey)
+                        .bind(&r.sender_name)
+                        .bind(&r.target_spec)
+                        .bind(&r.target_key)
+                        .bind(r.priority)
+                        .bind(&r.nonce)
+                        .bind(&r.ciphertext)
+                        .bind(&r.subtype)
+                        .bind(&r.client_message_id)
+                        .bind(r.created_at)
+                        .bind(r.expires_at)
+                        .bind(r.delivered_at)
+                        .bind(r.lease_conn)
+                        .bind(r.lease_until);
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -726,7 +802,8 @@ macro_rules! executor {
             if let Some(at) = plan.delivered.iter().map(|(_, at)| *at).max() {
                 let ids: Vec<&String> = plan.delivered.iter().map(|(id, _)| id).collect();
                 for chunk in chunked(&ids) {
-                    let mut q = sqlx::query(AssertSqlSafe(cache.delivered[chunk.len()].clone())).bind(at);
+                    let mut q =
+                        sqlx::query(AssertSqlSafe(cache.delivered[chunk.len()].clone())).bind(at);
                     for id in chunk {
                         q = q.bind(*id);
                     }
@@ -741,56 +818,129 @@ macro_rules! executor {
             let mut flushes = Vec::new();
             for (i, op) in plan.misc.iter().enumerate() {
                 match op {
-                    WriteOp::Ack { mesh_id, keys, message_id, client_message_id, at } => {
+                    WriteOp::Ack {
+                        mesh_id,
+                        keys,
+                        message_id,
+                        client_message_id,
+                        at,
+                    } => {
                         sqlx::query(ACK_SQL)
-                            .bind(at).bind(mesh_id).bind(&keys[0]).bind(&keys[1])
-                            .bind(message_id).bind(client_message_id)
-                            .execute(&mut *tx).await?;
+                            .bind(at)
+                            .bind(mesh_id)
+                            .bind(&keys[0])
+                            .bind(&keys[1])
+                            .bind(message_id)
+                            .bind(client_message_id)
+                            .execute(&mut *tx)
+                            .await?;
                     }
-                    WriteOp::BindSession { mesh_id, pubkey, member_id, now, .. } => {
+                    WriteOp::BindSession {
+                        mesh_id,
+                        pubkey,
+                        member_id,
+                        now,
+                        ..
+                    } => {
                         let owner: Option<String> = sqlx::query_scalar(BIND_SQL)
-                            .bind(mesh_id).bind(pubkey).bind(member_id).bind(now)
-                            .fetch_optional(&mut *tx).await?;
-                        binds.push((i, if owner.is_some() { BindOutcome::Bound } else { BindOutcome::Taken }));
+                            .bind(mesh_id)
+                            .bind(pubkey)
+                            .bind(member_id)
+                            .bind(now)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        binds.push((
+                            i,
+                            if owner.is_some() {
+                                BindOutcome::Bound
+                            } else {
+                                BindOutcome::Taken
+                            },
+                        ));
                     }
-                    WriteOp::SetState { mesh_id, key, value, updated_by, at } => {
+                    WriteOp::SetState {
+                        mesh_id,
+                        key,
+                        value,
+                        updated_by,
+                        at,
+                    } => {
                         sqlx::query(SET_STATE_SQL)
-                            .bind(mesh_id).bind(key).bind(&**value).bind(updated_by).bind(at)
-                            .execute(&mut *tx).await?;
+                            .bind(mesh_id)
+                            .bind(key)
+                            .bind(&**value)
+                            .bind(updated_by)
+                            .bind(at)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     WriteOp::SavePeerState(s) => {
                         sqlx::query(PEER_STATE_SQL)
-                            .bind(&s.mesh_id).bind(&s.member_id).bind(&s.groups).bind(&s.profile)
-                            .bind(s.visible).bind(&s.last_summary).bind(&s.last_display_name)
-                            .bind(&s.stats).bind(s.at)
-                            .execute(&mut *tx).await?;
+                            .bind(&s.mesh_id)
+                            .bind(&s.member_id)
+                            .bind(&s.groups)
+                            .bind(&s.profile)
+                            .bind(s.visible)
+                            .bind(&s.last_summary)
+                            .bind(&s.last_display_name)
+                            .bind(&s.stats)
+                            .bind(s.at)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     WriteOp::Join(j) => {
                         let invite: Option<JoinInvite> = sqlx::query_as(JOIN_INVITE_SQL)
-                            .bind(&j.token).fetch_optional(&mut *tx).await?;
+                            .bind(&j.token)
+                            .fetch_optional(&mut *tx)
+                            .await?;
                         let outcome = match invite {
                             None => JoinOutcome::Refused("invite_not_found"),
-                            Some(inv) if inv.mesh_id != j.mesh_id => JoinOutcome::Refused("invite_mesh_mismatch"),
-                            Some(inv) if inv.revoked_at.is_some() => JoinOutcome::Refused("invite_revoked"),
-                            Some(inv) if inv.expires_at <= j.now => JoinOutcome::Refused("invite_expired"),
+                            Some(inv) if inv.mesh_id != j.mesh_id => {
+                                JoinOutcome::Refused("invite_mesh_mismatch")
+                            }
+                            Some(inv) if inv.revoked_at.is_some() => {
+                                JoinOutcome::Refused("invite_revoked")
+                            }
+                            Some(inv) if inv.expires_at <= j.now => {
+                                JoinOutcome::Refused("invite_expired")
+                            }
                             Some(inv) => {
                                 let existing: Option<JoinMember> = sqlx::query_as(JOIN_MEMBER_SQL)
-                                    .bind(&j.mesh_id).bind(&j.pubkey).fetch_optional(&mut *tx).await?;
+                                    .bind(&j.mesh_id)
+                                    .bind(&j.pubkey)
+                                    .fetch_optional(&mut *tx)
+                                    .await?;
                                 match existing {
-                                    Some(m) if m.revoked_at.is_some() => JoinOutcome::Refused("member_revoked"),
+                                    Some(m) if m.revoked_at.is_some() => {
+                                        JoinOutcome::Refused("member_revoked")
+                                    }
                                     Some(m) => JoinOutcome::AlreadyMember { member_id: m.id },
-                                    None if inv.used_count >= inv.max_uses => JoinOutcome::Refused("invite_exhausted"),
+                                    None if inv.used_count >= inv.max_uses => {
+                                        JoinOutcome::Refused("invite_exhausted")
+                                    }
                                     None => {
-                                        let used = sqlx::query(JOIN_USE_SQL).bind(&inv.id)
-                                            .execute(&mut *tx).await?.rows_affected();
+                                        let used = sqlx::query(JOIN_USE_SQL)
+                                            .bind(&inv.id)
+                                            .execute(&mut *tx)
+                                            .await?
+                                            .rows_affected();
                                         if used == 0 {
                                             JoinOutcome::Refused("invite_exhausted")
                                         } else {
                                             sqlx::query(JOIN_INSERT_SQL)
-                                                .bind(&j.new_member_id).bind(&j.mesh_id).bind(&j.pubkey)
-                                                .bind(&j.display_name).bind(&inv.role).bind(j.now).bind(&inv.id)
-                                                .execute(&mut *tx).await?;
-                                            JoinOutcome::Joined { member_id: j.new_member_id.clone(), role: inv.role }
+                                                .bind(&j.new_member_id)
+                                                .bind(&j.mesh_id)
+                                                .bind(&j.pubkey)
+                                                .bind(&j.display_name)
+                                                .bind(&inv.role)
+                                                .bind(j.now)
+                                                .bind(&inv.id)
+                                                .execute(&mut *tx)
+                                                .await?;
+                                            JoinOutcome::Joined {
+                                                member_id: j.new_member_id.clone(),
+                                                role: inv.role,
+                                            }
                                         }
                                     }
                                 }
@@ -798,18 +948,47 @@ macro_rules! executor {
                         };
                         joins.push((i, outcome));
                     }
-                    WriteOp::Sweep { delivered_before, now, .. } => {
-                        let old = sqlx::query(SWEEP_DELIVERED_SQL).bind(delivered_before)
-                            .execute(&mut *tx).await?.rows_affected();
-                        let expired = sqlx::query(SWEEP_EXPIRED_SQL).bind(now)
-                            .execute(&mut *tx).await?.rows_affected();
-                        sweeps.push((i, (old, expired)));
+                    WriteOp::Sweep {
+                        delivered_before,
+                        now,
+                        ..
+                    } => {
+                        let old = sqlx::query(SWEEP_DELIVERED_SQL)
+                            .bind(delivered_before)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        let expired = sqlx::query(SWEEP_EXPIRED_SQL)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        sweeps.push((
+                            i,
+                            Swept {
+                                delivered: old,
+                                expired,
+                            },
+                        ));
+                    }
+                    WriteOp::Lease { ids, until } => {
+                        for chunk in chunked(ids) {
+                            let mut q =
+                                sqlx::query(AssertSqlSafe(cache.lease[chunk.len()].clone()))
+                                    .bind(until);
+                            for id in chunk {
+                                q = q.bind(id);
+                            }
+                            q.execute(&mut *tx).await?;
+                        }
                     }
                     WriteOp::ClearLeases => {
                         sqlx::query(CLEAR_LEASES_SQL).execute(&mut *tx).await?;
                     }
                     WriteOp::Flush(_) => flushes.push(i),
-                    WriteOp::Insert { .. } | WriteOp::MarkDelivered { .. } | WriteOp::Release { .. }
+                    WriteOp::Insert { .. }
+                    | WriteOp::MarkDelivered { .. }
+                    | WriteOp::Release { .. }
                     | WriteOp::Claim { .. } => {}
                 }
             }
@@ -818,30 +997,43 @@ macro_rules! executor {
             let mut claims = Vec::with_capacity(plan.claims.len());
             for (spec, _) in &plan.claims {
                 let mut rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_SQL)
-                    .bind(spec.conn).bind(spec.lease_until).bind(&spec.mesh_id)
-                    .bind(&spec.member_key).bind(&spec.session_key).bind(spec.now)
-                    .bind(spec.max_priority).bind(spec.limit)
-                    .fetch_all(&mut *tx).await?;
+                    .bind(spec.conn)
+                    .bind(spec.lease_until)
+                    .bind(&spec.mesh_id)
+                    .bind(&spec.member_key)
+                    .bind(&spec.session_key)
+                    .bind(spec.now)
+                    .bind(spec.max_priority)
+                    .bind(spec.limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
                 rows.sort_by_key(|r| r.seq);
                 let next_lease_expiry = if (rows.len() as i64) < spec.limit {
                     sqlx::query_scalar::<_, Option<i64>>(NEXT_LEASE_SQL)
-                        .bind(&spec.mesh_id).bind(&spec.member_key).bind(&spec.session_key)
-                        .bind(spec.now).bind(i64::MAX)
-                        .fetch_one(&mut *tx).await?
+                        .bind(&spec.mesh_id)
+                        .bind(&spec.member_key)
+                        .bind(&spec.session_key)
+                        .bind(spec.now)
+                        .bind(i64::MAX)
+                        .fetch_one(&mut *tx)
+                        .await?
                 } else {
                     None
                 };
-                claims.push(Claimed { rows, next_lease_expiry });
+                claims.push(Claimed {
+                    rows,
+                    next_lease_expiry,
+                });
             }
 
             tx.commit().await?;
 
             // Success: move the replies out of the plan.
-            for (_, wake, reply) in plan.inserts.drain(..) {
+            for (_, ticket, reply) in plan.inserts.drain(..) {
                 if let Some(r) = reply {
                     done.unit.push(r);
                 }
-                done.wake.extend(wake);
+                done.tickets.extend(ticket);
             }
             for ((_, reply), claimed) in plan.claims.drain(..).zip(claims) {
                 done.claims.push((reply, claimed));
@@ -874,13 +1066,17 @@ macro_rules! executor {
     };
 }
 
-async fn begin_sqlite(c: &mut sqlx::SqliteConnection) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, sqlx::Error> {
+async fn begin_sqlite(
+    c: &mut sqlx::SqliteConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, sqlx::Error> {
     // IMMEDIATE takes the write lock up front, so a concurrent admin command makes us
     // wait (busy timeout) instead of failing a read-then-write upgrade.
     c.begin_with("BEGIN IMMEDIATE").await
 }
 
-async fn begin_pg(c: &mut sqlx::PgConnection) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+async fn begin_pg(
+    c: &mut sqlx::PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
     c.begin().await
 }
 
