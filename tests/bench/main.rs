@@ -1,1 +1,682 @@
-fn main() {}
+//! meshd-bench: a claudemesh load generator for meshd, with the same patterns run
+//! against `nats-server` for comparison.
+//!
+//! It spawns the broker under test (a release build of `meshd` by default) on loopback
+//! with a throw-away data directory, enrolls members through the real `/join`, and speaks
+//! the claudemesh protocol: signed hellos, `send` frames, `push` frames. DM payloads are
+//! sealed with crypto_box once and reused: the broker treats them as opaque bytes, and
+//! sealing each one would spend the generator's CPU, not the broker's.
+//!
+//! Run `ulimit -n 65536` first for the idle-connection scenario.
+
+mod nats;
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt as _, StreamExt as _};
+use meshd_protocol::invite::InvitePayload;
+use meshd_tests::{DaemonProcess, HelloOpts, Keypair, Member, hello_frame, http_json, run_cli, unique_ts};
+use serde::Deserialize;
+use serde_json::json;
+use stats::Samples;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[derive(Parser)]
+#[command(name = "meshd-bench", about = "Load generator for meshd (claudemesh protocol) with nats-server baselines")]
+struct Args {
+    /// The meshd binary to test (default: release build in $CARGO_TARGET_DIR).
+    #[arg(long, global = true)]
+    daemon: Option<String>,
+    /// nats-server binary for the nats-* baselines.
+    #[arg(long, global = true, default_value = "nats-server")]
+    nats: String,
+    /// Measurement time per throughput scenario.
+    #[arg(long, global = true, default_value = "10s")]
+    duration: String,
+    /// `durability` setting of the broker under test (normal or fsync).
+    #[arg(long, global = true, default_value = "normal")]
+    durability: String,
+    /// Plaintext size of each message, bytes.
+    #[arg(long, global = true, default_value_t = 128)]
+    size: usize,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Clone)]
+enum Scenario {
+    /// DM round trip A→B→A, one at a time.
+    Rtt {
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
+    /// Sustained delivered DMs/s with N sender→receiver pairs.
+    Throughput {
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        /// Sends in flight per sender (awaiting their ack).
+        #[arg(long, default_value_t = 128)]
+        window: usize,
+    },
+    /// Broadcast (`*`) deliveries/s to N peers.
+    Broadcast {
+        #[arg(long, default_value_t = 16)]
+        peers: usize,
+        #[arg(long, default_value_t = 128)]
+        window: usize,
+    },
+    /// Resident memory per idle authenticated connection.
+    Idle {
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        conns: Vec<usize>,
+    },
+    /// Handshake time: connect + hello → hello_ack.
+    Handshake {
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+    /// The NATS baselines: round trip, 10 pairs, 16-way fan-out, idle connections.
+    Nats {
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        #[arg(long, default_value_t = 16)]
+        peers: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        conns: Vec<usize>,
+    },
+    /// Everything, meshd and NATS, one after the other.
+    All,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let duration = meshd_config::parse_duration(&args.duration).map_err(|e| anyhow::anyhow!(e))?;
+    let daemon = args.daemon.clone().unwrap_or_else(|| {
+        let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        format!("{dir}/release/meshd")
+    });
+    let b = Bench {
+        daemon,
+        durability: args.durability.clone(),
+        size: args.size,
+        duration,
+    };
+    match args.scenario {
+        Scenario::Rtt { count } => b.rtt(count).await,
+        Scenario::Throughput { pairs, window } => b.throughput(pairs, window).await,
+        Scenario::Broadcast { peers, window } => b.broadcast(peers, window).await,
+        Scenario::Idle { conns } => b.idle(&conns).await,
+        Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
+        Scenario::Nats { pairs, peers, conns } => nats_suite(&args.nats, pairs, peers, &conns, args.size, duration).await,
+        Scenario::All => {
+            b.rtt(5000).await?;
+            b.throughput(10, 128).await?;
+            b.broadcast(16, 128).await?;
+            b.handshake(2000, 1).await?;
+            b.handshake(4000, 32).await?;
+            b.idle(&[1000, 10000]).await?;
+            nats_suite(&args.nats, 10, 16, &[1000, 10000], args.size, duration).await
+        }
+    }
+}
+
+struct Bench {
+    daemon: String,
+    durability: String,
+    size: usize,
+    duration: Duration,
+}
+
+/// A broker under test with one mesh.
+struct Broker {
+    proc: DaemonProcess,
+    _dir: tempfile::TempDir,
+    mesh_id: String,
+    slug: String,
+}
+
+impl Bench {
+    async fn start(&self) -> anyhow::Result<Broker> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("bench.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[storage]\ndurability = \"{}\"\n[limits]\nsends_per_second = 0\nmax_connections = 60000\n\
+                 max_connections_per_mesh = 60000\n[log]\nlevel = \"warn\"\n",
+                self.durability
+            ),
+        )?;
+        let d = dir.path().to_str().context("utf-8 path")?.to_owned();
+        let (code, out, err) = run_cli(&self.daemon, &["--data-dir", &d, "mesh", "create", "bench", "--json"], &[]).await?;
+        if code != 0 {
+            bail!("mesh create failed: {err}");
+        }
+        let mesh: serde_json::Value = serde_json::from_str(out.trim())?;
+        let proc = DaemonProcess::spawn(
+            &self.daemon,
+            dir.path(),
+            &["--config", cfg.to_str().context("path")?],
+            &[("MESHD_LOG_LEVEL", "warn")],
+        )
+        .await?;
+        Ok(Broker {
+            proc,
+            _dir: dir,
+            mesh_id: mesh["mesh_id"].as_str().context("mesh_id")?.to_owned(),
+            slug: "bench".into(),
+        })
+    }
+
+    fn plaintext(&self) -> String {
+        "x".repeat(self.size)
+    }
+
+    async fn rtt(&self, count: usize) -> anyhow::Result<()> {
+        let broker = self.start().await?;
+        let members = broker.enroll(2).await?;
+        let mut a = Conn::connect(&broker, &members[0]).await?;
+        let mut b = Conn::connect(&broker, &members[1]).await?;
+        let (a_key, b_key) = (a.key.clone(), b.key.clone());
+        let to_b = a.sealed(&b_key, &self.plaintext());
+        let to_a = b.sealed(&a_key, &self.plaintext());
+        let echo = tokio::spawn(async move {
+            for _ in 0..count + 100 {
+                b.next_push().await?;
+                b.send_raw(&to_a).await?;
+            }
+            anyhow::Ok(())
+        });
+        let mut samples = Samples::with_capacity(count);
+        for i in 0..count + 100 {
+            let t = Instant::now();
+            a.send_raw(&to_b).await?;
+            a.next_push().await?;
+            if i >= 100 {
+                samples.push(t.elapsed());
+            }
+        }
+        echo.await??;
+        println!("meshd  rtt        DM A→B→A (two stored DMs per round trip): {}", samples.summary());
+        Ok(())
+    }
+
+    async fn throughput(&self, pairs: usize, window: usize) -> anyhow::Result<()> {
+        let broker = self.start().await?;
+        let members = broker.enroll(pairs * 2).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut receivers = Vec::new();
+        let mut senders = Vec::new();
+        for p in 0..pairs {
+            let mut r = Conn::connect(&broker, &members[2 * p + 1]).await?;
+            let s = Conn::connect(&broker, &members[2 * p]).await?;
+            let frame = s.sealed(&r.key, &self.plaintext());
+            let (stop_r, delivered_r) = (stop.clone(), delivered.clone());
+            receivers.push(tokio::spawn(async move {
+                while !stop_r.load(Ordering::Relaxed) {
+                    if tokio::time::timeout(Duration::from_secs(2), r.next_push()).await.is_ok() {
+                        delivered_r.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(())
+            }));
+            let stop_s = stop.clone();
+            senders.push(tokio::spawn(async move { s.pump(&frame, window, &stop_s).await }));
+        }
+        let (rate, acks) = measure(&delivered, self.duration, &stop, senders).await?;
+        for r in receivers {
+            r.abort();
+        }
+        let mut acks = acks;
+        println!(
+            "meshd  throughput {pairs} pairs, window {window}: {rate:.0} delivered DMs/s; send→ack {}",
+            acks.summary()
+        );
+        Ok(())
+    }
+
+    async fn broadcast(&self, peers: usize, window: usize) -> anyhow::Result<()> {
+        let broker = self.start().await?;
+        let members = broker.enroll(peers + 1).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut receivers = Vec::new();
+        for m in &members[1..] {
+            let mut r = Conn::connect(&broker, m).await?;
+            let (stop_r, delivered_r) = (stop.clone(), delivered.clone());
+            receivers.push(tokio::spawn(async move {
+                while !stop_r.load(Ordering::Relaxed) {
+                    if tokio::time::timeout(Duration::from_secs(2), r.next_push()).await.is_ok() {
+                        delivered_r.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let s = Conn::connect(&broker, &members[0]).await?;
+        let text = self.plaintext();
+        use base64::Engine as _;
+        let body = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
+        let frame = format!(
+            r#"{{"type":"send","id":"b","targetSpec":"*","priority":"next","nonce":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","ciphertext":"{body}"}}"#
+        );
+        let stop_s = stop.clone();
+        let sender = tokio::spawn(async move { s.pump(&frame, window, &stop_s).await });
+        let (rate, mut acks) = measure(&delivered, self.duration, &stop, vec![sender]).await?;
+        for r in receivers {
+            r.abort();
+        }
+        println!(
+            "meshd  broadcast  1 sender → {peers} peers: {rate:.0} deliveries/s ({:.0} sends/s); send→ack {}",
+            rate / peers as f64,
+            acks.summary()
+        );
+        Ok(())
+    }
+
+    async fn idle(&self, counts: &[usize]) -> anyhow::Result<()> {
+        let need = counts.iter().max().copied().unwrap_or(0) as u64 + 1000;
+        if stats::nofile_limit() < need {
+            bail!("open-file limit {} is below {need}: run `ulimit -n 65536` first", stats::nofile_limit());
+        }
+        for &n in counts {
+            let broker = self.start().await?;
+            let members = broker.enroll(50).await?;
+            let pid = broker.proc.pid().context("pid")?;
+            // One warm connection so lazily-loaded state (mesh, caches) is in the baseline.
+            let _warm = Conn::connect(&broker, &members[0]).await?;
+            settle().await;
+            let before = stats::rss_kib(pid)?;
+            let mut conns = Vec::with_capacity(n);
+            let mut pending = futures_util::stream::FuturesUnordered::new();
+            let mut next = 0;
+            while conns.len() < n {
+                while next < n && pending.len() < 256 {
+                    let m = members[next % members.len()].clone();
+                    let broker = &broker;
+                    pending.push(async move { Conn::connect(broker, &m).await });
+                    next += 1;
+                }
+                if let Some(c) = pending.next().await {
+                    conns.push(c?);
+                }
+            }
+            drop(pending);
+            settle().await;
+            let after = stats::rss_kib(pid)?;
+            println!(
+                "meshd  idle       {n} authenticated connections: RSS {before} KiB → {after} KiB, {:.1} KiB per connection",
+                (after.saturating_sub(before)) as f64 / n as f64
+            );
+            drop(conns);
+        }
+        Ok(())
+    }
+
+    async fn handshake(&self, count: usize, concurrency: usize) -> anyhow::Result<()> {
+        let broker = self.start().await?;
+        let members = broker.enroll(20).await?;
+        let started = Instant::now();
+        let mut samples = Samples::with_capacity(count);
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let mut next = 0;
+        let mut done = 0;
+        while done < count {
+            while next < count && pending.len() < concurrency {
+                let m = members[next % members.len()].clone();
+                let broker = &broker;
+                pending.push(async move {
+                    let t = Instant::now();
+                    let c = Conn::connect(broker, &m).await?;
+                    let took = t.elapsed();
+                    drop(c);
+                    anyhow::Ok(took)
+                });
+                next += 1;
+            }
+            if let Some(r) = pending.next().await {
+                samples.push(r?);
+                done += 1;
+            }
+        }
+        let rate = count as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "meshd  handshake  connect+hello→hello_ack, concurrency {concurrency}: {rate:.0}/s; {}",
+            samples.summary()
+        );
+        Ok(())
+    }
+}
+
+/// Lets the broker finish background work before a memory reading.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+/// Warm up for 2 s, then count deliveries over `duration`. Returns (per second, send→ack
+/// samples taken during the measurement).
+async fn measure(
+    delivered: &AtomicU64,
+    duration: Duration,
+    stop: &AtomicBool,
+    senders: Vec<tokio::task::JoinHandle<anyhow::Result<Samples>>>,
+) -> anyhow::Result<(f64, Samples)> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = delivered.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(duration).await;
+    let n = delivered.load(Ordering::Relaxed) - start;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Samples::default();
+    for s in senders {
+        all.extend(s.await??);
+    }
+    Ok((rate, all))
+}
+
+impl Broker {
+    /// Enrolls `n` members through one multi-use invite and `/join`.
+    async fn enroll(&self, n: usize) -> anyhow::Result<Vec<Member>> {
+        let d = self.proc.data_dir.to_str().context("path")?;
+        let url = self.proc.ws_url();
+        let (code, out, err) = run_cli(
+            &self.proc.binary,
+            &["--data-dir", d, "invite", "create", "--mesh", &self.slug, "--max-uses", &n.to_string(),
+              "--public-url", &url, "--json"],
+            &[],
+        )
+        .await?;
+        if code != 0 {
+            bail!("invite create failed: {err}");
+        }
+        let inv: serde_json::Value = serde_json::from_str(out.trim())?;
+        let token = inv["token"].as_str().context("token")?;
+        let payload = InvitePayload::from_token(token).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let keys = Keypair::generate();
+            let (status, v) = http_json(self.proc.addr, "POST", "/join", &json!({
+                "invite_token": token, "invite_payload": payload,
+                "peer_pubkey": keys.public_hex(), "display_name": format!("bench-{i}"),
+            }))
+            .await?;
+            if status != 200 {
+                bail!("join: {v}");
+            }
+            out.push(Member {
+                mesh_id: self.mesh_id.clone(),
+                member_id: v["memberId"].as_str().context("memberId")?.to_owned(),
+                keys,
+                display_name: format!("bench-{i}"),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The fields of a broker frame the generator looks at.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default, borrow)]
+    subtype: Option<&'a str>,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A lean authenticated connection (no JSON trees, no backlog).
+struct Conn {
+    ws: Ws,
+    key: String,
+    session: Keypair,
+}
+
+impl Conn {
+    async fn connect(broker: &Broker, m: &Member) -> anyhow::Result<Self> {
+        let session = Keypair::generate();
+        let opts = HelloOpts {
+            session: Some(session.clone()),
+            session_id: Some(format!("bench-{}", meshd_tests::now_ms() as u64 ^ u64::from(rand_u32()))),
+            ..HelloOpts::default()
+        };
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(broker.proc.ws_url(), None, true).await?;
+        ws.send(Message::Text(hello_frame(m, &opts, unique_ts()).to_string().into())).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let f: Frame<'_> = serde_json::from_str(t.as_str())?;
+                    if f.kind == "hello_ack" {
+                        break;
+                    }
+                    if f.kind == "error" {
+                        bail!("hello refused: {}", t.as_str());
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => bail!("closed during hello"),
+            }
+        }
+        Ok(Self {
+            ws,
+            key: session.public_hex(),
+            session,
+        })
+    }
+
+    /// A `send` frame with a DM sealed once for `to`.
+    fn sealed(&self, to: &str, text: &str) -> String {
+        let (nonce, c) = meshd_tests::crypto::seal(text, to, &self.session);
+        format!(r#"{{"type":"send","id":"x","targetSpec":"{to}","priority":"now","nonce":"{nonce}","ciphertext":"{c}"}}"#)
+    }
+
+    async fn send_raw(&mut self, frame: &str) -> anyhow::Result<()> {
+        self.ws.send(Message::Text(frame.to_owned().into())).await?;
+        Ok(())
+    }
+
+    /// Waits for the next message push (acks and events are skipped).
+    async fn next_push(&mut self) -> anyhow::Result<()> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let f: Frame<'_> = serde_json::from_str(t.as_str())?;
+                    if f.kind == "push" && f.subtype.is_none() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => bail!("connection closed"),
+            }
+        }
+    }
+
+    /// Sends `frame` continuously with up to `window` unacknowledged; returns the
+    /// send→ack latencies.
+    async fn pump(mut self, frame: &str, window: usize, stop: &AtomicBool) -> anyhow::Result<Samples> {
+        let mut inflight = std::collections::VecDeque::with_capacity(window);
+        let mut samples = Samples::default();
+        let msg = Message::Text(frame.to_owned().into());
+        while !stop.load(Ordering::Relaxed) {
+            while inflight.len() < window {
+                self.ws.feed(msg.clone()).await?;
+                inflight.push_back(Instant::now());
+            }
+            self.ws.flush().await?;
+            match tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let f: Frame<'_> = serde_json::from_str(t.as_str())?;
+                    if f.kind == "ack" {
+                        if t.as_str().contains("\"error\"") {
+                            bail!("send refused: {}", t.as_str());
+                        }
+                        if let Some(sent) = inflight.pop_front() {
+                            samples.push(sent.elapsed());
+                        }
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => bail!("connection closed"),
+                Err(_) => bail!("no ack for 5 s"),
+            }
+        }
+        Ok(samples)
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("randomness");
+    u32::from_le_bytes(b)
+}
+
+/// The same patterns on nats-server: request/reply round trip, N pairs, fan-out, idle.
+async fn nats_suite(binary: &str, pairs: usize, peers: usize, conns: &[usize], size: usize, duration: Duration) -> anyhow::Result<()> {
+    // Payload: about the size of the claudemesh push frame carrying a `size`-byte DM.
+    let payload = vec![b'x'; size * 4 / 3 + 250];
+
+    // Round trip.
+    let server = nats::NatsServer::spawn(binary).await?;
+    let (mut ar, mut aw) = nats::connect(server.addr).await?;
+    let (mut br, mut bw) = nats::connect(server.addr).await?;
+    aw.sub("a", 1).await?;
+    bw.sub("b", 1).await?;
+    aw.ping().await?;
+    bw.ping().await?;
+    let count = 5000;
+    let p2 = payload.clone();
+    let echo = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        for _ in 0..count + 100 {
+            br.next_msg(&mut buf).await?;
+            bw.publish("a", &p2).await?;
+            bw.flush().await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut samples = Samples::with_capacity(count);
+    let mut buf = Vec::new();
+    for i in 0..count + 100 {
+        let t = Instant::now();
+        aw.publish("b", &payload).await?;
+        aw.flush().await?;
+        ar.next_msg(&mut buf).await?;
+        if i >= 100 {
+            samples.push(t.elapsed());
+        }
+    }
+    echo.await??;
+    println!("nats   rtt        A→B→A: {}", samples.summary());
+    drop(server);
+
+    // N pairs.
+    let server = nats::NatsServer::spawn(binary).await?;
+    let rate = nats_flow(server.addr, pairs, 1, &payload, duration, false).await?;
+    println!("nats   throughput {pairs} pairs: {rate:.0} delivered msgs/s");
+    drop(server);
+
+    // Fan-out.
+    let server = nats::NatsServer::spawn(binary).await?;
+    let rate = nats_flow(server.addr, 1, peers, &payload, duration, true).await?;
+    println!("nats   broadcast  1 sender → {peers} subscribers: {rate:.0} deliveries/s");
+    drop(server);
+
+    // Idle connections.
+    for &n in conns {
+        let server = nats::NatsServer::spawn(binary).await?;
+        let pid = server.child.id().context("pid")?;
+        settle().await;
+        let before = stats::rss_kib(pid)?;
+        let mut held = Vec::with_capacity(n);
+        for i in 0..n {
+            let (r, mut w) = nats::connect(server.addr).await?;
+            w.sub(&format!("idle.{i}"), 1).await?;
+            held.push((r, w));
+        }
+        settle().await;
+        let after = stats::rss_kib(pid)?;
+        println!(
+            "nats   idle       {n} connections (one SUB each): RSS {before} KiB → {after} KiB, {:.1} KiB per connection",
+            (after.saturating_sub(before)) as f64 / n as f64
+        );
+    }
+    Ok(())
+}
+
+/// `senders` publishers, each to its own subject with `fanout` subscribers (or all to one
+/// shared subject when `shared`). Returns deliveries/s.
+async fn nats_flow(addr: SocketAddr, senders: usize, fanout: usize, payload: &[u8], duration: Duration, shared: bool) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let subject = if shared { "all".to_owned() } else { format!("pair.{s}") };
+        for _ in 0..fanout {
+            let (mut r, mut w) = nats::connect(addr).await?;
+            w.sub(&subject, 1).await?;
+            w.ping().await?;
+            let (stop, delivered) = (stop.clone(), delivered.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if tokio::time::timeout(Duration::from_secs(2), r.next_msg(&mut buf)).await.is_ok() {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                drop(w);
+                anyhow::Ok(())
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut pubs = Vec::new();
+    for s in 0..senders {
+        let subject = if shared { "all".to_owned() } else { format!("pair.{s}") };
+        let (_r, mut w) = nats::connect(addr).await?;
+        let (stop, payload) = (stop.clone(), payload.to_vec());
+        pubs.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w.publish(&subject, &payload).await?;
+                n += 1;
+                if n % 64 == 0 {
+                    w.flush().await?;
+                }
+            }
+            drop(_r);
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = delivered.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(duration).await;
+    let rate = (delivered.load(Ordering::Relaxed) - start) as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for p in pubs {
+        p.abort();
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(rate)
+}

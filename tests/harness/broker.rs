@@ -313,6 +313,8 @@ pub struct DaemonProcess {
     pub addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// The binary it runs.
+    pub binary: String,
     notify: tokio::net::UnixDatagram,
     _notify_dir: tempfile::TempDir,
 }
@@ -371,6 +373,7 @@ impl DaemonProcess {
             child,
             addr,
             data_dir: data_dir.to_owned(),
+            binary: binary.to_owned(),
             notify,
             _notify_dir: notify_dir,
         })
@@ -379,6 +382,11 @@ impl DaemonProcess {
     /// `ws://…/ws`.
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// SIGKILL, and wait for the process to be gone.
