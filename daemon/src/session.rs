@@ -658,6 +658,7 @@ impl Live {
             if self.drain_wanted && self.claim.is_none() {
                 self.start_claim();
             }
+            self.flush_outbox();
             let reading = self.pending.len() < MAX_PENDING && self.outbox.len() < MAX_OUTBOX;
             tokio::select! {
                 biased;
@@ -670,9 +671,7 @@ impl Live {
                     };
                 }
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
-                    if let Some(text) = reply
-                        && !write(&self.ctx.metrics, &mut socket, Message::Text(text)).await
-                    {
+                    if !self.write_replies(&mut socket, reply).await {
                         break "error";
                     }
                 }
@@ -701,6 +700,7 @@ impl Live {
                             if let Some(op) = self.outbox.pop_front() {
                                 permit.send(op);
                             }
+                            self.flush_outbox();
                         }
                         Err(_) => break "shutdown",
                     }
@@ -772,6 +772,43 @@ impl Live {
         }
         info!(reason = ended, "session closed");
         self.teardown(unflushed).await;
+    }
+
+    /// Hands queued store operations to the writer while it has room, without waiting.
+    fn flush_outbox(&mut self) {
+        while !self.outbox.is_empty() {
+            match self.ctx.writer.try_reserve() {
+                Some(permit) => {
+                    if let Some(op) = self.outbox.pop_front() {
+                        permit.send(op);
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Writes a reply and every other reply already available (in order), then flushes.
+    async fn write_replies(&mut self, socket: &mut WebSocket, first: Option<Utf8Bytes>) -> bool {
+        use futures_util::FutureExt as _;
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(reply) = next.take() {
+            if let Some(text) = reply {
+                if socket.feed(Message::Text(text)).await.is_err() {
+                    return false;
+                }
+                n += 1;
+            }
+            if n < WRITE_BATCH {
+                next = self.pending.next().now_or_never().flatten();
+            }
+        }
+        self.ctx
+            .metrics
+            .frames_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
+        socket.flush().await.is_ok()
     }
 
     /// Writes an outbound item and whatever else is queued (up to a batch), then flushes

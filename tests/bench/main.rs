@@ -21,7 +21,9 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt as _, StreamExt as _};
 use meshd_protocol::invite::InvitePayload;
-use meshd_tests::{DaemonProcess, HelloOpts, Keypair, Member, hello_frame, http_json, run_cli, unique_ts};
+use meshd_tests::{
+    DaemonProcess, HelloOpts, Keypair, Member, hello_frame, http_json, run_cli, unique_ts,
+};
 use serde::Deserialize;
 use serde_json::json;
 use stats::Samples;
@@ -30,7 +32,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 #[derive(Parser)]
-#[command(name = "meshd-bench", about = "Load generator for meshd (claudemesh protocol) with nats-server baselines")]
+#[command(
+    name = "meshd-bench",
+    about = "Load generator for meshd (claudemesh protocol) with nats-server baselines"
+)]
 struct Args {
     /// The meshd binary to test (default: release build in $CARGO_TARGET_DIR).
     #[arg(long, global = true)]
@@ -124,7 +129,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Broadcast { peers, window } => b.broadcast(peers, window).await,
         Scenario::Idle { conns } => b.idle(&conns).await,
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
-        Scenario::Nats { pairs, peers, conns } => nats_suite(&args.nats, pairs, peers, &conns, args.size, duration).await,
+        Scenario::Nats {
+            pairs,
+            peers,
+            conns,
+        } => nats_suite(&args.nats, pairs, peers, &conns, args.size, duration).await,
         Scenario::All => {
             b.rtt(5000).await?;
             b.throughput(10, 128).await?;
@@ -165,7 +174,12 @@ impl Bench {
             ),
         )?;
         let d = dir.path().to_str().context("utf-8 path")?.to_owned();
-        let (code, out, err) = run_cli(&self.daemon, &["--data-dir", &d, "mesh", "create", "bench", "--json"], &[]).await?;
+        let (code, out, err) = run_cli(
+            &self.daemon,
+            &["--data-dir", &d, "mesh", "create", "bench", "--json"],
+            &[],
+        )
+        .await?;
         if code != 0 {
             bail!("mesh create failed: {err}");
         }
@@ -214,7 +228,10 @@ impl Bench {
             }
         }
         echo.await??;
-        println!("meshd  rtt        DM A→B→A (two stored DMs per round trip): {}", samples.summary());
+        println!(
+            "meshd  rtt        DM A→B→A (two stored DMs per round trip): {}",
+            samples.summary()
+        );
         Ok(())
     }
 
@@ -232,14 +249,19 @@ impl Bench {
             let (stop_r, delivered_r) = (stop.clone(), delivered.clone());
             receivers.push(tokio::spawn(async move {
                 while !stop_r.load(Ordering::Relaxed) {
-                    if tokio::time::timeout(Duration::from_secs(2), r.next_push()).await.is_ok() {
+                    if tokio::time::timeout(Duration::from_secs(2), r.next_push())
+                        .await
+                        .is_ok()
+                    {
                         delivered_r.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 anyhow::Ok(())
             }));
             let stop_s = stop.clone();
-            senders.push(tokio::spawn(async move { s.pump(&frame, window, &stop_s).await }));
+            senders.push(tokio::spawn(async move {
+                s.pump(&frame, window, &stop_s).await
+            }));
         }
         let (rate, acks) = measure(&delivered, self.duration, &stop, senders).await?;
         for r in receivers {
@@ -264,7 +286,10 @@ impl Bench {
             let (stop_r, delivered_r) = (stop.clone(), delivered.clone());
             receivers.push(tokio::spawn(async move {
                 while !stop_r.load(Ordering::Relaxed) {
-                    if tokio::time::timeout(Duration::from_secs(2), r.next_push()).await.is_ok() {
+                    if tokio::time::timeout(Duration::from_secs(2), r.next_push())
+                        .await
+                        .is_ok()
+                    {
                         delivered_r.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -295,7 +320,10 @@ impl Bench {
     async fn idle(&self, counts: &[usize]) -> anyhow::Result<()> {
         let need = counts.iter().max().copied().unwrap_or(0) as u64 + 1000;
         if stats::nofile_limit() < need {
-            bail!("open-file limit {} is below {need}: run `ulimit -n 65536` first", stats::nofile_limit());
+            bail!(
+                "open-file limit {} is below {need}: run `ulimit -n 65536` first",
+                stats::nofile_limit()
+            );
         }
         for &n in counts {
             let broker = self.start().await?;
@@ -400,8 +428,19 @@ impl Broker {
         let url = self.proc.ws_url();
         let (code, out, err) = run_cli(
             &self.proc.binary,
-            &["--data-dir", d, "invite", "create", "--mesh", &self.slug, "--max-uses", &n.to_string(),
-              "--public-url", &url, "--json"],
+            &[
+                "--data-dir",
+                d,
+                "invite",
+                "create",
+                "--mesh",
+                &self.slug,
+                "--max-uses",
+                &n.to_string(),
+                "--public-url",
+                &url,
+                "--json",
+            ],
             &[],
         )
         .await?;
@@ -414,10 +453,15 @@ impl Broker {
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             let keys = Keypair::generate();
-            let (status, v) = http_json(self.proc.addr, "POST", "/join", &json!({
-                "invite_token": token, "invite_payload": payload,
-                "peer_pubkey": keys.public_hex(), "display_name": format!("bench-{i}"),
-            }))
+            let (status, v) = http_json(
+                self.proc.addr,
+                "POST",
+                "/join",
+                &json!({
+                    "invite_token": token, "invite_payload": payload,
+                    "peer_pubkey": keys.public_hex(), "display_name": format!("bench-{i}"),
+                }),
+            )
             .await?;
             if status != 200 {
                 bail!("join: {v}");
@@ -456,11 +500,18 @@ impl Conn {
         let session = Keypair::generate();
         let opts = HelloOpts {
             session: Some(session.clone()),
-            session_id: Some(format!("bench-{}", meshd_tests::now_ms() as u64 ^ u64::from(rand_u32()))),
+            session_id: Some(format!(
+                "bench-{}",
+                meshd_tests::now_ms() as u64 ^ u64::from(rand_u32())
+            )),
             ..HelloOpts::default()
         };
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(broker.proc.ws_url(), None, true).await?;
-        ws.send(Message::Text(hello_frame(m, &opts, unique_ts()).to_string().into())).await?;
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_with_config(broker.proc.ws_url(), None, true).await?;
+        ws.send(Message::Text(
+            hello_frame(m, &opts, unique_ts()).to_string().into(),
+        ))
+        .await?;
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => {
@@ -486,7 +537,9 @@ impl Conn {
     /// A `send` frame with a DM sealed once for `to`.
     fn sealed(&self, to: &str, text: &str) -> String {
         let (nonce, c) = meshd_tests::crypto::seal(text, to, &self.session);
-        format!(r#"{{"type":"send","id":"x","targetSpec":"{to}","priority":"now","nonce":"{nonce}","ciphertext":"{c}"}}"#)
+        format!(
+            r#"{{"type":"send","id":"x","targetSpec":"{to}","priority":"now","nonce":"{nonce}","ciphertext":"{c}"}}"#
+        )
     }
 
     async fn send_raw(&mut self, frame: &str) -> anyhow::Result<()> {
@@ -512,7 +565,12 @@ impl Conn {
 
     /// Sends `frame` continuously with up to `window` unacknowledged; returns the
     /// send→ack latencies.
-    async fn pump(mut self, frame: &str, window: usize, stop: &AtomicBool) -> anyhow::Result<Samples> {
+    async fn pump(
+        mut self,
+        frame: &str,
+        window: usize,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Samples> {
         let mut inflight = std::collections::VecDeque::with_capacity(window);
         let mut samples = Samples::default();
         let msg = Message::Text(frame.to_owned().into());
@@ -550,7 +608,14 @@ fn rand_u32() -> u32 {
 }
 
 /// The same patterns on nats-server: request/reply round trip, N pairs, fan-out, idle.
-async fn nats_suite(binary: &str, pairs: usize, peers: usize, conns: &[usize], size: usize, duration: Duration) -> anyhow::Result<()> {
+async fn nats_suite(
+    binary: &str,
+    pairs: usize,
+    peers: usize,
+    conns: &[usize],
+    size: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
     // Payload: about the size of the claudemesh push frame carrying a `size`-byte DM.
     let payload = vec![b'x'; size * 4 / 3 + 250];
 
@@ -624,12 +689,23 @@ async fn nats_suite(binary: &str, pairs: usize, peers: usize, conns: &[usize], s
 
 /// `senders` publishers, each to its own subject with `fanout` subscribers (or all to one
 /// shared subject when `shared`). Returns deliveries/s.
-async fn nats_flow(addr: SocketAddr, senders: usize, fanout: usize, payload: &[u8], duration: Duration, shared: bool) -> anyhow::Result<f64> {
+async fn nats_flow(
+    addr: SocketAddr,
+    senders: usize,
+    fanout: usize,
+    payload: &[u8],
+    duration: Duration,
+    shared: bool,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for s in 0..senders {
-        let subject = if shared { "all".to_owned() } else { format!("pair.{s}") };
+        let subject = if shared {
+            "all".to_owned()
+        } else {
+            format!("pair.{s}")
+        };
         for _ in 0..fanout {
             let (mut r, mut w) = nats::connect(addr).await?;
             w.sub(&subject, 1).await?;
@@ -638,7 +714,10 @@ async fn nats_flow(addr: SocketAddr, senders: usize, fanout: usize, payload: &[u
             tasks.push(tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    if tokio::time::timeout(Duration::from_secs(2), r.next_msg(&mut buf)).await.is_ok() {
+                    if tokio::time::timeout(Duration::from_secs(2), r.next_msg(&mut buf))
+                        .await
+                        .is_ok()
+                    {
                         delivered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -650,7 +729,11 @@ async fn nats_flow(addr: SocketAddr, senders: usize, fanout: usize, payload: &[u
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut pubs = Vec::new();
     for s in 0..senders {
-        let subject = if shared { "all".to_owned() } else { format!("pair.{s}") };
+        let subject = if shared {
+            "all".to_owned()
+        } else {
+            format!("pair.{s}")
+        };
         let (_r, mut w) = nats::connect(addr).await?;
         let (stop, payload) = (stop.clone(), payload.to_vec());
         pubs.push(tokio::spawn(async move {

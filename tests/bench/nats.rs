@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter,
+};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -87,7 +89,9 @@ impl NatsReader {
 
 impl NatsWriter {
     pub(crate) async fn sub(&mut self, subject: &str, sid: u32) -> anyhow::Result<()> {
-        self.w.write_all(format!("SUB {subject} {sid}\r\n").as_bytes()).await?;
+        self.w
+            .write_all(format!("SUB {subject} {sid}\r\n").as_bytes())
+            .await?;
         self.w.flush().await?;
         Ok(())
     }
@@ -123,7 +127,9 @@ pub(crate) struct NatsServer {
 
 impl NatsServer {
     pub(crate) async fn spawn(binary: &str) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = tokio::process::Command::new(binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())

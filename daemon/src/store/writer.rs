@@ -257,6 +257,11 @@ impl WriterHandle {
         self.tx.reserve().await.map_err(|_| StoreError::Closed)
     }
 
+    /// Room in the queue right now, if any.
+    pub(crate) fn try_reserve(&self) -> Option<mpsc::Permit<'_, WriteOp>> {
+        self.tx.try_reserve().ok()
+    }
+
     /// Waits until everything queued so far is committed.
     ///
     /// # Errors
