@@ -264,6 +264,9 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         let healthy = ctx.db.ping().await.is_ok();
         ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
+        if let Err(e) = ctx.db.checkpoint().await {
+            warn!(cause = %e, "WAL checkpoint");
+        }
         if n % 15 == 1
             && let Ok(depth) = ctx.db.queue_depth().await
         {

@@ -741,7 +741,7 @@ async fn nats_flow(
             while !stop.load(Ordering::Relaxed) {
                 w.publish(&subject, &payload).await?;
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     w.flush().await?;
                 }
             }

@@ -15,7 +15,7 @@ impl Samples {
         self.0.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
-    pub(crate) fn extend(&mut self, other: Samples) {
+    pub(crate) fn extend(&mut self, other: Self) {
         self.0.extend(other.0);
     }
 

@@ -232,6 +232,17 @@ impl Db {
         with_db!(self, p => p.close().await);
     }
 
+    /// Copies committed WAL frames into the SQLite database file without blocking the
+    /// writer (a no-op on PostgreSQL).
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        if let Self::Sqlite(pool) = self {
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A cheap round trip, for health checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         with_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(drop))?;
@@ -439,6 +450,8 @@ fn prepare_sqlite_file(path: &Path) -> Result<(), StoreError> {
 pub(crate) enum WriterConn {
     Sqlite(sqlx::SqliteConnection),
     Postgres(sqlx::PgConnection),
+    /// After shutdown.
+    Closed,
 }
 
 impl WriterConn {
@@ -449,9 +462,16 @@ impl WriterConn {
     ) -> Result<Self, StoreError> {
         use sqlx::Connection as _;
         match backend {
-            Backend::Sqlite { path } => Ok(Self::Sqlite(
-                sqlx::SqliteConnection::connect_with(&sqlite_options(path, durability)).await?,
-            )),
+            Backend::Sqlite { path } => {
+                let mut conn =
+                    sqlx::SqliteConnection::connect_with(&sqlite_options(path, durability)).await?;
+                // Checkpoints (which fsync the database file) run from the housekeeping
+                // task on a pool connection, never in the writer's commit path.
+                sqlx::query("PRAGMA wal_autocheckpoint = 0")
+                    .execute(&mut conn)
+                    .await?;
+                Ok(Self::Sqlite(conn))
+            }
             Backend::Postgres { url } => {
                 let mut conn = sqlx::PgConnection::connect_with(&pg_options(url.expose())?).await?;
                 if durability == Durability::Fsync {

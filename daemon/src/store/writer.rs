@@ -6,11 +6,13 @@
 //! so a `send` is acknowledged only once its row is durable, while one fsync (or, with
 //! `durability = "normal"`, one WAL write) serves the whole batch.
 //!
-//! Within a batch, operations run by kind in a fixed order — inserts, lease releases,
-//! delivery marks, the rest in arrival order, claims last — which keeps inserts in
-//! multi-row statements and lets every claim see every earlier insert. Hot-path pushes
-//! (see `hub`) happen here, in channel order, before the insert is executed: any
-//! delivery mark a recipient sends for that message can only arrive after it.
+//! The writer has two stages. The *router* takes operations in channel order and makes
+//! the hot-path pushes (see `hub`) as each insert arrives, so a push never waits for an
+//! earlier commit; any delivery mark a recipient sends for that message enters the
+//! channel after the insert, so it is executed after it. The *executor* batches what the
+//! router forwards. Within a batch, operations run by kind in a fixed order — inserts,
+//! lease releases, delivery marks, the rest in arrival order, claims last — which keeps
+//! inserts in multi-row statements and lets every claim see every earlier insert.
 //!
 //! If a batch fails, it is rolled back and each operation is retried alone, so one bad
 //! operation fails alone.
@@ -286,17 +288,19 @@ pub(crate) fn channel(
         Writer {
             conn,
             rx,
+            capacity,
             max_batch,
             metrics,
         },
     )
 }
 
-/// The writer task's state.
+/// The writer's state, until [`Writer::run`] splits it into its two stages.
 #[derive(Debug)]
 pub(crate) struct Writer {
     conn: WriterConn,
     rx: mpsc::Receiver<WriteOp>,
+    capacity: usize,
     max_batch: usize,
     metrics: Arc<Metrics>,
 }
@@ -358,35 +362,109 @@ impl Done {
 impl Writer {
     /// Runs until `stop` is cancelled (or every [`WriterHandle`] is dropped), commits
     /// what is still queued, and closes its connection cleanly.
-    pub(crate) async fn run(mut self, stop: tokio_util::sync::CancellationToken) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        let mut stopping = false;
-        loop {
-            let n = if stopping {
-                self.rx.recv_many(&mut batch, self.max_batch).await
-            } else {
-                tokio::select! {
-                    biased;
-                    n = self.rx.recv_many(&mut batch, self.max_batch) => n,
-                    () = stop.cancelled() => {
-                        // Refuse new operations; the loop drains the ones already queued.
-                        self.rx.close();
-                        stopping = true;
-                        continue;
+    pub(crate) async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        let Self {
+            conn,
+            mut rx,
+            capacity,
+            max_batch,
+            metrics,
+        } = self;
+        let (exec_tx, exec_rx) = mpsc::channel(capacity);
+        let mut executor = Executor {
+            conn,
+            rx: exec_rx,
+            max_batch,
+            metrics,
+        };
+        let router = async move {
+            let mut ops = Vec::with_capacity(max_batch);
+            let mut stopping = false;
+            loop {
+                let n = if stopping {
+                    rx.recv_many(&mut ops, max_batch).await
+                } else {
+                    tokio::select! {
+                        biased;
+                        n = rx.recv_many(&mut ops, max_batch) => n,
+                        () = stop.cancelled() => {
+                            // Refuse new operations; the loop drains those already queued.
+                            rx.close();
+                            stopping = true;
+                            continue;
+                        }
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                for mut op in ops.drain(..) {
+                    if let WriteOp::Insert { row, delivery, .. } = &mut op
+                        && let Some(d) = delivery.take()
+                    {
+                        push_hot(row, d);
+                    }
+                    if exec_tx.send(op).await.is_err() {
+                        return;
                     }
                 }
-            };
-            if n == 0 {
-                break;
             }
+            // Dropping exec_tx lets the executor finish the queue and stop.
+        };
+        tokio::join!(router, executor.run());
+    }
+}
+
+/// Attempts a hot-path push and records the lease on the row if it was accepted. A
+/// refused push leaves the row for a drain.
+fn push_hot(row: &mut NewMessage, d: Delivery) {
+    // The recipient may have fallen behind since the sender decided. A full queue is not
+    // a slow-consumer offence here: the message is durable, so it waits for a drain.
+    let pushed = d.target.caught_up.load(Ordering::SeqCst)
+        && d.target
+            .tx
+            .try_send(Outbound::Stored {
+                frame: d.frame,
+                sent: Sent {
+                    id: row.id.clone(),
+                    client_id: row.client_message_id.clone(),
+                    finite_lease: d.lease_until != i64::MAX,
+                },
+            })
+            .is_ok();
+    tracing::trace!(id = %row.id, conn = d.target.conn_id, pushed, "hot path");
+    if pushed {
+        row.lease_conn = i64::try_from(d.target.conn_id).ok();
+        row.lease_until = Some(d.lease_until);
+    } else {
+        // Drained instead; marked before the commit, so no drain can miss it.
+        d.target.invalidate();
+    }
+}
+
+/// The executor stage: batches and commits.
+#[derive(Debug)]
+struct Executor {
+    conn: WriterConn,
+    rx: mpsc::Receiver<WriteOp>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Executor {
+    async fn run(&mut self) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while self.rx.recv_many(&mut batch, self.max_batch).await > 0 {
             let started = std::time::Instant::now();
             let n = batch.len();
             self.run_batch(std::mem::take(&mut batch)).await;
             self.metrics.record_commit(n, started.elapsed());
         }
-        let result = match self.conn {
+        let conn = std::mem::replace(&mut self.conn, WriterConn::Closed);
+        let result = match conn {
             WriterConn::Sqlite(c) => c.close().await,
             WriterConn::Postgres(c) => c.close().await,
+            WriterConn::Closed => Ok(()),
         };
         if let Err(e) = result {
             warn!(cause = %e, "closing the writer connection");
@@ -396,12 +474,8 @@ impl Writer {
 
     async fn run_batch(&mut self, ops: Vec<WriteOp>) {
         let mut plan = Plan::new(ops);
-        plan.push_hot();
         let mut done = Done::default();
-        let attempt = match &mut self.conn {
-            WriterConn::Sqlite(c) => exec_sqlite(c, &mut plan, &mut done).await,
-            WriterConn::Postgres(c) => exec_pg(c, &mut plan, &mut done).await,
-        };
+        let attempt = self.exec(&mut plan, &mut done).await;
         match attempt {
             Ok(()) => {
                 self.metrics.db_healthy.store(true, Ordering::Relaxed);
@@ -412,10 +486,7 @@ impl Writer {
                 for single in plan.split() {
                     let mut single = single;
                     let mut done = Done::default();
-                    let r = match &mut self.conn {
-                        WriterConn::Sqlite(c) => exec_sqlite(c, &mut single, &mut done).await,
-                        WriterConn::Postgres(c) => exec_pg(c, &mut single, &mut done).await,
-                    };
+                    let r = self.exec(&mut single, &mut done).await;
                     match r {
                         Ok(()) => done.complete(),
                         Err(e) => {
@@ -433,6 +504,16 @@ impl Writer {
     }
 }
 
+impl Executor {
+    async fn exec(&mut self, plan: &mut Plan, done: &mut Done) -> Result<(), StoreError> {
+        match &mut self.conn {
+            WriterConn::Sqlite(c) => exec_sqlite(c, plan, done).await,
+            WriterConn::Postgres(c) => exec_pg(c, plan, done).await,
+            WriterConn::Closed => Err(StoreError::Closed),
+        }
+    }
+}
+
 /// An insert with its ticket and reply.
 type PlannedInsert = (Box<NewMessage>, Option<Ticket>, Option<Reply<()>>);
 
@@ -440,7 +521,6 @@ type PlannedInsert = (Box<NewMessage>, Option<Ticket>, Option<Reply<()>>);
 #[derive(Default)]
 struct Plan {
     inserts: Vec<PlannedInsert>,
-    hot: Vec<Option<Delivery>>,
     releases: Vec<String>,
     delivered: Vec<(String, i64)>,
     misc: Vec<WriteOp>,
@@ -453,14 +533,8 @@ impl Plan {
         for op in ops {
             match op {
                 WriteOp::Insert {
-                    row,
-                    delivery,
-                    ticket,
-                    reply,
-                } => {
-                    p.inserts.push((row, ticket, reply));
-                    p.hot.push(delivery);
-                }
+                    row, ticket, reply, ..
+                } => p.inserts.push((row, ticket, reply)),
                 WriteOp::Release { ids } => p.releases.extend(ids),
                 WriteOp::MarkDelivered { ids, at } => {
                     p.delivered.extend(ids.into_iter().map(|i| (i, at)))
@@ -480,44 +554,12 @@ impl Plan {
             + self.claims.len()
     }
 
-    /// Attempts the hot-path pushes, in channel order, and records the lease on rows
-    /// whose push was accepted. A refused push leaves the row for a drain.
-    fn push_hot(&mut self) {
-        for ((row, _, _), delivery) in self.inserts.iter_mut().zip(self.hot.iter_mut()) {
-            let Some(d) = delivery.take() else { continue };
-            // The recipient may have fallen behind since the sender decided.
-            // A full queue is not a slow-consumer offence here: the message is durable,
-            // so it simply waits for the recipient's drain.
-            let pushed = d.target.caught_up.load(Ordering::SeqCst)
-                && d.target
-                    .tx
-                    .try_send(Outbound::Stored {
-                        frame: d.frame,
-                        sent: Sent {
-                            id: row.id.clone(),
-                            client_id: row.client_message_id.clone(),
-                            finite_lease: d.lease_until != i64::MAX,
-                        },
-                    })
-                    .is_ok();
-            tracing::trace!(id = %row.id, conn = d.target.conn_id, pushed, "hot path");
-            if pushed {
-                row.lease_conn = i64::try_from(d.target.conn_id).ok();
-                row.lease_until = Some(d.lease_until);
-            } else {
-                // Drained instead; marked before the commit, so no drain can miss it.
-                d.target.invalidate();
-            }
-        }
-    }
-
     /// One plan per operation, for isolating a failure.
     fn split(self) -> Vec<Self> {
         let mut out = Vec::new();
-        for (i, h) in self.inserts.into_iter().zip(self.hot) {
+        for i in self.inserts {
             out.push(Self {
                 inserts: vec![i],
-                hot: vec![h],
                 ..Self::default()
             });
         }
