@@ -68,7 +68,8 @@ pub const MAX_BATCH: usize = 1_024;
 /// Status-source freshness window (§4.5).
 pub const STATUS_FRESH_WINDOW: Duration = Duration::from_secs(30);
 
-/// Hook-reported `working` decays to `idle` after this (§4.5).
+/// `working` decays to `idle` after this unless confirmed (the reference's
+/// `STATUS_TTL_SECONDS`, §4.5).
 pub const STATUS_TTL: Duration = Duration::from_secs(60);
 
 /// Default log filter (`RUST_LOG` syntax).

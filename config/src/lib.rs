@@ -104,6 +104,7 @@ struct RawLimits {
     queue_ttl: Option<String>,
     delivered_retention: Option<String>,
     ack_lease: Option<String>,
+    status_ttl: Option<String>,
     max_state_value_bytes: Option<usize>,
     max_state_keys_per_mesh: Option<usize>,
 }
@@ -138,6 +139,7 @@ pub const KEYS: &[&str] = &[
     "limits.queue_ttl",
     "limits.delivered_retention",
     "limits.ack_lease",
+    "limits.status_ttl",
     "limits.max_state_value_bytes",
     "limits.max_state_keys_per_mesh",
     "log.level",
@@ -284,6 +286,8 @@ pub struct Limits {
     pub delivered_retention: Duration,
     /// Redelivery lease for clients that acknowledge.
     pub ack_lease: Duration,
+    /// A `working` status not confirmed for this long decays to `idle`.
+    pub status_ttl: Duration,
     /// Largest shared-state value.
     pub max_state_value_bytes: usize,
     /// Shared-state keys per mesh.
@@ -471,6 +475,7 @@ impl Config {
                 defaults::DELIVERED_RETENTION,
             )?,
             ack_lease: dur("limits.ack_lease", l.ack_lease, defaults::ACK_LEASE)?,
+            status_ttl: dur("limits.status_ttl", l.status_ttl, defaults::STATUS_TTL)?,
             max_state_value_bytes: positive(
                 "limits.max_state_value_bytes",
                 l.max_state_value_bytes,

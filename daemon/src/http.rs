@@ -38,6 +38,9 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/upload", post(not_served))
+        .route("/hook/set-status", post(not_served))
+        .route("/hook/{mesh_id}/{secret}", post(not_served))
         .fallback(not_found)
         .layer(middleware::from_fn(cors))
         .with_state(ctx)
@@ -69,6 +72,18 @@ async fn cors(req: Request, next: Next) -> Response {
 
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "not found")
+}
+
+/// Routes of the claudemesh feature set this build does not serve yet: a JSON answer the
+/// clients can show (the CLI parses the body of `/upload` as JSON).
+async fn not_served(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        axum::Json(
+            json!({"ok": false, "error": format!("{} is not served by this broker", uri.path())}),
+        ),
+    )
+        .into_response()
 }
 
 async fn ws(

@@ -388,6 +388,20 @@ impl MeshHub {
         self.inner().peers.get_mut(&conn).map(f)
     }
 
+    /// Decays every `working` older than `ttl_ms` to `idle` and lets those peers drain
+    /// what they held back. Returns how many changed.
+    pub(crate) fn expire_statuses(&self, now: i64, ttl_ms: i64) -> usize {
+        let mut inner = self.inner();
+        let mut n = 0;
+        for p in inner.peers.values_mut() {
+            if p.status.expire(now, ttl_ms) {
+                p.shared.invalidate();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Live peers of the same member other than `conn` (to wake after leases are released).
     pub(crate) fn siblings(&self, member_pubkey: &str, conn: ConnId) -> Vec<Arc<PeerShared>> {
         self.inner()
@@ -716,6 +730,14 @@ impl Hub {
             lock(&self.meshes).remove(mesh_id);
         }
         Ok(loaded)
+    }
+
+    /// Every loaded mesh.
+    pub(crate) fn all(&self) -> Vec<Arc<MeshHub>> {
+        lock(&self.meshes)
+            .values()
+            .filter_map(|c| c.get().cloned().flatten())
+            .collect()
     }
 
     /// A mesh if it is already loaded.

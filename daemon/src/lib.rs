@@ -262,6 +262,10 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
             }
             Err(e) => warn!(cause = %e, "revocation watch"),
         }
+        let ttl = i64::try_from(ctx.config.limits.status_ttl.as_millis()).unwrap_or(i64::MAX);
+        for mesh in ctx.hub.all() {
+            mesh.expire_statuses(now, ttl);
+        }
         let healthy = ctx.db.ping().await.is_ok();
         ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
         if let Err(e) = ctx.db.checkpoint().await {

@@ -1043,7 +1043,8 @@ impl Live {
         match inbound.frame {
             ClientFrame::Send(send) => self.on_send(req_id, *send, now),
             ClientFrame::SetStatus { status } => {
-                let fresh = 30_000;
+                let fresh = i64::try_from(meshd_config::defaults::STATUS_FRESH_WINDOW.as_millis())
+                    .unwrap_or(i64::MAX);
                 let released = self.mesh.with_peer(self.conn, |p| {
                     let before = p.status.status.max_admitted();
                     p.status.write(status, StatusSource::Manual, now, fresh);

@@ -563,9 +563,11 @@ fn lookup_kind(kind: &str) -> Option<(&'static str, bool)> {
 }
 
 /// Every client frame of the reference broker at 56b1cc0 plus `session_hello` and
-/// `client_ack`, with whether its sender waits for the answer. `claim_task`,
-/// `complete_task` and `mesh_execute` are answered by the reference but the CLI does not
-/// wait for them, so an error for them would be matched to the wrong waiter.
+/// `client_ack`, with whether its sender waits for the answer. Several are answered by
+/// the reference but sent by the CLI without `_reqId` and not awaited (`forget`,
+/// `delete_file`, `vector_delete`, `share_context`, `subscribe`, `claim_task`,
+/// `complete_task`, `mesh_execute`): an error for them would be handed by the CLI to an
+/// unrelated pending request, so they must not get one.
 const KNOWN: &[(&str, bool)] = &[
     ("hello", true),
     ("session_hello", true),
@@ -585,13 +587,13 @@ const KNOWN: &[(&str, bool)] = &[
     ("client_ack", false),
     ("remember", true),
     ("recall", true),
-    ("forget", true),
+    ("forget", false),
     ("get_file", true),
     ("list_files", true),
     ("file_status", true),
-    ("delete_file", true),
+    ("delete_file", false),
     ("grant_file_access", true),
-    ("share_context", true),
+    ("share_context", false),
     ("get_context", true),
     ("list_contexts", true),
     ("create_task", true),
@@ -600,7 +602,7 @@ const KNOWN: &[(&str, bool)] = &[
     ("list_tasks", true),
     ("vector_store", true),
     ("vector_search", true),
-    ("vector_delete", true),
+    ("vector_delete", false),
     ("list_collections", true),
     ("graph_query", true),
     ("graph_execute", true),
@@ -609,7 +611,7 @@ const KNOWN: &[(&str, bool)] = &[
     ("mesh_schema", true),
     ("create_stream", true),
     ("publish", false),
-    ("subscribe", true),
+    ("subscribe", false),
     ("unsubscribe", false),
     ("list_streams", true),
     ("mesh_info", true),

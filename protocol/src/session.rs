@@ -130,11 +130,14 @@ impl Session {
                     )
                     .with_req_id(inbound.req_id),
                 ),
+                // The 0.7.0 CLI hands an error it cannot correlate to whichever request
+                // it waits for first, so refusals go only to frames that carry `_reqId`
+                // (every awaited CLI request does) or, for `send`, an `id`.
                 Ok(Inbound {
                     req_id,
                     frame: ClientFrame::Unsupported { kind, awaits_reply },
                 }) => {
-                    if awaits_reply {
+                    if awaits_reply && req_id.is_some() {
                         Verdict::Reply(
                             ErrorFrame::new("unsupported", format!("meshd does not serve {kind}"))
                                 .with_req_id(req_id),
@@ -159,7 +162,7 @@ impl Session {
                     reason,
                     awaits_reply,
                 }) => {
-                    if awaits_reply {
+                    if awaits_reply && (req_id.is_some() || id.is_some()) {
                         let mut e =
                             ErrorFrame::new("malformed", format!("invalid {kind}: {reason}"))
                                 .with_req_id(req_id);
@@ -232,6 +235,16 @@ mod tests {
             code(&s.on_text(r#"{"type":"publish","stream":"s"}"#)),
             "unsupported"
         );
+        // Awaited by the CLI, but without a _reqId an error could not be correlated.
+        assert!(matches!(
+            s.on_text(r#"{"type":"recall","query":"q"}"#),
+            Verdict::Ignore(_)
+        ));
+        // Sent by the CLI without waiting: never answered.
+        assert!(matches!(
+            s.on_text(r#"{"type":"forget","memoryId":"m","_reqId":"r"}"#),
+            Verdict::Ignore(_)
+        ));
         // set_state with a bad body gets no reply (it never gets one)
         assert_eq!(code(&s.on_text(r#"{"type":"set_state"}"#)), "invalid");
         // a bad send is answered and carries the send's id

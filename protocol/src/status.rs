@@ -1,10 +1,10 @@
 //! The presence status model (ported from claude-intercom, §4.5 of the contract).
 //!
 //! A status comes from one of three sources ranked `hook` > `manual` > `inferred`. A
-//! lower-ranked source cannot overwrite a fresher, higher-ranked one, and a hook-reported
-//! `working` decays to `idle` after a TTL because hooks can miss the `Stop` event.
-//! Unlike the reference broker, a *manual* status never decays: a peer that said
-//! `working` stays working until it says otherwise.
+//! lower-ranked source cannot overwrite a fresher, higher-ranked one. `working` decays to
+//! `idle` after a TTL, whoever set it, as in the reference broker: hooks miss `Stop`
+//! events and agents forget to reset a manual `working`, and a peer stuck in `working`
+//! silently stops receiving `next` messages. `dnd` never decays.
 
 use crate::routing::Status;
 
@@ -82,13 +82,10 @@ impl StatusState {
         false
     }
 
-    /// Decays a hook-reported `working` older than `ttl_ms` to `idle`.
+    /// Decays a `working` not confirmed for `ttl_ms` to `idle`.
     /// Returns `true` when it did, so the caller can release held messages.
     pub fn expire(&mut self, now: i64, ttl_ms: i64) -> bool {
-        if self.status == Status::Working
-            && self.source == StatusSource::Hook
-            && now - self.updated_at > ttl_ms
-        {
+        if self.status == Status::Working && now - self.updated_at > ttl_ms {
             *self = Self {
                 status: Status::Idle,
                 source: StatusSource::Inferred,
@@ -137,16 +134,20 @@ mod tests {
     }
 
     #[test]
-    fn only_hook_working_decays() {
-        let mut hook = StatusState::new(0);
-        hook.write(Status::Working, StatusSource::Hook, 0, FRESH);
-        assert!(!hook.expire(59_000, 60_000));
-        assert!(hook.expire(61_000, 60_000));
-        assert_eq!(hook.status, Status::Idle);
-
-        let mut manual = StatusState::new(0);
-        manual.write(Status::Working, StatusSource::Manual, 0, FRESH);
-        assert!(!manual.expire(10_000_000, 60_000));
-        assert_eq!(manual.status, Status::Working);
+    fn working_decays_dnd_does_not() {
+        for source in [StatusSource::Hook, StatusSource::Manual] {
+            let mut s = StatusState::new(0);
+            s.write(Status::Working, source, 0, FRESH);
+            assert!(!s.expire(59_000, 60_000));
+            // Re-confirming refreshes the clock.
+            s.write(Status::Working, source, 50_000, FRESH);
+            assert!(!s.expire(100_000, 60_000));
+            assert!(s.expire(111_000, 60_000));
+            assert_eq!(s.status, Status::Idle);
+        }
+        let mut dnd = StatusState::new(0);
+        dnd.write(Status::Dnd, StatusSource::Manual, 0, FRESH);
+        assert!(!dnd.expire(10_000_000, 60_000));
+        assert_eq!(dnd.status, Status::Dnd);
     }
 }

@@ -168,3 +168,35 @@ both! {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn working_decays_to_idle_and_releases() -> anyhow::Result<()> {
+    // As in the reference, `working` that is not re-confirmed decays (here after 300 ms):
+    // an agent that forgot to reset it does not lose its `next` messages forever.
+    let broker = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.limits.status_ttl = Duration::from_millis(300)
+    })
+    .await?;
+    let mesh = broker.create_mesh("decay").await?;
+    let (a, r) = (
+        broker.enroll(&mesh, "a").await?,
+        broker.enroll(&mesh, "r").await?,
+    );
+    let mut a = broker.connect(&a).await?;
+    let mut r = broker.connect(&r).await?;
+    let rk = r.key();
+    r.send(json!({"type": "set_status", "status": "working"}))
+        .await?;
+    r.sync().await?;
+    a.dm(&rk, "after the decay", "next").await?;
+    assert_eq!(r.expect_message().await?.1, "after the decay");
+    let peers = a.sync().await?;
+    let me = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pubkey"] == rk.as_str())
+        .unwrap();
+    assert_eq!(me["status"], "idle");
+    Ok(())
+}
