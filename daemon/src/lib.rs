@@ -168,6 +168,7 @@ impl Bound {
 
         let writer_task = background.spawn(writer.run(writer_stop.clone()));
         background.spawn(housekeeping(ctx.clone(), background_cancel.clone()));
+        background.spawn(checkpoints(ctx.clone(), background_cancel.clone()));
 
         let accept_cancel = CancellationToken::new();
         let app = http::router(ctx.clone());
@@ -234,6 +235,26 @@ impl Bound {
     }
 }
 
+/// Folds SQLite's WAL into the database often enough that the WAL stays small and is
+/// reused rather than grown (growing it costs the writer page zeroing in the kernel).
+/// Runs beside the writer, never in its commit path.
+async fn checkpoints(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    if ctx.db.kind() != "sqlite" {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = ctx.db.checkpoint().await {
+            warn!(cause = %e, "WAL checkpoint");
+        }
+    }
+}
+
 /// Periodic upkeep: expiry sweeps, the revocation watch, health and gauges.
 async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -268,9 +289,6 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         let healthy = ctx.db.ping().await.is_ok();
         ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
-        if let Err(e) = ctx.db.checkpoint().await {
-            warn!(cause = %e, "WAL checkpoint");
-        }
         if n % 15 == 1
             && let Ok(depth) = ctx.db.queue_depth().await
         {

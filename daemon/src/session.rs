@@ -1293,7 +1293,7 @@ impl Live {
         if send.client_message_id.is_some() {
             self.shared.acks.store(true, Ordering::SeqCst);
         }
-        let message_id = random_id();
+        let message_id = crate::ids::message_id();
         let sender_key = self.routing_key().to_owned();
         let push = BrokerFrame::Push(Push {
             message_id: message_id.clone(),

@@ -18,14 +18,42 @@ pub fn iso8601_ms(ms: i64) -> String {
         (rem / 1000) % 60,
         rem % 1000,
     );
-    let year = if (0..=9999).contains(&y) {
-        format!("{y:04}")
-    } else if y < 0 {
-        format!("-{:06}", -y)
-    } else {
-        format!("+{y:06}")
+    if !(0..=9999).contains(&y) {
+        let year = if y < 0 {
+            format!("-{:06}", -y)
+        } else {
+            format!("+{y:06}")
+        };
+        return format!("{year}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{milli:03}Z");
+    }
+    // The common case, on every push: fixed width, no formatting machinery.
+    let mut out = [0u8; 24];
+    let mut put = |at: usize, v: i64, width: usize| {
+        let mut v = v;
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
     };
-    format!("{year}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{milli:03}Z")
+    put(0, y, 4);
+    put(5, i64::from(m), 2);
+    put(8, i64::from(d), 2);
+    put(11, hh, 2);
+    put(14, mm, 2);
+    put(17, ss, 2);
+    put(20, milli, 3);
+    for (i, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (23, b'Z'),
+    ] {
+        out[i] = c;
+    }
+    out.iter().map(|&b| b as char).collect()
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).

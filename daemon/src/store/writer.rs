@@ -457,7 +457,7 @@ impl Executor {
         while self.rx.recv_many(&mut batch, self.max_batch).await > 0 {
             let started = std::time::Instant::now();
             let n = batch.len();
-            self.run_batch(std::mem::take(&mut batch)).await;
+            self.run_batch(batch.drain(..)).await;
             self.metrics.record_commit(n, started.elapsed());
         }
         let conn = std::mem::replace(&mut self.conn, WriterConn::Closed);
@@ -472,7 +472,7 @@ impl Executor {
         debug!("store writer stopped");
     }
 
-    async fn run_batch(&mut self, ops: Vec<WriteOp>) {
+    async fn run_batch(&mut self, ops: impl Iterator<Item = WriteOp>) {
         let mut plan = Plan::new(ops);
         let mut done = Done::default();
         let attempt = self.exec(&mut plan, &mut done).await;
@@ -528,16 +528,38 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(ops: Vec<WriteOp>) -> Self {
+    fn new(ops: impl Iterator<Item = WriteOp>) -> Self {
         let mut p = Self::default();
+        // Under load a hot-path message is usually written to its recipient's socket
+        // before its insert runs: the delivery mark then folds into the insert, and the
+        // row is written once instead of twice.
+        let mut pending_inserts: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
         for op in ops {
             match op {
                 WriteOp::Insert {
                     row, ticket, reply, ..
-                } => p.inserts.push((row, ticket, reply)),
+                } => {
+                    if row.delivered_at.is_none() {
+                        pending_inserts.insert(row.id.clone(), p.inserts.len());
+                    }
+                    p.inserts.push((row, ticket, reply));
+                }
                 WriteOp::Release { ids } => p.releases.extend(ids),
                 WriteOp::MarkDelivered { ids, at } => {
-                    p.delivered.extend(ids.into_iter().map(|i| (i, at)))
+                    for id in ids {
+                        match pending_inserts.remove(&id) {
+                            Some(i) => {
+                                let row = &mut p.inserts[i].0;
+                                row.delivered_at = Some(at);
+                                row.lease_conn = None;
+                                row.lease_until = None;
+                                row.nonce.clear();
+                                row.ciphertext.clear();
+                            }
+                            None => p.delivered.push((id, at)),
+                        }
+                    }
                 }
                 WriteOp::Claim { spec, reply } => p.claims.push((spec, reply)),
                 other => p.misc.push(other),
@@ -620,9 +642,31 @@ impl Plan {
     }
 }
 
-/// Placeholder lists cached per shape, so each distinct statement is prepared once.
-fn values_sql(head: &'static str, cols: usize, rows: usize, tail: &'static str) -> String {
-    let mut sql = String::with_capacity(head.len() + rows * cols * 5 + tail.len());
+/// How a backend spells bind parameters in the generated multi-row statements.
+#[derive(Clone, Copy)]
+enum Params {
+    /// `?`: SQLite. Its `$N` names are looked up linearly per bind, which makes binding
+    /// a statement with n parameters O(n²); anonymous parameters bind in order.
+    Anonymous,
+    /// `$1, $2, …`: PostgreSQL.
+    Numbered,
+}
+
+impl Params {
+    fn push(self, sql: &mut String, n: usize) {
+        match self {
+            Self::Anonymous => sql.push('?'),
+            Self::Numbered => {
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            }
+        }
+    }
+}
+
+/// `head (p, p, …), (p, …)…` for `rows` rows of `cols` parameters.
+fn values_sql(style: Params, head: &str, cols: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(head.len() + rows * cols * 5);
     sql.push_str(head);
     let mut n = 1;
     for r in 0..rows {
@@ -631,28 +675,25 @@ fn values_sql(head: &'static str, cols: usize, rows: usize, tail: &'static str) 
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&n.to_string());
+            style.push(&mut sql, n);
             n += 1;
         }
         sql.push(')');
     }
-    sql.push_str(tail);
     sql
 }
 
-fn in_list_sql(head: &'static str, first: usize, count: usize, tail: &'static str) -> String {
+/// `head` (whose own parameters number `first - 1`) followed by `(p, …)` of `count`.
+fn in_list_sql(style: Params, head: &str, first: usize, count: usize) -> String {
     let mut sql = String::from(head);
     sql.push('(');
     for i in 0..count {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push('$');
-        sql.push_str(&(first + i).to_string());
+        style.push(&mut sql, first + i);
     }
     sql.push(')');
-    sql.push_str(tail);
     sql
 }
 
@@ -672,6 +713,8 @@ fn chunked<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// The generated statements of one backend, per chunk size, so each distinct statement
+/// is prepared once.
 struct SqlCache {
     insert: Vec<Arc<str>>,
     delivered: Vec<Arc<str>>,
@@ -679,56 +722,62 @@ struct SqlCache {
     lease: Vec<Arc<str>>,
 }
 
-fn sql_cache() -> &'static SqlCache {
-    static CACHE: OnceLock<SqlCache> = OnceLock::new();
-    CACHE.get_or_init(|| {
-        let max = CHUNKS[0];
-        SqlCache {
-            insert: (0..=max)
+impl SqlCache {
+    fn build(style: Params) -> Self {
+        let sizes = 0..=CHUNKS[0];
+        let p = |n: usize| {
+            let mut s = String::new();
+            style.push(&mut s, n);
+            s
+        };
+        let list = |head: String, first: usize| -> Vec<Arc<str>> {
+            sizes
+                .clone()
+                .map(|n| Arc::from(in_list_sql(style, &head, first, n)))
+                .collect()
+        };
+        Self {
+            insert: sizes
+                .clone()
                 .map(|n| {
                     Arc::from(values_sql(
+                        style,
                         "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
                          sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
                          client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until) VALUES ",
                         MESSAGE_COLUMNS,
                         n,
-                        "",
                     ))
                 })
                 .collect(),
-            delivered: (0..=max)
-                .map(|n| {
-                    Arc::from(in_list_sql(
-                        "UPDATE message SET delivered_at = $1, lease_conn = NULL, lease_until = NULL, \
-                         nonce = '', ciphertext = '' WHERE delivered_at IS NULL AND id IN ",
-                        2,
-                        n,
-                        "",
-                    ))
-                })
-                .collect(),
-            release: (0..=max)
-                .map(|n| {
-                    Arc::from(in_list_sql(
-                        "UPDATE message SET lease_conn = NULL, lease_until = NULL WHERE delivered_at IS NULL AND id IN ",
-                        1,
-                        n,
-                        "",
-                    ))
-                })
-                .collect(),
-            lease: (0..=max)
-                .map(|n| {
-                    Arc::from(in_list_sql(
-                        "UPDATE message SET lease_until = $1 WHERE delivered_at IS NULL AND id IN ",
-                        2,
-                        n,
-                        "",
-                    ))
-                })
-                .collect(),
+            delivered: list(
+                format!(
+                    "UPDATE message SET delivered_at = {}, lease_conn = NULL, lease_until = NULL, \
+                     nonce = '', ciphertext = '' WHERE delivered_at IS NULL AND id IN ",
+                    p(1)
+                ),
+                2,
+            ),
+            release: list(
+                "UPDATE message SET lease_conn = NULL, lease_until = NULL WHERE delivered_at IS NULL AND id IN ".to_owned(),
+                1,
+            ),
+            lease: list(
+                format!("UPDATE message SET lease_until = {} WHERE delivered_at IS NULL AND id IN ", p(1)),
+                2,
+            ),
         }
-    })
+    }
+}
+
+fn sqlite_sql() -> &'static SqlCache {
+    static CACHE: OnceLock<SqlCache> = OnceLock::new();
+    CACHE.get_or_init(|| SqlCache::build(Params::Anonymous))
+}
+
+fn pg_sql() -> &'static SqlCache {
+    static CACHE: OnceLock<SqlCache> = OnceLock::new();
+    CACHE.get_or_init(|| SqlCache::build(Params::Numbered))
 }
 
 const CLAIM_SQL: &str = "UPDATE message SET lease_conn = $1, lease_until = $2 \
@@ -799,14 +848,14 @@ struct JoinMember {
 
 /// Expands the batch executor for one backend (the SQL is shared; the types differ).
 macro_rules! executor {
-    ($name:ident, $conn:ty, $begin:expr) => {
+    ($name:ident, $conn:ty, $begin:expr, $sql:expr) => {
         async fn $name(
             conn: &mut $conn,
             plan: &mut Plan,
             done: &mut Done,
         ) -> Result<(), StoreError> {
             let mut tx = $begin(conn).await?;
-            let cache = sql_cache();
+            let cache = $sql();
 
             // 1. inserts, multi-row
             let rows: Vec<&NewMessage> = plan.inserts.iter().map(|(r, _, _)| &**r).collect();
@@ -1127,8 +1176,13 @@ async fn begin_pg(
     c.begin().await
 }
 
-executor!(exec_sqlite, sqlx::SqliteConnection, begin_sqlite);
-executor!(exec_pg, sqlx::PgConnection, begin_pg);
+executor!(
+    exec_sqlite,
+    sqlx::SqliteConnection,
+    begin_sqlite,
+    sqlite_sql
+);
+executor!(exec_pg, sqlx::PgConnection, begin_pg, pg_sql);
 
 #[cfg(test)]
 mod tests {
@@ -1136,8 +1190,22 @@ mod tests {
 
     #[test]
     fn placeholder_shapes() {
-        assert_eq!(values_sql("V ", 2, 2, ";"), "V ($1, $2), ($3, $4);");
-        assert_eq!(in_list_sql("X IN ", 2, 3, ""), "X IN ($2, $3, $4)");
+        assert_eq!(
+            values_sql(Params::Numbered, "V ", 2, 2),
+            "V ($1, $2), ($3, $4)"
+        );
+        assert_eq!(
+            values_sql(Params::Anonymous, "V ", 2, 2),
+            "V (?, ?), (?, ?)"
+        );
+        assert_eq!(
+            in_list_sql(Params::Numbered, "X IN ", 2, 3),
+            "X IN ($2, $3, $4)"
+        );
+        assert_eq!(in_list_sql(Params::Anonymous, "X IN ", 2, 2), "X IN (?, ?)");
+        let sqlite = SqlCache::build(Params::Anonymous);
+        assert!(sqlite.delivered[2].starts_with("UPDATE message SET delivered_at = ?,"));
+        assert!(!sqlite.insert[64].contains('$'));
         let sizes: Vec<usize> = chunked(&[0u8; 90]).map(<[u8]>::len).collect();
         assert_eq!(sizes, vec![64, 16, 4, 4, 1, 1]);
     }
