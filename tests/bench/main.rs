@@ -653,17 +653,20 @@ async fn nats_suite(
     println!("nats   rtt        A→B→A: {}", samples.summary());
     drop(server);
 
-    // N pairs.
-    let server = nats::NatsServer::spawn(binary).await?;
-    let rate = nats_flow(server.addr, pairs, 1, &payload, duration, false).await?;
-    println!("nats   throughput {pairs} pairs: {rate:.0} delivered msgs/s");
-    drop(server);
-
-    // Fan-out.
-    let server = nats::NatsServer::spawn(binary).await?;
-    let rate = nats_flow(server.addr, 1, peers, &payload, duration, true).await?;
-    println!("nats   broadcast  1 sender → {peers} subscribers: {rate:.0} deliveries/s");
-    drop(server);
+    // N pairs, and fan-out: publishing as fast as TCP allows, and with a window of 128
+    // like the meshd sender (a PING/PONG round trip every 128 messages stands in for
+    // meshd's acks, which NATS core does not have).
+    for window in [None, Some(128)] {
+        let label = window.map_or("blast".to_owned(), |w| format!("window {w}"));
+        let server = nats::NatsServer::spawn(binary).await?;
+        let rate = nats_flow(server.addr, pairs, 1, &payload, duration, false, window).await?;
+        println!("nats   throughput {pairs} pairs, {label}: {rate:.0} delivered msgs/s");
+        drop(server);
+        let server = nats::NatsServer::spawn(binary).await?;
+        let rate = nats_flow(server.addr, 1, peers, &payload, duration, true, window).await?;
+        println!("nats   broadcast  1 sender → {peers} subscribers, {label}: {rate:.0} deliveries/s");
+        drop(server);
+    }
 
     // Idle connections.
     for &n in conns {
@@ -688,7 +691,9 @@ async fn nats_suite(
 }
 
 /// `senders` publishers, each to its own subject with `fanout` subscribers (or all to one
-/// shared subject when `shared`). Returns deliveries/s.
+/// shared subject when `shared`), optionally pausing for a PONG every `window` messages.
+/// Returns deliveries/s.
+#[allow(clippy::too_many_arguments)]
 async fn nats_flow(
     addr: SocketAddr,
     senders: usize,
@@ -696,6 +701,7 @@ async fn nats_flow(
     payload: &[u8],
     duration: Duration,
     shared: bool,
+    window: Option<usize>,
 ) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
@@ -734,18 +740,22 @@ async fn nats_flow(
         } else {
             format!("pair.{s}")
         };
-        let (_r, mut w) = nats::connect(addr).await?;
+        let (mut r, mut w) = nats::connect(addr).await?;
         let (stop, payload) = (stop.clone(), payload.to_vec());
         pubs.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 w.publish(&subject, &payload).await?;
                 n += 1;
-                if n.is_multiple_of(64) {
-                    w.flush().await?;
+                match window {
+                    Some(win) if n.is_multiple_of(win as u64) => {
+                        w.ping().await?;
+                        r.wait_pong().await?;
+                    }
+                    None if n.is_multiple_of(64) => w.flush().await?,
+                    _ => {}
                 }
             }
-            drop(_r);
             anyhow::Ok(())
         }));
     }

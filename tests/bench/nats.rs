@@ -87,6 +87,21 @@ impl NatsReader {
     }
 }
 
+impl NatsReader {
+    /// Reads until the server's PONG (everything published before our PING is processed).
+    pub(crate) async fn wait_pong(&mut self) -> anyhow::Result<()> {
+        loop {
+            let line = self.read_line().await?;
+            if line.starts_with("PONG") {
+                return Ok(());
+            }
+            if line.starts_with("-ERR") {
+                bail!("nats: {line}");
+            }
+        }
+    }
+}
+
 impl NatsWriter {
     pub(crate) async fn sub(&mut self, subject: &str, sid: u32) -> anyhow::Result<()> {
         self.w
