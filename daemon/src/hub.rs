@@ -264,6 +264,10 @@ pub(crate) enum DirectRoute {
     Revoked,
 }
 
+/// A session key that belongs to another member.
+#[derive(Debug)]
+pub(crate) struct KeyTaken;
+
 /// The mesh is at its connection limit.
 #[derive(Debug)]
 pub(crate) struct AtCapacity;
@@ -293,16 +297,33 @@ impl MeshHub {
         self.inner().members.insert(pubkey.to_owned(), info);
     }
 
-    /// The member a session key is bound to, if any.
-    pub(crate) fn session_owner(&self, pubkey: &str) -> Option<String> {
-        self.inner().session_keys.get(pubkey).cloned()
-    }
-
-    /// Records a session key binding.
-    pub(crate) fn bind_session(&self, pubkey: &str, member_id: &str) {
-        self.inner()
-            .session_keys
-            .insert(pubkey.to_owned(), member_id.to_owned());
+    /// Binds a session key to a member, atomically: the first member to present a key
+    /// owns it, and no member may use another member's key as a session key. Returns
+    /// `Ok(true)` for a new binding (to persist), `Ok(false)` if it was already this
+    /// member's.
+    ///
+    /// # Errors
+    /// [`KeyTaken`] when the key belongs to someone else.
+    pub(crate) fn claim_session_key(
+        &self,
+        pubkey: &str,
+        member_pubkey: &str,
+        member_id: &str,
+    ) -> Result<bool, KeyTaken> {
+        let mut inner = self.inner();
+        if pubkey != member_pubkey && inner.members.contains_key(pubkey) {
+            return Err(KeyTaken);
+        }
+        match inner.session_keys.get(pubkey) {
+            Some(owner) if owner != member_id => Err(KeyTaken),
+            Some(_) => Ok(false),
+            None => {
+                inner
+                    .session_keys
+                    .insert(pubkey.to_owned(), member_id.to_owned());
+                Ok(true)
+            }
+        }
     }
 
     /// Marks a member revoked and closes its live connections.

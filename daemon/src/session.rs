@@ -38,13 +38,13 @@ use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::Ctx;
 use crate::hub::{
-    CloseReason, ConnId, DirectRoute, MeshHub, Outbound, Peer, PeerShared, Registered, Sent,
-    StateValue, lock, member_info, peer_data, raw, system_push,
+    CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, Registered,
+    Sent, StateValue, lock, member_info, peer_data, raw, system_push,
 };
 use crate::ids::{now_ms, random_id, uuid_v4};
 use crate::store::StoreError;
 use crate::store::writer::{
-    BindOutcome, ClaimSpec, Claimed, Delivery, NewMessage, PeerStateWrite, Ticket, WriteOp,
+    ClaimSpec, Claimed, Delivery, NewMessage, PeerStateWrite, Ticket, WriteOp,
 };
 
 /// Replies awaited concurrently but written in request order.
@@ -328,28 +328,19 @@ async fn authenticate(
                 "sessionPubkey belongs to another member",
             )
         };
-        if *spk != ident.member_pubkey && mesh.member(spk).is_some() {
-            return Err(taken());
-        }
-        match mesh.session_owner(spk) {
-            Some(owner) if owner != member.id => return Err(taken()),
-            Some(_) => {}
-            None => {
-                let bound = ctx
-                    .writer
-                    .call(|reply| WriteOp::BindSession {
-                        mesh_id: ident.mesh_id.clone(),
-                        pubkey: spk.clone(),
-                        member_id: member.id.clone(),
-                        now,
-                        reply,
-                    })
-                    .await
-                    .map_err(|e| Refusal::store(&e))?;
-                if bound == BindOutcome::Taken {
-                    return Err(taken());
-                }
-                mesh.bind_session(spk, &member.id);
+        match mesh.claim_session_key(spk, &ident.member_pubkey, &member.id) {
+            Err(KeyTaken) => return Err(taken()),
+            Ok(false) => {}
+            // First sighting: persist the binding (the hub's copy, taken under its lock,
+            // is what every later hello is checked against).
+            Ok(true) => {
+                let op = WriteOp::BindSession {
+                    mesh_id: ident.mesh_id.clone(),
+                    pubkey: spk.clone(),
+                    member_id: member.id.clone(),
+                    now,
+                };
+                ctx.writer.send(op).await.map_err(|e| Refusal::store(&e))?;
             }
         }
     }

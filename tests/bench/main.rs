@@ -664,7 +664,9 @@ async fn nats_suite(
         drop(server);
         let server = nats::NatsServer::spawn(binary).await?;
         let rate = nats_flow(server.addr, 1, peers, &payload, duration, true, window).await?;
-        println!("nats   broadcast  1 sender → {peers} subscribers, {label}: {rate:.0} deliveries/s");
+        println!(
+            "nats   broadcast  1 sender → {peers} subscribers, {label}: {rate:.0} deliveries/s"
+        );
         drop(server);
     }
 

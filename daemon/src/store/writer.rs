@@ -119,15 +119,6 @@ pub(crate) struct ClaimSpec {
     pub(crate) limit: i64,
 }
 
-/// Outcome of binding a session key to a member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BindOutcome {
-    /// Bound (or already bound) to this member.
-    Bound,
-    /// Already bound to another member.
-    Taken,
-}
-
 /// An enrollment through `/join`, checked and applied atomically.
 #[derive(Debug)]
 pub(crate) struct JoinOp {
@@ -195,12 +186,12 @@ pub(crate) enum WriteOp {
         reply: oneshot::Sender<Result<Claimed, StoreError>>,
     },
     /// Bind a session key to a member.
+    /// Persist a session key binding the hub already made (first presenter wins).
     BindSession {
         mesh_id: String,
         pubkey: String,
         member_id: String,
         now: i64,
-        reply: oneshot::Sender<Result<BindOutcome, StoreError>>,
     },
     /// Upsert a shared-state key.
     SetState {
@@ -323,10 +314,6 @@ struct Done {
     unit: Vec<Reply<()>>,
     tickets: Vec<Ticket>,
     claims: Vec<(Reply<Claimed>, Claimed)>,
-    binds: Vec<(
-        oneshot::Sender<Result<BindOutcome, StoreError>>,
-        BindOutcome,
-    )>,
     joins: Vec<(
         oneshot::Sender<Result<JoinOutcome, StoreError>>,
         JoinOutcome,
@@ -342,9 +329,6 @@ impl Done {
         }
         drop(self.tickets);
         for (r, v) in self.claims {
-            let _ = r.send(Ok(v));
-        }
-        for (r, v) in self.binds {
             let _ = r.send(Ok(v));
         }
         for (r, v) in self.joins {
@@ -624,9 +608,6 @@ impl Plan {
         }
         for m in self.misc {
             match m {
-                WriteOp::BindSession { reply, .. } => {
-                    let _ = reply.send(Err(err()));
-                }
                 WriteOp::Join(j) => {
                     let _ = j.reply.send(Err(err()));
                 }
@@ -908,7 +889,6 @@ macro_rules! executor {
             }
 
             // 4. everything else, in arrival order
-            let mut binds = Vec::new();
             let mut joins = Vec::new();
             let mut sweeps = Vec::new();
             let mut flushes = Vec::new();
@@ -945,14 +925,12 @@ macro_rules! executor {
                             .bind(now)
                             .fetch_optional(&mut *tx)
                             .await?;
-                        binds.push((
-                            i,
-                            if owner.is_some() {
-                                BindOutcome::Bound
-                            } else {
-                                BindOutcome::Taken
-                            },
-                        ));
+                        if owner.is_none() {
+                            // The hub binds keys under its lock before this runs, and it
+                            // loaded every stored binding first: this means two daemons
+                            // share one database, which meshd does not support.
+                            warn!(session.key = %pubkey, "session key already bound to another member in the store");
+                        }
                     }
                     WriteOp::SetState {
                         mesh_id,
@@ -1135,11 +1113,6 @@ macro_rules! executor {
                 done.claims.push((reply, claimed));
             }
             let mut misc: Vec<Option<WriteOp>> = plan.misc.drain(..).map(Some).collect();
-            for (i, v) in binds {
-                if let Some(WriteOp::BindSession { reply, .. }) = misc[i].take() {
-                    done.binds.push((reply, v));
-                }
-            }
             for (i, v) in joins {
                 if let Some(WriteOp::Join(j)) = misc[i].take() {
                     done.joins.push((j.reply, v));
