@@ -49,6 +49,9 @@ struct Args {
     /// `durability` setting of the broker under test (normal or fsync).
     #[arg(long, global = true, default_value = "normal")]
     durability: String,
+    /// Store of the broker under test (default: its embedded SQLite).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
     /// Plaintext size of each message, bytes.
     #[arg(long, global = true, default_value_t = 128)]
     size: usize,
@@ -119,6 +122,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let b = Bench {
         daemon,
+        database_url: args.database_url.clone(),
         durability: args.durability.clone(),
         size: args.size,
         duration,
@@ -148,6 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 struct Bench {
     daemon: String,
+    database_url: Option<String>,
     durability: String,
     size: usize,
     duration: Duration,
@@ -156,6 +161,7 @@ struct Bench {
 /// A broker under test with one mesh.
 struct Broker {
     proc: DaemonProcess,
+    database_url: Option<String>,
     _dir: tempfile::TempDir,
     mesh_id: String,
     slug: String,
@@ -174,25 +180,30 @@ impl Bench {
             ),
         )?;
         let d = dir.path().to_str().context("utf-8 path")?.to_owned();
-        let (code, out, err) = run_cli(
-            &self.daemon,
-            &["--data-dir", &d, "mesh", "create", "bench", "--json"],
-            &[],
-        )
-        .await?;
+        let mut db_args: Vec<&str> = Vec::new();
+        if let Some(url) = &self.database_url {
+            db_args.extend(["--database-url", url.as_str()]);
+        }
+        let mut create = vec!["--data-dir", d.as_str()];
+        create.extend(&db_args);
+        create.extend(["mesh", "create", "bench", "--json"]);
+        let (code, out, err) = run_cli(&self.daemon, &create, &[]).await?;
         if code != 0 {
             bail!("mesh create failed: {err}");
         }
         let mesh: serde_json::Value = serde_json::from_str(out.trim())?;
+        let mut global = vec!["--config", cfg.to_str().context("path")?];
+        global.extend(&db_args);
         let proc = DaemonProcess::spawn(
             &self.daemon,
             dir.path(),
-            &["--config", cfg.to_str().context("path")?],
+            &global,
             &[("MESHD_LOG_LEVEL", "warn")],
         )
         .await?;
         Ok(Broker {
             proc,
+            database_url: self.database_url.clone(),
             _dir: dir,
             mesh_id: mesh["mesh_id"].as_str().context("mesh_id")?.to_owned(),
             slug: "bench".into(),
@@ -344,7 +355,12 @@ impl Bench {
                     next += 1;
                 }
                 if let Some(c) = pending.next().await {
-                    conns.push(c?);
+                    // Like a real client, read what the broker sends (the join
+                    // announcements of later connections) so nothing queues up.
+                    let mut c: Conn = c?;
+                    conns.push(tokio::spawn(
+                        async move { while c.ws.next().await.is_some() {} },
+                    ));
                 }
             }
             drop(pending);
@@ -354,7 +370,9 @@ impl Bench {
                 "meshd  idle       {n} authenticated connections: RSS {before} KiB → {after} KiB, {:.1} KiB per connection",
                 (after.saturating_sub(before)) as f64 / n as f64
             );
-            drop(conns);
+            for c in conns {
+                c.abort();
+            }
         }
         Ok(())
     }
@@ -426,24 +444,23 @@ impl Broker {
     async fn enroll(&self, n: usize) -> anyhow::Result<Vec<Member>> {
         let d = self.proc.data_dir.to_str().context("path")?;
         let url = self.proc.ws_url();
-        let (code, out, err) = run_cli(
-            &self.proc.binary,
-            &[
-                "--data-dir",
-                d,
-                "invite",
-                "create",
-                "--mesh",
-                &self.slug,
-                "--max-uses",
-                &n.to_string(),
-                "--public-url",
-                &url,
-                "--json",
-            ],
-            &[],
-        )
-        .await?;
+        let uses = n.to_string();
+        let mut args = vec!["--data-dir", d];
+        if let Some(u) = &self.database_url {
+            args.extend(["--database-url", u.as_str()]);
+        }
+        args.extend([
+            "invite",
+            "create",
+            "--mesh",
+            &self.slug,
+            "--max-uses",
+            &uses,
+            "--public-url",
+            &url,
+            "--json",
+        ]);
+        let (code, out, err) = run_cli(&self.proc.binary, &args, &[]).await?;
         if code != 0 {
             bail!("invite create failed: {err}");
         }
