@@ -251,9 +251,12 @@ pub enum Backend {
 /// What an acknowledged write survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Survives a crash or `kill -9` of meshd (SQLite `synchronous=NORMAL` in WAL mode).
+    /// Survives a crash or `kill -9` of meshd (SQLite `synchronous=NORMAL` in WAL mode;
+    /// PostgreSQL `synchronous_commit=off` on meshd's writer connection, where the last
+    /// few hundred milliseconds can be lost only if PostgreSQL or its host crashes).
     Normal,
-    /// Also survives power loss (`synchronous=FULL`; PostgreSQL `synchronous_commit=on`).
+    /// Also survives power loss (SQLite `synchronous=FULL`; PostgreSQL
+    /// `synchronous_commit=on`). One fsync per group commit, not per message.
     Fsync,
 }
 

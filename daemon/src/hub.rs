@@ -8,19 +8,26 @@
 //! when the peer reconnects.
 //!
 //! # Delivery order
-//! A direct message takes the *hot path* (pushed straight to the recipient's queue by
-//! the store writer while it commits the row) only while the recipient is `caught_up`:
-//! nothing it is eligible for is waiting in the store. Otherwise the row is stored
-//! undelivered and the recipient's session drains the store in `seq` order. A sender
-//! deciding the slow path counts the message as *pending* for the target key under the
-//! mesh lock (whether or not the recipient is online: it may connect before the insert
-//! commits); the writer uncounts it after commit and wakes the key's live peers. A drain
-//! only declares a peer caught up (under the same lock) when nothing is pending for its
-//! keys and nothing was committed for it since its last claim, so a later message can
-//! never overtake an earlier one from the same sender.
+//! A direct message reaches a live recipient by one of two paths: the *hot path* (the
+//! store writer's router pushes it to the recipient's queue as the insert goes by, and
+//! the executor commits it leased to that connection) or the *drain* (the row is stored
+//! undelivered and the recipient's session claims rows in `seq` order). Per-sender order
+//! holds because the router is the one sequencer of every insert and every claim:
+//!
+//! - a connection is *spilled* while rows for it may wait in the store (it starts that
+//!   way, to drain what arrived while it was away). The router never hot-pushes to a
+//!   spilled connection: it stores the row and spills every live connection of the key.
+//! - the router stamps each claim with the connection's spill count as the claim passes;
+//!   the executor runs the claim after every insert the router passed before it.
+//! - when a claim came back short, the session sends `CaughtUp(stamp)` through the
+//!   router, which unspills the connection only if nothing spilled since the stamp.
+//!
+//! So a message can take the hot path only when nothing older for its recipient is
+//! waiting, and a recipient that falls behind under load catches up as soon as one claim
+//! covers what spilled, without needing a quiet moment.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -93,10 +100,9 @@ pub(crate) struct PeerShared {
     pub(crate) tx: mpsc::Sender<Outbound>,
     /// Wakes the session to drain the store.
     pub(crate) wake: Notify,
-    /// Nothing this peer is eligible for waits in the store (see the module docs).
-    pub(crate) caught_up: AtomicBool,
-    /// Something for this peer was committed since the drain's last claim.
-    pub(crate) dirty: AtomicBool,
+    /// `spill count << 1 | spilled` (see the module docs). One word so the router's
+    /// compare-and-swap on catching up cannot lose a concurrent spill.
+    spill: AtomicU64,
     /// The client acknowledges pushes (`client_ack`): its pushes are leased, not marked
     /// delivered on write.
     pub(crate) acks: AtomicBool,
@@ -115,8 +121,8 @@ impl PeerShared {
             conn_id,
             tx,
             wake: Notify::new(),
-            caught_up: AtomicBool::new(false),
-            dirty: AtomicBool::new(true),
+            // Spilled from the start: drain what waited while the peer was away.
+            spill: AtomicU64::new(1),
             acks: AtomicBool::new(false),
             cancel,
             close: Mutex::new(None),
@@ -135,10 +141,35 @@ impl PeerShared {
     }
 
     /// Something for this peer may be waiting in the store: leave the hot path and drain.
-    pub(crate) fn invalidate(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
-        self.caught_up.store(false, Ordering::SeqCst);
+    pub(crate) fn spill(&self) {
+        let _ = self
+            .spill
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                Some((((s >> 1) + 1) << 1) | 1)
+            });
         self.wake.notify_one();
+    }
+
+    /// Whether rows for this peer may be waiting in the store.
+    pub(crate) fn spilled(&self) -> bool {
+        self.spill.load(Ordering::SeqCst) & 1 == 1
+    }
+
+    /// The spill count, stamped on claims by the router.
+    pub(crate) fn spill_stamp(&self) -> u64 {
+        self.spill.load(Ordering::SeqCst) >> 1
+    }
+
+    /// Back to the hot path, if nothing spilled since the claim stamped `stamp`.
+    pub(crate) fn try_unspill(&self, stamp: u64) -> bool {
+        self.spill
+            .compare_exchange(
+                (stamp << 1) | 1,
+                stamp << 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
     }
 }
 
@@ -239,8 +270,6 @@ struct MeshInner {
     session_keys: HashMap<String, String>,
     state: BTreeMap<String, StateValue>,
     state_bytes: usize,
-    /// Slow-path direct messages decided but not yet committed, per target key.
-    pending: HashMap<String, u32>,
 }
 
 /// The live state of one mesh.
@@ -253,10 +282,9 @@ pub(crate) struct MeshHub {
 /// Where a direct message goes.
 #[derive(Debug)]
 pub(crate) enum DirectRoute {
-    /// Push it now to this peer (hot path), if it is still caught up when committed.
+    /// Push it to this peer on the hot path, unless the router finds it spilled.
     Deliver(Arc<PeerShared>),
-    /// Store it undelivered. It is counted as pending for its key until the writer
-    /// calls [`MeshHub::committed`].
+    /// Store it undelivered (recipient offline, or busy for this priority).
     Queue,
     /// No member or known session of this mesh has that key.
     Unknown,
@@ -416,7 +444,7 @@ impl MeshHub {
         let mut n = 0;
         for p in inner.peers.values_mut() {
             if p.status.expire(now, ttl_ms) {
-                p.shared.invalidate();
+                p.shared.spill();
                 n += 1;
             }
         }
@@ -440,69 +468,39 @@ impl MeshHub {
         priority: Priority,
         sender: ConnId,
     ) -> DirectRoute {
-        let mut inner = self.inner();
-        let hot = {
-            let live: Vec<&Peer> = inner
-                .by_key
-                .get(key)
-                .into_iter()
-                .flatten()
-                .filter_map(|c| inner.peers.get(c))
-                .collect();
-            if live.is_empty() {
-                match (inner.members.get(key), inner.session_keys.get(key)) {
-                    (Some(m), _) if m.revoked => return DirectRoute::Revoked,
-                    (None, None) => return DirectRoute::Unknown,
-                    _ => {}
-                }
-            }
-            // Prefer another session over the sender (a DM to one's own member key from
-            // one session is meant for a sibling), then the most recent connection.
-            live.into_iter()
-                .filter(|p| {
-                    p.status.status.admits(priority) && p.shared.caught_up.load(Ordering::SeqCst)
-                })
-                .max_by_key(|p| (p.shared.conn_id != sender, p.connected_at, p.shared.conn_id))
-                .map(|p| p.shared.clone())
-        };
-        match hot {
-            Some(p) => DirectRoute::Deliver(p),
-            None => {
-                // Counted under the same lock the drains use to declare a peer caught up.
-                *inner.pending.entry(key.to_owned()).or_default() += 1;
-                DirectRoute::Queue
-            }
+        let inner = self.inner();
+        let live: Vec<&Peer> = inner
+            .by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| inner.peers.get(c))
+            .collect();
+        if live.is_empty() {
+            return match (inner.members.get(key), inner.session_keys.get(key)) {
+                (Some(m), _) if m.revoked => DirectRoute::Revoked,
+                (None, None) => DirectRoute::Unknown,
+                _ => DirectRoute::Queue,
+            };
         }
+        // Prefer another session over the sender (a DM to one's own member key from one
+        // session is meant for a sibling), then the most recent connection.
+        live.into_iter()
+            .filter(|p| p.status.status.admits(priority))
+            .max_by_key(|p| (p.shared.conn_id != sender, p.connected_at, p.shared.conn_id))
+            .map_or(DirectRoute::Queue, |p| {
+                DirectRoute::Deliver(p.shared.clone())
+            })
     }
 
-    /// A slow-path message for `key` was committed (or failed to be): it is no longer
-    /// pending, and the key's live peers must drain.
-    pub(crate) fn committed(&self, key: &str) {
-        let mut inner = self.inner();
-        if let Some(n) = inner.pending.get_mut(key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                inner.pending.remove(key);
-            }
-        }
+    /// A row for `key` was stored undelivered: every live connection of the key must
+    /// drain before taking hot pushes again. Called by the store writer's router.
+    pub(crate) fn spill_key(&self, key: &str) {
+        let inner = self.inner();
         for conn in inner.by_key.get(key).into_iter().flatten() {
             if let Some(p) = inner.peers.get(conn) {
-                p.shared.dirty.store(true, Ordering::SeqCst);
-                p.shared.wake.notify_one();
+                p.shared.spill();
             }
-        }
-    }
-
-    /// Declares a peer caught up if nothing for it is in flight or newly committed.
-    /// Returns whether it did. Must be the only place `caught_up` becomes true.
-    pub(crate) fn try_mark_caught_up(&self, shared: &PeerShared, keys: [&str; 2]) -> bool {
-        let inner = self.inner();
-        let pending = keys.iter().any(|k| inner.pending.contains_key(*k));
-        if !pending && !shared.dirty.load(Ordering::SeqCst) {
-            shared.caught_up.store(true, Ordering::SeqCst);
-            true
-        } else {
-            false
         }
     }
 

@@ -109,6 +109,8 @@ pub(crate) struct Metrics {
     pub(crate) messages_routed: Labeled,
     pub(crate) messages_rejected: Labeled,
     pub(crate) multicast_deliveries: AtomicU64,
+    pub(crate) direct_hot: AtomicU64,
+    pub(crate) direct_drained: AtomicU64,
     pub(crate) fanout_dropped: AtomicU64,
     pub(crate) queue_depth: AtomicI64,
     pub(crate) db_healthy: AtomicBool,
@@ -135,6 +137,8 @@ impl Default for Metrics {
             messages_routed: Labeled::new("priority", PRIORITIES),
             messages_rejected: Labeled::new("reason", MSG_REJECTS),
             multicast_deliveries: AtomicU64::new(0),
+            direct_hot: AtomicU64::new(0),
+            direct_drained: AtomicU64::new(0),
             fanout_dropped: AtomicU64::new(0),
             queue_depth: AtomicI64::new(0),
             db_healthy: AtomicBool::new(true),
@@ -258,6 +262,15 @@ impl Metrics {
             "counter",
             r(&self.multicast_deliveries),
         );
+        let _ = writeln!(
+            out,
+            "# HELP meshd_direct_pushes_total Direct messages pushed, by path: hot (as stored) or drain (claimed from the store).\n\
+             # TYPE meshd_direct_pushes_total counter\n\
+             meshd_direct_pushes_total{{path=\"hot\"}} {}\n\
+             meshd_direct_pushes_total{{path=\"drain\"}} {}",
+            r(&self.direct_hot),
+            r(&self.direct_drained)
+        );
         c(
             &mut out,
             "meshd_fanout_dropped_total",
@@ -334,6 +347,7 @@ mod tests {
         assert!(text.contains("meshd_messages_routed_total{priority=\"now\"} 1"));
         assert!(text.contains("meshd_messages_routed_total{priority=\"other\"} 1"));
         assert!(text.contains("meshd_store_operations_total 5"));
+        assert!(text.contains("meshd_direct_pushes_total{path=\"hot\"} 0\n"));
         assert!(text.contains("# TYPE meshd_connections_active gauge"));
         assert_eq!(m.messages_routed.get("now"), 1);
     }

@@ -44,7 +44,7 @@ use crate::hub::{
 use crate::ids::{now_ms, random_id, uuid_v4};
 use crate::store::StoreError;
 use crate::store::writer::{
-    ClaimSpec, Claimed, Delivery, NewMessage, PeerStateWrite, Ticket, WriteOp,
+    ClaimSpec, Claimed, Delivery, DirectKey, NewMessage, PeerStateWrite, WriteOp,
 };
 
 /// Replies awaited concurrently but written in request order.
@@ -432,8 +432,7 @@ async fn authenticate(
         session = ident.session,
         reattached, restored, "session authenticated"
     );
-    // Drain whatever waited for this peer while it was away.
-    shared.invalidate();
+    // The connection starts spilled: its first drain delivers whatever waited for it.
     let mut machine = Session::new(now, 0);
     machine.accepted();
     let live = Live {
@@ -877,7 +876,6 @@ impl Live {
 
     fn start_claim(&mut self) {
         self.drain_wanted = false;
-        self.shared.dirty.store(false, Ordering::SeqCst);
         let Some(max) = self
             .mesh
             .with_peer(self.conn, |p| p.status.status.max_admitted())
@@ -896,6 +894,8 @@ impl Live {
         let (tx, rx) = oneshot::channel();
         self.outbox.push_back(WriteOp::Claim {
             spec: Box::new(ClaimSpec {
+                peer: self.shared.clone(),
+                stamp: 0,
                 mesh_id: self.mesh_id().to_owned(),
                 member_key: self.member_pubkey.clone(),
                 session_key: self.routing_key().to_owned(),
@@ -918,6 +918,7 @@ impl Live {
         unflushed: &mut Vec<Sent>,
     ) -> bool {
         let full = claimed.rows.len() as i64 >= CLAIM_LIMIT;
+        let stamp = claimed.stamp;
         debug!(rows = claimed.rows.len(), next_lease = ?claimed.next_lease_expiry, "drain: claimed");
         let mut sent = Vec::with_capacity(claimed.rows.len());
         // The claim used the status of when it started; the peer may have become busy
@@ -928,6 +929,10 @@ impl Live {
             .unwrap_or(Priority::Now.rank());
         let (rows, not_now): (Vec<_>, Vec<_>) =
             claimed.rows.into_iter().partition(|r| r.priority <= max);
+        self.ctx
+            .metrics
+            .direct_drained
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
         if !not_now.is_empty() {
             self.outbox.push_back(WriteOp::Release {
                 ids: not_now.into_iter().map(|r| r.id).collect(),
@@ -980,14 +985,14 @@ impl Live {
         }
         if full {
             self.drain_wanted = true;
-        } else if !self
-            .mesh
-            .try_mark_caught_up(&self.shared, [&self.member_pubkey, self.routing_key()])
-            && self.shared.dirty.load(Ordering::SeqCst)
-        {
-            // Something was committed for us during the claim: go again. (If only an
-            // insert is still in flight, its commit wakes us.)
-            self.drain_wanted = true;
+        } else {
+            // Nothing more was waiting when the claim passed the router: ask it to put
+            // this connection back on the hot path (it refuses, and a spill wakes us,
+            // if anything spilled since).
+            self.outbox.push_back(WriteOp::CaughtUp {
+                peer: self.shared.clone(),
+                stamp,
+            });
         }
         true
     }
@@ -1043,7 +1048,7 @@ impl Live {
                 });
                 // Unlike the reference, becoming more available releases held messages now.
                 if released == Some(true) {
-                    self.shared.invalidate();
+                    self.shared.spill();
                 }
                 None
             }
@@ -1324,11 +1329,15 @@ impl Live {
             lease_conn: None,
             lease_until: None,
         };
-        let (delivery, ticket) = match &target {
+        let (delivery, direct) = match &target {
             TargetSpec::Direct(pk) => {
                 let key = pk.to_hex();
                 let route = self.mesh.route_direct(&key, priority, self.conn);
                 row.target_key = Some(key.clone());
+                let direct = Some(DirectKey {
+                    mesh: self.mesh.clone(),
+                    key: key.clone(),
+                });
                 match route {
                     DirectRoute::Unknown => {
                         return refuse(
@@ -1356,16 +1365,10 @@ impl Live {
                                 frame,
                                 lease_until,
                             }),
-                            None,
+                            direct,
                         )
                     }
-                    DirectRoute::Queue => (
-                        None,
-                        Some(Ticket {
-                            mesh: self.mesh.clone(),
-                            key,
-                        }),
-                    ),
+                    DirectRoute::Queue => (None, direct),
                 }
             }
             TargetSpec::Broadcast | TargetSpec::Group(_) => {
@@ -1391,7 +1394,7 @@ impl Live {
         self.outbox.push_back(WriteOp::Insert {
             row: Box::new(row),
             delivery,
-            ticket,
+            direct,
             reply: Some(tx),
         });
         let metrics = self.ctx.metrics.clone();
@@ -1553,7 +1556,7 @@ impl Live {
         if released && peer.is_some() {
             // Another session of the member may take over messages this one released.
             for sibling in self.mesh.siblings(&self.member_pubkey, self.conn) {
-                sibling.invalidate();
+                sibling.spill();
             }
         }
     }

@@ -86,44 +86,69 @@ both! {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hot_path_and_backlog_keep_order() -> anyhow::Result<()> {
-    // A sender streaming while the recipient connects: the backlog drain and the live
-    // pushes must interleave without reordering or duplicating.
-    let broker = TestBroker::start(Backend::Sqlite).await?;
-    let mesh = broker.create_mesh("order").await?;
-    let (a, r) = (
-        broker.enroll(&mesh, "a").await?,
-        broker.enroll(&mesh, "r").await?,
-    );
-    let session = Keypair::generate();
-    let opts = HelloOpts {
-        session: Some(session.clone()),
-        ..HelloOpts::default()
-    };
-    // Bind the session key first so DMs to it are accepted while it is offline.
-    Client::connect(&broker.ws_url(), &r, opts.clone())
-        .await?
-        .close()
-        .await;
-    let rk = session.public_hex();
-    let mut ac = broker.connect(&a).await?;
-    let total = 600;
-    let sender = tokio::spawn(async move {
-        for i in 0..total {
+/// `meshd_direct_pushes_total{path}` from /metrics.
+async fn pushes(broker: &TestBroker, path: &str) -> anyhow::Result<u64> {
+    let text = String::from_utf8(
+        meshd_tests::http(broker.addr, "GET", "/metrics", None)
+            .await?
+            .2,
+    )?;
+    let needle = format!("meshd_direct_pushes_total{{path=\"{path}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {needle} in metrics"))
+}
+
+both! {
+    /// A sender streams while the recipient connects: the backlog drain and the live
+    /// pushes interleave without reordering or duplicating, and once the recipient has
+    /// caught up (under continuous load, with no quiet moment) it is back on the hot path.
+    async fn hot_path_and_backlog_keep_order(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let mesh = broker.create_mesh("order").await?;
+        let (a, r) = (broker.enroll(&mesh, "a").await?, broker.enroll(&mesh, "r").await?);
+        let session = Keypair::generate();
+        let opts = HelloOpts { session: Some(session.clone()), ..HelloOpts::default() };
+        // Bind the session key first so DMs to it are accepted while it is offline.
+        Client::connect(&broker.ws_url(), &r, opts.clone()).await?.close().await;
+        let rk = session.public_hex();
+        let mut ac = broker.connect(&a).await?;
+        let (backlog, total) = (300, 900);
+        for i in 0..backlog {
             ac.dm(&rk, &format!("{i}"), "next").await?;
         }
-        anyhow::Ok(ac)
-    });
-    let mut rc = Client::connect(&broker.ws_url(), &r, opts).await?;
-    for i in 0..total {
-        let (_, text) = rc.expect_message().await?;
-        assert_eq!(text, i.to_string());
+        let sender = tokio::spawn(async move {
+            // Pipelined: many sends in flight, like a busy agent.
+            for i in backlog..total {
+                let (nonce, c) = meshd_tests::crypto::seal(&format!("{i}"), &rk, ac.dm_keys());
+                ac.send(serde_json::json!({"type": "send", "id": format!("s{i}"), "targetSpec": rk,
+                    "priority": "next", "nonce": nonce, "ciphertext": c})).await?;
+            }
+            for i in backlog..total {
+                ac.ws.expect("ack", |v| v["type"] == "ack" && v["id"] == format!("s{i}")).await?;
+            }
+            anyhow::Ok(ac)
+        });
+        let mut rc = Client::connect(&broker.ws_url(), &r, opts).await?;
+        for i in 0..total {
+            let (_, text) = rc.expect_message().await?;
+            assert_eq!(text, i.to_string());
+        }
+        let mut ac = sender.await??;
+        rc.sync().await?;
+        assert!(rc.pending_messages().is_empty(), "duplicates");
+
+        // Caught up: the next messages take the hot path.
+        let hot_before = pushes(&broker, "hot").await?;
+        for i in 0..50 {
+            ac.dm(&rc.key(), &format!("after {i}"), "next").await?;
+            assert_eq!(rc.expect_message().await?.1, format!("after {i}"));
+        }
+        let hot = pushes(&broker, "hot").await? - hot_before;
+        assert!(hot >= 45, "only {hot} of 50 messages took the hot path after catching up");
+        Ok(())
     }
-    sender.await??;
-    rc.sync().await?;
-    assert!(rc.pending_messages().is_empty(), "duplicates");
-    Ok(())
 }
 
 both! {

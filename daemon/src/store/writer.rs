@@ -55,19 +55,12 @@ pub(crate) struct NewMessage {
 
 const MESSAGE_COLUMNS: usize = 18;
 
-/// A slow-path message counted as pending for its key (see `hub`). Dropping it uncounts
-/// the message and wakes the key's peers, so it is dropped only after the insert commits
-/// (or failed) — and an operation lost at shutdown cannot leave a count behind.
+/// The mesh and recipient key of a direct message, so the router can spill the key's
+/// live connections when the row is stored undelivered (see `hub`).
 #[derive(Debug)]
-pub(crate) struct Ticket {
+pub(crate) struct DirectKey {
     pub(crate) mesh: Arc<MeshHub>,
     pub(crate) key: String,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.mesh.committed(&self.key);
-    }
 }
 
 /// A hot-path push to attempt while inserting.
@@ -97,8 +90,10 @@ pub(crate) struct ClaimedRow {
 }
 
 /// What a claim returned.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Claimed {
+    /// The claimer's spill count when the claim passed the router.
+    pub(crate) stamp: u64,
     /// Rows now leased to the claimer, in `seq` order.
     pub(crate) rows: Vec<ClaimedRow>,
     /// When the earliest still-leased row addressed to these keys becomes claimable
@@ -109,6 +104,10 @@ pub(crate) struct Claimed {
 /// Parameters of a claim.
 #[derive(Debug)]
 pub(crate) struct ClaimSpec {
+    /// The claiming connection (its spill count is stamped by the router).
+    pub(crate) peer: Arc<PeerShared>,
+    /// Set by the router as the claim passes.
+    pub(crate) stamp: u64,
     pub(crate) mesh_id: String,
     pub(crate) member_key: String,
     pub(crate) session_key: String,
@@ -159,11 +158,12 @@ pub(crate) struct PeerStateWrite {
 /// An operation for the writer.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
-    /// Store a message; push it first if `delivery` is set; settle `ticket` after.
+    /// Store a message; the router pushes it first if `delivery` is set and the target
+    /// is not spilled, and otherwise spills `direct`'s live connections.
     Insert {
         row: Box<NewMessage>,
         delivery: Option<Delivery>,
-        ticket: Option<Ticket>,
+        direct: Option<DirectKey>,
         reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
     /// Messages written to their recipient's socket (clients that do not acknowledge).
@@ -180,6 +180,9 @@ pub(crate) enum WriteOp {
         client_message_id: Option<String>,
         at: i64,
     },
+    /// A drain found nothing more: back to the hot path unless something spilled after
+    /// the claim with this stamp (handled by the router).
+    CaughtUp { peer: Arc<PeerShared>, stamp: u64 },
     /// Lease up to `limit` undelivered messages for a recipient.
     Claim {
         spec: Box<ClaimSpec>,
@@ -312,7 +315,6 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 #[derive(Default)]
 struct Done {
     unit: Vec<Reply<()>>,
-    tickets: Vec<Ticket>,
     claims: Vec<(Reply<Claimed>, Claimed)>,
     joins: Vec<(
         oneshot::Sender<Result<JoinOutcome, StoreError>>,
@@ -327,7 +329,6 @@ impl Done {
         for r in self.unit {
             let _ = r.send(Ok(()));
         }
-        drop(self.tickets);
         for (r, v) in self.claims {
             let _ = r.send(Ok(v));
         }
@@ -355,6 +356,7 @@ impl Writer {
             metrics,
         } = self;
         let (exec_tx, exec_rx) = mpsc::channel(capacity);
+        let router_metrics = metrics.clone();
         let mut executor = Executor {
             conn,
             rx: exec_rx,
@@ -383,10 +385,26 @@ impl Writer {
                     break;
                 }
                 for mut op in ops.drain(..) {
-                    if let WriteOp::Insert { row, delivery, .. } = &mut op
-                        && let Some(d) = delivery.take()
-                    {
-                        push_hot(row, d);
+                    match &mut op {
+                        WriteOp::Insert {
+                            row,
+                            delivery,
+                            direct,
+                            ..
+                        } => {
+                            let pushed = delivery.take().is_some_and(|d| push_hot(row, d));
+                            if pushed {
+                                router_metrics.direct_hot.fetch_add(1, Ordering::Relaxed);
+                            } else if let Some(d) = direct {
+                                d.mesh.spill_key(&d.key);
+                            }
+                        }
+                        WriteOp::Claim { spec, .. } => spec.stamp = spec.peer.spill_stamp(),
+                        WriteOp::CaughtUp { peer, stamp } => {
+                            peer.try_unspill(*stamp);
+                            continue;
+                        }
+                        _ => {}
                     }
                     if exec_tx.send(op).await.is_err() {
                         return;
@@ -399,12 +417,12 @@ impl Writer {
     }
 }
 
-/// Attempts a hot-path push and records the lease on the row if it was accepted. A
-/// refused push leaves the row for a drain.
-fn push_hot(row: &mut NewMessage, d: Delivery) {
-    // The recipient may have fallen behind since the sender decided. A full queue is not
-    // a slow-consumer offence here: the message is durable, so it waits for a drain.
-    let pushed = d.target.caught_up.load(Ordering::SeqCst)
+/// Attempts a hot-path push and records the lease on the row if it was accepted.
+/// Returns `false` (and leaves the row for a drain) when the target is spilled or its
+/// queue is full or closed — a full queue is no slow-consumer offence here: the message
+/// is durable and simply waits for the drain.
+fn push_hot(row: &mut NewMessage, d: Delivery) -> bool {
+    let pushed = !d.target.spilled()
         && d.target
             .tx
             .try_send(Outbound::Stored {
@@ -420,10 +438,8 @@ fn push_hot(row: &mut NewMessage, d: Delivery) {
     if pushed {
         row.lease_conn = i64::try_from(d.target.conn_id).ok();
         row.lease_until = Some(d.lease_until);
-    } else {
-        // Drained instead; marked before the commit, so no drain can miss it.
-        d.target.invalidate();
     }
+    pushed
 }
 
 /// The executor stage: batches and commits.
@@ -498,8 +514,8 @@ impl Executor {
     }
 }
 
-/// An insert with its ticket and reply.
-type PlannedInsert = (Box<NewMessage>, Option<Ticket>, Option<Reply<()>>);
+/// An insert with its reply.
+type PlannedInsert = (Box<NewMessage>, Option<Reply<()>>);
 
 /// A batch sorted by kind (see the module docs).
 #[derive(Default)]
@@ -521,13 +537,11 @@ impl Plan {
             std::collections::HashMap::new();
         for op in ops {
             match op {
-                WriteOp::Insert {
-                    row, ticket, reply, ..
-                } => {
+                WriteOp::Insert { row, reply, .. } => {
                     if row.delivered_at.is_none() {
                         pending_inserts.insert(row.id.clone(), p.inserts.len());
                     }
-                    p.inserts.push((row, ticket, reply));
+                    p.inserts.push((row, reply));
                 }
                 WriteOp::Release { ids } => p.releases.extend(ids),
                 WriteOp::MarkDelivered { ids, at } => {
@@ -600,11 +614,10 @@ impl Plan {
     fn fail(self, e: &StoreError) {
         error!(cause = %e, "store write failed");
         let err = || StoreError::Corrupt(format!("write failed: {e}"));
-        for (_, ticket, reply) in self.inserts {
+        for (_, reply) in self.inserts {
             if let Some(r) = reply {
                 let _ = r.send(Err(err()));
             }
-            drop(ticket);
         }
         for m in self.misc {
             match m {
@@ -839,7 +852,7 @@ macro_rules! executor {
             let cache = $sql();
 
             // 1. inserts, multi-row
-            let rows: Vec<&NewMessage> = plan.inserts.iter().map(|(r, _, _)| &**r).collect();
+            let rows: Vec<&NewMessage> = plan.inserts.iter().map(|(r, _)| &**r).collect();
             for chunk in chunked(&rows) {
                 let mut q = sqlx::query(AssertSqlSafe(cache.insert[chunk.len()].clone()));
                 for r in chunk {
@@ -1063,7 +1076,8 @@ macro_rules! executor {
                     WriteOp::Insert { .. }
                     | WriteOp::MarkDelivered { .. }
                     | WriteOp::Release { .. }
-                    | WriteOp::Claim { .. } => {}
+                    | WriteOp::Claim { .. }
+                    | WriteOp::CaughtUp { .. } => {}
                 }
             }
 
@@ -1082,7 +1096,10 @@ macro_rules! executor {
                     .fetch_all(&mut *tx)
                     .await?;
                 rows.sort_by_key(|r| r.seq);
-                let next_lease_expiry = if (rows.len() as i64) < spec.limit {
+                // Only clients that acknowledge hold finite leases worth waiting for.
+                let next_lease_expiry = if (rows.len() as i64) < spec.limit
+                    && spec.lease_until != i64::MAX
+                {
                     sqlx::query_scalar::<_, Option<i64>>(NEXT_LEASE_SQL)
                         .bind(&spec.mesh_id)
                         .bind(&spec.member_key)
@@ -1095,6 +1112,7 @@ macro_rules! executor {
                     None
                 };
                 claims.push(Claimed {
+                    stamp: spec.stamp,
                     rows,
                     next_lease_expiry,
                 });
@@ -1103,11 +1121,10 @@ macro_rules! executor {
             tx.commit().await?;
 
             // Success: move the replies out of the plan.
-            for (_, ticket, reply) in plan.inserts.drain(..) {
+            for (_, reply) in plan.inserts.drain(..) {
                 if let Some(r) = reply {
                     done.unit.push(r);
                 }
-                done.tickets.extend(ticket);
             }
             for ((_, reply), claimed) in plan.claims.drain(..).zip(claims) {
                 done.claims.push((reply, claimed));
