@@ -99,6 +99,8 @@ struct RawLimits {
     max_connections: Option<usize>,
     max_connections_per_mesh: Option<usize>,
     outbound_queue: Option<usize>,
+    ws_read_buffer: Option<usize>,
+    ws_write_buffer: Option<usize>,
     sends_per_second: Option<u32>,
     send_burst: Option<u32>,
     queue_ttl: Option<String>,
@@ -106,7 +108,7 @@ struct RawLimits {
     ack_lease: Option<String>,
     status_ttl: Option<String>,
     max_state_value_bytes: Option<usize>,
-    max_state_keys_per_mesh: Option<usize>,
+    max_state_bytes_per_mesh: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +136,8 @@ pub const KEYS: &[&str] = &[
     "limits.max_connections",
     "limits.max_connections_per_mesh",
     "limits.outbound_queue",
+    "limits.ws_read_buffer",
+    "limits.ws_write_buffer",
     "limits.sends_per_second",
     "limits.send_burst",
     "limits.queue_ttl",
@@ -141,7 +145,7 @@ pub const KEYS: &[&str] = &[
     "limits.ack_lease",
     "limits.status_ttl",
     "limits.max_state_value_bytes",
-    "limits.max_state_keys_per_mesh",
+    "limits.max_state_bytes_per_mesh",
     "log.level",
     "log.format",
 ];
@@ -279,6 +283,10 @@ pub struct Limits {
     pub max_connections_per_mesh: usize,
     /// Outbound frames buffered per connection.
     pub outbound_queue: usize,
+    /// WebSocket read buffer per connection, bytes (allocated for every connection).
+    pub ws_read_buffer: usize,
+    /// Bytes a connection buffers before writing to its socket (kept once grown).
+    pub ws_write_buffer: usize,
     /// Sustained sends per second per connection (0 = unlimited).
     pub sends_per_second: u32,
     /// Burst above the sustained rate.
@@ -293,8 +301,8 @@ pub struct Limits {
     pub status_ttl: Duration,
     /// Largest shared-state value.
     pub max_state_value_bytes: usize,
-    /// Shared-state keys per mesh.
-    pub max_state_keys_per_mesh: usize,
+    /// Shared state (keys and values) one mesh may hold, bytes.
+    pub max_state_bytes_per_mesh: usize,
 }
 
 /// `[log]`.
@@ -469,6 +477,16 @@ impl Config {
                 l.outbound_queue,
                 defaults::OUTBOUND_QUEUE,
             )?,
+            ws_read_buffer: positive(
+                "limits.ws_read_buffer",
+                l.ws_read_buffer,
+                defaults::WS_READ_BUFFER,
+            )?,
+            ws_write_buffer: positive(
+                "limits.ws_write_buffer",
+                l.ws_write_buffer,
+                defaults::WS_WRITE_BUFFER,
+            )?,
             sends_per_second: l.sends_per_second.unwrap_or(defaults::SENDS_PER_SECOND),
             send_burst: l.send_burst.unwrap_or(defaults::SEND_BURST),
             queue_ttl: dur("limits.queue_ttl", l.queue_ttl, defaults::QUEUE_TTL)?,
@@ -484,10 +502,10 @@ impl Config {
                 l.max_state_value_bytes,
                 defaults::MAX_STATE_VALUE_BYTES,
             )?,
-            max_state_keys_per_mesh: positive(
-                "limits.max_state_keys_per_mesh",
-                l.max_state_keys_per_mesh,
-                defaults::MAX_STATE_KEYS_PER_MESH,
+            max_state_bytes_per_mesh: positive(
+                "limits.max_state_bytes_per_mesh",
+                l.max_state_bytes_per_mesh,
+                defaults::MAX_STATE_BYTES_PER_MESH,
             )?,
         };
         if limits.sends_per_second > 0 && limits.send_burst == 0 {

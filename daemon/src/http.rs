@@ -26,9 +26,6 @@ use crate::hub::MemberInfo;
 use crate::ids::{now_ms, random_id};
 use crate::store::writer::{JoinOp, JoinOutcome, WriteOp};
 
-/// WebSocket read/write buffer per connection.
-const WS_BUFFER: usize = 4 * 1024;
-
 /// Largest `/join` body (the reference used its 64 KiB message limit).
 const JOIN_BODY_LIMIT: usize = 64 * 1024;
 
@@ -106,11 +103,9 @@ async fn ws(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        // tungstenite allocates its read buffer up front (128 KiB by default), which made
-        // an idle connection cost ~170 KiB. Frames are small; large ones just take more
-        // reads. Writes are flushed explicitly, so a small write buffer costs nothing.
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
+        // See `limits.ws_read_buffer`: tungstenite's defaults cost ~170 KiB per idle peer.
+        .read_buffer_size(ctx.config.limits.ws_read_buffer)
+        .write_buffer_size(ctx.config.limits.ws_write_buffer)
         .max_write_buffer_size(max.saturating_mul(2))
         .on_upgrade(move |socket| async move {
             // The session runs on our tracker so shutdown can wait for it (axum's own

@@ -8,26 +8,26 @@
 //! when the peer reconnects.
 //!
 //! # Delivery order
-//! A direct message reaches a live recipient by one of two paths: the *hot path* (the
-//! store writer's router pushes it to the recipient's queue as the insert goes by, and
-//! the executor commits it leased to that connection) or the *drain* (the row is stored
-//! undelivered and the recipient's session claims rows in `seq` order). Per-sender order
-//! holds because the router is the one sequencer of every insert and every claim:
+//! Every direct message passes the store writer's *router*, one task that sees all
+//! inserts and claims in order; it is the only sequencer. For a live recipient it either
+//! pushes the message to the connection's queue at once (the row is committed leased to
+//! that connection), or — while the connection is *draining*, i.e. older rows for it may
+//! wait in the store — appends it to the connection's in-memory *backlog* (also leased).
+//! The session drains the store in `seq` order; the router stamps each claim with the
+//! connection's *store count* (bumped whenever rows for it enter the store without going
+//! through its backlog: at connect, when its queue overflows, when a status change makes
+//! held rows eligible, …). When a claim comes back short the session sends `CaughtUp` with
+//! that stamp; if nothing was stored since, the router flushes the backlog into the queue,
+//! in order, and the connection is live again. A backlog that grows past its bound is
+//! given back to the store (the drain picks it up) rather than held in memory.
 //!
-//! - a connection is *spilled* while rows for it may wait in the store (it starts that
-//!   way, to drain what arrived while it was away). The router never hot-pushes to a
-//!   spilled connection: it stores the row and spills every live connection of the key.
-//! - the router stamps each claim with the connection's spill count as the claim passes;
-//!   the executor runs the claim after every insert the router passed before it.
-//! - when a claim came back short, the session sends `CaughtUp(stamp)` through the
-//!   router, which unspills the connection only if nothing spilled since the stamp.
-//!
-//! So a message can take the hot path only when nothing older for its recipient is
-//! waiting, and a recipient that falls behind under load catches up as soon as one claim
-//! covers what spilled, without needing a quiet moment.
+//! So per-sender order holds, a recipient never sees a later message before an earlier
+//! one, and a recipient that falls behind under continuous load catches up after one
+//! drain: new messages wait in its backlog, not in the store.
 
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -100,9 +100,8 @@ pub(crate) struct PeerShared {
     pub(crate) tx: mpsc::Sender<Outbound>,
     /// Wakes the session to drain the store.
     pub(crate) wake: Notify,
-    /// `spill count << 1 | spilled` (see the module docs). One word so the router's
-    /// compare-and-swap on catching up cannot lose a concurrent spill.
-    spill: AtomicU64,
+    /// Routing state, owned by the store writer's router (see the module docs).
+    pub(crate) route: Mutex<RouteState>,
     /// The client acknowledges pushes (`client_ack`): its pushes are leased, not marked
     /// delivered on write.
     pub(crate) acks: AtomicBool,
@@ -121,8 +120,7 @@ impl PeerShared {
             conn_id,
             tx,
             wake: Notify::new(),
-            // Spilled from the start: drain what waited while the peer was away.
-            spill: AtomicU64::new(1),
+            route: Mutex::new(RouteState::default()),
             acks: AtomicBool::new(false),
             cancel,
             close: Mutex::new(None),
@@ -140,36 +138,44 @@ impl PeerShared {
         *lock(&self.close)
     }
 
-    /// Something for this peer may be waiting in the store: leave the hot path and drain.
+    /// Rows for this peer entered the store outside its backlog: drain before taking
+    /// pushes again.
     pub(crate) fn spill(&self) {
-        let _ = self
-            .spill
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
-                Some((((s >> 1) + 1) << 1) | 1)
-            });
+        lock(&self.route).stored();
         self.wake.notify_one();
     }
+}
 
-    /// Whether rows for this peer may be waiting in the store.
-    pub(crate) fn spilled(&self) -> bool {
-        self.spill.load(Ordering::SeqCst) & 1 == 1
+/// How the router delivers to one connection.
+#[derive(Debug)]
+pub(crate) struct RouteState {
+    /// Bumped whenever rows for this connection enter the store outside its backlog.
+    pub(crate) stored: u64,
+    /// The store may hold rows older than anything pushed next: push to `backlog`.
+    pub(crate) draining: bool,
+    /// Messages the router accepted while draining, in order (rows leased to us).
+    pub(crate) backlog: VecDeque<(Utf8Bytes, Sent)>,
+    /// The session ended: nothing more is accepted.
+    pub(crate) closed: bool,
+}
+
+impl Default for RouteState {
+    fn default() -> Self {
+        // A new connection drains first: whatever waited while it was away.
+        Self {
+            stored: 0,
+            draining: true,
+            backlog: VecDeque::new(),
+            closed: false,
+        }
     }
+}
 
-    /// The spill count, stamped on claims by the router.
-    pub(crate) fn spill_stamp(&self) -> u64 {
-        self.spill.load(Ordering::SeqCst) >> 1
-    }
-
-    /// Back to the hot path, if nothing spilled since the claim stamped `stamp`.
-    pub(crate) fn try_unspill(&self, stamp: u64) -> bool {
-        self.spill
-            .compare_exchange(
-                (stamp << 1) | 1,
-                stamp << 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
+impl RouteState {
+    /// Rows went to the store without the backlog: a drain must come first.
+    pub(crate) fn stored(&mut self) {
+        self.stored += 1;
+        self.draining = true;
     }
 }
 
@@ -282,7 +288,7 @@ pub(crate) struct MeshHub {
 /// Where a direct message goes.
 #[derive(Debug)]
 pub(crate) enum DirectRoute {
-    /// Push it to this peer on the hot path, unless the router finds it spilled.
+    /// Push it to this peer (or its backlog while it drains).
     Deliver(Arc<PeerShared>),
     /// Store it undelivered (recipient offline, or busy for this priority).
     Queue,

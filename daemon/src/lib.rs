@@ -108,6 +108,7 @@ impl Daemon {
             conn,
             config.storage.max_batch * 4,
             config.storage.max_batch,
+            config.limits.outbound_queue * 4,
             metrics.clone(),
         );
         // No connection survives a restart, so no lease does either.

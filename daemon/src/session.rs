@@ -1122,7 +1122,7 @@ impl Live {
                             updated_at: now,
                         },
                         self.conn,
-                        limits.max_state_value_bytes.saturating_mul(64),
+                        limits.max_state_bytes_per_mesh,
                     );
                 if ok {
                     self.outbox.push_back(WriteOp::SetState {
@@ -1519,6 +1519,11 @@ impl Live {
             if let Outbound::Stored { sent, .. } = out {
                 ids.push(sent.id);
             }
+        }
+        {
+            let mut route = lock(&self.shared.route);
+            route.closed = true;
+            ids.extend(route.backlog.drain(..).map(|(_, s)| s.id));
         }
         ids.extend(self.leased.drain().map(|(id, _)| id));
         let released = !ids.is_empty();

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{StoreError, WriterConn};
-use crate::hub::{MeshHub, Outbound, PeerShared, Sent};
+use crate::hub::{MeshHub, Outbound, PeerShared, Sent, lock};
 use crate::metrics::Metrics;
 
 /// A row of the `message` table to insert.
@@ -55,8 +55,8 @@ pub(crate) struct NewMessage {
 
 const MESSAGE_COLUMNS: usize = 18;
 
-/// The mesh and recipient key of a direct message, so the router can spill the key's
-/// live connections when the row is stored undelivered (see `hub`).
+/// The mesh and recipient key of a direct message, so the router can make the key's
+/// live connections drain when the row is stored undelivered (see `hub`).
 #[derive(Debug)]
 pub(crate) struct DirectKey {
     pub(crate) mesh: Arc<MeshHub>,
@@ -92,7 +92,7 @@ pub(crate) struct ClaimedRow {
 /// What a claim returned.
 #[derive(Debug)]
 pub(crate) struct Claimed {
-    /// The claimer's spill count when the claim passed the router.
+    /// The claimer's store count when the claim passed the router.
     pub(crate) stamp: u64,
     /// Rows now leased to the claimer, in `seq` order.
     pub(crate) rows: Vec<ClaimedRow>,
@@ -104,7 +104,7 @@ pub(crate) struct Claimed {
 /// Parameters of a claim.
 #[derive(Debug)]
 pub(crate) struct ClaimSpec {
-    /// The claiming connection (its spill count is stamped by the router).
+    /// The claiming connection (its store count is stamped by the router).
     pub(crate) peer: Arc<PeerShared>,
     /// Set by the router as the claim passes.
     pub(crate) stamp: u64,
@@ -158,8 +158,8 @@ pub(crate) struct PeerStateWrite {
 /// An operation for the writer.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
-    /// Store a message; the router pushes it first if `delivery` is set and the target
-    /// is not spilled, and otherwise spills `direct`'s live connections.
+    /// Store a message; the router routes it to `delivery`'s connection if set and
+    /// live, and otherwise makes `direct`'s live connections drain.
     Insert {
         row: Box<NewMessage>,
         delivery: Option<Delivery>,
@@ -180,8 +180,8 @@ pub(crate) enum WriteOp {
         client_message_id: Option<String>,
         at: i64,
     },
-    /// A drain found nothing more: back to the hot path unless something spilled after
-    /// the claim with this stamp (handled by the router).
+    /// A drain came back short: the router flushes the connection's backlog unless rows
+    /// for it were stored after the claim with this stamp (handled by the router).
     CaughtUp { peer: Arc<PeerShared>, stamp: u64 },
     /// Lease up to `limit` undelivered messages for a recipient.
     Claim {
@@ -274,6 +274,7 @@ pub(crate) fn channel(
     conn: WriterConn,
     capacity: usize,
     max_batch: usize,
+    backlog_cap: usize,
     metrics: Arc<Metrics>,
 ) -> (WriterHandle, Writer) {
     let (tx, rx) = mpsc::channel(capacity);
@@ -284,6 +285,7 @@ pub(crate) fn channel(
             rx,
             capacity,
             max_batch,
+            backlog_cap,
             metrics,
         },
     )
@@ -296,6 +298,8 @@ pub(crate) struct Writer {
     rx: mpsc::Receiver<WriteOp>,
     capacity: usize,
     max_batch: usize,
+    /// Most messages the router keeps for one draining connection.
+    backlog_cap: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -353,6 +357,7 @@ impl Writer {
             mut rx,
             capacity,
             max_batch,
+            backlog_cap,
             metrics,
         } = self;
         let (exec_tx, exec_rx) = mpsc::channel(capacity);
@@ -385,6 +390,7 @@ impl Writer {
                     break;
                 }
                 for mut op in ops.drain(..) {
+                    let mut extra = None;
                     match &mut op {
                         WriteOp::Insert {
                             row,
@@ -392,21 +398,31 @@ impl Writer {
                             direct,
                             ..
                         } => {
-                            let pushed = delivery.take().is_some_and(|d| push_hot(row, d));
-                            if pushed {
+                            let routed = delivery
+                                .take()
+                                .is_some_and(|d| route_live(row, d, backlog_cap, &mut extra));
+                            if routed {
                                 router_metrics.direct_hot.fetch_add(1, Ordering::Relaxed);
                             } else if let Some(d) = direct {
                                 d.mesh.spill_key(&d.key);
                             }
                         }
-                        WriteOp::Claim { spec, .. } => spec.stamp = spec.peer.spill_stamp(),
+                        WriteOp::Claim { spec, .. } => spec.stamp = lock(&spec.peer.route).stored,
                         WriteOp::CaughtUp { peer, stamp } => {
-                            peer.try_unspill(*stamp);
-                            continue;
+                            caught_up(peer, *stamp, &mut extra);
+                            let Some(release) = extra else { continue };
+                            op = release;
+                            extra = None;
                         }
                         _ => {}
                     }
                     if exec_tx.send(op).await.is_err() {
+                        return;
+                    }
+                    // Leases the router gave back run after the inserts they concern.
+                    if let Some(release) = extra
+                        && exec_tx.send(release).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -417,29 +433,95 @@ impl Writer {
     }
 }
 
-/// Attempts a hot-path push and records the lease on the row if it was accepted.
-/// Returns `false` (and leaves the row for a drain) when the target is spilled or its
-/// queue is full or closed — a full queue is no slow-consumer offence here: the message
-/// is durable and simply waits for the drain.
-fn push_hot(row: &mut NewMessage, d: Delivery) -> bool {
-    let pushed = !d.target.spilled()
-        && d.target
-            .tx
-            .try_send(Outbound::Stored {
-                frame: d.frame,
-                sent: Sent {
-                    id: row.id.clone(),
-                    client_id: row.client_message_id.clone(),
-                    finite_lease: d.lease_until != i64::MAX,
-                },
-            })
-            .is_ok();
-    tracing::trace!(id = %row.id, conn = d.target.conn_id, pushed, "hot path");
-    if pushed {
-        row.lease_conn = i64::try_from(d.target.conn_id).ok();
-        row.lease_until = Some(d.lease_until);
+/// Routes a direct message to a live connection (see `hub`): pushed at once, or kept in
+/// the connection's backlog while it drains the store. Either way the row is leased to
+/// the connection and `true` is returned. `false` leaves the row for a drain: the
+/// connection is closing, its queue is full, or its backlog outgrew `backlog_cap` (then
+/// the backlog goes back to the store too, through `release`).
+fn route_live(
+    row: &mut NewMessage,
+    d: Delivery,
+    backlog_cap: usize,
+    release: &mut Option<WriteOp>,
+) -> bool {
+    let target = d.target;
+    let mut st = lock(&target.route);
+    if st.closed {
+        return false;
     }
-    pushed
+    let sent = Sent {
+        id: row.id.clone(),
+        client_id: row.client_message_id.clone(),
+        finite_lease: d.lease_until != i64::MAX,
+    };
+    let accepted = if st.draining {
+        if st.backlog.len() < backlog_cap {
+            st.backlog.push_back((d.frame, sent));
+            true
+        } else {
+            let ids = st.backlog.drain(..).map(|(_, s)| s.id).collect();
+            *release = Some(WriteOp::Release { ids });
+            st.stored();
+            false
+        }
+    } else {
+        match target.tx.try_send(Outbound::Stored {
+            frame: d.frame,
+            sent,
+        }) {
+            Ok(()) => true,
+            // A full queue is no slow-consumer offence for a durable message: it waits
+            // in the store for the drain.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                st.stored();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    };
+    drop(st);
+    tracing::trace!(id = %row.id, conn = target.conn_id, accepted, "direct message routed");
+    if accepted {
+        row.lease_conn = i64::try_from(target.conn_id).ok();
+        row.lease_until = Some(d.lease_until);
+    } else {
+        target.wake.notify_one();
+    }
+    accepted
+}
+
+/// A drain came back short at `stamp`: if nothing entered the store for the connection
+/// since, flush its backlog into its queue and take it live again. If the queue fills
+/// up on the way, the rest goes back to the store (through `release`) and it drains again.
+fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
+    let mut st = lock(&peer.route);
+    if st.closed || !st.draining || st.stored != stamp {
+        return;
+    }
+    while let Some((frame, sent)) = st.backlog.pop_front() {
+        match peer.tx.try_send(Outbound::Stored { frame, sent }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Outbound::Stored { frame, sent })) => {
+                st.backlog.push_front((frame, sent));
+                let ids = st.backlog.drain(..).map(|(_, s)| s.id).collect();
+                *release = Some(WriteOp::Release { ids });
+                st.stored();
+                drop(st);
+                peer.wake.notify_one();
+                return;
+            }
+            // Closing: the session's teardown gives back whatever stays in the backlog.
+            Err(
+                mpsc::error::TrySendError::Full(other) | mpsc::error::TrySendError::Closed(other),
+            ) => {
+                if let Outbound::Stored { frame, sent } = other {
+                    st.backlog.push_front((frame, sent));
+                }
+                return;
+            }
+        }
+    }
+    st.draining = false;
 }
 
 /// The executor stage: batches and commits.
