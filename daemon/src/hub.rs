@@ -107,6 +107,10 @@ pub(crate) struct PeerShared {
     pub(crate) acks: AtomicBool,
     /// Cancelled to close the connection.
     pub(crate) cancel: CancellationToken,
+    /// Cancelled once the session has given back everything it held (end of teardown):
+    /// a connection that replaced it drains only after that, so nothing it gives back
+    /// can arrive after newer messages.
+    pub(crate) retired: CancellationToken,
     close: Mutex<Option<CloseReason>>,
 }
 
@@ -121,6 +125,7 @@ impl PeerShared {
             tx,
             wake: Notify::new(),
             route: Mutex::new(RouteState::default()),
+            retired: CancellationToken::new(),
             acks: AtomicBool::new(false),
             cancel,
             close: Mutex::new(None),
@@ -313,7 +318,7 @@ pub(crate) enum Registered {
     New,
     /// This connection took over a live connection of the same session key; it keeps
     /// that presence's id and state and nothing is announced.
-    Reattached,
+    Reattached(Arc<PeerShared>),
 }
 
 impl MeshHub {
@@ -411,7 +416,7 @@ impl MeshHub {
                 if peer.groups.is_empty() {
                     peer.groups = old.groups;
                 }
-                Registered::Reattached
+                Registered::Reattached(old.shared)
             }
             None => Registered::New,
         };

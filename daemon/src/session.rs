@@ -34,6 +34,7 @@ use meshd_protocol::time::iso8601_ms;
 use meshd_protocol::{Priority, TargetSpec};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::Ctx;
@@ -402,7 +403,11 @@ async fn authenticate(
     let (registered, presence_id) = mesh
         .register(peer, ctx.config.limits.max_connections_per_mesh)
         .map_err(|_| Refusal::new("capacity", "mesh at connection capacity"))?;
-    let reattached = matches!(registered, Registered::Reattached);
+    let predecessor = match registered {
+        Registered::Reattached(old) => Some(old),
+        Registered::New => None,
+    };
+    let reattached = predecessor.is_some();
 
     let restored = saved.is_some() && !ident.session;
     let ack = BrokerFrame::HelloAck(HelloAck {
@@ -435,6 +440,7 @@ async fn authenticate(
     // The connection starts spilled: its first drain delivers whatever waited for it.
     let mut machine = Session::new(now, 0);
     machine.accepted();
+    let io_guard = shared.cancel.clone();
     let live = Live {
         ctx: ctx.clone(),
         machine,
@@ -471,6 +477,8 @@ async fn authenticate(
             ctx.config.limits.send_burst,
         ),
         last_activity: Instant::now(),
+        io_guard,
+        predecessor,
     };
     Ok((live, ack.to_json()))
 }
@@ -591,6 +599,11 @@ struct Live {
     claim_leased: bool,
     bucket: Bucket,
     last_activity: Instant,
+    /// Aborts socket writes (the connection's cancel token; a fresh one while the
+    /// shutdown path flushes what is queued).
+    io_guard: CancellationToken,
+    /// The connection this one replaced, until it has given back what it held.
+    predecessor: Option<Arc<PeerShared>>,
 }
 
 impl Live {
@@ -644,30 +657,25 @@ impl Live {
         let cancel = self.shared.cancel.clone();
         let writer_tx = self.ctx.writer.clone();
         let mut unflushed: Vec<Sent> = Vec::new();
+        let retired = self.predecessor.as_ref().map(|p| p.retired.clone());
+        let handover_deadline = Instant::now() + Duration::from_secs(10);
         let ended: &'static str = loop {
-            if self.drain_wanted && self.claim.is_none() {
+            if self.drain_wanted && self.claim.is_none() && self.predecessor.is_none() {
                 self.start_claim();
             }
             self.flush_outbox();
             let reading = self.pending.len() < MAX_PENDING && self.outbox.len() < MAX_OUTBOX;
             tokio::select! {
                 biased;
-                () = cancel.cancelled() => {
-                    break match self.shared.close_reason() {
-                        Some(CloseReason::Replaced) => "replaced",
-                        Some(CloseReason::Revoked) => "revoked",
-                        Some(CloseReason::SlowConsumer) => "slow_consumer",
-                        Some(CloseReason::Shutdown) | None => "shutdown",
-                    };
-                }
+                () = cancel.cancelled() => break self.cancelled_reason(),
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
                     if !self.write_replies(&mut socket, reply).await {
-                        break "error";
+                        break self.failed_reason();
                     }
                 }
                 Some(out) = self.rx.recv() => {
                     if !self.write_outbound(&mut socket, out, &mut unflushed).await {
-                        break "error";
+                        break self.failed_reason();
                     }
                 }
                 Some(result) = OptionFuture::from(self.claim.as_mut()), if self.claim.is_some() => {
@@ -675,7 +683,7 @@ impl Live {
                     match result {
                         Ok(Ok(claimed)) => {
                             if !self.deliver_claimed(&mut socket, claimed, &mut unflushed).await {
-                                break "error";
+                                break self.failed_reason();
                             }
                         }
                         Ok(Err(e)) => {
@@ -698,6 +706,11 @@ impl Live {
                 () = self.shared.wake.notified() => {
                     self.drain_wanted = true;
                 }
+                // Draining starts once the replaced connection gave back its messages
+                // (bounded, in case its teardown is stuck).
+                () = wait_retired(retired.as_ref(), handover_deadline), if self.predecessor.is_some() => {
+                    self.predecessor = None;
+                }
                 msg = socket.recv(), if reading => {
                     self.last_activity = Instant::now();
                     match msg {
@@ -705,8 +718,8 @@ impl Live {
                             self.ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
                             if let Some(text) = self.on_text(&t) {
                                 if self.pending.is_empty() {
-                                    if !write(&self.ctx.metrics, &mut socket, Message::Text(text)).await {
-                                        break "error";
+                                    if !self.write_replies(&mut socket, Some(text)).await {
+                                        break self.failed_reason();
                                     }
                                 } else {
                                     self.pending.push_back(Box::pin(async move { Some(text) }));
@@ -718,7 +731,7 @@ impl Live {
                         Some(Ok(Message::Close(_))) | None => break "client",
                         Some(Err(e)) => {
                             oversize_close(&self.ctx, &mut socket, &e).await;
-                            break "error";
+                            break self.failed_reason();
                         }
                     }
                 }
@@ -726,8 +739,9 @@ impl Live {
                     if self.last_activity.elapsed() > idle_timeout {
                         break "idle_timeout";
                     }
-                    if !write(&self.ctx.metrics, &mut socket, Message::Ping(Default::default())).await {
-                        break "error";
+                    let limit = self.ctx.config.limits.idle_timeout;
+                    if !guarded(&self.io_guard, limit, socket.send(Message::Ping(Default::default()))).await {
+                        break self.failed_reason();
                     }
                 }
                 () = sleep_until_opt(self.lease_timer), if self.lease_timer.is_some() => {
@@ -764,6 +778,25 @@ impl Live {
         self.teardown(unflushed).await;
     }
 
+    /// Why the connection was cancelled.
+    fn cancelled_reason(&self) -> &'static str {
+        match self.shared.close_reason() {
+            Some(CloseReason::Replaced) => "replaced",
+            Some(CloseReason::Revoked) => "revoked",
+            Some(CloseReason::SlowConsumer) => "slow_consumer",
+            Some(CloseReason::Shutdown) | None => "shutdown",
+        }
+    }
+
+    /// Why socket I/O failed: a cancellation that interrupted a write, or the socket.
+    fn failed_reason(&self) -> &'static str {
+        if self.shared.cancel.is_cancelled() {
+            self.cancelled_reason()
+        } else {
+            "error"
+        }
+    }
+
     /// Hands queued store operations to the writer while it has room, without waiting.
     fn flush_outbox(&mut self) {
         while !self.outbox.is_empty() {
@@ -781,11 +814,12 @@ impl Live {
     /// Writes a reply and every other reply already available (in order), then flushes.
     async fn write_replies(&mut self, socket: &mut WebSocket, first: Option<Utf8Bytes>) -> bool {
         use futures_util::FutureExt as _;
+        let (guard, limit) = (self.io_guard.clone(), self.ctx.config.limits.idle_timeout);
         let mut next = Some(first);
         let mut n = 0;
         while let Some(reply) = next.take() {
             if let Some(text) = reply {
-                if socket.feed(Message::Text(text)).await.is_err() {
+                if !guarded(&guard, limit, socket.feed(Message::Text(text))).await {
                     return false;
                 }
                 n += 1;
@@ -798,7 +832,7 @@ impl Live {
             .metrics
             .frames_sent
             .fetch_add(n as u64, Ordering::Relaxed);
-        socket.flush().await.is_ok()
+        guarded(&guard, limit, socket.flush()).await
     }
 
     /// Writes an outbound item and whatever else is queued (up to a batch), then flushes
@@ -809,6 +843,7 @@ impl Live {
         first: Outbound,
         unflushed: &mut Vec<Sent>,
     ) -> bool {
+        let (guard, limit) = (self.io_guard.clone(), self.ctx.config.limits.idle_timeout);
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
@@ -819,7 +854,7 @@ impl Live {
                     frame
                 }
             };
-            if socket.feed(Message::Text(text)).await.is_err() {
+            if !guarded(&guard, limit, socket.feed(Message::Text(text))).await {
                 return false;
             }
             n += 1;
@@ -831,7 +866,7 @@ impl Live {
             .metrics
             .frames_sent
             .fetch_add(n as u64, Ordering::Relaxed);
-        if socket.flush().await.is_err() {
+        if !guarded(&guard, limit, socket.flush()).await {
             return false;
         }
         self.written(std::mem::take(unflushed));
@@ -919,6 +954,7 @@ impl Live {
     ) -> bool {
         let full = claimed.rows.len() as i64 >= CLAIM_LIMIT;
         let stamp = claimed.stamp;
+        let (guard, limit) = (self.io_guard.clone(), self.ctx.config.limits.idle_timeout);
         debug!(rows = claimed.rows.len(), next_lease = ?claimed.next_lease_expiry, "drain: claimed");
         let mut sent = Vec::with_capacity(claimed.rows.len());
         // The claim used the status of when it started; the peer may have become busy
@@ -963,16 +999,13 @@ impl Live {
             };
             unflushed.push(s.clone());
             sent.push(s);
-            if socket
-                .feed(Message::Text(frame.to_json().into()))
-                .await
-                .is_err()
-            {
+            let msg = Message::Text(frame.to_json().into());
+            if !guarded(&guard, limit, socket.feed(msg)).await {
                 return false;
             }
             self.ctx.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
-        if socket.flush().await.is_err() {
+        if !guarded(&guard, limit, socket.flush()).await {
             return false;
         }
         unflushed.clear();
@@ -999,6 +1032,8 @@ impl Live {
 
     /// At shutdown: write what is queued for this client, within a short budget.
     async fn flush_queued(&mut self, socket: &mut WebSocket, unflushed: &mut Vec<Sent>) {
+        // The connection's token is already cancelled; the 2 s budget bounds this instead.
+        self.io_guard = CancellationToken::new();
         let budget = tokio::time::timeout(Duration::from_secs(2), async {
             while let Ok(out) = self.rx.try_recv() {
                 if !self.write_outbound(socket, out, unflushed).await {
@@ -1558,19 +1593,36 @@ impl Live {
             self.mesh
                 .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
-        if released && peer.is_some() {
-            // Another session of the member may take over messages this one released.
+        if released {
+            // Another session of the member (or the connection that replaced this one)
+            // takes over what this one gave back; its next claim runs after the release.
             for sibling in self.mesh.siblings(&self.member_pubkey, self.conn) {
                 sibling.spill();
             }
         }
+        self.shared.retired.cancel();
     }
 }
 
-/// Writes one frame and flushes.
-async fn write(metrics: &crate::metrics::Metrics, socket: &mut WebSocket, msg: Message) -> bool {
-    metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-    socket.send(msg).await.is_ok()
+/// Socket I/O that gives up when the connection is cancelled (replaced, revoked, slow)
+/// or the peer has not taken data for `limit`: a client that stops reading must not pin
+/// its session (and the leases it holds) forever.
+async fn guarded<T, E>(
+    cancel: &CancellationToken,
+    limit: Duration,
+    io: impl Future<Output = Result<T, E>>,
+) -> bool {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => false,
+        r = tokio::time::timeout(limit, io) => matches!(r, Ok(Ok(_))),
+    }
+}
+
+async fn wait_retired(retired: Option<&CancellationToken>, deadline: Instant) {
+    if let Some(r) = retired {
+        let _ = tokio::time::timeout_at(deadline, r.cancelled()).await;
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
