@@ -276,7 +276,7 @@ async fn replaced_stalled_connection_hands_over_its_messages() -> anyhow::Result
     );
     // The rest arrives on the new connection, in order.
     let mut last = None;
-    while seen.iter().any(|c| *c == 0) {
+    while seen.contains(&0) {
         let (push, _) = new.expect_message().await?;
         let i = index(&new, &push).expect("decodes");
         assert!(last < Some(i), "new connection out of order at {i}");
