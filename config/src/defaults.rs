@@ -35,6 +35,11 @@ pub const MAX_CONNECTIONS_PER_MESH: usize = 1_000;
 /// messages are never dropped: they stay in the store and are drained later.
 pub const OUTBOUND_QUEUE: usize = 1_024;
 
+/// Outbound bytes buffered for one client (frames can be up to a MiB, so the frame
+/// count alone does not bound memory). A draining connection's in-memory backlog may
+/// hold four times as much before it is given back to the store.
+pub const OUTBOUND_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+
 /// WebSocket read buffer per connection. tungstenite allocates it for every connection
 /// (128 KiB by default, which made an idle connection cost ~170 KiB); claudemesh frames
 /// are small, and large ones just take more reads.

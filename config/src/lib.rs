@@ -99,6 +99,7 @@ struct RawLimits {
     max_connections: Option<usize>,
     max_connections_per_mesh: Option<usize>,
     outbound_queue: Option<usize>,
+    outbound_queue_bytes: Option<usize>,
     ws_read_buffer: Option<usize>,
     ws_write_buffer: Option<usize>,
     sends_per_second: Option<u32>,
@@ -136,6 +137,7 @@ pub const KEYS: &[&str] = &[
     "limits.max_connections",
     "limits.max_connections_per_mesh",
     "limits.outbound_queue",
+    "limits.outbound_queue_bytes",
     "limits.ws_read_buffer",
     "limits.ws_write_buffer",
     "limits.sends_per_second",
@@ -283,6 +285,9 @@ pub struct Limits {
     pub max_connections_per_mesh: usize,
     /// Outbound frames buffered per connection.
     pub outbound_queue: usize,
+    /// Outbound bytes buffered per connection (a draining connection's backlog may hold
+    /// four times as much).
+    pub outbound_queue_bytes: usize,
     /// WebSocket read buffer per connection, bytes (allocated for every connection).
     pub ws_read_buffer: usize,
     /// Bytes a connection buffers before writing to its socket (kept once grown).
@@ -477,6 +482,11 @@ impl Config {
                 l.outbound_queue,
                 defaults::OUTBOUND_QUEUE,
             )?,
+            outbound_queue_bytes: positive(
+                "limits.outbound_queue_bytes",
+                l.outbound_queue_bytes,
+                defaults::OUTBOUND_QUEUE_BYTES,
+            )?,
             ws_read_buffer: positive(
                 "limits.ws_read_buffer",
                 l.ws_read_buffer,
@@ -553,6 +563,12 @@ impl Config {
     }
 }
 
+/// Longest duration any setting accepts: ten years (timers beyond it would overflow).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Largest count or size any setting accepts.
+const MAX_COUNT: usize = 1 << 32;
+
 fn dur(key: &str, raw: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match raw {
         None => Ok(default),
@@ -560,6 +576,9 @@ fn dur(key: &str, raw: Option<String>, default: Duration) -> Result<Duration, Co
             let d = parse_duration(&s).map_err(|e| invalid(key, e))?;
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
+            }
+            if d > MAX_DURATION {
+                return Err(invalid(key, "must be at most 3650d"));
             }
             Ok(d)
         }
@@ -569,6 +588,7 @@ fn dur(key: &str, raw: Option<String>, default: Duration) -> Result<Duration, Co
 fn positive(key: &str, raw: Option<usize>, default: usize) -> Result<usize, ConfigError> {
     match raw {
         Some(0) => Err(invalid(key, "must be at least 1")),
+        Some(n) if n > MAX_COUNT => Err(invalid(key, format!("must be at most {MAX_COUNT}"))),
         Some(n) => Ok(n),
         None => Ok(default),
     }
@@ -755,6 +775,11 @@ mod tests {
                 "limits.max_message_bytes",
             ),
             ("[limits]\nmax_connections = 0", "limits.max_connections"),
+            (
+                "[limits]\noutbound_queue = 99999999999",
+                "limits.outbound_queue",
+            ),
+            ("[limits]\nqueue_ttl = \"99999d\"", "limits.queue_ttl"),
             ("[log]\nformat = \"xml\"", "log.format"),
         ];
         for (text, key) in cases {

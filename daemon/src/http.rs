@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -117,7 +116,7 @@ async fn ws(
 }
 
 async fn health(State(ctx): State<Arc<Ctx>>) -> Response {
-    let healthy = ctx.metrics.db_healthy.load(Ordering::Relaxed);
+    let healthy = ctx.metrics.store_healthy();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "db": if healthy { "up" } else { "down" },

@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -54,6 +54,15 @@ pub(crate) enum Outbound {
     /// session marks it delivered, or, for a client that acknowledges, waits for
     /// `client_ack`.
     Stored { frame: Utf8Bytes, sent: Sent },
+}
+
+impl Outbound {
+    /// The frame's size, for the queue's byte budget.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Frame(t) | Self::Stored { frame: t, .. } => t.len(),
+        }
+    }
 }
 
 /// A stored message pushed (or about to be) on a connection.
@@ -102,6 +111,11 @@ pub(crate) struct PeerShared {
     pub(crate) wake: Notify,
     /// Routing state, owned by the store writer's router (see the module docs).
     pub(crate) route: Mutex<RouteState>,
+    /// Bytes of frames queued for this connection and not yet written.
+    queued_bytes: AtomicUsize,
+    /// Most bytes that may be queued (frames are up to the send size limit, so a count
+    /// alone would not bound memory).
+    max_queued_bytes: usize,
     /// The client acknowledges pushes (`client_ack`): its pushes are leased, not marked
     /// delivered on write.
     pub(crate) acks: AtomicBool,
@@ -119,12 +133,15 @@ impl PeerShared {
         conn_id: ConnId,
         tx: mpsc::Sender<Outbound>,
         cancel: CancellationToken,
+        max_queued_bytes: usize,
     ) -> Self {
         Self {
             conn_id,
             tx,
             wake: Notify::new(),
             route: Mutex::new(RouteState::default()),
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes,
             retired: CancellationToken::new(),
             acks: AtomicBool::new(false),
             cancel,
@@ -141,6 +158,33 @@ impl PeerShared {
     /// Why the broker closed this connection, if it did.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         *lock(&self.close)
+    }
+
+    /// Queues a frame without waiting, within the connection's byte budget. A frame that
+    /// does not fit is refused as `Full`, like one over the frame count.
+    ///
+    /// # Errors
+    /// The frame back, as `Full` or `Closed`.
+    pub(crate) fn try_queue(
+        &self,
+        out: Outbound,
+    ) -> Result<(), mpsc::error::TrySendError<Outbound>> {
+        let len = out.len();
+        let queued = self.queued_bytes.load(Ordering::Relaxed);
+        if queued > 0 && queued + len > self.max_queued_bytes {
+            return Err(mpsc::error::TrySendError::Full(out));
+        }
+        self.tx.try_send(out)?;
+        self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `bytes` of queued frames were written (or dropped).
+    pub(crate) fn dequeued(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(
+            bytes.min(self.queued_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
     }
 
     /// Rows for this peer entered the store outside its backlog: drain before taking
@@ -160,6 +204,8 @@ pub(crate) struct RouteState {
     pub(crate) draining: bool,
     /// Messages the router accepted while draining, in order (rows leased to us).
     pub(crate) backlog: VecDeque<(Utf8Bytes, Sent)>,
+    /// Bytes of frames in `backlog`.
+    pub(crate) backlog_bytes: usize,
     /// The session ended: nothing more is accepted.
     pub(crate) closed: bool,
 }
@@ -171,12 +217,27 @@ impl Default for RouteState {
             stored: 0,
             draining: true,
             backlog: VecDeque::new(),
+            backlog_bytes: 0,
             closed: false,
         }
     }
 }
 
 impl RouteState {
+    /// The session ended: refuse new messages and drop the backlog (its rows are leased
+    /// to the connection and given back by the session's teardown).
+    pub(crate) fn close(&mut self) {
+        self.closed = true;
+        self.backlog.clear();
+        self.backlog_bytes = 0;
+    }
+
+    /// Empties the backlog, returning the ids of its messages.
+    pub(crate) fn take_backlog(&mut self) -> Vec<String> {
+        self.backlog_bytes = 0;
+        self.backlog.drain(..).map(|(_, s)| s.id).collect()
+    }
+
     /// Rows went to the store without the backlog: a drain must come first.
     pub(crate) fn stored(&mut self) {
         self.stored += 1;
@@ -307,9 +368,14 @@ pub(crate) enum DirectRoute {
 #[derive(Debug)]
 pub(crate) struct KeyTaken;
 
-/// The mesh is at its connection limit.
-#[derive(Debug)]
-pub(crate) struct AtCapacity;
+/// Why a presence could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RegisterError {
+    /// The mesh is at its connection limit.
+    AtCapacity,
+    /// The member was revoked while the handshake ran.
+    Revoked,
+}
 
 /// Result of registering a presence.
 #[derive(Debug)]
@@ -384,13 +450,21 @@ impl MeshHub {
     /// the same session id) of the same member, as HEAD's reattach does.
     ///
     /// # Errors
-    /// [`AtCapacity`] when the mesh has `max_peers` connections.
+    /// [`RegisterError`]: the mesh is full, or the member was revoked meanwhile (checked
+    /// under the lock the revocation watch takes, so no revoked member slips in).
     pub(crate) fn register(
         &self,
         mut peer: Peer,
         max_peers: usize,
-    ) -> Result<(Registered, String), AtCapacity> {
+    ) -> Result<(Registered, String), RegisterError> {
         let mut inner = self.inner();
+        if inner
+            .members
+            .get(&peer.member_pubkey)
+            .is_none_or(|m| m.revoked)
+        {
+            return Err(RegisterError::Revoked);
+        }
         let old = inner
             .peers
             .values()
@@ -401,7 +475,7 @@ impl MeshHub {
             })
             .map(|p| p.shared.conn_id);
         if old.is_none() && inner.peers.len() >= max_peers {
-            return Err(AtCapacity);
+            return Err(RegisterError::AtCapacity);
         }
         let registered = match old.and_then(|id| remove_peer(&mut inner, id)) {
             Some(old) => {
@@ -587,12 +661,18 @@ impl MeshHub {
             .collect()
     }
 
-    /// Live peers reached by a multicast spec, the sender included (for `message_status`).
-    pub(crate) fn multicast_recipients(&self, target: &TargetSpec) -> Vec<(String, String)> {
+    /// Live peers reached by a multicast spec, the sender included, hidden peers only for
+    /// their own member (for `message_status`).
+    pub(crate) fn multicast_recipients(
+        &self,
+        target: &TargetSpec,
+        viewer_member: &str,
+    ) -> Vec<(String, String)> {
         let inner = self.inner();
         let mut peers: Vec<&Peer> = inner
             .peers
             .values()
+            .filter(|p| p.visible || p.member_pubkey == viewer_member)
             .filter(|p| match target {
                 TargetSpec::Group(g) => p.in_group(g),
                 _ => true,
@@ -685,7 +765,7 @@ fn remove_peer(inner: &mut MeshInner, conn: ConnId) -> Option<Peer> {
 /// closed as a slow consumer (what it misses is either live-only by design or stored).
 /// Returns whether the frame was queued.
 pub(crate) fn offer(peer: &PeerShared, out: Outbound) -> bool {
-    match peer.tx.try_send(out) {
+    match peer.try_queue(out) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             peer.close(CloseReason::SlowConsumer);

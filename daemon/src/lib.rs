@@ -106,9 +106,10 @@ impl Daemon {
         let metrics = Arc::new(Metrics::default());
         let (writer, task) = store::writer::channel(
             conn,
+            (config.storage.backend.clone(), config.storage.durability),
             config.storage.max_batch * 4,
             config.storage.max_batch,
-            config.limits.outbound_queue * 4,
+            config.limits.outbound_queue_bytes.saturating_mul(4),
             metrics.clone(),
         );
         // No connection survives a restart, so no lease does either.
@@ -289,7 +290,7 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
             mesh.expire_statuses(now, ttl);
         }
         let healthy = ctx.db.ping().await.is_ok();
-        ctx.metrics.db_healthy.store(healthy, Ordering::Relaxed);
+        ctx.metrics.db_reachable.store(healthy, Ordering::Relaxed);
         if n % 15 == 1
             && let Ok(depth) = ctx.db.queue_depth().await
         {
@@ -298,24 +299,39 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         if n % 30 == 1 {
             let retention = i64::try_from(ctx.config.limits.delivered_retention.as_millis())
                 .unwrap_or(i64::MAX);
-            let r = ctx
-                .writer
-                .call(|reply| WriteOp::Sweep {
-                    delivered_before: now.saturating_sub(retention),
-                    now,
-                    reply,
-                })
-                .await;
-            match r {
-                Ok(swept) if swept.delivered + swept.expired > 0 => {
-                    info!(
-                        delivered_removed = swept.delivered,
-                        expired_undelivered = swept.expired,
-                        "swept messages"
-                    );
+            // Bounded steps, each its own writer operation, until a step comes back short.
+            let mut total = store::writer::Swept::default();
+            for _ in 0..100 {
+                let r = ctx
+                    .writer
+                    .call(|reply| WriteOp::Sweep {
+                        delivered_before: now.saturating_sub(retention),
+                        now,
+                        reply,
+                    })
+                    .await;
+                match r {
+                    Ok(swept) => {
+                        total.delivered += swept.delivered;
+                        total.expired += swept.expired;
+                        if swept.delivered < store::writer::SWEEP_CHUNK
+                            && swept.expired < store::writer::SWEEP_CHUNK
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(cause = %e, "message sweep");
+                        break;
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => warn!(cause = %e, "message sweep"),
+            }
+            if total.delivered + total.expired > 0 {
+                info!(
+                    delivered_removed = total.delivered,
+                    expired_undelivered = total.expired,
+                    "swept messages"
+                );
             }
         }
     }

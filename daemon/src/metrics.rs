@@ -113,7 +113,10 @@ pub(crate) struct Metrics {
     pub(crate) direct_drained: AtomicU64,
     pub(crate) fanout_dropped: AtomicU64,
     pub(crate) queue_depth: AtomicI64,
-    pub(crate) db_healthy: AtomicBool,
+    /// The pool answers pings (housekeeping).
+    pub(crate) db_reachable: AtomicBool,
+    /// The writer's last batch committed.
+    pub(crate) writer_healthy: AtomicBool,
     pub(crate) joins: Labeled,
     store_commits: AtomicU64,
     store_ops: AtomicU64,
@@ -141,7 +144,8 @@ impl Default for Metrics {
             direct_drained: AtomicU64::new(0),
             fanout_dropped: AtomicU64::new(0),
             queue_depth: AtomicI64::new(0),
-            db_healthy: AtomicBool::new(true),
+            db_reachable: AtomicBool::new(true),
+            writer_healthy: AtomicBool::new(true),
             joins: Labeled::new("result", JOIN_RESULTS),
             store_commits: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
@@ -152,6 +156,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The store is usable: reachable, and the writer commits.
+    pub(crate) fn store_healthy(&self) -> bool {
+        self.db_reachable.load(Ordering::Relaxed) && self.writer_healthy.load(Ordering::Relaxed)
+    }
+
     /// Records one committed batch of `ops` operations that took `took`.
     pub(crate) fn record_commit(&self, ops: usize, took: Duration) {
         self.store_commits.fetch_add(1, Ordering::Relaxed);
@@ -290,7 +299,7 @@ impl Metrics {
             "meshd_db_healthy",
             "1 when the last store operation succeeded.",
             "gauge",
-            u8::from(self.db_healthy.load(Ordering::Relaxed)).to_string(),
+            u8::from(self.store_healthy()).to_string(),
         );
         l(
             &mut out,

@@ -39,8 +39,8 @@ use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::Ctx;
 use crate::hub::{
-    CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, Registered,
-    Sent, StateValue, lock, member_info, peer_data, raw, system_push,
+    CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError,
+    Registered, Sent, StateValue, lock, member_info, peer_data, raw, system_push,
 };
 use crate::ids::{now_ms, random_id, uuid_v4};
 use crate::store::StoreError;
@@ -240,11 +240,10 @@ async fn authenticate(
     let (ident, fields) = match inbound.frame {
         ClientFrame::Hello(h) => {
             let v = verify_hello(&h, now, skew).map_err(|e| Refusal::from_hello(&e))?;
-            lock(&ctx.replay)
-                .check_and_insert(&v.signature, v.timestamp, now)
-                .map_err(|e| Refusal::from_hello(&e))?;
             (
                 Ident {
+                    signature: v.signature,
+                    timestamp: v.timestamp,
                     mesh_id: h.mesh_id.clone(),
                     member_pubkey: v.member_pubkey.to_hex(),
                     member_id: Some(h.member_id.clone()),
@@ -256,11 +255,10 @@ async fn authenticate(
         }
         ClientFrame::SessionHello(h) => {
             let v = verify_session_hello(&h, now, skew).map_err(|e| Refusal::from_hello(&e))?;
-            lock(&ctx.replay)
-                .check_and_insert(&v.signature, v.timestamp, now)
-                .map_err(|e| Refusal::from_hello(&e))?;
             (
                 Ident {
+                    signature: v.signature,
+                    timestamp: v.timestamp,
                     mesh_id: h.mesh_id.clone(),
                     member_pubkey: v.member_pubkey.to_hex(),
                     member_id: h.parent_member_id.clone(),
@@ -317,6 +315,11 @@ async fn authenticate(
             )
         });
     }
+    // Only now, with the key known to be a member's, is the handshake remembered: a
+    // stranger's self-signed hellos must not fill the cache and lock members out.
+    lock(&ctx.replay)
+        .check_and_insert(&ident.signature, ident.timestamp, now)
+        .map_err(|e| Refusal::from_hello(&e))?;
     tracing::Span::current().record("mesh.id", field::display(&ident.mesh_id));
     tracing::Span::current().record("member.id", field::display(&member.id));
 
@@ -368,7 +371,12 @@ async fn authenticate(
 
     let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
     let cancel = ctx.sessions_cancel.child_token();
-    let shared = Arc::new(PeerShared::new(conn_id, tx, cancel));
+    let shared = Arc::new(PeerShared::new(
+        conn_id,
+        tx,
+        cancel,
+        ctx.config.limits.outbound_queue_bytes,
+    ));
     shared.acks.store(ident.session, Ordering::SeqCst);
     let peer = Peer {
         shared: shared.clone(),
@@ -402,7 +410,14 @@ async fn authenticate(
     };
     let (registered, presence_id) = mesh
         .register(peer, ctx.config.limits.max_connections_per_mesh)
-        .map_err(|_| Refusal::new("capacity", "mesh at connection capacity"))?;
+        .map_err(|e| match e {
+            RegisterError::AtCapacity => Refusal::new("capacity", "mesh at connection capacity"),
+            RegisterError::Revoked => Refusal {
+                code: "revoked",
+                message: format!("You've been removed from \"{}\".", mesh.row.name),
+                close_code: 4002,
+            },
+        })?;
     let predecessor = match registered {
         Registered::Reattached(old) => Some(old),
         Registered::New => None,
@@ -469,7 +484,7 @@ async fn authenticate(
         outbox: VecDeque::new(),
         claim: None,
         drain_wanted: true,
-        lease_timer: None,
+        drain_timer: None,
         leased: HashMap::new(),
         claim_leased: false,
         bucket: Bucket::new(
@@ -484,6 +499,9 @@ async fn authenticate(
 }
 
 struct Ident {
+    /// The handshake's signature and timestamp, for the replay cache.
+    signature: meshd_protocol::keys::Signature,
+    timestamp: i64,
     mesh_id: String,
     member_pubkey: String,
     member_id: Option<String>,
@@ -592,7 +610,9 @@ struct Live {
     outbox: VecDeque<WriteOp>,
     claim: Option<oneshot::Receiver<Result<Claimed, StoreError>>>,
     drain_wanted: bool,
-    lease_timer: Option<Instant>,
+    /// When to drain again without a wake: an acknowledging client's lease ends, or a
+    /// failed drain is retried.
+    drain_timer: Option<Instant>,
     /// Pushes leased to an acknowledging client: broker id → client message id.
     leased: HashMap<String, Option<String>>,
     /// Whether the claim in flight leases rows until acknowledged.
@@ -687,7 +707,11 @@ impl Live {
                             }
                         }
                         Ok(Err(e)) => {
-                            warn!(cause = %e, "drain failed; retrying on the next wake");
+                            // Retry soon: until a drain succeeds, newer messages for this
+                            // connection wait in its backlog.
+                            warn!(cause = %e, "drain failed; retrying in 1 s");
+                            let at = Instant::now() + Duration::from_secs(1);
+                            self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
                         }
                         Err(_) => break "shutdown",
                     }
@@ -744,8 +768,8 @@ impl Live {
                         break self.failed_reason();
                     }
                 }
-                () = sleep_until_opt(self.lease_timer), if self.lease_timer.is_some() => {
-                    self.lease_timer = None;
+                () = sleep_until_opt(self.drain_timer), if self.drain_timer.is_some() => {
+                    self.drain_timer = None;
                     self.drain_wanted = true;
                 }
             }
@@ -847,6 +871,7 @@ impl Live {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
+            self.shared.dequeued(out.len());
             let text = match out {
                 Outbound::Frame(t) => t,
                 Outbound::Stored { frame, sent } => {
@@ -900,7 +925,7 @@ impl Live {
                 self.leased.insert(s.id, s.client_id);
             }
             let at = Instant::now() + lease;
-            self.lease_timer = Some(self.lease_timer.map_or(at, |t| t.min(at)));
+            self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
         } else {
             self.outbox.push_back(WriteOp::MarkDelivered {
                 ids: sent.into_iter().map(|s| s.id).collect(),
@@ -971,6 +996,7 @@ impl Live {
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
         if !not_now.is_empty() {
             self.outbox.push_back(WriteOp::Release {
+                conn: i64::try_from(self.conn).unwrap_or(i64::MAX),
                 ids: not_now.into_iter().map(|r| r.id).collect(),
             });
         }
@@ -1014,7 +1040,7 @@ impl Live {
             let wait =
                 Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0));
             let at = Instant::now() + wait;
-            self.lease_timer = Some(self.lease_timer.map_or(at, |t| t.min(at)));
+            self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
         }
         if full {
             self.drain_wanted = true;
@@ -1076,15 +1102,16 @@ impl Live {
             ClientFrame::SetStatus { status } => {
                 let fresh = i64::try_from(meshd_config::defaults::STATUS_FRESH_WINDOW.as_millis())
                     .unwrap_or(i64::MAX);
-                let released = self.mesh.with_peer(self.conn, |p| {
+                // Unlike the reference, becoming more available releases held messages now.
+                // (Under the mesh lock: no send may see the new status before the drain
+                // that must come first is set up.)
+                self.mesh.with_peer(self.conn, |p| {
                     let before = p.status.status.max_admitted();
                     p.status.write(status, StatusSource::Manual, now, fresh);
-                    p.status.status.max_admitted() > before
+                    if p.status.status.max_admitted() > before {
+                        p.shared.spill();
+                    }
                 });
-                // Unlike the reference, becoming more available releases held messages now.
-                if released == Some(true) {
-                    self.shared.spill();
-                }
                 None
             }
             ClientFrame::SetSummary { summary } => {
@@ -1470,6 +1497,7 @@ impl Live {
         let db = self.ctx.db.clone();
         let mesh = self.mesh.clone();
         let mesh_id = self.mesh_id().to_owned();
+        let member_pubkey = self.member_pubkey.clone();
         self.pending.push_back(Box::pin(async move {
             let not_found = |req_id| {
                 Some(
@@ -1518,7 +1546,7 @@ impl Live {
                     }]
                 }
                 (None, Ok(target)) => mesh
-                    .multicast_recipients(&target)
+                    .multicast_recipients(&target, &member_pubkey)
                     .into_iter()
                     .map(|(name, pubkey)| RecipientStatus {
                         name,
@@ -1546,25 +1574,20 @@ impl Live {
     /// After the socket is gone: give back unwritten leases, leave the mesh, announce
     /// the departure, save the session state for "welcome back".
     async fn teardown(mut self, unflushed: Vec<Sent>) {
-        // Stored messages that never reached the socket (or were never acknowledged) go
-        // back to the store's queue.
-        let mut ids: Vec<String> = unflushed.into_iter().map(|s| s.id).collect();
+        // Whatever this connection holds and did not deliver goes back to the store: rows
+        // queued or backlogged for it, written but unacknowledged, or claimed by a claim
+        // still in flight. One conn-scoped release covers them all (it runs after the
+        // claims of its batch).
+        drop(unflushed);
         self.rx.close();
-        while let Ok(out) = self.rx.try_recv() {
-            if let Outbound::Stored { sent, .. } = out {
-                ids.push(sent.id);
-            }
-        }
-        {
-            let mut route = lock(&self.shared.route);
-            route.closed = true;
-            ids.extend(route.backlog.drain(..).map(|(_, s)| s.id));
-        }
-        ids.extend(self.leased.drain().map(|(id, _)| id));
-        let released = !ids.is_empty();
-        if released {
-            self.outbox.push_back(WriteOp::Release { ids });
-        }
+        while self.rx.try_recv().is_ok() {}
+        lock(&self.shared.route).close();
+        self.leased.clear();
+        self.outbox.push_back(WriteOp::ReleaseConn {
+            mesh_id: self.mesh_id().to_owned(),
+            keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
+            conn: i64::try_from(self.conn).unwrap_or(i64::MAX),
+        });
         // Save "welcome back" state and wait for it to commit before the presence goes,
         // so a quick reconnect restores it. (A reattached connection was already replaced
         // and has nothing to save.)
@@ -1593,12 +1616,10 @@ impl Live {
             self.mesh
                 .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
-        if released {
-            // Another session of the member (or the connection that replaced this one)
-            // takes over what this one gave back; its next claim runs after the release.
-            for sibling in self.mesh.siblings(&self.member_pubkey, self.conn) {
-                sibling.spill();
-            }
+        // Another session of the member (or the connection that replaced this one) takes
+        // over what this one gave back; its next claim runs after the release.
+        for sibling in self.mesh.siblings(&self.member_pubkey, self.conn) {
+            sibling.spill();
         }
         self.shared.retired.cancel();
     }

@@ -23,6 +23,8 @@ pub const MAX_SUMMARY_LEN: usize = 16 * 1024;
 pub const MAX_GROUPS: usize = 64;
 /// Longest accepted state key.
 pub const MAX_STATE_KEY_LEN: usize = 512;
+/// Largest JSON of one `set_profile` field (avatar, title, bio, capabilities).
+pub const MAX_PROFILE_FIELD_BYTES: usize = 4096;
 
 /// A decoded frame with its correlation id.
 #[derive(Debug)]
@@ -530,6 +532,13 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
         {
             return Err("a session_hello field exceeds its length limit");
         }
+        ClientFrame::SetProfile(p)
+            if p.fields
+                .iter()
+                .any(|(_, v)| v.to_string().len() > MAX_PROFILE_FIELD_BYTES) =>
+        {
+            return Err("a profile field exceeds 4 KiB");
+        }
         ClientFrame::SetSummary { summary } if summary.len() > MAX_SUMMARY_LEN => {
             return Err("summary exceeds 16 KiB");
         }
@@ -734,6 +743,13 @@ mod tests {
             panic!()
         };
         assert!(value.is_none());
+    }
+
+    #[test]
+    fn profile_fields_are_bounded() {
+        let big = "x".repeat(MAX_PROFILE_FIELD_BYTES);
+        let text = format!(r#"{{"type":"set_profile","bio":"{big}","_reqId":"r"}}"#);
+        assert!(matches!(decode(&text), Err(DecodeError::Invalid { .. })));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Membership (does this key belong to the mesh, is it revoked) needs the store, so the
 //! daemon checks it after [`verify_hello`] succeeds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::client::{Hello, SessionHello};
 use crate::keys::{Pubkey, Signature};
@@ -221,14 +221,15 @@ fn check_timestamp(ts: &serde_json::Number, now_ms: i64, skew_ms: i64) -> Result
 /// window, so a captured hello cannot be replayed from another socket.
 ///
 /// Ed25519 signatures are deterministic, so the signature alone identifies the signed
-/// `(mesh, member, key, timestamp)` tuple. Only verified signatures are inserted, so an
-/// attacker cannot fill the cache without a member key; it is bounded all the same.
+/// `(mesh, member, key, timestamp)` tuple. The daemon inserts a signature only after it
+/// verified it *and* found the key to be a live member, so filling the cache takes
+/// members; it is bounded all the same, and expiry is by time order, O(log n).
 #[derive(Debug)]
 pub struct ReplayCache {
-    seen: HashMap<[u8; 64], i64>,
+    seen: HashSet<[u8; 64]>,
+    by_expiry: BTreeMap<i64, Vec<[u8; 64]>>,
     capacity: usize,
     window_ms: i64,
-    next_sweep: i64,
 }
 
 impl ReplayCache {
@@ -236,10 +237,10 @@ impl ReplayCache {
     /// `capacity` entries.
     pub fn new(window_ms: i64, capacity: usize) -> Self {
         Self {
-            seen: HashMap::new(),
+            seen: HashSet::new(),
+            by_expiry: BTreeMap::new(),
             capacity,
             window_ms,
-            next_sweep: i64::MIN,
         }
     }
 
@@ -254,21 +255,26 @@ impl ReplayCache {
         timestamp: i64,
         now_ms: i64,
     ) -> Result<(), HelloError> {
-        if now_ms >= self.next_sweep || self.seen.len() >= self.capacity {
-            self.seen.retain(|_, expiry| *expiry > now_ms);
-            self.next_sweep = now_ms + 10_000;
+        while let Some(entry) = self.by_expiry.first_entry() {
+            if *entry.key() > now_ms {
+                break;
+            }
+            for sig in entry.remove() {
+                self.seen.remove(&sig);
+            }
         }
-        if self.seen.contains_key(signature.as_bytes()) {
+        if self.seen.contains(signature.as_bytes()) {
             return Err(HelloError::Replayed);
         }
         if self.seen.len() >= self.capacity {
             return Err(HelloError::Busy);
         }
         // After timestamp + window the hello fails the skew check anyway.
-        self.seen.insert(
-            *signature.as_bytes(),
-            timestamp.saturating_add(self.window_ms),
-        );
+        self.seen.insert(*signature.as_bytes());
+        self.by_expiry
+            .entry(timestamp.saturating_add(self.window_ms))
+            .or_default()
+            .push(*signature.as_bytes());
         Ok(())
     }
 

@@ -11,8 +11,9 @@
 //! earlier commit; any delivery mark a recipient sends for that message enters the
 //! channel after the insert, so it is executed after it. The *executor* batches what the
 //! router forwards. Within a batch, operations run by kind in a fixed order — inserts,
-//! lease releases, delivery marks, the rest in arrival order, claims last — which keeps
-//! inserts in multi-row statements and lets every claim see every earlier insert.
+//! lease changes, delivery marks, the rest in arrival order, claims — which keeps
+//! inserts in multi-row statements and lets every claim see every earlier insert; the
+//! releases of ended connections run after the claims.
 //!
 //! If a batch fails, it is rolled back and each operation is retried alone, so one bad
 //! operation fails alone.
@@ -29,6 +30,7 @@ use tracing::{debug, error, warn};
 use super::{StoreError, WriterConn};
 use crate::hub::{MeshHub, Outbound, PeerShared, Sent, lock};
 use crate::metrics::Metrics;
+use meshd_config::{Backend, Durability};
 
 /// A row of the `message` table to insert.
 #[derive(Debug, Clone)]
@@ -168,8 +170,16 @@ pub(crate) enum WriteOp {
     },
     /// Messages written to their recipient's socket (clients that do not acknowledge).
     MarkDelivered { ids: Vec<String>, at: i64 },
-    /// Give leases back (connection closed before writing them).
-    Release { ids: Vec<String> },
+    /// Give back these rows if `conn` still holds their lease (never written to it).
+    Release { conn: i64, ids: Vec<String> },
+    /// Give back every undelivered row addressed to `keys` still leased to `conn`
+    /// (the connection ended). Runs after the claims of its batch, so it also covers a
+    /// claim the connection sent but never received the answer to.
+    ReleaseConn {
+        mesh_id: String,
+        keys: [String; 2],
+        conn: i64,
+    },
     /// Shorten leases to `until` (rows written to a client that acknowledges).
     Lease { ids: Vec<String>, until: i64 },
     /// `client_ack`.
@@ -272,6 +282,7 @@ impl WriterHandle {
 /// Creates the writer's channel. Run the returned [`Writer`] on the daemon's tracker.
 pub(crate) fn channel(
     conn: WriterConn,
+    reopen: (Backend, Durability),
     capacity: usize,
     max_batch: usize,
     backlog_cap: usize,
@@ -282,6 +293,7 @@ pub(crate) fn channel(
         WriterHandle { tx },
         Writer {
             conn,
+            reopen,
             rx,
             capacity,
             max_batch,
@@ -295,10 +307,12 @@ pub(crate) fn channel(
 #[derive(Debug)]
 pub(crate) struct Writer {
     conn: WriterConn,
+    /// To reconnect after the database dropped the writer's connection.
+    reopen: (Backend, Durability),
     rx: mpsc::Receiver<WriteOp>,
     capacity: usize,
     max_batch: usize,
-    /// Most messages the router keeps for one draining connection.
+    /// Most bytes the router keeps for one draining connection.
     backlog_cap: usize,
     metrics: Arc<Metrics>,
 }
@@ -354,6 +368,7 @@ impl Writer {
     pub(crate) async fn run(self, stop: tokio_util::sync::CancellationToken) {
         let Self {
             conn,
+            reopen,
             mut rx,
             capacity,
             max_batch,
@@ -364,6 +379,7 @@ impl Writer {
         let router_metrics = metrics.clone();
         let mut executor = Executor {
             conn,
+            reopen,
             rx: exec_rx,
             max_batch,
             metrics,
@@ -436,8 +452,8 @@ impl Writer {
 /// Routes a direct message to a live connection (see `hub`): pushed at once, or kept in
 /// the connection's backlog while it drains the store. Either way the row is leased to
 /// the connection and `true` is returned. `false` leaves the row for a drain: the
-/// connection is closing, its queue is full, or its backlog outgrew `backlog_cap` (then
-/// the backlog goes back to the store too, through `release`).
+/// connection is closing, its queue is full, or its backlog outgrew `backlog_cap` bytes
+/// (then the backlog goes back to the store too, through `release`).
 fn route_live(
     row: &mut NewMessage,
     d: Delivery,
@@ -455,17 +471,21 @@ fn route_live(
         finite_lease: d.lease_until != i64::MAX,
     };
     let accepted = if st.draining {
-        if st.backlog.len() < backlog_cap {
+        if st.backlog_bytes + d.frame.len() <= backlog_cap {
+            st.backlog_bytes += d.frame.len();
             st.backlog.push_back((d.frame, sent));
             true
         } else {
-            let ids = st.backlog.drain(..).map(|(_, s)| s.id).collect();
-            *release = Some(WriteOp::Release { ids });
+            let ids = st.take_backlog();
+            *release = Some(WriteOp::Release {
+                conn: i64::try_from(target.conn_id).unwrap_or(i64::MAX),
+                ids,
+            });
             st.stored();
             false
         }
     } else {
-        match target.tx.try_send(Outbound::Stored {
+        match target.try_queue(Outbound::Stored {
             frame: d.frame,
             sent,
         }) {
@@ -499,12 +519,16 @@ fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
         return;
     }
     while let Some((frame, sent)) = st.backlog.pop_front() {
-        match peer.tx.try_send(Outbound::Stored { frame, sent }) {
-            Ok(()) => {}
+        let len = frame.len();
+        match peer.try_queue(Outbound::Stored { frame, sent }) {
+            Ok(()) => st.backlog_bytes = st.backlog_bytes.saturating_sub(len),
             Err(mpsc::error::TrySendError::Full(Outbound::Stored { frame, sent })) => {
                 st.backlog.push_front((frame, sent));
-                let ids = st.backlog.drain(..).map(|(_, s)| s.id).collect();
-                *release = Some(WriteOp::Release { ids });
+                let ids = st.take_backlog();
+                *release = Some(WriteOp::Release {
+                    conn: i64::try_from(peer.conn_id).unwrap_or(i64::MAX),
+                    ids,
+                });
                 st.stored();
                 drop(st);
                 peer.wake.notify_one();
@@ -528,6 +552,7 @@ fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
 #[derive(Debug)]
 struct Executor {
     conn: WriterConn,
+    reopen: (Backend, Durability),
     rx: mpsc::Receiver<WriteOp>,
     max_batch: usize,
     metrics: Arc<Metrics>,
@@ -557,10 +582,15 @@ impl Executor {
     async fn run_batch(&mut self, ops: impl Iterator<Item = WriteOp>) {
         let mut plan = Plan::new(ops);
         let mut done = Done::default();
-        let attempt = self.exec(&mut plan, &mut done).await;
+        let mut attempt = self.exec(&mut plan, &mut done).await;
+        // A connection the database dropped (restart, failover, idle kill) is reopened and
+        // the batch, rolled back with it, runs again.
+        if attempt.is_err() && self.reconnect().await {
+            attempt = self.exec(&mut plan, &mut done).await;
+        }
         match attempt {
             Ok(()) => {
-                self.metrics.db_healthy.store(true, Ordering::Relaxed);
+                self.metrics.writer_healthy.store(true, Ordering::Relaxed);
                 done.complete();
             }
             Err(e) if plan.len() > 1 => {
@@ -572,15 +602,40 @@ impl Executor {
                     match r {
                         Ok(()) => done.complete(),
                         Err(e) => {
-                            self.metrics.db_healthy.store(false, Ordering::Relaxed);
+                            self.metrics.writer_healthy.store(false, Ordering::Relaxed);
                             single.fail(&e);
                         }
                     }
                 }
             }
             Err(e) => {
-                self.metrics.db_healthy.store(false, Ordering::Relaxed);
+                self.metrics.writer_healthy.store(false, Ordering::Relaxed);
                 plan.fail(&e);
+            }
+        }
+    }
+
+    /// Reopens the writer connection if it no longer answers. Returns whether a fresh
+    /// connection is in place.
+    async fn reconnect(&mut self) -> bool {
+        use sqlx::Connection as _;
+        let alive = match &mut self.conn {
+            WriterConn::Sqlite(c) => c.ping().await.is_ok(),
+            WriterConn::Postgres(c) => c.ping().await.is_ok(),
+            WriterConn::Closed => return false,
+        };
+        if alive {
+            return false;
+        }
+        match WriterConn::open(&self.reopen.0, self.reopen.1).await {
+            Ok(conn) => {
+                warn!("store writer connection was lost; reconnected");
+                self.conn = conn;
+                true
+            }
+            Err(e) => {
+                warn!(cause = %e, "store writer connection lost; reconnecting failed");
+                false
             }
         }
     }
@@ -603,7 +658,9 @@ type PlannedInsert = (Box<NewMessage>, Option<Reply<()>>);
 #[derive(Default)]
 struct Plan {
     inserts: Vec<PlannedInsert>,
-    releases: Vec<String>,
+    leases: Vec<(i64, Vec<String>)>,
+    releases: Vec<(i64, Vec<String>)>,
+    release_conns: Vec<(String, [String; 2], i64)>,
     delivered: Vec<(String, i64)>,
     misc: Vec<WriteOp>,
     claims: Vec<(Box<ClaimSpec>, Reply<Claimed>)>,
@@ -625,7 +682,13 @@ impl Plan {
                     }
                     p.inserts.push((row, reply));
                 }
-                WriteOp::Release { ids } => p.releases.extend(ids),
+                WriteOp::Release { conn, ids } => p.releases.push((conn, ids)),
+                WriteOp::Lease { ids, until } => p.leases.push((until, ids)),
+                WriteOp::ReleaseConn {
+                    mesh_id,
+                    keys,
+                    conn,
+                } => p.release_conns.push((mesh_id, keys, conn)),
                 WriteOp::MarkDelivered { ids, at } => {
                     for id in ids {
                         match pending_inserts.remove(&id) {
@@ -650,7 +713,9 @@ impl Plan {
 
     fn len(&self) -> usize {
         self.inserts.len()
-            + usize::from(!self.releases.is_empty())
+            + self.leases.len()
+            + self.releases.len()
+            + self.release_conns.len()
             + usize::from(!self.delivered.is_empty())
             + self.misc.len()
             + self.claims.len()
@@ -665,9 +730,11 @@ impl Plan {
                 ..Self::default()
             });
         }
-        if !self.releases.is_empty() {
+        if !self.leases.is_empty() || !self.releases.is_empty() || !self.release_conns.is_empty() {
             out.push(Self {
+                leases: self.leases,
                 releases: self.releases,
+                release_conns: self.release_conns,
                 ..Self::default()
             });
         }
@@ -835,8 +902,12 @@ impl SqlCache {
                 2,
             ),
             release: list(
-                "UPDATE message SET lease_conn = NULL, lease_until = NULL WHERE delivered_at IS NULL AND id IN ".to_owned(),
-                1,
+                format!(
+                    "UPDATE message SET lease_conn = NULL, lease_until = NULL \
+                     WHERE delivered_at IS NULL AND lease_conn = {} AND id IN ",
+                    p(1)
+                ),
+                2,
             ),
             lease: list(
                 format!("UPDATE message SET lease_until = {} WHERE delivered_at IS NULL AND id IN ", p(1)),
@@ -893,15 +964,22 @@ const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups
 const JOIN_INVITE_SQL: &str = "SELECT id, mesh_id, role, max_uses, used_count, expires_at, revoked_at FROM invite WHERE token = $1";
 const JOIN_MEMBER_SQL: &str =
     "SELECT id, revoked_at FROM member WHERE mesh_id = $1 AND pubkey = $2";
+const JOIN_SESSION_KEY_SQL: &str =
+    "SELECT COUNT(*) FROM session_key WHERE mesh_id = $1 AND pubkey = $2";
 const JOIN_USE_SQL: &str =
     "UPDATE invite SET used_count = used_count + 1 WHERE id = $1 AND used_count < max_uses";
 const JOIN_INSERT_SQL: &str = "INSERT INTO member (id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, invite_id) \
      VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)";
 
-const SWEEP_DELIVERED_SQL: &str =
-    "DELETE FROM message WHERE delivered_at IS NOT NULL AND delivered_at < $1";
-const SWEEP_EXPIRED_SQL: &str =
-    "DELETE FROM message WHERE delivered_at IS NULL AND expires_at <= $1";
+/// Rows removed per sweep statement: a sweep shares the writer with live traffic, so
+/// it works in bounded steps (old rows sit at the low end of `seq`, where the scan starts).
+pub(crate) const SWEEP_CHUNK: u64 = 5_000;
+const SWEEP_DELIVERED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq FROM message \
+     WHERE delivered_at IS NOT NULL AND delivered_at < $1 ORDER BY seq LIMIT 5000)";
+const SWEEP_EXPIRED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq FROM message \
+     WHERE delivered_at IS NULL AND expires_at <= $1 ORDER BY seq LIMIT 5000)";
+const RELEASE_CONN_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
+     WHERE lease_conn = $1 AND mesh_id = $2 AND target_key IN ($3, $4) AND delivered_at IS NULL";
 const CLEAR_LEASES_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
      WHERE delivered_at IS NULL AND lease_conn IS NOT NULL";
 
@@ -961,13 +1039,24 @@ macro_rules! executor {
                 q.execute(&mut *tx).await?;
             }
 
-            // 2. lease releases
-            for chunk in chunked(&plan.releases) {
-                let mut q = sqlx::query(AssertSqlSafe(cache.release[chunk.len()].clone()));
-                for id in chunk {
-                    q = q.bind(id);
+            // 2. lease changes: bounded leases first, so a release in the same batch wins
+            for (until, ids) in &plan.leases {
+                for chunk in chunked(ids) {
+                    let mut q = sqlx::query(AssertSqlSafe(cache.lease[chunk.len()].clone())).bind(until);
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    q.execute(&mut *tx).await?;
                 }
-                q.execute(&mut *tx).await?;
+            }
+            for (conn, ids) in &plan.releases {
+                for chunk in chunked(ids) {
+                    let mut q = sqlx::query(AssertSqlSafe(cache.release[chunk.len()].clone())).bind(conn);
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
             }
 
             // 3. delivery marks (one timestamp per statement: the batch's latest)
@@ -1087,6 +1176,18 @@ macro_rules! executor {
                                     None if inv.used_count >= inv.max_uses => {
                                         JoinOutcome::Refused("invite_exhausted")
                                     }
+                                    // A key already used as someone's session key would
+                                    // lock that session out (a member key cannot be a
+                                    // session key) and capture DMs sent to it.
+                                    None if sqlx::query_scalar::<_, i64>(JOIN_SESSION_KEY_SQL)
+                                        .bind(&j.mesh_id)
+                                        .bind(&j.pubkey)
+                                        .fetch_one(&mut *tx)
+                                        .await?
+                                        > 0 =>
+                                    {
+                                        JoinOutcome::Refused("pubkey_in_use")
+                                    }
                                     None => {
                                         let used = sqlx::query(JOIN_USE_SQL)
                                             .bind(&inv.id)
@@ -1140,17 +1241,6 @@ macro_rules! executor {
                             },
                         ));
                     }
-                    WriteOp::Lease { ids, until } => {
-                        for chunk in chunked(ids) {
-                            let mut q =
-                                sqlx::query(AssertSqlSafe(cache.lease[chunk.len()].clone()))
-                                    .bind(until);
-                            for id in chunk {
-                                q = q.bind(id);
-                            }
-                            q.execute(&mut *tx).await?;
-                        }
-                    }
                     WriteOp::ClearLeases => {
                         sqlx::query(CLEAR_LEASES_SQL).execute(&mut *tx).await?;
                     }
@@ -1158,6 +1248,8 @@ macro_rules! executor {
                     WriteOp::Insert { .. }
                     | WriteOp::MarkDelivered { .. }
                     | WriteOp::Release { .. }
+                    | WriteOp::Lease { .. }
+                    | WriteOp::ReleaseConn { .. }
                     | WriteOp::Claim { .. }
                     | WriteOp::CaughtUp { .. } => {}
                 }
@@ -1200,6 +1292,18 @@ macro_rules! executor {
                 });
             }
 
+            // 6. connections that ended: after the claims, so a claim one of them sent
+            //    just before closing is given back too
+            for (mesh_id, keys, conn) in &plan.release_conns {
+                sqlx::query(RELEASE_CONN_SQL)
+                    .bind(conn)
+                    .bind(mesh_id)
+                    .bind(&keys[0])
+                    .bind(&keys[1])
+                    .execute(&mut *tx)
+                    .await?;
+            }
+
             tx.commit().await?;
 
             // Success: move the replies out of the plan.
@@ -1227,7 +1331,9 @@ macro_rules! executor {
                     done.flushes.push(reply);
                 }
             }
+            plan.leases.clear();
             plan.releases.clear();
+            plan.release_conns.clear();
             plan.delivered.clear();
             Ok(())
         }
