@@ -133,3 +133,46 @@ async fn sigterm_drains_gracefully() -> anyhow::Result<()> {
     assert_eq!(c.hello_ack["lastSummary"], "saved on shutdown");
     Ok(())
 }
+
+/// The store writer survives PostgreSQL dropping its connection (a failover or an
+/// operator's `pg_terminate_backend`): the next batch reconnects and is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_reconnects_after_postgres_drops_it() -> anyhow::Result<()> {
+    let broker = meshd_tests::TestBroker::start(Backend::Postgres).await?;
+    let mesh = broker.create_mesh("failover").await?;
+    let (alice, bob) = (
+        broker.enroll(&mesh, "alice").await?,
+        broker.enroll(&mesh, "bob").await?,
+    );
+    let (mut a, mut b) = (broker.connect(&alice).await?, broker.connect(&bob).await?);
+    let ack = a.dm(&b.key(), "before", "now").await?;
+    assert_eq!(ack["queued"], true, "{ack}");
+    assert_eq!(b.expect_message().await?.1, "before");
+
+    let meshd::store::Db::Postgres(pool) = &broker.db else {
+        unreachable!()
+    };
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(pool)
+    .await?;
+    assert!(killed.iter().any(|k| *k), "no writer backend to terminate");
+
+    let key = b.key();
+    let ack = a.dm(&key, "after", "now").await?;
+    assert_eq!(ack["queued"], true, "{ack}");
+    assert_eq!(b.expect_message().await?.1, "after");
+    // The stored copy is there too: a fresh session of bob's sees nothing pending,
+    // because the delivery was marked through the new connection.
+    b.close().await;
+    let mut b2 = broker.connect(&bob).await?;
+    b2.sync().await?;
+    assert!(
+        b2.pending_messages().is_empty(),
+        "redelivered: {:?}",
+        b2.pending_messages()
+    );
+    Ok(())
+}

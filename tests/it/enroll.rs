@@ -159,3 +159,24 @@ both! {
         Ok(())
     }
 }
+
+both! {
+    /// A key already presented as someone's session key cannot enroll as a member:
+    /// it would capture the DMs addressed to that session.
+    async fn session_key_cannot_enroll(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let mesh = broker.create_mesh("squat").await?;
+        let alice = broker.enroll(&mesh, "alice").await?;
+        let mut session = broker.connect(&alice).await?;
+        // A round trip after hello: the session key binding was queued before it.
+        session.sync().await?;
+        let inv = broker.invite(&mesh.slug, Role::Member, 5).await?;
+        let (status, v) = broker.join(&inv.token, session.dm_keys(), "mallory").await?;
+        assert_eq!((status, v["error"].as_str()), (400, Some("pubkey_in_use")), "{v}");
+        // The invite was not used up by the refusal; an unrelated key still enrolls.
+        let (status, v) = broker.join(&inv.token, &Keypair::generate(), "bob").await?;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(meshd::admin::list_members(&broker.db, &mesh.slug).await?.len(), 2);
+        Ok(())
+    }
+}
