@@ -51,17 +51,22 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
 /// A 32-character `[0-9A-Za-z]` id (≈190 bits), the reference's id shape.
 pub(crate) fn random_id() -> String {
     let mut out = String::with_capacity(32);
+    push_random_base62(&mut out, 32);
+    out
+}
+
+/// Appends random `[0-9A-Za-z]` characters until `out` is `len` long.
+fn push_random_base62(out: &mut String, len: usize) {
     let mut buf = [0u8; 48];
-    while out.len() < 32 {
+    while out.len() < len {
         fill_random(&mut buf);
         // Rejection sampling keeps the distribution uniform (248 = 4 × 62).
         for b in buf {
-            if b < 248 && out.len() < 32 {
+            if b < 248 && out.len() < len {
                 out.push(ALPHABET[usize::from(b % 62)] as char);
             }
         }
     }
-    out
 }
 
 /// A message id: 8 base62 characters of the millisecond clock, then 24 random ones
@@ -77,15 +82,7 @@ pub(crate) fn message_id() -> String {
         t /= 62;
     }
     out.extend(prefix.iter().map(|&b| b as char));
-    let mut buf = [0u8; 48];
-    while out.len() < 32 {
-        fill_random(&mut buf);
-        for b in buf {
-            if b < 248 && out.len() < 32 {
-                out.push(ALPHABET[usize::from(b % 62)] as char);
-            }
-        }
-    }
+    push_random_base62(&mut out, 32);
     out
 }
 

@@ -26,7 +26,7 @@ use meshd_protocol::broker::{
     Ack, BrokerFrame, CumulativeStats, ErrorFrame, HelloAck, MemberProfile, MessageStatusResult,
     PeersList, Push, RecipientStatus, StateEntry, StateList, StateResult,
 };
-use meshd_protocol::client::{ClientFrame, GroupEntry, Hello, Inbound, SessionHello, Stats};
+use meshd_protocol::client::{ClientFrame, GroupEntry, Inbound, Stats};
 use meshd_protocol::hello::{HelloError, verify_hello, verify_session_hello};
 use meshd_protocol::session::{Session, Verdict};
 use meshd_protocol::status::{StatusSource, StatusState};
@@ -237,7 +237,7 @@ async fn authenticate(
 ) -> Result<(Live, String), Refusal> {
     let now = now_ms();
     let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
-    let (ident, fields) = match inbound.frame {
+    let (ident, mut fields) = match inbound.frame {
         ClientFrame::Hello(h) => {
             let v = verify_hello(&h, now, skew).map_err(|e| Refusal::from_hello(&e))?;
             (
@@ -250,7 +250,7 @@ async fn authenticate(
                     session_pubkey: v.session_pubkey.map(|k| k.to_hex()),
                     session: false,
                 },
-                HelloFields::from_hello(*h),
+                h.presence,
             )
         }
         ClientFrame::SessionHello(h) => {
@@ -265,7 +265,7 @@ async fn authenticate(
                     session_pubkey: Some(v.session_pubkey.to_hex()),
                     session: true,
                 },
-                HelloFields::from_session_hello(*h),
+                h.presence,
             )
         }
         _ => return Err(Refusal::new("no_hello", "must send hello first")),
@@ -361,7 +361,7 @@ async fn authenticate(
     let saved_stats: Option<CumulativeStats> = saved
         .as_ref()
         .map(|s| serde_json::from_str(&s.stats).unwrap_or_default());
-    let hello_groups = fields.groups.clone().filter(|g| !g.is_empty());
+    let hello_groups = fields.groups.take().filter(|g| !g.is_empty());
     let groups = hello_groups.clone().unwrap_or_else(|| saved_groups.clone());
     let display_name = fields
         .display_name
@@ -390,12 +390,12 @@ async fn authenticate(
         } else {
             "control-plane"
         },
-        session_id: fields.session_id.clone().unwrap_or_else(random_id),
-        cwd: fields.cwd.clone().unwrap_or_default(),
-        hostname: fields.hostname.clone(),
-        peer_type: fields.peer_type.clone(),
-        channel: fields.channel.clone(),
-        model: fields.model.clone(),
+        session_id: fields.session_id.unwrap_or_else(random_id),
+        cwd: fields.cwd.unwrap_or_default(),
+        hostname: fields.hostname,
+        peer_type: fields.peer_type,
+        channel: fields.channel,
+        model: fields.model,
         connected_at: now,
         status: StatusState::new(now),
         summary: None,
@@ -508,46 +508,6 @@ struct Ident {
     session_pubkey: Option<String>,
     /// Authenticated with `session_hello` (HEAD): acknowledges pushes, role `session`.
     session: bool,
-}
-
-#[derive(Clone)]
-struct HelloFields {
-    display_name: Option<String>,
-    session_id: Option<String>,
-    cwd: Option<String>,
-    hostname: Option<String>,
-    peer_type: Option<String>,
-    channel: Option<String>,
-    model: Option<String>,
-    groups: Option<Vec<GroupEntry>>,
-}
-
-impl HelloFields {
-    fn from_hello(h: Hello) -> Self {
-        Self {
-            display_name: h.display_name,
-            session_id: h.session_id,
-            cwd: h.cwd,
-            hostname: h.hostname,
-            peer_type: h.peer_type,
-            channel: h.channel,
-            model: h.model,
-            groups: h.groups,
-        }
-    }
-
-    fn from_session_hello(h: SessionHello) -> Self {
-        Self {
-            display_name: h.display_name,
-            session_id: h.session_id,
-            cwd: h.cwd,
-            hostname: h.hostname,
-            peer_type: h.peer_type,
-            channel: h.channel,
-            model: h.model,
-            groups: h.groups,
-        }
-    }
 }
 
 /// Token bucket for `send`s (rate 0 = unlimited).

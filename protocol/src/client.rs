@@ -134,19 +134,10 @@ impl ClientFrame {
     }
 }
 
-/// `hello` (§2.1). Only the listed fields are read; the rest are ignored.
-#[derive(Debug, Clone, Deserialize)]
+/// The presence fields shared by `hello` and `session_hello`, relayed in `peers_list`.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Hello {
-    /// Mesh id (not the slug).
-    pub mesh_id: String,
-    /// Member id from `/join`; must match the member found by `pubkey`.
-    pub member_id: String,
-    /// Member public key, 64 hex.
-    pub pubkey: String,
-    /// Per-process session key used for routing and DM crypto.
-    #[serde(default)]
-    pub session_pubkey: Option<String>,
+pub struct PresenceFields {
     /// Per-session display name override.
     #[serde(default)]
     pub display_name: Option<String>,
@@ -159,7 +150,7 @@ pub struct Hello {
     /// Working directory; the SDK sends none.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Host name, relayed in `peers_list`.
+    /// Host name.
     #[serde(default)]
     pub hostname: Option<String>,
     /// `ai`, `human` or `connector` (not interpreted).
@@ -174,6 +165,24 @@ pub struct Hello {
     /// Initial groups.
     #[serde(default)]
     pub groups: Option<Vec<GroupEntry>>,
+}
+
+/// `hello` (§2.1). Only the listed fields are read; the rest are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// Mesh id (not the slug).
+    pub mesh_id: String,
+    /// Member id from `/join`; must match the member found by `pubkey`.
+    pub member_id: String,
+    /// Member public key, 64 hex.
+    pub pubkey: String,
+    /// Per-process session key used for routing and DM crypto.
+    #[serde(default)]
+    pub session_pubkey: Option<String>,
+    /// What the presence shows of itself.
+    #[serde(flatten)]
+    pub presence: PresenceFields,
     /// Milliseconds since the epoch; must be an integer.
     pub timestamp: serde_json::Number,
     /// Ed25519 signature over [`crate::hello::hello_signing_string`], 128 hex.
@@ -209,33 +218,9 @@ pub struct SessionHello {
     pub session_pubkey: String,
     /// The member's attestation for the session key.
     pub parent_attestation: Attestation,
-    /// Display name override.
-    #[serde(default)]
-    pub display_name: Option<String>,
-    /// Session id.
-    #[serde(default)]
-    pub session_id: Option<String>,
-    /// Client process id.
-    #[serde(default)]
-    pub pid: Option<serde_json::Number>,
-    /// Working directory.
-    #[serde(default)]
-    pub cwd: Option<String>,
-    /// Host name.
-    #[serde(default)]
-    pub hostname: Option<String>,
-    /// Peer type.
-    #[serde(default)]
-    pub peer_type: Option<String>,
-    /// Channel.
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// Model.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Initial groups.
-    #[serde(default)]
-    pub groups: Option<Vec<GroupEntry>>,
+    /// What the presence shows of itself.
+    #[serde(flatten)]
+    pub presence: PresenceFields,
     /// Milliseconds since the epoch.
     pub timestamp: serde_json::Number,
     /// Signature by the session key over [`crate::hello::session_hello_signing_string`].
@@ -494,42 +479,25 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
                 })
         })
     }
-    let presence_ok = |names: [&Option<String>; 6], cwd: &Option<String>, groups| {
-        names.iter().all(|n| opt_len(n, MAX_NAME_LEN))
-            && opt_len(cwd, MAX_PATH_LEN)
-            && groups_ok(groups)
+    let presence_ok = |p: &PresenceFields| {
+        [
+            &p.display_name,
+            &p.session_id,
+            &p.hostname,
+            &p.peer_type,
+            &p.channel,
+            &p.model,
+        ]
+        .iter()
+        .all(|n| opt_len(n, MAX_NAME_LEN))
+            && opt_len(&p.cwd, MAX_PATH_LEN)
+            && groups_ok(&p.groups)
     };
     match frame {
-        ClientFrame::Hello(h)
-            if !presence_ok(
-                [
-                    &h.display_name,
-                    &h.session_id,
-                    &h.hostname,
-                    &h.peer_type,
-                    &h.channel,
-                    &h.model,
-                ],
-                &h.cwd,
-                &h.groups,
-            ) =>
-        {
+        ClientFrame::Hello(h) if !presence_ok(&h.presence) => {
             return Err("a hello field exceeds its length limit");
         }
-        ClientFrame::SessionHello(h)
-            if !presence_ok(
-                [
-                    &h.display_name,
-                    &h.session_id,
-                    &h.hostname,
-                    &h.peer_type,
-                    &h.channel,
-                    &h.model,
-                ],
-                &h.cwd,
-                &h.groups,
-            ) =>
-        {
+        ClientFrame::SessionHello(h) if !presence_ok(&h.presence) => {
             return Err("a session_hello field exceeds its length limit");
         }
         ClientFrame::SetProfile(p)
@@ -664,9 +632,9 @@ mod tests {
         let ClientFrame::Hello(h) = inbound.frame else {
             panic!("not a hello")
         };
-        assert_eq!(h.cwd, None);
+        assert_eq!(h.presence.cwd, None);
         assert_eq!(h.timestamp.to_string(), "1775599200123");
-        assert_eq!(h.pid.and_then(|p| p.as_i64()), Some(42));
+        assert_eq!(h.presence.pid.and_then(|p| p.as_i64()), Some(42));
     }
 
     #[test]
