@@ -254,21 +254,10 @@ impl Bench {
         let mut receivers = Vec::new();
         let mut senders = Vec::new();
         for p in 0..pairs {
-            let mut r = Conn::connect(&broker, &members[2 * p + 1]).await?;
+            let r = Conn::connect(&broker, &members[2 * p + 1]).await?;
             let s = Conn::connect(&broker, &members[2 * p]).await?;
             let frame = s.sealed(&r.key, &self.plaintext());
-            let (stop_r, delivered_r) = (stop.clone(), delivered.clone());
-            receivers.push(tokio::spawn(async move {
-                while !stop_r.load(Ordering::Relaxed) {
-                    if tokio::time::timeout(Duration::from_secs(2), r.next_push())
-                        .await
-                        .is_ok()
-                    {
-                        delivered_r.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                anyhow::Ok(())
-            }));
+            receivers.push(count_pushes(r, stop.clone(), delivered.clone()));
             let stop_s = stop.clone();
             senders.push(tokio::spawn(async move {
                 s.pump(&frame, window, &stop_s).await
@@ -293,19 +282,8 @@ impl Bench {
         let delivered = Arc::new(AtomicU64::new(0));
         let mut receivers = Vec::new();
         for m in &members[1..] {
-            let mut r = Conn::connect(&broker, m).await?;
-            let (stop_r, delivered_r) = (stop.clone(), delivered.clone());
-            receivers.push(tokio::spawn(async move {
-                while !stop_r.load(Ordering::Relaxed) {
-                    if tokio::time::timeout(Duration::from_secs(2), r.next_push())
-                        .await
-                        .is_ok()
-                    {
-                        delivered_r.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                anyhow::Ok(())
-            }));
+            let r = Conn::connect(&broker, m).await?;
+            receivers.push(count_pushes(r, stop.clone(), delivered.clone()));
         }
         let s = Conn::connect(&broker, &members[0]).await?;
         let text = self.plaintext();
@@ -791,4 +769,23 @@ async fn nats_flow(
         t.abort();
     }
     Ok(rate)
+}
+
+/// A receiver task: counts the pushes `r` gets until `stop`.
+fn count_pushes(
+    mut r: Conn,
+    stop: Arc<AtomicBool>,
+    delivered: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            if tokio::time::timeout(Duration::from_secs(2), r.next_push())
+                .await
+                .is_ok()
+            {
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        anyhow::Ok(())
+    })
 }

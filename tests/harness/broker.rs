@@ -218,6 +218,16 @@ impl TestBroker {
     pub async fn connect(&self, member: &Member) -> anyhow::Result<Client> {
         Client::connect(&self.ws_url(), member, HelloOpts::default()).await
     }
+
+    /// The `/metrics` text.
+    ///
+    /// # Errors
+    /// Transport failure or a body that is not UTF-8.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(String::from_utf8(
+            http(self.addr, "GET", "/metrics", None).await?.2,
+        )?)
+    }
 }
 
 impl Drop for TestBroker {

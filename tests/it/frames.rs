@@ -50,11 +50,7 @@ async fn unknown_malformed_and_unsupported() -> anyhow::Result<()> {
     a.send(json!({"type": "join_group"})).await?;
     a.sync().await?;
     assert!(a.ws.backlog().is_empty(), "{:?}", a.ws.backlog());
-    let metrics = String::from_utf8(
-        meshd_tests::http(broker.addr, "GET", "/metrics", None)
-            .await?
-            .2,
-    )?;
+    let metrics = broker.metrics().await?;
     assert!(
         metrics.contains("meshd_frames_dropped_total{reason=\"malformed\"} 6"),
         "{metrics}"

@@ -88,11 +88,7 @@ both! {
 
 /// `meshd_direct_pushes_total{path}` from /metrics.
 async fn pushes(broker: &TestBroker, path: &str) -> anyhow::Result<u64> {
-    let text = String::from_utf8(
-        meshd_tests::http(broker.addr, "GET", "/metrics", None)
-            .await?
-            .2,
-    )?;
+    let text = broker.metrics().await?;
     let needle = format!("meshd_direct_pushes_total{{path=\"{path}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&needle))

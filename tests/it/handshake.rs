@@ -139,10 +139,7 @@ async fn no_hello_and_timeout() -> anyhow::Result<()> {
     // The socket stays open until the handshake deadline, then closes with 1008.
     let close = ws.expect_close().await.expect("close frame");
     assert_eq!(close, (1008, "hello timeout".to_owned()));
-    let metrics = meshd_tests::http(broker.addr, "GET", "/metrics", None)
-        .await?
-        .2;
-    let text = String::from_utf8(metrics)?;
+    let text = broker.metrics().await?;
     assert!(
         text.contains("meshd_connections_rejected_total{reason=\"hello_timeout\"} 1"),
         "{text}"

@@ -194,11 +194,7 @@ async fn size_and_rate_limits() -> anyhow::Result<()> {
     }
     // The oversized send used one token; two more pass, then the bucket is empty.
     assert!(refused >= 2, "{refused} refused");
-    let metrics = String::from_utf8(
-        meshd_tests::http(broker.addr, "GET", "/metrics", None)
-            .await?
-            .2,
-    )?;
+    let metrics = broker.metrics().await?;
     assert!(metrics.contains("meshd_messages_rejected_total{reason=\"rate_limited\"}"));
     assert!(metrics.contains("meshd_messages_rejected_total{reason=\"too_large\"} 1"));
     Ok(())

@@ -60,11 +60,7 @@ async fn oversized_state_is_refused_silently() -> anyhow::Result<()> {
         .await?;
     let r = a.request(json!({"type": "get_state", "key": "k"})).await?;
     assert!(r["value"].is_null(), "{r}");
-    let metrics = String::from_utf8(
-        meshd_tests::http(broker.addr, "GET", "/metrics", None)
-            .await?
-            .2,
-    )?;
+    let metrics = broker.metrics().await?;
     assert!(
         metrics.contains("meshd_frames_dropped_total{reason=\"state_too_large\"} 1"),
         "{metrics}"
