@@ -1,8 +1,6 @@
 //! meshd integration tests: one binary, one module per area. Tests that touch the store
 //! run against SQLite and PostgreSQL (see [`both!`]).
 
-use meshd_tests::Backend;
-
 /// The daemon binary built by this package (same code as `meshd`).
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_meshd-under-test");
 
@@ -17,11 +15,11 @@ macro_rules! both {
             async fn body($b: Backend) -> anyhow::Result<()> $body
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() -> anyhow::Result<()> {
-                body(Backend::Sqlite).await
+                body(meshd_tests::Backend::Sqlite).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() -> anyhow::Result<()> {
-                body(Backend::Postgres).await
+                body(meshd_tests::Backend::Postgres).await
             }
         }
     };
@@ -38,6 +36,3 @@ mod http;
 mod presence;
 mod routing;
 mod state;
-
-#[allow(dead_code)]
-fn _backend_is_used(_: Backend) {}
