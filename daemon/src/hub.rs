@@ -45,6 +45,11 @@ use crate::store::{Db, MemberRow, MeshRow, StoreError};
 /// Process-local connection number (also the lease owner in the store).
 pub(crate) type ConnId = u64;
 
+/// A connection id as the store's `lease_conn` column holds it.
+pub(crate) fn lease_owner(conn: ConnId) -> i64 {
+    i64::try_from(conn).unwrap_or(i64::MAX)
+}
+
 /// What a session's writer loop sends to its socket.
 #[derive(Debug)]
 pub(crate) enum Outbound {
@@ -70,8 +75,6 @@ impl Outbound {
 pub(crate) struct Sent {
     /// Broker message id.
     pub(crate) id: String,
-    /// The sender's idempotency id, which `client_ack` may use instead.
-    pub(crate) client_id: Option<String>,
     /// Its lease in the store is finite (taken for a client that acknowledges); an
     /// infinite lease lasts until the connection writes it or closes.
     pub(crate) finite_lease: bool,
@@ -344,6 +347,28 @@ struct MeshInner {
     state_bytes: usize,
 }
 
+impl MeshInner {
+    /// The live peers addressed by a member or session key.
+    fn live_for<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a Peer> + 'a {
+        self.by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| self.peers.get(c))
+    }
+
+    /// Live peers `viewer_member` may see (hidden ones only its own), oldest first.
+    fn visible_to(&self, viewer_member: &str) -> Vec<&Peer> {
+        let mut peers: Vec<&Peer> = self
+            .peers
+            .values()
+            .filter(|p| p.visible || p.member_pubkey == viewer_member)
+            .collect();
+        peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
+        peers
+    }
+}
+
 /// The live state of one mesh.
 #[derive(Debug)]
 pub(crate) struct MeshHub {
@@ -523,17 +548,13 @@ impl MeshHub {
     }
 
     /// Decays every `working` older than `ttl_ms` to `idle` and lets those peers drain
-    /// what they held back. Returns how many changed.
-    pub(crate) fn expire_statuses(&self, now: i64, ttl_ms: i64) -> usize {
-        let mut inner = self.inner();
-        let mut n = 0;
-        for p in inner.peers.values_mut() {
+    /// what they held back.
+    pub(crate) fn expire_statuses(&self, now: i64, ttl_ms: i64) {
+        for p in self.inner().peers.values_mut() {
             if p.status.expire(now, ttl_ms) {
                 p.shared.spill();
-                n += 1;
             }
         }
-        n
     }
 
     /// Live peers of the same member other than `conn` (to wake after leases are released).
@@ -554,14 +575,8 @@ impl MeshHub {
         sender: ConnId,
     ) -> DirectRoute {
         let inner = self.inner();
-        let live: Vec<&Peer> = inner
-            .by_key
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| inner.peers.get(c))
-            .collect();
-        if live.is_empty() {
+        let mut live = inner.live_for(key).peekable();
+        if live.peek().is_none() {
             return match (inner.members.get(key), inner.session_keys.get(key)) {
                 (Some(m), _) if m.revoked => DirectRoute::Revoked,
                 (None, None) => DirectRoute::Unknown,
@@ -570,8 +585,7 @@ impl MeshHub {
         }
         // Prefer another session over the sender (a DM to one's own member key from one
         // session is meant for a sibling), then the most recent connection.
-        live.into_iter()
-            .filter(|p| p.status.status.admits(priority))
+        live.filter(|p| p.status.status.admits(priority))
             .max_by_key(|p| (p.shared.conn_id != sender, p.connected_at, p.shared.conn_id))
             .map_or(DirectRoute::Queue, |p| {
                 DirectRoute::Deliver(p.shared.clone())
@@ -581,11 +595,8 @@ impl MeshHub {
     /// A row for `key` was stored undelivered: every live connection of the key must
     /// drain before taking hot pushes again. Called by the store writer's router.
     pub(crate) fn spill_key(&self, key: &str) {
-        let inner = self.inner();
-        for conn in inner.by_key.get(key).into_iter().flatten() {
-            if let Some(p) = inner.peers.get(conn) {
-                p.shared.spill();
-            }
+        for p in self.inner().live_for(key) {
+            p.shared.spill();
         }
     }
 
@@ -639,24 +650,17 @@ impl MeshHub {
     /// `peers_list` for `viewer`: every live peer, hidden ones only for their own member.
     pub(crate) fn peers_for(&self, viewer_member: &str) -> Vec<PeerEntry> {
         let inner = self.inner();
-        let mut peers: Vec<&Peer> = inner
-            .peers
-            .values()
-            .filter(|p| p.visible || p.member_pubkey == viewer_member)
-            .collect();
-        peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
-        peers.into_iter().map(Peer::entry).collect()
+        inner
+            .visible_to(viewer_member)
+            .into_iter()
+            .map(Peer::entry)
+            .collect()
     }
 
-    /// Live peers addressed by `key` (for `message_status`): (display name, connected).
+    /// Display names of the live peers addressed by `key` (for `message_status`).
     pub(crate) fn live_names(&self, key: &str) -> Vec<String> {
-        let inner = self.inner();
-        inner
-            .by_key
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| inner.peers.get(c))
+        self.inner()
+            .live_for(key)
             .map(|p| p.display_name.clone())
             .collect()
     }
@@ -669,18 +673,13 @@ impl MeshHub {
         viewer_member: &str,
     ) -> Vec<(String, String)> {
         let inner = self.inner();
-        let mut peers: Vec<&Peer> = inner
-            .peers
-            .values()
-            .filter(|p| p.visible || p.member_pubkey == viewer_member)
+        inner
+            .visible_to(viewer_member)
+            .into_iter()
             .filter(|p| match target {
                 TargetSpec::Group(g) => p.in_group(g),
                 _ => true,
             })
-            .collect();
-        peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
-        peers
-            .into_iter()
             .map(|p| (p.display_name.clone(), p.routing_key().to_owned()))
             .collect()
     }
@@ -780,11 +779,10 @@ pub(crate) fn system_push(
     mesh_id: &str,
     event: &'static str,
     data: serde_json::Map<String, serde_json::Value>,
-    message_id: String,
     now: i64,
 ) -> Utf8Bytes {
     let push = BrokerFrame::Push(Push {
-        message_id,
+        message_id: crate::ids::uuid_v4(),
         mesh_id: mesh_id.to_owned(),
         sender_pubkey: "system".to_owned(),
         priority: Priority::Low.as_str(),

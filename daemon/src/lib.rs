@@ -92,7 +92,6 @@ pub struct Bound {
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
     writer: store::writer::Writer,
-    writer_stop: CancellationToken,
 }
 
 impl Daemon {
@@ -136,7 +135,6 @@ impl Daemon {
             ctx,
             listener,
             writer: task,
-            writer_stop: CancellationToken::new(),
         })
     }
 }
@@ -162,8 +160,8 @@ impl Bound {
             ctx,
             listener,
             writer,
-            writer_stop,
         } = self;
+        let writer_stop = CancellationToken::new();
         let addr = listener.local_addr()?;
         let background = TaskTracker::new();
         let background_cancel = CancellationToken::new();

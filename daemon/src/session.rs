@@ -10,7 +10,7 @@
 //! the writer with `reserve()`, so a congested store never stops the session from
 //! writing to its socket.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -40,9 +40,9 @@ use tracing::{Instrument as _, debug, field, info, info_span, warn};
 use crate::Ctx;
 use crate::hub::{
     CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError,
-    Registered, Sent, StateValue, lock, member_info, peer_data, raw, system_push,
+    Registered, Sent, StateValue, lease_owner, lock, member_info, peer_data, raw, system_push,
 };
-use crate::ids::{now_ms, random_id, uuid_v4};
+use crate::ids::{now_ms, random_id};
 use crate::store::StoreError;
 use crate::store::writer::{
     ClaimSpec, Claimed, Delivery, DirectKey, NewMessage, PeerStateWrite, WriteOp,
@@ -113,6 +113,15 @@ impl Refusal {
         }
     }
 
+    /// The member was revoked: the reference's wording, close 4002.
+    fn revoked(mesh_name: &str) -> Self {
+        Self {
+            code: "revoked",
+            message: revoked_message(mesh_name),
+            close_code: 4002,
+        }
+    }
+
     fn from_hello(e: &HelloError) -> Self {
         Self::new(e.code(), format!("hello rejected: {e}"))
     }
@@ -125,6 +134,10 @@ impl Refusal {
             close_code: 1011,
         }
     }
+}
+
+fn revoked_message(mesh_name: &str) -> String {
+    format!("You've been removed from \"{mesh_name}\".")
 }
 
 async fn send_text(socket: &mut WebSocket, ctx: &Ctx, text: String) -> bool {
@@ -181,7 +194,7 @@ async fn handshake(ctx: &Arc<Ctx>, socket: &mut WebSocket, conn_id: ConnId) -> O
                 Ok((live, ack)) => {
                     hs.accepted();
                     if !send_text(socket, ctx, ack).await {
-                        live.teardown(Vec::new()).await;
+                        live.teardown().await;
                         return None;
                     }
                     live.announce_arrival();
@@ -294,11 +307,7 @@ async fn authenticate(
         None => return Err(not_member()),
     };
     if member.revoked {
-        return Err(Refusal {
-            code: "revoked",
-            message: format!("You've been removed from \"{}\".", mesh.row.name),
-            close_code: 4002,
-        });
+        return Err(Refusal::revoked(&mesh.row.name));
     }
     if let Some(claimed) = &ident.member_id
         && *claimed != member.id
@@ -412,11 +421,7 @@ async fn authenticate(
         .register(peer, ctx.config.limits.max_connections_per_mesh)
         .map_err(|e| match e {
             RegisterError::AtCapacity => Refusal::new("capacity", "mesh at connection capacity"),
-            RegisterError::Revoked => Refusal {
-                code: "revoked",
-                message: format!("You've been removed from \"{}\".", mesh.row.name),
-                close_code: 4002,
-            },
+            RegisterError::Revoked => Refusal::revoked(&mesh.row.name),
         })?;
     let predecessor = match registered {
         Registered::Reattached(old) => Some(old),
@@ -485,7 +490,6 @@ async fn authenticate(
         claim: None,
         drain_wanted: true,
         drain_timer: None,
-        leased: HashMap::new(),
         claim_leased: false,
         bucket: Bucket::new(
             ctx.config.limits.sends_per_second,
@@ -573,8 +577,6 @@ struct Live {
     /// When to drain again without a wake: an acknowledging client's lease ends, or a
     /// failed drain is retried.
     drain_timer: Option<Instant>,
-    /// Pushes leased to an acknowledging client: broker id → client message id.
-    leased: HashMap<String, Option<String>>,
     /// Whether the claim in flight leases rows until acknowledged.
     claim_leased: bool,
     bucket: Bucket,
@@ -587,6 +589,18 @@ struct Live {
 }
 
 impl Live {
+    /// When a row pushed now is offered again: after the ack lease for a client that
+    /// acknowledges, never (`i64::MAX`: delivered once written) for any other.
+    fn lease_until(&self, acks: bool, now: i64) -> i64 {
+        if acks {
+            let lease_ms =
+                i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
+            now.saturating_add(lease_ms)
+        } else {
+            i64::MAX
+        }
+    }
+
     fn routing_key(&self) -> &str {
         self.session_pubkey
             .as_deref()
@@ -623,7 +637,7 @@ impl Live {
             return;
         };
         if let Some(data) = data {
-            let frame = system_push(self.mesh_id(), event, data, uuid_v4(), now_ms());
+            let frame = system_push(self.mesh_id(), event, data, now_ms());
             self.mesh
                 .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
@@ -748,10 +762,7 @@ impl Live {
             _ => None,
         };
         if ended == "revoked" {
-            let e = ErrorFrame::new(
-                "revoked",
-                format!("You've been removed from \"{}\".", self.mesh.row.name),
-            );
+            let e = ErrorFrame::new("revoked", revoked_message(&self.mesh.row.name));
             let _ = send_text(&mut socket, &self.ctx, BrokerFrame::Error(e).to_json()).await;
         }
         if let Some((code, reason)) = close_frame {
@@ -759,7 +770,7 @@ impl Live {
                 .await;
         }
         info!(reason = ended, "session closed");
-        self.teardown(unflushed).await;
+        self.teardown().await;
     }
 
     /// Why the connection was cancelled.
@@ -832,16 +843,15 @@ impl Live {
         let mut n = 0;
         while let Some(out) = next.take() {
             self.shared.dequeued(out.len());
-            let text = match out {
-                Outbound::Frame(t) => t,
-                Outbound::Stored { frame, sent } => {
-                    unflushed.push(sent);
-                    frame
-                }
+            let (text, sent) = match out {
+                Outbound::Frame(t) => (t, None),
+                Outbound::Stored { frame, sent } => (frame, Some(sent)),
             };
             if !guarded(&guard, limit, socket.feed(Message::Text(text))).await {
                 return false;
             }
+            // Only a frame the sink took counts: a cancelled feed sent nothing.
+            unflushed.extend(sent);
             n += 1;
             if n < WRITE_BATCH {
                 next = self.rx.try_recv().ok();
@@ -875,14 +885,8 @@ impl Live {
                 .map(|s| s.id.clone())
                 .collect();
             if !open.is_empty() {
-                let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-                self.outbox.push_back(WriteOp::Lease {
-                    ids: open,
-                    until: now_ms().saturating_add(lease_ms),
-                });
-            }
-            for s in sent {
-                self.leased.insert(s.id, s.client_id);
+                let until = self.lease_until(true, now_ms());
+                self.outbox.push_back(WriteOp::Lease { ids: open, until });
             }
             let at = Instant::now() + lease;
             self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
@@ -903,13 +907,7 @@ impl Live {
             return;
         };
         let now = now_ms();
-        let lease_ms =
-            i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
-        let lease_until = if self.shared.acks.load(Ordering::SeqCst) {
-            now.saturating_add(lease_ms)
-        } else {
-            i64::MAX
-        };
+        let lease_until = self.lease_until(self.shared.acks.load(Ordering::SeqCst), now);
         self.claim_leased = lease_until != i64::MAX;
         let (tx, rx) = oneshot::channel();
         self.outbox.push_back(WriteOp::Claim {
@@ -920,7 +918,7 @@ impl Live {
                 member_key: self.member_pubkey.clone(),
                 session_key: self.routing_key().to_owned(),
                 max_priority: max.rank(),
-                conn: i64::try_from(self.conn).unwrap_or(i64::MAX),
+                conn: lease_owner(self.conn),
                 lease_until,
                 now,
                 limit: CLAIM_LIMIT,
@@ -941,7 +939,6 @@ impl Live {
         let stamp = claimed.stamp;
         let (guard, limit) = (self.io_guard.clone(), self.ctx.config.limits.idle_timeout);
         debug!(rows = claimed.rows.len(), next_lease = ?claimed.next_lease_expiry, "drain: claimed");
-        let mut sent = Vec::with_capacity(claimed.rows.len());
         // The claim used the status of when it started; the peer may have become busy
         // since. What it no longer admits goes back (it is drained again on idle).
         let max = self
@@ -956,7 +953,7 @@ impl Live {
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
         if !not_now.is_empty() {
             self.outbox.push_back(WriteOp::Release {
-                conn: i64::try_from(self.conn).unwrap_or(i64::MAX),
+                conn: lease_owner(self.conn),
                 ids: not_now.into_iter().map(|r| r.id).collect(),
             });
         }
@@ -976,26 +973,22 @@ impl Live {
                 sender_member_pubkey: Some(row.sender_member_pubkey),
                 sender_member_id: Some(row.sender_member_id),
                 sender_name: Some(row.sender_name),
-                client_message_id: row.client_message_id.clone(),
+                client_message_id: row.client_message_id,
             });
-            let s = Sent {
-                id: row.id,
-                client_id: row.client_message_id,
-                finite_lease: self.claim_leased,
-            };
-            unflushed.push(s.clone());
-            sent.push(s);
             let msg = Message::Text(frame.to_json().into());
             if !guarded(&guard, limit, socket.feed(msg)).await {
                 return false;
             }
+            unflushed.push(Sent {
+                id: row.id,
+                finite_lease: self.claim_leased,
+            });
             self.ctx.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
         if !guarded(&guard, limit, socket.flush()).await {
             return false;
         }
-        unflushed.clear();
-        self.written(sent);
+        self.written(std::mem::take(unflushed));
         if let Some(at) = claimed.next_lease_expiry {
             let wait =
                 Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0));
@@ -1091,7 +1084,7 @@ impl Live {
                     } else {
                         "peer_hidden"
                     };
-                    let frame = system_push(self.mesh_id(), event, data, uuid_v4(), now);
+                    let frame = system_push(self.mesh_id(), event, data, now);
                     self.mesh.announce(&frame, self.conn, None);
                 }
                 small_ack(req_id)
@@ -1207,12 +1200,6 @@ impl Live {
                 broker_message_id,
             } => {
                 self.shared.acks.store(true, Ordering::SeqCst);
-                if let Some(id) = &broker_message_id {
-                    self.leased.remove(id);
-                }
-                if let Some(cid) = &client_message_id {
-                    self.leased.retain(|_, c| c.as_ref() != Some(cid));
-                }
                 self.outbox.push_back(WriteOp::Ack {
                     mesh_id: self.mesh_id().to_owned(),
                     keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
@@ -1233,7 +1220,7 @@ impl Live {
         send: meshd_protocol::client::Send,
         now: i64,
     ) -> Option<Utf8Bytes> {
-        let id = send.id.clone().unwrap_or_default();
+        let id = send.id.unwrap_or_default();
         let metrics = self.ctx.metrics.clone();
         let refuse = |reason: &'static str, error: String| -> Option<Utf8Bytes> {
             metrics.messages_rejected.inc(reason);
@@ -1318,8 +1305,8 @@ impl Live {
             mesh_id: self.mesh_id().to_owned(),
             sender_pubkey: sender_key.clone(),
             priority: priority.as_str(),
-            nonce: send.nonce.clone(),
-            ciphertext: send.ciphertext.clone(),
+            nonce: send.nonce,
+            ciphertext: send.ciphertext,
             created_at: iso8601_ms(now),
             subtype: None,
             event: None,
@@ -1330,6 +1317,11 @@ impl Live {
             client_message_id: send.client_message_id.clone(),
         });
         let frame = Utf8Bytes::from(push.to_json());
+        // The stored row takes the body back from the frame (no copy of a large body).
+        let (nonce, ciphertext) = match push {
+            BrokerFrame::Push(p) => (p.nonce, p.ciphertext),
+            _ => (String::new(), String::new()),
+        };
         let ttl = i64::try_from(self.ctx.config.limits.queue_ttl.as_millis()).unwrap_or(i64::MAX);
         let mut row = NewMessage {
             id: message_id.clone(),
@@ -1338,11 +1330,11 @@ impl Live {
             sender_pubkey: sender_key,
             sender_member_pubkey: self.member_pubkey.clone(),
             sender_name: self.display_name.clone(),
-            target_spec: send.target_spec.clone(),
+            target_spec: send.target_spec,
             target_key: None,
             priority: priority.rank(),
-            nonce: send.nonce,
-            ciphertext: send.ciphertext,
+            nonce,
+            ciphertext,
             subtype: None,
             client_message_id: send.client_message_id,
             created_at: now,
@@ -1374,13 +1366,7 @@ impl Live {
                         );
                     }
                     DirectRoute::Deliver(target) => {
-                        let lease_ms = i64::try_from(self.ctx.config.limits.ack_lease.as_millis())
-                            .unwrap_or(i64::MAX);
-                        let lease_until = if target.acks.load(Ordering::SeqCst) {
-                            now.saturating_add(lease_ms)
-                        } else {
-                            i64::MAX
-                        };
+                        let lease_until = self.lease_until(target.acks.load(Ordering::SeqCst), now);
                         (
                             Some(Delivery {
                                 target,
@@ -1417,7 +1403,7 @@ impl Live {
             row: Box::new(row),
             delivery,
             direct,
-            reply: Some(tx),
+            reply: tx,
         });
         let metrics = self.ctx.metrics.clone();
         self.pending.push_back(Box::pin(async move {
@@ -1533,20 +1519,18 @@ impl Live {
 
     /// After the socket is gone: give back unwritten leases, leave the mesh, announce
     /// the departure, save the session state for "welcome back".
-    async fn teardown(mut self, unflushed: Vec<Sent>) {
+    async fn teardown(mut self) {
         // Whatever this connection holds and did not deliver goes back to the store: rows
         // queued or backlogged for it, written but unacknowledged, or claimed by a claim
         // still in flight. One conn-scoped release covers them all (it runs after the
         // claims of its batch).
-        drop(unflushed);
         self.rx.close();
         while self.rx.try_recv().is_ok() {}
         lock(&self.shared.route).close();
-        self.leased.clear();
         self.outbox.push_back(WriteOp::ReleaseConn {
             mesh_id: self.mesh_id().to_owned(),
             keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
-            conn: i64::try_from(self.conn).unwrap_or(i64::MAX),
+            conn: lease_owner(self.conn),
         });
         // Save "welcome back" state and wait for it to commit before the presence goes,
         // so a quick reconnect restores it. (A reattached connection was already replaced
@@ -1568,11 +1552,10 @@ impl Live {
         let _ = self.ctx.writer.flush().await;
         let peer = self.mesh.unregister(self.conn);
         if let Some(peer) = &peer
-            && self.shared.close_reason() != Some(CloseReason::Shutdown)
             && !self.ctx.sessions_cancel.is_cancelled()
             && peer.visible
         {
-            let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), uuid_v4(), now);
+            let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), now);
             self.mesh
                 .announce(&frame, self.conn, Some(&self.member_pubkey));
         }

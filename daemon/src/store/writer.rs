@@ -15,8 +15,10 @@
 //! inserts in multi-row statements and lets every claim see every earlier insert; the
 //! releases of ended connections run after the claims.
 //!
-//! If a batch fails, it is rolled back and each operation is retried alone, so one bad
-//! operation fails alone.
+//! If a batch fails, it is rolled back; if the connection was lost the writer reconnects
+//! and retries the batch once. A batch that still fails is split and retried piece by
+//! piece (each insert, each claim and each other operation alone; lease changes together,
+//! delivery marks together), so one bad operation fails alone.
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -28,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{StoreError, WriterConn};
-use crate::hub::{MeshHub, Outbound, PeerShared, Sent, lock};
+use crate::hub::{ConnId, MeshHub, Outbound, PeerShared, RouteState, Sent, lease_owner, lock};
 use crate::metrics::Metrics;
 use meshd_config::{Backend, Durability};
 
@@ -166,7 +168,7 @@ pub(crate) enum WriteOp {
         row: Box<NewMessage>,
         delivery: Option<Delivery>,
         direct: Option<DirectKey>,
-        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Messages written to their recipient's socket (clients that do not acknowledge).
     MarkDelivered { ids: Vec<String>, at: i64 },
@@ -198,7 +200,6 @@ pub(crate) enum WriteOp {
         spec: Box<ClaimSpec>,
         reply: oneshot::Sender<Result<Claimed, StoreError>>,
     },
-    /// Bind a session key to a member.
     /// Persist a session key binding the hub already made (first presenter wins).
     BindSession {
         mesh_id: String,
@@ -467,7 +468,6 @@ fn route_live(
     }
     let sent = Sent {
         id: row.id.clone(),
-        client_id: row.client_message_id.clone(),
         finite_lease: d.lease_until != i64::MAX,
     };
     let accepted = if st.draining {
@@ -476,12 +476,7 @@ fn route_live(
             st.backlog.push_back((d.frame, sent));
             true
         } else {
-            let ids = st.take_backlog();
-            *release = Some(WriteOp::Release {
-                conn: i64::try_from(target.conn_id).unwrap_or(i64::MAX),
-                ids,
-            });
-            st.stored();
+            *release = Some(give_back(&mut st, target.conn_id));
             false
         }
     } else {
@@ -502,12 +497,22 @@ fn route_live(
     drop(st);
     tracing::trace!(id = %row.id, conn = target.conn_id, accepted, "direct message routed");
     if accepted {
-        row.lease_conn = i64::try_from(target.conn_id).ok();
+        row.lease_conn = Some(lease_owner(target.conn_id));
         row.lease_until = Some(d.lease_until);
     } else {
         target.wake.notify_one();
     }
     accepted
+}
+
+/// Hands a connection's backlog back to the store; it drains again before going live.
+fn give_back(st: &mut RouteState, conn: ConnId) -> WriteOp {
+    let ids = st.take_backlog();
+    st.stored();
+    WriteOp::Release {
+        conn: lease_owner(conn),
+        ids,
+    }
 }
 
 /// A drain came back short at `stamp`: if nothing entered the store for the connection
@@ -524,12 +529,7 @@ fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
             Ok(()) => st.backlog_bytes = st.backlog_bytes.saturating_sub(len),
             Err(mpsc::error::TrySendError::Full(Outbound::Stored { frame, sent })) => {
                 st.backlog.push_front((frame, sent));
-                let ids = st.take_backlog();
-                *release = Some(WriteOp::Release {
-                    conn: i64::try_from(peer.conn_id).unwrap_or(i64::MAX),
-                    ids,
-                });
-                st.stored();
+                *release = Some(give_back(&mut st, peer.conn_id));
                 drop(st);
                 peer.wake.notify_one();
                 return;
@@ -652,7 +652,7 @@ impl Executor {
 }
 
 /// An insert with its reply.
-type PlannedInsert = (Box<NewMessage>, Option<Reply<()>>);
+type PlannedInsert = (Box<NewMessage>, Reply<()>);
 
 /// A batch sorted by kind (see the module docs).
 #[derive(Default)]
@@ -764,9 +764,7 @@ impl Plan {
         error!(cause = %e, "store write failed");
         let err = || StoreError::Corrupt(format!("write failed: {e}"));
         for (_, reply) in self.inserts {
-            if let Some(r) = reply {
-                let _ = r.send(Err(err()));
-            }
+            let _ = reply.send(Err(err()));
         }
         for m in self.misc {
             match m {
@@ -1308,9 +1306,7 @@ macro_rules! executor {
 
             // Success: move the replies out of the plan.
             for (_, reply) in plan.inserts.drain(..) {
-                if let Some(r) = reply {
-                    done.unit.push(r);
-                }
+                done.unit.push(reply);
             }
             for ((_, reply), claimed) in plan.claims.drain(..).zip(claims) {
                 done.claims.push((reply, claimed));
