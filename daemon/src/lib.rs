@@ -200,16 +200,19 @@ impl Bound {
         systemd::notify("STOPPING=1\nSTATUS=draining connections");
 
         // Phase 1: stop accepting. Phase 2: sessions flush, release leases and save state.
+        // Sessions and the server share one grace period, the store gets another: a stop
+        // takes at most twice the grace (systemd's TimeoutStopSec must stay above that).
         accept_cancel.cancel();
         ctx.sessions_cancel.cancel();
         ctx.sessions.close();
-        if tokio::time::timeout(grace, ctx.sessions.wait())
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, ctx.sessions.wait())
             .await
             .is_err()
         {
             warn!("sessions did not finish within the grace period");
         }
-        match tokio::time::timeout(grace, server).await {
+        match tokio::time::timeout_at(deadline, server).await {
             Ok(Ok(Err(e))) => warn!(cause = %e, "http server ended with an error"),
             Ok(Err(e)) => warn!(cause = %e, "http server task failed"),
             Err(_) => warn!("http server did not stop within the grace period"),
@@ -217,7 +220,8 @@ impl Bound {
         }
         // Phase 3: commit everything queued, then stop the writer and close the store.
         background_cancel.cancel();
-        if tokio::time::timeout(grace, ctx.writer.flush())
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, ctx.writer.flush())
             .await
             .is_err()
         {
@@ -225,7 +229,10 @@ impl Bound {
         }
         writer_stop.cancel();
         background.close();
-        if tokio::time::timeout(grace, writer_task).await.is_err() {
+        if tokio::time::timeout_at(deadline, writer_task)
+            .await
+            .is_err()
+        {
             warn!("store writer did not stop within the grace period");
         }
         background.wait().await;
