@@ -1,114 +1,69 @@
 //! Key material on disk for meshd.
 //!
-//! Today this crate owns the rules for secret files: they are written atomically with
-//! mode 0600 inside a 0700 directory, and a secret file that others can read is refused
-//! with a message naming the file and the fix. The federation issue adds the org CA and
-//! broker certificates (rcgen + rustls) here; this crate never opens a socket.
+//! - [`secret`]: secret files are written atomically with mode 0600 inside a 0700
+//!   directory, and a secret file that others can read is refused with a message naming
+//!   the file and the fix.
+//! - [`pki`]: the org CA (`ca.pem` + `ca.key`), broker certificates issued by it, the
+//!   bundle an org hands to its peers, and loading a broker's identity for the daemon.
+//! - [`trust`]: which peer brokers we accept, each bound to its own org CA (or a pin of
+//!   it), and the rustls client/server configurations that enforce it.
+//!
+//! Every rustls object here is built with the *ring* provider explicitly, so nothing
+//! depends on a process-wide default provider. This crate never opens a socket.
 
 #![warn(missing_docs)]
 
-use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+mod der;
+pub mod pki;
+pub mod secret;
+pub mod trust;
 
-/// Why a secret file could not be written or read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SecretFileError {
-    /// Filesystem error.
-    #[error("{path}: {source}")]
-    Io {
-        /// File or directory concerned.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file can be read or written by every user on the machine.
-    #[error(
-        "{path} is accessible to other users (mode {mode:04o}); run `chmod 600 {path}` (or 640 with a dedicated group)"
-    )]
-    WorldAccessible {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+#[cfg(test)]
+mod testutil;
+
+pub use pki::{
+    BrokerCertPaths, BrokerIdentity, Bundle, CA_CERT_FILE, CA_KEY_FILE, CaError, CaFileError,
+    IdentityError, IssueError, OrgCa, PinError, fingerprint_sha256, parse_pin,
+};
+pub use secret::{
+    SecretFileError, check_not_world_accessible, ensure_private_dir, read_secret_file,
+    write_secret_file,
+};
+pub use trust::{PeerAnchor, PeerCertError, PeerTrust, TrustError};
+
+use rustls_pki_types::DnsName;
+use std::sync::Arc;
+
+/// A name (org or broker) that is not a usable DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what} name {name:?} is not a valid DNS name (letters, digits, '-' and '.', no IP address, no trailing dot)"
+)]
+pub struct InvalidNameError {
+    /// What the name is for ("org", "broker", "peer").
+    pub what: &'static str,
+    /// The rejected input.
+    pub name: String,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SecretFileError + '_ {
-    move |source| SecretFileError::Io {
-        path: path.to_owned(),
-        source,
+/// Validates a DNS-like name and returns it in lower case: certificate names compare
+/// case-insensitively, and file names and logs should show one spelling.
+pub(crate) fn dns_name(what: &'static str, name: &str) -> Result<String, InvalidNameError> {
+    let invalid = || InvalidNameError {
+        what,
+        name: name.to_owned(),
+    };
+    // A trailing dot would make "b.example" and "b.example." two names for one broker.
+    if name.ends_with('.') || name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(invalid());
     }
+    DnsName::try_from(name).map_err(|_| invalid())?;
+    Ok(name.to_ascii_lowercase())
 }
 
-/// Creates `dir` (and parents) with mode 0700 if it does not exist. An existing
-/// directory is left as it is: the operator may have chosen its mode.
-///
-/// # Errors
-/// [`SecretFileError::Io`].
-pub fn ensure_private_dir(dir: &Path) -> Result<(), SecretFileError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(dir))
-}
-
-/// Writes a secret atomically (temporary file, fsync, rename) with mode 0600, creating
-/// the parent directory with mode 0700 if needed. An existing file is replaced.
-///
-/// # Errors
-/// [`SecretFileError::Io`].
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretFileError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    ensure_private_dir(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io(path))
-}
-
-/// Reads a secret file, refusing it when other users can access it.
-///
-/// # Errors
-/// [`SecretFileError::WorldAccessible`] or [`SecretFileError::Io`].
-pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, SecretFileError> {
-    check_not_world_accessible(path)?;
-    fs::read(path).map_err(io(path))
-}
-
-/// Refuses a file whose "other" permission bits are set.
-///
-/// # Errors
-/// [`SecretFileError::WorldAccessible`] or [`SecretFileError::Io`].
-pub fn check_not_world_accessible(path: &Path) -> Result<(), SecretFileError> {
-    let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o7777;
-    if mode & 0o007 != 0 {
-        return Err(SecretFileError::WorldAccessible {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
+/// The one crypto provider this crate uses.
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 #[cfg(test)]
@@ -116,37 +71,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn written_secrets_are_private_and_readable_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys/owner.key");
-        write_secret_file(&path, b"s3cret").unwrap();
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let dmode = fs::metadata(path.parent().unwrap())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(dmode, 0o700);
-        assert_eq!(read_secret_file(&path).unwrap(), b"s3cret");
-        // Replacing keeps it private.
-        write_secret_file(&path, b"new").unwrap();
-        assert_eq!(read_secret_file(&path).unwrap(), b"new");
-    }
-
-    #[test]
-    fn world_readable_secrets_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k");
-        fs::write(&path, b"x").unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_secret_file(&path).unwrap_err();
-        assert!(matches!(
-            err,
-            SecretFileError::WorldAccessible { mode: 0o644, .. }
-        ));
-        assert!(err.to_string().contains("chmod 600"));
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(read_secret_file(&path).is_ok());
+    fn dns_names_are_validated_and_lowercased() {
+        assert_eq!(
+            dns_name("broker", "B.Example.TEST").unwrap(),
+            "b.example.test"
+        );
+        assert_eq!(dns_name("org", "acme").unwrap(), "acme");
+        for bad in [
+            "",
+            "a..b",
+            "b.example.",
+            "127.0.0.1",
+            "::1",
+            "*.example",
+            "-a.example",
+            "a b",
+            "ex/ample",
+        ] {
+            let err = dns_name("broker", bad).unwrap_err();
+            assert!(err.to_string().contains("broker name"), "{bad}: {err}");
+        }
     }
 }

@@ -93,3 +93,53 @@ pub const LOG_LEVEL: &str = "info";
 
 /// SQLite file name inside the data directory.
 pub const SQLITE_FILE: &str = "meshd.db";
+
+/// Federation (QUIC over UDP) listen address. Unlike the HTTP listener it faces the
+/// internet: peers are other organizations' brokers, and mutual TLS (not a proxy)
+/// authenticates them. The port is the one after [`LISTEN`]'s.
+pub const FEDERATION_LISTEN: &str = "0.0.0.0:7901";
+
+/// Directory inside the data directory holding the broker's certificate, key and CA
+/// when `federation.cert`, `federation.key` and `federation.ca` are not given.
+pub const FEDERATION_CERTS_DIR: &str = "certs";
+
+/// Default file name, in [`FEDERATION_CERTS_DIR`], of our organization's CA (the one
+/// served on `/.well-known/meshd/bundle`).
+pub const FEDERATION_CA_FILE: &str = "ca.pem";
+
+/// How long the remote peers of a lost link stay listed. A peer broker's restart
+/// ([`SHUTDOWN_GRACE`] plus start-up) or a network blip then reconnects without their
+/// members flapping offline and online across the mesh.
+pub const FEDERATION_PRESENCE_GRACE: Duration = Duration::from_secs(30);
+
+/// First reconnect delay after a link drops; it doubles up to
+/// [`FEDERATION_RECONNECT_MAX`]. Short, so a restart of the peer is bridged quickly.
+pub const FEDERATION_RECONNECT_MIN: Duration = Duration::from_millis(250);
+
+/// Longest reconnect delay: a peer that comes back is noticed within this, and a peer
+/// that stays down costs one handshake attempt per period.
+pub const FEDERATION_RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// QUIC keep-alive interval, well under the 30 s UDP timeout of common NATs and
+/// stateful firewalls, so an idle link stays open.
+pub const FEDERATION_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// A link that received nothing (not even keep-alives) for this long is dead: six
+/// missed keep-alives, and no longer than [`FEDERATION_PRESENCE_GRACE`].
+pub const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Direct messages sent over one link and not yet acknowledged by the peer. Bounds the
+/// memory per link and what is offered again after a reconnect; as [`OUTBOUND_QUEUE`].
+pub const FEDERATION_OUTBOX_WINDOW: usize = 1_024;
+
+/// Largest federation frame accepted: twice a client frame ([`MAX_FRAME_BYTES`]), so
+/// the largest message ([`MAX_MESSAGE_BYTES`]) always fits with its envelope.
+pub const FEDERATION_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// Room `federation.max_frame_bytes` must leave above `limits.max_message_bytes` for
+/// the envelope around a forwarded message (ids, mesh, sender, signature), so any
+/// message a local client may send can be forwarded.
+pub const FEDERATION_FRAME_OVERHEAD: usize = 64 * 1024;
+
+/// Port of a `federation.nameservers` entry given as a bare IP address.
+pub const DNS_PORT: u16 = 53;

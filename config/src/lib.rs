@@ -15,7 +15,7 @@ pub mod defaults;
 mod duration;
 mod secret;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -70,6 +70,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    /// `None` when the file has no `[federation]` section (and no `MESHD_FEDERATION_*`).
+    federation: Option<RawFederation>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +121,36 @@ struct RawLog {
     format: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    broker: Option<String>,
+    listen: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    nameservers: Option<Vec<String>>,
+    presence_grace: Option<String>,
+    reconnect_min: Option<String>,
+    reconnect_max: Option<String>,
+    keepalive: Option<String>,
+    idle_timeout: Option<String>,
+    outbox_window: Option<usize>,
+    max_frame_bytes: Option<usize>,
+    /// `[[federation.peers]]`; file only (no `MESHD_*` variable).
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Option<String>,
+    addr: Option<String>,
+    ca: Option<PathBuf>,
+    pin: Option<String>,
+}
+
 /// Every key the file accepts, as `section.key` (or `key` at the top level). The
 /// `MESHD_*` variable for a key is `MESHD_` + the path upper-cased with `.` → `_`.
 pub const KEYS: &[&str] = &[
@@ -150,7 +182,23 @@ pub const KEYS: &[&str] = &[
     "limits.max_state_bytes_per_mesh",
     "log.level",
     "log.format",
+    "federation.broker",
+    "federation.listen",
+    "federation.cert",
+    "federation.key",
+    "federation.ca",
+    "federation.nameservers",
+    "federation.presence_grace",
+    "federation.reconnect_min",
+    "federation.reconnect_max",
+    "federation.keepalive",
+    "federation.idle_timeout",
+    "federation.outbox_window",
+    "federation.max_frame_bytes",
 ];
+
+/// Keys whose `MESHD_*` variable holds a comma-separated list (a TOML array also works).
+const ENV_LIST_KEYS: &[&str] = &["federation.nameservers"];
 
 /// Variables with the `MESHD_` prefix that are not configuration keys.
 const NON_KEY_ENV: &[&str] = &["MESHD_CONFIG"];
@@ -214,6 +262,8 @@ pub struct Config {
     pub limits: Limits,
     /// Logging.
     pub log: Log,
+    /// Links to other organizations' brokers; `None` when `[federation]` is absent.
+    pub federation: Option<Federation>,
 }
 
 /// `[server]`.
@@ -326,6 +376,62 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line (for journald/Loki/ELK).
     Json,
+}
+
+/// `[federation]`: QUIC + mutual-TLS links to the brokers of other organizations.
+/// Holds paths and public CA pins only, nothing secret.
+#[derive(Debug, Clone)]
+pub struct Federation {
+    /// This broker's DNS name (lower-case); its certificate must be issued for it.
+    pub broker: String,
+    /// UDP listen address for QUIC (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Certificate chain, PEM: the leaf, then our organization's CA.
+    pub cert: PathBuf,
+    /// The leaf's private key, PEM (the path only; the key is read by the caller).
+    pub key: PathBuf,
+    /// Our organization's CA, PEM (served on `/.well-known/meshd/bundle`).
+    pub ca: PathBuf,
+    /// Nameservers for peer lookups (SRV `_meshd._udp.<name>`); `None` = the system
+    /// resolver.
+    pub nameservers: Option<Vec<SocketAddr>>,
+    /// How long the remote peers of a lost link stay listed.
+    pub presence_grace: Duration,
+    /// First reconnect delay (doubling up to `reconnect_max`).
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// QUIC keep-alive interval.
+    pub keepalive: Duration,
+    /// A link silent for this long is closed (longer than `keepalive`).
+    pub idle_timeout: Duration,
+    /// Unacknowledged direct messages in flight per link.
+    pub outbox_window: usize,
+    /// Largest federation frame accepted.
+    pub max_frame_bytes: usize,
+    /// The brokers we link to, names unique.
+    pub peers: Vec<FederationPeer>,
+}
+
+/// One `[[federation.peers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationPeer {
+    /// The peer broker's DNS name (lower-case); its certificate must be issued for it.
+    pub name: String,
+    /// Where to reach it, `IP:PORT` or `HOST:PORT` (host lower-cased); `None` = look up
+    /// DNS SRV `_meshd._udp.<name>`.
+    pub addr: Option<String>,
+    /// What its certificate must chain to.
+    pub anchor: PeerAnchorConfig,
+}
+
+/// The trust anchor of one peer organization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAnchorConfig {
+    /// Its CA certificate, PEM (`ca = "…"`).
+    CaFile(PathBuf),
+    /// The SHA-256 of its CA certificate (DER) (`pin = "sha256:…"`).
+    Pin([u8; 32]),
 }
 
 impl Config {
@@ -549,6 +655,11 @@ impl Config {
             }
         };
 
+        let federation = match raw.federation {
+            Some(f) => Some(validate_federation(f, &data_dir, &limits)?),
+            None => None,
+        };
+
         Ok(Self {
             data_dir,
             server,
@@ -559,8 +670,324 @@ impl Config {
             },
             limits,
             log: Log { level, format },
+            federation,
         })
     }
+}
+
+fn validate_federation(
+    raw: RawFederation,
+    data_dir: &Path,
+    limits: &Limits,
+) -> Result<Federation, ConfigError> {
+    let broker = raw.broker.ok_or_else(|| {
+        invalid(
+            "federation.broker",
+            "is required when [federation] is present (this broker's DNS name)",
+        )
+    })?;
+    let broker = dns_name("federation.broker", &broker, true)?;
+
+    let listen_s = raw
+        .listen
+        .unwrap_or_else(|| defaults::FEDERATION_LISTEN.to_owned());
+    let listen: SocketAddr = listen_s.parse().map_err(|_| {
+        invalid(
+            "federation.listen",
+            format!("{listen_s:?} is not ADDRESS:PORT"),
+        )
+    })?;
+
+    let certs = data_dir.join(defaults::FEDERATION_CERTS_DIR);
+    let cert = file_path(
+        "federation.cert",
+        raw.cert,
+        || certs.join(format!("{broker}.pem")),
+        data_dir,
+    )?;
+    let key = file_path(
+        "federation.key",
+        raw.key,
+        || certs.join(format!("{broker}.key")),
+        data_dir,
+    )?;
+    let ca = file_path(
+        "federation.ca",
+        raw.ca,
+        || certs.join(defaults::FEDERATION_CA_FILE),
+        data_dir,
+    )?;
+
+    let nameservers = match raw.nameservers {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err(invalid(
+                "federation.nameservers",
+                "must list at least one IP[:PORT] (leave it out for the system resolver)",
+            ));
+        }
+        Some(list) => Some(
+            list.iter()
+                .map(|s| nameserver("federation.nameservers", s))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+
+    let presence_grace = dur(
+        "federation.presence_grace",
+        raw.presence_grace,
+        defaults::FEDERATION_PRESENCE_GRACE,
+    )?;
+    let reconnect_min = dur(
+        "federation.reconnect_min",
+        raw.reconnect_min,
+        defaults::FEDERATION_RECONNECT_MIN,
+    )?;
+    let reconnect_max = dur(
+        "federation.reconnect_max",
+        raw.reconnect_max,
+        defaults::FEDERATION_RECONNECT_MAX,
+    )?;
+    if reconnect_min > reconnect_max {
+        return Err(invalid(
+            "federation.reconnect_min",
+            "must not be longer than federation.reconnect_max",
+        ));
+    }
+    let keepalive = dur(
+        "federation.keepalive",
+        raw.keepalive,
+        defaults::FEDERATION_KEEPALIVE,
+    )?;
+    let idle_timeout = dur(
+        "federation.idle_timeout",
+        raw.idle_timeout,
+        defaults::FEDERATION_IDLE_TIMEOUT,
+    )?;
+    if idle_timeout <= keepalive {
+        return Err(invalid(
+            "federation.idle_timeout",
+            "must be longer than federation.keepalive",
+        ));
+    }
+
+    let outbox_window = raw
+        .outbox_window
+        .unwrap_or(defaults::FEDERATION_OUTBOX_WINDOW);
+    if !(1..=65_536).contains(&outbox_window) {
+        return Err(invalid("federation.outbox_window", "must be 1..=65536"));
+    }
+    let max_frame_bytes = raw
+        .max_frame_bytes
+        .unwrap_or(defaults::FEDERATION_MAX_FRAME_BYTES);
+    if !(64 * 1024..=64 * 1024 * 1024).contains(&max_frame_bytes) {
+        return Err(invalid(
+            "federation.max_frame_bytes",
+            "must be 64 KiB..=64 MiB",
+        ));
+    }
+    if max_frame_bytes < limits.max_message_bytes + defaults::FEDERATION_FRAME_OVERHEAD {
+        return Err(invalid(
+            "federation.max_frame_bytes",
+            format!(
+                "must be at least limits.max_message_bytes + {} (room to forward any message)",
+                defaults::FEDERATION_FRAME_OVERHEAD
+            ),
+        ));
+    }
+
+    let mut peers: Vec<FederationPeer> = Vec::with_capacity(raw.peers.len());
+    for (i, p) in raw.peers.into_iter().enumerate() {
+        let at = format!("federation.peers[{i}]");
+        let name_key = format!("{at}.name");
+        let name = p
+            .name
+            .ok_or_else(|| invalid(&name_key, "is required (the peer broker's DNS name)"))?;
+        let name = dns_name(&name_key, &name, true)?;
+        if name == broker {
+            return Err(invalid(&name_key, "is this broker's own name"));
+        }
+        if peers.iter().any(|q| q.name == name) {
+            return Err(invalid(&name_key, format!("duplicate peer {name}")));
+        }
+        let addr = match p.addr {
+            Some(a) => Some(peer_addr(&format!("{at}.addr"), &a)?),
+            None => None,
+        };
+        let anchor = match (p.ca, p.pin) {
+            (Some(ca), None) => PeerAnchorConfig::CaFile(file_path(
+                &format!("{at}.ca"),
+                Some(ca),
+                PathBuf::new,
+                data_dir,
+            )?),
+            (None, Some(pin)) => PeerAnchorConfig::Pin(parse_pin(&format!("{at}.pin"), &pin)?),
+            (Some(_), Some(_)) => {
+                return Err(invalid(&at, "give either ca or pin, not both"));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    &at,
+                    "needs ca (that organization's CA file) or pin (its SHA-256)",
+                ));
+            }
+        };
+        peers.push(FederationPeer { name, addr, anchor });
+    }
+
+    Ok(Federation {
+        broker,
+        listen,
+        cert,
+        key,
+        ca,
+        nameservers,
+        presence_grace,
+        reconnect_min,
+        reconnect_max,
+        keepalive,
+        idle_timeout,
+        outbox_window,
+        max_frame_bytes,
+        peers,
+    })
+}
+
+/// A configured file path, or the default; relative paths are inside the data directory.
+fn file_path(
+    key: &str,
+    raw: Option<PathBuf>,
+    default: impl FnOnce() -> PathBuf,
+    data_dir: &Path,
+) -> Result<PathBuf, ConfigError> {
+    match raw {
+        None => Ok(default()),
+        Some(p) if p.as_os_str().is_empty() => Err(invalid(key, "must not be empty")),
+        Some(p) if p.is_relative() => Ok(data_dir.join(p)),
+        Some(p) => Ok(p),
+    }
+}
+
+/// Checks a host name and returns it lower-cased: dot-separated labels of 1–63
+/// characters from `a-z0-9-`, not starting or ending with `-`, 253 characters in all.
+/// `need_dot` demands a fully qualified name (as broker names are).
+fn dns_name(key: &str, raw: &str, need_dot: bool) -> Result<String, ConfigError> {
+    let name = raw.to_ascii_lowercase();
+    let bad = |why: &str| invalid(key, format!("{raw:?} is not a DNS name: {why}"));
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > 253 {
+        return Err(bad("longer than 253 characters"));
+    }
+    if need_dot && !name.contains('.') {
+        return Err(bad("needs at least one dot (a fully qualified name)"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(bad("empty label"));
+        }
+        if label.len() > 63 {
+            return Err(bad("label longer than 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(bad(
+                "only a-z, 0-9, '-' and '.' are allowed (use the punycode form of IDNs)",
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("a label starts or ends with '-'"));
+        }
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad(
+            "the last label is numeric (an IP address is not a name)",
+        ));
+    }
+    Ok(name)
+}
+
+/// `IP:PORT` (IPv6 in brackets) or `HOST:PORT`; port 1–65535. Returns the normalized
+/// form (host lower-cased).
+fn peer_addr(key: &str, raw: &str) -> Result<String, ConfigError> {
+    if let Ok(sa) = raw.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(invalid(key, format!("{raw:?}: port must not be 0")));
+        }
+        return Ok(sa.to_string());
+    }
+    let Some((host, port)) = raw.rsplit_once(':') else {
+        return Err(invalid(key, format!("{raw:?} is not HOST:PORT or IP:PORT")));
+    };
+    if host.contains(':') || host.starts_with('[') {
+        return Err(invalid(
+            key,
+            format!("{raw:?} is not IP:PORT (IPv6 addresses go in brackets: [::1]:7901)"),
+        ));
+    }
+    let port: u16 = match port.parse() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(invalid(key, format!("{raw:?}: port must be 1..=65535"))),
+    };
+    let host = dns_name(key, host, false)?;
+    Ok(format!("{host}:{port}"))
+}
+
+/// `IP:PORT` or `IP` (port 53).
+fn nameserver(key: &str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    let s = raw.trim();
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(invalid(key, format!("{raw:?}: port must not be 0")));
+        }
+        return Ok(sa);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, defaults::DNS_PORT))
+        .map_err(|_| invalid(key, format!("{raw:?} is not IP or IP:PORT")))
+}
+
+/// The SHA-256 of a CA: 64 hex digits, optionally as colon-separated byte pairs, with an
+/// optional `sha256:` prefix.
+fn parse_pin(key: &str, raw: &str) -> Result<[u8; 32], ConfigError> {
+    let bad = || {
+        invalid(
+            key,
+            "is not a SHA-256 pin: 64 hex digits (optionally as AB:CD:… pairs), optional \"sha256:\" prefix",
+        )
+    };
+    let s = raw.trim();
+    let s = match s.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("sha256:") => &s[7..],
+        _ => s,
+    };
+    let pairs: Vec<&str> = if s.contains(':') {
+        s.split(':').collect()
+    } else {
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(bad());
+        }
+        (0..32).map(|i| &s[2 * i..2 * i + 2]).collect()
+    };
+    if pairs.len() != 32 {
+        return Err(bad());
+    }
+    let mut pin = [0u8; 32];
+    for (b, pair) in pin.iter_mut().zip(pairs) {
+        // (from_str_radix alone would accept a sign: "+a")
+        if pair.len() != 2 || !pair.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+    }
+    Ok(pin)
 }
 
 /// Longest duration any setting accepts: ten years (timers beyond it would overflow).
@@ -657,10 +1084,21 @@ fn overlay_env(table: &mut toml::Table, vars: &[(String, String)]) -> Result<(),
         };
         // A TOML literal (number, boolean, quoted string) keeps its type; anything else
         // (`10s`, `127.0.0.1:7900`) is a string.
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        let mut value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        if ENV_LIST_KEYS.contains(path)
+            && let toml::Value::String(s) = &value
+        {
+            value = toml::Value::Array(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| toml::Value::String(x.to_owned()))
+                    .collect(),
+            );
+        }
         let mut parts = path.split('.').peekable();
         let mut cursor = &mut *table;
         while let Some(part) = parts.next() {
@@ -832,6 +1270,339 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/meshd"));
+        assert!(
+            c.federation.is_none(),
+            "the example's [federation] is commented out"
+        );
+    }
+
+    /// The example's `[federation]` block, uncommented.
+    fn example_with_federation() -> String {
+        let text = include_str!("../meshd.example.toml");
+        let (head, block) = text.split_once("\n# [federation]\n").unwrap();
+        let block: Vec<&str> = block
+            .lines()
+            .map(|l| l.strip_prefix("# ").or(l.strip_prefix('#')).unwrap_or(l))
+            .collect();
+        format!("{head}\n[federation]\n{}\n", block.join("\n"))
+    }
+
+    #[test]
+    fn example_federation_section_parses_when_uncommented() {
+        let text = example_with_federation();
+        let c = Config::load(Some(("example", &text)), &env(&[]), &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let f = c.federation.unwrap();
+        assert_eq!(f.broker, "mesh.acme.example");
+        assert_eq!(f.listen.to_string(), defaults::FEDERATION_LISTEN);
+        assert_eq!(
+            f.cert,
+            PathBuf::from("/var/lib/meshd/certs/mesh.acme.example.pem")
+        );
+        assert_eq!(
+            f.key,
+            PathBuf::from("/var/lib/meshd/certs/mesh.acme.example.key")
+        );
+        assert_eq!(f.ca, PathBuf::from("/var/lib/meshd/certs/ca.pem"));
+        assert_eq!(f.nameservers, Some(vec!["127.0.0.1:5353".parse().unwrap()]));
+        assert_eq!(f.presence_grace, defaults::FEDERATION_PRESENCE_GRACE);
+        assert_eq!(f.reconnect_min, defaults::FEDERATION_RECONNECT_MIN);
+        assert_eq!(f.reconnect_max, defaults::FEDERATION_RECONNECT_MAX);
+        assert_eq!(f.keepalive, defaults::FEDERATION_KEEPALIVE);
+        assert_eq!(f.idle_timeout, defaults::FEDERATION_IDLE_TIMEOUT);
+        assert_eq!(f.outbox_window, defaults::FEDERATION_OUTBOX_WINDOW);
+        assert_eq!(f.max_frame_bytes, defaults::FEDERATION_MAX_FRAME_BYTES);
+        assert_eq!(f.peers.len(), 2);
+        assert_eq!(
+            f.peers[0],
+            FederationPeer {
+                name: "mesh.globex.example".into(),
+                addr: Some("203.0.113.7:7901".into()),
+                anchor: PeerAnchorConfig::CaFile("/etc/meshd/peers/globex-ca.pem".into()),
+            }
+        );
+        assert_eq!(f.peers[1].name, "mesh.initech.example");
+        assert_eq!(f.peers[1].addr, None);
+        let PeerAnchorConfig::Pin(pin) = f.peers[1].anchor else {
+            panic!("{:?}", f.peers[1].anchor)
+        };
+        assert_eq!(pin[..3], [0x9f, 0x86, 0xd0]);
+        assert_eq!(pin[31], 0x08);
+    }
+
+    const PIN: &str = "ab00000000000000000000000000000000000000000000000000000000000001";
+
+    fn fed(text: &str) -> Result<Option<Federation>, ConfigError> {
+        let file = format!("data_dir = \"/srv/m\"\n{text}");
+        Config::load(Some(("f", &file)), &env(&[]), &Overrides::default()).map(|c| c.federation)
+    }
+
+    fn fed_err(text: &str) -> String {
+        fed(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn federation_absent_is_none_and_defaults_derive_from_data_dir() {
+        assert!(fed("").unwrap().is_none());
+        assert!(
+            Config::defaults(&env(&[]), &Overrides::default())
+                .unwrap()
+                .federation
+                .is_none()
+        );
+        let f = fed("[federation]\nbroker = \"Mesh.A.Example\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.broker, "mesh.a.example");
+        assert_eq!(f.cert, PathBuf::from("/srv/m/certs/mesh.a.example.pem"));
+        assert_eq!(f.key, PathBuf::from("/srv/m/certs/mesh.a.example.key"));
+        assert_eq!(f.ca, PathBuf::from("/srv/m/certs/ca.pem"));
+        assert_eq!(f.nameservers, None);
+        assert!(f.peers.is_empty());
+        // Relative paths are inside the data directory, absolute ones are kept.
+        let f = fed("[federation]\nbroker = \"a.example\"\ncert = \"x/c.pem\"\nkey = \"/k\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.cert, PathBuf::from("/srv/m/x/c.pem"));
+        assert_eq!(f.key, PathBuf::from("/k"));
+    }
+
+    #[test]
+    fn federation_values_are_checked() {
+        let msg = fed_err("[federation]\nlisten = \"0.0.0.0:1\"\n");
+        assert!(
+            msg.contains("federation.broker") && msg.contains("required"),
+            "{msg}"
+        );
+        for bad in [
+            "nodot",
+            "a..example",
+            "-a.example",
+            "a-.example",
+            "a_b.example",
+            "1.2.3.4",
+            "bücher.example",
+            "a.example.",
+        ] {
+            let msg = fed_err(&format!("[federation]\nbroker = \"{bad}\"\n"));
+            assert!(msg.contains("federation.broker"), "{bad}: {msg}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(fed_err(&format!("[federation]\nbroker = \"{long}\"\n")).contains("63"));
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert!(fed_err(&format!("[federation]\nbroker = \"{long}\"\n")).contains("253"));
+
+        let b = "[federation]\nbroker = \"a.example\"\n";
+        let cases = [
+            ("listen = \"nope\"", "federation.listen"),
+            ("cert = \"\"", "federation.cert"),
+            ("nameservers = []", "federation.nameservers"),
+            ("nameservers = [\"dns.example\"]", "federation.nameservers"),
+            ("presence_grace = \"0s\"", "federation.presence_grace"),
+            (
+                "reconnect_min = \"1m\"\nreconnect_max = \"30s\"",
+                "federation.reconnect_min",
+            ),
+            (
+                "keepalive = \"30s\"\nidle_timeout = \"30s\"",
+                "federation.idle_timeout",
+            ),
+            ("outbox_window = 0", "federation.outbox_window"),
+            ("outbox_window = 65537", "federation.outbox_window"),
+            ("max_frame_bytes = 65535", "federation.max_frame_bytes"),
+            ("max_frame_bytes = 67108865", "federation.max_frame_bytes"),
+            // Must hold the largest message a client may send (1 MiB by default).
+            ("max_frame_bytes = 1048576", "federation.max_frame_bytes"),
+        ];
+        for (text, key) in cases {
+            let msg = fed_err(&format!("{b}{text}\n"));
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+        let f = fed(&format!(
+            "{b}listen = \"[::]:0\"\nnameservers = [\"10.0.0.1\", \"[::1]:5353\"]\nreconnect_min = \"1s\"\nreconnect_max = \"1s\"\nmax_frame_bytes = 67108864\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(f.listen.port(), 0);
+        assert_eq!(
+            f.nameservers.unwrap(),
+            vec![
+                "10.0.0.1:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:5353".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn federation_peers_are_checked() {
+        let b = "[federation]\nbroker = \"mesh.a.example\"\n";
+        let peer = |body: &str| format!("[[federation.peers]]\n{body}\n");
+        let ok_b = peer(&format!("name = \"mesh.b.example\"\npin = \"{PIN}\""));
+
+        let msg = fed_err(&format!(
+            "{b}{ok_b}{}",
+            peer("name = \"mesh.c.example\"\nca = \"c.pem\"\npin = \"sha256:00\"")
+        ));
+        assert!(
+            msg.contains("federation.peers[1]`") && msg.contains("not both"),
+            "{msg}"
+        );
+        let msg = fed_err(&format!("{b}{}", peer("name = \"mesh.c.example\"")));
+        assert!(msg.contains("federation.peers[0]`"), "{msg}");
+
+        let msg = fed_err(&format!(
+            "{b}{ok_b}{}",
+            peer(&format!("name = \"MESH.B.example\"\npin = \"{PIN}\""))
+        ));
+        assert!(
+            msg.contains("federation.peers[1].name")
+                && msg.contains("duplicate peer mesh.b.example"),
+            "{msg}"
+        );
+        let msg = fed_err(&format!(
+            "{b}{}",
+            peer(&format!("name = \"mesh.a.example\"\npin = \"{PIN}\""))
+        ));
+        assert!(
+            msg.contains("federation.peers[0].name") && msg.contains("own name"),
+            "{msg}"
+        );
+        let msg = fed_err(&format!("{b}{}", peer(&format!("pin = \"{PIN}\""))));
+        assert!(msg.contains("federation.peers[0].name"), "{msg}");
+        let msg = fed_err(&format!(
+            "{b}{}",
+            peer(&format!("name = \"bad_name.example\"\npin = \"{PIN}\""))
+        ));
+        assert!(msg.contains("federation.peers[0].name"), "{msg}");
+
+        for bad in [
+            "sha256:00",
+            &PIN[1..],
+            &format!("{PIN}00"),
+            &PIN.replace('a', "g"),
+            &format!("+{}", &PIN[1..]),
+            "ab:cd",
+        ] {
+            let msg = fed_err(&format!(
+                "{b}{}",
+                peer(&format!("name = \"mesh.b.example\"\npin = \"{bad}\""))
+            ));
+            assert!(msg.contains("federation.peers[0].pin"), "{bad}: {msg}");
+        }
+        let colons = (0..32)
+            .map(|i| format!("{i:02X}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        for good in [
+            PIN.to_owned(),
+            format!("SHA256:{}", PIN.to_uppercase()),
+            colons,
+        ] {
+            let f = fed(&format!(
+                "{b}{}",
+                peer(&format!("name = \"mesh.b.example\"\npin = \"{good}\""))
+            ))
+            .unwrap_or_else(|e| panic!("{good}: {e}"))
+            .unwrap();
+            assert!(
+                matches!(f.peers[0].anchor, PeerAnchorConfig::Pin(_)),
+                "{good}"
+            );
+        }
+
+        for bad in [
+            "x",
+            "h.example",
+            "h.example:0",
+            "::1:7901",
+            "[::1]",
+            "h_x:1",
+        ] {
+            let msg = fed_err(&format!(
+                "{b}{}",
+                peer(&format!(
+                    "name = \"mesh.b.example\"\naddr = \"{bad}\"\npin = \"{PIN}\""
+                ))
+            ));
+            assert!(msg.contains("federation.peers[0].addr"), "{bad}: {msg}");
+        }
+        let f = fed(&format!(
+            "{b}{}",
+            peer(
+                "name = \"mesh.b.example\"\naddr = \"Broker.B.Example:7901\"\nca = \"peers/b.pem\""
+            )
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(f.peers[0].addr.as_deref(), Some("broker.b.example:7901"));
+        assert_eq!(
+            f.peers[0].anchor,
+            PeerAnchorConfig::CaFile("/srv/m/peers/b.pem".into())
+        );
+
+        let msg = fed_err(&format!(
+            "{b}{}",
+            peer(&format!(
+                "name = \"mesh.b.example\"\npin = \"{PIN}\"\npinn = 1"
+            ))
+        ));
+        assert!(msg.contains("pinn"), "{msg}");
+        let msg = fed_err("[federation]\nbroker = \"a.example\"\nbrokr = 1\n");
+        assert!(msg.contains("brokr"), "{msg}");
+    }
+
+    #[test]
+    fn federation_from_the_environment() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("MESHD_FEDERATION_BROKER", "mesh.env.example"),
+                ("MESHD_FEDERATION_NAMESERVERS", "127.0.0.1:5353, 10.0.0.2"),
+                ("MESHD_DATA_DIR", "/d"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let f = c.federation.unwrap();
+        assert_eq!(f.broker, "mesh.env.example");
+        assert_eq!(f.cert, PathBuf::from("/d/certs/mesh.env.example.pem"));
+        assert_eq!(
+            f.nameservers.unwrap(),
+            vec![
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "10.0.0.2:53".parse().unwrap()
+            ]
+        );
+
+        // The environment wins over the file, and peers from the file stay.
+        let file = format!(
+            "[federation]\nbroker = \"mesh.file.example\"\n[[federation.peers]]\nname = \"mesh.b.example\"\npin = \"{PIN}\"\n"
+        );
+        let c = Config::load(
+            Some(("f", &file)),
+            &env(&[("MESHD_FEDERATION_BROKER", "mesh.env.example")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let f = c.federation.unwrap();
+        assert_eq!(f.broker, "mesh.env.example");
+        assert_eq!(f.peers.len(), 1);
+
+        let err = Config::load(
+            None,
+            &env(&[("MESHD_FEDERATION_PEERS", "x")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownEnv(_)), "{err}");
+        // Any federation variable enables the section, which then needs its broker.
+        let err = Config::load(
+            None,
+            &env(&[("MESHD_FEDERATION_KEEPALIVE", "1s")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("federation.broker"), "{err}");
     }
 
     #[test]
@@ -849,6 +1620,15 @@ mod tests {
                 "storage.max_batch" => "1000",
                 "limits.max_frame_bytes" => "4194304",
                 "limits.idle_timeout" => "100s",
+                "federation.broker" => "mesh.b.example",
+                "federation.listen" => "0.0.0.0:0",
+                "federation.nameservers" => "127.0.0.1:5353,10.0.0.1",
+                "federation.reconnect_min" => "1s",
+                "federation.keepalive" => "1s",
+                "federation.outbox_window" => "2048",
+                "federation.max_frame_bytes" => "8388608",
+                "federation.reconnect_max" => "20s",
+                "federation.cert" | "federation.key" | "federation.ca" => "/tmp/x.pem",
                 k if k.ends_with("_timeout")
                     || k.ends_with("ttl")
                     || k.ends_with("interval")
@@ -860,8 +1640,13 @@ mod tests {
                 }
                 _ => "70000",
             };
-            Config::load(None, &env(&[(&var, value)]), &Overrides::default())
+            let mut vars = vec![(var.as_str(), value)];
+            if key.starts_with("federation.") && *key != "federation.broker" {
+                vars.push(("MESHD_FEDERATION_BROKER", "mesh.a.example"));
+            }
+            let c = Config::load(None, &env(&vars), &Overrides::default())
                 .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+            assert_eq!(c.federation.is_some(), key.starts_with("federation."));
         }
     }
 }

@@ -246,6 +246,170 @@ pub async fn create_mesh(
     })
 }
 
+/// The mesh row of a new replica: the home's id and name, a slug free on this broker,
+/// and this broker's own owner key (it signs the replica's invites).
+pub(crate) async fn replica_mesh_row(
+    ctx: &crate::Ctx,
+    mesh_id: &str,
+    name: &str,
+    slug: &str,
+) -> Result<MeshRow, AdminError> {
+    let name = if name.trim().is_empty() {
+        mesh_id
+    } else {
+        name.trim()
+    };
+    let mut candidate = if valid_slug(slug) {
+        slug.to_owned()
+    } else {
+        slugify(name)
+    };
+    if !valid_slug(&candidate) {
+        candidate = format!("mesh-{}", &mesh_id[..mesh_id.len().min(8)]);
+    }
+    if ctx.db.mesh_by_slug(&candidate).await?.is_some() {
+        candidate = format!("{candidate}-{}", &mesh_id[..mesh_id.len().min(6)]);
+    }
+    let owner = SecretKey::from_seed(random_bytes());
+    let row = MeshRow {
+        id: mesh_id.to_owned(),
+        name: name.to_owned(),
+        slug: candidate,
+        owner_pubkey: owner.public().to_hex(),
+        root_key: {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+        },
+        created_at: now_ms(),
+        archived_at: None,
+    };
+    let path = key_path(&ctx.config, &row.id);
+    if !path.exists() {
+        meshd_certs::write_secret_file(&path, owner.to_hex().as_bytes())?;
+    } else {
+        // A replica re-created after a failed insert keeps the key already on disk.
+        let text = meshd_certs::read_secret_file(&path)?;
+        let existing = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| SecretKey::parse_hex(t.trim()).ok())
+            .ok_or_else(|| AdminError::CorruptKey(path.clone()))?;
+        return Ok(MeshRow {
+            owner_pubkey: existing.public().to_hex(),
+            ..row
+        });
+    }
+    Ok(row)
+}
+
+/// Which broker to share with, checked against the configured peers.
+fn configured_peer(config: &Config, broker: &str) -> Result<String, AdminError> {
+    let broker = broker.trim().trim_end_matches('.').to_ascii_lowercase();
+    let Some(fed) = &config.federation else {
+        return Err(AdminError::Invalid(
+            "federation is not configured ([federation] in the config file)".into(),
+        ));
+    };
+    if fed.peers.iter().any(|p| p.name == broker) {
+        Ok(broker)
+    } else {
+        Err(AdminError::Invalid(format!(
+            "{broker} is not a configured peer broker (add it under [[federation.peers]])"
+        )))
+    }
+}
+
+/// `meshd mesh share SLUG --with BROKER`: this broker is the mesh's home.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn share_mesh(
+    db: &Db,
+    config: &Config,
+    slug: &str,
+    broker: &str,
+) -> Result<ShareInfo, AdminError> {
+    let peer = configured_peer(config, broker)?;
+    let m = mesh(db, slug).await?;
+    if db.replicas().await?.iter().any(|r| r.mesh_id == m.id) {
+        return Err(AdminError::Invalid(format!(
+            "{slug} is a replica; only its home broker can share it"
+        )));
+    }
+    db.insert_share(&m.id, &peer, crate::store::ShareRole::Offer, now_ms())
+        .await?;
+    Ok(ShareInfo {
+        mesh_id: m.id,
+        slug: m.slug,
+        peer,
+        role: "offer",
+    })
+}
+
+/// `meshd mesh accept MESH_ID --from BROKER`: host a replica of a peer's mesh.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn accept_mesh(
+    db: &Db,
+    config: &Config,
+    mesh_id: &str,
+    broker: &str,
+) -> Result<ShareInfo, AdminError> {
+    let peer = configured_peer(config, broker)?;
+    if mesh_id.is_empty()
+        || mesh_id.len() > 64
+        || !mesh_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(AdminError::Invalid(format!("{mesh_id:?} is not a mesh id")));
+    }
+    if let Some(existing) = db.mesh_by_id(mesh_id).await?
+        && !db.replicas().await?.iter().any(|r| r.mesh_id == mesh_id)
+    {
+        return Err(AdminError::Invalid(format!(
+            "mesh {mesh_id} ({}) is hosted here; a broker cannot accept its own mesh",
+            existing.slug
+        )));
+    }
+    db.insert_share(mesh_id, &peer, crate::store::ShareRole::Accept, now_ms())
+        .await?;
+    Ok(ShareInfo {
+        mesh_id: mesh_id.to_owned(),
+        slug: String::new(),
+        peer,
+        role: "accept",
+    })
+}
+
+/// `meshd mesh unshare MESH --with BROKER` (slug or mesh id): withdraws either side's
+/// consent; nothing of the mesh crosses that link afterwards.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn unshare_mesh(db: &Db, mesh_ref: &str, broker: &str) -> Result<bool, AdminError> {
+    let broker = broker.trim().trim_end_matches('.').to_ascii_lowercase();
+    let id = match db.mesh_by_slug(mesh_ref).await? {
+        Some(m) => m.id,
+        None => mesh_ref.to_owned(),
+    };
+    Ok(db.delete_share(&id, &broker).await?)
+}
+
+/// A consent as printed by the CLI.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareInfo {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Slug (empty until the home's offer arrives, for an accept).
+    pub slug: String,
+    /// Peer broker.
+    pub peer: String,
+    /// `offer` or `accept`.
+    pub role: &'static str,
+}
+
 /// `meshd mesh list`.
 ///
 /// # Errors

@@ -58,6 +58,49 @@ enum Command {
     /// List and revoke members.
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Org CA and broker certificates for federation.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Links to peer brokers.
+    #[command(subcommand)]
+    Federation(FederationCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create the org CA (or reuse the one in DIR) and issue this broker's certificate
+    /// with NAME as its DNS name.
+    Init {
+        /// The organization's DNS name, e.g. acme.example.
+        #[arg(long, value_name = "ORG")]
+        org: String,
+        /// This broker's DNS name, e.g. mesh.acme.example.
+        #[arg(long, value_name = "NAME")]
+        broker: String,
+        /// Where the CA and certificates live (default: <data_dir>/certs).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Print the org CA (PEM) and its SHA-256 fingerprint, for peers to trust or pin.
+    Bundle {
+        /// CA file (default: federation.ca, else <data_dir>/certs/ca.pem).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FederationCmd {
+    /// Show each link of the running daemon (state, RTT, queued, counters, last error).
+    Status {
+        /// The daemon's HTTP address (default: server.listen).
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +117,36 @@ enum MeshCmd {
     },
     /// List meshes.
     List {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Share a mesh this broker is home of with a peer broker (it must accept).
+    Share {
+        /// Mesh slug.
+        slug: String,
+        /// Peer broker name (one of [[federation.peers]]).
+        #[arg(long = "with", value_name = "BROKER")]
+        with: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Accept a peer broker's shared mesh: this broker hosts a replica with its own invites.
+    Accept {
+        /// The mesh id (from the home broker's `meshd mesh list`).
+        mesh_id: String,
+        /// The home broker's name.
+        #[arg(long = "from", value_name = "BROKER")]
+        from: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Withdraw this broker's consent to exchange a mesh with a peer broker.
+    Unshare {
+        /// Mesh slug or id.
+        mesh: String,
+        /// Peer broker name.
+        #[arg(long = "with", value_name = "BROKER")]
+        with: String,
         #[command(flatten)]
         out: Output,
     },
@@ -170,6 +243,10 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Mesh(cmd) => mesh(config, cmd).await,
         Command::Invite(cmd) => invite(config, cmd).await,
         Command::Member(cmd) => member(config, cmd).await,
+        Command::Certs(cmd) => certs(&config, cmd),
+        Command::Federation(FederationCmd::Status { addr, out }) => {
+            federation_status(&config, addr, out.json).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,9 +362,209 @@ async fn mesh(config: Config, cmd: MeshCmd) -> anyhow::Result<()> {
                 s
             })
         }
+        MeshCmd::Share { slug, with, out } => {
+            let s = admin::share_mesh(&db, &config, &slug, &with).await?;
+            print(out.json, &s, |s| {
+                format!(
+                    "shared {} ({}) with {}
+next, on {}: meshd mesh accept {} --from {}",
+                    s.slug,
+                    s.mesh_id,
+                    s.peer,
+                    s.peer,
+                    s.mesh_id,
+                    config
+                        .federation
+                        .as_ref()
+                        .map_or("THIS_BROKER", |f| f.broker.as_str())
+                )
+            })
+        }
+        MeshCmd::Accept { mesh_id, from, out } => {
+            let s = admin::accept_mesh(&db, &config, &mesh_id, &from).await?;
+            print(out.json, &s, |s| {
+                format!(
+                    "accepted mesh {} from {}; the replica appears in `meshd mesh list` once {} is linked",
+                    s.mesh_id, s.peer, s.peer
+                )
+            })
+        }
+        MeshCmd::Unshare { mesh, with, out } => {
+            #[derive(Serialize)]
+            struct Unshared {
+                removed: bool,
+            }
+            let removed = admin::unshare_mesh(&db, &mesh, &with).await?;
+            print(out.json, &Unshared { removed }, |u| {
+                if u.removed {
+                    format!("{mesh} is no longer shared with {with}")
+                } else {
+                    format!("{mesh} was not shared with {with}")
+                }
+            })
+        }
     };
     db.close().await;
     r
+}
+
+fn certs(config: &Config, cmd: CertsCmd) -> anyhow::Result<()> {
+    match cmd {
+        CertsCmd::Init {
+            org,
+            broker,
+            dir,
+            out,
+        } => {
+            let dir = dir.unwrap_or_else(|| config.data_dir.join("certs"));
+            let (ca, created) = meshd_certs::OrgCa::init_or_load(&dir, &org)?;
+            let paths = ca.issue_broker(&broker, &dir)?;
+            #[derive(Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Init {
+                org: String,
+                broker: String,
+                ca_created: bool,
+                ca: String,
+                cert: String,
+                key: String,
+                fingerprint: String,
+            }
+            let init = Init {
+                org: ca.org().to_owned(),
+                broker: broker.to_ascii_lowercase(),
+                ca_created: created,
+                ca: dir.join(meshd_certs::CA_CERT_FILE).display().to_string(),
+                cert: paths.cert.display().to_string(),
+                key: paths.key.display().to_string(),
+                fingerprint: ca.fingerprint(),
+            };
+            print(out.json, &init, |i| {
+                format!(
+                    "{} org CA for {}: {}
+  sha256 {}
+issued {}:
+  cert {}
+  key  {}
+
+[federation]
+broker = \"{}\"
+cert = \"{}\"
+key = \"{}\"
+ca = \"{}\"
+
+Give peers `meshd certs bundle` (or its fingerprint) to trust this org.",
+                    if i.ca_created { "created" } else { "reused" },
+                    i.org,
+                    i.ca,
+                    i.fingerprint,
+                    i.broker,
+                    i.cert,
+                    i.key,
+                    i.broker,
+                    i.cert,
+                    i.key,
+                    i.ca
+                )
+            })
+        }
+        CertsCmd::Bundle { ca } => {
+            let path = ca
+                .or_else(|| config.federation.as_ref().map(|f| f.ca.clone()))
+                .unwrap_or_else(|| {
+                    config
+                        .data_dir
+                        .join("certs")
+                        .join(meshd_certs::CA_CERT_FILE)
+                });
+            let bundle = meshd_certs::Bundle::from_ca_pem_file(&path)?;
+            print!("{}", bundle.to_text());
+            Ok(())
+        }
+    }
+}
+
+/// `GET /federation` from the running daemon (a plain HTTP/1.1 request: no client crate).
+async fn federation_status(
+    config: &Config,
+    addr: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = match addr {
+        Some(a) => a,
+        None => {
+            let mut a = config.server.listen;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            a.to_string()
+        }
+    };
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connecting to {addr}: timed out"))?
+    .with_context(|| format!("connecting to the daemon at {addr}"))?;
+    stream
+        .write_all(
+            format!("GET /federation HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut raw),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("reading from {addr}: timed out"))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response from {addr}"))?;
+    let status_ok = head.lines().next().is_some_and(|l| l.contains(" 200 "));
+    let value: serde_json::Value = serde_json::from_str(body.trim())
+        .with_context(|| format!("the daemon at {addr} did not answer JSON"))?;
+    if !status_ok {
+        anyhow::bail!(
+            "{}",
+            value["error"]
+                .as_str()
+                .unwrap_or("the daemon refused the request")
+        );
+    }
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    println!(
+        "broker {} (QUIC {})",
+        value["broker"].as_str().unwrap_or("?"),
+        value["quic"].as_str().unwrap_or("-")
+    );
+    println!(
+        "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7}  LAST ERROR",
+        "PEER", "STATE", "RTT ms", "QUEUED", "SENT", "RECEIVED", "RESENT"
+    );
+    for l in value["links"].as_array().into_iter().flatten() {
+        println!(
+            "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7}  {}",
+            l["peer"].as_str().unwrap_or("?"),
+            l["state"].as_str().unwrap_or("?"),
+            l["rttMs"]
+                .as_f64()
+                .map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+            l["queued"],
+            l["sent"],
+            l["received"],
+            l["resent"],
+            l["lastError"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
 }
 
 async fn invite(config: Config, cmd: InviteCmd) -> anyhow::Result<()> {

@@ -37,6 +37,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/federation", get(federation))
+        .route("/.well-known/meshd/bundle", get(bundle))
         .route("/upload", post(not_served))
         .route("/hook/set-status", post(not_served))
         .route("/hook/{mesh_id}/{secret}", post(not_served))
@@ -140,6 +142,34 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
         .into_response()
 }
 
+/// Each link to a peer broker: state, RTT, queued, counters, last error.
+async fn federation(State(ctx): State<Arc<Ctx>>) -> Response {
+    match &ctx.fed {
+        Some(fed) => axum::Json(fed.status_json()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "federation is not configured on this broker"})),
+        )
+            .into_response(),
+    }
+}
+
+/// The org CA (PEM) with its SHA-256 fingerprint, for peers that pin it.
+async fn bundle(State(ctx): State<Arc<Ctx>>) -> Response {
+    match &ctx.fed {
+        Some(fed) => (
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            fed.bundle().to_owned(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "federation is not configured on this broker"})),
+        )
+            .into_response(),
+    }
+}
+
 #[derive(Deserialize)]
 struct JoinRequest {
     invite_token: Option<String>,
@@ -231,8 +261,12 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
                         display_name,
                         role,
                         revoked: false,
+                        home: None,
                     },
                 );
+                if let Some(fed) = &ctx.fed {
+                    fed.member_changed(&hub, &pubkey_hex);
+                }
             }
             (
                 StatusCode::OK,

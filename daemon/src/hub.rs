@@ -313,6 +313,7 @@ impl Peer {
             profile: (!self.profile.is_empty()).then(|| self.profile.clone()),
             member_pubkey: self.member_pubkey.clone(),
             peer_role: self.peer_role,
+            broker: None,
         }
     }
 }
@@ -324,6 +325,66 @@ pub(crate) struct MemberInfo {
     pub(crate) display_name: String,
     pub(crate) role: String,
     pub(crate) revoked: bool,
+    /// The peer broker hosting the member (`None`: hosted here).
+    pub(crate) home: Option<Arc<str>>,
+}
+
+/// A session hosted by a peer broker, as it last announced it.
+#[derive(Debug, Clone)]
+pub(crate) struct RemotePeer {
+    pub(crate) broker: Arc<str>,
+    pub(crate) entry: meshd_protocol::fed::PresenceEntry,
+}
+
+impl RemotePeer {
+    fn in_group(&self, group: &str) -> bool {
+        self.entry
+            .groups
+            .iter()
+            .any(|g| group_reaches(group, &g.name))
+    }
+
+    fn peer_entry(&self) -> PeerEntry {
+        let e = &self.entry;
+        PeerEntry {
+            pubkey: e.key.clone(),
+            display_name: e.display_name.clone(),
+            status: meshd_protocol::Status::parse(&e.status)
+                .unwrap_or(meshd_protocol::Status::Idle)
+                .as_str(),
+            summary: e.summary.clone(),
+            groups: e
+                .groups
+                .iter()
+                .map(|g| GroupEntry {
+                    name: g.name.clone(),
+                    role: g.role.clone(),
+                })
+                .collect(),
+            session_id: e.session_id.clone(),
+            connected_at: meshd_protocol::time::iso8601_ms(e.connected_at),
+            cwd: e.cwd.clone(),
+            hostname: e.hostname.clone(),
+            peer_type: e.peer_type.clone(),
+            channel: e.channel.clone(),
+            model: e.model.clone(),
+            stats: e
+                .stats
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok()),
+            visible: e.visible,
+            profile: serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&e.profile)
+                .ok()
+                .filter(|m| !m.is_empty()),
+            member_pubkey: e.member_pubkey.clone(),
+            peer_role: if e.peer_role == "session" {
+                "session"
+            } else {
+                "control-plane"
+            },
+            broker: Some(self.broker.to_string()),
+        }
+    }
 }
 
 /// One shared-state value.
@@ -345,6 +406,8 @@ struct MeshInner {
     session_keys: HashMap<String, String>,
     state: BTreeMap<String, StateValue>,
     state_bytes: usize,
+    /// Sessions hosted by peer brokers, by routing key.
+    remote: HashMap<String, RemotePeer>,
 }
 
 impl MeshInner {
@@ -387,6 +450,8 @@ pub(crate) enum DirectRoute {
     Unknown,
     /// The key belongs to a revoked member.
     Revoked,
+    /// The recipient is hosted by this peer broker: store and forward.
+    Remote(Arc<str>),
 }
 
 /// A session key that belongs to another member.
@@ -577,8 +642,14 @@ impl MeshHub {
         let inner = self.inner();
         let mut live = inner.live_for(key).peekable();
         if live.peek().is_none() {
+            if let Some(r) = inner.remote.get(key) {
+                return DirectRoute::Remote(r.broker.clone());
+            }
             return match (inner.members.get(key), inner.session_keys.get(key)) {
                 (Some(m), _) if m.revoked => DirectRoute::Revoked,
+                (Some(m), _) if m.home.is_some() => {
+                    DirectRoute::Remote(m.home.clone().unwrap_or_else(|| Arc::from("")))
+                }
                 (None, None) => DirectRoute::Unknown,
                 _ => DirectRoute::Queue,
             };
@@ -647,14 +718,22 @@ impl MeshHub {
         }
     }
 
-    /// `peers_list` for `viewer`: every live peer, hidden ones only for their own member.
+    /// `peers_list` for `viewer`: every live peer, hidden ones only for their own member,
+    /// then the visible peers of other brokers (with their `broker`).
     pub(crate) fn peers_for(&self, viewer_member: &str) -> Vec<PeerEntry> {
         let inner = self.inner();
-        inner
+        let mut out: Vec<PeerEntry> = inner
             .visible_to(viewer_member)
             .into_iter()
             .map(Peer::entry)
-            .collect()
+            .collect();
+        let mut remote: Vec<&RemotePeer> =
+            inner.remote.values().filter(|r| r.entry.visible).collect();
+        remote.sort_by(|a, b| {
+            (a.entry.connected_at, &a.entry.key).cmp(&(b.entry.connected_at, &b.entry.key))
+        });
+        out.extend(remote.into_iter().map(RemotePeer::peer_entry));
+        out
     }
 
     /// Display names of the live peers addressed by `key` (for `message_status`).
@@ -681,7 +760,206 @@ impl MeshHub {
                 _ => true,
             })
             .map(|p| (p.display_name.clone(), p.routing_key().to_owned()))
+            .chain(
+                inner
+                    .remote
+                    .values()
+                    .filter(|r| r.entry.visible)
+                    .filter(|r| match target {
+                        TargetSpec::Group(g) => r.in_group(g),
+                        _ => true,
+                    })
+                    .map(|r| (r.entry.display_name.clone(), r.entry.key.clone())),
+            )
             .collect()
+    }
+
+    // ---- peers of other brokers --------------------------------------------------------
+
+    /// Applies a peer broker's update of one of its sessions (an older version never
+    /// wins). A key held by a member hosted elsewhere is refused (`false`).
+    pub(crate) fn remote_upsert(
+        &self,
+        broker: &Arc<str>,
+        entry: meshd_protocol::fed::PresenceEntry,
+        now: i64,
+    ) -> bool {
+        let mut inner = self.inner();
+        if !owns(&inner, broker, &entry.member_pubkey)
+            || inner.by_key.contains_key(&entry.key)
+            || inner
+                .remote
+                .get(&entry.key)
+                .is_some_and(|r| r.broker != *broker)
+        {
+            return false;
+        }
+        let old = inner.remote.get(&entry.key);
+        if !meshd_protocol::fed::newer(entry.version, old.map(|r| r.entry.version)) {
+            return true;
+        }
+        let was_visible = old.map(|r| r.entry.visible);
+        let event = match (was_visible, entry.visible) {
+            (None | Some(false), true) if was_visible.is_none() => Some("peer_joined"),
+            (Some(false), true) => Some("peer_visible"),
+            (Some(true), false) => Some("peer_hidden"),
+            _ => None,
+        };
+        let data = peer_event_data(&entry.display_name, &entry.key);
+        inner.remote.insert(
+            entry.key.clone(),
+            RemotePeer {
+                broker: broker.clone(),
+                entry,
+            },
+        );
+        if let Some(event) = event {
+            let frame = system_push(&self.row.id, event, data, now);
+            for p in inner.peers.values() {
+                offer(&p.shared, Outbound::Frame(frame.clone()));
+            }
+        }
+        true
+    }
+
+    /// A peer broker's session left.
+    pub(crate) fn remote_gone(&self, broker: &str, key: &str, version: u64, now: i64) {
+        let mut inner = self.inner();
+        let Some(r) = inner.remote.get(key) else {
+            return;
+        };
+        if &*r.broker != broker || r.entry.version > version {
+            return;
+        }
+        if let Some(r) = inner.remote.remove(key) {
+            announce_left(&inner, &self.row.id, &r, now);
+        }
+    }
+
+    /// Replaces everything known of `broker`'s sessions with a snapshot: departures get
+    /// `peer_left`, arrivals `peer_joined`. Returns how many entries were refused.
+    pub(crate) fn remote_replace(
+        &self,
+        broker: &Arc<str>,
+        entries: Vec<meshd_protocol::fed::PresenceEntry>,
+        now: i64,
+    ) -> usize {
+        let keep: std::collections::HashSet<String> =
+            entries.iter().map(|e| e.key.clone()).collect();
+        {
+            let mut inner = self.inner();
+            let gone: Vec<String> = inner
+                .remote
+                .iter()
+                .filter(|(k, r)| r.broker == *broker && !keep.contains(*k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                if let Some(r) = inner.remote.remove(&k) {
+                    announce_left(&inner, &self.row.id, &r, now);
+                }
+            }
+        }
+        entries
+            .into_iter()
+            .filter(|e| !self.remote_upsert(broker, e.clone(), now))
+            .count()
+    }
+
+    /// Forgets every session of `broker` (its link stayed down past the grace period,
+    /// or the mesh is no longer shared with it), announcing `peer_left`.
+    pub(crate) fn remote_drop(&self, broker: &str, now: i64) {
+        let mut inner = self.inner();
+        let gone: Vec<String> = inner
+            .remote
+            .iter()
+            .filter(|(_, r)| &*r.broker == broker)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some(r) = inner.remote.remove(&k) {
+                announce_left(&inner, &self.row.id, &r, now);
+            }
+        }
+    }
+
+    /// Peer brokers with at least one visible session a multicast reaches.
+    pub(crate) fn remote_brokers_for(&self, target: &TargetSpec) -> Vec<Arc<str>> {
+        let inner = self.inner();
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for r in inner.remote.values() {
+            if !r.entry.visible {
+                continue;
+            }
+            if let TargetSpec::Group(g) = target
+                && !r.in_group(g)
+            {
+                continue;
+            }
+            if !out.contains(&r.broker) {
+                out.push(r.broker.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether `broker` may speak for the member holding `pubkey`.
+    pub(crate) fn hosted_by(&self, broker: &str, pubkey: &str) -> bool {
+        owns(&self.inner(), broker, pubkey)
+    }
+
+    /// Whether the member is revoked (unknown keys count as not revoked).
+    pub(crate) fn member_revoked(&self, pubkey: &str) -> bool {
+        self.inner().members.get(pubkey).is_some_and(|m| m.revoked)
+    }
+
+    /// Every live local presence, for a snapshot to a peer broker.
+    pub(crate) fn local_peers<T>(&self, f: impl Fn(&Peer) -> T) -> Vec<T> {
+        self.inner().peers.values().map(f).collect()
+    }
+
+    /// A local presence by connection, for an update to peer brokers.
+    pub(crate) fn local_peer<T>(&self, conn: ConnId, f: impl FnOnce(&Peer) -> T) -> Option<T> {
+        self.inner().peers.get(&conn).map(f)
+    }
+
+    /// Members hosted here, for announcements to peer brokers.
+    pub(crate) fn local_members(&self) -> Vec<(String, MemberInfo)> {
+        self.inner()
+            .members
+            .iter()
+            .filter(|(_, m)| m.home.is_none())
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect()
+    }
+
+    /// Applies a remote write to the shared state if it is newer than what is held, and
+    /// pushes `state_change` to every local connection. Returns whether it applied.
+    pub(crate) fn state_apply_remote(&self, key: &str, value: StateValue) -> bool {
+        let mut inner = self.inner();
+        if inner
+            .state
+            .get(key)
+            .is_some_and(|v| v.updated_at > value.updated_at)
+        {
+            return false;
+        }
+        let old = inner
+            .state
+            .get(key)
+            .map_or(0, |v| key.len() + v.value.len());
+        inner.state_bytes = inner.state_bytes - old + key.len() + value.value.len();
+        let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
+            key: key.to_owned(),
+            value: raw(&value.value),
+            updated_by: value.updated_by.clone(),
+        });
+        let frame = Utf8Bytes::from(change.to_json());
+        inner.state.insert(key.to_owned(), value);
+        for p in inner.peers.values() {
+            offer(&p.shared, Outbound::Frame(frame.clone()));
+        }
+        true
     }
 
     // ---- shared state ----------------------------------------------------------------
@@ -742,6 +1020,30 @@ pub(crate) fn raw(json: &str) -> Box<RawValue> {
     RawValue::from_string(json.to_owned())
         .or_else(|_| RawValue::from_string("null".to_owned()))
         .unwrap_or_else(|_| Box::<RawValue>::default())
+}
+
+/// Whether `broker` hosts the member holding `pubkey` (a key nobody announced yet may be
+/// claimed by the first broker that does; its member announcement follows).
+fn owns(inner: &MeshInner, broker: &str, pubkey: &str) -> bool {
+    match inner.members.get(pubkey) {
+        Some(m) => m.home.as_deref() == Some(broker),
+        None => true,
+    }
+}
+
+fn announce_left(inner: &MeshInner, mesh_id: &str, r: &RemotePeer, now: i64) {
+    if !r.entry.visible {
+        return;
+    }
+    let frame = system_push(
+        mesh_id,
+        "peer_left",
+        peer_event_data(&r.entry.display_name, &r.entry.key),
+        now,
+    );
+    for p in inner.peers.values() {
+        offer(&p.shared, Outbound::Frame(frame.clone()));
+    }
 }
 
 fn remove_peer(inner: &mut MeshInner, conn: ConnId) -> Option<Peer> {
@@ -894,5 +1196,6 @@ pub(crate) fn member_info(m: &MemberRow) -> MemberInfo {
         display_name: m.display_name.clone(),
         role: m.role.clone(),
         revoked: m.revoked_at.is_some(),
+        home: m.home_broker.as_deref().map(Arc::from),
     }
 }

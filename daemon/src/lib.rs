@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod cli;
+mod fed;
 mod http;
 mod hub;
 mod ids;
@@ -42,6 +43,9 @@ pub enum StartError {
     /// The store could not be opened or migrated.
     #[error("opening the store: {0}")]
     Store(#[from] StoreError),
+    /// Federation could not start (certificates, trust, QUIC endpoint).
+    #[error(transparent)]
+    Federation(#[from] fed::FedStartError),
     /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -68,6 +72,8 @@ pub(crate) struct Ctx {
     pub(crate) sessions_cancel: CancellationToken,
     /// Limits simultaneous WebSocket connections.
     pub(crate) connections: Arc<Semaphore>,
+    /// Federation with peer brokers, when configured.
+    pub(crate) fed: Option<Arc<fed::Fed>>,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -92,6 +98,7 @@ pub struct Bound {
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
     writer: store::writer::Writer,
+    endpoint: Option<meshd_federation::Endpoint>,
 }
 
 impl Daemon {
@@ -117,8 +124,16 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        let (fed, endpoint) = match &config.federation {
+            Some(f) => {
+                let (fed, ep) = fed::Fed::bind(f)?;
+                (Some(fed), Some(ep))
+            }
+            None => (None, None),
+        };
         let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
         let ctx = Arc::new(Ctx {
+            fed,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
             config,
@@ -131,10 +146,14 @@ impl Daemon {
             next_conn: AtomicU64::new(0),
             started: tokio::time::Instant::now(),
         });
+        if let Some(f) = &ctx.fed {
+            f.attach(Arc::downgrade(&ctx));
+        }
         Ok(Bound {
             ctx,
             listener,
             writer: task,
+            endpoint,
         })
     }
 }
@@ -151,6 +170,11 @@ impl Bound {
             .expect("a bound listener has a local address")
     }
 
+    /// The bound federation (QUIC) address, when federation is configured.
+    pub fn federation_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
     /// Serves until `shutdown` is cancelled, then shuts down gracefully.
     ///
     /// # Errors
@@ -160,6 +184,7 @@ impl Bound {
             ctx,
             listener,
             writer,
+            endpoint,
         } = self;
         let writer_stop = CancellationToken::new();
         let addr = listener.local_addr()?;
@@ -190,6 +215,11 @@ impl Bound {
             })
         };
 
+        if let (Some(f), Some(ep)) = (&ctx.fed, endpoint) {
+            let quic = ep.local_addr().ok();
+            f.start(ep).await;
+            info!(broker = f.name(), ?quic, "federation endpoint listening");
+        }
         let (public_url, _) = ctx.config.public_url();
         info!(%addr, store = ctx.db.kind(), %public_url, "meshd serving");
         systemd::notify(&format!("READY=1\nSTATUS=serving http on {addr}"));
@@ -217,6 +247,15 @@ impl Bound {
             Ok(Err(e)) => warn!(cause = %e, "http server task failed"),
             Err(_) => warn!("http server did not stop within the grace period"),
             Ok(Ok(Ok(()))) => {}
+        }
+        // Links close after the sessions (whose last updates they carry) and before the
+        // store flush (acks they received are still written).
+        if let Some(f) = &ctx.fed
+            && tokio::time::timeout_at(deadline, f.shutdown())
+                .await
+                .is_err()
+        {
+            warn!("federation links did not close within the grace period");
         }
         // Phase 3: commit everything queued, then stop the writer and close the store.
         background_cancel.cancel();
@@ -281,6 +320,11 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 for m in rows {
                     if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
                         let closed = mesh.revoke(&m.pubkey);
+                        if m.home_broker.is_none()
+                            && let Some(fed) = &ctx.fed
+                        {
+                            fed.member_changed(&mesh, &m.pubkey);
+                        }
                         if closed > 0 {
                             info!(mesh.id = %m.mesh_id, member.id = %m.id, closed, "member revoked; connections closed");
                         }

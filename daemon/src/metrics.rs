@@ -26,12 +26,17 @@ impl Labeled {
 
     /// Adds one for `value`; unknown values count as `other`.
     pub(crate) fn inc(&self, value: &str) {
+        self.inc_by(value, 1);
+    }
+
+    /// Adds `n` for `value`.
+    pub(crate) fn inc_by(&self, value: &str, n: u64) {
         let i = self
             .values
             .iter()
             .position(|v| *v == value)
             .unwrap_or(self.values.len() - 1);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.counts[i].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Current count for `value`.
@@ -44,6 +49,14 @@ impl Labeled {
     }
 }
 
+const FED_REFUSALS: &[&str] = &[
+    "forged_sender",
+    "not_shared",
+    "unknown_recipient",
+    "revoked",
+    "invalid",
+    "other",
+];
 const PRIORITIES: &[&str] = &["now", "next", "low", "other"];
 const CONN_REJECTS: &[&str] = &[
     "capacity",
@@ -118,6 +131,14 @@ pub(crate) struct Metrics {
     /// The writer's last batch committed.
     pub(crate) writer_healthy: AtomicBool,
     pub(crate) joins: Labeled,
+    /// Federation links currently up.
+    pub(crate) fed_links_up: AtomicI64,
+    /// Frames from peer brokers refused, by reason.
+    pub(crate) fed_refused: Labeled,
+    /// Direct messages received from peer brokers.
+    pub(crate) fed_received: AtomicU64,
+    /// Live frames (broadcasts, state) not forwarded because a link's queue was full.
+    pub(crate) fed_live_dropped: AtomicU64,
     store_commits: AtomicU64,
     store_ops: AtomicU64,
     store_commit_micros: AtomicU64,
@@ -147,6 +168,10 @@ impl Default for Metrics {
             db_reachable: AtomicBool::new(true),
             writer_healthy: AtomicBool::new(true),
             joins: Labeled::new("result", JOIN_RESULTS),
+            fed_links_up: AtomicI64::new(0),
+            fed_refused: Labeled::new("reason", FED_REFUSALS),
+            fed_received: AtomicU64::new(0),
+            fed_live_dropped: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
             store_commit_micros: AtomicU64::new(0),
@@ -306,6 +331,33 @@ impl Metrics {
             "meshd_joins_total",
             "POST /join outcomes.",
             &self.joins,
+        );
+        c(
+            &mut out,
+            "meshd_federation_links_up",
+            "Links to peer brokers currently up.",
+            "gauge",
+            g(&self.fed_links_up),
+        );
+        l(
+            &mut out,
+            "meshd_federation_refused_total",
+            "Frames from peer brokers refused (forged sender, mesh not shared, …).",
+            &self.fed_refused,
+        );
+        c(
+            &mut out,
+            "meshd_federation_received_total",
+            "Direct messages received from peer brokers.",
+            "counter",
+            r(&self.fed_received),
+        );
+        c(
+            &mut out,
+            "meshd_federation_live_dropped_total",
+            "Broadcasts and state writes not forwarded because a link's queue was full.",
+            "counter",
+            r(&self.fed_live_dropped),
         );
         c(
             &mut out,

@@ -309,6 +309,14 @@ async fn authenticate(
     if member.revoked {
         return Err(Refusal::revoked(&mesh.row.name));
     }
+    // A member of a peer broker connects to its own broker; presence there is what
+    // this broker sees of it.
+    if let Some(home) = &member.home {
+        return Err(Refusal::new(
+            "unauthorized",
+            format!("hello rejected: this member is hosted by broker {home}; connect there"),
+        ));
+    }
     if let Some(claimed) = &ident.member_id
         && *claimed != member.id
     {
@@ -613,7 +621,15 @@ impl Live {
 
     /// Announces the arrival to the rest of the mesh (not to the member's own sessions,
     /// and not at all for a hidden peer).
+    /// Tells peer brokers of a shared mesh that this presence changed.
+    fn presence_changed(&self) {
+        if let Some(fed) = &self.ctx.fed {
+            fed.presence_changed(&self.mesh, self.conn);
+        }
+    }
+
     fn announce_arrival(&self) {
+        self.presence_changed();
         let Some(Arrival { event, returned }) = &self.announce else {
             return;
         };
@@ -1065,11 +1081,13 @@ impl Live {
                         p.shared.spill();
                     }
                 });
+                self.presence_changed();
                 None
             }
             ClientFrame::SetSummary { summary } => {
                 self.mesh
                     .with_peer(self.conn, |p| p.summary = Some(summary));
+                self.presence_changed();
                 None
             }
             ClientFrame::SetVisible { visible } => {
@@ -1086,6 +1104,7 @@ impl Live {
                     };
                     let frame = system_push(self.mesh_id(), event, data, now);
                     self.mesh.announce(&frame, self.conn, None);
+                    self.presence_changed();
                 }
                 small_ack(req_id)
             }
@@ -1095,10 +1114,12 @@ impl Live {
                         p.profile.insert(k.to_owned(), v);
                     }
                 });
+                self.presence_changed();
                 small_ack(req_id)
             }
             ClientFrame::SetStats(stats) => {
                 self.mesh.with_peer(self.conn, |p| p.stats = Some(stats));
+                self.presence_changed();
                 None
             }
             ClientFrame::JoinGroup(group) => {
@@ -1109,11 +1130,13 @@ impl Live {
                         p.groups.push(group);
                     }
                 });
+                self.presence_changed();
                 None
             }
             ClientFrame::LeaveGroup { name } => {
                 self.mesh
                     .with_peer(self.conn, |p| p.groups.retain(|g| g.name != name));
+                self.presence_changed();
                 None
             }
             ClientFrame::ListPeers => Some(
@@ -1140,6 +1163,19 @@ impl Live {
                         limits.max_state_bytes_per_mesh,
                     );
                 if ok {
+                    if let Some(fed) = &self.ctx.fed {
+                        fed.state_set(
+                            self.mesh_id(),
+                            meshd_protocol::fed::StateSet {
+                                mesh_id: self.mesh_id().to_owned(),
+                                key: key.clone(),
+                                value: json.to_string(),
+                                updated_by: self.display_name.clone(),
+                                updated_at: now,
+                                member_pubkey: self.member_pubkey.clone(),
+                            },
+                        );
+                    }
                     self.outbox.push_back(WriteOp::SetState {
                         mesh_id: self.mesh_id().to_owned(),
                         key,
@@ -1342,7 +1378,10 @@ impl Live {
             delivered_at: None,
             lease_conn: None,
             lease_until: None,
+            forward_to: None,
+            inbox: None,
         };
+        let mut forward: Option<Arc<str>> = None;
         let (delivery, direct) = match &target {
             TargetSpec::Direct(pk) => {
                 let key = pk.to_hex();
@@ -1377,6 +1416,24 @@ impl Live {
                         )
                     }
                     DirectRoute::Queue => (None, direct),
+                    DirectRoute::Remote(broker) => {
+                        let shared = self
+                            .ctx
+                            .fed
+                            .as_ref()
+                            .is_some_and(|f| f.consents(self.mesh_id(), &broker));
+                        if !shared {
+                            return refuse(
+                                "unroutable_target",
+                                format!(
+                                    "the recipient is hosted by broker {broker}, which this mesh is not shared with"
+                                ),
+                            );
+                        }
+                        row.forward_to = Some(broker.to_string());
+                        forward = Some(broker);
+                        (None, None)
+                    }
                 }
             }
             TargetSpec::Broadcast | TargetSpec::Group(_) => {
@@ -1389,6 +1446,26 @@ impl Live {
                     .metrics
                     .fanout_dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
+                if let Some(fed) = &self.ctx.fed {
+                    fed.multicast(
+                        &self.mesh,
+                        &target,
+                        meshd_protocol::fed::Multicast {
+                            mesh_id: row.mesh_id.clone(),
+                            id: row.id.clone(),
+                            sender_member_id: row.sender_member_id.clone(),
+                            sender_member_pubkey: row.sender_member_pubkey.clone(),
+                            sender_pubkey: row.sender_pubkey.clone(),
+                            sender_name: row.sender_name.clone(),
+                            target_spec: row.target_spec.clone(),
+                            priority: row.priority,
+                            nonce: row.nonce.clone(),
+                            ciphertext: row.ciphertext.clone(),
+                            client_message_id: row.client_message_id.clone(),
+                            created_at: now,
+                        },
+                    );
+                }
                 // Multicast is live-only: keep the metadata for message_status, not the body.
                 row.delivered_at = Some(now);
                 row.nonce = String::new();
@@ -1406,9 +1483,15 @@ impl Live {
             reply: tx,
         });
         let metrics = self.ctx.metrics.clone();
+        let fed = forward.and_then(|peer| self.ctx.fed.clone().map(|f| (f, peer)));
         self.pending.push_back(Box::pin(async move {
             let (queued, message_id, error) = match rx.await {
-                Ok(Ok(())) => (true, message_id, None),
+                Ok(Ok(())) => {
+                    if let Some((fed, peer)) = fed {
+                        fed.outbox_ready(&peer);
+                    }
+                    (true, message_id, None)
+                }
                 Ok(Err(e)) => {
                     metrics.messages_rejected.inc("store_error");
                     warn!(cause = %e, "storing a message failed");
@@ -1472,6 +1555,21 @@ impl Live {
             };
             let delivered = row.delivered_at.is_some();
             let recipients = match (&row.target_key, TargetSpec::parse(&row.target_spec)) {
+                // Forwarded to the recipient's broker: stored there, refused, or queued.
+                (Some(key), _) if row.forward_to.is_some() => {
+                    let status = match (row.forwarded_at, &row.forward_error) {
+                        (Some(_), None) => "forwarded",
+                        (Some(_), Some(_)) => "refused",
+                        (None, _) => "queued",
+                    };
+                    vec![RecipientStatus {
+                        name: mesh
+                            .member(key)
+                            .map_or_else(|| "unknown".into(), |m| m.display_name),
+                        pubkey: key.clone(),
+                        status,
+                    }]
+                }
                 (Some(key), _) => {
                     let live = mesh.live_names(key);
                     let name = live
@@ -1551,6 +1649,9 @@ impl Live {
         }
         let _ = self.ctx.writer.flush().await;
         let peer = self.mesh.unregister(self.conn);
+        if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
+            fed.presence_gone(self.mesh_id(), p.routing_key());
+        }
         if let Some(peer) = &peer
             && !self.ctx.sessions_cancel.is_cancelled()
             && peer.visible
@@ -1596,7 +1697,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-fn known_subtype(s: &str) -> Option<&'static str> {
+pub(crate) fn known_subtype(s: &str) -> Option<&'static str> {
     match s {
         "reminder" => Some("reminder"),
         "system" => Some("system"),

@@ -1,9 +1,14 @@
-//! Broker-to-broker federation for meshd.
+//! Broker-to-broker links for meshd: QUIC (quinn) with mutual TLS against each peer
+//! organization's CA, DNS SRV discovery, and a manager that keeps one authenticated link
+//! per configured peer.
 //!
-//! This crate will hold the QUIC endpoint (quinn + rustls with mutual TLS against each
-//! peer organization's CA), DNS SRV discovery, per-peer link actors with durable outboxes,
-//! and presence/message replication between the brokers of a shared mesh. It depends on
-//! `meshd-protocol` for the wire frames and `meshd-certs` for key material, never on the
-//! daemon: the daemon hands it a narrow interface.
-//!
-//! It is empty until the federation issue lands; the core broker does not federate.
+//! The wire frames live in `meshd_protocol::fed` (sans-IO); key material and trust in
+//! `meshd_certs`. What flows over a link (meshes, presence, messages) is decided by the
+//! daemon through [`manager::LinkHandler`]: this crate never touches the store.
+
+pub mod discovery;
+pub mod link;
+pub mod manager;
+
+pub use link::{Endpoint, FrameReader, FrameWriter, Link, LinkConn, LinkError, LinkOptions};
+pub use manager::{Backoff, LinkCounters, LinkHandler, LinkState, Manager, PeerStatus, PeerTarget};

@@ -212,6 +212,10 @@ pub struct PeerEntry {
     pub member_pubkey: String,
     /// HEAD: `control-plane` for `hello` presences, `session` for `session_hello` ones.
     pub peer_role: &'static str,
+    /// meshd extension: the broker hosting a peer of another broker (absent for local
+    /// peers; clients ignore unknown fields).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 /// `state_change`.

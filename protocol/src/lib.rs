@@ -18,6 +18,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod fed;
 pub mod hello;
 pub mod invite;
 pub mod keys;

@@ -6,6 +6,8 @@
 pub mod broker;
 pub mod client;
 pub mod crypto;
+pub mod dns;
+pub mod faultproxy;
 pub mod postgres;
 
 pub use broker::{Backend, DaemonProcess, TestBroker, http, http_json, run_cli};

@@ -10,6 +10,8 @@
 
 pub(crate) mod writer;
 
+pub use fed::{MemberUpsert, OutboxRow, ReplicaRow, ShareRole, ShareRow};
+
 use std::path::Path;
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -101,6 +103,8 @@ pub struct MemberRow {
     pub joined_at: i64,
     /// Revocation time (ms).
     pub revoked_at: Option<i64>,
+    /// The peer broker hosting this member (`None`: hosted here).
+    pub home_broker: Option<String>,
 }
 
 /// A session key bound to a member.
@@ -165,6 +169,12 @@ pub struct MessageStatusRow {
     pub delivered_at: Option<i64>,
     /// Expiry (ms).
     pub expires_at: i64,
+    /// Peer broker the message was forwarded to, if its recipient lives there.
+    pub forward_to: Option<String>,
+    /// When that broker stored it (or refused it).
+    pub forwarded_at: Option<i64>,
+    /// Why that broker refused it.
+    pub forward_error: Option<String>,
 }
 
 /// An invite as stored.
@@ -298,7 +308,7 @@ impl Db {
 
     /// Every member of a mesh, revoked ones included, in join order.
     pub async fn members(&self, mesh_id: &str) -> Result<Vec<MemberRow>, StoreError> {
-        const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at \
+        const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, home_broker \
                            FROM member WHERE mesh_id = $1 ORDER BY joined_at, id";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_all(p).await)?)
     }
@@ -309,7 +319,7 @@ impl Db {
         mesh_id: &str,
         pubkey: &str,
     ) -> Result<Option<MemberRow>, StoreError> {
-        const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at \
+        const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, home_broker \
                            FROM member WHERE mesh_id = $1 AND pubkey = $2";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(pubkey).fetch_optional(p).await)?,
@@ -325,7 +335,7 @@ impl Db {
     ) -> Result<Option<MemberRow>, StoreError> {
         const SQL: &str = "UPDATE member SET revoked_at = $1 \
                            WHERE mesh_id = $2 AND (id = $3 OR pubkey = $4) AND revoked_at IS NULL \
-                           RETURNING id, mesh_id, pubkey, display_name, role, joined_at, revoked_at";
+                           RETURNING id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, home_broker";
         Ok(with_db!(self, p => sqlx::query_as(SQL)
             .bind(now).bind(mesh_id).bind(id_or_pubkey).bind(id_or_pubkey.to_ascii_lowercase())
             .fetch_optional(p).await)?)
@@ -333,7 +343,7 @@ impl Db {
 
     /// Members revoked at or after `since` (ms), for the daemon's revocation watch.
     pub async fn revoked_since(&self, since: i64) -> Result<Vec<MemberRow>, StoreError> {
-        const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at \
+        const SQL: &str = "SELECT id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, home_broker \
                            FROM member WHERE revoked_at IS NOT NULL AND revoked_at >= $1";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(since).fetch_all(p).await)?)
     }
@@ -387,7 +397,8 @@ impl Db {
 
     /// A message's delivery record.
     pub async fn message_status(&self, id: &str) -> Result<Option<MessageStatusRow>, StoreError> {
-        const SQL: &str = "SELECT id, mesh_id, target_spec, target_key, sender_member_id, delivered_at, expires_at \
+        const SQL: &str = "SELECT id, mesh_id, target_spec, target_key, sender_member_id, delivered_at, expires_at, \
+                           forward_to, forwarded_at, forward_error \
                            FROM message WHERE id = $1";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(id).fetch_optional(p).await)?)
     }
@@ -488,3 +499,6 @@ impl WriterConn {
         }
     }
 }
+
+// After `with_db!`, which it uses.
+mod fed;

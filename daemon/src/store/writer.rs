@@ -55,9 +55,14 @@ pub(crate) struct NewMessage {
     pub(crate) delivered_at: Option<i64>,
     pub(crate) lease_conn: Option<i64>,
     pub(crate) lease_until: Option<i64>,
+    /// Peer broker hosting the recipient: the row is that link's outbox entry.
+    pub(crate) forward_to: Option<String>,
+    /// Set for a message received from a peer broker: (peer, its outbox seq), recorded
+    /// in `fed_inbox` in the same transaction so a resend is recognised after any crash.
+    pub(crate) inbox: Option<(String, i64)>,
 }
 
-const MESSAGE_COLUMNS: usize = 18;
+const MESSAGE_COLUMNS: usize = 19;
 
 /// The mesh and recipient key of a direct message, so the router can make the key's
 /// live connections drain when the row is stored undelivered (see `hub`).
@@ -227,6 +232,17 @@ pub(crate) enum WriteOp {
     },
     /// Clear every lease (at startup, when no connection can hold one).
     ClearLeases,
+    /// A peer broker stored every outbox row up to `upto` for it.
+    Forwarded { peer: String, upto: i64, at: i64 },
+    /// A peer broker refused outbox row `seq` (or, with `seq` `None`, every pending row
+    /// of `mesh_id` for that peer is dropped because the mesh is no longer shared).
+    ForwardRefused {
+        peer: String,
+        seq: Option<i64>,
+        mesh_id: Option<String>,
+        reason: &'static str,
+        at: i64,
+    },
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
 }
@@ -885,7 +901,7 @@ impl SqlCache {
                         style,
                         "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
                          sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
-                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until) VALUES ",
+                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to) VALUES ",
                         MESSAGE_COLUMNS,
                         n,
                     ))
@@ -976,6 +992,15 @@ const SWEEP_DELIVERED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq 
      WHERE delivered_at IS NOT NULL AND delivered_at < $1 ORDER BY seq LIMIT 5000)";
 const SWEEP_EXPIRED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq FROM message \
      WHERE delivered_at IS NULL AND expires_at <= $1 ORDER BY seq LIMIT 5000)";
+const FED_INBOX_SQL: &str = "INSERT INTO fed_inbox (peer, high_seq) VALUES ($1, $2) \
+     ON CONFLICT (peer) DO UPDATE SET high_seq = CASE WHEN excluded.high_seq > fed_inbox.high_seq \
+       THEN excluded.high_seq ELSE fed_inbox.high_seq END";
+const FORWARDED_SQL: &str = "UPDATE message SET forwarded_at = $1, delivered_at = $1, nonce = '', ciphertext = '' \
+     WHERE forward_to = $2 AND seq <= $3 AND forwarded_at IS NULL";
+const FORWARD_REFUSED_SQL: &str = "UPDATE message SET forwarded_at = $1, forward_error = $2, nonce = '', ciphertext = '' \
+     WHERE forward_to = $3 AND seq = $4 AND forwarded_at IS NULL";
+const FORWARD_DROP_MESH_SQL: &str = "UPDATE message SET forwarded_at = $1, forward_error = $2, nonce = '', ciphertext = '' \
+     WHERE forward_to = $3 AND mesh_id = $4 AND forwarded_at IS NULL";
 const RELEASE_CONN_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
      WHERE lease_conn = $1 AND mesh_id = $2 AND target_key IN ($3, $4) AND delivered_at IS NULL";
 const CLEAR_LEASES_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
@@ -1032,9 +1057,21 @@ macro_rules! executor {
                         .bind(r.expires_at)
                         .bind(r.delivered_at)
                         .bind(r.lease_conn)
-                        .bind(r.lease_until);
+                        .bind(r.lease_until)
+                        .bind(&r.forward_to);
                 }
                 q.execute(&mut *tx).await?;
+            }
+            // Messages from peer brokers: their de-duplication cursor moves with them.
+            let mut cursors: Vec<(&str, i64)> = Vec::new();
+            for (peer, seq) in rows.iter().filter_map(|r| r.inbox.as_ref()) {
+                match cursors.iter_mut().find(|(p, _)| *p == peer.as_str()) {
+                    Some(c) => c.1 = c.1.max(*seq),
+                    None => cursors.push((peer, *seq)),
+                }
+            }
+            for (peer, seq) in cursors {
+                sqlx::query(FED_INBOX_SQL).bind(peer).bind(seq).execute(&mut *tx).await?;
             }
 
             // 2. lease changes: bounded leases first, so a release in the same batch wins
@@ -1112,6 +1149,40 @@ macro_rules! executor {
                             // loaded every stored binding first: this means two daemons
                             // share one database, which meshd does not support.
                             warn!(session.key = %pubkey, "session key already bound to another member in the store");
+                        }
+                    }
+                    WriteOp::Forwarded { peer, upto, at } => {
+                        sqlx::query(FORWARDED_SQL)
+                            .bind(at)
+                            .bind(peer)
+                            .bind(upto)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    WriteOp::ForwardRefused {
+                        peer,
+                        seq,
+                        mesh_id,
+                        reason,
+                        at,
+                    } => {
+                        if let Some(seq) = seq {
+                            sqlx::query(FORWARD_REFUSED_SQL)
+                                .bind(at)
+                                .bind(*reason)
+                                .bind(peer)
+                                .bind(seq)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        if let Some(mesh_id) = mesh_id {
+                            sqlx::query(FORWARD_DROP_MESH_SQL)
+                                .bind(at)
+                                .bind(*reason)
+                                .bind(peer)
+                                .bind(mesh_id)
+                                .execute(&mut *tx)
+                                .await?;
                         }
                     }
                     WriteOp::SetState {

@@ -1,0 +1,1775 @@
+//! Federation in the daemon: what flows over each link to a peer broker.
+//!
+//! `meshd-federation` keeps one authenticated QUIC link per configured peer; this module
+//! is its [`LinkHandler`]. Per link it runs:
+//! - the *control* stream: mesh consent (`MeshOffer` from a mesh's home, `MeshReady` /
+//!   `MeshWithdraw` from either side). A mesh *flows* over a link only while both
+//!   brokers consent: the home has shared it with the peer (`meshd mesh share`) and the
+//!   peer accepted it (`meshd mesh accept`), or — between two replicas — both appear on
+//!   the home's roster.
+//! - an outgoing *messages* stream: member announcements, then the durable outbox (rows
+//!   of the `message` table with `forward_to` = peer, read in `seq` order, at most
+//!   `outbox_window` unacknowledged). The peer stores each message together with its
+//!   de-duplication cursor before acknowledging it, so after cuts, restarts and
+//!   `kill -9` of either broker every acknowledged message is delivered exactly once, in
+//!   order.
+//! - a *presence* stream: a snapshot per mesh when it starts flowing, then coalesced
+//!   upserts/departures (at most one pending update per session per link).
+//! - a *live* stream: broadcasts, group messages and state writes, delivered by the
+//!   receiver to its own peers only (one hop: never re-forwarded).
+//!
+//! A broker speaks only for the members it hosts: a member announcement, message,
+//! presence or state write naming a member hosted elsewhere is refused and counted.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_config::Federation as FedConfig;
+use meshd_federation::{
+    Backoff, Endpoint, FrameReader, FrameWriter, Link, LinkConn, LinkCounters, LinkError,
+    LinkHandler, LinkOptions, Manager, PeerTarget,
+};
+use meshd_protocol::broker::{BrokerFrame, Push};
+use meshd_protocol::fed::{
+    self, CloseReason, Dm, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast, PresenceEntry,
+    RejectReason, StateSet, StreamClass,
+};
+use meshd_protocol::{Priority, TargetSpec};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, debug, info, warn};
+
+use crate::Ctx;
+use crate::hub::{ConnId, DirectRoute, MeshHub, Peer, StateValue, lock, member_info};
+use crate::ids::now_ms;
+use crate::store::writer::{Delivery, DirectKey, NewMessage, WriteOp};
+use crate::store::{MemberUpsert, MeshRow, ShareRole, StoreError};
+
+/// Outbox rows read per query.
+const OUTBOX_PAGE: i64 = 512;
+/// Live frames (broadcasts, state) waiting per link; when full, new ones are dropped
+/// and counted: they are live-only by contract, like a local slow consumer's.
+const LIVE_QUEUE: usize = 4096;
+/// Control frames waiting per link (rare: consent changes).
+const CONTROL_QUEUE: usize = 256;
+/// How often stored consent is re-read (the admin CLI writes it beside the daemon).
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+
+/// Why federation could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FedStartError {
+    /// Certificate, key or CA file.
+    #[error("federation certificate: {0}")]
+    Identity(String),
+    /// A peer's CA file or pin.
+    #[error("federation peer {peer}: {reason}")]
+    Peer {
+        /// Peer name.
+        peer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The endpoint.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// Stored consent, cached.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Consent {
+    /// (mesh, peer) → our role.
+    shares: HashMap<(String, String), ShareRole>,
+    /// Replicas: mesh → (home, roster).
+    replicas: HashMap<String, (String, Vec<String>)>,
+}
+
+impl Consent {
+    /// Whether this broker consents to exchange `mesh` with `peer`.
+    fn local_ready(&self, mesh: &str, peer: &str) -> bool {
+        match self.shares.get(&(mesh.to_owned(), peer.to_owned())) {
+            Some(ShareRole::Offer) => true,
+            // Accepted, and the home's offer has arrived (the replica exists).
+            Some(ShareRole::Accept) => self.replicas.get(mesh).is_some_and(|(h, _)| h == peer),
+            None => self.replicas.get(mesh).is_some_and(|(home, roster)| {
+                self.shares
+                    .get(&(mesh.to_owned(), home.clone()))
+                    .is_some_and(|r| *r == ShareRole::Accept)
+                    && roster.iter().any(|b| b == peer)
+            }),
+        }
+    }
+
+    /// Meshes this broker consents to exchange with `peer`.
+    fn ready_for(&self, peer: &str) -> HashSet<String> {
+        let mut meshes: HashSet<String> = self.shares.keys().map(|(m, _)| m.clone()).collect();
+        meshes.extend(self.replicas.keys().cloned());
+        meshes.retain(|m| self.local_ready(m, peer));
+        meshes
+    }
+
+    /// The roster a home announces: itself and every peer it shares the mesh with.
+    fn roster(&self, me: &str, mesh: &str) -> Vec<String> {
+        let mut r: Vec<String> = std::iter::once(me.to_owned())
+            .chain(
+                self.shares
+                    .iter()
+                    .filter(|((m, _), role)| m == mesh && **role == ShareRole::Offer)
+                    .map(|((_, p), _)| p.clone()),
+            )
+            .collect();
+        r.sort();
+        r
+    }
+}
+
+/// Presence updates waiting for one link, at most one per session.
+#[derive(Debug, Default)]
+struct Coalescer {
+    order: VecDeque<(String, String)>,
+    pending: HashMap<(String, String), Frame>,
+}
+
+impl Coalescer {
+    fn put(&mut self, mesh: &str, key: &str, frame: Frame) {
+        let k = (mesh.to_owned(), key.to_owned());
+        if self.pending.insert(k.clone(), frame).is_none() {
+            self.order.push_back(k);
+        }
+    }
+
+    /// A snapshot supersedes the mesh's pending updates.
+    fn snapshot(&mut self, mesh: &str, frame: Frame) {
+        self.pending.retain(|(m, _), _| m != mesh);
+        self.order.retain(|(m, _)| m != mesh);
+        self.put(mesh, "", frame);
+    }
+
+    fn take(&mut self) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(self.order.len());
+        while let Some(k) = self.order.pop_front() {
+            if let Some(f) = self.pending.remove(&k) {
+                out.push(f);
+            }
+        }
+        out
+    }
+}
+
+/// One live link, as the rest of the daemon sees it.
+#[derive(Debug)]
+struct LinkShared {
+    peer: Arc<str>,
+    /// Meshes the peer said it is ready to exchange.
+    peer_ready: Mutex<HashSet<String>>,
+    /// Meshes we told the peer we are ready to exchange.
+    claimed: Mutex<HashSet<String>>,
+    /// Meshes flowing now (both ready).
+    flowing: Mutex<HashSet<String>>,
+    control: mpsc::Sender<Frame>,
+    presence: Mutex<Coalescer>,
+    presence_wake: Notify,
+    live: mpsc::Sender<Frame>,
+    members: Mutex<VecDeque<Frame>>,
+    outbox_wake: Notify,
+    counters: Arc<LinkCounters>,
+}
+
+impl LinkShared {
+    fn flows(&self, mesh: &str) -> bool {
+        lock(&self.flowing).contains(mesh)
+    }
+
+    fn queue_members(&self, frame: Frame) {
+        lock(&self.members).push_back(frame);
+        self.outbox_wake.notify_one();
+    }
+
+    fn queue_presence(&self, mesh: &str, key: &str, frame: Frame) {
+        lock(&self.presence).put(mesh, key, frame);
+        self.presence_wake.notify_one();
+    }
+}
+
+/// The daemon's federation state.
+pub(crate) struct Fed {
+    me: Arc<str>,
+    cfg: FedConfig,
+    ctx: OnceLock<Weak<Ctx>>,
+    manager: OnceLock<Arc<Manager>>,
+    /// Presence versions: start above anything a previous run used (ms·1000).
+    version: AtomicU64,
+    consent: Mutex<Consent>,
+    links: Mutex<HashMap<String, Arc<LinkShared>>>,
+    /// Offers received from homes, kept until the offer is accepted (or replaced).
+    offers: Mutex<HashMap<(String, String), MeshOffer>>,
+    /// Meshes that flow over at least one link (a cheap check on every presence change).
+    shared: Mutex<HashSet<String>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    /// The org CA bundle served on `/.well-known/meshd/bundle`.
+    bundle: String,
+    /// Per peer, the highest outbox seq ever sent (to count resends across links).
+    resend_marks: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl std::fmt::Debug for Fed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fed")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fed {
+    /// Loads certificates and trust and binds the QUIC endpoint. Refuses to start on a
+    /// world-readable key, a certificate for another name, or an unreadable peer CA.
+    ///
+    /// # Errors
+    /// [`FedStartError`].
+    pub(crate) fn bind(cfg: &FedConfig) -> Result<(Arc<Self>, Endpoint), FedStartError> {
+        let identity = meshd_certs::BrokerIdentity::load(&cfg.cert, &cfg.key, &cfg.broker)
+            .map_err(|e| FedStartError::Identity(e.to_string()))?;
+        let bundle = meshd_certs::Bundle::from_ca_pem_file(&cfg.ca)
+            .map_err(|e| FedStartError::Identity(e.to_string()))?
+            .to_text();
+        let mut anchors = Vec::new();
+        for p in &cfg.peers {
+            let anchor = match &p.anchor {
+                meshd_config::PeerAnchorConfig::CaFile(path) => {
+                    meshd_certs::PeerAnchor::load_ca_file(path).map_err(|e| {
+                        FedStartError::Peer {
+                            peer: p.name.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?
+                }
+                meshd_config::PeerAnchorConfig::Pin(pin) => meshd_certs::PeerAnchor::Pin(*pin),
+            };
+            anchors.push((p.name.clone(), anchor));
+        }
+        let trust = meshd_certs::PeerTrust::new(anchors).map_err(|e| FedStartError::Peer {
+            peer: "(trust)".into(),
+            reason: e.to_string(),
+        })?;
+        let ep = Endpoint::bind(
+            cfg.listen,
+            identity,
+            trust,
+            LinkOptions {
+                keepalive: cfg.keepalive,
+                idle_timeout: cfg.idle_timeout,
+                max_frame_bytes: cfg.max_frame_bytes,
+                handshake_timeout: Duration::from_secs(10),
+            },
+        )?;
+        let seed = u64::try_from(now_ms()).unwrap_or(0).saturating_mul(1000);
+        let fed = Arc::new(Self {
+            me: Arc::from(cfg.broker.as_str()),
+            cfg: cfg.clone(),
+            ctx: OnceLock::new(),
+            manager: OnceLock::new(),
+            version: AtomicU64::new(seed),
+            consent: Mutex::default(),
+            links: Mutex::default(),
+            offers: Mutex::default(),
+            shared: Mutex::default(),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            bundle,
+            resend_marks: Mutex::default(),
+        });
+        Ok((fed, ep))
+    }
+
+    /// Starts the link manager and the consent reconciler.
+    pub(crate) async fn start(self: &Arc<Self>, ep: Endpoint) {
+        if let Err(e) = self.reload_consent().await {
+            warn!(cause = %e, "loading federation consent");
+        }
+        let discovery =
+            match meshd_federation::discovery::Discovery::new(self.cfg.nameservers.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(cause = %e, "DNS resolver; federation disabled");
+                    return;
+                }
+            };
+        let targets = self
+            .cfg
+            .peers
+            .iter()
+            .map(|p| PeerTarget {
+                name: p.name.clone(),
+                addr: p.addr.clone(),
+            })
+            .collect();
+        let manager = Manager::new(
+            ep,
+            discovery,
+            targets,
+            Backoff {
+                min: self.cfg.reconnect_min,
+                max: self.cfg.reconnect_max,
+            },
+            self.clone(),
+            self.stop.child_token(),
+        );
+        manager.start();
+        let _ = self.manager.set(manager);
+        let me = self.clone();
+        self.tracker.spawn(async move { me.reconcile_loop().await });
+    }
+
+    /// Closes every link and stops the background tasks.
+    pub(crate) async fn shutdown(&self) {
+        self.stop.cancel();
+        if let Some(m) = self.manager.get() {
+            m.shutdown().await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// This broker's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.me
+    }
+
+    /// The org CA bundle text.
+    pub(crate) fn bundle(&self) -> &str {
+        &self.bundle
+    }
+
+    /// The UDP address the endpoint listens on.
+    pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.manager
+            .get()
+            .and_then(|m| m.endpoint().local_addr().ok())
+    }
+
+    /// Connects the daemon's shared state (once, right after it is built).
+    pub(crate) fn attach(&self, ctx: Weak<Ctx>) {
+        let _ = self.ctx.set(ctx);
+    }
+
+    fn ctx(&self) -> Option<Arc<Ctx>> {
+        self.ctx.get().and_then(Weak::upgrade)
+    }
+
+    fn resend_mark(&self, peer: &str) -> Arc<AtomicU64> {
+        lock(&self.resend_marks)
+            .entry(peer.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn next_version(&self) -> u64 {
+        self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn link(&self, peer: &str) -> Option<Arc<LinkShared>> {
+        lock(&self.links).get(peer).cloned()
+    }
+
+    fn links_for(&self, mesh: &str) -> Vec<Arc<LinkShared>> {
+        lock(&self.links)
+            .values()
+            .filter(|l| l.flows(mesh))
+            .cloned()
+            .collect()
+    }
+
+    fn is_shared(&self, mesh: &str) -> bool {
+        lock(&self.shared).contains(mesh)
+    }
+
+    fn refresh_shared(&self) {
+        let set: HashSet<String> = lock(&self.links)
+            .values()
+            .flat_map(|l| lock(&l.flowing).iter().cloned().collect::<Vec<_>>())
+            .collect();
+        *lock(&self.shared) = set;
+    }
+
+    /// Whether `mesh` is shared with `peer` (messages to its members may be queued for it,
+    /// even while the link is down).
+    pub(crate) fn consents(&self, mesh: &str, peer: &str) -> bool {
+        lock(&self.consent).local_ready(mesh, peer)
+    }
+
+    /// `GET /federation`.
+    pub(crate) fn status_json(&self) -> serde_json::Value {
+        let links = self.manager.get().map(|m| m.status()).unwrap_or_default();
+        let refusals = self.manager.get().map(|m| m.refusals()).unwrap_or_default();
+        let live = lock(&self.links).clone();
+        let consent = lock(&self.consent).clone();
+        let links: Vec<serde_json::Value> = links
+            .into_iter()
+            .map(|st| {
+                let c = &st.counters;
+                let mut meshes: Vec<String> = live
+                    .get(&st.name)
+                    .map(|l| lock(&l.flowing).iter().cloned().collect())
+                    .unwrap_or_default();
+                meshes.sort();
+                serde_json::json!({
+                    "peer": st.name,
+                    "state": st.state.as_str(),
+                    "since": meshd_protocol::time::iso8601_ms(st.since_ms),
+                    "addr": st.addr.map(|a| a.to_string()),
+                    "dialer": st.dialer,
+                    "rttMs": st.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    "connects": st.connects,
+                    "queued": c.queued.load(Ordering::Relaxed),
+                    "sent": c.sent.load(Ordering::Relaxed),
+                    "resent": c.resent.load(Ordering::Relaxed),
+                    "received": c.received.load(Ordering::Relaxed),
+                    "rejected": c.rejected.load(Ordering::Relaxed),
+                    "refused": c.refused.load(Ordering::Relaxed),
+                    "lastError": st.last_error,
+                    "meshes": meshes,
+                })
+            })
+            .collect();
+        let mut shares: Vec<serde_json::Value> = consent
+            .shares
+            .iter()
+            .map(|((m, p), r)| serde_json::json!({"meshId": m, "peer": p, "role": r.as_str()}))
+            .collect();
+        shares.sort_by_key(|v| v.to_string());
+        serde_json::json!({
+            "broker": &*self.me,
+            "quic": self.local_addr().map(|a| a.to_string()),
+            "links": links,
+            "shares": shares,
+            "refusedHandshakes": refusals,
+        })
+    }
+
+    // ---- hooks called by sessions and the HTTP layer --------------------------------
+
+    /// A local presence of `mesh` appeared or changed.
+    pub(crate) fn presence_changed(&self, mesh: &MeshHub, conn: ConnId) {
+        if !self.is_shared(&mesh.row.id) {
+            return;
+        }
+        let version = self.next_version();
+        let Some(entry) = mesh.local_peer(conn, |p| presence_entry(p, version)) else {
+            return;
+        };
+        let mesh_id = &mesh.row.id;
+        for link in self.links_for(mesh_id) {
+            link.queue_presence(
+                mesh_id,
+                &entry.key,
+                Frame::PresenceUpsert {
+                    mesh_id: mesh_id.clone(),
+                    entry: Box::new(entry.clone()),
+                },
+            );
+        }
+    }
+
+    /// A local presence left.
+    pub(crate) fn presence_gone(&self, mesh_id: &str, key: &str) {
+        if !self.is_shared(mesh_id) {
+            return;
+        }
+        let version = self.next_version();
+        for link in self.links_for(mesh_id) {
+            link.queue_presence(
+                mesh_id,
+                key,
+                Frame::PresenceGone {
+                    mesh_id: mesh_id.to_owned(),
+                    key: key.to_owned(),
+                    version,
+                },
+            );
+        }
+    }
+
+    /// A local member joined or was revoked: announce it.
+    pub(crate) fn member_changed(&self, mesh: &MeshHub, pubkey: &str) {
+        let Some(m) = mesh.member(pubkey) else {
+            return;
+        };
+        if m.home.is_some() {
+            return;
+        }
+        let ann = MemberAnn {
+            member_id: m.id,
+            pubkey: pubkey.to_owned(),
+            display_name: m.display_name,
+            role: m.role,
+            revoked: m.revoked,
+        };
+        for link in self.links_for(&mesh.row.id) {
+            link.queue_members(Frame::Members {
+                mesh_id: mesh.row.id.clone(),
+                members: vec![ann.clone()],
+                full: false,
+            });
+        }
+    }
+
+    /// A local broadcast or group message: forwarded once to each broker with an
+    /// eligible recipient.
+    pub(crate) fn multicast(&self, mesh: &MeshHub, target: &TargetSpec, m: Multicast) -> usize {
+        if !self.is_shared(&mesh.row.id) {
+            return 0;
+        }
+        let mut sent = 0;
+        let frame = Frame::Multicast(Box::new(m));
+        for broker in mesh.remote_brokers_for(target) {
+            if let Some(link) = self.link(&broker)
+                && link.flows(&mesh.row.id)
+            {
+                if link.live.try_send(frame.clone()).is_ok() {
+                    sent += 1;
+                } else {
+                    if let Some(ctx) = self.ctx() {
+                        ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        sent
+    }
+
+    /// A local state write.
+    pub(crate) fn state_set(&self, mesh_id: &str, s: StateSet) {
+        if !self.is_shared(mesh_id) {
+            return;
+        }
+        let frame = Frame::State(Box::new(s));
+        for link in self.links_for(mesh_id) {
+            if link.live.try_send(frame.clone()).is_err()
+                && let Some(ctx) = self.ctx()
+            {
+                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// New outbox rows for `peer` are committed.
+    pub(crate) fn outbox_ready(&self, peer: &str) {
+        if let Some(link) = self.link(peer) {
+            link.outbox_wake.notify_one();
+        }
+    }
+
+    // ---- consent ----------------------------------------------------------------------
+
+    async fn reload_consent(&self) -> Result<bool, StoreError> {
+        let Some(ctx) = self.ctx() else {
+            return Ok(false);
+        };
+        let mut next = Consent::default();
+        for s in ctx.db.shares().await? {
+            next.shares.insert((s.mesh_id, s.peer), s.role);
+        }
+        for r in ctx.db.replicas().await? {
+            let roster: Vec<String> = serde_json::from_str(&r.roster).unwrap_or_default();
+            next.replicas.insert(r.mesh_id, (r.home_broker, roster));
+        }
+        let mut cur = lock(&self.consent);
+        if *cur == next {
+            return Ok(false);
+        }
+        *cur = next;
+        Ok(true)
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.reload_consent().await {
+                Ok(true) => {
+                    self.apply_pending_offers().await;
+                    let links: Vec<Arc<LinkShared>> = lock(&self.links).values().cloned().collect();
+                    for l in links {
+                        self.reconcile_link(&l).await;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => warn!(cause = %e, "reloading federation consent"),
+            }
+        }
+    }
+
+    /// Offers received before the local admin accepted them.
+    async fn apply_pending_offers(&self) {
+        let offers: Vec<MeshOffer> = lock(&self.offers).values().cloned().collect();
+        for offer in offers {
+            let peer = offer_home(&offer);
+            let accepted = lock(&self.consent)
+                .shares
+                .get(&(offer.mesh_id.clone(), peer.clone()))
+                .is_some_and(|r| *r == ShareRole::Accept);
+            if accepted {
+                self.adopt_offer(&peer, &offer).await;
+            }
+        }
+    }
+
+    /// Creates or updates the replica described by an accepted offer.
+    async fn adopt_offer(&self, home: &str, offer: &MeshOffer) {
+        let Some(ctx) = self.ctx() else {
+            return;
+        };
+        let roster = serde_json::to_string(&offer.roster).unwrap_or_else(|_| "[]".into());
+        let known = lock(&self.consent)
+            .replicas
+            .get(&offer.mesh_id)
+            .is_some_and(|(h, r)| h == home && *r == offer.roster);
+        if known {
+            return;
+        }
+        let row = match replica_row(&ctx, offer).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(mesh.id = %offer.mesh_id, cause = %e, "creating a replica");
+                return;
+            }
+        };
+        if let Err(e) = ctx.db.upsert_replica(&row, home, &roster).await {
+            warn!(mesh.id = %offer.mesh_id, cause = %e, "storing a replica");
+            return;
+        }
+        info!(mesh.id = %offer.mesh_id, slug = %row.slug, home, "replica of a shared mesh ready");
+        if let Err(e) = self.reload_consent().await {
+            warn!(cause = %e, "reloading federation consent");
+        }
+        let links: Vec<Arc<LinkShared>> = lock(&self.links).values().cloned().collect();
+        for l in links {
+            self.reconcile_link(&l).await;
+        }
+    }
+
+    /// Brings a link's consent claims and flowing meshes in line with stored consent.
+    async fn reconcile_link(&self, link: &Arc<LinkShared>) {
+        let peer = &*link.peer;
+        let (ready, offers) = {
+            let c = lock(&self.consent);
+            let ready = c.ready_for(peer);
+            let offers: Vec<MeshOffer> = c
+                .shares
+                .iter()
+                .filter(|((_, p), r)| p == peer && **r == ShareRole::Offer)
+                .map(|((m, _), _)| MeshOffer {
+                    mesh_id: m.clone(),
+                    name: String::new(),
+                    slug: String::new(),
+                    roster: c.roster(&self.me, m),
+                })
+                .collect();
+            (ready, offers)
+        };
+        // Homes (re)send their offers, with the mesh's name and current roster.
+        if let Some(ctx) = self.ctx() {
+            for mut o in offers {
+                if let Ok(Some(row)) = ctx.db.mesh_by_id(&o.mesh_id).await {
+                    o.name = row.name;
+                    o.slug = row.slug;
+                    let _ = link.control.send(Frame::MeshOffer(o)).await;
+                }
+            }
+        }
+        let (added, removed) = {
+            let mut claimed = lock(&link.claimed);
+            let added: Vec<String> = ready.difference(&claimed).cloned().collect();
+            let removed: Vec<String> = claimed.difference(&ready).cloned().collect();
+            claimed.clone_from(&ready);
+            (added, removed)
+        };
+        for m in &added {
+            let _ = link
+                .control
+                .send(Frame::MeshReady(MeshClaim { mesh_id: m.clone() }))
+                .await;
+        }
+        for m in &removed {
+            let _ = link
+                .control
+                .send(Frame::MeshWithdraw(MeshClaim { mesh_id: m.clone() }))
+                .await;
+        }
+        self.update_flowing(link).await;
+    }
+
+    /// Recomputes what flows over a link; starts and stops meshes accordingly.
+    async fn update_flowing(&self, link: &Arc<LinkShared>) {
+        let claimed = lock(&link.claimed).clone();
+        let peer_ready = lock(&link.peer_ready).clone();
+        let now_flowing: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
+        let (started, stopped) = {
+            let mut flowing = lock(&link.flowing);
+            let started: Vec<String> = now_flowing.difference(&flowing).cloned().collect();
+            let stopped: Vec<String> = flowing.difference(&now_flowing).cloned().collect();
+            *flowing = now_flowing;
+            (started, stopped)
+        };
+        self.refresh_shared();
+        link.outbox_wake.notify_one();
+        let Some(ctx) = self.ctx() else {
+            return;
+        };
+        let now = now_ms();
+        for m in stopped {
+            info!(peer = %link.peer, mesh.id = %m, "mesh no longer flows over the link");
+            if let Some(hub) = ctx.hub.loaded(&m) {
+                hub.remote_drop(&link.peer, now);
+            }
+            // Messages for the peer in a mesh we no longer share are refused, not kept.
+            if !self.consents(&m, &link.peer) {
+                let _ = ctx
+                    .writer
+                    .send(WriteOp::ForwardRefused {
+                        peer: link.peer.to_string(),
+                        seq: None,
+                        mesh_id: Some(m.clone()),
+                        reason: RejectReason::NotShared.as_str(),
+                        at: now,
+                    })
+                    .await;
+            }
+        }
+        for m in started {
+            info!(peer = %link.peer, mesh.id = %m, "mesh flows over the link");
+            let hub = match ctx.hub.mesh(&ctx.db, &m).await {
+                Ok(Some(h)) => h,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(cause = %e, "loading a shared mesh");
+                    continue;
+                }
+            };
+            let members = hub
+                .local_members()
+                .into_iter()
+                .map(|(pubkey, m)| MemberAnn {
+                    member_id: m.id,
+                    pubkey,
+                    display_name: m.display_name,
+                    role: m.role,
+                    revoked: m.revoked,
+                })
+                .collect();
+            link.queue_members(Frame::Members {
+                mesh_id: m.clone(),
+                members,
+                full: true,
+            });
+            let entries = hub.local_peers(|p| presence_entry(p, self.next_version()));
+            lock(&link.presence).snapshot(
+                &m,
+                Frame::PresenceSnapshot {
+                    mesh_id: m.clone(),
+                    entries,
+                },
+            );
+            link.presence_wake.notify_one();
+            // State converges by newest write: send ours.
+            for (key, v) in hub.state_list() {
+                let _ = link.live.try_send(Frame::State(Box::new(StateSet {
+                    mesh_id: m.clone(),
+                    key,
+                    value: v.value.to_string(),
+                    updated_by: v.updated_by,
+                    updated_at: v.updated_at,
+                    member_pubkey: String::new(),
+                })));
+            }
+        }
+    }
+
+    // ---- the link ---------------------------------------------------------------------
+
+    async fn serve_link(
+        self: Arc<Self>,
+        link: Link,
+        counters: Arc<LinkCounters>,
+        stop: CancellationToken,
+    ) -> Result<(), LinkError> {
+        let Some(ctx) = self.ctx() else {
+            return Ok(());
+        };
+        let peer: Arc<str> = Arc::from(link.peer.as_str());
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (live_tx, live_rx) = mpsc::channel(LIVE_QUEUE);
+        let shared = Arc::new(LinkShared {
+            peer: peer.clone(),
+            peer_ready: Mutex::new(
+                link.peer_hello
+                    .meshes
+                    .iter()
+                    .map(|m| m.mesh_id.clone())
+                    .collect(),
+            ),
+            claimed: Mutex::new(lock(&self.consent).ready_for(&peer)),
+            flowing: Mutex::default(),
+            control: control_tx,
+            presence: Mutex::default(),
+            presence_wake: Notify::new(),
+            live: live_tx,
+            members: Mutex::default(),
+            outbox_wake: Notify::new(),
+            counters: counters.clone(),
+        });
+        let Link { conn, control, .. } = link;
+        lock(&self.links).insert(peer.to_string(), shared.clone());
+        ctx.metrics.fed_links_up.fetch_add(1, Ordering::Relaxed);
+
+        let tasks = TaskTracker::new();
+        let link_stop = stop.child_token();
+        let (done_tx, mut done_rx) = mpsc::channel::<Result<(), LinkError>>(8);
+        let spawn =
+            |fut: Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>>| {
+                let done = done_tx.clone();
+                let stop = link_stop.clone();
+                tasks.spawn(
+                    async move {
+                        let r = tokio::select! {
+                            r = fut => r,
+                            () = stop.cancelled() => Ok(()),
+                        };
+                        let _ = done.send(r).await;
+                    }
+                    .in_current_span(),
+                );
+            };
+        let conn = Arc::new(conn);
+        spawn(Box::pin(control_writer(control.tx, control_rx)));
+        spawn(Box::pin(
+            self.clone().control_reader(shared.clone(), control.rx),
+        ));
+        spawn(Box::pin(self.clone().outbox(shared.clone(), conn.clone())));
+        spawn(Box::pin(presence_writer(shared.clone(), conn.clone())));
+        spawn(Box::pin(live_writer(
+            conn.clone(),
+            live_rx,
+            counters.clone(),
+        )));
+        spawn(Box::pin(self.clone().accept_streams(
+            shared.clone(),
+            conn.clone(),
+            tasks.clone(),
+            done_tx.clone(),
+            link_stop.clone(),
+        )));
+        drop(done_tx);
+        // Start the meshes both sides are ready for.
+        self.reconcile_link(&shared).await;
+
+        let result = tokio::select! {
+            r = done_rx.recv() => r.unwrap_or(Ok(())),
+            () = stop.cancelled() => Ok(()),
+        };
+        link_stop.cancel();
+        if stop.is_cancelled() {
+            conn.close(CloseReason::Shutdown);
+        }
+        tasks.close();
+        tasks.wait().await;
+        // Unregister (unless a newer link for this peer already replaced this one).
+        {
+            let mut links = lock(&self.links);
+            if links.get(&*peer).is_some_and(|l| Arc::ptr_eq(l, &shared)) {
+                links.remove(&*peer);
+            }
+        }
+        self.refresh_shared();
+        ctx.metrics.fed_links_up.fetch_sub(1, Ordering::Relaxed);
+        self.schedule_presence_expiry(peer, lock(&shared.flowing).clone());
+        result
+    }
+
+    /// Peers of a lost link stay listed for `presence_grace`, then leave (unless the
+    /// link came back, whose snapshot replaced them).
+    fn schedule_presence_expiry(self: &Arc<Self>, peer: Arc<str>, meshes: HashSet<String>) {
+        let me = self.clone();
+        let grace = self.cfg.presence_grace;
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = me.stop.cancelled() => return,
+                () = tokio::time::sleep(grace) => {}
+            }
+            if me.link(&peer).is_some() {
+                return;
+            }
+            let Some(ctx) = me.ctx() else { return };
+            let now = now_ms();
+            for m in meshes {
+                if let Some(hub) = ctx.hub.loaded(&m) {
+                    hub.remote_drop(&peer, now);
+                }
+            }
+            debug!(peer = %peer, "presence of a lost link expired");
+        });
+    }
+
+    async fn control_reader(
+        self: Arc<Self>,
+        link: Arc<LinkShared>,
+        mut rx: FrameReader,
+    ) -> Result<(), LinkError> {
+        while let Some(frame) = rx.recv().await? {
+            link.counters.received.fetch_add(1, Ordering::Relaxed);
+            if !frame.allowed_on(None) {
+                return Err(protocol_error(&frame, "control"));
+            }
+            match frame {
+                Frame::MeshOffer(offer) => {
+                    if !offer
+                        .roster
+                        .iter()
+                        .any(|b| b.eq_ignore_ascii_case(&link.peer))
+                    {
+                        warn!(mesh.id = %offer.mesh_id, "offer whose roster omits its home; ignored");
+                        continue;
+                    }
+                    let mut o = offer.clone();
+                    o.roster.retain(|b| !b.is_empty());
+                    // The home is the sender; remember it with the offer.
+                    let key = (o.mesh_id.clone(), link.peer.to_string());
+                    lock(&self.offers).insert(key, with_home(o.clone(), &link.peer));
+                    let accepted = lock(&self.consent)
+                        .shares
+                        .get(&(o.mesh_id.clone(), link.peer.to_string()))
+                        .is_some_and(|r| *r == ShareRole::Accept);
+                    if accepted {
+                        self.adopt_offer(&link.peer, &o).await;
+                    } else {
+                        debug!(mesh.id = %o.mesh_id, "offer received; not accepted here (yet)");
+                    }
+                }
+                Frame::MeshReady(c) => {
+                    lock(&link.peer_ready).insert(c.mesh_id);
+                    self.update_flowing(&link).await;
+                }
+                Frame::MeshWithdraw(c) => {
+                    lock(&link.peer_ready).remove(&c.mesh_id);
+                    self.update_flowing(&link).await;
+                }
+                Frame::Close(reason) => return Err(LinkError::Closed(reason)),
+                other => return Err(protocol_error(&other, "control")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends member announcements and the durable outbox; reads acks on the same stream.
+    async fn outbox(
+        self: Arc<Self>,
+        link: Arc<LinkShared>,
+        conn: Arc<LinkConn>,
+    ) -> Result<(), LinkError> {
+        let Some(ctx) = self.ctx() else { return Ok(()) };
+        let (mut tx, rx) = conn.open(StreamClass::Messages).await?;
+        let Some(mut rx) = rx else {
+            return Err(LinkError::Io("messages stream without a reply half".into()));
+        };
+        let window = self.cfg.outbox_window;
+        let inflight: Arc<Mutex<VecDeque<i64>>> = Arc::default();
+        let acked = Arc::new(Notify::new());
+        let peer = link.peer.to_string();
+        // Acks and rejects come back on the reply half.
+        let ack_reader = {
+            let inflight = inflight.clone();
+            let acked = acked.clone();
+            let ctx = ctx.clone();
+            let peer = peer.clone();
+            let counters = link.counters.clone();
+            async move {
+                while let Some(frame) = rx.recv().await? {
+                    match frame {
+                        Frame::Ack { seq } => {
+                            let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                            {
+                                let mut q = lock(&inflight);
+                                while q.front().is_some_and(|s| *s <= seq) {
+                                    q.pop_front();
+                                }
+                            }
+                            acked.notify_one();
+                            let _ = ctx
+                                .writer
+                                .send(WriteOp::Forwarded {
+                                    peer: peer.clone(),
+                                    upto: seq,
+                                    at: now_ms(),
+                                })
+                                .await;
+                        }
+                        Frame::Reject { seq, reason } => {
+                            counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                seq,
+                                reason = reason.as_str(),
+                                "peer refused a forwarded message"
+                            );
+                            let _ = ctx
+                                .writer
+                                .send(WriteOp::ForwardRefused {
+                                    peer: peer.clone(),
+                                    seq: Some(i64::try_from(seq).unwrap_or(i64::MAX)),
+                                    mesh_id: None,
+                                    reason: reason.as_str(),
+                                    at: now_ms(),
+                                })
+                                .await;
+                        }
+                        other => return Err(protocol_error(&other, "messages reply")),
+                    }
+                }
+                Ok::<(), LinkError>(())
+            }
+        };
+        let sender = async {
+            let max_seen = self.resend_mark(&peer);
+            let mut after: i64 = 0;
+            let mut buf: Vec<u8> = Vec::new();
+            loop {
+                let members: Vec<Frame> = lock(&link.members).drain(..).collect();
+                for f in &members {
+                    tx.send(f).await?;
+                    link.counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                let room = window.saturating_sub(lock(&inflight).len());
+                if room == 0 {
+                    acked.notified().await;
+                    continue;
+                }
+                let wake = link.outbox_wake.notified();
+                tokio::pin!(wake);
+                wake.as_mut().enable();
+                let limit = OUTBOX_PAGE.min(i64::try_from(room).unwrap_or(OUTBOX_PAGE));
+                let rows = ctx
+                    .db
+                    .outbox_page(&peer, after, limit)
+                    .await
+                    .map_err(|e| LinkError::Io(format!("reading the outbox: {e}")))?;
+                if rows.is_empty() {
+                    let queued = ctx.db.outbox_len(&peer).await.unwrap_or(0);
+                    link.counters
+                        .queued
+                        .store(u64::try_from(queued).unwrap_or(0), Ordering::Relaxed);
+                    wake.await;
+                    continue;
+                }
+                buf.clear();
+                let mut sent = Vec::with_capacity(rows.len());
+                let mut blocked = false;
+                for row in rows {
+                    if !link.flows(&row.mesh_id) {
+                        // Not (or no longer) shared with this peer: refuse locally. A
+                        // mesh that merely has not started flowing yet waits instead
+                        // (order: nothing after it may overtake it).
+                        if self.consents(&row.mesh_id, &peer) {
+                            blocked = true;
+                            break;
+                        }
+                        after = row.seq;
+                        let _ = ctx
+                            .writer
+                            .send(WriteOp::ForwardRefused {
+                                peer: peer.clone(),
+                                seq: Some(row.seq),
+                                mesh_id: None,
+                                reason: RejectReason::NotShared.as_str(),
+                                at: now_ms(),
+                            })
+                            .await;
+                        continue;
+                    }
+                    let seq = row.seq;
+                    after = seq;
+                    let frame = Frame::Dm(Box::new(outbox_dm(row)));
+                    let bytes = fed::encode(&frame, tx.max())?;
+                    buf.extend_from_slice(&bytes);
+                    sent.push(seq);
+                }
+                if blocked && sent.is_empty() {
+                    // Woken when the mesh starts flowing (or new rows arrive).
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wake).await;
+                    continue;
+                }
+                let resent = sent
+                    .iter()
+                    .filter(|s| u64::try_from(**s).unwrap_or(0) <= max_seen.load(Ordering::Relaxed))
+                    .count();
+                if let Some(last) = sent.last() {
+                    max_seen.fetch_max(u64::try_from(*last).unwrap_or(0), Ordering::Relaxed);
+                }
+                lock(&inflight).extend(sent.iter().copied());
+                tx.send_raw(&buf).await?;
+                link.counters
+                    .sent
+                    .fetch_add(sent.len() as u64, Ordering::Relaxed);
+                link.counters
+                    .resent
+                    .fetch_add(resent as u64, Ordering::Relaxed);
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), LinkError>(())
+        };
+        tokio::select! {
+            r = ack_reader => r,
+            r = sender => r,
+        }
+    }
+
+    /// Accepts the streams the peer opens and serves each by its class.
+    async fn accept_streams(
+        self: Arc<Self>,
+        link: Arc<LinkShared>,
+        conn: Arc<LinkConn>,
+        tasks: TaskTracker,
+        done: mpsc::Sender<Result<(), LinkError>>,
+        stop: CancellationToken,
+    ) -> Result<(), LinkError> {
+        loop {
+            let incoming = conn.accept_stream().await?;
+            let fut: Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> =
+                match incoming.class {
+                    StreamClass::Messages => {
+                        let Some(tx) = incoming.tx else {
+                            return Err(LinkError::Io(
+                                "messages stream without a reply half".into(),
+                            ));
+                        };
+                        Box::pin(self.clone().inbound_messages(link.clone(), incoming.rx, tx))
+                    }
+                    StreamClass::Presence => {
+                        Box::pin(self.clone().inbound_presence(link.clone(), incoming.rx))
+                    }
+                    StreamClass::Live => {
+                        Box::pin(self.clone().inbound_live(link.clone(), incoming.rx))
+                    }
+                };
+            let done = done.clone();
+            let stop = stop.clone();
+            tasks.spawn(
+                async move {
+                    let r = tokio::select! {
+                        r = fut => r,
+                        () = stop.cancelled() => Ok(()),
+                    };
+                    if r.is_err() {
+                        let _ = done.send(r).await;
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    /// The peer's members and durable messages: stored (with the de-duplication cursor)
+    /// before they are acknowledged, in order.
+    async fn inbound_messages(
+        self: Arc<Self>,
+        link: Arc<LinkShared>,
+        mut rx: FrameReader,
+        mut tx: FrameWriter,
+    ) -> Result<(), LinkError> {
+        let Some(ctx) = self.ctx() else { return Ok(()) };
+        let peer = link.peer.to_string();
+        // Everything a previous link of this peer queued is committed before the cursor
+        // is read, so the cursor is exact.
+        let _ = ctx.writer.flush().await;
+        let high = ctx
+            .db
+            .inbox_high(&peer)
+            .await
+            .map_err(|e| LinkError::Io(format!("reading the inbox cursor: {e}")))?;
+        let mut cursor = fed::InboxCursor {
+            high: u64::try_from(high).unwrap_or(0),
+        };
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(self.cfg.outbox_window * 2);
+        let acker = async move {
+            let mut upto: Option<u64> = None;
+            while let Some(p) = pending_rx.recv().await {
+                let mut batch = vec![p];
+                while let Ok(more) = pending_rx.try_recv() {
+                    batch.push(more);
+                }
+                for p in batch {
+                    match p {
+                        Pending::Stored(seq, reply) => match reply.await {
+                            Ok(Ok(())) => upto = Some(seq),
+                            Ok(Err(e)) => {
+                                return Err(LinkError::Io(format!(
+                                    "storing a forwarded message: {e}"
+                                )));
+                            }
+                            Err(_) => {
+                                return Err(LinkError::Io("the store is shutting down".into()));
+                            }
+                        },
+                        Pending::Done(seq) => upto = Some(seq),
+                        Pending::Rejected(seq, reason) => {
+                            tx.send(&Frame::Reject { seq, reason }).await?;
+                            upto = Some(seq);
+                        }
+                    }
+                }
+                if let Some(seq) = upto.take() {
+                    tx.send(&Frame::Ack { seq }).await?;
+                }
+            }
+            Ok::<(), LinkError>(())
+        };
+        let reader = async {
+            while let Some(frame) = rx.recv().await? {
+                link.counters.received.fetch_add(1, Ordering::Relaxed);
+                match frame {
+                    Frame::Members {
+                        mesh_id,
+                        members,
+                        full: _,
+                    } => self.apply_members(&ctx, &link, &mesh_id, &members).await,
+                    Frame::Dm(dm) => {
+                        let seq = dm.seq;
+                        if !cursor.admit(seq) {
+                            let _ = pending_tx.send(Pending::Done(seq)).await;
+                            continue;
+                        }
+                        let p = match self.accept_dm(&ctx, &link, *dm).await {
+                            Ok(reply) => Pending::Stored(seq, reply),
+                            Err(reason) => {
+                                link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                                ctx.metrics.fed_refused.inc(reason.as_str());
+                                Pending::Rejected(seq, reason)
+                            }
+                        };
+                        if pending_tx.send(p).await.is_err() {
+                            break;
+                        }
+                    }
+                    other => return Err(protocol_error(&other, "messages")),
+                }
+            }
+            Ok::<(), LinkError>(())
+        };
+        tokio::select! {
+            r = reader => r,
+            r = acker => r,
+        }
+    }
+
+    async fn apply_members(
+        &self,
+        ctx: &Ctx,
+        link: &LinkShared,
+        mesh_id: &str,
+        members: &[MemberAnn],
+    ) {
+        if !link.flows(mesh_id) {
+            ctx.metrics
+                .fed_refused
+                .inc(RejectReason::NotShared.as_str());
+            return;
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, mesh_id).await else {
+            return;
+        };
+        let now = now_ms();
+        for ann in members {
+            if meshd_protocol::Pubkey::parse_hex(&ann.pubkey).is_err()
+                || ann.member_id.is_empty()
+                || ann.member_id.len() > 64
+            {
+                ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+                continue;
+            }
+            match ctx
+                .db
+                .upsert_remote_member(mesh_id, &link.peer, ann, now)
+                .await
+            {
+                Ok(MemberUpsert::Applied { .. }) => {
+                    if let Ok(Some(row)) = ctx.db.member_by_pubkey(mesh_id, &ann.pubkey).await {
+                        hub.upsert_member(&ann.pubkey, member_info(&row));
+                        if row.revoked_at.is_some() {
+                            hub.revoke(&ann.pubkey);
+                        }
+                    }
+                }
+                Ok(MemberUpsert::Forged) => {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .fed_refused
+                        .inc(RejectReason::ForgedSender.as_str());
+                    warn!(mesh.id = %mesh_id, member = %ann.pubkey, "peer announced a member it does not host; refused");
+                }
+                Err(e) => warn!(cause = %e, "storing a remote member"),
+            }
+        }
+    }
+
+    /// Validates a forwarded DM and queues its insert (with the inbox cursor).
+    async fn accept_dm(
+        &self,
+        ctx: &Ctx,
+        link: &LinkShared,
+        dm: Dm,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, RejectReason> {
+        if !link.flows(&dm.mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &dm.mesh_id).await else {
+            return Err(RejectReason::NotShared);
+        };
+        if !hub.hosted_by(&link.peer, &dm.sender_member_pubkey)
+            || hub.member(&dm.sender_member_pubkey).is_none()
+        {
+            warn!(sender = %dm.sender_member_pubkey, "forwarded message from a member the peer does not host; refused");
+            return Err(RejectReason::ForgedSender);
+        }
+        if hub.member_revoked(&dm.sender_member_pubkey) {
+            return Err(RejectReason::Revoked);
+        }
+        let priority = Priority::from_rank(dm.priority).ok_or(RejectReason::Invalid)?;
+        let size = dm.nonce.len() + dm.ciphertext.len() + dm.target_spec.len();
+        if size > ctx.config.limits.max_message_bytes || dm.id.is_empty() || dm.id.len() > 64 {
+            return Err(RejectReason::Invalid);
+        }
+        let route = hub.route_direct(&dm.target_key, priority, 0);
+        let target = match route {
+            DirectRoute::Deliver(t) => Some(t),
+            DirectRoute::Queue => None,
+            // One hop: a broker never forwards what a peer forwarded to it.
+            DirectRoute::Remote(_) | DirectRoute::Unknown => {
+                return Err(RejectReason::UnknownRecipient);
+            }
+            DirectRoute::Revoked => return Err(RejectReason::Revoked),
+        };
+        let push = BrokerFrame::Push(Push {
+            message_id: dm.id.clone(),
+            mesh_id: dm.mesh_id.clone(),
+            sender_pubkey: dm.sender_pubkey.clone(),
+            priority: priority.as_str(),
+            nonce: dm.nonce.clone(),
+            ciphertext: dm.ciphertext.clone(),
+            created_at: meshd_protocol::time::iso8601_ms(dm.created_at),
+            subtype: dm
+                .subtype
+                .as_deref()
+                .and_then(crate::session::known_subtype),
+            event: None,
+            event_data: None,
+            sender_member_pubkey: Some(dm.sender_member_pubkey.clone()),
+            sender_member_id: Some(dm.sender_member_id.clone()),
+            sender_name: Some(dm.sender_name.clone()),
+            client_message_id: dm.client_message_id.clone(),
+        });
+        let frame = Utf8Bytes::from(push.to_json());
+        let now = now_ms();
+        let delivery = target.map(|t| {
+            let acks = t.acks.load(Ordering::SeqCst);
+            let lease = i64::try_from(ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
+            Delivery {
+                target: t,
+                frame,
+                lease_until: if acks {
+                    now.saturating_add(lease)
+                } else {
+                    i64::MAX
+                },
+            }
+        });
+        let seq = i64::try_from(dm.seq).unwrap_or(i64::MAX);
+        let row = NewMessage {
+            id: dm.id,
+            mesh_id: dm.mesh_id,
+            sender_member_id: dm.sender_member_id,
+            sender_pubkey: dm.sender_pubkey,
+            sender_member_pubkey: dm.sender_member_pubkey,
+            sender_name: dm.sender_name,
+            target_spec: dm.target_spec,
+            target_key: Some(dm.target_key.clone()),
+            priority: dm.priority,
+            nonce: dm.nonce,
+            ciphertext: dm.ciphertext,
+            subtype: dm.subtype,
+            client_message_id: dm.client_message_id,
+            created_at: dm.created_at,
+            expires_at: dm.expires_at,
+            delivered_at: None,
+            lease_conn: None,
+            lease_until: None,
+            forward_to: None,
+            inbox: Some((link.peer.to_string(), seq)),
+        };
+        let (reply, rx) = oneshot::channel();
+        let op = WriteOp::Insert {
+            row: Box::new(row),
+            delivery,
+            direct: Some(DirectKey {
+                mesh: hub,
+                key: dm.target_key,
+            }),
+            reply,
+        };
+        if ctx.writer.send(op).await.is_err() {
+            return Err(RejectReason::Invalid);
+        }
+        ctx.metrics.fed_received.fetch_add(1, Ordering::Relaxed);
+        Ok(rx)
+    }
+
+    async fn inbound_presence(
+        self: Arc<Self>,
+        link: Arc<LinkShared>,
+        mut rx: FrameReader,
+    ) -> Result<(), LinkError> {
+        let Some(ctx) = self.ctx() else { return Ok(()) };
+        while let Some(frame) = rx.recv().await? {
+            link.counters.received.fetch_add(1, Ordering::Relaxed);
+            let now = now_ms();
+            let mesh_id = match &frame {
+                Frame::PresenceSnapshot { mesh_id, .. }
+                | Frame::PresenceUpsert { mesh_id, .. }
+                | Frame::PresenceGone { mesh_id, .. } => mesh_id.clone(),
+                other => return Err(protocol_error(other, "presence")),
+            };
+            if !link.flows(&mesh_id) {
+                ctx.metrics
+                    .fed_refused
+                    .inc(RejectReason::NotShared.as_str());
+                continue;
+            }
+            let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh_id).await else {
+                continue;
+            };
+            let refused = match frame {
+                Frame::PresenceSnapshot { entries, .. } => {
+                    hub.remote_replace(&link.peer, entries, now)
+                }
+                Frame::PresenceUpsert { entry, .. } => {
+                    usize::from(!hub.remote_upsert(&link.peer, *entry, now))
+                }
+                Frame::PresenceGone { key, version, .. } => {
+                    hub.remote_gone(&link.peer, &key, version, now);
+                    0
+                }
+                _ => 0,
+            };
+            if refused > 0 {
+                link.counters
+                    .refused
+                    .fetch_add(refused as u64, Ordering::Relaxed);
+                ctx.metrics
+                    .fed_refused
+                    .inc_by(RejectReason::ForgedSender.as_str(), refused as u64);
+            }
+        }
+        Ok(())
+    }
+
+    async fn inbound_live(
+        self: Arc<Self>,
+        link: Arc<LinkShared>,
+        mut rx: FrameReader,
+    ) -> Result<(), LinkError> {
+        let Some(ctx) = self.ctx() else { return Ok(()) };
+        while let Some(frame) = rx.recv().await? {
+            link.counters.received.fetch_add(1, Ordering::Relaxed);
+            match frame {
+                Frame::Multicast(m) => {
+                    if let Err(reason) = self.deliver_multicast(&ctx, &link, *m).await {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
+                Frame::State(s) => {
+                    if !link.flows(&s.mesh_id) {
+                        ctx.metrics
+                            .fed_refused
+                            .inc(RejectReason::NotShared.as_str());
+                        continue;
+                    }
+                    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &s.mesh_id).await else {
+                        continue;
+                    };
+                    // Writes by a peer's member must come from that member's broker; a
+                    // snapshot's entries (no member) are accepted as newest-wins data.
+                    if !s.member_pubkey.is_empty() && !hub.hosted_by(&link.peer, &s.member_pubkey) {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics
+                            .fed_refused
+                            .inc(RejectReason::ForgedSender.as_str());
+                        continue;
+                    }
+                    if s.key.len() > 1024
+                        || s.value.len() > ctx.config.limits.max_state_value_bytes
+                        || serde_json::from_str::<&serde_json::value::RawValue>(&s.value).is_err()
+                    {
+                        ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+                        continue;
+                    }
+                    let value: Arc<str> = Arc::from(s.value.as_str());
+                    let applied = hub.state_apply_remote(
+                        &s.key,
+                        StateValue {
+                            value: value.clone(),
+                            updated_by: s.updated_by.clone(),
+                            updated_at: s.updated_at,
+                        },
+                    );
+                    if applied {
+                        let _ = ctx
+                            .writer
+                            .send(WriteOp::SetState {
+                                mesh_id: s.mesh_id,
+                                key: s.key,
+                                value,
+                                updated_by: s.updated_by,
+                                at: s.updated_at,
+                            })
+                            .await;
+                    }
+                }
+                other => return Err(protocol_error(&other, "live")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver_multicast(
+        &self,
+        ctx: &Ctx,
+        link: &LinkShared,
+        m: Multicast,
+    ) -> Result<(), RejectReason> {
+        if !link.flows(&m.mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
+            return Err(RejectReason::NotShared);
+        };
+        if !hub.hosted_by(&link.peer, &m.sender_member_pubkey) {
+            return Err(RejectReason::ForgedSender);
+        }
+        let Ok(target @ (TargetSpec::Broadcast | TargetSpec::Group(_))) =
+            TargetSpec::parse(&m.target_spec)
+        else {
+            return Err(RejectReason::Invalid);
+        };
+        let priority = Priority::from_rank(m.priority).ok_or(RejectReason::Invalid)?;
+        if m.nonce.len() + m.ciphertext.len() > ctx.config.limits.max_message_bytes {
+            return Err(RejectReason::Invalid);
+        }
+        let push = BrokerFrame::Push(Push {
+            message_id: m.id,
+            mesh_id: m.mesh_id,
+            sender_pubkey: m.sender_pubkey,
+            priority: priority.as_str(),
+            nonce: m.nonce,
+            ciphertext: m.ciphertext,
+            created_at: meshd_protocol::time::iso8601_ms(m.created_at),
+            subtype: None,
+            event: None,
+            event_data: None,
+            sender_member_pubkey: Some(m.sender_member_pubkey),
+            sender_member_id: Some(m.sender_member_id),
+            sender_name: Some(m.sender_name),
+            client_message_id: m.client_message_id,
+        });
+        let frame = Utf8Bytes::from(push.to_json());
+        // Connection 0 is nobody: every eligible local peer receives it.
+        let (delivered, dropped) = hub.fan_out(&target, 0, &frame);
+        ctx.metrics
+            .multicast_deliveries
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        ctx.metrics
+            .fanout_dropped
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl LinkHandler for Fed {
+    fn hello(&self, peer: &str) -> Hello {
+        let meshes = lock(&self.consent)
+            .ready_for(peer)
+            .into_iter()
+            .map(|mesh_id| MeshClaim { mesh_id })
+            .collect();
+        Hello {
+            version: fed::VERSION,
+            broker: self.me.to_string(),
+            caps: vec![
+                "dm".into(),
+                "multicast".into(),
+                "presence".into(),
+                "state".into(),
+            ],
+            meshes,
+        }
+    }
+
+    fn run(
+        self: Arc<Self>,
+        link: Link,
+        counters: Arc<LinkCounters>,
+        stop: CancellationToken,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> {
+        Box::pin(self.serve_link(link, counters, stop))
+    }
+}
+
+/// An inbound message's fate, in arrival order.
+enum Pending {
+    Stored(u64, oneshot::Receiver<Result<(), StoreError>>),
+    Done(u64),
+    Rejected(u64, RejectReason),
+}
+
+fn protocol_error(frame: &Frame, stream: &str) -> LinkError {
+    LinkError::Io(format!(
+        "unexpected {} frame on the {stream} stream",
+        frame.kind()
+    ))
+}
+
+fn offer_home(offer: &MeshOffer) -> String {
+    // `with_home` stores the home as the roster's first entry marker.
+    offer
+        .roster
+        .first()
+        .and_then(|h| h.strip_prefix("home:"))
+        .map(str::to_owned)
+        .unwrap_or_default()
+}
+
+fn with_home(mut offer: MeshOffer, home: &str) -> MeshOffer {
+    offer.roster.insert(0, format!("home:{home}"));
+    offer
+}
+
+async fn replica_row(ctx: &Ctx, offer: &MeshOffer) -> Result<MeshRow, crate::admin::AdminError> {
+    if let Some(row) = ctx.db.mesh_by_id(&offer.mesh_id).await? {
+        return Ok(row);
+    }
+    crate::admin::replica_mesh_row(ctx, &offer.mesh_id, &offer.name, &offer.slug).await
+}
+
+fn outbox_dm(row: crate::store::OutboxRow) -> Dm {
+    Dm {
+        seq: u64::try_from(row.seq).unwrap_or(0),
+        mesh_id: row.mesh_id,
+        id: row.id,
+        sender_member_id: row.sender_member_id,
+        sender_member_pubkey: row.sender_member_pubkey,
+        sender_pubkey: row.sender_pubkey,
+        sender_name: row.sender_name,
+        target_spec: row.target_spec,
+        target_key: row.target_key.unwrap_or_default(),
+        priority: row.priority,
+        nonce: row.nonce,
+        ciphertext: row.ciphertext,
+        subtype: row.subtype,
+        client_message_id: row.client_message_id,
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+    }
+}
+
+/// A local presence as announced to peer brokers.
+fn presence_entry(p: &Peer, version: u64) -> PresenceEntry {
+    PresenceEntry {
+        key: p.routing_key().to_owned(),
+        member_pubkey: p.member_pubkey.clone(),
+        member_id: p.member_id.clone(),
+        version,
+        display_name: p.display_name.clone(),
+        status: p.status.status.as_str().to_owned(),
+        summary: p.summary.clone(),
+        groups: p
+            .groups
+            .iter()
+            .map(|g| fed::Group {
+                name: g.name.clone(),
+                role: g.role.clone(),
+            })
+            .collect(),
+        visible: p.visible,
+        session_id: p.session_id.clone(),
+        connected_at: p.connected_at,
+        cwd: p.cwd.clone(),
+        hostname: p.hostname.clone(),
+        peer_type: p.peer_type.clone(),
+        channel: p.channel.clone(),
+        model: p.model.clone(),
+        peer_role: p.peer_role.to_owned(),
+        profile: serde_json::to_string(&p.profile).unwrap_or_else(|_| "{}".into()),
+        stats: p.stats.and_then(|s| serde_json::to_string(&s).ok()),
+    }
+}
+
+async fn control_writer(
+    mut tx: FrameWriter,
+    mut rx: mpsc::Receiver<Frame>,
+) -> Result<(), LinkError> {
+    while let Some(f) = rx.recv().await {
+        tx.send(&f).await?;
+    }
+    Ok(())
+}
+
+async fn presence_writer(link: Arc<LinkShared>, conn: Arc<LinkConn>) -> Result<(), LinkError> {
+    let (mut tx, _) = conn.open(StreamClass::Presence).await?;
+    loop {
+        let wake = link.presence_wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let frames = lock(&link.presence).take();
+        if frames.is_empty() {
+            wake.await;
+            continue;
+        }
+        let mut buf = Vec::new();
+        for f in &frames {
+            buf.extend_from_slice(&fed::encode(f, tx.max())?);
+        }
+        tx.send_raw(&buf).await?;
+        link.counters
+            .sent
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn live_writer(
+    conn: Arc<LinkConn>,
+    mut rx: mpsc::Receiver<Frame>,
+    counters: Arc<LinkCounters>,
+) -> Result<(), LinkError> {
+    let (mut tx, _) = conn.open(StreamClass::Live).await?;
+    let mut batch = Vec::new();
+    let mut buf = Vec::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        buf.clear();
+        for f in batch.drain(..) {
+            match fed::encode(&f, tx.max()) {
+                Ok(b) => buf.extend_from_slice(&b),
+                Err(e) => warn!(cause = %e, "live frame not forwarded"),
+            }
+            counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        tx.send_raw(&buf).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,688 @@
+//! The broker-to-broker wire contract (federation), sans-IO.
+//!
+//! Brokers talk over one QUIC connection per pair (ALPN [`ALPN`]). Every stream carries
+//! length-prefixed [postcard] frames: a 4-byte big-endian length, then the body. The
+//! length is checked against a cap *before* anything is allocated ([`frame_len`]).
+//!
+//! Streams and what they carry (one traffic class each, so a backlog of one never
+//! delays another):
+//! - *control* (bidirectional, opened by the dialer): [`Frame::Hello`] both ways first,
+//!   then mesh consent ([`Frame::MeshOffer`], [`Frame::MeshReady`],
+//!   [`Frame::MeshWithdraw`]) and [`Frame::Close`];
+//! - *messages* (bidirectional, one per direction, opened by the sending side): member
+//!   announcements and durable direct messages in order, answered on the same stream by
+//!   [`Frame::Ack`] / [`Frame::Reject`] — members travel ahead of the messages that
+//!   depend on them;
+//! - *presence* (unidirectional): snapshots, upserts and departures of sessions;
+//! - *live* (unidirectional): broadcasts, group messages and shared-state changes.
+//!
+//! The first byte of every stream other than control names its [`StreamClass`].
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN protocol id of federation links.
+pub const ALPN: &[u8] = b"meshd-fed/1";
+/// Version carried in the hello; a peer with another major version is refused.
+pub const VERSION: u16 = 1;
+/// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
+pub const DEFAULT_PORT: u16 = 7901;
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Which traffic a stream carries (its first byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamClass {
+    /// Durable direct messages and member announcements (bidirectional).
+    Messages = 1,
+    /// Presence (unidirectional).
+    Presence = 2,
+    /// Broadcasts, groups and state (unidirectional).
+    Live = 3,
+}
+
+impl StreamClass {
+    /// The class named by a stream's first byte.
+    pub const fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Messages),
+            2 => Some(Self::Presence),
+            3 => Some(Self::Live),
+            _ => None,
+        }
+    }
+}
+
+/// A mesh this broker is ready to exchange with the peer (its side of the consent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshClaim {
+    /// Mesh id (the same on every broker of the mesh).
+    pub mesh_id: String,
+}
+
+/// First frame on the control stream, both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`VERSION`].
+    pub version: u16,
+    /// The sender's broker name; must equal the name its certificate was accepted for.
+    pub broker: String,
+    /// Optional features the sender understands.
+    pub caps: Vec<String>,
+    /// Meshes the sender is ready to exchange with this peer right now.
+    pub meshes: Vec<MeshClaim>,
+}
+
+/// The home broker's description of a shared mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshOffer {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Display name.
+    pub name: String,
+    /// Slug on the home broker.
+    pub slug: String,
+    /// Every broker the home shares the mesh with, the home included; replicas link
+    /// with each other only when both are on it.
+    pub roster: Vec<String>,
+}
+
+/// A member the sending broker hosts (or revoked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAnn {
+    /// Member id.
+    pub member_id: String,
+    /// Ed25519 public key, hex.
+    pub pubkey: String,
+    /// Display name.
+    pub display_name: String,
+    /// Role.
+    pub role: String,
+    /// Revoked members stay listed so the revocation reaches every broker.
+    pub revoked: bool,
+}
+
+/// A durable direct message forwarded to the broker hosting its recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dm {
+    /// Position in the sending broker's outbox for this link: strictly increasing per
+    /// link, not contiguous. The receiver de-duplicates by (sender broker, seq).
+    pub seq: u64,
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Message id, kept end to end.
+    pub id: String,
+    /// Sending member.
+    pub sender_member_id: String,
+    /// Sending member's key (must be hosted by the sending broker).
+    pub sender_member_pubkey: String,
+    /// The sender's routing key (session key or member key).
+    pub sender_pubkey: String,
+    /// Sender's display name.
+    pub sender_name: String,
+    /// The target spec the client used.
+    pub target_spec: String,
+    /// Recipient key (member or session).
+    pub target_key: String,
+    /// Priority rank (see `routing::Priority::rank`).
+    pub priority: i64,
+    /// E2E nonce, untouched.
+    pub nonce: String,
+    /// E2E ciphertext, untouched.
+    pub ciphertext: String,
+    /// Subtype, if any.
+    pub subtype: Option<String>,
+    /// The sender's client message id.
+    pub client_message_id: Option<String>,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Expiry (ms).
+    pub expires_at: i64,
+}
+
+/// A broadcast or group message, live-only, delivered by the receiver to its own peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Multicast {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Message id.
+    pub id: String,
+    /// Sending member.
+    pub sender_member_id: String,
+    /// Sending member's key.
+    pub sender_member_pubkey: String,
+    /// Sender's routing key.
+    pub sender_pubkey: String,
+    /// Sender's display name.
+    pub sender_name: String,
+    /// `*` or `@group`.
+    pub target_spec: String,
+    /// Priority rank.
+    pub priority: i64,
+    /// Nonce.
+    pub nonce: String,
+    /// Ciphertext.
+    pub ciphertext: String,
+    /// The sender's client message id.
+    pub client_message_id: Option<String>,
+    /// Creation time (ms).
+    pub created_at: i64,
+}
+
+/// A shared-state write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Key.
+    pub key: String,
+    /// Value as JSON text.
+    pub value: String,
+    /// Writer's display name.
+    pub updated_by: String,
+    /// Write time (ms); the newest write wins on every broker.
+    pub updated_at: i64,
+    /// The writing member's key (must be hosted by the sending broker).
+    pub member_pubkey: String,
+}
+
+/// A group membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Option<String>,
+}
+
+/// The latest state of one session, as its hosting broker sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    /// Routing key (session key, else member key); unique per broker and mesh.
+    pub key: String,
+    /// Member key behind the session.
+    pub member_pubkey: String,
+    /// Member id.
+    pub member_id: String,
+    /// Update version, increasing per origin broker; an older one never wins.
+    pub version: u64,
+    /// Display name.
+    pub display_name: String,
+    /// `idle`, `working` or `dnd`.
+    pub status: String,
+    /// Summary.
+    pub summary: Option<String>,
+    /// Groups.
+    pub groups: Vec<Group>,
+    /// Visible to others.
+    pub visible: bool,
+    /// Client session id.
+    pub session_id: String,
+    /// Connect time (ms).
+    pub connected_at: i64,
+    /// Working directory.
+    pub cwd: String,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// Peer type.
+    pub peer_type: Option<String>,
+    /// Channel.
+    pub channel: Option<String>,
+    /// Model.
+    pub model: Option<String>,
+    /// `control-plane` or `session`.
+    pub peer_role: String,
+    /// Profile as a JSON object text (`{}` when empty).
+    pub profile: String,
+    /// Stats as JSON text, if reported.
+    pub stats: Option<String>,
+}
+
+/// Why a receiver refused a forwarded message (it is not retried).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The sender is not a member the sending broker hosts.
+    ForgedSender,
+    /// The mesh is not shared between the two brokers (any more).
+    NotShared,
+    /// No member or session of the mesh on this broker has the target key.
+    UnknownRecipient,
+    /// The recipient was revoked.
+    Revoked,
+    /// The frame broke a limit or rule.
+    Invalid,
+}
+
+impl RejectReason {
+    /// Stable label for metrics and `message_status`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ForgedSender => "forged_sender",
+            Self::NotShared => "not_shared",
+            Self::UnknownRecipient => "unknown_recipient",
+            Self::Revoked => "revoked",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+/// Why a link was closed (sent in [`Frame::Close`] and kept as the link's last error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloseReason {
+    /// The broker is shutting down.
+    Shutdown,
+    /// A second connection between the same pair won the tie-break.
+    Duplicate,
+    /// The peer broke the protocol.
+    Protocol,
+    /// Versions do not match.
+    Version,
+    /// The hello's broker name differs from the certificate's.
+    NameMismatch,
+    /// The peer is not (or no longer) configured.
+    NotConfigured,
+}
+
+impl CloseReason {
+    /// QUIC application close code.
+    pub const fn code(self) -> u32 {
+        match self {
+            Self::Shutdown => 1,
+            Self::Duplicate => 2,
+            Self::Protocol => 3,
+            Self::Version => 4,
+            Self::NameMismatch => 5,
+            Self::NotConfigured => 6,
+        }
+    }
+
+    /// Stable label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Duplicate => "duplicate",
+            Self::Protocol => "protocol_error",
+            Self::Version => "version_mismatch",
+            Self::NameMismatch => "name_mismatch",
+            Self::NotConfigured => "not_configured",
+        }
+    }
+
+    /// The reason for a close code, if it is one of ours.
+    pub const fn from_code(code: u64) -> Option<Self> {
+        match code {
+            1 => Some(Self::Shutdown),
+            2 => Some(Self::Duplicate),
+            3 => Some(Self::Protocol),
+            4 => Some(Self::Version),
+            5 => Some(Self::NameMismatch),
+            6 => Some(Self::NotConfigured),
+            _ => None,
+        }
+    }
+}
+
+/// Every federation frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Control: the first frame both ways.
+    Hello(Hello),
+    /// Control: home → peer, the mesh and its roster (sent while shared).
+    MeshOffer(MeshOffer),
+    /// Control: the sender consents to exchange this mesh now.
+    MeshReady(MeshClaim),
+    /// Control: the sender stopped exchanging this mesh.
+    MeshWithdraw(MeshClaim),
+    /// Control: the sender is closing the link.
+    Close(CloseReason),
+    /// Messages: the sender's members of a mesh (`full`: replaces what the receiver
+    /// knows of this broker's members in that mesh).
+    Members {
+        /// Mesh id.
+        mesh_id: String,
+        /// Members.
+        members: Vec<MemberAnn>,
+        /// Whether this is the complete list.
+        full: bool,
+    },
+    /// Messages: a durable direct message.
+    Dm(Box<Dm>),
+    /// Messages (reverse direction): everything up to `seq` is stored or refused.
+    Ack {
+        /// Highest processed seq.
+        seq: u64,
+    },
+    /// Messages (reverse direction): this seq was refused and will not be delivered.
+    Reject {
+        /// Refused seq.
+        seq: u64,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// Presence: every visible-or-not session the sender hosts in a mesh.
+    PresenceSnapshot {
+        /// Mesh id.
+        mesh_id: String,
+        /// Sessions.
+        entries: Vec<PresenceEntry>,
+    },
+    /// Presence: one session's latest state.
+    PresenceUpsert {
+        /// Mesh id.
+        mesh_id: String,
+        /// Entry.
+        entry: Box<PresenceEntry>,
+    },
+    /// Presence: a session left.
+    PresenceGone {
+        /// Mesh id.
+        mesh_id: String,
+        /// Its routing key.
+        key: String,
+        /// Version of the departure.
+        version: u64,
+    },
+    /// Live: a broadcast or group message.
+    Multicast(Box<Multicast>),
+    /// Live: a shared-state write.
+    State(Box<StateSet>),
+}
+
+impl Frame {
+    /// Whether this frame may travel on a stream of `class` (`None`: control).
+    pub const fn allowed_on(&self, class: Option<StreamClass>) -> bool {
+        match self {
+            Self::Hello(_)
+            | Self::MeshOffer(_)
+            | Self::MeshReady(_)
+            | Self::MeshWithdraw(_)
+            | Self::Close(_) => class.is_none(),
+            Self::Members { .. } | Self::Dm(_) | Self::Ack { .. } | Self::Reject { .. } => {
+                matches!(class, Some(StreamClass::Messages))
+            }
+            Self::PresenceSnapshot { .. }
+            | Self::PresenceUpsert { .. }
+            | Self::PresenceGone { .. } => {
+                matches!(class, Some(StreamClass::Presence))
+            }
+            Self::Multicast(_) | Self::State(_) => matches!(class, Some(StreamClass::Live)),
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::MeshOffer(_) => "mesh_offer",
+            Self::MeshReady(_) => "mesh_ready",
+            Self::MeshWithdraw(_) => "mesh_withdraw",
+            Self::Close(_) => "close",
+            Self::Members { .. } => "members",
+            Self::Dm(_) => "dm",
+            Self::Ack { .. } => "ack",
+            Self::Reject { .. } => "reject",
+            Self::PresenceSnapshot { .. } => "presence_snapshot",
+            Self::PresenceUpsert { .. } => "presence_upsert",
+            Self::PresenceGone { .. } => "presence_gone",
+            Self::Multicast(_) => "multicast",
+            Self::State(_) => "state",
+        }
+    }
+}
+
+/// A frame that could not be encoded or decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The announced length exceeds the cap (nothing was allocated).
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// A zero-length frame.
+    #[error("empty frame")]
+    Empty,
+    /// The body is not a valid frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a frame with its length prefix.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] if the body exceeds `max`, [`FrameError::Malformed`] if
+/// serialization fails.
+pub fn encode(frame: &Frame, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0; LEN_PREFIX];
+    out = postcard::to_extend(frame, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - LEN_PREFIX;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge { len, max })?;
+    out[..LEN_PREFIX].copy_from_slice(&len32.to_be_bytes());
+    Ok(out)
+}
+
+/// Reads a length prefix and checks it against `max` before the body is allocated.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] or [`FrameError::Empty`].
+pub fn frame_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its prefix). Trailing bytes are an error: a frame is
+/// exactly its length.
+///
+/// # Errors
+/// [`FrameError::Malformed`].
+pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
+    let (frame, rest) =
+        postcard::take_from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    Ok(frame)
+}
+
+/// Why a peer's hello is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HelloError {
+    /// Another protocol version.
+    #[error("peer speaks federation version {0}, this broker speaks {VERSION}")]
+    Version(u16),
+    /// The hello names another broker than the certificate.
+    #[error("hello names broker {claimed:?} but its certificate was accepted for {certified:?}")]
+    NameMismatch {
+        /// Name in the hello.
+        claimed: String,
+        /// Name the certificate was verified for.
+        certified: String,
+    },
+    /// The first control frame was not a hello.
+    #[error("expected hello, got {0}")]
+    NotHello(&'static str),
+}
+
+/// Checks a peer's first control frame against the name its certificate was verified
+/// for (the TLS layer proves the key, this proves the peer also *says* it is that broker).
+///
+/// # Errors
+/// [`HelloError`].
+pub fn check_hello(frame: Frame, certified: &str) -> Result<Hello, HelloError> {
+    let Frame::Hello(hello) = frame else {
+        return Err(HelloError::NotHello(frame.kind()));
+    };
+    if hello.version != VERSION {
+        return Err(HelloError::Version(hello.version));
+    }
+    if !hello.broker.eq_ignore_ascii_case(certified) {
+        return Err(HelloError::NameMismatch {
+            claimed: hello.broker,
+            certified: certified.to_owned(),
+        });
+    }
+    Ok(hello)
+}
+
+/// Of two connections between the same pair of brokers, the one dialed by the broker
+/// whose name sorts first survives; both sides compute the same answer.
+pub fn keep_dialed_by(a: &str, b: &str) -> bool {
+    a.to_ascii_lowercase() <= b.to_ascii_lowercase()
+}
+
+/// Receiver-side de-duplication for one sending broker: messages arrive in seq order
+/// on one stream and are processed in order, so a high-water mark is enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboxCursor {
+    /// Highest seq processed (stored or refused).
+    pub high: u64,
+}
+
+impl InboxCursor {
+    /// Whether `seq` is new; if so it becomes the high-water mark.
+    pub const fn admit(&mut self, seq: u64) -> bool {
+        if seq <= self.high {
+            return false;
+        }
+        self.high = seq;
+        true
+    }
+}
+
+/// Whether a presence update of `version` replaces what is known at `known` (an older
+/// or equal version never overwrites a newer one).
+pub const fn newer(version: u64, known: Option<u64>) -> bool {
+    match known {
+        None => true,
+        Some(k) => version > k,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dm(seq: u64) -> Frame {
+        Frame::Dm(Box::new(Dm {
+            seq,
+            mesh_id: "m".into(),
+            id: "id".into(),
+            sender_member_id: "s".into(),
+            sender_member_pubkey: "aa".into(),
+            sender_pubkey: "aa".into(),
+            sender_name: "n".into(),
+            target_spec: "bb".into(),
+            target_key: "bb".into(),
+            priority: 1,
+            nonce: "x".into(),
+            ciphertext: "y".repeat(300),
+            subtype: None,
+            client_message_id: Some("c".into()),
+            created_at: 1,
+            expires_at: 2,
+        }))
+    }
+
+    #[test]
+    fn round_trip_and_cap() {
+        let f = dm(7);
+        let bytes = encode(&f, 1 << 20).unwrap();
+        let len = frame_len(bytes[..4].try_into().unwrap(), 1 << 20).unwrap();
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(decode(&bytes[4..]).unwrap(), f);
+        assert!(matches!(encode(&f, 10), Err(FrameError::TooLarge { .. })));
+        assert_eq!(
+            frame_len(u32::MAX.to_be_bytes(), 1 << 20),
+            Err(FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 1 << 20
+            })
+        );
+        assert_eq!(frame_len([0; 4], 10), Err(FrameError::Empty));
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_errors() {
+        assert!(matches!(decode(&[0xff; 9]), Err(FrameError::Malformed(_))));
+        let mut bytes = encode(&Frame::Ack { seq: 3 }, 100).unwrap();
+        bytes.push(0);
+        assert!(matches!(decode(&bytes[4..]), Err(FrameError::Malformed(_))));
+        // Truncations of a valid frame never panic.
+        let full = encode(&dm(1), 1 << 20).unwrap();
+        for cut in 4..full.len() {
+            assert!(decode(&full[4..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn hello_checks() {
+        let h = |v, b: &str| {
+            Frame::Hello(Hello {
+                version: v,
+                broker: b.into(),
+                caps: vec![],
+                meshes: vec![],
+            })
+        };
+        assert!(check_hello(h(VERSION, "B.example"), "b.example").is_ok());
+        assert_eq!(
+            check_hello(h(VERSION, "c.example"), "b.example"),
+            Err(HelloError::NameMismatch {
+                claimed: "c.example".into(),
+                certified: "b.example".into()
+            })
+        );
+        assert_eq!(
+            check_hello(h(9, "b.example"), "b.example"),
+            Err(HelloError::Version(9))
+        );
+        assert_eq!(
+            check_hello(Frame::Ack { seq: 1 }, "b.example"),
+            Err(HelloError::NotHello("ack"))
+        );
+    }
+
+    #[test]
+    fn streams_carry_only_their_class() {
+        assert!(dm(1).allowed_on(Some(StreamClass::Messages)));
+        assert!(!dm(1).allowed_on(Some(StreamClass::Live)));
+        assert!(!dm(1).allowed_on(None));
+        assert!(Frame::Close(CloseReason::Shutdown).allowed_on(None));
+        assert_eq!(StreamClass::from_byte(2), Some(StreamClass::Presence));
+        assert_eq!(StreamClass::from_byte(9), None);
+    }
+
+    #[test]
+    fn dedup_tie_break_and_versions() {
+        let mut c = InboxCursor::default();
+        assert!(c.admit(3));
+        assert!(!c.admit(3));
+        assert!(!c.admit(2));
+        assert!(c.admit(10));
+        assert!(keep_dialed_by("a.example", "b.example"));
+        assert!(!keep_dialed_by("b.example", "a.example"));
+        assert!(newer(2, Some(1)) && !newer(1, Some(1)) && newer(0, None));
+        for r in [1, 2, 3, 4, 5, 6] {
+            assert_eq!(
+                CloseReason::from_code(r).map(CloseReason::code),
+                Some(r as u32)
+            );
+        }
+    }
+}
