@@ -206,7 +206,7 @@ pub(crate) struct Fed {
     version: AtomicU64,
     consent: Mutex<Consent>,
     links: Mutex<HashMap<String, Arc<LinkShared>>>,
-    /// Offers received from homes, kept until the offer is accepted (or replaced).
+    /// Offers received, by (mesh, home), kept until accepted (or replaced).
     offers: Mutex<HashMap<(String, String), MeshOffer>>,
     /// Meshes that flow over at least one link (a cheap check on every presence change).
     shared: Mutex<HashSet<String>>,
@@ -611,9 +611,11 @@ impl Fed {
 
     /// Offers received before the local admin accepted them.
     async fn apply_pending_offers(&self) {
-        let offers: Vec<MeshOffer> = lock(&self.offers).values().cloned().collect();
-        for offer in offers {
-            let peer = offer_home(&offer);
+        let offers: Vec<((String, String), MeshOffer)> = lock(&self.offers)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((_, peer), offer) in offers {
             let accepted = lock(&self.consent)
                 .shares
                 .get(&(offer.mesh_id.clone(), peer.clone()))
@@ -714,6 +716,7 @@ impl Fed {
         let claimed = lock(&link.claimed).clone();
         let peer_ready = lock(&link.peer_ready).clone();
         let now_flowing: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
+        debug!(peer = %link.peer, ?claimed, ?peer_ready, "consent on the link");
         let (started, stopped) = {
             let mut flowing = lock(&link.flowing);
             let started: Vec<String> = now_flowing.difference(&flowing).cloned().collect();
@@ -818,7 +821,15 @@ impl Fed {
                     .map(|m| m.mesh_id.clone())
                     .collect(),
             ),
-            claimed: Mutex::new(lock(&self.consent).ready_for(&peer)),
+            // What our hello said, not what consent says now: it may have changed
+            // during the handshake, and the reconcile below tells the peer the difference.
+            claimed: Mutex::new(
+                link.hello
+                    .meshes
+                    .iter()
+                    .map(|m| m.mesh_id.clone())
+                    .collect(),
+            ),
             flowing: Mutex::default(),
             control: control_tx,
             presence: Mutex::default(),
@@ -944,7 +955,7 @@ impl Fed {
                     o.roster.retain(|b| !b.is_empty());
                     // The home is the sender; remember it with the offer.
                     let key = (o.mesh_id.clone(), link.peer.to_string());
-                    lock(&self.offers).insert(key, with_home(o.clone(), &link.peer));
+                    lock(&self.offers).insert(key, o.clone());
                     let accepted = lock(&self.consent)
                         .shares
                         .get(&(o.mesh_id.clone(), link.peer.to_string()))
@@ -1066,7 +1077,13 @@ impl Fed {
                     link.counters
                         .queued
                         .store(u64::try_from(queued).unwrap_or(0), Ordering::Relaxed);
-                    wake.await;
+                    // New rows wake the sender; acks (committed a moment later) and a
+                    // slow tick refresh the gauge.
+                    tokio::select! {
+                        () = wake => {}
+                        () = acked.notified() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                     continue;
                 }
                 buf.clear();
@@ -1226,6 +1243,7 @@ impl Fed {
                     }
                 }
                 if let Some(seq) = upto.take() {
+                    debug!(seq, "acknowledging forwarded messages");
                     tx.send(&Frame::Ack { seq }).await?;
                 }
             }
@@ -1242,6 +1260,7 @@ impl Fed {
                     } => self.apply_members(&ctx, &link, &mesh_id, &members).await,
                     Frame::Dm(dm) => {
                         let seq = dm.seq;
+                        tracing::trace!(seq, high = cursor.high, "forwarded message");
                         if !cursor.admit(seq) {
                             let _ = pending_tx.send(Pending::Done(seq)).await;
                             continue;
@@ -1643,21 +1662,6 @@ fn protocol_error(frame: &Frame, stream: &str) -> LinkError {
         "unexpected {} frame on the {stream} stream",
         frame.kind()
     ))
-}
-
-fn offer_home(offer: &MeshOffer) -> String {
-    // `with_home` stores the home as the roster's first entry marker.
-    offer
-        .roster
-        .first()
-        .and_then(|h| h.strip_prefix("home:"))
-        .map(str::to_owned)
-        .unwrap_or_default()
-}
-
-fn with_home(mut offer: MeshOffer, home: &str) -> MeshOffer {
-    offer.roster.insert(0, format!("home:{home}"));
-    offer
 }
 
 async fn replica_row(ctx: &Ctx, offer: &MeshOffer) -> Result<MeshRow, crate::admin::AdminError> {

@@ -219,6 +219,9 @@ impl Bound {
             let quic = ep.local_addr().ok();
             f.start(ep).await;
             info!(broker = f.name(), ?quic, "federation endpoint listening");
+            if let Some(q) = quic {
+                systemd::notify(&format!("STATUS=federation quic on {q}"));
+            }
         }
         let (public_url, _) = ctx.config.public_url();
         info!(%addr, store = ctx.db.kind(), %public_url, "meshd serving");

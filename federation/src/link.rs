@@ -236,18 +236,25 @@ impl Endpoint {
         };
         control
             .tx
-            .send(&Frame::Hello(hello))
+            .send(&Frame::Hello(hello.clone()))
             .await
             .map_err(connect_err)?;
-        let first = control
-            .rx
-            .recv()
-            .await
-            .map_err(connect_err)?
-            .ok_or_else(|| LinkError::Connect {
-                addr,
-                reason: closed_reason(&conn),
-            })?;
+        let first = match control.rx.recv().await {
+            Ok(Some(f)) => f,
+            // The acceptor refused us: report its typed reason when it gave one.
+            Ok(None) | Err(_) if close_reason_of(&conn).is_some() => {
+                return Err(LinkError::Closed(
+                    close_reason_of(&conn).unwrap_or(CloseReason::Protocol),
+                ));
+            }
+            Ok(None) => {
+                return Err(LinkError::Connect {
+                    addr,
+                    reason: closed_reason(&conn),
+                });
+            }
+            Err(e) => return Err(connect_err(e)),
+        };
         if let Frame::Close(reason) = first {
             return Err(LinkError::Closed(reason));
         }
@@ -260,6 +267,7 @@ impl Endpoint {
         };
         Ok(Link {
             peer: peer.to_owned(),
+            hello,
             peer_hello,
             dialer: true,
             remote: addr,
@@ -331,9 +339,11 @@ impl Endpoint {
                 return Err(e.into());
             }
         };
-        control.tx.send(&Frame::Hello(make_hello(&peer))).await?;
+        let hello = make_hello(&peer);
+        control.tx.send(&Frame::Hello(hello.clone())).await?;
         Ok(Link {
             peer,
+            hello,
             peer_hello,
             dialer: false,
             remote,
@@ -407,6 +417,8 @@ pub struct Control {
 pub struct Link {
     /// The peer's broker name (verified).
     pub peer: String,
+    /// The hello we sent (what we told the peer we are ready for).
+    pub hello: Hello,
     /// The peer's hello.
     pub peer_hello: Hello,
     /// Whether this broker dialed.

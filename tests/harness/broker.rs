@@ -56,6 +56,8 @@ pub struct TestBroker {
     pub config: Config,
     /// Bound address.
     pub addr: SocketAddr,
+    /// Bound federation (QUIC) address, when federation is configured.
+    pub quic: Option<SocketAddr>,
     /// A pool on the same store, for admin operations and assertions.
     pub db: Db,
     shutdown: CancellationToken,
@@ -96,6 +98,7 @@ impl TestBroker {
     pub async fn from_config(mut config: Config) -> anyhow::Result<Self> {
         let bound = meshd::Daemon::bind(config.clone()).await?;
         let addr = bound.local_addr();
+        let quic = bound.federation_addr();
         config.server.listen = addr;
         config.server.public_url = Some(format!("ws://{addr}/ws"));
         let db = Db::open(&config.storage.backend, config.storage.durability).await?;
@@ -104,6 +107,7 @@ impl TestBroker {
         Ok(Self {
             config,
             addr,
+            quic,
             db,
             shutdown,
             task: Some(task),
@@ -321,6 +325,8 @@ pub struct DaemonProcess {
     child: tokio::process::Child,
     /// Bound HTTP/WebSocket address, read from its sd_notify `STATUS=`.
     pub addr: SocketAddr,
+    /// Bound federation (QUIC) address, when federation is configured.
+    pub quic: Option<SocketAddr>,
     /// Its data directory.
     pub data_dir: PathBuf,
     /// The binary it runs.
@@ -358,6 +364,7 @@ impl DaemonProcess {
         let mut child = cmd.spawn().with_context(|| format!("spawning {binary}"))?;
         let deadline = std::time::Instant::now() + patience() + Duration::from_secs(20);
         let mut buf = [0u8; 512];
+        let mut quic = None;
         let addr = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 bail!("daemon exited before READY: {status}");
@@ -373,15 +380,19 @@ impl DaemonProcess {
                 Err(_) => continue,
             };
             let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Some(q) = msg.split("federation quic on ").nth(1) {
+                quic = q.lines().next().and_then(|l| l.trim().parse().ok());
+            }
             if msg.contains("READY=1")
                 && let Some(addr) = msg.split("serving http on ").nth(1)
             {
-                break addr.trim().parse()?;
+                break addr.lines().next().unwrap_or("").trim().parse()?;
             }
         };
         Ok(Self {
             child,
             addr,
+            quic,
             data_dir: data_dir.to_owned(),
             binary: binary.to_owned(),
             notify,

@@ -8,6 +8,7 @@ pub mod client;
 pub mod crypto;
 pub mod dns;
 pub mod faultproxy;
+pub mod fed;
 pub mod postgres;
 
 pub use broker::{Backend, DaemonProcess, TestBroker, http, http_json, run_cli};

@@ -29,6 +29,7 @@ mod cli;
 mod compat;
 mod durability;
 mod enroll;
+mod federation;
 mod frames;
 mod gating;
 mod handshake;

@@ -1,0 +1,694 @@
+//! Federation: brokers of three organizations (own CAs) on 127.0.0.1, found through a
+//! DNS server the test runs, linked over real QUIC with mutual TLS.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use meshd::admin::{self, MeshCreated};
+use meshd_config::FederationPeer;
+use meshd_protocol::fed::{self as wire, Frame, RejectReason, StreamClass};
+use meshd_protocol::invite::Role;
+use meshd_tests::dns::TestDns;
+use meshd_tests::faultproxy::FaultProxy;
+use meshd_tests::fed::{self, Org};
+use meshd_tests::{Backend, Client, HelloOpts, Keypair, Member, TestBroker, eventually};
+use serde_json::{Value, json};
+
+const A: &str = "mesh.alpha.test";
+const B: &str = "mesh.beta.test";
+const C: &str = "mesh.gamma.test";
+
+/// Starts an in-process broker of `org` named `name`.
+async fn start(
+    org: &Org,
+    name: &str,
+    dns: Option<SocketAddr>,
+    peers: Vec<FederationPeer>,
+) -> anyhow::Result<TestBroker> {
+    let f = org.federation(name, dns, peers)?;
+    TestBroker::start_with(Backend::Sqlite, |c| c.federation = Some(f)).await
+}
+
+/// Publishes `_meshd._udp.NAME` → 127.0.0.1:port.
+fn publish(dns: &TestDns, name: &str, quic: SocketAddr) {
+    let host = format!("host.{name}");
+    dns.set_srv(
+        &format!("_meshd._udp.{name}"),
+        &[(10, 10, quic.port(), host.as_str())],
+    );
+    dns.set_a(&host, Ipv4Addr::LOCALHOST);
+}
+
+/// Waits for the replica of `mesh_id` on a broker and returns it as a `MeshCreated`.
+async fn replica(db: &meshd::store::Db, mesh_id: &str) -> anyhow::Result<MeshCreated> {
+    let row = eventually(&format!("replica of {mesh_id}"), || async {
+        db.mesh_by_id(mesh_id).await.ok().flatten()
+    })
+    .await?;
+    Ok(MeshCreated {
+        mesh_id: row.id,
+        slug: row.slug,
+        name: row.name,
+        owner_pubkey: row.owner_pubkey,
+    })
+}
+
+/// A member's client without a session key: addressed (and sealed for) by its member
+/// key, which stays routable across brokers even while its presence is unknown.
+async fn member_client(url: &str, m: &Member, groups: &[&str]) -> anyhow::Result<Client> {
+    let opts = HelloOpts {
+        session: None,
+        groups: groups.iter().map(|g| ((*g).to_owned(), None)).collect(),
+        ..HelloOpts::default()
+    };
+    Client::connect(url, m, opts).await
+}
+
+fn broker_of<'a>(peers: &'a Value, key: &str) -> Option<&'a Value> {
+    peers["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["pubkey"] == key)
+        .map(|p| &p["broker"])
+}
+
+/// Three organizations, three brokers, everything found through DNS SRV; a mesh homed
+/// at A shared with B and C; members enrolled at each broker exchange DMs (opened by the
+/// recipient), broadcasts and group messages, and see each other's presence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_organizations_share_a_mesh() -> anyhow::Result<()> {
+    let dns = TestDns::start().await?;
+    let (oa, ob, oc) = (
+        Org::new("alpha.test")?,
+        Org::new("beta.test")?,
+        Org::new("gamma.test")?,
+    );
+    let ns = Some(dns.addr());
+    let a = start(&oa, A, ns, vec![ob.peer(B, None), oc.peer(C, None)]).await?;
+    let b = start(&ob, B, ns, vec![oa.peer(A, None), oc.peer(C, None)]).await?;
+    let c = start(&oc, C, ns, vec![oa.peer(A, None), ob.peer(B, None)]).await?;
+    for (name, br) in [(A, &a), (B, &b), (C, &c)] {
+        publish(&dns, name, br.quic.context("quic addr")?);
+    }
+    for (br, peers) in [(&a, [B, C]), (&b, [A, C]), (&c, [A, B])] {
+        for p in peers {
+            fed::wait_link(br.addr, p, "up", |l| l["state"] == "up").await?;
+        }
+    }
+    assert!(
+        dns.queries(&format!("_meshd._udp.{C}")) > 0,
+        "C was found through its SRV record"
+    );
+
+    let mesh = a.create_mesh("Joint Ops").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, C).await?;
+    admin::accept_mesh(&b.db, &b.config, &mesh.mesh_id, A).await?;
+    admin::accept_mesh(&c.db, &c.config, &mesh.mesh_id, A).await?;
+    let mesh_b = replica(&b.db, &mesh.mesh_id).await?;
+    let mesh_c = replica(&c.db, &mesh.mesh_id).await?;
+    for (br, peers) in [(&a, [B, C]), (&b, [A, C]), (&c, [A, B])] {
+        for p in peers {
+            fed::wait_flowing(br.addr, p, &mesh.mesh_id).await?;
+        }
+    }
+
+    // Each broker enrolls its own people with its own invites (pinning its own URL).
+    let inv = b.invite(&mesh_b.slug, Role::Member, 1).await?;
+    assert_eq!(inv.broker_url, b.ws_url());
+    let alice = a.enroll(&mesh, "alice").await?;
+    let bob = b.enroll(&mesh_b, "bob").await?;
+    let carol = c.enroll(&mesh_c, "carol").await?;
+    let mut alice_c = member_client(&a.ws_url(), &alice, &["ops"]).await?;
+    let mut bob_c = member_client(&b.ws_url(), &bob, &["ops"]).await?;
+    let mut carol_c = member_client(&c.ws_url(), &carol, &["design"]).await?;
+    let keys = [alice_c.key(), bob_c.key(), carol_c.key()];
+
+    // Presence: every broker lists all three; remote entries name their broker.
+    for (client, home) in [(&mut alice_c, A), (&mut bob_c, B), (&mut carol_c, C)] {
+        let peers = client
+            .until_peers("all three peers", |v| {
+                keys.iter().all(|k| broker_of(v, k).is_some())
+            })
+            .await?;
+        for (k, at) in keys.iter().zip([A, B, C]) {
+            let expected = if at == home { Value::Null } else { json!(at) };
+            assert_eq!(broker_of(&peers, k), Some(&expected), "{home} lists {k}");
+        }
+    }
+    // A remote arrival was announced like a local one.
+    alice_c.expect_event("peer_joined").await?;
+
+    // DMs across brokers, E2E sealed: each recipient opens what its sender sealed.
+    alice_c.dm(&keys[1], "alice to bob", "now").await?;
+    bob_c.dm(&keys[2], "bob to carol", "now").await?;
+    carol_c.dm(&keys[0], "carol to alice", "now").await?;
+    let (push, text) = bob_c.expect_message().await?;
+    assert_eq!(text, "alice to bob");
+    assert_eq!(push["senderPubkey"], keys[0]);
+    assert!(
+        bob_c.open_push(&push).is_some(),
+        "the ciphertext crossed untouched"
+    );
+    assert_eq!(carol_c.expect_message().await?.1, "bob to carol");
+    assert_eq!(alice_c.expect_message().await?.1, "carol to alice");
+
+    // Broadcast from C reaches A and B once; @ops from A reaches B only.
+    carol_c.multicast("*", "hello everyone").await?;
+    assert_eq!(alice_c.expect_message().await?.1, "hello everyone");
+    assert_eq!(bob_c.expect_message().await?.1, "hello everyone");
+    alice_c.multicast("@ops", "ops only").await?;
+    assert_eq!(bob_c.expect_message().await?.1, "ops only");
+    for cl in [&mut alice_c, &mut bob_c, &mut carol_c] {
+        cl.sync().await?;
+        let extra = cl.pending_messages();
+        assert!(
+            extra.is_empty(),
+            "{}: unexpected {extra:?}",
+            cl.member.display_name
+        );
+    }
+
+    // Shared state set on B reaches A's and C's peers.
+    bob_c
+        .send(json!({"type": "set_state", "key": "phase", "value": "launch"}))
+        .await?;
+    let change = carol_c
+        .ws
+        .expect("state_change", |v| v["type"] == "state_change")
+        .await?;
+    assert_eq!(
+        (change["key"].as_str(), change["value"].as_str()),
+        (Some("phase"), Some("launch"))
+    );
+
+    // A status change at B is seen at C; a departure from B fires peer_left at A.
+    bob_c
+        .send(json!({"type": "set_status", "status": "dnd"}))
+        .await?;
+    carol_c
+        .until_peers("bob dnd", |v| {
+            v["peers"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["pubkey"] == keys[1] && p["status"] == "dnd")
+            })
+        })
+        .await?;
+    bob_c.close().await;
+    let left = alice_c.expect_event("peer_left").await?;
+    assert_eq!(left["eventData"]["pubkey"], keys[1]);
+    Ok(())
+}
+
+/// A certificate from an unknown CA, and a valid certificate for another broker name,
+/// are refused whichever side dials; a hello naming another broker than the
+/// certificate closes the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_certificates_are_refused() -> anyhow::Result<()> {
+    let (oa, ob, rogue) = (
+        Org::new("alpha.test")?,
+        Org::new("beta.test")?,
+        Org::new("beta.test")?,
+    );
+    // A trusts beta.test's real CA for B.
+    let a = start(&oa, A, None, vec![ob.peer(B, None)]).await?;
+    let a_quic = a.quic.context("quic")?;
+
+    // 1. An impostor with a certificate for B's name from another CA dials A.
+    let impostor = start(&rogue, B, None, vec![oa.peer(A, Some(a_quic))]).await?;
+    fed::wait_link(impostor.addr, A, "failing", |l| {
+        l["state"] != "up" && !l["lastError"].is_null()
+    })
+    .await?;
+    let st = eventually("A to record the refusal", || async {
+        let st = fed::status(a.addr).await.ok()?;
+        (!st["refusedHandshakes"].as_array()?.is_empty()).then_some(st)
+    })
+    .await?;
+    assert!(
+        st.to_string().contains("UnknownIssuer")
+            || st.to_string().to_lowercase().contains("unknown"),
+        "{st}"
+    );
+    assert_ne!(fed::link(&st, B).context("link")?["state"], "up");
+
+    // 2. A dials B's address and finds the impostor there: A's side refuses it.
+    let a2 = start(
+        &oa,
+        "mesh2.alpha.test",
+        None,
+        vec![ob.peer(B, Some(impostor.quic.context("q")?))],
+    )
+    .await?;
+    let l = fed::wait_link(a2.addr, B, "failing", |l| !l["lastError"].is_null()).await?;
+    assert_ne!(l["state"], "up");
+    assert!(
+        l["lastError"]
+            .to_string()
+            .to_lowercase()
+            .contains("certificate"),
+        "{l}"
+    );
+
+    // 3. A valid certificate from B's real CA, but for a name A does not know.
+    let other = start(&ob, "other.beta.test", None, vec![oa.peer(A, Some(a_quic))]).await?;
+    let before = fed::status(a.addr).await?["refusedHandshakes"]
+        .as_array()
+        .map_or(0, Vec::len);
+    fed::wait_link(other.addr, A, "failing", |l| !l["lastError"].is_null()).await?;
+    let st = eventually("A to refuse the unknown name", || async {
+        let st = fed::status(a.addr).await.ok()?;
+        (st["refusedHandshakes"].as_array()?.len() > before).then_some(st)
+    })
+    .await?;
+    assert!(st.to_string().contains("other.beta.test"), "{st}");
+    assert_ne!(fed::link(&st, B).context("link")?["state"], "up");
+
+    // 4. The real B's certificate, but a hello that names another broker.
+    let ident_paths = ob.issue(B)?;
+    let identity = meshd_certs::BrokerIdentity::load(&ident_paths.cert, &ident_paths.key, B)?;
+    let trust = meshd_certs::PeerTrust::new([(
+        A.to_owned(),
+        meshd_certs::PeerAnchor::load_ca_file(&oa.ca_path())?,
+    )])?;
+    let ep =
+        meshd_federation::Endpoint::bind("127.0.0.1:0".parse()?, identity, trust, link_opts())?;
+    let lying = wire::Hello {
+        version: wire::VERSION,
+        broker: "mesh.gamma.test".into(),
+        caps: vec![],
+        meshes: vec![],
+    };
+    let err = ep
+        .dial(A, a_quic, lying)
+        .await
+        .err()
+        .context("a lying hello was accepted")?;
+    assert!(
+        err.to_string().contains("name_mismatch") || err.to_string().contains("closed"),
+        "{err}"
+    );
+    let honest = wire::Hello {
+        version: wire::VERSION,
+        broker: B.into(),
+        caps: vec![],
+        meshes: vec![],
+    };
+    let link = ep.dial(A, a_quic, honest).await?;
+    assert_eq!(link.peer, A);
+    Ok(())
+}
+
+fn link_opts() -> meshd_federation::LinkOptions {
+    meshd_federation::LinkOptions {
+        keepalive: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(5),
+        max_frame_bytes: 4 << 20,
+        handshake_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A peer broker may speak only for members it hosts: a DM claiming a member of A is
+/// refused (and counted), while a DM from a member it announced is stored and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_sender_is_refused() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    // B's peer entry points nowhere useful: the test itself plays broker B.
+    let a = start(&oa, A, None, vec![ob.peer(B, Some("127.0.0.1:9".parse()?))]).await?;
+    let mesh = a.create_mesh("guarded").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let mallory_target = a.enroll(&mesh, "victim").await?;
+    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+
+    let paths = ob.issue(B)?;
+    let identity = meshd_certs::BrokerIdentity::load(&paths.cert, &paths.key, B)?;
+    let trust = meshd_certs::PeerTrust::new([(
+        A.to_owned(),
+        meshd_certs::PeerAnchor::load_ca_file(&oa.ca_path())?,
+    )])?;
+    let ep =
+        meshd_federation::Endpoint::bind("127.0.0.1:0".parse()?, identity, trust, link_opts())?;
+    let link = ep
+        .dial(
+            A,
+            a.quic.context("quic")?,
+            wire::Hello {
+                version: wire::VERSION,
+                broker: B.into(),
+                caps: vec![],
+                meshes: vec![wire::MeshClaim {
+                    mesh_id: mesh.mesh_id.clone(),
+                }],
+            },
+        )
+        .await?;
+    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    let (mut tx, rx) = link.conn.open(StreamClass::Messages).await?;
+    let mut rx = rx.context("reply half")?;
+
+    let dm = |seq: u64, sender: &Member, text: &str| {
+        let (nonce, ciphertext) =
+            meshd_tests::crypto::seal(text, &alice.keys.public_hex(), &sender.keys);
+        Frame::Dm(Box::new(wire::Dm {
+            seq,
+            mesh_id: mesh.mesh_id.clone(),
+            id: format!("fed-{seq}-{}", meshd_tests::now_ms()),
+            sender_member_id: sender.member_id.clone(),
+            sender_member_pubkey: sender.keys.public_hex(),
+            sender_pubkey: sender.keys.public_hex(),
+            sender_name: sender.display_name.clone(),
+            target_spec: alice.keys.public_hex(),
+            target_key: alice.keys.public_hex(),
+            priority: 0,
+            nonce,
+            ciphertext,
+            subtype: None,
+            client_message_id: None,
+            created_at: meshd_tests::now_ms(),
+            expires_at: meshd_tests::now_ms() + 60_000,
+        }))
+    };
+    // Forged: B claims to send as a member A hosts.
+    tx.send(&dm(1, &mallory_target, "I am the victim")).await?;
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(
+        reply,
+        Some(Frame::Reject {
+            seq: 1,
+            reason: RejectReason::ForgedSender
+        })
+    );
+    // A refusal is final: it is acknowledged like a stored message, never retried.
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(reply, Some(Frame::Ack { seq: 1 }));
+    // A member B really hosts: announced first, then its DM is stored and delivered.
+    let zed = Member {
+        mesh_id: mesh.mesh_id.clone(),
+        member_id: "zed-member-id-0001".into(),
+        keys: Keypair::generate(),
+        display_name: "zed".into(),
+    };
+    tx.send(&Frame::Members {
+        mesh_id: mesh.mesh_id.clone(),
+        members: vec![wire::MemberAnn {
+            member_id: zed.member_id.clone(),
+            pubkey: zed.keys.public_hex(),
+            display_name: "zed".into(),
+            role: "member".into(),
+            revoked: false,
+        }],
+        full: true,
+    })
+    .await?;
+    tx.send(&dm(2, &zed, "hello from beta")).await?;
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(reply, Some(Frame::Ack { seq: 2 }));
+    let (push, text) = alice_c.expect_message().await?;
+    assert_eq!(text, "hello from beta");
+    assert_eq!(push["senderMemberPubkey"], zed.keys.public_hex());
+    // The forgery never reached alice, and it was counted.
+    alice_c.sync().await?;
+    assert!(alice_c.pending_messages().is_empty());
+    let metrics = a.metrics().await?;
+    assert!(
+        metrics.contains("meshd_federation_refused_total{reason=\"forged_sender\"} 1"),
+        "{metrics}"
+    );
+    // A resend of seq 2 (as after a reconnect) is acknowledged but not delivered again.
+    tx.send(&dm(2, &zed, "hello from beta")).await?;
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(reply, Some(Frame::Ack { seq: 2 }));
+    alice_c.sync().await?;
+    assert!(alice_c.pending_messages().is_empty(), "duplicate delivered");
+    Ok(())
+}
+
+/// Two brokers linked through UDP fault proxies (one per dialing direction).
+struct CutPair {
+    a: TestBroker,
+    b: TestBroker,
+    to_b: FaultProxy,
+    to_a: FaultProxy,
+    mesh: MeshCreated,
+    alice: Client,
+    bob: Member,
+}
+
+async fn cut_pair() -> anyhow::Result<CutPair> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    // Placeholder upstreams until the brokers are bound.
+    let to_a = FaultProxy::start("127.0.0.1:9".parse()?).await?;
+    let to_b = FaultProxy::start("127.0.0.1:9".parse()?).await?;
+    let a = start(&oa, A, None, vec![ob.peer(B, Some(to_b.addr()))]).await?;
+    let b = start(&ob, B, None, vec![oa.peer(A, Some(to_a.addr()))]).await?;
+    to_a.set_upstream(a.quic.context("quic")?);
+    to_b.set_upstream(b.quic.context("quic")?);
+    let mesh = a.create_mesh("cut").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    admin::accept_mesh(&b.db, &b.config, &mesh.mesh_id, A).await?;
+    let mesh_b = replica(&b.db, &mesh.mesh_id).await?;
+    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let bob = b.enroll(&mesh_b, "bob").await?;
+    let alice = member_client(&a.ws_url(), &alice, &[]).await?;
+    Ok(CutPair {
+        a,
+        b,
+        to_b,
+        to_a,
+        mesh,
+        alice,
+        bob,
+    })
+}
+
+/// Waits until A knows bob (announced over the link), so DMs to him are accepted.
+/// Exactly one probe is accepted (and later delivered).
+async fn until_known(alice: &mut Client, bob: &Member) -> anyhow::Result<()> {
+    let key = bob.keys.public_hex();
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let ack = alice.dm(&key, "probe", "now").await?;
+        if ack["error"].is_null() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("bob was never announced to A: {ack}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Receives `n` DMs and checks they are `0..n` exactly once, in order.
+async fn receive_in_order(bob: &mut Client, from: usize, n: usize) -> anyhow::Result<()> {
+    for i in from..n {
+        let (_, text) = bob
+            .expect_message()
+            .await
+            .with_context(|| format!("waiting for #{i}"))?;
+        assert_eq!(text, format!("#{i}"), "order or duplicate");
+    }
+    bob.sync().await?;
+    let extra = bob.pending_messages();
+    assert!(extra.is_empty(), "duplicates: {extra:?}");
+    Ok(())
+}
+
+/// The A–B link is cut while A keeps sending 1,000 DMs, then healed: every message
+/// arrives exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_and_healed_delivers_exactly_once() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    let bob_key = p.bob.keys.public_hex();
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    assert_eq!(bob.expect_message().await?.1, "probe");
+    for i in 0..300 {
+        let ack = p.alice.dm(&bob_key, &format!("#{i}"), "now").await?;
+        assert!(ack["error"].is_null(), "{ack}");
+    }
+    p.to_a.cut();
+    p.to_b.cut();
+    for i in 300..1000 {
+        let ack = p.alice.dm(&bob_key, &format!("#{i}"), "now").await?;
+        assert!(ack["error"].is_null(), "{ack}");
+        if i == 400 {
+            fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+        }
+    }
+    let queued = fed::status(p.a.addr).await?;
+    p.to_a.heal();
+    p.to_b.heal();
+    receive_in_order(&mut bob, 0, 1000).await?;
+    let after = fed::wait_link(p.a.addr, B, "up again", |l| l["state"] == "up").await?;
+    assert!(
+        after["connects"].as_u64() >= Some(2),
+        "the link was re-established: {after}"
+    );
+    assert!(
+        p.to_b.dropped() + p.to_a.dropped() > 0,
+        "the proxies really cut: {queued}"
+    );
+    let _ = &p.mesh;
+    Ok(())
+}
+
+/// Broker B runs as its own process and is killed with SIGKILL while A's outbox streams
+/// to it; after B restarts, the 1,000 DMs are delivered exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_killed_and_restarted_delivers_exactly_once() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let to_b = FaultProxy::start("127.0.0.1:9".parse()?).await?;
+    let a = start(&oa, A, None, vec![ob.peer(B, Some(to_b.addr()))]).await?;
+    let a_quic = a.quic.context("quic")?;
+    let paths = ob.issue(B)?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("meshd.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"[federation]
+broker = "{B}"
+listen = "127.0.0.1:0"
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+presence_grace = "2s"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+keepalive = "300ms"
+idle_timeout = "1500ms"
+
+[[federation.peers]]
+name = "{A}"
+addr = "{a_quic}"
+ca = "{a_ca}"
+"#,
+            cert = paths.cert.display(),
+            key = paths.key.display(),
+            ca = ob.ca_path().display(),
+            a_ca = oa.ca_path().display(),
+        ),
+    )?;
+    let data = dir.path().join("data");
+    let cfg_arg = config_path.display().to_string();
+    let args = ["--config", cfg_arg.as_str()];
+    let spawn = || meshd_tests::DaemonProcess::spawn(crate::DAEMON, &data, &args, &[]);
+    let mut b = spawn().await?;
+    to_b.set_upstream(b.quic.context("B's quic address")?);
+    let b_config = {
+        let text = std::fs::read_to_string(&config_path)?;
+        let ov = meshd_config::Overrides {
+            data_dir: Some(data.clone()),
+            ..Default::default()
+        };
+        meshd_config::Config::load(
+            Some(("b", &text)),
+            &meshd_config::Environment::default(),
+            &ov,
+        )?
+    };
+    let b_db = admin::open(&b_config).await?;
+
+    let mesh = a.create_mesh("crash").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    admin::accept_mesh(&b_db, &b_config, &mesh.mesh_id, A).await?;
+    let mesh_b = replica(&b_db, &mesh.mesh_id).await?;
+    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+    let inv = admin::create_invite(
+        &b_db,
+        &b_config,
+        &mesh_b.slug,
+        Role::Member,
+        1,
+        Duration::from_secs(600),
+        &b.ws_url(),
+    )
+    .await?;
+    let bob_keys = Keypair::generate();
+    let payload = meshd_protocol::invite::InvitePayload::from_token(&inv.token)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (code, body) = meshd_tests::http_json(
+        b.addr,
+        "POST",
+        "/join",
+        &json!({"invite_token": inv.token, "invite_payload": payload, "peer_pubkey": bob_keys.public_hex(), "display_name": "bob"}),
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    let bob = Member {
+        mesh_id: mesh.mesh_id.clone(),
+        member_id: body["memberId"].as_str().context("memberId")?.to_owned(),
+        keys: bob_keys,
+        display_name: "bob".into(),
+    };
+    until_known(&mut alice_c, &bob).await?;
+    // Bob reads the probe, then goes offline: what follows waits in B's store.
+    {
+        let mut bob_c = member_client(&b.ws_url(), &bob, &[]).await?;
+        assert_eq!(bob_c.expect_message().await?.1, "probe");
+        bob_c.close().await;
+    }
+
+    let bob_key = bob.keys.public_hex();
+    for i in 0..1000 {
+        let ack = alice_c.dm(&bob_key, &format!("#{i}"), "now").await?;
+        assert!(ack["error"].is_null(), "{ack}");
+        if i == 500 {
+            // Mid-stream: wait until B has stored some of them, then kill it.
+            fed::wait_link(a.addr, B, "forwarding", |l| l["sent"].as_u64() > Some(100)).await?;
+            b.kill9().await?;
+        }
+    }
+    b = spawn().await?;
+    to_b.set_upstream(b.quic.context("B's quic address")?);
+    fed::wait_link(a.addr, B, "drained", |l| {
+        l["state"] == "up" && l["queued"] == 0
+    })
+    .await?;
+    let mut bob_c = member_client(&b.ws_url(), &bob, &[]).await?;
+    receive_in_order(&mut bob_c, 0, 1000).await?;
+    b_db.close().await;
+    b.terminate().await?;
+    Ok(())
+}
+
+/// Unsharing on the home broker stops the flow: the link no longer carries the mesh, a
+/// DM to the peer's member is refused, and its presence disappears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsharing_stops_the_flow() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    assert_eq!(bob.expect_message().await?.1, "probe");
+    let bob_key = p.bob.keys.public_hex();
+    p.alice
+        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+        .await?;
+    assert!(admin::unshare_mesh(&p.a.db, &p.mesh.slug, B).await?);
+    fed::wait_link(p.a.addr, B, "without the mesh", |l| {
+        l["meshes"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await?;
+    let ack = p.alice.dm(&bob_key, "after unshare", "now").await?;
+    assert!(
+        ack["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not shared")),
+        "{ack}"
+    );
+    p.alice
+        .until_peers("bob gone", |v| broker_of(v, &bob_key).is_none())
+        .await?;
+    // Nothing from A reaches bob any more, not even a broadcast.
+    p.alice.multicast("*", "anyone?").await?;
+    bob.sync().await?;
+    let got = bob.pending_messages();
+    assert!(got.is_empty(), "{got:?}");
+    let _ = (&p.to_a, &p.to_b);
+    Ok(())
+}
