@@ -9,6 +9,7 @@
 //!
 //! Run `ulimit -n 65536` first for the idle-connection scenario.
 
+mod fed;
 mod nats;
 mod stats;
 
@@ -102,6 +103,35 @@ enum Scenario {
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         conns: Vec<usize>,
     },
+    /// Cross-broker DM round trip (client on A, client on B).
+    FedRtt {
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
+    /// Cross-broker delivered DMs/s: senders on A, receivers on B.
+    FedThroughput {
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        #[arg(long, default_value_t = 128)]
+        window: usize,
+    },
+    /// Time for presence of N peers to converge after the link comes back.
+    FedPresence {
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+    },
+    /// Outbox catch-up rate after a cut of the link.
+    FedCatchup {
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        #[arg(long, default_value = "60s")]
+        cut: String,
+    },
+    /// Two nats-server clusters joined by a gateway: N pairs across it.
+    NatsGateway {
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+    },
     /// Everything, meshd and NATS, one after the other.
     All,
 }
@@ -133,6 +163,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Broadcast { peers, window } => b.broadcast(peers, window).await,
         Scenario::Idle { conns } => b.idle(&conns).await,
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
+        Scenario::FedRtt { count } => b.fed_rtt(count).await,
+        Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,
+        Scenario::FedPresence { peers } => b.fed_presence(peers).await,
+        Scenario::FedCatchup { pairs, cut } => {
+            let cut = meshd_config::parse_duration(&cut).map_err(|e| anyhow::anyhow!(e))?;
+            b.fed_catchup(pairs, cut).await
+        }
+        Scenario::NatsGateway { pairs } => {
+            fed::nats_gateway(&args.nats, pairs, args.size, duration).await
+        }
         Scenario::Nats {
             pairs,
             peers,
@@ -700,6 +740,38 @@ async fn nats_flow(
     shared: bool,
     window: Option<usize>,
 ) -> anyhow::Result<f64> {
+    nats_flow_on(
+        addr, addr, senders, fanout, payload, duration, shared, window,
+    )
+    .await
+}
+
+/// `pairs` publishers on `pub_addr`, each with one subscriber on `sub_addr`.
+async fn nats_flow_between(
+    pub_addr: SocketAddr,
+    sub_addr: SocketAddr,
+    pairs: usize,
+    payload: &[u8],
+    duration: Duration,
+    window: Option<usize>,
+) -> anyhow::Result<f64> {
+    nats_flow_on(
+        pub_addr, sub_addr, pairs, 1, payload, duration, false, window,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn nats_flow_on(
+    pub_addr: SocketAddr,
+    sub_addr: SocketAddr,
+    senders: usize,
+    fanout: usize,
+    payload: &[u8],
+    duration: Duration,
+    shared: bool,
+    window: Option<usize>,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -710,7 +782,7 @@ async fn nats_flow(
             format!("pair.{s}")
         };
         for _ in 0..fanout {
-            let (mut r, mut w) = nats::connect(addr).await?;
+            let (mut r, mut w) = nats::connect(sub_addr).await?;
             w.sub(&subject, 1).await?;
             w.ping().await?;
             let (stop, delivered) = (stop.clone(), delivered.clone());
@@ -729,7 +801,8 @@ async fn nats_flow(
             }));
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Subscriptions propagate (through a gateway, too) before anything is published.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut pubs = Vec::new();
     for s in 0..senders {
         let subject = if shared {
@@ -737,7 +810,7 @@ async fn nats_flow(
         } else {
             format!("pair.{s}")
         };
-        let (mut r, mut w) = nats::connect(addr).await?;
+        let (mut r, mut w) = nats::connect(pub_addr).await?;
         let (stop, payload) = (stop.clone(), payload.to_vec());
         pubs.push(tokio::spawn(async move {
             let mut n = 0u64;

@@ -145,8 +145,22 @@ impl NatsServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        Self::start(binary, &["-a", "127.0.0.1", "-p", &port.to_string()], port).await
+    }
+
+    /// A server with a configuration file whose client port is `port`.
+    pub(crate) async fn spawn_with(
+        binary: &str,
+        config: &std::path::Path,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let c = config.to_str().context("utf-8 path")?;
+        Self::start(binary, &["-c", c], port).await
+    }
+
+    async fn start(binary: &str, args: &[&str], port: u16) -> anyhow::Result<Self> {
         let child = tokio::process::Command::new(binary)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
