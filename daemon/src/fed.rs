@@ -57,6 +57,10 @@ const OUTBOX_PAGE: i64 = 512;
 const LIVE_QUEUE: usize = 4096;
 /// Control frames waiting per link (rare: consent changes).
 const CONTROL_QUEUE: usize = 256;
+/// After a link comes up, how long the outbox waits for a consented mesh to start
+/// flowing (the peer's `MeshReady`) before it refuses that mesh's messages: the outbox
+/// is one ordered stream, so a mesh the peer no longer takes must not hold back others.
+const FLOW_SETTLE: Duration = Duration::from_secs(5);
 /// How often stored consent is re-read (the admin CLI writes it beside the daemon).
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
@@ -1050,6 +1054,7 @@ impl Fed {
         };
         let sender = async {
             let max_seen = self.resend_mark(&peer);
+            let link_started = std::time::Instant::now();
             let mut after: i64 = 0;
             let mut buf: Vec<u8> = Vec::new();
             loop {
@@ -1092,9 +1097,12 @@ impl Fed {
                 for row in rows {
                     if !link.flows(&row.mesh_id) {
                         // Not (or no longer) shared with this peer: refuse locally. A
-                        // mesh that merely has not started flowing yet waits instead
-                        // (order: nothing after it may overtake it).
-                        if self.consents(&row.mesh_id, &peer) {
+                        // mesh that has not started flowing yet on a new link waits a
+                        // moment instead (nothing after it may overtake it: the peer
+                        // de-duplicates by a high-water mark).
+                        if self.consents(&row.mesh_id, &peer)
+                            && link_started.elapsed() < FLOW_SETTLE
+                        {
                             blocked = true;
                             break;
                         }

@@ -846,20 +846,7 @@ impl MeshHub {
     ) -> usize {
         let keep: std::collections::HashSet<String> =
             entries.iter().map(|e| e.key.clone()).collect();
-        {
-            let mut inner = self.inner();
-            let gone: Vec<String> = inner
-                .remote
-                .iter()
-                .filter(|(k, r)| r.broker == *broker && !keep.contains(*k))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in gone {
-                if let Some(r) = inner.remote.remove(&k) {
-                    announce_left(&inner, &self.row.id, &r, now);
-                }
-            }
-        }
+        self.remote_remove(now, |k, r| *r.broker == **broker && !keep.contains(k));
         entries
             .into_iter()
             .filter(|e| !self.remote_upsert(broker, e.clone(), now))
@@ -869,14 +856,19 @@ impl MeshHub {
     /// Forgets every session of `broker` (its link stayed down past the grace period,
     /// or the mesh is no longer shared with it), announcing `peer_left`.
     pub(crate) fn remote_drop(&self, broker: &str, now: i64) {
+        self.remote_remove(now, |_, r| &*r.broker == broker);
+    }
+
+    /// Removes the remote sessions `gone` selects, announcing `peer_left`.
+    fn remote_remove(&self, now: i64, gone: impl Fn(&str, &RemotePeer) -> bool) {
         let mut inner = self.inner();
-        let gone: Vec<String> = inner
+        let keys: Vec<String> = inner
             .remote
             .iter()
-            .filter(|(_, r)| &*r.broker == broker)
+            .filter(|(k, r)| gone(k, r))
             .map(|(k, _)| k.clone())
             .collect();
-        for k in gone {
+        for k in keys {
             if let Some(r) = inner.remote.remove(&k) {
                 announce_left(&inner, &self.row.id, &r, now);
             }

@@ -13,7 +13,6 @@ use meshd_tests::faultproxy::FaultProxy;
 use meshd_tests::{DaemonProcess, run_cli};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::stats::Samples;
 use crate::{Bench, Broker, Conn, count_pushes, measure, nats};
 
 const A: &str = "mesh.alpha.bench";
@@ -223,25 +222,7 @@ impl Bench {
         let (a_key, b_key) = (a.key.clone(), b.key.clone());
         wait_listed(&mut a, std::slice::from_ref(&b_key)).await?;
         wait_listed(&mut b, std::slice::from_ref(&a_key)).await?;
-        let to_b = a.sealed(&b_key, &self.plaintext());
-        let to_a = b.sealed(&a_key, &self.plaintext());
-        let echo = tokio::spawn(async move {
-            for _ in 0..count + 100 {
-                b.next_push().await?;
-                b.send_raw(&to_a).await?;
-            }
-            anyhow::Ok(())
-        });
-        let mut samples = Samples::with_capacity(count);
-        for i in 0..count + 100 {
-            let t = Instant::now();
-            a.send_raw(&to_b).await?;
-            a.next_push().await?;
-            if i >= 100 {
-                samples.push(t.elapsed());
-            }
-        }
-        echo.await??;
+        let mut samples = crate::round_trips(a, b, &self.plaintext(), count).await?;
         println!(
             "meshd  fed-rtt    DM A→B→A across two brokers (each DM stored on both): {}",
             samples.summary()
@@ -252,15 +233,7 @@ impl Bench {
     /// Senders on A, receivers on B.
     pub(crate) async fn fed_throughput(&self, pairs: usize, window: usize) -> anyhow::Result<()> {
         let pair = self.start_fed(false, "30s").await?;
-        let ma = pair.a.enroll(pairs + 1).await?;
-        let mb = pair.b.enroll(pairs).await?;
-        let mut observer = Conn::connect(&pair.a, &ma[pairs]).await?;
-        let mut receivers = Vec::new();
-        for m in &mb {
-            receivers.push(Conn::connect(&pair.b, m).await?);
-        }
-        let keys: Vec<String> = receivers.iter().map(|r| r.key.clone()).collect();
-        wait_listed(&mut observer, &keys).await?;
+        let (ma, receivers) = receivers_on_b(&pair, pairs).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let delivered = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
@@ -340,15 +313,7 @@ impl Bench {
     /// Messages sent during a cut of `cut`, then the rate at which A's outbox drains.
     pub(crate) async fn fed_catchup(&self, pairs: usize, cut: Duration) -> anyhow::Result<()> {
         let pair = self.start_fed(true, "600s").await?;
-        let ma = pair.a.enroll(pairs + 1).await?;
-        let mb = pair.b.enroll(pairs).await?;
-        let mut observer = Conn::connect(&pair.a, &ma[pairs]).await?;
-        let mut receivers = Vec::new();
-        for m in &mb {
-            receivers.push(Conn::connect(&pair.b, m).await?);
-        }
-        let keys: Vec<String> = receivers.iter().map(|r| r.key.clone()).collect();
-        wait_listed(&mut observer, &keys).await?;
+        let (ma, receivers) = receivers_on_b(&pair, pairs).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let delivered = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
@@ -409,6 +374,23 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// Members for `pairs` senders on A, and `pairs` receivers connected on B that A lists.
+async fn receivers_on_b(
+    pair: &FedPair,
+    pairs: usize,
+) -> anyhow::Result<(Vec<meshd_tests::Member>, Vec<Conn>)> {
+    let ma = pair.a.enroll(pairs + 1).await?;
+    let mb = pair.b.enroll(pairs).await?;
+    let mut observer = Conn::connect(&pair.a, &ma[pairs]).await?;
+    let mut receivers = Vec::new();
+    for m in &mb {
+        receivers.push(Conn::connect(&pair.b, m).await?);
+    }
+    let keys: Vec<String> = receivers.iter().map(|r| r.key.clone()).collect();
+    wait_listed(&mut observer, &keys).await?;
+    Ok((ma, receivers))
 }
 
 /// Peers of other brokers in `list_peers`.

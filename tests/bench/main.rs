@@ -257,28 +257,9 @@ impl Bench {
     async fn rtt(&self, count: usize) -> anyhow::Result<()> {
         let broker = self.start().await?;
         let members = broker.enroll(2).await?;
-        let mut a = Conn::connect(&broker, &members[0]).await?;
-        let mut b = Conn::connect(&broker, &members[1]).await?;
-        let (a_key, b_key) = (a.key.clone(), b.key.clone());
-        let to_b = a.sealed(&b_key, &self.plaintext());
-        let to_a = b.sealed(&a_key, &self.plaintext());
-        let echo = tokio::spawn(async move {
-            for _ in 0..count + 100 {
-                b.next_push().await?;
-                b.send_raw(&to_a).await?;
-            }
-            anyhow::Ok(())
-        });
-        let mut samples = Samples::with_capacity(count);
-        for i in 0..count + 100 {
-            let t = Instant::now();
-            a.send_raw(&to_b).await?;
-            a.next_push().await?;
-            if i >= 100 {
-                samples.push(t.elapsed());
-            }
-        }
-        echo.await??;
+        let a = Conn::connect(&broker, &members[0]).await?;
+        let b = Conn::connect(&broker, &members[1]).await?;
+        let mut samples = round_trips(a, b, &self.plaintext(), count).await?;
         println!(
             "meshd  rtt        DM A→B→A (two stored DMs per round trip): {}",
             samples.summary()
@@ -428,6 +409,35 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// `count` DM round trips a→b→a (after 100 warm-up ones), one at a time.
+async fn round_trips(
+    mut a: Conn,
+    mut b: Conn,
+    text: &str,
+    count: usize,
+) -> anyhow::Result<Samples> {
+    let to_b = a.sealed(&b.key, text);
+    let to_a = b.sealed(&a.key, text);
+    let echo = tokio::spawn(async move {
+        for _ in 0..count + 100 {
+            b.next_push().await?;
+            b.send_raw(&to_a).await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut samples = Samples::with_capacity(count);
+    for i in 0..count + 100 {
+        let t = Instant::now();
+        a.send_raw(&to_b).await?;
+        a.next_push().await?;
+        if i >= 100 {
+            samples.push(t.elapsed());
+        }
+    }
+    echo.await??;
+    Ok(samples)
 }
 
 /// Lets the broker finish background work before a memory reading.

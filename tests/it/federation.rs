@@ -26,8 +26,20 @@ async fn start(
     dns: Option<SocketAddr>,
     peers: Vec<FederationPeer>,
 ) -> anyhow::Result<TestBroker> {
+    start_on(Backend::Sqlite, org, name, dns, peers).await
+}
+
+/// [`start`] on a given store: some scenarios put one broker on PostgreSQL, so the
+/// federation tables are exercised on both backends (and mixed backends interoperate).
+async fn start_on(
+    backend: Backend,
+    org: &Org,
+    name: &str,
+    dns: Option<SocketAddr>,
+    peers: Vec<FederationPeer>,
+) -> anyhow::Result<TestBroker> {
     let f = org.federation(name, dns, peers)?;
-    TestBroker::start_with(Backend::Sqlite, |c| c.federation = Some(f)).await
+    TestBroker::start_with(backend, |c| c.federation = Some(f)).await
 }
 
 /// Publishes `_meshd._udp.NAME` → 127.0.0.1:port.
@@ -73,8 +85,8 @@ fn broker_of<'a>(peers: &'a Value, key: &str) -> Option<&'a Value> {
         .map(|p| &p["broker"])
 }
 
-/// Three organizations, three brokers, everything found through DNS SRV; a mesh homed
-/// at A shared with B and C; members enrolled at each broker exchange DMs (opened by the
+/// Three organizations, three brokers (A on PostgreSQL, B and C on SQLite), everything
+/// found through DNS SRV; a mesh homed at A shared with B and C; members enrolled at each broker exchange DMs (opened by the
 /// recipient), broadcasts and group messages, and see each other's presence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_organizations_share_a_mesh() -> anyhow::Result<()> {
@@ -85,7 +97,14 @@ async fn three_organizations_share_a_mesh() -> anyhow::Result<()> {
         Org::new("gamma.test")?,
     );
     let ns = Some(dns.addr());
-    let a = start(&oa, A, ns, vec![ob.peer(B, None), oc.peer(C, None)]).await?;
+    let a = start_on(
+        Backend::Postgres,
+        &oa,
+        A,
+        ns,
+        vec![ob.peer(B, None), oc.peer(C, None)],
+    )
+    .await?;
     let b = start(&ob, B, ns, vec![oa.peer(A, None), oc.peer(C, None)]).await?;
     let c = start(&oc, C, ns, vec![oa.peer(A, None), ob.peer(B, None)]).await?;
     for (name, br) in [(A, &a), (B, &b), (C, &c)] {
@@ -425,7 +444,8 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Two brokers linked through UDP fault proxies (one per dialing direction).
+/// Two brokers linked through UDP fault proxies (one per dialing direction); B runs on
+/// PostgreSQL.
 struct CutPair {
     a: TestBroker,
     b: TestBroker,
@@ -442,7 +462,14 @@ async fn cut_pair() -> anyhow::Result<CutPair> {
     let to_a = FaultProxy::start("127.0.0.1:9".parse()?).await?;
     let to_b = FaultProxy::start("127.0.0.1:9".parse()?).await?;
     let a = start(&oa, A, None, vec![ob.peer(B, Some(to_b.addr()))]).await?;
-    let b = start(&ob, B, None, vec![oa.peer(A, Some(to_a.addr()))]).await?;
+    let b = start_on(
+        Backend::Postgres,
+        &ob,
+        B,
+        None,
+        vec![oa.peer(A, Some(to_a.addr()))],
+    )
+    .await?;
     to_a.set_upstream(a.quic.context("quic")?);
     to_b.set_upstream(b.quic.context("quic")?);
     let mesh = a.create_mesh("cut").await?;
@@ -518,10 +545,17 @@ async fn link_cut_and_healed_delivers_exactly_once() -> anyhow::Result<()> {
             fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
         }
     }
+    // Bob's presence at A ends after the grace period, with peer_left.
+    let left = p.alice.expect_event("peer_left").await?;
+    assert_eq!(left["eventData"]["pubkey"], bob_key);
     let queued = fed::status(p.a.addr).await?;
     p.to_a.heal();
     p.to_b.heal();
     receive_in_order(&mut bob, 0, 1000).await?;
+    // The snapshot after the reconnect brings him back.
+    p.alice
+        .until_peers("bob listed again", |v| broker_of(v, &bob_key).is_some())
+        .await?;
     let after = fed::wait_link(p.a.addr, B, "up again", |l| l["state"] == "up").await?;
     assert!(
         after["connects"].as_u64() >= Some(2),
@@ -690,5 +724,125 @@ async fn unsharing_stops_the_flow() -> anyhow::Result<()> {
     let got = bob.pending_messages();
     assert!(got.is_empty(), "{got:?}");
     let _ = (&p.to_a, &p.to_b);
+    Ok(())
+}
+
+/// `meshd certs init` makes an org CA once and reuses it; `meshd certs bundle` and
+/// `GET /.well-known/meshd/bundle` serve the same CA and fingerprint; a broker whose key
+/// file others can read refuses to start, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_cli_bundle_and_key_permissions() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_str().context("path")?;
+    let certs = format!("{d}/certs");
+    let init = |broker: &'static str| {
+        let certs = certs.clone();
+        async move {
+            let (code, out, err) = meshd_tests::run_cli(
+                crate::DAEMON,
+                &[
+                    "--data-dir",
+                    d,
+                    "certs",
+                    "init",
+                    "--org",
+                    "alpha.test",
+                    "--broker",
+                    broker,
+                    "--dir",
+                    &certs,
+                    "--json",
+                ],
+                &[],
+            )
+            .await?;
+            anyhow::ensure!(code == 0, "certs init: {err}");
+            anyhow::Ok(serde_json::from_str::<Value>(out.trim())?)
+        }
+    };
+    let first = init(A).await?;
+    assert_eq!(first["caCreated"], true);
+    let second = init("mesh2.alpha.test").await?;
+    assert_eq!(second["caCreated"], false, "the org CA is reused");
+    assert_eq!(first["fingerprint"], second["fingerprint"]);
+    let key_mode = std::fs::metadata(first["key"].as_str().context("key")?)?
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o077, 0, "broker key is private: {key_mode:o}");
+
+    let ca = format!("{certs}/ca.pem");
+    let (code, bundle, err) = meshd_tests::run_cli(
+        crate::DAEMON,
+        &["--data-dir", d, "certs", "bundle", "--ca", &ca],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let fp = first["fingerprint"].as_str().context("fingerprint")?;
+    assert!(
+        bundle.contains("-----BEGIN CERTIFICATE-----") && bundle.contains(fp),
+        "{bundle}"
+    );
+    assert_eq!(meshd_certs::parse_pin(fp)?.len(), 32);
+
+    // A broker using these files serves the same bundle over HTTP.
+    let org = Org::new("beta.test")?;
+    let mut f = org.federation(B, None, vec![])?;
+    f.cert = first["cert"].as_str().context("cert")?.into();
+    f.key = first["key"].as_str().context("key")?.into();
+    f.ca = ca.clone().into();
+    f.broker = A.into();
+    let mut cfg = None;
+    let broker = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.federation = Some(f.clone());
+        cfg = Some(c.clone());
+    })
+    .await?;
+    let (status, headers, body) =
+        meshd_tests::http(broker.addr, "GET", "/.well-known/meshd/bundle", None).await?;
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("application/x-pem-file"),
+        "{headers}"
+    );
+    assert_eq!(String::from_utf8(body)?, bundle);
+
+    // Loosen the key's permissions: the next start is refused with a clear message.
+    let key = first["key"].as_str().context("key")?;
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644))?;
+    let mut cfg = cfg.context("config")?;
+    cfg.server.listen = "127.0.0.1:0".parse()?;
+    let err = meshd::Daemon::bind(cfg)
+        .await
+        .err()
+        .context("started with a world-readable key")?;
+    let msg = err.to_string();
+    assert!(msg.contains(key) && msg.contains("chmod"), "{msg}");
+    Ok(())
+}
+
+/// A revocation on the member's home broker reaches the other brokers: DMs to the
+/// revoked member are refused there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_propagates() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mesh_b = replica(&p.b.db, &p.mesh.mesh_id).await?;
+    admin::revoke_member(&p.b.db, &mesh_b.slug, &p.bob.member_id).await?;
+    let bob_key = p.bob.keys.public_hex();
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let ack = p.alice.dm(&bob_key, "still there?", "now").await?;
+        if ack["error"].as_str().is_some_and(|e| e.contains("removed")) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the revocation never reached A: {ack}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
