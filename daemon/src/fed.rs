@@ -182,6 +182,9 @@ struct LinkShared {
     members: Mutex<VecDeque<Frame>>,
     outbox_wake: Notify,
     counters: Arc<LinkCounters>,
+    /// The peer opened its messages stream: a second one would run a second
+    /// de-duplication cursor, so it is a protocol error.
+    messages_in: std::sync::atomic::AtomicBool,
 }
 
 impl LinkShared {
@@ -564,6 +567,7 @@ impl Fed {
 
     /// New outbox rows for `peer` are committed.
     pub(crate) fn outbox_ready(&self, peer: &str) {
+        tracing::trace!(peer, "outbox rows committed");
         if let Some(link) = self.link(peer) {
             link.outbox_wake.notify_one();
         }
@@ -842,6 +846,7 @@ impl Fed {
             members: Mutex::default(),
             outbox_wake: Notify::new(),
             counters: counters.clone(),
+            messages_in: std::sync::atomic::AtomicBool::new(false),
         });
         let Link { conn, control, .. } = link;
         lock(&self.links).insert(peer.to_string(), shared.clone());
@@ -1140,6 +1145,7 @@ impl Fed {
                 }
                 lock(&inflight).extend(sent.iter().copied());
                 tx.send_raw(&buf).await?;
+                tracing::trace!(n = sent.len(), last = ?sent.last(), "outbox page sent");
                 link.counters
                     .sent
                     .fetch_add(sent.len() as u64, Ordering::Relaxed);
@@ -1170,6 +1176,11 @@ impl Fed {
             let fut: Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> =
                 match incoming.class {
                     StreamClass::Messages => {
+                        if link.messages_in.swap(true, Ordering::SeqCst) {
+                            return Err(LinkError::Io(
+                                "the peer opened a second messages stream".into(),
+                            ));
+                        }
                         let Some(tx) = incoming.tx else {
                             return Err(LinkError::Io(
                                 "messages stream without a reply half".into(),
@@ -1438,6 +1449,7 @@ impl Fed {
             lease_conn: None,
             lease_until: None,
             forward_to: None,
+            forward_seq: None,
             inbox: Some((link.peer.to_string(), seq)),
         };
         let (reply, rx) = oneshot::channel();
@@ -1483,11 +1495,13 @@ impl Fed {
             };
             let refused = match frame {
                 Frame::PresenceSnapshot { entries, .. } => {
-                    hub.remote_replace(&link.peer, entries, now)
+                    let (ok, bad): (Vec<_>, Vec<_>) = entries.into_iter().partition(valid_entry);
+                    bad.len() + hub.remote_replace(&link.peer, ok, now)
                 }
-                Frame::PresenceUpsert { entry, .. } => {
+                Frame::PresenceUpsert { entry, .. } if valid_entry(&entry) => {
                     usize::from(!hub.remote_upsert(&link.peer, *entry, now))
                 }
+                Frame::PresenceUpsert { .. } => 1,
                 Frame::PresenceGone { key, version, .. } => {
                     hub.remote_gone(&link.peer, &key, version, now);
                     0
@@ -1698,6 +1712,26 @@ fn outbox_dm(row: crate::store::OutboxRow) -> Dm {
         created_at: row.created_at,
         expires_at: row.expires_at,
     }
+}
+
+/// Bounds on a peer's presence entry: keys are ed25519 hex, texts stay within what a
+/// local hello may carry (so a peer cannot make `list_peers` huge).
+fn valid_entry(e: &PresenceEntry) -> bool {
+    const TEXT: usize = 1024;
+    meshd_protocol::Pubkey::parse_hex(&e.key).is_ok()
+        && meshd_protocol::Pubkey::parse_hex(&e.member_pubkey).is_ok()
+        && meshd_protocol::Status::parse(&e.status).is_some()
+        && e.display_name.len() <= TEXT
+        && e.member_id.len() <= 64
+        && e.session_id.len() <= TEXT
+        && e.cwd.len() <= 4 * TEXT
+        && e.summary.as_ref().is_none_or(|s| s.len() <= 16 * TEXT)
+        && e.groups.len() <= meshd_protocol::client::MAX_GROUPS
+        && e.profile.len() <= 64 * TEXT
+        && e.stats.as_ref().is_none_or(|s| s.len() <= TEXT)
+        && [&e.hostname, &e.peer_type, &e.channel, &e.model]
+            .iter()
+            .all(|f| f.as_ref().is_none_or(|s| s.len() <= TEXT))
 }
 
 /// A local presence as announced to peer brokers.

@@ -614,12 +614,16 @@ impl MeshHub {
 
     /// Decays every `working` older than `ttl_ms` to `idle` and lets those peers drain
     /// what they held back.
-    pub(crate) fn expire_statuses(&self, now: i64, ttl_ms: i64) {
+    /// Returns the connections whose status changed (peer brokers hear of them).
+    pub(crate) fn expire_statuses(&self, now: i64, ttl_ms: i64) -> Vec<ConnId> {
+        let mut changed = Vec::new();
         for p in self.inner().peers.values_mut() {
             if p.status.expire(now, ttl_ms) {
                 p.shared.spill();
+                changed.push(p.shared.conn_id);
             }
         }
+        changed
     }
 
     /// Live peers of the same member other than `conn` (to wake after leases are released).

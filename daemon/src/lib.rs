@@ -117,6 +117,7 @@ impl Daemon {
             config.storage.max_batch,
             config.limits.outbound_queue_bytes.saturating_mul(4),
             metrics.clone(),
+            store::writer::OutSeqs::from_committed(db.outseqs().await?),
         );
         // No connection survives a restart, so no lease does either.
         writer.send(WriteOp::ClearLeases).await?;
@@ -339,7 +340,11 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         let ttl = i64::try_from(ctx.config.limits.status_ttl.as_millis()).unwrap_or(i64::MAX);
         for mesh in ctx.hub.all() {
-            mesh.expire_statuses(now, ttl);
+            for conn in mesh.expire_statuses(now, ttl) {
+                if let Some(fed) = &ctx.fed {
+                    fed.presence_changed(&mesh, conn);
+                }
+            }
         }
         let healthy = ctx.db.ping().await.is_ok();
         ctx.metrics.db_reachable.store(healthy, Ordering::Relaxed);

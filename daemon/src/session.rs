@@ -1379,6 +1379,7 @@ impl Live {
             lease_conn: None,
             lease_until: None,
             forward_to: None,
+            forward_seq: None,
             inbox: None,
         };
         let mut forward: Option<Arc<str>> = None;

@@ -112,12 +112,13 @@ impl Bench {
                       peer_ca: &std::path::Path| {
             format!(
                 "[storage]\ndurability = \"{dur}\"\n[limits]\nsends_per_second = 0\nmax_connections = 60000\n\
-                 max_connections_per_mesh = 60000\n[log]\nlevel = \"warn\"\n\
+                 max_connections_per_mesh = 60000\n[log]\nlevel = \"{log}\"\n\
                  [federation]\nbroker = \"{me}\"\nlisten = \"127.0.0.1:{port}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                  ca = \"{ca}\"\npresence_grace = \"{grace}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
                  keepalive = \"300ms\"\nidle_timeout = \"1500ms\"\n\
                  [[federation.peers]]\nname = \"{peer}\"\naddr = \"{peer_addr}\"\nca = \"{peer_ca}\"\n",
                 dur = self.durability,
+                log = crate::log_level(),
                 cert = leaf.cert.display(),
                 key = leaf.key.display(),
                 ca = ca.join(meshd_certs::CA_CERT_FILE).display(),
@@ -170,7 +171,8 @@ impl Bench {
             &["mesh", "accept", &mesh_id, "--from", A, "--json"],
         ))
         .await?;
-        let env = [("MESHD_LOG_LEVEL", "warn")];
+        let log = crate::log_level();
+        let env = [("MESHD_LOG_LEVEL", log.as_str())];
         let pa =
             DaemonProcess::spawn(&self.daemon, dir_a.path(), &["--config", &ca_s], &env).await?;
         let pb =

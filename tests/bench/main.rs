@@ -215,8 +215,9 @@ impl Bench {
             &cfg,
             format!(
                 "[storage]\ndurability = \"{}\"\n[limits]\nsends_per_second = 0\nmax_connections = 60000\n\
-                 max_connections_per_mesh = 60000\n[log]\nlevel = \"warn\"\n",
-                self.durability
+                 max_connections_per_mesh = 60000\n[log]\nlevel = \"{log}\"\n",
+                self.durability,
+                log = log_level(),
             ),
         )?;
         let d = dir.path().to_str().context("utf-8 path")?.to_owned();
@@ -238,7 +239,7 @@ impl Bench {
             &self.daemon,
             dir.path(),
             &global,
-            &[("MESHD_LOG_LEVEL", "warn")],
+            &[("MESHD_LOG_LEVEL", &log_level())],
         )
         .await?;
         Ok(Broker {
@@ -438,6 +439,12 @@ async fn round_trips(
     }
     echo.await??;
     Ok(samples)
+}
+
+/// The brokers' log filter: `warn`, or `MESHD_BENCH_LOG` (e.g. `meshd::fed=trace` to see
+/// where a cross-broker message spends its time).
+fn log_level() -> String {
+    std::env::var("MESHD_BENCH_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 /// Lets the broker finish background work before a memory reading.

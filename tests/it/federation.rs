@@ -38,8 +38,23 @@ async fn start_on(
     dns: Option<SocketAddr>,
     peers: Vec<FederationPeer>,
 ) -> anyhow::Result<TestBroker> {
+    start_tweaked(backend, org, name, dns, peers, |_| {}).await
+}
+
+async fn start_tweaked(
+    backend: Backend,
+    org: &Org,
+    name: &str,
+    dns: Option<SocketAddr>,
+    peers: Vec<FederationPeer>,
+    tweak: impl FnOnce(&mut meshd_config::Config),
+) -> anyhow::Result<TestBroker> {
     let f = org.federation(name, dns, peers)?;
-    TestBroker::start_with(backend, |c| c.federation = Some(f)).await
+    TestBroker::start_with(backend, |c| {
+        c.federation = Some(f);
+        tweak(c);
+    })
+    .await
 }
 
 /// Publishes `_meshd._udp.NAME` → 127.0.0.1:port.
@@ -844,5 +859,95 @@ async fn revocation_propagates() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// Outbox positions never go back: after A's forwarded rows are swept and A restarts
+/// (SQLite would reuse their row ids), new messages still get higher positions than B's
+/// de-duplication cursor, so they are delivered rather than taken for duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_positions_survive_sweeps_and_restarts() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let to_a = FaultProxy::start("127.0.0.1:9".parse()?).await?;
+    let to_b = FaultProxy::start("127.0.0.1:9".parse()?).await?;
+    let retention = |c: &mut meshd_config::Config| {
+        c.limits.delivered_retention = Duration::from_millis(1);
+    };
+    let mut a = start_tweaked(
+        Backend::Sqlite,
+        &oa,
+        A,
+        None,
+        vec![ob.peer(B, Some(to_b.addr()))],
+        retention,
+    )
+    .await?;
+    let b = start(&ob, B, None, vec![oa.peer(A, Some(to_a.addr()))]).await?;
+    to_a.set_upstream(a.quic.context("quic")?);
+    to_b.set_upstream(b.quic.context("quic")?);
+    let mesh = a.create_mesh("sweep").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    admin::accept_mesh(&b.db, &b.config, &mesh.mesh_id, A).await?;
+    let mesh_b = replica(&b.db, &mesh.mesh_id).await?;
+    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let bob = b.enroll(&mesh_b, "bob").await?;
+    let mut bob_c = member_client(&b.ws_url(), &bob, &[]).await?;
+    let bob_key = bob.keys.public_hex();
+    for round in 0..2 {
+        let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+        until_known(&mut alice_c, &bob).await?;
+        assert_eq!(bob_c.expect_message().await?.1, "probe");
+        for i in 0..3 {
+            alice_c
+                .dm(&bob_key, &format!("round {round} #{i}"), "now")
+                .await?;
+        }
+        for i in 0..3 {
+            assert_eq!(
+                bob_c.expect_message().await?.1,
+                format!("round {round} #{i}")
+            );
+        }
+        // Everything A stored is forwarded, so delivered; the sweep a restarted broker
+        // runs about 2 s after start removes it (retention 1 ms), and the next start
+        // begins with an empty message table.
+        alice_c.close().await;
+        let count = |db: meshd::store::Db, sql: &'static str| async move {
+            match &db {
+                meshd::store::Db::Sqlite(p) => {
+                    sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.ok()
+                }
+                meshd::store::Db::Postgres(p) => {
+                    sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.ok()
+                }
+            }
+        };
+        // Everything A stored is forwarded (so delivered) before it restarts; the sweep a
+        // starting broker runs at once removes it (retention 1 ms), and the start after
+        // that begins with an empty message table.
+        eventually("B to acknowledge everything", || async {
+            (count(
+                a.db.clone(),
+                "SELECT COUNT(*) FROM message WHERE forwarded_at IS NULL",
+            )
+            .await?
+                == 0)
+                .then_some(())
+        })
+        .await?;
+        for _ in 0..2 {
+            a = a.restart().await?;
+            to_a.set_upstream(a.quic.context("quic")?);
+            eventually("A's forwarded rows swept", || async {
+                (count(a.db.clone(), "SELECT COUNT(*) FROM message").await? == 0).then_some(())
+            })
+            .await?;
+        }
+        fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    }
+    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+    alice_c.dm(&bob_key, "after two restarts", "now").await?;
+    assert_eq!(bob_c.expect_message().await?.1, "after two restarts");
     Ok(())
 }

@@ -5,11 +5,20 @@
 ALTER TABLE member ADD COLUMN home_broker TEXT;
 
 -- Direct messages whose recipient is hosted by a peer broker: the row is the durable
--- outbox entry (ordered by seq per peer) until the peer has stored it.
+-- outbox entry, ordered by forward_seq (per peer, assigned by the store writer) until the
+-- peer has stored it.
 ALTER TABLE message ADD COLUMN forward_to TEXT;
+ALTER TABLE message ADD COLUMN forward_seq BIGINT;
 ALTER TABLE message ADD COLUMN forwarded_at BIGINT;
 ALTER TABLE message ADD COLUMN forward_error TEXT;
-CREATE INDEX message_outbox ON message (forward_to, seq) WHERE forward_to IS NOT NULL AND forwarded_at IS NULL;
+CREATE INDEX message_outbox ON message (forward_to, forward_seq) WHERE forward_to IS NOT NULL AND forwarded_at IS NULL;
+
+-- The highest forward_seq committed per peer. Peers de-duplicate by a high-water mark, so
+-- a sequence must never go back: not after old rows are swept, not after a restart.
+CREATE TABLE fed_outseq (
+    peer      TEXT PRIMARY KEY,
+    last_seq  BIGINT NOT NULL
+);
 
 -- Consent to exchange a mesh with a peer broker. role 'offer': this broker is the home
 -- and shares the mesh with peer; 'accept': peer is the home and this broker accepted.

@@ -55,7 +55,7 @@ pub struct ReplicaRow {
 /// A pending outbox row.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
-    /// Outbox position.
+    /// Outbox position (`forward_seq`).
     pub seq: i64,
     /// Message id.
     pub id: String,
@@ -177,6 +177,13 @@ impl Db {
         Ok(())
     }
 
+    /// The highest outbox position committed per peer (for the writer's [`OutSeqs`]).
+    ///
+    /// [`OutSeqs`]: super::writer::OutSeqs
+    pub async fn outseqs(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(with_db!(self, p => sqlx::query_as(super::writer::OUTSEQS_SQL).fetch_all(p).await)?)
+    }
+
     /// Highest outbox seq of `peer` already stored here.
     pub async fn inbox_high(&self, peer: &str) -> Result<i64, StoreError> {
         const SQL: &str = "SELECT high_seq FROM fed_inbox WHERE peer = $1";
@@ -192,10 +199,10 @@ impl Db {
         after: i64,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        const SQL: &str = "SELECT seq, id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, sender_name, \
+        const SQL: &str = "SELECT forward_seq AS seq, id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, sender_name, \
                            target_spec, target_key, priority, nonce, ciphertext, subtype, client_message_id, created_at, expires_at \
-                           FROM message WHERE forward_to = $1 AND forwarded_at IS NULL AND seq > $2 \
-                           ORDER BY seq LIMIT $3";
+                           FROM message WHERE forward_to = $1 AND forwarded_at IS NULL AND forward_seq > $2 \
+                           ORDER BY forward_seq LIMIT $3";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(peer).bind(after).bind(limit).fetch_all(p).await)?,
         )

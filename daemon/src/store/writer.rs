@@ -57,12 +57,46 @@ pub(crate) struct NewMessage {
     pub(crate) lease_until: Option<i64>,
     /// Peer broker hosting the recipient: the row is that link's outbox entry.
     pub(crate) forward_to: Option<String>,
+    /// Its position in that outbox, assigned by the router (see [`OutSeqs`]).
+    pub(crate) forward_seq: Option<i64>,
     /// Set for a message received from a peer broker: (peer, its outbox seq), recorded
     /// in `fed_inbox` in the same transaction so a resend is recognised after any crash.
     pub(crate) inbox: Option<(String, i64)>,
 }
 
-const MESSAGE_COLUMNS: usize = 19;
+const MESSAGE_COLUMNS: usize = 20;
+
+/// Gap left after the last committed outbox position when the writer starts: rows the
+/// previous run numbered but never committed were never forwarded either (the outbox
+/// reads committed rows), so reusing their numbers would be harmless; the gap keeps the
+/// sequence strictly increasing anyway, whatever a future change forwards earlier.
+const OUTSEQ_RESTART_GAP: i64 = 1 << 20;
+
+/// Per-peer outbox sequences, owned by the router: it numbers rows in channel order, so
+/// every peer sees its messages in commit order with increasing numbers. The highest
+/// committed number is persisted (`fed_outseq`) in the same transaction as the rows.
+#[derive(Debug, Default)]
+pub(crate) struct OutSeqs {
+    next: std::collections::HashMap<String, i64>,
+}
+
+impl OutSeqs {
+    /// From the persisted maxima (`SELECT peer, last_seq FROM fed_outseq`).
+    pub(crate) fn from_committed(rows: Vec<(String, i64)>) -> Self {
+        Self {
+            next: rows
+                .into_iter()
+                .map(|(p, last)| (p, last.saturating_add(OUTSEQ_RESTART_GAP)))
+                .collect(),
+        }
+    }
+
+    fn assign(&mut self, peer: &str) -> i64 {
+        let n = self.next.entry(peer.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
 
 /// The mesh and recipient key of a direct message, so the router can make the key's
 /// live connections drain when the row is stored undelivered (see `hub`).
@@ -304,6 +338,7 @@ pub(crate) fn channel(
     max_batch: usize,
     backlog_cap: usize,
     metrics: Arc<Metrics>,
+    outseqs: OutSeqs,
 ) -> (WriterHandle, Writer) {
     let (tx, rx) = mpsc::channel(capacity);
     (
@@ -316,6 +351,7 @@ pub(crate) fn channel(
             max_batch,
             backlog_cap,
             metrics,
+            outseqs,
         },
     )
 }
@@ -332,6 +368,7 @@ pub(crate) struct Writer {
     /// Most bytes the router keeps for one draining connection.
     backlog_cap: usize,
     metrics: Arc<Metrics>,
+    outseqs: OutSeqs,
 }
 
 /// Rows removed by a sweep.
@@ -391,6 +428,7 @@ impl Writer {
             max_batch,
             backlog_cap,
             metrics,
+            mut outseqs,
         } = self;
         let (exec_tx, exec_rx) = mpsc::channel(capacity);
         let router_metrics = metrics.clone();
@@ -431,6 +469,9 @@ impl Writer {
                             direct,
                             ..
                         } => {
+                            if let Some(peer) = &row.forward_to {
+                                row.forward_seq = Some(outseqs.assign(peer));
+                            }
                             let routed = delivery
                                 .take()
                                 .is_some_and(|d| route_live(row, d, backlog_cap, &mut extra));
@@ -901,7 +942,7 @@ impl SqlCache {
                         style,
                         "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
                          sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
-                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to) VALUES ",
+                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to, forward_seq) VALUES ",
                         MESSAGE_COLUMNS,
                         n,
                     ))
@@ -995,10 +1036,15 @@ const SWEEP_EXPIRED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq FR
 const FED_INBOX_SQL: &str = "INSERT INTO fed_inbox (peer, high_seq) VALUES ($1, $2) \
      ON CONFLICT (peer) DO UPDATE SET high_seq = CASE WHEN excluded.high_seq > fed_inbox.high_seq \
        THEN excluded.high_seq ELSE fed_inbox.high_seq END";
+const FED_OUTSEQ_SQL: &str = "INSERT INTO fed_outseq (peer, last_seq) VALUES ($1, $2) \
+     ON CONFLICT (peer) DO UPDATE SET last_seq = CASE WHEN excluded.last_seq > fed_outseq.last_seq \
+       THEN excluded.last_seq ELSE fed_outseq.last_seq END";
+/// Read once when the writer starts (see [`OutSeqs`]).
+pub(crate) const OUTSEQS_SQL: &str = "SELECT peer, last_seq FROM fed_outseq";
 const FORWARDED_SQL: &str = "UPDATE message SET forwarded_at = $1, delivered_at = $1, nonce = '', ciphertext = '' \
-     WHERE forward_to = $2 AND seq <= $3 AND forwarded_at IS NULL";
+     WHERE forward_to = $2 AND forward_seq <= $3 AND forwarded_at IS NULL";
 const FORWARD_REFUSED_SQL: &str = "UPDATE message SET forwarded_at = $1, forward_error = $2, nonce = '', ciphertext = '' \
-     WHERE forward_to = $3 AND seq = $4 AND forwarded_at IS NULL";
+     WHERE forward_to = $3 AND forward_seq = $4 AND forwarded_at IS NULL";
 const FORWARD_DROP_MESH_SQL: &str = "UPDATE message SET forwarded_at = $1, forward_error = $2, nonce = '', ciphertext = '' \
      WHERE forward_to = $3 AND mesh_id = $4 AND forwarded_at IS NULL";
 const RELEASE_CONN_SQL: &str = "UPDATE message SET lease_conn = NULL, lease_until = NULL \
@@ -1058,7 +1104,8 @@ macro_rules! executor {
                         .bind(r.delivered_at)
                         .bind(r.lease_conn)
                         .bind(r.lease_until)
-                        .bind(&r.forward_to);
+                        .bind(&r.forward_to)
+                        .bind(r.forward_seq);
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -1072,6 +1119,18 @@ macro_rules! executor {
             }
             for (peer, seq) in cursors {
                 sqlx::query(FED_INBOX_SQL).bind(peer).bind(seq).execute(&mut *tx).await?;
+            }
+            // Outbox positions handed out: the highest committed one per peer.
+            let mut outseqs: Vec<(&str, i64)> = Vec::new();
+            for r in &rows {
+                let (Some(peer), Some(seq)) = (&r.forward_to, r.forward_seq) else { continue };
+                match outseqs.iter_mut().find(|(p, _)| *p == peer.as_str()) {
+                    Some(c) => c.1 = c.1.max(seq),
+                    None => outseqs.push((peer, seq)),
+                }
+            }
+            for (peer, seq) in outseqs {
+                sqlx::query(FED_OUTSEQ_SQL).bind(peer).bind(seq).execute(&mut *tx).await?;
             }
 
             // 2. lease changes: bounded leases first, so a release in the same batch wins
