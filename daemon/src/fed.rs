@@ -165,6 +165,104 @@ impl Coalescer {
     }
 }
 
+/// Rows the store writer's router hands over for one peer, numbered but not yet
+/// committed. While the peer's link is up and its outbox caught up with the store, the
+/// link forwards from here at once (no commit wait, no store read); otherwise it reads
+/// the store. Bounded: on overflow the queue is dropped and the link reads the store.
+#[derive(Debug, Default)]
+pub(crate) struct HotSink {
+    inner: Mutex<HotQueue>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct HotQueue {
+    /// The outbox attached now (0: none; rows offered meanwhile are read from the store).
+    attached: u64,
+    generation: u64,
+    /// Rows were dropped since the outbox last looked: it must read the store.
+    overflowed: bool,
+    rows: VecDeque<Dm>,
+}
+
+/// Rows a hot queue holds before it gives up and lets the store catch up.
+const HOT_QUEUE: usize = 8192;
+
+impl crate::store::writer::ForwardSink for HotSink {
+    fn offer(&self, row: &NewMessage) {
+        let mut q = lock(&self.inner);
+        if q.attached == 0 {
+            return;
+        }
+        if q.rows.len() >= HOT_QUEUE {
+            q.rows.clear();
+            q.overflowed = true;
+        } else if let Some(seq) = row.forward_seq {
+            q.rows.push_back(Dm {
+                seq: u64::try_from(seq).unwrap_or(0),
+                mesh_id: row.mesh_id.clone(),
+                id: row.id.clone(),
+                sender_member_id: row.sender_member_id.clone(),
+                sender_member_pubkey: row.sender_member_pubkey.clone(),
+                sender_pubkey: row.sender_pubkey.clone(),
+                sender_name: row.sender_name.clone(),
+                target_spec: row.target_spec.clone(),
+                target_key: row.target_key.clone().unwrap_or_default(),
+                priority: row.priority,
+                nonce: row.nonce.clone(),
+                ciphertext: row.ciphertext.clone(),
+                subtype: row.subtype.clone(),
+                client_message_id: row.client_message_id.clone(),
+                created_at: row.created_at,
+                expires_at: row.expires_at,
+            });
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+}
+
+impl HotSink {
+    /// A link's outbox takes over the queue; the guard gives it back when the outbox
+    /// ends (unless a newer link's outbox has taken over meanwhile).
+    fn attach(self: &Arc<Self>) -> HotGuard {
+        let mut q = lock(&self.inner);
+        q.generation += 1;
+        q.attached = q.generation;
+        q.overflowed = false;
+        q.rows.clear();
+        HotGuard {
+            sink: self.clone(),
+            generation: q.generation,
+        }
+    }
+
+    /// Up to `n` rows, and whether rows were dropped before them.
+    fn take(&self, n: usize) -> (Vec<Dm>, bool) {
+        let mut q = lock(&self.inner);
+        let overflowed = std::mem::take(&mut q.overflowed);
+        let n = n.min(q.rows.len());
+        (q.rows.drain(..n).collect(), overflowed)
+    }
+}
+
+/// Detaches an outbox from its hot queue when dropped.
+#[derive(Debug)]
+struct HotGuard {
+    sink: Arc<HotSink>,
+    generation: u64,
+}
+
+impl Drop for HotGuard {
+    fn drop(&mut self) {
+        let mut q = lock(&self.sink.inner);
+        if q.attached == self.generation {
+            q.attached = 0;
+            q.rows.clear();
+        }
+    }
+}
+
 /// One live link, as the rest of the daemon sees it.
 #[derive(Debug)]
 struct LinkShared {
@@ -223,6 +321,8 @@ pub(crate) struct Fed {
     bundle: String,
     /// Per peer, the highest outbox seq ever sent (to count resends across links).
     resend_marks: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Per peer, rows handed over by the store writer before their commit.
+    hot: Mutex<HashMap<String, Arc<HotSink>>>,
 }
 
 impl std::fmt::Debug for Fed {
@@ -290,6 +390,7 @@ impl Fed {
             stop: CancellationToken::new(),
             bundle,
             resend_marks: Mutex::default(),
+            hot: Mutex::default(),
         });
         Ok((fed, ep))
     }
@@ -367,6 +468,11 @@ impl Fed {
 
     fn ctx(&self) -> Option<Arc<Ctx>> {
         self.ctx.get().and_then(Weak::upgrade)
+    }
+
+    /// The hot queue of `peer` (see [`HotSink`]).
+    pub(crate) fn hot_sink(&self, peer: &str) -> Arc<HotSink> {
+        lock(&self.hot).entry(peer.to_owned()).or_default().clone()
     }
 
     fn resend_mark(&self, peer: &str) -> Arc<AtomicU64> {
@@ -1059,8 +1165,15 @@ impl Fed {
         };
         let sender = async {
             let max_seen = self.resend_mark(&peer);
+            let hot = self.hot_sink(&peer);
+            // Attach before the first store read: every row numbered from now on is
+            // either in that read or offered to the hot queue.
+            let _attached = hot.attach();
             let link_started = std::time::Instant::now();
-            let mut after: i64 = 0;
+            // Highest position sent on this link; rows go out strictly in order.
+            let mut last: i64 = 0;
+            // Whether the store has been read up to what the hot queue continues from.
+            let mut caught_up = false;
             let mut buf: Vec<u8> = Vec::new();
             loop {
                 let members: Vec<Frame> = lock(&link.members).drain(..).collect();
@@ -1076,47 +1189,81 @@ impl Fed {
                 let wake = link.outbox_wake.notified();
                 tokio::pin!(wake);
                 wake.as_mut().enable();
+                let hot_wake = hot.wake.notified();
+                tokio::pin!(hot_wake);
+                hot_wake.as_mut().enable();
                 let limit = OUTBOX_PAGE.min(i64::try_from(room).unwrap_or(OUTBOX_PAGE));
-                let rows = ctx
-                    .db
-                    .outbox_page(&peer, after, limit)
-                    .await
-                    .map_err(|e| LinkError::Io(format!("reading the outbox: {e}")))?;
-                if rows.is_empty() {
-                    let queued = ctx.db.outbox_len(&peer).await.unwrap_or(0);
-                    link.counters
-                        .queued
-                        .store(u64::try_from(queued).unwrap_or(0), Ordering::Relaxed);
+                let (batch, from_store) = if caught_up {
+                    let (rows, overflowed) = hot.take(usize::try_from(limit).unwrap_or(0));
+                    let gap = rows.first().is_some_and(|d| {
+                        i64::try_from(d.seq).unwrap_or(i64::MAX) > last.saturating_add(1)
+                    });
+                    if overflowed || gap {
+                        // Rows before these are (or will be) in the store: read it.
+                        caught_up = false;
+                        if gap {
+                            // Not committed yet, or never will be (a failed batch):
+                            // give the writer a moment rather than spin.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        continue;
+                    }
+                    (rows, false)
+                } else {
+                    let rows = ctx
+                        .db
+                        .outbox_page(&peer, last, limit)
+                        .await
+                        .map_err(|e| LinkError::Io(format!("reading the outbox: {e}")))?;
+                    if i64::try_from(rows.len()).unwrap_or(0) < limit {
+                        caught_up = true;
+                    }
+                    (rows.into_iter().map(outbox_dm).collect(), true)
+                };
+                if batch.is_empty() {
+                    if from_store {
+                        let queued = ctx.db.outbox_len(&peer).await.unwrap_or(0);
+                        link.counters
+                            .queued
+                            .store(u64::try_from(queued).unwrap_or(0), Ordering::Relaxed);
+                        continue;
+                    }
                     // New rows wake the sender; acks (committed a moment later) and a
                     // slow tick refresh the gauge.
                     tokio::select! {
+                        () = hot_wake => {}
                         () = wake => {}
-                        () = acked.notified() => {}
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = acked.notified() => caught_up = false,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => caught_up = false,
                     }
                     continue;
                 }
                 buf.clear();
-                let mut sent = Vec::with_capacity(rows.len());
+                let mut sent = Vec::with_capacity(batch.len());
                 let mut blocked = false;
-                for row in rows {
-                    if !link.flows(&row.mesh_id) {
+                for dm in batch {
+                    let seq = i64::try_from(dm.seq).unwrap_or(i64::MAX);
+                    if seq <= last {
+                        continue; // read from the store already
+                    }
+                    if !link.flows(&dm.mesh_id) {
                         // Not (or no longer) shared with this peer: refuse locally. A
                         // mesh that has not started flowing yet on a new link waits a
                         // moment instead (nothing after it may overtake it: the peer
                         // de-duplicates by a high-water mark).
-                        if self.consents(&row.mesh_id, &peer)
+                        if self.consents(&dm.mesh_id, &peer)
                             && link_started.elapsed() < FLOW_SETTLE
                         {
                             blocked = true;
+                            caught_up = false;
                             break;
                         }
-                        after = row.seq;
+                        last = seq;
                         let _ = ctx
                             .writer
                             .send(WriteOp::ForwardRefused {
                                 peer: peer.clone(),
-                                seq: Some(row.seq),
+                                seq: Some(seq),
                                 mesh_id: None,
                                 reason: RejectReason::NotShared.as_str(),
                                 at: now_ms(),
@@ -1124,9 +1271,8 @@ impl Fed {
                             .await;
                         continue;
                     }
-                    let seq = row.seq;
-                    after = seq;
-                    let frame = Frame::Dm(Box::new(outbox_dm(row)));
+                    last = seq;
+                    let frame = Frame::Dm(Box::new(dm));
                     let bytes = fed::encode(&frame, tx.max())?;
                     buf.extend_from_slice(&bytes);
                     sent.push(seq);
@@ -1136,16 +1282,19 @@ impl Fed {
                     let _ = tokio::time::timeout(Duration::from_secs(1), wake).await;
                     continue;
                 }
+                if sent.is_empty() {
+                    continue;
+                }
                 let resent = sent
                     .iter()
                     .filter(|s| u64::try_from(**s).unwrap_or(0) <= max_seen.load(Ordering::Relaxed))
                     .count();
-                if let Some(last) = sent.last() {
-                    max_seen.fetch_max(u64::try_from(*last).unwrap_or(0), Ordering::Relaxed);
+                if let Some(l) = sent.last() {
+                    max_seen.fetch_max(u64::try_from(*l).unwrap_or(0), Ordering::Relaxed);
                 }
                 lock(&inflight).extend(sent.iter().copied());
                 tx.send_raw(&buf).await?;
-                tracing::trace!(n = sent.len(), last = ?sent.last(), "outbox page sent");
+                tracing::trace!(n = sent.len(), last = ?sent.last(), from_store, "outbox sent");
                 link.counters
                     .sent
                     .fetch_add(sent.len() as u64, Ordering::Relaxed);
@@ -1460,6 +1609,7 @@ impl Fed {
                 mesh: hub,
                 key: dm.target_key,
             }),
+            forward: None,
             reply,
         };
         if ctx.writer.send(op).await.is_err() {

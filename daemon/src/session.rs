@@ -1477,10 +1477,17 @@ impl Live {
         };
         self.ctx.metrics.messages_routed.inc(priority.as_str());
         let (tx, rx) = oneshot::channel();
+        let sink = forward.as_ref().and_then(|peer| {
+            self.ctx
+                .fed
+                .as_ref()
+                .map(|f| f.hot_sink(peer) as Arc<dyn crate::store::writer::ForwardSink>)
+        });
         self.outbox.push_back(WriteOp::Insert {
             row: Box::new(row),
             delivery,
             direct,
+            forward: sink,
             reply: tx,
         });
         let metrics = self.ctx.metrics.clone();

@@ -106,6 +106,14 @@ pub(crate) struct DirectKey {
     pub(crate) key: String,
 }
 
+/// Where the router hands a row bound for a peer broker once it has its outbox position,
+/// before the commit (the federation link forwards it at once when it is caught up; the
+/// store remains the truth, read when it is not).
+pub(crate) trait ForwardSink: Send + Sync + std::fmt::Debug {
+    /// Offers a numbered row; never blocks.
+    fn offer(&self, row: &NewMessage);
+}
+
 /// A hot-path push to attempt while inserting.
 #[derive(Debug)]
 pub(crate) struct Delivery {
@@ -207,6 +215,8 @@ pub(crate) enum WriteOp {
         row: Box<NewMessage>,
         delivery: Option<Delivery>,
         direct: Option<DirectKey>,
+        /// For rows with `forward_to`: the link's sink.
+        forward: Option<Arc<dyn ForwardSink>>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Messages written to their recipient's socket (clients that do not acknowledge).
@@ -467,10 +477,14 @@ impl Writer {
                             row,
                             delivery,
                             direct,
+                            forward,
                             ..
                         } => {
                             if let Some(peer) = &row.forward_to {
                                 row.forward_seq = Some(outseqs.assign(peer));
+                                if let Some(sink) = forward.take() {
+                                    sink.offer(row);
+                                }
                             }
                             let routed = delivery
                                 .take()
