@@ -1228,13 +1228,18 @@ impl Fed {
                             .store(u64::try_from(queued).unwrap_or(0), Ordering::Relaxed);
                         continue;
                     }
-                    // New rows wake the sender; acks (committed a moment later) and a
-                    // slow tick refresh the gauge.
+                    // Caught up: what waits is what the peer has not acknowledged yet.
+                    link.counters
+                        .queued
+                        .store(lock(&inflight).len() as u64, Ordering::Relaxed);
+                    // New rows wake the sender, acks refresh the gauge; a slow tick
+                    // re-reads the store as a safety net (off the hot path: a store
+                    // read here would delay the next hot row).
                     tokio::select! {
                         () = hot_wake => {}
                         () = wake => {}
-                        () = acked.notified() => caught_up = false,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => caught_up = false,
+                        () = acked.notified() => {}
+                        () = tokio::time::sleep(Duration::from_secs(10)) => caught_up = false,
                     }
                     continue;
                 }
