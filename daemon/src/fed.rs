@@ -1256,8 +1256,7 @@ impl Fed {
                         // mesh that has not started flowing yet on a new link waits a
                         // moment instead (nothing after it may overtake it: the peer
                         // de-duplicates by a high-water mark).
-                        if self.consents(&dm.mesh_id, &peer)
-                            && link_started.elapsed() < FLOW_SETTLE
+                        if self.consents(&dm.mesh_id, &peer) && link_started.elapsed() < FLOW_SETTLE
                         {
                             blocked = true;
                             caught_up = false;

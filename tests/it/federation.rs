@@ -824,6 +824,26 @@ async fn certificates_cli_bundle_and_key_permissions() -> anyhow::Result<()> {
         "{headers}"
     );
     assert_eq!(String::from_utf8(body)?, bundle);
+    // `meshd federation status` reads the running daemon's /federation.
+    let addr = broker.addr.to_string();
+    let (code, out, err) = meshd_tests::run_cli(
+        crate::DAEMON,
+        &[
+            "--data-dir",
+            d,
+            "federation",
+            "status",
+            "--addr",
+            &addr,
+            "--json",
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let st: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(st["broker"], A);
+    assert_eq!(st["quic"], json!(broker.quic.context("quic")?.to_string()));
 
     // Loosen the key's permissions: the next start is refused with a clear message.
     let key = first["key"].as_str().context("key")?;
