@@ -237,9 +237,19 @@ impl HotSink {
         }
     }
 
-    /// Up to `n` rows, and whether rows were dropped before them.
-    fn take(&self, n: usize) -> (Vec<Dm>, bool) {
+    /// Up to `n` rows, and whether rows may be missing before them: some were dropped,
+    /// or another outbox (of a link being replaced) took the queue over meanwhile, in
+    /// which case `guard` takes it back.
+    fn take(&self, n: usize, guard: &mut HotGuard) -> (Vec<Dm>, bool) {
         let mut q = lock(&self.inner);
+        if q.attached != guard.generation {
+            q.generation += 1;
+            q.attached = q.generation;
+            guard.generation = q.generation;
+            q.overflowed = false;
+            q.rows.clear();
+            return (Vec::new(), true);
+        }
         let overflowed = std::mem::take(&mut q.overflowed);
         let n = n.min(q.rows.len());
         (q.rows.drain(..n).collect(), overflowed)
@@ -260,6 +270,9 @@ impl Drop for HotGuard {
             q.attached = 0;
             q.rows.clear();
         }
+        drop(q);
+        // An outbox that lost the queue to this one notices on its next look.
+        self.sink.wake.notify_one();
     }
 }
 
@@ -1168,7 +1181,7 @@ impl Fed {
             let hot = self.hot_sink(&peer);
             // Attach before the first store read: every row numbered from now on is
             // either in that read or offered to the hot queue.
-            let _attached = hot.attach();
+            let mut attached = hot.attach();
             let link_started = std::time::Instant::now();
             // Highest position sent on this link; rows go out strictly in order.
             let mut last: i64 = 0;
@@ -1194,7 +1207,8 @@ impl Fed {
                 hot_wake.as_mut().enable();
                 let limit = OUTBOX_PAGE.min(i64::try_from(room).unwrap_or(OUTBOX_PAGE));
                 let (batch, from_store) = if caught_up {
-                    let (rows, overflowed) = hot.take(usize::try_from(limit).unwrap_or(0));
+                    let (rows, overflowed) =
+                        hot.take(usize::try_from(limit).unwrap_or(0), &mut attached);
                     let gap = rows.first().is_some_and(|d| {
                         i64::try_from(d.seq).unwrap_or(i64::MAX) > last.saturating_add(1)
                     });
