@@ -299,8 +299,16 @@ struct LinkShared {
 }
 
 impl LinkShared {
+    /// Whether we send this mesh's traffic over the link (both sides consent).
     fn flows(&self, mesh: &str) -> bool {
         lock(&self.flowing).contains(mesh)
+    }
+
+    /// Whether we take this mesh's traffic from the peer: we told it we consent (the
+    /// peer sends only after it has heard so, which may be before our side has heard
+    /// the peer's own consent and marked the mesh flowing).
+    fn accepts(&self, mesh: &str) -> bool {
+        lock(&self.claimed).contains(mesh)
     }
 
     fn queue_members(&self, frame: Frame) {
@@ -1481,7 +1489,7 @@ impl Fed {
         mesh_id: &str,
         members: &[MemberAnn],
     ) {
-        if !link.flows(mesh_id) {
+        if !link.accepts(mesh_id) {
             ctx.metrics
                 .fed_refused
                 .inc(RejectReason::NotShared.as_str());
@@ -1531,7 +1539,7 @@ impl Fed {
         link: &LinkShared,
         dm: Dm,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, RejectReason> {
-        if !link.flows(&dm.mesh_id) {
+        if !link.accepts(&dm.mesh_id) {
             return Err(RejectReason::NotShared);
         }
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &dm.mesh_id).await else {
@@ -1652,7 +1660,7 @@ impl Fed {
                 | Frame::PresenceGone { mesh_id, .. } => mesh_id.clone(),
                 other => return Err(protocol_error(other, "presence")),
             };
-            if !link.flows(&mesh_id) {
+            if !link.accepts(&mesh_id) {
                 ctx.metrics
                     .fed_refused
                     .inc(RejectReason::NotShared.as_str());
@@ -1704,7 +1712,7 @@ impl Fed {
                     }
                 }
                 Frame::State(s) => {
-                    if !link.flows(&s.mesh_id) {
+                    if !link.accepts(&s.mesh_id) {
                         ctx.metrics
                             .fed_refused
                             .inc(RejectReason::NotShared.as_str());
@@ -1763,7 +1771,7 @@ impl Fed {
         link: &LinkShared,
         m: Multicast,
     ) -> Result<(), RejectReason> {
-        if !link.flows(&m.mesh_id) {
+        if !link.accepts(&m.mesh_id) {
             return Err(RejectReason::NotShared);
         }
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
