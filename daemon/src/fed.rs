@@ -183,6 +183,9 @@ struct HotQueue {
     /// Rows were dropped since the outbox last looked: it must read the store.
     overflowed: bool,
     rows: VecDeque<Dm>,
+    /// The highest position the writer numbered, queued or not: an outbox that has
+    /// sent less is not caught up, whatever its queue says.
+    last_offered: i64,
 }
 
 /// Rows a hot queue holds before it gives up and lets the store catch up.
@@ -191,6 +194,9 @@ const HOT_QUEUE: usize = 8192;
 impl crate::store::writer::ForwardSink for HotSink {
     fn offer(&self, row: &NewMessage) {
         let mut q = lock(&self.inner);
+        if let Some(seq) = row.forward_seq {
+            q.last_offered = q.last_offered.max(seq);
+        }
         if q.attached == 0 {
             return;
         }
@@ -235,6 +241,11 @@ impl HotSink {
             sink: self.clone(),
             generation: q.generation,
         }
+    }
+
+    /// The highest position numbered so far.
+    fn last_offered(&self) -> i64 {
+        lock(&self.inner).last_offered
     }
 
     /// Up to `n` rows, and whether rows may be missing before them: some were dropped,
@@ -1195,6 +1206,7 @@ impl Fed {
             let mut last: i64 = 0;
             // Whether the store has been read up to what the hot queue continues from.
             let mut caught_up = false;
+            let mut recheck = Duration::from_millis(1);
             let mut buf: Vec<u8> = Vec::new();
             loop {
                 let members: Vec<Frame> = lock(&link.members).drain(..).collect();
@@ -1242,6 +1254,16 @@ impl Fed {
                     }
                     (rows.into_iter().map(outbox_dm).collect(), true)
                 };
+                if batch.is_empty() && caught_up && hot.last_offered() > last {
+                    // Numbered but neither queued nor read (offered before this outbox
+                    // attached, committed after its read): read the store again once
+                    // the writer has committed it. A row whose batch failed never
+                    // appears, so the re-reads back off (to one a second).
+                    caught_up = false;
+                    tokio::time::sleep(recheck).await;
+                    recheck = (recheck * 2).min(Duration::from_secs(1));
+                    continue;
+                }
                 if batch.is_empty() {
                     if from_store {
                         let queued = ctx.db.outbox_len(&peer).await.unwrap_or(0);
@@ -1261,7 +1283,7 @@ impl Fed {
                         () = hot_wake => {}
                         () = wake => {}
                         () = acked.notified() => {}
-                        () = tokio::time::sleep(Duration::from_secs(10)) => caught_up = false,
+                        () = tokio::time::sleep(Duration::from_secs(2)) => caught_up = false,
                     }
                     continue;
                 }
@@ -1272,6 +1294,12 @@ impl Fed {
                     let seq = i64::try_from(dm.seq).unwrap_or(i64::MAX);
                     if seq <= last {
                         continue; // read from the store already
+                    }
+                    if !from_store && seq > last.saturating_add(1) {
+                        // A row between was numbered but is not in this queue: the
+                        // store has it (or will once committed); nothing may overtake it.
+                        caught_up = false;
+                        break;
                     }
                     if !link.flows(&dm.mesh_id) {
                         // Not (or no longer) shared with this peer: refuse locally. A
@@ -1311,6 +1339,7 @@ impl Fed {
                 if sent.is_empty() {
                     continue;
                 }
+                recheck = Duration::from_millis(1);
                 let resent = sent
                     .iter()
                     .filter(|s| u64::try_from(**s).unwrap_or(0) <= max_seen.load(Ordering::Relaxed))
