@@ -676,11 +676,20 @@ ca = "{a_ca}"
         display_name: "bob".into(),
     };
     until_known(&mut alice_c, &bob).await?;
-    // Bob reads the probe, then goes offline: what follows waits in B's store.
+    // Bob reads the probe, then goes offline: what follows waits in B's store. (His
+    // session at B must be gone first: B would mark what it writes to a closing socket
+    // delivered, as it does for any client that does not acknowledge.)
     {
         let mut bob_c = member_client(&b.ws_url(), &bob, &[]).await?;
         assert_eq!(bob_c.expect_message().await?.1, "probe");
+        let key = bob.keys.public_hex();
+        alice_c
+            .until_peers("bob listed", |v| broker_of(v, &key).is_some())
+            .await?;
         bob_c.close().await;
+        alice_c
+            .until_peers("bob's session at B gone", |v| broker_of(v, &key).is_none())
+            .await?;
     }
 
     let bob_key = bob.keys.public_hex();
