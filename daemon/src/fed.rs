@@ -355,6 +355,8 @@ pub(crate) struct Fed {
     resend_marks: Mutex<HashMap<String, Arc<AtomicU64>>>,
     /// Per peer, rows handed over by the store writer before their commit.
     hot: Mutex<HashMap<String, Arc<HotSink>>>,
+    /// The bound QUIC address (known before the links start).
+    quic: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Fed {
@@ -423,6 +425,7 @@ impl Fed {
             bundle,
             resend_marks: Mutex::default(),
             hot: Mutex::default(),
+            quic: ep.local_addr().ok(),
         });
         Ok((fed, ep))
     }
@@ -488,9 +491,7 @@ impl Fed {
 
     /// The UDP address the endpoint listens on.
     pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        self.manager
-            .get()
-            .and_then(|m| m.endpoint().local_addr().ok())
+        self.quic
     }
 
     /// Connects the daemon's shared state (once, right after it is built).
@@ -713,7 +714,9 @@ impl Fed {
 
     // ---- consent ----------------------------------------------------------------------
 
-    async fn reload_consent(&self) -> Result<bool, StoreError> {
+    /// Re-reads stored consent; `true` when it changed. Also called once before the
+    /// daemon serves, so the first sends already see it.
+    pub(crate) async fn reload_consent(&self) -> Result<bool, StoreError> {
         let Some(ctx) = self.ctx() else {
             return Ok(false);
         };

@@ -149,6 +149,7 @@ impl Daemon {
         });
         if let Some(f) = &ctx.fed {
             f.attach(Arc::downgrade(&ctx));
+            f.reload_consent().await?;
         }
         Ok(Bound {
             ctx,
