@@ -468,23 +468,33 @@ struct CutPair {
     to_a: FaultProxy,
     mesh: MeshCreated,
     alice: Client,
+    alice_member: Member,
     bob: Member,
 }
 
 async fn cut_pair() -> anyhow::Result<CutPair> {
+    linked_pair(|_| {}, Backend::Postgres).await
+}
+
+/// [`cut_pair`] with A's configuration adjusted and B on `b_backend`.
+async fn linked_pair(
+    a_tweak: impl FnOnce(&mut meshd_config::Config),
+    b_backend: Backend,
+) -> anyhow::Result<CutPair> {
     let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
     // Placeholder upstreams until the brokers are bound.
     let to_a = FaultProxy::start("127.0.0.1:9".parse()?).await?;
     let to_b = FaultProxy::start("127.0.0.1:9".parse()?).await?;
-    let a = start(&oa, A, None, vec![ob.peer(B, Some(to_b.addr()))]).await?;
-    let b = start_on(
-        Backend::Postgres,
-        &ob,
-        B,
+    let a = start_tweaked(
+        Backend::Sqlite,
+        &oa,
+        A,
         None,
-        vec![oa.peer(A, Some(to_a.addr()))],
+        vec![ob.peer(B, Some(to_b.addr()))],
+        a_tweak,
     )
     .await?;
+    let b = start_on(b_backend, &ob, B, None, vec![oa.peer(A, Some(to_a.addr()))]).await?;
     to_a.set_upstream(a.quic.context("quic")?);
     to_b.set_upstream(b.quic.context("quic")?);
     let mesh = a.create_mesh("cut").await?;
@@ -494,10 +504,12 @@ async fn cut_pair() -> anyhow::Result<CutPair> {
     fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
     let alice = a.enroll(&mesh, "alice").await?;
     let bob = b.enroll(&mesh_b, "bob").await?;
-    let alice = member_client(&a.ws_url(), &alice, &[]).await?;
+    let alice_member = alice;
+    let alice = member_client(&a.ws_url(), &alice_member, &[]).await?;
     Ok(CutPair {
         a,
         b,
+        alice_member,
         to_b,
         to_a,
         mesh,
@@ -896,31 +908,22 @@ async fn revocation_propagates() -> anyhow::Result<()> {
 /// de-duplication cursor, so they are delivered rather than taken for duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_positions_survive_sweeps_and_restarts() -> anyhow::Result<()> {
-    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
-    let to_a = FaultProxy::start("127.0.0.1:9".parse()?).await?;
-    let to_b = FaultProxy::start("127.0.0.1:9".parse()?).await?;
     let retention = |c: &mut meshd_config::Config| {
         c.limits.delivered_retention = Duration::from_millis(1);
     };
-    let mut a = start_tweaked(
-        Backend::Sqlite,
-        &oa,
-        A,
-        None,
-        vec![ob.peer(B, Some(to_b.addr()))],
-        retention,
-    )
-    .await?;
-    let b = start(&ob, B, None, vec![oa.peer(A, Some(to_a.addr()))]).await?;
-    to_a.set_upstream(a.quic.context("quic")?);
-    to_b.set_upstream(b.quic.context("quic")?);
-    let mesh = a.create_mesh("sweep").await?;
-    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
-    admin::accept_mesh(&b.db, &b.config, &mesh.mesh_id, A).await?;
-    let mesh_b = replica(&b.db, &mesh.mesh_id).await?;
-    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
-    let alice = a.enroll(&mesh, "alice").await?;
-    let bob = b.enroll(&mesh_b, "bob").await?;
+    let p = linked_pair(retention, Backend::Sqlite).await?;
+    let CutPair {
+        mut a,
+        b,
+        to_a,
+        mesh,
+        alice,
+        alice_member,
+        bob,
+        ..
+    } = p;
+    alice.close().await;
+    let alice = alice_member;
     let mut bob_c = member_client(&b.ws_url(), &bob, &[]).await?;
     let bob_key = bob.keys.public_hex();
     for round in 0..2 {
