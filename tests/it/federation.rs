@@ -470,6 +470,8 @@ struct CutPair {
     alice: Client,
     alice_member: Member,
     bob: Member,
+    /// The CAs and certificate files (a restart reads them again).
+    _orgs: (Org, Org),
 }
 
 async fn cut_pair() -> anyhow::Result<CutPair> {
@@ -507,6 +509,7 @@ async fn linked_pair(
     let alice_member = alice;
     let alice = member_client(&a.ws_url(), &alice_member, &[]).await?;
     Ok(CutPair {
+        _orgs: (oa, ob),
         a,
         b,
         alice_member,
@@ -920,6 +923,7 @@ async fn outbox_positions_survive_sweeps_and_restarts() -> anyhow::Result<()> {
         alice,
         alice_member,
         bob,
+        _orgs,
         ..
     } = p;
     alice.close().await;
