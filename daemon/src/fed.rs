@@ -867,17 +867,18 @@ impl Fed {
         let now_flowing: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
         debug!(peer = %link.peer, ?claimed, ?peer_ready, "consent on the link");
         let (started, stopped) = {
-            let mut flowing = lock(&link.flowing);
+            let flowing = lock(&link.flowing);
             let started: Vec<String> = now_flowing.difference(&flowing).cloned().collect();
             let stopped: Vec<String> = flowing.difference(&now_flowing).cloned().collect();
-            *flowing = now_flowing;
             (started, stopped)
         };
-        self.refresh_shared();
-        link.outbox_wake.notify_one();
         let Some(ctx) = self.ctx() else {
             return;
         };
+        if !stopped.is_empty() {
+            lock(&link.flowing).retain(|m| !stopped.contains(m));
+            self.refresh_shared();
+        }
         let now = now_ms();
         for m in stopped {
             info!(peer = %link.peer, mesh.id = %m, "mesh no longer flows over the link");
@@ -899,7 +900,6 @@ impl Fed {
             }
         }
         for m in started {
-            info!(peer = %link.peer, mesh.id = %m, "mesh flows over the link");
             let hub = match ctx.hub.mesh(&ctx.db, &m).await {
                 Ok(Some(h)) => h,
                 Ok(None) => continue,
@@ -908,6 +908,9 @@ impl Fed {
                     continue;
                 }
             };
+            info!(peer = %link.peer, mesh.id = %m, "mesh flows over the link");
+            // Members first: the mesh's messages may go out as soon as it flows, and the
+            // peer refuses a message from a member it has not heard of.
             let members = hub
                 .local_members()
                 .into_iter()
@@ -924,14 +927,21 @@ impl Fed {
                 members,
                 full: true,
             });
-            let entries = hub.local_peers(|p| presence_entry(p, self.next_version()));
-            lock(&link.presence).snapshot(
-                &m,
-                Frame::PresenceSnapshot {
-                    mesh_id: m.clone(),
-                    entries,
-                },
-            );
+            lock(&link.flowing).insert(m.clone());
+            self.refresh_shared();
+            // The snapshot is taken under the link's presence queue lock: updates queued
+            // before it are older than it (it replaces them), updates after it are newer.
+            {
+                let mut queue = lock(&link.presence);
+                let entries = hub.local_peers(|p| presence_entry(p, self.next_version()));
+                queue.snapshot(
+                    &m,
+                    Frame::PresenceSnapshot {
+                        mesh_id: m.clone(),
+                        entries,
+                    },
+                );
+            }
             link.presence_wake.notify_one();
             // State converges by newest write: send ours.
             for (key, v) in hub.state_list() {
@@ -945,6 +955,7 @@ impl Fed {
                 })));
             }
         }
+        link.outbox_wake.notify_one();
     }
 
     // ---- the link ---------------------------------------------------------------------
@@ -1067,9 +1078,12 @@ impl Fed {
                 () = me.stop.cancelled() => return,
                 () = tokio::time::sleep(grace) => {}
             }
-            if me.link(&peer).is_some() {
-                return;
-            }
+            // A link that came back replaced these meshes' peers with its snapshot; the
+            // ones it does not carry (unshared meanwhile, or not flowing yet) leave.
+            let meshes: Vec<String> = match me.link(&peer) {
+                Some(l) => meshes.into_iter().filter(|m| !l.flows(m)).collect(),
+                None => meshes.into_iter().collect(),
+            };
             let Some(ctx) = me.ctx() else { return };
             let now = now_ms();
             for m in meshes {
@@ -1351,6 +1365,11 @@ impl Fed {
                     max_seen.fetch_max(u64::try_from(*l).unwrap_or(0), Ordering::Relaxed);
                 }
                 lock(&inflight).extend(sent.iter().copied());
+                // Member announcements queued while this batch was read go ahead of it.
+                let late: Vec<Frame> = lock(&link.members).drain(..).collect();
+                for f in &late {
+                    tx.send(f).await?;
+                }
                 tx.send_raw(&buf).await?;
                 tracing::trace!(n = sent.len(), last = ?sent.last(), from_store, "outbox sent");
                 link.counters
@@ -1755,7 +1774,9 @@ impl Fed {
                     };
                     // Writes by a peer's member must come from that member's broker; a
                     // snapshot's entries (no member) are accepted as newest-wins data.
-                    if !s.member_pubkey.is_empty() && !hub.hosted_by(&link.peer, &s.member_pubkey) {
+                    if !s.member_pubkey.is_empty()
+                        && !hub.may_speak_for(&link.peer, &s.member_pubkey)
+                    {
                         link.counters.refused.fetch_add(1, Ordering::Relaxed);
                         ctx.metrics
                             .fed_refused
@@ -1809,7 +1830,7 @@ impl Fed {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        if !hub.hosted_by(&link.peer, &m.sender_member_pubkey) {
+        if !hub.may_speak_for(&link.peer, &m.sender_member_pubkey) {
             return Err(RejectReason::ForgedSender);
         }
         let Ok(target @ (TargetSpec::Broadcast | TargetSpec::Group(_))) =

@@ -646,7 +646,13 @@ impl MeshHub {
         let inner = self.inner();
         let mut live = inner.live_for(key).peekable();
         if live.peek().is_none() {
-            if let Some(r) = inner.remote.get(key) {
+            // A remote session, unless the key is a member's here (checked below).
+            if let Some(r) = inner.remote.get(key)
+                && inner
+                    .members
+                    .get(key)
+                    .is_none_or(|m| m.home.as_deref() == Some(&*r.broker))
+            {
                 return DirectRoute::Remote(r.broker.clone());
             }
             return match (inner.members.get(key), inner.session_keys.get(key)) {
@@ -789,7 +795,11 @@ impl MeshHub {
         now: i64,
     ) -> bool {
         let mut inner = self.inner();
+        // The session key must not be a key of anyone else: a member (or session) hosted
+        // here or by another broker would otherwise be routed to this broker.
         if !owns(&inner, broker, &entry.member_pubkey)
+            || (entry.key != entry.member_pubkey && !owns(&inner, broker, &entry.key))
+            || inner.session_keys.contains_key(&entry.key)
             || inner.by_key.contains_key(&entry.key)
             || inner
                 .remote
@@ -899,9 +909,20 @@ impl MeshHub {
         out
     }
 
-    /// Whether `broker` may speak for the member holding `pubkey`.
-    pub(crate) fn hosted_by(&self, broker: &str, pubkey: &str) -> bool {
+    /// Whether `broker` may speak for `pubkey` on a live stream: it is the member's home,
+    /// or nobody announced the key yet (the announcement travels on another stream and
+    /// may arrive second). A key announced by anyone else is refused.
+    pub(crate) fn may_speak_for(&self, broker: &str, pubkey: &str) -> bool {
         owns(&self.inner(), broker, pubkey)
+    }
+
+    /// Whether `broker` is the known home of the member holding `pubkey` (durable
+    /// messages need an announced sender: the announcement precedes them on their stream).
+    pub(crate) fn hosted_by(&self, broker: &str, pubkey: &str) -> bool {
+        self.inner()
+            .members
+            .get(pubkey)
+            .is_some_and(|m| m.home.as_deref() == Some(broker))
     }
 
     /// Whether the member is revoked (unknown keys count as not revoked).

@@ -117,7 +117,7 @@ impl Daemon {
             config.storage.max_batch,
             config.limits.outbound_queue_bytes.saturating_mul(4),
             metrics.clone(),
-            store::writer::OutSeqs::from_committed(db.outseqs().await?),
+            store::writer::OutSeqs::from_committed(db.outseqs().await?, ids::now_ms()),
         );
         // No connection survives a restart, so no lease does either.
         writer.send(WriteOp::ClearLeases).await?;

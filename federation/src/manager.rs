@@ -138,7 +138,13 @@ struct Active {
     conn: quinn::Connection,
     dialed_by_me: bool,
     stop: CancellationToken,
+    established: std::time::Instant,
 }
+
+/// A link older than this is not half of a simultaneous dial: a new connection from the
+/// same peer means the peer lost it (a restart, say), so the new one replaces it instead
+/// of being refused until the old one times out.
+const SIMULTANEOUS: Duration = Duration::from_secs(3);
 
 struct Slot {
     status: PeerStatus,
@@ -426,8 +432,9 @@ impl Manager {
                 return;
             };
             if let Some(old) = &slot.active {
-                // Keep the connection dialed by the broker whose name sorts first; of two
-                // dialed by the same side, the newer (the older is a dead one not yet noticed).
+                // Of two connections made at once, keep the one dialed by the broker whose
+                // name sorts first (both sides decide alike); otherwise the newer (the
+                // older is one the peer has lost, not yet noticed here).
                 let new_dialer = if link.dialer {
                     me_name.as_str()
                 } else {
@@ -438,8 +445,9 @@ impl Manager {
                 } else {
                     peer.as_str()
                 };
-                let new_wins =
-                    new_dialer == old_dialer || fed::keep_dialed_by(new_dialer, old_dialer);
+                let new_wins = new_dialer == old_dialer
+                    || old.established.elapsed() > SIMULTANEOUS
+                    || fed::keep_dialed_by(new_dialer, old_dialer);
                 if !new_wins {
                     debug!(peer = %peer, "duplicate link closed");
                     link.close(CloseReason::Duplicate);
@@ -453,6 +461,7 @@ impl Manager {
                 conn: link.conn.conn.clone(),
                 dialed_by_me: link.dialer,
                 stop: stop.clone(),
+                established: std::time::Instant::now(),
             });
             slot.status.state = LinkState::Up;
             slot.status.since_ms = now_ms();

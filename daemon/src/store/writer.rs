@@ -66,33 +66,41 @@ pub(crate) struct NewMessage {
 
 const MESSAGE_COLUMNS: usize = 20;
 
-/// Gap left after the last committed outbox position when the writer starts: rows the
-/// previous run numbered but never committed were never forwarded either (the outbox
-/// reads committed rows), so reusing their numbers would be harmless; the gap keeps the
-/// sequence strictly increasing anyway, whatever a future change forwards earlier.
+/// Gap left after the last committed outbox position when the writer starts. Rows are
+/// forwarded before their commit (the hot path), so the previous run may have sent
+/// positions it never committed: the peer's high-water mark may be that far ahead. The
+/// hot queue and the writer channel bound those to a few thousand, far below the gap.
 const OUTSEQ_RESTART_GAP: i64 = 1 << 20;
 
 /// Per-peer outbox sequences, owned by the router: it numbers rows in channel order, so
 /// every peer sees its messages in commit order with increasing numbers. The highest
 /// committed number is persisted (`fed_outseq`) in the same transaction as the rows.
+///
+/// Every run also starts at least at the clock in microseconds: a previous run that was
+/// killed before committing anything for a peer left no maximum behind, but it numbered
+/// from its own (earlier) clock reading, at far less than one row per microsecond.
 #[derive(Debug, Default)]
 pub(crate) struct OutSeqs {
     next: std::collections::HashMap<String, i64>,
+    floor: i64,
 }
 
 impl OutSeqs {
-    /// From the persisted maxima (`SELECT peer, last_seq FROM fed_outseq`).
-    pub(crate) fn from_committed(rows: Vec<(String, i64)>) -> Self {
+    /// From the persisted maxima (`SELECT peer, last_seq FROM fed_outseq`) and the time
+    /// the writer starts (ms since the epoch).
+    pub(crate) fn from_committed(rows: Vec<(String, i64)>, now_ms: i64) -> Self {
+        let floor = now_ms.saturating_mul(1000);
         Self {
             next: rows
                 .into_iter()
-                .map(|(p, last)| (p, last.saturating_add(OUTSEQ_RESTART_GAP)))
+                .map(|(p, last)| (p, last.saturating_add(OUTSEQ_RESTART_GAP).max(floor)))
                 .collect(),
+            floor,
         }
     }
 
     fn assign(&mut self, peer: &str) -> i64 {
-        let n = self.next.entry(peer.to_owned()).or_insert(0);
+        let n = self.next.entry(peer.to_owned()).or_insert(self.floor);
         *n += 1;
         *n
     }
@@ -1505,6 +1513,19 @@ executor!(exec_pg, sqlx::PgConnection, begin_pg, pg_sql);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outbox_positions_only_go_up() {
+        // A peer never numbered: from the clock (µs), even with nothing committed.
+        let mut fresh = OutSeqs::from_committed(Vec::new(), 1_000);
+        assert_eq!(fresh.assign("b"), 1_000_001);
+        assert_eq!(fresh.assign("b"), 1_000_002);
+        // A peer with a committed maximum: past it by the gap, or the clock if later.
+        let mut known = OutSeqs::from_committed(vec![("b".into(), 5)], 0);
+        assert_eq!(known.assign("b"), 5 + OUTSEQ_RESTART_GAP + 1);
+        let mut clock = OutSeqs::from_committed(vec![("b".into(), 5)], 10_000);
+        assert_eq!(clock.assign("b"), 10_000_001);
+    }
 
     #[test]
     fn placeholder_shapes() {
