@@ -357,6 +357,10 @@ pub(crate) struct Fed {
     hot: Mutex<HashMap<String, Arc<HotSink>>>,
     /// The bound QUIC address (known before the links start).
     quic: Option<std::net::SocketAddr>,
+    /// Per peer, the de-duplication cursor of its messages: shared by successive links,
+    /// so a replaced link's reader and its successor never admit the same position.
+    /// `None` until read from the store (and again after a failed insert).
+    cursors: Mutex<HashMap<String, Arc<Mutex<Option<fed::InboxCursor>>>>>,
 }
 
 impl std::fmt::Debug for Fed {
@@ -426,6 +430,7 @@ impl Fed {
             resend_marks: Mutex::default(),
             hot: Mutex::default(),
             quic: ep.local_addr().ok(),
+            cursors: Mutex::default(),
         });
         Ok((fed, ep))
     }
@@ -838,24 +843,26 @@ impl Fed {
                 }
             }
         }
-        let (added, removed) = {
+        {
+            // Queued under the lock, so concurrent reconciliations cannot reorder a
+            // ready and a withdrawal of the same mesh on the wire.
             let mut claimed = lock(&link.claimed);
             let added: Vec<String> = ready.difference(&claimed).cloned().collect();
             let removed: Vec<String> = claimed.difference(&ready).cloned().collect();
             claimed.clone_from(&ready);
-            (added, removed)
-        };
-        for m in &added {
-            let _ = link
-                .control
-                .send(Frame::MeshReady(MeshClaim { mesh_id: m.clone() }))
-                .await;
-        }
-        for m in &removed {
-            let _ = link
-                .control
-                .send(Frame::MeshWithdraw(MeshClaim { mesh_id: m.clone() }))
-                .await;
+            let frames = added
+                .into_iter()
+                .map(|mesh_id| Frame::MeshReady(MeshClaim { mesh_id }))
+                .chain(
+                    removed
+                        .into_iter()
+                        .map(|mesh_id| Frame::MeshWithdraw(MeshClaim { mesh_id })),
+                );
+            for f in frames {
+                if link.control.try_send(f).is_err() {
+                    warn!(peer = %link.peer, "control queue full; consent change not sent");
+                }
+            }
         }
         self.update_flowing(link).await;
     }
@@ -1448,17 +1455,20 @@ impl Fed {
     ) -> Result<(), LinkError> {
         let Some(ctx) = self.ctx() else { return Ok(()) };
         let peer = link.peer.to_string();
-        // Everything a previous link of this peer queued is committed before the cursor
-        // is read, so the cursor is exact.
-        let _ = ctx.writer.flush().await;
-        let high = ctx
-            .db
-            .inbox_high(&peer)
-            .await
-            .map_err(|e| LinkError::Io(format!("reading the inbox cursor: {e}")))?;
-        let mut cursor = fed::InboxCursor {
-            high: u64::try_from(high).unwrap_or(0),
-        };
+        let cursor = lock(&self.cursors).entry(peer.clone()).or_default().clone();
+        if lock(&cursor).is_none() {
+            // Everything queued before is committed first, so the stored cursor is exact.
+            let _ = ctx.writer.flush().await;
+            let high = ctx
+                .db
+                .inbox_high(&peer)
+                .await
+                .map_err(|e| LinkError::Io(format!("reading the inbox cursor: {e}")))?;
+            lock(&cursor).get_or_insert(fed::InboxCursor {
+                high: u64::try_from(high).unwrap_or(0),
+            });
+        }
+        let failed_cursor = cursor.clone();
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(self.cfg.outbox_window * 2);
         let acker = async move {
             let mut upto: Option<u64> = None;
@@ -1472,6 +1482,8 @@ impl Fed {
                         Pending::Stored(seq, reply) => match reply.await {
                             Ok(Ok(())) => upto = Some(seq),
                             Ok(Err(e)) => {
+                                // The in-memory cursor is ahead of the store now: re-read it.
+                                *lock(&failed_cursor) = None;
                                 return Err(LinkError::Io(format!(
                                     "storing a forwarded message: {e}"
                                 )));
@@ -1505,8 +1517,15 @@ impl Fed {
                     } => self.apply_members(&ctx, &link, &mesh_id, &members).await,
                     Frame::Dm(dm) => {
                         let seq = dm.seq;
-                        tracing::trace!(seq, high = cursor.high, "forwarded message");
-                        if !cursor.admit(seq) {
+                        // A cursor reset by a failed insert (on this or another link of
+                        // the peer) must be re-read from the store: end this stream.
+                        let Some(admitted) = lock(&cursor).as_mut().map(|c| c.admit(seq)) else {
+                            return Err(LinkError::Io(
+                                "the inbox cursor was reset; reconnecting".into(),
+                            ));
+                        };
+                        tracing::trace!(seq, admitted, "forwarded message");
+                        if !admitted {
                             let _ = pending_tx.send(Pending::Done(seq)).await;
                             continue;
                         }

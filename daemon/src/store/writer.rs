@@ -960,14 +960,19 @@ impl SqlCache {
             insert: sizes
                 .clone()
                 .map(|n| {
-                    Arc::from(values_sql(
+                    // A message id already stored is a message already delivered (a peer
+                    // resending what this store took): skipping it keeps the rest of the
+                    // batch, and the peer's de-duplication cursor with it, moving.
+                    let mut sql = values_sql(
                         style,
                         "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
                          sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
                          client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to, forward_seq) VALUES ",
                         MESSAGE_COLUMNS,
                         n,
-                    ))
+                    );
+                    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+                    Arc::from(sql)
                 })
                 .collect(),
             delivered: list(
