@@ -307,6 +307,8 @@ struct LinkShared {
     /// The peer opened its messages stream: a second one would run a second
     /// de-duplication cursor, so it is a protocol error.
     messages_in: std::sync::atomic::AtomicBool,
+    /// When the link came up.
+    started: std::time::Instant,
 }
 
 impl LinkShared {
@@ -546,6 +548,16 @@ impl Fed {
             .flat_map(|l| lock(&l.flowing).iter().cloned().collect::<Vec<_>>())
             .collect();
         *lock(&self.shared) = set;
+    }
+
+    /// Whether a message of `mesh` for `peer` is taken for forwarding: we consent, and,
+    /// if the link is up and settled, the peer consents too (while the link is down the
+    /// message waits in the outbox).
+    pub(crate) fn will_forward(&self, mesh: &str, peer: &str) -> bool {
+        self.consents(mesh, peer)
+            && self
+                .link(peer)
+                .is_none_or(|l| l.flows(mesh) || l.started.elapsed() < FLOW_SETTLE)
     }
 
     /// Whether `mesh` is shared with `peer` (messages to its members may be queued for it,
@@ -1006,6 +1018,7 @@ impl Fed {
             outbox_wake: Notify::new(),
             counters: counters.clone(),
             messages_in: std::sync::atomic::AtomicBool::new(false),
+            started: std::time::Instant::now(),
         });
         let Link { conn, control, .. } = link;
         lock(&self.links).insert(peer.to_string(), shared.clone());
@@ -1225,7 +1238,7 @@ impl Fed {
             // Attach before the first store read: every row numbered from now on is
             // either in that read or offered to the hot queue.
             let mut attached = hot.attach();
-            let link_started = std::time::Instant::now();
+            let link_started = link.started;
             // Highest position sent on this link; rows go out strictly in order.
             let mut last: i64 = 0;
             // Whether the store has been read up to what the hot queue continues from.

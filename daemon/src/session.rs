@@ -1422,7 +1422,7 @@ impl Live {
                             .ctx
                             .fed
                             .as_ref()
-                            .is_some_and(|f| f.consents(self.mesh_id(), &broker));
+                            .is_some_and(|f| f.will_forward(self.mesh_id(), &broker));
                         if !shared {
                             return refuse(
                                 "unroutable_target",
