@@ -36,7 +36,7 @@ use meshd_federation::{
 use meshd_protocol::broker::{BrokerFrame, Push};
 use meshd_protocol::fed::{
     self, CloseReason, Dm, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast, PresenceEntry,
-    RejectReason, StateSet, StreamClass,
+    RejectReason, SkillSet, StateSet, StreamClass,
 };
 use meshd_protocol::{Priority, TargetSpec};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -721,6 +721,21 @@ impl Fed {
         }
     }
 
+    /// A skill was shared or removed here.
+    pub(crate) fn skill_changed(&self, set: SkillSet) {
+        if !self.is_shared(&set.mesh_id) {
+            return;
+        }
+        let frame = Frame::Skill(Box::new(set.clone()));
+        for link in self.links_for(&set.mesh_id) {
+            if link.live.try_send(frame.clone()).is_err()
+                && let Some(ctx) = self.ctx()
+            {
+                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// New outbox rows for `peer` are committed.
     pub(crate) fn outbox_ready(&self, peer: &str) {
         tracing::trace!(peer, "outbox rows committed");
@@ -962,6 +977,17 @@ impl Fed {
                 );
             }
             link.presence_wake.notify_one();
+            // The skills catalogue converges by newest write too.
+            match ctx.db.skills(&m).await {
+                Ok(skills) => {
+                    for row in skills {
+                        let _ = link
+                            .live
+                            .try_send(Frame::Skill(Box::new(skill_set(row, false))));
+                    }
+                }
+                Err(e) => warn!(cause = %e, "reading skills for a peer"),
+            }
             // State converges by newest write: send ours.
             for (key, v) in hub.state_list() {
                 let _ = link.live.try_send(Frame::State(Box::new(StateSet {
@@ -1844,6 +1870,12 @@ impl Fed {
                             .await;
                     }
                 }
+                Frame::Skill(s) => {
+                    if let Err(reason) = apply_skill(&ctx, &link, *s).await {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
                 other => return Err(protocol_error(&other, "live")),
             }
         }
@@ -1931,6 +1963,85 @@ impl LinkHandler for Fed {
     ) -> Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> {
         Box::pin(self.serve_link(link, counters, stop))
     }
+}
+
+/// A skill removal, as a federation frame.
+pub(crate) fn skill_removal(mesh_id: &str, name: &str, at: i64) -> SkillSet {
+    SkillSet {
+        mesh_id: mesh_id.to_owned(),
+        name: name.to_owned(),
+        description: String::new(),
+        instructions: String::new(),
+        tags: Vec::new(),
+        author: String::new(),
+        created_at: at,
+        updated_at: at,
+        removed: true,
+    }
+}
+
+/// A stored skill as a federation frame.
+pub(crate) fn skill_set(row: crate::store::skills::SkillRow, removed: bool) -> SkillSet {
+    let tags = row.tag_list();
+    SkillSet {
+        mesh_id: row.mesh_id,
+        name: row.name,
+        description: row.description,
+        instructions: row.instructions,
+        tags,
+        author: row.author,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        removed,
+    }
+}
+
+/// Applies a peer's skill write or removal (newest wins), within the local limits.
+async fn apply_skill(ctx: &Ctx, link: &LinkShared, s: SkillSet) -> Result<(), RejectReason> {
+    use meshd_protocol::client::{
+        MAX_GROUPS, MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN,
+    };
+    if !link.accepts(&s.mesh_id) {
+        return Err(RejectReason::NotShared);
+    }
+    if s.name.trim().is_empty()
+        || s.name.len() > MAX_NAME_LEN
+        || s.description.len() > MAX_SUMMARY_LEN
+        || s.instructions.len() > MAX_SKILL_INSTRUCTIONS
+        || s.tags.len() > MAX_GROUPS
+        || s.tags.iter().any(|t| t.len() > MAX_NAME_LEN)
+        || s.author.len() > MAX_NAME_LEN
+    {
+        return Err(RejectReason::Invalid);
+    }
+    let result = if s.removed {
+        ctx.db
+            .delete_skill(&s.mesh_id, &s.name, s.updated_at)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else {
+        let row = crate::store::skills::SkillRow {
+            mesh_id: s.mesh_id,
+            name: s.name,
+            description: s.description,
+            instructions: s.instructions,
+            tags: serde_json::to_string(&s.tags).unwrap_or_else(|_| "[]".into()),
+            author: s.author,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        };
+        ctx.db
+            .put_skill(&row)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = result {
+        warn!(cause = %e, "storing a peer's skill");
+        return Err(RejectReason::Invalid);
+    }
+    Ok(())
 }
 
 /// An inbound message's fate, in arrival order.

@@ -1231,6 +1231,13 @@ impl Live {
                 self.queue_message_status(message_id, req_id);
                 None
             }
+            frame @ (ClientFrame::ShareSkill(_)
+            | ClientFrame::GetSkill { .. }
+            | ClientFrame::ListSkills { .. }
+            | ClientFrame::RemoveSkill { .. }) => {
+                self.queue_skill(frame, req_id, now);
+                None
+            }
             ClientFrame::ClientAck {
                 client_message_id,
                 broker_message_id,
@@ -1528,6 +1535,124 @@ impl Live {
             )
         }));
         None
+    }
+
+    /// The skills catalogue: stored per mesh, replicated to the mesh's other brokers.
+    fn queue_skill(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{Skill, SkillAck, SkillData, SkillList, SkillSummary};
+        let db = self.ctx.db.clone();
+        let fed = self.ctx.fed.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let author = self.display_name.clone();
+        self.pending.push_back(Box::pin(async move {
+            let failed = |req_id, e: &dyn std::fmt::Display| {
+                warn!(cause = %e, "skills catalogue");
+                Some(
+                    BrokerFrame::Error(
+                        ErrorFrame::new("internal", "the broker's store is unavailable")
+                            .with_req_id(req_id),
+                    )
+                    .to_json()
+                    .into(),
+                )
+            };
+            let reply = match frame {
+                ClientFrame::ShareSkill(s) => {
+                    let existing = match db.skill(&mesh_id, &s.name).await {
+                        Ok(e) => e,
+                        Err(e) => return failed(req_id, &e),
+                    };
+                    let row = crate::store::skills::SkillRow {
+                        mesh_id,
+                        name: s.name.trim().to_owned(),
+                        description: s.description,
+                        instructions: s.instructions,
+                        tags: serde_json::to_string(&s.tags).unwrap_or_else(|_| "[]".into()),
+                        author,
+                        created_at: existing.map_or(now, |e| e.created_at),
+                        updated_at: now,
+                    };
+                    match db.put_skill(&row).await {
+                        Ok(_) => {}
+                        Err(crate::store::skills::SkillError::Full) => {
+                            return Some(
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        "skills_full",
+                                        "the mesh's skills catalogue is full; remove a skill first",
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                                .to_json()
+                                .into(),
+                            );
+                        }
+                        Err(e) => return failed(req_id, &e),
+                    }
+                    let name = row.name.clone();
+                    if let Some(fed) = &fed {
+                        fed.skill_changed(crate::fed::skill_set(row, false));
+                    }
+                    BrokerFrame::SkillAck(SkillAck {
+                        name,
+                        action: "shared",
+                        req_id,
+                    })
+                }
+                ClientFrame::GetSkill { name } => match db.skill(&mesh_id, &name).await {
+                    Ok(row) => BrokerFrame::SkillData(SkillData {
+                        skill: row.map(|r| Skill {
+                            tags: r.tag_list(),
+                            name: r.name,
+                            description: r.description,
+                            instructions: r.instructions,
+                            author: r.author,
+                            created_at: iso8601_ms(r.created_at),
+                        }),
+                        req_id,
+                    }),
+                    Err(e) => return failed(req_id, &e),
+                },
+                ClientFrame::ListSkills { query } => match db.skills(&mesh_id).await {
+                    Ok(rows) => BrokerFrame::SkillList(SkillList {
+                        skills: rows
+                            .into_iter()
+                            .filter(|r| {
+                                query
+                                    .as_deref()
+                                    .is_none_or(|q| crate::store::skills::matches(r, q))
+                            })
+                            .map(|r| SkillSummary {
+                                tags: r.tag_list(),
+                                name: r.name,
+                                description: r.description,
+                                author: r.author,
+                                created_at: iso8601_ms(r.created_at),
+                            })
+                            .collect(),
+                        req_id,
+                    }),
+                    Err(e) => return failed(req_id, &e),
+                },
+                ClientFrame::RemoveSkill { name } => {
+                    match db.delete_skill(&mesh_id, &name, now).await {
+                        Ok(removed) => {
+                            if removed && let Some(fed) = &fed {
+                                fed.skill_changed(crate::fed::skill_removal(&mesh_id, &name, now));
+                            }
+                            BrokerFrame::SkillAck(SkillAck {
+                                name,
+                                action: if removed { "removed" } else { "not_found" },
+                                req_id,
+                            })
+                        }
+                        Err(e) => return failed(req_id, &e),
+                    }
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
     }
 
     fn queue_message_status(&mut self, message_id: String, req_id: Option<String>) {

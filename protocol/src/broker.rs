@@ -30,6 +30,12 @@ pub enum BrokerFrame {
     StateList(StateList),
     /// Answer to `message_status`.
     MessageStatusResult(MessageStatusResult),
+    /// Answer to `share_skill` and `remove_skill`.
+    SkillAck(SkillAck),
+    /// Answer to `get_skill`.
+    SkillData(SkillData),
+    /// Answer to `list_skills`.
+    SkillList(SkillList),
     /// A refusal.
     Error(ErrorFrame),
 }
@@ -242,6 +248,72 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `skill_ack`.
+#[derive(Debug, Serialize)]
+pub struct SkillAck {
+    /// Skill name.
+    pub name: String,
+    /// `shared`, `removed` or `not_found`.
+    pub action: &'static str,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A skill as `get_skill` returns it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Skill {
+    /// Name (unique per mesh).
+    pub name: String,
+    /// One-line description.
+    pub description: String,
+    /// The instructions.
+    pub instructions: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Display name of who shared it.
+    pub author: String,
+    /// ISO time it was first shared.
+    pub created_at: String,
+}
+
+/// `skill_data`.
+#[derive(Debug, Serialize)]
+pub struct SkillData {
+    /// The skill, or null.
+    pub skill: Option<Skill>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A skill as `list_skills` returns it (no instructions).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SkillSummary {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Author.
+    pub author: String,
+    /// ISO creation time.
+    pub created_at: String,
+}
+
+/// `skill_list`.
+#[derive(Debug, Serialize)]
+pub struct SkillList {
+    /// Matching skills, by name.
+    pub skills: Vec<SkillSummary>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

@@ -99,6 +99,24 @@ pub enum ClientFrame {
         /// The broker's `messageId`.
         broker_message_id: Option<String>,
     },
+    /// Publish (or replace) a skill in the mesh's catalogue.
+    ShareSkill(Box<ShareSkill>),
+    /// Read one skill.
+    GetSkill {
+        /// Name.
+        name: String,
+    },
+    /// List skills, optionally filtered (case-insensitive substring of name,
+    /// description or a tag).
+    ListSkills {
+        /// Filter.
+        query: Option<String>,
+    },
+    /// Delete a skill.
+    RemoveSkill {
+        /// Name.
+        name: String,
+    },
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -121,7 +139,11 @@ impl ClientFrame {
             | Self::ListPeers
             | Self::GetState { .. }
             | Self::ListState
-            | Self::MessageStatus { .. } => true,
+            | Self::MessageStatus { .. }
+            | Self::ShareSkill(_)
+            | Self::GetSkill { .. }
+            | Self::ListSkills { .. }
+            | Self::RemoveSkill { .. } => true,
             Self::SetStatus { .. }
             | Self::SetSummary { .. }
             | Self::SetStats(_)
@@ -396,6 +418,11 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         key: String,
     }
     #[derive(Deserialize)]
+    struct QueryBody {
+        #[serde(default)]
+        query: Option<String>,
+    }
+    #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct MessageStatusBody {
         message_id: String,
@@ -447,6 +474,18 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             key: serde_json::from_str::<KeyBody>(text)?.key,
         },
         "list_state" => ClientFrame::ListState,
+        "share_skill" => ClientFrame::ShareSkill(Box::new(serde_json::from_str(text)?)),
+        "get_skill" => ClientFrame::GetSkill {
+            name: serde_json::from_str::<NameBody>(text)?.name,
+        },
+        "list_skills" => ClientFrame::ListSkills {
+            query: serde_json::from_str::<QueryBody>(text)?
+                .query
+                .filter(|q| !q.is_empty()),
+        },
+        "remove_skill" => ClientFrame::RemoveSkill {
+            name: serde_json::from_str::<NameBody>(text)?.name,
+        },
         "message_status" => ClientFrame::MessageStatus {
             message_id: serde_json::from_str::<MessageStatusBody>(text)?.message_id,
         },
@@ -463,6 +502,25 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         }
     })
 }
+
+/// `share_skill`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShareSkill {
+    /// Name, unique per mesh (an existing skill of that name is replaced).
+    pub name: String,
+    /// One-line description.
+    #[serde(default)]
+    pub description: String,
+    /// The instructions.
+    #[serde(default)]
+    pub instructions: String,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// Largest skill instructions.
+pub const MAX_SKILL_INSTRUCTIONS: usize = 256 * 1024;
 
 /// Field limits that serde cannot express. Returns the reason on failure.
 fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
@@ -517,6 +575,25 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if key.is_empty() || key.len() > MAX_STATE_KEY_LEN =>
         {
             return Err("state key must be 1..=512 bytes");
+        }
+        ClientFrame::GetSkill { name } | ClientFrame::RemoveSkill { name }
+            if name.is_empty() || name.len() > MAX_NAME_LEN =>
+        {
+            return Err("skill name must be 1..=256 bytes");
+        }
+        ClientFrame::ShareSkill(s) => {
+            if s.name.trim().is_empty() || s.name.len() > MAX_NAME_LEN {
+                return Err("skill name must be 1..=256 bytes");
+            }
+            if s.description.len() > MAX_SUMMARY_LEN {
+                return Err("skill description exceeds 16 KiB");
+            }
+            if s.instructions.len() > MAX_SKILL_INSTRUCTIONS {
+                return Err("skill instructions exceed 256 KiB");
+            }
+            if s.tags.len() > MAX_GROUPS || s.tags.iter().any(|t| t.len() > MAX_NAME_LEN) {
+                return Err("at most 64 skill tags of 1..=256 bytes");
+            }
         }
         _ => {}
     }

@@ -186,6 +186,29 @@ pub struct StateSet {
     pub member_pubkey: String,
 }
 
+/// A skill of the catalogue, or its removal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkillSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Instructions.
+    pub instructions: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Display name of who shared it.
+    pub author: String,
+    /// First shared (ms).
+    pub created_at: i64,
+    /// This write (ms).
+    pub updated_at: i64,
+    /// A removal rather than a write.
+    pub removed: bool,
+}
+
 /// A group membership.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
@@ -386,6 +409,8 @@ pub enum Frame {
     Multicast(Box<Multicast>),
     /// Live: a shared-state write.
     State(Box<StateSet>),
+    /// Live: a skill shared or removed (the newest write wins).
+    Skill(Box<SkillSet>),
 }
 
 impl Frame {
@@ -405,7 +430,9 @@ impl Frame {
             | Self::PresenceGone { .. } => {
                 matches!(class, Some(StreamClass::Presence))
             }
-            Self::Multicast(_) | Self::State(_) => matches!(class, Some(StreamClass::Live)),
+            Self::Multicast(_) | Self::State(_) | Self::Skill(_) => {
+                matches!(class, Some(StreamClass::Live))
+            }
         }
     }
 
@@ -426,6 +453,7 @@ impl Frame {
             Self::PresenceGone { .. } => "presence_gone",
             Self::Multicast(_) => "multicast",
             Self::State(_) => "state",
+            Self::Skill(_) => "skill",
         }
     }
 }

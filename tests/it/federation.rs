@@ -987,3 +987,54 @@ async fn outbox_positions_survive_sweeps_and_restarts() -> anyhow::Result<()> {
     assert_eq!(bob_c.expect_message().await?.1, "after two restarts");
     Ok(())
 }
+
+/// The skills catalogue of a shared mesh is the same on every broker: a skill shared at A
+/// is read at B, a removal at B reaches A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skills_replicate_across_brokers() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let ack = p
+        .alice
+        .request(
+            json!({"type": "share_skill", "name": "triage", "description": "Sort incidents",
+            "instructions": "page the on-call", "tags": ["ops"]}),
+        )
+        .await?;
+    assert_eq!(ack["action"], "shared");
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let got = bob
+            .request(json!({"type": "get_skill", "name": "triage"}))
+            .await?;
+        if !got["skill"].is_null() {
+            assert_eq!(got["skill"]["instructions"], "page the on-call");
+            assert_eq!(got["skill"]["author"], "alice");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the skill never reached B: {got}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rm = bob
+        .request(json!({"type": "remove_skill", "name": "triage"}))
+        .await?;
+    assert_eq!(rm["action"], "removed");
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let got = p
+            .alice
+            .request(json!({"type": "get_skill", "name": "triage"}))
+            .await?;
+        if got["skill"].is_null() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the removal never reached A: {got}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

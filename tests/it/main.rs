@@ -36,4 +36,5 @@ mod handshake;
 mod http;
 mod presence;
 mod routing;
+mod skills;
 mod state;

@@ -500,5 +500,6 @@ impl WriterConn {
     }
 }
 
-// After `with_db!`, which it uses.
+// After `with_db!`, which they use.
 mod fed;
+pub mod skills;
