@@ -940,6 +940,11 @@ impl MeshHub {
         self.inner().peers.get(&conn).map(f)
     }
 
+    /// Whether no connection of this broker is in the mesh.
+    pub(crate) fn no_local_peers(&self) -> bool {
+        self.inner().peers.is_empty()
+    }
+
     /// Members hosted here, for announcements to peer brokers.
     pub(crate) fn local_members(&self) -> Vec<(String, MemberInfo)> {
         self.inner()

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod cli;
+mod clock;
 mod fed;
 mod http;
 mod hub;
@@ -74,6 +75,8 @@ pub(crate) struct Ctx {
     pub(crate) connections: Arc<Semaphore>,
     /// Federation with peer brokers, when configured.
     pub(crate) fed: Option<Arc<fed::Fed>>,
+    /// Simulation clocks.
+    pub(crate) clocks: clock::Clocks,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -135,6 +138,7 @@ impl Daemon {
         let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
         let ctx = Arc::new(Ctx {
             fed,
+            clocks: clock::Clocks::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
             config,
@@ -253,6 +257,7 @@ impl Bound {
             Err(_) => warn!("http server did not stop within the grace period"),
             Ok(Ok(Ok(()))) => {}
         }
+        ctx.clocks.shutdown().await;
         // Links close after the sessions (whose last updates they carry) and before the
         // store flush (acks they received are still written).
         if let Some(f) = &ctx.fed

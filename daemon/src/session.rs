@@ -1231,6 +1231,40 @@ impl Live {
                 self.queue_message_status(message_id, req_id);
                 None
             }
+            ClientFrame::SetClock { speed } => Some(
+                BrokerFrame::ClockStatus(self.ctx.clocks.set(&self.mesh, speed, req_id))
+                    .to_json()
+                    .into(),
+            ),
+            ClientFrame::PauseClock | ClientFrame::ResumeClock => {
+                let status = if matches!(inbound.frame, ClientFrame::PauseClock) {
+                    self.ctx.clocks.pause(self.mesh_id(), req_id.clone())
+                } else {
+                    self.ctx.clocks.resume(&self.mesh, req_id.clone())
+                };
+                Some(
+                    status
+                        .map_or_else(
+                            || {
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        "no_clock",
+                                        "this mesh has no clock: set_clock first",
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                            },
+                            BrokerFrame::ClockStatus,
+                        )
+                        .to_json()
+                        .into(),
+                )
+            }
+            ClientFrame::GetClock => Some(
+                BrokerFrame::ClockStatus(self.ctx.clocks.get(self.mesh_id(), req_id))
+                    .to_json()
+                    .into(),
+            ),
             frame @ (ClientFrame::ShareSkill(_)
             | ClientFrame::GetSkill { .. }
             | ClientFrame::ListSkills { .. }
@@ -1784,6 +1818,9 @@ impl Live {
         let peer = self.mesh.unregister(self.conn);
         if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
             fed.presence_gone(self.mesh_id(), p.routing_key());
+        }
+        if peer.is_some() && self.mesh.no_local_peers() {
+            self.ctx.clocks.mesh_emptied(self.mesh_id());
         }
         if let Some(peer) = &peer
             && !self.ctx.sessions_cancel.is_cancelled()

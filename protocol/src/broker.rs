@@ -36,6 +36,8 @@ pub enum BrokerFrame {
     SkillData(SkillData),
     /// Answer to `list_skills`.
     SkillList(SkillList),
+    /// Answer to the clock frames.
+    ClockStatus(ClockStatus),
     /// A refusal.
     Error(ErrorFrame),
 }
@@ -248,6 +250,25 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `clock_status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockStatus {
+    /// Ticks per real minute (0: no clock).
+    pub speed: u32,
+    /// Paused (or no clock).
+    pub paused: bool,
+    /// Ticks so far.
+    pub tick: u64,
+    /// Simulated time, ISO.
+    pub sim_time: String,
+    /// When the clock was created, ISO.
+    pub started_at: String,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

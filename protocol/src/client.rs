@@ -117,6 +117,17 @@ pub enum ClientFrame {
         /// Name.
         name: String,
     },
+    /// Create or update the mesh's simulation clock.
+    SetClock {
+        /// Speed, clamped to 1..=100 (a missing or non-numeric speed is 1).
+        speed: u32,
+    },
+    /// Pause the clock.
+    PauseClock,
+    /// Resume the clock.
+    ResumeClock,
+    /// Read the clock.
+    GetClock,
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -143,7 +154,11 @@ impl ClientFrame {
             | Self::ShareSkill(_)
             | Self::GetSkill { .. }
             | Self::ListSkills { .. }
-            | Self::RemoveSkill { .. } => true,
+            | Self::RemoveSkill { .. }
+            | Self::SetClock { .. }
+            | Self::PauseClock
+            | Self::ResumeClock
+            | Self::GetClock => true,
             Self::SetStatus { .. }
             | Self::SetSummary { .. }
             | Self::SetStats(_)
@@ -483,6 +498,23 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
                 .query
                 .filter(|q| !q.is_empty()),
         },
+        "set_clock" => {
+            // The reference clamps to 1..=100 and treats anything non-numeric as 1.
+            let v: serde_json::Value = serde_json::from_str(text)?;
+            let speed = v
+                .get("speed")
+                .and_then(serde_json::Value::as_f64)
+                .filter(|f| f.is_finite())
+                .map_or(1.0, |f| f.clamp(1.0, 100.0));
+            ClientFrame::SetClock {
+                // Clamped to 1..=100 above, so the cast cannot truncate meaningfully.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                speed: speed.round() as u32,
+            }
+        }
+        "pause_clock" => ClientFrame::PauseClock,
+        "resume_clock" => ClientFrame::ResumeClock,
+        "get_clock" => ClientFrame::GetClock,
         "remove_skill" => ClientFrame::RemoveSkill {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },

@@ -26,6 +26,7 @@ macro_rules! both {
 }
 
 mod cli;
+mod clock;
 mod compat;
 mod durability;
 mod enroll;

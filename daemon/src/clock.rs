@@ -1,0 +1,180 @@
+//! Simulation clocks: one per mesh, in memory, as the reference keeps them. A running
+//! clock ticks every `60 s / speed` of real time; each tick adds a simulated minute and
+//! pushes a `system`/`tick` event to every connection of the mesh (the setter too). A
+//! clock pauses by itself when the last peer of its mesh leaves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshd_protocol::broker::ClockStatus;
+use meshd_protocol::time::iso8601_ms;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::{MeshHub, lock, system_push};
+use crate::ids::now_ms;
+
+/// A simulated minute.
+const SIM_STEP_MS: i64 = 60_000;
+
+#[derive(Debug)]
+struct Clock {
+    speed: u32,
+    paused: bool,
+    tick: u64,
+    sim_ms: i64,
+    started_at: i64,
+    /// Stops the running ticker (a new one replaces it on every speed change).
+    ticker: Option<CancellationToken>,
+}
+
+impl Clock {
+    fn status(&self, req_id: Option<String>) -> ClockStatus {
+        ClockStatus {
+            speed: self.speed,
+            paused: self.paused,
+            tick: self.tick,
+            sim_time: iso8601_ms(self.sim_ms),
+            started_at: iso8601_ms(self.started_at),
+            req_id,
+        }
+    }
+
+    fn stop_ticker(&mut self) {
+        if let Some(t) = self.ticker.take() {
+            t.cancel();
+        }
+    }
+}
+
+/// Every mesh's clock.
+#[derive(Debug, Default)]
+pub(crate) struct Clocks {
+    clocks: Arc<Mutex<HashMap<String, Clock>>>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Clocks {
+    /// `set_clock`: creates the clock (simulated time starts at the real time) or
+    /// changes its speed; restarts the ticker unless paused.
+    pub(crate) fn set(
+        &self,
+        mesh: &Arc<MeshHub>,
+        speed: u32,
+        req_id: Option<String>,
+    ) -> ClockStatus {
+        let now = now_ms();
+        let mut clocks = lock(&self.clocks);
+        let clock = clocks.entry(mesh.row.id.clone()).or_insert_with(|| Clock {
+            speed,
+            paused: false,
+            tick: 0,
+            sim_ms: now,
+            started_at: now,
+            ticker: None,
+        });
+        clock.speed = speed.clamp(1, 100);
+        if !clock.paused {
+            self.start(mesh, clock);
+        }
+        clock.status(req_id)
+    }
+
+    /// `pause_clock`; `None` when the mesh has no clock.
+    pub(crate) fn pause(&self, mesh_id: &str, req_id: Option<String>) -> Option<ClockStatus> {
+        let mut clocks = lock(&self.clocks);
+        let clock = clocks.get_mut(mesh_id)?;
+        clock.paused = true;
+        clock.stop_ticker();
+        Some(clock.status(req_id))
+    }
+
+    /// `resume_clock`; `None` when the mesh has no clock.
+    pub(crate) fn resume(
+        &self,
+        mesh: &Arc<MeshHub>,
+        req_id: Option<String>,
+    ) -> Option<ClockStatus> {
+        let mut clocks = lock(&self.clocks);
+        let clock = clocks.get_mut(&mesh.row.id)?;
+        if clock.paused {
+            clock.paused = false;
+            self.start(mesh, clock);
+        }
+        Some(clock.status(req_id))
+    }
+
+    /// `get_clock`: the status, or a stopped clock at the current time.
+    pub(crate) fn get(&self, mesh_id: &str, req_id: Option<String>) -> ClockStatus {
+        match lock(&self.clocks).get(mesh_id) {
+            Some(c) => c.status(req_id),
+            None => {
+                let now = now_ms();
+                ClockStatus {
+                    speed: 0,
+                    paused: true,
+                    tick: 0,
+                    sim_time: iso8601_ms(now),
+                    started_at: iso8601_ms(now),
+                    req_id,
+                }
+            }
+        }
+    }
+
+    /// The last peer of the mesh left: its clock pauses.
+    pub(crate) fn mesh_emptied(&self, mesh_id: &str) {
+        if let Some(c) = lock(&self.clocks).get_mut(mesh_id) {
+            c.paused = true;
+            c.stop_ticker();
+        }
+    }
+
+    /// Stops every ticker (shutdown).
+    pub(crate) async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn start(&self, mesh: &Arc<MeshHub>, clock: &mut Clock) {
+        clock.stop_ticker();
+        let token = self.stop.child_token();
+        clock.ticker = Some(token.clone());
+        let period = Duration::from_millis(60_000 / u64::from(clock.speed.max(1)));
+        let clocks = self.clocks.clone();
+        let mesh = mesh.clone();
+        self.tasks.spawn(async move {
+            let mut interval =
+                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = interval.tick() => {}
+                }
+                let (tick, sim_ms, speed) = {
+                    let mut clocks = lock(&clocks);
+                    let Some(c) = clocks.get_mut(&mesh.row.id) else {
+                        return;
+                    };
+                    if c.paused || token.is_cancelled() {
+                        return;
+                    }
+                    c.tick += 1;
+                    c.sim_ms += SIM_STEP_MS;
+                    (c.tick, c.sim_ms, c.speed)
+                };
+                let mut data = serde_json::Map::new();
+                data.insert("tick".into(), tick.into());
+                data.insert("simTime".into(), iso8601_ms(sim_ms).into());
+                data.insert("speed".into(), speed.into());
+                let frame = system_push(&mesh.row.id, "tick", data, now_ms());
+                // Everyone in the mesh, the clock's setter included.
+                mesh.announce(&frame, 0, None);
+            }
+        });
+    }
+}
