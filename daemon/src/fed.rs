@@ -35,8 +35,8 @@ use meshd_federation::{
 };
 use meshd_protocol::broker::{BrokerFrame, Push};
 use meshd_protocol::fed::{
-    self, CloseReason, Dm, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast, PresenceEntry,
-    RejectReason, SkillSet, StateSet, StreamClass,
+    self, CloseReason, Dm, EventPush, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast,
+    PresenceEntry, RejectReason, SkillSet, StateSet, StreamClass,
 };
 use meshd_protocol::{Priority, TargetSpec};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -713,6 +713,21 @@ impl Fed {
         }
         let frame = Frame::State(Box::new(s));
         for link in self.links_for(mesh_id) {
+            if link.live.try_send(frame.clone()).is_err()
+                && let Some(ctx) = self.ctx()
+            {
+                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// An event pushed to the mesh here (a webhook post) goes to its other brokers.
+    pub(crate) fn event(&self, e: EventPush) {
+        if !self.is_shared(&e.mesh_id) {
+            return;
+        }
+        let frame = Frame::Event(Box::new(e.clone()));
+        for link in self.links_for(&e.mesh_id) {
             if link.live.try_send(frame.clone()).is_err()
                 && let Some(ctx) = self.ctx()
             {
@@ -1870,6 +1885,12 @@ impl Fed {
                             .await;
                     }
                 }
+                Frame::Event(e) => {
+                    if let Err(reason) = deliver_event(&ctx, &link, *e).await {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
                 Frame::Skill(s) => {
                     if let Err(reason) = apply_skill(&ctx, &link, *s).await {
                         link.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -1963,6 +1984,46 @@ impl LinkHandler for Fed {
     ) -> Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> {
         Box::pin(self.serve_link(link, counters, stop))
     }
+}
+
+/// Hands a peer's event push to every local connection of the mesh.
+async fn deliver_event(ctx: &Ctx, link: &LinkShared, e: EventPush) -> Result<(), RejectReason> {
+    if !link.accepts(&e.mesh_id) {
+        return Err(RejectReason::NotShared);
+    }
+    if e.subtype != "webhook"
+        || e.event.is_empty()
+        || e.event.len() > meshd_protocol::client::MAX_NAME_LEN
+        || e.sender.len() > 2 * meshd_protocol::client::MAX_NAME_LEN
+        || e.id.len() > 64
+        || e.data.len() > crate::http::WEBHOOK_BODY_LIMIT
+    {
+        return Err(RejectReason::Invalid);
+    }
+    let Ok(data) = serde_json::from_str::<serde_json::Value>(&e.data) else {
+        return Err(RejectReason::Invalid);
+    };
+    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &e.mesh_id).await else {
+        return Err(RejectReason::NotShared);
+    };
+    let push = BrokerFrame::Push(Push {
+        message_id: e.id,
+        mesh_id: e.mesh_id,
+        sender_pubkey: e.sender,
+        priority: Priority::Next.as_str(),
+        nonce: String::new(),
+        ciphertext: String::new(),
+        created_at: meshd_protocol::time::iso8601_ms(e.created_at),
+        subtype: Some("webhook"),
+        event: Some(e.event.into()),
+        event_data: Some(data),
+        sender_member_pubkey: None,
+        sender_member_id: None,
+        sender_name: None,
+        client_message_id: None,
+    });
+    hub.announce(&Utf8Bytes::from(push.to_json()), 0, None);
+    Ok(())
 }
 
 /// A skill removal, as a federation frame.

@@ -25,6 +25,111 @@ use crate::hub::MemberInfo;
 use crate::ids::{now_ms, random_id};
 use crate::store::writer::{JoinOp, JoinOutcome, WriteOp};
 
+/// Largest webhook body.
+pub(crate) const WEBHOOK_BODY_LIMIT: usize = 64 * 1024;
+/// Posts per second (and burst) one webhook accepts.
+const WEBHOOK_RATE: (u32, u32) = (10, 20);
+
+/// The HTTP base of the public URL (`ws://host/ws` → `http://host`), for webhook URLs.
+pub(crate) fn hook_base(config: &meshd_config::Config) -> String {
+    let (ws, _) = config.public_url();
+    let http = ws
+        .strip_prefix("wss://")
+        .map(|r| format!("https://{r}"))
+        .or_else(|| ws.strip_prefix("ws://").map(|r| format!("http://{r}")))
+        .unwrap_or(ws);
+    http.strip_suffix("/ws")
+        .unwrap_or(&http)
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Equal without an early exit, so response time says nothing about a wrong secret.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /hook/:meshId/:secret`: pushes the JSON body to every connection of the mesh as
+/// `subtype: "webhook"`, `event: <name>`.
+async fn webhook(
+    State(ctx): State<Arc<Ctx>>,
+    axum::extract::Path((mesh_id, secret)): axum::extract::Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let fail = |code: StatusCode, msg: &str| {
+        (code, axum::Json(json!({"ok": false, "error": msg}))).into_response()
+    };
+    let rows = match ctx.db.webhooks(&mesh_id).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(cause = %e, "webhook lookup");
+            return fail(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+        }
+    };
+    // Compare against every webhook of the mesh, without stopping at a match.
+    let mut found = None;
+    for w in rows {
+        if constant_time_eq(w.secret.as_bytes(), secret.as_bytes()) {
+            found = Some(w);
+        }
+    }
+    let Some(hook) = found else {
+        return fail(StatusCode::NOT_FOUND, "no such webhook");
+    };
+    let allowed = crate::hub::lock(&ctx.webhook_buckets)
+        .entry(hook.id.clone())
+        .or_insert_with(|| crate::session::Bucket::new(WEBHOOK_RATE.0, WEBHOOK_RATE.1))
+        .take(tokio::time::Instant::now());
+    if !allowed {
+        return fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limited: at most 10 posts per second",
+        );
+    }
+    let Ok(data) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return fail(StatusCode::BAD_REQUEST, "the body must be JSON");
+    };
+    let message_id = crate::ids::uuid_v4();
+    let created_at = now_ms();
+    if let Some(fed) = &ctx.fed {
+        fed.event(meshd_protocol::fed::EventPush {
+            mesh_id: mesh_id.clone(),
+            id: message_id.clone(),
+            subtype: "webhook".into(),
+            event: hook.name.clone(),
+            data: data.to_string(),
+            sender: format!("webhook:{}", hook.name),
+            created_at,
+        });
+    }
+    let push = meshd_protocol::broker::BrokerFrame::Push(meshd_protocol::broker::Push {
+        message_id,
+        mesh_id: mesh_id.clone(),
+        sender_pubkey: format!("webhook:{}", hook.name),
+        priority: meshd_protocol::Priority::Next.as_str(),
+        nonce: String::new(),
+        ciphertext: String::new(),
+        created_at: meshd_protocol::time::iso8601_ms(created_at),
+        subtype: Some("webhook"),
+        event: Some(hook.name.clone().into()),
+        event_data: Some(data),
+        sender_member_pubkey: None,
+        sender_member_id: None,
+        sender_name: None,
+        client_message_id: None,
+    });
+    let frame = axum::extract::ws::Utf8Bytes::from(push.to_json());
+    let delivered = ctx
+        .hub
+        .loaded(&mesh_id)
+        .map_or(0, |mesh| mesh.announce(&frame, 0, None));
+    (
+        StatusCode::OK,
+        axum::Json(json!({"ok": true, "delivered": delivered})),
+    )
+        .into_response()
+}
+
 /// Largest `/join` body (the reference used its 64 KiB message limit).
 const JOIN_BODY_LIMIT: usize = 64 * 1024;
 
@@ -41,7 +146,10 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/.well-known/meshd/bundle", get(bundle))
         .route("/upload", post(not_served))
         .route("/hook/set-status", post(not_served))
-        .route("/hook/{mesh_id}/{secret}", post(not_served))
+        .route(
+            "/hook/{mesh_id}/{secret}",
+            post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn(cors))
         .with_state(ctx)

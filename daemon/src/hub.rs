@@ -711,21 +711,24 @@ impl MeshHub {
 
     /// Sends a frame to every live peer except `except_conn` and, if given, except the
     /// connections of `except_member` (HEAD does not announce a member to itself).
+    /// Returns how many connections it was queued for.
     pub(crate) fn announce(
         &self,
         frame: &Utf8Bytes,
         except_conn: ConnId,
         except_member: Option<&str>,
-    ) {
+    ) -> usize {
         let inner = self.inner();
+        let mut queued = 0;
         for p in inner.peers.values() {
             if p.shared.conn_id == except_conn
                 || except_member.is_some_and(|m| m == p.member_pubkey)
             {
                 continue;
             }
-            offer(&p.shared, Outbound::Frame(frame.clone()));
+            queued += usize::from(offer(&p.shared, Outbound::Frame(frame.clone())));
         }
+        queued
     }
 
     /// `peers_list` for `viewer`: every live peer, hidden ones only for their own member,
@@ -1114,7 +1117,7 @@ pub(crate) fn system_push(
         ciphertext: String::new(),
         created_at: meshd_protocol::time::iso8601_ms(now),
         subtype: Some("system"),
-        event: Some(event),
+        event: Some(event.into()),
         event_data: Some(serde_json::Value::Object(data)),
         sender_member_pubkey: None,
         sender_member_id: None,

@@ -77,6 +77,9 @@ pub(crate) struct Ctx {
     pub(crate) fed: Option<Arc<fed::Fed>>,
     /// Simulation clocks.
     pub(crate) clocks: clock::Clocks,
+    /// Rate limits of inbound webhooks, by webhook id.
+    pub(crate) webhook_buckets:
+        std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -128,6 +131,12 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        // URLs derived from the listen address (webhooks, without a public_url) must name
+        // the port actually bound, not port 0.
+        let mut config = config;
+        if let Ok(bound) = listener.local_addr() {
+            config.server.listen = bound;
+        }
         let (fed, endpoint) = match &config.federation {
             Some(f) => {
                 let (fed, ep) = fed::Fed::bind(f)?;
@@ -139,6 +148,7 @@ impl Daemon {
         let ctx = Arc::new(Ctx {
             fed,
             clocks: clock::Clocks::default(),
+            webhook_buckets: std::sync::Mutex::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
             config,

@@ -522,8 +522,9 @@ struct Ident {
     session: bool,
 }
 
-/// Token bucket for `send`s (rate 0 = unlimited).
-struct Bucket {
+/// Token bucket (rate 0 = unlimited): `send`s per connection, posts per webhook.
+#[derive(Debug)]
+pub(crate) struct Bucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -531,7 +532,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(rate: u32, burst: u32) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32) -> Self {
         Self {
             rate: f64::from(rate),
             burst: f64::from(burst),
@@ -540,7 +541,7 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
@@ -1265,6 +1266,12 @@ impl Live {
                     .to_json()
                     .into(),
             ),
+            frame @ (ClientFrame::CreateWebhook { .. }
+            | ClientFrame::ListWebhooks
+            | ClientFrame::DeleteWebhook { .. }) => {
+                self.queue_webhook(frame, req_id, now);
+                None
+            }
             frame @ (ClientFrame::ShareSkill(_)
             | ClientFrame::GetSkill { .. }
             | ClientFrame::ListSkills { .. }
@@ -1569,6 +1576,125 @@ impl Live {
             )
         }));
         None
+    }
+
+    /// Inbound webhooks. Only the creator and admins see a webhook's secret (in its URL).
+    fn queue_webhook(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use crate::store::webhooks::{WebhookError, WebhookRow};
+        use meshd_protocol::broker::{WebhookAck, WebhookEntry, WebhookList};
+        let db = self.ctx.db.clone();
+        let base = crate::http::hook_base(&self.ctx.config);
+        let mesh_id = self.mesh_id().to_owned();
+        let member_id = self.member_id.clone();
+        let admin = self
+            .mesh
+            .member(&self.member_pubkey)
+            .is_some_and(|m| m.role == "admin");
+        self.pending.push_back(Box::pin(async move {
+            let error = |code: &'static str, msg: &str, req_id: Option<String>| {
+                Some(
+                    BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
+                        .to_json()
+                        .into(),
+                )
+            };
+            let url = |secret: &str| format!("{base}/hook/{mesh_id}/{secret}");
+            let reply = match frame {
+                ClientFrame::CreateWebhook { name: None } => {
+                    return error("invalid_webhook", "a webhook needs a name", req_id);
+                }
+                ClientFrame::CreateWebhook { name: Some(name) } => {
+                    let row = WebhookRow {
+                        id: crate::ids::random_id(),
+                        mesh_id: mesh_id.clone(),
+                        name,
+                        secret: hex::encode(crate::ids::random_bytes::<32>()),
+                        creator_member_id: member_id,
+                        active: true,
+                        created_at: now,
+                    };
+                    match db.insert_webhook(&row).await {
+                        Ok(()) => BrokerFrame::WebhookAck(WebhookAck {
+                            url: url(&row.secret),
+                            name: row.name,
+                            secret: row.secret,
+                            req_id,
+                        }),
+                        Err(WebhookError::Exists) => {
+                            return error(
+                                "webhook_exists",
+                                "a webhook of that name exists",
+                                req_id,
+                            );
+                        }
+                        Err(WebhookError::Full) => {
+                            return error(
+                                "webhooks_full",
+                                "this mesh has too many webhooks",
+                                req_id,
+                            );
+                        }
+                        Err(WebhookError::Store(e)) => {
+                            warn!(cause = %e, "creating a webhook");
+                            return error("internal", "the broker's store is unavailable", req_id);
+                        }
+                    }
+                }
+                ClientFrame::ListWebhooks => match db.webhooks(&mesh_id).await {
+                    Ok(rows) => BrokerFrame::WebhookList(WebhookList {
+                        webhooks: rows
+                            .into_iter()
+                            .map(|w| WebhookEntry {
+                                url: if admin || w.creator_member_id == member_id {
+                                    url(&w.secret)
+                                } else {
+                                    String::new()
+                                },
+                                name: w.name,
+                                active: w.active,
+                                created_at: iso8601_ms(w.created_at),
+                            })
+                            .collect(),
+                        req_id,
+                    }),
+                    Err(e) => {
+                        warn!(cause = %e, "listing webhooks");
+                        return error("internal", "the broker's store is unavailable", req_id);
+                    }
+                },
+                ClientFrame::DeleteWebhook { name } => {
+                    let rows = match db.webhooks(&mesh_id).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            warn!(cause = %e, "deleting a webhook");
+                            return error("internal", "the broker's store is unavailable", req_id);
+                        }
+                    };
+                    if let Some(w) = rows.into_iter().find(|w| w.name == name) {
+                        if !admin && w.creator_member_id != member_id {
+                            return error(
+                                "forbidden",
+                                "only the webhook's creator or an admin may delete it",
+                                req_id,
+                            );
+                        }
+                        if let Err(e) = db.deactivate_webhook(&w.id).await {
+                            warn!(cause = %e, "deleting a webhook");
+                            return error("internal", "the broker's store is unavailable", req_id);
+                        }
+                    }
+                    // As the reference: acknowledged even when nothing matched.
+                    BrokerFrame::WebhookAck(WebhookAck {
+                        name,
+                        url: String::new(),
+                        secret: String::new(),
+                        req_id,
+                    })
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
     }
 
     /// The skills catalogue: stored per mesh, replicated to the mesh's other brokers.

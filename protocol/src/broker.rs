@@ -38,6 +38,10 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `create_webhook` and `delete_webhook`.
+    WebhookAck(WebhookAck),
+    /// Answer to `list_webhooks`.
+    WebhookList(WebhookList),
     /// A refusal.
     Error(ErrorFrame),
 }
@@ -148,7 +152,7 @@ pub struct Push {
     pub subtype: Option<&'static str>,
     /// Event name for system/webhook pushes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub event: Option<&'static str>,
+    pub event: Option<std::borrow::Cow<'static, str>>,
     /// Event payload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_data: Option<serde_json::Value>,
@@ -250,6 +254,45 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `webhook_ack`. `url` and `secret` are empty after a deletion.
+#[derive(Debug, Serialize)]
+pub struct WebhookAck {
+    /// Webhook name.
+    pub name: String,
+    /// `POST` target (carries the secret).
+    pub url: String,
+    /// The secret.
+    pub secret: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// One entry of `webhook_list`. `url` (which carries the secret) is empty unless the
+/// viewer created the webhook or is an admin.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEntry {
+    /// Name.
+    pub name: String,
+    /// URL, or empty.
+    pub url: String,
+    /// Still accepting posts.
+    pub active: bool,
+    /// ISO creation time.
+    pub created_at: String,
+}
+
+/// `webhook_list`.
+#[derive(Debug, Serialize)]
+pub struct WebhookList {
+    /// Active webhooks of the mesh.
+    pub webhooks: Vec<WebhookEntry>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,
@@ -477,7 +520,7 @@ mod tests {
             ciphertext: String::new(),
             created_at: "2026-01-01T00:00:00.000Z".into(),
             subtype: Some("system"),
-            event: Some("peer_left"),
+            event: Some("peer_left".into()),
             event_data: Some(serde_json::Value::Object(peer_event_data("a", "b"))),
             sender_member_pubkey: None,
             sender_member_id: None,

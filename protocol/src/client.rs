@@ -128,6 +128,18 @@ pub enum ClientFrame {
     ResumeClock,
     /// Read the clock.
     GetClock,
+    /// Create an inbound webhook (`None`: no name given).
+    CreateWebhook {
+        /// Name, unique among the mesh's active webhooks.
+        name: Option<String>,
+    },
+    /// List the mesh's active webhooks.
+    ListWebhooks,
+    /// Deactivate a webhook.
+    DeleteWebhook {
+        /// Name.
+        name: String,
+    },
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -158,7 +170,10 @@ impl ClientFrame {
             | Self::SetClock { .. }
             | Self::PauseClock
             | Self::ResumeClock
-            | Self::GetClock => true,
+            | Self::GetClock
+            | Self::CreateWebhook { .. }
+            | Self::ListWebhooks
+            | Self::DeleteWebhook { .. } => true,
             Self::SetStatus { .. }
             | Self::SetSummary { .. }
             | Self::SetStats(_)
@@ -433,6 +448,11 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         key: String,
     }
     #[derive(Deserialize)]
+    struct OptNameBody {
+        #[serde(default)]
+        name: Option<String>,
+    }
+    #[derive(Deserialize)]
     struct QueryBody {
         #[serde(default)]
         query: Option<String>,
@@ -512,6 +532,16 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
                 speed: speed.round() as u32,
             }
         }
+        "create_webhook" => ClientFrame::CreateWebhook {
+            name: serde_json::from_str::<OptNameBody>(text)?
+                .name
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty()),
+        },
+        "list_webhooks" => ClientFrame::ListWebhooks,
+        "delete_webhook" => ClientFrame::DeleteWebhook {
+            name: serde_json::from_str::<NameBody>(text)?.name,
+        },
         "pause_clock" => ClientFrame::PauseClock,
         "resume_clock" => ClientFrame::ResumeClock,
         "get_clock" => ClientFrame::GetClock,
@@ -607,6 +637,11 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if key.is_empty() || key.len() > MAX_STATE_KEY_LEN =>
         {
             return Err("state key must be 1..=512 bytes");
+        }
+        ClientFrame::CreateWebhook { name: Some(name) } | ClientFrame::DeleteWebhook { name }
+            if name.len() > MAX_NAME_LEN =>
+        {
+            return Err("webhook name must be 1..=256 bytes");
         }
         ClientFrame::GetSkill { name } | ClientFrame::RemoveSkill { name }
             if name.is_empty() || name.len() > MAX_NAME_LEN =>

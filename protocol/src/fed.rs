@@ -186,6 +186,25 @@ pub struct StateSet {
     pub member_pubkey: String,
 }
 
+/// An event push the receiving broker hands to every connection of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventPush {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Message id, kept end to end.
+    pub id: String,
+    /// Only `webhook` today.
+    pub subtype: String,
+    /// Event name (the webhook's name).
+    pub event: String,
+    /// Event data, JSON text.
+    pub data: String,
+    /// `senderPubkey` of the push (`webhook:<name>`).
+    pub sender: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+}
+
 /// A skill of the catalogue, or its removal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkillSet {
@@ -411,6 +430,8 @@ pub enum Frame {
     State(Box<StateSet>),
     /// Live: a skill shared or removed (the newest write wins).
     Skill(Box<SkillSet>),
+    /// Live: an event push for the whole mesh (an inbound webhook's post).
+    Event(Box<EventPush>),
 }
 
 impl Frame {
@@ -430,7 +451,7 @@ impl Frame {
             | Self::PresenceGone { .. } => {
                 matches!(class, Some(StreamClass::Presence))
             }
-            Self::Multicast(_) | Self::State(_) | Self::Skill(_) => {
+            Self::Multicast(_) | Self::State(_) | Self::Skill(_) | Self::Event(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -454,6 +475,7 @@ impl Frame {
             Self::Multicast(_) => "multicast",
             Self::State(_) => "state",
             Self::Skill(_) => "skill",
+            Self::Event(_) => "event",
         }
     }
 }

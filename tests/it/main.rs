@@ -39,3 +39,4 @@ mod presence;
 mod routing;
 mod skills;
 mod state;
+mod webhooks;

@@ -503,3 +503,4 @@ impl WriterConn {
 // After `with_db!`, which they use.
 mod fed;
 pub mod skills;
+pub mod webhooks;
