@@ -280,6 +280,9 @@ pub(crate) struct Peer {
     pub(crate) stats: Option<Stats>,
     /// Counters restored at hello (baseline for the cumulative total at disconnect).
     pub(crate) restored_stats: Option<CumulativeStats>,
+    /// Where the connection comes from (a status hook may only change presences of
+    /// its own address).
+    pub(crate) remote_ip: std::net::IpAddr,
 }
 
 impl Peer {
@@ -946,6 +949,37 @@ impl MeshHub {
     /// Whether no connection of this broker is in the mesh.
     pub(crate) fn no_local_peers(&self) -> bool {
         self.inner().peers.is_empty()
+    }
+
+    /// The presence a status hook from `ip` for `cwd` targets: connected from the same
+    /// address with the same cwd, the one with `session_id` if given and present, else
+    /// the most recent. Returns (connection, presence id, connected at).
+    pub(crate) fn hook_target(
+        &self,
+        ip: std::net::IpAddr,
+        cwd: &str,
+        session_id: Option<&str>,
+    ) -> Option<(ConnId, String, i64, bool)> {
+        let inner = self.inner();
+        inner
+            .peers
+            .values()
+            .filter(|p| p.remote_ip == ip && p.cwd == cwd)
+            .max_by_key(|p| {
+                (
+                    session_id.is_some_and(|s| s == p.session_id),
+                    p.connected_at,
+                    p.shared.conn_id,
+                )
+            })
+            .map(|p| {
+                (
+                    p.shared.conn_id,
+                    p.presence_id.clone(),
+                    p.connected_at,
+                    session_id.is_some_and(|s| s == p.session_id),
+                )
+            })
     }
 
     /// Members hosted here, for announcements to peer brokers.

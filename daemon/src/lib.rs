@@ -77,6 +77,12 @@ pub(crate) struct Ctx {
     pub(crate) fed: Option<Arc<fed::Fed>>,
     /// Simulation clocks.
     pub(crate) clocks: clock::Clocks,
+    /// Rate limits of status hooks, by `pid:cwd` (the reference's key).
+    pub(crate) hook_buckets: std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
+    /// Status hooks that found no presence yet: (address, cwd) → (status, expiry ms).
+    pub(crate) pending_status: std::sync::Mutex<
+        std::collections::HashMap<(std::net::IpAddr, String), (meshd_protocol::Status, i64)>,
+    >,
     /// Rate limits of inbound webhooks, by webhook id.
     pub(crate) webhook_buckets:
         std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
@@ -149,6 +155,8 @@ impl Daemon {
             fed,
             clocks: clock::Clocks::default(),
             webhook_buckets: std::sync::Mutex::default(),
+            hook_buckets: std::sync::Mutex::default(),
+            pending_status: std::sync::Mutex::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
             config,

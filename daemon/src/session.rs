@@ -83,7 +83,7 @@ pub(crate) async fn run(
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
         let mut socket = socket;
-        if let Some(live) = handshake(&ctx, &mut socket, conn_id).await {
+        if let Some(live) = handshake(&ctx, &mut socket, conn_id, remote.ip()).await {
             ctx.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
             live.serve(socket).await;
             ctx.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
@@ -155,7 +155,12 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 }
 
 /// Waits for a valid handshake. Returns `None` when the connection ended instead.
-async fn handshake(ctx: &Arc<Ctx>, socket: &mut WebSocket, conn_id: ConnId) -> Option<Live> {
+async fn handshake(
+    ctx: &Arc<Ctx>,
+    socket: &mut WebSocket,
+    conn_id: ConnId,
+    remote_ip: std::net::IpAddr,
+) -> Option<Live> {
     let timeout_ms = i64::try_from(ctx.config.limits.hello_timeout.as_millis()).unwrap_or(i64::MAX);
     let mut hs = Session::new(now_ms(), timeout_ms);
     let deadline = Instant::now() + ctx.config.limits.hello_timeout;
@@ -190,36 +195,38 @@ async fn handshake(ctx: &Arc<Ctx>, socket: &mut WebSocket, conn_id: ConnId) -> O
         };
         ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
         match hs.on_text(&text) {
-            Verdict::Handshake(inbound) => match authenticate(ctx, inbound, conn_id).await {
-                Ok((live, ack)) => {
-                    hs.accepted();
-                    if !send_text(socket, ctx, ack).await {
-                        live.teardown().await;
+            Verdict::Handshake(inbound) => {
+                match authenticate(ctx, inbound, conn_id, remote_ip).await {
+                    Ok((live, ack)) => {
+                        hs.accepted();
+                        if !send_text(socket, ctx, ack).await {
+                            live.teardown().await;
+                            return None;
+                        }
+                        live.announce_arrival();
+                        return Some(live);
+                    }
+                    Err(r) => {
+                        ctx.metrics
+                            .connections_rejected
+                            .inc(if r.close_code == 1011 {
+                                "store_error"
+                            } else {
+                                r.code
+                            });
+                        debug!(code = r.code, "handshake refused");
+                        let e = ErrorFrame::new(r.code, r.message);
+                        let _ = send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await;
+                        let reason = match r.close_code {
+                            4002 => "banned",
+                            1011 => "internal error",
+                            _ => r.code,
+                        };
+                        close(socket, r.close_code, reason).await;
                         return None;
                     }
-                    live.announce_arrival();
-                    return Some(live);
                 }
-                Err(r) => {
-                    ctx.metrics
-                        .connections_rejected
-                        .inc(if r.close_code == 1011 {
-                            "store_error"
-                        } else {
-                            r.code
-                        });
-                    debug!(code = r.code, "handshake refused");
-                    let e = ErrorFrame::new(r.code, r.message);
-                    let _ = send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await;
-                    let reason = match r.close_code {
-                        4002 => "banned",
-                        1011 => "internal error",
-                        _ => r.code,
-                    };
-                    close(socket, r.close_code, reason).await;
-                    return None;
-                }
-            },
+            }
             Verdict::Reply(e) => {
                 if !send_text(socket, ctx, BrokerFrame::Error(e).to_json()).await {
                     return None;
@@ -247,6 +254,7 @@ async fn authenticate(
     ctx: &Arc<Ctx>,
     inbound: Inbound,
     conn_id: ConnId,
+    remote_ip: std::net::IpAddr,
 ) -> Result<(Live, String), Refusal> {
     let now = now_ms();
     let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
@@ -424,7 +432,16 @@ async fn authenticate(
             .unwrap_or_default(),
         stats: None,
         restored_stats: saved_stats,
+        remote_ip,
     };
+    // A status hook that fired just before this session connected (same address, cwd).
+    let stashed = crate::http::take_pending_status(ctx, remote_ip, &peer.cwd, now);
+    let mut peer = peer;
+    if let Some(status) = stashed {
+        let fresh = i64::try_from(meshd_config::defaults::STATUS_FRESH_WINDOW.as_millis())
+            .unwrap_or(i64::MAX);
+        peer.status.write(status, StatusSource::Hook, now, fresh);
+    }
     let (registered, presence_id) = mesh
         .register(peer, ctx.config.limits.max_connections_per_mesh)
         .map_err(|e| match e {
@@ -537,6 +554,16 @@ impl Bucket {
             rate: f64::from(rate),
             burst: f64::from(burst),
             tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// `per_min` tokens a minute, bursting to as many.
+    pub(crate) fn per_minute(per_min: f64) -> Self {
+        Self {
+            rate: per_min / 60.0,
+            burst: per_min,
+            tokens: per_min,
             last: Instant::now(),
         }
     }

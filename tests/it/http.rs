@@ -43,7 +43,7 @@ async fn health_metrics_cors_404() -> anyhow::Result<()> {
     let (status, _, body) = http(broker.addr, "GET", "/nope", None).await?;
     assert_eq!((status, body.as_slice()), (404, &b"not found"[..]));
     // Feature routes this build does not serve answer JSON the CLI can show.
-    for path in ["/upload", "/hook/set-status"] {
+    for path in ["/upload"] {
         let (status, _, body) = http(broker.addr, "POST", path, Some(b"{}")).await?;
         let v: Value = serde_json::from_slice(&body)?;
         assert_eq!((status, v["ok"].as_bool()), (501, Some(false)), "{path}");

@@ -34,6 +34,7 @@ mod federation;
 mod frames;
 mod gating;
 mod handshake;
+mod hooks;
 mod http;
 mod presence;
 mod routing;
