@@ -36,7 +36,7 @@ use meshd_federation::{
 use meshd_protocol::broker::{BrokerFrame, Push};
 use meshd_protocol::fed::{
     self, CloseReason, Dm, EventPush, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast,
-    PresenceEntry, RejectReason, SkillSet, StateSet, StreamClass,
+    PresenceEntry, RejectReason, SkillSet, StateSet, StreamClass, StreamPublish,
 };
 use meshd_protocol::{Priority, TargetSpec};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -728,6 +728,22 @@ impl Fed {
         }
         let frame = Frame::Event(Box::new(e.clone()));
         for link in self.links_for(&e.mesh_id) {
+            if link.live.try_send(frame.clone()).is_err()
+                && let Some(ctx) = self.ctx()
+            {
+                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Data published to a stream here goes to the mesh's other brokers (their
+    /// subscribers receive it).
+    pub(crate) fn stream_data(&self, p: StreamPublish) {
+        if !self.is_shared(&p.mesh_id) {
+            return;
+        }
+        let frame = Frame::StreamData(Box::new(p.clone()));
+        for link in self.links_for(&p.mesh_id) {
             if link.live.try_send(frame.clone()).is_err()
                 && let Some(ctx) = self.ctx()
             {
@@ -1883,6 +1899,37 @@ impl Fed {
                                 at: s.updated_at,
                             })
                             .await;
+                    }
+                }
+                Frame::StreamData(p) => {
+                    let refused = if !link.accepts(&p.mesh_id) {
+                        Some(RejectReason::NotShared)
+                    } else if p.stream.is_empty()
+                        || p.stream.len() > meshd_protocol::client::MAX_NAME_LEN
+                        || p.published_by.len() > meshd_protocol::client::MAX_NAME_LEN
+                        || p.data.len() > ctx.config.limits.max_message_bytes
+                        || serde_json::from_str::<&serde_json::value::RawValue>(&p.data).is_err()
+                    {
+                        Some(RejectReason::Invalid)
+                    } else {
+                        match ctx.hub.mesh(&ctx.db, &p.mesh_id).await {
+                            Ok(Some(hub)) if hub.may_speak_for(&link.peer, &p.member_pubkey) => {
+                                let frame =
+                                    BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
+                                        stream: p.stream.clone(),
+                                        data: crate::hub::raw(&p.data),
+                                        published_by: p.published_by,
+                                    });
+                                hub.publish(&p.stream, 0, &Utf8Bytes::from(frame.to_json()));
+                                None
+                            }
+                            Ok(Some(_)) => Some(RejectReason::ForgedSender),
+                            _ => Some(RejectReason::NotShared),
+                        }
+                    };
+                    if let Some(reason) = refused {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
                     }
                 }
                 Frame::Event(e) => {

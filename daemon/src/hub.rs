@@ -411,6 +411,8 @@ struct MeshInner {
     state_bytes: usize,
     /// Sessions hosted by peer brokers, by routing key.
     remote: HashMap<String, RemotePeer>,
+    /// Stream subscriptions: stream name → connections.
+    subs: HashMap<String, std::collections::HashSet<ConnId>>,
 }
 
 impl MeshInner {
@@ -946,6 +948,51 @@ impl MeshHub {
         self.inner().peers.get(&conn).map(f)
     }
 
+    /// Subscribes a connection to a stream. `false` when it already follows
+    /// `max_per_conn` streams.
+    pub(crate) fn subscribe(&self, conn: ConnId, stream: &str, max_per_conn: usize) -> bool {
+        let mut inner = self.inner();
+        let following = inner.subs.values().filter(|s| s.contains(&conn)).count();
+        let set = inner.subs.entry(stream.to_owned()).or_default();
+        if !set.contains(&conn) && following >= max_per_conn {
+            return false;
+        }
+        set.insert(conn);
+        true
+    }
+
+    /// Unsubscribes.
+    pub(crate) fn unsubscribe(&self, conn: ConnId, stream: &str) {
+        let mut inner = self.inner();
+        if let Some(set) = inner.subs.get_mut(stream) {
+            set.remove(&conn);
+            if set.is_empty() {
+                inner.subs.remove(stream);
+            }
+        }
+    }
+
+    /// Pushes a `stream_data` frame to the stream's subscribers except `publisher`.
+    pub(crate) fn publish(&self, stream: &str, publisher: ConnId, frame: &Utf8Bytes) -> usize {
+        let inner = self.inner();
+        let Some(set) = inner.subs.get(stream) else {
+            return 0;
+        };
+        set.iter()
+            .filter(|c| **c != publisher)
+            .filter_map(|c| inner.peers.get(c))
+            .filter(|p| offer(&p.shared, Outbound::Frame(frame.clone())))
+            .count()
+    }
+
+    /// Live subscribers of a stream on this broker.
+    pub(crate) fn subscribers(&self, stream: &str) -> usize {
+        self.inner()
+            .subs
+            .get(stream)
+            .map_or(0, std::collections::HashSet::len)
+    }
+
     /// Whether no connection of this broker is in the mesh.
     pub(crate) fn no_local_peers(&self) -> bool {
         self.inner().peers.is_empty()
@@ -1107,6 +1154,10 @@ fn announce_left(inner: &MeshInner, mesh_id: &str, r: &RemotePeer, now: i64) {
 
 fn remove_peer(inner: &mut MeshInner, conn: ConnId) -> Option<Peer> {
     let peer = inner.peers.remove(&conn)?;
+    inner.subs.retain(|_, set| {
+        set.remove(&conn);
+        !set.is_empty()
+    });
     for key in [Some(&peer.member_pubkey), peer.session_pubkey.as_ref()]
         .into_iter()
         .flatten()

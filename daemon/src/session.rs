@@ -57,6 +57,9 @@ const MAX_PENDING: usize = 256;
 const MAX_OUTBOX: usize = 256;
 /// Rows fetched per drain round.
 const CLAIM_LIMIT: i64 = 256;
+/// Streams one connection may follow.
+const MAX_STREAMS_PER_CONN: usize = 256;
+
 /// Outbound frames written between flushes.
 const WRITE_BATCH: usize = 64;
 
@@ -1293,6 +1296,53 @@ impl Live {
                     .to_json()
                     .into(),
             ),
+            ClientFrame::Publish { stream, data } => {
+                if let Some(fed) = &self.ctx.fed {
+                    fed.stream_data(meshd_protocol::fed::StreamPublish {
+                        mesh_id: self.mesh_id().to_owned(),
+                        stream: stream.clone(),
+                        data: data.get().to_owned(),
+                        published_by: self.display_name.clone(),
+                        member_pubkey: self.member_pubkey.clone(),
+                    });
+                }
+                let frame = BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
+                    stream: stream.clone(),
+                    data,
+                    published_by: self.display_name.clone(),
+                });
+                self.mesh
+                    .publish(&stream, self.conn, &Utf8Bytes::from(frame.to_json()));
+                None
+            }
+            ClientFrame::Subscribe { stream } => {
+                if self
+                    .mesh
+                    .subscribe(self.conn, &stream, MAX_STREAMS_PER_CONN)
+                {
+                    Some(
+                        BrokerFrame::Subscribed(meshd_protocol::broker::Subscribed {
+                            stream,
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    )
+                } else {
+                    // The client does not wait for an answer: refuse by logging only.
+                    warn!(stream = %stream, "subscription refused: too many streams");
+                    self.ctx.metrics.frames_dropped.inc("invalid");
+                    None
+                }
+            }
+            ClientFrame::Unsubscribe { stream } => {
+                self.mesh.unsubscribe(self.conn, &stream);
+                None
+            }
+            frame @ (ClientFrame::CreateStream { .. } | ClientFrame::ListStreams) => {
+                self.queue_stream(frame, req_id, now);
+                None
+            }
             frame @ (ClientFrame::CreateWebhook { .. }
             | ClientFrame::ListWebhooks
             | ClientFrame::DeleteWebhook { .. }) => {
@@ -1603,6 +1653,68 @@ impl Live {
             )
         }));
         None
+    }
+
+    /// The stream registry.
+    fn queue_stream(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{StreamCreated, StreamEntry, StreamList};
+        let db = self.ctx.db.clone();
+        let mesh = self.mesh.clone();
+        let created_by = self.display_name.clone();
+        self.pending.push_back(Box::pin(async move {
+            let failed = |req_id, e: &dyn std::fmt::Display| {
+                warn!(cause = %e, "stream registry");
+                Some(
+                    BrokerFrame::Error(
+                        ErrorFrame::new("internal", "the broker's store is unavailable")
+                            .with_req_id(req_id),
+                    )
+                    .to_json()
+                    .into(),
+                )
+            };
+            let reply = match frame {
+                ClientFrame::CreateStream { name } => {
+                    let row = crate::store::streams::StreamRow {
+                        id: crate::ids::random_id(),
+                        mesh_id: mesh.row.id.clone(),
+                        name,
+                        created_by,
+                        created_at: now,
+                    };
+                    match db.create_stream(&row).await {
+                        Ok(Some(s)) => BrokerFrame::StreamCreated(StreamCreated {
+                            id: s.id,
+                            name: s.name,
+                            req_id,
+                        }),
+                        Ok(None) => BrokerFrame::Error(
+                            ErrorFrame::new("streams_full", "this mesh has too many streams")
+                                .with_req_id(req_id),
+                        ),
+                        Err(e) => return failed(req_id, &e),
+                    }
+                }
+                ClientFrame::ListStreams => match db.streams(&mesh.row.id).await {
+                    Ok(rows) => BrokerFrame::StreamList(StreamList {
+                        streams: rows
+                            .into_iter()
+                            .map(|s| StreamEntry {
+                                subscriber_count: mesh.subscribers(&s.name),
+                                id: s.id,
+                                name: s.name,
+                                created_by: s.created_by,
+                                created_at: iso8601_ms(s.created_at),
+                            })
+                            .collect(),
+                        req_id,
+                    }),
+                    Err(e) => return failed(req_id, &e),
+                },
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
     }
 
     /// Inbound webhooks. Only the creator and admins see a webhook's secret (in its URL).

@@ -38,6 +38,14 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `create_stream`.
+    StreamCreated(StreamCreated),
+    /// Data published to a subscribed stream.
+    StreamData(StreamData),
+    /// Answer to `subscribe`.
+    Subscribed(Subscribed),
+    /// Answer to `list_streams`.
+    StreamList(StreamList),
     /// Answer to `create_webhook` and `delete_webhook`.
     WebhookAck(WebhookAck),
     /// Answer to `list_webhooks`.
@@ -254,6 +262,66 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `stream_created`.
+#[derive(Debug, Serialize)]
+pub struct StreamCreated {
+    /// Stream id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `stream_data`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamData {
+    /// Stream name.
+    pub stream: String,
+    /// The published value, verbatim.
+    pub data: Box<RawValue>,
+    /// Display name of the publisher.
+    pub published_by: String,
+}
+
+/// `subscribed`.
+#[derive(Debug, Serialize)]
+pub struct Subscribed {
+    /// Stream name.
+    pub stream: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// One entry of `stream_list`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamEntry {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Display name of the creator.
+    pub created_by: String,
+    /// ISO creation time.
+    pub created_at: String,
+    /// Live subscribers on this broker.
+    pub subscriber_count: usize,
+}
+
+/// `stream_list`.
+#[derive(Debug, Serialize)]
+pub struct StreamList {
+    /// Streams of the mesh, by name.
+    pub streams: Vec<StreamEntry>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

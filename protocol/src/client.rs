@@ -140,6 +140,30 @@ pub enum ClientFrame {
         /// Name.
         name: String,
     },
+    /// Register a stream (idempotent).
+    CreateStream {
+        /// Name.
+        name: String,
+    },
+    /// Send data to a stream's subscribers (no reply; the stream need not exist).
+    Publish {
+        /// Stream name.
+        stream: String,
+        /// Any JSON value, verbatim.
+        data: Box<RawValue>,
+    },
+    /// Receive a stream's data.
+    Subscribe {
+        /// Stream name.
+        stream: String,
+    },
+    /// Stop receiving it (no reply).
+    Unsubscribe {
+        /// Stream name.
+        stream: String,
+    },
+    /// The mesh's streams.
+    ListStreams,
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -173,7 +197,11 @@ impl ClientFrame {
             | Self::GetClock
             | Self::CreateWebhook { .. }
             | Self::ListWebhooks
-            | Self::DeleteWebhook { .. } => true,
+            | Self::DeleteWebhook { .. }
+            | Self::CreateStream { .. }
+            | Self::ListStreams => true,
+            // `subscribed` is sent, but the reference's clients do not wait for it.
+            Self::Publish { .. } | Self::Subscribe { .. } | Self::Unsubscribe { .. } => false,
             Self::SetStatus { .. }
             | Self::SetSummary { .. }
             | Self::SetStats(_)
@@ -453,6 +481,16 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         name: Option<String>,
     }
     #[derive(Deserialize)]
+    struct StreamBody {
+        stream: String,
+    }
+    #[derive(Deserialize)]
+    struct PublishBody {
+        stream: String,
+        #[serde(default)]
+        data: Option<Box<RawValue>>,
+    }
+    #[derive(Deserialize)]
     struct QueryBody {
         #[serde(default)]
         query: Option<String>,
@@ -542,6 +580,25 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "delete_webhook" => ClientFrame::DeleteWebhook {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },
+        "create_stream" => ClientFrame::CreateStream {
+            name: serde_json::from_str::<NameBody>(text)?.name,
+        },
+        "publish" => {
+            let b: PublishBody = serde_json::from_str(text)?;
+            ClientFrame::Publish {
+                stream: b.stream,
+                data: b
+                    .data
+                    .unwrap_or_else(|| RawValue::from_string("null".into()).unwrap_or_default()),
+            }
+        }
+        "subscribe" => ClientFrame::Subscribe {
+            stream: serde_json::from_str::<StreamBody>(text)?.stream,
+        },
+        "unsubscribe" => ClientFrame::Unsubscribe {
+            stream: serde_json::from_str::<StreamBody>(text)?.stream,
+        },
+        "list_streams" => ClientFrame::ListStreams,
         "pause_clock" => ClientFrame::PauseClock,
         "resume_clock" => ClientFrame::ResumeClock,
         "get_clock" => ClientFrame::GetClock,
@@ -642,6 +699,14 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if name.len() > MAX_NAME_LEN =>
         {
             return Err("webhook name must be 1..=256 bytes");
+        }
+        ClientFrame::CreateStream { name: stream }
+        | ClientFrame::Publish { stream, .. }
+        | ClientFrame::Subscribe { stream }
+        | ClientFrame::Unsubscribe { stream }
+            if stream.is_empty() || stream.len() > MAX_NAME_LEN =>
+        {
+            return Err("stream name must be 1..=256 bytes");
         }
         ClientFrame::GetSkill { name } | ClientFrame::RemoveSkill { name }
             if name.is_empty() || name.len() > MAX_NAME_LEN =>

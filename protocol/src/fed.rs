@@ -186,6 +186,21 @@ pub struct StateSet {
     pub member_pubkey: String,
 }
 
+/// Data published to a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPublish {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Stream name.
+    pub stream: String,
+    /// The value, JSON text.
+    pub data: String,
+    /// Display name of the publisher.
+    pub published_by: String,
+    /// The publisher's member key (must be hosted by the sending broker).
+    pub member_pubkey: String,
+}
+
 /// An event push the receiving broker hands to every connection of the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventPush {
@@ -432,6 +447,8 @@ pub enum Frame {
     Skill(Box<SkillSet>),
     /// Live: an event push for the whole mesh (an inbound webhook's post).
     Event(Box<EventPush>),
+    /// Live: data published to a stream (the receiver hands it to its subscribers).
+    StreamData(Box<StreamPublish>),
 }
 
 impl Frame {
@@ -451,7 +468,11 @@ impl Frame {
             | Self::PresenceGone { .. } => {
                 matches!(class, Some(StreamClass::Presence))
             }
-            Self::Multicast(_) | Self::State(_) | Self::Skill(_) | Self::Event(_) => {
+            Self::Multicast(_)
+            | Self::State(_)
+            | Self::Skill(_)
+            | Self::Event(_)
+            | Self::StreamData(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -476,6 +497,7 @@ impl Frame {
             Self::State(_) => "state",
             Self::Skill(_) => "skill",
             Self::Event(_) => "event",
+            Self::StreamData(_) => "stream_data",
         }
     }
 }

@@ -40,4 +40,5 @@ mod presence;
 mod routing;
 mod skills;
 mod state;
+mod streams;
 mod webhooks;

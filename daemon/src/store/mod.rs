@@ -503,4 +503,5 @@ impl WriterConn {
 // After `with_db!`, which they use.
 mod fed;
 pub mod skills;
+pub mod streams;
 pub mod webhooks;
