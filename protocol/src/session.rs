@@ -231,9 +231,10 @@ mod tests {
             code(&s.on_text(r#"{"type":"recall","query":"q","_reqId":"r"}"#)),
             "unsupported"
         );
+        // A served fire-and-forget frame is a request (the daemon answers nothing).
         assert_eq!(
             code(&s.on_text(r#"{"type":"publish","stream":"s"}"#)),
-            "unsupported"
+            "request"
         );
         // Awaited by the CLI, but without a _reqId an error could not be correlated.
         assert!(matches!(
