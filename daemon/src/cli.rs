@@ -112,6 +112,15 @@ enum MeshCmd {
         /// Short unique name used by the other commands (default: derived from NAME).
         #[arg(long)]
         slug: Option<String>,
+        /// Start from a template (see `meshd mesh templates`): its state keys are
+        /// created and its groups and roles recorded.
+        #[arg(long, value_name = "TEMPLATE")]
+        template: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// The templates `mesh create --template` accepts.
+    Templates {
         #[command(flatten)]
         out: Output,
     },
@@ -328,8 +337,72 @@ fn print<T: Serialize>(
 async fn mesh(config: Config, cmd: MeshCmd) -> anyhow::Result<()> {
     let db = admin::open(&config).await?;
     let r = match cmd {
-        MeshCmd::Create { name, slug, out } => {
+        MeshCmd::Templates { out } => {
+            #[derive(Serialize)]
+            struct List {
+                templates: &'static [crate::templates::Template],
+            }
+            print(
+                out.json,
+                &List {
+                    templates: crate::templates::TEMPLATES,
+                },
+                |l| {
+                    l.templates
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                "{:<14} {}\n{:<14} groups: {}; state: {}",
+                                t.name,
+                                t.description,
+                                "",
+                                t.groups
+                                    .iter()
+                                    .map(|g| format!("@{}", g.name))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                t.state_keys
+                                    .iter()
+                                    .map(|(k, _)| *k)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            )
+        }
+        MeshCmd::Create {
+            name,
+            slug,
+            template,
+            out,
+        } => {
+            let template = match template.as_deref() {
+                None => None,
+                Some(t) => Some(crate::templates::find(t).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no template {t:?}; one of: {}",
+                        crate::templates::TEMPLATES
+                            .iter()
+                            .map(|t| t.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?),
+            };
             let m = admin::create_mesh(&db, &config, &name, slug.as_deref()).await?;
+            if let Some(t) = template {
+                db.apply_template(
+                    &m.mesh_id,
+                    t.name,
+                    &serde_json::to_string(t)?,
+                    t.state_keys,
+                    crate::ids::now_ms(),
+                )
+                .await?;
+            }
             print(out.json, &m, |m| {
                 format!(
                     "created mesh {:?}\n  slug:         {}\n  mesh_id:      {}\n  owner_pubkey: {}\nnext: meshd invite create --mesh {}",

@@ -19,6 +19,7 @@ mod session;
 pub mod store;
 mod systemd;
 mod telemetry;
+pub mod templates;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

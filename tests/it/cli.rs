@@ -275,3 +275,105 @@ async fn world_readable_owner_key_is_refused() -> anyhow::Result<()> {
     assert!(err.contains("chmod 600"), "{err}");
     Ok(())
 }
+
+/// `meshd mesh create --template` creates the template's state keys (clients read them)
+/// and records its groups; `meshd mesh templates` lists the five templates; an unknown
+/// template is refused with the list.
+#[tokio::test]
+async fn mesh_templates() -> anyhow::Result<()> {
+    let broker = meshd_tests::TestBroker::start(meshd_tests::Backend::Sqlite).await?;
+    let d = broker
+        .config
+        .data_dir
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (code, out, err) = run_cli(
+        DAEMON,
+        &["--data-dir", &d, "mesh", "templates", "--json"],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(out.trim())?;
+    let names: Vec<&str> = v["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dev-team",
+            "research",
+            "ops-incident",
+            "simulation",
+            "personal"
+        ]
+    );
+
+    let (code, _, err) = run_cli(
+        DAEMON,
+        &[
+            "--data-dir",
+            &d,
+            "mesh",
+            "create",
+            "X",
+            "--template",
+            "party",
+        ],
+        &[],
+    )
+    .await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("ops-incident"), "{err}");
+
+    let (code, out, err) = run_cli(
+        DAEMON,
+        &[
+            "--data-dir",
+            &d,
+            "mesh",
+            "create",
+            "Outage",
+            "--template",
+            "ops-incident",
+            "--json",
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(out.trim())?;
+    let slug = created["slug"].as_str().unwrap_or_default().to_owned();
+    let mesh = meshd::admin::MeshCreated {
+        mesh_id: created["mesh_id"].as_str().unwrap_or_default().into(),
+        slug,
+        name: "Outage".into(),
+        owner_pubkey: String::new(),
+    };
+    let m = broker.enroll(&mesh, "pager").await?;
+    let mut c = broker.connect(&m).await?;
+    let st = c.request(json!({"type": "list_state"})).await?;
+    let keys: Vec<&str> = st["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["key"].as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["commander", "incident-status", "severity", "timeline"]
+    );
+    let sev = c
+        .request(json!({"type": "get_state", "key": "incident-status"}))
+        .await?;
+    assert_eq!(sev["value"], "investigating");
+    let tl = c
+        .request(json!({"type": "get_state", "key": "timeline"}))
+        .await?;
+    assert_eq!(tl["value"], json!([]));
+    Ok(())
+}

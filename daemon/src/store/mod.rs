@@ -280,6 +280,32 @@ impl Db {
         Ok(())
     }
 
+    /// Records a mesh's template and writes its initial state keys (in one transaction).
+    pub async fn apply_template(
+        &self,
+        mesh_id: &str,
+        template: &str,
+        definition: &str,
+        state: &[(&str, &str)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        const TEMPLATE_SQL: &str =
+            "INSERT INTO mesh_template (mesh_id, template, definition) VALUES ($1, $2, $3)";
+        const STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by, updated_at) \
+                                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (mesh_id, key) DO NOTHING";
+        with_db!(self, p => async {
+            let mut tx = p.begin().await?;
+            sqlx::query(TEMPLATE_SQL).bind(mesh_id).bind(template).bind(definition)
+                .execute(&mut *tx).await?;
+            for (k, v) in state {
+                sqlx::query(STATE_SQL).bind(mesh_id).bind(*k).bind(*v).bind("template")
+                    .bind(now).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }.await)?;
+        Ok(())
+    }
+
     /// A mesh by id.
     pub async fn mesh_by_id(&self, id: &str) -> Result<Option<MeshRow>, StoreError> {
         const SQL: &str = "SELECT id, name, slug, owner_pubkey, root_key, created_at, archived_at FROM mesh WHERE id = $1";
