@@ -1339,6 +1339,13 @@ impl Live {
                 self.mesh.unsubscribe(self.conn, &stream);
                 None
             }
+            frame @ (ClientFrame::CreateTask(_)
+            | ClientFrame::ClaimTask { .. }
+            | ClientFrame::CompleteTask { .. }
+            | ClientFrame::ListTasks { .. }) => {
+                self.queue_task(frame, req_id, now);
+                None
+            }
             frame @ (ClientFrame::CreateStream { .. } | ClientFrame::ListStreams) => {
                 self.queue_stream(frame, req_id, now);
                 None
@@ -1653,6 +1660,119 @@ impl Live {
             )
         }));
         None
+    }
+
+    /// Tasks. `claim_task` and `complete_task` are answered with the task list; their
+    /// failures are answered only to a request with a `_reqId` (the CLI sends them
+    /// without one, and would hand an uncorrelated error to another waiter).
+    fn queue_task(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{TaskCreated, TaskEntry, TaskList};
+        let db = self.ctx.db.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let me = self.display_name.clone();
+        self.pending.push_back(Box::pin(async move {
+            let error = |code: &'static str, msg: &str, req_id: Option<String>| {
+                req_id.is_some().then(|| {
+                    BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
+                        .to_json()
+                        .into()
+                })
+            };
+            let list = |rows: Vec<crate::store::tasks::TaskRow>, req_id| {
+                BrokerFrame::TaskList(TaskList {
+                    tasks: rows
+                        .into_iter()
+                        .map(|t| TaskEntry {
+                            tags: serde_json::from_str(&t.tags).unwrap_or_default(),
+                            id: t.id,
+                            title: t.title,
+                            assignee: t.assignee,
+                            claimed_by: t.claimed_by,
+                            status: t.status,
+                            priority: t.priority,
+                            created_by: t.created_by,
+                            created_at: iso8601_ms(t.created_at),
+                            result: t.result,
+                        })
+                        .collect(),
+                    req_id,
+                })
+            };
+            let store_err = |e: &StoreError, req_id| {
+                warn!(cause = %e, "tasks");
+                error("internal", "the broker's store is unavailable", req_id)
+            };
+            let reply = match frame {
+                ClientFrame::CreateTask(t) => {
+                    let row = crate::store::tasks::TaskRow {
+                        id: crate::ids::random_id(),
+                        mesh_id,
+                        title: t.title,
+                        assignee: t.assignee,
+                        claimed_by: None,
+                        priority: t.priority.unwrap_or_else(|| "normal".into()),
+                        status: "open".into(),
+                        tags: serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+                        result: None,
+                        created_by: Some(me),
+                        created_at: now,
+                    };
+                    match db.insert_task(&row).await {
+                        Ok(true) => BrokerFrame::TaskCreated(TaskCreated { id: row.id, req_id }),
+                        Ok(false) => {
+                            return error(
+                                "tasks_full",
+                                "this mesh has too many open tasks",
+                                req_id,
+                            );
+                        }
+                        Err(e) => return store_err(&e, req_id),
+                    }
+                }
+                ClientFrame::ClaimTask { task_id } => {
+                    match db.claim_task(&mesh_id, &task_id, &me, now).await {
+                        Ok(true) => match db.tasks(&mesh_id, None, None).await {
+                            Ok(rows) => list(rows, req_id),
+                            Err(e) => return store_err(&e, req_id),
+                        },
+                        Ok(false) => {
+                            return error(
+                                "task_not_claimable",
+                                "no open task with that id",
+                                req_id,
+                            );
+                        }
+                        Err(e) => return store_err(&e, req_id),
+                    }
+                }
+                ClientFrame::CompleteTask { task_id, result } => {
+                    match db
+                        .complete_task(&mesh_id, &task_id, result.as_deref(), now)
+                        .await
+                    {
+                        Ok(true) => match db.tasks(&mesh_id, None, None).await {
+                            Ok(rows) => list(rows, req_id),
+                            Err(e) => return store_err(&e, req_id),
+                        },
+                        Ok(false) => {
+                            return error("task_not_found", "no task with that id", req_id);
+                        }
+                        Err(e) => return store_err(&e, req_id),
+                    }
+                }
+                ClientFrame::ListTasks { status, assignee } => {
+                    match db
+                        .tasks(&mesh_id, status.as_deref(), assignee.as_deref())
+                        .await
+                    {
+                        Ok(rows) => list(rows, req_id),
+                        Err(e) => return store_err(&e, req_id),
+                    }
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
     }
 
     /// The stream registry.

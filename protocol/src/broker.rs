@@ -38,6 +38,10 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `create_task`.
+    TaskCreated(TaskCreated),
+    /// Answer to `list_tasks`, `claim_task`, `complete_task`.
+    TaskList(TaskList),
     /// Answer to `create_stream`.
     StreamCreated(StreamCreated),
     /// Data published to a subscribed stream.
@@ -262,6 +266,53 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `task_created`.
+#[derive(Debug, Serialize)]
+pub struct TaskCreated {
+    /// Task id.
+    pub id: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A task in `task_list`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskEntry {
+    /// Id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Assignee or null.
+    pub assignee: Option<String>,
+    /// Display name of the claimer, or null.
+    pub claimed_by: Option<String>,
+    /// `open`, `claimed` or `done`.
+    pub status: String,
+    /// Priority.
+    pub priority: String,
+    /// Display name of the creator, or null.
+    pub created_by: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// ISO creation time.
+    pub created_at: String,
+    /// Outcome, once done (meshd extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+/// `task_list`.
+#[derive(Debug, Serialize)]
+pub struct TaskList {
+    /// Tasks, newest first.
+    pub tasks: Vec<TaskEntry>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

@@ -164,6 +164,27 @@ pub enum ClientFrame {
     },
     /// The mesh's streams.
     ListStreams,
+    /// Create a task.
+    CreateTask(Box<CreateTask>),
+    /// Claim an open task (answered with the task list; the CLI does not wait).
+    ClaimTask {
+        /// Task id.
+        task_id: String,
+    },
+    /// Complete a task (answered with the task list; the CLI does not wait).
+    CompleteTask {
+        /// Task id.
+        task_id: String,
+        /// Outcome.
+        result: Option<String>,
+    },
+    /// List tasks, newest first (at most 100).
+    ListTasks {
+        /// `open`, `claimed` or `done`.
+        status: Option<String>,
+        /// Assignee.
+        assignee: Option<String>,
+    },
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -199,7 +220,10 @@ impl ClientFrame {
             | Self::ListWebhooks
             | Self::DeleteWebhook { .. }
             | Self::CreateStream { .. }
-            | Self::ListStreams => true,
+            | Self::ListStreams
+            | Self::CreateTask(_)
+            | Self::ListTasks { .. } => true,
+            Self::ClaimTask { .. } | Self::CompleteTask { .. } => false,
             // `subscribed` is sent, but the reference's clients do not wait for it.
             Self::Publish { .. } | Self::Subscribe { .. } | Self::Unsubscribe { .. } => false,
             Self::SetStatus { .. }
@@ -481,6 +505,20 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         name: Option<String>,
     }
     #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TaskIdBody {
+        task_id: String,
+        #[serde(default)]
+        result: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct ListTasksBody {
+        #[serde(default)]
+        status: Option<String>,
+        #[serde(default)]
+        assignee: Option<String>,
+    }
+    #[derive(Deserialize)]
     struct StreamBody {
         stream: String,
     }
@@ -580,6 +618,24 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "delete_webhook" => ClientFrame::DeleteWebhook {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },
+        "create_task" => ClientFrame::CreateTask(Box::new(serde_json::from_str(text)?)),
+        "claim_task" => ClientFrame::ClaimTask {
+            task_id: serde_json::from_str::<TaskIdBody>(text)?.task_id,
+        },
+        "complete_task" => {
+            let b: TaskIdBody = serde_json::from_str(text)?;
+            ClientFrame::CompleteTask {
+                task_id: b.task_id,
+                result: b.result,
+            }
+        }
+        "list_tasks" => {
+            let b: ListTasksBody = serde_json::from_str(text)?;
+            ClientFrame::ListTasks {
+                status: b.status.filter(|s| !s.is_empty()),
+                assignee: b.assignee.filter(|s| !s.is_empty()),
+            }
+        }
         "create_stream" => ClientFrame::CreateStream {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },
@@ -620,6 +676,22 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             ClientFrame::Unsupported { kind, awaits_reply }
         }
     })
+}
+
+/// `create_task`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreateTask {
+    /// What to do.
+    pub title: String,
+    /// Who should do it.
+    #[serde(default)]
+    pub assignee: Option<String>,
+    /// Free text, `normal` when absent.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// `share_skill`.
@@ -699,6 +771,21 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if name.len() > MAX_NAME_LEN =>
         {
             return Err("webhook name must be 1..=256 bytes");
+        }
+        ClientFrame::CreateTask(t)
+            if t.title.trim().is_empty()
+                || t.title.len() > MAX_SUMMARY_LEN
+                || t.assignee.as_ref().is_some_and(|a| a.len() > MAX_NAME_LEN)
+                || t.priority.as_ref().is_some_and(|p| p.len() > MAX_NAME_LEN)
+                || t.tags.len() > MAX_GROUPS
+                || t.tags.iter().any(|x| x.len() > MAX_NAME_LEN) =>
+        {
+            return Err("task title must be 1 byte..16 KiB, names and tags up to 256 bytes");
+        }
+        ClientFrame::CompleteTask {
+            result: Some(r), ..
+        } if r.len() > MAX_SKILL_INSTRUCTIONS => {
+            return Err("task result exceeds 256 KiB");
         }
         ClientFrame::CreateStream { name: stream }
         | ClientFrame::Publish { stream, .. }

@@ -41,4 +41,5 @@ mod routing;
 mod skills;
 mod state;
 mod streams;
+mod tasks;
 mod webhooks;

@@ -530,4 +530,5 @@ impl WriterConn {
 mod fed;
 pub mod skills;
 pub mod streams;
+pub mod tasks;
 pub mod webhooks;
