@@ -706,12 +706,12 @@ impl Fed {
         sent
     }
 
-    /// A local state write.
-    pub(crate) fn state_set(&self, mesh_id: &str, s: StateSet) {
+    /// Sends a live frame of `mesh_id` to every link the mesh flows over. A full link
+    /// queue drops it (live-only traffic, counted), as a local slow consumer would.
+    fn to_every_link(&self, mesh_id: &str, frame: Frame) {
         if !self.is_shared(mesh_id) {
             return;
         }
-        let frame = Frame::State(Box::new(s));
         for link in self.links_for(mesh_id) {
             if link.live.try_send(frame.clone()).is_err()
                 && let Some(ctx) = self.ctx()
@@ -721,50 +721,28 @@ impl Fed {
         }
     }
 
+    /// A local state write.
+    pub(crate) fn state_set(&self, mesh_id: &str, s: StateSet) {
+        self.to_every_link(mesh_id, Frame::State(Box::new(s)));
+    }
+
     /// An event pushed to the mesh here (a webhook post) goes to its other brokers.
     pub(crate) fn event(&self, e: EventPush) {
-        if !self.is_shared(&e.mesh_id) {
-            return;
-        }
-        let frame = Frame::Event(Box::new(e.clone()));
-        for link in self.links_for(&e.mesh_id) {
-            if link.live.try_send(frame.clone()).is_err()
-                && let Some(ctx) = self.ctx()
-            {
-                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let mesh_id = e.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::Event(Box::new(e)));
     }
 
     /// Data published to a stream here goes to the mesh's other brokers (their
     /// subscribers receive it).
     pub(crate) fn stream_data(&self, p: StreamPublish) {
-        if !self.is_shared(&p.mesh_id) {
-            return;
-        }
-        let frame = Frame::StreamData(Box::new(p.clone()));
-        for link in self.links_for(&p.mesh_id) {
-            if link.live.try_send(frame.clone()).is_err()
-                && let Some(ctx) = self.ctx()
-            {
-                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let mesh_id = p.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::StreamData(Box::new(p)));
     }
 
     /// A skill was shared or removed here.
     pub(crate) fn skill_changed(&self, set: SkillSet) {
-        if !self.is_shared(&set.mesh_id) {
-            return;
-        }
-        let frame = Frame::Skill(Box::new(set.clone()));
-        for link in self.links_for(&set.mesh_id) {
-            if link.live.try_send(frame.clone()).is_err()
-                && let Some(ctx) = self.ctx()
-            {
-                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let mesh_id = set.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::Skill(Box::new(set)));
     }
 
     /// New outbox rows for `peer` are committed.

@@ -57,6 +57,22 @@ const MAX_PENDING: usize = 256;
 const MAX_OUTBOX: usize = 256;
 /// Rows fetched per drain round.
 const CLAIM_LIMIT: i64 = 256;
+/// The answer to a request whose store access failed (the cause is logged, not sent).
+fn store_unavailable(
+    what: &str,
+    req_id: Option<String>,
+    cause: &dyn std::fmt::Display,
+) -> Option<Utf8Bytes> {
+    warn!(cause = %cause, "{what}");
+    Some(
+        BrokerFrame::Error(
+            ErrorFrame::new("internal", "the broker's store is unavailable").with_req_id(req_id),
+        )
+        .to_json()
+        .into(),
+    )
+}
+
 /// Streams one connection may follow.
 const MAX_STREAMS_PER_CONN: usize = 256;
 
@@ -1782,17 +1798,8 @@ impl Live {
         let mesh = self.mesh.clone();
         let created_by = self.display_name.clone();
         self.pending.push_back(Box::pin(async move {
-            let failed = |req_id, e: &dyn std::fmt::Display| {
-                warn!(cause = %e, "stream registry");
-                Some(
-                    BrokerFrame::Error(
-                        ErrorFrame::new("internal", "the broker's store is unavailable")
-                            .with_req_id(req_id),
-                    )
-                    .to_json()
-                    .into(),
-                )
-            };
+            let failed =
+                |req_id, e: &dyn std::fmt::Display| store_unavailable("stream registry", req_id, e);
             let reply = match frame {
                 ClientFrame::CreateStream { name } => {
                     let row = crate::store::streams::StreamRow {
@@ -1894,8 +1901,7 @@ impl Live {
                             );
                         }
                         Err(WebhookError::Store(e)) => {
-                            warn!(cause = %e, "creating a webhook");
-                            return error("internal", "the broker's store is unavailable", req_id);
+                            return store_unavailable("creating a webhook", req_id, &e);
                         }
                     }
                 }
@@ -1917,16 +1923,14 @@ impl Live {
                         req_id,
                     }),
                     Err(e) => {
-                        warn!(cause = %e, "listing webhooks");
-                        return error("internal", "the broker's store is unavailable", req_id);
+                        return store_unavailable("listing webhooks", req_id, &e);
                     }
                 },
                 ClientFrame::DeleteWebhook { name } => {
                     let rows = match db.webhooks(&mesh_id).await {
                         Ok(r) => r,
                         Err(e) => {
-                            warn!(cause = %e, "deleting a webhook");
-                            return error("internal", "the broker's store is unavailable", req_id);
+                            return store_unavailable("deleting a webhook", req_id, &e);
                         }
                     };
                     if let Some(w) = rows.into_iter().find(|w| w.name == name) {
@@ -1938,8 +1942,7 @@ impl Live {
                             );
                         }
                         if let Err(e) = db.deactivate_webhook(&w.id).await {
-                            warn!(cause = %e, "deleting a webhook");
-                            return error("internal", "the broker's store is unavailable", req_id);
+                            return store_unavailable("deleting a webhook", req_id, &e);
                         }
                     }
                     // As the reference: acknowledged even when nothing matched.
@@ -1965,15 +1968,7 @@ impl Live {
         let author = self.display_name.clone();
         self.pending.push_back(Box::pin(async move {
             let failed = |req_id, e: &dyn std::fmt::Display| {
-                warn!(cause = %e, "skills catalogue");
-                Some(
-                    BrokerFrame::Error(
-                        ErrorFrame::new("internal", "the broker's store is unavailable")
-                            .with_req_id(req_id),
-                    )
-                    .to_json()
-                    .into(),
-                )
+                store_unavailable("skills catalogue", req_id, e)
             };
             let reply = match frame {
                 ClientFrame::ShareSkill(s) => {
