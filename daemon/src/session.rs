@@ -1355,6 +1355,12 @@ impl Live {
                 self.mesh.unsubscribe(self.conn, &stream);
                 None
             }
+            frame @ (ClientFrame::Remember { .. }
+            | ClientFrame::Recall { .. }
+            | ClientFrame::Forget { .. }) => {
+                self.queue_memory(frame, req_id, now);
+                None
+            }
             frame @ (ClientFrame::CreateTask(_)
             | ClientFrame::ClaimTask { .. }
             | ClientFrame::CompleteTask { .. }
@@ -1784,6 +1790,76 @@ impl Live {
                         Ok(rows) => list(rows, req_id),
                         Err(e) => return store_err(&e, req_id),
                     }
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
+    }
+
+    /// The mesh's memory: `remember`, ranked full-text `recall`, `forget`.
+    fn queue_memory(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{Memory, MemoryResults, MemoryStored};
+        let db = self.ctx.db.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
+        self.pending.push_back(Box::pin(async move {
+            let reply = match frame {
+                ClientFrame::Remember { content, tags } => {
+                    let row = crate::store::memory::MemoryRow {
+                        id: crate::ids::random_id(),
+                        mesh_id,
+                        content,
+                        // Space-separated, so the full-text index covers tags too.
+                        tags: tags
+                            .iter()
+                            .map(|t| t.replace(char::is_whitespace, "_"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        remembered_by: member_id,
+                        remembered_by_name: name,
+                        remembered_at: now,
+                    };
+                    match db.remember(&row).await {
+                        Ok(true) => BrokerFrame::MemoryStored(MemoryStored { id: row.id, req_id }),
+                        Ok(false) => BrokerFrame::Error(
+                            ErrorFrame::new(
+                                "memory_full",
+                                "this mesh's memory is full; forget some",
+                            )
+                            .with_req_id(req_id),
+                        ),
+                        Err(e) => return store_unavailable("memory", req_id, &e),
+                    }
+                }
+                ClientFrame::Recall { query } => match db.recall(&mesh_id, &query).await {
+                    Ok(rows) => BrokerFrame::MemoryResults(MemoryResults {
+                        memories: rows
+                            .into_iter()
+                            .map(|m| Memory {
+                                tags: m.tags.split_whitespace().map(str::to_owned).collect(),
+                                id: m.id,
+                                content: m.content,
+                                remembered_by: m.remembered_by_name,
+                                remembered_at: iso8601_ms(m.remembered_at),
+                            })
+                            .collect(),
+                        req_id,
+                    }),
+                    Err(e) => return store_unavailable("memory", req_id, &e),
+                },
+                ClientFrame::Forget { memory_id } => {
+                    if let Err(e) = db.forget(&mesh_id, &memory_id, now).await {
+                        return store_unavailable("memory", req_id, &e);
+                    }
+                    // The reference's answer, sent whether or not something matched.
+                    BrokerFrame::Ack(Ack {
+                        id: memory_id.clone(),
+                        message_id: memory_id,
+                        queued: false,
+                        error: None,
+                        req_id,
+                    })
                 }
                 _ => return None,
             };

@@ -38,6 +38,10 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `remember`.
+    MemoryStored(MemoryStored),
+    /// Answer to `recall`.
+    MemoryResults(MemoryResults),
     /// Answer to `create_task`.
     TaskCreated(TaskCreated),
     /// Answer to `list_tasks`, `claim_task`, `complete_task`.
@@ -266,6 +270,42 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `memory_stored`.
+#[derive(Debug, Serialize)]
+pub struct MemoryStored {
+    /// Memory id.
+    pub id: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A recalled memory.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Memory {
+    /// Id.
+    pub id: String,
+    /// The note.
+    pub content: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Display name of who remembered it.
+    pub remembered_by: String,
+    /// ISO time.
+    pub remembered_at: String,
+}
+
+/// `memory_results`.
+#[derive(Debug, Serialize)]
+pub struct MemoryResults {
+    /// Best matches first.
+    pub memories: Vec<Memory>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

@@ -185,6 +185,23 @@ pub enum ClientFrame {
         /// Assignee.
         assignee: Option<String>,
     },
+    /// Store a note in the mesh's memory.
+    Remember {
+        /// The note.
+        content: String,
+        /// Tags.
+        tags: Vec<String>,
+    },
+    /// Full-text search of the mesh's memory.
+    Recall {
+        /// Words to find.
+        query: String,
+    },
+    /// Forget a note (answered with an `ack` the CLI does not wait for).
+    Forget {
+        /// Memory id.
+        memory_id: String,
+    },
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -222,7 +239,10 @@ impl ClientFrame {
             | Self::CreateStream { .. }
             | Self::ListStreams
             | Self::CreateTask(_)
-            | Self::ListTasks { .. } => true,
+            | Self::ListTasks { .. }
+            | Self::Remember { .. }
+            | Self::Recall { .. } => true,
+            Self::Forget { .. } => false,
             Self::ClaimTask { .. } | Self::CompleteTask { .. } => false,
             // `subscribed` is sent, but the reference's clients do not wait for it.
             Self::Publish { .. } | Self::Subscribe { .. } | Self::Unsubscribe { .. } => false,
@@ -505,6 +525,21 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         name: Option<String>,
     }
     #[derive(Deserialize)]
+    struct RememberBody {
+        content: String,
+        #[serde(default)]
+        tags: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    struct RecallBody {
+        query: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ForgetBody {
+        memory_id: String,
+    }
+    #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct TaskIdBody {
         task_id: String,
@@ -617,6 +652,19 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "list_webhooks" => ClientFrame::ListWebhooks,
         "delete_webhook" => ClientFrame::DeleteWebhook {
             name: serde_json::from_str::<NameBody>(text)?.name,
+        },
+        "remember" => {
+            let b: RememberBody = serde_json::from_str(text)?;
+            ClientFrame::Remember {
+                content: b.content,
+                tags: b.tags,
+            }
+        }
+        "recall" => ClientFrame::Recall {
+            query: serde_json::from_str::<RecallBody>(text)?.query,
+        },
+        "forget" => ClientFrame::Forget {
+            memory_id: serde_json::from_str::<ForgetBody>(text)?.memory_id,
         },
         "create_task" => ClientFrame::CreateTask(Box::new(serde_json::from_str(text)?)),
         "claim_task" => ClientFrame::ClaimTask {
@@ -771,6 +819,17 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if name.len() > MAX_NAME_LEN =>
         {
             return Err("webhook name must be 1..=256 bytes");
+        }
+        ClientFrame::Remember { content, tags }
+            if content.trim().is_empty()
+                || content.len() > MAX_SKILL_INSTRUCTIONS
+                || tags.len() > MAX_GROUPS
+                || tags.iter().any(|t| t.len() > MAX_NAME_LEN) =>
+        {
+            return Err("memory content must be 1 byte..256 KiB, tags up to 256 bytes");
+        }
+        ClientFrame::Recall { query } if query.len() > MAX_SUMMARY_LEN => {
+            return Err("recall query exceeds 16 KiB");
         }
         ClientFrame::CreateTask(t)
             if t.title.trim().is_empty()
@@ -968,11 +1027,11 @@ mod tests {
 
     #[test]
     fn unsupported_frames_know_whether_a_reply_is_awaited() {
-        let f = decode(r#"{"type":"remember","content":"x","_reqId":"r"}"#).unwrap();
+        let f = decode(r#"{"type":"get_context","topic":"x","_reqId":"r"}"#).unwrap();
         assert!(matches!(
             f.frame,
             ClientFrame::Unsupported {
-                kind: "remember",
+                kind: "get_context",
                 awaits_reply: true
             }
         ));

@@ -38,7 +38,9 @@ async fn unknown_malformed_and_unsupported() -> anyhow::Result<()> {
     // Known claudemesh frames this build does not serve: `unsupported` when the client
     // waits for an answer, silence when it does not (a stray reply would be matched to
     // the wrong waiter by the CLI).
-    let e = a.request(json!({"type": "recall", "query": "x"})).await?;
+    let e = a
+        .request(json!({"type": "get_context", "topic": "x"}))
+        .await?;
     assert_eq!(
         (e["type"].as_str(), e["code"].as_str()),
         (Some("error"), Some("unsupported"))

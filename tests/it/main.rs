@@ -36,6 +36,7 @@ mod gating;
 mod handshake;
 mod hooks;
 mod http;
+mod memory;
 mod presence;
 mod routing;
 mod skills;

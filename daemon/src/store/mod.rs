@@ -528,6 +528,7 @@ impl WriterConn {
 
 // After `with_db!`, which they use.
 mod fed;
+pub mod memory;
 pub mod skills;
 pub mod streams;
 pub mod tasks;

@@ -1,0 +1,120 @@
+//! Mesh memory: stored notes with full-text recall, ranked (SQLite FTS5 with bm25,
+//! PostgreSQL tsvector with ts_rank: the one place the two backends run different SQL).
+
+use super::{Db, StoreError};
+
+/// A remembered note.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MemoryRow {
+    /// Id.
+    pub id: String,
+    /// Mesh.
+    pub mesh_id: String,
+    /// The note.
+    pub content: String,
+    /// Tags, space-separated (so the full-text index covers them too).
+    pub tags: String,
+    /// Member id of who remembered it.
+    pub remembered_by: String,
+    /// Their display name.
+    pub remembered_by_name: String,
+    /// When (ms).
+    pub remembered_at: i64,
+}
+
+/// Most results one recall returns (the reference's limit).
+pub const RECALL_LIMIT: i64 = 20;
+/// Most live memories one mesh keeps.
+pub const MAX_MEMORIES_PER_MESH: i64 = 100_000;
+
+impl Db {
+    /// Stores a memory; `false` when the mesh is full.
+    pub async fn remember(&self, m: &MemoryRow) -> Result<bool, StoreError> {
+        const COUNT_SQL: &str =
+            "SELECT COUNT(*) FROM memory WHERE mesh_id = $1 AND forgotten_at IS NULL";
+        const SQL: &str = "INSERT INTO memory (id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        let n: i64 =
+            with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&m.mesh_id).fetch_one(p).await)?;
+        if n >= MAX_MEMORIES_PER_MESH {
+            return Ok(false);
+        }
+        with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
+            .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at)
+            .execute(p).await.map(drop))?;
+        Ok(true)
+    }
+
+    /// The mesh's live memories matching `query`, best first (at most [`RECALL_LIMIT`]).
+    pub async fn recall(&self, mesh_id: &str, query: &str) -> Result<Vec<MemoryRow>, StoreError> {
+        const SQLITE: &str = "SELECT m.id, m.mesh_id, m.content, m.tags, m.remembered_by, m.remembered_by_name, m.remembered_at \
+                              FROM memory_fts JOIN memory m ON m.rowid = memory_fts.rowid \
+                              WHERE memory_fts MATCH $1 AND m.mesh_id = $2 AND m.forgotten_at IS NULL \
+                              ORDER BY bm25(memory_fts), m.remembered_at DESC LIMIT $3";
+        const PG: &str = "SELECT id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at \
+                          FROM memory WHERE search_vector @@ plainto_tsquery('english', $1) AND mesh_id = $2 \
+                            AND forgotten_at IS NULL \
+                          ORDER BY ts_rank(search_vector, plainto_tsquery('english', $1)) DESC, remembered_at DESC \
+                          LIMIT $3";
+        let Some(q) = fts5_query(query) else {
+            return Ok(Vec::new());
+        };
+        Ok(match self {
+            Self::Sqlite(p) => {
+                sqlx::query_as(SQLITE)
+                    .bind(q)
+                    .bind(mesh_id)
+                    .bind(RECALL_LIMIT)
+                    .fetch_all(p)
+                    .await?
+            }
+            Self::Postgres(p) => {
+                sqlx::query_as(PG)
+                    .bind(query)
+                    .bind(mesh_id)
+                    .bind(RECALL_LIMIT)
+                    .fetch_all(p)
+                    .await?
+            }
+        })
+    }
+
+    /// Soft-deletes a memory of the mesh. Returns whether one was live.
+    pub async fn forget(&self, mesh_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE memory SET forgotten_at = $1 WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL";
+        let n = with_db!(self, p => sqlx::query(SQL).bind(now).bind(mesh_id).bind(id)
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n > 0)
+    }
+}
+
+/// The words of a free-text query as an FTS5 query: every word must match (like
+/// `plainto_tsquery`), each quoted so no user text is FTS5 syntax. `None` when the
+/// query has no words.
+fn fts5_query(query: &str) -> Option<String> {
+    let words: Vec<String> = query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(32)
+        .map(|w| format!("\"{w}\""))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" AND "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fts5_query;
+
+    #[test]
+    fn queries_are_quoted_words() {
+        assert_eq!(
+            fts5_query("deploy: the API!").as_deref(),
+            Some(r#""deploy" AND "the" AND "API""#)
+        );
+        assert_eq!(
+            fts5_query(r#"" OR 1 NEAR("#).as_deref(),
+            Some(r#""OR" AND "1" AND "NEAR""#)
+        );
+        assert_eq!(fts5_query("  ,;  "), None);
+    }
+}
