@@ -38,6 +38,12 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `share_context` (the CLI ignores it).
+    ContextShared(ContextShared),
+    /// Answer to `get_context`.
+    ContextResults(ContextResults),
+    /// Answer to `list_contexts`.
+    ContextList(ContextList),
     /// Answer to `remember`.
     MemoryStored(MemoryStored),
     /// Answer to `recall`.
@@ -270,6 +276,68 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `context_shared`.
+#[derive(Debug, Serialize)]
+pub struct ContextShared {
+    /// Context id (the member's).
+    pub id: String,
+    /// Correlation id (echoed, unlike the reference).
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A context in `context_results`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextEntry {
+    /// Who shared it.
+    pub peer_name: String,
+    /// Summary.
+    pub summary: String,
+    /// Files read.
+    pub files_read: Vec<String>,
+    /// Key findings.
+    pub key_findings: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// ISO time.
+    pub updated_at: String,
+}
+
+/// `context_results`.
+#[derive(Debug, Serialize)]
+pub struct ContextResults {
+    /// Matches, newest first.
+    pub contexts: Vec<ContextEntry>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A context in `context_list`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextSummary {
+    /// Who shared it.
+    pub peer_name: String,
+    /// Summary.
+    pub summary: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// ISO time.
+    pub updated_at: String,
+}
+
+/// `context_list`.
+#[derive(Debug, Serialize)]
+pub struct ContextList {
+    /// Every context, newest first.
+    pub contexts: Vec<ContextSummary>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

@@ -202,6 +202,15 @@ pub enum ClientFrame {
         /// Memory id.
         memory_id: String,
     },
+    /// Publish what this member is working on (replaces its previous context).
+    ShareContext(Box<ShareContext>),
+    /// Search contexts.
+    GetContext {
+        /// Text in the summary, or a tag.
+        query: String,
+    },
+    /// Every context.
+    ListContexts,
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -241,7 +250,11 @@ impl ClientFrame {
             | Self::CreateTask(_)
             | Self::ListTasks { .. }
             | Self::Remember { .. }
-            | Self::Recall { .. } => true,
+            | Self::Recall { .. }
+            | Self::GetContext { .. }
+            | Self::ListContexts => true,
+            // `context_shared` is sent, but the CLI does not wait for it.
+            Self::ShareContext(_) => false,
             Self::Forget { .. } => false,
             Self::ClaimTask { .. } | Self::CompleteTask { .. } => false,
             // `subscribed` is sent, but the reference's clients do not wait for it.
@@ -653,6 +666,11 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "delete_webhook" => ClientFrame::DeleteWebhook {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },
+        "share_context" => ClientFrame::ShareContext(Box::new(serde_json::from_str(text)?)),
+        "get_context" => ClientFrame::GetContext {
+            query: serde_json::from_str::<RecallBody>(text)?.query,
+        },
+        "list_contexts" => ClientFrame::ListContexts,
         "remember" => {
             let b: RememberBody = serde_json::from_str(text)?;
             ClientFrame::Remember {
@@ -724,6 +742,23 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             ClientFrame::Unsupported { kind, awaits_reply }
         }
     })
+}
+
+/// `share_context`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareContext {
+    /// What the member is doing.
+    pub summary: String,
+    /// Files read.
+    #[serde(default)]
+    pub files_read: Vec<String>,
+    /// Key findings.
+    #[serde(default)]
+    pub key_findings: Vec<String>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// `create_task`.
@@ -819,6 +854,17 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if name.len() > MAX_NAME_LEN =>
         {
             return Err("webhook name must be 1..=256 bytes");
+        }
+        ClientFrame::ShareContext(c)
+            if c.summary.len() > MAX_SUMMARY_LEN
+                || [&c.files_read, &c.key_findings, &c.tags]
+                    .iter()
+                    .any(|l| l.len() > MAX_GROUPS || l.iter().any(|x| x.len() > MAX_PATH_LEN)) =>
+        {
+            return Err("context fields exceed their limits");
+        }
+        ClientFrame::GetContext { query } if query.len() > MAX_SUMMARY_LEN => {
+            return Err("context query exceeds 16 KiB");
         }
         ClientFrame::Remember { content, tags }
             if content.trim().is_empty()
@@ -1027,11 +1073,11 @@ mod tests {
 
     #[test]
     fn unsupported_frames_know_whether_a_reply_is_awaited() {
-        let f = decode(r#"{"type":"get_context","topic":"x","_reqId":"r"}"#).unwrap();
+        let f = decode(r#"{"type":"vector_search","collection":"c","_reqId":"r"}"#).unwrap();
         assert!(matches!(
             f.frame,
             ClientFrame::Unsupported {
-                kind: "get_context",
+                kind: "vector_search",
                 awaits_reply: true
             }
         ));

@@ -228,7 +228,7 @@ mod tests {
             "unknown_message_type"
         );
         assert_eq!(
-            code(&s.on_text(r#"{"type":"get_context","topic":"q","_reqId":"r"}"#)),
+            code(&s.on_text(r#"{"type":"vector_search","query":"q","_reqId":"r"}"#)),
             "unsupported"
         );
         // A served fire-and-forget frame is a request (the daemon answers nothing).
@@ -238,12 +238,12 @@ mod tests {
         );
         // Awaited by the CLI, but without a _reqId an error could not be correlated.
         assert!(matches!(
-            s.on_text(r#"{"type":"get_context","topic":"q"}"#),
+            s.on_text(r#"{"type":"vector_search","query":"q"}"#),
             Verdict::Ignore(_)
         ));
         // Sent by the CLI without waiting: never answered.
         assert!(matches!(
-            s.on_text(r#"{"type":"share_context","summary":"s","_reqId":"r"}"#),
+            s.on_text(r#"{"type":"vector_delete","collection":"c","_reqId":"r"}"#),
             Verdict::Ignore(_)
         ));
         // set_state with a bad body gets no reply (it never gets one)

@@ -28,6 +28,7 @@ macro_rules! both {
 mod cli;
 mod clock;
 mod compat;
+mod contexts;
 mod durability;
 mod enroll;
 mod federation;
