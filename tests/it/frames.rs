@@ -39,7 +39,7 @@ async fn unknown_malformed_and_unsupported() -> anyhow::Result<()> {
     // waits for an answer, silence when it does not (a stray reply would be matched to
     // the wrong waiter by the CLI).
     let e = a
-        .request(json!({"type": "get_context", "topic": "x"}))
+        .request(json!({"type": "vector_search", "collection": "c", "query": "x"}))
         .await?;
     assert_eq!(
         (e["type"].as_str(), e["code"].as_str()),
