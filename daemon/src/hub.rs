@@ -993,6 +993,18 @@ impl MeshHub {
             .map_or(0, std::collections::HashSet::len)
     }
 
+    /// Groups in use by the peers `viewer_member` can see (local and remote), sorted.
+    pub(crate) fn groups_in_use(&self, viewer_member: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .peers_for(viewer_member)
+            .into_iter()
+            .flat_map(|p| p.groups.into_iter().map(|g| g.name))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Whether no connection of this broker is in the mesh.
     pub(crate) fn no_local_peers(&self) -> bool {
         self.inner().peers.is_empty()

@@ -1355,6 +1355,10 @@ impl Live {
                 self.mesh.unsubscribe(self.conn, &stream);
                 None
             }
+            ClientFrame::MeshInfo => {
+                self.queue_mesh_info(req_id);
+                None
+            }
             frame @ (ClientFrame::ShareContext(_)
             | ClientFrame::GetContext { .. }
             | ClientFrame::ListContexts) => {
@@ -1800,6 +1804,56 @@ impl Live {
                 _ => return None,
             };
             Some(reply.to_json().into())
+        }));
+    }
+
+    /// `mesh_info`: an overview from the hub and the stores.
+    fn queue_mesh_info(&mut self, req_id: Option<String>) {
+        use meshd_protocol::broker::{MeshInfoResult, TaskCounts};
+        let db = self.ctx.db.clone();
+        let mesh = self.mesh.clone();
+        let viewer = self.member_pubkey.clone();
+        let your_name = self.display_name.clone();
+        let your_groups: Vec<String> = self
+            .mesh
+            .local_peer(self.conn, |p| {
+                p.groups.iter().map(|g| format!("@{}", g.name)).collect()
+            })
+            .unwrap_or_default();
+        self.pending.push_back(Box::pin(async move {
+            let id = mesh.row.id.clone();
+            let (memory_count, tasks, streams) = match tokio::try_join!(
+                db.memory_count(&id),
+                db.task_counts(&id),
+                db.streams(&id)
+            ) {
+                Ok(v) => v,
+                Err(e) => return store_unavailable("mesh_info", req_id, &e),
+            };
+            let info = MeshInfoResult {
+                peers: mesh.peers_for(&viewer).len(),
+                groups: mesh
+                    .groups_in_use(&viewer)
+                    .into_iter()
+                    .map(|g| format!("@{g}"))
+                    .collect(),
+                state_keys: mesh.state_list().into_iter().map(|(k, _)| k).collect(),
+                memory_count,
+                file_count: 0,
+                tasks: TaskCounts {
+                    open: tasks.0,
+                    claimed: tasks.1,
+                    done: tasks.2,
+                },
+                streams: streams.into_iter().map(|s| s.name).collect(),
+                tables: Vec::new(),
+                collections: Vec::new(),
+                your_name,
+                your_groups,
+                mesh: id,
+                req_id,
+            };
+            Some(BrokerFrame::MeshInfoResult(info).to_json().into())
         }));
     }
 

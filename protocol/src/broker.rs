@@ -38,6 +38,8 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `mesh_info`.
+    MeshInfoResult(MeshInfoResult),
     /// Answer to `share_context` (the CLI ignores it).
     ContextShared(ContextShared),
     /// Answer to `get_context`.
@@ -276,6 +278,50 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// Task counts in `mesh_info_result`.
+#[derive(Debug, Default, Serialize)]
+pub struct TaskCounts {
+    /// Open.
+    pub open: i64,
+    /// Claimed.
+    pub claimed: i64,
+    /// Done.
+    pub done: i64,
+}
+
+/// `mesh_info_result`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshInfoResult {
+    /// Mesh id.
+    pub mesh: String,
+    /// Peers the asker can see (on every broker of the mesh).
+    pub peers: usize,
+    /// Groups in use, as `@name`.
+    pub groups: Vec<String>,
+    /// Shared-state keys.
+    pub state_keys: Vec<String>,
+    /// Live memories.
+    pub memory_count: i64,
+    /// Stored files (0: this build stores none).
+    pub file_count: i64,
+    /// Tasks by status.
+    pub tasks: TaskCounts,
+    /// Registered streams.
+    pub streams: Vec<String>,
+    /// SQL tables (none: meshd runs no per-mesh SQL).
+    pub tables: Vec<String>,
+    /// Vector collections (none, as the reference).
+    pub collections: Vec<String>,
+    /// The asker's display name.
+    pub your_name: String,
+    /// The asker's groups, as `@name`.
+    pub your_groups: Vec<String>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

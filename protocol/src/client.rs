@@ -211,6 +211,8 @@ pub enum ClientFrame {
     },
     /// Every context.
     ListContexts,
+    /// An overview of the mesh.
+    MeshInfo,
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -252,7 +254,8 @@ impl ClientFrame {
             | Self::Remember { .. }
             | Self::Recall { .. }
             | Self::GetContext { .. }
-            | Self::ListContexts => true,
+            | Self::ListContexts
+            | Self::MeshInfo => true,
             // `context_shared` is sent, but the CLI does not wait for it.
             Self::ShareContext(_) => false,
             Self::Forget { .. } => false,
@@ -671,6 +674,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             query: serde_json::from_str::<RecallBody>(text)?.query,
         },
         "list_contexts" => ClientFrame::ListContexts,
+        "mesh_info" => ClientFrame::MeshInfo,
         "remember" => {
             let b: RememberBody = serde_json::from_str(text)?;
             ClientFrame::Remember {

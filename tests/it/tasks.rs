@@ -47,6 +47,12 @@ both! {
 
         let open = a.request(json!({"type": "list_tasks", "status": "open"})).await?;
         assert_eq!(open["tasks"].as_array().map(Vec::len), Some(1));
+        // mesh_info counts them (and the rest of the mesh).
+        let info = a.request(json!({"type": "mesh_info"})).await?;
+        assert_eq!(info["type"], "mesh_info_result");
+        assert_eq!(info["tasks"], json!({"open": 1, "claimed": 0, "done": 1}));
+        assert_eq!((info["peers"].as_u64(), info["yourName"].as_str()), (Some(2), Some("ann")));
+        assert_eq!((info["memoryCount"].as_i64(), info["collections"].as_array().map(Vec::len)), (Some(0), Some(0)));
         let bos = a.request(json!({"type": "list_tasks", "assignee": "bo"})).await?;
         assert_eq!(bos["tasks"][0]["id"], id1.as_str());
         Ok(())

@@ -79,6 +79,12 @@ impl Db {
         })
     }
 
+    /// Live memories of a mesh.
+    pub async fn memory_count(&self, mesh_id: &str) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT COUNT(*) FROM memory WHERE mesh_id = $1 AND forgotten_at IS NULL";
+        Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).fetch_one(p).await)?)
+    }
+
     /// Soft-deletes a memory of the mesh. Returns whether one was live.
     pub async fn forget(&self, mesh_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE memory SET forgotten_at = $1 WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL";

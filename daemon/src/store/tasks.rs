@@ -82,6 +82,15 @@ impl Db {
         Ok(n > 0)
     }
 
+    /// Tasks of a mesh by status: (open, claimed, done).
+    pub async fn task_counts(&self, mesh_id: &str) -> Result<(i64, i64, i64), StoreError> {
+        const SQL: &str = "SELECT status, COUNT(*) FROM task WHERE mesh_id = $1 GROUP BY status";
+        let rows: Vec<(String, i64)> =
+            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_all(p).await)?;
+        let count = |s: &str| rows.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+        Ok((count("open"), count("claimed"), count("done")))
+    }
+
     /// The newest tasks of a mesh (at most [`LIST_LIMIT`]), optionally filtered.
     pub async fn tasks(
         &self,
