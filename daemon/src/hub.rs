@@ -411,6 +411,10 @@ struct MeshInner {
     state_bytes: usize,
     /// Sessions hosted by peer brokers, by routing key.
     remote: HashMap<String, RemotePeer>,
+    /// Session keys seen in peer brokers' presence → their member's key: a DM to a
+    /// session whose presence is gone (a cut link, a restart) still routes to the
+    /// member's home broker, where the session key is bound and the message waits.
+    remote_sessions: HashMap<String, String>,
     /// Stream subscriptions: stream name → connections.
     subs: HashMap<String, std::collections::HashSet<ConnId>>,
 }
@@ -660,6 +664,18 @@ impl MeshHub {
             {
                 return DirectRoute::Remote(r.broker.clone());
             }
+            // A remote session seen before: its member's home broker.
+            if let Some(m) = inner
+                .remote_sessions
+                .get(key)
+                .and_then(|member| inner.members.get(member))
+            {
+                return match &m.home {
+                    _ if m.revoked => DirectRoute::Revoked,
+                    Some(home) => DirectRoute::Remote(home.clone()),
+                    None => DirectRoute::Queue,
+                };
+            }
             return match (inner.members.get(key), inner.session_keys.get(key)) {
                 (Some(m), _) if m.revoked => DirectRoute::Revoked,
                 (Some(m), _) if m.home.is_some() => {
@@ -828,6 +844,11 @@ impl MeshHub {
             _ => None,
         };
         let data = peer_event_data(&entry.display_name, &entry.key);
+        if entry.key != entry.member_pubkey && inner.remote_sessions.len() < MAX_REMOTE_SESSIONS {
+            inner
+                .remote_sessions
+                .insert(entry.key.clone(), entry.member_pubkey.clone());
+        }
         inner.remote.insert(
             entry.key.clone(),
             RemotePeer {
@@ -1139,6 +1160,10 @@ pub(crate) fn raw(json: &str) -> Box<RawValue> {
         .or_else(|_| RawValue::from_string("null".to_owned()))
         .unwrap_or_else(|_| Box::<RawValue>::default())
 }
+
+/// Remote session keys remembered per mesh (beyond, new ones are not remembered; their
+/// DMs need a live presence).
+const MAX_REMOTE_SESSIONS: usize = 100_000;
 
 /// Whether `broker` hosts the member holding `pubkey` (a key nobody announced yet may be
 /// claimed by the first broker that does; its member announcement follows).

@@ -1102,3 +1102,36 @@ async fn stream_data_crosses_brokers() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A DM to a remote *session* key stays deliverable while its presence is gone: during a
+/// cut (after the peer has left the list) it is taken and queued, and arrives after the
+/// heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_keys_route_through_a_cut() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = p.b.connect(&p.bob).await?; // with a session key
+    let session = bob.key();
+    assert_ne!(session, p.bob.keys.public_hex());
+    // The probe was sealed for bob's member key, not this session's: take it unopened.
+    bob.ws
+        .expect("the probe", |v| {
+            v["type"] == "push" && v.get("subtype").is_none()
+        })
+        .await?;
+    p.alice
+        .until_peers("bob's session listed", |v| broker_of(v, &session).is_some())
+        .await?;
+    p.to_a.cut();
+    p.to_b.cut();
+    let left = p.alice.expect_event("peer_left").await?;
+    assert_eq!(left["eventData"]["pubkey"], session.as_str());
+    let ack = p.alice.dm(&session, "while you were away", "now").await?;
+    assert!(ack["error"].is_null(), "{ack}");
+    p.to_a.heal();
+    p.to_b.heal();
+    let (push, text) = bob.expect_message().await?;
+    assert_eq!(text, "while you were away");
+    assert_eq!(push["senderPubkey"], p.alice_member.keys.public_hex());
+    Ok(())
+}
