@@ -1573,8 +1573,18 @@ impl Fed {
                             ));
                         };
                         tracing::trace!(seq, admitted, "forwarded message");
+                        let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
                         if !admitted {
-                            let _ = pending_tx.send(Pending::Done(seq)).await;
+                            // Seen before: stored, or refused (then refused again, so
+                            // the sender does not take it for delivered).
+                            let p = match ctx.db.inbox_rejection(&peer, seq_i).await {
+                                Ok(Some(r)) => Pending::Rejected(
+                                    seq,
+                                    RejectReason::parse(&r).unwrap_or(RejectReason::Invalid),
+                                ),
+                                _ => Pending::Done(seq),
+                            };
+                            let _ = pending_tx.send(p).await;
                             continue;
                         }
                         let p = match self.accept_dm(&ctx, &link, *dm).await {
@@ -1582,6 +1592,15 @@ impl Fed {
                             Err(reason) => {
                                 link.counters.refused.fetch_add(1, Ordering::Relaxed);
                                 ctx.metrics.fed_refused.inc(reason.as_str());
+                                let _ = ctx
+                                    .writer
+                                    .send(WriteOp::InboxRejected {
+                                        peer: peer.clone(),
+                                        seq: seq_i,
+                                        reason: reason.as_str(),
+                                        at: now_ms(),
+                                    })
+                                    .await;
                                 Pending::Rejected(seq, reason)
                             }
                         };

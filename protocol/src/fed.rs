@@ -311,6 +311,19 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// The reason a label names.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::ForgedSender,
+            Self::NotShared,
+            Self::UnknownRecipient,
+            Self::Revoked,
+            Self::Invalid,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
     /// Stable label for metrics and `message_status`.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -450,6 +450,18 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
         metrics.contains("meshd_federation_refused_total{reason=\"forged_sender\"} 1"),
         "{metrics}"
     );
+    // A resend of the refused seq 1 is refused again (not taken for a stored duplicate).
+    tx.send(&dm(1, &mallory_target, "I am the victim")).await?;
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(
+        reply,
+        Some(Frame::Reject {
+            seq: 1,
+            reason: RejectReason::ForgedSender
+        })
+    );
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(reply, Some(Frame::Ack { seq: 1 }));
     // A resend of seq 2 (as after a reconnect) is acknowledged but not delivered again.
     tx.send(&dm(2, &zed, "hello from beta")).await?;
     let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;

@@ -184,6 +184,18 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_as(super::writer::OUTSEQS_SQL).fetch_all(p).await)?)
     }
 
+    /// Why this broker refused `peer`'s outbox position `seq`, if it did.
+    pub async fn inbox_rejection(
+        &self,
+        peer: &str,
+        seq: i64,
+    ) -> Result<Option<String>, StoreError> {
+        const SQL: &str = "SELECT reason FROM fed_inbox_reject WHERE peer = $1 AND seq = $2";
+        Ok(
+            with_db!(self, p => sqlx::query_scalar(SQL).bind(peer).bind(seq).fetch_optional(p).await)?,
+        )
+    }
+
     /// Highest outbox seq of `peer` already stored here.
     pub async fn inbox_high(&self, peer: &str) -> Result<i64, StoreError> {
         const SQL: &str = "SELECT high_seq FROM fed_inbox WHERE peer = $1";

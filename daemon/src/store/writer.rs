@@ -284,6 +284,14 @@ pub(crate) enum WriteOp {
     },
     /// Clear every lease (at startup, when no connection can hold one).
     ClearLeases,
+    /// This broker refused a peer's outbox position: remembered (and the cursor moved)
+    /// so a resend is refused again.
+    InboxRejected {
+        peer: String,
+        seq: i64,
+        reason: &'static str,
+        at: i64,
+    },
     /// A peer broker stored every outbox row up to `upto` for it.
     Forwarded { peer: String, upto: i64, at: i64 },
     /// A peer broker refused outbox row `seq` (or, with `seq` `None`, every pending row
@@ -1068,6 +1076,8 @@ const FED_OUTSEQ_SQL: &str = "INSERT INTO fed_outseq (peer, last_seq) VALUES ($1
        THEN excluded.last_seq ELSE fed_outseq.last_seq END";
 /// Read once when the writer starts (see [`OutSeqs`]).
 pub(crate) const OUTSEQS_SQL: &str = "SELECT peer, last_seq FROM fed_outseq";
+const INBOX_REJECT_SQL: &str = "INSERT INTO fed_inbox_reject (peer, seq, reason, at) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (peer, seq) DO NOTHING";
 const FORWARDED_SQL: &str = "UPDATE message SET forwarded_at = $1, delivered_at = $1, nonce = '', ciphertext = '' \
      WHERE forward_to = $2 AND forward_seq <= $3 AND forwarded_at IS NULL";
 const FORWARD_REFUSED_SQL: &str = "UPDATE message SET forwarded_at = $1, forward_error = $2, nonce = '', ciphertext = '' \
@@ -1236,6 +1246,25 @@ macro_rules! executor {
                             // share one database, which meshd does not support.
                             warn!(session.key = %pubkey, "session key already bound to another member in the store");
                         }
+                    }
+                    WriteOp::InboxRejected {
+                        peer,
+                        seq,
+                        reason,
+                        at,
+                    } => {
+                        sqlx::query(INBOX_REJECT_SQL)
+                            .bind(peer)
+                            .bind(seq)
+                            .bind(*reason)
+                            .bind(at)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(FED_INBOX_SQL)
+                            .bind(peer)
+                            .bind(seq)
+                            .execute(&mut *tx)
+                            .await?;
                     }
                     WriteOp::Forwarded { peer, upto, at } => {
                         sqlx::query(FORWARDED_SQL)
