@@ -64,6 +64,22 @@ enum Command {
     /// Links to peer brokers.
     #[command(subcommand)]
     Federation(FederationCmd),
+    /// The signed audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Verify a mesh's audit chain offline (hashes, links and the broker's signatures);
+    /// exits 1 and names the first bad entry if it does not check out.
+    Verify {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +269,13 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Invite(cmd) => invite(config, cmd).await,
         Command::Member(cmd) => member(config, cmd).await,
         Command::Certs(cmd) => certs(&config, cmd),
+        Command::Audit(AuditCmd::Verify { mesh, out }) => {
+            match audit_verify(&config, &mesh, out.json).await {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
         Command::Federation(FederationCmd::Status { addr, out }) => {
             federation_status(&config, addr, out.json).await
         }
@@ -479,6 +502,27 @@ next, on {}: meshd mesh accept {} --from {}",
     };
     db.close().await;
     r
+}
+
+/// `meshd audit verify`: `Ok(false)` when the chain is broken (already reported).
+async fn audit_verify(config: &Config, slug: &str, json: bool) -> anyhow::Result<bool> {
+    let key = crate::audit::load_key(&crate::audit::key_path(&config.data_dir))?;
+    let db = admin::open(config).await?;
+    let mesh = db
+        .mesh_by_slug(slug)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no mesh {slug:?}"))?;
+    let rows = db.audit_rows(&mesh.id).await;
+    db.close().await;
+    let v = crate::audit::verify_rows(&rows?, &key.verifying_key());
+    print(json, &v, |v| match (v.broken_at, &v.reason) {
+        (Some(at), Some(why)) => format!("BROKEN at entry {at} of {}: {why}", v.entries),
+        _ => format!(
+            "valid: {} entries, hashes, links and signatures check out",
+            v.entries
+        ),
+    })?;
+    Ok(v.valid)
 }
 
 fn certs(config: &Config, cmd: CertsCmd) -> anyhow::Result<()> {

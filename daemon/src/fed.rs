@@ -769,11 +769,34 @@ impl Fed {
             let roster: Vec<String> = serde_json::from_str(&r.roster).unwrap_or_default();
             next.replicas.insert(r.mesh_id, (r.home_broker, roster));
         }
-        let mut cur = lock(&self.consent);
-        if *cur == next {
-            return Ok(false);
+        let changes: Vec<(&'static str, String, String, ShareRole)> = {
+            let mut cur = lock(&self.consent);
+            if *cur == next {
+                return Ok(false);
+            }
+            let added = next
+                .shares
+                .iter()
+                .filter(|(k, _)| !cur.shares.contains_key(*k))
+                .map(|((m, p), r)| ("mesh_shared", m.clone(), p.clone(), *r));
+            let removed = cur
+                .shares
+                .iter()
+                .filter(|(k, _)| !next.shares.contains_key(*k))
+                .map(|((m, p), r)| ("mesh_unshared", m.clone(), p.clone(), *r));
+            let changes = added.chain(removed).collect();
+            *cur = next;
+            changes
+        };
+        for (event, mesh, peer, role) in changes {
+            ctx.audit.record(
+                &mesh,
+                event,
+                None,
+                "system",
+                serde_json::json!({"peer": peer, "role": role.as_str()}),
+            );
         }
-        *cur = next;
         Ok(true)
     }
 

@@ -483,6 +483,13 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
     match outcome {
         Ok(JoinOutcome::Joined { member_id, role }) => {
             ctx.metrics.joins.inc("joined");
+            ctx.audit.record(
+                &mesh.id,
+                "member_joined",
+                Some(member_id.clone()),
+                &display_name,
+                json!({"memberId": member_id, "pubkey": pubkey_hex, "role": role}),
+            );
             info!(mesh.id = %mesh.id, member.id = %member_id, %role, "member enrolled");
             if let Some(hub) = ctx.hub.loaded(&mesh.id) {
                 hub.upsert_member(

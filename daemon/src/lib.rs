@@ -8,6 +8,7 @@
 //! Entry points for binaries: [`cli::main`]. Library users (the test harness): [`Daemon`].
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 mod clock;
 mod fed;
@@ -45,6 +46,9 @@ pub enum StartError {
     /// The store could not be opened or migrated.
     #[error("opening the store: {0}")]
     Store(#[from] StoreError),
+    /// The audit key could not be loaded or created.
+    #[error("audit key: {0}")]
+    Audit(String),
     /// Federation could not start (certificates, trust, QUIC endpoint).
     #[error(transparent)]
     Federation(#[from] fed::FedStartError),
@@ -78,6 +82,8 @@ pub(crate) struct Ctx {
     pub(crate) fed: Option<Arc<fed::Fed>>,
     /// Simulation clocks.
     pub(crate) clocks: clock::Clocks,
+    /// The signed audit log.
+    pub(crate) audit: Arc<audit::Audit>,
     /// Rate limits of status hooks, by `pid:cwd` (the reference's key).
     pub(crate) hook_buckets: std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
     /// Status hooks that found no presence yet: (address, cwd) → (status, expiry ms).
@@ -151,10 +157,13 @@ impl Daemon {
             }
             None => (None, None),
         };
+        let audit_key = audit::load_or_create_key(&config.data_dir)
+            .map_err(|e| StartError::Audit(e.to_string()))?;
         let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
         let ctx = Arc::new(Ctx {
             fed,
             clocks: clock::Clocks::default(),
+            audit: Arc::new(audit::Audit::new(audit_key, db.clone())),
             webhook_buckets: std::sync::Mutex::default(),
             hook_buckets: std::sync::Mutex::default(),
             pending_status: std::sync::Mutex::default(),
@@ -277,6 +286,7 @@ impl Bound {
             Ok(Ok(Ok(()))) => {}
         }
         ctx.clocks.shutdown().await;
+        ctx.audit.flush().await;
         // Links close after the sessions (whose last updates they carry) and before the
         // store flush (acks they received are still written).
         if let Some(f) = &ctx.fed
@@ -335,6 +345,10 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut revoked_watermark = ids::now_ms() - 60_000;
+    // The watch's windows overlap; a revocation is audited once (members are revoked
+    // once, so this stays small).
+    let mut audited_revocations: std::collections::HashSet<(String, String)> =
+        std::collections::HashSet::new();
     let mut n: u64 = 0;
     loop {
         tokio::select! {
@@ -347,6 +361,18 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         match ctx.db.revoked_since(revoked_watermark - 5_000).await {
             Ok(rows) => {
                 for m in rows {
+                    // Revocations of members hosted here (peers announce their own).
+                    if m.home_broker.is_none()
+                        && audited_revocations.insert((m.mesh_id.clone(), m.id.clone()))
+                    {
+                        ctx.audit.record(
+                            &m.mesh_id,
+                            "member_revoked",
+                            None,
+                            "system",
+                            serde_json::json!({"memberId": m.id, "pubkey": m.pubkey}),
+                        );
+                    }
                     if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
                         let closed = mesh.revoke(&m.pubkey);
                         if m.home_broker.is_none()

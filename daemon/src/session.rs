@@ -677,6 +677,13 @@ impl Live {
 
     fn announce_arrival(&self) {
         self.presence_changed();
+        self.ctx.audit.record(
+            self.mesh_id(),
+            "peer_joined",
+            Some(self.member_id.clone()),
+            &self.display_name,
+            serde_json::json!({"pubkey": self.routing_key(), "memberPubkey": self.member_pubkey}),
+        );
         let Some(Arrival { event, returned }) = &self.announce else {
             return;
         };
@@ -1210,6 +1217,14 @@ impl Live {
                         limits.max_state_bytes_per_mesh,
                     );
                 if ok {
+                    // The value's digest, not the value: the log must not copy state.
+                    self.ctx.audit.record(
+                        self.mesh_id(),
+                        "state_set",
+                        Some(self.member_id.clone()),
+                        &self.display_name,
+                        serde_json::json!({"key": key, "valueSha256": crate::audit::digest(&json)}),
+                    );
                     if let Some(fed) = &self.ctx.fed {
                         fed.state_set(
                             self.mesh_id(),
@@ -1353,6 +1368,10 @@ impl Live {
             }
             ClientFrame::Unsubscribe { stream } => {
                 self.mesh.unsubscribe(self.conn, &stream);
+                None
+            }
+            ClientFrame::AuditQuery { .. } | ClientFrame::AuditVerify => {
+                self.queue_audit(inbound.frame, req_id);
                 None
             }
             ClientFrame::MeshInfo => {
@@ -1640,6 +1659,18 @@ impl Live {
             TargetSpec::Channel(_) | TargetSpec::Tag(_) | TargetSpec::Name(_) => return None,
         };
         self.ctx.metrics.messages_routed.inc(priority.as_str());
+        // Metadata only: never the ciphertext.
+        self.ctx.audit.record(
+            self.mesh_id(),
+            "message_sent",
+            Some(self.member_id.clone()),
+            &self.display_name,
+            serde_json::json!({
+                "messageId": row.id,
+                "targetSpec": row.target_spec,
+                "priority": priority.as_str(),
+            }),
+        );
         let (tx, rx) = oneshot::channel();
         let sink = forward.as_ref().and_then(|peer| {
             self.ctx
@@ -1801,6 +1832,59 @@ impl Live {
                         Err(e) => return store_err(&e, req_id),
                     }
                 }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
+    }
+
+    /// `audit_query` and `audit_verify`.
+    fn queue_audit(&mut self, frame: ClientFrame, req_id: Option<String>) {
+        use meshd_protocol::broker::{AuditEntry, AuditResult, AuditVerifyResult};
+        let db = self.ctx.db.clone();
+        let audit = self.ctx.audit.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        self.pending.push_back(Box::pin(async move {
+            let reply = match frame {
+                ClientFrame::AuditQuery {
+                    limit,
+                    offset,
+                    event_type,
+                } => match db
+                    .audit_page(&mesh_id, event_type.as_deref(), limit, offset)
+                    .await
+                {
+                    Ok((rows, total)) => BrokerFrame::AuditResult(AuditResult {
+                        entries: rows
+                            .into_iter()
+                            .map(|r| AuditEntry {
+                                id: r.seq,
+                                event_type: r.event_type,
+                                actor: r.actor,
+                                payload: raw(&r.payload),
+                                hash: r.hash,
+                                sig: r.sig,
+                                created_at: iso8601_ms(r.created_at),
+                            })
+                            .collect(),
+                        total,
+                        req_id,
+                    }),
+                    Err(e) => return store_unavailable("audit", req_id, &e),
+                },
+                ClientFrame::AuditVerify => match db.audit_rows(&mesh_id).await {
+                    Ok(rows) => {
+                        let v = crate::audit::verify_rows(&rows, &audit.verifying_key());
+                        BrokerFrame::AuditVerifyResult(AuditVerifyResult {
+                            valid: v.valid,
+                            entries: v.entries,
+                            broken_at: v.broken_at,
+                            reason: v.reason,
+                            req_id,
+                        })
+                    }
+                    Err(e) => return store_unavailable("audit", req_id, &e),
+                },
                 _ => return None,
             };
             Some(reply.to_json().into())
@@ -2413,6 +2497,15 @@ impl Live {
         let peer = self.mesh.unregister(self.conn);
         if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
             fed.presence_gone(self.mesh_id(), p.routing_key());
+        }
+        if peer.is_some() {
+            self.ctx.audit.record(
+                self.mesh_id(),
+                "peer_left",
+                Some(self.member_id.clone()),
+                &self.display_name,
+                serde_json::json!({"pubkey": self.routing_key()}),
+            );
         }
         if peer.is_some() && self.mesh.no_local_peers() {
             self.ctx.clocks.mesh_emptied(self.mesh_id());

@@ -38,6 +38,10 @@ pub enum BrokerFrame {
     SkillList(SkillList),
     /// Answer to the clock frames.
     ClockStatus(ClockStatus),
+    /// Answer to `audit_query`.
+    AuditResult(AuditResult),
+    /// Answer to `audit_verify`.
+    AuditVerifyResult(AuditVerifyResult),
     /// Answer to `mesh_info`.
     MeshInfoResult(MeshInfoResult),
     /// Answer to `share_context` (the CLI ignores it).
@@ -278,6 +282,57 @@ pub struct StateResult {
     pub updated_at: String,
     /// Display name of the last writer, or `""`.
     pub updated_by: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// An audit entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    /// Position in the mesh's chain.
+    pub id: i64,
+    /// Event type.
+    pub event_type: String,
+    /// Actor's display name, or `system`.
+    pub actor: String,
+    /// Event data.
+    pub payload: Box<RawValue>,
+    /// Entry hash.
+    pub hash: String,
+    /// Broker signature of the hash (meshd extension).
+    pub sig: String,
+    /// ISO time.
+    pub created_at: String,
+}
+
+/// `audit_result`.
+#[derive(Debug, Serialize)]
+pub struct AuditResult {
+    /// Entries, newest first.
+    pub entries: Vec<AuditEntry>,
+    /// Entries matching in all.
+    pub total: i64,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `audit_verify_result`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditVerifyResult {
+    /// Every entry checks out.
+    pub valid: bool,
+    /// Entries checked.
+    pub entries: usize,
+    /// The first that does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken_at: Option<i64>,
+    /// Why (meshd extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

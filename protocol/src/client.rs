@@ -213,6 +213,17 @@ pub enum ClientFrame {
     ListContexts,
     /// An overview of the mesh.
     MeshInfo,
+    /// Read the audit log, newest first.
+    AuditQuery {
+        /// Page size (default 50, at most 500).
+        limit: i64,
+        /// Entries to skip.
+        offset: i64,
+        /// Only this event type.
+        event_type: Option<String>,
+    },
+    /// Verify the audit chain.
+    AuditVerify,
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -255,7 +266,9 @@ impl ClientFrame {
             | Self::Recall { .. }
             | Self::GetContext { .. }
             | Self::ListContexts
-            | Self::MeshInfo => true,
+            | Self::MeshInfo
+            | Self::AuditQuery { .. }
+            | Self::AuditVerify => true,
             // `context_shared` is sent, but the CLI does not wait for it.
             Self::ShareContext(_) => false,
             Self::Forget { .. } => false,
@@ -675,6 +688,25 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         },
         "list_contexts" => ClientFrame::ListContexts,
         "mesh_info" => ClientFrame::MeshInfo,
+        "audit_query" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct AuditQueryBody {
+                #[serde(default)]
+                limit: Option<i64>,
+                #[serde(default)]
+                offset: Option<i64>,
+                #[serde(default)]
+                event_type: Option<String>,
+            }
+            let b: AuditQueryBody = serde_json::from_str(text)?;
+            ClientFrame::AuditQuery {
+                limit: b.limit.unwrap_or(50).clamp(1, 500),
+                offset: b.offset.unwrap_or(0).max(0),
+                event_type: b.event_type.filter(|t| !t.is_empty()),
+            }
+        }
+        "audit_verify" => ClientFrame::AuditVerify,
         "remember" => {
             let b: RememberBody = serde_json::from_str(text)?;
             ClientFrame::Remember {

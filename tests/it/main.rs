@@ -25,6 +25,7 @@ macro_rules! both {
     };
 }
 
+mod audit;
 mod cli;
 mod clock;
 mod compat;

@@ -527,6 +527,7 @@ impl WriterConn {
 }
 
 // After `with_db!`, which they use.
+pub mod audit;
 pub mod contexts;
 mod fed;
 pub mod memory;

@@ -1,0 +1,304 @@
+//! The audit log: per mesh, an append-only chain of entries, each hashed (SHA-256 over
+//! canonical sorted-key JSON that includes the previous hash) and signed with the
+//! broker's ed25519 audit key, so the chain shows any edit, and a rebuilt chain shows the
+//! missing signature. Appends of one mesh are serialized; a verification names the first
+//! entry that does not check out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::hub::lock;
+use crate::store::Db;
+use crate::store::audit::AuditRow;
+
+/// The first entry's `prevHash`.
+pub const GENESIS: &str = "genesis";
+
+/// Where the broker's audit key lives, under the data directory.
+pub fn key_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("keys").join("broker-audit.key")
+}
+
+/// Why the audit key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditKeyError {
+    /// The key file.
+    #[error(transparent)]
+    File(#[from] meshd_certs::SecretFileError),
+    /// Not a 64-hex ed25519 seed.
+    #[error("{0}: not an audit key (64 hex characters)")]
+    Corrupt(String),
+}
+
+/// Loads the audit key, creating it (0600) on first use.
+///
+/// # Errors
+/// [`AuditKeyError`].
+pub fn load_or_create_key(data_dir: &Path) -> Result<SigningKey, AuditKeyError> {
+    let path = key_path(data_dir);
+    if !path.exists() {
+        let seed = crate::ids::random_bytes::<32>();
+        meshd_certs::write_secret_file(&path, hex::encode(seed).as_bytes())?;
+    }
+    load_key(&path)
+}
+
+/// Loads an existing audit key.
+///
+/// # Errors
+/// [`AuditKeyError`].
+pub fn load_key(path: &Path) -> Result<SigningKey, AuditKeyError> {
+    let text = meshd_certs::read_secret_file(path)?;
+    let seed: [u8; 32] = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| hex::decode(t.trim()).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| AuditKeyError::Corrupt(path.display().to_string()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// JSON with every object's keys sorted (the canonical form that is hashed).
+pub fn canonical(v: &Value) -> String {
+    fn sort(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let sorted: BTreeMap<&String, Value> =
+                    m.iter().map(|(k, v)| (k, sort(v))).collect();
+                Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    // serde_json writes a Map in its iteration order: sorted above whichever map type
+    // the build uses (a BTreeMap sorts anyway; an IndexMap keeps the sorted insertion).
+    sort(v).to_string()
+}
+
+/// The hash of an entry: over the canonical JSON of every field but `hash` and `sig`.
+pub fn entry_hash(r: &AuditRow) -> String {
+    let payload: Value =
+        serde_json::from_str(&r.payload).unwrap_or(Value::String(r.payload.clone()));
+    let body = serde_json::json!({
+        "mesh": r.mesh_id,
+        "seq": r.seq,
+        "eventType": r.event_type,
+        "actorMemberId": r.actor_member_id,
+        "actor": r.actor,
+        "payload": payload,
+        "prevHash": r.prev_hash,
+        "createdAt": r.created_at,
+    });
+    hex::encode(Sha256::digest(canonical(&body).as_bytes()))
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Verified {
+    /// Every entry checks out.
+    pub valid: bool,
+    /// Entries read.
+    pub entries: usize,
+    /// The first entry that does not (its `seq`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken_at: Option<i64>,
+    /// What is wrong with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Verifies a mesh's chain: order, links, hashes and signatures.
+pub fn verify_rows(rows: &[AuditRow], key: &VerifyingKey) -> Verified {
+    let mut prev = GENESIS.to_owned();
+    for (i, r) in rows.iter().enumerate() {
+        let expected_seq = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+        let reason = if r.seq != expected_seq {
+            Some(format!("entry {expected_seq} is missing"))
+        } else if r.prev_hash != prev {
+            Some("does not link to the previous entry".to_owned())
+        } else if entry_hash(r) != r.hash {
+            Some("its content does not match its hash".to_owned())
+        } else {
+            let sig_ok = hex::decode(&r.sig)
+                .ok()
+                .and_then(|b| <[u8; 64]>::try_from(b).ok())
+                .zip(hex::decode(&r.hash).ok())
+                .is_some_and(|(sig, hash)| {
+                    key.verify(&hash, &ed25519_dalek::Signature::from_bytes(&sig))
+                        .is_ok()
+                });
+            (!sig_ok).then(|| "its signature is not the broker's".to_owned())
+        };
+        if let Some(reason) = reason {
+            return Verified {
+                valid: false,
+                entries: rows.len(),
+                broken_at: Some(r.seq),
+                reason: Some(reason),
+            };
+        }
+        prev.clone_from(&r.hash);
+    }
+    Verified {
+        valid: true,
+        entries: rows.len(),
+        broken_at: None,
+        reason: None,
+    }
+}
+
+/// Entries waiting for the audit writer. When full, new entries are not queued: they
+/// are counted, and the writer appends an `audit_gap` entry with the count to each
+/// affected mesh's chain, so the log itself says that entries are missing (the sessions
+/// producing them are never slowed down by the audit).
+const QUEUE: usize = 16_384;
+/// Entries appended per transaction.
+const BATCH: usize = 512;
+
+/// One entry to append.
+#[derive(Debug)]
+struct Pending {
+    mesh_id: String,
+    event_type: &'static str,
+    actor_member_id: Option<String>,
+    actor: String,
+    payload: Value,
+    at: i64,
+}
+
+/// The daemon's audit writer: a bounded queue and one task that chains, signs and
+/// stores entries in batches (so appends of a mesh are serialized by construction).
+#[derive(Debug)]
+pub(crate) struct Audit {
+    key: SigningKey,
+    tx: Mutex<Option<tokio::sync::mpsc::Sender<Pending>>>,
+    /// Entries not queued, per mesh, since the writer last recorded a gap.
+    dropped: Arc<Mutex<HashMap<String, u64>>>,
+    tasks: TaskTracker,
+}
+
+impl Audit {
+    /// Starts the writer on `db`.
+    pub(crate) fn new(key: SigningKey, db: Db) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let dropped: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let tasks = TaskTracker::new();
+        tasks.spawn(writer(key.clone(), db, rx, dropped.clone()));
+        Self {
+            key,
+            tx: Mutex::new(Some(tx)),
+            dropped,
+            tasks,
+        }
+    }
+
+    pub(crate) fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// Queues an entry (never waits; see [`QUEUE`] for the policy when full).
+    pub(crate) fn record(
+        &self,
+        mesh_id: &str,
+        event_type: &'static str,
+        actor_member_id: Option<String>,
+        actor: &str,
+        payload: Value,
+    ) {
+        let entry = Pending {
+            mesh_id: mesh_id.to_owned(),
+            event_type,
+            actor_member_id,
+            actor: actor.to_owned(),
+            payload,
+            at: crate::ids::now_ms(),
+        };
+        let queued = lock(&self.tx)
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(entry).is_ok());
+        if !queued {
+            *lock(&self.dropped).entry(mesh_id.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Stops taking entries and waits until the queued ones are stored (shutdown).
+    pub(crate) async fn flush(&self) {
+        lock(&self.tx).take();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn writer(
+    key: SigningKey,
+    db: Db,
+    mut rx: tokio::sync::mpsc::Receiver<Pending>,
+    dropped: Arc<Mutex<HashMap<String, u64>>>,
+) {
+    let mut tails: HashMap<String, (i64, String)> = HashMap::new();
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        // Gaps first: they are older than what is queued now.
+        let gaps: Vec<(String, u64)> = lock(&dropped).drain().collect();
+        let mut entries: Vec<Pending> = gaps
+            .into_iter()
+            .map(|(mesh_id, n)| Pending {
+                mesh_id,
+                event_type: "audit_gap",
+                actor_member_id: None,
+                actor: "system".into(),
+                payload: serde_json::json!({"dropped": n}),
+                at: crate::ids::now_ms(),
+            })
+            .collect();
+        entries.append(&mut batch);
+        let mut rows = Vec::with_capacity(entries.len());
+        for e in entries {
+            let tail = match tails.get(&e.mesh_id) {
+                Some(t) => t.clone(),
+                None => match db.audit_tail(&e.mesh_id).await {
+                    Ok(t) => t.unwrap_or((0, GENESIS.to_owned())),
+                    Err(err) => {
+                        warn!(cause = %err, "audit: reading a chain's tail; entry not written");
+                        continue;
+                    }
+                },
+            };
+            let mut row = AuditRow {
+                mesh_id: e.mesh_id,
+                seq: tail.0 + 1,
+                event_type: e.event_type.to_owned(),
+                actor_member_id: e.actor_member_id,
+                actor: e.actor,
+                payload: canonical(&e.payload),
+                prev_hash: tail.1,
+                hash: String::new(),
+                sig: String::new(),
+                created_at: e.at,
+            };
+            row.hash = entry_hash(&row);
+            let hash_bytes = hex::decode(&row.hash).unwrap_or_default();
+            row.sig = hex::encode(key.sign(&hash_bytes).to_bytes());
+            tails.insert(row.mesh_id.clone(), (row.seq, row.hash.clone()));
+            rows.push(row);
+        }
+        if let Err(e) = db.audit_insert_all(&rows).await {
+            // The chains' tails are re-read from the store for the next batch.
+            warn!(cause = %e, entries = rows.len(), "audit entries not written");
+            tails.clear();
+        }
+    }
+}
+
+/// The SHA-256 of a value, hex (state values are audited by digest, not content).
+pub fn digest(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
