@@ -272,6 +272,7 @@ async fn writer(
                     Ok(t) => t.unwrap_or((0, GENESIS.to_owned())),
                     Err(err) => {
                         warn!(cause = %err, "audit: reading a chain's tail; entry not written");
+                        *lock(&dropped).entry(e.mesh_id).or_default() += 1;
                         continue;
                     }
                 },
@@ -303,9 +304,14 @@ async fn writer(
             }
         }
         if let Err(e) = db.audit_insert_all(&rows).await {
-            // The chains' tails are re-read from the store for the next batch.
+            // The chains' tails are re-read from the store for the next batch, and the
+            // lost entries are counted into the next `audit_gap`, so the loss is on record.
             warn!(cause = %e, entries = rows.len(), "audit entries not written");
             tails.clear();
+            let mut d = lock(&dropped);
+            for row in &rows {
+                *d.entry(row.mesh_id.clone()).or_default() += 1;
+            }
         }
     }
 }
