@@ -90,6 +90,8 @@ pub const STATUS_TTL: Duration = Duration::from_secs(60);
 
 /// Default log filter (`RUST_LOG` syntax).
 pub const LOG_LEVEL: &str = "info";
+/// Cron reminders read their fields in UTC unless `schedule.timezone` says otherwise.
+pub const TIMEZONE: &str = "UTC";
 
 /// SQLite file name inside the data directory.
 pub const SQLITE_FILE: &str = "meshd.db";

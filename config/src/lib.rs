@@ -70,6 +70,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    schedule: RawSchedule,
     /// `None` when the file has no `[federation]` section (and no `MESHD_FEDERATION_*`).
     federation: Option<RawFederation>,
 }
@@ -112,6 +114,12 @@ struct RawLimits {
     status_ttl: Option<String>,
     max_state_value_bytes: Option<usize>,
     max_state_bytes_per_mesh: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    timezone: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,6 +190,7 @@ pub const KEYS: &[&str] = &[
     "limits.max_state_bytes_per_mesh",
     "log.level",
     "log.format",
+    "schedule.timezone",
     "federation.broker",
     "federation.listen",
     "federation.cert",
@@ -262,6 +271,8 @@ pub struct Config {
     pub limits: Limits,
     /// Logging.
     pub log: Log,
+    /// Cron reminders.
+    pub schedule: Schedule,
     /// Links to other organizations' brokers; `None` when `[federation]` is absent.
     pub federation: Option<Federation>,
 }
@@ -358,6 +369,15 @@ pub struct Limits {
     pub max_state_value_bytes: usize,
     /// Shared state (keys and values) one mesh may hold, bytes.
     pub max_state_bytes_per_mesh: usize,
+}
+
+/// `[schedule]`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The IANA name of the zone cron fields are read in (`UTC` by default).
+    pub timezone_name: String,
+    /// That zone, loaded once (the system tz database, else the bundled copy).
+    pub timezone: jiff::tz::TimeZone,
 }
 
 /// `[log]`.
@@ -655,6 +675,23 @@ impl Config {
             }
         };
 
+        let timezone_name = raw
+            .schedule
+            .timezone
+            .unwrap_or_else(|| defaults::TIMEZONE.to_owned());
+        let timezone = if timezone_name == "UTC" {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(&timezone_name).map_err(|_| {
+                invalid(
+                    "schedule.timezone",
+                    format!(
+                        "{timezone_name:?} is not a known IANA time zone (e.g. \"Europe/Madrid\")"
+                    ),
+                )
+            })?
+        };
+
         let federation = match raw.federation {
             Some(f) => Some(validate_federation(f, &data_dir, &limits)?),
             None => None,
@@ -670,6 +707,10 @@ impl Config {
             },
             limits,
             log: Log { level, format },
+            schedule: Schedule {
+                timezone_name,
+                timezone,
+            },
             federation,
         })
     }
@@ -1219,6 +1260,10 @@ mod tests {
             ),
             ("[limits]\nqueue_ttl = \"99999d\"", "limits.queue_ttl"),
             ("[log]\nformat = \"xml\"", "log.format"),
+            (
+                "[schedule]\ntimezone = \"Mars/Olympus\"",
+                "schedule.timezone",
+            ),
         ];
         for (text, key) in cases {
             let err =
@@ -1616,6 +1661,7 @@ mod tests {
                 "storage.url" => "sqlite:///tmp/x.db",
                 "storage.durability" => "fsync",
                 "log.format" => "json",
+                "schedule.timezone" => "Europe/Madrid",
                 "log.level" => "debug",
                 "storage.max_batch" => "1000",
                 "limits.max_frame_bytes" => "4194304",

@@ -2002,7 +2002,7 @@ impl Fed {
             nonce: m.nonce,
             ciphertext: m.ciphertext,
             created_at: meshd_protocol::time::iso8601_ms(m.created_at),
-            subtype: None,
+            subtype: m.subtype.as_deref().and_then(crate::session::known_subtype),
             event: None,
             event_data: None,
             sender_member_pubkey: Some(m.sender_member_pubkey),

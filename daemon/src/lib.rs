@@ -11,11 +11,13 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 mod clock;
+mod cron;
 mod fed;
 mod http;
 mod hub;
 mod ids;
 mod metrics;
+mod reminders;
 mod session;
 pub mod store;
 mod systemd;
@@ -84,6 +86,7 @@ pub(crate) struct Ctx {
     pub(crate) clocks: clock::Clocks,
     /// The signed audit log.
     pub(crate) audit: Arc<audit::Audit>,
+    pub(crate) reminders: reminders::Reminders,
     /// Rate limits of status hooks, by `pid:cwd` (the reference's key).
     pub(crate) hook_buckets: std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
     /// Status hooks that found no presence yet: (address, cwd) → (status, expiry ms).
@@ -163,6 +166,7 @@ impl Daemon {
         let ctx = Arc::new(Ctx {
             fed,
             clocks: clock::Clocks::default(),
+            reminders: reminders::Reminders::default(),
             audit: Arc::new(audit::Audit::new(audit_key, db.clone())),
             webhook_buckets: std::sync::Mutex::default(),
             hook_buckets: std::sync::Mutex::default(),
@@ -228,6 +232,11 @@ impl Bound {
         let writer_task = background.spawn(writer.run(writer_stop.clone()));
         background.spawn(housekeeping(ctx.clone(), background_cancel.clone()));
         background.spawn(checkpoints(ctx.clone(), background_cancel.clone()));
+        // Reminders stop with the sessions (phase 2): what they fire must still reach
+        // the store writer, which stops last.
+        let reminders_cancel = CancellationToken::new();
+        let reminders_task =
+            background.spawn(reminders::run(ctx.clone(), reminders_cancel.clone()));
 
         let accept_cancel = CancellationToken::new();
         let app = http::router(ctx.clone());
@@ -271,6 +280,7 @@ impl Bound {
         // takes at most twice the grace (systemd's TimeoutStopSec must stay above that).
         accept_cancel.cancel();
         ctx.sessions_cancel.cancel();
+        reminders_cancel.cancel();
         ctx.sessions.close();
         let deadline = tokio::time::Instant::now() + grace;
         if tokio::time::timeout_at(deadline, ctx.sessions.wait())
@@ -284,6 +294,12 @@ impl Bound {
             Ok(Err(e)) => warn!(cause = %e, "http server task failed"),
             Err(_) => warn!("http server did not stop within the grace period"),
             Ok(Ok(Ok(()))) => {}
+        }
+        if tokio::time::timeout_at(deadline, reminders_task)
+            .await
+            .is_err()
+        {
+            warn!("the reminder task did not stop within the grace period");
         }
         ctx.clocks.shutdown().await;
         ctx.audit.flush().await;

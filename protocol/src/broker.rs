@@ -70,6 +70,12 @@ pub enum BrokerFrame {
     WebhookAck(WebhookAck),
     /// Answer to `list_webhooks`.
     WebhookList(WebhookList),
+    /// Answer to `schedule`.
+    ScheduledAck(ScheduledAck),
+    /// Answer to `list_scheduled`.
+    ScheduledList(ScheduledList),
+    /// Answer to `cancel_scheduled`.
+    CancelScheduledAck(CancelScheduledAck),
     /// A refusal.
     Error(ErrorFrame),
 }
@@ -861,4 +867,65 @@ mod tests {
         assert_eq!(v["eventData"]["name"], "a");
         assert!(v.get("senderName").is_none());
     }
+}
+
+/// `scheduled_ack` (schedule times are epoch milliseconds, not ISO strings).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduledAck {
+    /// Id of the schedule.
+    pub scheduled_id: String,
+    /// First delivery (ms).
+    pub deliver_at: i64,
+    /// The cron expression, for recurring schedules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A pending schedule in `scheduled_list`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduledEntry {
+    /// Id.
+    pub id: String,
+    /// Target spec.
+    pub to: String,
+    /// Text.
+    pub message: String,
+    /// Next delivery (ms).
+    pub deliver_at: i64,
+    /// Created (ms).
+    pub created_at: i64,
+    /// The cron expression, for recurring schedules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Deliveries so far (recurring schedules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fired_count: Option<i64>,
+}
+
+/// `scheduled_list`.
+#[derive(Debug, Serialize)]
+pub struct ScheduledList {
+    /// The caller's pending schedules, soonest first.
+    pub messages: Vec<ScheduledEntry>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `cancel_scheduled_ack`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelScheduledAck {
+    /// The schedule.
+    pub scheduled_id: String,
+    /// Whether a pending schedule of the caller's was cancelled.
+    pub ok: bool,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
 }

@@ -224,6 +224,15 @@ pub enum ClientFrame {
     },
     /// Verify the audit chain.
     AuditVerify,
+    /// Deliver a text later, once or on a cron schedule.
+    Schedule(Box<Schedule>),
+    /// The caller's pending schedules.
+    ListScheduled,
+    /// Cancel one of the caller's schedules.
+    CancelScheduled {
+        /// Schedule id.
+        scheduled_id: String,
+    },
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -268,7 +277,10 @@ impl ClientFrame {
             | Self::ListContexts
             | Self::MeshInfo
             | Self::AuditQuery { .. }
-            | Self::AuditVerify => true,
+            | Self::AuditVerify
+            | Self::Schedule(_)
+            | Self::ListScheduled
+            | Self::CancelScheduled { .. } => true,
             // `context_shared` is sent, but the CLI does not wait for it.
             Self::ShareContext(_) => false,
             Self::Forget { .. } => false,
@@ -707,6 +719,38 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             }
         }
         "audit_verify" => ClientFrame::AuditVerify,
+        "schedule" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct ScheduleBody {
+                to: String,
+                message: String,
+                #[serde(default)]
+                deliver_at: Option<f64>,
+                #[serde(default)]
+                cron: Option<String>,
+            }
+            let b: ScheduleBody = serde_json::from_str(text)?;
+            ClientFrame::Schedule(Box::new(Schedule {
+                to: b.to,
+                message: b.message,
+                // JSON numbers are doubles; `as` saturates an absurd time into the i64
+                // range (NaN cannot come out of a JSON parser).
+                deliver_at: b.deliver_at.map_or(0, |t| t as i64),
+                cron: b.cron.filter(|c| !c.trim().is_empty()),
+            }))
+        }
+        "list_scheduled" => ClientFrame::ListScheduled,
+        "cancel_scheduled" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct CancelBody {
+                scheduled_id: String,
+            }
+            ClientFrame::CancelScheduled {
+                scheduled_id: serde_json::from_str::<CancelBody>(text)?.scheduled_id,
+            }
+        }
         "remember" => {
             let b: RememberBody = serde_json::from_str(text)?;
             ClientFrame::Remember {
@@ -778,6 +822,21 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             ClientFrame::Unsupported { kind, awaits_reply }
         }
     })
+}
+
+/// `schedule`. The reference's `subtype` and `recurring` fields are accepted and
+/// ignored: every scheduled delivery is a `subtype: "reminder"` push, and a schedule
+/// recurs exactly when it has a cron expression.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Target spec (member or session key, `@group` or `*`).
+    pub to: String,
+    /// Plain text.
+    pub message: String,
+    /// One-shot delivery time (ms); ignored with a cron expression.
+    pub deliver_at: i64,
+    /// 5-field cron expression.
+    pub cron: Option<String>,
 }
 
 /// `share_context`.

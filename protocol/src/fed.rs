@@ -167,6 +167,8 @@ pub struct Multicast {
     pub client_message_id: Option<String>,
     /// Creation time (ms).
     pub created_at: i64,
+    /// `reminder` for a scheduled delivery.
+    pub subtype: Option<String>,
 }
 
 /// A shared-state write.

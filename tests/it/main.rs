@@ -40,6 +40,7 @@ mod hooks;
 mod http;
 mod memory;
 mod presence;
+mod reminders;
 mod routing;
 mod skills;
 mod state;

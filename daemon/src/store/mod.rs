@@ -531,6 +531,7 @@ pub mod audit;
 pub mod contexts;
 mod fed;
 pub mod memory;
+pub mod schedule;
 pub mod skills;
 pub mod streams;
 pub mod tasks;
