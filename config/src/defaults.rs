@@ -87,6 +87,9 @@ pub const STATUS_FRESH_WINDOW: Duration = Duration::from_secs(30);
 /// `working` decays to `idle` after this unless confirmed (the reference's
 /// `STATUS_TTL_SECONDS`, §4.5).
 pub const STATUS_TTL: Duration = Duration::from_secs(60);
+/// An `mcp_call` fails after this long without its host's answer (the clients give up
+/// at 30 s too).
+pub const MCP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default log filter (`RUST_LOG` syntax).
 pub const LOG_LEVEL: &str = "info";

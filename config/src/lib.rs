@@ -114,6 +114,7 @@ struct RawLimits {
     status_ttl: Option<String>,
     max_state_value_bytes: Option<usize>,
     max_state_bytes_per_mesh: Option<usize>,
+    mcp_call_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +189,7 @@ pub const KEYS: &[&str] = &[
     "limits.status_ttl",
     "limits.max_state_value_bytes",
     "limits.max_state_bytes_per_mesh",
+    "limits.mcp_call_timeout",
     "log.level",
     "log.format",
     "schedule.timezone",
@@ -369,6 +371,8 @@ pub struct Limits {
     pub max_state_value_bytes: usize,
     /// Shared state (keys and values) one mesh may hold, bytes.
     pub max_state_bytes_per_mesh: usize,
+    /// How long an `mcp_call` waits for its host's answer.
+    pub mcp_call_timeout: Duration,
 }
 
 /// `[schedule]`.
@@ -642,6 +646,11 @@ impl Config {
                 "limits.max_state_bytes_per_mesh",
                 l.max_state_bytes_per_mesh,
                 defaults::MAX_STATE_BYTES_PER_MESH,
+            )?,
+            mcp_call_timeout: dur(
+                "limits.mcp_call_timeout",
+                l.mcp_call_timeout,
+                defaults::MCP_CALL_TIMEOUT,
             )?,
         };
         if limits.sends_per_second > 0 && limits.send_burst == 0 {

@@ -16,6 +16,7 @@ mod fed;
 mod http;
 mod hub;
 mod ids;
+mod mcp;
 mod metrics;
 mod reminders;
 mod session;
@@ -87,6 +88,7 @@ pub(crate) struct Ctx {
     /// The signed audit log.
     pub(crate) audit: Arc<audit::Audit>,
     pub(crate) reminders: reminders::Reminders,
+    pub(crate) mcp: mcp::Mcp,
     /// Rate limits of status hooks, by `pid:cwd` (the reference's key).
     pub(crate) hook_buckets: std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
     /// Status hooks that found no presence yet: (address, cwd) → (status, expiry ms).
@@ -167,6 +169,11 @@ impl Daemon {
             fed,
             clocks: clock::Clocks::default(),
             reminders: reminders::Reminders::default(),
+            mcp: {
+                let mcp = mcp::Mcp::default();
+                mcp.load(db.mcp_servers().await?, ids::now_ms());
+                mcp
+            },
             audit: Arc::new(audit::Audit::new(audit_key, db.clone())),
             webhook_buckets: std::sync::Mutex::default(),
             hook_buckets: std::sync::Mutex::default(),
@@ -237,6 +244,7 @@ impl Bound {
         let reminders_cancel = CancellationToken::new();
         let reminders_task =
             background.spawn(reminders::run(ctx.clone(), reminders_cancel.clone()));
+        background.spawn(mcp::run(ctx.clone(), background_cancel.clone()));
 
         let accept_cancel = CancellationToken::new();
         let app = http::router(ctx.clone());

@@ -223,6 +223,8 @@ async fn handshake(
                             return None;
                         }
                         live.announce_arrival();
+                        let mut live = live;
+                        live.restore_mcp();
                         return Some(live);
                     }
                     Err(r) => {
@@ -1377,6 +1379,11 @@ impl Live {
             ClientFrame::Schedule(_)
             | ClientFrame::ListScheduled
             | ClientFrame::CancelScheduled { .. } => self.on_schedule(inbound.frame, req_id, now),
+            ClientFrame::McpRegister(_)
+            | ClientFrame::McpUnregister { .. }
+            | ClientFrame::McpList
+            | ClientFrame::McpCall(_)
+            | ClientFrame::McpCallResponse(_) => self.on_mcp(inbound.frame, req_id, now),
             ClientFrame::MeshInfo => {
                 self.queue_mesh_info(req_id);
                 None
@@ -1840,6 +1847,182 @@ impl Live {
             };
             Some(reply.to_json().into())
         }));
+    }
+
+    /// A session of the member is back: its persistent MCP servers that were offline are
+    /// hosted by this session again (`mcp_restored` to everyone, stored as online).
+    fn restore_mcp(&mut self) {
+        let host = crate::mcp::Host {
+            conn: self.conn,
+            shared: self.shared.clone(),
+        };
+        let restored =
+            self.ctx
+                .mcp
+                .member_back(self.mesh_id(), &self.member_id, &self.display_name, &host);
+        if restored.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        for name in &restored {
+            let mut data = serde_json::Map::new();
+            data.insert("serverName".into(), name.clone().into());
+            data.insert("hostedBy".into(), self.display_name.clone().into());
+            let frame = system_push(self.mesh_id(), "mcp_restored", data, now);
+            self.mesh.announce(&frame, 0, None);
+        }
+        let db = self.ctx.db.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        self.pending.push_back(Box::pin(async move {
+            for name in restored {
+                if let Err(e) = db.mcp_server_offline(&mesh_id, &name, None).await {
+                    warn!(cause = %e, server = %name, "storing an MCP server back online");
+                }
+            }
+            None
+        }));
+    }
+
+    /// The MCP proxy (see `mcp`).
+    fn on_mcp(
+        &mut self,
+        frame: ClientFrame,
+        req_id: Option<String>,
+        now: i64,
+    ) -> Option<Utf8Bytes> {
+        use meshd_protocol::broker::{McpCallResult, McpListResult, McpRegisterAck};
+        let error = |code: &'static str, msg: String, req_id: Option<String>| {
+            Some(
+                BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
+                    .to_json()
+                    .into(),
+            )
+        };
+        match frame {
+            ClientFrame::McpRegister(r) => {
+                let r = *r;
+                let who = crate::mcp::Registrant {
+                    member_id: &self.member_id,
+                    member_pubkey: &self.member_pubkey,
+                    display_name: &self.display_name,
+                    host: crate::mcp::Host {
+                        conn: self.conn,
+                        shared: self.shared.clone(),
+                    },
+                };
+                let tool_names: Vec<serde_json::Value> =
+                    r.tools.iter().map(|t| t.name.clone().into()).collect();
+                let tool_count = r.tools.len();
+                let (server_name, description) = (r.server_name.clone(), r.description.clone());
+                let row = match self.ctx.mcp.register(self.mesh_id(), r, who, now) {
+                    Ok(row) => row,
+                    Err(e @ crate::mcp::RegisterError::Taken { .. }) => {
+                        return error("mcp_name_taken", e.to_string(), req_id);
+                    }
+                    Err(e @ crate::mcp::RegisterError::Full) => {
+                        return error("mcp_full", e.to_string(), req_id);
+                    }
+                };
+                let mut data = serde_json::Map::new();
+                data.insert("serverName".into(), server_name.clone().into());
+                data.insert("description".into(), description.into());
+                data.insert("tools".into(), tool_names.into());
+                data.insert("hostedBy".into(), self.display_name.clone().into());
+                let frame = system_push(self.mesh_id(), "mcp_registered", data, now);
+                self.mesh.announce(&frame, self.conn, None);
+                // The ack follows the store write: an acknowledged persistent registration
+                // survives a restart.
+                let db = self.ctx.db.clone();
+                let (mesh_id, name) = (self.mesh_id().to_owned(), server_name);
+                self.pending.push_back(Box::pin(async move {
+                    let stored = match &row {
+                        Some(row) => db.upsert_mcp_server(row).await,
+                        None => db.delete_mcp_server(&mesh_id, &name).await,
+                    };
+                    if let Err(e) = stored {
+                        return store_unavailable("storing an MCP server", req_id, &e);
+                    }
+                    Some(
+                        BrokerFrame::McpRegisterAck(McpRegisterAck {
+                            server_name: name,
+                            tool_count,
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    )
+                }));
+                None
+            }
+            ClientFrame::McpUnregister { server_name } => {
+                let Some((hosted_by, persistent)) =
+                    self.ctx
+                        .mcp
+                        .unregister(self.mesh_id(), &server_name, &self.member_id)
+                else {
+                    // No reply to this frame, even a refusal (the CLI does not wait).
+                    debug!(server = %server_name, "mcp_unregister of a server this member does not host");
+                    return None;
+                };
+                let mut data = serde_json::Map::new();
+                data.insert("serverName".into(), server_name.clone().into());
+                data.insert("hostedBy".into(), hosted_by.into());
+                let frame = system_push(self.mesh_id(), "mcp_unregistered", data, now);
+                self.mesh.announce(&frame, self.conn, None);
+                if persistent {
+                    let db = self.ctx.db.clone();
+                    let mesh_id = self.mesh_id().to_owned();
+                    self.pending.push_back(Box::pin(async move {
+                        if let Err(e) = db.delete_mcp_server(&mesh_id, &server_name).await {
+                            warn!(cause = %e, "deleting an MCP server");
+                        }
+                        None
+                    }));
+                }
+                None
+            }
+            ClientFrame::McpList => Some(
+                BrokerFrame::McpListResult(McpListResult {
+                    servers: self.ctx.mcp.list(self.mesh_id()),
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            ),
+            ClientFrame::McpCall(c) => {
+                match self.ctx.mcp.call(
+                    self.mesh_id(),
+                    *c,
+                    (&self.shared, &self.display_name, req_id.clone()),
+                    self.ctx.config.limits.mcp_call_timeout,
+                    now,
+                ) {
+                    Ok(()) => None,
+                    Err(e) => Some(
+                        BrokerFrame::McpCallResult(McpCallResult {
+                            result: None,
+                            error: Some(e.to_string()),
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    ),
+                }
+            }
+            ClientFrame::McpCallResponse(r) => {
+                let r = *r;
+                if !self
+                    .ctx
+                    .mcp
+                    .respond(self.conn, &r.call_id, r.result, r.error)
+                {
+                    self.ctx.metrics.frames_dropped.inc("mcp_response_refused");
+                    debug!(call = %r.call_id, "mcp_call_response for a call this session was not asked");
+                }
+                None
+            }
+            _ => None,
+        }
     }
 
     /// `schedule`, `list_scheduled`, `cancel_scheduled`. A schedule belongs to the
@@ -2671,6 +2854,23 @@ impl Live {
 
     /// After the socket is gone: give back unwritten leases, leave the mesh, announce
     /// the departure, save the session state for "welcome back".
+    /// This connection's MCP servers: non-persistent ones go (`mcp_unregistered`),
+    /// persistent ones go offline (returned, to store); calls it hosted fail, calls it
+    /// made end.
+    fn mcp_gone(&self, now: i64) -> Vec<String> {
+        let gone = self.ctx.mcp.conn_gone(self.mesh_id(), self.conn, now);
+        if !self.ctx.sessions_cancel.is_cancelled() {
+            for (name, hosted_by) in gone.removed {
+                let mut data = serde_json::Map::new();
+                data.insert("serverName".into(), name.into());
+                data.insert("hostedBy".into(), hosted_by.into());
+                let frame = system_push(self.mesh_id(), "mcp_unregistered", data, now);
+                self.mesh.announce(&frame, self.conn, None);
+            }
+        }
+        gone.offline
+    }
+
     async fn teardown(mut self) {
         // Whatever this connection holds and did not deliver goes back to the store: rows
         // queued or backlogged for it, written but unacknowledged, or claimed by a claim
@@ -2703,6 +2903,13 @@ impl Live {
         }
         let _ = self.ctx.writer.flush().await;
         let peer = self.mesh.unregister(self.conn);
+        let offline = self.mcp_gone(now);
+        let (db, mesh_id) = (self.ctx.db.clone(), self.mesh_id().to_owned());
+        for name in offline {
+            if let Err(e) = db.mcp_server_offline(&mesh_id, &name, Some(now)).await {
+                warn!(cause = %e, server = %name, "storing an MCP server offline");
+            }
+        }
         if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
             fed.presence_gone(self.mesh_id(), p.routing_key());
         }

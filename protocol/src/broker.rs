@@ -7,7 +7,7 @@
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::client::{GroupEntry, Stats};
+use crate::client::{GroupEntry, McpTool, Stats};
 
 /// One outbound frame. Serialises with its `type` tag.
 #[derive(Debug, Serialize)]
@@ -76,6 +76,14 @@ pub enum BrokerFrame {
     ScheduledList(ScheduledList),
     /// Answer to `cancel_scheduled`.
     CancelScheduledAck(CancelScheduledAck),
+    /// Answer to `mcp_register`.
+    McpRegisterAck(McpRegisterAck),
+    /// Answer to `mcp_list`.
+    McpListResult(McpListResult),
+    /// Answer to `mcp_call`.
+    McpCallResult(McpCallResult),
+    /// A call for the host of an MCP server (no `_reqId`: the host answers by `callId`).
+    McpCallForward(McpCallForward),
     /// A refusal.
     Error(ErrorFrame),
 }
@@ -928,4 +936,78 @@ pub struct CancelScheduledAck {
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,
+}
+
+/// `mcp_register_ack`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpRegisterAck {
+    /// Server name.
+    pub server_name: String,
+    /// Tools registered.
+    pub tool_count: usize,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A server in `mcp_list_result`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpServerEntry {
+    /// Server name.
+    pub name: String,
+    /// What it offers.
+    pub description: String,
+    /// Display name of the hosting member.
+    pub hosted_by: String,
+    /// Its tools (with their input schemas).
+    pub tools: Vec<McpTool>,
+    /// Whether its host is connected.
+    pub online: bool,
+    /// ISO time the host left, for a persistent server that is offline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline_since: Option<String>,
+    /// Whether it survives its host's disconnect.
+    pub persistent: bool,
+}
+
+/// `mcp_list_result`.
+#[derive(Debug, Serialize)]
+pub struct McpListResult {
+    /// The mesh's servers, by name.
+    pub servers: Vec<McpServerEntry>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `mcp_call_result`.
+#[derive(Debug, Serialize)]
+pub struct McpCallResult {
+    /// The tool's result, verbatim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Box<RawValue>>,
+    /// Or why there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `mcp_call_forward`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpCallForward {
+    /// Answer with this id.
+    pub call_id: String,
+    /// Server name.
+    pub server_name: String,
+    /// Tool name.
+    pub tool_name: String,
+    /// Arguments, verbatim.
+    pub args: Box<RawValue>,
+    /// Display name of the caller.
+    pub caller_name: String,
 }

@@ -233,6 +233,19 @@ pub enum ClientFrame {
         /// Schedule id.
         scheduled_id: String,
     },
+    /// Offer an MCP server's tools to the mesh, hosted by this session.
+    McpRegister(Box<McpRegister>),
+    /// Withdraw a server (no reply).
+    McpUnregister {
+        /// Server name.
+        server_name: String,
+    },
+    /// The mesh's servers.
+    McpList,
+    /// Call a tool of a server hosted by another session.
+    McpCall(Box<McpCall>),
+    /// The host's answer to an `mcp_call_forward` (no reply).
+    McpCallResponse(Box<McpCallResponse>),
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -280,7 +293,11 @@ impl ClientFrame {
             | Self::AuditVerify
             | Self::Schedule(_)
             | Self::ListScheduled
-            | Self::CancelScheduled { .. } => true,
+            | Self::CancelScheduled { .. }
+            | Self::McpRegister(_)
+            | Self::McpList
+            | Self::McpCall(_) => true,
+            Self::McpUnregister { .. } | Self::McpCallResponse(_) => false,
             // `context_shared` is sent, but the CLI does not wait for it.
             Self::ShareContext(_) => false,
             Self::Forget { .. } => false,
@@ -741,6 +758,20 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             }))
         }
         "list_scheduled" => ClientFrame::ListScheduled,
+        "mcp_register" => ClientFrame::McpRegister(Box::new(serde_json::from_str(text)?)),
+        "mcp_unregister" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct ServerBody {
+                server_name: String,
+            }
+            ClientFrame::McpUnregister {
+                server_name: serde_json::from_str::<ServerBody>(text)?.server_name,
+            }
+        }
+        "mcp_list" => ClientFrame::McpList,
+        "mcp_call" => ClientFrame::McpCall(Box::new(serde_json::from_str(text)?)),
+        "mcp_call_response" => ClientFrame::McpCallResponse(Box::new(serde_json::from_str(text)?)),
         "cancel_scheduled" => {
             #[derive(Deserialize)]
             #[serde(rename_all = "camelCase")]
@@ -839,6 +870,64 @@ pub struct Schedule {
     pub cron: Option<String>,
 }
 
+/// One tool of an MCP server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpTool {
+    /// Tool name.
+    pub name: String,
+    /// What it does.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of its arguments, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<Box<RawValue>>,
+}
+
+/// `mcp_register`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpRegister {
+    /// Server name, unique in the mesh.
+    pub server_name: String,
+    /// What it offers.
+    #[serde(default)]
+    pub description: String,
+    /// Its tools.
+    #[serde(default)]
+    pub tools: Vec<McpTool>,
+    /// Kept (offline) when the host disconnects, restored when its member returns.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+/// `mcp_call`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpCall {
+    /// Server name.
+    pub server_name: String,
+    /// Tool name.
+    pub tool_name: String,
+    /// Arguments, verbatim (an object; absent is `{}`).
+    #[serde(default)]
+    pub args: Option<Box<RawValue>>,
+}
+
+/// `mcp_call_response`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McpCallResponse {
+    /// The id from `mcp_call_forward`.
+    pub call_id: String,
+    /// The tool's result, verbatim.
+    #[serde(default)]
+    pub result: Option<Box<RawValue>>,
+    /// Or why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// `share_context`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -890,6 +979,8 @@ pub struct ShareSkill {
 
 /// Largest skill instructions.
 pub const MAX_SKILL_INSTRUCTIONS: usize = 256 * 1024;
+/// Most tools one MCP server registers.
+pub const MAX_MCP_TOOLS: usize = 256;
 
 /// Field limits that serde cannot express. Returns the reason on failure.
 fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
@@ -999,6 +1090,52 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if name.is_empty() || name.len() > MAX_NAME_LEN =>
         {
             return Err("skill name must be 1..=256 bytes");
+        }
+        ClientFrame::McpRegister(r) => {
+            if r.server_name.trim().is_empty() || r.server_name.len() > MAX_NAME_LEN {
+                return Err("MCP server name must be 1..=256 bytes");
+            }
+            if r.description.len() > MAX_SUMMARY_LEN {
+                return Err("MCP server description exceeds 16 KiB");
+            }
+            if r.tools.len() > MAX_MCP_TOOLS
+                || r.tools.iter().any(|t| {
+                    t.name.trim().is_empty()
+                        || t.name.len() > MAX_NAME_LEN
+                        || t.description.len() > MAX_SUMMARY_LEN
+                        || t.input_schema
+                            .as_ref()
+                            .is_some_and(|s| !s.get().starts_with('{'))
+                })
+            {
+                return Err(
+                    "at most 256 MCP tools, each named (1..=256 bytes), described in up to 16 KiB, with an object inputSchema",
+                );
+            }
+        }
+        ClientFrame::McpUnregister { server_name }
+            if server_name.is_empty() || server_name.len() > MAX_NAME_LEN =>
+        {
+            return Err("MCP server name must be 1..=256 bytes");
+        }
+        ClientFrame::McpCall(c) => {
+            if c.server_name.is_empty()
+                || c.server_name.len() > MAX_NAME_LEN
+                || c.tool_name.is_empty()
+                || c.tool_name.len() > MAX_NAME_LEN
+            {
+                return Err("MCP server and tool names must be 1..=256 bytes");
+            }
+            if c.args.as_ref().is_some_and(|a| !a.get().starts_with('{')) {
+                return Err("MCP call args must be an object");
+            }
+        }
+        ClientFrame::McpCallResponse(r)
+            if r.call_id.is_empty()
+                || r.call_id.len() > MAX_NAME_LEN
+                || r.error.as_ref().is_some_and(|e| e.len() > MAX_SUMMARY_LEN) =>
+        {
+            return Err("mcp_call_response needs a callId; its error is at most 16 KiB");
         }
         ClientFrame::ShareSkill(s) => {
             if s.name.trim().is_empty() || s.name.len() > MAX_NAME_LEN {

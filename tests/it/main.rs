@@ -38,6 +38,7 @@ mod gating;
 mod handshake;
 mod hooks;
 mod http;
+mod mcp;
 mod memory;
 mod presence;
 mod reminders;

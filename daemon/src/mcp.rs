@@ -1,0 +1,446 @@
+//! The MCP proxy: sessions offer MCP servers' tools to their mesh, other sessions call
+//! them through the broker (`mcp_call` → `mcp_call_forward` → `mcp_call_response` →
+//! `mcp_call_result`).
+//!
+//! Unlike the reference: a server name belongs to the member that registered it (another
+//! member cannot take it over and receive its callers' arguments); only the session the
+//! call was forwarded to may answer it (a `callId` alone proves nothing); a call to a
+//! host that leaves fails at once instead of waiting for the timeout. Persistent
+//! registrations are stored, so they survive the host's disconnect *and* a broker
+//! restart (offline, with a clear error on call) and come back when a session of the
+//! hosting member connects.
+//!
+//! Results go to the caller through its outbound queue, not its reply queue: a slow
+//! tool must not hold back the caller's other replies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_protocol::broker::{BrokerFrame, McpCallForward, McpCallResult, McpServerEntry};
+use meshd_protocol::client::{McpCall, McpRegister, McpTool};
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Ctx;
+use crate::hub::{ConnId, Outbound, PeerShared, lock, offer};
+use crate::store::mcp::McpServerRow;
+
+/// Most servers one mesh registers.
+pub(crate) const MAX_SERVERS_PER_MESH: usize = 256;
+/// Most calls one connection has in flight.
+const MAX_CALLS_PER_CALLER: usize = 64;
+
+/// The session hosting a server.
+#[derive(Debug, Clone)]
+pub(crate) struct Host {
+    pub(crate) conn: ConnId,
+    pub(crate) shared: Arc<PeerShared>,
+}
+
+/// A registered server.
+#[derive(Debug)]
+struct Server {
+    member_id: String,
+    hosted_by: String,
+    description: String,
+    tools: Vec<McpTool>,
+    persistent: bool,
+    /// `None` while offline (a persistent server whose host left).
+    host: Option<Host>,
+    offline_since: Option<i64>,
+}
+
+/// A call waiting for its host's answer.
+#[derive(Debug)]
+struct Call {
+    host_conn: ConnId,
+    caller: Arc<PeerShared>,
+    req_id: Option<String>,
+    deadline: Instant,
+}
+
+/// What `register` needs to know about the registering session.
+#[derive(Debug)]
+pub(crate) struct Registrant<'a> {
+    pub(crate) member_id: &'a str,
+    pub(crate) member_pubkey: &'a str,
+    pub(crate) display_name: &'a str,
+    pub(crate) host: Host,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegisterError {
+    /// Another member registered that name.
+    #[error("the MCP server name {name:?} belongs to {hosted_by}; pick another name")]
+    Taken { name: String, hosted_by: String },
+    /// The mesh has too many servers.
+    #[error("this mesh has {MAX_SERVERS_PER_MESH} MCP servers, the most it keeps")]
+    Full,
+}
+
+/// A call that could not be forwarded; the text is the `mcp_call_result` error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct CallError(String);
+
+/// The registry and the calls in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Mcp {
+    /// mesh → name → server.
+    servers: Mutex<HashMap<String, BTreeMap<String, Server>>>,
+    /// callId → call.
+    calls: Mutex<HashMap<String, Call>>,
+    /// A call was added (the timeout task re-reads the earliest deadline).
+    wake: Notify,
+}
+
+impl Mcp {
+    /// Loads the stored (persistent) registrations, offline until their member returns.
+    pub(crate) fn load(&self, rows: Vec<McpServerRow>, now: i64) {
+        let mut servers = lock(&self.servers);
+        for r in rows {
+            let tools = serde_json::from_str(&r.tools).unwrap_or_default();
+            servers.entry(r.mesh_id).or_default().insert(
+                r.name,
+                Server {
+                    member_id: r.member_id,
+                    hosted_by: r.hosted_by,
+                    description: r.description,
+                    tools,
+                    persistent: true,
+                    host: None,
+                    offline_since: Some(r.offline_since.unwrap_or(now)),
+                },
+            );
+        }
+    }
+
+    /// Registers (or re-registers) a server hosted by `who`. Returns the row to store
+    /// when the registration is persistent, `None` when any stored row must go.
+    pub(crate) fn register(
+        &self,
+        mesh_id: &str,
+        r: McpRegister,
+        who: Registrant<'_>,
+        now: i64,
+    ) -> Result<Option<McpServerRow>, RegisterError> {
+        let McpRegister {
+            server_name,
+            description,
+            tools,
+            persistent,
+        } = r;
+        let name = server_name.as_str();
+        let mut servers = lock(&self.servers);
+        let mesh = servers.entry(mesh_id.to_owned()).or_default();
+        match mesh.get(name) {
+            Some(s) if s.member_id != who.member_id => {
+                return Err(RegisterError::Taken {
+                    name: name.to_owned(),
+                    hosted_by: s.hosted_by.clone(),
+                });
+            }
+            None if mesh.len() >= MAX_SERVERS_PER_MESH => return Err(RegisterError::Full),
+            _ => {}
+        }
+        let row = persistent.then(|| McpServerRow {
+            mesh_id: mesh_id.to_owned(),
+            name: name.to_owned(),
+            member_id: who.member_id.to_owned(),
+            member_pubkey: who.member_pubkey.to_owned(),
+            hosted_by: who.display_name.to_owned(),
+            description: description.clone(),
+            tools: serde_json::to_string(&tools).unwrap_or_else(|_| "[]".into()),
+            registered_at: now,
+            offline_since: None,
+        });
+        mesh.insert(
+            name.to_owned(),
+            Server {
+                member_id: who.member_id.to_owned(),
+                hosted_by: who.display_name.to_owned(),
+                description,
+                tools,
+                persistent,
+                host: Some(who.host),
+                offline_since: None,
+            },
+        );
+        Ok(row)
+    }
+
+    /// Withdraws a server of `member_id`. Returns its host's name and whether it was
+    /// persistent, or `None` when there is no such server of this member.
+    pub(crate) fn unregister(
+        &self,
+        mesh_id: &str,
+        name: &str,
+        member_id: &str,
+    ) -> Option<(String, bool)> {
+        let mut servers = lock(&self.servers);
+        let mesh = servers.get_mut(mesh_id)?;
+        if mesh.get(name)?.member_id != member_id {
+            return None;
+        }
+        let s = mesh.remove(name)?;
+        Some((s.hosted_by, s.persistent))
+    }
+
+    /// The mesh's servers, by name.
+    pub(crate) fn list(&self, mesh_id: &str) -> Vec<McpServerEntry> {
+        let servers = lock(&self.servers);
+        servers
+            .get(mesh_id)
+            .map(|mesh| {
+                mesh.iter()
+                    .map(|(name, s)| McpServerEntry {
+                        name: name.clone(),
+                        description: s.description.clone(),
+                        hosted_by: s.hosted_by.clone(),
+                        tools: s.tools.clone(),
+                        online: s.host.is_some(),
+                        offline_since: s.offline_since.map(meshd_protocol::time::iso8601_ms),
+                        persistent: s.persistent,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Forwards a call to the server's host. The caller gets `mcp_call_result` through
+    /// its outbound queue when the host answers, leaves, or `timeout` passes.
+    pub(crate) fn call(
+        &self,
+        mesh_id: &str,
+        c: McpCall,
+        caller: (&Arc<PeerShared>, &str, Option<String>),
+        timeout: std::time::Duration,
+        now: i64,
+    ) -> Result<(), CallError> {
+        let McpCall {
+            server_name,
+            tool_name,
+            args,
+        } = c;
+        let server_name = server_name.as_str();
+        // Absent arguments are an empty object, as the reference's clients send them.
+        let args = args.unwrap_or_else(|| crate::hub::raw("{}"));
+        let (caller_shared, caller_name, req_id) = caller;
+        let host = {
+            let servers = lock(&self.servers);
+            let Some(s) = servers.get(mesh_id).and_then(|m| m.get(server_name)) else {
+                return Err(CallError(format!(
+                    "MCP server \"{server_name}\" not found in mesh"
+                )));
+            };
+            match &s.host {
+                Some(h) => h.clone(),
+                None => {
+                    let mins = (now - s.offline_since.unwrap_or(now)).max(0) / 60_000;
+                    return Err(CallError(format!(
+                        "Server '{server_name}' is offline — hosted by {} who disconnected {mins}m ago. It will restore when they reconnect.",
+                        s.hosted_by
+                    )));
+                }
+            }
+        };
+        let call_id = crate::ids::uuid_v4();
+        {
+            let mut calls = lock(&self.calls);
+            let mine = calls
+                .values()
+                .filter(|c| Arc::ptr_eq(&c.caller, caller_shared))
+                .count();
+            if mine >= MAX_CALLS_PER_CALLER {
+                return Err(CallError(format!(
+                    "too many MCP calls in flight (at most {MAX_CALLS_PER_CALLER} per session)"
+                )));
+            }
+            calls.insert(
+                call_id.clone(),
+                Call {
+                    host_conn: host.conn,
+                    caller: caller_shared.clone(),
+                    req_id,
+                    deadline: Instant::now() + timeout,
+                },
+            );
+        }
+        self.wake.notify_one();
+        let forward = BrokerFrame::McpCallForward(McpCallForward {
+            call_id: call_id.clone(),
+            server_name: server_name.to_owned(),
+            tool_name,
+            args,
+            caller_name: caller_name.to_owned(),
+        });
+        if !offer(&host.shared, Outbound::Frame(forward.to_json().into())) {
+            lock(&self.calls).remove(&call_id);
+            return Err(CallError(format!(
+                "MCP server \"{server_name}\" host disconnected"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host's answer. Only the connection the call was forwarded to may answer;
+    /// anything else is ignored (returns `false`).
+    pub(crate) fn respond(
+        &self,
+        conn: ConnId,
+        call_id: &str,
+        result: Option<Box<RawValue>>,
+        error: Option<String>,
+    ) -> bool {
+        let call = {
+            let mut calls = lock(&self.calls);
+            match calls.get(call_id) {
+                Some(c) if c.host_conn == conn => calls.remove(call_id),
+                _ => None,
+            }
+        };
+        let Some(call) = call else { return false };
+        let error = match (&result, error) {
+            (_, Some(e)) if !e.is_empty() => Some(e),
+            (None, _) => Some("the MCP host answered with neither a result nor an error".into()),
+            _ => None,
+        };
+        finish(call, result, error);
+        true
+    }
+
+    /// A connection closed: its non-persistent servers go (returned, to announce),
+    /// its persistent ones go offline (returned, to store), calls it hosted fail, and
+    /// calls it made are forgotten.
+    pub(crate) fn conn_gone(&self, mesh_id: &str, conn: ConnId, now: i64) -> ConnGone {
+        let mut gone = ConnGone::default();
+        {
+            let mut servers = lock(&self.servers);
+            if let Some(mesh) = servers.get_mut(mesh_id) {
+                mesh.retain(|name, s| {
+                    if s.host.as_ref().is_none_or(|h| h.conn != conn) {
+                        return true;
+                    }
+                    if s.persistent {
+                        s.host = None;
+                        s.offline_since = Some(now);
+                        gone.offline.push(name.clone());
+                        true
+                    } else {
+                        gone.removed.push((name.clone(), s.hosted_by.clone()));
+                        false
+                    }
+                });
+            }
+        }
+        let failed: Vec<Call> = {
+            let mut calls = lock(&self.calls);
+            let ids: Vec<String> = calls
+                .iter()
+                .filter(|(_, c)| c.host_conn == conn || c.caller.conn_id == conn)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter()
+                .filter_map(|id| calls.remove(id))
+                .filter(|c| c.caller.conn_id != conn)
+                .collect()
+        };
+        for call in failed {
+            finish(
+                call,
+                None,
+                Some("the MCP server's host disconnected during the call".into()),
+            );
+        }
+        gone
+    }
+
+    /// A session of `member_id` connected: its offline servers are hosted by it again.
+    /// Returns their names and host names (to announce `mcp_restored`).
+    pub(crate) fn member_back(
+        &self,
+        mesh_id: &str,
+        member_id: &str,
+        display_name: &str,
+        host: &Host,
+    ) -> Vec<String> {
+        let mut servers = lock(&self.servers);
+        let Some(mesh) = servers.get_mut(mesh_id) else {
+            return Vec::new();
+        };
+        mesh.iter_mut()
+            .filter(|(_, s)| s.host.is_none() && s.member_id == member_id)
+            .map(|(name, s)| {
+                s.host = Some(host.clone());
+                s.offline_since = None;
+                display_name.clone_into(&mut s.hosted_by);
+                name.clone()
+            })
+            .collect()
+    }
+
+    /// Fails the calls past their deadline; returns the next deadline.
+    fn expire(&self, now: Instant, timeout: std::time::Duration) -> Option<Instant> {
+        let expired: Vec<Call> = {
+            let mut calls = lock(&self.calls);
+            let ids: Vec<String> = calls
+                .iter()
+                .filter(|(_, c)| c.deadline <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| calls.remove(id)).collect()
+        };
+        for call in expired {
+            finish(
+                call,
+                None,
+                Some(format!("MCP call timed out ({}s)", timeout.as_secs())),
+            );
+        }
+        lock(&self.calls).values().map(|c| c.deadline).min()
+    }
+}
+
+/// What a closed connection changed.
+#[derive(Debug, Default)]
+pub(crate) struct ConnGone {
+    /// Non-persistent servers removed: (name, hosted by).
+    pub(crate) removed: Vec<(String, String)>,
+    /// Persistent servers now offline.
+    pub(crate) offline: Vec<String>,
+}
+
+fn finish(call: Call, result: Option<Box<RawValue>>, error: Option<String>) {
+    let frame = BrokerFrame::McpCallResult(McpCallResult {
+        result: if error.is_some() { None } else { result },
+        error,
+        req_id: call.req_id,
+    });
+    offer(
+        &call.caller,
+        Outbound::Frame(Utf8Bytes::from(frame.to_json())),
+    );
+}
+
+/// Fails calls whose host did not answer in time; ends when `cancel` fires.
+pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let timeout = ctx.config.limits.mcp_call_timeout;
+    loop {
+        let next = ctx.mcp.expire(Instant::now(), timeout);
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = ctx.mcp.wake.notified() => {}
+            () = sleep => {}
+        }
+    }
+}
