@@ -90,6 +90,8 @@ pub const STATUS_TTL: Duration = Duration::from_secs(60);
 /// An `mcp_call` fails after this long without its host's answer (the clients give up
 /// at 30 s too).
 pub const MCP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest upload (the reference's limit).
+pub const MAX_UPLOAD_BYTES: usize = 50 * 1024 * 1024;
 
 /// Default log filter (`RUST_LOG` syntax).
 pub const LOG_LEVEL: &str = "info";

@@ -115,6 +115,7 @@ struct RawLimits {
     max_state_value_bytes: Option<usize>,
     max_state_bytes_per_mesh: Option<usize>,
     mcp_call_timeout: Option<String>,
+    max_upload_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,6 +191,7 @@ pub const KEYS: &[&str] = &[
     "limits.max_state_value_bytes",
     "limits.max_state_bytes_per_mesh",
     "limits.mcp_call_timeout",
+    "limits.max_upload_bytes",
     "log.level",
     "log.format",
     "schedule.timezone",
@@ -373,6 +375,8 @@ pub struct Limits {
     pub max_state_bytes_per_mesh: usize,
     /// How long an `mcp_call` waits for its host's answer.
     pub mcp_call_timeout: Duration,
+    /// Largest `POST /upload` body.
+    pub max_upload_bytes: usize,
 }
 
 /// `[schedule]`.
@@ -651,6 +655,11 @@ impl Config {
                 "limits.mcp_call_timeout",
                 l.mcp_call_timeout,
                 defaults::MCP_CALL_TIMEOUT,
+            )?,
+            max_upload_bytes: positive(
+                "limits.max_upload_bytes",
+                l.max_upload_bytes,
+                defaults::MAX_UPLOAD_BYTES,
             )?,
         };
         if limits.sends_per_second > 0 && limits.send_burst == 0 {

@@ -1,4 +1,5 @@
-//! The HTTP side of the one port: `/ws`, `POST /join`, `/health`, `/metrics`.
+//! The HTTP side of the one port: `/ws`, `POST /join`, `/health`, `/metrics`, hooks,
+//! `POST /upload` and `GET /files/…` (see `files`).
 //!
 //! Every response carries the reference's CORS headers; any `OPTIONS` gets 204; unknown
 //! routes get `404 not found`.
@@ -264,7 +265,12 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/metrics", get(metrics))
         .route("/federation", get(federation))
         .route("/.well-known/meshd/bundle", get(bundle))
-        .route("/upload", post(not_served))
+        .route(
+            "/upload",
+            post(crate::files::upload)
+                .layer(DefaultBodyLimit::max(ctx.config.limits.max_upload_bytes)),
+        )
+        .route("/files/{mesh_id}/{file_id}", get(crate::files::download))
         .route(
             "/hook/set-status",
             post(set_status_hook).layer(DefaultBodyLimit::max(HOOK_BODY_LIMIT)),
@@ -296,7 +302,7 @@ async fn cors(req: Request, next: Next) -> Response {
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static(
-            "Content-Type, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec",
+            "Content-Type, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec, X-Encrypted, X-Owner-Pubkey, X-File-Keys, X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature",
         ),
     );
     resp
@@ -304,18 +310,6 @@ async fn cors(req: Request, next: Next) -> Response {
 
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "not found")
-}
-
-/// Routes of the claudemesh feature set this build does not serve yet: a JSON answer the
-/// clients can show (the CLI parses the body of `/upload` as JSON).
-async fn not_served(uri: axum::http::Uri) -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        axum::Json(
-            json!({"ok": false, "error": format!("{} is not served by this broker", uri.path())}),
-        ),
-    )
-        .into_response()
 }
 
 async fn ws(

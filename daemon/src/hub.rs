@@ -321,6 +321,14 @@ impl Peer {
     }
 }
 
+/// A live presence found by its address.
+#[derive(Debug, Clone)]
+pub(crate) struct AddressPeer {
+    pub(crate) member_id: String,
+    pub(crate) display_name: String,
+    pub(crate) routing_key: String,
+}
+
 /// What the hub knows about a member key.
 #[derive(Debug, Clone)]
 pub(crate) struct MemberInfo {
@@ -1059,6 +1067,42 @@ impl MeshHub {
                     p.connected_at,
                     session_id.is_some_and(|s| s == p.session_id),
                 )
+            })
+    }
+
+    /// The member holding `key` as its member key or as one of its session keys:
+    /// (member key, member).
+    pub(crate) fn member_for_key(&self, key: &str) -> Option<(String, MemberInfo)> {
+        let inner = self.inner();
+        if let Some(m) = inner.members.get(key) {
+            return Some((key.to_owned(), m.clone()));
+        }
+        let member_id = inner.session_keys.get(key)?;
+        inner
+            .members
+            .iter()
+            .find(|(_, m)| &m.id == member_id)
+            .map(|(k, m)| (k.clone(), m.clone()))
+    }
+
+    /// The first live connection addressed by a member or session key.
+    pub(crate) fn first_live(&self, key: &str) -> Option<Arc<PeerShared>> {
+        self.inner().live_for(key).next().map(|p| p.shared.clone())
+    }
+
+    /// The most recent live presence connected from `ip` (an unsigned upload from that
+    /// address is attributed to it).
+    pub(crate) fn uploader_at(&self, ip: std::net::IpAddr) -> Option<AddressPeer> {
+        let inner = self.inner();
+        inner
+            .peers
+            .values()
+            .filter(|p| p.remote_ip == ip)
+            .max_by_key(|p| (p.connected_at, p.shared.conn_id))
+            .map(|p| AddressPeer {
+                member_id: p.member_id.clone(),
+                display_name: p.display_name.clone(),
+                routing_key: p.routing_key().to_owned(),
             })
     }
 

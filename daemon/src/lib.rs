@@ -13,11 +13,13 @@ pub mod cli;
 mod clock;
 mod cron;
 mod fed;
+mod files;
 mod http;
 mod hub;
 mod ids;
 mod mcp;
 mod metrics;
+mod relay;
 mod reminders;
 mod session;
 pub mod store;
@@ -52,6 +54,8 @@ pub enum StartError {
     /// The audit key could not be loaded or created.
     #[error("audit key: {0}")]
     Audit(String),
+    #[error("file store: {0}")]
+    Files(String),
     /// Federation could not start (certificates, trust, QUIC endpoint).
     #[error(transparent)]
     Federation(#[from] fed::FedStartError),
@@ -89,6 +93,8 @@ pub(crate) struct Ctx {
     pub(crate) audit: Arc<audit::Audit>,
     pub(crate) reminders: reminders::Reminders,
     pub(crate) mcp: mcp::Mcp,
+    pub(crate) files: files::Files,
+    pub(crate) relay: relay::Relay,
     /// Rate limits of status hooks, by `pid:cwd` (the reference's key).
     pub(crate) hook_buckets: std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
     /// Status hooks that found no presence yet: (address, cwd) → (status, expiry ms).
@@ -164,11 +170,15 @@ impl Daemon {
         };
         let audit_key = audit::load_or_create_key(&config.data_dir)
             .map_err(|e| StartError::Audit(e.to_string()))?;
+        let files =
+            files::Files::open(&config.data_dir).map_err(|e| StartError::Files(e.to_string()))?;
         let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
         let ctx = Arc::new(Ctx {
             fed,
             clocks: clock::Clocks::default(),
             reminders: reminders::Reminders::default(),
+            files,
+            relay: relay::Relay::default(),
             mcp: {
                 let mcp = mcp::Mcp::default();
                 mcp.load(db.mcp_servers().await?, ids::now_ms());
@@ -245,6 +255,7 @@ impl Bound {
         let reminders_task =
             background.spawn(reminders::run(ctx.clone(), reminders_cancel.clone()));
         background.spawn(mcp::run(ctx.clone(), background_cancel.clone()));
+        background.spawn(mcp::run_store(ctx.clone(), background_cancel.clone()));
 
         let accept_cancel = CancellationToken::new();
         let app = http::router(ctx.clone());
@@ -419,6 +430,16 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 if let Some(fed) = &ctx.fed {
                     fed.presence_changed(&mesh, conn);
                 }
+            }
+        }
+        if n % 30 == 2 {
+            match ctx.db.expire_files(now).await {
+                Ok(gone) => {
+                    for (mesh_id, id) in gone {
+                        ctx.files.remove(&mesh_id, &id).await;
+                    }
+                }
+                Err(e) => warn!(cause = %e, "expiring files"),
             }
         }
         let healthy = ctx.db.ping().await.is_ok();

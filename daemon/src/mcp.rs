@@ -20,9 +20,10 @@ use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::{BrokerFrame, McpCallForward, McpCallResult, McpServerEntry};
 use meshd_protocol::client::{McpCall, McpRegister, McpTool};
 use serde_json::value::RawValue;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::Ctx;
 use crate::hub::{ConnId, Outbound, PeerShared, lock, offer};
@@ -87,8 +88,31 @@ pub(crate) enum RegisterError {
 #[error("{0}")]
 pub(crate) struct CallError(String);
 
+/// Store writes of persistent registrations, applied in order by one task (a
+/// registration and its withdrawal must not overtake each other), drained at shutdown.
+#[derive(Debug)]
+pub(crate) enum StoreOp {
+    /// Store (or replace) a registration; the reply lets the ack follow the write.
+    Upsert(
+        McpServerRow,
+        Option<oneshot::Sender<Result<(), crate::store::StoreError>>>,
+    ),
+    /// Remove a registration (withdrawn, or replaced by a non-persistent one).
+    Delete { mesh_id: String, name: String },
+    /// Its host left (`Some(ms)`) or is back (`None`).
+    Offline {
+        mesh_id: String,
+        name: String,
+        since: Option<i64>,
+    },
+}
+
+/// Store operations waiting; when full, a registration is refused and other changes
+/// are logged as lost (the in-memory registry stays right until a restart).
+const STORE_QUEUE: usize = 4_096;
+
 /// The registry and the calls in flight.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Mcp {
     /// mesh → name → server.
     servers: Mutex<HashMap<String, BTreeMap<String, Server>>>,
@@ -96,9 +120,35 @@ pub(crate) struct Mcp {
     calls: Mutex<HashMap<String, Call>>,
     /// A call was added (the timeout task re-reads the earliest deadline).
     wake: Notify,
+    store_tx: mpsc::Sender<StoreOp>,
+    store_rx: Mutex<Option<mpsc::Receiver<StoreOp>>>,
+}
+
+impl Default for Mcp {
+    fn default() -> Self {
+        let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
+        Self {
+            servers: Mutex::default(),
+            calls: Mutex::default(),
+            wake: Notify::new(),
+            store_tx,
+            store_rx: Mutex::new(Some(store_rx)),
+        }
+    }
 }
 
 impl Mcp {
+    /// Queues a store write. `false` when the queue is full.
+    pub(crate) fn persist(&self, op: StoreOp) -> bool {
+        match self.store_tx.try_send(op) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(op = ?e.into_inner(), "MCP store queue full; change not stored");
+                false
+            }
+        }
+    }
+
     /// Loads the stored (persistent) registrations, offline until their member returns.
     pub(crate) fn load(&self, rows: Vec<McpServerRow>, now: i64) {
         let mut servers = lock(&self.servers);
@@ -441,6 +491,50 @@ pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             () = cancel.cancelled() => break,
             () = ctx.mcp.wake.notified() => {}
             () = sleep => {}
+        }
+    }
+}
+
+/// Applies [`StoreOp`]s in order; at `cancel` (after the sessions ended) applies what is
+/// queued, then ends.
+pub(crate) async fn run_store(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let Some(mut rx) = lock(&ctx.mcp.store_rx).take() else {
+        return;
+    };
+    loop {
+        let op = tokio::select! {
+            biased;
+            op = rx.recv() => op,
+            () = cancel.cancelled() => {
+                while let Ok(op) = rx.try_recv() {
+                    apply(&ctx, op).await;
+                }
+                break;
+            }
+        };
+        let Some(op) = op else { break };
+        apply(&ctx, op).await;
+    }
+}
+
+async fn apply(ctx: &Ctx, op: StoreOp) {
+    let result = match &op {
+        StoreOp::Upsert(row, _) => ctx.db.upsert_mcp_server(row).await,
+        StoreOp::Delete { mesh_id, name } => ctx.db.delete_mcp_server(mesh_id, name).await,
+        StoreOp::Offline {
+            mesh_id,
+            name,
+            since,
+        } => ctx.db.mcp_server_offline(mesh_id, name, *since).await,
+    };
+    match op {
+        StoreOp::Upsert(_, Some(reply)) => {
+            let _ = reply.send(result);
+        }
+        _ => {
+            if let Err(e) = result {
+                warn!(cause = %e, "storing an MCP registration change");
+            }
         }
     }
 }

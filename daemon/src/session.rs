@@ -40,7 +40,8 @@ use tracing::{Instrument as _, debug, field, info, info_span, warn};
 use crate::Ctx;
 use crate::hub::{
     CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError,
-    Registered, Sent, StateValue, lease_owner, lock, member_info, peer_data, raw, system_push,
+    Registered, Sent, StateValue, lease_owner, lock, member_info, offer, peer_data, raw,
+    system_push,
 };
 use crate::ids::{now_ms, random_id};
 use crate::store::StoreError;
@@ -1379,6 +1380,18 @@ impl Live {
             ClientFrame::Schedule(_)
             | ClientFrame::ListScheduled
             | ClientFrame::CancelScheduled { .. } => self.on_schedule(inbound.frame, req_id, now),
+            ClientFrame::GetFile { .. }
+            | ClientFrame::ListFiles { .. }
+            | ClientFrame::FileStatus { .. }
+            | ClientFrame::DeleteFile { .. }
+            | ClientFrame::GrantFileAccess { .. } => {
+                self.queue_files(inbound.frame, req_id, now);
+                None
+            }
+            ClientFrame::PeerFileRequest { .. }
+            | ClientFrame::PeerDirRequest { .. }
+            | ClientFrame::PeerFileResponse(_)
+            | ClientFrame::PeerDirResponse(_) => self.on_relay(inbound.frame, req_id),
             ClientFrame::McpRegister(_)
             | ClientFrame::McpUnregister { .. }
             | ClientFrame::McpList
@@ -1871,16 +1884,334 @@ impl Live {
             let frame = system_push(self.mesh_id(), "mcp_restored", data, now);
             self.mesh.announce(&frame, 0, None);
         }
-        let db = self.ctx.db.clone();
+        for name in restored {
+            self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
+                mesh_id: self.mesh_id().to_owned(),
+                name,
+                since: None,
+            });
+        }
+    }
+
+    /// Stored files: `get_file`, `list_files`, `file_status`, `delete_file`,
+    /// `grant_file_access` (see `files`). A reader sees a file when it is the uploader,
+    /// the file has no target, or the target includes it; `delete_file` is the
+    /// uploader's or an admin's; `grant_file_access` the owner's.
+    fn queue_files(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{
+            FileAccess, FileEntry, FileList, FileStatusResult, FileUrl, GrantFileAccessOk,
+        };
+        let ctx = self.ctx.clone();
         let mesh_id = self.mesh_id().to_owned();
+        let member_id = self.member_id.clone();
+        let keys = [self.routing_key().to_owned(), self.member_pubkey.clone()];
+        let me = self.display_name.clone();
+        let groups = self
+            .mesh
+            .local_peer(self.conn, |p| p.groups.clone())
+            .unwrap_or_default();
+        let admin = self
+            .mesh
+            .member(&self.member_pubkey)
+            .is_some_and(|m| m.role == "admin");
         self.pending.push_back(Box::pin(async move {
-            for name in restored {
-                if let Err(e) = db.mcp_server_offline(&mesh_id, &name, None).await {
-                    warn!(cause = %e, server = %name, "storing an MCP server back online");
+            let error = |code: &'static str, msg: &str, req_id: Option<String>| {
+                Some(
+                    BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
+                        .to_json()
+                        .into(),
+                )
+            };
+            let key_refs = [keys[0].as_str(), keys[1].as_str()];
+            let readable = |f: &crate::store::files::FileRow| {
+                crate::files::may_read(f, &member_id, &key_refs, &groups)
+            };
+            let file_id = match &frame {
+                ClientFrame::GetFile { file_id }
+                | ClientFrame::FileStatus { file_id }
+                | ClientFrame::DeleteFile { file_id }
+                | ClientFrame::GrantFileAccess { file_id, .. } => Some(file_id.clone()),
+                _ => None,
+            };
+            let file = match &file_id {
+                Some(id) => match ctx.db.file(&mesh_id, id, now).await {
+                    Ok(f) => f,
+                    Err(e) => return store_unavailable("reading a file", req_id, &e),
+                },
+                None => None,
+            };
+            let reply = match frame {
+                ClientFrame::GetFile { file_id } => {
+                    let Some(f) = file else {
+                        return error("not_found", "no such file in this mesh", req_id);
+                    };
+                    if !readable(&f) {
+                        return error("forbidden", "this file is not shared with you", req_id);
+                    }
+                    let sealed_key = if f.encrypted != 0 {
+                        match ctx.db.sealed_file_key(&f.id, &key_refs).await {
+                            Ok(k) => k,
+                            Err(e) => return store_unavailable("reading a file key", req_id, &e),
+                        }
+                    } else {
+                        None
+                    };
+                    if let Err(e) = ctx.db.record_file_access(&f.id, &keys[0], &me, now).await {
+                        return store_unavailable("recording a download", req_id, &e);
+                    }
+                    let base = crate::http::hook_base(&ctx.config);
+                    BrokerFrame::FileUrl(FileUrl {
+                        url: ctx.files.signed_url(
+                            &base,
+                            &mesh_id,
+                            &f.id,
+                            now + crate::files::URL_TTL_MS,
+                        ),
+                        file_id,
+                        name: f.name,
+                        encrypted: f.encrypted != 0,
+                        sealed_key,
+                        req_id,
+                    })
                 }
-            }
-            None
+                ClientFrame::ListFiles { query, from } => {
+                    let rows = match ctx.db.files(&mesh_id, now).await {
+                        Ok(r) => r,
+                        Err(e) => return store_unavailable("listing files", req_id, &e),
+                    };
+                    let q = query.map(|q| q.to_lowercase());
+                    BrokerFrame::FileList(FileList {
+                        files: rows
+                            .into_iter()
+                            .filter(|f| readable(f))
+                            .filter(|f| {
+                                q.as_ref().is_none_or(|q| f.name.to_lowercase().contains(q))
+                            })
+                            .filter(|f| from.as_ref().is_none_or(|w| &f.uploaded_by_name == w))
+                            .take(100)
+                            .map(|f| FileEntry {
+                                tags: serde_json::from_str(&f.tags).unwrap_or_default(),
+                                id: f.id,
+                                name: f.name,
+                                size: f.size_bytes,
+                                uploaded_by: f.uploaded_by_name,
+                                uploaded_at: iso8601_ms(f.uploaded_at),
+                                persistent: f.persistent != 0,
+                                encrypted: f.encrypted != 0,
+                            })
+                            .collect(),
+                        req_id,
+                    })
+                }
+                ClientFrame::FileStatus { file_id } => {
+                    let Some(f) = file.filter(|f| readable(f)) else {
+                        return error("not_found", "no such file in this mesh", req_id);
+                    };
+                    let accesses = match ctx.db.file_accesses(&f.id).await {
+                        Ok(a) => a,
+                        Err(e) => return store_unavailable("reading downloads", req_id, &e),
+                    };
+                    BrokerFrame::FileStatusResult(FileStatusResult {
+                        file_id,
+                        accesses: accesses
+                            .into_iter()
+                            .map(|(peer_name, at)| FileAccess {
+                                peer_name,
+                                accessed_at: iso8601_ms(at),
+                            })
+                            .collect(),
+                        req_id,
+                    })
+                }
+                ClientFrame::DeleteFile { file_id } => {
+                    // Answered with an `ack` (as the reference), carrying the refusal.
+                    let refusal = match &file {
+                        None => Some("no such file in this mesh"),
+                        Some(f) if f.uploader_member_id != member_id && !admin => {
+                            Some("only the file's uploader or an admin may delete it")
+                        }
+                        Some(_) => None,
+                    };
+                    if refusal.is_none() {
+                        match ctx.db.delete_file(&file_id, now).await {
+                            Ok(_) => ctx.files.remove(&mesh_id, &file_id).await,
+                            Err(e) => return store_unavailable("deleting a file", req_id, &e),
+                        }
+                    }
+                    BrokerFrame::Ack(Ack {
+                        id: file_id.clone(),
+                        message_id: file_id,
+                        queued: false,
+                        error: refusal.map(str::to_owned),
+                        req_id,
+                    })
+                }
+                ClientFrame::GrantFileAccess {
+                    file_id,
+                    peer_pubkey,
+                    sealed_key,
+                } => {
+                    let Some(f) = file else {
+                        return error("not_found", "no such file in this mesh", req_id);
+                    };
+                    if !key_refs.contains(&f.owner_pubkey.as_str())
+                        && f.uploader_member_id != member_id
+                    {
+                        return error(
+                            "forbidden",
+                            "only the file's owner may grant access",
+                            req_id,
+                        );
+                    }
+                    let peer = peer_pubkey.to_ascii_lowercase();
+                    if let Err(e) = ctx
+                        .db
+                        .grant_file_key(&f.id, &peer, &sealed_key, &keys[0], now)
+                        .await
+                    {
+                        return store_unavailable("storing a file key", req_id, &e);
+                    }
+                    BrokerFrame::GrantFileAccessOk(GrantFileAccessOk {
+                        file_id,
+                        peer_pubkey,
+                        req_id,
+                    })
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
         }));
+    }
+
+    /// The peer-to-peer file relay (see `relay`).
+    fn on_relay(&mut self, frame: ClientFrame, req_id: Option<String>) -> Option<Utf8Bytes> {
+        use crate::relay::Kind;
+        use meshd_protocol::broker::{
+            PeerDirRequestForward, PeerDirResponseForward, PeerFileRequestForward,
+            PeerFileResponseForward,
+        };
+        let error = |code: &'static str, msg: String, req_id: Option<String>| {
+            Some(
+                BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
+                    .to_json()
+                    .into(),
+            )
+        };
+        let me = self.routing_key().to_owned();
+        match frame {
+            ClientFrame::PeerFileRequest { target_pubkey, .. }
+            | ClientFrame::PeerDirRequest { target_pubkey, .. }
+                if self
+                    .mesh
+                    .first_live(&target_pubkey.to_ascii_lowercase())
+                    .is_none() =>
+            {
+                error(
+                    "peer_not_found",
+                    format!("no connected peer of this mesh has the key {target_pubkey}"),
+                    req_id,
+                )
+            }
+            ClientFrame::PeerFileRequest {
+                target_pubkey,
+                file_path,
+            } => {
+                let target = self.mesh.first_live(&target_pubkey.to_ascii_lowercase())?;
+                if let Err(e) = self.ctx.relay.ask(
+                    target.conn_id,
+                    Kind::File,
+                    &me,
+                    &file_path,
+                    req_id.clone(),
+                    &self.shared,
+                ) {
+                    return error("rate_limited", e.to_string(), req_id);
+                }
+                let fwd = BrokerFrame::PeerFileRequestForward(PeerFileRequestForward {
+                    requester_pubkey: me,
+                    file_path,
+                    req_id,
+                });
+                offer(&target, Outbound::Frame(fwd.to_json().into()));
+                None
+            }
+            ClientFrame::PeerDirRequest {
+                target_pubkey,
+                dir_path,
+                pattern,
+            } => {
+                let target = self.mesh.first_live(&target_pubkey.to_ascii_lowercase())?;
+                if let Err(e) = self.ctx.relay.ask(
+                    target.conn_id,
+                    Kind::Dir,
+                    &me,
+                    &dir_path,
+                    req_id.clone(),
+                    &self.shared,
+                ) {
+                    return error("rate_limited", e.to_string(), req_id);
+                }
+                let fwd = BrokerFrame::PeerDirRequestForward(PeerDirRequestForward {
+                    requester_pubkey: me,
+                    dir_path,
+                    pattern,
+                    req_id,
+                });
+                offer(&target, Outbound::Frame(fwd.to_json().into()));
+                None
+            }
+            ClientFrame::PeerFileResponse(r) => {
+                let r = *r;
+                match self.ctx.relay.answer(
+                    self.conn,
+                    Kind::File,
+                    &r.requester_pubkey.to_ascii_lowercase(),
+                    &r.file_path,
+                    req_id.as_deref(),
+                ) {
+                    Some((asker, req_id)) => {
+                        let fwd = BrokerFrame::PeerFileResponseForward(PeerFileResponseForward {
+                            file_path: r.file_path,
+                            content: r.content,
+                            error: r.error,
+                            req_id,
+                        });
+                        offer(&asker, Outbound::Frame(fwd.to_json().into()));
+                    }
+                    None => {
+                        self.ctx.metrics.frames_dropped.inc("relay_unasked");
+                        debug!("peer_file_response to a request this connection was not asked");
+                    }
+                }
+                None
+            }
+            ClientFrame::PeerDirResponse(r) => {
+                let r = *r;
+                match self.ctx.relay.answer(
+                    self.conn,
+                    Kind::Dir,
+                    &r.requester_pubkey.to_ascii_lowercase(),
+                    &r.dir_path,
+                    req_id.as_deref(),
+                ) {
+                    Some((asker, req_id)) => {
+                        let fwd = BrokerFrame::PeerDirResponseForward(PeerDirResponseForward {
+                            dir_path: r.dir_path,
+                            entries: r.entries,
+                            error: r.error,
+                            req_id,
+                        });
+                        offer(&asker, Outbound::Frame(fwd.to_json().into()));
+                    }
+                    None => {
+                        self.ctx.metrics.frames_dropped.inc("relay_unasked");
+                        debug!("peer_dir_response to a request this connection was not asked");
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
     }
 
     /// The MCP proxy (see `mcp`).
@@ -1914,6 +2245,7 @@ impl Live {
                     r.tools.iter().map(|t| t.name.clone().into()).collect();
                 let tool_count = r.tools.len();
                 let (server_name, description) = (r.server_name.clone(), r.description.clone());
+                let r_persistent = r.persistent;
                 let row = match self.ctx.mcp.register(self.mesh_id(), r, who, now) {
                     Ok(row) => row,
                     Err(e @ crate::mcp::RegisterError::Taken { .. }) => {
@@ -1930,17 +2262,50 @@ impl Live {
                 data.insert("hostedBy".into(), self.display_name.clone().into());
                 let frame = system_push(self.mesh_id(), "mcp_registered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
-                // The ack follows the store write: an acknowledged persistent registration
-                // survives a restart.
-                let db = self.ctx.db.clone();
-                let (mesh_id, name) = (self.mesh_id().to_owned(), server_name);
+                // The ack of a persistent registration follows its store write, so an
+                // acknowledged one survives a restart.
+                let name = server_name;
+                let stored = match row {
+                    Some(row) => {
+                        let (tx, rx) = oneshot::channel();
+                        self.ctx
+                            .mcp
+                            .persist(crate::mcp::StoreOp::Upsert(row, Some(tx)))
+                            .then_some(rx)
+                    }
+                    None => {
+                        self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
+                            mesh_id: self.mesh_id().to_owned(),
+                            name: name.clone(),
+                        });
+                        None
+                    }
+                };
+                let persistent = r_persistent;
                 self.pending.push_back(Box::pin(async move {
-                    let stored = match &row {
-                        Some(row) => db.upsert_mcp_server(row).await,
-                        None => db.delete_mcp_server(&mesh_id, &name).await,
-                    };
-                    if let Err(e) = stored {
-                        return store_unavailable("storing an MCP server", req_id, &e);
+                    if persistent {
+                        match stored {
+                            Some(rx) => match rx.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => {
+                                    return store_unavailable("storing an MCP server", req_id, &e);
+                                }
+                                Err(_) => {
+                                    return store_unavailable(
+                                        "storing an MCP server",
+                                        req_id,
+                                        &"shutting down",
+                                    );
+                                }
+                            },
+                            None => {
+                                return store_unavailable(
+                                    "storing an MCP server",
+                                    req_id,
+                                    &"store queue full",
+                                );
+                            }
+                        }
                     }
                     Some(
                         BrokerFrame::McpRegisterAck(McpRegisterAck {
@@ -1970,14 +2335,10 @@ impl Live {
                 let frame = system_push(self.mesh_id(), "mcp_unregistered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
                 if persistent {
-                    let db = self.ctx.db.clone();
-                    let mesh_id = self.mesh_id().to_owned();
-                    self.pending.push_back(Box::pin(async move {
-                        if let Err(e) = db.delete_mcp_server(&mesh_id, &server_name).await {
-                            warn!(cause = %e, "deleting an MCP server");
-                        }
-                        None
-                    }));
+                    self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
+                        mesh_id: self.mesh_id().to_owned(),
+                        name: server_name,
+                    });
                 }
                 None
             }
@@ -2297,10 +2658,11 @@ impl Live {
             .unwrap_or_default();
         self.pending.push_back(Box::pin(async move {
             let id = mesh.row.id.clone();
-            let (memory_count, tasks, streams) = match tokio::try_join!(
+            let (memory_count, tasks, streams, file_count) = match tokio::try_join!(
                 db.memory_count(&id),
                 db.task_counts(&id),
-                db.streams(&id)
+                db.streams(&id),
+                db.file_count(&id, now_ms())
             ) {
                 Ok(v) => v,
                 Err(e) => return store_unavailable("mesh_info", req_id, &e),
@@ -2314,7 +2676,7 @@ impl Live {
                     .collect(),
                 state_keys: mesh.state_list().into_iter().map(|(k, _)| k).collect(),
                 memory_count,
-                file_count: 0,
+                file_count,
                 tasks: TaskCounts {
                     open: tasks.0,
                     claimed: tasks.1,
@@ -2858,6 +3220,30 @@ impl Live {
     /// persistent ones go offline (returned, to store); calls it hosted fail, calls it
     /// made end.
     fn mcp_gone(&self, now: i64) -> Vec<String> {
+        // Relayed file requests this connection was asked fail now; its own are dropped.
+        for (kind, path, asker, req_id) in self.ctx.relay.conn_gone(self.conn) {
+            use meshd_protocol::broker::{PeerDirResponseForward, PeerFileResponseForward};
+            let error = Some("the asked peer disconnected".to_owned());
+            let frame = match kind {
+                crate::relay::Kind::File => {
+                    BrokerFrame::PeerFileResponseForward(PeerFileResponseForward {
+                        file_path: path,
+                        content: None,
+                        error,
+                        req_id,
+                    })
+                }
+                crate::relay::Kind::Dir => {
+                    BrokerFrame::PeerDirResponseForward(PeerDirResponseForward {
+                        dir_path: path,
+                        entries: None,
+                        error,
+                        req_id,
+                    })
+                }
+            };
+            offer(&asker, Outbound::Frame(frame.to_json().into()));
+        }
         let gone = self.ctx.mcp.conn_gone(self.mesh_id(), self.conn, now);
         if !self.ctx.sessions_cancel.is_cancelled() {
             for (name, hosted_by) in gone.removed {
@@ -2903,12 +3289,12 @@ impl Live {
         }
         let _ = self.ctx.writer.flush().await;
         let peer = self.mesh.unregister(self.conn);
-        let offline = self.mcp_gone(now);
-        let (db, mesh_id) = (self.ctx.db.clone(), self.mesh_id().to_owned());
-        for name in offline {
-            if let Err(e) = db.mcp_server_offline(&mesh_id, &name, Some(now)).await {
-                warn!(cause = %e, server = %name, "storing an MCP server offline");
-            }
+        for name in self.mcp_gone(now) {
+            self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
+                mesh_id: self.mesh_id().to_owned(),
+                name,
+                since: Some(now),
+            });
         }
         if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
             fed.presence_gone(self.mesh_id(), p.routing_key());

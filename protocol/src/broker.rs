@@ -84,6 +84,22 @@ pub enum BrokerFrame {
     McpCallResult(McpCallResult),
     /// A call for the host of an MCP server (no `_reqId`: the host answers by `callId`).
     McpCallForward(McpCallForward),
+    /// Answer to `get_file`.
+    FileUrl(FileUrl),
+    /// Answer to `list_files`.
+    FileList(FileList),
+    /// Answer to `file_status`.
+    FileStatusResult(FileStatusResult),
+    /// Answer to `grant_file_access`.
+    GrantFileAccessOk(GrantFileAccessOk),
+    /// Another peer asks this one for a file.
+    PeerFileRequestForward(PeerFileRequestForward),
+    /// The asked peer's answer.
+    PeerFileResponseForward(PeerFileResponseForward),
+    /// Another peer asks this one for a directory listing.
+    PeerDirRequestForward(PeerDirRequestForward),
+    /// The asked peer's listing.
+    PeerDirResponseForward(PeerDirResponseForward),
     /// A refusal.
     Error(ErrorFrame),
 }
@@ -1010,4 +1026,155 @@ pub struct McpCallForward {
     pub args: Box<RawValue>,
     /// Display name of the caller.
     pub caller_name: String,
+}
+
+/// `file_url`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileUrl {
+    /// File id.
+    pub file_id: String,
+    /// A short-lived signed download URL.
+    pub url: String,
+    /// File name.
+    pub name: String,
+    /// Whether the bytes are E2E-encrypted (opaque to the broker).
+    pub encrypted: bool,
+    /// The file key sealed for the caller, for an encrypted file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<String>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// A file in `file_list`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Bytes.
+    pub size: i64,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Uploader's display name.
+    pub uploaded_by: String,
+    /// ISO upload time.
+    pub uploaded_at: String,
+    /// Kept until deleted (else it expires).
+    pub persistent: bool,
+    /// E2E-encrypted.
+    pub encrypted: bool,
+}
+
+/// `file_list`.
+#[derive(Debug, Serialize)]
+pub struct FileList {
+    /// Newest first.
+    pub files: Vec<FileEntry>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// One download in `file_status_result`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileAccess {
+    /// Who.
+    pub peer_name: String,
+    /// ISO time.
+    pub accessed_at: String,
+}
+
+/// `file_status_result`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileStatusResult {
+    /// File id.
+    pub file_id: String,
+    /// Downloads (URLs handed out), newest first.
+    pub accesses: Vec<FileAccess>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `grant_file_access_ok`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantFileAccessOk {
+    /// File id.
+    pub file_id: String,
+    /// The peer granted.
+    pub peer_pubkey: String,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `peer_file_request_forward`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerFileRequestForward {
+    /// Who asks (answer to this key).
+    pub requester_pubkey: String,
+    /// Path.
+    pub file_path: String,
+    /// The requester's correlation id, passed through.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `peer_file_response_forward`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerFileResponseForward {
+    /// Path.
+    pub file_path: String,
+    /// The file, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The requester's correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `peer_dir_request_forward`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerDirRequestForward {
+    /// Who asks.
+    pub requester_pubkey: String,
+    /// Directory.
+    pub dir_path: String,
+    /// Glob filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// The requester's correlation id, passed through.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `peer_dir_response_forward`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerDirResponseForward {
+    /// Directory.
+    pub dir_path: String,
+    /// Entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<String>>,
+    /// Or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The requester's correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
 }

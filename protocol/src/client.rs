@@ -246,6 +246,57 @@ pub enum ClientFrame {
     McpCall(Box<McpCall>),
     /// The host's answer to an `mcp_call_forward` (no reply).
     McpCallResponse(Box<McpCallResponse>),
+    /// A download URL for a stored file.
+    GetFile {
+        /// File id.
+        file_id: String,
+    },
+    /// Stored files the caller may read, newest first.
+    ListFiles {
+        /// Case-insensitive substring of the name.
+        query: Option<String>,
+        /// Exact uploader name.
+        from: Option<String>,
+    },
+    /// Who downloaded a file.
+    FileStatus {
+        /// File id.
+        file_id: String,
+    },
+    /// Delete a stored file (owner or admin).
+    DeleteFile {
+        /// File id.
+        file_id: String,
+    },
+    /// Give a peer the sealed key of an encrypted file (owner only).
+    GrantFileAccess {
+        /// File id.
+        file_id: String,
+        /// The peer's key.
+        peer_pubkey: String,
+        /// The file key sealed for that peer (base64).
+        sealed_key: String,
+    },
+    /// Ask a peer for one of its files (relayed).
+    PeerFileRequest {
+        /// The asked peer's key.
+        target_pubkey: String,
+        /// Path relative to its shared directories.
+        file_path: String,
+    },
+    /// The asked peer's answer (relayed back; no reply).
+    PeerFileResponse(Box<PeerFileResponse>),
+    /// Ask a peer for a directory listing (relayed).
+    PeerDirRequest {
+        /// The asked peer's key.
+        target_pubkey: String,
+        /// Directory.
+        dir_path: String,
+        /// Glob filter.
+        pattern: Option<String>,
+    },
+    /// The asked peer's listing (relayed back; no reply).
+    PeerDirResponse(Box<PeerDirResponse>),
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -296,8 +347,17 @@ impl ClientFrame {
             | Self::CancelScheduled { .. }
             | Self::McpRegister(_)
             | Self::McpList
-            | Self::McpCall(_) => true,
+            | Self::McpCall(_)
+            | Self::GetFile { .. }
+            | Self::ListFiles { .. }
+            | Self::FileStatus { .. }
+            | Self::GrantFileAccess { .. }
+            | Self::PeerFileRequest { .. }
+            | Self::PeerDirRequest { .. } => true,
             Self::McpUnregister { .. } | Self::McpCallResponse(_) => false,
+            // Answered with an `ack` the CLI does not wait for.
+            Self::DeleteFile { .. } => false,
+            Self::PeerFileResponse(_) | Self::PeerDirResponse(_) => false,
             // `context_shared` is sent, but the CLI does not wait for it.
             Self::ShareContext(_) => false,
             Self::Forget { .. } => false,
@@ -770,6 +830,82 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             }
         }
         "mcp_list" => ClientFrame::McpList,
+        "get_file" | "file_status" | "delete_file" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct FileBody {
+                file_id: String,
+            }
+            let file_id = serde_json::from_str::<FileBody>(text)?.file_id;
+            match kind {
+                "get_file" => ClientFrame::GetFile { file_id },
+                "file_status" => ClientFrame::FileStatus { file_id },
+                _ => ClientFrame::DeleteFile { file_id },
+            }
+        }
+        "list_files" => {
+            #[derive(Deserialize)]
+            struct ListBody {
+                #[serde(default)]
+                query: Option<String>,
+                #[serde(default)]
+                from: Option<String>,
+            }
+            let b: ListBody = serde_json::from_str(text)?;
+            ClientFrame::ListFiles {
+                query: b.query.filter(|q| !q.is_empty()),
+                from: b.from.filter(|f| !f.is_empty()),
+            }
+        }
+        "grant_file_access" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct GrantBody {
+                file_id: String,
+                peer_pubkey: String,
+                sealed_key: String,
+            }
+            let b: GrantBody = serde_json::from_str(text)?;
+            ClientFrame::GrantFileAccess {
+                file_id: b.file_id,
+                peer_pubkey: b.peer_pubkey,
+                sealed_key: b.sealed_key,
+            }
+        }
+        "peer_file_request" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Body {
+                target_pubkey: String,
+                file_path: String,
+            }
+            let b: Body = serde_json::from_str(text)?;
+            ClientFrame::PeerFileRequest {
+                target_pubkey: b.target_pubkey,
+                file_path: b.file_path,
+            }
+        }
+        "peer_dir_request" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Body {
+                target_pubkey: String,
+                #[serde(default)]
+                dir_path: String,
+                #[serde(default)]
+                pattern: Option<String>,
+            }
+            let b: Body = serde_json::from_str(text)?;
+            ClientFrame::PeerDirRequest {
+                target_pubkey: b.target_pubkey,
+                dir_path: b.dir_path,
+                pattern: b.pattern,
+            }
+        }
+        "peer_file_response" => {
+            ClientFrame::PeerFileResponse(Box::new(serde_json::from_str(text)?))
+        }
+        "peer_dir_response" => ClientFrame::PeerDirResponse(Box::new(serde_json::from_str(text)?)),
         "mcp_call" => ClientFrame::McpCall(Box::new(serde_json::from_str(text)?)),
         "mcp_call_response" => ClientFrame::McpCallResponse(Box::new(serde_json::from_str(text)?)),
         "cancel_scheduled" => {
@@ -868,6 +1004,39 @@ pub struct Schedule {
     pub deliver_at: i64,
     /// 5-field cron expression.
     pub cron: Option<String>,
+}
+
+/// `peer_file_response`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerFileResponse {
+    /// Who asked.
+    pub requester_pubkey: String,
+    /// The path asked for.
+    pub file_path: String,
+    /// The file, base64.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Or why not.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `peer_dir_response`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerDirResponse {
+    /// Who asked.
+    pub requester_pubkey: String,
+    /// The directory asked for.
+    #[serde(default)]
+    pub dir_path: String,
+    /// Its entries.
+    #[serde(default)]
+    pub entries: Option<Vec<String>>,
+    /// Or why not.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// One tool of an MCP server.
@@ -1129,6 +1298,40 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
             if c.args.as_ref().is_some_and(|a| !a.get().starts_with('{')) {
                 return Err("MCP call args must be an object");
             }
+        }
+        ClientFrame::GetFile { file_id }
+        | ClientFrame::FileStatus { file_id }
+        | ClientFrame::DeleteFile { file_id }
+        | ClientFrame::GrantFileAccess { file_id, .. }
+            if file_id.is_empty() || file_id.len() > MAX_NAME_LEN =>
+        {
+            return Err("fileId must be 1..=256 bytes");
+        }
+        ClientFrame::GrantFileAccess {
+            peer_pubkey,
+            sealed_key,
+            ..
+        } if peer_pubkey.len() > MAX_NAME_LEN
+            || sealed_key.is_empty()
+            || sealed_key.len() > MAX_PROFILE_FIELD_BYTES =>
+        {
+            return Err("grant_file_access needs a peerPubkey and a sealedKey of at most 4 KiB");
+        }
+        ClientFrame::ListFiles { query, from }
+            if opt_len(query, MAX_NAME_LEN) && opt_len(from, MAX_NAME_LEN) => {}
+        ClientFrame::ListFiles { .. } => {
+            return Err("list_files query and from are at most 256 bytes");
+        }
+        ClientFrame::PeerFileRequest {
+            target_pubkey,
+            file_path: path,
+        }
+        | ClientFrame::PeerDirRequest {
+            target_pubkey,
+            dir_path: path,
+            ..
+        } if target_pubkey.len() > MAX_NAME_LEN || path.len() > MAX_PATH_LEN => {
+            return Err("peer file requests take a key and a path of at most 4 KiB");
         }
         ClientFrame::McpCallResponse(r)
             if r.call_id.is_empty()

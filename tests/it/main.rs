@@ -33,6 +33,7 @@ mod contexts;
 mod durability;
 mod enroll;
 mod federation;
+mod files;
 mod frames;
 mod gating;
 mod handshake;

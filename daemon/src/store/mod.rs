@@ -530,6 +530,7 @@ impl WriterConn {
 pub mod audit;
 pub mod contexts;
 mod fed;
+pub mod files;
 pub mod mcp;
 pub mod memory;
 pub mod schedule;

@@ -1,0 +1,483 @@
+//! Stored files: the bytes under `<data_dir>/files/<mesh_id>/<file_id>` (written to a
+//! temporary name, synced, then renamed, so a crash never leaves half a file under a
+//! live id), the metadata in the store (both backends).
+//!
+//! Uploads are authenticated (see [`upload`]); downloads go through short-lived URLs
+//! signed with an HMAC key of this broker, handed out by `get_file` after the access
+//! check, so a URL proves that check passed without a session on the HTTP side.
+//! Encrypted files are opaque blobs: the broker stores and serves them byte for byte
+//! and keeps the sealed keys it is given.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hmac::{KeyInit as _, Mac as _};
+use meshd_protocol::routing::TargetSpec;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use tracing::warn;
+
+use crate::Ctx;
+use crate::ids::now_ms;
+use crate::store::files::FileRow;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// How long a download URL works.
+pub(crate) const URL_TTL_MS: i64 = 5 * 60_000;
+/// How long a non-persistent file is kept.
+const EPHEMERAL_TTL_MS: i64 = 24 * 3_600_000;
+/// Sealed keys one upload may carry.
+const MAX_FILE_KEYS: usize = 1_024;
+/// Uploads signed this far from the broker's clock are refused.
+const UPLOAD_SKEW_MS: i64 = 5 * 60_000;
+
+/// Where the bytes are and the key that signs download URLs.
+#[derive(Debug)]
+pub(crate) struct Files {
+    dir: PathBuf,
+    url_key: [u8; 32],
+}
+
+/// Why the file store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FilesError {
+    /// The URL key file.
+    #[error(transparent)]
+    Key(#[from] meshd_certs::SecretFileError),
+    /// The URL key file holds something else.
+    #[error("{0}: not a file URL key (64 hex characters)")]
+    Corrupt(String),
+    /// Disk.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FilesError + '_ {
+    move |source| FilesError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Ids that become path components: only what meshd generates (base62, `-`, `_`).
+fn safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Files {
+    /// Opens the store under `data_dir`, creating the URL key (0600) on first use.
+    pub(crate) fn open(data_dir: &Path) -> Result<Self, FilesError> {
+        let key_path = data_dir.join("keys").join("files-url.key");
+        if !key_path.exists() {
+            let key = crate::ids::random_bytes::<32>();
+            meshd_certs::write_secret_file(&key_path, hex::encode(key).as_bytes())?;
+        }
+        let text = meshd_certs::read_secret_file(&key_path)?;
+        let url_key: [u8; 32] = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| hex::decode(t.trim()).ok())
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| FilesError::Corrupt(key_path.display().to_string()))?;
+        let dir = data_dir.join("files");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Self { dir, url_key })
+    }
+
+    fn path(&self, mesh_id: &str, file_id: &str) -> Option<PathBuf> {
+        (safe_component(mesh_id) && safe_component(file_id))
+            .then(|| self.dir.join(mesh_id).join(file_id))
+    }
+
+    fn mac(&self, mesh_id: &str, file_id: &str, exp: i64) -> HmacSha256 {
+        #[allow(clippy::expect_used)]
+        let mut mac = HmacSha256::new_from_slice(&self.url_key).expect("HMAC takes any key length");
+        mac.update(format!("meshd-file-url-v1\n{mesh_id}\n{file_id}\n{exp}").as_bytes());
+        mac
+    }
+
+    /// A download URL valid until `exp` (ms).
+    pub(crate) fn signed_url(&self, base: &str, mesh_id: &str, file_id: &str, exp: i64) -> String {
+        let sig = hex::encode(self.mac(mesh_id, file_id, exp).finalize().into_bytes());
+        format!("{base}/files/{mesh_id}/{file_id}?exp={exp}&sig={sig}")
+    }
+
+    fn verify(&self, mesh_id: &str, file_id: &str, exp: i64, sig: &str) -> bool {
+        hex::decode(sig).is_ok_and(|s| self.mac(mesh_id, file_id, exp).verify_slice(&s).is_ok())
+    }
+
+    /// Writes the bytes durably; returns their SHA-256 (hex).
+    async fn write(
+        &self,
+        mesh_id: &str,
+        file_id: &str,
+        body: &Bytes,
+    ) -> Result<String, FilesError> {
+        let Some(path) = self.path(mesh_id, file_id) else {
+            return Err(FilesError::Corrupt(format!("{mesh_id}/{file_id}")));
+        };
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err(&dir))?;
+        let tmp = dir.join(format!(".{file_id}.part"));
+        {
+            use tokio::io::AsyncWriteExt as _;
+            let mut f = tokio::fs::File::create(&tmp).await.map_err(io_err(&tmp))?;
+            f.write_all(body).await.map_err(io_err(&tmp))?;
+            f.sync_all().await.map_err(io_err(&tmp))?;
+        }
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(io_err(&path))?;
+        if let Ok(d) = tokio::fs::File::open(&dir).await {
+            let _ = d.sync_all().await;
+        }
+        Ok(hex::encode(Sha256::digest(body)))
+    }
+
+    /// Removes a file's bytes (deleted or expired).
+    pub(crate) async fn remove(&self, mesh_id: &str, file_id: &str) {
+        if let Some(path) = self.path(mesh_id, file_id)
+            && let Err(e) = tokio::fs::remove_file(&path).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(cause = %e, path = %path.display(), "removing a file's bytes");
+        }
+    }
+}
+
+/// Whether `reader` may read `f`: the uploader always; the whole mesh when the file
+/// has no target; else a target key that is the reader's member or session key,
+/// `*`, or an `@group` the reader is in (sub-groups reach, as for messages).
+pub(crate) fn may_read(
+    f: &FileRow,
+    member_id: &str,
+    keys: &[&str],
+    groups: &[meshd_protocol::client::GroupEntry],
+) -> bool {
+    if f.uploader_member_id == member_id {
+        return true;
+    }
+    let Some(spec) = f.target_spec.as_deref() else {
+        return true;
+    };
+    match TargetSpec::parse(spec) {
+        Ok(TargetSpec::Broadcast) => true,
+        Ok(TargetSpec::Direct(pk)) => keys.contains(&pk.to_hex().as_str()),
+        Ok(TargetSpec::Group(g)) => groups
+            .iter()
+            .any(|e| meshd_protocol::routing::group_reaches(&g, &e.name)),
+        _ => false,
+    }
+}
+
+fn reply(code: StatusCode, v: serde_json::Value) -> Response {
+    (code, axum::Json(v)).into_response()
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// Who uploads.
+struct Uploader {
+    member_id: String,
+    name: String,
+    /// The key that identifies the uploader (signing key, or the presence's key).
+    key: String,
+}
+
+/// `POST /upload`: the reference's headers (`X-Mesh-Id`, `X-File-Name`, `X-Tags`,
+/// `X-Persistent`, `X-Target-Spec`, `X-Encrypted`, `X-Owner-Pubkey`, `X-File-Keys`),
+/// raw body up to `limits.max_upload_bytes`.
+///
+/// The reference accepted uploads from anyone who knew a mesh id. Here an upload is
+/// accepted when either
+/// - it is signed: `X-Meshd-Pubkey` (a member key, or a session key of a member, of
+///   the mesh), `X-Meshd-Timestamp` (ms, within 5 minutes) and `X-Meshd-Signature`,
+///   the ed25519 signature of `meshd-upload-v1\n<meshId>\n<fileName>\n<sha256 hex of
+///   the body>\n<timestamp>`; or
+/// - it is unsigned (the claudemesh 0.7.0 CLI, which cannot sign) and comes from the
+///   address of a live, authenticated connection of that mesh: the file is attributed
+///   to that connection's member (the most recent one from that address).
+///
+/// Anything else gets 401 with the reason.
+pub(crate) async fn upload(
+    State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let bad = |e: &str| reply(StatusCode::BAD_REQUEST, json!({"ok": false, "error": e}));
+    let (Some(mesh_id), Some(name)) = (
+        header_str(&headers, "x-mesh-id"),
+        header_str(&headers, "x-file-name"),
+    ) else {
+        return bad("X-Mesh-Id, X-Member-Id and X-File-Name are required");
+    };
+    if body.is_empty() {
+        return bad("empty body");
+    }
+    if name.len() > 255 || name.contains(['/', '\\', '\0']) || name == "." || name == ".." {
+        return bad("X-File-Name must be a plain file name of at most 255 bytes");
+    }
+    let Ok(Some(mesh)) = ctx.hub.mesh(&ctx.db, mesh_id).await else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"ok": false, "error": "no such mesh"}),
+        );
+    };
+    let now = now_ms();
+    let digest = hex::encode(Sha256::digest(&body));
+    let uploader = match header_str(&headers, "x-meshd-pubkey") {
+        Some(key) => {
+            let ts = header_str(&headers, "x-meshd-timestamp").and_then(|t| t.parse::<i64>().ok());
+            let sig = header_str(&headers, "x-meshd-signature");
+            let (Some(ts), Some(sig)) = (ts, sig) else {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"ok": false, "error": "a signed upload needs X-Meshd-Timestamp and X-Meshd-Signature"}),
+                );
+            };
+            if (now - ts).abs() > UPLOAD_SKEW_MS {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"ok": false, "error": "X-Meshd-Timestamp is more than 5 minutes from the broker's clock"}),
+                );
+            }
+            let message = format!("meshd-upload-v1\n{mesh_id}\n{name}\n{digest}\n{ts}");
+            let signed = match (
+                meshd_protocol::Pubkey::parse_hex(key),
+                meshd_protocol::keys::Signature::parse_hex(sig),
+            ) {
+                (Ok(pk), Ok(sig)) => pk.verify(message.as_bytes(), &sig),
+                _ => false,
+            };
+            let member = mesh.member_for_key(&key.to_ascii_lowercase());
+            match member {
+                Some((_, m)) if signed && !m.revoked => Uploader {
+                    member_id: m.id,
+                    name: m.display_name,
+                    key: key.to_ascii_lowercase(),
+                },
+                _ => {
+                    return reply(
+                        StatusCode::UNAUTHORIZED,
+                        json!({"ok": false, "error": "the upload signature does not verify for a member of this mesh"}),
+                    );
+                }
+            }
+        }
+        None => match mesh.uploader_at(remote.ip()) {
+            Some(u) => Uploader {
+                member_id: u.member_id,
+                name: u.display_name,
+                key: u.routing_key,
+            },
+            None => {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"ok": false, "error": "unsigned uploads are accepted only from the address of a connected peer of this mesh; sign the upload (X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature)"}),
+                );
+            }
+        },
+    };
+    let tags: Vec<String> = header_str(&headers, "x-tags")
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    if tags.len() > 64 || tags.iter().any(|t| t.len() > 256) {
+        return bad("at most 64 tags of up to 256 bytes");
+    }
+    let persistent = header_str(&headers, "x-persistent") != Some("false");
+    let target_spec = match header_str(&headers, "x-target-spec") {
+        None => None,
+        Some(t) => match TargetSpec::parse(t) {
+            Ok(TargetSpec::Direct(_) | TargetSpec::Broadcast | TargetSpec::Group(_)) => {
+                Some(t.to_owned())
+            }
+            _ => return bad("X-Target-Spec must be a member or session key, @group or *"),
+        },
+    };
+    let encrypted = header_str(&headers, "x-encrypted") == Some("true");
+    // The owner may grant access: the uploader, or one of its own keys it names.
+    let owner_pubkey = match header_str(&headers, "x-owner-pubkey") {
+        Some(k)
+            if mesh
+                .member_for_key(&k.to_ascii_lowercase())
+                .is_some_and(|(_, m)| m.id == uploader.member_id) =>
+        {
+            k.to_ascii_lowercase()
+        }
+        Some(_) => return bad("X-Owner-Pubkey must be a key of the uploading member"),
+        None => uploader.key.clone(),
+    };
+    let keys: Vec<(String, String)> = if encrypted {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct FileKey {
+            peer_pubkey: String,
+            sealed_key: String,
+        }
+        match header_str(&headers, "x-file-keys").map(serde_json::from_str::<Vec<FileKey>>) {
+            None => Vec::new(),
+            Some(Ok(k))
+                if k.len() <= MAX_FILE_KEYS
+                    && k.iter()
+                        .all(|k| k.peer_pubkey.len() <= 256 && k.sealed_key.len() <= 4096) =>
+            {
+                k.into_iter()
+                    .map(|k| (k.peer_pubkey.to_ascii_lowercase(), k.sealed_key))
+                    .collect()
+            }
+            Some(_) => return bad("X-File-Keys must be a JSON array of {peerPubkey, sealedKey}"),
+        }
+    } else {
+        Vec::new()
+    };
+    let id = crate::ids::random_id();
+    let sha256 = match ctx.files.write(&mesh.row.id, &id, &body).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(cause = %e, "storing an upload");
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"ok": false, "error": "the broker could not store the file"}),
+            );
+        }
+    };
+    let row = FileRow {
+        id: id.clone(),
+        mesh_id: mesh.row.id.clone(),
+        name: name.to_owned(),
+        size_bytes: i64::try_from(body.len()).unwrap_or(i64::MAX),
+        mime_type: header_str(&headers, "content-type").map(str::to_owned),
+        sha256,
+        tags: serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
+        persistent: i64::from(persistent),
+        encrypted: i64::from(encrypted),
+        owner_pubkey,
+        uploader_member_id: uploader.member_id,
+        uploaded_by_name: uploader.name,
+        target_spec,
+        uploaded_at: now,
+        expires_at: (!persistent).then_some(now + EPHEMERAL_TTL_MS),
+    };
+    if let Err(e) = ctx.db.insert_file(&row, &keys).await {
+        warn!(cause = %e, "storing an upload's metadata");
+        ctx.files.remove(&row.mesh_id, &id).await;
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"ok": false, "error": "the broker could not store the file"}),
+        );
+    }
+    reply(StatusCode::OK, json!({"ok": true, "fileId": id}))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DownloadQuery {
+    exp: i64,
+    sig: String,
+}
+
+/// `GET /files/<meshId>/<fileId>?exp=&sig=`: a URL from `get_file`, before it expires.
+pub(crate) async fn download(
+    State(ctx): State<Arc<Ctx>>,
+    UrlPath((mesh_id, file_id)): UrlPath<(String, String)>,
+    Query(q): Query<DownloadQuery>,
+) -> Response {
+    let now = now_ms();
+    if q.exp < now || !ctx.files.verify(&mesh_id, &file_id, q.exp, &q.sig) {
+        return reply(
+            StatusCode::FORBIDDEN,
+            json!({"ok": false, "error": "this download link is invalid or expired; ask get_file for a new one"}),
+        );
+    }
+    let row = match ctx.db.file(&mesh_id, &file_id, now).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                json!({"ok": false, "error": "no such file"}),
+            );
+        }
+        Err(e) => {
+            warn!(cause = %e, "reading a file row");
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ok": false, "error": "store unavailable"}),
+            );
+        }
+    };
+    let Some(path) = ctx.files.path(&mesh_id, &file_id) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"ok": false, "error": "no such file"}),
+        );
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(cause = %e, path = %path.display(), "opening a stored file");
+            return reply(
+                StatusCode::NOT_FOUND,
+                json!({"ok": false, "error": "the file's bytes are missing"}),
+            );
+        }
+    };
+    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let h = resp.headers_mut();
+    let mime = row
+        .mime_type
+        .as_deref()
+        .and_then(|m| HeaderValue::from_str(m).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_TYPE, mime);
+    if let Ok(v) = HeaderValue::from_str(&row.size_bytes.to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    let safe_name: String = row
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe_name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", row.sha256)) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}

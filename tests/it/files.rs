@@ -1,0 +1,280 @@
+//! Stored files (`POST /upload`, `get_file`, signed downloads, `list_files`,
+//! `file_status`, `delete_file`, `grant_file_access`) and the peer-to-peer relay
+//! (`peer_file_request` / `peer_dir_request`).
+
+use meshd_tests::broker::http_with;
+use meshd_tests::client::Client;
+use meshd_tests::{Backend, Member, TestBroker, now_ms};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+/// `POST /upload` with the reference's headers plus `extra`; returns (status, JSON).
+async fn upload(
+    broker: &TestBroker,
+    mesh_id: &str,
+    name: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(u16, Value)> {
+    let mut headers = vec![
+        ("Content-Type", "text/plain"),
+        ("X-Mesh-Id", mesh_id),
+        // The 0.7.0 CLI sends the mesh slug here; meshd does not trust it.
+        ("X-Member-Id", "whoever"),
+        ("X-File-Name", name),
+    ];
+    headers.extend_from_slice(extra);
+    let (status, _, payload) =
+        http_with(broker.addr, "POST", "/upload", &headers, Some(body)).await?;
+    Ok((status, serde_json::from_slice(&payload)?))
+}
+
+/// A signed upload as `signer` (member or session key).
+async fn signed_upload(
+    broker: &TestBroker,
+    signer: &meshd_tests::Keypair,
+    mesh_id: &str,
+    name: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(u16, Value)> {
+    let ts = now_ms().to_string();
+    let digest = hex::encode(sha2::Sha256::digest(body));
+    let sig = signer.sign_hex(&format!(
+        "meshd-upload-v1\n{mesh_id}\n{name}\n{digest}\n{ts}"
+    ));
+    let key = signer.public_hex();
+    let mut headers = vec![
+        ("X-Meshd-Pubkey", key.as_str()),
+        ("X-Meshd-Timestamp", ts.as_str()),
+        ("X-Meshd-Signature", sig.as_str()),
+    ];
+    headers.extend_from_slice(extra);
+    upload(broker, mesh_id, name, body, &headers).await
+}
+
+/// Downloads a `file_url` (its path on our broker).
+async fn download(broker: &TestBroker, url: &str) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    let path = url
+        .split_once(&broker.addr.to_string())
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_default();
+    anyhow::ensure!(path.starts_with("/files/"), "{url}");
+    http_with(broker.addr, "GET", &path, &[], None).await
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["files"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .filter_map(|x| x["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn connect(broker: &TestBroker, m: &Member) -> anyhow::Result<Client> {
+    broker.connect(m).await
+}
+
+both! {
+    /// Uploads are authenticated (signed, or unsigned from a connected peer's address);
+    /// downloads go through short-lived signed URLs; targets limit who sees a file;
+    /// deletion is the uploader's or an admin's; encrypted files stay opaque and their
+    /// sealed keys go only to the peers they were granted to.
+    async fn stored_files(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let mesh = broker.create_mesh("files").await?;
+        let (ann, bo, cy) = (
+            broker.enroll(&mesh, "ann").await?,
+            broker.enroll(&mesh, "bo").await?,
+            broker.enroll(&mesh, "cy").await?,
+        );
+        let mut c = connect(&broker, &bo).await?;
+        // Connected last from this address: unsigned uploads from it are ann's.
+        let mut a = connect(&broker, &ann).await?;
+
+        let (st, up) = upload(&broker, &mesh.mesh_id, "notes.txt", b"hello files", &[("X-Tags", r#"["doc"]"#)]).await?;
+        assert_eq!((st, up["ok"].as_bool()), (200, Some(true)), "{up}");
+        let notes = up["fileId"].as_str().unwrap_or_default().to_owned();
+
+        // Nobody of this mesh is connected from here: an unsigned upload is refused.
+        let other = broker.create_mesh("elsewhere").await?;
+        let (st, r) = upload(&broker, &other.mesh_id, "x.txt", b"x", &[]).await?;
+        assert_eq!(st, 401, "{r}");
+        // A signature that does not verify is refused; so is an empty body.
+        let (st, _) = upload(&broker, &mesh.mesh_id, "x.txt", b"x", &[("X-Meshd-Pubkey", &bo.keys.public_hex()), ("X-Meshd-Timestamp", &now_ms().to_string()), ("X-Meshd-Signature", &"00".repeat(64))]).await?;
+        assert_eq!(st, 401);
+        let (st, _) = upload(&broker, &mesh.mesh_id, "x.txt", b"", &[]).await?;
+        assert_eq!(st, 400);
+        let (st, _) = upload(&broker, &mesh.mesh_id, "../etc/passwd", b"x", &[]).await?;
+        assert_eq!(st, 400);
+
+        // A signed upload by bo, for ann only.
+        let a_key = a.key();
+        let (st, up) = signed_upload(&broker, &bo.keys, &mesh.mesh_id, "for-ann.md", b"# private", &[("X-Target-Spec", a_key.as_str())]).await?;
+        assert_eq!(st, 200, "{up}");
+        let private = up["fileId"].as_str().unwrap_or_default().to_owned();
+
+        let list = c.request(json!({"type": "list_files"})).await?;
+        assert_eq!(names(&list), vec!["for-ann.md", "notes.txt"], "{list}");
+        let entry = list["files"].as_array().and_then(|f| f.iter().find(|x| x["name"] == "notes.txt").cloned()).unwrap_or_default();
+        assert_eq!((entry["uploadedBy"].as_str(), entry["size"].as_i64(), entry["tags"].clone()), (Some("ann"), Some(11), json!(["doc"])));
+        let mut y = connect(&broker, &cy).await?;
+        let list = y.request(json!({"type": "list_files"})).await?;
+        assert_eq!(names(&list), vec!["notes.txt"], "a targeted file is listed to its targets only");
+        let denied = y.request(json!({"type": "get_file", "fileId": private})).await?;
+        assert_eq!(denied["code"], "forbidden");
+        let found = y.request(json!({"type": "list_files", "query": "NOTES", "from": "ann"})).await?;
+        assert_eq!(names(&found), vec!["notes.txt"]);
+
+        // get_file → a URL that serves the bytes; a tampered URL is refused.
+        let url = a.request(json!({"type": "get_file", "fileId": private})).await?;
+        assert_eq!((url["type"].as_str(), url["name"].as_str(), url["encrypted"].as_bool()), (Some("file_url"), Some("for-ann.md"), Some(false)), "{url}");
+        let link = url["url"].as_str().unwrap_or_default().to_owned();
+        let (st, head, bytes) = download(&broker, &link).await?;
+        assert_eq!((st, bytes.as_slice()), (200, b"# private".as_slice()));
+        assert!(head.to_ascii_lowercase().contains("content-disposition: attachment; filename=\"for-ann.md\""), "{head}");
+        let tampered = link.replace("exp=", "exp=9");
+        assert_eq!(download(&broker, &tampered).await?.0, 403);
+        let forged = format!("{}{}", &link[..link.len() - 4], "0000");
+        assert_eq!(download(&broker, &forged).await?.0, 403);
+        let status = c.request(json!({"type": "file_status", "fileId": private})).await?;
+        assert_eq!(status["accesses"][0]["peerName"], "ann", "{status}");
+
+        // Deletion: not by another member; by the uploader, after which the link is dead.
+        let refused = y.request(json!({"type": "delete_file", "fileId": notes})).await?;
+        assert_eq!((refused["type"].as_str(), refused["id"].as_str()), (Some("ack"), Some(notes.as_str())));
+        assert!(refused["error"].is_string(), "{refused}");
+        let notes_url = c.request(json!({"type": "get_file", "fileId": notes})).await?["url"].as_str().unwrap_or_default().to_owned();
+        let ok = a.request(json!({"type": "delete_file", "fileId": notes})).await?;
+        assert!(ok["error"].is_null(), "{ok}");
+        assert_eq!(c.request(json!({"type": "get_file", "fileId": notes})).await?["code"], "not_found");
+        assert_eq!(download(&broker, &notes_url).await?.0, 404);
+
+        // Encrypted: opaque bytes; the sealed key goes to the peers it was made for.
+        let blob: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        let keys = json!([{"peerPubkey": a_key, "sealedKey": "SEALED-FOR-ANN"}]).to_string();
+        // (Signed: unsigned uploads from this address are now cy's, who connected last.)
+        let (st, up) = signed_upload(&broker, &ann.keys, &mesh.mesh_id, "secret.bin", &blob, &[("X-Encrypted", "true"), ("X-Owner-Pubkey", &a_key), ("X-File-Keys", &keys)]).await?;
+        assert_eq!(st, 200, "{up}");
+        let secret = up["fileId"].as_str().unwrap_or_default().to_owned();
+        let mine = a.request(json!({"type": "get_file", "fileId": secret})).await?;
+        assert_eq!((mine["encrypted"].as_bool(), mine["sealedKey"].as_str()), (Some(true), Some("SEALED-FOR-ANN")));
+        let theirs = c.request(json!({"type": "get_file", "fileId": secret})).await?;
+        assert!(theirs["sealedKey"].is_null(), "{theirs}");
+        let (_, _, bytes) = download(&broker, theirs["url"].as_str().unwrap_or_default()).await?;
+        assert_eq!(bytes, blob, "stored and served byte for byte");
+        let c_key = c.key();
+        let grab = c.request(json!({"type": "grant_file_access", "fileId": secret, "peerPubkey": c_key, "sealedKey": "MINE-NOW"})).await?;
+        assert_eq!(grab["code"], "forbidden");
+        let grant = a.request(json!({"type": "grant_file_access", "fileId": secret, "peerPubkey": c_key, "sealedKey": "SEALED-FOR-BO"})).await?;
+        assert_eq!(grant["type"], "grant_file_access_ok", "{grant}");
+        let theirs = c.request(json!({"type": "get_file", "fileId": secret})).await?;
+        assert_eq!(theirs["sealedKey"], "SEALED-FOR-BO");
+
+        let info = a.request(json!({"type": "mesh_info"})).await?;
+        assert_eq!(info["fileCount"], 2, "{info}");
+        Ok(())
+    }
+}
+
+/// The relay passes a request to the asked peer and only that peer's answer back;
+/// an answer injected by another peer is dropped; a peer that leaves fails the
+/// requests it was asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_file_relay() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("relay").await?;
+    let (ann, bo, cy) = (
+        broker.enroll(&mesh, "ann").await?,
+        broker.enroll(&mesh, "bo").await?,
+        broker.enroll(&mesh, "cy").await?,
+    );
+    let (mut a, mut c, mut y) = (
+        connect(&broker, &ann).await?,
+        connect(&broker, &bo).await?,
+        connect(&broker, &cy).await?,
+    );
+    let (a_key, c_key) = (a.key(), c.key());
+
+    a.send(json!({"type": "peer_file_request", "targetPubkey": c_key, "filePath": "src/main.rs", "_reqId": "f1"})).await?;
+    let fwd =
+        c.ws.expect("peer_file_request_forward", |v| {
+            v["type"] == "peer_file_request_forward"
+        })
+        .await?;
+    assert_eq!(
+        fwd,
+        json!({"type": "peer_file_request_forward", "requesterPubkey": a_key, "filePath": "src/main.rs", "_reqId": "f1"})
+    );
+    // Someone else answers first: dropped.
+    y.send(json!({"type": "peer_file_response", "requesterPubkey": a_key, "filePath": "src/main.rs", "content": "ZXZpbA==", "_reqId": "f1"})).await?;
+    y.sync().await?;
+    c.send(json!({"type": "peer_file_response", "requesterPubkey": a_key, "filePath": "src/main.rs", "content": "aGVsbG8=", "_reqId": "f1"})).await?;
+    let got =
+        a.ws.expect("peer_file_response_forward", |v| {
+            v["type"] == "peer_file_response_forward"
+        })
+        .await?;
+    assert_eq!(
+        got,
+        json!({"type": "peer_file_response_forward", "filePath": "src/main.rs", "content": "aGVsbG8=", "_reqId": "f1"})
+    );
+    a.sync().await?;
+    assert!(
+        a.ws.backlog()
+            .iter()
+            .all(|v| v["type"] != "peer_file_response_forward"),
+        "{:?}",
+        a.ws.backlog()
+    );
+
+    a.send(json!({"type": "peer_dir_request", "targetPubkey": c_key, "dirPath": "src", "pattern": "*.rs", "_reqId": "d1"})).await?;
+    let fwd =
+        c.ws.expect("peer_dir_request_forward", |v| {
+            v["type"] == "peer_dir_request_forward"
+        })
+        .await?;
+    assert_eq!(
+        (fwd["dirPath"].as_str(), fwd["pattern"].as_str()),
+        (Some("src"), Some("*.rs"))
+    );
+    c.send(json!({"type": "peer_dir_response", "requesterPubkey": a_key, "dirPath": "src", "entries": ["main.rs", "lib.rs"], "_reqId": "d1"})).await?;
+    let got =
+        a.ws.expect("peer_dir_response_forward", |v| {
+            v["type"] == "peer_dir_response_forward"
+        })
+        .await?;
+    assert_eq!(
+        (got["entries"].clone(), got["_reqId"].as_str()),
+        (json!(["main.rs", "lib.rs"]), Some("d1"))
+    );
+
+    let missing = a
+        .request(
+            json!({"type": "peer_file_request", "targetPubkey": "ab".repeat(32), "filePath": "x"}),
+        )
+        .await?;
+    assert_eq!(missing["code"], "peer_not_found");
+
+    // The asked peer leaves with a request open: the asker hears at once.
+    a.send(json!({"type": "peer_file_request", "targetPubkey": c_key, "filePath": "big.log", "_reqId": "f2"})).await?;
+    c.ws.expect("second forward", |v| v["filePath"] == "big.log")
+        .await?;
+    c.close().await;
+    let got =
+        a.ws.expect("failure", |v| {
+            v["type"] == "peer_file_response_forward" && v["_reqId"] == "f2"
+        })
+        .await?;
+    assert!(
+        got["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("disconnected"),
+        "{got}"
+    );
+    Ok(())
+}
