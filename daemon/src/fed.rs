@@ -739,6 +739,30 @@ impl Fed {
         self.to_every_link(&mesh_id, Frame::StreamData(Box::new(p)));
     }
 
+    /// A member hosted here remembered something.
+    pub(crate) fn memory_remembered(&self, m: meshd_protocol::fed::MemorySet) {
+        let mesh_id = m.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::Memory(Box::new(m)));
+    }
+
+    /// A member here forgot a memory.
+    pub(crate) fn memory_forgotten(&self, mesh_id: &str, id: &str, at: i64) {
+        self.to_every_link(
+            mesh_id,
+            Frame::Forget {
+                mesh_id: mesh_id.to_owned(),
+                id: id.to_owned(),
+                at,
+            },
+        );
+    }
+
+    /// A member hosted here shared its context.
+    pub(crate) fn context_shared(&self, c: meshd_protocol::fed::ContextSet) {
+        let mesh_id = c.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::Context(Box::new(c)));
+    }
+
     /// A skill was shared or removed here.
     pub(crate) fn skill_changed(&self, set: SkillSet) {
         let mesh_id = set.mesh_id.clone();
@@ -1019,6 +1043,44 @@ impl Fed {
                     }
                 }
                 Err(e) => warn!(cause = %e, "reading skills for a peer"),
+            }
+            // Memories and contexts of the members hosted here (and every forgetting:
+            // any member may forget), so a peer that missed live frames catches up.
+            let local: HashMap<String, String> = hub
+                .local_members()
+                .into_iter()
+                .map(|(pk, m)| (m.id, pk))
+                .collect();
+            match ctx.db.memories_by(&m, MEMORY_CATCH_UP).await {
+                Ok(rows) => {
+                    for (row, forgotten_at) in rows {
+                        let frame = match local.get(&row.remembered_by) {
+                            Some(pk) => Frame::Memory(Box::new(memory_set(row, pk, forgotten_at))),
+                            None => match forgotten_at {
+                                Some(at) => Frame::Forget {
+                                    mesh_id: row.mesh_id,
+                                    id: row.id,
+                                    at,
+                                },
+                                None => continue,
+                            },
+                        };
+                        let _ = link.live.try_send(frame);
+                    }
+                }
+                Err(e) => warn!(cause = %e, "reading memories for a peer"),
+            }
+            match ctx.db.contexts(&m).await {
+                Ok(rows) => {
+                    for row in rows {
+                        if let Some(pk) = local.get(&row.member_id) {
+                            let _ = link
+                                .live
+                                .try_send(Frame::Context(Box::new(context_set(row, pk))));
+                        }
+                    }
+                }
+                Err(e) => warn!(cause = %e, "reading contexts for a peer"),
             }
             // State converges by newest write: send ours.
             for (key, v) in hub.state_list() {
@@ -1964,6 +2026,28 @@ impl Fed {
                         ctx.metrics.fed_refused.inc(reason.as_str());
                     }
                 }
+                Frame::Memory(m) => {
+                    if let Err(reason) = apply_memory(&ctx, &link, *m).await {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
+                Frame::Forget { mesh_id, id, at } => {
+                    if !link.accepts(&mesh_id) || id.len() > 64 {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics
+                            .fed_refused
+                            .inc(RejectReason::NotShared.as_str());
+                    } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
+                        warn!(cause = %e, "storing a peer's forget");
+                    }
+                }
+                Frame::Context(c) => {
+                    if let Err(reason) = apply_context(&ctx, &link, *c).await {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
                 other => return Err(protocol_error(&other, "live")),
             }
         }
@@ -2091,6 +2175,148 @@ async fn deliver_event(ctx: &Ctx, link: &LinkShared, e: EventPush) -> Result<(),
     });
     hub.announce(&Utf8Bytes::from(push.to_json()), 0, None);
     Ok(())
+}
+
+/// Memories a peer broker is sent when its link comes up (newest first).
+const MEMORY_CATCH_UP: i64 = 10_000;
+
+/// A stored memory as a federation frame.
+pub(crate) fn memory_set(
+    row: crate::store::memory::MemoryRow,
+    pubkey: &str,
+    forgotten_at: Option<i64>,
+) -> meshd_protocol::fed::MemorySet {
+    meshd_protocol::fed::MemorySet {
+        mesh_id: row.mesh_id,
+        id: row.id,
+        content: row.content,
+        tags: row.tags,
+        remembered_by: row.remembered_by,
+        remembered_by_pubkey: pubkey.to_owned(),
+        remembered_by_name: row.remembered_by_name,
+        remembered_at: row.remembered_at,
+        forgotten_at,
+    }
+}
+
+/// A stored context as a federation frame.
+pub(crate) fn context_set(
+    row: crate::store::contexts::ContextRow,
+    pubkey: &str,
+) -> meshd_protocol::fed::ContextSet {
+    use crate::store::contexts::ContextRow;
+    meshd_protocol::fed::ContextSet {
+        files_read: ContextRow::list(&row.files_read),
+        key_findings: ContextRow::list(&row.key_findings),
+        tags: ContextRow::list(&row.tags),
+        mesh_id: row.mesh_id,
+        member_id: row.member_id,
+        member_pubkey: pubkey.to_owned(),
+        peer_name: row.peer_name,
+        summary: row.summary,
+        updated_at: row.updated_at,
+    }
+}
+
+/// Whether `peer` hosts the member `(id, pubkey)` of `hub` (it may speak for it).
+fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &str) -> bool {
+    hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(peer, pubkey)
+}
+
+/// Stores a memory a member of the peer remembered (idempotent).
+async fn apply_memory(
+    ctx: &Ctx,
+    link: &LinkShared,
+    m: meshd_protocol::fed::MemorySet,
+) -> Result<(), RejectReason> {
+    use meshd_protocol::client::{MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN};
+    if !link.accepts(&m.mesh_id) {
+        return Err(RejectReason::NotShared);
+    }
+    if m.id.is_empty()
+        || m.id.len() > 64
+        || m.content.len() > MAX_SKILL_INSTRUCTIONS
+        || m.tags.len() > MAX_SUMMARY_LEN
+        || m.remembered_by_name.len() > MAX_NAME_LEN
+    {
+        return Err(RejectReason::Invalid);
+    }
+    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
+        return Err(RejectReason::NotShared);
+    };
+    if !speaks_for(&hub, &link.peer, &m.remembered_by, &m.remembered_by_pubkey) {
+        return Err(RejectReason::ForgedSender);
+    }
+    let row = crate::store::memory::MemoryRow {
+        id: m.id,
+        mesh_id: m.mesh_id,
+        content: m.content,
+        tags: m.tags,
+        remembered_by: m.remembered_by,
+        remembered_by_name: m.remembered_by_name,
+        remembered_at: m.remembered_at,
+    };
+    ctx.db
+        .put_remote_memory(&row, m.forgotten_at)
+        .await
+        .map_err(|e| {
+            warn!(cause = %e, "storing a peer's memory");
+            RejectReason::Invalid
+        })
+}
+
+/// Stores a context a member of the peer shared (newest wins) and tells local peers.
+async fn apply_context(
+    ctx: &Ctx,
+    link: &LinkShared,
+    c: meshd_protocol::fed::ContextSet,
+) -> Result<(), RejectReason> {
+    use meshd_protocol::client::{MAX_GROUPS, MAX_NAME_LEN, MAX_PATH_LEN, MAX_SUMMARY_LEN};
+    if !link.accepts(&c.mesh_id) {
+        return Err(RejectReason::NotShared);
+    }
+    if c.summary.len() > MAX_SUMMARY_LEN
+        || c.peer_name.len() > MAX_NAME_LEN
+        || [&c.files_read, &c.key_findings, &c.tags]
+            .iter()
+            .any(|l| l.len() > MAX_GROUPS || l.iter().any(|x| x.len() > MAX_PATH_LEN))
+    {
+        return Err(RejectReason::Invalid);
+    }
+    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &c.mesh_id).await else {
+        return Err(RejectReason::NotShared);
+    };
+    if !speaks_for(&hub, &link.peer, &c.member_id, &c.member_pubkey) {
+        return Err(RejectReason::ForgedSender);
+    }
+    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+    let row = crate::store::contexts::ContextRow {
+        mesh_id: c.mesh_id.clone(),
+        member_id: c.member_id.clone(),
+        peer_name: c.peer_name.clone(),
+        summary: c.summary.clone(),
+        files_read: json(&c.files_read),
+        key_findings: json(&c.key_findings),
+        tags: json(&c.tags),
+        updated_at: c.updated_at,
+    };
+    match ctx.db.put_context_if_newer(&row).await {
+        Ok(true) => {
+            // As for a local share_context: a state_change of `_context:<name>`.
+            let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
+                key: format!("_context:{}", c.peer_name),
+                value: crate::hub::raw(&serde_json::Value::String(c.summary).to_string()),
+                updated_by: c.peer_name,
+            });
+            hub.announce(&Utf8Bytes::from(change.to_json()), 0, None);
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => {
+            warn!(cause = %e, "storing a peer's context");
+            Err(RejectReason::Invalid)
+        }
+    }
 }
 
 /// A skill removal, as a federation frame.

@@ -2702,6 +2702,8 @@ impl Live {
             ContextEntry, ContextList, ContextResults, ContextShared, ContextSummary,
         };
         let db = self.ctx.db.clone();
+        let fed = self.ctx.fed.clone();
+        let member_pubkey = self.member_pubkey.clone();
         let mesh = self.mesh.clone();
         let conn = self.conn;
         let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
@@ -2721,6 +2723,9 @@ impl Live {
                     };
                     if let Err(e) = db.put_context(&row).await {
                         return store_unavailable("contexts", req_id, &e);
+                    }
+                    if let Some(fed) = &fed {
+                        fed.context_shared(crate::fed::context_set(row, &member_pubkey));
                     }
                     let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
                         key: format!("_context:{name}"),
@@ -2777,6 +2782,8 @@ impl Live {
     fn queue_memory(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{Memory, MemoryResults, MemoryStored};
         let db = self.ctx.db.clone();
+        let fed = self.ctx.fed.clone();
+        let member_pubkey = self.member_pubkey.clone();
         let mesh_id = self.mesh_id().to_owned();
         let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
         self.pending.push_back(Box::pin(async move {
@@ -2797,7 +2804,17 @@ impl Live {
                         remembered_at: now,
                     };
                     match db.remember(&row).await {
-                        Ok(true) => BrokerFrame::MemoryStored(MemoryStored { id: row.id, req_id }),
+                        Ok(true) => {
+                            let id = row.id.clone();
+                            if let Some(fed) = &fed {
+                                fed.memory_remembered(crate::fed::memory_set(
+                                    row,
+                                    &member_pubkey,
+                                    None,
+                                ));
+                            }
+                            BrokerFrame::MemoryStored(MemoryStored { id, req_id })
+                        }
                         Ok(false) => BrokerFrame::Error(
                             ErrorFrame::new(
                                 "memory_full",
@@ -2825,8 +2842,14 @@ impl Live {
                     Err(e) => return store_unavailable("memory", req_id, &e),
                 },
                 ClientFrame::Forget { memory_id } => {
-                    if let Err(e) = db.forget(&mesh_id, &memory_id, now).await {
-                        return store_unavailable("memory", req_id, &e);
+                    match db.forget(&mesh_id, &memory_id, now).await {
+                        Ok(true) => {
+                            if let Some(fed) = &fed {
+                                fed.memory_forgotten(&mesh_id, &memory_id, now);
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => return store_unavailable("memory", req_id, &e),
                     }
                     // The reference's answer, sent whether or not something matched.
                     BrokerFrame::Ack(Ack {

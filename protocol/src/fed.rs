@@ -171,6 +171,52 @@ pub struct Multicast {
     pub subtype: Option<String>,
 }
 
+/// A remembered note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Memory id (the same on every broker).
+    pub id: String,
+    /// The note.
+    pub content: String,
+    /// Tags, space-separated.
+    pub tags: String,
+    /// Member id of who remembered it.
+    pub remembered_by: String,
+    /// That member's key (must be hosted by the sending broker).
+    pub remembered_by_pubkey: String,
+    /// Their display name.
+    pub remembered_by_name: String,
+    /// When (ms).
+    pub remembered_at: i64,
+    /// When it was forgotten, if it was.
+    pub forgotten_at: Option<i64>,
+}
+
+/// A member's shared context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Member id.
+    pub member_id: String,
+    /// Member key (must be hosted by the sending broker).
+    pub member_pubkey: String,
+    /// Display name.
+    pub peer_name: String,
+    /// Summary.
+    pub summary: String,
+    /// Files read.
+    pub files_read: Vec<String>,
+    /// Key findings.
+    pub key_findings: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Shared (ms); the newest wins.
+    pub updated_at: i64,
+}
+
 /// A shared-state write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateSet {
@@ -464,6 +510,19 @@ pub enum Frame {
     Event(Box<EventPush>),
     /// Live: data published to a stream (the receiver hands it to its subscribers).
     StreamData(Box<StreamPublish>),
+    /// Live: a memory remembered (or forgotten) by a member the sender hosts.
+    Memory(Box<MemorySet>),
+    /// Live: a memory forgotten (by any member of the mesh).
+    Forget {
+        /// Mesh id.
+        mesh_id: String,
+        /// Memory id.
+        id: String,
+        /// When (ms).
+        at: i64,
+    },
+    /// Live: a member's shared context (the newest write wins).
+    Context(Box<ContextSet>),
 }
 
 impl Frame {
@@ -487,7 +546,10 @@ impl Frame {
             | Self::State(_)
             | Self::Skill(_)
             | Self::Event(_)
-            | Self::StreamData(_) => {
+            | Self::StreamData(_)
+            | Self::Memory(_)
+            | Self::Forget { .. }
+            | Self::Context(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -513,6 +575,9 @@ impl Frame {
             Self::Skill(_) => "skill",
             Self::Event(_) => "event",
             Self::StreamData(_) => "stream_data",
+            Self::Memory(_) => "memory",
+            Self::Forget { .. } => "forget",
+            Self::Context(_) => "context",
         }
     }
 }

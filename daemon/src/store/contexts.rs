@@ -47,6 +47,20 @@ impl Db {
         Ok(())
     }
 
+    /// Stores a peer broker's context for a member unless a newer one is stored.
+    pub async fn put_context_if_newer(&self, c: &ContextRow) -> Result<bool, StoreError> {
+        const SQL: &str = "INSERT INTO context (mesh_id, member_id, peer_name, summary, files_read, key_findings, tags, updated_at) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                           ON CONFLICT (mesh_id, member_id) DO UPDATE SET peer_name = excluded.peer_name, \
+                             summary = excluded.summary, files_read = excluded.files_read, \
+                             key_findings = excluded.key_findings, tags = excluded.tags, updated_at = excluded.updated_at \
+                           WHERE context.updated_at < excluded.updated_at";
+        let n = with_db!(self, p => sqlx::query(SQL).bind(&c.mesh_id).bind(&c.member_id).bind(&c.peer_name)
+            .bind(&c.summary).bind(&c.files_read).bind(&c.key_findings).bind(&c.tags).bind(c.updated_at)
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n > 0)
+    }
+
     /// Every context of a mesh, newest first (one per member: bounded by membership).
     pub async fn contexts(&self, mesh_id: &str) -> Result<Vec<ContextRow>, StoreError> {
         const SQL: &str = "SELECT mesh_id, member_id, peer_name, summary, files_read, key_findings, tags, updated_at \

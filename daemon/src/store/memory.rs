@@ -85,6 +85,63 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).fetch_one(p).await)?)
     }
 
+    /// Stores a peer broker's memory (idempotent by id), and its forgetting if it was.
+    pub async fn put_remote_memory(
+        &self,
+        m: &MemoryRow,
+        forgotten_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO memory (id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING";
+        with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
+            .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at)
+            .execute(p).await.map(drop))?;
+        if let Some(at) = forgotten_at {
+            self.forget(&m.mesh_id, &m.id, at).await?;
+        }
+        Ok(())
+    }
+
+    /// The mesh's newest memories with their forgetting (a peer broker's catch-up
+    /// after a link comes up; the caller keeps those of members it hosts).
+    pub async fn memories_by(
+        &self,
+        mesh_id: &str,
+        limit: i64,
+    ) -> Result<Vec<(MemoryRow, Option<i64>)>, StoreError> {
+        const SQL: &str = "SELECT id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at, forgotten_at \
+                           FROM memory WHERE mesh_id = $1 ORDER BY remembered_at DESC LIMIT $2";
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            i64,
+            Option<i64>,
+        );
+        let rows: Vec<Row> =
+            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(limit).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, mesh_id, content, tags, by, name, at, forgotten)| {
+                (
+                    MemoryRow {
+                        id,
+                        mesh_id,
+                        content,
+                        tags,
+                        remembered_by: by,
+                        remembered_by_name: name,
+                        remembered_at: at,
+                    },
+                    forgotten,
+                )
+            })
+            .collect())
+    }
+
     /// Soft-deletes a memory of the mesh. Returns whether one was live.
     pub async fn forget(&self, mesh_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE memory SET forgotten_at = $1 WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL";
