@@ -757,6 +757,14 @@ impl Fed {
         );
     }
 
+    /// A relay frame for one peer broker (when the mesh flows to it). `false` when it
+    /// could not be queued.
+    pub(crate) fn relay_send(&self, peer: &str, mesh_id: &str, frame: Frame) -> bool {
+        self.link(peer)
+            .filter(|l| l.flows(mesh_id))
+            .is_some_and(|l| l.live.try_send(frame).is_ok())
+    }
+
     /// A member hosted here shared its context.
     pub(crate) fn context_shared(&self, c: meshd_protocol::fed::ContextSet) {
         let mesh_id = c.mesh_id.clone();
@@ -2040,6 +2048,55 @@ impl Fed {
                             .inc(RejectReason::NotShared.as_str());
                     } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
                         warn!(cause = %e, "storing a peer's forget");
+                    }
+                }
+                Frame::RelayAsk(r) => {
+                    let r = *r;
+                    let (mesh_id, relay_id) = (r.mesh_id.clone(), r.relay_id.clone());
+                    let refused = if !link.accepts(&r.mesh_id) {
+                        Err(RejectReason::NotShared)
+                    } else if r.path.len() > meshd_protocol::client::MAX_PATH_LEN
+                        || r.relay_id.len() > 64
+                        || r.req_id.as_ref().is_some_and(|q| q.len() > 256)
+                    {
+                        Err(RejectReason::Invalid)
+                    } else {
+                        match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
+                            Ok(Some(hub))
+                                if hub.may_speak_for(&link.peer, &r.requester_member_pubkey)
+                                    && (r.requester_key == r.requester_member_pubkey
+                                        || hub.remote_broker_of(&r.requester_key).as_deref()
+                                            == Some(&*link.peer)) =>
+                            {
+                                Ok(crate::relay::remote_asked(&ctx, &link.peer, &hub, r))
+                            }
+                            _ => Err(RejectReason::ForgedSender),
+                        }
+                    };
+                    match refused {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            self.relay_send(
+                                &link.peer,
+                                &mesh_id,
+                                Frame::RelayAnswer(Box::new(meshd_protocol::fed::RelayAnswer {
+                                    mesh_id: mesh_id.clone(),
+                                    relay_id,
+                                    content: None,
+                                    entries: None,
+                                    error: Some(error),
+                                })),
+                            );
+                        }
+                        Err(reason) => {
+                            link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                            ctx.metrics.fed_refused.inc(reason.as_str());
+                        }
+                    }
+                }
+                Frame::RelayAnswer(r) => {
+                    if link.accepts(&r.mesh_id) {
+                        crate::relay::remote_answered(&ctx, &link.peer, *r);
                     }
                 }
                 Frame::Context(c) => {

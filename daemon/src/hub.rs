@@ -1085,6 +1085,11 @@ impl MeshHub {
             .map(|(k, m)| (k.clone(), m.clone()))
     }
 
+    /// The peer broker hosting the presence with this routing key, if any.
+    pub(crate) fn remote_broker_of(&self, key: &str) -> Option<Arc<str>> {
+        self.inner().remote.get(key).map(|r| r.broker.clone())
+    }
+
     /// The first live connection addressed by a member or session key.
     pub(crate) fn first_live(&self, key: &str) -> Option<Arc<PeerShared>> {
         self.inner().live_for(key).next().map(|p| p.shared.clone())

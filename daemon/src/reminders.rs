@@ -124,6 +124,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
     let Ok(target) = TargetSpec::parse(&row.target_spec) else {
         return Ok(Fired::Dropped("its target is not valid"));
     };
+    let schedule_id = row.id.clone();
     let message_id = crate::ids::message_id();
     // Reminders are plain text, as in the reference: base64 with an empty nonce, which
     // clients decode through their plaintext fallback.
@@ -249,6 +250,19 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         }
     }
     ctx.metrics.messages_routed.inc(Priority::Now.as_str());
+    // Metadata only, as for every send.
+    ctx.audit.record(
+        &msg.mesh_id,
+        "message_sent",
+        Some(msg.sender_member_id.clone()),
+        &msg.sender_name,
+        serde_json::json!({
+            "messageId": msg.id,
+            "targetSpec": msg.target_spec,
+            "priority": Priority::Now.as_str(),
+            "scheduledId": schedule_id,
+        }),
+    );
     let (reply, rx) = oneshot::channel();
     let sink = forward
         .as_ref()

@@ -2085,11 +2085,8 @@ impl Live {
 
     /// The peer-to-peer file relay (see `relay`).
     fn on_relay(&mut self, frame: ClientFrame, req_id: Option<String>) -> Option<Utf8Bytes> {
-        use crate::relay::Kind;
-        use meshd_protocol::broker::{
-            PeerDirRequestForward, PeerDirResponseForward, PeerFileRequestForward,
-            PeerFileResponseForward,
-        };
+        use crate::relay::{Answer, Asker, Kind};
+        use meshd_protocol::broker::{PeerDirRequestForward, PeerFileRequestForward};
         let error = |code: &'static str, msg: String, req_id: Option<String>| {
             Some(
                 BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
@@ -2098,119 +2095,142 @@ impl Live {
             )
         };
         let me = self.routing_key().to_owned();
-        match frame {
-            ClientFrame::PeerFileRequest { target_pubkey, .. }
-            | ClientFrame::PeerDirRequest { target_pubkey, .. }
-                if self
-                    .mesh
-                    .first_live(&target_pubkey.to_ascii_lowercase())
-                    .is_none() =>
-            {
-                error(
-                    "peer_not_found",
-                    format!("no connected peer of this mesh has the key {target_pubkey}"),
-                    req_id,
-                )
-            }
+        let (kind, target_key, path, pattern) = match frame {
             ClientFrame::PeerFileRequest {
                 target_pubkey,
                 file_path,
-            } => {
-                let target = self.mesh.first_live(&target_pubkey.to_ascii_lowercase())?;
-                if let Err(e) = self.ctx.relay.ask(
-                    target.conn_id,
-                    Kind::File,
-                    &me,
-                    &file_path,
-                    req_id.clone(),
-                    &self.shared,
-                ) {
-                    return error("rate_limited", e.to_string(), req_id);
-                }
-                let fwd = BrokerFrame::PeerFileRequestForward(PeerFileRequestForward {
-                    requester_pubkey: me,
-                    file_path,
-                    req_id,
-                });
-                offer(&target, Outbound::Frame(fwd.to_json().into()));
-                None
-            }
+            } => (Kind::File, target_pubkey, file_path, None),
             ClientFrame::PeerDirRequest {
                 target_pubkey,
                 dir_path,
                 pattern,
-            } => {
-                let target = self.mesh.first_live(&target_pubkey.to_ascii_lowercase())?;
-                if let Err(e) = self.ctx.relay.ask(
-                    target.conn_id,
-                    Kind::Dir,
-                    &me,
-                    &dir_path,
-                    req_id.clone(),
-                    &self.shared,
-                ) {
-                    return error("rate_limited", e.to_string(), req_id);
-                }
-                let fwd = BrokerFrame::PeerDirRequestForward(PeerDirRequestForward {
-                    requester_pubkey: me,
-                    dir_path,
-                    pattern,
-                    req_id,
-                });
-                offer(&target, Outbound::Frame(fwd.to_json().into()));
-                None
-            }
+            } => (Kind::Dir, target_pubkey, dir_path, pattern),
             ClientFrame::PeerFileResponse(r) => {
                 let r = *r;
-                match self.ctx.relay.answer(
-                    self.conn,
-                    Kind::File,
-                    &r.requester_pubkey.to_ascii_lowercase(),
-                    &r.file_path,
-                    req_id.as_deref(),
-                ) {
-                    Some((asker, req_id)) => {
-                        let fwd = BrokerFrame::PeerFileResponseForward(PeerFileResponseForward {
-                            file_path: r.file_path,
-                            content: r.content,
-                            error: r.error,
-                            req_id,
-                        });
-                        offer(&asker, Outbound::Frame(fwd.to_json().into()));
-                    }
-                    None => {
-                        self.ctx.metrics.frames_dropped.inc("relay_unasked");
-                        debug!("peer_file_response to a request this connection was not asked");
-                    }
-                }
-                None
+                let answer = Answer {
+                    kind: Kind::File,
+                    path: r.file_path,
+                    content: r.content,
+                    entries: None,
+                    error: r.error,
+                };
+                self.relay_answer(&r.requester_pubkey, answer, req_id.as_deref());
+                return None;
             }
             ClientFrame::PeerDirResponse(r) => {
                 let r = *r;
-                match self.ctx.relay.answer(
-                    self.conn,
-                    Kind::Dir,
-                    &r.requester_pubkey.to_ascii_lowercase(),
-                    &r.dir_path,
-                    req_id.as_deref(),
-                ) {
-                    Some((asker, req_id)) => {
-                        let fwd = BrokerFrame::PeerDirResponseForward(PeerDirResponseForward {
-                            dir_path: r.dir_path,
-                            entries: r.entries,
-                            error: r.error,
-                            req_id,
-                        });
-                        offer(&asker, Outbound::Frame(fwd.to_json().into()));
-                    }
-                    None => {
-                        self.ctx.metrics.frames_dropped.inc("relay_unasked");
-                        debug!("peer_dir_response to a request this connection was not asked");
-                    }
-                }
-                None
+                let answer = Answer {
+                    kind: Kind::Dir,
+                    path: r.dir_path,
+                    content: None,
+                    entries: r.entries,
+                    error: r.error,
+                };
+                self.relay_answer(&r.requester_pubkey, answer, req_id.as_deref());
+                return None;
             }
-            _ => None,
+            _ => return None,
+        };
+        let target_key = target_key.to_ascii_lowercase();
+        if let Some(target) = self.mesh.first_live(&target_key) {
+            if let Err(e) = self.ctx.relay.ask(
+                target.conn_id,
+                kind,
+                &me,
+                &path,
+                req_id.clone(),
+                Asker::Local(self.shared.clone()),
+            ) {
+                return error("rate_limited", e.to_string(), req_id);
+            }
+            let fwd = match kind {
+                Kind::File => BrokerFrame::PeerFileRequestForward(PeerFileRequestForward {
+                    requester_pubkey: me,
+                    file_path: path,
+                    req_id,
+                }),
+                Kind::Dir => BrokerFrame::PeerDirRequestForward(PeerDirRequestForward {
+                    requester_pubkey: me,
+                    dir_path: path,
+                    pattern,
+                    req_id,
+                }),
+            };
+            offer(&target, Outbound::Frame(fwd.to_json().into()));
+            return None;
+        }
+        // A peer of another broker of this shared mesh: over the link.
+        let remote = self.mesh.remote_broker_of(&target_key).and_then(|broker| {
+            self.ctx
+                .fed
+                .clone()
+                .filter(|f| f.will_forward(self.mesh_id(), &broker))
+                .map(|f| (f, broker))
+        });
+        let Some((fed, broker)) = remote else {
+            return error(
+                "peer_not_found",
+                format!("no connected peer of this mesh has the key {target_key}"),
+                req_id,
+            );
+        };
+        let relay_id = match self.ctx.relay.ask_remote(
+            broker.clone(),
+            kind,
+            &path,
+            req_id.clone(),
+            &self.shared,
+        ) {
+            Ok(id) => id,
+            Err(e) => return error("rate_limited", e.to_string(), req_id),
+        };
+        let ask = meshd_protocol::fed::RelayAsk {
+            mesh_id: self.mesh_id().to_owned(),
+            relay_id: relay_id.clone(),
+            dir: kind == Kind::Dir,
+            requester_key: me,
+            requester_member_pubkey: self.member_pubkey.clone(),
+            target_key,
+            path,
+            pattern,
+            req_id: req_id.clone(),
+        };
+        if !fed.relay_send(
+            &broker,
+            self.mesh_id(),
+            meshd_protocol::fed::Frame::RelayAsk(Box::new(ask)),
+        ) {
+            self.ctx.relay.answered_remote(&broker, &relay_id);
+            return error(
+                "peer_not_found",
+                format!("the peer's broker {broker} cannot be reached now"),
+                req_id,
+            );
+        }
+        None
+    }
+
+    /// An asked peer's answer: relayed if this connection was asked (see `relay`).
+    fn relay_answer(
+        &self,
+        requester_key: &str,
+        answer: crate::relay::Answer,
+        req_id: Option<&str>,
+    ) {
+        match self.ctx.relay.answer(
+            self.conn,
+            answer.kind,
+            &requester_key.to_ascii_lowercase(),
+            &answer.path,
+            req_id,
+        ) {
+            Some((asker, req_id)) => {
+                crate::relay::deliver(&self.ctx, self.mesh_id(), asker, answer, req_id);
+            }
+            None => {
+                self.ctx.metrics.frames_dropped.inc("relay_unasked");
+                debug!("a peer file/dir response to a request this connection was not asked");
+            }
         }
     }
 
@@ -3245,27 +3265,14 @@ impl Live {
     fn mcp_gone(&self, now: i64) -> Vec<String> {
         // Relayed file requests this connection was asked fail now; its own are dropped.
         for (kind, path, asker, req_id) in self.ctx.relay.conn_gone(self.conn) {
-            use meshd_protocol::broker::{PeerDirResponseForward, PeerFileResponseForward};
-            let error = Some("the asked peer disconnected".to_owned());
-            let frame = match kind {
-                crate::relay::Kind::File => {
-                    BrokerFrame::PeerFileResponseForward(PeerFileResponseForward {
-                        file_path: path,
-                        content: None,
-                        error,
-                        req_id,
-                    })
-                }
-                crate::relay::Kind::Dir => {
-                    BrokerFrame::PeerDirResponseForward(PeerDirResponseForward {
-                        dir_path: path,
-                        entries: None,
-                        error,
-                        req_id,
-                    })
-                }
+            let answer = crate::relay::Answer {
+                kind,
+                path,
+                content: None,
+                entries: None,
+                error: Some("the asked peer disconnected".to_owned()),
             };
-            offer(&asker, Outbound::Frame(frame.to_json().into()));
+            crate::relay::deliver(&self.ctx, self.mesh_id(), asker, answer, req_id);
         }
         let gone = self.ctx.mcp.conn_gone(self.mesh_id(), self.conn, now);
         if !self.ctx.sessions_cancel.is_cancelled() {

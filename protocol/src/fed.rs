@@ -194,6 +194,44 @@ pub struct MemorySet {
     pub forgotten_at: Option<i64>,
 }
 
+/// A `peer_file_request` or `peer_dir_request` for a peer of the receiving broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayAsk {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// The sender's id for this request (the answer carries it back).
+    pub relay_id: String,
+    /// A directory listing rather than a file.
+    pub dir: bool,
+    /// The asking peer's key (a presence of the sending broker).
+    pub requester_key: String,
+    /// Its member's key (must be hosted by the sending broker).
+    pub requester_member_pubkey: String,
+    /// The asked peer's key.
+    pub target_key: String,
+    /// File or directory path.
+    pub path: String,
+    /// Glob filter (directories).
+    pub pattern: Option<String>,
+    /// The asker's `_reqId`, passed through to the asked peer.
+    pub req_id: Option<String>,
+}
+
+/// The answer to a [`RelayAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayAnswer {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// The ask's id.
+    pub relay_id: String,
+    /// File content, base64.
+    pub content: Option<String>,
+    /// Directory entries.
+    pub entries: Option<Vec<String>>,
+    /// Or why not.
+    pub error: Option<String>,
+}
+
 /// A member's shared context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextSet {
@@ -523,6 +561,10 @@ pub enum Frame {
     },
     /// Live: a member's shared context (the newest write wins).
     Context(Box<ContextSet>),
+    /// Live: a peer here asks a peer hosted by the receiver for a file or listing.
+    RelayAsk(Box<RelayAsk>),
+    /// Live: the asked peer's answer to a [`RelayAsk`].
+    RelayAnswer(Box<RelayAnswer>),
 }
 
 impl Frame {
@@ -549,7 +591,9 @@ impl Frame {
             | Self::StreamData(_)
             | Self::Memory(_)
             | Self::Forget { .. }
-            | Self::Context(_) => {
+            | Self::Context(_)
+            | Self::RelayAsk(_)
+            | Self::RelayAnswer(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -578,6 +622,8 @@ impl Frame {
             Self::Memory(_) => "memory",
             Self::Forget { .. } => "forget",
             Self::Context(_) => "context",
+            Self::RelayAsk(_) => "relay_ask",
+            Self::RelayAnswer(_) => "relay_answer",
         }
     }
 }
