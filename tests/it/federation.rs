@@ -1115,6 +1115,73 @@ async fn stream_data_crosses_brokers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The peer file relay crosses brokers: alice on A asks bob on B for a file and a
+/// listing; only bob's answers come back (another peer's injection is dropped), with
+/// alice's `_reqId`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let bob_key = p.bob.keys.public_hex();
+    p.alice
+        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+        .await?;
+    let alice_key = p.alice.key();
+    p.alice
+        .send(json!({"type": "peer_file_request", "targetPubkey": bob_key, "filePath": "notes.md", "_reqId": "x1"}))
+        .await?;
+    let fwd = bob
+        .ws
+        .expect("forward at B", |v| v["type"] == "peer_file_request_forward")
+        .await?;
+    assert_eq!(
+        fwd,
+        json!({"type": "peer_file_request_forward", "requesterPubkey": alice_key, "filePath": "notes.md", "_reqId": "x1"})
+    );
+    // Another member at B injects an answer: dropped.
+    let eve = p.b.enroll(&replica(&p.b.db, &p.mesh.mesh_id).await?, "eve").await?;
+    let mut eve = member_client(&p.b.ws_url(), &eve, &[]).await?;
+    eve.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "ZXZl", "_reqId": "x1"}))
+        .await?;
+    eve.sync().await?;
+    bob.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "Ym9i", "_reqId": "x1"}))
+        .await?;
+    let got = p
+        .alice
+        .ws
+        .expect("answer at A", |v| v["type"] == "peer_file_response_forward")
+        .await?;
+    assert_eq!(
+        got,
+        json!({"type": "peer_file_response_forward", "filePath": "notes.md", "content": "Ym9i", "_reqId": "x1"})
+    );
+    p.alice
+        .send(json!({"type": "peer_dir_request", "targetPubkey": bob_key, "dirPath": ".", "_reqId": "x2"}))
+        .await?;
+    bob.ws
+        .expect("dir forward at B", |v| v["type"] == "peer_dir_request_forward")
+        .await?;
+    bob.send(json!({"type": "peer_dir_response", "requesterPubkey": alice_key, "dirPath": ".", "entries": ["a", "b"], "_reqId": "x2"}))
+        .await?;
+    let got = p
+        .alice
+        .ws
+        .expect("dir answer at A", |v| v["type"] == "peer_dir_response_forward")
+        .await?;
+    assert_eq!(got["entries"], json!(["a", "b"]));
+    p.alice.sync().await?;
+    assert!(
+        p.alice
+            .ws
+            .backlog()
+            .iter()
+            .all(|v| v["type"] != "peer_file_response_forward"),
+        "the injected answer was dropped"
+    );
+    Ok(())
+}
+
 /// Polls `recall` on `c` until `pred` holds for its results.
 async fn until_recall(
     c: &mut Client,
