@@ -92,6 +92,8 @@ pub const STATUS_TTL: Duration = Duration::from_secs(60);
 pub const MCP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest upload (the reference's limit).
 pub const MAX_UPLOAD_BYTES: usize = 50 * 1024 * 1024;
+/// Stored files one mesh may hold.
+pub const MAX_FILE_BYTES_PER_MESH: usize = 1024 * 1024 * 1024;
 
 /// Default log filter (`RUST_LOG` syntax).
 pub const LOG_LEVEL: &str = "info";

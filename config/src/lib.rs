@@ -82,6 +82,8 @@ struct RawServer {
     listen: Option<String>,
     public_url: Option<String>,
     shutdown_grace: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+    unsigned_uploads: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +118,7 @@ struct RawLimits {
     max_state_bytes_per_mesh: Option<usize>,
     mcp_call_timeout: Option<String>,
     max_upload_bytes: Option<usize>,
+    max_file_bytes_per_mesh: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +171,8 @@ pub const KEYS: &[&str] = &[
     "server.listen",
     "server.public_url",
     "server.shutdown_grace",
+    "server.trusted_proxies",
+    "server.unsigned_uploads",
     "storage.url",
     "storage.durability",
     "storage.max_batch",
@@ -192,6 +197,7 @@ pub const KEYS: &[&str] = &[
     "limits.max_state_bytes_per_mesh",
     "limits.mcp_call_timeout",
     "limits.max_upload_bytes",
+    "limits.max_file_bytes_per_mesh",
     "log.level",
     "log.format",
     "schedule.timezone",
@@ -211,7 +217,7 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// Keys whose `MESHD_*` variable holds a comma-separated list (a TOML array also works).
-const ENV_LIST_KEYS: &[&str] = &["federation.nameservers"];
+const ENV_LIST_KEYS: &[&str] = &["federation.nameservers", "server.trusted_proxies"];
 
 /// Variables with the `MESHD_` prefix that are not configuration keys.
 const NON_KEY_ENV: &[&str] = &["MESHD_CONFIG"];
@@ -291,6 +297,22 @@ pub struct Server {
     pub public_url: Option<String>,
     /// Time given to connections and the store on shutdown.
     pub shutdown_grace: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (the address rules of
+    /// status hooks and unsigned uploads then apply to the client, not the proxy).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Whether an unsigned `POST /upload` (the 0.7.0 CLI's) is taken from the address of
+    /// a connected member.
+    pub unsigned_uploads: UnsignedUploads,
+}
+
+/// `server.unsigned_uploads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsignedUploads {
+    /// Accepted when every live connection of the mesh from the request's address
+    /// belongs to one member (the uploader).
+    SameAddress,
+    /// Refused: uploads must be signed.
+    Refuse,
 }
 
 /// `[storage]`.
@@ -377,6 +399,8 @@ pub struct Limits {
     pub mcp_call_timeout: Duration,
     /// Largest `POST /upload` body.
     pub max_upload_bytes: usize,
+    /// Stored files (live ones, bytes) one mesh may hold.
+    pub max_file_bytes_per_mesh: usize,
 }
 
 /// `[schedule]`.
@@ -540,9 +564,35 @@ impl Config {
             Some(u) => Some(validate_ws_url("server.public_url", &u)?),
             None => None,
         };
+        let trusted_proxies = raw
+            .server
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                p.trim().parse::<std::net::IpAddr>().map_err(|_| {
+                    invalid(
+                        "server.trusted_proxies",
+                        format!("{p:?} is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let unsigned_uploads = match raw.server.unsigned_uploads.as_deref() {
+            None | Some("same-address") => UnsignedUploads::SameAddress,
+            Some("refuse") => UnsignedUploads::Refuse,
+            Some(other) => {
+                return Err(invalid(
+                    "server.unsigned_uploads",
+                    format!("{other:?} is not \"same-address\" or \"refuse\""),
+                ));
+            }
+        };
         let server = Server {
             listen,
             public_url,
+            trusted_proxies,
+            unsigned_uploads,
             shutdown_grace: dur(
                 "server.shutdown_grace",
                 raw.server.shutdown_grace,
@@ -660,6 +710,11 @@ impl Config {
                 "limits.max_upload_bytes",
                 l.max_upload_bytes,
                 defaults::MAX_UPLOAD_BYTES,
+            )?,
+            max_file_bytes_per_mesh: positive(
+                "limits.max_file_bytes_per_mesh",
+                l.max_file_bytes_per_mesh,
+                defaults::MAX_FILE_BYTES_PER_MESH,
             )?,
         };
         if limits.sends_per_second > 0 && limits.send_burst == 0 {
@@ -1282,6 +1337,14 @@ mod tests {
                 "[schedule]\ntimezone = \"Mars/Olympus\"",
                 "schedule.timezone",
             ),
+            (
+                "[server]\nunsigned_uploads = \"maybe\"",
+                "server.unsigned_uploads",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"proxy\"]",
+                "server.trusted_proxies",
+            ),
         ];
         for (text, key) in cases {
             let err =
@@ -1680,6 +1743,8 @@ mod tests {
                 "storage.durability" => "fsync",
                 "log.format" => "json",
                 "schedule.timezone" => "Europe/Madrid",
+                "server.trusted_proxies" => "127.0.0.1,::1",
+                "server.unsigned_uploads" => "refuse",
                 "log.level" => "debug",
                 "storage.max_batch" => "1000",
                 "limits.max_frame_bytes" => "4194304",

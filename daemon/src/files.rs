@@ -8,6 +8,7 @@
 //! Encrypted files are opaque blobs: the broker stores and serves them byte for byte
 //! and keeps the sealed keys it is given.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,11 +39,17 @@ const MAX_FILE_KEYS: usize = 1_024;
 /// Uploads signed this far from the broker's clock are refused.
 const UPLOAD_SKEW_MS: i64 = 5 * 60_000;
 
-/// Where the bytes are and the key that signs download URLs.
+/// Uploads read at once (each holds up to `limits.max_upload_bytes` in memory).
+const CONCURRENT_UPLOADS: usize = 4;
+
+/// Where the bytes are, the key that signs download URLs, upload slots, and the
+/// upload signatures seen recently (a signed upload cannot be replayed).
 #[derive(Debug)]
 pub(crate) struct Files {
     dir: PathBuf,
     url_key: [u8; 32],
+    uploads: tokio::sync::Semaphore,
+    seen: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 /// Why the file store could not be opened.
@@ -72,6 +79,24 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FilesError + '_ {
     }
 }
 
+/// Removes `.part` files a crash left behind (an upload is renamed into place only once
+/// complete, so nothing refers to them).
+fn remove_partial(dir: &Path) {
+    let Ok(meshes) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for mesh in meshes.flatten() {
+        let Ok(files) = std::fs::read_dir(mesh.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if f.file_name().to_string_lossy().ends_with(".part") {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+}
+
 /// Ids that become path components: only what meshd generates (base62, `-`, `_`).
 fn safe_component(s: &str) -> bool {
     !s.is_empty()
@@ -96,7 +121,20 @@ impl Files {
             .ok_or_else(|| FilesError::Corrupt(key_path.display().to_string()))?;
         let dir = data_dir.join("files");
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Self { dir, url_key })
+        remove_partial(&dir);
+        Ok(Self {
+            dir,
+            url_key,
+            uploads: tokio::sync::Semaphore::new(CONCURRENT_UPLOADS),
+            seen: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Remembers an upload signature; `false` when it was already used.
+    fn first_use(&self, sig: &str, now: i64) -> bool {
+        let mut seen = crate::hub::lock(&self.seen);
+        seen.retain(|_, at| now - *at <= 2 * UPLOAD_SKEW_MS);
+        seen.insert(sig.to_owned(), now).is_none()
     }
 
     fn path(&self, mesh_id: &str, file_id: &str) -> Option<PathBuf> {
@@ -206,6 +244,29 @@ struct Uploader {
     key: String,
 }
 
+/// The text an upload signature covers: every header that decides what is stored and
+/// who may read it, and the body's digest.
+pub(crate) fn upload_signing_text(
+    mesh_id: &str,
+    name: &str,
+    body_sha256: &str,
+    ts: i64,
+    h: &HeaderMap,
+) -> String {
+    let opt = |n: &str| header_str(h, n).unwrap_or_default().to_owned();
+    let keys_digest = header_str(h, "x-file-keys")
+        .map(|k| hex::encode(Sha256::digest(k.as_bytes())))
+        .unwrap_or_default();
+    format!(
+        "meshd-upload-v1\n{mesh_id}\n{name}\n{body_sha256}\n{ts}\n{}\n{}\n{}\n{}\n{}\n{keys_digest}",
+        opt("x-target-spec"),
+        opt("x-persistent"),
+        opt("x-encrypted"),
+        opt("x-owner-pubkey"),
+        opt("x-tags"),
+    )
+}
+
 /// `POST /upload`: the reference's headers (`X-Mesh-Id`, `X-File-Name`, `X-Tags`,
 /// `X-Persistent`, `X-Target-Spec`, `X-Encrypted`, `X-Owner-Pubkey`, `X-File-Keys`),
 /// raw body up to `limits.max_upload_bytes`.
@@ -214,29 +275,27 @@ struct Uploader {
 /// accepted when either
 /// - it is signed: `X-Meshd-Pubkey` (a member key, or a session key of a member, of
 ///   the mesh), `X-Meshd-Timestamp` (ms, within 5 minutes) and `X-Meshd-Signature`,
-///   the ed25519 signature of `meshd-upload-v1\n<meshId>\n<fileName>\n<sha256 hex of
-///   the body>\n<timestamp>`; or
-/// - it is unsigned (the claudemesh 0.7.0 CLI, which cannot sign) and comes from the
-///   address of a live, authenticated connection of that mesh: the file is attributed
-///   to that connection's member (the most recent one from that address).
+///   the ed25519 signature of [`upload_signing_text`] (each signature once); or
+/// - it is unsigned (the claudemesh 0.7.0 CLI, which cannot sign),
+///   `server.unsigned_uploads = "same-address"`, and every live connection of that
+///   mesh from the request's address (see `server.trusted_proxies`) belongs to one
+///   member: the uploader.
 ///
-/// Anything else gets 401 with the reason.
+/// The sender is checked before the body is read; at most 4 bodies are read at once.
 pub(crate) async fn upload(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
     let bad = |e: &str| reply(StatusCode::BAD_REQUEST, json!({"ok": false, "error": e}));
+    let unauthorized = |e: &str| reply(StatusCode::UNAUTHORIZED, json!({"ok": false, "error": e}));
+    let headers = request.headers().clone();
     let (Some(mesh_id), Some(name)) = (
         header_str(&headers, "x-mesh-id"),
         header_str(&headers, "x-file-name"),
     ) else {
         return bad("X-Mesh-Id, X-Member-Id and X-File-Name are required");
     };
-    if body.is_empty() {
-        return bad("empty body");
-    }
     if name.len() > 255 || name.contains(['/', '\\', '\0']) || name == "." || name == ".." {
         return bad("X-File-Name must be a plain file name of at most 255 bytes");
     }
@@ -247,60 +306,116 @@ pub(crate) async fn upload(
         );
     };
     let now = now_ms();
-    let digest = hex::encode(Sha256::digest(&body));
-    let uploader = match header_str(&headers, "x-meshd-pubkey") {
+    // Who is it? (Everything but the signature itself, which covers the body.)
+    let signed = match header_str(&headers, "x-meshd-pubkey") {
         Some(key) => {
+            let key = key.to_ascii_lowercase();
             let ts = header_str(&headers, "x-meshd-timestamp").and_then(|t| t.parse::<i64>().ok());
-            let sig = header_str(&headers, "x-meshd-signature");
+            let sig = header_str(&headers, "x-meshd-signature")
+                .and_then(|s| meshd_protocol::keys::Signature::parse_hex(s).ok());
             let (Some(ts), Some(sig)) = (ts, sig) else {
-                return reply(
-                    StatusCode::UNAUTHORIZED,
-                    json!({"ok": false, "error": "a signed upload needs X-Meshd-Timestamp and X-Meshd-Signature"}),
+                return unauthorized(
+                    "a signed upload needs X-Meshd-Timestamp and a 128-hex X-Meshd-Signature",
                 );
             };
             if (now - ts).abs() > UPLOAD_SKEW_MS {
-                return reply(
-                    StatusCode::UNAUTHORIZED,
-                    json!({"ok": false, "error": "X-Meshd-Timestamp is more than 5 minutes from the broker's clock"}),
+                return unauthorized(
+                    "X-Meshd-Timestamp is more than 5 minutes from the broker's clock",
                 );
             }
-            let message = format!("meshd-upload-v1\n{mesh_id}\n{name}\n{digest}\n{ts}");
-            let signed = match (
-                meshd_protocol::Pubkey::parse_hex(key),
-                meshd_protocol::keys::Signature::parse_hex(sig),
-            ) {
-                (Ok(pk), Ok(sig)) => pk.verify(message.as_bytes(), &sig),
-                _ => false,
+            let Ok(pk) = meshd_protocol::Pubkey::parse_hex(&key) else {
+                return unauthorized("X-Meshd-Pubkey is not a key");
             };
-            let member = mesh.member_for_key(&key.to_ascii_lowercase());
-            match member {
-                Some((_, m)) if signed && !m.revoked => Uploader {
-                    member_id: m.id,
-                    name: m.display_name,
-                    key: key.to_ascii_lowercase(),
-                },
-                _ => {
-                    return reply(
-                        StatusCode::UNAUTHORIZED,
-                        json!({"ok": false, "error": "the upload signature does not verify for a member of this mesh"}),
-                    );
-                }
+            match mesh.member_for_key(&key) {
+                Some((_, m)) if !m.revoked => Some((pk, sig, ts, key, m)),
+                _ => return unauthorized("X-Meshd-Pubkey is not a key of a member of this mesh"),
             }
         }
-        None => match mesh.uploader_at(remote.ip()) {
-            Some(u) => Uploader {
-                member_id: u.member_id,
-                name: u.display_name,
-                key: u.routing_key,
-            },
-            None => {
-                return reply(
-                    StatusCode::UNAUTHORIZED,
-                    json!({"ok": false, "error": "unsigned uploads are accepted only from the address of a connected peer of this mesh; sign the upload (X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature)"}),
+        None => None,
+    };
+    let unsigned = if signed.is_none() {
+        if ctx.config.server.unsigned_uploads == meshd_config::UnsignedUploads::Refuse {
+            return unauthorized(
+                "this broker takes signed uploads only (X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature)",
+            );
+        }
+        let ip = crate::http::client_ip(&ctx, remote, &headers);
+        match mesh.sole_member_at(ip) {
+            Ok(Some(u)) => Some(u),
+            Ok(None) => {
+                return unauthorized(
+                    "unsigned uploads are accepted only from the address of a connected member of this mesh; sign the upload (X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature)",
                 );
             }
-        },
+            Err(()) => {
+                return unauthorized(
+                    "several members are connected from this address, so an unsigned upload cannot be attributed; sign it",
+                );
+            }
+        }
+    } else {
+        None
     };
+    let Ok(_slot) = ctx.files.uploads.try_acquire() else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ok": false, "error": "too many uploads in progress; retry shortly"}),
+        );
+    };
+    let limit = ctx.config.limits.max_upload_bytes;
+    let Ok(body) = axum::body::to_bytes(request.into_body(), limit).await else {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"ok": false, "error": format!("file too large (max {limit} bytes)")}),
+        );
+    };
+    if body.is_empty() {
+        return bad("empty body");
+    }
+    let digest = hex::encode(Sha256::digest(&body));
+    let uploader = match (signed, unsigned) {
+        (Some((pk, sig, ts, key, m)), _) => {
+            let text = upload_signing_text(mesh_id, name, &digest, ts, &headers);
+            if !pk.verify(text.as_bytes(), &sig) {
+                return unauthorized("the upload signature does not verify");
+            }
+            if !ctx.files.first_use(&sig.to_hex(), now) {
+                return unauthorized("this upload signature was already used");
+            }
+            Uploader {
+                member_id: m.id,
+                name: m.display_name,
+                key,
+            }
+        }
+        (None, Some(u)) => Uploader {
+            member_id: u.member_id,
+            name: u.display_name,
+            key: u.routing_key,
+        },
+        (None, None) => return unauthorized("upload not authenticated"),
+    };
+    match ctx.db.file_bytes(&mesh.row.id, now).await {
+        Ok(used)
+            if usize::try_from(used)
+                .unwrap_or(usize::MAX)
+                .saturating_add(body.len())
+                > ctx.config.limits.max_file_bytes_per_mesh =>
+        {
+            return reply(
+                StatusCode::INSUFFICIENT_STORAGE,
+                json!({"ok": false, "error": "this mesh's file storage is full; delete some files"}),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(cause = %e, "reading a mesh's file usage");
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ok": false, "error": "store unavailable"}),
+            );
+        }
+    }
     let tags: Vec<String> = header_str(&headers, "x-tags")
         .and_then(|t| serde_json::from_str(t).ok())
         .unwrap_or_default();

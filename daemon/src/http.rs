@@ -4,7 +4,7 @@
 //! Every response carries the reference's CORS headers; any `OPTIONS` gets 204; unknown
 //! routes get `404 not found`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
@@ -51,6 +51,7 @@ struct StatusHook {
 async fn set_status_hook(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     let reply = |code: StatusCode, v: serde_json::Value| (code, axum::Json(v)).into_response();
@@ -93,7 +94,7 @@ async fn set_status_hook(
         );
     }
     let now = now_ms();
-    let ip = remote.ip();
+    let ip = client_ip(&ctx, remote, &headers);
     let best = ctx
         .hub
         .all()
@@ -144,6 +145,28 @@ pub(crate) fn take_pending_status(
     let mut pending = crate::hub::lock(&ctx.pending_status);
     pending.retain(|_, (_, expires)| *expires > now);
     pending.remove(&(ip, cwd.to_owned())).map(|(s, _)| s)
+}
+
+/// The client's address: the connection's, or, when that is a trusted reverse proxy,
+/// the rightmost `X-Forwarded-For` address that is not itself a trusted proxy (proxies
+/// append, so addresses left of it could be forged by the client).
+pub(crate) fn client_ip(ctx: &Ctx, remote: SocketAddr, headers: &axum::http::HeaderMap) -> IpAddr {
+    let trusted = &ctx.config.server.trusted_proxies;
+    let ip = remote.ip();
+    if !trusted.contains(&ip) {
+        return ip;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(ip)
 }
 
 /// Largest webhook body.
@@ -265,11 +288,9 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/metrics", get(metrics))
         .route("/federation", get(federation))
         .route("/.well-known/meshd/bundle", get(bundle))
-        .route(
-            "/upload",
-            post(crate::files::upload)
-                .layer(DefaultBodyLimit::max(ctx.config.limits.max_upload_bytes)),
-        )
+        // The upload reads its body itself, after checking the sender, up to
+        // `limits.max_upload_bytes`.
+        .route("/upload", post(crate::files::upload))
         .route("/files/{mesh_id}/{file_id}", get(crate::files::download))
         .route(
             "/hook/set-status",
@@ -315,8 +336,10 @@ async fn not_found() -> impl IntoResponse {
 async fn ws(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let remote = SocketAddr::new(client_ip(&ctx, remote, &headers), remote.port());
     if ctx.sessions_cancel.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }

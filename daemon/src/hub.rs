@@ -1095,20 +1095,29 @@ impl MeshHub {
         self.inner().live_for(key).next().map(|p| p.shared.clone())
     }
 
-    /// The most recent live presence connected from `ip` (an unsigned upload from that
-    /// address is attributed to it).
-    pub(crate) fn uploader_at(&self, ip: std::net::IpAddr) -> Option<AddressPeer> {
+    /// The member whose live connections are all the connections from `ip` (an unsigned
+    /// upload from that address is attributed to it): `Ok(None)` when none is, `Err`
+    /// when several members are connected from there (ambiguous).
+    pub(crate) fn sole_member_at(&self, ip: std::net::IpAddr) -> Result<Option<AddressPeer>, ()> {
         let inner = self.inner();
-        inner
-            .peers
-            .values()
-            .filter(|p| p.remote_ip == ip)
-            .max_by_key(|p| (p.connected_at, p.shared.conn_id))
-            .map(|p| AddressPeer {
-                member_id: p.member_id.clone(),
-                display_name: p.display_name.clone(),
-                routing_key: p.routing_key().to_owned(),
-            })
+        let mut from_ip = inner.peers.values().filter(|p| p.remote_ip == ip);
+        let Some(first) = from_ip.next() else {
+            return Ok(None);
+        };
+        let mut newest = first;
+        for p in from_ip {
+            if p.member_id != first.member_id {
+                return Err(());
+            }
+            if (p.connected_at, p.shared.conn_id) > (newest.connected_at, newest.shared.conn_id) {
+                newest = p;
+            }
+        }
+        Ok(Some(AddressPeer {
+            member_id: newest.member_id.clone(),
+            display_name: newest.display_name.clone(),
+            routing_key: newest.routing_key().to_owned(),
+        }))
     }
 
     /// Members hosted here, for announcements to peer brokers.

@@ -1140,7 +1140,9 @@ async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
         json!({"type": "peer_file_request_forward", "requesterPubkey": alice_key, "filePath": "notes.md", "_reqId": "x1"})
     );
     // Another member at B injects an answer: dropped.
-    let eve = p.b.enroll(&replica(&p.b.db, &p.mesh.mesh_id).await?, "eve").await?;
+    let eve =
+        p.b.enroll(&replica(&p.b.db, &p.mesh.mesh_id).await?, "eve")
+            .await?;
     let mut eve = member_client(&p.b.ws_url(), &eve, &[]).await?;
     eve.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "ZXZl", "_reqId": "x1"}))
         .await?;
@@ -1160,14 +1162,18 @@ async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
         .send(json!({"type": "peer_dir_request", "targetPubkey": bob_key, "dirPath": ".", "_reqId": "x2"}))
         .await?;
     bob.ws
-        .expect("dir forward at B", |v| v["type"] == "peer_dir_request_forward")
+        .expect("dir forward at B", |v| {
+            v["type"] == "peer_dir_request_forward"
+        })
         .await?;
     bob.send(json!({"type": "peer_dir_response", "requesterPubkey": alice_key, "dirPath": ".", "entries": ["a", "b"], "_reqId": "x2"}))
         .await?;
     let got = p
         .alice
         .ws
-        .expect("dir answer at A", |v| v["type"] == "peer_dir_response_forward")
+        .expect("dir answer at A", |v| {
+            v["type"] == "peer_dir_response_forward"
+        })
         .await?;
     assert_eq!(got["entries"], json!(["a", "b"]));
     p.alice.sync().await?;

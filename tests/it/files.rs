@@ -29,6 +29,36 @@ async fn upload(
     Ok((status, serde_json::from_slice(&payload)?))
 }
 
+/// The documented signing text: every header that decides what is stored and who reads
+/// it (empty when absent), the body's digest, and the digest of `X-File-Keys`.
+fn signing_text(
+    mesh_id: &str,
+    name: &str,
+    body: &[u8],
+    ts: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let h = |n: &str| {
+        extra
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map_or("", |(_, v)| *v)
+    };
+    let digest = hex::encode(sha2::Sha256::digest(body));
+    let keys_digest = match h("X-File-Keys") {
+        "" => String::new(),
+        k => hex::encode(sha2::Sha256::digest(k.as_bytes())),
+    };
+    format!(
+        "meshd-upload-v1\n{mesh_id}\n{name}\n{digest}\n{ts}\n{}\n{}\n{}\n{}\n{}\n{keys_digest}",
+        h("X-Target-Spec"),
+        h("X-Persistent"),
+        h("X-Encrypted"),
+        h("X-Owner-Pubkey"),
+        h("X-Tags"),
+    )
+}
+
 /// A signed upload as `signer` (member or session key).
 async fn signed_upload(
     broker: &TestBroker,
@@ -39,10 +69,7 @@ async fn signed_upload(
     extra: &[(&str, &str)],
 ) -> anyhow::Result<(u16, Value)> {
     let ts = now_ms().to_string();
-    let digest = hex::encode(sha2::Sha256::digest(body));
-    let sig = signer.sign_hex(&format!(
-        "meshd-upload-v1\n{mesh_id}\n{name}\n{digest}\n{ts}"
-    ));
+    let sig = signer.sign_hex(&signing_text(mesh_id, name, body, &ts, extra));
     let key = signer.public_hex();
     let mut headers = vec![
         ("X-Meshd-Pubkey", key.as_str()),
@@ -91,13 +118,16 @@ both! {
             broker.enroll(&mesh, "bo").await?,
             broker.enroll(&mesh, "cy").await?,
         );
-        let mut c = connect(&broker, &bo).await?;
-        // Connected last from this address: unsigned uploads from it are ann's.
+        // The only member connected from this address: unsigned uploads from it are ann's.
         let mut a = connect(&broker, &ann).await?;
-
         let (st, up) = upload(&broker, &mesh.mesh_id, "notes.txt", b"hello files", &[("X-Tags", r#"["doc"]"#)]).await?;
         assert_eq!((st, up["ok"].as_bool()), (200, Some(true)), "{up}");
         let notes = up["fileId"].as_str().unwrap_or_default().to_owned();
+        // With a second member connected from here, an unsigned upload is ambiguous.
+        let mut c = connect(&broker, &bo).await?;
+        let (st, r) = upload(&broker, &mesh.mesh_id, "x.txt", b"x", &[]).await?;
+        assert_eq!(st, 401, "{r}");
+        assert!(r["error"].as_str().unwrap_or_default().contains("several members"), "{r}");
 
         // Nobody of this mesh is connected from here: an unsigned upload is refused.
         let other = broker.create_mesh("elsewhere").await?;
@@ -106,10 +136,26 @@ both! {
         // A signature that does not verify is refused; so is an empty body.
         let (st, _) = upload(&broker, &mesh.mesh_id, "x.txt", b"x", &[("X-Meshd-Pubkey", &bo.keys.public_hex()), ("X-Meshd-Timestamp", &now_ms().to_string()), ("X-Meshd-Signature", &"00".repeat(64))]).await?;
         assert_eq!(st, 401);
-        let (st, _) = upload(&broker, &mesh.mesh_id, "x.txt", b"", &[]).await?;
+        let (st, _) = signed_upload(&broker, &bo.keys, &mesh.mesh_id, "x.txt", b"", &[]).await?;
         assert_eq!(st, 400);
-        let (st, _) = upload(&broker, &mesh.mesh_id, "../etc/passwd", b"x", &[]).await?;
+        let (st, _) = signed_upload(&broker, &bo.keys, &mesh.mesh_id, "../etc/passwd", b"x", &[]).await?;
         assert_eq!(st, 400);
+        // The signature covers the headers: a target changed after signing is refused,
+        // and a signed request cannot be replayed.
+        let ts = now_ms().to_string();
+        let a_target = a.key();
+        let sig = bo.keys.sign_hex(&signing_text(&mesh.mesh_id, "t.txt", b"t", &ts, &[("X-Target-Spec", &a_target)]));
+        let bo_key = bo.keys.public_hex();
+        let auth = [("X-Meshd-Pubkey", bo_key.as_str()), ("X-Meshd-Timestamp", ts.as_str()), ("X-Meshd-Signature", sig.as_str())];
+        let (st, r) = upload(&broker, &mesh.mesh_id, "t.txt", b"t", &auth).await?;
+        assert_eq!(st, 401, "target dropped after signing: {r}");
+        let mut with_target = auth.to_vec();
+        with_target.push(("X-Target-Spec", &a_target));
+        let (st, r) = upload(&broker, &mesh.mesh_id, "t.txt", b"t", &with_target).await?;
+        assert_eq!(st, 200, "{r}");
+        let (st, r) = upload(&broker, &mesh.mesh_id, "t.txt", b"t", &with_target).await?;
+        assert_eq!(st, 401, "replayed: {r}");
+        assert!(r["fileId"].is_null(), "{r}");
 
         // A signed upload by bo, for ann only.
         let a_key = a.key();
@@ -118,7 +164,7 @@ both! {
         let private = up["fileId"].as_str().unwrap_or_default().to_owned();
 
         let list = c.request(json!({"type": "list_files"})).await?;
-        assert_eq!(names(&list), vec!["for-ann.md", "notes.txt"], "{list}");
+        assert_eq!(names(&list), vec!["for-ann.md", "t.txt", "notes.txt"], "{list}");
         let entry = list["files"].as_array().and_then(|f| f.iter().find(|x| x["name"] == "notes.txt").cloned()).unwrap_or_default();
         assert_eq!((entry["uploadedBy"].as_str(), entry["size"].as_i64(), entry["tags"].clone()), (Some("ann"), Some(11), json!(["doc"])));
         let mut y = connect(&broker, &cy).await?;
@@ -175,7 +221,7 @@ both! {
         assert_eq!(theirs["sealedKey"], "SEALED-FOR-BO");
 
         let info = a.request(json!({"type": "mesh_info"})).await?;
-        assert_eq!(info["fileCount"], 2, "{info}");
+        assert_eq!(info["fileCount"], 3, "{info}");
         Ok(())
     }
 }
@@ -276,5 +322,46 @@ async fn peer_file_relay() -> anyhow::Result<()> {
             .contains("disconnected"),
         "{got}"
     );
+    Ok(())
+}
+
+/// Behind a trusted proxy the client's address comes from `X-Forwarded-For` (so an
+/// unsigned upload from elsewhere is not taken for a connected member's), and
+/// `unsigned_uploads = "refuse"` requires signatures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_address_rules() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.server.trusted_proxies = vec!["127.0.0.1".parse().expect("ip")];
+    })
+    .await?;
+    let mesh = broker.create_mesh("proxied").await?;
+    let ann = broker.enroll(&mesh, "ann").await?;
+    let _a = connect(&broker, &ann).await?;
+    let (st, r) = upload(&broker, &mesh.mesh_id, "a.txt", b"a", &[]).await?;
+    assert_eq!(
+        st, 200,
+        "no forwarding header: the proxy's own address is the client's: {r}"
+    );
+    let (st, r) = upload(
+        &broker,
+        &mesh.mesh_id,
+        "b.txt",
+        b"b",
+        &[("X-Forwarded-For", "203.0.113.7")],
+    )
+    .await?;
+    assert_eq!(st, 401, "a client elsewhere behind the proxy: {r}");
+
+    let strict = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.server.unsigned_uploads = meshd_config::UnsignedUploads::Refuse;
+    })
+    .await?;
+    let mesh = strict.create_mesh("strict").await?;
+    let ann = strict.enroll(&mesh, "ann").await?;
+    let _a = connect(&strict, &ann).await?;
+    let (st, r) = upload(&strict, &mesh.mesh_id, "a.txt", b"a", &[]).await?;
+    assert_eq!(st, 401, "{r}");
+    let (st, r) = signed_upload(&strict, &ann.keys, &mesh.mesh_id, "a.txt", b"a", &[]).await?;
+    assert_eq!(st, 200, "{r}");
     Ok(())
 }

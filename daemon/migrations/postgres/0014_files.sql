@@ -6,7 +6,7 @@ CREATE TABLE file (
     name               TEXT NOT NULL,
     size_bytes         BIGINT NOT NULL,
     mime_type          TEXT,
-    -- SHA-256 of the stored bytes (hex), checked when they are served.
+    -- SHA-256 of the stored bytes (hex), recorded at upload and served as the ETag.
     sha256             TEXT NOT NULL,
     tags               TEXT NOT NULL,
     persistent         BIGINT NOT NULL,

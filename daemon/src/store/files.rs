@@ -113,6 +113,12 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(now).fetch_one(p).await)?)
     }
 
+    /// Bytes of the mesh's live files.
+    pub async fn file_bytes(&self, mesh_id: &str, now: i64) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM file WHERE mesh_id = $1 AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $2)";
+        Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(now).fetch_one(p).await)?)
+    }
+
     /// Records a download URL handed out.
     pub async fn record_file_access(
         &self,
@@ -165,10 +171,15 @@ impl Db {
         Ok(())
     }
 
-    /// Marks a file deleted. Returns whether it was live.
+    /// Marks a file deleted (dropping its keys and download log). Returns whether it
+    /// was live.
     pub async fn delete_file(&self, id: &str, at: i64) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE file SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL";
+        const KEYS: &str = "DELETE FROM file_key WHERE file_id = $1";
+        const LOG: &str = "DELETE FROM file_access WHERE file_id = $1";
         let n = with_db!(self, p => sqlx::query(SQL).bind(at).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        with_db!(self, p => sqlx::query(KEYS).bind(id).execute(p).await.map(drop))?;
+        with_db!(self, p => sqlx::query(LOG).bind(id).execute(p).await.map(drop))?;
         Ok(n > 0)
     }
 
@@ -181,6 +192,7 @@ impl Db {
             with_db!(self, p => sqlx::query_as(FIND).bind(now).fetch_all(p).await)?;
         for (_, id) in &rows {
             with_db!(self, p => sqlx::query(MARK).bind(now).bind(id).execute(p).await.map(drop))?;
+            self.delete_file(id, now).await?;
         }
         Ok(rows)
     }
