@@ -408,6 +408,22 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                             serde_json::json!({"memberId": m.id, "pubkey": m.pubkey}),
                         );
                     }
+                    // A revoked member's MCP servers go (their names are free again).
+                    for (name, hosted_by, persistent) in ctx.mcp.drop_member(&m.mesh_id, &m.id) {
+                        if persistent {
+                            ctx.mcp.persist(mcp::StoreOp::Delete {
+                                mesh_id: m.mesh_id.clone(),
+                                name: name.clone(),
+                            });
+                        }
+                        if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
+                            let mut data = serde_json::Map::new();
+                            data.insert("serverName".into(), name.into());
+                            data.insert("hostedBy".into(), hosted_by.into());
+                            let frame = hub::system_push(&m.mesh_id, "mcp_unregistered", data, now);
+                            mesh.announce(&frame, 0, None);
+                        }
+                    }
                     if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
                         let closed = mesh.revoke(&m.pubkey);
                         if m.home_broker.is_none()

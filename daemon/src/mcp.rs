@@ -31,6 +31,10 @@ use crate::store::mcp::McpServerRow;
 
 /// Most servers one mesh registers.
 pub(crate) const MAX_SERVERS_PER_MESH: usize = 256;
+/// Most servers one member registers in a mesh.
+pub(crate) const MAX_SERVERS_PER_MEMBER: usize = 32;
+/// Largest tool list of one server (JSON bytes, schemas included).
+const MAX_TOOLS_BYTES: usize = 256 * 1024;
 /// Most calls one connection has in flight.
 const MAX_CALLS_PER_CALLER: usize = 64;
 
@@ -78,9 +82,14 @@ pub(crate) enum RegisterError {
     /// Another member registered that name.
     #[error("the MCP server name {name:?} belongs to {hosted_by}; pick another name")]
     Taken { name: String, hosted_by: String },
-    /// The mesh has too many servers.
-    #[error("this mesh has {MAX_SERVERS_PER_MESH} MCP servers, the most it keeps")]
+    /// The mesh, or the member, has too many servers.
+    #[error(
+        "at most {MAX_SERVERS_PER_MESH} MCP servers per mesh and {MAX_SERVERS_PER_MEMBER} per member"
+    )]
     Full,
+    /// The tool list is too large.
+    #[error("an MCP server's tools (with their schemas) are at most 256 KiB of JSON")]
+    TooLarge,
 }
 
 /// A call that could not be forwarded; the text is the `mcp_call_result` error.
@@ -185,8 +194,19 @@ impl Mcp {
             persistent,
         } = r;
         let name = server_name.as_str();
+        let tools_json = serde_json::to_string(&tools).unwrap_or_else(|_| "[]".into());
+        if tools_json.len() > MAX_TOOLS_BYTES {
+            return Err(RegisterError::TooLarge);
+        }
         let mut servers = lock(&self.servers);
         let mesh = servers.entry(mesh_id.to_owned()).or_default();
+        let members = mesh
+            .iter()
+            .filter(|(n, s)| s.member_id == who.member_id && n.as_str() != name)
+            .count();
+        if members >= MAX_SERVERS_PER_MEMBER {
+            return Err(RegisterError::Full);
+        }
         match mesh.get(name) {
             Some(s) if s.member_id != who.member_id => {
                 return Err(RegisterError::Taken {
@@ -204,7 +224,7 @@ impl Mcp {
             member_pubkey: who.member_pubkey.to_owned(),
             hosted_by: who.display_name.to_owned(),
             description: description.clone(),
-            tools: serde_json::to_string(&tools).unwrap_or_else(|_| "[]".into()),
+            tools: tools_json,
             registered_at: now,
             offline_since: None,
         });
@@ -366,13 +386,27 @@ impl Mcp {
     /// A connection closed: its non-persistent servers go (returned, to announce),
     /// its persistent ones go offline (returned, to store), calls it hosted fail, and
     /// calls it made are forgotten.
-    pub(crate) fn conn_gone(&self, mesh_id: &str, conn: ConnId, now: i64) -> ConnGone {
+    ///
+    /// `successor` is a newer live session of the same member: persistent servers move
+    /// to it instead of going offline (the member reconnected before this connection's
+    /// end was noticed, and its restore found them still hosted here).
+    pub(crate) fn conn_gone(
+        &self,
+        mesh_id: &str,
+        conn: ConnId,
+        successor: Option<Host>,
+        now: i64,
+    ) -> ConnGone {
         let mut gone = ConnGone::default();
         {
             let mut servers = lock(&self.servers);
             if let Some(mesh) = servers.get_mut(mesh_id) {
                 mesh.retain(|name, s| {
                     if s.host.as_ref().is_none_or(|h| h.conn != conn) {
+                        return true;
+                    }
+                    if s.persistent && successor.is_some() {
+                        s.host.clone_from(&successor);
                         return true;
                     }
                     if s.persistent {
@@ -422,8 +456,16 @@ impl Mcp {
         let Some(mesh) = servers.get_mut(mesh_id) else {
             return Vec::new();
         };
+        // Offline servers, and those still bound to a connection that is closing (the
+        // member reconnected before its old connection's end was processed).
         mesh.iter_mut()
-            .filter(|(_, s)| s.host.is_none() && s.member_id == member_id)
+            .filter(|(_, s)| {
+                s.member_id == member_id
+                    && s.host.as_ref().is_none_or(|h| {
+                        h.conn != host.conn
+                            && (h.shared.cancel.is_cancelled() || h.shared.close_reason().is_some())
+                    })
+            })
             .map(|(name, s)| {
                 s.host = Some(host.clone());
                 s.offline_since = None;
@@ -431,6 +473,28 @@ impl Mcp {
                 name.clone()
             })
             .collect()
+    }
+
+    /// A member was revoked: its servers go. Returns (name, hosted by, persistent).
+    pub(crate) fn drop_member(
+        &self,
+        mesh_id: &str,
+        member_id: &str,
+    ) -> Vec<(String, String, bool)> {
+        let mut servers = lock(&self.servers);
+        let Some(mesh) = servers.get_mut(mesh_id) else {
+            return Vec::new();
+        };
+        let mut dropped = Vec::new();
+        mesh.retain(|name, s| {
+            if s.member_id == member_id {
+                dropped.push((name.clone(), s.hosted_by.clone(), s.persistent));
+                false
+            } else {
+                true
+            }
+        });
+        dropped
     }
 
     /// Fails the calls past their deadline; returns the next deadline.

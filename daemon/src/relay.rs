@@ -22,8 +22,9 @@ use tokio::time::Instant;
 use crate::Ctx;
 use crate::hub::{ConnId, Outbound, PeerShared, lock, offer};
 
-/// How long an unanswered request stays open.
-const OPEN_FOR: Duration = Duration::from_secs(60);
+/// How long an unanswered request stays open: as long as the clients wait, so a late
+/// answer is not handed to a request the asker already gave up on.
+const OPEN_FOR: Duration = Duration::from_secs(15);
 /// Open requests one connection may have (a peer broker, relaying for many, 16×).
 const MAX_OPEN_PER_ASKER: usize = 64;
 

@@ -10,6 +10,7 @@
 //! Delivery is at least once: the message is committed before the row moves on, so a
 //! crash between the two repeats that one delivery.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -60,14 +61,40 @@ enum Fired {
     Dropped(&'static str),
 }
 
+/// How long a schedule whose delivery failed waits before it is tried again.
+const FAILED_RETRY_MS: i64 = 30_000;
+
+/// The firing task's memory of trouble: deliveries made but not yet recorded (they are
+/// not made again while the store refuses the record) and schedules whose delivery
+/// failed (tried again after [`FAILED_RETRY_MS`], not every loop).
+#[derive(Debug, Default)]
+struct Trouble {
+    /// id → (the fire time it was due at, what to record).
+    unrecorded: HashMap<String, (i64, Outcome)>,
+    retry_at: HashMap<String, i64>,
+}
+
+/// What a due row became.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// Delivered; the next fire time (`None`: a one-shot, done).
+    Fired(Option<i64>),
+    /// Closed without delivery.
+    Closed,
+}
+
 /// The firing task; ends when `cancel` fires.
 pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let mut trouble = Trouble::default();
     loop {
-        let wait = match fire_due(&ctx).await {
-            Ok(true) => continue,
-            Ok(false) => match ctx.db.next_schedule_at().await {
+        let wait = match fire_due(&ctx, &mut trouble).await {
+            Ok((true, _)) => continue,
+            Ok((false, stuck)) => match ctx.db.next_schedule_at().await {
                 Ok(Some(at)) => {
-                    Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(MAX_SLEEP)
+                    let wait = Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))
+                        .min(MAX_SLEEP);
+                    // Rows waiting out a failure are still "due": do not spin on them.
+                    if stuck { wait.max(RETRY) } else { wait }
                 }
                 Ok(None) => MAX_SLEEP,
                 Err(e) => {
@@ -76,7 +103,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 }
             },
             Err(e) => {
-                warn!(cause = %e, "reminders: firing due schedules");
+                warn!(cause = %e, "reminders: reading due schedules");
                 RETRY
             }
         };
@@ -88,29 +115,70 @@ pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     }
 }
 
-/// Fires one batch of due rows. `Ok(true)` when a full batch fired (more may be due).
-async fn fire_due(ctx: &Ctx) -> Result<bool, StoreError> {
+/// Records what became of a due row. `false` when the store refused.
+async fn record(ctx: &Ctx, id: &str, was: i64, outcome: Outcome, now: i64) -> bool {
+    let r = match outcome {
+        Outcome::Fired(next) => ctx.db.schedule_fired(id, was, next, now).await,
+        Outcome::Closed => ctx.db.cancel_schedule_by_id(id).await,
+    };
+    if let Err(e) = &r {
+        warn!(schedule = %id, cause = %e, "reminders: recording a delivery; will retry");
+    }
+    r.is_ok()
+}
+
+/// Fires one batch of due rows, each on its own (one failing row does not hold back the
+/// others). Returns (a full batch made progress: more may be due, some rows are waiting
+/// out a failure).
+async fn fire_due(ctx: &Ctx, trouble: &mut Trouble) -> Result<(bool, bool), StoreError> {
     let now = now_ms();
+    let pending: Vec<(String, (i64, Outcome))> = trouble
+        .unrecorded
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    for (id, (was, outcome)) in pending {
+        if record(ctx, &id, was, outcome, now).await {
+            trouble.unrecorded.remove(&id);
+        }
+    }
+    trouble.retry_at.retain(|_, at| *at > now);
     let rows = ctx.db.due_schedules(now, BATCH).await?;
     let full = i64::try_from(rows.len()).unwrap_or(0) >= BATCH;
+    let (mut progress, mut stuck) = (false, false);
     for row in rows {
         let (id, was) = (row.id.clone(), row.next_at.unwrap_or(0));
+        if trouble.unrecorded.contains_key(&id) || trouble.retry_at.contains_key(&id) {
+            stuck = true;
+            continue;
+        }
         let next = row
             .cron
             .as_deref()
             .and_then(|c| crate::cron::next_fire(c, now, &ctx.config.schedule.timezone));
-        match fire(ctx, row, now).await? {
-            Fired::Delivered => {
+        let outcome = match fire(ctx, row, now).await {
+            Ok(Fired::Delivered) => {
                 debug!(schedule = %id, ?next, "reminder fired");
-                ctx.db.schedule_fired(&id, was, next, now).await?;
+                Outcome::Fired(next)
             }
-            Fired::Dropped(why) => {
+            Ok(Fired::Dropped(why)) => {
                 info!(schedule = %id, why, "reminder closed without delivery");
-                ctx.db.cancel_schedule_by_id(&id).await?;
+                Outcome::Closed
             }
+            Err(e) => {
+                warn!(schedule = %id, cause = %e, "reminder not delivered; retrying in 30 s");
+                trouble.retry_at.insert(id, now + FAILED_RETRY_MS);
+                stuck = true;
+                continue;
+            }
+        };
+        progress = true;
+        if !record(ctx, &id, was, outcome, now).await {
+            trouble.unrecorded.insert(id, (was, outcome));
+            stuck = true;
         }
     }
-    Ok(full)
+    Ok((full && progress, stuck))
 }
 
 /// Delivers a schedule's text as a `subtype: "reminder"` push from its creator.
@@ -249,6 +317,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
             return Ok(Fired::Dropped("its target is not routable"));
         }
     }
+    let multicast = matches!(target, TargetSpec::Broadcast | TargetSpec::Group(_));
     ctx.metrics.messages_routed.inc(Priority::Now.as_str());
     // Metadata only, as for every send.
     ctx.audit.record(
@@ -281,6 +350,11 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
             if let Some((fed, peer)) = forward {
                 fed.outbox_ready(&peer);
             }
+            Ok(Fired::Delivered)
+        }
+        // A multicast went out live before its (metadata) row: it was delivered.
+        Ok(Err(e)) if multicast => {
+            warn!(cause = %e, "storing a fired multicast reminder's metadata");
             Ok(Fired::Delivered)
         }
         Ok(Err(e)) => Err(e),

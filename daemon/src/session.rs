@@ -2274,6 +2274,9 @@ impl Live {
                     Err(e @ crate::mcp::RegisterError::Full) => {
                         return error("mcp_full", e.to_string(), req_id);
                     }
+                    Err(e @ crate::mcp::RegisterError::TooLarge) => {
+                        return error("invalid_mcp_server", e.to_string(), req_id);
+                    }
                 };
                 let mut data = serde_json::Map::new();
                 data.insert("serverName".into(), server_name.clone().into());
@@ -2441,14 +2444,11 @@ impl Live {
                         req_id,
                     );
                 }
-                if s.message.len() > self.ctx.config.limits.max_message_bytes {
+                let max = crate::store::schedule::MAX_TEXT_BYTES;
+                if s.message.len() > max {
                     return error(
                         "invalid_schedule",
-                        format!(
-                            "message too large: {} bytes (max {})",
-                            s.message.len(),
-                            self.ctx.config.limits.max_message_bytes
-                        ),
+                        format!("message too large: {} bytes (max {max})", s.message.len()),
                         req_id,
                     );
                 }
@@ -3274,7 +3274,20 @@ impl Live {
             };
             crate::relay::deliver(&self.ctx, self.mesh_id(), asker, answer, req_id);
         }
-        let gone = self.ctx.mcp.conn_gone(self.mesh_id(), self.conn, now);
+        let successor = self
+            .mesh
+            .siblings(&self.member_pubkey, self.conn)
+            .into_iter()
+            .filter(|p| p.conn_id > self.conn && p.close_reason().is_none())
+            .max_by_key(|p| p.conn_id)
+            .map(|shared| crate::mcp::Host {
+                conn: shared.conn_id,
+                shared,
+            });
+        let gone = self
+            .ctx
+            .mcp
+            .conn_gone(self.mesh_id(), self.conn, successor, now);
         if !self.ctx.sessions_cancel.is_cancelled() {
             for (name, hosted_by) in gone.removed {
                 let mut data = serde_json::Map::new();

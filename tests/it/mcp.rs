@@ -151,6 +151,28 @@ both! {
         a.send(json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": [[1]]})).await?;
         assert_eq!(result(&mut c, "o2").await?["result"], json!([[1]]));
 
+        // The member connects again before its old session ends: the server moves to the
+        // new session instead of going offline.
+        let mut a2 = broker.connect(&ann).await?;
+        a.close().await;
+        let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+        loop {
+            // Wait until the old session's end was processed (the call then goes to a2).
+            call(&mut c, "o3", "db", "query", json!({})).await?;
+            let got = tokio::select! {
+                fwd = forwarded(&mut a2, "query") => Some(fwd?),
+                r = result(&mut c, "o3") => { let r = r?; assert!(!r["error"].as_str().unwrap_or_default().contains("offline"), "{r}"); None }
+            };
+            if let Some(fwd) = got {
+                a2.send(json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": "moved"})).await?;
+                assert_eq!(result(&mut c, "o3").await?["result"], "moved");
+                break;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the server never moved to the new session");
+        }
+        let list = c.request(json!({"type": "mcp_list"})).await?;
+        assert_eq!(server(&list, "db").map(|d| d["online"].clone()), Some(json!(true)), "{list}");
+        let mut a = a2;
         a.send(json!({"type": "mcp_unregister", "serverName": "db"})).await?;
         c.ws.expect("mcp_unregistered", system("mcp_unregistered")).await?;
         let broker = broker.restart().await?;

@@ -34,7 +34,9 @@ pub struct ScheduleRow {
 }
 
 /// Most pending schedules one member keeps in a mesh.
-pub const MAX_PENDING_PER_MEMBER: i64 = 1_000;
+pub const MAX_PENDING_PER_MEMBER: i64 = 200;
+/// Longest scheduled text (it is stored and listed in plain text).
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 
 /// The columns of [`ScheduleRow`], in a literal (sqlx takes only literal SQL).
 macro_rules! columns {
@@ -44,22 +46,17 @@ macro_rules! columns {
 }
 
 impl Db {
-    /// Stores a schedule; `false` when the member already has too many pending.
+    /// Stores a schedule; `false` when the member already has too many pending (checked
+    /// in the same statement, so concurrent requests cannot overshoot).
     pub async fn insert_schedule(&self, r: &ScheduleRow) -> Result<bool, StoreError> {
-        const COUNT_SQL: &str = "SELECT COUNT(*) FROM scheduled_message \
-                                 WHERE mesh_id = $1 AND member_id = $2 AND next_at IS NOT NULL";
         const SQL: &str = "INSERT INTO scheduled_message (id, mesh_id, member_id, member_pubkey, sender_pubkey, sender_name, target_spec, message, cron, next_at, fired_count, created_at) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11)";
-        let n: i64 = with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&r.mesh_id).bind(&r.member_id)
-            .fetch_one(p).await)?;
-        if n >= MAX_PENDING_PER_MEMBER {
-            return Ok(false);
-        }
-        with_db!(self, p => sqlx::query(SQL).bind(&r.id).bind(&r.mesh_id).bind(&r.member_id)
+                           SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11 \
+                           WHERE (SELECT COUNT(*) FROM scheduled_message WHERE mesh_id = $2 AND member_id = $3 AND next_at IS NOT NULL) < $12";
+        let n = with_db!(self, p => sqlx::query(SQL).bind(&r.id).bind(&r.mesh_id).bind(&r.member_id)
             .bind(&r.member_pubkey).bind(&r.sender_pubkey).bind(&r.sender_name).bind(&r.target_spec)
-            .bind(&r.message).bind(&r.cron).bind(r.next_at).bind(r.created_at)
-            .execute(p).await.map(drop))?;
-        Ok(true)
+            .bind(&r.message).bind(&r.cron).bind(r.next_at).bind(r.created_at).bind(MAX_PENDING_PER_MEMBER)
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(n > 0)
     }
 
     /// A member's pending schedules in a mesh, soonest first.
