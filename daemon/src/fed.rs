@@ -765,6 +765,23 @@ impl Fed {
             .is_some_and(|l| l.live.try_send(frame).is_ok())
     }
 
+    /// MCP servers hosted here changed (`full`: all of them).
+    pub(crate) fn mcp_servers(
+        &self,
+        mesh_id: &str,
+        servers: Vec<meshd_protocol::fed::McpServerSet>,
+        full: bool,
+    ) {
+        self.to_every_link(
+            mesh_id,
+            Frame::McpServers {
+                mesh_id: mesh_id.to_owned(),
+                servers,
+                full,
+            },
+        );
+    }
+
     /// A member hosted here shared its context.
     pub(crate) fn context_shared(&self, c: meshd_protocol::fed::ContextSet) {
         let mesh_id = c.mesh_id.clone();
@@ -1090,6 +1107,13 @@ impl Fed {
                 }
                 Err(e) => warn!(cause = %e, "reading contexts for a peer"),
             }
+            // The MCP servers our members host (a full list: it replaces what the peer
+            // knew, so withdrawals made while the link was down are not missed).
+            let _ = link.live.try_send(Frame::McpServers {
+                mesh_id: m.clone(),
+                servers: ctx.mcp.local_sets(&m),
+                full: true,
+            });
             // State converges by newest write: send ours.
             for (key, v) in hub.state_list() {
                 let _ = link.live.try_send(Frame::State(Box::new(StateSet {
@@ -2094,6 +2118,36 @@ impl Fed {
                         }
                     }
                 }
+                Frame::McpServers {
+                    mesh_id,
+                    servers,
+                    full,
+                } => {
+                    if let Err(reason) =
+                        apply_mcp_servers(&ctx, &link, mesh_id, servers, full).await
+                    {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
+                Frame::McpCall(a) => {
+                    let allowed = link.accepts(&a.mesh_id)
+                        && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
+                            Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.caller_member_pubkey));
+                    if allowed {
+                        ctx.mcp.remote_call(&ctx, &link.peer, *a);
+                    } else {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics
+                            .fed_refused
+                            .inc(RejectReason::ForgedSender.as_str());
+                    }
+                }
+                Frame::McpResult(d) => {
+                    if link.accepts(&d.mesh_id) {
+                        ctx.mcp.remote_result(&ctx, &link.peer, *d);
+                    }
+                }
                 Frame::RelayAnswer(r) => {
                     if link.accepts(&r.mesh_id) {
                         crate::relay::remote_answered(&ctx, &link.peer, *r);
@@ -2278,6 +2332,60 @@ pub(crate) fn context_set(
 /// Whether `peer` hosts the member `(id, pubkey)` of `hub` (it may speak for it).
 fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &str) -> bool {
     hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(peer, pubkey)
+}
+
+/// Applies a peer broker's MCP servers: only those of members it hosts, within limits;
+/// local peers hear `mcp_registered` / `mcp_unregistered` / `mcp_restored`.
+async fn apply_mcp_servers(
+    ctx: &Ctx,
+    link: &LinkShared,
+    mesh_id: String,
+    servers: Vec<meshd_protocol::fed::McpServerSet>,
+    full: bool,
+) -> Result<(), RejectReason> {
+    use meshd_protocol::client::{MAX_NAME_LEN, MAX_SUMMARY_LEN};
+    if !link.accepts(&mesh_id) {
+        return Err(RejectReason::NotShared);
+    }
+    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh_id).await else {
+        return Err(RejectReason::NotShared);
+    };
+    if servers.len() > crate::mcp::MAX_SERVERS_PER_MESH {
+        return Err(RejectReason::Invalid);
+    }
+    let mut forged = false;
+    let servers: Vec<_> = servers
+        .into_iter()
+        .filter(|s| {
+            let ok = speaks_for(&hub, &link.peer, &s.member_id, &s.member_pubkey);
+            forged |= !ok;
+            ok && !s.name.is_empty()
+                && s.name.len() <= MAX_NAME_LEN
+                && s.hosted_by.len() <= MAX_NAME_LEN
+                && s.description.len() <= MAX_SUMMARY_LEN
+                && s.tools_json.len() <= 256 * 1024
+        })
+        .collect();
+    let now = now_ms();
+    for (event, name, hosted_by) in ctx.mcp.apply_remote(&link.peer, &mesh_id, servers, full) {
+        let mut data = serde_json::Map::new();
+        data.insert("serverName".into(), name.clone().into());
+        if event == "mcp_registered" {
+            let (description, tools) = ctx.mcp.summary(&mesh_id, &name).unwrap_or_default();
+            data.insert("description".into(), description.into());
+            data.insert("tools".into(), tools.into());
+        }
+        data.insert("hostedBy".into(), hosted_by.into());
+        hub.announce(
+            &crate::hub::system_push(&mesh_id, event, data, now),
+            0,
+            None,
+        );
+    }
+    if forged {
+        return Err(RejectReason::ForgedSender);
+    }
+    Ok(())
 }
 
 /// Stores a memory a member of the peer remembered (idempotent).

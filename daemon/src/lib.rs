@@ -409,7 +409,10 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         );
                     }
                     // A revoked member's MCP servers go (their names are free again).
-                    for (name, hosted_by, persistent) in ctx.mcp.drop_member(&m.mesh_id, &m.id) {
+                    for (name, hosted_by, persistent, removal) in
+                        ctx.mcp.drop_member(&m.mesh_id, &m.id)
+                    {
+                        mcp::publish(&ctx, &m.mesh_id, vec![removal]);
                         if persistent {
                             ctx.mcp.persist(mcp::StoreOp::Delete {
                                 mesh_id: m.mesh_id.clone(),

@@ -12,6 +12,12 @@
 //!
 //! Results go to the caller through its outbound queue, not its reply queue: a slow
 //! tool must not hold back the caller's other replies.
+//!
+//! In a mesh shared across brokers, each broker tells the others which servers its
+//! members host (a full list when a link comes up, then changes); a call for a server
+//! hosted elsewhere goes over the link to the hosting broker, which forwards it to the
+//! host and sends the result back. A broker speaks only for the members it hosts, and
+//! only the broker a call was sent to may answer it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -49,22 +55,76 @@ pub(crate) struct Host {
 #[derive(Debug)]
 struct Server {
     member_id: String,
+    member_pubkey: String,
     hosted_by: String,
     description: String,
     tools: Vec<McpTool>,
     persistent: bool,
-    /// `None` while offline (a persistent server whose host left).
+    /// `None` while offline (a persistent server whose host left), and for a server of
+    /// another broker.
     host: Option<Host>,
     offline_since: Option<i64>,
+    /// The peer broker hosting it, and whether its host is connected there.
+    remote: Option<(Arc<str>, bool)>,
+}
+
+impl Server {
+    fn online(&self) -> bool {
+        self.remote
+            .as_ref()
+            .map_or(self.host.is_some(), |(_, online)| *online)
+    }
+
+    fn to_set(&self, name: &str, removed: bool) -> meshd_protocol::fed::McpServerSet {
+        meshd_protocol::fed::McpServerSet {
+            name: name.to_owned(),
+            member_id: self.member_id.clone(),
+            member_pubkey: self.member_pubkey.clone(),
+            hosted_by: self.hosted_by.clone(),
+            description: self.description.clone(),
+            tools_json: serde_json::to_string(&self.tools).unwrap_or_else(|_| "[]".into()),
+            persistent: self.persistent,
+            online: self.online(),
+            offline_since: self.offline_since,
+            removed,
+        }
+    }
+}
+
+/// Where a call's answer must come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CallHost {
+    /// The hosting connection here.
+    Conn(ConnId),
+    /// The peer broker hosting the server.
+    Broker(Arc<str>),
+}
+
+/// Who waits for a call's result.
+#[derive(Debug)]
+enum Caller {
+    Local(Arc<PeerShared>),
+    /// A peer broker, for one of its sessions, under its call id.
+    Remote {
+        broker: Arc<str>,
+        call_id: String,
+    },
 }
 
 /// A call waiting for its host's answer.
 #[derive(Debug)]
 struct Call {
-    host_conn: ConnId,
-    caller: Arc<PeerShared>,
+    mesh_id: String,
+    host: CallHost,
+    caller: Caller,
     req_id: Option<String>,
     deadline: Instant,
+}
+
+impl Call {
+    fn caller_is(&self, conn: ConnId) -> bool {
+        matches!(&self.caller, Caller::Local(p) if p.conn_id == conn)
+    }
 }
 
 /// What `register` needs to know about the registering session.
@@ -167,12 +227,14 @@ impl Mcp {
                 r.name,
                 Server {
                     member_id: r.member_id,
+                    member_pubkey: r.member_pubkey,
                     hosted_by: r.hosted_by,
                     description: r.description,
                     tools,
                     persistent: true,
                     host: None,
                     offline_since: Some(r.offline_since.unwrap_or(now)),
+                    remote: None,
                 },
             );
         }
@@ -232,12 +294,14 @@ impl Mcp {
             name.to_owned(),
             Server {
                 member_id: who.member_id.to_owned(),
+                member_pubkey: who.member_pubkey.to_owned(),
                 hosted_by: who.display_name.to_owned(),
                 description,
                 tools,
                 persistent,
                 host: Some(who.host),
                 offline_since: None,
+                remote: None,
             },
         );
         Ok(row)
@@ -253,7 +317,8 @@ impl Mcp {
     ) -> Option<(String, bool)> {
         let mut servers = lock(&self.servers);
         let mesh = servers.get_mut(mesh_id)?;
-        if mesh.get(name)?.member_id != member_id {
+        let s = mesh.get(name)?;
+        if s.member_id != member_id || s.remote.is_some() {
             return None;
         }
         let s = mesh.remove(name)?;
@@ -272,7 +337,7 @@ impl Mcp {
                         description: s.description.clone(),
                         hosted_by: s.hosted_by.clone(),
                         tools: s.tools.clone(),
-                        online: s.host.is_some(),
+                        online: s.online(),
                         offline_since: s.offline_since.map(meshd_protocol::time::iso8601_ms),
                         persistent: s.persistent,
                     })
@@ -281,14 +346,15 @@ impl Mcp {
             .unwrap_or_default()
     }
 
-    /// Forwards a call to the server's host. The caller gets `mcp_call_result` through
-    /// its outbound queue when the host answers, leaves, or `timeout` passes.
+    /// Forwards a call to the server's host (here, or its broker). The caller gets
+    /// `mcp_call_result` through its outbound queue when the host answers, leaves, or
+    /// `timeout` passes.
     pub(crate) fn call(
         &self,
+        ctx: &Ctx,
         mesh_id: &str,
         c: McpCall,
-        caller: (&Arc<PeerShared>, &str, Option<String>),
-        timeout: std::time::Duration,
+        caller: (&Arc<PeerShared>, &str, &str, Option<String>),
         now: i64,
     ) -> Result<(), CallError> {
         let McpCall {
@@ -299,22 +365,30 @@ impl Mcp {
         let server_name = server_name.as_str();
         // Absent arguments are an empty object, as the reference's clients send them.
         let args = args.unwrap_or_else(|| crate::hub::raw("{}"));
-        let (caller_shared, caller_name, req_id) = caller;
-        let host = {
+        let (caller_shared, caller_name, caller_member_pubkey, req_id) = caller;
+        enum Target {
+            Here(Host),
+            Broker(Arc<str>),
+        }
+        let target = {
             let servers = lock(&self.servers);
             let Some(s) = servers.get(mesh_id).and_then(|m| m.get(server_name)) else {
                 return Err(CallError(format!(
                     "MCP server \"{server_name}\" not found in mesh"
                 )));
             };
-            match &s.host {
-                Some(h) => h.clone(),
-                None => {
-                    let mins = (now - s.offline_since.unwrap_or(now)).max(0) / 60_000;
-                    return Err(CallError(format!(
-                        "Server '{server_name}' is offline — hosted by {} who disconnected {mins}m ago. It will restore when they reconnect.",
-                        s.hosted_by
-                    )));
+            if !s.online() {
+                let mins = (now - s.offline_since.unwrap_or(now)).max(0) / 60_000;
+                return Err(CallError(format!(
+                    "Server '{server_name}' is offline — hosted by {} who disconnected {mins}m ago. It will restore when they reconnect.",
+                    s.hosted_by
+                )));
+            }
+            match (&s.host, &s.remote) {
+                (_, Some((broker, _))) => Target::Broker(broker.clone()),
+                (Some(h), None) => Target::Here(h.clone()),
+                (None, None) => {
+                    return Err(CallError("the MCP server's host is not connected".into()));
                 }
             }
         };
@@ -323,7 +397,7 @@ impl Mcp {
             let mut calls = lock(&self.calls);
             let mine = calls
                 .values()
-                .filter(|c| Arc::ptr_eq(&c.caller, caller_shared))
+                .filter(|c| matches!(&c.caller, Caller::Local(p) if Arc::ptr_eq(p, caller_shared)))
                 .count();
             if mine >= MAX_CALLS_PER_CALLER {
                 return Err(CallError(format!(
@@ -333,34 +407,169 @@ impl Mcp {
             calls.insert(
                 call_id.clone(),
                 Call {
-                    host_conn: host.conn,
-                    caller: caller_shared.clone(),
+                    mesh_id: mesh_id.to_owned(),
+                    host: match &target {
+                        Target::Here(h) => CallHost::Conn(h.conn),
+                        Target::Broker(b) => CallHost::Broker(b.clone()),
+                    },
+                    caller: Caller::Local(caller_shared.clone()),
                     req_id,
-                    deadline: Instant::now() + timeout,
+                    deadline: Instant::now() + ctx.config.limits.mcp_call_timeout,
                 },
             );
         }
         self.wake.notify_one();
+        let sent = match target {
+            Target::Here(host) => {
+                let forward = BrokerFrame::McpCallForward(McpCallForward {
+                    call_id: call_id.clone(),
+                    server_name: server_name.to_owned(),
+                    tool_name,
+                    args,
+                    caller_name: caller_name.to_owned(),
+                });
+                offer(&host.shared, Outbound::Frame(forward.to_json().into()))
+                    .then_some(())
+                    .ok_or_else(|| format!("MCP server \"{server_name}\" host disconnected"))
+            }
+            Target::Broker(broker) => {
+                let ask = meshd_protocol::fed::Frame::McpCall(Box::new(
+                    meshd_protocol::fed::McpCallAsk {
+                        mesh_id: mesh_id.to_owned(),
+                        call_id: call_id.clone(),
+                        server_name: server_name.to_owned(),
+                        tool_name,
+                        args: args.get().to_owned(),
+                        caller_name: caller_name.to_owned(),
+                        caller_member_pubkey: caller_member_pubkey.to_owned(),
+                    },
+                ));
+                ctx.fed
+                    .as_ref()
+                    .is_some_and(|f| f.relay_send(&broker, mesh_id, ask))
+                    .then_some(())
+                    .ok_or_else(|| {
+                        format!("the MCP server's broker {broker} cannot be reached now")
+                    })
+            }
+        };
+        sent.map_err(|e| {
+            lock(&self.calls).remove(&call_id);
+            CallError(e)
+        })
+    }
+
+    /// A peer broker's call for a server hosted here: forwarded to the host; the result
+    /// (or the refusal) goes back over the link.
+    pub(crate) fn remote_call(
+        &self,
+        ctx: &Ctx,
+        broker: &Arc<str>,
+        a: meshd_protocol::fed::McpCallAsk,
+    ) {
+        let refuse = |error: String| {
+            finish(
+                ctx,
+                Call {
+                    mesh_id: a.mesh_id.clone(),
+                    host: CallHost::Broker(broker.clone()),
+                    caller: Caller::Remote {
+                        broker: broker.clone(),
+                        call_id: a.call_id.clone(),
+                    },
+                    req_id: None,
+                    deadline: Instant::now(),
+                },
+                None,
+                Some(error),
+            );
+        };
+        let host = {
+            let servers = lock(&self.servers);
+            servers
+                .get(&a.mesh_id)
+                .and_then(|m| m.get(&a.server_name))
+                .and_then(|s| s.host.clone().filter(|_| s.remote.is_none()))
+        };
+        let Some(host) = host else {
+            return refuse(format!(
+                "MCP server \"{}\" is not hosted at this broker now",
+                a.server_name
+            ));
+        };
+        let Ok(args) = RawValue::from_string(a.args) else {
+            return refuse("the call's arguments are not JSON".into());
+        };
+        let call_id = crate::ids::uuid_v4();
+        lock(&self.calls).insert(
+            call_id.clone(),
+            Call {
+                mesh_id: a.mesh_id.clone(),
+                host: CallHost::Conn(host.conn),
+                caller: Caller::Remote {
+                    broker: broker.clone(),
+                    call_id: a.call_id.clone(),
+                },
+                req_id: None,
+                deadline: Instant::now() + ctx.config.limits.mcp_call_timeout,
+            },
+        );
+        self.wake.notify_one();
         let forward = BrokerFrame::McpCallForward(McpCallForward {
             call_id: call_id.clone(),
-            server_name: server_name.to_owned(),
-            tool_name,
+            server_name: a.server_name,
+            tool_name: a.tool_name,
             args,
-            caller_name: caller_name.to_owned(),
+            caller_name: a.caller_name,
         });
-        if !offer(&host.shared, Outbound::Frame(forward.to_json().into())) {
-            lock(&self.calls).remove(&call_id);
-            return Err(CallError(format!(
-                "MCP server \"{server_name}\" host disconnected"
-            )));
+        let undelivered = (!offer(&host.shared, Outbound::Frame(forward.to_json().into())))
+            .then(|| lock(&self.calls).remove(&call_id))
+            .flatten();
+        if let Some(call) = undelivered {
+            finish(
+                ctx,
+                call,
+                None,
+                Some("the MCP server's host disconnected".into()),
+            );
         }
-        Ok(())
+    }
+
+    /// A peer broker's result for a call sent to it (ignored unless that broker was
+    /// asked under that id).
+    pub(crate) fn remote_result(
+        &self,
+        ctx: &Ctx,
+        broker: &str,
+        d: meshd_protocol::fed::McpCallDone,
+    ) {
+        let call = {
+            let mut calls = lock(&self.calls);
+            match calls.get(&d.call_id) {
+                Some(c) if matches!(&c.host, CallHost::Broker(b) if &**b == broker) => {
+                    calls.remove(&d.call_id)
+                }
+                _ => None,
+            }
+        };
+        if let Some(call) = call {
+            let result = d.result.and_then(|r| RawValue::from_string(r).ok());
+            let error = match (&result, d.error) {
+                (_, Some(e)) if !e.is_empty() => Some(e),
+                (None, _) => {
+                    Some("the MCP host answered with neither a result nor an error".into())
+                }
+                _ => None,
+            };
+            finish(ctx, call, result, error);
+        }
     }
 
     /// The host's answer. Only the connection the call was forwarded to may answer;
     /// anything else is ignored (returns `false`).
     pub(crate) fn respond(
         &self,
+        ctx: &Ctx,
         conn: ConnId,
         call_id: &str,
         result: Option<Box<RawValue>>,
@@ -369,7 +578,7 @@ impl Mcp {
         let call = {
             let mut calls = lock(&self.calls);
             match calls.get(call_id) {
-                Some(c) if c.host_conn == conn => calls.remove(call_id),
+                Some(c) if c.host == CallHost::Conn(conn) => calls.remove(call_id),
                 _ => None,
             }
         };
@@ -379,7 +588,7 @@ impl Mcp {
             (None, _) => Some("the MCP host answered with neither a result nor an error".into()),
             _ => None,
         };
-        finish(call, result, error);
+        finish(ctx, call, result, error);
         true
     }
 
@@ -392,6 +601,7 @@ impl Mcp {
     /// end was noticed, and its restore found them still hosted here).
     pub(crate) fn conn_gone(
         &self,
+        ctx: &Ctx,
         mesh_id: &str,
         conn: ConnId,
         successor: Option<Host>,
@@ -413,9 +623,11 @@ impl Mcp {
                         s.host = None;
                         s.offline_since = Some(now);
                         gone.offline.push(name.clone());
+                        gone.sets.push(s.to_set(name, false));
                         true
                     } else {
                         gone.removed.push((name.clone(), s.hosted_by.clone()));
+                        gone.sets.push(s.to_set(name, true));
                         false
                     }
                 });
@@ -425,16 +637,17 @@ impl Mcp {
             let mut calls = lock(&self.calls);
             let ids: Vec<String> = calls
                 .iter()
-                .filter(|(_, c)| c.host_conn == conn || c.caller.conn_id == conn)
+                .filter(|(_, c)| c.host == CallHost::Conn(conn) || c.caller_is(conn))
                 .map(|(id, _)| id.clone())
                 .collect();
             ids.iter()
                 .filter_map(|id| calls.remove(id))
-                .filter(|c| c.caller.conn_id != conn)
+                .filter(|c| !c.caller_is(conn))
                 .collect()
         };
         for call in failed {
             finish(
+                ctx,
                 call,
                 None,
                 Some("the MCP server's host disconnected during the call".into()),
@@ -461,6 +674,7 @@ impl Mcp {
         mesh.iter_mut()
             .filter(|(_, s)| {
                 s.member_id == member_id
+                    && s.remote.is_none()
                     && s.host.as_ref().is_none_or(|h| {
                         h.conn != host.conn
                             && (h.shared.cancel.is_cancelled() || h.shared.close_reason().is_some())
@@ -475,20 +689,131 @@ impl Mcp {
             .collect()
     }
 
-    /// A member was revoked: its servers go. Returns (name, hosted by, persistent).
+    /// The servers hosted here, for a peer broker (its link came up).
+    pub(crate) fn local_sets(&self, mesh_id: &str) -> Vec<meshd_protocol::fed::McpServerSet> {
+        lock(&self.servers).get(mesh_id).map_or_else(Vec::new, |m| {
+            m.iter()
+                .filter(|(_, s)| s.remote.is_none())
+                .map(|(n, s)| s.to_set(n, false))
+                .collect()
+        })
+    }
+
+    /// One server's state (or its removal) for the peer brokers.
+    pub(crate) fn set_of(
+        &self,
+        mesh_id: &str,
+        name: &str,
+    ) -> Option<meshd_protocol::fed::McpServerSet> {
+        lock(&self.servers)
+            .get(mesh_id)
+            .and_then(|m| m.get(name))
+            .filter(|s| s.remote.is_none())
+            .map(|s| s.to_set(name, false))
+    }
+
+    /// Applies a peer broker's servers (each already checked to be of a member it
+    /// hosts). Returns the system events to announce here: (event, name, hosted by).
+    pub(crate) fn apply_remote(
+        &self,
+        broker: &Arc<str>,
+        mesh_id: &str,
+        sets: Vec<meshd_protocol::fed::McpServerSet>,
+        full: bool,
+    ) -> Vec<(&'static str, String, String)> {
+        let mut events = Vec::new();
+        let mut servers = lock(&self.servers);
+        let mesh = servers.entry(mesh_id.to_owned()).or_default();
+        if full {
+            let listed: std::collections::HashSet<&str> =
+                sets.iter().map(|s| s.name.as_str()).collect();
+            mesh.retain(|name, s| {
+                let stale = matches!(&s.remote, Some((b, _)) if b == broker)
+                    && !listed.contains(name.as_str());
+                if stale {
+                    events.push(("mcp_unregistered", name.clone(), s.hosted_by.clone()));
+                }
+                !stale
+            });
+        }
+        for set in sets {
+            let ours = |s: &Server| matches!(&s.remote, Some((b, _)) if b == broker);
+            if set.removed {
+                if mesh.get(&set.name).is_some_and(ours) {
+                    mesh.remove(&set.name);
+                    events.push(("mcp_unregistered", set.name, set.hosted_by));
+                }
+                continue;
+            }
+            let was = match mesh.get(&set.name) {
+                // A name held here or by another broker's member is not taken over.
+                Some(s) if !ours(s) => {
+                    warn!(server = %set.name, %broker, "a peer broker's MCP server name is taken here; ignored");
+                    continue;
+                }
+                Some(s) => Some(s.online()),
+                None if mesh.len() >= MAX_SERVERS_PER_MESH => continue,
+                None => None,
+            };
+            let tools: Vec<McpTool> = serde_json::from_str(&set.tools_json).unwrap_or_default();
+            match was {
+                None => events.push(("mcp_registered", set.name.clone(), set.hosted_by.clone())),
+                Some(false) if set.online => {
+                    events.push(("mcp_restored", set.name.clone(), set.hosted_by.clone()));
+                }
+                _ => {}
+            }
+            mesh.insert(
+                set.name,
+                Server {
+                    member_id: set.member_id,
+                    member_pubkey: set.member_pubkey,
+                    hosted_by: set.hosted_by,
+                    description: set.description,
+                    tools,
+                    persistent: set.persistent,
+                    host: None,
+                    offline_since: set.offline_since,
+                    remote: Some((broker.clone(), set.online)),
+                },
+            );
+        }
+        events
+    }
+
+    /// The description and tool names of a server, for `mcp_registered`.
+    pub(crate) fn summary(&self, mesh_id: &str, name: &str) -> Option<(String, Vec<String>)> {
+        lock(&self.servers)
+            .get(mesh_id)
+            .and_then(|m| m.get(name))
+            .map(|s| {
+                (
+                    s.description.clone(),
+                    s.tools.iter().map(|t| t.name.clone()).collect(),
+                )
+            })
+    }
+
+    /// A member was revoked: its servers go. Returns (name, hosted by, persistent, the
+    /// removal for peer brokers).
     pub(crate) fn drop_member(
         &self,
         mesh_id: &str,
         member_id: &str,
-    ) -> Vec<(String, String, bool)> {
+    ) -> Vec<(String, String, bool, meshd_protocol::fed::McpServerSet)> {
         let mut servers = lock(&self.servers);
         let Some(mesh) = servers.get_mut(mesh_id) else {
             return Vec::new();
         };
         let mut dropped = Vec::new();
         mesh.retain(|name, s| {
-            if s.member_id == member_id {
-                dropped.push((name.clone(), s.hosted_by.clone(), s.persistent));
+            if s.member_id == member_id && s.remote.is_none() {
+                dropped.push((
+                    name.clone(),
+                    s.hosted_by.clone(),
+                    s.persistent,
+                    s.to_set(name, true),
+                ));
                 false
             } else {
                 true
@@ -498,7 +823,7 @@ impl Mcp {
     }
 
     /// Fails the calls past their deadline; returns the next deadline.
-    fn expire(&self, now: Instant, timeout: std::time::Duration) -> Option<Instant> {
+    fn expire(&self, ctx: &Ctx, now: Instant, timeout: std::time::Duration) -> Option<Instant> {
         let expired: Vec<Call> = {
             let mut calls = lock(&self.calls);
             let ids: Vec<String> = calls
@@ -510,6 +835,7 @@ impl Mcp {
         };
         for call in expired {
             finish(
+                ctx,
                 call,
                 None,
                 Some(format!("MCP call timed out ({}s)", timeout.as_secs())),
@@ -526,25 +852,53 @@ pub(crate) struct ConnGone {
     pub(crate) removed: Vec<(String, String)>,
     /// Persistent servers now offline.
     pub(crate) offline: Vec<String>,
+    /// Both, for the mesh's other brokers.
+    pub(crate) sets: Vec<meshd_protocol::fed::McpServerSet>,
 }
 
-fn finish(call: Call, result: Option<Box<RawValue>>, error: Option<String>) {
-    let frame = BrokerFrame::McpCallResult(McpCallResult {
-        result: if error.is_some() { None } else { result },
-        error,
-        req_id: call.req_id,
-    });
-    offer(
-        &call.caller,
-        Outbound::Frame(Utf8Bytes::from(frame.to_json())),
-    );
+/// Tells the mesh's other brokers about servers hosted here that changed.
+pub(crate) fn publish(ctx: &Ctx, mesh_id: &str, sets: Vec<meshd_protocol::fed::McpServerSet>) {
+    if let (Some(fed), false) = (&ctx.fed, sets.is_empty()) {
+        fed.mcp_servers(mesh_id, sets, false);
+    }
+}
+
+/// Hands a call's outcome to its caller: a session here, or the broker that sent it.
+fn finish(ctx: &Ctx, call: Call, result: Option<Box<RawValue>>, error: Option<String>) {
+    let result = if error.is_some() { None } else { result };
+    match call.caller {
+        Caller::Local(p) => {
+            let frame = BrokerFrame::McpCallResult(McpCallResult {
+                result,
+                error,
+                req_id: call.req_id,
+            });
+            offer(&p, Outbound::Frame(Utf8Bytes::from(frame.to_json())));
+        }
+        Caller::Remote { broker, call_id } => {
+            if let Some(fed) = &ctx.fed {
+                fed.relay_send(
+                    &broker,
+                    &call.mesh_id,
+                    meshd_protocol::fed::Frame::McpResult(Box::new(
+                        meshd_protocol::fed::McpCallDone {
+                            mesh_id: call.mesh_id.clone(),
+                            call_id,
+                            result: result.map(|r| r.get().to_owned()),
+                            error,
+                        },
+                    )),
+                );
+            }
+        }
+    }
 }
 
 /// Fails calls whose host did not answer in time; ends when `cancel` fires.
 pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let timeout = ctx.config.limits.mcp_call_timeout;
     loop {
-        let next = ctx.mcp.expire(Instant::now(), timeout);
+        let next = ctx.mcp.expire(&ctx, Instant::now(), timeout);
         let sleep = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at).await,

@@ -1884,6 +1884,11 @@ impl Live {
             let frame = system_push(self.mesh_id(), "mcp_restored", data, now);
             self.mesh.announce(&frame, 0, None);
         }
+        let sets = restored
+            .iter()
+            .filter_map(|n| self.ctx.mcp.set_of(self.mesh_id(), n))
+            .collect();
+        crate::mcp::publish(&self.ctx, self.mesh_id(), sets);
         for name in restored {
             self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
                 mesh_id: self.mesh_id().to_owned(),
@@ -2285,6 +2290,13 @@ impl Live {
                 data.insert("hostedBy".into(), self.display_name.clone().into());
                 let frame = system_push(self.mesh_id(), "mcp_registered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
+                let sets = self
+                    .ctx
+                    .mcp
+                    .set_of(self.mesh_id(), &server_name)
+                    .into_iter()
+                    .collect();
+                crate::mcp::publish(&self.ctx, self.mesh_id(), sets);
                 // The ack of a persistent registration follows its store write, so an
                 // acknowledged one survives a restart.
                 let name = server_name;
@@ -2343,6 +2355,7 @@ impl Live {
                 None
             }
             ClientFrame::McpUnregister { server_name } => {
+                let before = self.ctx.mcp.set_of(self.mesh_id(), &server_name);
                 let Some((hosted_by, persistent)) =
                     self.ctx
                         .mcp
@@ -2357,6 +2370,14 @@ impl Live {
                 data.insert("hostedBy".into(), hosted_by.into());
                 let frame = system_push(self.mesh_id(), "mcp_unregistered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
+                let removed = before
+                    .map(|mut s| {
+                        s.removed = true;
+                        s
+                    })
+                    .into_iter()
+                    .collect();
+                crate::mcp::publish(&self.ctx, self.mesh_id(), removed);
                 if persistent {
                     self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
                         mesh_id: self.mesh_id().to_owned(),
@@ -2375,10 +2396,15 @@ impl Live {
             ),
             ClientFrame::McpCall(c) => {
                 match self.ctx.mcp.call(
+                    &self.ctx,
                     self.mesh_id(),
                     *c,
-                    (&self.shared, &self.display_name, req_id.clone()),
-                    self.ctx.config.limits.mcp_call_timeout,
+                    (
+                        &self.shared,
+                        &self.display_name,
+                        &self.member_pubkey,
+                        req_id.clone(),
+                    ),
                     now,
                 ) {
                     Ok(()) => None,
@@ -2398,7 +2424,7 @@ impl Live {
                 if !self
                     .ctx
                     .mcp
-                    .respond(self.conn, &r.call_id, r.result, r.error)
+                    .respond(&self.ctx, self.conn, &r.call_id, r.result, r.error)
                 {
                     self.ctx.metrics.frames_dropped.inc("mcp_response_refused");
                     debug!(call = %r.call_id, "mcp_call_response for a call this session was not asked");
@@ -3287,7 +3313,8 @@ impl Live {
         let gone = self
             .ctx
             .mcp
-            .conn_gone(self.mesh_id(), self.conn, successor, now);
+            .conn_gone(&self.ctx, self.mesh_id(), self.conn, successor, now);
+        crate::mcp::publish(&self.ctx, self.mesh_id(), gone.sets);
         if !self.ctx.sessions_cancel.is_cancelled() {
             for (name, hosted_by) in gone.removed {
                 let mut data = serde_json::Map::new();

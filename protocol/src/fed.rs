@@ -232,6 +232,63 @@ pub struct RelayAnswer {
     pub error: Option<String>,
 }
 
+/// An MCP server registered at the sending broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpServerSet {
+    /// Server name.
+    pub name: String,
+    /// Hosting member.
+    pub member_id: String,
+    /// Its key (must be hosted by the sending broker).
+    pub member_pubkey: String,
+    /// Its display name.
+    pub hosted_by: String,
+    /// Description.
+    pub description: String,
+    /// Tools, JSON array.
+    pub tools_json: String,
+    /// Kept while its host is away.
+    pub persistent: bool,
+    /// Its host is connected.
+    pub online: bool,
+    /// Since when it is offline (ms).
+    pub offline_since: Option<i64>,
+    /// Withdrawn.
+    pub removed: bool,
+}
+
+/// An `mcp_call` for a server hosted at the receiving broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpCallAsk {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// The sender's call id (the result carries it back).
+    pub call_id: String,
+    /// Server.
+    pub server_name: String,
+    /// Tool.
+    pub tool_name: String,
+    /// Arguments, JSON object text.
+    pub args: String,
+    /// The caller's display name.
+    pub caller_name: String,
+    /// The caller's member key (must be hosted by the sending broker).
+    pub caller_member_pubkey: String,
+}
+
+/// The result of an [`McpCallAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpCallDone {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// The ask's call id.
+    pub call_id: String,
+    /// The tool's result, JSON text.
+    pub result: Option<String>,
+    /// Or why there is none.
+    pub error: Option<String>,
+}
+
 /// A member's shared context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextSet {
@@ -565,6 +622,20 @@ pub enum Frame {
     RelayAsk(Box<RelayAsk>),
     /// Live: the asked peer's answer to a [`RelayAsk`].
     RelayAnswer(Box<RelayAnswer>),
+    /// Live: MCP servers hosted by the sender's members (`full`: all of them, replacing
+    /// what the receiver knew from the sender for this mesh).
+    McpServers {
+        /// Mesh id.
+        mesh_id: String,
+        /// Servers.
+        servers: Vec<McpServerSet>,
+        /// A complete list.
+        full: bool,
+    },
+    /// Live: a call for a server the receiver hosts.
+    McpCall(Box<McpCallAsk>),
+    /// Live: the result of an [`McpCallAsk`].
+    McpResult(Box<McpCallDone>),
 }
 
 impl Frame {
@@ -593,7 +664,10 @@ impl Frame {
             | Self::Forget { .. }
             | Self::Context(_)
             | Self::RelayAsk(_)
-            | Self::RelayAnswer(_) => {
+            | Self::RelayAnswer(_)
+            | Self::McpServers { .. }
+            | Self::McpCall(_)
+            | Self::McpResult(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -624,6 +698,9 @@ impl Frame {
             Self::Context(_) => "context",
             Self::RelayAsk(_) => "relay_ask",
             Self::RelayAnswer(_) => "relay_answer",
+            Self::McpServers { .. } => "mcp_servers",
+            Self::McpCall(_) => "mcp_call",
+            Self::McpResult(_) => "mcp_result",
         }
     }
 }

@@ -1188,6 +1188,56 @@ async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// MCP servers are the mesh's on every broker: registered on A, listed and called from
+/// B (the call goes over the link to the host and back), the name is refused to another
+/// member at B, and the server goes away everywhere when its host leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let ack = p
+        .alice
+        .request(json!({"type": "mcp_register", "serverName": "fs", "description": "files", "tools": [{"name": "read", "description": "read a file"}]}))
+        .await?;
+    assert_eq!(ack["type"], "mcp_register_ack", "{ack}");
+    let ev = bob
+        .ws
+        .expect("mcp_registered at B", |v| v["event"] == "mcp_registered")
+        .await?;
+    assert_eq!(ev["eventData"], json!({"serverName": "fs", "description": "files", "tools": ["read"], "hostedBy": "alice"}));
+    let list = bob.request(json!({"type": "mcp_list"})).await?;
+    assert_eq!((list["servers"][0]["name"].as_str(), list["servers"][0]["online"].as_bool()), (Some("fs"), Some(true)), "{list}");
+    let taken = bob
+        .request(json!({"type": "mcp_register", "serverName": "fs", "tools": []}))
+        .await?;
+    assert_eq!(taken["code"], "mcp_name_taken", "{taken}");
+
+    bob.send(json!({"type": "mcp_call", "serverName": "fs", "toolName": "read", "args": {"path": "x"}, "_reqId": "m1"}))
+        .await?;
+    let fwd = p
+        .alice
+        .ws
+        .expect("forward at A", |v| v["type"] == "mcp_call_forward")
+        .await?;
+    assert_eq!((fwd["callerName"].as_str(), &fwd["args"]), (Some("bob"), &json!({"path": "x"})));
+    p.alice
+        .send(json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": {"text": "hi"}}))
+        .await?;
+    let r = bob.ws.expect("result at B", |v| v["_reqId"] == "m1").await?;
+    assert_eq!((r["type"].as_str(), &r["result"]), (Some("mcp_call_result"), &json!({"text": "hi"})), "{r}");
+
+    p.alice.close().await;
+    let gone = bob
+        .ws
+        .expect("mcp_unregistered at B", |v| v["event"] == "mcp_unregistered")
+        .await?;
+    assert_eq!(gone["eventData"]["serverName"], "fs");
+    let list = bob.request(json!({"type": "mcp_list"})).await?;
+    assert_eq!(list["servers"], json!([]));
+    Ok(())
+}
+
 /// Polls `recall` on `c` until `pred` holds for its results.
 async fn until_recall(
     c: &mut Client,
