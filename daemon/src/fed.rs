@@ -765,6 +765,12 @@ impl Fed {
             .is_some_and(|l| l.live.try_send(frame).is_ok())
     }
 
+    /// A task changed here.
+    pub(crate) fn task_changed(&self, t: meshd_protocol::fed::TaskSet) {
+        let mesh_id = t.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::Task(Box::new(t)));
+    }
+
     /// MCP servers hosted here changed (`full`: all of them).
     pub(crate) fn mcp_servers(
         &self,
@@ -1106,6 +1112,15 @@ impl Fed {
                     }
                 }
                 Err(e) => warn!(cause = %e, "reading contexts for a peer"),
+            }
+            // Tasks converge by merging (earliest claim and completion win).
+            match ctx.db.tasks_full(&m, TASK_CATCH_UP).await {
+                Ok(rows) => {
+                    for t in rows {
+                        let _ = link.live.try_send(Frame::Task(Box::new(task_set(t))));
+                    }
+                }
+                Err(e) => warn!(cause = %e, "reading tasks for a peer"),
             }
             // The MCP servers our members host (a full list: it replaces what the peer
             // knew, so withdrawals made while the link was down are not missed).
@@ -2143,6 +2158,12 @@ impl Fed {
                             .inc(RejectReason::ForgedSender.as_str());
                     }
                 }
+                Frame::Task(t) => {
+                    if let Err(reason) = apply_task(&ctx, &link, *t).await {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
                 Frame::McpResult(d) => {
                     if link.accepts(&d.mesh_id) {
                         ctx.mcp.remote_result(&ctx, &link.peer, *d);
@@ -2332,6 +2353,106 @@ pub(crate) fn context_set(
 /// Whether `peer` hosts the member `(id, pubkey)` of `hub` (it may speak for it).
 fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &str) -> bool {
     hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(peer, pubkey)
+}
+
+/// Tasks a peer broker is sent when its link comes up (newest first).
+const TASK_CATCH_UP: i64 = 10_000;
+
+/// A stored task as a federation frame.
+pub(crate) fn task_set(t: crate::store::tasks::TaskFull) -> meshd_protocol::fed::TaskSet {
+    meshd_protocol::fed::TaskSet {
+        tags: serde_json::from_str(&t.tags).unwrap_or_default(),
+        mesh_id: t.mesh_id,
+        id: t.id,
+        title: t.title,
+        assignee: t.assignee,
+        priority: t.priority,
+        created_by: t.created_by,
+        creator_pubkey: t.creator_pubkey.unwrap_or_default(),
+        created_at: t.created_at,
+        claimed_by: t.claimed_by,
+        claimed_at: t.claimed_at,
+        result: t.result,
+        completed_at: t.completed_at,
+    }
+}
+
+/// Merges a peer broker's view of a task. A task new here must have been created by a
+/// member the peer hosts; progress (claims, completions) merges from any sharing broker.
+async fn apply_task(
+    ctx: &Ctx,
+    link: &LinkShared,
+    t: meshd_protocol::fed::TaskSet,
+) -> Result<(), RejectReason> {
+    use crate::store::tasks::{TaskFull, TaskProgress};
+    use meshd_protocol::client::{
+        MAX_GROUPS, MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN,
+    };
+    if !link.accepts(&t.mesh_id) {
+        return Err(RejectReason::NotShared);
+    }
+    let name_ok = |n: &Option<String>| n.as_ref().is_none_or(|n| n.len() <= MAX_NAME_LEN);
+    if t.id.is_empty()
+        || t.id.len() > 64
+        || t.title.len() > MAX_SUMMARY_LEN
+        || t.priority.len() > MAX_NAME_LEN
+        || !name_ok(&t.assignee)
+        || !name_ok(&t.created_by)
+        || !name_ok(&t.claimed_by)
+        || t.tags.len() > MAX_GROUPS
+        || t.tags.iter().any(|x| x.len() > MAX_NAME_LEN)
+        || t.result
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_SKILL_INSTRUCTIONS)
+    {
+        return Err(RejectReason::Invalid);
+    }
+    let store = |e: StoreError| {
+        warn!(cause = %e, "storing a peer's task");
+        RejectReason::Invalid
+    };
+    let incoming = TaskFull {
+        tags: serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+        id: t.id,
+        mesh_id: t.mesh_id,
+        title: t.title,
+        assignee: t.assignee,
+        priority: t.priority,
+        created_by: t.created_by,
+        creator_pubkey: Some(t.creator_pubkey),
+        created_at: t.created_at,
+        claimed_by: t.claimed_by,
+        claimed_at: t.claimed_at,
+        result: t.result,
+        completed_at: t.completed_at,
+    };
+    match ctx
+        .db
+        .task_full(&incoming.mesh_id, &incoming.id)
+        .await
+        .map_err(store)?
+    {
+        None => {
+            let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &incoming.mesh_id).await else {
+                return Err(RejectReason::NotShared);
+            };
+            let creator = incoming.creator_pubkey.as_deref().unwrap_or_default();
+            if !hub.may_speak_for(&link.peer, creator) {
+                return Err(RejectReason::ForgedSender);
+            }
+            ctx.db.insert_remote_task(&incoming).await.map_err(store)
+        }
+        Some(local) => {
+            let merged: TaskProgress = local.progress().merge(&incoming.progress());
+            if merged != local.progress() {
+                ctx.db
+                    .set_task_progress(&local.mesh_id, &local.id, &merged)
+                    .await
+                    .map_err(store)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Applies a peer broker's MCP servers: only those of members it hosts, within limits;

@@ -1757,6 +1757,16 @@ impl Live {
         let db = self.ctx.db.clone();
         let mesh_id = self.mesh_id().to_owned();
         let me = self.display_name.clone();
+        let member_pubkey = self.member_pubkey.clone();
+        let fed = self.ctx.fed.clone();
+        // A task that changed here goes to the mesh's other brokers.
+        let replicate = move |db: crate::store::Db, mesh_id: String, id: String| async move {
+            if let Some(fed) = fed
+                && let Ok(Some(t)) = db.task_full(&mesh_id, &id).await
+            {
+                fed.task_changed(crate::fed::task_set(t));
+            }
+        };
         self.pending.push_back(Box::pin(async move {
             let error = |code: &'static str, msg: &str, req_id: Option<String>| {
                 req_id.is_some().then(|| {
@@ -1804,8 +1814,11 @@ impl Live {
                         created_by: Some(me),
                         created_at: now,
                     };
-                    match db.insert_task(&row).await {
-                        Ok(true) => BrokerFrame::TaskCreated(TaskCreated { id: row.id, req_id }),
+                    match db.insert_task(&row, &member_pubkey).await {
+                        Ok(true) => {
+                            replicate(db.clone(), row.mesh_id.clone(), row.id.clone()).await;
+                            BrokerFrame::TaskCreated(TaskCreated { id: row.id, req_id })
+                        }
                         Ok(false) => {
                             return error(
                                 "tasks_full",
@@ -1818,10 +1831,13 @@ impl Live {
                 }
                 ClientFrame::ClaimTask { task_id } => {
                     match db.claim_task(&mesh_id, &task_id, &me, now).await {
-                        Ok(true) => match db.tasks(&mesh_id, None, None).await {
-                            Ok(rows) => list(rows, req_id),
-                            Err(e) => return store_err(&e, req_id),
-                        },
+                        Ok(true) => {
+                            replicate(db.clone(), mesh_id.clone(), task_id.clone()).await;
+                            match db.tasks(&mesh_id, None, None).await {
+                                Ok(rows) => list(rows, req_id),
+                                Err(e) => return store_err(&e, req_id),
+                            }
+                        }
                         Ok(false) => {
                             return error(
                                 "task_not_claimable",
@@ -1837,10 +1853,13 @@ impl Live {
                         .complete_task(&mesh_id, &task_id, result.as_deref(), now)
                         .await
                     {
-                        Ok(true) => match db.tasks(&mesh_id, None, None).await {
-                            Ok(rows) => list(rows, req_id),
-                            Err(e) => return store_err(&e, req_id),
-                        },
+                        Ok(true) => {
+                            replicate(db.clone(), mesh_id.clone(), task_id.clone()).await;
+                            match db.tasks(&mesh_id, None, None).await {
+                                Ok(rows) => list(rows, req_id),
+                                Err(e) => return store_err(&e, req_id),
+                            }
+                        }
                         Ok(false) => {
                             return error("task_not_found", "no task with that id", req_id);
                         }

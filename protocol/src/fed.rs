@@ -289,6 +289,39 @@ pub struct McpCallDone {
     pub error: Option<String>,
 }
 
+/// A task as one broker knows it. Brokers merge states: done beats claimed beats open;
+/// of two claims the earlier wins (then the smaller name); of two completions the
+/// earlier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Task id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Assignee.
+    pub assignee: Option<String>,
+    /// Priority.
+    pub priority: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Creator's display name.
+    pub created_by: Option<String>,
+    /// Creator's member key (a new task must come from the broker hosting it).
+    pub creator_pubkey: String,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Claimer's display name.
+    pub claimed_by: Option<String>,
+    /// Claimed (ms).
+    pub claimed_at: Option<i64>,
+    /// Outcome.
+    pub result: Option<String>,
+    /// Completed (ms).
+    pub completed_at: Option<i64>,
+}
+
 /// A member's shared context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextSet {
@@ -636,6 +669,8 @@ pub enum Frame {
     McpCall(Box<McpCallAsk>),
     /// Live: the result of an [`McpCallAsk`].
     McpResult(Box<McpCallDone>),
+    /// Live: a task's state (created, claimed or completed); receivers merge.
+    Task(Box<TaskSet>),
 }
 
 impl Frame {
@@ -667,7 +702,8 @@ impl Frame {
             | Self::RelayAnswer(_)
             | Self::McpServers { .. }
             | Self::McpCall(_)
-            | Self::McpResult(_) => {
+            | Self::McpResult(_)
+            | Self::Task(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -701,6 +737,7 @@ impl Frame {
             Self::McpServers { .. } => "mcp_servers",
             Self::McpCall(_) => "mcp_call",
             Self::McpResult(_) => "mcp_result",
+            Self::Task(_) => "task",
         }
     }
 }

@@ -1205,9 +1205,19 @@ async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
         .ws
         .expect("mcp_registered at B", |v| v["event"] == "mcp_registered")
         .await?;
-    assert_eq!(ev["eventData"], json!({"serverName": "fs", "description": "files", "tools": ["read"], "hostedBy": "alice"}));
+    assert_eq!(
+        ev["eventData"],
+        json!({"serverName": "fs", "description": "files", "tools": ["read"], "hostedBy": "alice"})
+    );
     let list = bob.request(json!({"type": "mcp_list"})).await?;
-    assert_eq!((list["servers"][0]["name"].as_str(), list["servers"][0]["online"].as_bool()), (Some("fs"), Some(true)), "{list}");
+    assert_eq!(
+        (
+            list["servers"][0]["name"].as_str(),
+            list["servers"][0]["online"].as_bool()
+        ),
+        (Some("fs"), Some(true)),
+        "{list}"
+    );
     let taken = bob
         .request(json!({"type": "mcp_register", "serverName": "fs", "tools": []}))
         .await?;
@@ -1220,21 +1230,99 @@ async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
         .ws
         .expect("forward at A", |v| v["type"] == "mcp_call_forward")
         .await?;
-    assert_eq!((fwd["callerName"].as_str(), &fwd["args"]), (Some("bob"), &json!({"path": "x"})));
+    assert_eq!(
+        (fwd["callerName"].as_str(), &fwd["args"]),
+        (Some("bob"), &json!({"path": "x"}))
+    );
     p.alice
-        .send(json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": {"text": "hi"}}))
+        .send(
+            json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": {"text": "hi"}}),
+        )
         .await?;
-    let r = bob.ws.expect("result at B", |v| v["_reqId"] == "m1").await?;
-    assert_eq!((r["type"].as_str(), &r["result"]), (Some("mcp_call_result"), &json!({"text": "hi"})), "{r}");
+    let r = bob
+        .ws
+        .expect("result at B", |v| v["_reqId"] == "m1")
+        .await?;
+    assert_eq!(
+        (r["type"].as_str(), &r["result"]),
+        (Some("mcp_call_result"), &json!({"text": "hi"})),
+        "{r}"
+    );
 
     p.alice.close().await;
     let gone = bob
         .ws
-        .expect("mcp_unregistered at B", |v| v["event"] == "mcp_unregistered")
+        .expect("mcp_unregistered at B", |v| {
+            v["event"] == "mcp_unregistered"
+        })
         .await?;
     assert_eq!(gone["eventData"]["serverName"], "fs");
     let list = bob.request(json!({"type": "mcp_list"})).await?;
     assert_eq!(list["servers"], json!([]));
+    Ok(())
+}
+
+/// Polls `list_tasks` on `c` until the task `id` satisfies `pred`.
+async fn until_task(
+    c: &mut Client,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let l = c.request(json!({"type": "list_tasks"})).await?;
+        let t = l["tasks"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["id"] == id).cloned())
+            .unwrap_or_default();
+        if pred(&t) {
+            return Ok(t);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: {l}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A;
+/// two claims made on both sides of a cut converge, after the heal, on the earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_cross_brokers() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let t = p
+        .alice
+        .request(json!({"type": "create_task", "title": "rotate the keys"}))
+        .await?;
+    let id = t["id"].as_str().unwrap_or_default().to_owned();
+    until_task(&mut bob, &id, "the task never reached B", |t| t["status"] == "open").await?;
+    let claimed = bob.request(json!({"type": "claim_task", "taskId": id})).await?;
+    assert_eq!(claimed["type"], "task_list", "{claimed}");
+    until_task(&mut p.alice, &id, "bob's claim never reached A", |t| t["claimedBy"] == "bob").await?;
+    p.alice
+        .request(json!({"type": "complete_task", "taskId": id, "result": "done"}))
+        .await?;
+    let done = until_task(&mut bob, &id, "the completion never reached B", |t| t["status"] == "done").await?;
+    assert_eq!(done["result"], "done");
+
+    let t2 = p
+        .alice
+        .request(json!({"type": "create_task", "title": "contested"}))
+        .await?;
+    let id2 = t2["id"].as_str().unwrap_or_default().to_owned();
+    until_task(&mut bob, &id2, "the second task never reached B", |t| t["status"] == "open").await?;
+    p.to_a.cut();
+    p.to_b.cut();
+    fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+    p.alice.request(json!({"type": "claim_task", "taskId": id2})).await?;
+    bob.request(json!({"type": "claim_task", "taskId": id2})).await?;
+    p.to_a.heal();
+    p.to_b.heal();
+    until_task(&mut bob, &id2, "B never converged on the earlier claim", |t| t["claimedBy"] == "alice").await?;
+    until_task(&mut p.alice, &id2, "A lost its earlier claim", |t| t["claimedBy"] == "alice").await?;
     Ok(())
 }
 

@@ -36,10 +36,10 @@ pub const MAX_ACTIVE_TASKS: i64 = 10_000;
 
 impl Db {
     /// Creates a task; `false` when the mesh has too many unfinished tasks.
-    pub async fn insert_task(&self, t: &TaskRow) -> Result<bool, StoreError> {
+    pub async fn insert_task(&self, t: &TaskRow, creator_pubkey: &str) -> Result<bool, StoreError> {
         const COUNT_SQL: &str = "SELECT COUNT(*) FROM task WHERE mesh_id = $1 AND status <> 'done'";
-        const SQL: &str = "INSERT INTO task (id, mesh_id, title, assignee, claimed_by, priority, status, tags, result, created_by, created_at, seq) \
-                           SELECT $1, $2, $3, $4, NULL, $5, 'open', $6, NULL, $7, $8, COALESCE(MAX(seq), 0) + 1 \
+        const SQL: &str = "INSERT INTO task (id, mesh_id, title, assignee, claimed_by, priority, status, tags, result, created_by, created_at, seq, creator_pubkey) \
+                           SELECT $1, $2, $3, $4, NULL, $5, 'open', $6, NULL, $7, $8, COALESCE(MAX(seq), 0) + 1, $9 \
                            FROM task WHERE mesh_id = $2";
         let n: i64 =
             with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&t.mesh_id).fetch_one(p).await)?;
@@ -47,7 +47,7 @@ impl Db {
             return Ok(false);
         }
         with_db!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
-            .bind(&t.priority).bind(&t.tags).bind(&t.created_by).bind(t.created_at)
+            .bind(&t.priority).bind(&t.tags).bind(&t.created_by).bind(t.created_at).bind(creator_pubkey)
             .execute(p).await.map(drop))?;
         Ok(true)
     }
@@ -105,5 +105,162 @@ impl Db {
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(status).bind(assignee).bind(LIST_LIMIT)
             .fetch_all(p).await)?,
         )
+    }
+}
+
+/// A task with what replication needs.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TaskFull {
+    /// Id.
+    pub id: String,
+    /// Mesh.
+    pub mesh_id: String,
+    /// Title.
+    pub title: String,
+    /// Assignee.
+    pub assignee: Option<String>,
+    /// Priority.
+    pub priority: String,
+    /// Tags, JSON array.
+    pub tags: String,
+    /// Creator's display name.
+    pub created_by: Option<String>,
+    /// Creator's member key (tasks created before replication have none).
+    pub creator_pubkey: Option<String>,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Claim.
+    pub claimed_by: Option<String>,
+    /// Claimed (ms).
+    pub claimed_at: Option<i64>,
+    /// Outcome.
+    pub result: Option<String>,
+    /// Completed (ms).
+    pub completed_at: Option<i64>,
+}
+
+/// The mergeable part of a task: its claim and its completion.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TaskProgress {
+    /// (claimed at, by).
+    pub claim: Option<(i64, String)>,
+    /// (completed at, result).
+    pub completion: Option<(i64, Option<String>)>,
+}
+
+impl TaskProgress {
+    /// Merges two brokers' views: the earlier claim (then the smaller name) and the
+    /// earlier completion win, so every broker ends with the same task whatever the order
+    /// the updates arrive in.
+    #[must_use]
+    pub fn merge(&self, other: &Self) -> Self {
+        fn earliest<T: Clone + Ord>(a: &Option<T>, b: &Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(x), Some(y)) => Some(x.min(y).clone()),
+                (x, y) => x.clone().or_else(|| y.clone()),
+            }
+        }
+        Self {
+            claim: earliest(&self.claim, &other.claim),
+            completion: earliest(&self.completion, &other.completion),
+        }
+    }
+
+    /// `open`, `claimed` or `done`.
+    pub const fn status(&self) -> &'static str {
+        match (&self.completion, &self.claim) {
+            (Some(_), _) => "done",
+            (None, Some(_)) => "claimed",
+            (None, None) => "open",
+        }
+    }
+}
+
+impl TaskFull {
+    /// Its progress.
+    pub fn progress(&self) -> TaskProgress {
+        TaskProgress {
+            claim: self.claimed_at.zip(self.claimed_by.clone()),
+            completion: self.completed_at.map(|at| (at, self.result.clone())),
+        }
+    }
+}
+
+impl Db {
+    /// One task with its replication fields.
+    pub async fn task_full(&self, mesh_id: &str, id: &str) -> Result<Option<TaskFull>, StoreError> {
+        const SQL: &str = "SELECT id, mesh_id, title, assignee, priority, tags, created_by, creator_pubkey, created_at, claimed_by, claimed_at, result, completed_at \
+                           FROM task WHERE mesh_id = $1 AND id = $2";
+        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(id).fetch_optional(p).await)?)
+    }
+
+    /// The mesh's newest tasks with their replication fields (a peer's catch-up).
+    pub async fn tasks_full(&self, mesh_id: &str, limit: i64) -> Result<Vec<TaskFull>, StoreError> {
+        const SQL: &str = "SELECT id, mesh_id, title, assignee, priority, tags, created_by, creator_pubkey, created_at, claimed_by, claimed_at, result, completed_at \
+                           FROM task WHERE mesh_id = $1 ORDER BY seq DESC LIMIT $2";
+        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(limit).fetch_all(p).await)?)
+    }
+
+    /// Stores a task first learnt from a peer broker, with its progress.
+    pub async fn insert_remote_task(&self, t: &TaskFull) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO task (id, mesh_id, title, assignee, claimed_by, priority, status, tags, result, created_by, created_at, claimed_at, completed_at, seq, creator_pubkey) \
+                           SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE(MAX(seq), 0) + 1, $14 \
+                           FROM task WHERE mesh_id = $2 \
+                           ON CONFLICT (id) DO NOTHING";
+        let status = t.progress().status();
+        with_db!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
+            .bind(&t.claimed_by).bind(&t.priority).bind(status).bind(&t.tags).bind(&t.result)
+            .bind(&t.created_by).bind(t.created_at).bind(t.claimed_at).bind(t.completed_at).bind(&t.creator_pubkey)
+            .execute(p).await.map(drop))?;
+        Ok(())
+    }
+
+    /// Sets a task's merged progress.
+    pub async fn set_task_progress(
+        &self,
+        mesh_id: &str,
+        id: &str,
+        p: &TaskProgress,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE task SET status = $1, claimed_by = $2, claimed_at = $3, result = $4, completed_at = $5 \
+                           WHERE mesh_id = $6 AND id = $7";
+        let (claimed_at, claimed_by) = p.claim.clone().unzip();
+        let (completed_at, result) = p.completion.clone().unzip();
+        with_db!(self, pool => sqlx::query(SQL).bind(p.status()).bind(claimed_by).bind(claimed_at)
+            .bind(result.flatten()).bind(completed_at).bind(mesh_id).bind(id)
+            .execute(pool).await.map(drop))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskProgress;
+
+    #[test]
+    fn merges_agree_whatever_the_order() {
+        let a = TaskProgress {
+            claim: Some((10, "ann".into())),
+            completion: None,
+        };
+        let b = TaskProgress {
+            claim: Some((10, "bo".into())),
+            completion: None,
+        };
+        let c = TaskProgress {
+            claim: Some((12, "cy".into())),
+            completion: Some((20, Some("ok".into()))),
+        };
+        let abc = a.merge(&b).merge(&c);
+        let cba = c.merge(&b).merge(&a);
+        assert_eq!(abc, cba);
+        assert_eq!(
+            abc.claim,
+            Some((10, "ann".into())),
+            "earliest claim, then the smaller name"
+        );
+        assert_eq!(abc.status(), "done");
+        assert_eq!(TaskProgress::default().merge(&a).status(), "claimed");
+        assert_eq!(a.merge(&a), a, "idempotent");
     }
 }
