@@ -25,6 +25,8 @@ struct Clock {
     tick: u64,
     sim_ms: i64,
     started_at: i64,
+    /// The last change: (when, by which broker); a peer's older change is ignored.
+    changed: (i64, String),
     /// Stops the running ticker (a new one replaces it on every speed change).
     ticker: Option<CancellationToken>,
 }
@@ -41,6 +43,19 @@ impl Clock {
         }
     }
 
+    fn to_set(&self, mesh_id: &str) -> meshd_protocol::fed::ClockSet {
+        meshd_protocol::fed::ClockSet {
+            mesh_id: mesh_id.to_owned(),
+            speed: self.speed,
+            paused: self.paused,
+            tick: self.tick,
+            sim_ms: self.sim_ms,
+            started_at: self.started_at,
+            changed_at: self.changed.0,
+            broker: self.changed.1.clone(),
+        }
+    }
+
     fn stop_ticker(&mut self) {
         if let Some(t) = self.ticker.take() {
             t.cancel();
@@ -48,15 +63,63 @@ impl Clock {
     }
 }
 
-/// Every mesh's clock.
+/// Every mesh's clock. In a mesh shared across brokers each broker runs the ticker for
+/// its own peers; changes (`set_clock`, pause, resume, auto-pause) go to the other
+/// brokers and the newest change wins, so every broker's peers see one clock.
 #[derive(Debug, Default)]
 pub(crate) struct Clocks {
     clocks: Arc<Mutex<HashMap<String, Clock>>>,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// This broker's name (ties between changes made in the same millisecond).
+    broker: String,
 }
 
 impl Clocks {
+    /// Clocks of a broker called `broker` (empty without federation).
+    pub(crate) fn new(broker: &str) -> Self {
+        Self {
+            broker: broker.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// The mesh's clock as a federation frame (after a change, or for a peer whose link
+    /// came up).
+    pub(crate) fn set_of(&self, mesh_id: &str) -> Option<meshd_protocol::fed::ClockSet> {
+        lock(&self.clocks).get(mesh_id).map(|c| c.to_set(mesh_id))
+    }
+
+    /// A peer broker's change: applied if newer than ours.
+    pub(crate) fn apply_remote(&self, mesh: &Arc<MeshHub>, c: meshd_protocol::fed::ClockSet) {
+        let mut clocks = lock(&self.clocks);
+        if let Some(ours) = clocks.get(&mesh.row.id)
+            && (ours.changed.0, ours.changed.1.as_str()) >= (c.changed_at, c.broker.as_str())
+        {
+            return;
+        }
+        let clock = clocks.entry(mesh.row.id.clone()).or_insert_with(|| Clock {
+            speed: 1,
+            paused: true,
+            tick: 0,
+            sim_ms: c.sim_ms,
+            started_at: c.started_at,
+            changed: (0, String::new()),
+            ticker: None,
+        });
+        clock.speed = c.speed.clamp(1, 100);
+        clock.paused = c.paused;
+        clock.tick = c.tick;
+        clock.sim_ms = c.sim_ms;
+        clock.started_at = c.started_at;
+        clock.changed = (c.changed_at, c.broker);
+        if clock.paused {
+            clock.stop_ticker();
+        } else {
+            self.start(mesh, clock);
+        }
+    }
+
     /// `set_clock`: creates the clock (simulated time starts at the real time) or
     /// changes its speed; restarts the ticker unless paused.
     pub(crate) fn set(
@@ -73,9 +136,11 @@ impl Clocks {
             tick: 0,
             sim_ms: now,
             started_at: now,
+            changed: (now, self.broker.clone()),
             ticker: None,
         });
         clock.speed = speed.clamp(1, 100);
+        clock.changed = (now, self.broker.clone());
         if !clock.paused {
             self.start(mesh, clock);
         }
@@ -87,6 +152,7 @@ impl Clocks {
         let mut clocks = lock(&self.clocks);
         let clock = clocks.get_mut(mesh_id)?;
         clock.paused = true;
+        clock.changed = (now_ms(), self.broker.clone());
         clock.stop_ticker();
         Some(clock.status(req_id))
     }
@@ -101,6 +167,7 @@ impl Clocks {
         let clock = clocks.get_mut(&mesh.row.id)?;
         if clock.paused {
             clock.paused = false;
+            clock.changed = (now_ms(), self.broker.clone());
             self.start(mesh, clock);
         }
         Some(clock.status(req_id))
@@ -124,11 +191,17 @@ impl Clocks {
         }
     }
 
-    /// The last peer of the mesh left: its clock pauses.
-    pub(crate) fn mesh_emptied(&self, mesh_id: &str) {
-        if let Some(c) = lock(&self.clocks).get_mut(mesh_id) {
-            c.paused = true;
-            c.stop_ticker();
+    /// The last peer of the mesh left: its clock pauses. Returns whether it was
+    /// running (the change then goes to the mesh's other brokers).
+    pub(crate) fn mesh_emptied(&self, mesh_id: &str) -> bool {
+        match lock(&self.clocks).get_mut(mesh_id) {
+            Some(c) if !c.paused => {
+                c.paused = true;
+                c.changed = (now_ms(), self.broker.clone());
+                c.stop_ticker();
+                true
+            }
+            _ => false,
         }
     }
 

@@ -765,6 +765,12 @@ impl Fed {
             .is_some_and(|l| l.live.try_send(frame).is_ok())
     }
 
+    /// The mesh's clock changed here.
+    pub(crate) fn clock_changed(&self, c: meshd_protocol::fed::ClockSet) {
+        let mesh_id = c.mesh_id.clone();
+        self.to_every_link(&mesh_id, Frame::Clock(Box::new(c)));
+    }
+
     /// A task changed here.
     pub(crate) fn task_changed(&self, t: meshd_protocol::fed::TaskSet) {
         let mesh_id = t.mesh_id.clone();
@@ -1112,6 +1118,10 @@ impl Fed {
                     }
                 }
                 Err(e) => warn!(cause = %e, "reading contexts for a peer"),
+            }
+            // The clock converges by newest change.
+            if let Some(c) = ctx.clocks.set_of(&m) {
+                let _ = link.live.try_send(Frame::Clock(Box::new(c)));
             }
             // Tasks converge by merging (earliest claim and completion win).
             match ctx.db.tasks_full(&m, TASK_CATCH_UP).await {
@@ -2156,6 +2166,22 @@ impl Fed {
                         ctx.metrics
                             .fed_refused
                             .inc(RejectReason::ForgedSender.as_str());
+                    }
+                }
+                Frame::Clock(c) => {
+                    let hub = if link.accepts(&c.mesh_id) {
+                        ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
+                    } else {
+                        None
+                    };
+                    match hub {
+                        Some(hub) => ctx.clocks.apply_remote(&hub, *c),
+                        None => {
+                            link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                            ctx.metrics
+                                .fed_refused
+                                .inc(RejectReason::NotShared.as_str());
+                        }
                     }
                 }
                 Frame::Task(t) => {

@@ -1034,9 +1034,10 @@ impl MeshHub {
         names
     }
 
-    /// Whether no connection of this broker is in the mesh.
-    pub(crate) fn no_local_peers(&self) -> bool {
-        self.inner().peers.is_empty()
+    /// No peer here nor at any other broker of the mesh.
+    pub(crate) fn no_peers_anywhere(&self) -> bool {
+        let inner = self.inner();
+        inner.peers.is_empty() && inner.remote.is_empty()
     }
 
     /// The presence a status hook from `ip` for `cwd` targets: connected from the same

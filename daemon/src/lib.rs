@@ -175,7 +175,9 @@ impl Daemon {
         let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
         let ctx = Arc::new(Ctx {
             fed,
-            clocks: clock::Clocks::default(),
+            clocks: clock::Clocks::new(
+                config.federation.as_ref().map_or("", |f| f.broker.as_str()),
+            ),
             reminders: reminders::Reminders::default(),
             files,
             relay: relay::Relay::default(),

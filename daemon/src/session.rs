@@ -1296,17 +1296,20 @@ impl Live {
                 self.queue_message_status(message_id, req_id);
                 None
             }
-            ClientFrame::SetClock { speed } => Some(
-                BrokerFrame::ClockStatus(self.ctx.clocks.set(&self.mesh, speed, req_id))
-                    .to_json()
-                    .into(),
-            ),
+            ClientFrame::SetClock { speed } => {
+                let status = self.ctx.clocks.set(&self.mesh, speed, req_id);
+                self.clock_changed();
+                Some(BrokerFrame::ClockStatus(status).to_json().into())
+            }
             ClientFrame::PauseClock | ClientFrame::ResumeClock => {
                 let status = if matches!(inbound.frame, ClientFrame::PauseClock) {
                     self.ctx.clocks.pause(self.mesh_id(), req_id.clone())
                 } else {
                     self.ctx.clocks.resume(&self.mesh, req_id.clone())
                 };
+                if status.is_some() {
+                    self.clock_changed();
+                }
                 Some(
                     status
                         .map_or_else(
@@ -1879,6 +1882,13 @@ impl Live {
             };
             Some(reply.to_json().into())
         }));
+    }
+
+    /// The mesh's clock changed here: its other brokers hear of it.
+    fn clock_changed(&self) {
+        if let (Some(fed), Some(set)) = (&self.ctx.fed, self.ctx.clocks.set_of(self.mesh_id())) {
+            fed.clock_changed(set);
+        }
     }
 
     /// A session of the member is back: its persistent MCP servers that were offline are
@@ -3397,8 +3407,11 @@ impl Live {
                 serde_json::json!({"pubkey": self.routing_key()}),
             );
         }
-        if peer.is_some() && self.mesh.no_local_peers() {
-            self.ctx.clocks.mesh_emptied(self.mesh_id());
+        if peer.is_some()
+            && self.mesh.no_peers_anywhere()
+            && self.ctx.clocks.mesh_emptied(self.mesh_id())
+        {
+            self.clock_changed();
         }
         if let Some(peer) = &peer
             && !self.ctx.sessions_cancel.is_cancelled()

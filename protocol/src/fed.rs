@@ -322,6 +322,27 @@ pub struct TaskSet {
     pub completed_at: Option<i64>,
 }
 
+/// A mesh's simulation clock after a change (`set_clock`, pause, resume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Speed 1..=100.
+    pub speed: u32,
+    /// Paused.
+    pub paused: bool,
+    /// Ticks so far.
+    pub tick: u64,
+    /// Simulated time (ms).
+    pub sim_ms: i64,
+    /// When the clock was created (ms).
+    pub started_at: i64,
+    /// When this change was made (ms); the newest wins, then the larger broker name.
+    pub changed_at: i64,
+    /// The broker that made it.
+    pub broker: String,
+}
+
 /// A member's shared context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextSet {
@@ -671,6 +692,8 @@ pub enum Frame {
     McpResult(Box<McpCallDone>),
     /// Live: a task's state (created, claimed or completed); receivers merge.
     Task(Box<TaskSet>),
+    /// Live: the mesh's simulation clock (the newest change wins).
+    Clock(Box<ClockSet>),
 }
 
 impl Frame {
@@ -703,7 +726,8 @@ impl Frame {
             | Self::McpServers { .. }
             | Self::McpCall(_)
             | Self::McpResult(_)
-            | Self::Task(_) => {
+            | Self::Task(_)
+            | Self::Clock(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -738,6 +762,7 @@ impl Frame {
             Self::McpCall(_) => "mcp_call",
             Self::McpResult(_) => "mcp_result",
             Self::Task(_) => "task",
+            Self::Clock(_) => "clock",
         }
     }
 }

@@ -1262,6 +1262,34 @@ async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The simulation clock is one clock on every broker: set on A, it ticks for peers on B
+/// too; paused on B, it is paused on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_crosses_brokers() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let set = p.alice.request(json!({"type": "set_clock", "speed": 100})).await?;
+    assert_eq!(set["speed"], 100, "{set}");
+    let tick = bob.expect_event("tick").await?;
+    assert_eq!(tick["eventData"]["speed"], 100, "{tick}");
+    let paused = bob.request(json!({"type": "pause_clock"})).await?;
+    assert_eq!(paused["paused"], true, "{paused}");
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let c = p.alice.request(json!({"type": "get_clock"})).await?;
+        if c["paused"] == true {
+            assert_eq!(c["speed"], 100);
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the pause on B never reached A: {c}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Polls `list_tasks` on `c` until the task `id` satisfies `pred`.
 async fn until_task(
     c: &mut Client,
@@ -1298,14 +1326,25 @@ async fn tasks_cross_brokers() -> anyhow::Result<()> {
         .request(json!({"type": "create_task", "title": "rotate the keys"}))
         .await?;
     let id = t["id"].as_str().unwrap_or_default().to_owned();
-    until_task(&mut bob, &id, "the task never reached B", |t| t["status"] == "open").await?;
-    let claimed = bob.request(json!({"type": "claim_task", "taskId": id})).await?;
+    until_task(&mut bob, &id, "the task never reached B", |t| {
+        t["status"] == "open"
+    })
+    .await?;
+    let claimed = bob
+        .request(json!({"type": "claim_task", "taskId": id}))
+        .await?;
     assert_eq!(claimed["type"], "task_list", "{claimed}");
-    until_task(&mut p.alice, &id, "bob's claim never reached A", |t| t["claimedBy"] == "bob").await?;
+    until_task(&mut p.alice, &id, "bob's claim never reached A", |t| {
+        t["claimedBy"] == "bob"
+    })
+    .await?;
     p.alice
         .request(json!({"type": "complete_task", "taskId": id, "result": "done"}))
         .await?;
-    let done = until_task(&mut bob, &id, "the completion never reached B", |t| t["status"] == "done").await?;
+    let done = until_task(&mut bob, &id, "the completion never reached B", |t| {
+        t["status"] == "done"
+    })
+    .await?;
     assert_eq!(done["result"], "done");
 
     let t2 = p
@@ -1313,16 +1352,31 @@ async fn tasks_cross_brokers() -> anyhow::Result<()> {
         .request(json!({"type": "create_task", "title": "contested"}))
         .await?;
     let id2 = t2["id"].as_str().unwrap_or_default().to_owned();
-    until_task(&mut bob, &id2, "the second task never reached B", |t| t["status"] == "open").await?;
+    until_task(&mut bob, &id2, "the second task never reached B", |t| {
+        t["status"] == "open"
+    })
+    .await?;
     p.to_a.cut();
     p.to_b.cut();
     fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
-    p.alice.request(json!({"type": "claim_task", "taskId": id2})).await?;
-    bob.request(json!({"type": "claim_task", "taskId": id2})).await?;
+    p.alice
+        .request(json!({"type": "claim_task", "taskId": id2}))
+        .await?;
+    bob.request(json!({"type": "claim_task", "taskId": id2}))
+        .await?;
     p.to_a.heal();
     p.to_b.heal();
-    until_task(&mut bob, &id2, "B never converged on the earlier claim", |t| t["claimedBy"] == "alice").await?;
-    until_task(&mut p.alice, &id2, "A lost its earlier claim", |t| t["claimedBy"] == "alice").await?;
+    until_task(
+        &mut bob,
+        &id2,
+        "B never converged on the earlier claim",
+        |t| t["claimedBy"] == "alice",
+    )
+    .await?;
+    until_task(&mut p.alice, &id2, "A lost its earlier claim", |t| {
+        t["claimedBy"] == "alice"
+    })
+    .await?;
     Ok(())
 }
 
