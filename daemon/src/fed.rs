@@ -765,6 +765,26 @@ impl Fed {
             .is_some_and(|l| l.live.try_send(frame).is_ok())
     }
 
+    /// Files held here changed (`full`: all of them).
+    pub(crate) fn files_changed(
+        &self,
+        mesh_id: &str,
+        files: Vec<meshd_protocol::fed::FileSet>,
+        full: bool,
+    ) {
+        if files.is_empty() && !full {
+            return;
+        }
+        self.to_every_link(
+            mesh_id,
+            Frame::Files {
+                mesh_id: mesh_id.to_owned(),
+                files,
+                full,
+            },
+        );
+    }
+
     /// The mesh's clock changed here.
     pub(crate) fn clock_changed(&self, c: meshd_protocol::fed::ClockSet) {
         let mesh_id = c.mesh_id.clone();
@@ -1118,6 +1138,22 @@ impl Fed {
                     }
                 }
                 Err(e) => warn!(cause = %e, "reading contexts for a peer"),
+            }
+            // The files held here (a full list: files removed while the link was down
+            // disappear at the peer too).
+            match ctx.db.local_files(&m, now_ms()).await {
+                Ok(rows) => {
+                    let files = rows
+                        .iter()
+                        .map(|f| crate::files::file_set(f, false))
+                        .collect();
+                    let _ = link.live.try_send(Frame::Files {
+                        mesh_id: m.clone(),
+                        files,
+                        full: true,
+                    });
+                }
+                Err(e) => warn!(cause = %e, "reading files for a peer"),
             }
             // The clock converges by newest change.
             if let Some(c) = ctx.clocks.set_of(&m) {
@@ -2166,6 +2202,60 @@ impl Fed {
                         ctx.metrics
                             .fed_refused
                             .inc(RejectReason::ForgedSender.as_str());
+                    }
+                }
+                Frame::Files {
+                    mesh_id,
+                    files,
+                    full,
+                } => {
+                    let hub = if link.accepts(&mesh_id) && files.len() <= 10_000 {
+                        ctx.hub.mesh(&ctx.db, &mesh_id).await.ok().flatten()
+                    } else {
+                        None
+                    };
+                    let ok = match hub {
+                        Some(hub) => {
+                            match crate::files::apply_remote(&ctx, &link.peer, &hub, files, full)
+                                .await
+                            {
+                                Ok(all_valid) => all_valid,
+                                Err(e) => {
+                                    warn!(cause = %e, "storing a peer's files");
+                                    false
+                                }
+                            }
+                        }
+                        None => false,
+                    };
+                    if !ok {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+                    }
+                }
+                Frame::FileUrlAsk(a) => {
+                    let allowed = link.accepts(&a.mesh_id)
+                        && a.groups.len() <= meshd_protocol::client::MAX_GROUPS
+                        && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
+                            Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.member_pubkey)
+                                && hub.member(&a.member_pubkey).is_some_and(|m| m.id == a.member_id));
+                    if allowed {
+                        let answer = crate::files::remote_url(&ctx, &a).await;
+                        self.relay_send(
+                            &link.peer,
+                            &a.mesh_id,
+                            Frame::FileUrlAnswer(Box::new(answer)),
+                        );
+                    } else {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics
+                            .fed_refused
+                            .inc(RejectReason::ForgedSender.as_str());
+                    }
+                }
+                Frame::FileUrlAnswer(a) => {
+                    if link.accepts(&a.mesh_id) {
+                        ctx.files.answered(&link.peer, *a);
                     }
                 }
                 Frame::Clock(c) => {

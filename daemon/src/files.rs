@@ -50,7 +50,22 @@ pub(crate) struct Files {
     url_key: [u8; 32],
     uploads: tokio::sync::Semaphore,
     seen: std::sync::Mutex<HashMap<String, i64>>,
+    /// `get_file` asks sent to the brokers holding files, by ask id.
+    asks: std::sync::Mutex<HashMap<String, RemoteAsk>>,
 }
+
+/// A `get_file` waiting for the holding broker's answer.
+#[derive(Debug)]
+struct RemoteAsk {
+    broker: Arc<str>,
+    asker: Arc<crate::hub::PeerShared>,
+    req_id: Option<String>,
+    file_id: String,
+    at: tokio::time::Instant,
+}
+
+/// How long a remote `get_file` waits (clients give up after 5 s).
+const ASK_OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Why the file store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +142,72 @@ impl Files {
             url_key,
             uploads: tokio::sync::Semaphore::new(CONCURRENT_UPLOADS),
             seen: std::sync::Mutex::default(),
+            asks: std::sync::Mutex::default(),
         })
+    }
+
+    /// Records a `get_file` sent to `broker`; returns its ask id.
+    pub(crate) fn ask(
+        &self,
+        broker: Arc<str>,
+        asker: &Arc<crate::hub::PeerShared>,
+        req_id: Option<String>,
+        file_id: &str,
+    ) -> String {
+        let now = tokio::time::Instant::now();
+        let mut asks = crate::hub::lock(&self.asks);
+        asks.retain(|_, a| now.duration_since(a.at) < ASK_OPEN_FOR);
+        let id = crate::ids::random_id();
+        asks.insert(
+            id.clone(),
+            RemoteAsk {
+                broker,
+                asker: asker.clone(),
+                req_id,
+                file_id: file_id.to_owned(),
+                at: now,
+            },
+        );
+        id
+    }
+
+    /// The holding broker answered: the `file_url` (or error) for the asker.
+    pub(crate) fn answered(&self, broker: &str, a: meshd_protocol::fed::FileUrlAnswer) {
+        let ask = {
+            let mut asks = crate::hub::lock(&self.asks);
+            if asks.get(&a.ask_id).is_none_or(|x| &*x.broker != broker) {
+                return;
+            }
+            asks.remove(&a.ask_id)
+        };
+        let Some(ask) = ask else { return };
+        let frame = match (a.url, a.error) {
+            (Some(url), None) => {
+                meshd_protocol::broker::BrokerFrame::FileUrl(meshd_protocol::broker::FileUrl {
+                    file_id: ask.file_id,
+                    url,
+                    name: a.name,
+                    encrypted: a.encrypted,
+                    sealed_key: a.sealed_key,
+                    req_id: ask.req_id,
+                })
+            }
+            (_, error) => {
+                let (code, msg) = error.unwrap_or_else(|| ("internal".into(), "no URL".into()));
+                let code = match code.as_str() {
+                    "not_found" => "not_found",
+                    "forbidden" => "forbidden",
+                    _ => "internal",
+                };
+                meshd_protocol::broker::BrokerFrame::Error(
+                    meshd_protocol::broker::ErrorFrame::new(code, msg).with_req_id(ask.req_id),
+                )
+            }
+        };
+        crate::hub::offer(
+            &ask.asker,
+            crate::hub::Outbound::Frame(frame.to_json().into()),
+        );
     }
 
     /// Remembers an upload signature; `false` when it was already used.
@@ -239,6 +319,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// Who uploads.
 struct Uploader {
     member_id: String,
+    member_pubkey: String,
     name: String,
     /// The key that identifies the uploader (signing key, or the presence's key).
     key: String,
@@ -327,7 +408,9 @@ pub(crate) async fn upload(
                 return unauthorized("X-Meshd-Pubkey is not a key");
             };
             match mesh.member_for_key(&key) {
-                Some((_, m)) if !m.revoked => Some((pk, sig, ts, key, m)),
+                Some((member_pubkey, m)) if !m.revoked => {
+                    Some((pk, sig, ts, key, m, member_pubkey))
+                }
                 _ => return unauthorized("X-Meshd-Pubkey is not a key of a member of this mesh"),
             }
         }
@@ -374,7 +457,7 @@ pub(crate) async fn upload(
     }
     let digest = hex::encode(Sha256::digest(&body));
     let uploader = match (signed, unsigned) {
-        (Some((pk, sig, ts, key, m)), _) => {
+        (Some((pk, sig, ts, key, m, member_pubkey)), _) => {
             let text = upload_signing_text(mesh_id, name, &digest, ts, &headers);
             if !pk.verify(text.as_bytes(), &sig) {
                 return unauthorized("the upload signature does not verify");
@@ -384,12 +467,14 @@ pub(crate) async fn upload(
             }
             Uploader {
                 member_id: m.id,
+                member_pubkey,
                 name: m.display_name,
                 key,
             }
         }
         (None, Some(u)) => Uploader {
             member_id: u.member_id,
+            member_pubkey: u.member_pubkey,
             name: u.display_name,
             key: u.routing_key,
         },
@@ -495,6 +580,8 @@ pub(crate) async fn upload(
         target_spec,
         uploaded_at: now,
         expires_at: (!persistent).then_some(now + EPHEMERAL_TTL_MS),
+        home_broker: None,
+        uploader_pubkey: Some(uploader.member_pubkey),
     };
     if let Err(e) = ctx.db.insert_file(&row, &keys).await {
         warn!(cause = %e, "storing an upload's metadata");
@@ -504,6 +591,7 @@ pub(crate) async fn upload(
             json!({"ok": false, "error": "the broker could not store the file"}),
         );
     }
+    publish(&ctx, &row.mesh_id, vec![file_set(&row, false)]);
     reply(StatusCode::OK, json!({"ok": true, "fileId": id}))
 }
 
@@ -595,4 +683,182 @@ pub(crate) async fn download(
         HeaderValue::from_static("nosniff"),
     );
     resp
+}
+
+/// A stored file as a federation frame.
+pub(crate) fn file_set(f: &FileRow, deleted: bool) -> meshd_protocol::fed::FileSet {
+    meshd_protocol::fed::FileSet {
+        id: f.id.clone(),
+        name: f.name.clone(),
+        size: f.size_bytes,
+        mime_type: f.mime_type.clone(),
+        sha256: f.sha256.clone(),
+        tags: f.tags.clone(),
+        persistent: f.persistent != 0,
+        encrypted: f.encrypted != 0,
+        owner_pubkey: f.owner_pubkey.clone(),
+        uploader_member_id: f.uploader_member_id.clone(),
+        uploader_pubkey: f.uploader_pubkey.clone().unwrap_or_default(),
+        uploaded_by_name: f.uploaded_by_name.clone(),
+        target_spec: f.target_spec.clone(),
+        uploaded_at: f.uploaded_at,
+        expires_at: f.expires_at,
+        deleted,
+    }
+}
+
+/// A removal of a file held here, as a federation frame (the receiver only applies it
+/// to a file it knows as held by us).
+pub(crate) fn file_removal(id: &str) -> meshd_protocol::fed::FileSet {
+    meshd_protocol::fed::FileSet {
+        id: id.to_owned(),
+        name: String::new(),
+        size: 0,
+        mime_type: None,
+        sha256: String::new(),
+        tags: "[]".into(),
+        persistent: false,
+        encrypted: false,
+        owner_pubkey: String::new(),
+        uploader_member_id: String::new(),
+        uploader_pubkey: String::new(),
+        uploaded_by_name: String::new(),
+        target_spec: None,
+        uploaded_at: 0,
+        expires_at: None,
+        deleted: true,
+    }
+}
+
+/// Tells the mesh's other brokers about files held here that changed.
+pub(crate) fn publish(ctx: &Ctx, mesh_id: &str, files: Vec<meshd_protocol::fed::FileSet>) {
+    if let Some(fed) = &ctx.fed {
+        fed.files_changed(mesh_id, files, false);
+    }
+}
+
+/// Applies a peer broker's files (`full`: its complete list). A new or changed file must
+/// have been uploaded by a member the peer hosts; a removal applies only to files known
+/// as held by that peer.
+pub(crate) async fn apply_remote(
+    ctx: &Ctx,
+    broker: &str,
+    hub: &crate::hub::MeshHub,
+    files: Vec<meshd_protocol::fed::FileSet>,
+    full: bool,
+) -> Result<bool, crate::store::StoreError> {
+    let now = now_ms();
+    let mesh_id = hub.row.id.clone();
+    if full {
+        ctx.db.forget_remote_files(&mesh_id, broker, now).await?;
+    }
+    let mut forged = false;
+    for f in files {
+        let valid = f.id.len() <= 64
+            && !f.id.is_empty()
+            && f.name.len() <= 255
+            && f.tags.len() <= 16 * 1024
+            && f.uploaded_by_name.len() <= 256
+            && f.target_spec.as_ref().is_none_or(|t| t.len() <= 256)
+            && f.mime_type.as_ref().is_none_or(|m| m.len() <= 256);
+        if !valid {
+            forged = true;
+            continue;
+        }
+        let speaks = hub
+            .member(&f.uploader_pubkey)
+            .is_some_and(|m| m.id == f.uploader_member_id)
+            && hub.may_speak_for(broker, &f.uploader_pubkey);
+        if !f.deleted && !speaks {
+            forged = true;
+            continue;
+        }
+        let deleted_at = f.deleted.then_some(now);
+        let row = FileRow {
+            id: f.id,
+            mesh_id: mesh_id.clone(),
+            name: f.name,
+            size_bytes: f.size,
+            mime_type: f.mime_type,
+            sha256: f.sha256,
+            tags: f.tags,
+            persistent: i64::from(f.persistent),
+            encrypted: i64::from(f.encrypted),
+            owner_pubkey: f.owner_pubkey,
+            uploader_member_id: f.uploader_member_id,
+            uploaded_by_name: f.uploaded_by_name,
+            target_spec: f.target_spec,
+            uploaded_at: f.uploaded_at,
+            expires_at: f.expires_at,
+            home_broker: Some(broker.to_owned()),
+            uploader_pubkey: Some(f.uploader_pubkey),
+        };
+        if f.deleted {
+            // Only a file known as held by that broker (the update's WHERE clause).
+            ctx.db.put_remote_file(&row, deleted_at).await?;
+        } else {
+            ctx.db.put_remote_file(&row, None).await?;
+        }
+    }
+    Ok(!forged)
+}
+
+/// `get_file` asked of this broker by a peer broker, for one of its peers: the same
+/// access check as for a local reader, and a URL at this broker.
+pub(crate) async fn remote_url(
+    ctx: &Ctx,
+    a: &meshd_protocol::fed::FileUrlAsk,
+) -> meshd_protocol::fed::FileUrlAnswer {
+    let now = now_ms();
+    let mut answer = meshd_protocol::fed::FileUrlAnswer {
+        mesh_id: a.mesh_id.clone(),
+        ask_id: a.ask_id.clone(),
+        url: None,
+        name: String::new(),
+        encrypted: false,
+        sealed_key: None,
+        error: None,
+    };
+    let refuse = |mut ans: meshd_protocol::fed::FileUrlAnswer, code: &str, msg: &str| {
+        ans.error = Some((code.to_owned(), msg.to_owned()));
+        ans
+    };
+    let f = match ctx.db.file(&a.mesh_id, &a.file_id, now).await {
+        Ok(Some(f)) if f.home_broker.is_none() => f,
+        Ok(_) => return refuse(answer, "not_found", "no such file in this mesh"),
+        Err(e) => {
+            warn!(cause = %e, "reading a file for a peer broker");
+            return refuse(answer, "internal", "the broker's store is unavailable");
+        }
+    };
+    let groups: Vec<meshd_protocol::client::GroupEntry> = a
+        .groups
+        .iter()
+        .map(|g| meshd_protocol::client::GroupEntry {
+            name: g.clone(),
+            role: None,
+        })
+        .collect();
+    let keys = [a.reader_key.as_str(), a.member_pubkey.as_str()];
+    if !may_read(&f, &a.member_id, &keys, &groups) {
+        return refuse(answer, "forbidden", "this file is not shared with you");
+    }
+    if f.encrypted != 0 {
+        answer.sealed_key = ctx.db.sealed_file_key(&f.id, &keys).await.ok().flatten();
+    }
+    if let Err(e) = ctx
+        .db
+        .record_file_access(&f.id, &a.reader_key, &a.reader_name, now)
+        .await
+    {
+        warn!(cause = %e, "recording a download");
+    }
+    let base = crate::http::hook_base(&ctx.config);
+    answer.url = Some(
+        ctx.files
+            .signed_url(&base, &f.mesh_id, &f.id, now + URL_TTL_MS),
+    );
+    answer.name = f.name;
+    answer.encrypted = f.encrypted != 0;
+    answer
 }

@@ -325,6 +325,7 @@ impl Peer {
 #[derive(Debug, Clone)]
 pub(crate) struct AddressPeer {
     pub(crate) member_id: String,
+    pub(crate) member_pubkey: String,
     pub(crate) display_name: String,
     pub(crate) routing_key: String,
 }
@@ -1116,6 +1117,7 @@ impl MeshHub {
         }
         Ok(Some(AddressPeer {
             member_id: newest.member_id.clone(),
+            member_pubkey: newest.member_pubkey.clone(),
             display_name: newest.display_name.clone(),
             routing_key: newest.routing_key().to_owned(),
         }))

@@ -458,6 +458,7 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 Ok(gone) => {
                     for (mesh_id, id) in gone {
                         ctx.files.remove(&mesh_id, &id).await;
+                        files::publish(&ctx, &mesh_id, vec![files::file_removal(&id)]);
                     }
                 }
                 Err(e) => warn!(cause = %e, "expiring files"),

@@ -1948,6 +1948,7 @@ impl Live {
             .mesh
             .member(&self.member_pubkey)
             .is_some_and(|m| m.role == "admin");
+        let (shared, member_pubkey) = (self.shared.clone(), self.member_pubkey.clone());
         self.pending.push_back(Box::pin(async move {
             let error = |code: &'static str, msg: &str, req_id: Option<String>| {
                 Some(
@@ -1957,6 +1958,65 @@ impl Live {
                 )
             };
             let key_refs = [keys[0].as_str(), keys[1].as_str()];
+            // A file another broker of the mesh holds: `get_file` asks it for a URL (at
+            // that broker); the owner's operations are made there.
+            let held_by = match &frame {
+                ClientFrame::GetFile { file_id }
+                | ClientFrame::FileStatus { file_id }
+                | ClientFrame::DeleteFile { file_id }
+                | ClientFrame::GrantFileAccess { file_id, .. } => {
+                    match ctx.db.file(&mesh_id, file_id, now).await {
+                        Ok(Some(f)) => f.home_broker.clone().map(|b| (f, b)),
+                        Ok(None) => None,
+                        Err(e) => return store_unavailable("reading a file", req_id, &e),
+                    }
+                }
+                _ => None,
+            };
+            if let Some((f, broker)) = held_by {
+                if !matches!(frame, ClientFrame::GetFile { .. }) {
+                    return error(
+                        "held_elsewhere",
+                        &format!(
+                            "this file is held by broker {broker}: its owner manages it there"
+                        ),
+                        req_id,
+                    );
+                }
+                if !crate::files::may_read(&f, &member_id, &key_refs, &groups) {
+                    return error("forbidden", "this file is not shared with you", req_id);
+                }
+                let broker: Arc<str> = Arc::from(broker.as_str());
+                let ask_id = ctx
+                    .files
+                    .ask(broker.clone(), &shared, req_id.clone(), &f.id);
+                let ask = meshd_protocol::fed::FileUrlAsk {
+                    mesh_id: mesh_id.clone(),
+                    ask_id,
+                    file_id: f.id.clone(),
+                    member_id: member_id.clone(),
+                    member_pubkey,
+                    reader_key: keys[0].clone(),
+                    reader_name: me,
+                    groups: groups.iter().map(|g| g.name.clone()).collect(),
+                };
+                let sent = ctx.fed.as_ref().is_some_and(|fed| {
+                    fed.relay_send(
+                        &broker,
+                        &mesh_id,
+                        meshd_protocol::fed::Frame::FileUrlAsk(Box::new(ask)),
+                    )
+                });
+                if !sent {
+                    return error(
+                        "unavailable",
+                        &format!("the broker holding this file ({broker}) cannot be reached now"),
+                        req_id,
+                    );
+                }
+                // The answer comes through the outbound queue (see `files::Files::answered`).
+                return None;
+            }
             let readable = |f: &crate::store::files::FileRow| {
                 crate::files::may_read(f, &member_id, &key_refs, &groups)
             };
@@ -2068,7 +2128,14 @@ impl Live {
                     };
                     if refusal.is_none() {
                         match ctx.db.delete_file(&file_id, now).await {
-                            Ok(_) => ctx.files.remove(&mesh_id, &file_id).await,
+                            Ok(_) => {
+                                ctx.files.remove(&mesh_id, &file_id).await;
+                                crate::files::publish(
+                                    &ctx,
+                                    &mesh_id,
+                                    vec![crate::files::file_removal(&file_id)],
+                                );
+                            }
                             Err(e) => return store_unavailable("deleting a file", req_id, &e),
                         }
                     }

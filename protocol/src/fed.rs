@@ -343,6 +343,83 @@ pub struct ClockSet {
     pub broker: String,
 }
 
+/// A stored file's metadata (the bytes stay with the broker that holds them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSet {
+    /// File id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Bytes.
+    pub size: i64,
+    /// Content type.
+    pub mime_type: Option<String>,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Tags, JSON array.
+    pub tags: String,
+    /// Kept until deleted.
+    pub persistent: bool,
+    /// E2E-encrypted.
+    pub encrypted: bool,
+    /// Key that may grant access.
+    pub owner_pubkey: String,
+    /// Uploading member.
+    pub uploader_member_id: String,
+    /// Its member key (must be hosted by the sending broker).
+    pub uploader_pubkey: String,
+    /// Its display name.
+    pub uploaded_by_name: String,
+    /// Who may read it (`None`: the whole mesh).
+    pub target_spec: Option<String>,
+    /// Uploaded (ms).
+    pub uploaded_at: i64,
+    /// Expiry (ms).
+    pub expires_at: Option<i64>,
+    /// Deleted.
+    pub deleted: bool,
+}
+
+/// `get_file` for a file the receiver holds, on behalf of a peer of the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileUrlAsk {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// The sender's id for the ask.
+    pub ask_id: String,
+    /// File id.
+    pub file_id: String,
+    /// The reader's member id.
+    pub member_id: String,
+    /// Its member key (must be hosted by the sender).
+    pub member_pubkey: String,
+    /// Its routing key (session or member key).
+    pub reader_key: String,
+    /// Its display name (recorded as the download's reader).
+    pub reader_name: String,
+    /// Groups its presence is in.
+    pub groups: Vec<String>,
+}
+
+/// The answer to a [`FileUrlAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileUrlAnswer {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// The ask's id.
+    pub ask_id: String,
+    /// The download URL (at the holding broker).
+    pub url: Option<String>,
+    /// File name.
+    pub name: String,
+    /// E2E-encrypted.
+    pub encrypted: bool,
+    /// The file key sealed for the reader.
+    pub sealed_key: Option<String>,
+    /// Refusal: (code, message).
+    pub error: Option<(String, String)>,
+}
+
 /// A member's shared context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextSet {
@@ -694,6 +771,20 @@ pub enum Frame {
     Task(Box<TaskSet>),
     /// Live: the mesh's simulation clock (the newest change wins).
     Clock(Box<ClockSet>),
+    /// Live: files the sender holds (`full`: all of them, replacing what the receiver
+    /// knew from the sender for this mesh).
+    Files {
+        /// Mesh id.
+        mesh_id: String,
+        /// Files (a removed one has `deleted`).
+        files: Vec<FileSet>,
+        /// A complete list.
+        full: bool,
+    },
+    /// Live: a download URL asked of the broker holding a file.
+    FileUrlAsk(Box<FileUrlAsk>),
+    /// Live: its answer.
+    FileUrlAnswer(Box<FileUrlAnswer>),
 }
 
 impl Frame {
@@ -727,7 +818,10 @@ impl Frame {
             | Self::McpCall(_)
             | Self::McpResult(_)
             | Self::Task(_)
-            | Self::Clock(_) => {
+            | Self::Clock(_)
+            | Self::Files { .. }
+            | Self::FileUrlAsk(_)
+            | Self::FileUrlAnswer(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -763,6 +857,9 @@ impl Frame {
             Self::McpResult(_) => "mcp_result",
             Self::Task(_) => "task",
             Self::Clock(_) => "clock",
+            Self::Files { .. } => "files",
+            Self::FileUrlAsk(_) => "file_url_ask",
+            Self::FileUrlAnswer(_) => "file_url_answer",
         }
     }
 }

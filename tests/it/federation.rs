@@ -1262,6 +1262,65 @@ async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Files held by one broker are the mesh's on every broker: uploaded on A, listed on B;
+/// `get_file` on B returns a URL at A (A checks the reader's access) that serves the
+/// bytes; only A manages the file; deleting it there removes it from B's list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_cross_brokers() -> anyhow::Result<()> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    // Alice is the only member connected to A from this address: the unsigned upload is hers.
+    let (st, _, body) = meshd_tests::broker::http_with(
+        p.a.addr,
+        "POST",
+        "/upload",
+        &[("X-Mesh-Id", &p.mesh.mesh_id), ("X-Member-Id", "x"), ("X-File-Name", "plan.txt")],
+        Some(b"the plan"),
+    )
+    .await?;
+    let up: Value = serde_json::from_slice(&body)?;
+    assert_eq!(st, 200, "{up}");
+    let id = up["fileId"].as_str().unwrap_or_default().to_owned();
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let l = bob.request(json!({"type": "list_files"})).await?;
+        if l["files"][0]["id"] == id.as_str() {
+            assert_eq!(l["files"][0]["uploadedBy"], "alice");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("A's file never reached B's list: {l}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = bob.request(json!({"type": "get_file", "fileId": id})).await?;
+    assert_eq!(url["type"], "file_url", "{url}");
+    let link = url["url"].as_str().unwrap_or_default().to_owned();
+    let path = link
+        .split_once(&p.a.addr.to_string())
+        .map(|(_, path)| path.to_owned())
+        .with_context(|| format!("the URL is not at A: {link}"))?;
+    let (st, _, bytes) = meshd_tests::broker::http_with(p.a.addr, "GET", &path, &[], None).await?;
+    assert_eq!((st, bytes.as_slice()), (200, b"the plan".as_slice()));
+    let refused = bob.request(json!({"type": "file_status", "fileId": id})).await?;
+    assert_eq!(refused["code"], "held_elsewhere", "{refused}");
+
+    p.alice.request(json!({"type": "delete_file", "fileId": id})).await?;
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let l = bob.request(json!({"type": "list_files"})).await?;
+        if l["files"] == json!([]) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the deletion never reached B: {l}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// The simulation clock is one clock on every broker: set on A, it ticks for peers on B
 /// too; paused on B, it is paused on A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1269,7 +1328,10 @@ async fn clock_crosses_brokers() -> anyhow::Result<()> {
     let mut p = cut_pair().await?;
     until_known(&mut p.alice, &p.bob).await?;
     let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let set = p.alice.request(json!({"type": "set_clock", "speed": 100})).await?;
+    let set = p
+        .alice
+        .request(json!({"type": "set_clock", "speed": 100}))
+        .await?;
     assert_eq!(set["speed"], 100, "{set}");
     let tick = bob.expect_event("tick").await?;
     assert_eq!(tick["eventData"]["speed"], 100, "{tick}");

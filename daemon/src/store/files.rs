@@ -36,6 +36,10 @@ pub struct FileRow {
     pub uploaded_at: i64,
     /// Expiry (ms) of a non-persistent file.
     pub expires_at: Option<i64>,
+    /// The peer broker holding the bytes (`None`: this one).
+    pub home_broker: Option<String>,
+    /// The uploader's member key.
+    pub uploader_pubkey: Option<String>,
 }
 
 /// Rows `list_files` considers before filtering (newest first).
@@ -44,7 +48,7 @@ const LIST_SCAN: i64 = 2_000;
 /// The columns of [`FileRow`], in a literal (sqlx takes only literal SQL).
 macro_rules! columns {
     () => {
-        "id, mesh_id, name, size_bytes, mime_type, sha256, tags, persistent, encrypted, owner_pubkey, uploader_member_id, uploaded_by_name, target_spec, uploaded_at, expires_at"
+        "id, mesh_id, name, size_bytes, mime_type, sha256, tags, persistent, encrypted, owner_pubkey, uploader_member_id, uploaded_by_name, target_spec, uploaded_at, expires_at, home_broker, uploader_pubkey"
     };
 }
 
@@ -58,7 +62,7 @@ impl Db {
         const SQL: &str = concat!(
             "INSERT INTO file (",
             columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         );
         const KEY_SQL: &str = "INSERT INTO file_key (file_id, peer_pubkey, sealed_key, granted_at, granted_by) VALUES ($1, $2, $3, $4, $5) \
                                ON CONFLICT (file_id, peer_pubkey) DO UPDATE SET sealed_key = excluded.sealed_key, granted_at = excluded.granted_at, granted_by = excluded.granted_by";
@@ -67,7 +71,7 @@ impl Db {
             sqlx::query(SQL).bind(&f.id).bind(&f.mesh_id).bind(&f.name).bind(f.size_bytes).bind(&f.mime_type)
                 .bind(&f.sha256).bind(&f.tags).bind(f.persistent).bind(f.encrypted).bind(&f.owner_pubkey)
                 .bind(&f.uploader_member_id).bind(&f.uploaded_by_name).bind(&f.target_spec).bind(f.uploaded_at)
-                .bind(f.expires_at).execute(&mut *tx).await?;
+                .bind(f.expires_at).bind(&f.home_broker).bind(&f.uploader_pubkey).execute(&mut *tx).await?;
             for (peer, sealed) in keys {
                 sqlx::query(KEY_SQL).bind(&f.id).bind(peer).bind(sealed).bind(f.uploaded_at)
                     .bind(&f.owner_pubkey).execute(&mut *tx).await?;
@@ -113,10 +117,58 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(now).fetch_one(p).await)?)
     }
 
-    /// Bytes of the mesh's live files.
+    /// Bytes of the mesh's live files held here.
     pub async fn file_bytes(&self, mesh_id: &str, now: i64) -> Result<i64, StoreError> {
-        const SQL: &str = "SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM file WHERE mesh_id = $1 AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $2)";
+        const SQL: &str = "SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM file WHERE mesh_id = $1 AND home_broker IS NULL AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $2)";
         Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(now).fetch_one(p).await)?)
+    }
+
+    /// The live files held here (for a peer broker whose link came up).
+    pub async fn local_files(&self, mesh_id: &str, now: i64) -> Result<Vec<FileRow>, StoreError> {
+        const SQL: &str = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM file WHERE mesh_id = $1 AND home_broker IS NULL AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
+             ORDER BY uploaded_at DESC, id DESC LIMIT $3"
+        );
+        Ok(
+            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(now).bind(LIST_SCAN).fetch_all(p).await)?,
+        )
+    }
+
+    /// Stores a peer broker's file metadata (never over a file held here or by another
+    /// broker), or marks it deleted.
+    pub async fn put_remote_file(
+        &self,
+        f: &FileRow,
+        deleted_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = concat!(
+            "INSERT INTO file (",
+            columns!(),
+            ", deleted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, tags = excluded.tags, target_spec = excluded.target_spec, \
+               expires_at = excluded.expires_at, deleted_at = excluded.deleted_at \
+             WHERE file.home_broker = excluded.home_broker AND file.mesh_id = excluded.mesh_id"
+        );
+        with_db!(self, p => sqlx::query(SQL).bind(&f.id).bind(&f.mesh_id).bind(&f.name).bind(f.size_bytes).bind(&f.mime_type)
+            .bind(&f.sha256).bind(&f.tags).bind(f.persistent).bind(f.encrypted).bind(&f.owner_pubkey)
+            .bind(&f.uploader_member_id).bind(&f.uploaded_by_name).bind(&f.target_spec).bind(f.uploaded_at)
+            .bind(f.expires_at).bind(&f.home_broker).bind(&f.uploader_pubkey).bind(deleted_at)
+            .execute(p).await.map(drop))?;
+        Ok(())
+    }
+
+    /// Marks every file of `broker` in the mesh deleted (before its full list is applied).
+    pub async fn forget_remote_files(
+        &self,
+        mesh_id: &str,
+        broker: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE file SET deleted_at = $1 WHERE mesh_id = $2 AND home_broker = $3 AND deleted_at IS NULL";
+        with_db!(self, p => sqlx::query(SQL).bind(now).bind(mesh_id).bind(broker).execute(p).await.map(drop))?;
+        Ok(())
     }
 
     /// Records a download URL handed out.
@@ -186,7 +238,7 @@ impl Db {
     /// Non-persistent files past their expiry, marked deleted; returns (mesh, id) so
     /// their bytes can be removed.
     pub async fn expire_files(&self, now: i64) -> Result<Vec<(String, String)>, StoreError> {
-        const FIND: &str = "SELECT mesh_id, id FROM file WHERE expires_at IS NOT NULL AND expires_at <= $1 AND deleted_at IS NULL LIMIT 1000";
+        const FIND: &str = "SELECT mesh_id, id FROM file WHERE home_broker IS NULL AND expires_at IS NOT NULL AND expires_at <= $1 AND deleted_at IS NULL LIMIT 1000";
         const MARK: &str = "UPDATE file SET deleted_at = $1 WHERE id = $2";
         let rows: Vec<(String, String)> =
             with_db!(self, p => sqlx::query_as(FIND).bind(now).fetch_all(p).await)?;
