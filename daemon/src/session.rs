@@ -74,6 +74,15 @@ fn store_unavailable(
     )
 }
 
+/// An `error` frame answering a request (with its `_reqId`).
+fn error(code: &'static str, msg: impl Into<String>, req_id: Option<String>) -> Option<Utf8Bytes> {
+    Some(
+        BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
+            .to_json()
+            .into(),
+    )
+}
+
 /// Streams one connection may follow.
 const MAX_STREAMS_PER_CONN: usize = 256;
 
@@ -1950,13 +1959,6 @@ impl Live {
             .is_some_and(|m| m.role == "admin");
         let (shared, member_pubkey) = (self.shared.clone(), self.member_pubkey.clone());
         self.pending.push_back(Box::pin(async move {
-            let error = |code: &'static str, msg: &str, req_id: Option<String>| {
-                Some(
-                    BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
-                        .to_json()
-                        .into(),
-                )
-            };
             let key_refs = [keys[0].as_str(), keys[1].as_str()];
             // A file another broker of the mesh holds: `get_file` asks it for a URL (at
             // that broker); the owner's operations are made there.
@@ -1977,9 +1979,7 @@ impl Live {
                 if !matches!(frame, ClientFrame::GetFile { .. }) {
                     return error(
                         "held_elsewhere",
-                        &format!(
-                            "this file is held by broker {broker}: its owner manages it there"
-                        ),
+                        format!("this file is held by broker {broker}: its owner manages it there"),
                         req_id,
                     );
                 }
@@ -2010,7 +2010,7 @@ impl Live {
                 if !sent {
                     return error(
                         "unavailable",
-                        &format!("the broker holding this file ({broker}) cannot be reached now"),
+                        format!("the broker holding this file ({broker}) cannot be reached now"),
                         req_id,
                     );
                 }
@@ -2188,13 +2188,6 @@ impl Live {
     fn on_relay(&mut self, frame: ClientFrame, req_id: Option<String>) -> Option<Utf8Bytes> {
         use crate::relay::{Answer, Asker, Kind};
         use meshd_protocol::broker::{PeerDirRequestForward, PeerFileRequestForward};
-        let error = |code: &'static str, msg: String, req_id: Option<String>| {
-            Some(
-                BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
-                    .to_json()
-                    .into(),
-            )
-        };
         let me = self.routing_key().to_owned();
         let (kind, target_key, path, pattern) = match frame {
             ClientFrame::PeerFileRequest {
@@ -2343,13 +2336,6 @@ impl Live {
         now: i64,
     ) -> Option<Utf8Bytes> {
         use meshd_protocol::broker::{McpCallResult, McpListResult, McpRegisterAck};
-        let error = |code: &'static str, msg: String, req_id: Option<String>| {
-            Some(
-                BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
-                    .to_json()
-                    .into(),
-            )
-        };
         match frame {
             ClientFrame::McpRegister(r) => {
                 let r = *r;
@@ -2546,13 +2532,6 @@ impl Live {
         };
         /// Furthest ahead a one-shot may be set.
         const MAX_AHEAD_MS: i64 = 10 * 366 * 24 * 3_600_000;
-        let error = |code: &'static str, msg: String, req_id: Option<String>| {
-            Some(
-                BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
-                    .to_json()
-                    .into(),
-            )
-        };
         let db = self.ctx.db.clone();
         let mesh_id = self.mesh_id().to_owned();
         let member_id = self.member_id.clone();
@@ -2560,11 +2539,7 @@ impl Live {
         match frame {
             ClientFrame::Schedule(s) => {
                 if s.message.is_empty() {
-                    return error(
-                        "invalid_schedule",
-                        "a schedule needs a message".into(),
-                        req_id,
-                    );
+                    return error("invalid_schedule", "a schedule needs a message", req_id);
                 }
                 let max = crate::store::schedule::MAX_TEXT_BYTES;
                 if s.message.len() > max {
@@ -2594,7 +2569,7 @@ impl Live {
                             DirectRoute::Revoked => {
                                 return error(
                                     "invalid_schedule",
-                                    "the recipient was removed from this mesh".into(),
+                                    "the recipient was removed from this mesh",
                                     req_id,
                                 );
                             }
@@ -2604,7 +2579,7 @@ impl Live {
                     Ok(_) => {
                         return error(
                             "invalid_schedule",
-                            "schedule a member or session key, @group or *".into(),
+                            "schedule a member or session key, @group or *",
                             req_id,
                         );
                     }
@@ -2622,14 +2597,14 @@ impl Live {
                     None if s.deliver_at <= 0 => {
                         return error(
                             "invalid_schedule",
-                            "a one-shot schedule needs deliverAt (epoch ms)".into(),
+                            "a one-shot schedule needs deliverAt (epoch ms)",
                             req_id,
                         );
                     }
                     None if s.deliver_at > now.saturating_add(MAX_AHEAD_MS) => {
                         return error(
                             "invalid_schedule",
-                            "deliverAt is more than 10 years ahead".into(),
+                            "deliverAt is more than 10 years ahead",
                             req_id,
                         );
                     }
@@ -3074,13 +3049,6 @@ impl Live {
             .member(&self.member_pubkey)
             .is_some_and(|m| m.role == "admin");
         self.pending.push_back(Box::pin(async move {
-            let error = |code: &'static str, msg: &str, req_id: Option<String>| {
-                Some(
-                    BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
-                        .to_json()
-                        .into(),
-                )
-            };
             let url = |secret: &str| format!("{base}/hook/{mesh_id}/{secret}");
             let reply = match frame {
                 ClientFrame::CreateWebhook { name: None } => {

@@ -1275,7 +1275,11 @@ async fn files_cross_brokers() -> anyhow::Result<()> {
         p.a.addr,
         "POST",
         "/upload",
-        &[("X-Mesh-Id", &p.mesh.mesh_id), ("X-Member-Id", "x"), ("X-File-Name", "plan.txt")],
+        &[
+            ("X-Mesh-Id", &p.mesh.mesh_id),
+            ("X-Member-Id", "x"),
+            ("X-File-Name", "plan.txt"),
+        ],
         Some(b"the plan"),
     )
     .await?;
@@ -1294,7 +1298,9 @@ async fn files_cross_brokers() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let url = bob.request(json!({"type": "get_file", "fileId": id})).await?;
+    let url = bob
+        .request(json!({"type": "get_file", "fileId": id}))
+        .await?;
     assert_eq!(url["type"], "file_url", "{url}");
     let link = url["url"].as_str().unwrap_or_default().to_owned();
     let path = link
@@ -1303,10 +1309,14 @@ async fn files_cross_brokers() -> anyhow::Result<()> {
         .with_context(|| format!("the URL is not at A: {link}"))?;
     let (st, _, bytes) = meshd_tests::broker::http_with(p.a.addr, "GET", &path, &[], None).await?;
     assert_eq!((st, bytes.as_slice()), (200, b"the plan".as_slice()));
-    let refused = bob.request(json!({"type": "file_status", "fileId": id})).await?;
+    let refused = bob
+        .request(json!({"type": "file_status", "fileId": id}))
+        .await?;
     assert_eq!(refused["code"], "held_elsewhere", "{refused}");
 
-    p.alice.request(json!({"type": "delete_file", "fileId": id})).await?;
+    p.alice
+        .request(json!({"type": "delete_file", "fileId": id}))
+        .await?;
     let deadline = tokio::time::Instant::now() + meshd_tests::patience();
     loop {
         let l = bob.request(json!({"type": "list_files"})).await?;
