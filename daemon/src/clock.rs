@@ -63,6 +63,16 @@ impl Clock {
     }
 }
 
+/// A change's time: now, but after the change it supersedes even if a peer's clock ran
+/// ahead (so a newer change here is never taken for an older one).
+fn next_change(prev: &(i64, String), now: i64) -> i64 {
+    now.max(prev.0.saturating_add(1))
+}
+
+/// Latest a peer's change time may be ahead of ours, and the range of simulated time.
+const MAX_AHEAD_MS: i64 = 5 * 60_000;
+const MAX_SIM_MS: i64 = 100 * 366 * 86_400_000;
+
 /// Every mesh's clock. In a mesh shared across brokers each broker runs the ticker for
 /// its own peers; changes (`set_clock`, pause, resume, auto-pause) go to the other
 /// brokers and the newest change wins, so every broker's peers see one clock.
@@ -90,13 +100,25 @@ impl Clocks {
         lock(&self.clocks).get(mesh_id).map(|c| c.to_set(mesh_id))
     }
 
-    /// A peer broker's change: applied if newer than ours.
-    pub(crate) fn apply_remote(&self, mesh: &Arc<MeshHub>, c: meshd_protocol::fed::ClockSet) {
+    /// A peer broker's change: applied if newer than ours. Times from the future (beyond
+    /// a few minutes of skew) and absurd simulated times are refused.
+    pub(crate) fn apply_remote(
+        &self,
+        mesh: &Arc<MeshHub>,
+        c: meshd_protocol::fed::ClockSet,
+    ) -> bool {
+        let now = now_ms();
+        if c.changed_at > now.saturating_add(MAX_AHEAD_MS)
+            || c.sim_ms.unsigned_abs() > MAX_SIM_MS.unsigned_abs()
+            || c.started_at.unsigned_abs() > MAX_SIM_MS.unsigned_abs()
+        {
+            return false;
+        }
         let mut clocks = lock(&self.clocks);
         if let Some(ours) = clocks.get(&mesh.row.id)
             && (ours.changed.0, ours.changed.1.as_str()) >= (c.changed_at, c.broker.as_str())
         {
-            return;
+            return true;
         }
         let clock = clocks.entry(mesh.row.id.clone()).or_insert_with(|| Clock {
             speed: 1,
@@ -118,6 +140,7 @@ impl Clocks {
         } else {
             self.start(mesh, clock);
         }
+        true
     }
 
     /// `set_clock`: creates the clock (simulated time starts at the real time) or
@@ -140,7 +163,7 @@ impl Clocks {
             ticker: None,
         });
         clock.speed = speed.clamp(1, 100);
-        clock.changed = (now, self.broker.clone());
+        clock.changed = (next_change(&clock.changed, now), self.broker.clone());
         if !clock.paused {
             self.start(mesh, clock);
         }
@@ -152,7 +175,7 @@ impl Clocks {
         let mut clocks = lock(&self.clocks);
         let clock = clocks.get_mut(mesh_id)?;
         clock.paused = true;
-        clock.changed = (now_ms(), self.broker.clone());
+        clock.changed = (next_change(&clock.changed, now_ms()), self.broker.clone());
         clock.stop_ticker();
         Some(clock.status(req_id))
     }
@@ -167,7 +190,7 @@ impl Clocks {
         let clock = clocks.get_mut(&mesh.row.id)?;
         if clock.paused {
             clock.paused = false;
-            clock.changed = (now_ms(), self.broker.clone());
+            clock.changed = (next_change(&clock.changed, now_ms()), self.broker.clone());
             self.start(mesh, clock);
         }
         Some(clock.status(req_id))
@@ -197,7 +220,7 @@ impl Clocks {
         match lock(&self.clocks).get_mut(mesh_id) {
             Some(c) if !c.paused => {
                 c.paused = true;
-                c.changed = (now_ms(), self.broker.clone());
+                c.changed = (next_change(&c.changed, now_ms()), self.broker.clone());
                 c.stop_ticker();
                 true
             }
@@ -237,7 +260,7 @@ impl Clocks {
                         return;
                     }
                     c.tick += 1;
-                    c.sim_ms += SIM_STEP_MS;
+                    c.sim_ms = c.sim_ms.saturating_add(SIM_STEP_MS);
                     (c.tick, c.sim_ms, c.speed)
                 };
                 let mut data = serde_json::Map::new();

@@ -1031,6 +1031,7 @@ impl Fed {
             info!(peer = %link.peer, mesh.id = %m, "mesh no longer flows over the link");
             if let Some(hub) = ctx.hub.loaded(&m) {
                 hub.remote_drop(&link.peer, now);
+                crate::mcp::broker_gone(&ctx, &hub, &link.peer);
             }
             // Messages for the peer in a mesh we no longer share are refused, not kept.
             if !self.consents(&m, &link.peer) {
@@ -1322,6 +1323,7 @@ impl Fed {
             for m in meshes {
                 if let Some(hub) = ctx.hub.loaded(&m) {
                     hub.remote_drop(&peer, now);
+                    crate::mcp::broker_gone(&ctx, &hub, &peer);
                 }
             }
             debug!(peer = %peer, "presence of a lost link expired");
@@ -2148,10 +2150,11 @@ impl Fed {
                     } else {
                         match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
                             Ok(Some(hub))
-                                if hub.may_speak_for(&link.peer, &r.requester_member_pubkey)
-                                    && (r.requester_key == r.requester_member_pubkey
-                                        || hub.remote_broker_of(&r.requester_key).as_deref()
-                                            == Some(&*link.peer)) =>
+                                if hub.remote_presence_of(
+                                    &link.peer,
+                                    &r.requester_key,
+                                    &r.requester_member_pubkey,
+                                ) =>
                             {
                                 Ok(crate::relay::remote_asked(&ctx, &link.peer, &hub, r))
                             }
@@ -2234,12 +2237,22 @@ impl Fed {
                     }
                 }
                 Frame::FileUrlAsk(a) => {
-                    let allowed = link.accepts(&a.mesh_id)
-                        && a.groups.len() <= meshd_protocol::client::MAX_GROUPS
-                        && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
-                            Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.member_pubkey)
-                                && hub.member(&a.member_pubkey).is_some_and(|m| m.id == a.member_id));
-                    if allowed {
+                    let mut a = *a;
+                    // The reader must be a presence the peer hosts for that member; its
+                    // groups are the ones the peer announced for it, not the ask's.
+                    let hub = if link.accepts(&a.mesh_id) && a.reader_name.len() <= 256 {
+                        ctx.hub.mesh(&ctx.db, &a.mesh_id).await.ok().flatten()
+                    } else {
+                        None
+                    };
+                    let allowed = hub.as_ref().is_some_and(|hub| {
+                        hub.remote_presence_of(&link.peer, &a.reader_key, &a.member_pubkey)
+                            && hub
+                                .member(&a.member_pubkey)
+                                .is_some_and(|m| m.id == a.member_id)
+                    });
+                    if let (true, Some(hub)) = (allowed, &hub) {
+                        a.groups = hub.remote_groups(&a.reader_key);
                         let answer = crate::files::remote_url(&ctx, &a).await;
                         self.relay_send(
                             &link.peer,
@@ -2259,14 +2272,16 @@ impl Fed {
                     }
                 }
                 Frame::Clock(c) => {
-                    let hub = if link.accepts(&c.mesh_id) {
+                    // A broker speaks for its own changes (every pair of brokers of a
+                    // mesh is linked, so each change comes from its maker).
+                    let hub = if link.accepts(&c.mesh_id) && c.broker == *link.peer {
                         ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
                     } else {
                         None
                     };
                     match hub {
-                        Some(hub) => ctx.clocks.apply_remote(&hub, *c),
-                        None => {
+                        Some(hub) if ctx.clocks.apply_remote(&hub, *c) => {}
+                        _ => {
                             link.counters.refused.fetch_add(1, Ordering::Relaxed);
                             ctx.metrics
                                 .fed_refused
@@ -2508,7 +2523,16 @@ async fn apply_task(
         return Err(RejectReason::NotShared);
     }
     let name_ok = |n: &Option<String>| n.as_ref().is_none_or(|n| n.len() <= MAX_NAME_LEN);
-    if t.id.is_empty()
+    // Claims and completions win by being earliest: times before the task existed or
+    // from the future are refused, so no broker can win every race with a zero.
+    let now = now_ms();
+    let plausible = |at: Option<i64>| {
+        at.is_none_or(|at| at >= t.created_at && at <= now.saturating_add(5 * 60_000))
+    };
+    if !plausible(t.claimed_at)
+        || !plausible(t.completed_at)
+        || t.created_at > now.saturating_add(5 * 60_000)
+        || t.id.is_empty()
         || t.id.len() > 64
         || t.title.len() > MAX_SUMMARY_LEN
         || t.priority.len() > MAX_NAME_LEN
@@ -2553,7 +2577,7 @@ async fn apply_task(
                 return Err(RejectReason::NotShared);
             };
             let creator = incoming.creator_pubkey.as_deref().unwrap_or_default();
-            if !hub.may_speak_for(&link.peer, creator) {
+            if !hub.hosted_by(&link.peer, creator) {
                 return Err(RejectReason::ForgedSender);
             }
             ctx.db.insert_remote_task(&incoming).await.map_err(store)

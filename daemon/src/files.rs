@@ -773,7 +773,6 @@ pub(crate) async fn apply_remote(
             forged = true;
             continue;
         }
-        let deleted_at = f.deleted.then_some(now);
         let row = FileRow {
             id: f.id,
             mesh_id: mesh_id.clone(),
@@ -794,8 +793,9 @@ pub(crate) async fn apply_remote(
             uploader_pubkey: Some(f.uploader_pubkey),
         };
         if f.deleted {
-            // Only a file known as held by that broker (the update's WHERE clause).
-            ctx.db.put_remote_file(&row, deleted_at).await?;
+            ctx.db
+                .delete_remote_file(&mesh_id, &row.id, broker, now)
+                .await?;
         } else {
             ctx.db.put_remote_file(&row, None).await?;
         }

@@ -954,6 +954,35 @@ impl MeshHub {
         owns(&self.inner(), broker, pubkey)
     }
 
+    /// Whether `key` is a presence `broker` hosts for the member `member_pubkey` (that
+    /// member's key, or a session key `broker` announced for it), the member being
+    /// hosted by `broker`: what a peer broker may claim as the asker of a request.
+    pub(crate) fn remote_presence_of(&self, broker: &str, key: &str, member_pubkey: &str) -> bool {
+        let inner = self.inner();
+        let hosted = inner
+            .members
+            .get(member_pubkey)
+            .is_some_and(|m| m.home.as_deref() == Some(broker) && !m.revoked);
+        hosted
+            && (key == member_pubkey
+                || inner.remote.get(key).is_some_and(|r| {
+                    &*r.broker == broker && r.entry.member_pubkey == member_pubkey
+                })
+                || inner
+                    .remote_sessions
+                    .get(key)
+                    .is_some_and(|m| m == member_pubkey))
+    }
+
+    /// The groups of a presence another broker announced (empty if unknown).
+    pub(crate) fn remote_groups(&self, key: &str) -> Vec<String> {
+        self.inner()
+            .remote
+            .get(key)
+            .map(|r| r.entry.groups.iter().map(|g| g.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `broker` is the known home of the member holding `pubkey` (durable
     /// messages need an announced sender: the announcement precedes them on their stream).
     pub(crate) fn hosted_by(&self, broker: &str, pubkey: &str) -> bool {

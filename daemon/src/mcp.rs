@@ -43,6 +43,8 @@ pub(crate) const MAX_SERVERS_PER_MEMBER: usize = 32;
 const MAX_TOOLS_BYTES: usize = 256 * 1024;
 /// Most calls one connection has in flight.
 const MAX_CALLS_PER_CALLER: usize = 64;
+/// Most calls a peer broker has in flight here (for all its sessions).
+const MAX_CALLS_PER_BROKER: usize = 1_024;
 
 /// The session hosting a server.
 #[derive(Debug, Clone)]
@@ -378,7 +380,7 @@ impl Mcp {
                 )));
             };
             if !s.online() {
-                let mins = (now - s.offline_since.unwrap_or(now)).max(0) / 60_000;
+                let mins = now.saturating_sub(s.offline_since.unwrap_or(now)).max(0) / 60_000;
                 return Err(CallError(format!(
                     "Server '{server_name}' is offline — hosted by {} who disconnected {mins}m ago. It will restore when they reconnect.",
                     s.hosted_by
@@ -500,6 +502,15 @@ impl Mcp {
         let Ok(args) = RawValue::from_string(a.args) else {
             return refuse("the call's arguments are not JSON".into());
         };
+        let in_flight = lock(&self.calls)
+            .values()
+            .filter(|c| matches!(&c.caller, Caller::Remote { broker: b, .. } if b == broker))
+            .count();
+        if in_flight >= MAX_CALLS_PER_BROKER {
+            return refuse(format!(
+                "too many MCP calls in flight from broker {broker} (at most {MAX_CALLS_PER_BROKER})"
+            ));
+        }
         let call_id = crate::ids::uuid_v4();
         lock(&self.calls).insert(
             call_id.clone(),
@@ -752,7 +763,15 @@ impl Mcp {
                     continue;
                 }
                 Some(s) => Some(s.online()),
-                None if mesh.len() >= MAX_SERVERS_PER_MESH => continue,
+                None if mesh.len() >= MAX_SERVERS_PER_MESH
+                    || mesh
+                        .values()
+                        .filter(|s| s.member_id == set.member_id)
+                        .count()
+                        >= MAX_SERVERS_PER_MEMBER =>
+                {
+                    continue;
+                }
                 None => None,
             };
             let tools: Vec<McpTool> = serde_json::from_str(&set.tools_json).unwrap_or_default();
@@ -854,6 +873,38 @@ pub(crate) struct ConnGone {
     pub(crate) offline: Vec<String>,
     /// Both, for the mesh's other brokers.
     pub(crate) sets: Vec<meshd_protocol::fed::McpServerSet>,
+}
+
+/// A peer broker's link is gone (past the presence grace) or the mesh stopped flowing
+/// to it: its servers leave the list (`mcp_unregistered`); they come back with its next
+/// full list.
+pub(crate) fn broker_gone(ctx: &Ctx, hub: &crate::hub::MeshHub, broker: &str) {
+    let gone: Vec<(String, String)> = {
+        let mut servers = lock(&ctx.mcp.servers);
+        let Some(mesh) = servers.get_mut(&hub.row.id) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        mesh.retain(|name, s| {
+            let theirs = matches!(&s.remote, Some((b, _)) if &**b == broker);
+            if theirs {
+                gone.push((name.clone(), s.hosted_by.clone()));
+            }
+            !theirs
+        });
+        gone
+    };
+    let now = crate::ids::now_ms();
+    for (name, hosted_by) in gone {
+        let mut data = serde_json::Map::new();
+        data.insert("serverName".into(), name.into());
+        data.insert("hostedBy".into(), hosted_by.into());
+        hub.announce(
+            &crate::hub::system_push(&hub.row.id, "mcp_unregistered", data, now),
+            0,
+            None,
+        );
+    }
 }
 
 /// Tells the mesh's other brokers about servers hosted here that changed.

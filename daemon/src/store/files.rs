@@ -159,6 +159,20 @@ impl Db {
         Ok(())
     }
 
+    /// Marks one file `broker` holds deleted (an update only: a removal never creates a
+    /// row, so it cannot shadow a file another broker announces later).
+    pub async fn delete_remote_file(
+        &self,
+        mesh_id: &str,
+        id: &str,
+        broker: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE file SET deleted_at = $1 WHERE id = $2 AND mesh_id = $3 AND home_broker = $4 AND deleted_at IS NULL";
+        with_db!(self, p => sqlx::query(SQL).bind(now).bind(id).bind(mesh_id).bind(broker).execute(p).await.map(drop))?;
+        Ok(())
+    }
+
     /// Marks every file of `broker` in the mesh deleted (before its full list is applied).
     pub async fn forget_remote_files(
         &self,

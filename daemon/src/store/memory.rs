@@ -85,16 +85,19 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).fetch_one(p).await)?)
     }
 
-    /// Stores a peer broker's memory (idempotent by id), and its forgetting if it was.
+    /// Stores a peer broker's memory (idempotent by id; not beyond the mesh's cap), and
+    /// its forgetting if it was.
     pub async fn put_remote_memory(
         &self,
         m: &MemoryRow,
         forgotten_at: Option<i64>,
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO memory (id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING";
+                           SELECT $1, $2, $3, $4, $5, $6, $7 \
+                           WHERE (SELECT COUNT(*) FROM memory WHERE mesh_id = $2 AND forgotten_at IS NULL) < $8 \
+                           ON CONFLICT (id) DO NOTHING";
         with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
-            .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at)
+            .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at).bind(MAX_MEMORIES_PER_MESH)
             .execute(p).await.map(drop))?;
         if let Some(at) = forgotten_at {
             self.forget(&m.mesh_id, &m.id, at).await?;

@@ -206,11 +206,13 @@ impl Db {
         const SQL: &str = "INSERT INTO task (id, mesh_id, title, assignee, claimed_by, priority, status, tags, result, created_by, created_at, claimed_at, completed_at, seq, creator_pubkey) \
                            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE(MAX(seq), 0) + 1, $14 \
                            FROM task WHERE mesh_id = $2 \
+                           HAVING (SELECT COUNT(*) FROM task WHERE mesh_id = $2 AND status <> 'done') < $15 \
                            ON CONFLICT (id) DO NOTHING";
         let status = t.progress().status();
         with_db!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
             .bind(&t.claimed_by).bind(&t.priority).bind(status).bind(&t.tags).bind(&t.result)
             .bind(&t.created_by).bind(t.created_at).bind(t.claimed_at).bind(t.completed_at).bind(&t.creator_pubkey)
+            .bind(MAX_ACTIVE_TASKS)
             .execute(p).await.map(drop))?;
         Ok(())
     }
