@@ -181,7 +181,8 @@ async fn fire_due(ctx: &Ctx, trouble: &mut Trouble) -> Result<(bool, bool), Stor
     Ok((full && progress, stuck))
 }
 
-/// Delivers a schedule's text as a `subtype: "reminder"` push from its creator.
+/// Delivers a schedule's text as a push from its creator (`subtype: "reminder"` when it
+/// was scheduled as one).
 async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError> {
     let Some(mesh) = ctx.hub.mesh(&ctx.db, &row.mesh_id).await? else {
         return Ok(Fired::Dropped("the mesh no longer exists"));
@@ -193,6 +194,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         return Ok(Fired::Dropped("its target is not valid"));
     };
     let schedule_id = row.id.clone();
+    let reminder = row.subtype.as_deref() == Some("reminder");
     let message_id = crate::ids::message_id();
     // Reminders are plain text, as in the reference: base64 with an empty nonce, which
     // clients decode through their plaintext fallback.
@@ -205,7 +207,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         nonce: String::new(),
         ciphertext: ciphertext.clone(),
         created_at: iso8601_ms(now),
-        subtype: Some("reminder"),
+        subtype: reminder.then_some("reminder"),
         event: None,
         event_data: None,
         sender_member_pubkey: Some(row.member_pubkey.clone()),
@@ -227,7 +229,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         priority: Priority::Now.rank(),
         nonce: String::new(),
         ciphertext,
-        subtype: Some("reminder".into()),
+        subtype: reminder.then(|| "reminder".to_owned()),
         client_message_id: None,
         created_at: now,
         expires_at: now.saturating_add(ttl),
@@ -305,7 +307,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
                         ciphertext: msg.ciphertext.clone(),
                         client_message_id: None,
                         created_at: now,
-                        subtype: Some("reminder".into()),
+                        subtype: reminder.then(|| "reminder".to_owned()),
                     },
                 );
             }

@@ -2621,6 +2621,7 @@ impl Live {
                     target_spec: s.to,
                     message: s.message,
                     cron: s.cron,
+                    subtype: s.reminder.then(|| "reminder".to_owned()),
                     next_at: Some(next_at),
                     fired_count: 0,
                     created_at: now,

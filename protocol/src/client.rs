@@ -806,6 +806,8 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
                 deliver_at: Option<f64>,
                 #[serde(default)]
                 cron: Option<String>,
+                #[serde(default)]
+                subtype: Option<String>,
             }
             let b: ScheduleBody = serde_json::from_str(text)?;
             ClientFrame::Schedule(Box::new(Schedule {
@@ -815,6 +817,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
                 // range (NaN cannot come out of a JSON parser).
                 deliver_at: b.deliver_at.map_or(0, |t| t as i64),
                 cron: b.cron.filter(|c| !c.trim().is_empty()),
+                reminder: b.subtype.as_deref() == Some("reminder"),
             }))
         }
         "list_scheduled" => ClientFrame::ListScheduled,
@@ -991,8 +994,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
     })
 }
 
-/// `schedule`. The reference's `subtype` and `recurring` fields are accepted and
-/// ignored: every scheduled delivery is a `subtype: "reminder"` push, and a schedule
+/// `schedule`. The reference's `recurring` field is accepted and ignored: a schedule
 /// recurs exactly when it has a cron expression.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -1004,6 +1006,9 @@ pub struct Schedule {
     pub deliver_at: i64,
     /// 5-field cron expression.
     pub cron: Option<String>,
+    /// Whether deliveries are tagged `subtype: "reminder"` (the only subtype a schedule
+    /// may carry; others are dropped).
+    pub reminder: bool,
 }
 
 /// `peer_file_response`.

@@ -1554,7 +1554,7 @@ async fn reminders_cross_brokers() -> anyhow::Result<()> {
     for (to, text) in [(bob_key.as_str(), "direct"), ("*", "everyone")] {
         let ack = p
             .alice
-            .request(json!({"type": "schedule", "to": to, "message": text, "deliverAt": now}))
+            .request(json!({"type": "schedule", "to": to, "message": text, "deliverAt": now, "subtype": "reminder"}))
             .await?;
         assert_eq!(ack["type"], "scheduled_ack", "{ack}");
         let push = bob

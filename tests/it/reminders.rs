@@ -42,6 +42,11 @@ async fn until_fired(
     }
 }
 
+/// The base64 text of a plaintext push (how clients read scheduled messages).
+fn c_text(v: &Value) -> Option<String> {
+    meshd_tests::crypto::unplain(v["ciphertext"].as_str()?)
+}
+
 fn is_reminder(v: &Value) -> bool {
     v["type"] == "push" && v["subtype"] == "reminder"
 }
@@ -72,7 +77,7 @@ both! {
 
         // To a peer, fired after the creator disconnected.
         let at = now_ms() + 1_500;
-        let ack = a.request(json!({"type": "schedule", "to": c.key(), "message": "standup", "deliverAt": at})).await?;
+        let ack = a.request(json!({"type": "schedule", "to": c.key(), "message": "standup", "deliverAt": at, "subtype": "reminder"})).await?;
         assert_eq!(ack["deliverAt"].as_i64(), Some(at));
         let a_key = a.key();
         a.close().await;
@@ -83,7 +88,7 @@ both! {
         // To an offline member: stored, drained with its tag when it connects.
         let mut a = broker.connect(&ann).await?;
         let cy_key = cy.keys.public_hex();
-        a.request(json!({"type": "schedule", "to": cy_key, "message": "review", "deliverAt": now_ms()})).await?;
+        a.request(json!({"type": "schedule", "to": cy_key, "message": "review", "deliverAt": now_ms(), "subtype": "reminder"})).await?;
         // The next request on the same socket is answered after the schedule fired or not;
         // wait for the store to hold it as a queued message instead of sleeping.
         let deadline = tokio::time::Instant::now() + meshd_tests::client::patience();
@@ -103,11 +108,17 @@ both! {
         assert_eq!(y.read_push(&push).as_deref(), Some("review"));
 
         // To everyone: live, tagged.
-        a.request(json!({"type": "schedule", "to": "*", "message": "lunch", "deliverAt": now_ms()})).await?;
+        a.request(json!({"type": "schedule", "to": "*", "message": "lunch", "deliverAt": now_ms(), "subtype": "reminder"})).await?;
         for peer in [&mut c, &mut y] {
             let push = peer.ws.expect("broadcast reminder", |v| is_reminder(v) && v["senderName"] == "ann").await?;
             assert_eq!(peer.read_push(&push).as_deref(), Some("lunch"));
         }
+
+        // Scheduled without `subtype` (the CLI's `remind` command): delivered untagged, as
+        // the reference does.
+        a.request(json!({"type": "schedule", "to": c.key(), "message": "plain", "deliverAt": now_ms()})).await?;
+        let push = c.ws.expect("plain scheduled message", |v| v["type"] == "push" && c_text(v) == Some("plain".into())).await?;
+        assert!(push.get("subtype").is_none(), "{push}");
 
         // Refusals name the problem and echo the request id.
         for (frame, code) in [
@@ -167,7 +178,7 @@ both! {
         let (ann, bo) = (broker.enroll(&mesh, "ann").await?, broker.enroll(&mesh, "bo").await?);
         let mut a = broker.connect(&ann).await?;
         let bo_key = bo.keys.public_hex();
-        let ack = a.request(json!({"type": "schedule", "to": bo_key, "message": "tick", "deliverAt": 0, "cron": "* * * * *", "recurring": true})).await?;
+        let ack = a.request(json!({"type": "schedule", "to": bo_key, "message": "tick", "deliverAt": 0, "cron": "* * * * *", "recurring": true, "subtype": "reminder"})).await?;
         let id = ack["scheduledId"].as_str().unwrap_or_default().to_owned();
         let first = ack["deliverAt"].as_i64().unwrap_or_default();
         assert!(first % 60_000 == 0 && first > now_ms() - 1, "{ack}");

@@ -25,6 +25,8 @@ pub struct ScheduleRow {
     pub message: String,
     /// Cron expression (recurring).
     pub cron: Option<String>,
+    /// `reminder` or none: what the deliveries are tagged with.
+    pub subtype: Option<String>,
     /// Next fire (ms); `None` when done or cancelled.
     pub next_at: Option<i64>,
     /// Deliveries so far.
@@ -41,7 +43,7 @@ pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 /// The columns of [`ScheduleRow`], in a literal (sqlx takes only literal SQL).
 macro_rules! columns {
     () => {
-        "id, mesh_id, member_id, member_pubkey, sender_pubkey, sender_name, target_spec, message, cron, next_at, fired_count, created_at"
+        "id, mesh_id, member_id, member_pubkey, sender_pubkey, sender_name, target_spec, message, cron, subtype, next_at, fired_count, created_at"
     };
 }
 
@@ -49,12 +51,13 @@ impl Db {
     /// Stores a schedule; `false` when the member already has too many pending (checked
     /// in the same statement, so concurrent requests cannot overshoot).
     pub async fn insert_schedule(&self, r: &ScheduleRow) -> Result<bool, StoreError> {
-        const SQL: &str = "INSERT INTO scheduled_message (id, mesh_id, member_id, member_pubkey, sender_pubkey, sender_name, target_spec, message, cron, next_at, fired_count, created_at) \
-                           SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11 \
+        const SQL: &str = "INSERT INTO scheduled_message (id, mesh_id, member_id, member_pubkey, sender_pubkey, sender_name, target_spec, message, cron, next_at, fired_count, created_at, subtype) \
+                           SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $13 \
                            WHERE (SELECT COUNT(*) FROM scheduled_message WHERE mesh_id = $2 AND member_id = $3 AND next_at IS NOT NULL) < $12";
         let n = with_db!(self, p => sqlx::query(SQL).bind(&r.id).bind(&r.mesh_id).bind(&r.member_id)
             .bind(&r.member_pubkey).bind(&r.sender_pubkey).bind(&r.sender_name).bind(&r.target_spec)
             .bind(&r.message).bind(&r.cron).bind(r.next_at).bind(r.created_at).bind(MAX_PENDING_PER_MEMBER)
+            .bind(&r.subtype)
             .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
