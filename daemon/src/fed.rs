@@ -1091,102 +1091,22 @@ impl Fed {
                 );
             }
             link.presence_wake.notify_one();
-            // The skills catalogue converges by newest write too.
-            match ctx.db.skills(&m).await {
-                Ok(skills) => {
-                    for row in skills {
-                        let _ = link
-                            .live
-                            .try_send(Frame::Skill(Box::new(skill_set(row, false))));
-                    }
+            // What converges by merging or newest write goes over the live stream, in
+            // its own task (it waits for room instead of dropping). It runs again a few
+            // seconds later: entries of members the peer had not heard of yet (member
+            // announcements travel on the messages stream) are refused the first time.
+            let (ctx2, link2, hub2) = (ctx.clone(), link.clone(), hub.clone());
+            let stop = self.stop.clone();
+            self.tracker.spawn(async move {
+                catch_up(&ctx2, &link2, &hub2).await;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(CATCH_UP_AGAIN) => {}
                 }
-                Err(e) => warn!(cause = %e, "reading skills for a peer"),
-            }
-            // Memories and contexts of the members hosted here (and every forgetting:
-            // any member may forget), so a peer that missed live frames catches up.
-            let local: HashMap<String, String> = hub
-                .local_members()
-                .into_iter()
-                .map(|(pk, m)| (m.id, pk))
-                .collect();
-            match ctx.db.memories_by(&m, MEMORY_CATCH_UP).await {
-                Ok(rows) => {
-                    for (row, forgotten_at) in rows {
-                        let frame = match local.get(&row.remembered_by) {
-                            Some(pk) => Frame::Memory(Box::new(memory_set(row, pk, forgotten_at))),
-                            None => match forgotten_at {
-                                Some(at) => Frame::Forget {
-                                    mesh_id: row.mesh_id,
-                                    id: row.id,
-                                    at,
-                                },
-                                None => continue,
-                            },
-                        };
-                        let _ = link.live.try_send(frame);
-                    }
+                if link2.flows(&hub2.row.id) {
+                    catch_up(&ctx2, &link2, &hub2).await;
                 }
-                Err(e) => warn!(cause = %e, "reading memories for a peer"),
-            }
-            match ctx.db.contexts(&m).await {
-                Ok(rows) => {
-                    for row in rows {
-                        if let Some(pk) = local.get(&row.member_id) {
-                            let _ = link
-                                .live
-                                .try_send(Frame::Context(Box::new(context_set(row, pk))));
-                        }
-                    }
-                }
-                Err(e) => warn!(cause = %e, "reading contexts for a peer"),
-            }
-            // The files held here (a full list: files removed while the link was down
-            // disappear at the peer too).
-            match ctx.db.local_files(&m, now_ms()).await {
-                Ok(rows) => {
-                    let files = rows
-                        .iter()
-                        .map(|f| crate::files::file_set(f, false))
-                        .collect();
-                    let _ = link.live.try_send(Frame::Files {
-                        mesh_id: m.clone(),
-                        files,
-                        full: true,
-                    });
-                }
-                Err(e) => warn!(cause = %e, "reading files for a peer"),
-            }
-            // The clock converges by newest change.
-            if let Some(c) = ctx.clocks.set_of(&m) {
-                let _ = link.live.try_send(Frame::Clock(Box::new(c)));
-            }
-            // Tasks converge by merging (earliest claim and completion win).
-            match ctx.db.tasks_full(&m, TASK_CATCH_UP).await {
-                Ok(rows) => {
-                    for t in rows {
-                        let _ = link.live.try_send(Frame::Task(Box::new(task_set(t))));
-                    }
-                }
-                Err(e) => warn!(cause = %e, "reading tasks for a peer"),
-            }
-            // The MCP servers our members host (a full list: it replaces what the peer
-            // knew, so withdrawals made while the link was down are not missed).
-            let _ = link.live.try_send(Frame::McpServers {
-                mesh_id: m.clone(),
-                servers: ctx.mcp.local_sets(&m),
-                full: true,
             });
-            // State converges by newest write: send ours.
-            for (key, v) in hub.state_list() {
-                let _ = link.live.try_send(Frame::State(Box::new(StateSet {
-                    mesh_id: m.clone(),
-                    key,
-                    value: v.value.to_string(),
-                    updated_by: v.updated_by,
-                    updated_at: v.updated_at,
-                    member_pubkey: String::new(),
-                })));
-            }
         }
         link.outbox_wake.notify_one();
     }
@@ -2485,6 +2405,132 @@ pub(crate) fn context_set(
 fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &str) -> bool {
     hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(peer, pubkey)
 }
+
+/// Sends a peer what converges without the outbox: the clock, MCP servers and files
+/// (full lists), shared state, skills, contexts, memories, tasks. Waits for room on
+/// the live stream; stops when the link ends.
+async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
+    let m = hub.row.id.clone();
+    let send = |frame: Frame| async { link.live.send(frame).await.is_ok() };
+    if let Some(c) = ctx.clocks.set_of(&m)
+        && !send(Frame::Clock(Box::new(c))).await
+    {
+        return;
+    }
+    // Full lists replace what the peer knew from us, so withdrawals made while the
+    // link was down are not missed.
+    if !send(Frame::McpServers {
+        mesh_id: m.clone(),
+        servers: ctx.mcp.local_sets(&m),
+        full: true,
+    })
+    .await
+    {
+        return;
+    }
+    match ctx.db.local_files(&m, now_ms()).await {
+        Ok(rows) => {
+            // In frames of a few hundred; the first is the full list's start.
+            let mut chunks = rows.chunks(FILES_PER_FRAME);
+            let first = chunks.next().unwrap_or_default();
+            let frame = |rows: &[crate::store::files::FileRow], full| Frame::Files {
+                mesh_id: m.clone(),
+                files: rows
+                    .iter()
+                    .map(|f| crate::files::file_set(f, false))
+                    .collect(),
+                full,
+            };
+            if !send(frame(first, true)).await {
+                return;
+            }
+            for c in chunks {
+                if !send(frame(c, false)).await {
+                    return;
+                }
+            }
+        }
+        Err(e) => warn!(cause = %e, "reading files for a peer"),
+    }
+    for (key, v) in hub.state_list() {
+        let frame = Frame::State(Box::new(StateSet {
+            mesh_id: m.clone(),
+            key,
+            value: v.value.to_string(),
+            updated_by: v.updated_by,
+            updated_at: v.updated_at,
+            member_pubkey: String::new(),
+        }));
+        if !send(frame).await {
+            return;
+        }
+    }
+    match ctx.db.skills(&m).await {
+        Ok(skills) => {
+            for row in skills {
+                if !send(Frame::Skill(Box::new(skill_set(row, false)))).await {
+                    return;
+                }
+            }
+        }
+        Err(e) => warn!(cause = %e, "reading skills for a peer"),
+    }
+    // Memories and contexts of the members hosted here (and every forgetting: any
+    // member may forget).
+    let local: HashMap<String, String> = hub
+        .local_members()
+        .into_iter()
+        .map(|(pk, m)| (m.id, pk))
+        .collect();
+    match ctx.db.contexts(&m).await {
+        Ok(rows) => {
+            for row in rows {
+                if let Some(pk) = local.get(&row.member_id)
+                    && !send(Frame::Context(Box::new(context_set(row, pk)))).await
+                {
+                    return;
+                }
+            }
+        }
+        Err(e) => warn!(cause = %e, "reading contexts for a peer"),
+    }
+    match ctx.db.memories_by(&m, MEMORY_CATCH_UP).await {
+        Ok(rows) => {
+            for (row, forgotten_at) in rows {
+                let frame = match local.get(&row.remembered_by) {
+                    Some(pk) => Frame::Memory(Box::new(memory_set(row, pk, forgotten_at))),
+                    None => match forgotten_at {
+                        Some(at) => Frame::Forget {
+                            mesh_id: row.mesh_id,
+                            id: row.id,
+                            at,
+                        },
+                        None => continue,
+                    },
+                };
+                if !send(frame).await {
+                    return;
+                }
+            }
+        }
+        Err(e) => warn!(cause = %e, "reading memories for a peer"),
+    }
+    match ctx.db.tasks_full(&m, TASK_CATCH_UP).await {
+        Ok(rows) => {
+            for t in rows {
+                if !send(Frame::Task(Box::new(task_set(t)))).await {
+                    return;
+                }
+            }
+        }
+        Err(e) => warn!(cause = %e, "reading tasks for a peer"),
+    }
+}
+
+/// When the live catch-up is sent a second time after a link comes up.
+const CATCH_UP_AGAIN: Duration = Duration::from_secs(5);
+/// Files per catch-up frame (a frame stays far below the frame size cap).
+const FILES_PER_FRAME: usize = 500;
 
 /// Tasks a peer broker is sent when its link comes up (newest first).
 const TASK_CATCH_UP: i64 = 10_000;

@@ -42,6 +42,10 @@ pub struct FileRow {
     pub uploader_pubkey: Option<String>,
 }
 
+/// Files held here sent to a peer broker at link-up (its list is replaced by ours, so
+/// this is large: beyond it, older files would disappear from the peer's list).
+const MAX_HELD_LISTED: i64 = 100_000;
+
 /// Rows `list_files` considers before filtering (newest first).
 const LIST_SCAN: i64 = 2_000;
 
@@ -132,7 +136,7 @@ impl Db {
              ORDER BY uploaded_at DESC, id DESC LIMIT $3"
         );
         Ok(
-            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(now).bind(LIST_SCAN).fetch_all(p).await)?,
+            with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(now).bind(MAX_HELD_LISTED).fetch_all(p).await)?,
         )
     }
 
