@@ -797,19 +797,18 @@ impl Fed {
         self.to_every_link(&mesh_id, Frame::Task(Box::new(t)));
     }
 
-    /// MCP servers hosted here changed (`full`: all of them).
+    /// MCP servers hosted here changed.
     pub(crate) fn mcp_servers(
         &self,
         mesh_id: &str,
         servers: Vec<meshd_protocol::fed::McpServerSet>,
-        full: bool,
     ) {
         self.to_every_link(
             mesh_id,
             Frame::McpServers {
                 mesh_id: mesh_id.to_owned(),
                 servers,
-                full,
+                all: None,
             },
         );
     }
@@ -2105,10 +2104,9 @@ impl Fed {
                 Frame::McpServers {
                     mesh_id,
                     servers,
-                    full,
+                    all,
                 } => {
-                    if let Err(reason) =
-                        apply_mcp_servers(&ctx, &link, mesh_id, servers, full).await
+                    if let Err(reason) = apply_mcp_servers(&ctx, &link, mesh_id, servers, all).await
                     {
                         link.counters.refused.fetch_add(1, Ordering::Relaxed);
                         ctx.metrics.fed_refused.inc(reason.as_str());
@@ -2419,14 +2417,24 @@ async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
     }
     // Full lists replace what the peer knew from us, so withdrawals made while the
     // link was down are not missed.
-    if !send(Frame::McpServers {
-        mesh_id: m.clone(),
-        servers: ctx.mcp.local_sets(&m),
-        full: true,
-    })
-    .await
-    {
-        return;
+    // In frames of at most half the largest frame (a registration's tools may be
+    // 256 KiB each); the first is the full list's start.
+    let budget = ctx
+        .config
+        .federation
+        .as_ref()
+        .map_or(usize::MAX, |f| f.max_frame_bytes / 2);
+    let sets = ctx.mcp.local_sets(&m);
+    let mut all = Some(sets.iter().map(|s| s.name.clone()).collect());
+    for servers in mcp_chunks(sets, budget) {
+        let frame = Frame::McpServers {
+            mesh_id: m.clone(),
+            servers,
+            all: all.take(),
+        };
+        if !send(frame).await {
+            return;
+        }
     }
     match ctx.db.local_files(&m, now_ms()).await {
         Ok(rows) => {
@@ -2532,6 +2540,29 @@ const CATCH_UP_AGAIN: Duration = Duration::from_secs(5);
 /// Files per catch-up frame (a frame stays far below the frame size cap).
 const FILES_PER_FRAME: usize = 500;
 
+/// Splits `servers` into lists whose text stays within `budget` bytes (a server larger
+/// than it goes alone). Always at least one list, so a full list is sent even when empty.
+fn mcp_chunks(
+    servers: Vec<meshd_protocol::fed::McpServerSet>,
+    budget: usize,
+) -> Vec<Vec<meshd_protocol::fed::McpServerSet>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut used = 0usize;
+    for s in servers {
+        let size =
+            s.name.len() + s.hosted_by.len() + s.description.len() + s.tools_json.len() + 256;
+        if !current.is_empty() && used.saturating_add(size) > budget {
+            out.push(std::mem::take(&mut current));
+            used = 0;
+        }
+        used = used.saturating_add(size);
+        current.push(s);
+    }
+    out.push(current);
+    out
+}
+
 /// Tasks a peer broker is sent when its link comes up (newest first).
 const TASK_CATCH_UP: i64 = 10_000;
 
@@ -2612,34 +2643,58 @@ async fn apply_task(
         result: t.result,
         completed_at: t.completed_at,
     };
-    match ctx
-        .db
-        .task_full(&incoming.mesh_id, &incoming.id)
-        .await
-        .map_err(store)?
-    {
-        None => {
-            let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &incoming.mesh_id).await else {
-                return Err(RejectReason::NotShared);
-            };
-            let creator = incoming.creator_pubkey.as_deref().unwrap_or_default();
-            if !hub.hosted_by(&link.peer, creator) {
-                return Err(RejectReason::ForgedSender);
-            }
-            ctx.db.insert_remote_task(&incoming).await.map_err(store)
-        }
-        Some(local) => {
-            let merged: TaskProgress = local.progress().merge(&incoming.progress());
-            if merged != local.progress() {
-                ctx.db
-                    .set_task_progress(&local.mesh_id, &local.id, &merged)
+    // Read, merge, compare-and-set; a local claim or completion in between makes the
+    // write miss, and the merge is done again over what it wrote.
+    for _ in 0..TASK_MERGE_ATTEMPTS {
+        match ctx
+            .db
+            .task_full(&incoming.mesh_id, &incoming.id)
+            .await
+            .map_err(store)?
+        {
+            None => {
+                let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &incoming.mesh_id).await else {
+                    return Err(RejectReason::NotShared);
+                };
+                let creator = incoming.creator_pubkey.as_deref().unwrap_or_default();
+                if !hub.hosted_by(&link.peer, creator) {
+                    return Err(RejectReason::ForgedSender);
+                }
+                ctx.db.insert_remote_task(&incoming).await.map_err(store)?;
+                // Not stored (the mesh's open tasks are at their cap) or stored as
+                // sent: done. Changed here meanwhile: merged next round.
+                match ctx
+                    .db
+                    .task_full(&incoming.mesh_id, &incoming.id)
                     .await
-                    .map_err(store)?;
+                    .map_err(store)?
+                {
+                    Some(t) if t.progress() != incoming.progress() => {}
+                    _ => return Ok(()),
+                }
             }
-            Ok(())
+            Some(local) => {
+                let was = local.progress();
+                let merged: TaskProgress = was.merge(&incoming.progress());
+                if merged == was
+                    || ctx
+                        .db
+                        .set_task_progress(&local.mesh_id, &local.id, &was, &merged)
+                        .await
+                        .map_err(store)?
+                {
+                    return Ok(());
+                }
+            }
         }
     }
+    warn!(task = %incoming.id, "a peer's task kept changing here while merging; left for the next catch-up");
+    Ok(())
 }
+
+/// Rounds of read-merge-write for one task from a peer before it is left to the next
+/// catch-up (each lost round means a local change won the race).
+const TASK_MERGE_ATTEMPTS: usize = 8;
 
 /// Applies a peer broker's MCP servers: only those of members it hosts, within limits;
 /// local peers hear `mcp_registered` / `mcp_unregistered` / `mcp_restored`.
@@ -2648,7 +2703,7 @@ async fn apply_mcp_servers(
     link: &LinkShared,
     mesh_id: String,
     servers: Vec<meshd_protocol::fed::McpServerSet>,
-    full: bool,
+    all: Option<Vec<String>>,
 ) -> Result<(), RejectReason> {
     use meshd_protocol::client::{MAX_NAME_LEN, MAX_SUMMARY_LEN};
     if !link.accepts(&mesh_id) {
@@ -2657,7 +2712,11 @@ async fn apply_mcp_servers(
     let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh_id).await else {
         return Err(RejectReason::NotShared);
     };
-    if servers.len() > crate::mcp::MAX_SERVERS_PER_MESH {
+    if servers.len() > crate::mcp::MAX_SERVERS_PER_MESH
+        || all
+            .as_ref()
+            .is_some_and(|a| a.len() > crate::mcp::MAX_SERVERS_PER_MESH)
+    {
         return Err(RejectReason::Invalid);
     }
     let mut forged = false;
@@ -2674,7 +2733,7 @@ async fn apply_mcp_servers(
         })
         .collect();
     let now = now_ms();
-    for (event, name, hosted_by) in ctx.mcp.apply_remote(&link.peer, &mesh_id, servers, full) {
+    for (event, name, hosted_by) in ctx.mcp.apply_remote(&link.peer, &mesh_id, servers, all) {
         let mut data = serde_json::Map::new();
         data.insert("serverName".into(), name.clone().into());
         if event == "mcp_registered" {

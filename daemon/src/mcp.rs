@@ -730,14 +730,13 @@ impl Mcp {
         broker: &Arc<str>,
         mesh_id: &str,
         sets: Vec<meshd_protocol::fed::McpServerSet>,
-        full: bool,
+        all: Option<Vec<String>>,
     ) -> Vec<(&'static str, String, String)> {
         let mut events = Vec::new();
         let mut servers = lock(&self.servers);
         let mesh = servers.entry(mesh_id.to_owned()).or_default();
-        if full {
-            let listed: std::collections::HashSet<&str> =
-                sets.iter().map(|s| s.name.as_str()).collect();
+        if let Some(all) = &all {
+            let listed: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
             mesh.retain(|name, s| {
                 let stale = matches!(&s.remote, Some((b, _)) if b == broker)
                     && !listed.contains(name.as_str());
@@ -910,7 +909,7 @@ pub(crate) fn broker_gone(ctx: &Ctx, hub: &crate::hub::MeshHub, broker: &str) {
 /// Tells the mesh's other brokers about servers hosted here that changed.
 pub(crate) fn publish(ctx: &Ctx, mesh_id: &str, sets: Vec<meshd_protocol::fed::McpServerSet>) {
     if let (Some(fed), false) = (&ctx.fed, sets.is_empty()) {
-        fed.mcp_servers(mesh_id, sets, false);
+        fed.mcp_servers(mesh_id, sets);
     }
 }
 

@@ -753,15 +753,16 @@ pub enum Frame {
     RelayAsk(Box<RelayAsk>),
     /// Live: the asked peer's answer to a [`RelayAsk`].
     RelayAnswer(Box<RelayAnswer>),
-    /// Live: MCP servers hosted by the sender's members (`full`: all of them, replacing
-    /// what the receiver knew from the sender for this mesh).
+    /// Live: MCP servers hosted by the sender's members.
     McpServers {
         /// Mesh id.
         mesh_id: String,
         /// Servers.
         servers: Vec<McpServerSet>,
-        /// A complete list.
-        full: bool,
+        /// When set, the name of every server the sender hosts for this mesh: the
+        /// receiver drops the sender's servers not named. The servers themselves may
+        /// come in this frame and the ones after it (a full list can exceed a frame).
+        all: Option<Vec<String>>,
     },
     /// Live: a call for a server the receiver hosts.
     McpCall(Box<McpCallAsk>),

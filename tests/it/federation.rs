@@ -1262,6 +1262,83 @@ async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Names of the MCP servers `client` lists, sorted.
+async fn mcp_names(client: &mut Client) -> anyhow::Result<Vec<String>> {
+    let list = client.request(json!({"type": "mcp_list"})).await?;
+    let mut names: Vec<String> = list["servers"]
+        .as_array()
+        .context("servers")?
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Polls `client`'s `mcp_list` until it names exactly `want`.
+async fn until_mcp_names(client: &mut Client, want: &[String]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let names = mcp_names(client).await?;
+        if names == want {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("MCP servers listed: {names:?}, wanted {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The full MCP list a broker sends when a link comes up may exceed a frame: it is sent
+/// in parts (A's frames are limited to 256 KiB here, its 8 servers hold ~400 KiB), and
+/// a server withdrawn while the link was down is gone from B after the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_mcp_lists_cross_a_reconnect() -> anyhow::Result<()> {
+    let mut p = linked_pair(
+        |c| {
+            c.limits.max_message_bytes = 64 * 1024;
+            if let Some(f) = c.federation.as_mut() {
+                f.max_frame_bytes = 256 * 1024;
+            }
+        },
+        Backend::Sqlite,
+    )
+    .await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let mut names: Vec<String> = (0..8).map(|i| format!("srv{i}")).collect();
+    for name in &names {
+        let tools: Vec<Value> = (0..4)
+            .map(|t| json!({"name": format!("t{t}"), "description": "x".repeat(12 * 1024)}))
+            .collect();
+        let ack = p
+            .alice
+            .request(json!({"type": "mcp_register", "serverName": name, "tools": tools}))
+            .await?;
+        assert_eq!(ack["type"], "mcp_register_ack", "{ack}");
+    }
+    until_mcp_names(&mut bob, &names).await?;
+
+    p.to_a.cut();
+    p.to_b.cut();
+    fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+    p.alice
+        .send(json!({"type": "mcp_unregister", "serverName": "srv0"}))
+        .await?;
+    names.remove(0);
+    assert_eq!(mcp_names(&mut p.alice).await?, names);
+    p.to_a.heal();
+    p.to_b.heal();
+    fed::wait_link(p.a.addr, B, "up again", |l| {
+        l["state"] == "up" && l["connects"].as_u64() >= Some(2)
+    })
+    .await?;
+    until_mcp_names(&mut bob, &names).await?;
+    let _ = &p.mesh;
+    Ok(())
+}
+
 /// Files held by one broker are the mesh's on every broker: uploaded on A, listed on B;
 /// `get_file` on B returns a URL at A (A checks the reader's access) that serves the
 /// bytes; only A manages the file; deleting it there removes it from B's list.
@@ -1386,8 +1463,8 @@ async fn until_task(
     }
 }
 
-/// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A;
-/// two claims made on both sides of a cut converge, after the heal, on the earlier one.
+/// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A,
+/// completed again on B (the new result wins everywhere); two claims made on both sides of a cut converge, after the heal, on the earlier one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_cross_brokers() -> anyhow::Result<()> {
     let mut p = cut_pair().await?;
@@ -1418,6 +1495,20 @@ async fn tasks_cross_brokers() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(done["result"], "done");
+    // Completing again replaces the result on every broker (the later completion wins).
+    bob.request(json!({"type": "complete_task", "taskId": id, "result": "redone"}))
+        .await?;
+    until_task(
+        &mut p.alice,
+        &id,
+        "the second completion never won at A",
+        |t| t["result"] == "redone",
+    )
+    .await?;
+    until_task(&mut bob, &id, "B lost its second completion", |t| {
+        t["result"] == "redone"
+    })
+    .await?;
 
     let t2 = p
         .alice

@@ -1,5 +1,7 @@
 //! Tasks (`create_task`, `claim_task`, `complete_task`, `list_tasks`).
 
+use anyhow::Context as _;
+use meshd::store::tasks::TaskProgress;
 use meshd_tests::{Backend, TestBroker};
 use serde_json::json;
 
@@ -44,6 +46,24 @@ both! {
         assert_eq!((t["status"].as_str(), t["claimedBy"].as_str(), t["result"].as_str()), (Some("done"), Some("bo"), Some("green")));
         let missing = c.request(json!({"type": "complete_task", "taskId": "nope"})).await?;
         assert_eq!(missing["code"], "task_not_found");
+
+        // Completing again replaces the result, completed strictly later (it must win
+        // the merge on other brokers).
+        let first = broker.db.task_full(&mesh.mesh_id, &id1).await?.context("task")?;
+        c.request(json!({"type": "complete_task", "taskId": id1, "result": "greener"})).await?;
+        let second = broker.db.task_full(&mesh.mesh_id, &id1).await?.context("task")?;
+        assert_eq!(second.result.as_deref(), Some("greener"));
+        assert!(second.completed_at > first.completed_at, "{second:?} after {first:?}");
+        // A peer's merge is compare-and-set: against a stale view it writes nothing.
+        let merged = TaskProgress { claim: Some((1, "zed".into())), completion: None };
+        let stale = first.progress();
+        assert!(!broker.db.set_task_progress(&mesh.mesh_id, &id1, &stale, &merged).await?);
+        assert_eq!(broker.db.task_full(&mesh.mesh_id, &id1).await?.map(|t| t.progress()), Some(second.progress()));
+        assert!(broker.db.set_task_progress(&mesh.mesh_id, &id1, &second.progress(), &merged).await?);
+        let now = broker.db.task_full(&mesh.mesh_id, &id1).await?.context("task")?;
+        assert_eq!((now.progress(), now.claimed_by.as_deref()), (merged.clone(), Some("zed")));
+        // Back to done with the earlier state, through the same compare-and-set.
+        assert!(broker.db.set_task_progress(&mesh.mesh_id, &id1, &merged, &second.progress()).await?);
 
         let open = a.request(json!({"type": "list_tasks", "status": "open"})).await?;
         assert_eq!(open["tasks"].as_array().map(Vec::len), Some(1));

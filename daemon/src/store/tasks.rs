@@ -67,7 +67,10 @@ impl Db {
         Ok(n > 0)
     }
 
-    /// Marks a task done (from any state, as the reference). Returns whether it exists.
+    /// Marks a task done (from any state, as the reference). Completing it again
+    /// replaces the result, with a completion time after the previous one so the new
+    /// result also wins on the mesh's other brokers (the later completion wins there).
+    /// Returns whether it exists.
     pub async fn complete_task(
         &self,
         mesh_id: &str,
@@ -75,7 +78,8 @@ impl Db {
         result: Option<&str>,
         now: i64,
     ) -> Result<bool, StoreError> {
-        const SQL: &str = "UPDATE task SET status = 'done', result = $1, completed_at = $2 \
+        const SQL: &str = "UPDATE task SET status = 'done', result = $1, \
+                           completed_at = CASE WHEN completed_at IS NULL OR completed_at < $2 THEN $2 ELSE completed_at + 1 END \
                            WHERE mesh_id = $3 AND id = $4";
         let n = with_db!(self, p => sqlx::query(SQL).bind(result).bind(now).bind(mesh_id).bind(id)
             .execute(p).await.map(|r| r.rows_affected()))?;
@@ -149,20 +153,21 @@ pub struct TaskProgress {
 }
 
 impl TaskProgress {
-    /// Merges two brokers' views: the earlier claim (then the smaller name) and the
-    /// earlier completion win, so every broker ends with the same task whatever the order
-    /// the updates arrive in.
+    /// Merges two brokers' views: the earlier claim (then the smaller name) wins — the
+    /// first claimer keeps the task — and the later completion (then the larger result)
+    /// wins, as `complete_task` may be sent again to replace a result. Either way every
+    /// broker ends with the same task whatever the order the updates arrive in.
     #[must_use]
     pub fn merge(&self, other: &Self) -> Self {
-        fn earliest<T: Clone + Ord>(a: &Option<T>, b: &Option<T>) -> Option<T> {
+        fn pick<T: Clone + Ord>(a: &Option<T>, b: &Option<T>, f: fn(T, T) -> T) -> Option<T> {
             match (a, b) {
-                (Some(x), Some(y)) => Some(x.min(y).clone()),
+                (Some(x), Some(y)) => Some(f(x.clone(), y.clone())),
                 (x, y) => x.clone().or_else(|| y.clone()),
             }
         }
         Self {
-            claim: earliest(&self.claim, &other.claim),
-            completion: earliest(&self.completion, &other.completion),
+            claim: pick(&self.claim, &other.claim, std::cmp::min),
+            completion: pick(&self.completion, &other.completion, std::cmp::max),
         }
     }
 
@@ -217,21 +222,29 @@ impl Db {
         Ok(())
     }
 
-    /// Sets a task's merged progress.
+    /// Sets a task's merged progress if its progress is still `was` (compare-and-set:
+    /// a local claim or completion in between is not overwritten; the caller merges
+    /// again). Returns whether it was set.
     pub async fn set_task_progress(
         &self,
         mesh_id: &str,
         id: &str,
+        was: &TaskProgress,
         p: &TaskProgress,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE task SET status = $1, claimed_by = $2, claimed_at = $3, result = $4, completed_at = $5 \
-                           WHERE mesh_id = $6 AND id = $7";
+                           WHERE mesh_id = $6 AND id = $7 \
+                           AND claimed_by IS NOT DISTINCT FROM $8 AND claimed_at IS NOT DISTINCT FROM $9 \
+                           AND result IS NOT DISTINCT FROM $10 AND completed_at IS NOT DISTINCT FROM $11";
         let (claimed_at, claimed_by) = p.claim.clone().unzip();
         let (completed_at, result) = p.completion.clone().unzip();
-        with_db!(self, pool => sqlx::query(SQL).bind(p.status()).bind(claimed_by).bind(claimed_at)
+        let (was_claimed_at, was_claimed_by) = was.claim.clone().unzip();
+        let (was_completed_at, was_result) = was.completion.clone().unzip();
+        let n = with_db!(self, pool => sqlx::query(SQL).bind(p.status()).bind(claimed_by).bind(claimed_at)
             .bind(result.flatten()).bind(completed_at).bind(mesh_id).bind(id)
-            .execute(pool).await.map(drop))?;
-        Ok(())
+            .bind(was_claimed_by).bind(was_claimed_at).bind(was_result.flatten()).bind(was_completed_at)
+            .execute(pool).await.map(|r| r.rows_affected()))?;
+        Ok(n > 0)
     }
 }
 
@@ -260,6 +273,25 @@ mod tests {
             abc.claim,
             Some((10, "ann".into())),
             "earliest claim, then the smaller name"
+        );
+        assert_eq!(
+            abc.completion,
+            Some((20, Some("ok".into()))),
+            "the only completion"
+        );
+        let redone = TaskProgress {
+            claim: None,
+            completion: Some((30, Some("again".into()))),
+        };
+        assert_eq!(
+            c.merge(&redone).completion,
+            redone.merge(&c).completion,
+            "commutative"
+        );
+        assert_eq!(
+            c.merge(&redone).completion,
+            Some((30, Some("again".into()))),
+            "the later completion replaces the result"
         );
         assert_eq!(abc.status(), "done");
         assert_eq!(TaskProgress::default().merge(&a).status(), "claimed");
