@@ -309,6 +309,92 @@ struct LinkShared {
     messages_in: std::sync::atomic::AtomicBool,
     /// When the link came up.
     started: std::time::Instant,
+    /// Live frames of members the peer has not announced yet (see [`Held`]).
+    held: Mutex<Held>,
+}
+
+/// Live frames that overtook the announcement of a member they are attributed to
+/// (announcements travel on the messages stream). Held until the member is known,
+/// at most [`HELD_FRAMES`] per link for [`HELD_FOR`]; when full, the oldest is dropped
+/// and counted as refused, like one held too long.
+#[derive(Debug, Default)]
+struct Held {
+    frames: VecDeque<(Frame, std::time::Instant)>,
+}
+
+/// Live frames held per link for members not yet announced.
+const HELD_FRAMES: usize = 256;
+/// How long a frame is held for its member's announcement.
+const HELD_FOR: Duration = Duration::from_secs(30);
+
+impl Held {
+    /// Holds `frame`; returns how many older frames were dropped to make room.
+    fn hold(&mut self, frame: Frame, now: std::time::Instant) -> usize {
+        let mut dropped = self.expire(now);
+        while self.frames.len() >= HELD_FRAMES {
+            self.frames.pop_front();
+            dropped += 1;
+        }
+        self.frames.push_back((frame, now + HELD_FOR));
+        dropped
+    }
+
+    fn expire(&mut self, now: std::time::Instant) -> usize {
+        let before = self.frames.len();
+        self.frames.retain(|(_, until)| *until > now);
+        before - self.frames.len()
+    }
+
+    /// Takes the frames whose members are all `known` now, in order, and counts the
+    /// expired ones it drops.
+    fn take_ready(
+        &mut self,
+        now: std::time::Instant,
+        known: impl Fn(&str, &str) -> bool,
+    ) -> (Vec<Frame>, usize) {
+        let expired = self.expire(now);
+        let mut ready = Vec::new();
+        let mut waiting = VecDeque::with_capacity(self.frames.len());
+        for (frame, until) in self.frames.drain(..) {
+            let all_known = frame
+                .attribution()
+                .is_none_or(|(mesh, keys)| keys.iter().all(|k| known(mesh, k)));
+            if all_known {
+                ready.push(frame);
+            } else {
+                waiting.push_back((frame, until));
+            }
+        }
+        self.frames = waiting;
+        (ready, expired)
+    }
+}
+
+/// Holds a live frame attributed to a member the peer has not announced here yet
+/// (`None`: held); other frames are returned to be applied now.
+async fn hold_unannounced(ctx: &Ctx, link: &LinkShared, frame: Frame) -> Option<Frame> {
+    let Some((mesh, keys)) = frame.attribution() else {
+        return Some(frame);
+    };
+    if !link.accepts(mesh) {
+        return Some(frame);
+    }
+    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, mesh).await else {
+        return Some(frame);
+    };
+    if keys.iter().all(|k| hub.member(k).is_some()) {
+        return Some(frame);
+    }
+    let dropped = lock(&link.held).hold(frame, std::time::Instant::now());
+    if dropped > 0 {
+        link.counters
+            .refused
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        ctx.metrics
+            .fed_refused
+            .inc_by(RejectReason::ForgedSender.as_str(), dropped as u64);
+    }
+    None
 }
 
 impl LinkShared {
@@ -1152,6 +1238,7 @@ impl Fed {
             counters: counters.clone(),
             messages_in: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
+            held: Mutex::default(),
         });
         let Link { conn, control, .. } = link;
         lock(&self.links).insert(peer.to_string(), shared.clone());
@@ -1661,7 +1748,11 @@ impl Fed {
                         mesh_id,
                         members,
                         full: _,
-                    } => self.apply_members(&ctx, &link, &mesh_id, &members).await,
+                    } => {
+                        self.apply_members(&ctx, &link, &mesh_id, &members).await;
+                        // Live frames that overtook these announcements apply now.
+                        self.release_held(&ctx, &link).await?;
+                    }
                     Frame::Dm(dm) => {
                         let seq = dm.seq;
                         // A cursor reset by a failed insert (on this or another link of
@@ -1940,297 +2031,339 @@ impl Fed {
         let Some(ctx) = self.ctx() else { return Ok(()) };
         while let Some(frame) = rx.recv().await? {
             link.counters.received.fetch_add(1, Ordering::Relaxed);
-            match frame {
-                Frame::Multicast(m) => {
-                    if let Err(reason) = self.deliver_multicast(&ctx, &link, *m).await {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
+            // Frames held for members announced since go first, in their order.
+            self.release_held(&ctx, &link).await?;
+            if let Some(frame) = hold_unannounced(&ctx, &link, frame).await {
+                self.live_frame(&ctx, &link, frame).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies frames held for members not yet announced whose announcement has
+    /// arrived; drops (and counts) those held too long.
+    async fn release_held(
+        self: &Arc<Self>,
+        ctx: &Arc<Ctx>,
+        link: &Arc<LinkShared>,
+    ) -> Result<(), LinkError> {
+        let ready = {
+            let mut held = lock(&link.held);
+            if held.frames.is_empty() {
+                return Ok(());
+            }
+            held.take_ready(
+                std::time::Instant::now(),
+                |mesh, key| matches!(ctx.hub.loaded(mesh), Some(hub) if hub.member(key).is_some()),
+            )
+        };
+        let (ready, expired) = ready;
+        if expired > 0 {
+            link.counters
+                .refused
+                .fetch_add(expired as u64, Ordering::Relaxed);
+            ctx.metrics
+                .fed_refused
+                .inc_by(RejectReason::ForgedSender.as_str(), expired as u64);
+        }
+        for frame in ready {
+            self.live_frame(ctx, link, frame).await?;
+        }
+        Ok(())
+    }
+
+    /// One frame of the live stream.
+    async fn live_frame(
+        self: &Arc<Self>,
+        ctx: &Arc<Ctx>,
+        link: &Arc<LinkShared>,
+        frame: Frame,
+    ) -> Result<(), LinkError> {
+        match frame {
+            Frame::Multicast(m) => {
+                if let Err(reason) = self.deliver_multicast(ctx, link, *m).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
                 }
-                Frame::State(s) => {
-                    if !link.accepts(&s.mesh_id) {
-                        ctx.metrics
-                            .fed_refused
-                            .inc(RejectReason::NotShared.as_str());
-                        continue;
-                    }
-                    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &s.mesh_id).await else {
-                        continue;
-                    };
-                    // Writes by a peer's member must come from that member's broker; a
-                    // snapshot's entries (no member) are accepted as newest-wins data.
-                    if !s.member_pubkey.is_empty()
-                        && !hub.may_speak_for(&link.peer, &s.member_pubkey)
-                    {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics
-                            .fed_refused
-                            .inc(RejectReason::ForgedSender.as_str());
-                        continue;
-                    }
-                    if s.key.len() > 1024
-                        || s.value.len() > ctx.config.limits.max_state_value_bytes
-                        || serde_json::from_str::<&serde_json::value::RawValue>(&s.value).is_err()
-                    {
-                        ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
-                        continue;
-                    }
-                    let value: Arc<str> = Arc::from(s.value.as_str());
-                    let applied = hub.state_apply_remote(
-                        &s.key,
-                        StateValue {
-                            value: value.clone(),
-                            updated_by: s.updated_by.clone(),
-                            updated_at: s.updated_at,
-                        },
-                    );
-                    if applied {
-                        let _ = ctx
-                            .writer
-                            .send(WriteOp::SetState {
-                                mesh_id: s.mesh_id,
-                                key: s.key,
-                                value,
-                                updated_by: s.updated_by,
-                                at: s.updated_at,
-                            })
-                            .await;
-                    }
+            }
+            Frame::State(s) => {
+                if !link.accepts(&s.mesh_id) {
+                    ctx.metrics
+                        .fed_refused
+                        .inc(RejectReason::NotShared.as_str());
+                    return Ok(());
                 }
-                Frame::StreamData(p) => {
-                    let refused = if !link.accepts(&p.mesh_id) {
-                        Some(RejectReason::NotShared)
-                    } else if p.stream.is_empty()
-                        || p.stream.len() > meshd_protocol::client::MAX_NAME_LEN
-                        || p.published_by.len() > meshd_protocol::client::MAX_NAME_LEN
-                        || p.data.len() > ctx.config.limits.max_message_bytes
-                        || serde_json::from_str::<&serde_json::value::RawValue>(&p.data).is_err()
-                    {
-                        Some(RejectReason::Invalid)
-                    } else {
-                        match ctx.hub.mesh(&ctx.db, &p.mesh_id).await {
-                            Ok(Some(hub)) if hub.may_speak_for(&link.peer, &p.member_pubkey) => {
-                                let frame =
-                                    BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
-                                        stream: p.stream.clone(),
-                                        data: crate::hub::raw(&p.data),
-                                        published_by: p.published_by,
-                                    });
-                                hub.publish(&p.stream, 0, &Utf8Bytes::from(frame.to_json()));
-                                None
-                            }
-                            Ok(Some(_)) => Some(RejectReason::ForgedSender),
-                            _ => Some(RejectReason::NotShared),
+                let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &s.mesh_id).await else {
+                    return Ok(());
+                };
+                // Writes by a peer's member must come from that member's broker; a
+                // snapshot's entries (no member) are accepted as newest-wins data.
+                if !s.member_pubkey.is_empty() && !hub.may_speak_for(&link.peer, &s.member_pubkey) {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .fed_refused
+                        .inc(RejectReason::ForgedSender.as_str());
+                    return Ok(());
+                }
+                if s.key.len() > 1024
+                    || s.value.len() > ctx.config.limits.max_state_value_bytes
+                    || serde_json::from_str::<&serde_json::value::RawValue>(&s.value).is_err()
+                {
+                    ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+                    return Ok(());
+                }
+                let value: Arc<str> = Arc::from(s.value.as_str());
+                let applied = hub.state_apply_remote(
+                    &s.key,
+                    StateValue {
+                        value: value.clone(),
+                        updated_by: s.updated_by.clone(),
+                        updated_at: s.updated_at,
+                    },
+                );
+                if applied {
+                    let _ = ctx
+                        .writer
+                        .send(WriteOp::SetState {
+                            mesh_id: s.mesh_id,
+                            key: s.key,
+                            value,
+                            updated_by: s.updated_by,
+                            at: s.updated_at,
+                        })
+                        .await;
+                }
+            }
+            Frame::StreamData(p) => {
+                let refused = if !link.accepts(&p.mesh_id) {
+                    Some(RejectReason::NotShared)
+                } else if p.stream.is_empty()
+                    || p.stream.len() > meshd_protocol::client::MAX_NAME_LEN
+                    || p.published_by.len() > meshd_protocol::client::MAX_NAME_LEN
+                    || p.data.len() > ctx.config.limits.max_message_bytes
+                    || serde_json::from_str::<&serde_json::value::RawValue>(&p.data).is_err()
+                {
+                    Some(RejectReason::Invalid)
+                } else {
+                    match ctx.hub.mesh(&ctx.db, &p.mesh_id).await {
+                        Ok(Some(hub)) if hub.may_speak_for(&link.peer, &p.member_pubkey) => {
+                            let frame =
+                                BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
+                                    stream: p.stream.clone(),
+                                    data: crate::hub::raw(&p.data),
+                                    published_by: p.published_by,
+                                });
+                            hub.publish(&p.stream, 0, &Utf8Bytes::from(frame.to_json()));
+                            None
                         }
-                    };
-                    if let Some(reason) = refused {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
+                        Ok(Some(_)) => Some(RejectReason::ForgedSender),
+                        _ => Some(RejectReason::NotShared),
                     }
+                };
+                if let Some(reason) = refused {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
                 }
-                Frame::Event(e) => {
-                    if let Err(reason) = deliver_event(&ctx, &link, *e).await {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
+            }
+            Frame::Event(e) => {
+                if let Err(reason) = deliver_event(ctx, link, *e).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
                 }
-                Frame::Skill(s) => {
-                    if let Err(reason) = apply_skill(&ctx, &link, *s).await {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
+            }
+            Frame::Skill(s) => {
+                if let Err(reason) = apply_skill(ctx, link, *s).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
                 }
-                Frame::Memory(m) => {
-                    if let Err(reason) = apply_memory(&ctx, &link, *m).await {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
+            }
+            Frame::Memory(m) => {
+                if let Err(reason) = apply_memory(ctx, link, *m).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
                 }
-                Frame::Forget { mesh_id, id, at } => {
-                    if !link.accepts(&mesh_id) || id.len() > 64 {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics
-                            .fed_refused
-                            .inc(RejectReason::NotShared.as_str());
-                    } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
-                        warn!(cause = %e, "storing a peer's forget");
-                    }
+            }
+            Frame::Forget { mesh_id, id, at } => {
+                if !link.accepts(&mesh_id) || id.len() > 64 {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .fed_refused
+                        .inc(RejectReason::NotShared.as_str());
+                } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
+                    warn!(cause = %e, "storing a peer's forget");
                 }
-                Frame::RelayAsk(r) => {
-                    let r = *r;
-                    let (mesh_id, relay_id) = (r.mesh_id.clone(), r.relay_id.clone());
-                    let refused = if !link.accepts(&r.mesh_id) {
-                        Err(RejectReason::NotShared)
-                    } else if r.path.len() > meshd_protocol::client::MAX_PATH_LEN
-                        || r.relay_id.len() > 64
-                        || r.req_id.as_ref().is_some_and(|q| q.len() > 256)
-                    {
-                        Err(RejectReason::Invalid)
-                    } else {
-                        match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
-                            Ok(Some(hub))
-                                if hub.remote_presence_of(
-                                    &link.peer,
-                                    &r.requester_key,
-                                    &r.requester_member_pubkey,
-                                ) =>
-                            {
-                                Ok(crate::relay::remote_asked(&ctx, &link.peer, &hub, r))
-                            }
-                            _ => Err(RejectReason::ForgedSender),
-                        }
-                    };
-                    match refused {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => {
-                            self.relay_send(
+            }
+            Frame::RelayAsk(r) => {
+                let r = *r;
+                let (mesh_id, relay_id) = (r.mesh_id.clone(), r.relay_id.clone());
+                let refused = if !link.accepts(&r.mesh_id) {
+                    Err(RejectReason::NotShared)
+                } else if r.path.len() > meshd_protocol::client::MAX_PATH_LEN
+                    || r.relay_id.len() > 64
+                    || r.req_id.as_ref().is_some_and(|q| q.len() > 256)
+                {
+                    Err(RejectReason::Invalid)
+                } else {
+                    match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
+                        Ok(Some(hub))
+                            if hub.remote_presence_of(
                                 &link.peer,
-                                &mesh_id,
-                                Frame::RelayAnswer(Box::new(meshd_protocol::fed::RelayAnswer {
-                                    mesh_id: mesh_id.clone(),
-                                    relay_id,
-                                    content: None,
-                                    entries: None,
-                                    error: Some(error),
-                                })),
-                            );
+                                &r.requester_key,
+                                &r.requester_member_pubkey,
+                            ) =>
+                        {
+                            Ok(crate::relay::remote_asked(ctx, &link.peer, &hub, r))
                         }
-                        Err(reason) => {
-                            link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                            ctx.metrics.fed_refused.inc(reason.as_str());
-                        }
+                        _ => Err(RejectReason::ForgedSender),
                     }
-                }
-                Frame::McpServers {
-                    mesh_id,
-                    servers,
-                    all,
-                } => {
-                    if let Err(reason) = apply_mcp_servers(&ctx, &link, mesh_id, servers, all).await
-                    {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
-                }
-                Frame::McpCall(a) => {
-                    let allowed = link.accepts(&a.mesh_id)
-                        && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
-                            Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.caller_member_pubkey));
-                    if allowed {
-                        ctx.mcp.remote_call(&ctx, &link.peer, *a);
-                    } else {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics
-                            .fed_refused
-                            .inc(RejectReason::ForgedSender.as_str());
-                    }
-                }
-                Frame::Files {
-                    mesh_id,
-                    files,
-                    full,
-                } => {
-                    let hub = if link.accepts(&mesh_id) && files.len() <= 10_000 {
-                        ctx.hub.mesh(&ctx.db, &mesh_id).await.ok().flatten()
-                    } else {
-                        None
-                    };
-                    let ok = match hub {
-                        Some(hub) => {
-                            match crate::files::apply_remote(&ctx, &link.peer, &hub, files, full)
-                                .await
-                            {
-                                Ok(all_valid) => all_valid,
-                                Err(e) => {
-                                    warn!(cause = %e, "storing a peer's files");
-                                    false
-                                }
-                            }
-                        }
-                        None => false,
-                    };
-                    if !ok {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
-                    }
-                }
-                Frame::FileUrlAsk(a) => {
-                    let mut a = *a;
-                    // The reader must be a presence the peer hosts for that member; its
-                    // groups are the ones the peer announced for it, not the ask's.
-                    let hub = if link.accepts(&a.mesh_id) && a.reader_name.len() <= 256 {
-                        ctx.hub.mesh(&ctx.db, &a.mesh_id).await.ok().flatten()
-                    } else {
-                        None
-                    };
-                    let allowed = hub.as_ref().is_some_and(|hub| {
-                        hub.remote_presence_of(&link.peer, &a.reader_key, &a.member_pubkey)
-                            && hub
-                                .member(&a.member_pubkey)
-                                .is_some_and(|m| m.id == a.member_id)
-                    });
-                    if let (true, Some(hub)) = (allowed, &hub) {
-                        a.groups = hub.remote_groups(&a.reader_key);
-                        let answer = crate::files::remote_url(&ctx, &a).await;
+                };
+                match refused {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
                         self.relay_send(
                             &link.peer,
-                            &a.mesh_id,
-                            Frame::FileUrlAnswer(Box::new(answer)),
+                            &mesh_id,
+                            Frame::RelayAnswer(Box::new(meshd_protocol::fed::RelayAnswer {
+                                mesh_id: mesh_id.clone(),
+                                relay_id,
+                                content: None,
+                                entries: None,
+                                error: Some(error),
+                            })),
                         );
-                    } else {
+                    }
+                    Err(reason) => {
+                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.fed_refused.inc(reason.as_str());
+                    }
+                }
+            }
+            Frame::McpServers {
+                mesh_id,
+                servers,
+                all,
+            } => {
+                if let Err(reason) = apply_mcp_servers(ctx, link, mesh_id, servers, all).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
+                }
+            }
+            Frame::McpCall(a) => {
+                let allowed = link.accepts(&a.mesh_id)
+                    && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
+                        Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.caller_member_pubkey));
+                if allowed {
+                    ctx.mcp.remote_call(ctx, &link.peer, *a);
+                } else {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .fed_refused
+                        .inc(RejectReason::ForgedSender.as_str());
+                }
+            }
+            Frame::Files {
+                mesh_id,
+                files,
+                full,
+            } => {
+                let hub = if link.accepts(&mesh_id) && files.len() <= 10_000 {
+                    ctx.hub.mesh(&ctx.db, &mesh_id).await.ok().flatten()
+                } else {
+                    None
+                };
+                let ok = match hub {
+                    Some(hub) => {
+                        match crate::files::apply_remote(ctx, &link.peer, &hub, files, full).await {
+                            Ok(all_valid) => all_valid,
+                            Err(e) => {
+                                warn!(cause = %e, "storing a peer's files");
+                                false
+                            }
+                        }
+                    }
+                    None => false,
+                };
+                if !ok {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+                }
+            }
+            Frame::FileUrlAsk(a) => {
+                let mut a = *a;
+                // The reader must be a presence the peer hosts for that member; its
+                // groups are the ones the peer announced for it, not the ask's.
+                let hub = if link.accepts(&a.mesh_id) && a.reader_name.len() <= 256 {
+                    ctx.hub.mesh(&ctx.db, &a.mesh_id).await.ok().flatten()
+                } else {
+                    None
+                };
+                let allowed = hub.as_ref().is_some_and(|hub| {
+                    hub.remote_presence_of(&link.peer, &a.reader_key, &a.member_pubkey)
+                        && hub
+                            .member(&a.member_pubkey)
+                            .is_some_and(|m| m.id == a.member_id)
+                });
+                if let (true, Some(hub)) = (allowed, &hub) {
+                    a.groups = hub.remote_groups(&a.reader_key);
+                    let answer = crate::files::remote_url(ctx, &a).await;
+                    self.relay_send(
+                        &link.peer,
+                        &a.mesh_id,
+                        Frame::FileUrlAnswer(Box::new(answer)),
+                    );
+                } else {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .fed_refused
+                        .inc(RejectReason::ForgedSender.as_str());
+                }
+            }
+            Frame::FileUrlAnswer(a) => {
+                if link.accepts(&a.mesh_id) {
+                    ctx.files.answered(&link.peer, *a);
+                }
+            }
+            Frame::Clock(c) => {
+                // A broker speaks for its own changes (every pair of brokers of a
+                // mesh is linked, so each change comes from its maker).
+                let hub = if link.accepts(&c.mesh_id) && c.broker == *link.peer {
+                    ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
+                } else {
+                    None
+                };
+                match hub {
+                    Some(hub) if ctx.clocks.apply_remote(&hub, *c) => {}
+                    _ => {
                         link.counters.refused.fetch_add(1, Ordering::Relaxed);
                         ctx.metrics
                             .fed_refused
-                            .inc(RejectReason::ForgedSender.as_str());
+                            .inc(RejectReason::NotShared.as_str());
                     }
                 }
-                Frame::FileUrlAnswer(a) => {
-                    if link.accepts(&a.mesh_id) {
-                        ctx.files.answered(&link.peer, *a);
-                    }
-                }
-                Frame::Clock(c) => {
-                    // A broker speaks for its own changes (every pair of brokers of a
-                    // mesh is linked, so each change comes from its maker).
-                    let hub = if link.accepts(&c.mesh_id) && c.broker == *link.peer {
-                        ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
-                    } else {
-                        None
-                    };
-                    match hub {
-                        Some(hub) if ctx.clocks.apply_remote(&hub, *c) => {}
-                        _ => {
-                            link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                            ctx.metrics
-                                .fed_refused
-                                .inc(RejectReason::NotShared.as_str());
-                        }
-                    }
-                }
-                Frame::Task(t) => {
-                    if let Err(reason) = apply_task(&ctx, &link, *t).await {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
-                }
-                Frame::McpResult(d) => {
-                    if link.accepts(&d.mesh_id) {
-                        ctx.mcp.remote_result(&ctx, &link.peer, *d);
-                    }
-                }
-                Frame::RelayAnswer(r) => {
-                    if link.accepts(&r.mesh_id) {
-                        crate::relay::remote_answered(&ctx, &link.peer, *r);
-                    }
-                }
-                Frame::Context(c) => {
-                    if let Err(reason) = apply_context(&ctx, &link, *c).await {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
-                    }
-                }
-                other => return Err(protocol_error(&other, "live")),
             }
+            Frame::Task(t) => {
+                if let Err(reason) = apply_task(ctx, link, *t).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
+                }
+            }
+            Frame::McpResult(d) => {
+                if link.accepts(&d.mesh_id) {
+                    ctx.mcp.remote_result(ctx, &link.peer, *d);
+                }
+            }
+            Frame::RelayAnswer(r) => {
+                if link.accepts(&r.mesh_id) {
+                    crate::relay::remote_answered(ctx, &link.peer, *r);
+                }
+            }
+            Frame::Context(c) => {
+                if let Err(reason) = apply_context(ctx, link, *c).await {
+                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.fed_refused.inc(reason.as_str());
+                }
+            }
+            other => return Err(protocol_error(&other, "live")),
         }
         Ok(())
     }
@@ -3075,4 +3208,59 @@ async fn live_writer(
         tx.send_raw(&buf).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HELD_FOR, HELD_FRAMES, Held};
+    use meshd_protocol::fed::{Frame, StateSet};
+    use std::time::{Duration, Instant};
+
+    fn state(by: &str, n: usize) -> Frame {
+        Frame::State(Box::new(StateSet {
+            mesh_id: "m".into(),
+            key: format!("k{n}"),
+            value: "1".into(),
+            updated_by: by.into(),
+            updated_at: 1,
+            member_pubkey: by.into(),
+        }))
+    }
+
+    fn key(f: &Frame) -> String {
+        match f {
+            Frame::State(s) => s.key.clone(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn held_frames_go_in_order_once_their_member_is_known() {
+        let t0 = Instant::now();
+        let mut held = Held::default();
+        assert_eq!(held.hold(state("yan", 1), t0), 0);
+        assert_eq!(held.hold(state("zoe", 2), t0), 0);
+        assert_eq!(held.hold(state("yan", 3), t0), 0);
+        let (ready, expired) = held.take_ready(t0, |_, k| k == "yan");
+        assert_eq!(ready.iter().map(key).collect::<Vec<_>>(), ["k1", "k3"]);
+        assert_eq!((expired, held.frames.len()), (0, 1), "zoe's still waits");
+        // Held too long: dropped and counted, never applied.
+        let late = t0 + HELD_FOR + Duration::from_millis(1);
+        let (ready, expired) = held.take_ready(late, |_, _| true);
+        assert!(ready.is_empty());
+        assert_eq!((expired, held.frames.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_full_hold_drops_its_oldest() {
+        let t0 = Instant::now();
+        let mut held = Held::default();
+        for n in 0..HELD_FRAMES {
+            assert_eq!(held.hold(state("yan", n), t0), 0);
+        }
+        assert_eq!(held.hold(state("yan", HELD_FRAMES), t0), 1);
+        let (ready, _) = held.take_ready(t0, |_, _| true);
+        assert_eq!(ready.len(), HELD_FRAMES);
+        assert_eq!(ready.first().map(key).as_deref(), Some("k1"), "k0 went");
+    }
 }

@@ -291,7 +291,7 @@ pub struct McpCallDone {
 
 /// A task as one broker knows it. Brokers merge states: done beats claimed beats open;
 /// of two claims the earlier wins (then the smaller name); of two completions the
-/// earlier.
+/// later (completing again replaces the result).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSet {
     /// Mesh id.
@@ -789,6 +789,36 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// For a live frame whose content is attributed to members of a mesh: the mesh and
+    /// those members' keys. Members are announced on the messages stream, so such a
+    /// frame can overtake the announcement of a member who just joined; a receiver
+    /// that does not know a key yet holds the frame until it does.
+    pub fn attribution(&self) -> Option<(&str, Vec<&str>)> {
+        let (mesh, keys) = match self {
+            Self::Multicast(m) => (&m.mesh_id, vec![m.sender_member_pubkey.as_str()]),
+            Self::State(s) => (&s.mesh_id, vec![s.member_pubkey.as_str()]),
+            Self::StreamData(d) => (&d.mesh_id, vec![d.member_pubkey.as_str()]),
+            Self::Memory(m) => (&m.mesh_id, vec![m.remembered_by_pubkey.as_str()]),
+            Self::Context(c) => (&c.mesh_id, vec![c.member_pubkey.as_str()]),
+            Self::RelayAsk(a) => (&a.mesh_id, vec![a.requester_member_pubkey.as_str()]),
+            Self::McpServers {
+                mesh_id, servers, ..
+            } => (
+                mesh_id,
+                servers.iter().map(|s| s.member_pubkey.as_str()).collect(),
+            ),
+            Self::McpCall(c) => (&c.mesh_id, vec![c.caller_member_pubkey.as_str()]),
+            Self::Task(t) => (&t.mesh_id, vec![t.creator_pubkey.as_str()]),
+            Self::Files { mesh_id, files, .. } => (
+                mesh_id,
+                files.iter().map(|f| f.uploader_pubkey.as_str()).collect(),
+            ),
+            Self::FileUrlAsk(a) => (&a.mesh_id, vec![a.member_pubkey.as_str()]),
+            _ => return None,
+        };
+        Some((mesh.as_str(), keys))
+    }
+
     /// Whether this frame may travel on a stream of `class` (`None`: control).
     pub const fn allowed_on(&self, class: Option<StreamClass>) -> bool {
         match self {

@@ -343,19 +343,14 @@ fn link_opts() -> meshd_federation::LinkOptions {
     }
 }
 
-/// A peer broker may speak only for members it hosts: a DM claiming a member of A is
-/// refused (and counted), while a DM from a member it announced is stored and delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_sender_is_refused() -> anyhow::Result<()> {
-    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
-    // B's peer entry points nowhere useful: the test itself plays broker B.
-    let a = start(&oa, A, None, vec![ob.peer(B, Some("127.0.0.1:9".parse()?))]).await?;
-    let mesh = a.create_mesh("guarded").await?;
-    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
-    let alice = a.enroll(&mesh, "alice").await?;
-    let mallory_target = a.enroll(&mesh, "victim").await?;
-    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
-
+/// The test plays broker B (with B's real certificate) over a raw link to A, sharing
+/// `mesh_id`; returns once the mesh flows.
+async fn play_b(
+    a: &TestBroker,
+    oa: &Org,
+    ob: &Org,
+    mesh_id: &str,
+) -> anyhow::Result<(meshd_federation::Endpoint, meshd_federation::Link)> {
     let paths = ob.issue(B)?;
     let identity = meshd_certs::BrokerIdentity::load(&paths.cert, &paths.key, B)?;
     let trust = meshd_certs::PeerTrust::new([(
@@ -373,12 +368,97 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
                 broker: B.into(),
                 caps: vec![],
                 meshes: vec![wire::MeshClaim {
-                    mesh_id: mesh.mesh_id.clone(),
+                    mesh_id: mesh_id.to_owned(),
                 }],
             },
         )
         .await?;
-    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    fed::wait_flowing(a.addr, B, mesh_id).await?;
+    Ok((ep, link))
+}
+
+/// Live frames of a member who just joined B can overtake B's announcement of that
+/// member (announcements travel on the messages stream): A holds them until the
+/// announcement arrives, then applies them in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_frames_wait_for_their_members_announcement() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let a = start(&oa, A, None, vec![ob.peer(B, Some("127.0.0.1:9".parse()?))]).await?;
+    let mesh = a.create_mesh("joiners").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+    let (_ep, link) = play_b(&a, &oa, &ob, &mesh.mesh_id).await?;
+    let (mut live, _) = link.conn.open(StreamClass::Live).await?;
+    let (mut messages, _replies) = link.conn.open(StreamClass::Messages).await?;
+
+    let yan = Keypair::generate().public_hex();
+    let now = meshd_tests::now_ms();
+    let task = |id: &str, claimed: Option<i64>| {
+        Frame::Task(Box::new(wire::TaskSet {
+            mesh_id: mesh.mesh_id.clone(),
+            id: id.into(),
+            title: format!("task {id}"),
+            assignee: None,
+            priority: "normal".into(),
+            tags: vec![],
+            created_by: Some("yan".into()),
+            creator_pubkey: yan.clone(),
+            created_at: now,
+            claimed_by: claimed.map(|_| "yan".into()),
+            claimed_at: claimed,
+            result: None,
+            completed_at: None,
+        }))
+    };
+    // Created, then claimed, before anyone told A who yan is.
+    live.send(&task("t-yan", None)).await?;
+    live.send(&task("t-yan", Some(now + 1))).await?;
+    messages
+        .send(&Frame::Members {
+            mesh_id: mesh.mesh_id.clone(),
+            members: vec![wire::MemberAnn {
+                member_id: "yan-member-id-0001".into(),
+                pubkey: yan.clone(),
+                display_name: "yan".into(),
+                role: "member".into(),
+                revoked: false,
+            }],
+            full: false,
+        })
+        .await?;
+    let t = until_task(&mut alice_c, "t-yan", "yan's task never reached A", |t| {
+        t["status"] == "claimed"
+    })
+    .await?;
+    assert_eq!(
+        (t["title"].as_str(), t["claimedBy"].as_str()),
+        (Some("task t-yan"), Some("yan")),
+        "{t}"
+    );
+    let st = fed::status(a.addr).await?;
+    assert_eq!(
+        fed::link(&st, B).and_then(|l| l["refused"].as_u64()),
+        Some(0),
+        "nothing refused: {st}"
+    );
+    Ok(())
+}
+
+/// A peer broker may speak only for members it hosts: a DM claiming a member of A is
+/// refused (and counted), while a DM from a member it announced is stored and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_sender_is_refused() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    // B's peer entry points nowhere useful: the test itself plays broker B.
+    let a = start(&oa, A, None, vec![ob.peer(B, Some("127.0.0.1:9".parse()?))]).await?;
+    let mesh = a.create_mesh("guarded").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let mallory_target = a.enroll(&mesh, "victim").await?;
+    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+
+    let (_ep, link) = play_b(&a, &oa, &ob, &mesh.mesh_id).await?;
     let (mut tx, rx) = link.conn.open(StreamClass::Messages).await?;
     let mut rx = rx.context("reply half")?;
 
