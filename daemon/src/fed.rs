@@ -2465,7 +2465,7 @@ async fn deliver_event(ctx: &Ctx, link: &LinkShared, e: EventPush) -> Result<(),
     {
         return Err(RejectReason::Invalid);
     }
-    let Ok(data) = serde_json::from_str::<serde_json::Value>(&e.data) else {
+    let Ok(data) = serde_json::value::RawValue::from_string(e.data) else {
         return Err(RejectReason::Invalid);
     };
     let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &e.mesh_id).await else {

@@ -230,7 +230,7 @@ async fn webhook(
             "rate limited: at most 10 posts per second",
         );
     }
-    let Ok(data) = serde_json::from_slice::<serde_json::Value>(&body) else {
+    let Ok(data) = serde_json::from_slice::<Box<serde_json::value::RawValue>>(&body) else {
         return fail(StatusCode::BAD_REQUEST, "the body must be JSON");
     };
     let message_id = crate::ids::uuid_v4();
@@ -241,7 +241,7 @@ async fn webhook(
             id: message_id.clone(),
             subtype: "webhook".into(),
             event: hook.name.clone(),
-            data: data.to_string(),
+            data: data.get().to_owned(),
             sender: format!("webhook:{}", hook.name),
             created_at,
         });

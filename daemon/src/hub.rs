@@ -1330,7 +1330,7 @@ pub(crate) fn system_push(
         created_at: meshd_protocol::time::iso8601_ms(now),
         subtype: Some("system"),
         event: Some(event.into()),
-        event_data: Some(serde_json::Value::Object(data)),
+        event_data: serde_json::value::to_raw_value(&data).ok(),
         sender_member_pubkey: None,
         sender_member_id: None,
         sender_name: None,

@@ -2768,11 +2768,9 @@ impl Live {
         let mesh = self.mesh.clone();
         let viewer = self.member_pubkey.clone();
         let your_name = self.display_name.clone();
-        let your_groups: Vec<String> = self
+        let your_groups = self
             .mesh
-            .local_peer(self.conn, |p| {
-                p.groups.iter().map(|g| format!("@{}", g.name)).collect()
-            })
+            .local_peer(self.conn, |p| p.groups.clone())
             .unwrap_or_default();
         self.pending.push_back(Box::pin(async move {
             let id = mesh.row.id.clone();

@@ -211,9 +211,10 @@ pub struct Push {
     /// Event name for system/webhook pushes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<std::borrow::Cow<'static, str>>,
-    /// Event payload.
+    /// Event payload, as JSON text (a webhook's body goes out as it was posted, keys
+    /// in their order).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub event_data: Option<serde_json::Value>,
+    pub event_data: Option<Box<RawValue>>,
     /// HEAD: the sender's member key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_member_pubkey: Option<String>,
@@ -405,8 +406,9 @@ pub struct MeshInfoResult {
     pub collections: Vec<String>,
     /// The asker's display name.
     pub your_name: String,
-    /// The asker's groups, as `@name`.
-    pub your_groups: Vec<String>,
+    /// The asker's groups, `{name, role?}` as in `peers_list` (the reference's shape,
+    /// which the CLI's `mesh_info` tool renders as `@name:role`).
+    pub your_groups: Vec<GroupEntry>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,
@@ -879,7 +881,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00.000Z".into(),
             subtype: Some("system"),
             event: Some("peer_left".into()),
-            event_data: Some(serde_json::Value::Object(peer_event_data("a", "b"))),
+            event_data: serde_json::value::to_raw_value(&peer_event_data("a", "b")).ok(),
             sender_member_pubkey: None,
             sender_member_id: None,
             sender_name: None,

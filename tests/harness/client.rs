@@ -156,7 +156,12 @@ pub struct RawWs {
     backlog: VecDeque<Value>,
     /// The close frame, once received.
     pub closed: Option<Option<(u16, String)>>,
+    /// The text of the last [`RAW_KEPT`] frames read, as sent (key order, spacing).
+    raw: VecDeque<String>,
 }
+
+/// Frames whose text [`RawWs::raw_texts`] keeps.
+const RAW_KEPT: usize = 256;
 
 impl RawWs {
     /// Opens a socket to `url` (e.g. `ws://127.0.0.1:port/ws`).
@@ -171,6 +176,7 @@ impl RawWs {
             ws,
             backlog: VecDeque::new(),
             closed: None,
+            raw: VecDeque::new(),
         })
     }
 
@@ -210,6 +216,10 @@ impl RawWs {
                 .ok()?;
             match msg {
                 Some(Ok(Message::Text(t))) => {
+                    if self.raw.len() == RAW_KEPT {
+                        self.raw.pop_front();
+                    }
+                    self.raw.push_back(t.as_str().to_owned());
                     return Some(serde_json::from_str(t.as_str()).unwrap_or_else(|e| {
                         panic!("broker sent a frame that is not JSON ({e}): {}", t.as_str())
                     }));
@@ -288,6 +298,11 @@ impl RawWs {
             }
         }
         self.closed.clone().flatten()
+    }
+
+    /// The text of the most recent frames read, as the broker sent them.
+    pub fn raw_texts(&self) -> &VecDeque<String> {
+        &self.raw
     }
 
     /// Frames read but not consumed.

@@ -1150,7 +1150,7 @@ async fn webhook_posts_reach_every_broker() -> anyhow::Result<()> {
     let secret = ack["secret"].as_str().context("secret")?;
     let path = format!("/hook/{}/{secret}", p.mesh.mesh_id);
     let (status, _, _) =
-        meshd_tests::http(p.a.addr, "POST", &path, Some(br#"{"env":"prod"}"#)).await?;
+        meshd_tests::http(p.a.addr, "POST", &path, Some(br#"{"env":"prod","at":1}"#)).await?;
     assert_eq!(status, 200);
     for c in [&mut p.alice, &mut bob] {
         let push =
@@ -1161,6 +1161,14 @@ async fn webhook_posts_reach_every_broker() -> anyhow::Result<()> {
         assert_eq!(
             (push["event"].as_str(), push["eventData"]["env"].as_str()),
             (Some("deploys"), Some("prod"))
+        );
+        // The body as posted, on every broker.
+        assert!(
+            c.ws.raw_texts()
+                .iter()
+                .any(|t| t.contains(r#""eventData":{"env":"prod","at":1}"#)),
+            "{:?}",
+            c.ws.raw_texts()
         );
     }
     Ok(())

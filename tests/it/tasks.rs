@@ -68,7 +68,9 @@ both! {
         let open = a.request(json!({"type": "list_tasks", "status": "open"})).await?;
         assert_eq!(open["tasks"].as_array().map(Vec::len), Some(1));
         // mesh_info counts them (and the rest of the mesh).
+        a.send(json!({"type": "join_group", "name": "ops", "role": "lead"})).await?;
         let info = a.request(json!({"type": "mesh_info"})).await?;
+        assert_eq!((&info["groups"], &info["yourGroups"]), (&json!(["@ops"]), &json!([{"name": "ops", "role": "lead"}])), "{info}");
         assert_eq!(info["type"], "mesh_info_result");
         assert_eq!(info["tasks"], json!({"open": 1, "claimed": 0, "done": 1}));
         assert_eq!((info["peers"].as_u64(), info["yourName"].as_str()), (Some(2), Some("ann")));

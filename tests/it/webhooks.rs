@@ -43,13 +43,16 @@ both! {
         assert_eq!((list(&theirs).as_str(), theirs["webhooks"][0]["name"].as_str()), ("", Some("ci")));
 
         let path = format!("/hook/{}/{secret}", mesh.mesh_id);
-        let (status, _, body) = http(broker.addr, "POST", &path, Some(br#"{"build":"green","n":7}"#)).await?;
+        let (status, _, body) = http(broker.addr, "POST", &path, Some(br#"{"zeta":{"b":2,"a":1},"build":"green","n":7}"#)).await?;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         for cl in [&mut a, &mut c, &mut r] {
             let push = cl.ws.expect("webhook push", |v| v["type"] == "push" && v["subtype"] == "webhook").await?;
             assert_eq!((push["event"].as_str(), push["priority"].as_str()), (Some("ci"), Some("next")));
-            assert_eq!(push["eventData"], json!({"build": "green", "n": 7}));
+            assert_eq!(push["eventData"], json!({"build": "green", "n": 7, "zeta": {"a": 1, "b": 2}}));
             assert_eq!(push["senderPubkey"], "webhook:ci");
+            // The body goes out as posted, keys in their order (as the reference).
+            let raw = cl.ws.raw_texts().iter().find(|t| t.contains(r#""subtype":"webhook""#)).cloned().unwrap_or_default();
+            assert!(raw.contains(r#""eventData":{"zeta":{"b":2,"a":1},"build":"green","n":7}"#), "{raw}");
         }
         // Refusals: wrong secret (same length), not JSON, too large.
         let wrong = format!("/hook/{}/{}", mesh.mesh_id, "0".repeat(64));
