@@ -370,6 +370,12 @@ impl Held {
     }
 }
 
+/// Counts frames refused from a link: in its status and in the metric, by reason.
+fn count_refused(ctx: &Ctx, link: &LinkShared, reason: RejectReason, n: usize) {
+    link.counters.refused.fetch_add(n as u64, Ordering::Relaxed);
+    ctx.metrics.fed_refused.inc_by(reason.as_str(), n as u64);
+}
+
 /// Holds a live frame attributed to a member the peer has not announced here yet
 /// (`None`: held); other frames are returned to be applied now.
 async fn hold_unannounced(ctx: &Ctx, link: &LinkShared, frame: Frame) -> Option<Frame> {
@@ -387,12 +393,7 @@ async fn hold_unannounced(ctx: &Ctx, link: &LinkShared, frame: Frame) -> Option<
     }
     let dropped = lock(&link.held).hold(frame, std::time::Instant::now());
     if dropped > 0 {
-        link.counters
-            .refused
-            .fetch_add(dropped as u64, Ordering::Relaxed);
-        ctx.metrics
-            .fed_refused
-            .inc_by(RejectReason::ForgedSender.as_str(), dropped as u64);
+        count_refused(ctx, link, RejectReason::ForgedSender, dropped);
     }
     None
 }
@@ -1780,8 +1781,7 @@ impl Fed {
                         let p = match self.accept_dm(&ctx, &link, *dm).await {
                             Ok(reply) => Pending::Stored(seq, reply),
                             Err(reason) => {
-                                link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                                ctx.metrics.fed_refused.inc(reason.as_str());
+                                count_refused(&ctx, &link, reason, 1);
                                 let _ = ctx
                                     .writer
                                     .send(WriteOp::InboxRejected {
@@ -1848,10 +1848,7 @@ impl Fed {
                     }
                 }
                 Ok(MemberUpsert::Forged) => {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics
-                        .fed_refused
-                        .inc(RejectReason::ForgedSender.as_str());
+                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
                     warn!(mesh.id = %mesh_id, member = %ann.pubkey, "peer announced a member it does not host; refused");
                 }
                 Err(e) => warn!(cause = %e, "storing a remote member"),
@@ -2012,12 +2009,7 @@ impl Fed {
                 _ => 0,
             };
             if refused > 0 {
-                link.counters
-                    .refused
-                    .fetch_add(refused as u64, Ordering::Relaxed);
-                ctx.metrics
-                    .fed_refused
-                    .inc_by(RejectReason::ForgedSender.as_str(), refused as u64);
+                count_refused(&ctx, &link, RejectReason::ForgedSender, refused);
             }
         }
         Ok(())
@@ -2059,12 +2051,7 @@ impl Fed {
         };
         let (ready, expired) = ready;
         if expired > 0 {
-            link.counters
-                .refused
-                .fetch_add(expired as u64, Ordering::Relaxed);
-            ctx.metrics
-                .fed_refused
-                .inc_by(RejectReason::ForgedSender.as_str(), expired as u64);
+            count_refused(ctx, link, RejectReason::ForgedSender, expired);
         }
         for frame in ready {
             self.live_frame(ctx, link, frame).await?;
@@ -2082,8 +2069,7 @@ impl Fed {
         match frame {
             Frame::Multicast(m) => {
                 if let Err(reason) = self.deliver_multicast(ctx, link, *m).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::State(s) => {
@@ -2099,10 +2085,7 @@ impl Fed {
                 // Writes by a peer's member must come from that member's broker; a
                 // snapshot's entries (no member) are accepted as newest-wins data.
                 if !s.member_pubkey.is_empty() && !hub.may_speak_for(&link.peer, &s.member_pubkey) {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics
-                        .fed_refused
-                        .inc(RejectReason::ForgedSender.as_str());
+                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
                     return Ok(());
                 }
                 if s.key.len() > 1024
@@ -2161,34 +2144,27 @@ impl Fed {
                     }
                 };
                 if let Some(reason) = refused {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::Event(e) => {
                 if let Err(reason) = deliver_event(ctx, link, *e).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::Skill(s) => {
                 if let Err(reason) = apply_skill(ctx, link, *s).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::Memory(m) => {
                 if let Err(reason) = apply_memory(ctx, link, *m).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::Forget { mesh_id, id, at } => {
                 if !link.accepts(&mesh_id) || id.len() > 64 {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics
-                        .fed_refused
-                        .inc(RejectReason::NotShared.as_str());
+                    count_refused(ctx, link, RejectReason::NotShared, 1);
                 } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
                     warn!(cause = %e, "storing a peer's forget");
                 }
@@ -2233,8 +2209,7 @@ impl Fed {
                         );
                     }
                     Err(reason) => {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics.fed_refused.inc(reason.as_str());
+                        count_refused(ctx, link, reason, 1);
                     }
                 }
             }
@@ -2244,8 +2219,7 @@ impl Fed {
                 all,
             } => {
                 if let Err(reason) = apply_mcp_servers(ctx, link, mesh_id, servers, all).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::McpCall(a) => {
@@ -2255,10 +2229,7 @@ impl Fed {
                 if allowed {
                     ctx.mcp.remote_call(ctx, &link.peer, *a);
                 } else {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics
-                        .fed_refused
-                        .inc(RejectReason::ForgedSender.as_str());
+                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
                 }
             }
             Frame::Files {
@@ -2284,8 +2255,7 @@ impl Fed {
                     None => false,
                 };
                 if !ok {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+                    count_refused(ctx, link, RejectReason::Invalid, 1);
                 }
             }
             Frame::FileUrlAsk(a) => {
@@ -2312,10 +2282,7 @@ impl Fed {
                         Frame::FileUrlAnswer(Box::new(answer)),
                     );
                 } else {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics
-                        .fed_refused
-                        .inc(RejectReason::ForgedSender.as_str());
+                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
                 }
             }
             Frame::FileUrlAnswer(a) => {
@@ -2334,17 +2301,13 @@ impl Fed {
                 match hub {
                     Some(hub) if ctx.clocks.apply_remote(&hub, *c) => {}
                     _ => {
-                        link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        ctx.metrics
-                            .fed_refused
-                            .inc(RejectReason::NotShared.as_str());
+                        count_refused(ctx, link, RejectReason::NotShared, 1);
                     }
                 }
             }
             Frame::Task(t) => {
                 if let Err(reason) = apply_task(ctx, link, *t).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             Frame::McpResult(d) => {
@@ -2359,8 +2322,7 @@ impl Fed {
             }
             Frame::Context(c) => {
                 if let Err(reason) = apply_context(ctx, link, *c).await {
-                    link.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    ctx.metrics.fed_refused.inc(reason.as_str());
+                    count_refused(ctx, link, reason, 1);
                 }
             }
             other => return Err(protocol_error(&other, "live")),
