@@ -55,6 +55,8 @@ const OUTBOX_PAGE: i64 = 512;
 /// Live frames (broadcasts, state) waiting per link; when full, new ones are dropped
 /// and counted: they are live-only by contract, like a local slow consumer's.
 const LIVE_QUEUE: usize = 4096;
+/// Live frames read ahead of the one being applied.
+const LIVE_READ_AHEAD: usize = 64;
 /// Control frames waiting per link (rare: consent changes).
 const CONTROL_QUEUE: usize = 256;
 /// After a link comes up, how long the outbox waits for a consented mesh to start
@@ -301,6 +303,8 @@ struct LinkShared {
     presence: Mutex<Coalescer>,
     presence_wake: Notify,
     live: mpsc::Sender<Frame>,
+    /// Signalled each time the live writer took frames off the queue.
+    live_drained: Arc<Notify>,
     members: Mutex<VecDeque<Frame>>,
     outbox_wake: Notify,
     counters: Arc<LinkCounters>,
@@ -309,64 +313,123 @@ struct LinkShared {
     messages_in: std::sync::atomic::AtomicBool,
     /// When the link came up.
     started: std::time::Instant,
-    /// Live frames of members the peer has not announced yet (see [`Held`]).
+    /// Live frames waiting for members the peer has not announced yet (see [`Held`]).
     held: Mutex<Held>,
+    /// Signalled when the peer announced members (held live frames may be ready).
+    announced: Notify,
+    /// The running catch-up of each mesh (cancelled when a new one starts).
+    catch_ups: Mutex<HashMap<String, CancellationToken>>,
 }
 
-/// Live frames that overtook the announcement of a member they are attributed to
-/// (announcements travel on the messages stream). Held until the member is known,
-/// at most [`HELD_FRAMES`] per link for [`HELD_FOR`]; when full, the oldest is dropped
-/// and counted as refused, like one held too long.
+/// Live frames waiting, in arrival order, for members the peer has not announced yet:
+/// announcements travel on the messages stream, so a live frame of a member who just
+/// joined can arrive first. While anything waits, every later live frame queues behind
+/// it, so the live stream's order is kept. Frames are kept encoded, at most
+/// [`HELD_FRAMES`] and [`HELD_BYTES`]; a frame waits at most [`HELD_FOR`] for its
+/// members. Beyond these the oldest is dropped and counted as refused.
 #[derive(Debug, Default)]
 struct Held {
-    frames: VecDeque<(Frame, std::time::Instant)>,
+    frames: VecDeque<Waiting>,
+    bytes: usize,
 }
 
-/// Live frames held per link for members not yet announced.
-const HELD_FRAMES: usize = 256;
-/// How long a frame is held for its member's announcement.
-const HELD_FOR: Duration = Duration::from_secs(30);
+#[derive(Debug)]
+struct Waiting {
+    /// The encoded frame.
+    frame: Vec<u8>,
+    /// (mesh, member key) pairs not known yet; empty: it only waits for its turn.
+    unknown: Vec<(String, String)>,
+    until: std::time::Instant,
+}
+
+/// What [`Held::pop`] found at the front.
+#[derive(Debug, PartialEq, Eq)]
+enum Popped {
+    /// Its members are known (or it only waited for its turn): apply it.
+    Ready(Vec<u8>),
+    /// Held too long: dropped.
+    Expired,
+}
+
+/// Live frames held per link.
+const HELD_FRAMES: usize = 1024;
+/// Encoded bytes of live frames held per link.
+const HELD_BYTES: usize = 8 << 20;
+/// How long a frame waits for its members' announcement (they normally follow within
+/// milliseconds).
+const HELD_FOR: Duration = Duration::from_secs(10);
+/// Distinct unknown members one live frame may name (a catch-up part naming more is
+/// refused; the next catch-up sends it again).
+const HELD_UNKNOWN: usize = 64;
 
 impl Held {
-    /// Holds `frame`; returns how many older frames were dropped to make room.
-    fn hold(&mut self, frame: Frame, now: std::time::Instant) -> usize {
-        let mut dropped = self.expire(now);
-        while self.frames.len() >= HELD_FRAMES {
-            self.frames.pop_front();
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Queues an encoded frame; returns how many frames were dropped to make room
+    /// (the frame itself when it alone exceeds the byte bound).
+    fn push(
+        &mut self,
+        frame: Vec<u8>,
+        unknown: Vec<(String, String)>,
+        now: std::time::Instant,
+    ) -> usize {
+        if frame.len() > HELD_BYTES {
+            return 1;
+        }
+        let mut dropped = 0;
+        while self.frames.len() >= HELD_FRAMES || self.bytes + frame.len() > HELD_BYTES {
+            let Some(w) = self.frames.pop_front() else {
+                break;
+            };
+            self.bytes -= w.frame.len();
             dropped += 1;
         }
-        self.frames.push_back((frame, now + HELD_FOR));
+        self.bytes += frame.len();
+        self.frames.push_back(Waiting {
+            frame,
+            unknown,
+            until: now + HELD_FOR,
+        });
         dropped
     }
 
-    fn expire(&mut self, now: std::time::Instant) -> usize {
-        let before = self.frames.len();
-        self.frames.retain(|(_, until)| *until > now);
-        before - self.frames.len()
+    /// When the front frame stops waiting for its members.
+    fn deadline(&self) -> Option<std::time::Instant> {
+        self.frames
+            .front()
+            .filter(|w| !w.unknown.is_empty())
+            .map(|w| w.until)
     }
 
-    /// Takes the frames whose members are all `known` now, in order, and counts the
-    /// expired ones it drops.
-    fn take_ready(
+    /// Takes the front frame if it is ready (its members are `known` now, or it only
+    /// waited for its turn) or expired; `None` while it still waits.
+    fn pop(
         &mut self,
         now: std::time::Instant,
         known: impl Fn(&str, &str) -> bool,
-    ) -> (Vec<Frame>, usize) {
-        let expired = self.expire(now);
-        let mut ready = Vec::new();
-        let mut waiting = VecDeque::with_capacity(self.frames.len());
-        for (frame, until) in self.frames.drain(..) {
-            let all_known = frame
-                .attribution()
-                .is_none_or(|(mesh, keys)| keys.iter().all(|k| known(mesh, k)));
-            if all_known {
-                ready.push(frame);
-            } else {
-                waiting.push_back((frame, until));
-            }
+    ) -> Option<Popped> {
+        let front = self.frames.front_mut()?;
+        front.unknown.retain(|(mesh, key)| !known(mesh, key));
+        if !front.unknown.is_empty() && front.until > now {
+            return None;
         }
-        self.frames = waiting;
-        (ready, expired)
+        let w = self.frames.pop_front()?;
+        self.bytes -= w.frame.len();
+        Some(if w.unknown.is_empty() {
+            Popped::Ready(w.frame)
+        } else {
+            Popped::Expired
+        })
+    }
+}
+
+/// Sleeps until `deadline` (a std instant); forever without one.
+async fn sleep_until_std(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -376,26 +439,32 @@ fn count_refused(ctx: &Ctx, link: &LinkShared, reason: RejectReason, n: usize) {
     ctx.metrics.fed_refused.inc_by(reason.as_str(), n as u64);
 }
 
-/// Holds a live frame attributed to a member the peer has not announced here yet
-/// (`None`: held); other frames are returned to be applied now.
-async fn hold_unannounced(ctx: &Ctx, link: &LinkShared, frame: Frame) -> Option<Frame> {
+/// The members a live frame is attributed to that the peer has not announced here
+/// yet, as (mesh, key); `Err` when it names more than [`HELD_UNKNOWN`].
+async fn unknown_members(
+    ctx: &Ctx,
+    link: &LinkShared,
+    frame: &Frame,
+) -> Result<Vec<(String, String)>, RejectReason> {
     let Some((mesh, keys)) = frame.attribution() else {
-        return Some(frame);
+        return Ok(Vec::new());
     };
     if !link.accepts(mesh) {
-        return Some(frame);
+        return Ok(Vec::new());
     }
     let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, mesh).await else {
-        return Some(frame);
+        return Ok(Vec::new());
     };
-    if keys.iter().all(|k| hub.member(k).is_some()) {
-        return Some(frame);
+    let mut unknown: Vec<(String, String)> = Vec::new();
+    for key in keys {
+        if !hub.knows(key) && !unknown.iter().any(|(_, k)| k == key) {
+            if unknown.len() == HELD_UNKNOWN {
+                return Err(RejectReason::ForgedSender);
+            }
+            unknown.push((mesh.to_owned(), key.to_owned()));
+        }
     }
-    let dropped = lock(&link.held).hold(frame, std::time::Instant::now());
-    if dropped > 0 {
-        count_refused(ctx, link, RejectReason::ForgedSender, dropped);
-    }
-    None
+    Ok(unknown)
 }
 
 impl LinkShared {
@@ -1179,18 +1248,25 @@ impl Fed {
             link.presence_wake.notify_one();
             // What converges by merging or newest write goes over the live stream, in
             // its own task (it waits for room instead of dropping). It runs again a few
-            // seconds later: entries of members the peer had not heard of yet (member
-            // announcements travel on the messages stream) are refused the first time.
+            // seconds later: what the peer could not take the first time (held too
+            // long for a member announcement, changed while the lists were read) is
+            // sent again. A new run for the mesh on this link replaces a running one.
             let (ctx2, link2, hub2) = (ctx.clone(), link.clone(), hub.clone());
-            let stop = self.stop.clone();
+            let cancel = self.stop.child_token();
+            if let Some(old) = lock(&link.catch_ups).insert(m.clone(), cancel.clone()) {
+                old.cancel();
+            }
             self.tracker.spawn(async move {
-                catch_up(&ctx2, &link2, &hub2).await;
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(CATCH_UP_AGAIN) => {}
-                }
-                if link2.flows(&hub2.row.id) {
+                let runs = async {
                     catch_up(&ctx2, &link2, &hub2).await;
+                    tokio::time::sleep(CATCH_UP_AGAIN).await;
+                    if link2.flows(&hub2.row.id) {
+                        catch_up(&ctx2, &link2, &hub2).await;
+                    }
+                };
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = runs => {}
                 }
             });
         }
@@ -1234,12 +1310,15 @@ impl Fed {
             presence: Mutex::default(),
             presence_wake: Notify::new(),
             live: live_tx,
+            live_drained: Arc::new(Notify::new()),
             members: Mutex::default(),
             outbox_wake: Notify::new(),
             counters: counters.clone(),
             messages_in: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
             held: Mutex::default(),
+            announced: Notify::new(),
+            catch_ups: Mutex::default(),
         });
         let Link { conn, control, .. } = link;
         lock(&self.links).insert(peer.to_string(), shared.clone());
@@ -1274,6 +1353,7 @@ impl Fed {
             conn.clone(),
             live_rx,
             counters.clone(),
+            shared.live_drained.clone(),
         )));
         spawn(Box::pin(self.clone().accept_streams(
             shared.clone(),
@@ -1751,8 +1831,8 @@ impl Fed {
                         full: _,
                     } => {
                         self.apply_members(&ctx, &link, &mesh_id, &members).await;
-                        // Live frames that overtook these announcements apply now.
-                        self.release_held(&ctx, &link).await?;
+                        // Live frames that overtook these announcements may apply now.
+                        link.announced.notify_one();
                     }
                     Frame::Dm(dm) => {
                         let seq = dm.seq;
@@ -2021,42 +2101,92 @@ impl Fed {
         mut rx: FrameReader,
     ) -> Result<(), LinkError> {
         let Some(ctx) = self.ctx() else { return Ok(()) };
-        while let Some(frame) = rx.recv().await? {
-            link.counters.received.fetch_add(1, Ordering::Relaxed);
-            // Frames held for members announced since go first, in their order.
-            self.release_held(&ctx, &link).await?;
-            if let Some(frame) = hold_unannounced(&ctx, &link, frame).await {
-                self.live_frame(&ctx, &link, frame).await?;
+        // One reader, one applier: frames released from the hold and new frames are
+        // applied by the same loop, in the stream's order. (Reading a frame cannot be
+        // interrupted without losing its bytes, so it is not raced against the hold.)
+        let (tx, mut frames) = mpsc::channel::<Frame>(LIVE_READ_AHEAD);
+        let counters = link.counters.clone();
+        let reader = async move {
+            while let Some(frame) = rx.recv().await? {
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
             }
+            Ok::<(), LinkError>(())
+        };
+        let applier = async {
+            loop {
+                let deadline = lock(&link.held).deadline();
+                tokio::select! {
+                    biased;
+                    () = link.announced.notified() => {}
+                    () = sleep_until_std(deadline), if deadline.is_some() => {}
+                    frame = frames.recv() => {
+                        let Some(frame) = frame else { break };
+                        self.admit_live(&ctx, &link, frame).await?;
+                    }
+                }
+                self.release_held(&ctx, &link).await?;
+            }
+            Ok::<(), LinkError>(())
+        };
+        tokio::try_join!(reader, applier)?;
+        Ok(())
+    }
+
+    /// Applies a live frame, or holds it: when it names members the peer has not
+    /// announced yet, or when earlier frames are held (it keeps its place).
+    async fn admit_live(
+        self: &Arc<Self>,
+        ctx: &Arc<Ctx>,
+        link: &Arc<LinkShared>,
+        frame: Frame,
+    ) -> Result<(), LinkError> {
+        let unknown = match unknown_members(ctx, link, &frame).await {
+            Ok(u) => u,
+            Err(reason) => {
+                count_refused(ctx, link, reason, 1);
+                return Ok(());
+            }
+        };
+        if unknown.is_empty() && lock(&link.held).is_empty() {
+            return self.live_frame(ctx, link, frame).await;
+        }
+        let Ok(encoded) = fed::encode(&frame, usize::MAX) else {
+            return Ok(());
+        };
+        let dropped = lock(&link.held).push(encoded, unknown, std::time::Instant::now());
+        if dropped > 0 {
+            count_refused(ctx, link, RejectReason::ForgedSender, dropped);
         }
         Ok(())
     }
 
-    /// Applies frames held for members not yet announced whose announcement has
-    /// arrived; drops (and counts) those held too long.
+    /// Applies held frames from the front while they are ready; drops (and counts)
+    /// those held too long.
     async fn release_held(
         self: &Arc<Self>,
         ctx: &Arc<Ctx>,
         link: &Arc<LinkShared>,
     ) -> Result<(), LinkError> {
-        let ready = {
-            let mut held = lock(&link.held);
-            if held.frames.is_empty() {
-                return Ok(());
+        loop {
+            let popped = lock(&link.held).pop(std::time::Instant::now(), |mesh, key| {
+                ctx.hub.loaded(mesh).is_some_and(|hub| hub.knows(key))
+            });
+            match popped {
+                None => return Ok(()),
+                Some(Popped::Expired) => {
+                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
+                }
+                Some(Popped::Ready(bytes)) => {
+                    // Encoded here with its length prefix.
+                    if let Some(Ok(frame)) = bytes.get(fed::LEN_PREFIX..).map(fed::decode) {
+                        self.live_frame(ctx, link, frame).await?;
+                    }
+                }
             }
-            held.take_ready(
-                std::time::Instant::now(),
-                |mesh, key| matches!(ctx.hub.loaded(mesh), Some(hub) if hub.member(key).is_some()),
-            )
-        };
-        let (ready, expired) = ready;
-        if expired > 0 {
-            count_refused(ctx, link, RejectReason::ForgedSender, expired);
         }
-        for frame in ready {
-            self.live_frame(ctx, link, frame).await?;
-        }
-        Ok(())
     }
 
     /// One frame of the live stream.
@@ -2499,29 +2629,56 @@ fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &str) -> bool 
     hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(peer, pubkey)
 }
 
+/// Queues a catch-up frame on the live stream, leaving half of it to live traffic: a
+/// sender awaiting room would be handed every freed slot, so broadcasts and calls
+/// (queued without waiting) would be dropped for the whole catch-up. `false` when the
+/// link ended.
+async fn send_catch_up(link: &LinkShared, mut frame: Frame) -> bool {
+    loop {
+        let drained = link.live_drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        if link.live.capacity() > LIVE_QUEUE / 2 {
+            match link.live.try_send(frame) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(f)) => frame = f,
+            }
+        }
+        tokio::select! {
+            () = drained => {}
+            () = link.live.closed() => return false,
+        }
+    }
+}
+
 /// Sends a peer what converges without the outbox: the clock, MCP servers and files
 /// (full lists), shared state, skills, contexts, memories, tasks. Waits for room on
-/// the live stream; stops when the link ends.
+/// the live stream (see [`send_catch_up`]); stops when the link ends.
 async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
     let m = hub.row.id.clone();
-    let send = |frame: Frame| async { link.live.send(frame).await.is_ok() };
+    let send = |frame: Frame| send_catch_up(link, frame);
     if let Some(c) = ctx.clocks.set_of(&m)
         && !send(Frame::Clock(Box::new(c))).await
     {
         return;
     }
     // Full lists replace what the peer knew from us, so withdrawals made while the
-    // link was down are not missed.
-    // In frames of at most half the largest frame (a registration's tools may be
-    // 256 KiB each); the first is the full list's start.
+    // link was down are not missed. They go in parts that stay well below any frame
+    // limit; the first names every MCP server, so the peer drops the others.
     let budget = ctx
         .config
         .federation
         .as_ref()
-        .map_or(usize::MAX, |f| f.max_frame_bytes / 2);
+        .map_or(CATCH_UP_PART_BYTES, |f| {
+            CATCH_UP_PART_BYTES.min(f.max_frame_bytes / 2)
+        });
     let sets = ctx.mcp.local_sets(&m);
     let mut all = Some(sets.iter().map(|s| s.name.clone()).collect());
-    for servers in mcp_chunks(sets, budget) {
+    let mcp_size = |s: &meshd_protocol::fed::McpServerSet| {
+        s.name.len() + s.hosted_by.len() + s.description.len() + s.tools_json.len() + 256
+    };
+    for servers in parts(sets, budget, mcp_size) {
         let frame = Frame::McpServers {
             mesh_id: m.clone(),
             servers,
@@ -2531,24 +2688,24 @@ async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
             return;
         }
     }
+    // Files: the empty full list first (the peer forgets ours), then the list read
+    // after it, so a file uploaded meanwhile is in the list or arrives after it.
+    let files = |files, full| Frame::Files {
+        mesh_id: m.clone(),
+        files,
+        full,
+    };
+    if !send(files(Vec::new(), true)).await {
+        return;
+    }
     match ctx.db.local_files(&m, now_ms()).await {
         Ok(rows) => {
-            // In frames of a few hundred; the first is the full list's start.
-            let mut chunks = rows.chunks(FILES_PER_FRAME);
-            let first = chunks.next().unwrap_or_default();
-            let frame = |rows: &[crate::store::files::FileRow], full| Frame::Files {
-                mesh_id: m.clone(),
-                files: rows
-                    .iter()
-                    .map(|f| crate::files::file_set(f, false))
-                    .collect(),
-                full,
-            };
-            if !send(frame(first, true)).await {
-                return;
-            }
-            for c in chunks {
-                if !send(frame(c, false)).await {
+            let sets = rows
+                .iter()
+                .map(|f| crate::files::file_set(f, false))
+                .collect();
+            for part in parts(sets, budget, file_set_size) {
+                if !part.is_empty() && !send(files(part, false)).await {
                     return;
                 }
             }
@@ -2632,30 +2789,47 @@ async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
 
 /// When the live catch-up is sent a second time after a link comes up.
 const CATCH_UP_AGAIN: Duration = Duration::from_secs(5);
-/// Files per catch-up frame (a frame stays far below the frame size cap).
-const FILES_PER_FRAME: usize = 500;
+/// Bytes of one catch-up part (a list split into frames), at most half the frame limit.
+const CATCH_UP_PART_BYTES: usize = 256 * 1024;
 
-/// Splits `servers` into lists whose text stays within `budget` bytes (a server larger
-/// than it goes alone). Always at least one list, so a full list is sent even when empty.
-fn mcp_chunks(
-    servers: Vec<meshd_protocol::fed::McpServerSet>,
-    budget: usize,
-) -> Vec<Vec<meshd_protocol::fed::McpServerSet>> {
+/// Splits `items` into parts whose estimated `size` stays within `budget` (an item
+/// larger than it goes alone). Always at least one part, so a full list is sent even
+/// when empty.
+fn parts<T>(items: Vec<T>, budget: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut used = 0usize;
-    for s in servers {
-        let size =
-            s.name.len() + s.hosted_by.len() + s.description.len() + s.tools_json.len() + 256;
-        if !current.is_empty() && used.saturating_add(size) > budget {
+    for item in items {
+        let n = size(&item);
+        if !current.is_empty() && used.saturating_add(n) > budget {
             out.push(std::mem::take(&mut current));
             used = 0;
         }
-        used = used.saturating_add(size);
-        current.push(s);
+        used = used.saturating_add(n);
+        current.push(item);
     }
     out.push(current);
     out
+}
+
+/// Upper estimate of a file entry's encoded size.
+fn file_set_size(f: &meshd_protocol::fed::FileSet) -> usize {
+    [
+        &f.id,
+        &f.name,
+        &f.sha256,
+        &f.tags,
+        &f.owner_pubkey,
+        &f.uploader_member_id,
+        &f.uploader_pubkey,
+        &f.uploaded_by_name,
+    ]
+    .iter()
+    .map(|s| s.len() + 5)
+    .sum::<usize>()
+        + f.mime_type.as_ref().map_or(0, String::len)
+        + f.target_spec.as_ref().map_or(0, String::len)
+        + 64
 }
 
 /// Tasks a peer broker is sent when its link comes up (newest first).
@@ -3154,11 +3328,13 @@ async fn live_writer(
     conn: Arc<LinkConn>,
     mut rx: mpsc::Receiver<Frame>,
     counters: Arc<LinkCounters>,
+    drained: Arc<Notify>,
 ) -> Result<(), LinkError> {
     let (mut tx, _) = conn.open(StreamClass::Live).await?;
     let mut batch = Vec::new();
     let mut buf = Vec::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
+        drained.notify_waiters();
         buf.clear();
         for f in batch.drain(..) {
             match fed::encode(&f, tx.max()) {
@@ -3174,55 +3350,63 @@ async fn live_writer(
 
 #[cfg(test)]
 mod tests {
-    use super::{HELD_FOR, HELD_FRAMES, Held};
-    use meshd_protocol::fed::{Frame, StateSet};
+    use super::{HELD_BYTES, HELD_FOR, HELD_FRAMES, Held, Popped};
     use std::time::{Duration, Instant};
 
-    fn state(by: &str, n: usize) -> Frame {
-        Frame::State(Box::new(StateSet {
-            mesh_id: "m".into(),
-            key: format!("k{n}"),
-            value: "1".into(),
-            updated_by: by.into(),
-            updated_at: 1,
-            member_pubkey: by.into(),
-        }))
-    }
-
-    fn key(f: &Frame) -> String {
-        match f {
-            Frame::State(s) => s.key.clone(),
-            _ => String::new(),
-        }
+    fn unknown(keys: &[&str]) -> Vec<(String, String)> {
+        keys.iter()
+            .map(|k| ("m".to_owned(), (*k).to_owned()))
+            .collect()
     }
 
     #[test]
-    fn held_frames_go_in_order_once_their_member_is_known() {
+    fn held_frames_keep_their_order_and_wait_for_their_members() {
         let t0 = Instant::now();
         let mut held = Held::default();
-        assert_eq!(held.hold(state("yan", 1), t0), 0);
-        assert_eq!(held.hold(state("zoe", 2), t0), 0);
-        assert_eq!(held.hold(state("yan", 3), t0), 0);
-        let (ready, expired) = held.take_ready(t0, |_, k| k == "yan");
-        assert_eq!(ready.iter().map(key).collect::<Vec<_>>(), ["k1", "k3"]);
-        assert_eq!((expired, held.frames.len()), (0, 1), "zoe's still waits");
-        // Held too long: dropped and counted, never applied.
-        let late = t0 + HELD_FOR + Duration::from_millis(1);
-        let (ready, expired) = held.take_ready(late, |_, _| true);
-        assert!(ready.is_empty());
-        assert_eq!((expired, held.frames.len()), (1, 0));
+        assert_eq!(held.push(vec![1], unknown(&["yan"]), t0), 0);
+        // A frame behind it waits for its turn, even with nobody unknown.
+        assert_eq!(held.push(vec![2], vec![], t0), 0);
+        assert_eq!(held.push(vec![3], unknown(&["zoe"]), t0), 0);
+        assert_eq!(held.deadline(), Some(t0 + HELD_FOR));
+        assert_eq!(held.pop(t0, |_, _| false), None, "yan is not known yet");
+        assert_eq!(
+            held.pop(t0, |_, k| k == "yan"),
+            Some(Popped::Ready(vec![1]))
+        );
+        assert_eq!(held.pop(t0, |_, _| false), Some(Popped::Ready(vec![2])));
+        assert_eq!(held.pop(t0, |_, k| k == "yan"), None, "zoe still unknown");
+        // Held too long: dropped, never applied.
+        let late = t0 + HELD_FOR;
+        assert_eq!(held.pop(late, |_, _| false), Some(Popped::Expired));
+        assert!(held.is_empty());
+        assert_eq!((held.bytes, held.deadline()), (0, None));
     }
 
     #[test]
-    fn a_full_hold_drops_its_oldest() {
+    fn the_hold_is_bounded_in_frames_and_bytes() {
         let t0 = Instant::now();
         let mut held = Held::default();
         for n in 0..HELD_FRAMES {
-            assert_eq!(held.hold(state("yan", n), t0), 0);
+            assert_eq!(held.push(vec![0; 8], unknown(&[&n.to_string()]), t0), 0);
         }
-        assert_eq!(held.hold(state("yan", HELD_FRAMES), t0), 1);
-        let (ready, _) = held.take_ready(t0, |_, _| true);
-        assert_eq!(ready.len(), HELD_FRAMES);
-        assert_eq!(ready.first().map(key).as_deref(), Some("k1"), "k0 went");
+        assert_eq!(held.push(vec![0; 8], vec![], t0), 1, "the oldest goes");
+        assert_eq!(held.frames.len(), HELD_FRAMES);
+        assert_eq!(
+            held.push(vec![0; HELD_BYTES], vec![], t0),
+            HELD_FRAMES,
+            "room made"
+        );
+        assert_eq!((held.frames.len(), held.bytes), (1, HELD_BYTES));
+        assert_eq!(
+            held.push(vec![0; HELD_BYTES + 1], vec![], t0),
+            1,
+            "too large alone"
+        );
+        assert_eq!(
+            held.pop(t0 + Duration::from_secs(1), |_, _| false)
+                .map(|p| p == Popped::Expired),
+            Some(false)
+        );
+        assert_eq!(held.bytes, 0);
     }
 }

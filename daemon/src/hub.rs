@@ -505,6 +505,11 @@ impl MeshHub {
         self.inner().members.get(pubkey).cloned()
     }
 
+    /// Whether `pubkey` is a member of the mesh (revoked ones included).
+    pub(crate) fn knows(&self, pubkey: &str) -> bool {
+        self.inner().members.contains_key(pubkey)
+    }
+
     /// Adds or updates a member (after `/join`).
     pub(crate) fn upsert_member(&self, pubkey: &str, info: MemberInfo) {
         self.inner().members.insert(pubkey.to_owned(), info);

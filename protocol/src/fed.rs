@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 
 /// ALPN protocol id of federation links.
 pub const ALPN: &[u8] = b"meshd-fed/1";
-/// Version carried in the hello; a peer with another major version is refused.
-pub const VERSION: u16 = 1;
+/// Version carried in the hello; a peer with another version is refused with a clear
+/// reason (frames are postcard: an unknown variant or field is a decode error). 2: the
+/// feature frames (tasks, clock, files, MCP servers sent in parts, …).
+pub const VERSION: u16 = 2;
 /// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
 pub const DEFAULT_PORT: u16 = 7901;
 /// Bytes of the length prefix.
@@ -793,6 +795,8 @@ impl Frame {
     /// those members' keys. Members are announced on the messages stream, so such a
     /// frame can overtake the announcement of a member who just joined; a receiver
     /// that does not know a key yet holds the frame until it does.
+    /// Empty keys (entries sent without one, such as catch-up state writes and file
+    /// removals) and removals of files are not attributed.
     pub fn attribution(&self) -> Option<(&str, Vec<&str>)> {
         let (mesh, keys) = match self {
             Self::Multicast(m) => (&m.mesh_id, vec![m.sender_member_pubkey.as_str()]),
@@ -811,12 +815,17 @@ impl Frame {
             Self::Task(t) => (&t.mesh_id, vec![t.creator_pubkey.as_str()]),
             Self::Files { mesh_id, files, .. } => (
                 mesh_id,
-                files.iter().map(|f| f.uploader_pubkey.as_str()).collect(),
+                files
+                    .iter()
+                    .filter(|f| !f.deleted)
+                    .map(|f| f.uploader_pubkey.as_str())
+                    .collect(),
             ),
             Self::FileUrlAsk(a) => (&a.mesh_id, vec![a.member_pubkey.as_str()]),
             _ => return None,
         };
-        Some((mesh.as_str(), keys))
+        let keys: Vec<&str> = keys.into_iter().filter(|k| !k.is_empty()).collect();
+        (!keys.is_empty()).then_some((mesh.as_str(), keys))
     }
 
     /// Whether this frame may travel on a stream of `class` (`None`: control).

@@ -414,6 +414,27 @@ async fn live_frames_wait_for_their_members_announcement() -> anyhow::Result<()>
     // Created, then claimed, before anyone told A who yan is.
     live.send(&task("t-yan", None)).await?;
     live.send(&task("t-yan", Some(now + 1))).await?;
+    // A memory of yan's, then its forgetting (a frame of nobody in particular): the
+    // forget waits behind the memory instead of overtaking it (and being lost).
+    live.send(&Frame::Memory(Box::new(wire::MemorySet {
+        mesh_id: mesh.mesh_id.clone(),
+        id: "mem-yan-1".into(),
+        content: "the staging password rotates weekly".into(),
+        tags: String::new(),
+        remembered_by: "yan-member-id-0001".into(),
+        remembered_by_pubkey: yan.clone(),
+        remembered_by_name: "yan".into(),
+        remembered_at: now,
+        forgotten_at: None,
+    })))
+    .await?;
+    live.send(&Frame::Forget {
+        mesh_id: mesh.mesh_id.clone(),
+        id: "mem-yan-1".into(),
+        at: now + 2,
+    })
+    .await?;
+    live.send(&task("t-yan-last", None)).await?;
     messages
         .send(&Frame::Members {
             mesh_id: mesh.mesh_id.clone(),
@@ -435,6 +456,22 @@ async fn live_frames_wait_for_their_members_announcement() -> anyhow::Result<()>
         (t["title"].as_str(), t["claimedBy"].as_str()),
         (Some("task t-yan"), Some("yan")),
         "{t}"
+    );
+    // Everything before the last frame was applied in order by then.
+    until_task(
+        &mut alice_c,
+        "t-yan-last",
+        "the last frame never applied",
+        |t| t["status"] == "open",
+    )
+    .await?;
+    let r = alice_c
+        .request(json!({"type": "recall", "query": "staging password"}))
+        .await?;
+    assert_eq!(
+        r["memories"],
+        json!([]),
+        "forgotten before it was stored? {r}"
     );
     let st = fed::status(a.addr).await?;
     assert_eq!(
@@ -1423,7 +1460,6 @@ async fn large_mcp_lists_cross_a_reconnect() -> anyhow::Result<()> {
     })
     .await?;
     until_mcp_names(&mut bob, &names).await?;
-    let _ = &p.mesh;
     Ok(())
 }
 
@@ -1552,7 +1588,8 @@ async fn until_task(
 }
 
 /// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A,
-/// completed again on B (the new result wins everywhere); two claims made on both sides of a cut converge, after the heal, on the earlier one.
+/// completed again on B (the new result wins everywhere); a state write made during a
+/// cut arrives with the catch-up; two claims made on both sides of a cut converge, after the heal, on the earlier one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_cross_brokers() -> anyhow::Result<()> {
     let mut p = cut_pair().await?;
@@ -1615,8 +1652,26 @@ async fn tasks_cross_brokers() -> anyhow::Result<()> {
         .await?;
     bob.request(json!({"type": "claim_task", "taskId": id2}))
         .await?;
+    // A state write made during the cut reaches B with the catch-up after the heal.
+    p.alice
+        .send(json!({"type": "set_state", "key": "phase", "value": "cut"}))
+        .await?;
+    p.alice.sync().await?;
     p.to_a.heal();
     p.to_b.heal();
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let r = bob
+            .request(json!({"type": "get_state", "key": "phase"}))
+            .await?;
+        if r["value"] == "cut" {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the state written during the cut never reached B: {r}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     until_task(
         &mut bob,
         &id2,
