@@ -663,12 +663,12 @@ async fn federation_status(
         value["quic"].as_str().unwrap_or("-")
     );
     println!(
-        "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7}  LAST ERROR",
-        "PEER", "STATE", "RTT ms", "QUEUED", "SENT", "RECEIVED", "RESENT"
+        "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>5}  LAST ERROR",
+        "PEER", "STATE", "RTT ms", "QUEUED", "SENT", "RECEIVED", "RESENT", "REFUSED", "HELD"
     );
     for l in value["links"].as_array().into_iter().flatten() {
         println!(
-            "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7}  {}",
+            "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>5}  {}",
             l["peer"].as_str().unwrap_or("?"),
             l["state"].as_str().unwrap_or("?"),
             l["rttMs"]
@@ -678,6 +678,8 @@ async fn federation_status(
             l["sent"],
             l["received"],
             l["resent"],
+            l["refused"],
+            l["held"],
             l["lastError"].as_str().unwrap_or(""),
         );
     }

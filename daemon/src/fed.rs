@@ -55,8 +55,9 @@ const OUTBOX_PAGE: i64 = 512;
 /// Live frames (broadcasts, state) waiting per link; when full, new ones are dropped
 /// and counted: they are live-only by contract, like a local slow consumer's.
 const LIVE_QUEUE: usize = 4096;
-/// Live frames read ahead of the one being applied.
-const LIVE_READ_AHEAD: usize = 64;
+/// Live frames read ahead of the one being applied (each may be a large frame; the
+/// hold bounds what waits longer).
+const LIVE_READ_AHEAD: usize = 1;
 /// Control frames waiting per link (rare: consent changes).
 const CONTROL_QUEUE: usize = 256;
 /// After a link comes up, how long the outbox waits for a consented mesh to start
@@ -311,6 +312,8 @@ struct LinkShared {
     /// The peer opened its messages stream: a second one would run a second
     /// de-duplication cursor, so it is a protocol error.
     messages_in: std::sync::atomic::AtomicBool,
+    /// The peer opened its live stream (a second one is a protocol error).
+    live_in: std::sync::atomic::AtomicBool,
     /// When the link came up.
     started: std::time::Instant,
     /// Live frames waiting for members the peer has not announced yet (see [`Held`]).
@@ -367,32 +370,33 @@ impl Held {
         self.frames.is_empty()
     }
 
-    /// Queues an encoded frame; returns how many frames were dropped to make room
-    /// (the frame itself when it alone exceeds the byte bound).
-    fn push(
-        &mut self,
-        frame: Vec<u8>,
-        unknown: Vec<(String, String)>,
-        now: std::time::Instant,
-    ) -> usize {
-        if frame.len() > HELD_BYTES {
-            return 1;
-        }
-        let mut dropped = 0;
-        while self.frames.len() >= HELD_FRAMES || self.bytes + frame.len() > HELD_BYTES {
-            let Some(w) = self.frames.pop_front() else {
-                break;
-            };
-            self.bytes -= w.frame.len();
-            dropped += 1;
-        }
+    /// Whether a frame of `len` encoded bytes fits within the bounds.
+    fn fits(&self, len: usize) -> bool {
+        self.frames.len() < HELD_FRAMES && self.bytes + len <= HELD_BYTES
+    }
+
+    /// Queues an encoded frame (the caller made room: see [`Held::fits`]).
+    fn push(&mut self, frame: Vec<u8>, unknown: Vec<(String, String)>, now: std::time::Instant) {
         self.bytes += frame.len();
         self.frames.push_back(Waiting {
             frame,
             unknown,
             until: now + HELD_FOR,
         });
-        dropped
+    }
+
+    /// Drops the front frame (to make room); whether there was one.
+    fn drop_front(&mut self) -> bool {
+        self.frames.pop_front().is_some_and(|w| {
+            self.bytes -= w.frame.len();
+            true
+        })
+    }
+
+    /// Drops everything (the stream ended); how many frames.
+    fn clear(&mut self) -> usize {
+        self.bytes = 0;
+        std::mem::take(&mut self.frames).len()
     }
 
     /// When the front frame stops waiting for its members.
@@ -737,6 +741,7 @@ impl Fed {
                     .map(|l| lock(&l.flowing).iter().cloned().collect())
                     .unwrap_or_default();
                 meshes.sort();
+                let held = live.get(&st.name).map_or(0, |l| lock(&l.held).frames.len());
                 serde_json::json!({
                     "peer": st.name,
                     "state": st.state.as_str(),
@@ -751,6 +756,7 @@ impl Fed {
                     "received": c.received.load(Ordering::Relaxed),
                     "rejected": c.rejected.load(Ordering::Relaxed),
                     "refused": c.refused.load(Ordering::Relaxed),
+                    "held": held,
                     "lastError": st.last_error,
                     "meshes": meshes,
                 })
@@ -1315,6 +1321,7 @@ impl Fed {
             outbox_wake: Notify::new(),
             counters: counters.clone(),
             messages_in: std::sync::atomic::AtomicBool::new(false),
+            live_in: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
             held: Mutex::default(),
             announced: Notify::new(),
@@ -1740,6 +1747,12 @@ impl Fed {
                         Box::pin(self.clone().inbound_presence(link.clone(), incoming.rx))
                     }
                     StreamClass::Live => {
+                        // One applier keeps the live stream's order (and its hold).
+                        if link.live_in.swap(true, Ordering::SeqCst) {
+                            return Err(LinkError::Io(
+                                "the peer opened a second live stream".into(),
+                            ));
+                        }
                         Box::pin(self.clone().inbound_live(link.clone(), incoming.rx))
                     }
                 };
@@ -2131,8 +2144,13 @@ impl Fed {
             }
             Ok::<(), LinkError>(())
         };
-        tokio::try_join!(reader, applier)?;
-        Ok(())
+        let ended = tokio::try_join!(reader, applier).map(drop);
+        // What still waits is lost with the stream (a new link catches up again).
+        let dropped = lock(&link.held).clear();
+        if dropped > 0 {
+            count_refused(&ctx, &link, RejectReason::ForgedSender, dropped);
+        }
+        ended
     }
 
     /// Applies a live frame, or holds it: when it names members the peer has not
@@ -2153,14 +2171,28 @@ impl Fed {
         if unknown.is_empty() && lock(&link.held).is_empty() {
             return self.live_frame(ctx, link, frame).await;
         }
-        let Ok(encoded) = fed::encode(&frame, usize::MAX) else {
+        // Too large to hold at all: refused.
+        let Ok(encoded) = fed::encode(&frame, HELD_BYTES - fed::LEN_PREFIX) else {
+            count_refused(ctx, link, RejectReason::ForgedSender, 1);
             return Ok(());
         };
-        let dropped = lock(&link.held).push(encoded, unknown, std::time::Instant::now());
-        if dropped > 0 {
-            count_refused(ctx, link, RejectReason::ForgedSender, dropped);
+        // Full: the oldest goes; the frames that only waited behind it apply first.
+        loop {
+            {
+                let mut held = lock(&link.held);
+                if held.fits(encoded.len()) {
+                    held.push(encoded, unknown, std::time::Instant::now());
+                    return Ok(());
+                }
+                if !held.drop_front() {
+                    // Empty and still no room: cannot happen (checked above).
+                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
+                    return Ok(());
+                }
+            }
+            count_refused(ctx, link, RejectReason::ForgedSender, 1);
+            self.release_held(ctx, link).await?;
         }
-        Ok(())
     }
 
     /// Applies held frames from the front while they are ready; drops (and counts)
@@ -2673,16 +2705,28 @@ async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
         .map_or(CATCH_UP_PART_BYTES, |f| {
             CATCH_UP_PART_BYTES.min(f.max_frame_bytes / 2)
         });
+    // MCP servers: every name first, in a frame of its own (a part holding a large
+    // registration could exceed a small frame limit and be dropped), then the servers.
     let sets = ctx.mcp.local_sets(&m);
-    let mut all = Some(sets.iter().map(|s| s.name.clone()).collect());
+    let names = Frame::McpServers {
+        mesh_id: m.clone(),
+        servers: Vec::new(),
+        all: Some(sets.iter().map(|s| s.name.clone()).collect()),
+    };
+    if !send(names).await {
+        return;
+    }
     let mcp_size = |s: &meshd_protocol::fed::McpServerSet| {
         s.name.len() + s.hosted_by.len() + s.description.len() + s.tools_json.len() + 256
     };
     for servers in parts(sets, budget, mcp_size) {
+        if servers.is_empty() {
+            continue;
+        }
         let frame = Frame::McpServers {
             mesh_id: m.clone(),
             servers,
-            all: all.take(),
+            all: None,
         };
         if !send(frame).await {
             return;
@@ -2778,7 +2822,7 @@ async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
     match ctx.db.tasks_full(&m, TASK_CATCH_UP).await {
         Ok(rows) => {
             for t in rows {
-                if !send(Frame::Task(Box::new(task_set(t)))).await {
+                if !send(Frame::Task(Box::new(task_set(hub, t)))).await {
                     return;
                 }
             }
@@ -2835,9 +2879,19 @@ fn file_set_size(f: &meshd_protocol::fed::FileSet) -> usize {
 /// Tasks a peer broker is sent when its link comes up (newest first).
 const TASK_CATCH_UP: i64 = 10_000;
 
-/// A stored task as a federation frame.
-pub(crate) fn task_set(t: crate::store::tasks::TaskFull) -> meshd_protocol::fed::TaskSet {
+/// A stored task as a federation frame (`hub`: its mesh, to tell whether this broker
+/// hosts the creator).
+pub(crate) fn task_set(
+    hub: &MeshHub,
+    t: crate::store::tasks::TaskFull,
+) -> meshd_protocol::fed::TaskSet {
+    let creator_hosted = t
+        .creator_pubkey
+        .as_deref()
+        .and_then(|k| hub.member(k))
+        .is_some_and(|m| m.home.is_none());
     meshd_protocol::fed::TaskSet {
+        creator_hosted,
         tags: serde_json::from_str(&t.tags).unwrap_or_default(),
         mesh_id: t.mesh_id,
         id: t.id,
@@ -3363,10 +3417,10 @@ mod tests {
     fn held_frames_keep_their_order_and_wait_for_their_members() {
         let t0 = Instant::now();
         let mut held = Held::default();
-        assert_eq!(held.push(vec![1], unknown(&["yan"]), t0), 0);
+        held.push(vec![1], unknown(&["yan"]), t0);
         // A frame behind it waits for its turn, even with nobody unknown.
-        assert_eq!(held.push(vec![2], vec![], t0), 0);
-        assert_eq!(held.push(vec![3], unknown(&["zoe"]), t0), 0);
+        held.push(vec![2], vec![], t0);
+        held.push(vec![3], unknown(&["zoe"]), t0);
         assert_eq!(held.deadline(), Some(t0 + HELD_FOR));
         assert_eq!(held.pop(t0, |_, _| false), None, "yan is not known yet");
         assert_eq!(
@@ -3387,24 +3441,19 @@ mod tests {
         let t0 = Instant::now();
         let mut held = Held::default();
         for n in 0..HELD_FRAMES {
-            assert_eq!(held.push(vec![0; 8], unknown(&[&n.to_string()]), t0), 0);
+            assert!(held.fits(8));
+            held.push(vec![0; 8], unknown(&[&n.to_string()]), t0);
         }
-        assert_eq!(held.push(vec![0; 8], vec![], t0), 1, "the oldest goes");
-        assert_eq!(held.frames.len(), HELD_FRAMES);
+        assert!(!held.fits(1), "frames");
+        assert!(held.drop_front());
+        assert!(held.fits(8));
+        assert_eq!(held.clear(), HELD_FRAMES - 1);
+        assert!(!held.drop_front());
+        held.push(vec![0; HELD_BYTES - 1], vec![], t0);
+        assert!(held.fits(1) && !held.fits(2), "bytes");
+        let later = t0 + Duration::from_secs(1);
         assert_eq!(
-            held.push(vec![0; HELD_BYTES], vec![], t0),
-            HELD_FRAMES,
-            "room made"
-        );
-        assert_eq!((held.frames.len(), held.bytes), (1, HELD_BYTES));
-        assert_eq!(
-            held.push(vec![0; HELD_BYTES + 1], vec![], t0),
-            1,
-            "too large alone"
-        );
-        assert_eq!(
-            held.pop(t0 + Duration::from_secs(1), |_, _| false)
-                .map(|p| p == Popped::Expired),
+            held.pop(later, |_, _| false).map(|p| p == Popped::Expired),
             Some(false)
         );
         assert_eq!(held.bytes, 0);

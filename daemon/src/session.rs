@@ -1771,12 +1771,13 @@ impl Live {
         let me = self.display_name.clone();
         let member_pubkey = self.member_pubkey.clone();
         let fed = self.ctx.fed.clone();
+        let hub = self.mesh.clone();
         // A task that changed here goes to the mesh's other brokers.
         let replicate = move |db: crate::store::Db, mesh_id: String, id: String| async move {
             if let Some(fed) = fed
                 && let Ok(Some(t)) = db.task_full(&mesh_id, &id).await
             {
-                fed.task_changed(crate::fed::task_set(t));
+                fed.task_changed(crate::fed::task_set(&hub, t));
             }
         };
         self.pending.push_back(Box::pin(async move {

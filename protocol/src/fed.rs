@@ -312,6 +312,10 @@ pub struct TaskSet {
     pub created_by: Option<String>,
     /// Creator's member key (a new task must come from the broker hosting it).
     pub creator_pubkey: String,
+    /// The sender hosts the creator: a receiver that does not know the creator yet
+    /// waits for its announcement. (Claims and completions of other brokers' tasks
+    /// are sent too; nothing will announce those creators on this link.)
+    pub creator_hosted: bool,
     /// Created (ms).
     pub created_at: i64,
     /// Claimer's display name.
@@ -795,8 +799,9 @@ impl Frame {
     /// those members' keys. Members are announced on the messages stream, so such a
     /// frame can overtake the announcement of a member who just joined; a receiver
     /// that does not know a key yet holds the frame until it does.
-    /// Empty keys (entries sent without one, such as catch-up state writes and file
-    /// removals) and removals of files are not attributed.
+    /// Empty keys (entries sent without one, such as catch-up state writes), removals
+    /// of files and MCP servers, and tasks of members the sender does not host are not
+    /// attributed.
     pub fn attribution(&self) -> Option<(&str, Vec<&str>)> {
         let (mesh, keys) = match self {
             Self::Multicast(m) => (&m.mesh_id, vec![m.sender_member_pubkey.as_str()]),
@@ -809,10 +814,14 @@ impl Frame {
                 mesh_id, servers, ..
             } => (
                 mesh_id,
-                servers.iter().map(|s| s.member_pubkey.as_str()).collect(),
+                servers
+                    .iter()
+                    .filter(|s| !s.removed)
+                    .map(|s| s.member_pubkey.as_str())
+                    .collect(),
             ),
             Self::McpCall(c) => (&c.mesh_id, vec![c.caller_member_pubkey.as_str()]),
-            Self::Task(t) => (&t.mesh_id, vec![t.creator_pubkey.as_str()]),
+            Self::Task(t) if t.creator_hosted => (&t.mesh_id, vec![t.creator_pubkey.as_str()]),
             Self::Files { mesh_id, files, .. } => (
                 mesh_id,
                 files

@@ -404,6 +404,7 @@ async fn live_frames_wait_for_their_members_announcement() -> anyhow::Result<()>
             tags: vec![],
             created_by: Some("yan".into()),
             creator_pubkey: yan.clone(),
+            creator_hosted: true,
             created_at: now,
             claimed_by: claimed.map(|_| "yan".into()),
             claimed_at: claimed,
@@ -435,6 +436,9 @@ async fn live_frames_wait_for_their_members_announcement() -> anyhow::Result<()>
     })
     .await?;
     live.send(&task("t-yan-last", None)).await?;
+    // A has read all five and holds them (the first names yan; the rest wait behind it).
+    fed::wait_link(a.addr, B, "five frames held", |l| l["held"] == 5).await?;
+    let announced = std::time::Instant::now();
     messages
         .send(&Frame::Members {
             mesh_id: mesh.mesh_id.clone(),
@@ -472,6 +476,13 @@ async fn live_frames_wait_for_their_members_announcement() -> anyhow::Result<()>
         r["memories"],
         json!([]),
         "forgotten before it was stored? {r}"
+    );
+    // Released by the announcement, not by the hold's 10 s deadline (which would let
+    // them through as well, yan being known by then).
+    assert!(
+        announced.elapsed() < Duration::from_secs(5),
+        "released after {:?}",
+        announced.elapsed()
     );
     let st = fed::status(a.addr).await?;
     assert_eq!(
