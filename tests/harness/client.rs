@@ -529,7 +529,12 @@ impl Client {
         .await
     }
 
-    async fn poll(
+    /// Sends `frame` as a request until its answer satisfies `pred` (backing off up to
+    /// 100 ms between tries); the answer.
+    ///
+    /// # Errors
+    /// [`patience`] passed (naming `what` and the last answer), or the socket failed.
+    pub async fn poll(
         &mut self,
         what: &str,
         frame: Value,

@@ -16,16 +16,12 @@ both! {
         a.send(json!({"type": "set_state", "key": "plan", "value": "secret plan"})).await?;
         a.dm(&c.key(), "hello", "now").await?;
 
-        let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-        let page = loop {
-            let v = a.request(json!({"type": "audit_query"})).await?;
-            // The page and the total are read separately: wait for the page itself.
-            if v["entries"].as_array().map(Vec::len) >= Some(6) && v["total"].as_i64() >= Some(6) {
-                break v;
-            }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "entries missing: {v}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        // The page and the total are read separately: wait for the page itself.
+        let page = a
+            .poll("six audit entries", json!({"type": "audit_query"}), |v| {
+                v["entries"].as_array().map(Vec::len) >= Some(6) && v["total"].as_i64() >= Some(6)
+            })
+            .await?;
         assert_eq!(page["type"], "audit_result");
         let entries = page["entries"].as_array().unwrap();
         let kinds: Vec<&str> = entries.iter().filter_map(|e| e["eventType"].as_str()).collect();

@@ -1145,39 +1145,26 @@ async fn skills_replicate_across_brokers() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(ack["action"], "shared");
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let got = bob
-            .request(json!({"type": "get_skill", "name": "triage"}))
-            .await?;
-        if !got["skill"].is_null() {
-            assert_eq!(got["skill"]["instructions"], "page the on-call");
-            assert_eq!(got["skill"]["author"], "alice");
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the skill never reached B: {got}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let got = bob
+        .poll(
+            "the skill at B",
+            json!({"type": "get_skill", "name": "triage"}),
+            |g| !g["skill"].is_null(),
+        )
+        .await?;
+    assert_eq!(got["skill"]["instructions"], "page the on-call");
+    assert_eq!(got["skill"]["author"], "alice");
     let rm = bob
         .request(json!({"type": "remove_skill", "name": "triage"}))
         .await?;
     assert_eq!(rm["action"], "removed");
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let got = p
-            .alice
-            .request(json!({"type": "get_skill", "name": "triage"}))
-            .await?;
-        if got["skill"].is_null() {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the removal never reached A: {got}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    p.alice
+        .poll(
+            "the removal at A",
+            json!({"type": "get_skill", "name": "triage"}),
+            |g| g["skill"].is_null(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -1398,32 +1385,28 @@ async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Names of the MCP servers `client` lists, sorted.
-async fn mcp_names(client: &mut Client) -> anyhow::Result<Vec<String>> {
-    let list = client.request(json!({"type": "mcp_list"})).await?;
+/// Names of the MCP servers an `mcp_list` answer lists, sorted.
+fn mcp_names(list: &Value) -> Vec<String> {
     let mut names: Vec<String> = list["servers"]
         .as_array()
-        .context("servers")?
-        .iter()
+        .into_iter()
+        .flatten()
         .filter_map(|s| s["name"].as_str().map(str::to_owned))
         .collect();
     names.sort();
-    Ok(names)
+    names
 }
 
 /// Polls `client`'s `mcp_list` until it names exactly `want`.
 async fn until_mcp_names(client: &mut Client, want: &[String]) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let names = mcp_names(client).await?;
-        if names == want {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("MCP servers listed: {names:?}, wanted {want:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    client
+        .poll(
+            &format!("MCP servers {want:?}"),
+            json!({"type": "mcp_list"}),
+            |l| mcp_names(l) == want,
+        )
+        .await
+        .map(drop)
 }
 
 /// The full MCP list a broker sends when a link comes up may exceed a frame: it is sent
@@ -1463,7 +1446,10 @@ async fn large_mcp_lists_cross_a_reconnect() -> anyhow::Result<()> {
         .send(json!({"type": "mcp_unregister", "serverName": "srv0"}))
         .await?;
     names.remove(0);
-    assert_eq!(mcp_names(&mut p.alice).await?, names);
+    assert_eq!(
+        mcp_names(&p.alice.request(json!({"type": "mcp_list"})).await?),
+        names
+    );
     p.to_a.heal();
     p.to_b.heal();
     fed::wait_link(p.a.addr, B, "up again", |l| {
@@ -1498,18 +1484,12 @@ async fn files_cross_brokers() -> anyhow::Result<()> {
     let up: Value = serde_json::from_slice(&body)?;
     assert_eq!(st, 200, "{up}");
     let id = up["fileId"].as_str().unwrap_or_default().to_owned();
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let l = bob.request(json!({"type": "list_files"})).await?;
-        if l["files"][0]["id"] == id.as_str() {
-            assert_eq!(l["files"][0]["uploadedBy"], "alice");
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("A's file never reached B's list: {l}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let l = bob
+        .poll("A's file in B's list", json!({"type": "list_files"}), |l| {
+            l["files"][0]["id"] == id.as_str()
+        })
+        .await?;
+    assert_eq!(l["files"][0]["uploadedBy"], "alice");
     let url = bob
         .request(json!({"type": "get_file", "fileId": id}))
         .await?;
@@ -1529,17 +1509,10 @@ async fn files_cross_brokers() -> anyhow::Result<()> {
     p.alice
         .request(json!({"type": "delete_file", "fileId": id}))
         .await?;
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let l = bob.request(json!({"type": "list_files"})).await?;
-        if l["files"] == json!([]) {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the deletion never reached B: {l}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    bob.poll("the deletion at B", json!({"type": "list_files"}), |l| {
+        l["files"] == json!([])
+    })
+    .await?;
     Ok(())
 }
 
@@ -1559,18 +1532,13 @@ async fn clock_crosses_brokers() -> anyhow::Result<()> {
     assert_eq!(tick["eventData"]["speed"], 100, "{tick}");
     let paused = bob.request(json!({"type": "pause_clock"})).await?;
     assert_eq!(paused["paused"], true, "{paused}");
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let c = p.alice.request(json!({"type": "get_clock"})).await?;
-        if c["paused"] == true {
-            assert_eq!(c["speed"], 100);
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the pause on B never reached A: {c}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let c = p
+        .alice
+        .poll("B's pause at A", json!({"type": "get_clock"}), |c| {
+            c["paused"] == true
+        })
+        .await?;
+    assert_eq!(c["speed"], 100);
     Ok(())
 }
 
@@ -1581,26 +1549,22 @@ async fn until_task(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> anyhow::Result<Value> {
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let l = c.request(json!({"type": "list_tasks"})).await?;
-        let t = l["tasks"]
+    let task = |l: &Value| {
+        l["tasks"]
             .as_array()
             .and_then(|ts| ts.iter().find(|t| t["id"] == id).cloned())
-            .unwrap_or_default();
-        if pred(&t) {
-            return Ok(t);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{what}: {l}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .unwrap_or_default()
+    };
+    let l = c
+        .poll(what, json!({"type": "list_tasks"}), |l| pred(&task(l)))
+        .await?;
+    Ok(task(&l))
 }
 
 /// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A,
 /// completed again on B (the new result wins everywhere); a state write made during a
-/// cut arrives with the catch-up; two claims made on both sides of a cut converge, after the heal, on the earlier one.
+/// cut arrives with the catch-up; two claims made on both sides of a cut converge,
+/// after the heal, on the earlier one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_cross_brokers() -> anyhow::Result<()> {
     let mut p = cut_pair().await?;
@@ -1670,19 +1634,12 @@ async fn tasks_cross_brokers() -> anyhow::Result<()> {
     p.alice.sync().await?;
     p.to_a.heal();
     p.to_b.heal();
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let r = bob
-            .request(json!({"type": "get_state", "key": "phase"}))
-            .await?;
-        if r["value"] == "cut" {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the state written during the cut never reached B: {r}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    bob.poll(
+        "the state written during the cut, at B",
+        json!({"type": "get_state", "key": "phase"}),
+        |r| r["value"] == "cut",
+    )
+    .await?;
     until_task(
         &mut bob,
         &id2,
@@ -1704,18 +1661,13 @@ async fn until_recall(
     what: &str,
     pred: impl Fn(&[Value]) -> bool,
 ) -> anyhow::Result<Vec<Value>> {
-    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
-    loop {
-        let r = c.request(json!({"type": "recall", "query": query})).await?;
-        let found = r["memories"].as_array().cloned().unwrap_or_default();
-        if pred(&found) {
-            return Ok(found);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{what}: {r}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let found = |r: &Value| r["memories"].as_array().cloned().unwrap_or_default();
+    let r = c
+        .poll(what, json!({"type": "recall", "query": query}), |r| {
+            pred(&found(r))
+        })
+        .await?;
+    Ok(found(&r))
 }
 
 /// Memory and contexts are the mesh's on every broker: a note remembered on A is
