@@ -26,127 +26,6 @@ use crate::hub::MemberInfo;
 use crate::ids::{now_ms, random_id};
 use crate::store::writer::{JoinOp, JoinOutcome, WriteOp};
 
-/// Largest status-hook body.
-const HOOK_BODY_LIMIT: usize = 16 * 1024;
-/// Status hooks per key: 30 a minute, burst 30 (as the reference).
-const HOOK_RATE_PER_MIN: f64 = 30.0;
-/// How long a hook that found no presence waits for one to connect.
-const PENDING_STATUS_MS: i64 = 10_000;
-
-#[derive(Deserialize)]
-struct StatusHook {
-    #[serde(default)]
-    cwd: Option<String>,
-    #[serde(default)]
-    pid: Option<f64>,
-    #[serde(default)]
-    status: Option<String>,
-    #[serde(default)]
-    session_id: Option<String>,
-}
-
-/// `POST /hook/set-status` (Claude Code hooks). Unlike the reference, which let anyone
-/// flip any presence with that cwd in any mesh, a hook only reaches presences connected
-/// from the same address; it cannot set or lift `dnd`.
-async fn set_status_hook(
-    State(ctx): State<Arc<Ctx>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    let reply = |code: StatusCode, v: serde_json::Value| (code, axum::Json(v)).into_response();
-    let Ok(hook) = serde_json::from_slice::<StatusHook>(&body) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"ok": false, "error": "invalid JSON"}),
-        );
-    };
-    let (Some(cwd), Some(status)) = (hook.cwd.filter(|c| !c.is_empty()), hook.status) else {
-        return reply(
-            StatusCode::OK,
-            json!({"ok": false, "error": "cwd and status required"}),
-        );
-    };
-    let status = match meshd_protocol::Status::parse(&status) {
-        Some(meshd_protocol::Status::Dnd) => {
-            return reply(
-                StatusCode::OK,
-                json!({"ok": false, "error": "hooks cannot set dnd"}),
-            );
-        }
-        Some(s) => s,
-        None => {
-            return reply(
-                StatusCode::OK,
-                json!({"ok": false, "error": "status must be idle or working"}),
-            );
-        }
-    };
-    let key = format!("{}:{cwd}", hook.pid.unwrap_or(0.0));
-    let allowed = crate::hub::lock(&ctx.hook_buckets)
-        .entry(key)
-        .or_insert_with(|| crate::session::Bucket::per_minute(HOOK_RATE_PER_MIN))
-        .take(tokio::time::Instant::now());
-    if !allowed {
-        return reply(
-            StatusCode::TOO_MANY_REQUESTS,
-            json!({"ok": false, "error": "rate limited"}),
-        );
-    }
-    let now = now_ms();
-    let ip = client_ip(&ctx, remote, &headers);
-    let best = ctx
-        .hub
-        .all()
-        .into_iter()
-        .filter_map(|m| {
-            m.hook_target(ip, &cwd, hook.session_id.as_deref())
-                .map(|t| (m, t))
-        })
-        .max_by_key(|(_, (conn, _, at, by_session))| (*by_session, *at, *conn));
-    let Some((mesh, (conn, presence_id, _, _))) = best else {
-        crate::hub::lock(&ctx.pending_status).insert((ip, cwd), (status, now + PENDING_STATUS_MS));
-        return reply(StatusCode::OK, json!({"ok": true, "pending": true}));
-    };
-    let fresh =
-        i64::try_from(meshd_config::defaults::STATUS_FRESH_WINDOW.as_millis()).unwrap_or(i64::MAX);
-    mesh.with_peer(conn, |p| {
-        if p.status.status == meshd_protocol::Status::Dnd {
-            return;
-        }
-        let before = p.status.status.max_admitted();
-        p.status.write(
-            status,
-            meshd_protocol::status::StatusSource::Hook,
-            now,
-            fresh,
-        );
-        // Becoming available releases held messages at once (the reference drained here).
-        if p.status.status.max_admitted() > before {
-            p.shared.spill();
-        }
-    });
-    if let Some(fed) = &ctx.fed {
-        fed.presence_changed(&mesh, conn);
-    }
-    reply(
-        StatusCode::OK,
-        json!({"ok": true, "presence_id": presence_id}),
-    )
-}
-
-/// A stashed hook status for a session connecting from `ip` with `cwd`, if fresh.
-pub(crate) fn take_pending_status(
-    ctx: &Ctx,
-    ip: std::net::IpAddr,
-    cwd: &str,
-    now: i64,
-) -> Option<meshd_protocol::Status> {
-    let mut pending = crate::hub::lock(&ctx.pending_status);
-    pending.retain(|_, (_, expires)| *expires > now);
-    pending.remove(&(ip, cwd.to_owned())).map(|(s, _)| s)
-}
-
 /// The client's address: the connection's, or, when that is a trusted reverse proxy,
 /// the rightmost `X-Forwarded-For` address that is not itself a trusted proxy (proxies
 /// append, so addresses left of it could be forged by the client).
@@ -172,7 +51,7 @@ pub(crate) fn client_ip(ctx: &Ctx, remote: SocketAddr, headers: &axum::http::Hea
 /// Largest webhook body.
 pub(crate) const WEBHOOK_BODY_LIMIT: usize = 64 * 1024;
 /// Posts per second (and burst) one webhook accepts.
-const WEBHOOK_RATE: (u32, u32) = (10, 20);
+pub(crate) const WEBHOOK_RATE: (u32, u32) = (10, 20);
 
 /// The HTTP base of the public URL (`ws://host/ws` → `http://host`), for webhook URLs.
 pub(crate) fn hook_base(config: &meshd_config::Config) -> String {
@@ -217,14 +96,13 @@ async fn webhook(
             found = Some(w);
         }
     }
+    // A wrong, deleted or never-created secret (or mesh) is the reference's 401.
     let Some(hook) = found else {
-        return fail(StatusCode::NOT_FOUND, "no such webhook");
+        return fail(StatusCode::UNAUTHORIZED, "unauthorized");
     };
-    let allowed = crate::hub::lock(&ctx.webhook_buckets)
-        .entry(hook.id.clone())
-        .or_insert_with(|| crate::session::Bucket::new(WEBHOOK_RATE.0, WEBHOOK_RATE.1))
-        .take(tokio::time::Instant::now());
-    if !allowed {
+    let allowed =
+        crate::hub::lock(&ctx.webhook_buckets).take(hook.id.clone(), tokio::time::Instant::now());
+    if allowed != crate::ratelimit::Take::Allowed {
         return fail(
             StatusCode::TOO_MANY_REQUESTS,
             "rate limited: at most 10 posts per second",
@@ -294,7 +172,8 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/files/{mesh_id}/{file_id}", get(crate::files::download))
         .route(
             "/hook/set-status",
-            post(set_status_hook).layer(DefaultBodyLimit::max(HOOK_BODY_LIMIT)),
+            post(crate::hooks::set_status)
+                .layer(DefaultBodyLimit::max(crate::hooks::HOOK_BODY_LIMIT)),
         )
         .route(
             "/hook/{mesh_id}/{secret}",
@@ -383,11 +262,24 @@ async fn health(State(ctx): State<Arc<Ctx>>) -> Response {
 }
 
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.metrics.render(ctx.uptime()),
-    )
-        .into_response()
+    let mut out = ctx.metrics.render(ctx.uptime());
+    render_tables(&ctx, &mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Gauges of the bounded in-memory tables that strangers can make grow.
+fn render_tables(ctx: &Ctx, out: &mut String) {
+    use std::fmt::Write as _;
+    let (hook_keys, hook_pending) = ctx.hooks.sizes();
+    let webhook_keys = crate::hub::lock(&ctx.webhook_buckets).len();
+    let _ = writeln!(
+        out,
+        "# HELP meshd_table_entries Entries in bounded in-memory tables, by table.\n\
+         # TYPE meshd_table_entries gauge\n\
+         meshd_table_entries{{table=\"hook_rate_keys\"}} {hook_keys}\n\
+         meshd_table_entries{{table=\"hook_pending\"}} {hook_pending}\n\
+         meshd_table_entries{{table=\"webhook_rate_keys\"}} {webhook_keys}"
+    );
 }
 
 /// Each link to a peer broker: state, RTT, queued, counters, last error.

@@ -14,11 +14,13 @@ mod clock;
 mod cron;
 mod fed;
 mod files;
+mod hooks;
 mod http;
 mod hub;
 mod ids;
 mod mcp;
 mod metrics;
+mod ratelimit;
 mod relay;
 mod reminders;
 mod session;
@@ -95,15 +97,10 @@ pub(crate) struct Ctx {
     pub(crate) mcp: mcp::Mcp,
     pub(crate) files: files::Files,
     pub(crate) relay: relay::Relay,
-    /// Rate limits of status hooks, by `pid:cwd` (the reference's key).
-    pub(crate) hook_buckets: std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
-    /// Status hooks that found no presence yet: (address, cwd) → (status, expiry ms).
-    pub(crate) pending_status: std::sync::Mutex<
-        std::collections::HashMap<(std::net::IpAddr, String), (meshd_protocol::Status, i64)>,
-    >,
-    /// Rate limits of inbound webhooks, by webhook id.
-    pub(crate) webhook_buckets:
-        std::sync::Mutex<std::collections::HashMap<String, session::Bucket>>,
+    /// Status hooks' rate limits and waiting statuses.
+    pub(crate) hooks: hooks::StatusHooks,
+    /// Rate limits of inbound webhooks, by webhook id (only existing webhooks get one).
+    pub(crate) webhook_buckets: std::sync::Mutex<ratelimit::Buckets<String>>,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -187,9 +184,12 @@ impl Daemon {
                 mcp
             },
             audit: Arc::new(audit::Audit::new(audit_key, db.clone())),
-            webhook_buckets: std::sync::Mutex::default(),
-            hook_buckets: std::sync::Mutex::default(),
-            pending_status: std::sync::Mutex::default(),
+            webhook_buckets: std::sync::Mutex::new(ratelimit::Buckets::per_second(
+                http::WEBHOOK_RATE.0,
+                http::WEBHOOK_RATE.1,
+                65_536,
+            )),
+            hooks: hooks::StatusHooks::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
             config,
@@ -445,6 +445,8 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
             }
             Err(e) => warn!(cause = %e, "revocation watch"),
         }
+        ctx.hooks.prune(now, tokio::time::Instant::now());
+        hub::lock(&ctx.webhook_buckets).prune(tokio::time::Instant::now());
         let ttl = i64::try_from(ctx.config.limits.status_ttl.as_millis()).unwrap_or(i64::MAX);
         for mesh in ctx.hub.all() {
             for conn in mesh.expire_statuses(now, ttl) {

@@ -57,6 +57,12 @@ const FED_REFUSALS: &[&str] = &[
     "invalid",
     "other",
 ];
+const HTTP_REFUSALS: &[&str] = &[
+    "hook_rate_limited",
+    "hook_table_full",
+    "hook_invalid",
+    "other",
+];
 const PRIORITIES: &[&str] = &["now", "next", "low", "other"];
 const CONN_REJECTS: &[&str] = &[
     "capacity",
@@ -90,6 +96,7 @@ const MSG_REJECTS: &[&str] = &[
 ];
 const FRAME_DROPS: &[&str] = &[
     "malformed",
+    "unknown",
     "invalid",
     "unsupported",
     "oversized",
@@ -131,6 +138,8 @@ pub(crate) struct Metrics {
     /// The writer's last batch committed.
     pub(crate) writer_healthy: AtomicBool,
     pub(crate) joins: Labeled,
+    /// HTTP requests refused by a limit, by reason.
+    pub(crate) http_refused: Labeled,
     /// Federation links currently up.
     pub(crate) fed_links_up: AtomicI64,
     /// Frames from peer brokers refused, by reason.
@@ -168,6 +177,7 @@ impl Default for Metrics {
             db_reachable: AtomicBool::new(true),
             writer_healthy: AtomicBool::new(true),
             joins: Labeled::new("result", JOIN_RESULTS),
+            http_refused: Labeled::new("reason", HTTP_REFUSALS),
             fed_links_up: AtomicI64::new(0),
             fed_refused: Labeled::new("reason", FED_REFUSALS),
             fed_received: AtomicU64::new(0),
@@ -331,6 +341,12 @@ impl Metrics {
             "meshd_joins_total",
             "POST /join outcomes.",
             &self.joins,
+        );
+        l(
+            &mut out,
+            "meshd_http_refused_total",
+            "HTTP requests refused by a limit (rate, table size, field size), by reason.",
+            &self.http_refused,
         );
         c(
             &mut out,

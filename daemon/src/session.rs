@@ -44,6 +44,7 @@ use crate::hub::{
     system_push,
 };
 use crate::ids::{now_ms, random_id};
+use crate::ratelimit::Bucket;
 use crate::store::StoreError;
 use crate::store::writer::{
     ClaimSpec, Claimed, Delivery, DirectKey, NewMessage, PeerStateWrite, WriteOp,
@@ -216,7 +217,11 @@ async fn handshake(
                 continue;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None => return None,
+            Some(Ok(Message::Close(_))) => {
+                answer_close(socket).await;
+                return None;
+            }
+            None => return None,
             Some(Err(e)) => {
                 oversize_close(ctx, socket, &e).await;
                 return None;
@@ -266,6 +271,13 @@ async fn handshake(
             Verdict::Request(_) | Verdict::Ignore(_) => {}
         }
     }
+}
+
+/// Sends the Close frame that answers the client's (RFC 6455 §5.5.1): the WebSocket
+/// layer queued it when the client's arrived; a flush writes it. Bounded, as a client
+/// that closes may also stop reading.
+async fn answer_close(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.flush()).await;
 }
 
 /// Closes a connection whose frame exceeded the size limit, with a clear reason.
@@ -466,7 +478,7 @@ async fn authenticate(
         remote_ip,
     };
     // A status hook that fired just before this session connected (same address, cwd).
-    let stashed = crate::http::take_pending_status(ctx, remote_ip, &peer.cwd, now);
+    let stashed = ctx.hooks.take_pending(remote_ip, &peer.cwd, now);
     let mut peer = peer;
     if let Some(status) = stashed {
         let fresh = i64::try_from(meshd_config::defaults::STATUS_FRESH_WINDOW.as_millis())
@@ -528,9 +540,11 @@ async fn authenticate(
         member_pubkey: ident.member_pubkey,
         session_pubkey: ident.session_pubkey,
         display_name,
+        // `peer_returned` only for a plain hello with saved state, as the reference: the
+        // newest CLI maps only `peer_joined`/`peer_left` for its sessions.
         announce: if reattached {
             None
-        } else if saved.is_some() {
+        } else if saved.is_some() && !ident.session {
             Some(Arrival {
                 event: "peer_returned",
                 returned: saved.map(|s| (s.last_seen_at, s.last_summary)),
@@ -568,51 +582,6 @@ struct Ident {
     session_pubkey: Option<String>,
     /// Authenticated with `session_hello` (HEAD): acknowledges pushes, role `session`.
     session: bool,
-}
-
-/// Token bucket (rate 0 = unlimited): `send`s per connection, posts per webhook.
-#[derive(Debug)]
-pub(crate) struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    pub(crate) fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            last: Instant::now(),
-        }
-    }
-
-    /// `per_min` tokens a minute, bursting to as many.
-    pub(crate) fn per_minute(per_min: f64) -> Self {
-        Self {
-            rate: per_min / 60.0,
-            burst: per_min,
-            tokens: per_min,
-            last: Instant::now(),
-        }
-    }
-
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// How a new presence is announced: `peer_joined`, or `peer_returned` with the last
@@ -841,6 +810,10 @@ impl Live {
                 Some(CloseReason::Shutdown.frame())
             }
             "idle_timeout" => Some((1001, "idle timeout")),
+            "client" => {
+                answer_close(&mut socket).await;
+                None
+            }
             _ => None,
         };
         if ended == "revoked" {
@@ -3567,16 +3540,5 @@ mod tests {
         };
         let c = cumulative(prev, fresh);
         assert_eq!((c.messages_in, c.errors), (13, 1));
-    }
-
-    #[test]
-    fn bucket_refills() {
-        let mut b = Bucket::new(10, 2);
-        let t = Instant::now();
-        assert!(b.take(t) && b.take(t));
-        assert!(!b.take(t));
-        assert!(b.take(t + Duration::from_millis(150)));
-        let mut unlimited = Bucket::new(0, 0);
-        assert!((0..1000).all(|_| unlimited.take(t)));
     }
 }

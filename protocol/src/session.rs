@@ -148,13 +148,19 @@ impl Session {
                 }
                 Ok(inbound) => Verdict::Request(inbound),
                 Err(DecodeError::Malformed(_)) => Verdict::Ignore("malformed"),
-                Err(DecodeError::UnknownType { kind, req_id }) => Verdict::Reply(
+                // Only a frame with `_reqId` can be told it was not understood: claudemesh
+                // clients hand an uncorrelated error to whichever request waits first.
+                Err(DecodeError::UnknownType {
+                    kind,
+                    req_id: Some(req_id),
+                }) => Verdict::Reply(
                     ErrorFrame::new(
                         "unknown_message_type",
                         format!("unknown message type {kind:?}"),
                     )
-                    .with_req_id(req_id),
+                    .with_req_id(Some(req_id)),
                 ),
+                Err(DecodeError::UnknownType { req_id: None, .. }) => Verdict::Ignore("unknown"),
                 Err(DecodeError::Invalid {
                     kind,
                     req_id,
@@ -227,6 +233,12 @@ mod tests {
             code(&s.on_text(r#"{"type":"warp","_reqId":"r9"}"#)),
             "unknown_message_type"
         );
+        // Without a _reqId there is nobody to tell: silence (the CLI would hand the
+        // error to an unrelated waiter).
+        assert!(matches!(
+            s.on_text(r#"{"type":"warp"}"#),
+            Verdict::Ignore("unknown")
+        ));
         assert_eq!(
             code(&s.on_text(r#"{"type":"vector_search","query":"q","_reqId":"r"}"#)),
             "unsupported"

@@ -146,6 +146,22 @@ pub fn hello_frame(member: &Member, opts: &HelloOpts, timestamp: i64) -> Value {
     v
 }
 
+/// Builds a signed `session_hello` as the newest CLI does: `session` is the session key,
+/// vouched for by the member key for an hour.
+pub fn session_hello_frame(member: &Member, session: &Keypair, timestamp: i64) -> Value {
+    let (mpk, spk) = (member.keys.public_hex(), session.public_hex());
+    let expires_at = timestamp + 3_600_000;
+    json!({
+        "type": "session_hello", "protocolVersion": 1, "meshId": member.mesh_id,
+        "parentMemberId": member.member_id, "parentMemberPubkey": mpk, "sessionPubkey": spk,
+        "parentAttestation": {"sessionPubkey": spk, "parentMemberPubkey": mpk, "expiresAt": expires_at,
+            "signature": member.keys.sign_hex(&format!("claudemesh-session-attest|{mpk}|{spk}|{expires_at}"))},
+        "displayName": member.display_name, "sessionId": format!("s-{timestamp}"), "pid": std::process::id(),
+        "cwd": "/work/project", "channel": "claudemesh-session", "timestamp": timestamp,
+        "signature": session.sign_hex(&format!("claudemesh-session-hello|{}|{mpk}|{spk}|{timestamp}", member.mesh_id)),
+    })
+}
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A WebSocket with JSON helpers and no protocol logic (for handshake tests).
@@ -300,6 +316,33 @@ impl RawWs {
         self.closed.clone().flatten()
     }
 
+    /// Sends a Close frame (code 1000) and waits for the broker's answering Close
+    /// (RFC 6455 §5.5.1): `Some(its code and reason, if any)`, or `None` if the connection
+    /// just ended without one.
+    pub async fn close_handshake(&mut self) -> Option<Option<(u16, String)>> {
+        let _ = self
+            .ws
+            .send(Message::Close(Some(CloseFrame {
+                code: 1000.into(),
+                reason: "bye".into(),
+            })))
+            .await;
+        let deadline = Instant::now() + patience();
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Some(
+                        frame.map(|CloseFrame { code, reason }| {
+                            (u16::from(code), reason.to_string())
+                        }),
+                    );
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) | Err(_) => return None,
+            }
+        }
+    }
+
     /// The text of the most recent frames read, as the broker sent them.
     pub fn raw_texts(&self) -> &VecDeque<String> {
         &self.raw
@@ -353,6 +396,32 @@ impl Client {
             ws,
             member: member.clone(),
             session: opts.session,
+            hello_ack: ack,
+            next_req: 0,
+        })
+    }
+
+    /// Connects and authenticates with `session_hello` (CLI 1.37 and the newest SDK).
+    ///
+    /// # Errors
+    /// Connection failure or a refused hello.
+    pub async fn connect_session(url: &str, member: &Member) -> anyhow::Result<Self> {
+        let session = Keypair::generate();
+        let mut ws = RawWs::connect(url).await?;
+        ws.send_json(&session_hello_frame(member, &session, unique_ts()))
+            .await?;
+        let ack = ws
+            .expect_within("hello_ack", Duration::from_secs(5).max(patience()), |v| {
+                v["type"] == "hello_ack" || v["type"] == "error"
+            })
+            .await?;
+        if ack["type"] == "error" {
+            bail!("session_hello refused: {ack}");
+        }
+        Ok(Self {
+            ws,
+            member: member.clone(),
+            session: Some(session),
             hello_ack: ack,
             next_req: 0,
         })

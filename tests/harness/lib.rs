@@ -12,7 +12,9 @@ pub mod fed;
 pub mod postgres;
 
 pub use broker::{Backend, DaemonProcess, TestBroker, http, http_json, run_cli};
-pub use client::{Client, HelloOpts, Member, RawWs, hello_frame, now_ms, patience, unique_ts};
+pub use client::{
+    Client, HelloOpts, Member, RawWs, hello_frame, now_ms, patience, session_hello_frame, unique_ts,
+};
 pub use crypto::Keypair;
 
 /// Routes `tracing` output to the test writer once (`RUST_LOG` selects, default off).

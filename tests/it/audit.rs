@@ -61,3 +61,49 @@ both! {
         Ok(())
     }
 }
+
+both! {
+    /// `audit_query`'s page and total come from one snapshot: while another member writes
+    /// state (each write is an entry), the newest entry of every unfiltered page is the
+    /// total (positions count from 1 without gaps).
+    async fn audit_page_matches_its_total(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let mesh = broker.create_mesh("audit-snap").await?;
+        let (ann, bo) = (broker.enroll(&mesh, "ann").await?, broker.enroll(&mesh, "bo").await?);
+        let mut a = broker.connect(&ann).await?;
+        let mut w = broker.connect(&bo).await?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    w.send(json!({"type": "set_state", "key": format!("k{}", n % 50), "value": n})).await?;
+                    n += 1;
+                    if n % 20 == 0 {
+                        w.sync().await?;
+                    }
+                }
+                anyhow::Ok(n)
+            })
+        };
+        // Query until the log has grown by hundreds of entries under our feet.
+        let deadline = tokio::time::Instant::now() + meshd_tests::patience() * 3;
+        let mut pages = 0;
+        loop {
+            let page = a.request(json!({"type": "audit_query", "limit": 3})).await?;
+            let newest = page["entries"][0]["id"].as_i64();
+            let total = page["total"].as_i64();
+            assert_eq!(newest, total, "a page contradicts its total: {page}");
+            pages += 1;
+            if total >= Some(400) && pages >= 50 {
+                break;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the log stayed at {total:?}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.await??;
+        assert!(written >= 390, "{written}");
+        Ok(())
+    }
+}

@@ -92,3 +92,43 @@ async fn oversized_frame_closes_only_its_connection() -> anyhow::Result<()> {
     assert_eq!(b.expect_message().await?.1, "still here");
     Ok(())
 }
+
+#[tokio::test]
+async fn unknown_frame_without_req_id_gets_silence() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("silence").await?;
+    let a = broker.enroll(&mesh, "a").await?;
+    let mut a = broker.connect(&a).await?;
+    // claudemesh clients hand an uncorrelated error to whichever request waits first:
+    // an unknown frame without `_reqId` must not be answered.
+    a.send(json!({"type": "teleport"})).await?;
+    a.send(json!({"type": "topic_list"})).await?;
+    let peers = a.sync().await?;
+    assert_eq!(peers["type"], "peers_list");
+    assert!(a.ws.backlog().is_empty(), "{:?}", a.ws.backlog());
+    let metrics = broker.metrics().await?;
+    assert!(
+        metrics.contains("meshd_frames_dropped_total{reason=\"unknown\"} 2"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn close_frame_is_answered() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("closing").await?;
+    let a = broker.enroll(&mesh, "a").await?;
+    // RFC 6455 §5.5.1: the broker answers a client's Close with a Close (clients saw 1006).
+    let mut c = broker.connect(&a).await?;
+    c.sync().await?;
+    let answer = c.ws.close_handshake().await;
+    assert!(matches!(answer, Some(Some((1000, _)))), "{answer:?}");
+    // Also before the handshake.
+    let mut raw = meshd_tests::RawWs::connect(&broker.ws_url()).await?;
+    assert!(
+        raw.close_handshake().await.is_some(),
+        "no Close before hello"
+    );
+    Ok(())
+}

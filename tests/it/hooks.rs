@@ -156,3 +156,75 @@ async fn status_hooks() -> anyhow::Result<()> {
     assert!(limited);
     Ok(())
 }
+
+/// The `meshd_table_entries` gauge of `table`.
+fn table_entries(metrics: &str, table: &str) -> usize {
+    let prefix = format!("meshd_table_entries{{table=\"{table}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// A flood of hooks from one address, each with a new pid and a large cwd, is cut off
+/// by the per-address limit (varying the pid buys nothing), the tables stay bounded,
+/// oversized fields are refused, and other addresses are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_flood_is_bounded() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("flood").await?;
+    let ann = broker.enroll(&mesh, "ann").await?;
+    let mut a = broker.connect(&ann).await?; // cwd /work/project, from 127.0.0.1
+
+    let huge = "/".repeat(5000);
+    let (code, _) = post_from(
+        "127.0.0.3",
+        broker.addr,
+        &json!({"cwd": huge, "status": "working", "pid": 1}),
+    )
+    .await?;
+    assert_eq!(code, 400, "a cwd over 4096 bytes");
+
+    let cwd = format!("/{}", "d".repeat(4000));
+    let (mut ok, mut limited) = (0, 0);
+    for pid in 0..700 {
+        let (code, _) = post_from(
+            "127.0.0.3",
+            broker.addr,
+            &json!({"cwd": cwd, "status": "working", "pid": pid}),
+        )
+        .await?;
+        match code {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => anyhow::bail!("unexpected status {other}"),
+        }
+    }
+    // The burst of 600, plus what refills (10/s) while the loop runs.
+    assert!(ok <= 640, "{ok} hooks accepted from one address");
+    assert!(limited >= 60, "only {limited} refused");
+    let metrics = broker.metrics().await?;
+    // Two rate keys per accepted hook at most would be 1,200: the address limit keeps
+    // the table to its burst; waiting statuses stay at 16 per address.
+    assert!(
+        table_entries(&metrics, "hook_rate_keys") <= 642,
+        "{metrics}"
+    );
+    assert!(table_entries(&metrics, "hook_pending") <= 16, "{metrics}");
+    assert!(
+        metrics.contains("meshd_http_refused_total{reason=\"hook_rate_limited\"}"),
+        "{metrics}"
+    );
+
+    // Another address is not affected.
+    let (code, v) = post_from(
+        "127.0.0.1",
+        broker.addr,
+        &json!({"cwd": "/work/project", "status": "working", "pid": 5}),
+    )
+    .await?;
+    assert_eq!((code, &v["presence_id"]), (200, &a.hello_ack["presenceId"]));
+    a.sync().await?;
+    Ok(())
+}

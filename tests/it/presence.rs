@@ -202,3 +202,38 @@ async fn reattach_same_session_key_is_silent() -> anyhow::Result<()> {
     assert!(w.ws.drain_backlog(|v| v["subtype"] == "system").is_empty());
     Ok(())
 }
+
+both! {
+    /// A `session_hello` always announces `peer_joined`, even for a member with saved
+    /// state (CLI 1.37 maps only peer_joined/peer_left; a `peer_returned` would reach
+    /// Claude as a raw `[system]` line). A plain hello with saved state still returns.
+    async fn session_hello_announces_peer_joined(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let mesh = broker.create_mesh("sh-joined").await?;
+        let (w, r) = (broker.enroll(&mesh, "watcher").await?, broker.enroll(&mesh, "newcli").await?);
+        let mut w = broker.connect(&w).await?;
+        // A first session leaves saved state behind.
+        let mut first = broker.connect(&r).await?;
+        w.expect_event("peer_joined").await?;
+        first.send(json!({"type": "set_summary", "summary": "earlier work"})).await?;
+        first.sync().await?;
+        first.close().await;
+        w.expect_event("peer_left").await?;
+
+        let s = Client::connect_session(&broker.ws_url(), &r).await?;
+        let ev = w.expect_event("peer_joined").await?;
+        assert_eq!(ev["eventData"]["pubkey"], s.key());
+        w.sync().await?;
+        assert!(
+            w.ws.drain_backlog(|v| v["event"] == "peer_returned").is_empty(),
+            "a session_hello announced peer_returned"
+        );
+        assert!(s.hello_ack.get("restored").is_none(), "{}", s.hello_ack);
+        s.close().await;
+        w.expect_event("peer_left").await?;
+        // A plain hello with saved state is still welcomed back.
+        let _again = broker.connect(&r).await?;
+        w.expect_event("peer_returned").await?;
+        Ok(())
+    }
+}

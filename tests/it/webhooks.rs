@@ -55,8 +55,11 @@ both! {
             assert!(raw.contains(r#""eventData":{"zeta":{"b":2,"a":1},"build":"green","n":7}"#), "{raw}");
         }
         // Refusals: wrong secret (same length), not JSON, too large.
+        // A wrong secret is the reference's 401 {ok:false, error:"unauthorized"}.
         let wrong = format!("/hook/{}/{}", mesh.mesh_id, "0".repeat(64));
-        assert_eq!(http(broker.addr, "POST", &wrong, Some(b"{}")).await?.0, 404);
+        let (status, _, body) = http(broker.addr, "POST", &wrong, Some(b"{}")).await?;
+        assert_eq!(status, 401);
+        assert_eq!(serde_json::from_slice::<Value>(&body)?, json!({"ok": false, "error": "unauthorized"}));
         assert_eq!(http(broker.addr, "POST", &path, Some(b"not json")).await?.0, 400);
         let big = json!({"x": "y".repeat(70 * 1024)}).to_string();
         assert_eq!(http(broker.addr, "POST", &path, Some(big.as_bytes())).await?.0, 413);
@@ -75,7 +78,7 @@ both! {
         assert_eq!(denied["code"], "forbidden");
         let del = r.request(json!({"type": "delete_webhook", "name": "ci"})).await?;
         assert_eq!((del["type"].as_str(), del["secret"].as_str()), (Some("webhook_ack"), Some("")));
-        assert_eq!(http(broker.addr, "POST", &path, Some(b"{}")).await?.0, 404);
+        assert_eq!(http(broker.addr, "POST", &path, Some(b"{}")).await?.0, 401);
         let again = c.request(json!({"type": "create_webhook", "name": "ci"})).await?;
         assert_eq!(again["type"], "webhook_ack");
         Ok(())

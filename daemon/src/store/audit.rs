@@ -35,7 +35,8 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_all(p).await)?)
     }
 
-    /// Newest entries first, optionally of one type; and the total.
+    /// Newest entries first, optionally of one type; and the total — both read from one
+    /// snapshot, so a page never contradicts its total while the log grows.
     pub async fn audit_page(
         &self,
         mesh_id: &str,
@@ -48,11 +49,23 @@ impl Db {
                            ORDER BY seq DESC LIMIT $3 OFFSET $4";
         const COUNT: &str =
             "SELECT COUNT(*) FROM audit_log WHERE mesh_id = $1 AND ($2 IS NULL OR event_type = $2)";
-        let rows = with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(event_type).bind(limit)
-            .bind(offset).fetch_all(p).await)?;
-        let total: i64 = with_db!(self, p => sqlx::query_scalar(COUNT).bind(mesh_id).bind(event_type)
-            .fetch_one(p).await)?;
-        Ok((rows, total))
+        // PostgreSQL's default (READ COMMITTED) takes a snapshot per statement; SQLite's
+        // read transaction keeps the snapshot of its first read (WAL).
+        let pg = matches!(self, Self::Postgres(_));
+        Ok(with_db!(self, p => async {
+            let mut tx = p.begin().await?;
+            if pg {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let rows = sqlx::query_as(SQL).bind(mesh_id).bind(event_type).bind(limit)
+                .bind(offset).fetch_all(&mut *tx).await?;
+            let total: i64 = sqlx::query_scalar(COUNT).bind(mesh_id).bind(event_type)
+                .fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>((rows, total))
+        }.await)?)
     }
 
     pub(crate) async fn audit_tail(
