@@ -252,7 +252,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(run(cli));
+    // Blocking work still running (file I/O of an abandoned request) must not hold the
+    // exit beyond the stop's budget.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -321,6 +325,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
+        // A second signal while stopping: the operator will not wait for the budget.
+        wait_for_signal().await;
+        tracing::warn!("second stop signal; exiting now");
+        std::process::exit(1);
     });
     bound.run(shutdown).await?;
     Ok(())

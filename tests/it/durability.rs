@@ -176,3 +176,225 @@ async fn writer_reconnects_after_postgres_drops_it() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A small filesystem of its own (tmpfs), unmounted on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// Mounts a tmpfs of `mib` MiB; `None` when this process may not mount (not root).
+    fn mount(mib: u32) -> anyhow::Result<Option<Self>> {
+        let dir = tempfile::tempdir()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        Ok(ok.then_some(Self { dir }))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem; returns the filler's path.
+    fn fill(&self) -> anyhow::Result<std::path::PathBuf> {
+        use std::io::Write as _;
+        let path = self.path().join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 256 * 1024];
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // What is left is smaller than a chunk: take it too.
+        let _ = f.write_all(&[0u8; 4096]);
+        let _ = f.flush();
+        Ok(path)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk fails writes while it lasts, and nothing after: once space is freed the
+/// store writer recovers by itself (no restart), `/health` comes back, an operator can
+/// revoke a member from another process, every acknowledged DM is delivered, and a stop
+/// with the disk full again stays within its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_recovers_after_disk_full() -> anyhow::Result<()> {
+    let Some(fs) = SmallFs::mount(40)? else {
+        eprintln!(
+            "SKIPPED writer_recovers_after_disk_full: mounting a tmpfs needs root (CAP_SYS_ADMIN)"
+        );
+        return Ok(());
+    };
+    let dir = fs.path().join("data");
+    std::fs::create_dir(&dir)?;
+    let (db_url, db, config) = setup(Backend::Sqlite, &dir).await?;
+    let mesh = meshd::admin::create_mesh(&db, &config, "diskfull", None).await?;
+    let grace = 2;
+    let env = [
+        ("MESHD_LIMITS_SENDS_PER_SECOND", "0"),
+        ("MESHD_SERVER_SHUTDOWN_GRACE", "2s"),
+    ];
+    let mut daemon = DaemonProcess::spawn(DAEMON, &dir, &[], &env).await?;
+    assert!(db_url.is_none());
+    let alice = enroll(
+        daemon.addr,
+        &db,
+        &config,
+        &mesh.slug,
+        &mesh.mesh_id,
+        "alice",
+    )
+    .await?;
+    let bob = enroll(daemon.addr, &db, &config, &mesh.slug, &mesh.mesh_id, "bob").await?;
+    let mallory = enroll(
+        daemon.addr,
+        &db,
+        &config,
+        &mesh.slug,
+        &mesh.mesh_id,
+        "mallory",
+    )
+    .await?;
+    let bob_session = Keypair::generate();
+    let bob_opts = HelloOpts {
+        session: Some(bob_session.clone()),
+        ..HelloOpts::default()
+    };
+    // Bob's session key becomes known; bob stays offline, so DMs pile up in the store.
+    Client::connect(&daemon.ws_url(), &bob, bob_opts.clone())
+        .await?
+        .close()
+        .await;
+    let mut a = Client::connect(&daemon.ws_url(), &alice, HelloOpts::default()).await?;
+    let body = "x".repeat(48 * 1024);
+    let mut acked = Vec::new();
+    let filler = fs.fill()?;
+
+    // The disk is full: sends fail (after whatever still fit).
+    let mut failed = 0;
+    for i in 0..400 {
+        let ack = a
+            .dm(&bob_session.public_hex(), &format!("{i} {body}"), "next")
+            .await?;
+        if ack["queued"] == true {
+            acked.push((ack["messageId"].as_str().unwrap_or("").to_owned(), i));
+        } else {
+            failed += 1;
+            if failed >= 20 {
+                break;
+            }
+        }
+    }
+    assert!(failed >= 20, "the full disk never failed a send");
+    let (status, _, _) = meshd_tests::http(daemon.addr, "GET", "/health", None).await?;
+    assert_eq!(status, 503, "a failing store is reported");
+
+    // Space returns: the writer recovers without a restart.
+    std::fs::remove_file(&filler)?;
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    let mut i = 1000;
+    loop {
+        let ack = a
+            .dm(&bob_session.public_hex(), &format!("{i} after"), "next")
+            .await?;
+        if ack["queued"] == true {
+            acked.push((ack["messageId"].as_str().unwrap_or("").to_owned(), i));
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {ack}"
+        );
+        i += 1;
+    }
+    for j in 0..50 {
+        let ack = a
+            .dm(
+                &bob_session.public_hex(),
+                &format!("{} after", 2000 + j),
+                "next",
+            )
+            .await?;
+        assert_eq!(ack["queued"], true, "{ack}");
+        acked.push((ack["messageId"].as_str().unwrap_or("").to_owned(), 2000 + j));
+    }
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    loop {
+        let (status, _, body) = meshd_tests::http(daemon.addr, "GET", "/health", None).await?;
+        if status == 200 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "/health stayed {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // No connection holds the database locked: an operator can revoke.
+    let d = dir.to_str().unwrap_or_default();
+    let (code, out, err) = meshd_tests::run_cli(
+        DAEMON,
+        &[
+            "--data-dir",
+            d,
+            "member",
+            "revoke",
+            "--mesh",
+            &mesh.slug,
+            &mallory.member_id,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, 0, "revoke failed: {out}{err}");
+
+    // Every acknowledged DM is there, in order.
+    let mut bc = Client::connect(&daemon.ws_url(), &bob, bob_opts).await?;
+    for (id, n) in &acked {
+        let (push, text) = bc.expect_message().await?;
+        assert_eq!(push["messageId"], id.as_str());
+        assert!(
+            text.starts_with(&format!("{n} ")),
+            "{n}: {}",
+            &text[..20.min(text.len())]
+        );
+    }
+
+    // Full again, with sends failing: a stop still keeps its budget.
+    let filler = fs.fill()?;
+    for i in 0..5 {
+        let _ = a
+            .dm(&bob_session.public_hex(), &format!("{i} {body}"), "next")
+            .await?;
+    }
+    let started = std::time::Instant::now();
+    let (status, _) = daemon.terminate().await?;
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status}");
+    let budget = std::time::Duration::from_secs(2 * grace + 2 + 1 + 2);
+    assert!(took < budget, "stopping took {took:?} (budget {budget:?})");
+    std::fs::remove_file(&filler)?;
+    Ok(())
+}

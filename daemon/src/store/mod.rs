@@ -200,6 +200,20 @@ pub struct InviteRow {
     pub revoked_at: Option<i64>,
 }
 
+/// Longest wait for a pool connection: a request fails with "store unavailable" rather
+/// than hang on a store that is down.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a connection coming back to the pool may be reused. One still inside a
+/// transaction (SQLite rolls back by itself on a full disk or an I/O error, and sqlx's
+/// own rollback of it then fails, leaving its transaction count behind) is closed
+/// instead: reused, it would run later statements inside a savepoint that may hold the
+/// write lock for good. The ping runs after any rollback a dropped transaction queued.
+async fn usable_after_release<C: sqlx::Connection>(c: &mut C) -> Result<bool, sqlx::Error> {
+    c.ping().await?;
+    Ok(!c.is_in_transaction())
+}
+
 const SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 const POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -215,6 +229,8 @@ impl Db {
                 prepare_sqlite_file(path)?;
                 let pool = SqlitePoolOptions::new()
                     .max_connections(4)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .after_release(|c, _| Box::pin(usable_after_release(c)))
                     .connect_with(sqlite_options(path, durability))
                     .await?;
                 SQLITE_MIGRATOR.run(&pool).await?;
@@ -223,7 +239,8 @@ impl Db {
             Backend::Postgres { url } => {
                 let pool = PgPoolOptions::new()
                     .max_connections(8)
-                    .acquire_timeout(Duration::from_secs(10))
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .after_release(|c, _| Box::pin(usable_after_release(c)))
                     .connect_with(pg_options(url.expose())?)
                     .await?;
                 POSTGRES_MIGRATOR.run(&pool).await?;

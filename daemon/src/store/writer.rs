@@ -15,10 +15,14 @@
 //! inserts in multi-row statements and lets every claim see every earlier insert; the
 //! releases of ended connections run after the claims.
 //!
-//! If a batch fails, it is rolled back; if the connection was lost the writer reconnects
-//! and retries the batch once. A batch that still fails is split and retried piece by
-//! piece (each insert, each claim and each other operation alone; lease changes together,
-//! delivery marks together), so one bad operation fails alone.
+//! If a batch fails, it is rolled back; if the connection is unusable (lost, or left in a
+//! transaction the database rolled back by itself, as SQLite does on a full disk) the
+//! writer replaces it and retries the batch once. A batch that still fails for one
+//! operation's fault is split and retried piece by piece (each insert, each claim and
+//! each other operation alone; lease changes together, delivery marks together), so
+//! one bad operation fails alone; a batch that fails because the store is failing
+//! (disk full, I/O, unreachable) fails at once, and the next batch tries again, so the
+//! writer recovers by itself when the store does.
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -461,6 +465,7 @@ impl Writer {
         let mut executor = Executor {
             conn,
             reopen,
+            last_reopen: None,
             rx: exec_rx,
             max_batch,
             metrics,
@@ -640,6 +645,8 @@ fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
 struct Executor {
     conn: WriterConn,
     reopen: (Backend, Durability),
+    /// When the connection was last replaced (see `recover`).
+    last_reopen: Option<std::time::Instant>,
     rx: mpsc::Receiver<WriteOp>,
     max_batch: usize,
     metrics: Arc<Metrics>,
@@ -670,9 +677,10 @@ impl Executor {
         let mut plan = Plan::new(ops);
         let mut done = Done::default();
         let mut attempt = self.exec(&mut plan, &mut done).await;
-        // A connection the database dropped (restart, failover, idle kill) is reopened and
-        // the batch, rolled back with it, runs again.
-        if attempt.is_err() && self.reconnect().await {
+        // A connection the database dropped (restart, failover, idle kill), or one left
+        // inside a transaction the database already rolled back (disk full), is
+        // replaced, and the batch, rolled back with it, runs again.
+        if attempt.is_err() && self.recover().await {
             attempt = self.exec(&mut plan, &mut done).await;
         }
         match attempt {
@@ -680,51 +688,126 @@ impl Executor {
                 self.metrics.writer_healthy.store(true, Ordering::Relaxed);
                 done.complete();
             }
-            Err(e) if plan.len() > 1 => {
+            // One operation's own fault (a constraint, a value the database refuses):
+            // find it by running the operations alone, so it fails alone.
+            Err(e) if plan.len() > 1 && !store_wide(&e) => {
                 warn!(cause = %e, ops = plan.len(), "batch failed; retrying its operations one by one");
                 for single in plan.split() {
                     let mut single = single;
                     let mut done = Done::default();
-                    let r = self.exec(&mut single, &mut done).await;
-                    match r {
-                        Ok(()) => done.complete(),
+                    match self.exec(&mut single, &mut done).await {
+                        Ok(()) => {
+                            self.metrics.writer_healthy.store(true, Ordering::Relaxed);
+                            done.complete();
+                        }
                         Err(e) => {
-                            self.metrics.writer_healthy.store(false, Ordering::Relaxed);
+                            if store_wide(&e) {
+                                self.metrics.writer_healthy.store(false, Ordering::Relaxed);
+                            }
+                            self.recover().await;
                             single.fail(&e);
                         }
                     }
                 }
             }
+            // The store itself is failing (disk full, I/O, locked, unreachable): every
+            // operation would fail alike, so the batch fails at once, without a split
+            // that would multiply the failures (and their waits).
             Err(e) => {
-                self.metrics.writer_healthy.store(false, Ordering::Relaxed);
+                if store_wide(&e) {
+                    self.metrics.writer_healthy.store(false, Ordering::Relaxed);
+                }
+                warn!(cause = %e, ops = plan.len(), "batch failed");
                 plan.fail(&e);
             }
         }
     }
 
-    /// Reopens the writer connection if it no longer answers. Returns whether a fresh
-    /// connection is in place.
-    async fn reconnect(&mut self) -> bool {
+    /// Makes sure the writer's connection is usable after a failure: alive, and not
+    /// inside a transaction (SQLite rolls a transaction back by itself on a full disk or
+    /// an I/O error, which sqlx does not notice: its next `BEGIN` would be refused for
+    /// good). Otherwise it is replaced by a fresh connection; dropping the old one
+    /// releases whatever it held. Returns whether a fresh connection is in place.
+    /// Reopening is tried at most once a second, so a store that stays down fails
+    /// batches quickly instead of stalling them on connection attempts.
+    async fn recover(&mut self) -> bool {
         use sqlx::Connection as _;
-        let alive = match &mut self.conn {
-            WriterConn::Sqlite(c) => c.ping().await.is_ok(),
-            WriterConn::Postgres(c) => c.ping().await.is_ok(),
-            WriterConn::Closed => return false,
+        // The ping queues behind the rollback a dropped transaction sent, so the
+        // transaction depth read after it is final.
+        let usable = match &mut self.conn {
+            WriterConn::Sqlite(c) => c.ping().await.is_ok() && !c.is_in_transaction(),
+            WriterConn::Postgres(c) => c.ping().await.is_ok() && !c.is_in_transaction(),
+            WriterConn::Closed => false,
         };
-        if alive {
+        if usable {
             return false;
         }
-        match WriterConn::open(&self.reopen.0, self.reopen.1).await {
-            Ok(conn) => {
-                warn!("store writer connection was lost; reconnected");
-                self.conn = conn;
+        let now = std::time::Instant::now();
+        if self
+            .last_reopen
+            .is_some_and(|at| now.duration_since(at) < REOPEN_INTERVAL)
+        {
+            return false;
+        }
+        self.last_reopen = Some(now);
+        match tokio::time::timeout(
+            REOPEN_TIMEOUT,
+            WriterConn::open(&self.reopen.0, self.reopen.1),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                warn!("store writer connection was unusable; replaced it");
+                // Opened before the old one closes, so SQLite's shared-memory file
+                // stays in place (recreating it needs disk space).
+                drop(std::mem::replace(&mut self.conn, conn));
                 true
             }
-            Err(e) => {
-                warn!(cause = %e, "store writer connection lost; reconnecting failed");
+            Ok(Err(e)) => {
+                warn!(cause = %e, "store writer connection unusable; reopening failed");
+                false
+            }
+            Err(_) => {
+                warn!("store writer connection unusable; reopening timed out");
                 false
             }
         }
+    }
+}
+
+/// Most often the writer tries to replace an unusable connection.
+const REOPEN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long one reopening may take.
+const REOPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether an error concerns the store as a whole (every operation of a batch would
+/// fail alike) rather than the operation that met it.
+pub(crate) fn store_wide(e: &StoreError) -> bool {
+    let StoreError::Db(e) = e else {
+        // Closed, Io: the store; Corrupt, Migrate: not a batch's operation either way.
+        return !matches!(e, StoreError::Corrupt(_));
+    };
+    match e {
+        sqlx::Error::Database(d) => {
+            let Some(code) = d.code() else { return true };
+            if let Ok(n) = code.parse::<i64>() {
+                // SQLite (extended) result codes: BUSY, LOCKED, NOMEM, READONLY, IOERR,
+                // CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+                matches!(n & 0xff, 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 15 | 26)
+            } else {
+                // PostgreSQL SQLSTATE classes: connection, insufficient resources (disk
+                // full), operator intervention, system error, internal error.
+                matches!(code.get(..2), Some("08" | "53" | "57" | "58" | "XX"))
+            }
+        }
+        sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_) => false,
+        _ => true,
     }
 }
 
