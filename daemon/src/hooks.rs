@@ -47,13 +47,16 @@ const PENDING_PER_ADDRESS: usize = 16;
 /// … and addresses with any waiting.
 const PENDING_ADDRESSES: usize = 4_096;
 
+/// A status waiting for a presence: (cwd digest, status, expiry ms).
+type Waiting = ([u8; 16], Status, i64);
+
 /// The status-hook tables.
 #[derive(Debug)]
 pub(crate) struct StatusHooks {
     by_address: Mutex<Buckets<IpAddr>>,
     by_key: Mutex<Buckets<(IpAddr, u64, [u8; 16])>>,
-    /// Per address: (cwd digest, status, expiry ms), oldest first.
-    pending: Mutex<HashMap<IpAddr, VecDeque<([u8; 16], Status, i64)>>>,
+    /// Per address: waiting statuses, oldest first.
+    pending: Mutex<HashMap<IpAddr, VecDeque<Waiting>>>,
 }
 
 impl Default for StatusHooks {
