@@ -80,7 +80,7 @@ both! {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     w.send(json!({"type": "set_state", "key": format!("k{}", n % 50), "value": n})).await?;
                     n += 1;
-                    if n % 20 == 0 {
+                    if n.is_multiple_of(20) {
                         w.sync().await?;
                     }
                 }
