@@ -66,6 +66,10 @@ const CONTROL_QUEUE: usize = 256;
 const FLOW_SETTLE: Duration = Duration::from_secs(5);
 /// How often stored consent is re-read (the admin CLI writes it beside the daemon).
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How long a link may be up before its handler registers it (see `Fed::check_links`).
+const REGISTER_BOUND: Duration = Duration::from_secs(5);
+/// How often a claim the peer has not answered is announced again.
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 
 /// Why federation could not start.
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +298,14 @@ impl Drop for HotGuard {
 #[derive(Debug)]
 struct LinkShared {
     peer: Arc<str>,
+    /// The manager's number for this link (see [`meshd_federation::LinkHandler::run`]).
+    id: u64,
+    /// Held for the whole of `update_flowing`, so two recomputations (a consent change
+    /// and the peer's ready) never work from views of each other's half-done changes.
+    flow_lock: tokio::sync::Mutex<()>,
+    /// When each claimed mesh was last announced again while the peer was not ready
+    /// for it (see `Fed::check_links`).
+    reannounced: Mutex<HashMap<String, std::time::Instant>>,
     /// Meshes the peer said it is ready to exchange.
     peer_ready: Mutex<HashSet<String>>,
     /// Meshes we told the peer we are ready to exchange.
@@ -484,11 +496,6 @@ impl LinkShared {
         lock(&self.claimed).contains(mesh)
     }
 
-    fn queue_members(&self, frame: Frame) {
-        lock(&self.members).push_back(frame);
-        self.outbox_wake.notify_one();
-    }
-
     fn queue_presence(&self, mesh: &str, key: &str, frame: Frame) {
         lock(&self.presence).put(mesh, key, frame);
         self.presence_wake.notify_one();
@@ -523,6 +530,11 @@ pub(crate) struct Fed {
     /// so a replaced link's reader and its successor never admit the same position.
     /// `None` until read from the store (and again after a failed insert).
     cursors: Mutex<HashMap<String, Arc<Mutex<Option<fed::InboxCursor>>>>>,
+    /// Test hooks handed to the link manager (none in production).
+    hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
+    /// Per peer: since when the manager's current link has had no handler registered
+    /// here (see `check_links`).
+    unregistered_since: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for Fed {
@@ -539,7 +551,10 @@ impl Fed {
     ///
     /// # Errors
     /// [`FedStartError`].
-    pub(crate) fn bind(cfg: &FedConfig) -> Result<(Arc<Self>, Endpoint), FedStartError> {
+    pub(crate) fn bind(
+        cfg: &FedConfig,
+        hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
+    ) -> Result<(Arc<Self>, Endpoint), FedStartError> {
         let identity = meshd_certs::BrokerIdentity::load(&cfg.cert, &cfg.key, &cfg.broker)
             .map_err(|e| FedStartError::Identity(e.to_string()))?;
         let bundle = meshd_certs::Bundle::from_ca_pem_file(&cfg.ca)
@@ -593,6 +608,8 @@ impl Fed {
             hot: Mutex::default(),
             quic: ep.local_addr().ok(),
             cursors: Mutex::default(),
+            hooks,
+            unregistered_since: Mutex::default(),
         });
         Ok((fed, ep))
     }
@@ -629,6 +646,7 @@ impl Fed {
             },
             self.clone(),
             self.stop.child_token(),
+            self.hooks.clone(),
         );
         manager.start();
         let _ = self.manager.set(manager);
@@ -745,6 +763,8 @@ impl Fed {
                 serde_json::json!({
                     "peer": st.name,
                     "state": st.state.as_str(),
+                    "linkId": st.link_id,
+                    "servedLinkId": live.get(&st.name).map(|l| l.id),
                     "since": meshd_protocol::time::iso8601_ms(st.since_ms),
                     "addr": st.addr.map(|a| a.to_string()),
                     "dialer": st.dialer,
@@ -835,12 +855,26 @@ impl Fed {
             role: m.role,
             revoked: m.revoked,
         };
-        for link in self.links_for(&mesh.row.id) {
-            link.queue_members(Frame::Members {
-                mesh_id: mesh.row.id.clone(),
-                members: vec![ann.clone()],
-                full: false,
-            });
+        // Checked and queued under the link's members lock, which `update_flowing` holds
+        // while it queues the full list and marks the mesh flowing: an announcement is
+        // either in that list or queued after it, never lost between the two.
+        let links: Vec<Arc<LinkShared>> = lock(&self.links).values().cloned().collect();
+        for link in links {
+            let queued = {
+                let mut q = lock(&link.members);
+                let flows = lock(&link.flowing).contains(&mesh.row.id);
+                if flows {
+                    q.push_back(Frame::Members {
+                        mesh_id: mesh.row.id.clone(),
+                        members: vec![ann.clone()],
+                        full: false,
+                    });
+                }
+                flows
+            };
+            if queued {
+                link.outbox_wake.notify_one();
+            }
         }
     }
 
@@ -1061,6 +1095,94 @@ impl Fed {
                 Ok(false) => {}
                 Err(e) => warn!(cause = %e, "reloading federation consent"),
             }
+            self.check_links(std::time::Instant::now()).await;
+        }
+    }
+
+    /// Tears a link down (both sides dial again), counted by `reason`.
+    fn reset_link(&self, link: &LinkShared, reason: &'static str) {
+        if let Some(m) = self.manager.get()
+            && m.reset(&link.peer, link.id, CloseReason::Protocol)
+            && let Some(ctx) = self.ctx()
+        {
+            ctx.metrics.fed_link_resets.inc(reason);
+        }
+    }
+
+    /// The liveness guard, every reconcile tick: a link that is up converges to the
+    /// consented meshes, or is torn down and dialed again.
+    ///
+    /// - The manager's current link must be the one registered here (its handler runs)
+    ///   within [`REGISTER_BOUND`]; otherwise it is reset.
+    /// - Our claims must match stored consent, and what flows must be what both sides
+    ///   claim; otherwise they are recomputed.
+    /// - A mesh we claim that the peer has not said it is ready for is announced again
+    ///   every [`REANNOUNCE_EVERY`] (idempotent on the peer; it converges a lost or
+    ///   crossed announcement). A control queue too full to take it resets the link.
+    async fn check_links(&self, now: std::time::Instant) {
+        let Some(manager) = self.manager.get() else {
+            return;
+        };
+        for st in manager.status() {
+            let Some(id) = st.link_id else {
+                lock(&self.unregistered_since).remove(&st.name);
+                continue;
+            };
+            let link = self.link(&st.name).filter(|l| l.id == id);
+            let Some(link) = link else {
+                let overdue = {
+                    let mut since = lock(&self.unregistered_since);
+                    let entry = since.entry(st.name.clone()).or_insert((id, now));
+                    if entry.0 != id {
+                        *entry = (id, now);
+                    }
+                    now.duration_since(entry.1) > REGISTER_BOUND
+                };
+                if overdue && manager.reset(&st.name, id, CloseReason::Protocol) {
+                    warn!(peer = %st.name, id, "link up but never registered; reset");
+                    lock(&self.unregistered_since).remove(&st.name);
+                    if let Some(ctx) = self.ctx() {
+                        ctx.metrics.fed_link_resets.inc("unregistered");
+                    }
+                }
+                continue;
+            };
+            lock(&self.unregistered_since).remove(&st.name);
+            let ready = lock(&self.consent).ready_for(&link.peer);
+            if *lock(&link.claimed) != ready {
+                self.reconcile_link(&link).await;
+                continue;
+            }
+            let (claimed, peer_ready) =
+                (lock(&link.claimed).clone(), lock(&link.peer_ready).clone());
+            let want: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
+            if *lock(&link.flowing) != want {
+                self.update_flowing(&link).await;
+            }
+            if now.duration_since(link.started) < REANNOUNCE_EVERY {
+                continue;
+            }
+            let due: Vec<String> = {
+                let mut last = lock(&link.reannounced);
+                last.retain(|m, _| claimed.contains(m) && !peer_ready.contains(m));
+                claimed
+                    .difference(&peer_ready)
+                    .filter(|m| {
+                        last.get(*m)
+                            .is_none_or(|at| now.duration_since(*at) >= REANNOUNCE_EVERY)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            for m in due {
+                debug!(peer = %link.peer, mesh.id = %m, "announcing a claim again");
+                let frame = Frame::MeshReady(MeshClaim { mesh_id: m.clone() });
+                if link.control.try_send(frame).is_err() {
+                    self.reset_link(&link, "control_full");
+                    break;
+                }
+                lock(&link.reannounced).insert(m, now);
+            }
         }
     }
 
@@ -1161,7 +1283,11 @@ impl Fed {
                 );
             for f in frames {
                 if link.control.try_send(f).is_err() {
-                    warn!(peer = %link.peer, "control queue full; consent change not sent");
+                    // The peer would never learn of this change: start over (the hellos
+                    // of the next link carry the whole consent).
+                    warn!(peer = %link.peer, "control queue full; resetting the link");
+                    self.reset_link(link, "control_full");
+                    break;
                 }
             }
         }
@@ -1170,6 +1296,7 @@ impl Fed {
 
     /// Recomputes what flows over a link; starts and stops meshes accordingly.
     async fn update_flowing(&self, link: &Arc<LinkShared>) {
+        let _serial = link.flow_lock.lock().await;
         let claimed = lock(&link.claimed).clone();
         let peer_ready = lock(&link.peer_ready).clone();
         let now_flowing: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
@@ -1220,23 +1347,29 @@ impl Fed {
             info!(peer = %link.peer, mesh.id = %m, "mesh flows over the link");
             // Members first: the mesh's messages may go out as soon as it flows, and the
             // peer refuses a message from a member it has not heard of.
-            let members = hub
-                .local_members()
-                .into_iter()
-                .map(|(pubkey, m)| MemberAnn {
-                    member_id: m.id,
-                    pubkey,
-                    display_name: m.display_name,
-                    role: m.role,
-                    revoked: m.revoked,
-                })
-                .collect();
-            link.queue_members(Frame::Members {
-                mesh_id: m.clone(),
-                members,
-                full: true,
-            });
-            lock(&link.flowing).insert(m.clone());
+            // The list is taken, queued and the mesh marked flowing under the members
+            // lock (see `member_changed`).
+            {
+                let mut q = lock(&link.members);
+                let members = hub
+                    .local_members()
+                    .into_iter()
+                    .map(|(pubkey, m)| MemberAnn {
+                        member_id: m.id,
+                        pubkey,
+                        display_name: m.display_name,
+                        role: m.role,
+                        revoked: m.revoked,
+                    })
+                    .collect();
+                q.push_back(Frame::Members {
+                    mesh_id: m.clone(),
+                    members,
+                    full: true,
+                });
+                lock(&link.flowing).insert(m.clone());
+            }
+            link.outbox_wake.notify_one();
             self.refresh_shared();
             // The snapshot is taken under the link's presence queue lock: updates queued
             // before it are older than it (it replaces them), updates after it are newer.
@@ -1284,6 +1417,7 @@ impl Fed {
     async fn serve_link(
         self: Arc<Self>,
         link: Link,
+        id: u64,
         counters: Arc<LinkCounters>,
         stop: CancellationToken,
     ) -> Result<(), LinkError> {
@@ -1295,6 +1429,9 @@ impl Fed {
         let (live_tx, live_rx) = mpsc::channel(LIVE_QUEUE);
         let shared = Arc::new(LinkShared {
             peer: peer.clone(),
+            id,
+            flow_lock: tokio::sync::Mutex::new(()),
+            reannounced: Mutex::default(),
             peer_ready: Mutex::new(
                 link.peer_hello
                     .meshes
@@ -1328,7 +1465,19 @@ impl Fed {
             catch_ups: Mutex::default(),
         });
         let Link { conn, control, .. } = link;
-        lock(&self.links).insert(peer.to_string(), shared.clone());
+        {
+            // The manager cancels a replaced link's `stop` before it starts the link that
+            // replaces it. So, checked under the table's lock: a link replaced before its
+            // handler got here steps aside (registering it would shadow its successor,
+            // and its removal on the way out would leave the peer with no link at all —
+            // "up" and carrying nothing, for good).
+            let mut links = lock(&self.links);
+            if stop.is_cancelled() {
+                debug!(peer = %peer, id, "link replaced before it started");
+                return Ok(());
+            }
+            links.insert(peer.to_string(), shared.clone());
+        }
         ctx.metrics.fed_links_up.fetch_add(1, Ordering::Relaxed);
 
         let tasks = TaskTracker::new();
@@ -1344,7 +1493,7 @@ impl Fed {
                             r = fut => r,
                             () = stop.cancelled() => Ok(()),
                         };
-                        let _ = done.send(r).await;
+                        let _ = done.try_send(r);
                     }
                     .in_current_span(),
                 );
@@ -1370,12 +1519,14 @@ impl Fed {
             link_stop.clone(),
         )));
         drop(done_tx);
-        // Start the meshes both sides are ready for.
-        self.reconcile_link(&shared).await;
-
+        // Start the meshes both sides are ready for (unless the link is already
+        // stopping: a stop never waits on the peer).
         let result = tokio::select! {
-            r = done_rx.recv() => r.unwrap_or(Ok(())),
             () = stop.cancelled() => Ok(()),
+            () = self.reconcile_link(&shared) => tokio::select! {
+                r = done_rx.recv() => r.unwrap_or(Ok(())),
+                () = stop.cancelled() => Ok(()),
+            },
         };
         link_stop.cancel();
         if stop.is_cancelled() {
@@ -1764,8 +1915,9 @@ impl Fed {
                         r = fut => r,
                         () = stop.cancelled() => Ok(()),
                     };
+                    // Never waits: the link ends on its first error anyway.
                     if r.is_err() {
-                        let _ = done.send(r).await;
+                        let _ = done.try_send(r);
                     }
                 }
                 .in_current_span(),
@@ -1857,6 +2009,12 @@ impl Fed {
                             ));
                         };
                         tracing::trace!(seq, admitted, "forwarded message");
+                        // From here until the store writer holds the message (or its
+                        // refusal), the cursor is ahead of what will be stored: if this
+                        // reader is cancelled in between (its link replaced), the cursor
+                        // is reset, so the successor re-reads it from the store instead of
+                        // taking the resend for a duplicate and losing it.
+                        let mut ahead = CursorAhead::arm(&cursor, admitted);
                         let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
                         if !admitted {
                             // Seen before: stored, or refused (then refused again, so
@@ -1887,6 +2045,7 @@ impl Fed {
                                 Pending::Rejected(seq, reason)
                             }
                         };
+                        ahead.disarm();
                         if pending_tx.send(p).await.is_err() {
                             break;
                         }
@@ -2568,10 +2727,38 @@ impl LinkHandler for Fed {
     fn run(
         self: Arc<Self>,
         link: Link,
+        id: u64,
         counters: Arc<LinkCounters>,
         stop: CancellationToken,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> {
-        Box::pin(self.serve_link(link, counters, stop))
+        Box::pin(self.serve_link(link, id, counters, stop))
+    }
+}
+
+/// Resets a peer's inbox cursor when dropped armed: see `inbound_messages`.
+struct CursorAhead<'a> {
+    cursor: &'a Mutex<Option<fed::InboxCursor>>,
+    armed: bool,
+}
+
+impl<'a> CursorAhead<'a> {
+    fn arm(cursor: &'a Mutex<Option<fed::InboxCursor>>, admitted: bool) -> Self {
+        Self {
+            cursor,
+            armed: admitted,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CursorAhead<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            *lock(self.cursor) = None;
+        }
     }
 }
 

@@ -400,7 +400,7 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
                 json!({"memberId": member_id, "pubkey": pubkey_hex, "role": role}),
             );
             info!(mesh.id = %mesh.id, member.id = %member_id, %role, "member enrolled");
-            if let Some(hub) = ctx.hub.loaded(&mesh.id) {
+            if let Some(hub) = ctx.hub.loaded_or_loading(&ctx.db, &mesh.id).await {
                 hub.upsert_member(
                     &pubkey_hex,
                     MemberInfo {

@@ -1392,6 +1392,17 @@ impl Hub {
             .collect()
     }
 
+    /// A mesh if it is loaded, or being loaded (then once its load finishes): a change
+    /// committed to the store while a load runs may have been read before the commit,
+    /// so it must be applied to the loaded mesh too, not skipped as "not loaded".
+    pub(crate) async fn loaded_or_loading(&self, db: &Db, mesh_id: &str) -> Option<Arc<MeshHub>> {
+        let cell = lock(&self.meshes).get(mesh_id).cloned()?;
+        cell.get_or_try_init(|| async { load_mesh(db, mesh_id).await })
+            .await
+            .ok()?
+            .clone()
+    }
+
     /// A mesh if it is already loaded.
     pub(crate) fn loaded(&self, mesh_id: &str) -> Option<Arc<MeshHub>> {
         lock(&self.meshes)

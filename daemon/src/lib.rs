@@ -119,6 +119,24 @@ impl Ctx {
 #[derive(Debug)]
 pub struct Daemon;
 
+/// What [`Daemon::bind_with`] takes besides the configuration.
+#[derive(Debug, Default, Clone)]
+#[non_exhaustive]
+pub struct DaemonOptions {
+    /// Test hooks for the federation link manager (see
+    /// [`meshd_federation::LinkHooks`]); `None` in production.
+    pub link_hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
+}
+
+impl DaemonOptions {
+    /// Options with federation link hooks.
+    pub fn with_link_hooks(hooks: Arc<dyn meshd_federation::LinkHooks>) -> Self {
+        Self {
+            link_hooks: Some(hooks),
+        }
+    }
+}
+
 /// A broker with its store open and its listener bound, not yet serving.
 #[derive(Debug)]
 pub struct Bound {
@@ -134,6 +152,14 @@ impl Daemon {
     /// # Errors
     /// [`StartError`].
     pub async fn bind(config: Config) -> Result<Bound, StartError> {
+        Self::bind_with(config, DaemonOptions::default()).await
+    }
+
+    /// [`Daemon::bind`] with options.
+    ///
+    /// # Errors
+    /// [`StartError`].
+    pub async fn bind_with(config: Config, options: DaemonOptions) -> Result<Bound, StartError> {
         let db = Db::open(&config.storage.backend, config.storage.durability).await?;
         let conn = WriterConn::open(&config.storage.backend, config.storage.durability).await?;
         let metrics = Arc::new(Metrics::default());
@@ -160,7 +186,7 @@ impl Daemon {
         }
         let (fed, endpoint) = match &config.federation {
             Some(f) => {
-                let (fed, ep) = fed::Fed::bind(f)?;
+                let (fed, ep) = fed::Fed::bind(f, options.link_hooks.clone())?;
                 (Some(fed), Some(ep))
             }
             None => (None, None),
@@ -460,7 +486,7 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                                 name: name.clone(),
                             });
                         }
-                        if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
+                        if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
                             let mut data = serde_json::Map::new();
                             data.insert("serverName".into(), name.into());
                             data.insert("hostedBy".into(), hosted_by.into());
@@ -468,7 +494,7 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                             mesh.announce(&frame, 0, None);
                         }
                     }
-                    if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
+                    if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
                         let closed = mesh.revoke(&m.pubkey);
                         if m.home_broker.is_none()
                             && let Some(fed) = &ctx.fed

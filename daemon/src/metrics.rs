@@ -63,6 +63,7 @@ const HTTP_REFUSALS: &[&str] = &[
     "hook_invalid",
     "other",
 ];
+const LINK_RESETS: &[&str] = &["unregistered", "control_full", "other"];
 const PRIORITIES: &[&str] = &["now", "next", "low", "other"];
 const CONN_REJECTS: &[&str] = &[
     "capacity",
@@ -142,6 +143,8 @@ pub(crate) struct Metrics {
     pub(crate) http_refused: Labeled,
     /// Federation links currently up.
     pub(crate) fed_links_up: AtomicI64,
+    /// Links torn down by the liveness guard, by reason.
+    pub(crate) fed_link_resets: Labeled,
     /// Frames from peer brokers refused, by reason.
     pub(crate) fed_refused: Labeled,
     /// Direct messages received from peer brokers.
@@ -180,6 +183,7 @@ impl Default for Metrics {
             http_refused: Labeled::new("reason", HTTP_REFUSALS),
             fed_links_up: AtomicI64::new(0),
             fed_refused: Labeled::new("reason", FED_REFUSALS),
+            fed_link_resets: Labeled::new("reason", LINK_RESETS),
             fed_received: AtomicU64::new(0),
             fed_live_dropped: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
@@ -360,6 +364,12 @@ impl Metrics {
             "meshd_federation_refused_total",
             "Frames from peer brokers refused (forged sender, mesh not shared, …).",
             &self.fed_refused,
+        );
+        l(
+            &mut out,
+            "meshd_federation_link_resets_total",
+            "Links torn down and redialed because they did not converge, by reason.",
+            &self.fed_link_resets,
         );
         c(
             &mut out,

@@ -11,4 +11,6 @@ pub mod link;
 pub mod manager;
 
 pub use link::{Endpoint, FrameReader, FrameWriter, Link, LinkConn, LinkError, LinkOptions};
-pub use manager::{Backoff, LinkCounters, LinkHandler, LinkState, Manager, PeerStatus, PeerTarget};
+pub use manager::{
+    Backoff, LinkCounters, LinkHandler, LinkHooks, LinkState, Manager, PeerStatus, PeerTarget,
+};

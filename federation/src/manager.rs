@@ -112,6 +112,8 @@ pub struct PeerStatus {
     pub rtt: Option<Duration>,
     /// Links established so far.
     pub connects: u64,
+    /// Number of the current link (see [`LinkHandler::run`]).
+    pub link_id: Option<u64>,
     /// Last failure.
     pub last_error: Option<String>,
     /// Counters.
@@ -123,14 +125,34 @@ pub trait LinkHandler: Send + Sync + 'static {
     /// Our hello to `peer` (the meshes we are ready to exchange with it).
     fn hello(&self, peer: &str) -> Hello;
 
-    /// Serves `link` until it fails or `stop` is cancelled. The manager closes the
-    /// connection afterwards.
+    /// Serves `link` (number `id`: ids grow with each link the manager adopts) until it
+    /// fails or `stop` is cancelled. The manager closes the connection afterwards.
+    ///
+    /// `stop` is already cancelled when the link was replaced before its handler ran:
+    /// the handler must then not announce the link as the peer's (its successor is).
     fn run(
         self: Arc<Self>,
         link: Link,
+        id: u64,
         counters: Arc<LinkCounters>,
         stop: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = Result<(), LinkError>> + Send>>;
+}
+
+/// Points in a link's life where a test can pause the manager, to force an order of
+/// events that scheduling makes rare (a simultaneous dial's two handlers starting in
+/// either order). Production runs without hooks.
+pub trait LinkHooks: Send + Sync + std::fmt::Debug + 'static {
+    /// Before the handler of link `id` to `peer` runs (`dialer`: we dialed it).
+    fn before_run(
+        &self,
+        peer: &str,
+        id: u64,
+        dialer: bool,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// After the handler of link `id` returned.
+    fn after_run(&self, peer: &str, id: u64);
 }
 
 struct Active {
@@ -167,6 +189,7 @@ pub struct Manager {
     refusals: Mutex<VecDeque<String>>,
     tracker: TaskTracker,
     stop: CancellationToken,
+    hooks: Option<Arc<dyn LinkHooks>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -197,6 +220,7 @@ impl Manager {
         backoff: Backoff,
         handler: Arc<dyn LinkHandler>,
         stop: CancellationToken,
+        hooks: Option<Arc<dyn LinkHooks>>,
     ) -> Arc<Self> {
         let slots = targets
             .iter()
@@ -212,6 +236,7 @@ impl Manager {
                             dialer: false,
                             rtt: None,
                             connects: 0,
+                            link_id: None,
                             last_error: None,
                             counters: Arc::default(),
                         },
@@ -232,6 +257,7 @@ impl Manager {
             refusals: Mutex::new(VecDeque::new()),
             tracker: TaskTracker::new(),
             stop,
+            hooks,
         })
     }
 
@@ -271,6 +297,7 @@ impl Manager {
             .map(|s| {
                 let mut st = s.status.clone();
                 st.rtt = s.active.as_ref().map(|a| a.conn.rtt());
+                st.link_id = s.active.as_ref().map(|a| a.id);
                 st
             })
             .collect();
@@ -290,6 +317,27 @@ impl Manager {
         lock(&self.slots)
             .get(peer)
             .is_some_and(|s| s.active.is_some())
+    }
+
+    /// Tears down link `id` to `peer` if it is still the current one (both sides then
+    /// dial again): for a link that is up but does not converge.
+    pub fn reset(&self, peer: &str, id: u64, reason: CloseReason) -> bool {
+        let slots = lock(&self.slots);
+        let Some(active) = slots.get(peer).and_then(|s| s.active.as_ref()) else {
+            return false;
+        };
+        if active.id != id {
+            return false;
+        }
+        warn!(
+            peer,
+            id,
+            reason = reason.as_str(),
+            "resetting a federation link"
+        );
+        active.stop.cancel();
+        close(&active.conn, reason);
+        true
     }
 
     /// Recent refused handshakes (newest last).
@@ -330,7 +378,12 @@ impl Manager {
             self.tracker.spawn(async move {
                 let remote = incoming.remote_address();
                 let handler = me.handler.clone();
-                match me.ep.accept(incoming, |peer| handler.hello(peer)).await {
+                // A stop never waits for a handshake (the peer may be stopping too).
+                let accepted = tokio::select! {
+                    () = me.stop.cancelled() => return,
+                    r = me.ep.accept(incoming, |peer| handler.hello(peer)) => r,
+                };
+                match accepted {
                     Ok(link) => me.register(link),
                     Err(e) => {
                         warn!(%remote, error = %e, "federation handshake refused");
@@ -361,7 +414,13 @@ impl Manager {
                 return;
             }
             self.set_state(&target.name, LinkState::Connecting, None);
-            match self.dial_once(&target).await {
+            // A stop never waits for a lookup or a handshake: the peer may be stopping
+            // too, or gone (then only the handshake timeout would end the dial).
+            let dialed = tokio::select! {
+                () = self.stop.cancelled() => return,
+                r = self.dial_once(&target) => r,
+            };
+            match dialed {
                 Ok(link) => {
                     attempt = 0;
                     self.register(link);
@@ -422,11 +481,13 @@ impl Manager {
     fn register(self: &Arc<Self>, link: Link) {
         let me_name = self.ep.name().to_owned();
         let peer = link.peer.clone();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stop = self.stop.child_token();
         let counters;
+        let id;
         {
             let mut slots = lock(&self.slots);
+            // Numbered under the lock: ids grow in the order links are adopted.
+            id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let Some(slot) = slots.get_mut(&peer) else {
                 link.close(CloseReason::NotConfigured);
                 return;
@@ -477,7 +538,13 @@ impl Manager {
         self.tracker.spawn(
             async move {
                 let conn = link.conn.conn.clone();
-                let result = handler.run(link, counters, stop.clone()).await;
+                if let Some(h) = &me.hooks {
+                    h.before_run(&peer, id, link.dialer).await;
+                }
+                let result = handler.run(link, id, counters, stop.clone()).await;
+                if let Some(h) = &me.hooks {
+                    h.after_run(&peer, id);
+                }
                 let reason = if me.stop.is_cancelled() {
                     CloseReason::Shutdown
                 } else {

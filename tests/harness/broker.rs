@@ -95,8 +95,20 @@ impl TestBroker {
     ///
     /// # Errors
     /// Startup failure.
-    pub async fn from_config(mut config: Config) -> anyhow::Result<Self> {
-        let bound = meshd::Daemon::bind(config.clone()).await?;
+    pub async fn from_config(config: Config) -> anyhow::Result<Self> {
+        Self::from_config_with(config, meshd::DaemonOptions::default()).await
+    }
+
+    /// [`TestBroker::from_config`] with daemon options (test hooks).
+    ///
+    /// # Errors
+    /// Startup failure.
+    pub async fn from_config_with(
+        mut config: Config,
+        options: meshd::DaemonOptions,
+    ) -> anyhow::Result<Self> {
+        crate::init_tracing();
+        let bound = meshd::Daemon::bind_with(config.clone(), options).await?;
         let addr = bound.local_addr();
         let quic = bound.federation_addr();
         config.server.listen = addr;
@@ -113,6 +125,11 @@ impl TestBroker {
             task: Some(task),
             _dir: None,
         })
+    }
+
+    /// Keeps `dir` (the broker's data directory) alive as long as the broker.
+    pub fn keep_dir(&mut self, dir: tempfile::TempDir) {
+        self._dir = Some(dir);
     }
 
     /// Graceful shutdown (as on SIGTERM); waits for it to finish.

@@ -151,3 +151,73 @@ pub async fn wait_flowing(http: SocketAddr, peer: &str, mesh: &str) -> anyhow::R
     .await
     .map(drop)
 }
+
+/// A link handler waiting at [`HeldLinks::before_run`] until the test releases it.
+#[derive(Debug)]
+pub struct HeldLink {
+    /// Peer broker.
+    pub peer: String,
+    /// The manager's link number.
+    pub id: u64,
+    /// Whether the broker under test dialed it.
+    pub dialer: bool,
+    release: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HeldLink {
+    /// Lets the handler run.
+    pub fn release(self) {
+        let _ = self.release.send(());
+    }
+}
+
+/// What the link manager of a broker under test reports.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A handler is about to run and waits for its release.
+    Held(HeldLink),
+    /// The handler of link `id` returned.
+    Ended(u64),
+}
+
+/// Link hooks that hold every link's handler until the test releases it, so a test can
+/// start two links' handlers in the order it wants.
+#[derive(Debug)]
+pub struct HeldLinks {
+    tx: tokio::sync::mpsc::UnboundedSender<LinkEvent>,
+}
+
+impl HeldLinks {
+    /// The hooks, and where their events arrive.
+    pub fn new() -> (
+        std::sync::Arc<Self>,
+        tokio::sync::mpsc::UnboundedReceiver<LinkEvent>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (std::sync::Arc::new(Self { tx }), rx)
+    }
+}
+
+impl meshd_federation::LinkHooks for HeldLinks {
+    fn before_run(
+        &self,
+        peer: &str,
+        id: u64,
+        dialer: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let (release, wait) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(LinkEvent::Held(HeldLink {
+            peer: peer.to_owned(),
+            id,
+            dialer,
+            release,
+        }));
+        Box::pin(async move {
+            let _ = wait.await;
+        })
+    }
+
+    fn after_run(&self, _peer: &str, id: u64) {
+        let _ = self.tx.send(LinkEvent::Ended(id));
+    }
+}

@@ -1800,3 +1800,359 @@ async fn session_keys_route_through_a_cut() -> anyhow::Result<()> {
     assert_eq!(push["senderPubkey"], p.alice_member.keys.public_hex());
     Ok(())
 }
+
+/// Writes a configuration file for a broker process `name` of `org`, finding its peers
+/// through the DNS server at `dns`; returns (config path, data dir).
+fn process_config(
+    org: &Org,
+    name: &str,
+    dns: SocketAddr,
+    peers: &[(&str, &Org)],
+    grace: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(String, std::path::PathBuf)> {
+    let paths = org.issue(name)?;
+    let mut text = format!(
+        r#"[server]
+shutdown_grace = "{grace}"
+
+[federation]
+broker = "{name}"
+listen = "127.0.0.1:0"
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+nameservers = ["{dns}"]
+presence_grace = "2s"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+keepalive = "300ms"
+idle_timeout = "1500ms"
+"#,
+        cert = paths.cert.display(),
+        key = paths.key.display(),
+        ca = org.ca_path().display(),
+    );
+    for (peer, peer_org) in peers {
+        text.push_str(&format!(
+            "\n[[federation.peers]]\nname = \"{peer}\"\nca = \"{}\"\n",
+            peer_org.ca_path().display()
+        ));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text)?;
+    Ok((path.display().to_string(), dir.join(format!("{name}.data"))))
+}
+
+/// Linked broker processes stopped together (SIGTERM to both) do not wait on each
+/// other: closing a link never waits for the peer, which is itself closing (before, each
+/// waited out its whole grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_brokers_stop_together_promptly() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let dns = TestDns::start().await?;
+    let dir = tempfile::tempdir()?;
+    let grace = Duration::from_secs(20);
+    let (cfg_a, data_a) = process_config(&oa, A, dns.addr(), &[(B, &ob)], "20s", dir.path())?;
+    let (cfg_b, data_b) = process_config(&ob, B, dns.addr(), &[(A, &oa)], "20s", dir.path())?;
+    let mut a =
+        meshd_tests::DaemonProcess::spawn(crate::DAEMON, &data_a, &["--config", &cfg_a], &[])
+            .await?;
+    let mut b =
+        meshd_tests::DaemonProcess::spawn(crate::DAEMON, &data_b, &["--config", &cfg_b], &[])
+            .await?;
+    publish(&dns, A, a.quic.context("quic")?);
+    publish(&dns, B, b.quic.context("quic")?);
+    fed::wait_link(a.addr, B, "up", |l| l["state"] == "up").await?;
+    fed::wait_link(b.addr, A, "up", |l| l["state"] == "up").await?;
+    // A shared mesh with a member connected on each side: links carry traffic.
+    let load = |cfg: &str, data: &std::path::Path| -> anyhow::Result<meshd_config::Config> {
+        let text = std::fs::read_to_string(cfg)?;
+        let ov = meshd_config::Overrides {
+            data_dir: Some(data.to_owned()),
+            ..Default::default()
+        };
+        Ok(meshd_config::Config::load(
+            Some(("c", &text)),
+            &meshd_config::Environment::default(),
+            &ov,
+        )?)
+    };
+    let (ca, cb) = (load(&cfg_a, &data_a)?, load(&cfg_b, &data_b)?);
+    let (dba, dbb) = (admin::open(&ca).await?, admin::open(&cb).await?);
+    let mesh = admin::create_mesh(&dba, &ca, "stop", None).await?;
+    admin::share_mesh(&dba, &ca, &mesh.slug, B).await?;
+    admin::accept_mesh(&dbb, &cb, &mesh.mesh_id, A).await?;
+    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    fed::wait_flowing(b.addr, A, &mesh.mesh_id).await?;
+    let mesh_b = replica(&dbb, &mesh.mesh_id).await?;
+    let mut clients = Vec::new();
+    for (db, cfg, m, d, name) in [
+        (&dba, &ca, &mesh, &a, "alice"),
+        (&dbb, &cb, &mesh_b, &b, "bob"),
+    ] {
+        let inv = admin::create_invite(
+            db,
+            cfg,
+            &m.slug,
+            Role::Member,
+            1,
+            Duration::from_secs(600),
+            &d.ws_url(),
+        )
+        .await?;
+        let keys = Keypair::generate();
+        let payload = meshd_protocol::invite::InvitePayload::from_token(&inv.token)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (code, body) = meshd_tests::http_json(
+            d.addr,
+            "POST",
+            "/join",
+            &json!({"invite_token": inv.token,
+            "invite_payload": payload, "peer_pubkey": keys.public_hex(), "display_name": name}),
+        )
+        .await?;
+        assert_eq!(code, 200, "{body}");
+        let member = Member {
+            mesh_id: mesh.mesh_id.clone(),
+            member_id: body["memberId"].as_str().unwrap_or("").into(),
+            keys,
+            display_name: name.into(),
+        };
+        clients.push(member_client(&d.ws_url(), &member, &[]).await?);
+    }
+    clients[0]
+        .until_peers("bob seen from A", |v| {
+            v["peers"].as_array().is_some_and(|p| p.len() == 2)
+        })
+        .await?;
+    dba.close().await;
+    dbb.close().await;
+
+    let started = std::time::Instant::now();
+    let (ra, rb) = tokio::join!(a.terminate(), b.terminate());
+    let took = started.elapsed();
+    assert!(ra?.0.success() && rb?.0.success());
+    // Far below the grace: a stop that waited on the peer would take all of it.
+    assert!(
+        took < grace / 2,
+        "stopping two linked brokers took {took:?}"
+    );
+
+    // One after the other: the second is redialing the first (gone, so its handshake
+    // would only time out) when it is told to stop; it must not wait for the dial.
+    let mut a =
+        meshd_tests::DaemonProcess::spawn(crate::DAEMON, &data_a, &["--config", &cfg_a], &[])
+            .await?;
+    let mut b =
+        meshd_tests::DaemonProcess::spawn(crate::DAEMON, &data_b, &["--config", &cfg_b], &[])
+            .await?;
+    publish(&dns, A, a.quic.context("quic")?);
+    publish(&dns, B, b.quic.context("quic")?);
+    fed::wait_link(b.addr, A, "up", |l| l["state"] == "up").await?;
+    assert!(a.terminate().await?.0.success());
+    fed::wait_link(b.addr, A, "redialing", |l| l["state"] != "up").await?;
+    let started = std::time::Instant::now();
+    assert!(b.terminate().await?.0.success());
+    let took = started.elapsed();
+    // The handshake timeout is 10 s.
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping while redialing took {took:?}"
+    );
+    Ok(())
+}
+
+/// An endpoint with B's real certificate, trusting A's CA: the test plays broker B.
+fn fake_b(oa: &Org, ob: &Org) -> anyhow::Result<meshd_federation::Endpoint> {
+    let paths = ob.issue(B)?;
+    let identity = meshd_certs::BrokerIdentity::load(&paths.cert, &paths.key, B)?;
+    let trust = meshd_certs::PeerTrust::new([(
+        A.to_owned(),
+        meshd_certs::PeerAnchor::load_ca_file(&oa.ca_path())?,
+    )])?;
+    Ok(meshd_federation::Endpoint::bind(
+        "127.0.0.1:0".parse()?,
+        identity,
+        trust,
+        link_opts(),
+    )?)
+}
+
+fn b_hello(mesh_id: &str) -> wire::Hello {
+    wire::Hello {
+        version: wire::VERSION,
+        broker: B.into(),
+        caps: vec![],
+        meshes: vec![wire::MeshClaim {
+            mesh_id: mesh_id.to_owned(),
+        }],
+    }
+}
+
+async fn next_held(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<fed::LinkEvent>,
+) -> anyhow::Result<fed::HeldLink> {
+    loop {
+        match tokio::time::timeout(meshd_tests::patience(), events.recv()).await {
+            Ok(Some(fed::LinkEvent::Held(h))) => return Ok(h),
+            Ok(Some(fed::LinkEvent::Ended(_))) => {}
+            Ok(None) | Err(_) => bail!("no link handler started"),
+        }
+    }
+}
+
+async fn until_ended(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<fed::LinkEvent>,
+    id: u64,
+) -> anyhow::Result<()> {
+    loop {
+        match tokio::time::timeout(meshd_tests::patience(), events.recv()).await {
+            Ok(Some(fed::LinkEvent::Ended(e))) if e == id => return Ok(()),
+            Ok(Some(fed::LinkEvent::Held(h))) => bail!("unexpected link {}", h.id),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => bail!("link {id} never ended"),
+        }
+    }
+}
+
+/// One simultaneous dial, forced: B's connection to A is adopted first (L), then A's
+/// own connection to B (W), which wins the tie-break (A sorts first) and replaces L
+/// before either handler ran. The handlers then start in the order given, and the mesh
+/// is shared before or after they do. A must serve W, and the mesh must flow over it
+/// with A's members announced.
+async fn simultaneous_dial_case(winner_first: bool, share_after: bool) -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let ep_b = fake_b(&oa, &ob)?;
+    let b_addr = ep_b.local_addr()?;
+    let (hooks, mut events) = fed::HeldLinks::new();
+    let f = oa.federation(A, None, vec![ob.peer(B, Some(b_addr))])?;
+    let a = {
+        let dir = tempfile::tempdir()?;
+        let mut config = meshd_tests::broker::test_config(Backend::Sqlite, dir.path()).await?;
+        config.federation = Some(f);
+        let mut b =
+            TestBroker::from_config_with(config, meshd::DaemonOptions::with_link_hooks(hooks))
+                .await?;
+        b.keep_dir(dir);
+        b
+    };
+    let mesh = a.create_mesh("simultaneous").await?;
+    if !share_after {
+        admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    }
+    // A dialed B at start: its connection waits in B's queue. B dials A meanwhile.
+    let incoming = tokio::time::timeout(meshd_tests::patience(), ep_b.incoming())
+        .await?
+        .context("A never dialed")?;
+    let l_link = ep_b
+        .dial(A, a.quic.context("quic")?, b_hello(&mesh.mesh_id))
+        .await?;
+    let l = next_held(&mut events).await?;
+    assert!(!l.dialer, "B's connection is adopted first");
+    let w_link = ep_b.accept(incoming, |_| b_hello(&mesh.mesh_id)).await?;
+    let w = next_held(&mut events).await?;
+    assert!(w.dialer && w.id > l.id, "A's connection replaces it");
+    if winner_first {
+        let w_id = w.id;
+        w.release();
+        fed::wait_link(a.addr, B, "serving W", |s| s["servedLinkId"] == w_id).await?;
+        let l_id = l.id;
+        l.release();
+        until_ended(&mut events, l_id).await?;
+    } else {
+        let l_id = l.id;
+        l.release();
+        until_ended(&mut events, l_id).await?;
+        w.release();
+    }
+    if share_after {
+        admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    }
+    fed::wait_flowing(a.addr, B, &mesh.mesh_id).await?;
+    let st = fed::status(a.addr).await?;
+    let link = fed::link(&st, B).context("link")?;
+    assert_eq!(link["linkId"], link["servedLinkId"], "{st}");
+    // A member enrolled now is announced over W's messages stream.
+    let alice = a.enroll(&mesh, "alice").await?;
+    let mut messages = loop {
+        let s = tokio::time::timeout(meshd_tests::patience(), w_link.conn.accept_stream())
+            .await
+            .context("A never opened its messages stream")??;
+        if s.class == StreamClass::Messages {
+            break s.rx;
+        }
+    };
+    let want = alice.keys.public_hex();
+    let announced = tokio::time::timeout(meshd_tests::patience(), async {
+        while let Some(frame) = messages.recv().await? {
+            if let Frame::Members { members, .. } = frame
+                && members.iter().any(|m| m.pubkey == want)
+            {
+                return anyhow::Ok(true);
+            }
+        }
+        anyhow::Ok(false)
+    })
+    .await
+    .context("alice never announced")??;
+    assert!(announced);
+    let metrics = a.metrics().await?;
+    assert!(
+        metrics.contains("meshd_federation_link_resets_total{reason=\"unregistered\"} 0"),
+        "{metrics}"
+    );
+    drop(l_link);
+    Ok(())
+}
+
+/// A simultaneous dial resolved with the two links' handlers starting in either order,
+/// and the share made before or after: the surviving link carries the mesh (before the
+/// fix, the replaced link's late start unregistered its successor: "up", carrying
+/// nothing, for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dial_in_every_order() -> anyhow::Result<()> {
+    for winner_first in [true, false] {
+        for share_after in [false, true] {
+            simultaneous_dial_case(winner_first, share_after)
+                .await
+                .with_context(|| {
+                    format!("winner first: {winner_first}, share after: {share_after}")
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// The liveness guard: a link that is up but whose handler never registers it (held
+/// here past the bound) is torn down and dialed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_never_serves_is_reset() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let ep_b = fake_b(&oa, &ob)?;
+    let (hooks, mut events) = fed::HeldLinks::new();
+    let f = oa.federation(A, None, vec![ob.peer(B, Some(ep_b.local_addr()?))])?;
+    let dir = tempfile::tempdir()?;
+    let mut config = meshd_tests::broker::test_config(Backend::Sqlite, dir.path()).await?;
+    config.federation = Some(f);
+    let mut a =
+        TestBroker::from_config_with(config, meshd::DaemonOptions::with_link_hooks(hooks)).await?;
+    a.keep_dir(dir);
+    let incoming = tokio::time::timeout(meshd_tests::patience(), ep_b.incoming())
+        .await?
+        .context("A never dialed")?;
+    let _link = ep_b.accept(incoming, |_| b_hello("none")).await?;
+    let held = next_held(&mut events).await?;
+    // Held: the manager says up, nothing serves it. The guard resets it.
+    let reset = eventually("the guard resets the link", || async {
+        let m = a.metrics().await.ok()?;
+        (!m.contains("meshd_federation_link_resets_total{reason=\"unregistered\"} 0")).then_some(())
+    })
+    .await;
+    held.release();
+    reset?;
+    // And A dials again.
+    let again = tokio::time::timeout(meshd_tests::patience(), ep_b.incoming()).await?;
+    assert!(again.is_some(), "A did not dial again");
+    Ok(())
+}
