@@ -2245,23 +2245,36 @@ impl Fed {
             let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh_id).await else {
                 continue;
             };
-            let refused = match frame {
+            let caps = crate::hub::RemoteCaps::from_limits(&ctx.config.limits);
+            let (refused, over) = match frame {
                 Frame::PresenceSnapshot { entries, .. } => {
                     let (ok, bad): (Vec<_>, Vec<_>) = entries.into_iter().partition(valid_entry);
-                    bad.len() + hub.remote_replace(&link.peer, ok, now)
+                    let (forged, over) = hub.remote_replace(&link.peer, ok, now, caps);
+                    (bad.len() + forged, over)
                 }
                 Frame::PresenceUpsert { entry, .. } if valid_entry(&entry) => {
-                    usize::from(!hub.remote_upsert(&link.peer, *entry, now))
+                    match hub.remote_upsert(&link.peer, *entry, now, caps) {
+                        crate::hub::RemoteUpsert::Accepted => (0, 0),
+                        crate::hub::RemoteUpsert::Forged => (1, 0),
+                        crate::hub::RemoteUpsert::OverLimit => (0, 1),
+                    }
                 }
-                Frame::PresenceUpsert { .. } => 1,
+                Frame::PresenceUpsert { .. } => (1, 0),
                 Frame::PresenceGone { key, version, .. } => {
                     hub.remote_gone(&link.peer, &key, version, now);
-                    0
+                    (0, 0)
                 }
-                _ => 0,
+                _ => (0, 0),
             };
             if refused > 0 {
                 count_refused(&ctx, &link, RejectReason::ForgedSender, refused);
+            }
+            if over > 0 {
+                // Not the peer's fault as such (the cap is ours): counted apart.
+                link.counters
+                    .refused
+                    .fetch_add(over as u64, Ordering::Relaxed);
+                ctx.metrics.fed_refused.inc_by("presence_limit", over as u64);
             }
         }
         Ok(())

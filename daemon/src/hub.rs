@@ -831,7 +831,8 @@ impl MeshHub {
         broker: &Arc<str>,
         entry: meshd_protocol::fed::PresenceEntry,
         now: i64,
-    ) -> bool {
+        caps: RemoteCaps,
+    ) -> RemoteUpsert {
         let mut inner = self.inner();
         // The session key must not be a key of anyone else: a member (or session) hosted
         // here or by another broker would otherwise be routed to this broker.
@@ -844,11 +845,23 @@ impl MeshHub {
                 .get(&entry.key)
                 .is_some_and(|r| r.broker != *broker)
         {
-            return false;
+            return RemoteUpsert::Forged;
         }
         let old = inner.remote.get(&entry.key);
+        if old.is_none() {
+            // A new presence: within what one broker, and all brokers together, may
+            // show in this mesh (each arrival is announced to every local peer).
+            let of_broker = inner
+                .remote
+                .values()
+                .filter(|r| r.broker == *broker)
+                .count();
+            if of_broker >= caps.per_broker || inner.remote.len() >= caps.per_mesh {
+                return RemoteUpsert::OverLimit;
+            }
+        }
         if !meshd_protocol::fed::newer(entry.version, old.map(|r| r.entry.version)) {
-            return true;
+            return RemoteUpsert::Accepted;
         }
         let was_visible = old.map(|r| r.entry.visible);
         let event = match (was_visible, entry.visible) {
@@ -876,7 +889,7 @@ impl MeshHub {
                 offer(&p.shared, Outbound::Frame(frame.clone()));
             }
         }
-        true
+        RemoteUpsert::Accepted
     }
 
     /// A peer broker's session left.
@@ -894,20 +907,27 @@ impl MeshHub {
     }
 
     /// Replaces everything known of `broker`'s sessions with a snapshot: departures get
-    /// `peer_left`, arrivals `peer_joined`. Returns how many entries were refused.
+    /// `peer_left`, arrivals `peer_joined`. Returns how many entries were refused as
+    /// forged and as over the limits.
     pub(crate) fn remote_replace(
         &self,
         broker: &Arc<str>,
         entries: Vec<meshd_protocol::fed::PresenceEntry>,
         now: i64,
-    ) -> usize {
+        caps: RemoteCaps,
+    ) -> (usize, usize) {
         let keep: std::collections::HashSet<String> =
             entries.iter().map(|e| e.key.clone()).collect();
         self.remote_remove(now, |k, r| *r.broker == **broker && !keep.contains(k));
-        entries
-            .into_iter()
-            .filter(|e| !self.remote_upsert(broker, e.clone(), now))
-            .count()
+        let (mut forged, mut over) = (0, 0);
+        for e in entries {
+            match self.remote_upsert(broker, e, now, caps) {
+                RemoteUpsert::Accepted => {}
+                RemoteUpsert::Forged => forged += 1,
+                RemoteUpsert::OverLimit => over += 1,
+            }
+        }
+        (forged, over)
     }
 
     /// Forgets every session of `broker` (its link stayed down past the grace period,
@@ -1254,6 +1274,37 @@ pub(crate) fn raw(json: &str) -> Box<RawValue> {
     RawValue::from_string(json.to_owned())
         .or_else(|_| RawValue::from_string("null".to_owned()))
         .unwrap_or_else(|_| Box::<RawValue>::default())
+}
+
+/// How many presences of peer brokers a mesh shows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemoteCaps {
+    /// Of one peer broker.
+    pub(crate) per_broker: usize,
+    /// Of all peer brokers together.
+    pub(crate) per_mesh: usize,
+}
+
+impl RemoteCaps {
+    /// One broker may show as many sessions as a mesh may have here
+    /// (`limits.max_connections_per_mesh`); all of them together four times that.
+    pub(crate) fn from_limits(limits: &meshd_config::Limits) -> Self {
+        Self {
+            per_broker: limits.max_connections_per_mesh,
+            per_mesh: limits.max_connections_per_mesh.saturating_mul(4),
+        }
+    }
+}
+
+/// What became of a peer broker's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RemoteUpsert {
+    /// Shown (or an older version ignored).
+    Accepted,
+    /// It names a key the broker does not speak for.
+    Forged,
+    /// The mesh shows as many of the broker's (or of all brokers') presences as allowed.
+    OverLimit,
 }
 
 /// Remote session keys remembered per mesh (beyond, new ones are not remembered; their

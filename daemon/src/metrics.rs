@@ -51,6 +51,7 @@ impl Labeled {
 
 const FED_REFUSALS: &[&str] = &[
     "forged_sender",
+    "presence_limit",
     "not_shared",
     "unknown_recipient",
     "revoked",

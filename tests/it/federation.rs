@@ -2156,3 +2156,82 @@ async fn a_link_that_never_serves_is_reset() -> anyhow::Result<()> {
     assert!(again.is_some(), "A did not dial again");
     Ok(())
 }
+
+fn fake_presence(version: u64) -> wire::PresenceEntry {
+    let key = Keypair::generate().public_hex();
+    wire::PresenceEntry {
+        key: key.clone(),
+        member_pubkey: key,
+        member_id: format!("m{version}"),
+        version,
+        display_name: format!("ghost {version}"),
+        status: "idle".into(),
+        summary: None,
+        groups: vec![],
+        visible: true,
+        session_id: format!("s{version}"),
+        connected_at: meshd_tests::now_ms(),
+        cwd: "/".into(),
+        hostname: None,
+        peer_type: None,
+        channel: None,
+        model: None,
+        peer_role: "control-plane".into(),
+        profile: "{}".into(),
+        stats: None,
+    }
+}
+
+/// A peer broker cannot flood a mesh with presences: beyond what one broker may show
+/// (here 5, `limits.max_connections_per_mesh`), new ones are refused and counted, and
+/// local peers hear of the accepted ones only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_presences_are_capped() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let a = start_tweaked(
+        Backend::Sqlite,
+        &oa,
+        A,
+        None,
+        vec![ob.peer(B, Some("127.0.0.1:9".parse()?))],
+        |c| c.limits.max_connections_per_mesh = 5,
+    )
+    .await?;
+    let mesh = a.create_mesh("ghosts").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    let alice = a.enroll(&mesh, "alice").await?;
+    let mut alice_c = member_client(&a.ws_url(), &alice, &[]).await?;
+    let (_ep, link) = play_b(&a, &oa, &ob, &mesh.mesh_id).await?;
+    let (mut presence, _) = link.conn.open(StreamClass::Presence).await?;
+    presence
+        .send(&Frame::PresenceSnapshot {
+            mesh_id: mesh.mesh_id.clone(),
+            entries: (1..=20).map(fake_presence).collect(),
+        })
+        .await?;
+    for v in 100..110 {
+        presence
+            .send(&Frame::PresenceUpsert {
+                mesh_id: mesh.mesh_id.clone(),
+                entry: Box::new(fake_presence(v)),
+            })
+            .await?;
+    }
+    fed::wait_link(a.addr, B, "25 presences refused", |l| l["refused"] == 25).await?;
+    let peers = alice_c.sync().await?;
+    let remote = peers["peers"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| !p["broker"].is_null()).count());
+    assert_eq!(remote, 5, "{peers}");
+    let joined = alice_c
+        .ws
+        .drain_backlog(|v| v["event"] == "peer_joined")
+        .len();
+    assert_eq!(joined, 5);
+    let metrics = a.metrics().await?;
+    assert!(
+        metrics.contains("meshd_federation_refused_total{reason=\"presence_limit\"} 25"),
+        "{metrics}"
+    );
+    Ok(())
+}
