@@ -489,6 +489,16 @@ impl LinkShared {
         lock(&self.flowing).contains(mesh)
     }
 
+    /// Whether a message of `mesh` for the peer goes (or waits to go) over this link:
+    /// the mesh flows, or the peer said it is ready and the link is still settling
+    /// (our side's claim is being made). A peer that said it is not ready (its hello
+    /// omitted the mesh, or it withdrew) refuses at once: nothing waits for a consent
+    /// that was withdrawn.
+    fn settling_or_flows(&self, mesh: &str) -> bool {
+        self.flows(mesh)
+            || (self.started.elapsed() < FLOW_SETTLE && lock(&self.peer_ready).contains(mesh))
+    }
+
     /// Whether we take this mesh's traffic from the peer: we told it we consent (the
     /// peer sends only after it has heard so, which may be before our side has heard
     /// the peer's own consent and marked the mesh flowing).
@@ -732,10 +742,7 @@ impl Fed {
     /// if the link is up and settled, the peer consents too (while the link is down the
     /// message waits in the outbox).
     pub(crate) fn will_forward(&self, mesh: &str, peer: &str) -> bool {
-        self.consents(mesh, peer)
-            && self
-                .link(peer)
-                .is_none_or(|l| l.flows(mesh) || l.started.elapsed() < FLOW_SETTLE)
+        self.consents(mesh, peer) && self.link(peer).is_none_or(|l| l.settling_or_flows(mesh))
     }
 
     /// Whether `mesh` is shared with `peer` (messages to its members may be queued for it,
@@ -1698,7 +1705,6 @@ impl Fed {
             // Attach before the first store read: every row numbered from now on is
             // either in that read or offered to the hot queue.
             let mut attached = hot.attach();
-            let link_started = link.started;
             // Highest position sent on this link; rows go out strictly in order.
             let mut last: i64 = 0;
             // Whether the store has been read up to what the hot queue continues from.
@@ -1803,7 +1809,7 @@ impl Fed {
                         // mesh that has not started flowing yet on a new link waits a
                         // moment instead (nothing after it may overtake it: the peer
                         // de-duplicates by a high-water mark).
-                        if self.consents(&dm.mesh_id, &peer) && link_started.elapsed() < FLOW_SETTLE
+                        if self.consents(&dm.mesh_id, &peer) && link.settling_or_flows(&dm.mesh_id)
                         {
                             blocked = true;
                             caught_up = false;

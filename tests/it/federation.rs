@@ -894,6 +894,21 @@ async fn unsharing_stops_the_flow() -> anyhow::Result<()> {
             .is_some_and(|e| e.contains("not shared")),
         "{ack}"
     );
+    // The other side refuses at once too, as soon as it heard of the withdrawal (it
+    // does not queue for a consent that was withdrawn, however young the link).
+    fed::wait_link(p.b.addr, A, "without the mesh", |l| {
+        l["meshes"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await?;
+    let ack = bob
+        .dm(&p.alice_member.keys.public_hex(), "to the home after unshare", "now")
+        .await?;
+    assert!(
+        ack["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not shared")),
+        "{ack}"
+    );
     p.alice
         .until_peers("bob gone", |v| broker_of(v, &bob_key).is_none())
         .await?;
