@@ -222,7 +222,7 @@ pub enum CaFileError {
         /// The parser's complaint.
         reason: String,
     },
-    /// The `# sha256` line of a bundle does not match its certificate.
+    /// The pin line (`# pin = "sha256:…"`) of a bundle does not match its certificate.
     #[error(
         "{path}: the certificate's SHA-256 is {actual} but the file states {stated}; the bundle was altered or mixed up"
     )]
@@ -555,8 +555,9 @@ pub(crate) fn keys_match(
 }
 
 /// Reads a file holding exactly one CA certificate (PEM), such as `ca.pem` or a peer
-/// org's bundle. A `# sha256 <hex>` line, as [`Bundle`] writes, must match the
-/// certificate, which catches bundles that were edited or swapped.
+/// org's bundle. A `# pin = "sha256:<hex>"` line, as [`Bundle`] writes (or the
+/// `# sha256 <hex>` line of earlier releases), must match the certificate, which catches
+/// bundles that were edited or swapped.
 pub(crate) fn read_ca_file(path: &Path) -> Result<CertificateDer<'static>, CaFileError> {
     let text = fs::read(path).map_err(|source| CaFileError::Io {
         path: path.to_owned(),
@@ -583,7 +584,12 @@ pub(crate) fn read_ca_file(path: &Path) -> Result<CertificateDer<'static>, CaFil
     })?;
     let actual = fingerprint_sha256(&cert);
     for line in String::from_utf8_lossy(&text).lines() {
-        if let Some(stated) = line.trim().strip_prefix(BUNDLE_FINGERPRINT_PREFIX) {
+        let line = line.trim();
+        let stated = line
+            .strip_prefix(BUNDLE_PIN_PREFIX)
+            .map(|s| s.trim().trim_matches('"'))
+            .or_else(|| line.strip_prefix(OLD_BUNDLE_FINGERPRINT_PREFIX));
+        if let Some(stated) = stated {
             let stated = stated.trim();
             if parse_pin(stated).map(hex::encode).as_deref() != Ok(actual.as_str()) {
                 return Err(CaFileError::FingerprintMismatch {
@@ -597,7 +603,11 @@ pub(crate) fn read_ca_file(path: &Path) -> Result<CertificateDer<'static>, CaFil
     Ok(cert)
 }
 
-const BUNDLE_FINGERPRINT_PREFIX: &str = "# sha256 ";
+/// The bundle's fingerprint line: `# pin = "sha256:<hex>"`, the very text a peer puts in
+/// its configuration.
+const BUNDLE_PIN_PREFIX: &str = "# pin = ";
+/// How bundles made by earlier releases state it (still checked when present).
+const OLD_BUNDLE_FINGERPRINT_PREFIX: &str = "# sha256 ";
 
 /// The org CA as handed to peer orgs (`meshd certs bundle`): the certificate PEM and its
 /// fingerprint, so the receiving operator can check it over another channel or pin it.
@@ -626,13 +636,16 @@ impl Bundle {
         Ok(Self::from_ca_der(&read_ca_file(path)?))
     }
 
-    /// The file contents: the PEM followed by `# sha256 <fingerprint>`. The peer loads
-    /// it with [`crate::PeerAnchor::load_ca_file`], which checks that line.
+    /// The file contents: the PEM followed by `# pin = "sha256:<fingerprint>"` (the
+    /// line a peer that pins instead of keeping the file puts in its configuration).
+    /// The peer loads it with [`crate::PeerAnchor::load_ca_file`], which checks that line.
     pub fn to_text(&self) -> String {
-        format!(
-            "{}{BUNDLE_FINGERPRINT_PREFIX}{}\n",
-            self.pem, self.fingerprint
-        )
+        format!("{}{BUNDLE_PIN_PREFIX}\"{}\"\n", self.pem, self.pin())
+    }
+
+    /// The pin as the configuration takes it: `sha256:<hex>`.
+    pub fn pin(&self) -> String {
+        format!("sha256:{}", self.fingerprint)
     }
 }
 
@@ -1047,10 +1060,35 @@ mod tests {
         assert_eq!(bundle, org.ca.bundle());
         let text = bundle.to_text();
         assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n"));
+        // The pin line is what a peer's configuration takes.
         assert!(text.ends_with(&format!(
-            "-----END CERTIFICATE-----\n# sha256 {}\n",
+            "-----END CERTIFICATE-----\n# pin = \"sha256:{}\"\n",
             org.ca.fingerprint()
         )));
+        let pin_line = text.lines().last().unwrap().trim_start_matches("# ");
+        let config: toml::Table = toml::from_str(pin_line).unwrap();
+        assert_eq!(
+            parse_pin(config["pin"].as_str().unwrap()).unwrap().to_vec(),
+            hex::decode(org.ca.fingerprint()).unwrap()
+        );
+        // Bundles of earlier releases still load, and are still checked.
+        let old = org.dir.path().join("old.bundle");
+        fs::write(
+            &old,
+            format!("{}# sha256 {}\n", bundle.pem, org.ca.fingerprint()),
+        )
+        .unwrap();
+        assert!(crate::PeerAnchor::load_ca_file(&old).is_ok());
+        fs::write(
+            &old,
+            format!(
+                "{}# sha256 {}\n",
+                bundle.pem,
+                Org::new("y.test").ca.fingerprint()
+            ),
+        )
+        .unwrap();
+        assert!(crate::PeerAnchor::load_ca_file(&old).is_err());
 
         let path = org.dir.path().join("x.bundle");
         fs::write(&path, &text).unwrap();

@@ -547,6 +547,13 @@ fn alpn_list(alpn: &[u8]) -> Vec<Vec<u8>> {
     }
 }
 
+/// A client certificate no configured peer's org CA verifies, with the names it claims.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate for {presented:?} is not from the org CA configured for those names")]
+struct ForeignCertificate {
+    presented: Vec<String>,
+}
+
 /// Maps a refusal to the rustls error whose TLS alert says the most (48 unknown_ca for
 /// a foreign CA, 42 bad_certificate for a wrong name...).
 fn to_rustls(e: PeerCertError) -> rustls::Error {
@@ -653,10 +660,20 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.trust
-            .identify_at(end_entity, intermediates, now)
-            .map_err(to_rustls)?;
-        Ok(ClientCertVerified::assertion())
+        match self.trust.identify_at(end_entity, intermediates, now) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            // A stranger's certificate: say which broker it claims to be, so the
+            // operator reading the refusal knows who knocked.
+            Err(PeerCertError::UnknownIssuer | PeerCertError::UnknownPeer { .. }) => {
+                let presented = parse_leaf(end_entity)
+                    .map(|e| presented_names(&e))
+                    .unwrap_or_default();
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    rustls::OtherError(std::sync::Arc::new(ForeignCertificate { presented })),
+                )))
+            }
+            Err(e) => Err(to_rustls(e)),
+        }
     }
 
     fn verify_tls12_signature(

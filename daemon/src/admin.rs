@@ -339,7 +339,7 @@ pub async fn share_mesh(
         .await?;
     Ok(ShareInfo {
         mesh_id: m.id,
-        slug: m.slug,
+        slug: Some(m.slug),
         peer,
         role: "offer",
     })
@@ -374,9 +374,11 @@ pub async fn accept_mesh(
     }
     db.insert_share(mesh_id, &peer, crate::store::ShareRole::Accept, now_ms())
         .await?;
+    // A replica already there (accepted before, or the offer came first) has its slug.
+    let slug = db.mesh_by_id(mesh_id).await?.map(|m| m.slug);
     Ok(ShareInfo {
         mesh_id: mesh_id.to_owned(),
-        slug: String::new(),
+        slug,
         peer,
         role: "accept",
     })
@@ -402,8 +404,9 @@ pub async fn unshare_mesh(db: &Db, mesh_ref: &str, broker: &str) -> Result<bool,
 pub struct ShareInfo {
     /// Mesh id.
     pub mesh_id: String,
-    /// Slug (empty until the home's offer arrives, for an accept).
-    pub slug: String,
+    /// Slug; for an accept, `None` until the home's offer has arrived and the replica
+    /// exists (see `meshd mesh accept --wait`).
+    pub slug: Option<String>,
     /// Peer broker.
     pub peer: String,
     /// `offer` or `accept`.

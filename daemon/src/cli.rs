@@ -162,6 +162,11 @@ enum MeshCmd {
         /// The home broker's name.
         #[arg(long = "from", value_name = "BROKER")]
         from: String,
+        /// Wait this long (e.g. `30s`) for the replica to exist: it is created by the
+        /// running daemon when the home broker's offer arrives over the link. Without
+        /// it the command returns at once, with `slug` null until then.
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
         #[command(flatten)]
         out: Output,
     },
@@ -472,7 +477,7 @@ async fn mesh(config: Config, cmd: MeshCmd) -> anyhow::Result<()> {
                 format!(
                     "shared {} ({}) with {}
 next, on {}: meshd mesh accept {} --from {}",
-                    s.slug,
+                    s.slug.as_deref().unwrap_or(""),
                     s.mesh_id,
                     s.peer,
                     s.peer,
@@ -484,13 +489,41 @@ next, on {}: meshd mesh accept {} --from {}",
                 )
             })
         }
-        MeshCmd::Accept { mesh_id, from, out } => {
-            let s = admin::accept_mesh(&db, &config, &mesh_id, &from).await?;
-            print(out.json, &s, |s| {
-                format!(
-                    "accepted mesh {} from {}; the replica appears in `meshd mesh list` once {} is linked",
+        MeshCmd::Accept {
+            mesh_id,
+            from,
+            wait,
+            out,
+        } => {
+            let wait = wait
+                .map(|w| {
+                    meshd_config::parse_duration(&w).map_err(|e| anyhow::anyhow!("--wait: {e}"))
+                })
+                .transpose()?;
+            let mut s = admin::accept_mesh(&db, &config, &mesh_id, &from).await?;
+            if let Some(wait) = wait {
+                let deadline = tokio::time::Instant::now() + wait;
+                while s.slug.is_none() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    s.slug = db.mesh_by_id(&mesh_id).await?.map(|m| m.slug);
+                }
+                if s.slug.is_none() {
+                    anyhow::bail!(
+                        "accepted, but no replica within {}: is the daemon running and linked to {}? (`meshd federation status`)",
+                        humantime_secs(wait),
+                        s.peer
+                    );
+                }
+            }
+            print(out.json, &s, |s| match &s.slug {
+                Some(slug) => format!(
+                    "accepted mesh {} from {}: replica {slug}",
+                    s.mesh_id, s.peer
+                ),
+                None => format!(
+                    "accepted mesh {} from {}; the replica appears in `meshd mesh list` once {} is linked and its offer arrives (or use --wait 30s)",
                     s.mesh_id, s.peer, s.peer
-                )
+                ),
             })
         }
         MeshCmd::Unshare { mesh, with, out } => {
@@ -567,7 +600,7 @@ fn certs(config: &Config, cmd: CertsCmd) -> anyhow::Result<()> {
             print(out.json, &init, |i| {
                 format!(
                     "{} org CA for {}: {}
-  sha256 {}
+  pin = \"sha256:{}\"
 issued {}:
   cert {}
   key  {}
@@ -670,28 +703,60 @@ async fn federation_status(
         value["broker"].as_str().unwrap_or("?"),
         value["quic"].as_str().unwrap_or("-")
     );
-    println!(
-        "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>5}  LAST ERROR",
-        "PEER", "STATE", "RTT ms", "QUEUED", "SENT", "RECEIVED", "RESENT", "REFUSED", "HELD"
-    );
+    print!("{}", status_table(&value));
+    Ok(())
+}
+
+/// The `federation status` table: one row per link, every column as wide as its widest
+/// cell (numbers right-aligned), the last error and meshes after them.
+fn status_table(value: &serde_json::Value) -> String {
+    let num = |v: &serde_json::Value| v.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let head = [
+        "PEER", "STATE", "RTT ms", "QUEUED", "SENT", "RECEIVED", "RESENT", "REFUSED", "HELD",
+        "MESHES",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![head.iter().map(|h| (*h).to_owned()).collect()];
+    let mut errors = vec![String::from("LAST ERROR")];
     for l in value["links"].as_array().into_iter().flatten() {
-        println!(
-            "{:<32} {:<10} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>5}  {}",
-            l["peer"].as_str().unwrap_or("?"),
-            l["state"].as_str().unwrap_or("?"),
+        rows.push(vec![
+            l["peer"].as_str().unwrap_or("?").to_owned(),
+            l["state"].as_str().unwrap_or("?").to_owned(),
             l["rttMs"]
                 .as_f64()
                 .map_or_else(|| "-".into(), |r| format!("{r:.2}")),
-            l["queued"],
-            l["sent"],
-            l["received"],
-            l["resent"],
-            l["refused"],
-            l["held"],
-            l["lastError"].as_str().unwrap_or(""),
-        );
+            num(&l["queued"]),
+            num(&l["sent"]),
+            num(&l["received"]),
+            num(&l["resent"]),
+            num(&l["refused"]),
+            num(&l["held"]),
+            l["meshes"].as_array().map_or(0, Vec::len).to_string(),
+        ]);
+        errors.push(l["lastError"].as_str().unwrap_or("").to_owned());
     }
-    Ok(())
+    let widths: Vec<usize> = (0..head.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!(
+        "broker {} (QUIC {})\n",
+        value["broker"].as_str().unwrap_or("?"),
+        value["quic"].as_str().unwrap_or("-")
+    );
+    for (row, error) in rows.iter().zip(&errors) {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let w = widths[c];
+            if c < 2 {
+                line.push_str(&format!("{cell:<w$}  "));
+            } else {
+                line.push_str(&format!("{cell:>w$}  "));
+            }
+        }
+        line.push_str(error);
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 async fn invite(config: Config, cmd: InviteCmd) -> anyhow::Result<()> {
@@ -788,4 +853,51 @@ async fn member(config: Config, cmd: MemberCmd) -> anyhow::Result<()> {
     };
     db.close().await;
     r
+}
+
+/// A duration as `N s` (for messages).
+fn humantime_secs(d: std::time::Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_columns_line_up() {
+        let v = serde_json::json!({
+            "broker": "mesh.a.test", "quic": "127.0.0.1:7901",
+            "links": [
+                {"peer": "mesh.b.test", "state": "up", "rttMs": 0.5, "queued": 0, "sent": 12345678,
+                 "received": 3, "resent": 0, "refused": 0, "held": 0, "meshes": ["m1"], "lastError": null},
+                {"peer": "a-much-longer-peer-name.example.org", "state": "backoff", "rttMs": null,
+                 "queued": 7, "sent": 0, "received": 0, "resent": 0, "refused": 12, "held": 0,
+                 "meshes": [], "lastError": "connection to 10.0.0.1:7901: timed out"}
+            ]
+        });
+        let table = status_table(&v);
+        let lines: Vec<&str> = table.lines().skip(1).collect();
+        assert_eq!(lines.len(), 3);
+        // Every column starts at the same offset on every line.
+        for col in ["STATE", "SENT", "REFUSED", "MESHES"] {
+            let at = lines[0].find(col).unwrap();
+            let end = at + col.len();
+            for l in &lines[1..] {
+                let c = l.as_bytes().get(at.saturating_sub(1)).copied();
+                if col == "STATE" {
+                    assert_eq!(c, Some(b' '), "{table}");
+                    assert_ne!(l.as_bytes()[at], b' ', "{table}");
+                } else {
+                    // Right-aligned: the cell ends where the heading ends.
+                    assert_ne!(l.as_bytes()[end - 1], b' ', "{col}: {table}");
+                    assert!(
+                        matches!(l.as_bytes().get(end), None | Some(b' ')),
+                        "{col}: {table}"
+                    );
+                }
+            }
+        }
+        assert!(lines[2].ends_with("timed out"), "{table}");
+    }
 }

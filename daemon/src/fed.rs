@@ -2280,7 +2280,9 @@ impl Fed {
                 link.counters
                     .refused
                     .fetch_add(over as u64, Ordering::Relaxed);
-                ctx.metrics.fed_refused.inc_by("presence_limit", over as u64);
+                ctx.metrics
+                    .fed_refused
+                    .inc_by("presence_limit", over as u64);
             }
         }
         Ok(())
