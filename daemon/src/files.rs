@@ -504,7 +504,7 @@ pub(crate) async fn upload(
     let tags: Vec<String> = header_str(&headers, "x-tags")
         .and_then(|t| serde_json::from_str(t).ok())
         .unwrap_or_default();
-    if tags.len() > 64 || tags.iter().any(|t| t.len() > 256) {
+    if tags.len() > 64 || tags.iter().any(|t| t.len() > 256 || t.contains('\0')) {
         return bad("at most 64 tags of up to 256 bytes");
     }
     let persistent = header_str(&headers, "x-persistent") != Some("false");
@@ -541,8 +541,12 @@ pub(crate) async fn upload(
             None => Vec::new(),
             Some(Ok(k))
                 if k.len() <= MAX_FILE_KEYS
-                    && k.iter()
-                        .all(|k| k.peer_pubkey.len() <= 256 && k.sealed_key.len() <= 4096) =>
+                    && k.iter().all(|k| {
+                        k.peer_pubkey.len() <= 256
+                            && k.sealed_key.len() <= 4096
+                            && !k.peer_pubkey.contains('\0')
+                            && !k.sealed_key.contains('\0')
+                    }) =>
             {
                 k.into_iter()
                     .map(|k| (k.peer_pubkey.to_ascii_lowercase(), k.sealed_key))

@@ -352,6 +352,9 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
     if display_name.is_empty() || display_name.len() > meshd_protocol::client::MAX_NAME_LEN {
         return refused("display_name must be 1 to 256 bytes");
     }
+    if display_name.contains('\0') {
+        return refused("display_name must not contain U+0000");
+    }
     let Ok(payload) = serde_json::from_value::<InvitePayload>(payload) else {
         return refused("invite_malformed");
     };

@@ -600,6 +600,10 @@ pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
         reason,
         awaits_reply,
     };
+    // Refused whatever the frame: PostgreSQL cannot store U+0000 (see `nul`).
+    if crate::nul::json_has_nul(text) {
+        return Err(invalid("U+0000 is not allowed in any string".into()));
+    }
     let frame = decode_body(kind, text).map_err(|e| invalid(e.to_string()))?;
     validate(&frame).map_err(|r| invalid(r.to_owned()))?;
     Ok(Inbound { req_id, frame })

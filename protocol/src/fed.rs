@@ -979,6 +979,10 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
             rest.len()
         )));
     }
+    // Refused as in client frames (see `nul`): stored text must fit both backends.
+    if crate::nul::has_nul(&frame) {
+        return Err(FrameError::Malformed("U+0000 in a string".into()));
+    }
     Ok(frame)
 }
 
@@ -1080,6 +1084,29 @@ mod tests {
             created_at: 1,
             expires_at: 2,
         }))
+    }
+
+    #[test]
+    fn nul_in_any_string_is_refused() {
+        let Frame::Dm(mut d) = dm(1) else {
+            unreachable!()
+        };
+        d.client_message_id = Some("c\0".into());
+        let bytes = encode(&Frame::Dm(d), 1 << 20).unwrap();
+        assert!(matches!(decode(&bytes[4..]), Err(FrameError::Malformed(_))));
+        let f = Frame::Members {
+            mesh_id: "m".into(),
+            members: vec![MemberAnn {
+                member_id: "i".into(),
+                pubkey: "k".into(),
+                display_name: "eve\0".into(),
+                role: "member".into(),
+                revoked: false,
+            }],
+            full: false,
+        };
+        let bytes = encode(&f, 1 << 20).unwrap();
+        assert!(decode(&bytes[4..]).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod fed;
 pub mod hello;
 pub mod invite;
 pub mod keys;
+pub mod nul;
 pub mod routing;
 pub mod session;
 pub mod status;

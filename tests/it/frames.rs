@@ -132,3 +132,47 @@ async fn close_frame_is_answered() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+both! {
+    /// U+0000 in any string of a client frame is refused at decode time, alike on both
+    /// backends (PostgreSQL cannot store it): an answered request gets `malformed` with
+    /// its `_reqId`, a send an `ack` with its error; nothing reaches the store, other
+    /// senders are unaffected and the store stays healthy.
+    async fn nul_in_text_is_refused_at_decode(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start_with(b, |c| c.limits.sends_per_second = 0).await?;
+        let mesh = broker.create_mesh("nul").await?;
+        let (x, y) = (broker.enroll(&mesh, "x").await?, broker.enroll(&mesh, "y").await?);
+        let mut x = broker.connect(&x).await?;
+        let mut y = broker.connect(&y).await?;
+        let y_key = y.key();
+
+        for frame in [
+            json!({"type": "remember", "content": "bad\u{0}note"}),
+            json!({"type": "create_task", "title": "t\u{0}"}),
+            json!({"type": "share_skill", "name": "s", "description": "d", "instructions": "i\u{0}"}),
+            json!({"type": "set_profile", "title": "\u{0}"}),
+        ] {
+            let e = x.request(frame.clone()).await?;
+            assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("malformed")), "{frame}: {e}");
+        }
+        // A DM whose client id holds U+0000: refused in its ack, by id.
+        let (nonce, c) = meshd_tests::crypto::seal("hi", &y_key, x.dm_keys());
+        x.ws.send_json(&json!({"type": "send", "id": "bad-1", "targetSpec": y_key, "priority": "now",
+            "nonce": nonce, "ciphertext": c, "clientMessageId": "cm\u{0}1"})).await?;
+        let ack = x.ws.expect("ack", |v| v["id"] == "bad-1").await?;
+        assert_eq!(ack["code"], "malformed", "{ack}");
+        // Honest traffic around it flows, and the store stays healthy.
+        for i in 0..20 {
+            let ack = x.dm(&y_key, &format!("ok {i}"), "now").await?;
+            assert_eq!(ack["queued"], true, "{ack}");
+        }
+        for i in 0..20 {
+            assert_eq!(y.expect_message().await?.1, format!("ok {i}"));
+        }
+        let (status, _, _) = meshd_tests::http(broker.addr, "GET", "/health", None).await?;
+        assert_eq!(status, 200);
+        let ok = x.request(json!({"type": "remember", "content": "a fine note"})).await?;
+        assert_ne!(ok["type"], "error", "{ok}");
+        Ok(())
+    }
+}
