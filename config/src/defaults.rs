@@ -87,6 +87,9 @@ pub const STATUS_FRESH_WINDOW: Duration = Duration::from_secs(30);
 /// `working` decays to `idle` after this unless confirmed (the reference's
 /// `STATUS_TTL_SECONDS`, §4.5).
 pub const STATUS_TTL: Duration = Duration::from_secs(60);
+/// A session whose connection left is expected back for this long (the reference's
+/// presence lease); afterwards direct messages to its key go to its member key.
+pub const SESSION_GRACE: Duration = Duration::from_secs(90);
 /// An `mcp_call` fails after this long without its host's answer (the clients give up
 /// at 30 s too).
 pub const MCP_CALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -114,6 +114,7 @@ struct RawLimits {
     delivered_retention: Option<String>,
     ack_lease: Option<String>,
     status_ttl: Option<String>,
+    session_grace: Option<String>,
     max_state_value_bytes: Option<usize>,
     max_state_bytes_per_mesh: Option<usize>,
     mcp_call_timeout: Option<String>,
@@ -193,6 +194,7 @@ pub const KEYS: &[&str] = &[
     "limits.delivered_retention",
     "limits.ack_lease",
     "limits.status_ttl",
+    "limits.session_grace",
     "limits.max_state_value_bytes",
     "limits.max_state_bytes_per_mesh",
     "limits.mcp_call_timeout",
@@ -391,6 +393,9 @@ pub struct Limits {
     pub ack_lease: Duration,
     /// A `working` status not confirmed for this long decays to `idle`.
     pub status_ttl: Duration,
+    /// How long a departed session is expected back before direct messages to its key
+    /// go to its member key.
+    pub session_grace: Duration,
     /// Largest shared-state value.
     pub max_state_value_bytes: usize,
     /// Shared state (keys and values) one mesh may hold, bytes.
@@ -691,6 +696,11 @@ impl Config {
             )?,
             ack_lease: dur("limits.ack_lease", l.ack_lease, defaults::ACK_LEASE)?,
             status_ttl: dur("limits.status_ttl", l.status_ttl, defaults::STATUS_TTL)?,
+            session_grace: dur(
+                "limits.session_grace",
+                l.session_grace,
+                defaults::SESSION_GRACE,
+            )?,
             max_state_value_bytes: positive(
                 "limits.max_state_value_bytes",
                 l.max_state_value_bytes,

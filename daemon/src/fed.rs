@@ -2141,7 +2141,9 @@ impl Fed {
         if size > ctx.config.limits.max_message_bytes || dm.id.is_empty() || dm.id.len() > 64 {
             return Err(RejectReason::Invalid);
         }
-        let route = hub.route_direct(&dm.target_key, priority, 0);
+        let grace = i64::try_from(ctx.config.limits.session_grace.as_millis()).unwrap_or(i64::MAX);
+        let target_key = hub.resolve_direct_key(&dm.target_key, now_ms(), grace);
+        let route = hub.route_direct(&target_key, priority, 0);
         let target = match route {
             DirectRoute::Deliver(t) => Some(t),
             DirectRoute::Queue => None,
@@ -2194,7 +2196,7 @@ impl Fed {
             sender_member_pubkey: dm.sender_member_pubkey,
             sender_name: dm.sender_name,
             target_spec: dm.target_spec,
-            target_key: Some(dm.target_key.clone()),
+            target_key: Some(target_key.clone()),
             priority: dm.priority,
             nonce: dm.nonce,
             ciphertext: dm.ciphertext,
@@ -2215,7 +2217,7 @@ impl Fed {
             delivery,
             direct: Some(DirectKey {
                 mesh: hub,
-                key: dm.target_key,
+                key: target_key,
             }),
             forward: None,
             reply,

@@ -426,6 +426,10 @@ struct MeshInner {
     remote_sessions: HashMap<String, String>,
     /// Stream subscriptions: stream name → connections.
     subs: HashMap<String, std::collections::HashSet<ConnId>>,
+    /// Session keys whose last connection left, and when (ms): within the session
+    /// grace the session may come back (see `resolve_direct_key`). Pruned as it grows
+    /// (an entry older than the grace changes nothing).
+    departed: HashMap<String, i64>,
 }
 
 impl MeshInner {
@@ -627,7 +631,51 @@ impl MeshHub {
 
     /// Removes a presence (connection closed).
     pub(crate) fn unregister(&self, conn: ConnId) -> Option<Peer> {
-        remove_peer(&mut self.inner(), conn)
+        let mut inner = self.inner();
+        let peer = remove_peer(&mut inner, conn)?;
+        if let Some(key) = &peer.session_pubkey
+            && !inner.by_key.contains_key(key)
+        {
+            let now = crate::ids::now_ms();
+            // Entries past any plausible grace (a day) go; the map stays as small as
+            // the sessions that left within it.
+            if inner.departed.len() >= inner.peers.len().max(1024) {
+                inner
+                    .departed
+                    .retain(|_, at| now.saturating_sub(*at) < 86_400_000);
+            }
+            inner.departed.insert(key.clone(), now);
+        }
+        Some(peer)
+    }
+
+    /// The key a direct message to `key` is stored and routed for. A session key of a
+    /// member hosted here whose session is gone — not connected, and not within
+    /// `grace_ms` of leaving — is re-addressed to its member key: the message
+    /// reaches whichever session of that member is live, or comes first (the reference
+    /// delivers to the member's live session; parked for the dead key, it would wait
+    /// unseen until it expired). A reminder a short-lived CLI connection scheduled for
+    /// itself reaches the member's running session this way.
+    pub(crate) fn resolve_direct_key(&self, key: &str, now: i64, grace_ms: i64) -> String {
+        let inner = self.inner();
+        if inner.by_key.contains_key(key) {
+            return key.to_owned();
+        }
+        let Some(member_id) = inner.session_keys.get(key) else {
+            return key.to_owned();
+        };
+        if inner
+            .departed
+            .get(key)
+            .is_some_and(|at| now.saturating_sub(*at) < grace_ms)
+        {
+            return key.to_owned();
+        }
+        inner
+            .members
+            .iter()
+            .find(|(_, m)| &m.id == member_id && m.home.is_none() && !m.revoked)
+            .map_or_else(|| key.to_owned(), |(k, _)| k.clone())
     }
 
     /// Runs `f` on a live peer.

@@ -245,7 +245,9 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
     let mut forward = None;
     match &target {
         TargetSpec::Direct(pk) => {
-            let key = pk.to_hex();
+            let grace =
+                i64::try_from(ctx.config.limits.session_grace.as_millis()).unwrap_or(i64::MAX);
+            let key = mesh.resolve_direct_key(&pk.to_hex(), now, grace);
             msg.target_key = Some(key.clone());
             // Connection 0 is nobody: a reminder to oneself reaches one's own sessions.
             match mesh.route_direct(&key, Priority::Now, 0) {

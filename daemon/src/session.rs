@@ -1576,7 +1576,9 @@ impl Live {
         let mut forward: Option<Arc<str>> = None;
         let (delivery, direct) = match &target {
             TargetSpec::Direct(pk) => {
-                let key = pk.to_hex();
+                let grace = i64::try_from(self.ctx.config.limits.session_grace.as_millis())
+                    .unwrap_or(i64::MAX);
+                let key = self.mesh.resolve_direct_key(&pk.to_hex(), now, grace);
                 let route = self.mesh.route_direct(&key, priority, self.conn);
                 row.target_key = Some(key.clone());
                 let direct = Some(DirectKey {

@@ -199,3 +199,61 @@ async fn size_and_rate_limits() -> anyhow::Result<()> {
     assert!(metrics.contains("meshd_messages_rejected_total{reason=\"too_large\"} 1"));
     Ok(())
 }
+
+both! {
+    /// A DM or a reminder to a member's stale session key (its connection left, beyond
+    /// `limits.session_grace`) while the member is online on another session reaches
+    /// that live session, as in the reference, instead of waiting unseen for the dead
+    /// key until it expires. Within the grace it waits for the session to come back.
+    async fn stale_session_key_reaches_the_live_session(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start_with(b, |c| {
+            c.limits.session_grace = std::time::Duration::from_millis(300);
+        })
+        .await?;
+        let mesh = broker.create_mesh("stale").await?;
+        let (m, x) = (broker.enroll(&mesh, "m").await?, broker.enroll(&mesh, "x").await?);
+        let mut live = broker.connect(&m).await?; // the member's long-running session
+        let mut x = broker.connect(&x).await?;
+
+        // A short-lived CLI connection of the same member schedules a reminder to
+        // itself, then leaves.
+        let mut cli = broker.connect(&m).await?;
+        let stale_key = cli.key();
+        let at = meshd_tests::now_ms() + 1_500;
+        let ack = cli
+            .request(json!({"type": "schedule", "to": stale_key, "message": "stand-up", "deliverAt": at, "subtype": "reminder"}))
+            .await?;
+        assert_eq!(ack["type"], "scheduled_ack", "{ack}");
+        cli.close().await;
+        x.expect_event("peer_left").await?;
+
+        // Within the grace, a DM to that key waits for it.
+        let ack = x.dm(&stale_key, "soon back?", "now").await?;
+        assert_eq!(ack["queued"], true, "{ack}");
+        live.sync().await?;
+        assert!(live.pending_messages().is_empty(), "re-addressed within the grace");
+
+        // Beyond the grace: a DM to the dead key reaches the member's live session.
+        let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+        loop {
+            let ack = x.dm(&stale_key, "you there?", "now").await?;
+            assert_eq!(ack["queued"], true, "{ack}");
+            live.sync().await?;
+            let got = live
+                .ws
+                .drain_backlog(|v| v["type"] == "push" && v["messageId"] == ack["messageId"]);
+            if !got.is_empty() {
+                break;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "never re-addressed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // And so does the reminder, when it fires.
+        let reminder = live
+            .ws
+            .expect("the reminder", |v| v["type"] == "push" && v["subtype"] == "reminder")
+            .await?;
+        assert_eq!(reminder["senderPubkey"], stale_key.as_str());
+        Ok(())
+    }
+}
