@@ -87,6 +87,18 @@ pub const STATUS_FRESH_WINDOW: Duration = Duration::from_secs(30);
 /// `working` decays to `idle` after this unless confirmed (the reference's
 /// `STATUS_TTL_SECONDS`, §4.5).
 pub const STATUS_TTL: Duration = Duration::from_secs(60);
+/// Connections of every kind (HTTP, keep-alive, WebSocket) open at once, beyond
+/// `MAX_CONNECTIONS` WebSockets: room for hooks, uploads and `/health` when every
+/// WebSocket slot is taken. Kept below the file-descriptor limit in any case.
+pub const MAX_HTTP_CONNECTIONS: usize = MAX_CONNECTIONS + 1_024;
+/// Unauthenticated connections one client address (IPv6: one /64) may hold open:
+/// plenty for a host running many CLI sessions and hooks, far below the server's cap.
+pub const MAX_PENDING_PER_ADDRESS: usize = 64;
+/// A request's headers must arrive within this; a keep-alive connection idle this long
+/// is closed.
+pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A small request body (`/join`, hooks) must arrive within this.
+pub const HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session whose connection left is expected back for this long (the reference's
 /// presence lease); afterwards direct messages to its key go to its member key.
 pub const SESSION_GRACE: Duration = Duration::from_secs(90);

@@ -115,6 +115,10 @@ struct RawLimits {
     ack_lease: Option<String>,
     status_ttl: Option<String>,
     session_grace: Option<String>,
+    max_http_connections: Option<usize>,
+    max_pending_per_address: Option<usize>,
+    http_header_timeout: Option<String>,
+    http_body_timeout: Option<String>,
     max_state_value_bytes: Option<usize>,
     max_state_bytes_per_mesh: Option<usize>,
     mcp_call_timeout: Option<String>,
@@ -195,6 +199,10 @@ pub const KEYS: &[&str] = &[
     "limits.ack_lease",
     "limits.status_ttl",
     "limits.session_grace",
+    "limits.max_http_connections",
+    "limits.max_pending_per_address",
+    "limits.http_header_timeout",
+    "limits.http_body_timeout",
     "limits.max_state_value_bytes",
     "limits.max_state_bytes_per_mesh",
     "limits.mcp_call_timeout",
@@ -396,6 +404,14 @@ pub struct Limits {
     /// How long a departed session is expected back before direct messages to its key
     /// go to its member key.
     pub session_grace: Duration,
+    /// Connections of every kind open at once (kept below the descriptor limit).
+    pub max_http_connections: usize,
+    /// Unauthenticated connections per client address (IPv6: per /64).
+    pub max_pending_per_address: usize,
+    /// Request headers must arrive within this; idle keep-alive connections close then.
+    pub http_header_timeout: Duration,
+    /// Small request bodies (`/join`, hooks, webhooks) must arrive within this.
+    pub http_body_timeout: Duration,
     /// Largest shared-state value.
     pub max_state_value_bytes: usize,
     /// Shared state (keys and values) one mesh may hold, bytes.
@@ -701,6 +717,26 @@ impl Config {
                 l.session_grace,
                 defaults::SESSION_GRACE,
             )?,
+            max_http_connections: positive(
+                "limits.max_http_connections",
+                l.max_http_connections,
+                defaults::MAX_HTTP_CONNECTIONS,
+            )?,
+            max_pending_per_address: positive(
+                "limits.max_pending_per_address",
+                l.max_pending_per_address,
+                defaults::MAX_PENDING_PER_ADDRESS,
+            )?,
+            http_header_timeout: dur(
+                "limits.http_header_timeout",
+                l.http_header_timeout,
+                defaults::HTTP_HEADER_TIMEOUT,
+            )?,
+            http_body_timeout: dur(
+                "limits.http_body_timeout",
+                l.http_body_timeout,
+                defaults::HTTP_BODY_TIMEOUT,
+            )?,
             max_state_value_bytes: positive(
                 "limits.max_state_value_bytes",
                 l.max_state_value_bytes,
@@ -727,6 +763,17 @@ impl Config {
                 defaults::MAX_FILE_BYTES_PER_MESH,
             )?,
         };
+        let mut limits = limits;
+        if l.max_http_connections.is_none() {
+            // Room beyond the WebSocket cap for hooks, uploads and /health.
+            limits.max_http_connections = limits.max_connections.saturating_add(1_024);
+        }
+        if limits.max_http_connections < limits.max_connections {
+            return Err(invalid(
+                "limits.max_http_connections",
+                "must be at least limits.max_connections (WebSockets are HTTP connections too)",
+            ));
+        }
         if limits.sends_per_second > 0 && limits.send_burst == 0 {
             return Err(invalid(
                 "limits.send_burst",

@@ -160,7 +160,9 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ws", get(ws))
         .route(
             "/join",
-            post(join).layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT)),
+            post(join)
+                .layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT))
+                .layer(middleware::from_fn_with_state(ctx.clone(), body_deadline)),
         )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -173,15 +175,37 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route(
             "/hook/set-status",
             post(crate::hooks::set_status)
-                .layer(DefaultBodyLimit::max(crate::hooks::HOOK_BODY_LIMIT)),
+                .layer(DefaultBodyLimit::max(crate::hooks::HOOK_BODY_LIMIT))
+                .layer(middleware::from_fn_with_state(ctx.clone(), body_deadline)),
         )
         .route(
             "/hook/{mesh_id}/{secret}",
-            post(webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+            post(webhook)
+                .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT))
+                .layer(middleware::from_fn_with_state(ctx.clone(), body_deadline)),
         )
         .fallback(not_found)
         .layer(middleware::from_fn(cors))
         .with_state(ctx)
+}
+
+/// Small-body routes (`/join`, hooks, webhooks) answer within `limits.http_body_timeout`
+/// or fail with 408: a body dripped in byte by byte must not hold the connection (and
+/// its handler) for good.
+async fn body_deadline(State(ctx): State<Arc<Ctx>>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(ctx.config.limits.http_body_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            ctx.metrics.http_refused.inc("body_timeout");
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                axum::Json(
+                    json!({"ok": false, "error": "the request body did not arrive in time"}),
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn cors(req: Request, next: Next) -> Response {
@@ -215,9 +239,12 @@ async fn not_found() -> impl IntoResponse {
 async fn ws(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    slot: Option<axum::Extension<crate::server::SlotHandle>>,
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // The connection's unauthenticated slot goes with the session until its hello.
+    let slot = slot.and_then(|axum::Extension(s)| s.take());
     let remote = SocketAddr::new(client_ip(&ctx, remote, &headers), remote.port());
     if ctx.sessions_cancel.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
@@ -239,7 +266,7 @@ async fn ws(
             // The session runs on our tracker so shutdown can wait for it (axum's own
             // upgrade task is not tracked).
             let tracker = ctx.sessions.clone();
-            let run = crate::session::run(ctx, socket, remote, conn_id, permit);
+            let run = crate::session::run(ctx, socket, remote, conn_id, permit, slot);
             let _ = tracker.spawn(run).await;
         })
 }
@@ -272,13 +299,15 @@ fn render_tables(ctx: &Ctx, out: &mut String) {
     use std::fmt::Write as _;
     let (hook_keys, hook_pending) = ctx.hooks.sizes();
     let webhook_keys = crate::hub::lock(&ctx.webhook_buckets).len();
+    let pending_addresses = ctx.pending.len();
     let _ = writeln!(
         out,
         "# HELP meshd_table_entries Entries in bounded in-memory tables, by table.\n\
          # TYPE meshd_table_entries gauge\n\
          meshd_table_entries{{table=\"hook_rate_keys\"}} {hook_keys}\n\
          meshd_table_entries{{table=\"hook_pending\"}} {hook_pending}\n\
-         meshd_table_entries{{table=\"webhook_rate_keys\"}} {webhook_keys}"
+         meshd_table_entries{{table=\"webhook_rate_keys\"}} {webhook_keys}\n\
+         meshd_table_entries{{table=\"pending_addresses\"}} {pending_addresses}"
     );
 }
 

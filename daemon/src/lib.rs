@@ -23,6 +23,7 @@ mod metrics;
 mod ratelimit;
 mod relay;
 mod reminders;
+mod server;
 mod session;
 pub mod store;
 mod systemd;
@@ -87,6 +88,8 @@ pub(crate) struct Ctx {
     pub(crate) sessions_cancel: CancellationToken,
     /// Limits simultaneous WebSocket connections.
     pub(crate) connections: Arc<Semaphore>,
+    /// Unauthenticated connections per client address (see `server`).
+    pub(crate) pending: Arc<server::PendingTable>,
     /// Federation with peer brokers, when configured.
     pub(crate) fed: Option<Arc<fed::Fed>>,
     /// Simulation clocks.
@@ -217,6 +220,7 @@ impl Daemon {
             )),
             hooks: hooks::StatusHooks::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            pending: server::PendingTable::new(config.limits.max_pending_per_address),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
             config,
             db,
@@ -290,23 +294,15 @@ impl Bound {
 
         let accept_cancel = CancellationToken::new();
         let app = http::router(ctx.clone());
-        let server = {
-            let stop = accept_cancel.clone();
-            tokio::spawn(async move {
-                use axum::serve::ListenerExt as _;
-                // Pushes are small frames: without TCP_NODELAY, Nagle's algorithm would
-                // hold them back waiting for the client's delayed ACK.
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-            })
-        };
+        // Every HTTP connection's task: shutdown waits for them (within the grace).
+        let http_conns = TaskTracker::new();
+        let server = tokio::spawn(server::serve(
+            ctx.clone(),
+            listener,
+            app,
+            accept_cancel.clone(),
+            http_conns.clone(),
+        ));
 
         if let (Some(f), Some(ep)) = (&ctx.fed, endpoint) {
             let quic = ep.local_addr().ok();
@@ -344,10 +340,16 @@ impl Bound {
             warn!("sessions did not finish within the grace period");
         }
         match tokio::time::timeout_at(deadline, server).await {
-            Ok(Ok(Err(e))) => warn!(cause = %e, "http server ended with an error"),
             Ok(Err(e)) => warn!(cause = %e, "http server task failed"),
             Err(_) => warn!("http server did not stop within the grace period"),
-            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(())) => {}
+        }
+        http_conns.close();
+        if tokio::time::timeout_at(deadline, http_conns.wait())
+            .await
+            .is_err()
+        {
+            warn!("http connections did not finish within the grace period");
         }
         if tokio::time::timeout_at(deadline, reminders_task)
             .await

@@ -59,6 +59,11 @@ const FED_REFUSALS: &[&str] = &[
     "other",
 ];
 const HTTP_REFUSALS: &[&str] = &[
+    "http_connections",
+    "address_pending",
+    "body_timeout",
+    "upload_busy",
+    "upload_timeout",
     "hook_rate_limited",
     "hook_table_full",
     "hook_invalid",

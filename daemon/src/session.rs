@@ -97,6 +97,7 @@ pub(crate) async fn run(
     remote: SocketAddr,
     conn_id: ConnId,
     permit: OwnedSemaphorePermit,
+    pending: Option<crate::server::PendingSlot>,
 ) {
     let span = info_span!(
         "ws.session",
@@ -113,7 +114,10 @@ pub(crate) async fn run(
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
         let mut socket = socket;
-        if let Some(live) = handshake(&ctx, &mut socket, conn_id, remote.ip()).await {
+        let authenticated = handshake(&ctx, &mut socket, conn_id, remote.ip()).await;
+        // Authenticated (or gone): no longer an unauthenticated connection of its address.
+        drop(pending);
+        if let Some(live) = authenticated {
             ctx.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
             live.serve(socket).await;
             ctx.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);

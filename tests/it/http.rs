@@ -95,3 +95,163 @@ async fn health_reports_a_dead_store() -> anyhow::Result<()> {
     .await
     .map(|v| assert_eq!(v["db"], "down"))
 }
+
+/// A TCP connection from a given loopback address (all of 127/8 is local).
+async fn tcp_from(from: &str, to: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{from}:0").parse()?)?;
+    Ok(sock.connect(to).await?)
+}
+
+/// Whether the server closed the connection (EOF or reset) within `within`; `false` if
+/// it is still open (nothing to read) by then. Reads and drops any response first.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Checks connections at once: (those still open after `within`, how many were closed).
+async fn split_closed(
+    conns: Vec<tokio::net::TcpStream>,
+    within: std::time::Duration,
+) -> (Vec<tokio::net::TcpStream>, usize) {
+    let checks = conns.into_iter().map(|mut s| async move {
+        let closed = closed_within(&mut s, within).await;
+        (s, closed)
+    });
+    let results = futures_util::future::join_all(checks).await;
+    let closed = results.iter().filter(|(_, c)| *c).count();
+    (
+        results
+            .into_iter()
+            .filter(|(_, c)| !c)
+            .map(|(s, _)| s)
+            .collect(),
+        closed,
+    )
+}
+
+/// Slow and idle HTTP connections cannot take the server: headers must arrive in time,
+/// idle keep-alive connections are closed, one address holds at most
+/// `max_pending_per_address` unauthenticated connections (half-sent requests and
+/// WebSockets that never say hello alike), all connections together at most
+/// `max_http_connections`, and a dripped small body gets 408. `/health` stays reachable
+/// from elsewhere throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_connections_are_bounded() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let timeout = std::time::Duration::from_secs(2);
+    let broker = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.limits.http_header_timeout = timeout;
+        c.limits.http_body_timeout = timeout;
+        c.limits.max_pending_per_address = 8;
+        c.limits.max_connections = 24;
+        c.limits.max_http_connections = 30;
+    })
+    .await?;
+    let short = std::time::Duration::from_millis(300);
+
+    // Half-sent requests from one address: 8 are held, the rest closed at once.
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut s = tcp_from("127.0.0.2", broker.addr).await?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await?;
+        conns.push(s);
+    }
+    let (mut held, refused) = split_closed(conns, short).await;
+    assert_eq!((held.len(), refused), (8, 12));
+    let (status, _, _) = http(broker.addr, "GET", "/health", None).await?;
+    assert_eq!(status, 200, "/health while one address is at its cap");
+    // The header timeout closes the held ones.
+    for s in &mut held {
+        assert!(
+            closed_within(s, meshd_tests::patience()).await,
+            "a half-sent request was kept"
+        );
+    }
+
+    // An idle keep-alive connection is closed too.
+    let mut idle = tcp_from("127.0.0.3", broker.addr).await?;
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    assert!(
+        closed_within(&mut idle, meshd_tests::patience()).await,
+        "idle keep-alive kept"
+    );
+
+    // WebSockets that never say hello count as unauthenticated: the ninth is refused.
+    let url = broker.ws_url();
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        let s = tcp_from("127.0.0.4", broker.addr).await?;
+        let (ws, _) = tokio_tungstenite::client_async(url.as_str(), s).await?;
+        silent.push(ws);
+    }
+    let ninth = tcp_from("127.0.0.4", broker.addr).await?;
+    assert!(
+        tokio_tungstenite::client_async(url.as_str(), ninth)
+            .await
+            .is_err(),
+        "a ninth unauthenticated WebSocket from one address was accepted"
+    );
+    drop(silent);
+
+    // All connections together: at most 30, whatever the addresses.
+    let mut conns = Vec::new();
+    for a in 10..20 {
+        for _ in 0..6 {
+            let mut s = tcp_from(&format!("127.0.0.{a}"), broker.addr).await?;
+            s.write_all(b"GET /health HTTP/1.1\r\n").await?;
+            conns.push(s);
+        }
+    }
+    let (all, over) = split_closed(conns, short).await;
+    assert!(
+        all.len() <= 30 && over >= 30,
+        "{} held, {over} refused",
+        all.len()
+    );
+    drop(all);
+
+    // A dripped body on /join: 408 after the body timeout.
+    let mut s = tcp_from("127.0.0.5", broker.addr).await?;
+    s.write_all(b"POST /join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"invite")
+        .await?;
+    let mut raw = Vec::new();
+    {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+        while !String::from_utf8_lossy(&raw).contains("\r\n\r\n") {
+            let n = tokio::time::timeout_at(deadline, s.read(&mut buf)).await??;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+
+    let metrics = broker.metrics().await?;
+    for reason in ["address_pending", "http_connections", "body_timeout"] {
+        assert!(
+            !metrics.contains(&format!(
+                "meshd_http_refused_total{{reason=\"{reason}\"}} 0"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    Ok(())
+}
