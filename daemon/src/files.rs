@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -39,8 +39,75 @@ const MAX_FILE_KEYS: usize = 1_024;
 /// Uploads signed this far from the broker's clock are refused.
 const UPLOAD_SKEW_MS: i64 = 5 * 60_000;
 
-/// Uploads read at once (each holds up to `limits.max_upload_bytes` in memory).
-const CONCURRENT_UPLOADS: usize = 4;
+/// Upload bodies read at once, in all (each streams to disk, so memory stays small).
+const CONCURRENT_UPLOADS: usize = 16;
+/// … for one mesh (one mesh cannot take every slot of the broker) …
+const UPLOADS_PER_MESH: usize = 4;
+/// … and for one uploading key (one sender cannot take every slot of its mesh).
+const UPLOADS_PER_SENDER: usize = 1;
+/// The slowest upload rate accepted, bytes per second: a body must arrive within
+/// `limits.http_body_timeout` plus its size at this rate (a dripped body is cut off).
+const UPLOAD_MIN_RATE: u64 = 64 * 1024;
+
+/// Upload slots: in all, per mesh, per uploading key (see the constants above). A body
+/// is read only in a slot of all three; a request that finds none is refused at once.
+#[derive(Debug, Default)]
+struct UploadSlots {
+    counts: std::sync::Mutex<SlotCounts>,
+}
+
+/// Uploads in progress: (in all, per mesh, per key).
+type SlotCounts = (usize, HashMap<String, usize>, HashMap<String, usize>);
+
+/// A held upload slot, released on drop.
+#[derive(Debug)]
+struct UploadSlot<'a> {
+    slots: &'a UploadSlots,
+    mesh: String,
+    key: String,
+}
+
+impl UploadSlots {
+    /// Uploads being received now.
+    fn active(&self) -> usize {
+        crate::hub::lock(&self.counts).0
+    }
+
+    fn take(&self, mesh: &str, key: &str) -> Option<UploadSlot<'_>> {
+        let mut c = crate::hub::lock(&self.counts);
+        let (all, meshes, keys) = &mut *c;
+        if *all >= CONCURRENT_UPLOADS
+            || meshes.get(mesh).copied().unwrap_or(0) >= UPLOADS_PER_MESH
+            || keys.get(key).copied().unwrap_or(0) >= UPLOADS_PER_SENDER
+        {
+            return None;
+        }
+        *all += 1;
+        *meshes.entry(mesh.to_owned()).or_default() += 1;
+        *keys.entry(key.to_owned()).or_default() += 1;
+        Some(UploadSlot {
+            slots: self,
+            mesh: mesh.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for UploadSlot<'_> {
+    fn drop(&mut self) {
+        let mut c = crate::hub::lock(&self.slots.counts);
+        let (all, meshes, keys) = &mut *c;
+        *all = all.saturating_sub(1);
+        for (map, k) in [(meshes, &self.mesh), (keys, &self.key)] {
+            if let Some(n) = map.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+}
 
 /// Where the bytes are, the key that signs download URLs, upload slots, and the
 /// upload signatures seen recently (a signed upload cannot be replayed).
@@ -48,7 +115,7 @@ const CONCURRENT_UPLOADS: usize = 4;
 pub(crate) struct Files {
     dir: PathBuf,
     url_key: [u8; 32],
-    uploads: tokio::sync::Semaphore,
+    uploads: UploadSlots,
     seen: std::sync::Mutex<HashMap<String, i64>>,
     /// `get_file` asks sent to the brokers holding files, by ask id.
     asks: std::sync::Mutex<HashMap<String, RemoteAsk>>,
@@ -66,6 +133,36 @@ struct RemoteAsk {
 
 /// How long a remote `get_file` waits (clients give up after 5 s).
 const ASK_OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// An upload's bytes in their temporary file (removed on drop unless committed).
+#[derive(Debug)]
+struct Received {
+    tmp: PathBuf,
+    path: PathBuf,
+    /// SHA-256 of the bytes, hex.
+    sha256: String,
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Why an upload body was not received.
+#[derive(Debug)]
+enum ReceiveError {
+    /// It did not arrive in time.
+    TooSlow,
+    /// It was longer or shorter than its `Content-Length`.
+    Length,
+    /// The connection failed.
+    Interrupted,
+    /// The disk.
+    Store(FilesError),
+}
 
 /// Why the file store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +237,7 @@ impl Files {
         Ok(Self {
             dir,
             url_key,
-            uploads: tokio::sync::Semaphore::new(CONCURRENT_UPLOADS),
+            uploads: UploadSlots::default(),
             seen: std::sync::Mutex::default(),
             asks: std::sync::Mutex::default(),
         })
@@ -210,6 +307,11 @@ impl Files {
         );
     }
 
+    /// Uploads being received now (for `/metrics`).
+    pub(crate) fn uploads_active(&self) -> usize {
+        self.uploads.active()
+    }
+
     /// Remembers an upload signature; `false` when it was already used.
     fn first_use(&self, sig: &str, now: i64) -> bool {
         let mut seen = crate::hub::lock(&self.seen);
@@ -239,34 +341,78 @@ impl Files {
         hex::decode(sig).is_ok_and(|s| self.mac(mesh_id, file_id, exp).verify_slice(&s).is_ok())
     }
 
-    /// Writes the bytes durably; returns their SHA-256 (hex).
-    async fn write(
+    /// Streams a request body of exactly `len` bytes into a temporary file beside its
+    /// final place, hashing it on the way, within `deadline`; the file is synced. The
+    /// caller then [`Files::commit`]s it (or drops the [`Received`], which removes it).
+    async fn receive(
         &self,
         mesh_id: &str,
         file_id: &str,
-        body: &Bytes,
-    ) -> Result<String, FilesError> {
+        body: axum::body::Body,
+        len: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Received, ReceiveError> {
+        use futures_util::StreamExt as _;
+        use tokio::io::AsyncWriteExt as _;
         let Some(path) = self.path(mesh_id, file_id) else {
-            return Err(FilesError::Corrupt(format!("{mesh_id}/{file_id}")));
+            return Err(ReceiveError::Store(FilesError::Corrupt(format!(
+                "{mesh_id}/{file_id}"
+            ))));
         };
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(io_err(&dir))?;
+            .map_err(|e| ReceiveError::Store(io_err(&dir)(e)))?;
         let tmp = dir.join(format!(".{file_id}.part"));
-        {
-            use tokio::io::AsyncWriteExt as _;
-            let mut f = tokio::fs::File::create(&tmp).await.map_err(io_err(&tmp))?;
-            f.write_all(body).await.map_err(io_err(&tmp))?;
-            f.sync_all().await.map_err(io_err(&tmp))?;
-        }
-        tokio::fs::rename(&tmp, &path)
+        let mut received = Received {
+            tmp: tmp.clone(),
+            path,
+            sha256: String::new(),
+        };
+        let mut f = tokio::fs::File::create(&tmp)
             .await
-            .map_err(io_err(&path))?;
-        if let Ok(d) = tokio::fs::File::open(&dir).await {
+            .map_err(|e| ReceiveError::Store(io_err(&tmp)(e)))?;
+        let mut hash = Sha256::new();
+        let mut got: u64 = 0;
+        let mut stream = body.into_data_stream();
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) => return Err(ReceiveError::TooSlow),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(ReceiveError::Interrupted),
+                Ok(Some(Ok(c))) => c,
+            };
+            got = got.saturating_add(chunk.len() as u64);
+            if got > len {
+                return Err(ReceiveError::Length);
+            }
+            hash.update(&chunk);
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| ReceiveError::Store(io_err(&tmp)(e)))?;
+        }
+        if got != len {
+            return Err(ReceiveError::Length);
+        }
+        f.sync_all()
+            .await
+            .map_err(|e| ReceiveError::Store(io_err(&tmp)(e)))?;
+        received.sha256 = hex::encode(hash.finalize());
+        Ok(received)
+    }
+
+    /// Moves a received file into place, durably.
+    async fn commit(&self, mut r: Received) -> Result<(), FilesError> {
+        tokio::fs::rename(&r.tmp, &r.path)
+            .await
+            .map_err(io_err(&r.path))?;
+        if let Some(dir) = r.path.parent()
+            && let Ok(d) = tokio::fs::File::open(dir).await
+        {
             let _ = d.sync_all().await;
         }
-        Ok(hex::encode(Sha256::digest(body)))
+        r.tmp = PathBuf::new();
+        Ok(())
     }
 
     /// Removes a file's bytes (deleted or expired).
@@ -362,7 +508,9 @@ pub(crate) fn upload_signing_text(
 ///   mesh from the request's address (see `server.trusted_proxies`) belongs to one
 ///   member: the uploader.
 ///
-/// The sender is checked before the body is read; at most 4 bodies are read at once.
+/// The sender, the declared size, the mesh's quota and an upload slot (16 in all, 4 per
+/// mesh, 1 per sending key) are checked before the body is read; the body streams to
+/// disk and must arrive within `limits.http_body_timeout` plus its size at 64 KiB/s.
 pub(crate) async fn upload(
     State(ctx): State<Arc<Ctx>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -439,23 +587,89 @@ pub(crate) async fn upload(
     } else {
         None
     };
-    let Ok(_slot) = ctx.files.uploads.try_acquire() else {
+    // The claimed sender's key (signed) or the attributed member's (unsigned): whose
+    // upload slot this takes.
+    let sender_key = match (&signed, &unsigned) {
+        (Some((_, _, _, key, _, _)), _) => key.clone(),
+        (None, Some(u)) => u.routing_key.clone(),
+        (None, None) => return unauthorized("upload not authenticated"),
+    };
+    // Everything that can be checked before the body is: its declared size against the
+    // limit and the mesh's quota, and a free slot (in all, for this mesh, for this
+    // sender). Only then is the body read — streamed to disk within a deadline.
+    let limit = ctx.config.limits.max_upload_bytes as u64;
+    let Some(len) = header_str(&headers, "content-length").and_then(|l| l.parse::<u64>().ok())
+    else {
         return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ok": false, "error": "too many uploads in progress; retry shortly"}),
+            StatusCode::LENGTH_REQUIRED,
+            json!({"ok": false, "error": "Content-Length is required"}),
         );
     };
-    let limit = ctx.config.limits.max_upload_bytes;
-    let Ok(body) = axum::body::to_bytes(request.into_body(), limit).await else {
+    if len == 0 {
+        return bad("empty body");
+    }
+    if len > limit {
         return reply(
             StatusCode::PAYLOAD_TOO_LARGE,
             json!({"ok": false, "error": format!("file too large (max {limit} bytes)")}),
         );
-    };
-    if body.is_empty() {
-        return bad("empty body");
     }
-    let digest = hex::encode(Sha256::digest(&body));
+    match ctx.db.file_bytes(&mesh.row.id, now).await {
+        Ok(used)
+            if u64::try_from(used).unwrap_or(u64::MAX).saturating_add(len)
+                > ctx.config.limits.max_file_bytes_per_mesh as u64 =>
+        {
+            return reply(
+                StatusCode::INSUFFICIENT_STORAGE,
+                json!({"ok": false, "error": "this mesh's file storage is full; delete some files"}),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(cause = %e, "reading a mesh's file usage");
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ok": false, "error": "store unavailable"}),
+            );
+        }
+    }
+    let Some(_slot) = ctx.files.uploads.take(&mesh.row.id, &sender_key) else {
+        ctx.metrics.http_refused.inc("upload_busy");
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ok": false, "error": "too many uploads in progress (for this mesh or sender); retry shortly"}),
+        );
+    };
+    let id = crate::ids::random_id();
+    let deadline = tokio::time::Instant::now()
+        + ctx.config.limits.http_body_timeout
+        + std::time::Duration::from_secs(len / UPLOAD_MIN_RATE);
+    let received = match ctx
+        .files
+        .receive(&mesh.row.id, &id, request.into_body(), len, deadline)
+        .await
+    {
+        Ok(r) => r,
+        Err(ReceiveError::TooSlow) => {
+            ctx.metrics.http_refused.inc("upload_timeout");
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"ok": false, "error": "the body did not arrive in time"}),
+            );
+        }
+        Err(ReceiveError::Length) => {
+            return bad("the body does not match its Content-Length");
+        }
+        Err(ReceiveError::Interrupted) => return bad("the body was interrupted"),
+        Err(ReceiveError::Store(e)) => {
+            warn!(cause = %e, "storing an upload");
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"ok": false, "error": "the broker could not store the file"}),
+            );
+        }
+    };
+    let digest = received.sha256.clone();
     let uploader = match (signed, unsigned) {
         (Some((pk, sig, ts, key, m, member_pubkey)), _) => {
             let text = upload_signing_text(mesh_id, name, &digest, ts, &headers);
@@ -480,27 +694,6 @@ pub(crate) async fn upload(
         },
         (None, None) => return unauthorized("upload not authenticated"),
     };
-    match ctx.db.file_bytes(&mesh.row.id, now).await {
-        Ok(used)
-            if usize::try_from(used)
-                .unwrap_or(usize::MAX)
-                .saturating_add(body.len())
-                > ctx.config.limits.max_file_bytes_per_mesh =>
-        {
-            return reply(
-                StatusCode::INSUFFICIENT_STORAGE,
-                json!({"ok": false, "error": "this mesh's file storage is full; delete some files"}),
-            );
-        }
-        Ok(_) => {}
-        Err(e) => {
-            warn!(cause = %e, "reading a mesh's file usage");
-            return reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"ok": false, "error": "store unavailable"}),
-            );
-        }
-    }
     let tags: Vec<String> = header_str(&headers, "x-tags")
         .and_then(|t| serde_json::from_str(t).ok())
         .unwrap_or_default();
@@ -557,22 +750,19 @@ pub(crate) async fn upload(
     } else {
         Vec::new()
     };
-    let id = crate::ids::random_id();
-    let sha256 = match ctx.files.write(&mesh.row.id, &id, &body).await {
-        Ok(h) => h,
-        Err(e) => {
-            warn!(cause = %e, "storing an upload");
-            return reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"ok": false, "error": "the broker could not store the file"}),
-            );
-        }
-    };
+    let sha256 = digest;
+    if let Err(e) = ctx.files.commit(received).await {
+        warn!(cause = %e, "storing an upload");
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"ok": false, "error": "the broker could not store the file"}),
+        );
+    }
     let row = FileRow {
         id: id.clone(),
         mesh_id: mesh.row.id.clone(),
         name: name.to_owned(),
-        size_bytes: i64::try_from(body.len()).unwrap_or(i64::MAX),
+        size_bytes: i64::try_from(len).unwrap_or(i64::MAX),
         mime_type: header_str(&headers, "content-type").map(str::to_owned),
         sha256,
         tags: serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),

@@ -300,6 +300,7 @@ fn render_tables(ctx: &Ctx, out: &mut String) {
     let (hook_keys, hook_pending) = ctx.hooks.sizes();
     let webhook_keys = crate::hub::lock(&ctx.webhook_buckets).len();
     let pending_addresses = ctx.pending.len();
+    let uploads = ctx.files.uploads_active();
     let _ = writeln!(
         out,
         "# HELP meshd_table_entries Entries in bounded in-memory tables, by table.\n\
@@ -307,7 +308,8 @@ fn render_tables(ctx: &Ctx, out: &mut String) {
          meshd_table_entries{{table=\"hook_rate_keys\"}} {hook_keys}\n\
          meshd_table_entries{{table=\"hook_pending\"}} {hook_pending}\n\
          meshd_table_entries{{table=\"webhook_rate_keys\"}} {webhook_keys}\n\
-         meshd_table_entries{{table=\"pending_addresses\"}} {pending_addresses}"
+         meshd_table_entries{{table=\"pending_addresses\"}} {pending_addresses}\n\
+         meshd_table_entries{{table=\"uploads_in_progress\"}} {uploads}"
     );
 }
 

@@ -365,3 +365,116 @@ async fn upload_address_rules() -> anyhow::Result<()> {
     assert_eq!(st, 200, "{r}");
     Ok(())
 }
+
+/// Starts an upload that sends its headers and a sliver of its body, then stalls.
+async fn stalled_upload(
+    broker: &TestBroker,
+    mesh_id: &str,
+    claimed_key: &str,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut s = tokio::net::TcpStream::connect(broker.addr).await?;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nX-Mesh-Id: {mesh_id}\r\nX-File-Name: slow.bin\r\n\
+         X-Meshd-Pubkey: {claimed_key}\r\nX-Meshd-Timestamp: {}\r\nX-Meshd-Signature: {}\r\n\
+         Content-Length: 100000\r\n\r\nxx",
+        now_ms(),
+        "00".repeat(64)
+    );
+    s.write_all(head.as_bytes()).await?;
+    Ok(s)
+}
+
+/// Reads an HTTP response's status from a raw connection (within patience).
+async fn status_of(s: &mut tokio::net::TcpStream) -> anyhow::Result<u16> {
+    use tokio::io::AsyncReadExt as _;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+    while !raw.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed without a response");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Stalled uploads claiming a mesh's member keys (a forged signature cannot be caught
+/// before the body) take at most one slot per claimed key and a few per mesh: the
+/// next is refused at once, another mesh uploads normally meanwhile, and the stalled
+/// bodies are cut off at their deadline (nothing of them stays on disk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_do_not_block_other_meshes() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(Backend::Sqlite, |c| {
+        c.limits.http_body_timeout = std::time::Duration::from_secs(1);
+        c.limits.max_upload_bytes = 2_000_000;
+    })
+    .await?;
+    let target = broker.create_mesh("target").await?;
+    let mut victims = Vec::new();
+    for i in 0..6 {
+        victims.push(broker.enroll(&target, &format!("v{i}")).await?);
+    }
+    // One slot per claimed key: a second stalled upload as v0 is refused at once.
+    let uploads = |n: usize| {
+        let broker = &broker;
+        async move {
+            meshd_tests::eventually(&format!("{n} uploads in progress"), || async {
+                let m = broker.metrics().await.ok()?;
+                m.contains(&format!(
+                    "meshd_table_entries{{table=\"uploads_in_progress\"}} {n}\n"
+                ))
+                .then_some(())
+            })
+            .await
+        }
+    };
+    let mut first = stalled_upload(&broker, &target.mesh_id, &victims[0].keys.public_hex()).await?;
+    uploads(1).await?;
+    let mut second =
+        stalled_upload(&broker, &target.mesh_id, &victims[0].keys.public_hex()).await?;
+    assert_eq!(status_of(&mut second).await?, 503);
+    // A few per mesh: with v1..v3 the mesh's four slots are taken, v4 is refused.
+    let mut stalled = Vec::new();
+    for (i, v) in victims[1..4].iter().enumerate() {
+        stalled.push(stalled_upload(&broker, &target.mesh_id, &v.keys.public_hex()).await?);
+        uploads(i + 2).await?;
+    }
+    let mut fifth = stalled_upload(&broker, &target.mesh_id, &victims[4].keys.public_hex()).await?;
+    assert_eq!(status_of(&mut fifth).await?, 503);
+
+    // Another mesh is not affected.
+    let other = broker.create_mesh("other").await?;
+    let bo = broker.enroll(&other, "bo").await?;
+    let (st, v) =
+        signed_upload(&broker, &bo.keys, &other.mesh_id, "fine.txt", b"fine", &[]).await?;
+    assert_eq!(st, 200, "{v}");
+
+    // The stalled bodies are cut off (1 s, plus 100 kB at 64 KiB/s: 2 s) with 408, and
+    // nothing of them stays on disk.
+    assert_eq!(status_of(&mut first).await?, 408);
+    for s in &mut stalled {
+        assert_eq!(status_of(s).await?, 408);
+    }
+    uploads(0).await?;
+    let parts = std::fs::read_dir(broker.config.data_dir.join("files").join(&target.mesh_id))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(parts, 0, "a stalled upload left bytes on disk");
+    // The mesh uploads again.
+    let (st, v) = signed_upload(
+        &broker,
+        &victims[5].keys,
+        &target.mesh_id,
+        "after.txt",
+        b"after",
+        &[],
+    )
+    .await?;
+    assert_eq!(st, 200, "{v}");
+    Ok(())
+}
