@@ -261,7 +261,13 @@ async fn ws(
         // See `limits.ws_read_buffer`: tungstenite's defaults cost ~170 KiB per idle peer.
         .read_buffer_size(ctx.config.limits.ws_read_buffer)
         .write_buffer_size(ctx.config.limits.ws_write_buffer)
-        .max_write_buffer_size(max.saturating_mul(2))
+        // Room for any one frame the broker sends (replies are cut to `max`; pushes and
+        // relays carry at most a client's frame plus their envelope) on top of the
+        // write buffer: a frame never fails for the size of the buffer.
+        .max_write_buffer_size(
+            max.saturating_mul(2)
+                .saturating_add(ctx.config.limits.ws_write_buffer),
+        )
         .on_upgrade(move |socket| async move {
             // The session runs on our tracker so shutdown can wait for it (axum's own
             // upgrade task is not tracked).

@@ -109,6 +109,7 @@ const FRAME_DROPS: &[&str] = &[
     "oversized",
     "binary",
     "state_too_large",
+    "reply_trimmed",
     "other",
 ];
 const CLOSES: &[&str] = &[

@@ -866,13 +866,19 @@ impl Live {
     }
 
     /// Writes a reply and every other reply already available (in order), then flushes.
+    /// A reply over the reply budget is cut down to fit (see `meshd_protocol::fit`).
     async fn write_replies(&mut self, socket: &mut WebSocket, first: Option<Utf8Bytes>) -> bool {
         use futures_util::FutureExt as _;
         let (guard, limit) = (self.io_guard.clone(), self.ctx.config.limits.idle_timeout);
+        let budget = self.ctx.config.limits.max_frame_bytes;
         let mut next = Some(first);
         let mut n = 0;
         while let Some(reply) = next.take() {
-            if let Some(text) = reply {
+            if let Some(mut text) = reply {
+                if let Some(fitted) = meshd_protocol::fit::fit_reply(&text, budget) {
+                    self.ctx.metrics.frames_dropped.inc("reply_trimmed");
+                    text = fitted.into();
+                }
                 if !guarded(&guard, limit, socket.feed(Message::Text(text))).await {
                     return false;
                 }
@@ -1398,6 +1404,7 @@ impl Live {
             }
             frame @ (ClientFrame::Remember { .. }
             | ClientFrame::Recall { .. }
+            | ClientFrame::GetMemory { .. }
             | ClientFrame::Forget { .. }) => {
                 self.queue_memory(frame, req_id, now);
                 None
@@ -1405,6 +1412,7 @@ impl Live {
             frame @ (ClientFrame::CreateTask(_)
             | ClientFrame::ClaimTask { .. }
             | ClientFrame::CompleteTask { .. }
+            | ClientFrame::GetTask { .. }
             | ClientFrame::ListTasks { .. }) => {
                 self.queue_task(frame, req_id, now);
                 None
@@ -1867,6 +1875,30 @@ impl Live {
                         Err(e) => return store_err(&e, req_id),
                     }
                 }
+                ClientFrame::GetTask { task_id } => match db.task_full(&mesh_id, &task_id).await {
+                    Ok(Some(t)) => {
+                        let status = t.progress().status().to_owned();
+                        BrokerFrame::TaskData(meshd_protocol::broker::TaskData {
+                            task: TaskEntry {
+                                tags: serde_json::from_str(&t.tags).unwrap_or_default(),
+                                id: t.id,
+                                title: t.title,
+                                assignee: t.assignee,
+                                claimed_by: t.claimed_by,
+                                status,
+                                priority: t.priority,
+                                created_by: t.created_by,
+                                created_at: iso8601_ms(t.created_at),
+                                result: t.result,
+                            },
+                            req_id,
+                        })
+                    }
+                    Ok(None) => {
+                        return error("not_found", "no such task in this mesh", req_id);
+                    }
+                    Err(e) => return store_err(&e, req_id),
+                },
                 _ => return None,
             };
             Some(reply.to_json().into())
@@ -2937,6 +2969,27 @@ impl Live {
                     }),
                     Err(e) => return store_unavailable("memory", req_id, &e),
                 },
+                ClientFrame::GetMemory { memory_id } => {
+                    match db.memory(&mesh_id, &memory_id).await {
+                        Ok(Some(m)) => {
+                            BrokerFrame::MemoryData(meshd_protocol::broker::MemoryData {
+                                memory: Memory {
+                                    tags: m.tags.split_whitespace().map(str::to_owned).collect(),
+                                    id: m.id,
+                                    content: m.content,
+                                    remembered_by: m.remembered_by_name,
+                                    remembered_at: iso8601_ms(m.remembered_at),
+                                },
+                                req_id,
+                            })
+                        }
+                        Ok(None) => BrokerFrame::Error(
+                            ErrorFrame::new("not_found", "no such memory in this mesh")
+                                .with_req_id(req_id),
+                        ),
+                        Err(e) => return store_unavailable("memory", req_id, &e),
+                    }
+                }
                 ClientFrame::Forget { memory_id } => {
                     match db.forget(&mesh_id, &memory_id, now).await {
                         Ok(true) => {

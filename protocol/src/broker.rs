@@ -58,6 +58,10 @@ pub enum BrokerFrame {
     TaskCreated(TaskCreated),
     /// Answer to `list_tasks`, `claim_task`, `complete_task`.
     TaskList(TaskList),
+    /// Answer to `get_task` (meshd extension).
+    TaskData(TaskData),
+    /// Answer to `get_memory` (meshd extension).
+    MemoryData(MemoryData),
     /// Answer to `create_stream`.
     StreamCreated(StreamCreated),
     /// Data published to a subscribed stream.
@@ -500,6 +504,26 @@ pub struct Memory {
     pub remembered_by: String,
     /// ISO time.
     pub remembered_at: String,
+}
+
+/// `memory_data`: one memory, whole.
+#[derive(Debug, Serialize)]
+pub struct MemoryData {
+    /// The memory.
+    pub memory: Memory,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
+}
+
+/// `task_data`: one task, whole.
+#[derive(Debug, Serialize)]
+pub struct TaskData {
+    /// The task.
+    pub task: TaskEntry,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
 }
 
 /// `memory_results`.

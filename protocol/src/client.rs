@@ -202,6 +202,16 @@ pub enum ClientFrame {
         /// Memory id.
         memory_id: String,
     },
+    /// Read one memory whole (meshd extension: lists may shorten long notes).
+    GetMemory {
+        /// Memory id.
+        memory_id: String,
+    },
+    /// Read one task whole (meshd extension: lists may shorten long results).
+    GetTask {
+        /// Task id.
+        task_id: String,
+    },
     /// Publish what this member is working on (replaces its previous context).
     ShareContext(Box<ShareContext>),
     /// Search contexts.
@@ -337,6 +347,8 @@ impl ClientFrame {
             | Self::ListTasks { .. }
             | Self::Remember { .. }
             | Self::Recall { .. }
+            | Self::GetMemory { .. }
+            | Self::GetTask { .. }
             | Self::GetContext { .. }
             | Self::ListContexts
             | Self::MeshInfo
@@ -938,6 +950,12 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "forget" => ClientFrame::Forget {
             memory_id: serde_json::from_str::<ForgetBody>(text)?.memory_id,
         },
+        "get_memory" => ClientFrame::GetMemory {
+            memory_id: serde_json::from_str::<ForgetBody>(text)?.memory_id,
+        },
+        "get_task" => ClientFrame::GetTask {
+            task_id: serde_json::from_str::<TaskIdBody>(text)?.task_id,
+        },
         "create_task" => ClientFrame::CreateTask(Box::new(serde_json::from_str(text)?)),
         "claim_task" => ClientFrame::ClaimTask {
             task_id: serde_json::from_str::<TaskIdBody>(text)?.task_id,
@@ -1451,6 +1469,8 @@ const KNOWN: &[(&str, bool)] = &[
     ("mcp_call_response", false),
     ("share_skill", true),
     ("get_skill", true),
+    ("get_memory", true),
+    ("get_task", true),
     ("list_skills", true),
     ("remove_skill", true),
     ("create_webhook", true),

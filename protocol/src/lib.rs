@@ -19,6 +19,7 @@
 pub mod broker;
 pub mod client;
 pub mod fed;
+pub mod fit;
 pub mod hello;
 pub mod invite;
 pub mod keys;

@@ -80,3 +80,67 @@ both! {
         Ok(())
     }
 }
+
+both! {
+    /// Large stored bodies never make a list answer too large to send: with 20 task
+    /// results, 20 memories and 20 state values of 256 KiB each, `list_tasks`,
+    /// `complete_task`, `recall` and `list_state` answer within one frame (long texts
+    /// shortened and flagged, trailing entries left out and counted), nobody who asks is
+    /// disconnected, and the whole texts are a `get_task`, `get_memory`, `get_state` away.
+    async fn large_bodies_never_break_list_replies(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let max = broker.config.limits.max_frame_bytes;
+        let mesh = broker.create_mesh("big").await?;
+        let (ann, bo) = (broker.enroll(&mesh, "ann").await?, broker.enroll(&mesh, "bo").await?);
+        let mut a = broker.connect(&ann).await?;
+        let mut c = broker.connect(&bo).await?;
+        let big = |tag: usize| format!("{tag:04} {}", "word ".repeat(256 * 1024 / 5 - 2));
+        let mut last_task = String::new();
+        for i in 0..20 {
+            let t = a.request(json!({"type": "create_task", "title": format!("task {i}")})).await?;
+            let id = t["id"].as_str().context("id")?.to_owned();
+            a.request(json!({"type": "claim_task", "taskId": id})).await?;
+            let done = a.request(json!({"type": "complete_task", "taskId": id, "result": big(i)})).await?;
+            assert_eq!(done["type"], "task_list", "complete_task still answers: {}", &done.to_string()[..200.min(done.to_string().len())]);
+            last_task = id;
+            let m = a.request(json!({"type": "remember", "content": format!("{} memo{i}", big(i)), "tags": ["bulk"]})).await?;
+            assert_eq!(m["type"], "memory_stored");
+            a.send(json!({"type": "set_state", "key": format!("k{i:02}"), "value": big(i)})).await?;
+        }
+        a.sync().await?;
+
+        let list = c.request(json!({"type": "list_tasks"})).await?;
+        assert!(list.to_string().len() <= max);
+        let tasks = list["tasks"].as_array().context("tasks")?;
+        assert_eq!(tasks.len(), 20, "shortening the results was enough");
+        assert_eq!(tasks[0]["truncated"], json!(["result"]));
+        let full = c.request(json!({"type": "get_task", "taskId": last_task})).await?;
+        assert_eq!(full["type"], "task_data");
+        assert_eq!(full["task"]["result"].as_str().map(str::len), Some(big(19).len()));
+        assert!(full["task"].get("truncated").is_none());
+
+        let recalled = c.request(json!({"type": "recall", "query": "word bulk"})).await?;
+        assert!(recalled.to_string().len() <= max);
+        let memories = recalled["memories"].as_array().context("memories")?;
+        assert!(!memories.is_empty());
+        let id = memories[0]["id"].as_str().context("id")?;
+        let whole = c.request(json!({"type": "get_memory", "memoryId": id})).await?;
+        assert_eq!(whole["type"], "memory_data");
+        assert!(whole["memory"]["content"].as_str().map_or(0, str::len) > 256 * 1024 - 100);
+
+        let state = c.request(json!({"type": "list_state"})).await?;
+        assert!(state.to_string().len() <= max);
+        let kept = state["entries"].as_array().context("entries")?.len();
+        assert!(kept < 20, "20 values of 256 KiB cannot all fit in {max} bytes");
+        assert_eq!((state["truncated"].as_bool(), state["omitted"].as_u64()), (Some(true), Some(20 - kept as u64)));
+        let one = c.request(json!({"type": "get_state", "key": "k19"})).await?;
+        assert_eq!(one["value"].as_str().map(str::len), Some(big(19).len()));
+
+        // Everyone is still connected.
+        c.sync().await?;
+        a.sync().await?;
+        let metrics = broker.metrics().await?;
+        assert!(!metrics.contains("meshd_frames_dropped_total{reason=\"reply_trimmed\"} 0"), "{metrics}");
+        Ok(())
+    }
+}

@@ -79,6 +79,13 @@ impl Db {
         })
     }
 
+    /// One live memory of the mesh.
+    pub async fn memory(&self, mesh_id: &str, id: &str) -> Result<Option<MemoryRow>, StoreError> {
+        const SQL: &str = "SELECT id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at \
+                           FROM memory WHERE mesh_id = $1 AND id = $2 AND forgotten_at IS NULL";
+        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(id).fetch_optional(p).await)?)
+    }
+
     /// Live memories of a mesh.
     pub async fn memory_count(&self, mesh_id: &str) -> Result<i64, StoreError> {
         const SQL: &str = "SELECT COUNT(*) FROM memory WHERE mesh_id = $1 AND forgotten_at IS NULL";
