@@ -167,3 +167,71 @@ pub const FEDERATION_FRAME_OVERHEAD: usize = 64 * 1024;
 
 /// Port of a `federation.nameservers` entry given as a bare IP address.
 pub const DNS_PORT: u16 = 53;
+
+// ---- quotas: what one member, and one mesh, may keep stored ------------------------
+// Sized so an honest mesh of a few hundred members never meets them (a member sending
+// at the default rate limit for a day keeps under a million message rows), while one
+// member alone cannot fill a disk: every kind below is bounded per member and per mesh.
+
+/// Message rows one member keeps (queued, and delivered ones kept for `message_status`).
+pub const MESSAGES_PER_MEMBER: usize = 1_000_000;
+/// Message rows one mesh keeps.
+pub const MESSAGES_PER_MESH: usize = 10_000_000;
+/// Bytes of undelivered messages one member sent (bodies are dropped on delivery).
+pub const QUEUED_BYTES_PER_MEMBER: usize = 64 << 20;
+/// Bytes of undelivered messages of one mesh.
+pub const QUEUED_BYTES_PER_MESH: usize = 1 << 30;
+/// Notes one member keeps (forgotten ones count until purged) …
+pub const MEMORIES_PER_MEMBER: usize = 10_000;
+/// … and their bytes.
+pub const MEMORY_BYTES_PER_MEMBER: usize = 16 << 20;
+/// Notes of one mesh …
+pub const MEMORIES_PER_MESH: usize = 100_000;
+/// … and their bytes.
+pub const MEMORY_BYTES_PER_MESH: usize = 256 << 20;
+/// Tasks one member created (done ones count until they expire) …
+pub const TASKS_PER_MEMBER: usize = 10_000;
+/// … and their bytes (titles and results).
+pub const TASK_BYTES_PER_MEMBER: usize = 32 << 20;
+/// Tasks of one mesh …
+pub const TASKS_PER_MESH: usize = 100_000;
+/// … and their bytes.
+pub const TASK_BYTES_PER_MESH: usize = 256 << 20;
+/// Skills one member shared …
+pub const SKILLS_PER_MEMBER: usize = 500;
+/// … and their bytes.
+pub const SKILL_BYTES_PER_MEMBER: usize = 16 << 20;
+/// Bytes of skills of one mesh (at most 2,000 of them).
+pub const SKILL_BYTES_PER_MESH: usize = 64 << 20;
+/// Files one member keeps …
+pub const FILES_PER_MEMBER: usize = 10_000;
+/// … and their bytes.
+pub const FILE_BYTES_PER_MEMBER: usize = 256 << 20;
+/// Files of one mesh (their bytes: `limits.max_file_bytes_per_mesh`).
+pub const FILES_PER_MESH: usize = 100_000;
+/// Bytes of shared state one member last wrote.
+pub const STATE_BYTES_PER_MEMBER: usize = 4 << 20;
+/// Schedules one member keeps, pending or closed (closed ones go after a week).
+pub const SCHEDULES_PER_MEMBER: usize = 1_000;
+/// Streams one member created.
+pub const STREAMS_PER_MEMBER: usize = 100;
+/// Webhooks one member created.
+pub const WEBHOOKS_PER_MEMBER: usize = 20;
+/// Session keys remembered per member (the least recently seen go first).
+pub const SESSION_KEYS_PER_MEMBER: usize = 1_000;
+/// Downloads remembered per file (for `file_status`; the oldest go first).
+pub const ACCESSES_PER_FILE: usize = 100;
+/// Audit entries one mesh keeps (the oldest go first).
+pub const AUDIT_ENTRIES_PER_MESH: usize = 1_000_000;
+/// Audit entries older than this go.
+pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 86_400);
+/// Completed tasks older than this go.
+pub const DONE_TASK_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Forgotten notes, closed schedules and deleted files' rows are kept this long (a
+/// peer broker that was cut off learns of the forgetting when its link comes back).
+pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+/// How often usage is recounted from the store: message quotas free up as messages are
+/// delivered, and the `/metrics` usage gauges follow (each recount scans the tables).
+pub const RECOUNT_INTERVAL: Duration = Duration::from_secs(30);
+/// How often what outlived its retention is purged (each purge is a few short deletes).
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(30 * 60);

@@ -72,6 +72,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     schedule: RawSchedule,
+    #[serde(default)]
+    quotas: RawQuotas,
     /// `None` when the file has no `[federation]` section (and no `MESHD_FEDERATION_*`).
     federation: Option<RawFederation>,
 }
@@ -134,6 +136,28 @@ struct RawSchedule {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawQuotas {
+    messages_per_member: Option<usize>,
+    messages_per_mesh: Option<usize>,
+    queued_bytes_per_member: Option<usize>,
+    queued_bytes_per_mesh: Option<usize>,
+    memory_bytes_per_member: Option<usize>,
+    memory_bytes_per_mesh: Option<usize>,
+    task_bytes_per_member: Option<usize>,
+    task_bytes_per_mesh: Option<usize>,
+    skill_bytes_per_member: Option<usize>,
+    skill_bytes_per_mesh: Option<usize>,
+    file_bytes_per_member: Option<usize>,
+    state_bytes_per_member: Option<usize>,
+    audit_entries_per_mesh: Option<usize>,
+    audit_retention: Option<String>,
+    done_task_retention: Option<String>,
+    recount_interval: Option<String>,
+    purge_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
     format: Option<String>,
@@ -172,6 +196,23 @@ struct RawPeer {
 /// Every key the file accepts, as `section.key` (or `key` at the top level). The
 /// `MESHD_*` variable for a key is `MESHD_` + the path upper-cased with `.` → `_`.
 pub const KEYS: &[&str] = &[
+    "quotas.messages_per_member",
+    "quotas.messages_per_mesh",
+    "quotas.queued_bytes_per_member",
+    "quotas.queued_bytes_per_mesh",
+    "quotas.memory_bytes_per_member",
+    "quotas.memory_bytes_per_mesh",
+    "quotas.task_bytes_per_member",
+    "quotas.task_bytes_per_mesh",
+    "quotas.skill_bytes_per_member",
+    "quotas.skill_bytes_per_mesh",
+    "quotas.file_bytes_per_member",
+    "quotas.state_bytes_per_member",
+    "quotas.audit_entries_per_mesh",
+    "quotas.audit_retention",
+    "quotas.done_task_retention",
+    "quotas.recount_interval",
+    "quotas.purge_interval",
     "data_dir",
     "server.listen",
     "server.public_url",
@@ -293,6 +334,8 @@ pub struct Config {
     pub log: Log,
     /// Cron reminders.
     pub schedule: Schedule,
+    /// What one member, and one mesh, may keep stored.
+    pub quotas: Quotas,
     /// Links to other organizations' brokers; `None` when `[federation]` is absent.
     pub federation: Option<Federation>,
 }
@@ -431,6 +474,48 @@ pub struct Schedule {
     pub timezone_name: String,
     /// That zone, loaded once (the system tz database, else the bundled copy).
     pub timezone: jiff::tz::TimeZone,
+}
+
+/// `[quotas]`: what one member, and one mesh, may keep stored (see the README's "Limits
+/// and quotas"). Counts of rows per kind are fixed (`defaults`); sizes are set here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quotas {
+    /// Message rows one member has stored (queued, and delivered ones kept for
+    /// `message_status` until `limits.delivered_retention`).
+    pub messages_per_member: usize,
+    /// Message rows of one mesh.
+    pub messages_per_mesh: usize,
+    /// Bytes of undelivered messages one member sent.
+    pub queued_bytes_per_member: usize,
+    /// Bytes of undelivered messages of one mesh.
+    pub queued_bytes_per_mesh: usize,
+    /// Bytes of notes (`remember`) of one member.
+    pub memory_bytes_per_member: usize,
+    /// Bytes of notes of one mesh.
+    pub memory_bytes_per_mesh: usize,
+    /// Bytes of tasks (titles and results) one member created.
+    pub task_bytes_per_member: usize,
+    /// Bytes of tasks of one mesh.
+    pub task_bytes_per_mesh: usize,
+    /// Bytes of skills one member shared.
+    pub skill_bytes_per_member: usize,
+    /// Bytes of skills of one mesh.
+    pub skill_bytes_per_mesh: usize,
+    /// Bytes of files one member uploaded (the mesh's: `limits.max_file_bytes_per_mesh`).
+    pub file_bytes_per_member: usize,
+    /// Bytes of shared state one member last wrote (the mesh's:
+    /// `limits.max_state_bytes_per_mesh`).
+    pub state_bytes_per_member: usize,
+    /// Audit entries one mesh keeps (the oldest go first).
+    pub audit_entries_per_mesh: usize,
+    /// Audit entries older than this go.
+    pub audit_retention: Duration,
+    /// Completed tasks older than this go.
+    pub done_task_retention: Duration,
+    /// How often usage is recounted from the store (message quotas, `/metrics`).
+    pub recount_interval: Duration,
+    /// How often what outlived its retention is purged.
+    pub purge_interval: Duration,
 }
 
 /// `[log]`.
@@ -827,6 +912,94 @@ impl Config {
             None => None,
         };
 
+        let q = raw.quotas;
+        let quotas = Quotas {
+            messages_per_member: positive(
+                "quotas.messages_per_member",
+                q.messages_per_member,
+                defaults::MESSAGES_PER_MEMBER,
+            )?,
+            messages_per_mesh: positive(
+                "quotas.messages_per_mesh",
+                q.messages_per_mesh,
+                defaults::MESSAGES_PER_MESH,
+            )?,
+            queued_bytes_per_member: positive(
+                "quotas.queued_bytes_per_member",
+                q.queued_bytes_per_member,
+                defaults::QUEUED_BYTES_PER_MEMBER,
+            )?,
+            queued_bytes_per_mesh: positive(
+                "quotas.queued_bytes_per_mesh",
+                q.queued_bytes_per_mesh,
+                defaults::QUEUED_BYTES_PER_MESH,
+            )?,
+            memory_bytes_per_member: positive(
+                "quotas.memory_bytes_per_member",
+                q.memory_bytes_per_member,
+                defaults::MEMORY_BYTES_PER_MEMBER,
+            )?,
+            memory_bytes_per_mesh: positive(
+                "quotas.memory_bytes_per_mesh",
+                q.memory_bytes_per_mesh,
+                defaults::MEMORY_BYTES_PER_MESH,
+            )?,
+            task_bytes_per_member: positive(
+                "quotas.task_bytes_per_member",
+                q.task_bytes_per_member,
+                defaults::TASK_BYTES_PER_MEMBER,
+            )?,
+            task_bytes_per_mesh: positive(
+                "quotas.task_bytes_per_mesh",
+                q.task_bytes_per_mesh,
+                defaults::TASK_BYTES_PER_MESH,
+            )?,
+            skill_bytes_per_member: positive(
+                "quotas.skill_bytes_per_member",
+                q.skill_bytes_per_member,
+                defaults::SKILL_BYTES_PER_MEMBER,
+            )?,
+            skill_bytes_per_mesh: positive(
+                "quotas.skill_bytes_per_mesh",
+                q.skill_bytes_per_mesh,
+                defaults::SKILL_BYTES_PER_MESH,
+            )?,
+            file_bytes_per_member: positive(
+                "quotas.file_bytes_per_member",
+                q.file_bytes_per_member,
+                defaults::FILE_BYTES_PER_MEMBER,
+            )?,
+            state_bytes_per_member: positive(
+                "quotas.state_bytes_per_member",
+                q.state_bytes_per_member,
+                defaults::STATE_BYTES_PER_MEMBER,
+            )?,
+            audit_entries_per_mesh: positive(
+                "quotas.audit_entries_per_mesh",
+                q.audit_entries_per_mesh,
+                defaults::AUDIT_ENTRIES_PER_MESH,
+            )?,
+            audit_retention: dur(
+                "quotas.audit_retention",
+                q.audit_retention,
+                defaults::AUDIT_RETENTION,
+            )?,
+            done_task_retention: dur(
+                "quotas.done_task_retention",
+                q.done_task_retention,
+                defaults::DONE_TASK_RETENTION,
+            )?,
+            recount_interval: dur(
+                "quotas.recount_interval",
+                q.recount_interval,
+                defaults::RECOUNT_INTERVAL,
+            )?,
+            purge_interval: dur(
+                "quotas.purge_interval",
+                q.purge_interval,
+                defaults::PURGE_INTERVAL,
+            )?,
+        };
         Ok(Self {
             data_dir,
             server,
@@ -841,6 +1014,7 @@ impl Config {
                 timezone_name,
                 timezone,
             },
+            quotas,
             federation,
         })
     }

@@ -551,3 +551,110 @@ mod tests {
         assert!(!valid_slug(""));
     }
 }
+
+/// One member's (or the whole mesh's) use of one stored kind, against its quota.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KindUsage {
+    /// The kind (`messages`, `memory`, …).
+    pub kind: &'static str,
+    /// Entries stored.
+    pub entries: i64,
+    /// Bytes stored (messages: bodies not yet delivered).
+    pub bytes: i64,
+    /// The quota on entries (`null`: none).
+    pub quota_entries: Option<i64>,
+    /// The quota on bytes (`null`: none).
+    pub quota_bytes: Option<i64>,
+}
+
+/// One member's usage.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberUsage {
+    /// Member id.
+    pub member_id: String,
+    /// Display name.
+    pub name: String,
+    /// By kind (kinds it uses none of are left out).
+    pub usage: Vec<KindUsage>,
+}
+
+/// `meshd usage --mesh SLUG`: what each member, and the mesh, keeps stored.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    /// Mesh slug.
+    pub mesh: String,
+    /// The mesh as a whole.
+    pub total: Vec<KindUsage>,
+    /// Each member with any usage, the heaviest first.
+    pub members: Vec<MemberUsage>,
+}
+
+/// `meshd usage`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn usage_report(db: &Db, config: &Config, slug: &str) -> Result<UsageReport, AdminError> {
+    use crate::quota::{Kind, caps};
+    let m = mesh(db, slug).await?;
+    let members = db.members(&m.id).await?;
+    let name_of = |key: &str| {
+        members
+            .iter()
+            .find(|r| r.id == key || r.pubkey == key)
+            .map(|r| (r.id.clone(), r.display_name.clone()))
+    };
+    let cap = |v: i64| (v != i64::MAX).then_some(v);
+    let mut total = Vec::new();
+    let mut by_member: std::collections::BTreeMap<String, MemberUsage> = Default::default();
+    for kind in Kind::ALL {
+        let c = caps(kind, config);
+        let rows = db.usage_by_member(kind, Some(&m.id)).await?;
+        let (mut entries, mut bytes) = (0i64, 0i64);
+        for r in rows {
+            entries = entries.saturating_add(r.rows);
+            bytes = bytes.saturating_add(r.bytes);
+            let (id, name) = name_of(&r.member).unwrap_or_else(|| {
+                (
+                    r.member.clone(),
+                    if r.member.is_empty() {
+                        "(unattributed)".into()
+                    } else {
+                        "(unknown)".into()
+                    },
+                )
+            });
+            by_member
+                .entry(id.clone())
+                .or_insert_with(|| MemberUsage {
+                    member_id: id,
+                    name,
+                    usage: Vec::new(),
+                })
+                .usage
+                .push(KindUsage {
+                    kind: kind.as_str(),
+                    entries: r.rows,
+                    bytes: r.bytes,
+                    quota_entries: cap(c.member.rows),
+                    quota_bytes: cap(c.member.bytes),
+                });
+        }
+        total.push(KindUsage {
+            kind: kind.as_str(),
+            entries,
+            bytes,
+            quota_entries: cap(c.mesh.rows),
+            quota_bytes: cap(c.mesh.bytes),
+        });
+    }
+    let mut members: Vec<MemberUsage> = by_member.into_values().collect();
+    members.sort_by_key(|m| std::cmp::Reverse(m.usage.iter().map(|u| u.bytes).sum::<i64>()));
+    Ok(UsageReport {
+        mesh: m.slug,
+        total,
+        members,
+    })
+}

@@ -118,9 +118,35 @@ pub struct Verified {
 
 /// Verifies a mesh's chain: order, links, hashes and signatures.
 pub fn verify_rows(rows: &[AuditRow], key: &VerifyingKey) -> Verified {
-    let mut prev = GENESIS.to_owned();
+    // Entries before the first kept were pruned by retention, which the chain records
+    // (`audit_pruned` with `before`): verification starts at the first entry kept. A
+    // hole no such entry accounts for is a broken chain.
+    let first = rows.first().map_or(1, |r| r.seq);
+    if first != 1 {
+        let accounted = rows.iter().any(|r| {
+            r.event_type == "audit_pruned"
+                && serde_json::from_str::<serde_json::Value>(&r.payload)
+                    .ok()
+                    .and_then(|p| p["before"].as_i64())
+                    .is_some_and(|before| before >= first)
+        });
+        if !accounted {
+            return Verified {
+                valid: false,
+                entries: rows.len(),
+                broken_at: Some(first),
+                reason: Some(format!(
+                    "entries before {first} are missing (no audit_pruned entry accounts for them)"
+                )),
+            };
+        }
+    }
+    let mut prev = rows
+        .first()
+        .filter(|_| first != 1)
+        .map_or_else(|| GENESIS.to_owned(), |r| r.prev_hash.clone());
     for (i, r) in rows.iter().enumerate() {
-        let expected_seq = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+        let expected_seq = i64::try_from(i).unwrap_or(i64::MAX) + first;
         let reason = if r.seq != expected_seq {
             Some(format!("entry {expected_seq} is missing"))
         } else if r.prev_hash != prev {

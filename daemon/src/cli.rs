@@ -67,6 +67,14 @@ enum Command {
     /// The signed audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// What each member of a mesh, and the mesh, keeps stored, against the quotas.
+    Usage {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,6 +285,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Mesh(cmd) => mesh(config, cmd).await,
         Command::Invite(cmd) => invite(config, cmd).await,
         Command::Member(cmd) => member(config, cmd).await,
+        Command::Usage { mesh, out } => usage(config, &mesh, out.json).await,
         Command::Certs(cmd) => certs(&config, cmd),
         Command::Audit(AuditCmd::Verify { mesh, out }) => {
             match audit_verify(&config, &mesh, out.json).await {
@@ -757,6 +766,38 @@ fn status_table(value: &serde_json::Value) -> String {
         out.push('\n');
     }
     out
+}
+
+async fn usage(config: Config, mesh: &str, json: bool) -> anyhow::Result<()> {
+    let db = admin::open(&config).await?;
+    let r = admin::usage_report(&db, &config, mesh).await?;
+    db.close().await;
+    print(json, &r, |r| {
+        let fmt = |u: &admin::KindUsage| {
+            let q = |n: Option<i64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+            format!(
+                "  {:<10} {:>9} entries (quota {:>9})  {:>12} bytes (quota {:>12})",
+                u.kind,
+                u.entries,
+                q(u.quota_entries),
+                u.bytes,
+                q(u.quota_bytes)
+            )
+        };
+        let mut out = format!("mesh {}\n", r.mesh);
+        for u in &r.total {
+            out.push_str(&fmt(u));
+            out.push('\n');
+        }
+        for m in &r.members {
+            out.push_str(&format!("\n{} ({})\n", m.name, m.member_id));
+            for u in &m.usage {
+                out.push_str(&fmt(u));
+                out.push('\n');
+            }
+        }
+        out.trim_end().to_owned()
+    })
 }
 
 async fn invite(config: Config, cmd: InviteCmd) -> anyhow::Result<()> {

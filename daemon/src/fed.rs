@@ -2141,6 +2141,20 @@ impl Fed {
         if size > ctx.config.limits.max_message_bytes || dm.id.is_empty() || dm.id.len() > 64 {
             return Err(RejectReason::Invalid);
         }
+        // Counted against the remote sender's (and the mesh's) quota here, where it is
+        // stored.
+        if ctx
+            .message_usage
+            .admit(
+                crate::quota::caps(crate::quota::Kind::Messages, &ctx.config),
+                &dm.mesh_id,
+                &dm.sender_member_id,
+                dm.nonce.len() + dm.ciphertext.len(),
+            )
+            .is_err()
+        {
+            return Err(RejectReason::OverQuota);
+        }
         let grace = i64::try_from(ctx.config.limits.session_grace.as_millis()).unwrap_or(i64::MAX);
         let target_key = hub.resolve_direct_key(&dm.target_key, now_ms(), grace);
         let route = hub.route_direct(&target_key, priority, 0);
@@ -2440,13 +2454,17 @@ impl Fed {
                     return Ok(());
                 }
                 let value: Arc<str> = Arc::from(s.value.as_str());
+                let member_id = hub.member(&s.member_pubkey).map(|m| m.id);
                 let applied = hub.state_apply_remote(
                     &s.key,
                     StateValue {
                         value: value.clone(),
                         updated_by: s.updated_by.clone(),
                         updated_at: s.updated_at,
+                        member_id: member_id.clone(),
                     },
+                    ctx.config.limits.max_state_bytes_per_mesh,
+                    ctx.config.quotas.state_bytes_per_member,
                 );
                 if applied {
                     let _ = ctx
@@ -2456,6 +2474,7 @@ impl Fed {
                             key: s.key,
                             value,
                             updated_by: s.updated_by,
+                            member_id,
                             at: s.updated_at,
                         })
                         .await;
@@ -3450,7 +3469,7 @@ async fn apply_skill(ctx: &Ctx, link: &LinkShared, s: SkillSet) -> Result<(), Re
             updated_at: s.updated_at,
         };
         ctx.db
-            .put_skill(&row)
+            .put_skill(&row, None)
             .await
             .map(drop)
             .map_err(|e| e.to_string())

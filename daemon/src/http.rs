@@ -297,6 +297,7 @@ async fn health(State(ctx): State<Arc<Ctx>>) -> Response {
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
     let mut out = ctx.metrics.render(ctx.uptime());
     render_tables(&ctx, &mut out);
+    ctx.usage.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -405,6 +405,18 @@ pub(crate) struct StateValue {
     pub(crate) value: Arc<str>,
     pub(crate) updated_by: String,
     pub(crate) updated_at: i64,
+    /// The writer's member id (its quota holds the value); `None` for values written
+    /// before quotas were kept.
+    pub(crate) member_id: Option<String>,
+}
+
+/// Why a state write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateRefused {
+    /// The mesh's state would exceed `limits.max_state_bytes_per_mesh`.
+    MeshFull,
+    /// The writer's values would exceed `quotas.state_bytes_per_member`.
+    MemberFull,
 }
 
 #[derive(Debug, Default)]
@@ -418,6 +430,8 @@ struct MeshInner {
     session_keys: HashMap<String, String>,
     state: BTreeMap<String, StateValue>,
     state_bytes: usize,
+    /// Bytes of the values each member wrote last (see [`StateValue::member_id`]).
+    state_by_member: HashMap<String, usize>,
     /// Sessions hosted by peer brokers, by routing key.
     remote: HashMap<String, RemotePeer>,
     /// Session keys seen in peer brokers' presence → their member's key: a DM to a
@@ -433,6 +447,46 @@ struct MeshInner {
 }
 
 impl MeshInner {
+    /// Accounts for `value` replacing `key`'s value within the mesh's and the writer's
+    /// budgets; changes nothing when either would be exceeded.
+    fn state_account(
+        &mut self,
+        key: &str,
+        value: &StateValue,
+        max_bytes: usize,
+        max_member_bytes: usize,
+    ) -> Result<(), StateRefused> {
+        let old = self.state.get(key);
+        let old_len = old.map_or(0, |v| key.len() + v.value.len());
+        let old_member = old.and_then(|v| v.member_id.clone());
+        let new_len = key.len() + value.value.len();
+        let total = self.state_bytes - old_len + new_len;
+        if total > max_bytes {
+            return Err(StateRefused::MeshFull);
+        }
+        if let Some(m) = &value.member_id {
+            let mine = self.state_by_member.get(m).copied().unwrap_or(0);
+            let freed = if old_member.as_ref() == Some(m) {
+                old_len
+            } else {
+                0
+            };
+            if mine - freed + new_len > max_member_bytes {
+                return Err(StateRefused::MemberFull);
+            }
+        }
+        self.state_bytes = total;
+        if let Some(m) = old_member
+            && let Some(b) = self.state_by_member.get_mut(&m)
+        {
+            *b = b.saturating_sub(old_len);
+        }
+        if let Some(m) = &value.member_id {
+            *self.state_by_member.entry(m.clone()).or_default() += new_len;
+        }
+        Ok(())
+    }
+
     /// The live peers addressed by a member or session key.
     fn live_for<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a Peer> + 'a {
         self.by_key
@@ -647,6 +701,15 @@ impl MeshHub {
             inner.departed.insert(key.clone(), now);
         }
         Some(peer)
+    }
+
+    /// Forgets a session key the store pruned (the member had too many).
+    pub(crate) fn forget_session_key(&self, key: &str) {
+        let mut inner = self.inner();
+        if !inner.by_key.contains_key(key) {
+            inner.session_keys.remove(key);
+            inner.departed.remove(key);
+        }
     }
 
     /// The key a direct message to `key` is stored and routed for. A session key of a
@@ -1237,7 +1300,13 @@ impl MeshHub {
 
     /// Applies a remote write to the shared state if it is newer than what is held, and
     /// pushes `state_change` to every local connection. Returns whether it applied.
-    pub(crate) fn state_apply_remote(&self, key: &str, value: StateValue) -> bool {
+    pub(crate) fn state_apply_remote(
+        &self,
+        key: &str,
+        value: StateValue,
+        max_bytes: usize,
+        max_member_bytes: usize,
+    ) -> bool {
         let mut inner = self.inner();
         if inner
             .state
@@ -1246,11 +1315,13 @@ impl MeshHub {
         {
             return false;
         }
-        let old = inner
-            .state
-            .get(key)
-            .map_or(0, |v| key.len() + v.value.len());
-        inner.state_bytes = inner.state_bytes - old + key.len() + value.value.len();
+        // A peer broker's write is held to the same budgets as a local one.
+        if inner
+            .state_account(key, &value, max_bytes, max_member_bytes)
+            .is_err()
+        {
+            return false;
+        }
         let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
             key: key.to_owned(),
             value: raw(&value.value),
@@ -1280,26 +1351,18 @@ impl MeshHub {
             .collect()
     }
 
-    /// Sets a key and pushes `state_change` to every other connection. Returns `false`
-    /// (and changes nothing) when the mesh's state budget would be exceeded.
+    /// Sets a key and pushes `state_change` to every other connection, unless the mesh's
+    /// state budget or the writer's quota would be exceeded (then nothing changes).
     pub(crate) fn state_set(
         &self,
         key: &str,
         value: StateValue,
         writer_conn: ConnId,
         max_bytes: usize,
-    ) -> bool {
+        max_member_bytes: usize,
+    ) -> Result<(), StateRefused> {
         let mut inner = self.inner();
-        let old = inner
-            .state
-            .get(key)
-            .map_or(0, |v| key.len() + v.value.len());
-        let new = key.len() + value.value.len();
-        let total = inner.state_bytes - old + new;
-        if total > max_bytes {
-            return false;
-        }
-        inner.state_bytes = total;
+        inner.state_account(key, &value, max_bytes, max_member_bytes)?;
         let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
             key: key.to_owned(),
             value: raw(&value.value),
@@ -1312,7 +1375,7 @@ impl MeshHub {
                 offer(&p.shared, Outbound::Frame(frame.clone()));
             }
         }
-        true
+        Ok(())
     }
 }
 
@@ -1525,13 +1588,18 @@ async fn load_mesh(db: &Db, mesh_id: &str) -> Result<Option<Arc<MeshHub>>, Store
         inner.session_keys.insert(s.pubkey, s.member_id);
     }
     for s in db.state(mesh_id).await? {
-        inner.state_bytes += s.key.len() + s.value.len();
+        let len = s.key.len() + s.value.len();
+        inner.state_bytes += len;
+        if let Some(m) = &s.updated_by_member {
+            *inner.state_by_member.entry(m.clone()).or_default() += len;
+        }
         inner.state.insert(
             s.key,
             StateValue {
                 value: Arc::from(s.value),
                 updated_by: s.updated_by,
                 updated_at: s.updated_at,
+                member_id: s.updated_by_member,
             },
         );
     }

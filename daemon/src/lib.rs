@@ -20,6 +20,7 @@ mod hub;
 mod ids;
 mod mcp;
 mod metrics;
+pub(crate) mod quota;
 mod ratelimit;
 mod relay;
 mod reminders;
@@ -100,6 +101,10 @@ pub(crate) struct Ctx {
     pub(crate) mcp: mcp::Mcp,
     pub(crate) files: files::Files,
     pub(crate) relay: relay::Relay,
+    /// Direct messages' usage against the quotas (see `quota`).
+    pub(crate) message_usage: quota::MessageUsage,
+    /// Each mesh's usage by kind, for `/metrics`.
+    pub(crate) usage: quota::Snapshot,
     /// Status hooks' rate limits and waiting statuses.
     pub(crate) hooks: hooks::StatusHooks,
     /// Rate limits of inbound webhooks, by webhook id (only existing webhooks get one).
@@ -219,6 +224,12 @@ impl Daemon {
                 65_536,
             )),
             hooks: hooks::StatusHooks::default(),
+            usage: quota::Snapshot::default(),
+            message_usage: {
+                let usage = quota::MessageUsage::default();
+                usage.reload(db.usage_by_member(quota::Kind::Messages, None).await?);
+                usage
+            },
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             pending: server::PendingTable::new(config.limits.max_pending_per_address),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
@@ -454,6 +465,8 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut audited_revocations: std::collections::HashSet<(String, String)> =
         std::collections::HashSet::new();
     let mut n: u64 = 0;
+    let mut last_recount = tokio::time::Instant::now();
+    let mut last_purge = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -520,6 +533,21 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 if let Some(fed) = &ctx.fed {
                     fed.presence_changed(&mesh, conn);
                 }
+            }
+        }
+        // Quotas: messages recounted (deliveries and sweeps free room) and the usage
+        // gauges refreshed every `quotas.recount_interval`; what outlived its retention
+        // purged every `quotas.purge_interval`.
+        if last_recount.elapsed() >= ctx.config.quotas.recount_interval {
+            last_recount = tokio::time::Instant::now();
+            if let Err(e) = quota::refresh(&ctx).await {
+                warn!(cause = %e, "recounting usage");
+            }
+        }
+        if last_purge.elapsed() >= ctx.config.quotas.purge_interval {
+            last_purge = tokio::time::Instant::now();
+            if let Err(e) = quota::purge(&ctx, now).await {
+                warn!(cause = %e, "purging expired rows");
             }
         }
         if n % 30 == 2 {

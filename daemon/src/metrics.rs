@@ -56,6 +56,7 @@ const FED_REFUSALS: &[&str] = &[
     "unknown_recipient",
     "revoked",
     "invalid",
+    "quota_exceeded",
     "other",
 ];
 const HTTP_REFUSALS: &[&str] = &[
@@ -98,6 +99,7 @@ const MSG_REJECTS: &[&str] = &[
     "invalid_target",
     "too_large",
     "rate_limited",
+    "quota_exceeded",
     "store_error",
     "other",
 ];

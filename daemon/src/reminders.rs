@@ -216,6 +216,18 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         client_message_id: None,
     });
     let frame = Utf8Bytes::from(push.to_json());
+    // A reminder is a message of its creator: it counts against the same quota.
+    if let Err(e) = ctx.message_usage.admit(
+        crate::quota::caps(crate::quota::Kind::Messages, &ctx.config),
+        &row.mesh_id,
+        &row.member_id,
+        ciphertext.len(),
+    ) {
+        tracing::info!(cause = %e, "reminder not delivered");
+        return Ok(Fired::Dropped(
+            "its creator's (or the mesh's) message quota is full",
+        ));
+    }
     let ttl = i64::try_from(ctx.config.limits.queue_ttl.as_millis()).unwrap_or(i64::MAX);
     let mut msg = NewMessage {
         id: message_id,

@@ -1201,16 +1201,21 @@ impl Live {
                     value.map_or_else(|| Arc::from("null"), |v| Arc::from(v.get()));
                 let limits = &self.ctx.config.limits;
                 let ok = json.len() <= limits.max_state_value_bytes
-                    && self.mesh.state_set(
-                        &key,
-                        StateValue {
-                            value: json.clone(),
-                            updated_by: self.display_name.clone(),
-                            updated_at: now,
-                        },
-                        self.conn,
-                        limits.max_state_bytes_per_mesh,
-                    );
+                    && self
+                        .mesh
+                        .state_set(
+                            &key,
+                            StateValue {
+                                value: json.clone(),
+                                updated_by: self.display_name.clone(),
+                                updated_at: now,
+                                member_id: Some(self.member_id.clone()),
+                            },
+                            self.conn,
+                            limits.max_state_bytes_per_mesh,
+                            self.ctx.config.quotas.state_bytes_per_member,
+                        )
+                        .is_ok();
                 if ok {
                     // The value's digest, not the value: the log must not copy state.
                     self.ctx.audit.record(
@@ -1238,11 +1243,12 @@ impl Live {
                         key,
                         value: json,
                         updated_by: self.display_name.clone(),
+                        member_id: Some(self.member_id.clone()),
                         at: now,
                     });
                 } else {
                     // set_state never gets a reply (§0.6); the refusal is logged and counted.
-                    warn!(key = %key, bytes = json.len(), "set_state refused: over the state size limit");
+                    warn!(key = %key, bytes = json.len(), "set_state refused: over a state size limit or quota");
                     self.ctx.metrics.frames_dropped.inc("state_too_large");
                 }
                 None
@@ -1585,6 +1591,24 @@ impl Live {
             forward_seq: None,
             inbox: None,
         };
+        // Every stored row counts (a multicast's keeps no body); refused before anything
+        // is delivered or written when this member, or the mesh, holds its quota.
+        let body = if matches!(target, TargetSpec::Direct(_)) {
+            row.nonce.len() + row.ciphertext.len()
+        } else {
+            0
+        };
+        if let Err(e) = self.ctx.message_usage.admit(
+            crate::quota::caps(crate::quota::Kind::Messages, &self.ctx.config),
+            self.mesh_id(),
+            &self.member_id,
+            body,
+        ) {
+            return refuse(
+                crate::quota::QuotaExceeded::CODE,
+                format!("{}: {e}", crate::quota::QuotaExceeded::CODE),
+            );
+        }
         let mut forward: Option<Arc<str>> = None;
         let (delivery, direct) = match &target {
             TargetSpec::Direct(pk) => {
@@ -1754,6 +1778,7 @@ impl Live {
     fn queue_task(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{TaskCreated, TaskEntry, TaskList};
         let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
         let mesh_id = self.mesh_id().to_owned();
         let me = self.display_name.clone();
         let member_pubkey = self.member_pubkey.clone();
@@ -1814,6 +1839,28 @@ impl Live {
                         created_by: Some(me),
                         created_at: now,
                     };
+                    let weight =
+                        i64::try_from(row.title.len() + row.tags.len()).unwrap_or(i64::MAX);
+                    match crate::quota::check(
+                        &db,
+                        &ctx.config,
+                        crate::quota::Kind::Tasks,
+                        &row.mesh_id,
+                        &member_pubkey,
+                        crate::quota::Usage::new(1, weight),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return error(
+                                crate::quota::QuotaExceeded::CODE,
+                                &e.to_string(),
+                                req_id,
+                            );
+                        }
+                        Err(e) => return store_err(&e, req_id),
+                    }
                     match db.insert_task(&row, &member_pubkey).await {
                         Ok(true) => {
                             replicate(db.clone(), row.mesh_id.clone(), row.id.clone()).await;
@@ -1849,6 +1896,36 @@ impl Live {
                     }
                 }
                 ClientFrame::CompleteTask { task_id, result } => {
+                    // A result is weighed against the task's creator (and the mesh).
+                    if let Some(r) = &result {
+                        let creator = match db.task_full(&mesh_id, &task_id).await {
+                            Ok(t) => t
+                                .and_then(|t| t.creator_pubkey)
+                                .unwrap_or_else(|| member_pubkey.clone()),
+                            Err(e) => return store_err(&e, req_id),
+                        };
+                        let weight = i64::try_from(r.len()).unwrap_or(i64::MAX);
+                        match crate::quota::check(
+                            &db,
+                            &ctx.config,
+                            crate::quota::Kind::Tasks,
+                            &mesh_id,
+                            &creator,
+                            crate::quota::Usage::new(0, weight),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                return error(
+                                    crate::quota::QuotaExceeded::CODE,
+                                    &e.to_string(),
+                                    req_id,
+                                );
+                            }
+                            Err(e) => return store_err(&e, req_id),
+                        }
+                    }
                     match db
                         .complete_task(&mesh_id, &task_id, result.as_deref(), now)
                         .await
@@ -2639,6 +2716,23 @@ impl Live {
                     created_at: now,
                 };
                 self.pending.push_back(Box::pin(async move {
+                    let weight = i64::try_from(row.message.len()).unwrap_or(i64::MAX);
+                    match crate::quota::check(
+                        &db,
+                        &ctx.config,
+                        crate::quota::Kind::Schedules,
+                        &row.mesh_id,
+                        &row.member_id,
+                        crate::quota::Usage::new(1, weight),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return error(crate::quota::QuotaExceeded::CODE, e.to_string(), req_id);
+                        }
+                        Err(e) => return store_unavailable("scheduling", req_id, &e),
+                    }
                     match db.insert_schedule(&row).await {
                         Ok(true) => {
                             ctx.reminders.changed();
@@ -2910,6 +3004,7 @@ impl Live {
     fn queue_memory(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{Memory, MemoryResults, MemoryStored};
         let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
         let fed = self.ctx.fed.clone();
         let member_pubkey = self.member_pubkey.clone();
         let mesh_id = self.mesh_id().to_owned();
@@ -2931,8 +3026,36 @@ impl Live {
                         remembered_by_name: name,
                         remembered_at: now,
                     };
+                    let weight =
+                        i64::try_from(row.content.len() + row.tags.len()).unwrap_or(i64::MAX);
+                    match crate::quota::check(
+                        &db,
+                        &ctx.config,
+                        crate::quota::Kind::Memory,
+                        &row.mesh_id,
+                        &row.remembered_by,
+                        crate::quota::Usage::new(1, weight),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return Some(
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        crate::quota::QuotaExceeded::CODE,
+                                        e.to_string(),
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                                .to_json()
+                                .into(),
+                            );
+                        }
+                        Err(e) => return store_unavailable("memory", req_id, &e),
+                    }
                     match db.remember(&row).await {
-                        Ok(true) => {
+                        Ok(()) => {
                             let id = row.id.clone();
                             if let Some(fed) = &fed {
                                 fed.memory_remembered(crate::fed::memory_set(
@@ -2943,13 +3066,6 @@ impl Live {
                             }
                             BrokerFrame::MemoryStored(MemoryStored { id, req_id })
                         }
-                        Ok(false) => BrokerFrame::Error(
-                            ErrorFrame::new(
-                                "memory_full",
-                                "this mesh's memory is full; forget some",
-                            )
-                            .with_req_id(req_id),
-                        ),
                         Err(e) => return store_unavailable("memory", req_id, &e),
                     }
                 }
@@ -3019,6 +3135,8 @@ impl Live {
     fn queue_stream(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{StreamCreated, StreamEntry, StreamList};
         let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
+        let member_id = self.member_id.clone();
         let mesh = self.mesh.clone();
         let created_by = self.display_name.clone();
         self.pending.push_back(Box::pin(async move {
@@ -3033,7 +3151,33 @@ impl Live {
                         created_by,
                         created_at: now,
                     };
-                    match db.create_stream(&row).await {
+                    match crate::quota::check(
+                        &db,
+                        &ctx.config,
+                        crate::quota::Kind::Streams,
+                        &row.mesh_id,
+                        &member_id,
+                        crate::quota::Usage::new(1, 0),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return Some(
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        crate::quota::QuotaExceeded::CODE,
+                                        e.to_string(),
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                                .to_json()
+                                .into(),
+                            );
+                        }
+                        Err(e) => return failed(req_id, &e),
+                    }
+                    match db.create_stream(&row, &member_id).await {
                         Ok(Some(s)) => BrokerFrame::StreamCreated(StreamCreated {
                             id: s.id,
                             name: s.name,
@@ -3073,6 +3217,7 @@ impl Live {
         use crate::store::webhooks::{WebhookError, WebhookRow};
         use meshd_protocol::broker::{WebhookAck, WebhookEntry, WebhookList};
         let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
         let base = crate::http::hook_base(&self.ctx.config);
         let mesh_id = self.mesh_id().to_owned();
         let member_id = self.member_id.clone();
@@ -3096,6 +3241,22 @@ impl Live {
                         active: true,
                         created_at: now,
                     };
+                    match crate::quota::check(
+                        &db,
+                        &ctx.config,
+                        crate::quota::Kind::Webhooks,
+                        &row.mesh_id,
+                        &row.creator_member_id,
+                        crate::quota::Usage::new(1, 0),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return error(crate::quota::QuotaExceeded::CODE, e.to_string(), req_id);
+                        }
+                        Err(e) => return store_unavailable("creating a webhook", req_id, &e),
+                    }
                     match db.insert_webhook(&row).await {
                         Ok(()) => BrokerFrame::WebhookAck(WebhookAck {
                             url: url(&row.secret),
@@ -3180,6 +3341,8 @@ impl Live {
     fn queue_skill(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{Skill, SkillAck, SkillData, SkillList, SkillSummary};
         let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
+        let member_id = self.member_id.clone();
         let fed = self.ctx.fed.clone();
         let mesh_id = self.mesh_id().to_owned();
         let author = self.display_name.clone();
@@ -3193,6 +3356,7 @@ impl Live {
                         Ok(e) => e,
                         Err(e) => return failed(req_id, &e),
                     };
+                    let replacing = existing.is_some();
                     let row = crate::store::skills::SkillRow {
                         mesh_id,
                         name: s.name.trim().to_owned(),
@@ -3203,7 +3367,38 @@ impl Live {
                         created_at: existing.map_or(now, |e| e.created_at),
                         updated_at: now,
                     };
-                    match db.put_skill(&row).await {
+                    let weight = i64::try_from(
+                        row.instructions.len() + row.description.len() + row.tags.len(),
+                    )
+                    .unwrap_or(i64::MAX);
+                    let new_rows = i64::from(!replacing);
+                    match crate::quota::check(
+                        &db,
+                        &ctx.config,
+                        crate::quota::Kind::Skills,
+                        &row.mesh_id,
+                        &member_id,
+                        crate::quota::Usage::new(new_rows, weight),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return Some(
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        crate::quota::QuotaExceeded::CODE,
+                                        e.to_string(),
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                                .to_json()
+                                .into(),
+                            );
+                        }
+                        Err(e) => return failed(req_id, &e),
+                    }
+                    match db.put_skill(&row, Some(&member_id)).await {
                         Ok(_) => {}
                         Err(crate::store::skills::SkillError::Full) => {
                             return Some(

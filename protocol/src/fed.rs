@@ -588,6 +588,9 @@ pub enum RejectReason {
     Revoked,
     /// The frame broke a limit or rule.
     Invalid,
+    /// The sender, or the mesh, holds its quota of stored messages on the receiver.
+    /// (Appended: the wire enum only grows at its end.)
+    OverQuota,
 }
 
 impl RejectReason {
@@ -599,6 +602,7 @@ impl RejectReason {
             Self::UnknownRecipient,
             Self::Revoked,
             Self::Invalid,
+            Self::OverQuota,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -612,6 +616,7 @@ impl RejectReason {
             Self::UnknownRecipient => "unknown_recipient",
             Self::Revoked => "revoked",
             Self::Invalid => "invalid",
+            Self::OverQuota => "quota_exceeded",
         }
     }
 }

@@ -42,6 +42,7 @@ mod http;
 mod mcp;
 mod memory;
 mod presence;
+mod quotas;
 mod reminders;
 mod routing;
 mod skills;

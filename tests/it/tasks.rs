@@ -105,9 +105,12 @@ both! {
             last_task = id;
             let m = a.request(json!({"type": "remember", "content": format!("{} memo{i}", big(i)), "tags": ["bulk"]})).await?;
             assert_eq!(m["type"], "memory_stored");
-            a.send(json!({"type": "set_state", "key": format!("k{i:02}"), "value": big(i)})).await?;
+            // Two writers: one member's state is capped at 4 MiB.
+            let writer = if i % 2 == 0 { &mut a } else { &mut c };
+            writer.send(json!({"type": "set_state", "key": format!("k{i:02}"), "value": big(i)})).await?;
         }
         a.sync().await?;
+        c.sync().await?;
 
         let list = c.request(json!({"type": "list_tasks"})).await?;
         assert!(list.to_string().len() <= max);

@@ -24,25 +24,18 @@ pub struct MemoryRow {
 
 /// Most results one recall returns (the reference's limit).
 pub const RECALL_LIMIT: i64 = 20;
-/// Most live memories one mesh keeps.
-pub const MAX_MEMORIES_PER_MESH: i64 = 100_000;
+/// Most memories (forgotten ones too, until purged) one mesh keeps.
+pub const MAX_MEMORIES_PER_MESH: i64 = meshd_config::defaults::MEMORIES_PER_MESH as i64;
 
 impl Db {
-    /// Stores a memory; `false` when the mesh is full.
-    pub async fn remember(&self, m: &MemoryRow) -> Result<bool, StoreError> {
-        const COUNT_SQL: &str =
-            "SELECT COUNT(*) FROM memory WHERE mesh_id = $1 AND forgotten_at IS NULL";
+    /// Stores a memory (the caller checked the quotas, see `crate::quota`).
+    pub async fn remember(&self, m: &MemoryRow) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO memory (id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at) \
                            VALUES ($1, $2, $3, $4, $5, $6, $7)";
-        let n: i64 =
-            with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&m.mesh_id).fetch_one(p).await)?;
-        if n >= MAX_MEMORIES_PER_MESH {
-            return Ok(false);
-        }
         with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
             .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at)
             .execute(p).await.map(drop))?;
-        Ok(true)
+        Ok(())
     }
 
     /// The mesh's live memories matching `query`, best first (at most [`RECALL_LIMIT`]).
@@ -101,7 +94,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO memory (id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at) \
                            SELECT $1, $2, $3, $4, $5, $6, $7 \
-                           WHERE (SELECT COUNT(*) FROM memory WHERE mesh_id = $2 AND forgotten_at IS NULL) < $8 \
+                           WHERE (SELECT COUNT(*) FROM memory WHERE mesh_id = $2) < $8 \
                            ON CONFLICT (id) DO NOTHING";
         with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
             .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at).bind(MAX_MEMORIES_PER_MESH)
@@ -152,9 +145,12 @@ impl Db {
             .collect())
     }
 
-    /// Soft-deletes a memory of the mesh. Returns whether one was live.
+    /// Forgets a memory of the mesh: its text goes at once; the row stays as a tombstone
+    /// (so a peer broker cut off meanwhile learns of it) until it is purged after
+    /// `defaults::TOMBSTONE_RETENTION`. Returns whether one was live.
     pub async fn forget(&self, mesh_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
-        const SQL: &str = "UPDATE memory SET forgotten_at = $1 WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL";
+        const SQL: &str = "UPDATE memory SET forgotten_at = $1, content = '', tags = '' \
+                           WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL";
         let n = with_db!(self, p => sqlx::query(SQL).bind(now).bind(mesh_id).bind(id)
             .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)

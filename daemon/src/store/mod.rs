@@ -127,6 +127,8 @@ pub struct StateRow {
     pub updated_by: String,
     /// Last write (ms).
     pub updated_at: i64,
+    /// Member id of the last writer (quotas); `None` for values written before.
+    pub updated_by_member: Option<String>,
 }
 
 /// What a member's last session left behind ("welcome back").
@@ -421,7 +423,7 @@ impl Db {
 
     /// Every shared-state entry of a mesh.
     pub async fn state(&self, mesh_id: &str) -> Result<Vec<StateRow>, StoreError> {
-        const SQL: &str = "SELECT key, value, updated_by, updated_at FROM state WHERE mesh_id = $1";
+        const SQL: &str = "SELECT key, value, updated_by, updated_at, updated_by_member FROM state WHERE mesh_id = $1";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_all(p).await)?)
     }
 
@@ -554,4 +556,5 @@ pub mod schedule;
 pub mod skills;
 pub mod streams;
 pub mod tasks;
+pub mod usage;
 pub mod webhooks;

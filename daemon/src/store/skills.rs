@@ -37,13 +37,20 @@ pub const MAX_SKILLS_PER_MESH: i64 = 2_000;
 impl Db {
     /// Stores a skill unless a newer write of the same name is already stored. Returns
     /// whether it was stored; refuses a new name beyond [`MAX_SKILLS_PER_MESH`].
-    pub async fn put_skill(&self, s: &SkillRow) -> Result<bool, SkillError> {
+    ///
+    /// `author_member` is the sharing member's id when it is hosted here (its skills
+    /// count against its quota).
+    pub async fn put_skill(
+        &self,
+        s: &SkillRow,
+        author_member: Option<&str>,
+    ) -> Result<bool, SkillError> {
         const COUNT_SQL: &str = "SELECT COUNT(*) FROM skill WHERE mesh_id = $1 AND name <> $2";
-        const SQL: &str = "INSERT INTO skill (mesh_id, name, description, instructions, tags, author, created_at, updated_at) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+        const SQL: &str = "INSERT INTO skill (mesh_id, name, description, instructions, tags, author, created_at, updated_at, author_member_id) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                            ON CONFLICT (mesh_id, name) DO UPDATE SET description = excluded.description, \
                              instructions = excluded.instructions, tags = excluded.tags, author = excluded.author, \
-                             updated_at = excluded.updated_at \
+                             updated_at = excluded.updated_at, author_member_id = excluded.author_member_id \
                            WHERE skill.updated_at <= excluded.updated_at";
         let others: i64 =
             with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&s.mesh_id).bind(&s.name)
@@ -54,7 +61,7 @@ impl Db {
         }
         let n = with_db!(self, p => sqlx::query(SQL).bind(&s.mesh_id).bind(&s.name).bind(&s.description)
             .bind(&s.instructions).bind(&s.tags).bind(&s.author).bind(s.created_at).bind(s.updated_at)
-            .execute(p).await.map(|r| r.rows_affected())).map_err(StoreError::from)?;
+            .bind(author_member).execute(p).await.map(|r| r.rows_affected())).map_err(StoreError::from)?;
         Ok(n > 0)
     }
 

@@ -23,10 +23,15 @@ pub const MAX_STREAMS_PER_MESH: i64 = 1_000;
 impl Db {
     /// Registers a stream unless one of that name exists; returns the stored row
     /// (`None` when the mesh has too many streams).
-    pub async fn create_stream(&self, s: &StreamRow) -> Result<Option<StreamRow>, StoreError> {
+    /// `member` (the creator's member id) counts it against that member's quota.
+    pub async fn create_stream(
+        &self,
+        s: &StreamRow,
+        member: &str,
+    ) -> Result<Option<StreamRow>, StoreError> {
         const COUNT_SQL: &str = "SELECT COUNT(*) FROM stream WHERE mesh_id = $1";
-        const SQL: &str = "INSERT INTO stream (id, mesh_id, name, created_by, created_at) \
-                           VALUES ($1, $2, $3, $4, $5) ON CONFLICT (mesh_id, name) DO NOTHING";
+        const SQL: &str = "INSERT INTO stream (id, mesh_id, name, created_by, created_at, created_by_member) \
+                           VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (mesh_id, name) DO NOTHING";
         const GET_SQL: &str = "SELECT id, mesh_id, name, created_by, created_at FROM stream \
                                WHERE mesh_id = $1 AND name = $2";
         let existing: Option<StreamRow> = with_db!(self, p => sqlx::query_as(GET_SQL)
@@ -40,7 +45,7 @@ impl Db {
             return Ok(None);
         }
         with_db!(self, p => sqlx::query(SQL).bind(&s.id).bind(&s.mesh_id).bind(&s.name)
-            .bind(&s.created_by).bind(s.created_at).execute(p).await.map(drop))?;
+            .bind(&s.created_by).bind(s.created_at).bind(member).execute(p).await.map(drop))?;
         Ok(
             with_db!(self, p => sqlx::query_as(GET_SQL).bind(&s.mesh_id).bind(&s.name).fetch_optional(p).await)?,
         )

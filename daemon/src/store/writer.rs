@@ -274,6 +274,8 @@ pub(crate) enum WriteOp {
         key: String,
         value: Arc<str>,
         updated_by: String,
+        /// The writer's member id (its quota holds the value).
+        member_id: Option<String>,
         at: i64,
     },
     /// Save a member's session state.
@@ -1122,9 +1124,9 @@ const BIND_SQL: &str = "INSERT INTO session_key (mesh_id, pubkey, member_id, fir
        WHERE session_key.member_id = excluded.member_id \
      RETURNING member_id";
 
-const SET_STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by, updated_at) VALUES ($1, $2, $3, $4, $5) \
+const SET_STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by, updated_at, updated_by_member) VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (mesh_id, key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, \
-       updated_at = excluded.updated_at";
+       updated_at = excluded.updated_at, updated_by_member = excluded.updated_by_member";
 
 const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups, profile, visible, last_summary, \
        last_display_name, stats, last_seen_at, created_at, updated_at) \
@@ -1388,6 +1390,7 @@ macro_rules! executor {
                         key,
                         value,
                         updated_by,
+                        member_id,
                         at,
                     } => {
                         sqlx::query(SET_STATE_SQL)
@@ -1396,6 +1399,7 @@ macro_rules! executor {
                             .bind(&**value)
                             .bind(updated_by)
                             .bind(at)
+                            .bind(member_id)
                             .execute(&mut *tx)
                             .await?;
                     }
