@@ -1408,7 +1408,7 @@ fn lookup_kind(kind: &str) -> Option<(&'static str, bool)> {
 /// `delete_file`, `vector_delete`, `share_context`, `subscribe`, `claim_task`,
 /// `complete_task`, `mesh_execute`): an error for them would be handed by the CLI to an
 /// unrelated pending request, so they must not get one.
-const KNOWN: &[(&str, bool)] = &[
+pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("hello", true),
     ("session_hello", true),
     ("send", true),

@@ -20,6 +20,8 @@ pub mod broker;
 pub mod client;
 pub mod fed;
 pub mod fit;
+#[cfg(test)]
+mod fuzz;
 pub mod hello;
 pub mod invite;
 pub mod keys;
