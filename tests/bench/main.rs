@@ -9,6 +9,7 @@
 //!
 //! Run `ulimit -n 65536` first for the idle-connection scenario.
 
+mod abuse;
 mod fed;
 mod nats;
 mod stats;
@@ -132,6 +133,15 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         pairs: usize,
     },
+    /// Honest clients quiet, then while hostile clients run every attack of the
+    /// hardening issue (the broker on its default limits): rates, latencies, memory, disk.
+    Abuse {
+        #[arg(long, default_value_t = 8)]
+        pairs: usize,
+        /// DMs per second per honest sender (the default send limit is 100/s).
+        #[arg(long, default_value_t = 50)]
+        pace: u32,
+    },
     /// Everything, meshd and NATS, one after the other.
     All,
 }
@@ -162,6 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Throughput { pairs, window } => b.throughput(pairs, window).await,
         Scenario::Broadcast { peers, window } => b.broadcast(peers, window).await,
         Scenario::Idle { conns } => b.idle(&conns).await,
+        Scenario::Abuse { pairs, pace } => b.abuse(pairs, pace).await,
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
         Scenario::FedRtt { count } => b.fed_rtt(count).await,
         Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,
@@ -209,13 +220,24 @@ struct Broker {
 
 impl Bench {
     async fn start(&self) -> anyhow::Result<Broker> {
+        self.start_with(
+            "[limits]\nsends_per_second = 0\nmax_connections = 60000\nmax_connections_per_mesh = 60000\n",
+        )
+        .await
+    }
+
+    /// The broker on its default limits (rate limits, quotas, connection caps).
+    async fn start_on_defaults(&self) -> anyhow::Result<Broker> {
+        self.start_with("").await
+    }
+
+    async fn start_with(&self, extra: &str) -> anyhow::Result<Broker> {
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("bench.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[storage]\ndurability = \"{}\"\n[limits]\nsends_per_second = 0\nmax_connections = 60000\n\
-                 max_connections_per_mesh = 60000\n[log]\nlevel = \"{log}\"\n",
+                "[storage]\ndurability = \"{}\"\n{extra}[log]\nlevel = \"{log}\"\n",
                 self.durability,
                 log = log_level(),
             ),
