@@ -66,6 +66,19 @@ const CONTROL_QUEUE: usize = 256;
 const FLOW_SETTLE: Duration = Duration::from_secs(5);
 /// How often stored consent is re-read (the admin CLI writes it beside the daemon).
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// Presence updates waiting for one link (one per session and mesh); beyond, the peer
+/// is not reading and the link starts over.
+const PRESENCE_PENDING: usize = 65_536;
+/// Member announcements waiting for one link; beyond, the link starts over.
+const MEMBERS_QUEUE: usize = 256;
+/// Members one peer broker may host in one mesh, as far as this broker keeps them.
+const MAX_REMOTE_MEMBERS: usize = 10_000;
+/// Offers kept per peer broker (until accepted here or replaced).
+const MAX_OFFERS_PER_PEER: usize = 1_024;
+/// Brokers named in one offer's roster.
+const MAX_ROSTER: usize = 64;
+/// Meshes one peer may claim to be ready for on a link.
+const MAX_PEER_READY: usize = 4_096;
 /// How long a link may be up before its handler registers it (see `Fed::check_links`).
 const REGISTER_BOUND: Duration = Duration::from_secs(5);
 /// How often a claim the peer has not answered is announced again.
@@ -506,9 +519,21 @@ impl LinkShared {
         lock(&self.claimed).contains(mesh)
     }
 
-    fn queue_presence(&self, mesh: &str, key: &str, frame: Frame) {
-        lock(&self.presence).put(mesh, key, frame);
+    /// Queues a presence update; `false` (nothing queued) when the coalescer holds
+    /// [`PRESENCE_PENDING`] updates already: the peer stopped reading, and the link must
+    /// start over (its successor sends a snapshot).
+    fn queue_presence(&self, mesh: &str, key: &str, frame: Frame) -> bool {
+        {
+            let mut c = lock(&self.presence);
+            if c.pending.len() >= PRESENCE_PENDING
+                && !c.pending.contains_key(&(mesh.to_owned(), key.to_owned()))
+            {
+                return false;
+            }
+            c.put(mesh, key, frame);
+        }
         self.presence_wake.notify_one();
+        true
     }
 }
 
@@ -540,6 +565,9 @@ pub(crate) struct Fed {
     /// so a replaced link's reader and its successor never admit the same position.
     /// `None` until read from the store (and again after a failed insert).
     cursors: Mutex<HashMap<String, Arc<Mutex<Option<fed::InboxCursor>>>>>,
+    /// Per peer, the pending expiry of a lost link's presences (see
+    /// `schedule_presence_expiry`).
+    expiries: Mutex<HashMap<String, (CancellationToken, HashSet<String>)>>,
     /// Test hooks handed to the link manager (none in production).
     hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
     /// Per peer: since when the manager's current link has had no handler registered
@@ -620,6 +648,7 @@ impl Fed {
             cursors: Mutex::default(),
             hooks,
             unregistered_since: Mutex::default(),
+            expiries: Mutex::default(),
         });
         Ok((fed, ep))
     }
@@ -817,7 +846,7 @@ impl Fed {
         };
         let mesh_id = &mesh.row.id;
         for link in self.links_for(mesh_id) {
-            link.queue_presence(
+            let queued = link.queue_presence(
                 mesh_id,
                 &entry.key,
                 Frame::PresenceUpsert {
@@ -825,6 +854,9 @@ impl Fed {
                     entry: Box::new(entry.clone()),
                 },
             );
+            if !queued {
+                self.reset_link(&link, "presence_full");
+            }
         }
     }
 
@@ -835,7 +867,7 @@ impl Fed {
         }
         let version = self.next_version();
         for link in self.links_for(mesh_id) {
-            link.queue_presence(
+            let queued = link.queue_presence(
                 mesh_id,
                 key,
                 Frame::PresenceGone {
@@ -844,6 +876,9 @@ impl Fed {
                     version,
                 },
             );
+            if !queued {
+                self.reset_link(&link, "presence_full");
+            }
         }
     }
 
@@ -867,20 +902,26 @@ impl Fed {
         // either in that list or queued after it, never lost between the two.
         let links: Vec<Arc<LinkShared>> = lock(&self.links).values().cloned().collect();
         for link in links {
-            let queued = {
+            let (queued, full) = {
                 let mut q = lock(&link.members);
                 let flows = lock(&link.flowing).contains(&mesh.row.id);
-                if flows {
+                let full = q.len() >= MEMBERS_QUEUE;
+                if flows && !full {
                     q.push_back(Frame::Members {
                         mesh_id: mesh.row.id.clone(),
                         members: vec![ann.clone()],
                         full: false,
                     });
                 }
-                flows
+                (flows && !full, flows && full)
             };
             if queued {
                 link.outbox_wake.notify_one();
+            }
+            if full {
+                // The peer is not taking announcements: start over (the next link
+                // announces every member in full).
+                self.reset_link(&link, "members_full");
             }
         }
     }
@@ -1269,7 +1310,12 @@ impl Fed {
                 if let Ok(Some(row)) = ctx.db.mesh_by_id(&o.mesh_id).await {
                     o.name = row.name;
                     o.slug = row.slug;
-                    let _ = link.control.send(Frame::MeshOffer(o)).await;
+                    // Never waits on one peer (the reconcile loop serves every link):
+                    // a control queue this full means the peer stopped reading.
+                    if link.control.try_send(Frame::MeshOffer(o)).is_err() {
+                        self.reset_link(link, "control_full");
+                        return;
+                    }
                 }
             }
         }
@@ -1356,8 +1402,14 @@ impl Fed {
             // peer refuses a message from a member it has not heard of.
             // The list is taken, queued and the mesh marked flowing under the members
             // lock (see `member_changed`).
-            {
+            let overflow = {
                 let mut q = lock(&link.members);
+                // Earlier full lists of this mesh are superseded by this one (a peer
+                // toggling its consent cannot pile them up).
+                q.retain(
+                    |f| !matches!(f, Frame::Members { mesh_id, full: true, .. } if *mesh_id == m),
+                );
+                let overflow = q.len() >= MEMBERS_QUEUE;
                 let members = hub
                     .local_members()
                     .into_iter()
@@ -1375,8 +1427,12 @@ impl Fed {
                     full: true,
                 });
                 lock(&link.flowing).insert(m.clone());
-            }
+                overflow
+            };
             link.outbox_wake.notify_one();
+            if overflow {
+                self.reset_link(link, "members_full");
+            }
             self.refresh_shared();
             // The snapshot is taken under the link's presence queue lock: updates queued
             // before it are older than it (it replaces them), updates after it are newer.
@@ -1559,10 +1615,32 @@ impl Fed {
     fn schedule_presence_expiry(self: &Arc<Self>, peer: Arc<str>, meshes: HashSet<String>) {
         let me = self.clone();
         let grace = self.cfg.presence_grace;
+        // One expiry per peer: a newer one takes over the meshes of a pending one (a
+        // peer reconnecting quickly does not pile up timers).
+        let cancel = self.stop.child_token();
+        let mut meshes = meshes;
+        if let Some((old, pending)) =
+            lock(&self.expiries).insert(peer.to_string(), (cancel.clone(), HashSet::new()))
+        {
+            old.cancel();
+            meshes.extend(pending);
+        }
+        if let Some(e) = lock(&self.expiries).get_mut(&*peer) {
+            e.1.clone_from(&meshes);
+        }
         self.tracker.spawn(async move {
             tokio::select! {
-                () = me.stop.cancelled() => return,
+                () = cancel.cancelled() => return,
                 () = tokio::time::sleep(grace) => {}
+            }
+            {
+                // Under the lock: a newer expiry cancels this one before it replaces the
+                // entry, so an uncancelled token means the entry is this one's.
+                let mut expiries = lock(&me.expiries);
+                if cancel.is_cancelled() {
+                    return;
+                }
+                expiries.remove(&*peer);
             }
             // A link that came back replaced these meshes' peers with its snapshot; the
             // ones it does not carry (unshared meanwhile, or not flowing yet) leave.
@@ -1602,11 +1680,32 @@ impl Fed {
                         warn!(mesh.id = %offer.mesh_id, "offer whose roster omits its home; ignored");
                         continue;
                     }
+                    if !crate::ids::plausible_id(&offer.mesh_id)
+                        || offer.name.len() > meshd_protocol::client::MAX_NAME_LEN
+                        || offer.slug.len() > meshd_protocol::client::MAX_NAME_LEN
+                        || offer.roster.len() > MAX_ROSTER
+                        || offer.roster.iter().any(|b| b.len() > 253)
+                    {
+                        let ctx = ctx_of(&self)?;
+                        count_refused(&ctx, &link, RejectReason::Invalid, 1);
+                        continue;
+                    }
                     let mut o = offer.clone();
                     o.roster.retain(|b| !b.is_empty());
-                    // The home is the sender; remember it with the offer.
+                    // The home is the sender; remember it with the offer (a bounded number
+                    // per peer: homes send their offers again whenever consent changes).
                     let key = (o.mesh_id.clone(), link.peer.to_string());
-                    lock(&self.offers).insert(key, o.clone());
+                    {
+                        let mut offers = lock(&self.offers);
+                        let of_peer = offers.keys().filter(|(_, p)| *p == *link.peer).count();
+                        if !offers.contains_key(&key) && of_peer >= MAX_OFFERS_PER_PEER {
+                            drop(offers);
+                            let ctx = ctx_of(&self)?;
+                            count_refused(&ctx, &link, RejectReason::Invalid, 1);
+                            continue;
+                        }
+                        offers.insert(key, o.clone());
+                    }
                     let accepted = lock(&self.consent)
                         .shares
                         .get(&(o.mesh_id.clone(), link.peer.to_string()))
@@ -1618,7 +1717,26 @@ impl Fed {
                     }
                 }
                 Frame::MeshReady(c) => {
-                    lock(&link.peer_ready).insert(c.mesh_id);
+                    // The peer's claims are bounded like its offers: a peer claiming
+                    // meshes without end is misbehaving, and the link starts over.
+                    if !crate::ids::plausible_id(&c.mesh_id) {
+                        let ctx = ctx_of(&self)?;
+                        count_refused(&ctx, &link, RejectReason::Invalid, 1);
+                        continue;
+                    }
+                    let full = {
+                        let mut ready = lock(&link.peer_ready);
+                        if ready.len() >= MAX_PEER_READY && !ready.contains(&c.mesh_id) {
+                            true
+                        } else {
+                            ready.insert(c.mesh_id);
+                            false
+                        }
+                    };
+                    if full {
+                        self.reset_link(&link, "peer_ready_full");
+                        return Err(LinkError::Io("too many mesh claims from the peer".into()));
+                    }
                     self.update_flowing(&link).await;
                 }
                 Frame::MeshWithdraw(c) => {
@@ -2084,13 +2202,25 @@ impl Fed {
             return;
         };
         let now = now_ms();
+        // Members a peer hosts in this mesh are bounded (each carries rows, presence,
+        // contexts and quotas here).
+        let mut hosted = hub.members_hosted_by(&link.peer);
         for ann in members {
             if meshd_protocol::Pubkey::parse_hex(&ann.pubkey).is_err()
-                || ann.member_id.is_empty()
-                || ann.member_id.len() > 64
+                || !crate::ids::plausible_id(&ann.member_id)
+                || ann.display_name.is_empty()
+                || ann.display_name.len() > meshd_protocol::client::MAX_NAME_LEN
+                || !matches!(ann.role.as_str(), "admin" | "member")
             {
                 ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
                 continue;
+            }
+            if hub.member(&ann.pubkey).is_none() {
+                if hosted >= MAX_REMOTE_MEMBERS {
+                    count_refused(ctx, link, RejectReason::OverQuota, 1);
+                    continue;
+                }
+                hosted += 1;
             }
             match ctx
                 .db
@@ -2127,11 +2257,22 @@ impl Fed {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &dm.mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
+        // The sender's member id must be the one its key belongs to: it is stored, and
+        // quotas are counted by it.
         if !hub.hosted_by(&link.peer, &dm.sender_member_pubkey)
-            || hub.member(&dm.sender_member_pubkey).is_none()
+            || hub
+                .member(&dm.sender_member_pubkey)
+                .is_none_or(|m| m.id != dm.sender_member_id)
         {
             warn!(sender = %dm.sender_member_pubkey, "forwarded message from a member the peer does not host; refused");
             return Err(RejectReason::ForgedSender);
+        }
+        if dm.sender_name.len() > meshd_protocol::client::MAX_NAME_LEN
+            || dm.sender_pubkey.len() > 64
+            || dm.target_key.len() > 64
+            || dm.client_message_id.as_ref().is_some_and(|c| c.len() > 256)
+        {
+            return Err(RejectReason::Invalid);
         }
         if hub.member_revoked(&dm.sender_member_pubkey) {
             return Err(RejectReason::Revoked);
@@ -2775,6 +2916,12 @@ impl LinkHandler for Fed {
     ) -> Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> {
         Box::pin(self.serve_link(link, id, counters, stop))
     }
+}
+
+/// The daemon's context, or the end of a link task when the daemon is gone.
+fn ctx_of(fed: &Fed) -> Result<Arc<Ctx>, LinkError> {
+    fed.ctx()
+        .ok_or_else(|| LinkError::Io("the daemon is shutting down".into()))
 }
 
 /// Resets a peer's inbox cursor when dropped armed: see `inbound_messages`.
@@ -3536,7 +3683,7 @@ fn valid_entry(e: &PresenceEntry) -> bool {
         && e.cwd.len() <= 4 * TEXT
         && e.summary.as_ref().is_none_or(|s| s.len() <= 16 * TEXT)
         && e.groups.len() <= meshd_protocol::client::MAX_GROUPS
-        && e.profile.len() <= 64 * TEXT
+        && e.profile.len() <= 16 * TEXT
         && e.stats.as_ref().is_none_or(|s| s.len() <= TEXT)
         && [&e.hostname, &e.peer_type, &e.channel, &e.model]
             .iter()

@@ -131,6 +131,11 @@ struct RemoteAsk {
     at: tokio::time::Instant,
 }
 
+/// Remote `get_file`s one connection may have open …
+const MAX_ASKS_PER_ASKER: usize = 64;
+/// … and all connections together.
+const MAX_ASKS: usize = 65_536;
+
 /// How long a remote `get_file` waits (clients give up after 5 s).
 const ASK_OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -250,10 +255,18 @@ impl Files {
         asker: &Arc<crate::hub::PeerShared>,
         req_id: Option<String>,
         file_id: &str,
-    ) -> String {
+    ) -> Option<String> {
         let now = tokio::time::Instant::now();
         let mut asks = crate::hub::lock(&self.asks);
         asks.retain(|_, a| now.duration_since(a.at) < ASK_OPEN_FOR);
+        // Bounded per asking connection and in all (as the peer relay is).
+        let of_asker = asks
+            .values()
+            .filter(|a| Arc::ptr_eq(&a.asker, asker))
+            .count();
+        if of_asker >= MAX_ASKS_PER_ASKER || asks.len() >= MAX_ASKS {
+            return None;
+        }
         let id = crate::ids::random_id();
         asks.insert(
             id.clone(),
@@ -265,7 +278,12 @@ impl Files {
                 at: now,
             },
         );
-        id
+        Some(id)
+    }
+
+    /// Forgets an ask that could not be sent.
+    pub(crate) fn unask(&self, id: &str) {
+        crate::hub::lock(&self.asks).remove(id);
     }
 
     /// The holding broker answered: the `file_url` (or error) for the asker.

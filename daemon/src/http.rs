@@ -76,12 +76,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `subtype: "webhook"`, `event: <name>`.
 async fn webhook(
     State(ctx): State<Arc<Ctx>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     axum::extract::Path((mesh_id, secret)): axum::extract::Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
     let fail = |code: StatusCode, msg: &str| {
         (code, axum::Json(json!({"ok": false, "error": msg}))).into_response()
     };
+    // Guessing secrets costs a store read each: per source address, posts are limited
+    // before the lookup (well above what one honest sender's webhooks post).
+    let ip = crate::ratelimit::addr_key(client_ip(&ctx, remote, &headers));
+    if crate::hub::lock(&ctx.webhook_sources).take(ip, tokio::time::Instant::now())
+        != crate::ratelimit::Take::Allowed
+    {
+        ctx.metrics.http_refused.inc("webhook_rate_limited");
+        return fail(StatusCode::TOO_MANY_REQUESTS, "rate limited");
+    }
+    if !crate::ids::plausible_id(&mesh_id) {
+        return fail(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
     let rows = match ctx.db.webhooks(&mesh_id).await {
         Ok(r) => r,
         Err(e) => {

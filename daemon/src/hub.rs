@@ -694,13 +694,23 @@ impl MeshHub {
             // Entries past any plausible grace (a day) go; the map stays as small as
             // the sessions that left within it.
             if inner.departed.len() >= inner.peers.len().max(1024) {
+                // The grace is at most a few minutes in practice; an hour covers any.
                 inner
                     .departed
-                    .retain(|_, at| now.saturating_sub(*at) < 86_400_000);
+                    .retain(|_, at| now.saturating_sub(*at) < 3_600_000);
             }
             inner.departed.insert(key.clone(), now);
         }
         Some(peer)
+    }
+
+    /// How many members of this mesh `broker` hosts.
+    pub(crate) fn members_hosted_by(&self, broker: &str) -> usize {
+        self.inner()
+            .members
+            .values()
+            .filter(|m| m.home.as_deref() == Some(broker))
+            .count()
     }
 
     /// Forgets a session key the store pruned (the member had too many).
@@ -1531,6 +1541,17 @@ impl Hub {
         db: &Db,
         mesh_id: &str,
     ) -> Result<Option<Arc<MeshHub>>, StoreError> {
+        // Ids come from strangers (an upload's header, a hello): only an id meshd could
+        // have generated, of a mesh that exists, ever gets a slot in the cache.
+        if !crate::ids::plausible_id(mesh_id) {
+            return Ok(None);
+        }
+        if let Some(m) = self.loaded(mesh_id) {
+            return Ok(Some(m));
+        }
+        if !lock(&self.meshes).contains_key(mesh_id) && db.mesh_by_id(mesh_id).await?.is_none() {
+            return Ok(None);
+        }
         let cell = lock(&self.meshes)
             .entry(mesh_id.to_owned())
             .or_default()

@@ -109,6 +109,16 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Whether `s` could be an id meshd generated (mesh, member, file ids: base62, `-`, `_`,
+/// at most 64 bytes): what strangers send as an id is checked with this before it is
+/// used as a key anywhere.
+pub(crate) fn plausible_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +138,7 @@ mod tests {
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert!(now_ms() > 1_700_000_000_000);
+        assert!(plausible_id(&a) && plausible_id(&u) && plausible_id("a-b_c"));
+        assert!(!plausible_id("") && !plausible_id("a/b") && !plausible_id(&"x".repeat(65)));
     }
 }

@@ -109,6 +109,8 @@ pub(crate) struct Ctx {
     pub(crate) hooks: hooks::StatusHooks,
     /// Rate limits of inbound webhooks, by webhook id (only existing webhooks get one).
     pub(crate) webhook_buckets: std::sync::Mutex<ratelimit::Buckets<String>>,
+    /// Rate limits of webhook posts by source address (before the secret is looked up).
+    pub(crate) webhook_sources: std::sync::Mutex<ratelimit::Buckets<std::net::IpAddr>>,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -224,6 +226,10 @@ impl Daemon {
                 65_536,
             )),
             hooks: hooks::StatusHooks::default(),
+            webhook_sources: std::sync::Mutex::new(ratelimit::Buckets::per_minute(
+                WEBHOOK_POSTS_PER_ADDRESS_PER_MIN,
+                16_384,
+            )),
             usage: quota::Snapshot::default(),
             message_usage: {
                 let usage = quota::MessageUsage::default();
@@ -431,6 +437,9 @@ impl Bound {
     }
 }
 
+/// Webhook posts one source address may make a minute (before any secret is checked).
+const WEBHOOK_POSTS_PER_ADDRESS_PER_MIN: f64 = 1_200.0;
+
 /// The most a stop spends closing the store after its grace periods (SQLite's WAL is
 /// folded into the database; an unfinished fold is redone at the next start).
 pub const STORE_CLOSE_BUDGET: Duration = Duration::from_secs(2);
@@ -460,10 +469,10 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut revoked_watermark = ids::now_ms() - 60_000;
-    // The watch's windows overlap; a revocation is audited once (members are revoked
-    // once, so this stays small).
-    let mut audited_revocations: std::collections::HashSet<(String, String)> =
-        std::collections::HashSet::new();
+    // The watch's windows overlap; a revocation is audited once. Only revocations still
+    // inside the window are remembered.
+    let mut audited_revocations: std::collections::HashMap<(String, String), i64> =
+        std::collections::HashMap::new();
     let mut n: u64 = 0;
     let mut last_recount = tokio::time::Instant::now();
     let mut last_purge = tokio::time::Instant::now();
@@ -480,7 +489,12 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 for m in rows {
                     // Revocations of members hosted here (peers announce their own).
                     if m.home_broker.is_none()
-                        && audited_revocations.insert((m.mesh_id.clone(), m.id.clone()))
+                        && audited_revocations
+                            .insert(
+                                (m.mesh_id.clone(), m.id.clone()),
+                                m.revoked_at.unwrap_or(now),
+                            )
+                            .is_none()
                     {
                         ctx.audit.record(
                             &m.mesh_id,
@@ -522,11 +536,13 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     }
                 }
                 revoked_watermark = now;
+                audited_revocations.retain(|_, at| *at >= revoked_watermark - 60_000);
             }
             Err(e) => warn!(cause = %e, "revocation watch"),
         }
         ctx.hooks.prune(now, tokio::time::Instant::now());
         hub::lock(&ctx.webhook_buckets).prune(tokio::time::Instant::now());
+        hub::lock(&ctx.webhook_sources).prune(tokio::time::Instant::now());
         let ttl = i64::try_from(ctx.config.limits.status_ttl.as_millis()).unwrap_or(i64::MAX);
         for mesh in ctx.hub.all() {
             for conn in mesh.expire_statuses(now, ttl) {

@@ -66,11 +66,19 @@ const HTTP_REFUSALS: &[&str] = &[
     "upload_busy",
     "upload_timeout",
     "hook_rate_limited",
+    "webhook_rate_limited",
     "hook_table_full",
     "hook_invalid",
     "other",
 ];
-const LINK_RESETS: &[&str] = &["unregistered", "control_full", "other"];
+const LINK_RESETS: &[&str] = &[
+    "unregistered",
+    "control_full",
+    "peer_ready_full",
+    "members_full",
+    "presence_full",
+    "other",
+];
 const PRIORITIES: &[&str] = &["now", "next", "low", "other"];
 const CONN_REJECTS: &[&str] = &[
     "capacity",

@@ -2076,12 +2076,19 @@ impl Live {
                     return error("forbidden", "this file is not shared with you", req_id);
                 }
                 let broker: Arc<str> = Arc::from(broker.as_str());
-                let ask_id = ctx
+                let Some(ask_id) = ctx
                     .files
-                    .ask(broker.clone(), &shared, req_id.clone(), &f.id);
+                    .ask(broker.clone(), &shared, req_id.clone(), &f.id)
+                else {
+                    return error(
+                        "rate_limited",
+                        "too many file requests waiting for other brokers; retry shortly",
+                        req_id,
+                    );
+                };
                 let ask = meshd_protocol::fed::FileUrlAsk {
                     mesh_id: mesh_id.clone(),
-                    ask_id,
+                    ask_id: ask_id.clone(),
                     file_id: f.id.clone(),
                     member_id: member_id.clone(),
                     member_pubkey,
@@ -2097,6 +2104,7 @@ impl Live {
                     )
                 });
                 if !sent {
+                    ctx.files.unask(&ask_id);
                     return error(
                         "unavailable",
                         format!("the broker holding this file ({broker}) cannot be reached now"),

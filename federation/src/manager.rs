@@ -173,6 +173,9 @@ struct Slot {
     active: Option<Active>,
 }
 
+/// Federation handshakes in progress at once (the rest are refused at once).
+const MAX_HANDSHAKES: usize = 256;
+
 /// Refused handshakes kept for the status page.
 const REFUSALS_KEPT: usize = 32;
 
@@ -366,6 +369,9 @@ impl Manager {
     }
 
     async fn accept_loop(self: Arc<Self>) {
+        // Handshakes in progress are bounded: a stranger's UDP packets can start them
+        // (each lives up to the handshake timeout) but not without limit.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             let incoming = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -374,8 +380,14 @@ impl Manager {
                     None => return,
                 },
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                debug!(remote = %incoming.remote_address(), "too many federation handshakes at once; refused");
+                incoming.refuse();
+                continue;
+            };
             let me = self.clone();
             self.tracker.spawn(async move {
+                let _permit = permit;
                 let remote = incoming.remote_address();
                 let handler = me.handler.clone();
                 // A stop never waits for a handshake (the peer may be stopping too).

@@ -48,7 +48,9 @@ impl Bench {
         let mut tasks = Vec::new();
         let mut tallies = Vec::new();
         let mut spawn = |name: &'static str,
-                         fut: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>,
+                         fut: std::pin::Pin<
+            Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+        >,
                          tally: Arc<Tally>| {
             tallies.push((name, tally));
             tasks.push(tokio::spawn(fut));
@@ -56,28 +58,62 @@ impl Bench {
         let addr = broker.proc.addr;
         for i in 0..4 {
             let t = Arc::new(Tally::default());
-            spawn("status-hook flood (new pid, 4 KB cwd)", Box::pin(hook_flood(addr, i, stop.clone(), t.clone())), t);
+            spawn(
+                "status-hook flood (new pid, 4 KB cwd)",
+                Box::pin(hook_flood(addr, i, stop.clone(), t.clone())),
+                t,
+            );
         }
         let t = Arc::new(Tally::default());
-        spawn("half-sent requests (20 addresses)", Box::pin(slowloris(addr, stop.clone(), t.clone())), t);
+        spawn(
+            "half-sent requests (20 addresses)",
+            Box::pin(slowloris(addr, stop.clone(), t.clone())),
+            t,
+        );
         let t = Arc::new(Tally::default());
         let keys: Vec<String> = hostile.iter().map(|m| m.keys.public_hex()).collect();
-        spawn("stalled uploads (forged signatures)", Box::pin(stalled_uploads(addr, broker.mesh_id.clone(), keys, stop.clone(), t.clone())), t);
+        spawn(
+            "stalled uploads (forged signatures)",
+            Box::pin(stalled_uploads(
+                addr,
+                broker.mesh_id.clone(),
+                keys,
+                stop.clone(),
+                t.clone(),
+            )),
+            t,
+        );
         let offline = hostile[0].keys.public_hex();
         let t = Arc::new(Tally::default());
         let c = Conn::connect(&broker, &hostile[1]).await?;
-        spawn("64 KB DMs to an offline member", Box::pin(offline_flood(c, offline, stop.clone(), t.clone())), t);
+        spawn(
+            "64 KB DMs to an offline member",
+            Box::pin(offline_flood(c, offline, stop.clone(), t.clone())),
+            t,
+        );
         let t = Arc::new(Tally::default());
         let c = Conn::connect(&broker, &hostile[2]).await?;
-        spawn("remember/forget churn (200 KB notes)", Box::pin(memory_churn(c, stop.clone(), t.clone())), t);
+        spawn(
+            "remember/forget churn (200 KB notes)",
+            Box::pin(memory_churn(c, stop.clone(), t.clone())),
+            t,
+        );
         let t = Arc::new(Tally::default());
         let c = Conn::connect(&broker, &hostile[3]).await?;
         let d = Conn::connect(&broker, &hostile[4]).await?;
-        spawn("200 KB task results + list_tasks", Box::pin(big_lists(c, d, stop.clone(), t.clone())), t);
+        spawn(
+            "200 KB task results + list_tasks",
+            Box::pin(big_lists(c, d, stop.clone(), t.clone())),
+            t,
+        );
         let t = Arc::new(Tally::default());
         let c = Conn::connect(&broker, &hostile[5]).await?;
         let target = hostile[6].keys.public_hex();
-        spawn("U+0000 in client ids, garbage frames", Box::pin(junk(c, target, stop.clone(), t.clone())), t);
+        spawn(
+            "U+0000 in client ids, garbage frames",
+            Box::pin(junk(c, target, stop.clone(), t.clone())),
+            t,
+        );
 
         let peak = Arc::new(AtomicU64::new(rss_before));
         let sampler = {
@@ -145,7 +181,9 @@ impl Bench {
             let frame = s.sealed(&r.key, &self.plaintext());
             receivers.push(crate::count_pushes(r, stop.clone(), delivered.clone()));
             let stop_s = stop.clone();
-            senders.push(tokio::spawn(async move { paced(s, &frame, pace, &stop_s).await }));
+            senders.push(tokio::spawn(async move {
+                paced(s, &frame, pace, &stop_s).await
+            }));
         }
         let r = crate::measure(&delivered, self.duration, &stop, senders).await;
         for r in receivers {
@@ -168,7 +206,11 @@ async fn paced(mut c: Conn, frame: &str, pace: u32, stop: &AtomicBool) -> anyhow
                 Ok(Some(Ok(Message::Text(t)))) => {
                     let f: Frame<'_> = serde_json::from_str(t.as_str())?;
                     if f.kind == "ack" {
-                        anyhow::ensure!(!t.as_str().contains("\"error\""), "honest send refused: {}", t.as_str());
+                        anyhow::ensure!(
+                            !t.as_str().contains("\"error\""),
+                            "honest send refused: {}",
+                            t.as_str()
+                        );
                         break;
                     }
                 }
@@ -214,7 +256,12 @@ async fn post_from(from: &str, to: SocketAddr, path: &str, body: &str) -> u16 {
     }
 }
 
-async fn hook_flood(addr: SocketAddr, i: u32, stop: Arc<AtomicBool>, t: Arc<Tally>) -> anyhow::Result<()> {
+async fn hook_flood(
+    addr: SocketAddr,
+    i: u32,
+    stop: Arc<AtomicBool>,
+    t: Arc<Tally>,
+) -> anyhow::Result<()> {
     let cwd = format!("/{}", "d".repeat(4000));
     let from = format!("127.0.2.{}", 10 + i);
     let mut pid = u64::from(i) << 40;
@@ -236,14 +283,17 @@ async fn slowloris(addr: SocketAddr, stop: Arc<AtomicBool>, t: Arc<Tally>) -> an
     while !stop.load(Ordering::Relaxed) {
         // Keep up to 2,000 half-sent requests open from 20 addresses; replace the ones
         // the server closed.
-        held.retain_mut(|s| still_open(s));
+        held.retain_mut(still_open);
         while held.len() < 2_000 && !stop.load(Ordering::Relaxed) {
             n = n.wrapping_add(1);
             let from = format!("127.0.3.{}", 10 + n % 20);
             t.attempts.fetch_add(1, Ordering::Relaxed);
             match tcp_from(&from, addr).await {
                 Ok(mut s) => {
-                    if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.is_ok() {
+                    if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                        .await
+                        .is_ok()
+                    {
                         held.push(s);
                     } else {
                         t.refused.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +304,7 @@ async fn slowloris(addr: SocketAddr, stop: Arc<AtomicBool>, t: Arc<Tally>) -> an
                     break;
                 }
             }
-            if n % 100 == 0 {
+            if n.is_multiple_of(100) {
                 tokio::task::yield_now().await;
                 break;
             }
@@ -350,7 +400,12 @@ async fn blast(
     Ok(())
 }
 
-async fn offline_flood(c: Conn, to: String, stop: Arc<AtomicBool>, t: Arc<Tally>) -> anyhow::Result<()> {
+async fn offline_flood(
+    c: Conn,
+    to: String,
+    stop: Arc<AtomicBool>,
+    t: Arc<Tally>,
+) -> anyhow::Result<()> {
     let frame = c.sealed(&to, &"o".repeat(48 * 1024));
     blast(c, move |_| frame.clone(), 100, stop, t).await
 }
@@ -364,7 +419,8 @@ async fn memory_churn(c: Conn, stop: Arc<AtomicBool>, t: Arc<Tally>) -> anyhow::
                 json!({"type": "remember", "content": note, "_reqId": format!("r{n}")}).to_string()
             } else {
                 // Forgets a note that may not exist: the reference's answer either way.
-                json!({"type": "forget", "memoryId": format!("m{n}"), "_reqId": format!("f{n}")}).to_string()
+                json!({"type": "forget", "memoryId": format!("m{n}"), "_reqId": format!("f{n}")})
+                    .to_string()
             }
         },
         50,
@@ -403,7 +459,11 @@ async fn junk(c: Conn, to: String, stop: Arc<AtomicBool>, t: Arc<Tally>) -> anyh
     blast(
         c,
         move |n| match n % 4 {
-            0 => sealed.replacen("\"id\":\"x\"", "\"id\":\"x\",\"clientMessageId\":\"a\\u0000b\"", 1),
+            0 => sealed.replacen(
+                "\"id\":\"x\"",
+                "\"id\":\"x\",\"clientMessageId\":\"a\\u0000b\"",
+                1,
+            ),
             1 => "{\"type\":\"warp\"}".to_owned(),
             2 => "{oops".to_owned(),
             _ => json!({"type": "set_state", "key": "k", "value": "v\u{0}"}).to_string(),

@@ -602,6 +602,38 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
     assert_eq!(reply, Some(Frame::Ack { seq: 2 }));
     alice_c.sync().await?;
     assert!(alice_c.pending_messages().is_empty(), "duplicate delivered");
+    // zed's key with another member's id (the id is stored and counted against): forged.
+    let mut as_alice = zed.clone();
+    as_alice.member_id = alice.member_id.clone();
+    tx.send(&dm(3, &as_alice, "counted against alice")).await?;
+    let reply = tokio::time::timeout(meshd_tests::patience(), rx.recv()).await??;
+    assert_eq!(
+        reply,
+        Some(Frame::Reject {
+            seq: 3,
+            reason: RejectReason::ForgedSender
+        })
+    );
+    alice_c.sync().await?;
+    assert!(alice_c.pending_messages().is_empty(), "forged id delivered");
+    // An offer whose mesh id could never be one (ids become keys and paths) is refused
+    // and counted, never kept.
+    let mut link = link;
+    link.control
+        .tx
+        .send(&Frame::MeshOffer(wire::MeshOffer {
+            mesh_id: "../../etc".into(),
+            name: "bad".into(),
+            slug: "bad".into(),
+            roster: vec![B.into(), A.into()],
+        }))
+        .await?;
+    meshd_tests::eventually("the bad offer is counted", || async {
+        let m = a.metrics().await.ok()?;
+        m.contains("meshd_federation_refused_total{reason=\"invalid\"} 1")
+            .then_some(())
+    })
+    .await?;
     Ok(())
 }
 
