@@ -512,7 +512,7 @@ pub struct Quotas {
     pub audit_retention: Duration,
     /// Completed tasks older than this go.
     pub done_task_retention: Duration,
-    /// How often usage is recounted from the store (message quotas, `/metrics`).
+    /// How often usage is recounted from the store (quota counts, `/metrics`).
     pub recount_interval: Duration,
     /// How often what outlived its retention is purged.
     pub purge_interval: Duration,

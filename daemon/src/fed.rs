@@ -2285,8 +2285,8 @@ impl Fed {
         // Counted against the remote sender's (and the mesh's) quota here, where it is
         // stored.
         if ctx
-            .message_usage
-            .admit(
+            .usage_book
+            .admit_message(
                 crate::quota::caps(crate::quota::Kind::Messages, &ctx.config),
                 &dm.mesh_id,
                 &dm.sender_member_id,

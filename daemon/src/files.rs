@@ -657,30 +657,17 @@ pub(crate) async fn upload(
         (None, Some(u)) => u.member_id.clone(),
         (None, None) => return unauthorized("upload not authenticated"),
     };
-    match crate::quota::check(
-        &ctx.db,
-        &ctx.config,
+    if let Err(e) = crate::quota::check(
+        &ctx,
         crate::quota::Kind::Files,
         &mesh.row.id,
         &member_id,
         crate::quota::Usage::new(1, i64::try_from(len).unwrap_or(i64::MAX)),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return reply(
-                StatusCode::INSUFFICIENT_STORAGE,
-                json!({"ok": false, "error": format!("{}: {e}", crate::quota::QuotaExceeded::CODE)}),
-            );
-        }
-        Err(e) => {
-            warn!(cause = %e, "reading a member's file usage");
-            return reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"ok": false, "error": "store unavailable"}),
-            );
-        }
+    ) {
+        return reply(
+            StatusCode::INSUFFICIENT_STORAGE,
+            json!({"ok": false, "error": format!("{}: {e}", crate::quota::QuotaExceeded::CODE)}),
+        );
     }
     let Some(_slot) = ctx.files.uploads.take(&mesh.row.id, &sender_key) else {
         ctx.metrics.http_refused.inc("upload_busy");

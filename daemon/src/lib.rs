@@ -101,8 +101,8 @@ pub(crate) struct Ctx {
     pub(crate) mcp: mcp::Mcp,
     pub(crate) files: files::Files,
     pub(crate) relay: relay::Relay,
-    /// Direct messages' usage against the quotas (see `quota`).
-    pub(crate) message_usage: quota::MessageUsage,
+    /// What every member and mesh holds, by kind, against the quotas (see `quota`).
+    pub(crate) usage_book: quota::UsageBook,
     /// Each mesh's usage by kind, for `/metrics`.
     pub(crate) usage: quota::Snapshot,
     /// Status hooks' rate limits and waiting statuses.
@@ -231,11 +231,7 @@ impl Daemon {
                 16_384,
             )),
             usage: quota::Snapshot::default(),
-            message_usage: {
-                let usage = quota::MessageUsage::default();
-                usage.reload(db.usage_by_member(quota::Kind::Messages, None).await?);
-                usage
-            },
+            usage_book: quota::UsageBook::load(&db).await?,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             pending: server::PendingTable::new(config.limits.max_pending_per_address),
             replay: std::sync::Mutex::new(ReplayCache::new(skew, 1_000_000)),
@@ -562,8 +558,15 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         if last_purge.elapsed() >= ctx.config.quotas.purge_interval {
             last_purge = tokio::time::Instant::now();
-            if let Err(e) = quota::purge(&ctx, now).await {
-                warn!(cause = %e, "purging expired rows");
+            // A purge frees room: the counts follow at once.
+            match quota::purge(&ctx, now).await {
+                Ok(()) => {
+                    last_recount = tokio::time::Instant::now();
+                    if let Err(e) = quota::refresh(&ctx).await {
+                        warn!(cause = %e, "recounting usage");
+                    }
+                }
+                Err(e) => warn!(cause = %e, "purging expired rows"),
             }
         }
         if n % 30 == 2 {

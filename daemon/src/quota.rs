@@ -2,12 +2,14 @@
 //! is really on disk (forgotten notes, completed tasks and closed schedules count until
 //! they are purged), with a clear `quota_exceeded` refusal and `/metrics` gauges.
 //!
-//! Rare writes (notes, tasks, skills, files, schedules, streams, webhooks) are checked
-//! against the store right before they are written. Direct messages are the hot path:
-//! their usage is counted in memory as they are accepted and recounted from the store
-//! every 30 s (deliveries drop bodies, sweeps drop rows), so a quota there is exact up
-//! to what the last 30 s delivered. Writes of one member racing each other may overshoot
-//! by what is in flight (a few requests), never by more.
+//! Usage is counted in memory ([`UsageBook`]): a write is admitted against the counts
+//! (and counted) before it is stored, and the counts are recounted from the store at
+//! start and every `quotas.recount_interval` (deliveries drop message bodies, purges
+//! drop rows, replacements shrink what they replaced). Checking a quota therefore never
+//! reads the store: an earlier design summed the stored bytes per write, which made each
+//! refused write cost as much as everything its member had stored. Between recounts the
+//! counts err on the safe side (a replaced value counts twice, a failed write still
+//! counts), except for writes admitted while a recount is read (a few, at most).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -133,38 +135,74 @@ pub(crate) fn fits(
     }
 }
 
-/// Checks that `add` more of `kind` fits `member`'s and its mesh's quota.
-///
-/// # Errors
-/// The store could not be read (the outer error), or a quota is exceeded (the inner).
-pub(crate) async fn check(
-    db: &Db,
-    config: &meshd_config::Config,
+/// Admits (and counts) `add` more of `kind` for `member`, unless it would exceed the
+/// member's or the mesh's quota.
+pub(crate) fn check(
+    ctx: &crate::Ctx,
     kind: Kind,
     mesh_id: &str,
     member: &str,
     add: Usage,
-) -> Result<Result<(), QuotaExceeded>, StoreError> {
-    let m = db.usage(kind, mesh_id, Some(member)).await?;
-    let all = db.usage(kind, mesh_id, None).await?;
-    Ok(fits(kind, caps(kind, config), m, all, add))
+) -> Result<(), QuotaExceeded> {
+    ctx.usage_book
+        .admit(kind, caps(kind, &ctx.config), mesh_id, member, add)
 }
 
-/// Direct messages' usage, counted in memory (see the module docs).
+/// Recounts one member's `kind` from the store after it freed room (a deletion): what
+/// it deleted is available again at once, not at the next recount. Costs one query over
+/// that member's rows (sizes from headers); only deletions that removed something ask.
+pub(crate) async fn recount_member(ctx: &crate::Ctx, kind: Kind, mesh_id: &str, member: &str) {
+    match ctx.db.usage_of(kind, mesh_id, member).await {
+        Ok(u) => ctx.usage_book.set_member(kind, mesh_id, member, u),
+        Err(e) => tracing::warn!(cause = %e, "recounting a member's usage"),
+    }
+}
+
+/// What each member and mesh holds, by kind (see the module docs). Keys are meshes and
+/// members that wrote, so the book is as large as the membership.
 #[derive(Debug, Default)]
-pub(crate) struct MessageUsage {
-    inner: Mutex<MessageCounts>,
+pub(crate) struct UsageBook {
+    inner: Mutex<Counts>,
 }
 
 #[derive(Debug, Default)]
-struct MessageCounts {
-    members: HashMap<(String, String), Usage>,
-    meshes: HashMap<String, Usage>,
+struct Counts {
+    members: HashMap<(Kind, String, String), Usage>,
+    meshes: HashMap<(Kind, String), Usage>,
 }
 
-impl MessageUsage {
-    /// Counts one message of `bytes` from `member`, unless it exceeds a quota.
+impl UsageBook {
+    /// A book counted from the store.
+    pub(crate) async fn load(db: &Db) -> Result<Self, StoreError> {
+        let book = Self::default();
+        for kind in Kind::ALL {
+            book.reload(kind, db.usage_by_member(kind, None).await?);
+        }
+        Ok(book)
+    }
+
+    /// Counts `add` of `kind` from `member`, unless it exceeds a quota.
     pub(crate) fn admit(
+        &self,
+        kind: Kind,
+        caps: Caps,
+        mesh_id: &str,
+        member: &str,
+        add: Usage,
+    ) -> Result<(), QuotaExceeded> {
+        let mut c = lock(&self.inner);
+        let key = (kind, mesh_id.to_owned(), member.to_owned());
+        let m = c.members.get(&key).copied().unwrap_or_default();
+        let mesh_key = (kind, mesh_id.to_owned());
+        let all = c.meshes.get(&mesh_key).copied().unwrap_or_default();
+        fits(kind, caps, m, all, add)?;
+        c.members.insert(key, m.plus(add));
+        c.meshes.insert(mesh_key, all.plus(add));
+        Ok(())
+    }
+
+    /// Counts one message of `bytes` from `member`, unless it exceeds a quota.
+    pub(crate) fn admit_message(
         &self,
         caps: Caps,
         mesh_id: &str,
@@ -172,26 +210,39 @@ impl MessageUsage {
         bytes: usize,
     ) -> Result<(), QuotaExceeded> {
         let add = Usage::new(1, i64::try_from(bytes).unwrap_or(i64::MAX));
-        let mut c = lock(&self.inner);
-        let key = (mesh_id.to_owned(), member.to_owned());
-        let m = c.members.get(&key).copied().unwrap_or_default();
-        let all = c.meshes.get(mesh_id).copied().unwrap_or_default();
-        fits(Kind::Messages, caps, m, all, add)?;
-        c.members.insert(key, m.plus(add));
-        c.meshes.insert(mesh_id.to_owned(), all.plus(add));
-        Ok(())
+        self.admit(Kind::Messages, caps, mesh_id, member, add)
     }
 
-    /// Replaces the counts with a recount from the store.
-    pub(crate) fn reload(&self, rows: Vec<MemberUsage>) {
-        let mut next = MessageCounts::default();
+    /// Replaces one member's count of `kind` (a recount after it deleted something);
+    /// the mesh's total follows.
+    pub(crate) fn set_member(&self, kind: Kind, mesh_id: &str, member: &str, now: Usage) {
+        let mut c = lock(&self.inner);
+        let before = c
+            .members
+            .insert((kind, mesh_id.to_owned(), member.to_owned()), now)
+            .unwrap_or_default();
+        let mesh = c.meshes.entry((kind, mesh_id.to_owned())).or_default();
+        *mesh = Usage::new(
+            (mesh.rows - before.rows + now.rows).max(0),
+            (mesh.bytes - before.bytes + now.bytes).max(0),
+        );
+    }
+
+    /// Replaces the counts of `kind` with a recount from the store.
+    pub(crate) fn reload(&self, kind: Kind, rows: Vec<MemberUsage>) {
+        let mut members = HashMap::new();
+        let mut meshes: HashMap<(Kind, String), Usage> = HashMap::new();
         for r in rows {
             let u = Usage::new(r.rows, r.bytes);
-            let mesh = next.meshes.entry(r.mesh_id.clone()).or_default();
+            let mesh = meshes.entry((kind, r.mesh_id.clone())).or_default();
             *mesh = mesh.plus(u);
-            next.members.insert((r.mesh_id, r.member), u);
+            members.insert((kind, r.mesh_id, r.member), u);
         }
-        *lock(&self.inner) = next;
+        let mut c = lock(&self.inner);
+        c.members.retain(|k, _| k.0 != kind);
+        c.meshes.retain(|k, _| k.0 != kind);
+        c.members.extend(members);
+        c.meshes.extend(meshes);
     }
 }
 
@@ -235,26 +286,40 @@ mod tests {
     }
 
     #[test]
-    fn message_counts_admit_until_the_quota_and_reload() {
-        let u = MessageUsage::default();
+    fn counts_admit_until_the_quota_and_reload() {
+        let u = UsageBook::default();
         let c = caps((3, 1000), (5, 10_000));
         for _ in 0..3 {
-            assert!(u.admit(c, "m", "a", 10).is_ok());
+            assert!(u.admit_message(c, "m", "a", 10).is_ok());
         }
-        assert!(u.admit(c, "m", "a", 10).is_err());
-        assert!(u.admit(c, "m", "b", 10).is_ok());
-        assert!(u.admit(c, "m", "b", 10).is_ok());
+        assert!(u.admit_message(c, "m", "a", 10).is_err());
+        assert!(u.admit_message(c, "m", "b", 10).is_ok());
+        assert!(u.admit_message(c, "m", "b", 10).is_ok());
         // The mesh is at 5.
-        assert!(u.admit(c, "m", "c", 10).is_err());
-        // A recount (deliveries and sweeps happened) frees room.
-        u.reload(vec![MemberUsage {
-            mesh_id: "m".into(),
-            member: "a".into(),
-            rows: 1,
-            bytes: 0,
-        }]);
-        assert!(u.admit(c, "m", "a", 10).is_ok());
-        assert!(u.admit(c, "m", "c", 10).is_ok());
+        assert!(u.admit_message(c, "m", "c", 10).is_err());
+        // Kinds are counted apart.
+        let note = Usage::new(1, 999);
+        assert!(u.admit(Kind::Memory, c, "m", "a", note).is_ok());
+        assert!(
+            u.admit(Kind::Memory, c, "m", "a", Usage::new(0, 2))
+                .is_err()
+        );
+        // A recount (deliveries and sweeps happened) frees room, of its kind only.
+        u.reload(
+            Kind::Messages,
+            vec![MemberUsage {
+                mesh_id: "m".into(),
+                member: "a".into(),
+                rows: 1,
+                bytes: 0,
+            }],
+        );
+        assert!(u.admit_message(c, "m", "a", 10).is_ok());
+        assert!(u.admit_message(c, "m", "c", 10).is_ok());
+        assert!(
+            u.admit(Kind::Memory, c, "m", "a", Usage::new(0, 2))
+                .is_err()
+        );
     }
 }
 
@@ -316,9 +381,7 @@ pub(crate) async fn refresh(ctx: &crate::Ctx) -> Result<(), StoreError> {
             let u = per_mesh.entry(r.mesh_id.clone()).or_default();
             *u = u.plus(Usage::new(r.rows, r.bytes));
         }
-        if kind == Kind::Messages {
-            ctx.message_usage.reload(by_member);
-        }
+        ctx.usage_book.reload(kind, by_member);
         for (mesh_id, u) in per_mesh {
             let slug = slugs.get(&mesh_id).cloned().unwrap_or(mesh_id);
             rows.push((slug, kind, u));

@@ -217,7 +217,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
     });
     let frame = Utf8Bytes::from(push.to_json());
     // A reminder is a message of its creator: it counts against the same quota.
-    if let Err(e) = ctx.message_usage.admit(
+    if let Err(e) = ctx.usage_book.admit_message(
         crate::quota::caps(crate::quota::Kind::Messages, &ctx.config),
         &row.mesh_id,
         &row.member_id,

@@ -1598,7 +1598,7 @@ impl Live {
         } else {
             0
         };
-        if let Err(e) = self.ctx.message_usage.admit(
+        if let Err(e) = self.ctx.usage_book.admit_message(
             crate::quota::caps(crate::quota::Kind::Messages, &self.ctx.config),
             self.mesh_id(),
             &self.member_id,
@@ -1841,25 +1841,14 @@ impl Live {
                     };
                     let weight =
                         i64::try_from(row.title.len() + row.tags.len()).unwrap_or(i64::MAX);
-                    match crate::quota::check(
-                        &db,
-                        &ctx.config,
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
                         crate::quota::Kind::Tasks,
                         &row.mesh_id,
                         &member_pubkey,
                         crate::quota::Usage::new(1, weight),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            return error(
-                                crate::quota::QuotaExceeded::CODE,
-                                &e.to_string(),
-                                req_id,
-                            );
-                        }
-                        Err(e) => return store_err(&e, req_id),
+                    ) {
+                        return error(crate::quota::QuotaExceeded::CODE, &e.to_string(), req_id);
                     }
                     match db.insert_task(&row, &member_pubkey).await {
                         Ok(true) => {
@@ -1905,25 +1894,18 @@ impl Live {
                             Err(e) => return store_err(&e, req_id),
                         };
                         let weight = i64::try_from(r.len()).unwrap_or(i64::MAX);
-                        match crate::quota::check(
-                            &db,
-                            &ctx.config,
+                        if let Err(e) = crate::quota::check(
+                            &ctx,
                             crate::quota::Kind::Tasks,
                             &mesh_id,
                             &creator,
                             crate::quota::Usage::new(0, weight),
-                        )
-                        .await
-                        {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                return error(
-                                    crate::quota::QuotaExceeded::CODE,
-                                    &e.to_string(),
-                                    req_id,
-                                );
-                            }
-                            Err(e) => return store_err(&e, req_id),
+                        ) {
+                            return error(
+                                crate::quota::QuotaExceeded::CODE,
+                                &e.to_string(),
+                                req_id,
+                            );
                         }
                     }
                     match db
@@ -2225,7 +2207,16 @@ impl Live {
                     };
                     if refusal.is_none() {
                         match ctx.db.delete_file(&file_id, now).await {
-                            Ok(_) => {
+                            Ok(deleted) => {
+                                if deleted && let Some(f) = &file {
+                                    crate::quota::recount_member(
+                                        &ctx,
+                                        crate::quota::Kind::Files,
+                                        &mesh_id,
+                                        &f.uploader_member_id,
+                                    )
+                                    .await;
+                                }
                                 ctx.files.remove(&mesh_id, &file_id).await;
                                 crate::files::publish(
                                     &ctx,
@@ -2725,21 +2716,14 @@ impl Live {
                 };
                 self.pending.push_back(Box::pin(async move {
                     let weight = i64::try_from(row.message.len()).unwrap_or(i64::MAX);
-                    match crate::quota::check(
-                        &db,
-                        &ctx.config,
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
                         crate::quota::Kind::Schedules,
                         &row.mesh_id,
                         &row.member_id,
                         crate::quota::Usage::new(1, weight),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            return error(crate::quota::QuotaExceeded::CODE, e.to_string(), req_id);
-                        }
-                        Err(e) => return store_unavailable("scheduling", req_id, &e),
+                    ) {
+                        return error(crate::quota::QuotaExceeded::CODE, e.to_string(), req_id);
                     }
                     match db.insert_schedule(&row).await {
                         Ok(true) => {
@@ -3036,31 +3020,21 @@ impl Live {
                     };
                     let weight =
                         i64::try_from(row.content.len() + row.tags.len()).unwrap_or(i64::MAX);
-                    match crate::quota::check(
-                        &db,
-                        &ctx.config,
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
                         crate::quota::Kind::Memory,
                         &row.mesh_id,
                         &row.remembered_by,
                         crate::quota::Usage::new(1, weight),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            return Some(
-                                BrokerFrame::Error(
-                                    ErrorFrame::new(
-                                        crate::quota::QuotaExceeded::CODE,
-                                        e.to_string(),
-                                    )
+                    ) {
+                        return Some(
+                            BrokerFrame::Error(
+                                ErrorFrame::new(crate::quota::QuotaExceeded::CODE, e.to_string())
                                     .with_req_id(req_id),
-                                )
-                                .to_json()
-                                .into(),
-                            );
-                        }
-                        Err(e) => return store_unavailable("memory", req_id, &e),
+                            )
+                            .to_json()
+                            .into(),
+                        );
                     }
                     match db.remember(&row).await {
                         Ok(()) => {
@@ -3116,12 +3090,19 @@ impl Live {
                 }
                 ClientFrame::Forget { memory_id } => {
                     match db.forget(&mesh_id, &memory_id, now).await {
-                        Ok(true) => {
+                        Ok(Some(owner)) => {
+                            crate::quota::recount_member(
+                                &ctx,
+                                crate::quota::Kind::Memory,
+                                &mesh_id,
+                                &owner,
+                            )
+                            .await;
                             if let Some(fed) = &fed {
                                 fed.memory_forgotten(&mesh_id, &memory_id, now);
                             }
                         }
-                        Ok(false) => {}
+                        Ok(None) => {}
                         Err(e) => return store_unavailable("memory", req_id, &e),
                     }
                     // The reference's answer, sent whether or not something matched.
@@ -3159,31 +3140,21 @@ impl Live {
                         created_by,
                         created_at: now,
                     };
-                    match crate::quota::check(
-                        &db,
-                        &ctx.config,
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
                         crate::quota::Kind::Streams,
                         &row.mesh_id,
                         &member_id,
                         crate::quota::Usage::new(1, 0),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            return Some(
-                                BrokerFrame::Error(
-                                    ErrorFrame::new(
-                                        crate::quota::QuotaExceeded::CODE,
-                                        e.to_string(),
-                                    )
+                    ) {
+                        return Some(
+                            BrokerFrame::Error(
+                                ErrorFrame::new(crate::quota::QuotaExceeded::CODE, e.to_string())
                                     .with_req_id(req_id),
-                                )
-                                .to_json()
-                                .into(),
-                            );
-                        }
-                        Err(e) => return failed(req_id, &e),
+                            )
+                            .to_json()
+                            .into(),
+                        );
                     }
                     match db.create_stream(&row, &member_id).await {
                         Ok(Some(s)) => BrokerFrame::StreamCreated(StreamCreated {
@@ -3249,21 +3220,14 @@ impl Live {
                         active: true,
                         created_at: now,
                     };
-                    match crate::quota::check(
-                        &db,
-                        &ctx.config,
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
                         crate::quota::Kind::Webhooks,
                         &row.mesh_id,
                         &row.creator_member_id,
                         crate::quota::Usage::new(1, 0),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            return error(crate::quota::QuotaExceeded::CODE, e.to_string(), req_id);
-                        }
-                        Err(e) => return store_unavailable("creating a webhook", req_id, &e),
+                    ) {
+                        return error(crate::quota::QuotaExceeded::CODE, e.to_string(), req_id);
                     }
                     match db.insert_webhook(&row).await {
                         Ok(()) => BrokerFrame::WebhookAck(WebhookAck {
@@ -3327,8 +3291,20 @@ impl Live {
                                 req_id,
                             );
                         }
-                        if let Err(e) = db.deactivate_webhook(&w.id).await {
-                            return store_unavailable("deleting a webhook", req_id, &e);
+                        match db.deactivate_webhook(&w.id).await {
+                            Ok(true) => {
+                                crate::quota::recount_member(
+                                    &ctx,
+                                    crate::quota::Kind::Webhooks,
+                                    &mesh_id,
+                                    &w.creator_member_id,
+                                )
+                                .await;
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                return store_unavailable("deleting a webhook", req_id, &e);
+                            }
                         }
                     }
                     // As the reference: acknowledged even when nothing matched.
@@ -3380,31 +3356,21 @@ impl Live {
                     )
                     .unwrap_or(i64::MAX);
                     let new_rows = i64::from(!replacing);
-                    match crate::quota::check(
-                        &db,
-                        &ctx.config,
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
                         crate::quota::Kind::Skills,
                         &row.mesh_id,
                         &member_id,
                         crate::quota::Usage::new(new_rows, weight),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            return Some(
-                                BrokerFrame::Error(
-                                    ErrorFrame::new(
-                                        crate::quota::QuotaExceeded::CODE,
-                                        e.to_string(),
-                                    )
+                    ) {
+                        return Some(
+                            BrokerFrame::Error(
+                                ErrorFrame::new(crate::quota::QuotaExceeded::CODE, e.to_string())
                                     .with_req_id(req_id),
-                                )
-                                .to_json()
-                                .into(),
-                            );
-                        }
-                        Err(e) => return failed(req_id, &e),
+                            )
+                            .to_json()
+                            .into(),
+                        );
                     }
                     match db.put_skill(&row, Some(&member_id)).await {
                         Ok(_) => {}
@@ -3470,7 +3436,17 @@ impl Live {
                 },
                 ClientFrame::RemoveSkill { name } => {
                     match db.delete_skill(&mesh_id, &name, now).await {
-                        Ok(removed) => {
+                        Ok(author) => {
+                            let removed = author.is_some();
+                            if let Some(author) = author {
+                                crate::quota::recount_member(
+                                    &ctx,
+                                    crate::quota::Kind::Skills,
+                                    &mesh_id,
+                                    &author,
+                                )
+                                .await;
+                            }
                             if removed && let Some(fed) = &fed {
                                 fed.skill_changed(crate::fed::skill_removal(&mesh_id, &name, now));
                             }

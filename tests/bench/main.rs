@@ -141,6 +141,10 @@ enum Scenario {
         /// DMs per second per honest sender (the default send limit is 100/s).
         #[arg(long, default_value_t = 50)]
         pace: u32,
+        /// Only these attacks (comma-separated: hooks, slow-http, uploads, offline-queue,
+        /// notes, lists, junk); all by default.
+        #[arg(long, value_delimiter = ',')]
+        attacks: Vec<String>,
     },
     /// Everything, meshd and NATS, one after the other.
     All,
@@ -172,7 +176,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Throughput { pairs, window } => b.throughput(pairs, window).await,
         Scenario::Broadcast { peers, window } => b.broadcast(peers, window).await,
         Scenario::Idle { conns } => b.idle(&conns).await,
-        Scenario::Abuse { pairs, pace } => b.abuse(pairs, pace).await,
+        Scenario::Abuse {
+            pairs,
+            pace,
+            attacks,
+        } => b.abuse(pairs, pace, &attacks).await,
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
         Scenario::FedRtt { count } => b.fed_rtt(count).await,
         Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,

@@ -147,13 +147,21 @@ impl Db {
 
     /// Forgets a memory of the mesh: its text goes at once; the row stays as a tombstone
     /// (so a peer broker cut off meanwhile learns of it) until it is purged after
-    /// `defaults::TOMBSTONE_RETENTION`. Returns whether one was live.
-    pub async fn forget(&self, mesh_id: &str, id: &str, now: i64) -> Result<bool, StoreError> {
+    /// `defaults::TOMBSTONE_RETENTION`. Returns who remembered it when one was live (`""`
+    /// when unknown).
+    pub async fn forget(
+        &self,
+        mesh_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
         const SQL: &str = "UPDATE memory SET forgotten_at = $1, content = '', tags = '' \
-                           WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(now).bind(mesh_id).bind(id)
-            .execute(p).await.map(|r| r.rows_affected()))?;
-        Ok(n > 0)
+                           WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL \
+                           RETURNING COALESCE(remembered_by, '')";
+        Ok(
+            with_db!(self, p => sqlx::query_scalar(SQL).bind(now).bind(mesh_id).bind(id)
+            .fetch_optional(p).await)?,
+        )
     }
 }
 

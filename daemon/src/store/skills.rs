@@ -82,17 +82,20 @@ impl Db {
     }
 
     /// Deletes a skill written at or before `at` (a newer write elsewhere survives a
-    /// replicated removal). Returns whether one was deleted.
+    /// replicated removal). Returns its author's member id (`""` when unknown) when one
+    /// was deleted.
     pub async fn delete_skill(
         &self,
         mesh_id: &str,
         name: &str,
         at: i64,
-    ) -> Result<bool, StoreError> {
-        const SQL: &str = "DELETE FROM skill WHERE mesh_id = $1 AND name = $2 AND updated_at <= $3";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(mesh_id).bind(name).bind(at)
-            .execute(p).await.map(|r| r.rows_affected()))?;
-        Ok(n > 0)
+    ) -> Result<Option<String>, StoreError> {
+        const SQL: &str = "DELETE FROM skill WHERE mesh_id = $1 AND name = $2 AND updated_at <= $3 \
+                           RETURNING COALESCE(author_member_id, '')";
+        Ok(
+            with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(name).bind(at)
+            .fetch_optional(p).await)?,
+        )
     }
 }
 

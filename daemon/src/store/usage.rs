@@ -99,17 +99,12 @@ impl Usage {
     }
 }
 
-/// The SQL of a usage query (per backend: bytes are `octet_length` on PostgreSQL and the
-/// length of the UTF-8 blob on SQLite).
-fn usage_sql(kind: Kind, pg: bool, by_member: bool) -> String {
+/// The SQL of a usage query. Bytes are `octet_length`, which reads no content on either
+/// backend (SQLite ≥ 3.43 takes it from the record header, PostgreSQL from the TOAST
+/// header): a recount costs a row, not the row's bytes.
+fn usage_sql(kind: Kind, pg: bool, member: bool) -> String {
     let (table, member_col, weighed, filter) = kind.sql_parts();
-    let len = |c: &str| {
-        if pg {
-            format!("COALESCE(octet_length({c}), 0)")
-        } else {
-            format!("COALESCE(length(CAST({c} AS BLOB)), 0)")
-        }
-    };
+    let len = |c: &str| format!("COALESCE(octet_length({c}), 0)");
     let bytes = if kind == Kind::Files {
         // Rows count until purged; bytes only while the file exists.
         "CASE WHEN deleted_at IS NULL THEN size_bytes ELSE 0 END".to_owned()
@@ -125,18 +120,16 @@ fn usage_sql(kind: Kind, pg: bool, by_member: bool) -> String {
     } else {
         filter.replace("TRUE", "1")
     };
-    if by_member {
-        format!(
-            "SELECT mesh_id, COALESCE({member_col}, '') AS member, CAST(COUNT(*) AS BIGINT) AS rows, \
-             CAST(COALESCE(SUM({bytes}), 0) AS BIGINT) AS bytes FROM {table} \
-             WHERE ({filter}) AND ($1 IS NULL OR mesh_id = $1) GROUP BY mesh_id, {member_col}"
-        )
+    let of_member = if member {
+        format!("AND COALESCE({member_col}, '') = $2")
     } else {
-        format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS rows, CAST(COALESCE(SUM({bytes}), 0) AS BIGINT) AS bytes \
-             FROM {table} WHERE ({filter}) AND mesh_id = $1 AND ($2 IS NULL OR {member_col} = $2)"
-        )
-    }
+        String::new()
+    };
+    format!(
+        "SELECT mesh_id, COALESCE({member_col}, '') AS member, CAST(COUNT(*) AS BIGINT) AS rows, \
+         CAST(COALESCE(SUM({bytes}), 0) AS BIGINT) AS bytes FROM {table} \
+         WHERE ({filter}) AND ($1 IS NULL OR mesh_id = $1) {of_member} GROUP BY mesh_id, {member_col}"
+    )
 }
 
 /// One mesh × member usage row.
@@ -149,18 +142,17 @@ pub struct MemberUsage {
 }
 
 impl Db {
-    /// Usage of `kind` in a mesh, or of one member in it.
-    pub async fn usage(
+    /// Usage of `kind` by one member of a mesh (`""`: rows whose member is unknown).
+    pub async fn usage_of(
         &self,
         kind: Kind,
         mesh_id: &str,
-        member: Option<&str>,
+        member: &str,
     ) -> Result<Usage, StoreError> {
-        let sql = usage_sql(kind, matches!(self, Self::Postgres(_)), false);
-        Ok(
-            with_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(mesh_id).bind(member)
-            .fetch_one(p).await)?,
-        )
+        let sql = usage_sql(kind, matches!(self, Self::Postgres(_)), true);
+        let row: Option<MemberUsage> = with_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(mesh_id).bind(member)
+            .fetch_optional(p).await)?;
+        Ok(row.map_or_else(Usage::default, |r| Usage::new(r.rows, r.bytes)))
     }
 
     /// Usage of `kind` by mesh and member (every mesh, or one).
@@ -169,7 +161,7 @@ impl Db {
         kind: Kind,
         mesh_id: Option<&str>,
     ) -> Result<Vec<MemberUsage>, StoreError> {
-        let sql = usage_sql(kind, matches!(self, Self::Postgres(_)), true);
+        let sql = usage_sql(kind, matches!(self, Self::Postgres(_)), false);
         Ok(
             with_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(mesh_id)
             .fetch_all(p).await)?,
