@@ -165,6 +165,30 @@ pub(crate) async fn set_status(
         ctx.metrics.http_refused.inc(reason);
         reply(code, json!({"ok": false, "error": error}))
     };
+    // The source address first: a flood is refused (slowly, see `ratelimit::TARPIT`)
+    // before its body is parsed.
+    let ip = crate::http::client_ip(&ctx, remote, &headers);
+    let now = Instant::now();
+    let hooks = &ctx.hooks;
+    let by_address = lock(&hooks.by_address).take(addr_key(ip), now);
+    match by_address {
+        Take::Allowed => {}
+        Take::Limited => {
+            crate::ratelimit::tarpit(&ctx.sessions_cancel).await;
+            return refused(
+                "hook_rate_limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limited",
+            );
+        }
+        Take::Full => {
+            return refused(
+                "hook_table_full",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many hook sources; retry later",
+            );
+        }
+    }
     let Ok(hook) = serde_json::from_slice::<StatusHook>(&body) else {
         return reply(
             StatusCode::BAD_REQUEST,
@@ -204,26 +228,6 @@ pub(crate) async fn set_status(
             );
         }
     };
-    let ip = crate::http::client_ip(&ctx, remote, &headers);
-    let now = Instant::now();
-    let hooks = &ctx.hooks;
-    match lock(&hooks.by_address).take(addr_key(ip), now) {
-        Take::Allowed => {}
-        Take::Limited => {
-            return refused(
-                "hook_rate_limited",
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate limited",
-            );
-        }
-        Take::Full => {
-            return refused(
-                "hook_table_full",
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many hook sources; retry later",
-            );
-        }
-    }
     // The reference's key (pid and cwd), within the address.
     let pid = hook.pid.unwrap_or(0.0).to_bits();
     match lock(&hooks.by_key).take((addr_key(ip), pid, cwd_digest(&cwd)), now) {

@@ -91,6 +91,7 @@ async fn webhook(
         != crate::ratelimit::Take::Allowed
     {
         ctx.metrics.http_refused.inc("webhook_rate_limited");
+        crate::ratelimit::tarpit(&ctx.sessions_cancel).await;
         return fail(StatusCode::TOO_MANY_REQUESTS, "rate limited");
     }
     if !crate::ids::plausible_id(&mesh_id) {

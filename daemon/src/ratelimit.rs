@@ -14,6 +14,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// How long a request refused by a per-address limit waits for its answer. A flood's
+/// sender mostly waits for the answer before sending again; answering at once would let
+/// it cost the broker as much as its CPU allows, and with this delay each of its
+/// connections (at most `limits.max_pending_per_address`) sends one request a second.
+/// An honest sender over the limit is told to slow down either way.
+pub(crate) const TARPIT: Duration = Duration::from_secs(1);
+
+/// Waits [`TARPIT`] before a refusal is answered (at once when the broker is stopping).
+pub(crate) async fn tarpit(stopping: &tokio_util::sync::CancellationToken) {
+    tokio::select! {
+        () = stopping.cancelled() => {}
+        () = tokio::time::sleep(TARPIT) => {}
+    }
+}
+
 /// Token bucket (rate 0 = unlimited): `send`s per connection, posts per webhook.
 #[derive(Debug, Clone)]
 pub(crate) struct Bucket {

@@ -78,7 +78,7 @@ impl Bench {
             for i in 0..4 {
                 let t = Arc::new(Tally::default());
                 spawn(
-                    "status-hook flood (new pid, 4 KB cwd)",
+                    "status-hook flood (16 at once, new pid, 4 KB cwd)",
                     Box::pin(hook_flood(addr, i, stop.clone(), t.clone())),
                     t,
                 );
@@ -317,17 +317,27 @@ async fn hook_flood(
     stop: Arc<AtomicBool>,
     t: Arc<Tally>,
 ) -> anyhow::Result<()> {
-    let cwd = format!("/{}", "d".repeat(4000));
-    let from = format!("127.0.2.{}", 10 + i);
-    let mut pid = u64::from(i) << 40;
-    while !stop.load(Ordering::Relaxed) {
-        pid += 1;
-        let body = json!({"cwd": cwd, "status": "working", "pid": pid}).to_string();
-        let code = post_from(&from, addr, "/hook/set-status", &body).await;
-        t.attempts.fetch_add(1, Ordering::Relaxed);
-        if code != 200 {
-            t.refused.fetch_add(1, Ordering::Relaxed);
-        }
+    // 16 posts at a time from one address, each on a new connection.
+    let cwd = Arc::new(format!("/{}", "d".repeat(4000)));
+    let from = Arc::new(format!("127.0.2.{}", 10 + i));
+    let mut posters = Vec::new();
+    for j in 0..16u64 {
+        let (cwd, from, stop, t) = (cwd.clone(), from.clone(), stop.clone(), t.clone());
+        posters.push(tokio::spawn(async move {
+            let mut pid = (u64::from(i) << 40) | (j << 32);
+            while !stop.load(Ordering::Relaxed) {
+                pid += 1;
+                let body = json!({"cwd": *cwd, "status": "working", "pid": pid}).to_string();
+                let code = post_from(&from, addr, "/hook/set-status", &body).await;
+                t.attempts.fetch_add(1, Ordering::Relaxed);
+                if code != 200 {
+                    t.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for p in posters {
+        let _ = p.await;
     }
     Ok(())
 }
