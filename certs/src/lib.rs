@@ -26,8 +26,8 @@ pub use pki::{
     IdentityError, IssueError, OrgCa, PinError, fingerprint_sha256, parse_pin,
 };
 pub use secret::{
-    SecretFileError, check_not_world_accessible, ensure_private_dir, read_secret_file,
-    write_secret_file,
+    SecretFileError, already_exists, check_not_world_accessible, create_secret_file,
+    ensure_private_dir, read_secret_file, write_secret_file,
 };
 pub use trust::{PeerAnchor, PeerCertError, PeerTrust, TrustError};
 

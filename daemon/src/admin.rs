@@ -284,19 +284,21 @@ pub(crate) async fn replica_mesh_row(
         archived_at: None,
     };
     let path = key_path(&ctx.config, &row.id);
-    if !path.exists() {
-        meshd_certs::write_secret_file(&path, owner.to_hex().as_bytes())?;
-    } else {
+    match meshd_certs::create_secret_file(&path, owner.to_hex().as_bytes()) {
+        Ok(()) => {}
+        Err(e) if !meshd_certs::already_exists(&e) => return Err(e.into()),
         // A replica re-created after a failed insert keeps the key already on disk.
-        let text = meshd_certs::read_secret_file(&path)?;
-        let existing = std::str::from_utf8(&text)
-            .ok()
-            .and_then(|t| SecretKey::parse_hex(t.trim()).ok())
-            .ok_or_else(|| AdminError::CorruptKey(path.clone()))?;
-        return Ok(MeshRow {
-            owner_pubkey: existing.public().to_hex(),
-            ..row
-        });
+        Err(_) => {
+            let text = meshd_certs::read_secret_file(&path)?;
+            let existing = std::str::from_utf8(&text)
+                .ok()
+                .and_then(|t| SecretKey::parse_hex(t.trim()).ok())
+                .ok_or_else(|| AdminError::CorruptKey(path.clone()))?;
+            return Ok(MeshRow {
+                owner_pubkey: existing.public().to_hex(),
+                ..row
+            });
+        }
     }
     Ok(row)
 }

@@ -66,6 +66,8 @@ const CONTROL_QUEUE: usize = 256;
 const FLOW_SETTLE: Duration = Duration::from_secs(5);
 /// How often stored consent is re-read (the admin CLI writes it beside the daemon).
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// Every this many reconcile ticks (5 s), accepted offers without a replica are retried.
+const ADOPT_RETRY_TICKS: u64 = 10;
 /// Presence updates waiting for one link (one per session and mesh); beyond, the peer
 /// is not reading and the link starts over.
 const PRESENCE_PENDING: usize = 65_536;
@@ -568,6 +570,8 @@ pub(crate) struct Fed {
     /// Per peer, the pending expiry of a lost link's presences (see
     /// `schedule_presence_expiry`).
     expiries: Mutex<HashMap<String, (CancellationToken, HashSet<String>)>>,
+    /// Held while a replica is adopted (see `adopt_offer`).
+    adopting: tokio::sync::Mutex<()>,
     /// Test hooks handed to the link manager (none in production).
     hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
     /// Per peer: since when the manager's current link has had no handler registered
@@ -649,6 +653,7 @@ impl Fed {
             hooks,
             unregistered_since: Mutex::default(),
             expiries: Mutex::default(),
+            adopting: tokio::sync::Mutex::new(()),
         });
         Ok((fed, ep))
     }
@@ -1127,11 +1132,13 @@ impl Fed {
     async fn reconcile_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            n += 1;
             match self.reload_consent().await {
                 Ok(true) => {
                     self.apply_pending_offers().await;
@@ -1139,6 +1146,11 @@ impl Fed {
                     for l in links {
                         self.reconcile_link(&l).await;
                     }
+                }
+                // An accepted offer whose replica could not be made (a store or disk
+                // error) is tried again every few seconds, not only when consent changes.
+                Ok(false) if n.is_multiple_of(ADOPT_RETRY_TICKS) => {
+                    self.apply_pending_offers().await;
                 }
                 Ok(false) => {}
                 Err(e) => warn!(cause = %e, "reloading federation consent"),
@@ -1251,11 +1263,14 @@ impl Fed {
         }
     }
 
-    /// Creates or updates the replica described by an accepted offer.
+    /// Creates or updates the replica described by an accepted offer. One at a time:
+    /// the link that receives an offer and the reconcile loop that sees its acceptance
+    /// may both adopt it at once.
     async fn adopt_offer(&self, home: &str, offer: &MeshOffer) {
         let Some(ctx) = self.ctx() else {
             return;
         };
+        let _one = self.adopting.lock().await;
         let roster = serde_json::to_string(&offer.roster).unwrap_or_else(|_| "[]".into());
         let known = lock(&self.consent)
             .replicas
@@ -1814,7 +1829,10 @@ impl Fed {
                         other => return Err(protocol_error(&other, "messages reply")),
                     }
                 }
-                Ok::<(), LinkError>(())
+                // Acks stop for good: the link cannot carry messages any more.
+                Err::<(), LinkError>(LinkError::Io(
+                    "the peer finished the reply half of the messages stream".into(),
+                ))
             }
         };
         let sender = async {

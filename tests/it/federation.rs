@@ -2159,12 +2159,13 @@ async fn simultaneous_dial_case(winner_first: bool, share_after: bool) -> anyhow
     assert_eq!(link["linkId"], link["servedLinkId"], "{st}");
     // A member enrolled now is announced over W's messages stream.
     let alice = a.enroll(&mesh, "alice").await?;
-    let mut messages = loop {
+    // (The reply half is kept: a peer that finishes it ends the link.)
+    let (mut messages, _reply) = loop {
         let s = tokio::time::timeout(meshd_tests::patience(), w_link.conn.accept_stream())
             .await
             .context("A never opened its messages stream")??;
         if s.class == StreamClass::Messages {
-            break s.rx;
+            break (s.rx, s.tx);
         }
     };
     let want = alice.keys.public_hex();
