@@ -185,6 +185,20 @@ impl Endpoint {
         addr: SocketAddr,
         hello: Hello,
     ) -> Result<Link, LinkError> {
+        self.dial_with(peer, addr, move || hello).await
+    }
+
+    /// [`Self::dial`] with the hello made once the QUIC handshake is done (just before it
+    /// is sent), so it describes the state of that moment, not of the dial's start.
+    ///
+    /// # Errors
+    /// [`LinkError`].
+    pub async fn dial_with(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+        hello: impl FnOnce() -> Hello + Send,
+    ) -> Result<Link, LinkError> {
         tokio::time::timeout(
             self.opts.handshake_timeout,
             self.dial_inner(peer, addr, hello),
@@ -197,7 +211,7 @@ impl Endpoint {
         &self,
         peer: &str,
         addr: SocketAddr,
-        hello: Hello,
+        hello: impl FnOnce() -> Hello + Send,
     ) -> Result<Link, LinkError> {
         let tls = self
             .trust
@@ -234,6 +248,7 @@ impl Endpoint {
             tx: FrameWriter::new(send, self.opts.max_frame_bytes),
             rx: FrameReader::new(recv, self.opts.max_frame_bytes),
         };
+        let hello = hello();
         control
             .tx
             .send(&Frame::Hello(hello.clone()))

@@ -465,7 +465,13 @@ impl Manager {
             }
             match self
                 .ep
-                .dial(&target.name, addr, self.handler.hello(&target.name))
+                .dial_with(&target.name, addr, || {
+                    let mut hello = self.handler.hello(&target.name);
+                    if self.is_up(&target.name) {
+                        hello.caps.push(fed::CAP_HAS_LINK.to_owned());
+                    }
+                    hello
+                })
                 .await
             {
                 Ok(link) => return Ok(link),
@@ -504,6 +510,19 @@ impl Manager {
                 link.close(CloseReason::NotConfigured);
                 return;
             };
+            // A late dial of a broker that had a link by the time it said hello: both
+            // sides close it, whatever they hold themselves (so they always agree), and
+            // keep the link that made it late (see `fed::CAP_HAS_LINK`).
+            let dialer_hello = if link.dialer {
+                &link.hello
+            } else {
+                &link.peer_hello
+            };
+            if dialer_hello.caps.iter().any(|c| c == fed::CAP_HAS_LINK) {
+                debug!(peer = %peer, "late dial while a link serves; closed");
+                link.close(CloseReason::Duplicate);
+                return;
+            }
             if let Some(old) = &slot.active {
                 // Of two connections made at once, keep the one dialed by the broker whose
                 // name sorts first (both sides decide alike); otherwise the newer (the

@@ -62,6 +62,12 @@ pub struct MeshClaim {
     pub mesh_id: String,
 }
 
+/// Capability a dialer puts in its hello when it already has a link to the peer (a dial
+/// begun before that link came up, completing after it): both sides then close the new
+/// connection, whatever they hold, and keep the serving link, instead of letting the
+/// tie-break replace it and lose what was in flight on it.
+pub const CAP_HAS_LINK: &str = "has_link";
+
 /// First frame on the control stream, both ways.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {

@@ -2125,16 +2125,39 @@ async fn simultaneous_dial_case(winner_first: bool, share_after: bool) -> anyhow
     if !share_after {
         admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
     }
-    // A dialed B at start: its connection waits in B's queue. B dials A meanwhile.
+    // A dialed B at start: B takes the handshake and A's hello (sent before A had any
+    // link), but holds its own hello back. B dials A meanwhile (from a second endpoint
+    // with its certificate) and A adopts that link; then B answers the first.
     let incoming = tokio::time::timeout(meshd_tests::patience(), ep_b.incoming())
         .await?
         .context("A never dialed")?;
-    let l_link = ep_b
+    let (got_hello, hello_seen) = tokio::sync::oneshot::channel::<()>();
+    let (answer, answered) = std::sync::mpsc::channel::<()>();
+    let accepting = {
+        let hello = b_hello(&mesh.mesh_id);
+        tokio::spawn(async move {
+            let link = ep_b
+                .accept(incoming, move |_| {
+                    let _ = got_hello.send(());
+                    tokio::task::block_in_place(|| answered.recv().ok());
+                    hello
+                })
+                .await;
+            (ep_b, link)
+        })
+    };
+    tokio::time::timeout(meshd_tests::patience(), hello_seen)
+        .await
+        .context("A never said hello")??;
+    let ep_b2 = fake_b(&oa, &ob)?;
+    let l_link = ep_b2
         .dial(A, a.quic.context("quic")?, b_hello(&mesh.mesh_id))
         .await?;
     let l = next_held(&mut events).await?;
     assert!(!l.dialer, "B's connection is adopted first");
-    let w_link = ep_b.accept(incoming, |_| b_hello(&mesh.mesh_id)).await?;
+    answer.send(())?;
+    let (_ep_b, w_link) = accepting.await?;
+    let w_link = w_link?;
     let w = next_held(&mut events).await?;
     assert!(w.dialer && w.id > l.id, "A's connection replaces it");
     if winner_first {
@@ -2206,6 +2229,59 @@ async fn simultaneous_dial_in_every_order() -> anyhow::Result<()> {
                 })?;
         }
     }
+    Ok(())
+}
+
+/// A dial that completes after the dialer already has a link (begun before that link
+/// came up: brokers started together) says so in its hello; A closes it and keeps the
+/// serving link, whose in-flight frames a replacement would have lost. Without the
+/// capability, a second connection from the same peer replaces the first (the peer
+/// lost it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_dial_never_replaces_a_serving_link() -> anyhow::Result<()> {
+    let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
+    let a = start(&oa, A, None, vec![ob.peer(B, Some("127.0.0.1:9".parse()?))]).await?;
+    let mesh = a.create_mesh("late").await?;
+    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+    let (ep, first) = play_b(&a, &oa, &ob, &mesh.mesh_id).await?;
+    let serving = fed::wait_link(a.addr, B, "served", |l| l["servedLinkId"].is_u64()).await?;
+    let first_id = serving["servedLinkId"].clone();
+
+    let mut hello = b_hello(&mesh.mesh_id);
+    hello.caps.push(wire::CAP_HAS_LINK.to_owned());
+    if let Ok(late) = ep.dial(A, a.quic.context("quic")?, hello).await {
+        tokio::time::timeout(meshd_tests::patience(), late.conn.conn.closed())
+            .await
+            .context("the late connection was kept")?;
+        assert_eq!(
+            meshd_federation::link::close_reason_of(&late.conn.conn),
+            Some(wire::CloseReason::Duplicate)
+        );
+    }
+    assert!(
+        first.conn.conn.close_reason().is_none(),
+        "the serving link was closed"
+    );
+    let st = fed::status(a.addr).await?;
+    let link = fed::link(&st, B).context("link")?;
+    assert_eq!(
+        (&link["linkId"], &link["servedLinkId"]),
+        (&first_id, &first_id),
+        "{st}"
+    );
+
+    // A peer that lost its link dials without it: the new connection takes over.
+    let again = ep
+        .dial(A, a.quic.context("quic")?, b_hello(&mesh.mesh_id))
+        .await?;
+    fed::wait_link(a.addr, B, "replaced", |l| {
+        l["servedLinkId"].is_u64() && l["servedLinkId"] != first_id
+    })
+    .await?;
+    tokio::time::timeout(meshd_tests::patience(), first.conn.conn.closed())
+        .await
+        .context("the replaced link stayed open")?;
+    drop(again);
     Ok(())
 }
 
