@@ -176,6 +176,7 @@ impl Daemon {
         let (writer, task) = store::writer::channel(
             conn,
             (config.storage.backend.clone(), config.storage.durability),
+            db.write_gate(),
             config.storage.max_batch * 4,
             config.storage.max_batch,
             config.limits.outbound_queue_bytes.saturating_mul(4),

@@ -44,7 +44,7 @@ both! {
         // Someone edits a stored entry: verification names it.
         let edit = "UPDATE audit_log SET payload = '{\"key\":\"innocent\"}' WHERE mesh_id = $1 AND event_type = 'state_set'";
         match &broker.db {
-            meshd::store::Db::Sqlite(p) => sqlx::query(edit).bind(&mesh.mesh_id).execute(p).await.map(drop)?,
+            meshd::store::Db::Sqlite(p, _) => sqlx::query(edit).bind(&mesh.mesh_id).execute(p).await.map(drop)?,
             meshd::store::Db::Postgres(p) => sqlx::query(edit).bind(&mesh.mesh_id).execute(p).await.map(drop)?,
         }
         let bad = a.request(json!({"type": "audit_verify"})).await?;

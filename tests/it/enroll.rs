@@ -140,7 +140,7 @@ both! {
         // Expire the invite in the store (its stored expiry is authoritative).
         let expired = broker.invite(&mesh.slug, Role::Member, 10).await?;
         match &broker.db {
-            meshd::store::Db::Sqlite(p) => {
+            meshd::store::Db::Sqlite(p, _) => {
                 sqlx::query("UPDATE invite SET expires_at = 1 WHERE token = $1").bind(&expired.token).execute(p).await?;
             }
             meshd::store::Db::Postgres(p) => {

@@ -1155,7 +1155,7 @@ async fn outbox_positions_survive_sweeps_and_restarts() -> anyhow::Result<()> {
         alice_c.close().await;
         let count = |db: meshd::store::Db, sql: &'static str| async move {
             match &db {
-                meshd::store::Db::Sqlite(p) => {
+                meshd::store::Db::Sqlite(p, _) => {
                     sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.ok()
                 }
                 meshd::store::Db::Postgres(p) => {

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 /// Runs one statement on a store (to move a schedule's fire time).
 async fn exec(db: &meshd::store::Db, sql: &'static str, id: &str, at: i64) -> anyhow::Result<()> {
     match db {
-        meshd::store::Db::Sqlite(p) => {
+        meshd::store::Db::Sqlite(p, _) => {
             sqlx::query(sql).bind(at).bind(id).execute(p).await?;
         }
         meshd::store::Db::Postgres(p) => {
@@ -94,7 +94,7 @@ both! {
         let deadline = tokio::time::Instant::now() + meshd_tests::client::patience();
         loop {
             let n: i64 = match &broker.db {
-                meshd::store::Db::Sqlite(p) => sqlx::query_scalar("SELECT COUNT(*) FROM message WHERE subtype = 'reminder' AND target_key = $1").bind(&cy_key).fetch_one(p).await?,
+                meshd::store::Db::Sqlite(p, _) => sqlx::query_scalar("SELECT COUNT(*) FROM message WHERE subtype = 'reminder' AND target_key = $1").bind(&cy_key).fetch_one(p).await?,
                 meshd::store::Db::Postgres(p) => sqlx::query_scalar("SELECT COUNT(*) FROM message WHERE subtype = 'reminder' AND target_key = $1").bind(&cy_key).fetch_one(p).await?,
             };
             if n == 1 {

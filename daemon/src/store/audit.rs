@@ -84,7 +84,7 @@ impl Db {
         if rows.is_empty() {
             return Ok(());
         }
-        with_db!(self, p => async {
+        with_db_write!(self, p => async {
             let mut tx = p.begin().await?;
             for r in rows {
                 sqlx::query(SQL).bind(&r.mesh_id).bind(r.seq).bind(&r.event_type)

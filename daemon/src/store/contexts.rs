@@ -41,7 +41,7 @@ impl Db {
                            ON CONFLICT (mesh_id, member_id) DO UPDATE SET peer_name = excluded.peer_name, \
                              summary = excluded.summary, files_read = excluded.files_read, \
                              key_findings = excluded.key_findings, tags = excluded.tags, updated_at = excluded.updated_at";
-        with_db!(self, p => sqlx::query(SQL).bind(&c.mesh_id).bind(&c.member_id).bind(&c.peer_name)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&c.mesh_id).bind(&c.member_id).bind(&c.peer_name)
             .bind(&c.summary).bind(&c.files_read).bind(&c.key_findings).bind(&c.tags).bind(c.updated_at)
             .execute(p).await.map(drop))?;
         Ok(())
@@ -55,7 +55,7 @@ impl Db {
                              summary = excluded.summary, files_read = excluded.files_read, \
                              key_findings = excluded.key_findings, tags = excluded.tags, updated_at = excluded.updated_at \
                            WHERE context.updated_at < excluded.updated_at";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(&c.mesh_id).bind(&c.member_id).bind(&c.peer_name)
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(&c.mesh_id).bind(&c.member_id).bind(&c.peer_name)
             .bind(&c.summary).bind(&c.files_read).bind(&c.key_findings).bind(&c.tags).bind(c.updated_at)
             .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)

@@ -134,7 +134,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO fed_share (mesh_id, peer, role, created_at) VALUES ($1, $2, $3, $4) \
                            ON CONFLICT (mesh_id, peer) DO NOTHING";
-        with_db!(self, p => sqlx::query(SQL).bind(mesh_id).bind(peer).bind(role.as_str()).bind(now)
+        with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(peer).bind(role.as_str()).bind(now)
             .execute(p).await.map(drop))?;
         Ok(())
     }
@@ -142,7 +142,7 @@ impl Db {
     /// Withdraws a consent. Returns whether one existed.
     pub async fn delete_share(&self, mesh_id: &str, peer: &str) -> Result<bool, StoreError> {
         const SQL: &str = "DELETE FROM fed_share WHERE mesh_id = $1 AND peer = $2";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(mesh_id).bind(peer).execute(p).await
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(peer).execute(p).await
             .map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
@@ -165,7 +165,7 @@ impl Db {
                                 VALUES ($1, $2, $3, $4, $5, $6, NULL) ON CONFLICT (id) DO NOTHING";
         const REPLICA_SQL: &str = "INSERT INTO fed_replica (mesh_id, home_broker, roster) VALUES ($1, $2, $3) \
                                    ON CONFLICT (mesh_id) DO UPDATE SET home_broker = excluded.home_broker, roster = excluded.roster";
-        with_db!(self, p => async {
+        with_db_write!(self, p => async {
             let mut tx = p.begin().await?;
             sqlx::query(MESH_SQL).bind(&mesh.id).bind(&mesh.name).bind(&mesh.slug)
                 .bind(&mesh.owner_pubkey).bind(&mesh.root_key).bind(mesh.created_at)
@@ -246,7 +246,7 @@ impl Db {
                 return Ok(MemberUpsert::Forged);
             }
             let revoked_now = ann.revoked && existing.revoked_at.is_none();
-            with_db!(self, p => sqlx::query(UPDATE_SQL).bind(&ann.display_name).bind(&ann.role)
+            with_db_write!(self, p => sqlx::query(UPDATE_SQL).bind(&ann.display_name).bind(&ann.role)
                 .bind(ann.revoked).bind(now).bind(mesh_id).bind(&ann.pubkey).bind(peer)
                 .execute(p).await.map(drop))?;
             return Ok(MemberUpsert::Applied {
@@ -255,7 +255,7 @@ impl Db {
             });
         }
         let revoked_at = ann.revoked.then_some(now);
-        with_db!(self, p => sqlx::query(INSERT_SQL).bind(&ann.member_id).bind(mesh_id).bind(&ann.pubkey)
+        with_db_write!(self, p => sqlx::query(INSERT_SQL).bind(&ann.member_id).bind(mesh_id).bind(&ann.pubkey)
             .bind(&ann.display_name).bind(&ann.role).bind(now).bind(revoked_at).bind(peer)
             .execute(p).await.map(drop))?;
         // A lost race with another insert of the same key: judge what is stored now.

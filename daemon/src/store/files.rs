@@ -70,7 +70,7 @@ impl Db {
         );
         const KEY_SQL: &str = "INSERT INTO file_key (file_id, peer_pubkey, sealed_key, granted_at, granted_by) VALUES ($1, $2, $3, $4, $5) \
                                ON CONFLICT (file_id, peer_pubkey) DO UPDATE SET sealed_key = excluded.sealed_key, granted_at = excluded.granted_at, granted_by = excluded.granted_by";
-        with_db!(self, p => async {
+        with_db_write!(self, p => async {
             let mut tx = p.begin().await?;
             sqlx::query(SQL).bind(&f.id).bind(&f.mesh_id).bind(&f.name).bind(f.size_bytes).bind(&f.mime_type)
                 .bind(&f.sha256).bind(&f.tags).bind(f.persistent).bind(f.encrypted).bind(&f.owner_pubkey)
@@ -155,7 +155,7 @@ impl Db {
                expires_at = excluded.expires_at, deleted_at = excluded.deleted_at \
              WHERE file.home_broker = excluded.home_broker AND file.mesh_id = excluded.mesh_id"
         );
-        with_db!(self, p => sqlx::query(SQL).bind(&f.id).bind(&f.mesh_id).bind(&f.name).bind(f.size_bytes).bind(&f.mime_type)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&f.id).bind(&f.mesh_id).bind(&f.name).bind(f.size_bytes).bind(&f.mime_type)
             .bind(&f.sha256).bind(&f.tags).bind(f.persistent).bind(f.encrypted).bind(&f.owner_pubkey)
             .bind(&f.uploader_member_id).bind(&f.uploaded_by_name).bind(&f.target_spec).bind(f.uploaded_at)
             .bind(f.expires_at).bind(&f.home_broker).bind(&f.uploader_pubkey).bind(deleted_at)
@@ -173,7 +173,7 @@ impl Db {
         now: i64,
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE file SET deleted_at = $1 WHERE id = $2 AND mesh_id = $3 AND home_broker = $4 AND deleted_at IS NULL";
-        with_db!(self, p => sqlx::query(SQL).bind(now).bind(id).bind(mesh_id).bind(broker).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(SQL).bind(now).bind(id).bind(mesh_id).bind(broker).execute(p).await.map(drop))?;
         Ok(())
     }
 
@@ -185,7 +185,7 @@ impl Db {
         now: i64,
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE file SET deleted_at = $1 WHERE mesh_id = $2 AND home_broker = $3 AND deleted_at IS NULL";
-        with_db!(self, p => sqlx::query(SQL).bind(now).bind(mesh_id).bind(broker).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(SQL).bind(now).bind(mesh_id).bind(broker).execute(p).await.map(drop))?;
         Ok(())
     }
 
@@ -198,7 +198,7 @@ impl Db {
         at: i64,
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO file_access (file_id, peer_pubkey, peer_name, accessed_at) VALUES ($1, $2, $3, $4)";
-        with_db!(self, p => sqlx::query(SQL).bind(file_id).bind(peer_pubkey).bind(peer_name).bind(at)
+        with_db_write!(self, p => sqlx::query(SQL).bind(file_id).bind(peer_pubkey).bind(peer_name).bind(at)
             .execute(p).await.map(drop))?;
         Ok(())
     }
@@ -236,7 +236,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO file_key (file_id, peer_pubkey, sealed_key, granted_at, granted_by) VALUES ($1, $2, $3, $4, $5) \
                            ON CONFLICT (file_id, peer_pubkey) DO UPDATE SET sealed_key = excluded.sealed_key, granted_at = excluded.granted_at, granted_by = excluded.granted_by";
-        with_db!(self, p => sqlx::query(SQL).bind(file_id).bind(peer_pubkey).bind(sealed_key).bind(at).bind(by)
+        with_db_write!(self, p => sqlx::query(SQL).bind(file_id).bind(peer_pubkey).bind(sealed_key).bind(at).bind(by)
             .execute(p).await.map(drop))?;
         Ok(())
     }
@@ -247,9 +247,9 @@ impl Db {
         const SQL: &str = "UPDATE file SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL";
         const KEYS: &str = "DELETE FROM file_key WHERE file_id = $1";
         const LOG: &str = "DELETE FROM file_access WHERE file_id = $1";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(at).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
-        with_db!(self, p => sqlx::query(KEYS).bind(id).execute(p).await.map(drop))?;
-        with_db!(self, p => sqlx::query(LOG).bind(id).execute(p).await.map(drop))?;
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(at).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        with_db_write!(self, p => sqlx::query(KEYS).bind(id).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(LOG).bind(id).execute(p).await.map(drop))?;
         Ok(n > 0)
     }
 
@@ -259,9 +259,9 @@ impl Db {
         const FIND: &str = "SELECT mesh_id, id FROM file WHERE home_broker IS NULL AND expires_at IS NOT NULL AND expires_at <= $1 AND deleted_at IS NULL LIMIT 1000";
         const MARK: &str = "UPDATE file SET deleted_at = $1 WHERE id = $2";
         let rows: Vec<(String, String)> =
-            with_db!(self, p => sqlx::query_as(FIND).bind(now).fetch_all(p).await)?;
+            with_db_write!(self, p => sqlx::query_as(FIND).bind(now).fetch_all(p).await)?;
         for (_, id) in &rows {
-            with_db!(self, p => sqlx::query(MARK).bind(now).bind(id).execute(p).await.map(drop))?;
+            with_db_write!(self, p => sqlx::query(MARK).bind(now).bind(id).execute(p).await.map(drop))?;
             self.delete_file(id, now).await?;
         }
         Ok(rows)

@@ -32,7 +32,7 @@ impl Db {
                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL) \
                            ON CONFLICT (mesh_id, name) DO UPDATE SET member_id = excluded.member_id, member_pubkey = excluded.member_pubkey, \
                            hosted_by = excluded.hosted_by, description = excluded.description, tools = excluded.tools, registered_at = excluded.registered_at, offline_since = NULL";
-        with_db!(self, p => sqlx::query(SQL).bind(&r.mesh_id).bind(&r.name).bind(&r.member_id).bind(&r.member_pubkey)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&r.mesh_id).bind(&r.name).bind(&r.member_id).bind(&r.member_pubkey)
             .bind(&r.hosted_by).bind(&r.description).bind(&r.tools).bind(r.registered_at)
             .execute(p).await.map(drop))?;
         Ok(())
@@ -41,7 +41,7 @@ impl Db {
     /// Deletes a registration (a no-op when it was not persistent).
     pub async fn delete_mcp_server(&self, mesh_id: &str, name: &str) -> Result<(), StoreError> {
         const SQL: &str = "DELETE FROM mcp_server WHERE mesh_id = $1 AND name = $2";
-        with_db!(self, p => sqlx::query(SQL).bind(mesh_id).bind(name).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(name).execute(p).await.map(drop))?;
         Ok(())
     }
 
@@ -54,7 +54,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str =
             "UPDATE mcp_server SET offline_since = $1 WHERE mesh_id = $2 AND name = $3";
-        with_db!(self, p => sqlx::query(SQL).bind(since).bind(mesh_id).bind(name).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(SQL).bind(since).bind(mesh_id).bind(name).execute(p).await.map(drop))?;
         Ok(())
     }
 

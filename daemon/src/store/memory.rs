@@ -32,7 +32,7 @@ impl Db {
     pub async fn remember(&self, m: &MemoryRow) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO memory (id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at) \
                            VALUES ($1, $2, $3, $4, $5, $6, $7)";
-        with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
             .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at)
             .execute(p).await.map(drop))?;
         Ok(())
@@ -53,7 +53,7 @@ impl Db {
             return Ok(Vec::new());
         };
         Ok(match self {
-            Self::Sqlite(p) => {
+            Self::Sqlite(p, _) => {
                 sqlx::query_as(SQLITE)
                     .bind(q)
                     .bind(mesh_id)
@@ -96,7 +96,7 @@ impl Db {
                            SELECT $1, $2, $3, $4, $5, $6, $7 \
                            WHERE (SELECT COUNT(*) FROM memory WHERE mesh_id = $2) < $8 \
                            ON CONFLICT (id) DO NOTHING";
-        with_db!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&m.id).bind(&m.mesh_id).bind(&m.content).bind(&m.tags)
             .bind(&m.remembered_by).bind(&m.remembered_by_name).bind(m.remembered_at).bind(MAX_MEMORIES_PER_MESH)
             .execute(p).await.map(drop))?;
         if let Some(at) = forgotten_at {
@@ -159,7 +159,7 @@ impl Db {
                            WHERE mesh_id = $2 AND id = $3 AND forgotten_at IS NULL \
                            RETURNING COALESCE(remembered_by, '')";
         Ok(
-            with_db!(self, p => sqlx::query_scalar(SQL).bind(now).bind(mesh_id).bind(id)
+            with_db_write!(self, p => sqlx::query_scalar(SQL).bind(now).bind(mesh_id).bind(id)
             .fetch_optional(p).await)?,
         )
     }

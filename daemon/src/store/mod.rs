@@ -51,17 +51,41 @@ pub enum StoreError {
 /// A pool on one of the two backends.
 #[derive(Debug, Clone)]
 pub enum Db {
-    /// Embedded SQLite.
-    Sqlite(SqlitePool),
+    /// Embedded SQLite, and the gate its writers take turns through.
+    Sqlite(SqlitePool, WriteGate),
     /// PostgreSQL.
     Postgres(PgPool),
 }
+
+/// SQLite has one writer at a time, and a writer that finds the database locked polls
+/// (its busy handler sleeps 1 ms, 2 ms, … 100 ms between tries): under a steady stream
+/// of store-writer batches a write from elsewhere (an audit batch, a note, a task) could
+/// find it locked at every try and fail after `busy_timeout`. Every write of this
+/// process takes this gate first — the store writer per batch, the others per statement
+/// or transaction — and the gate is fair (first come, first served), so each waits for
+/// the writes queued before it, never indefinitely. (Another process, the admin CLI,
+/// still meets the busy handler; its writes are rare.)
+pub type WriteGate = std::sync::Arc<tokio::sync::Mutex<()>>;
 
 /// Expands `$body` once per backend with `$p` bound to the pool (or connection).
 macro_rules! with_db {
     ($db:expr, $p:ident => $body:expr) => {
         match $db {
-            $crate::store::Db::Sqlite($p) => $body,
+            $crate::store::Db::Sqlite($p, _) => $body,
+            $crate::store::Db::Postgres($p) => $body,
+        }
+    };
+}
+
+/// [`with_db!`] for writes: on SQLite, `$body` runs holding the [`WriteGate`]. `$body`
+/// must not call another write of the store (the gate is not reentrant).
+macro_rules! with_db_write {
+    ($db:expr, $p:ident => $body:expr) => {
+        match $db {
+            $crate::store::Db::Sqlite($p, gate) => {
+                let _turn = gate.lock().await;
+                $body
+            }
             $crate::store::Db::Postgres($p) => $body,
         }
     };
@@ -236,7 +260,7 @@ impl Db {
                     .connect_with(sqlite_options(path, durability))
                     .await?;
                 SQLITE_MIGRATOR.run(&pool).await?;
-                Ok(Self::Sqlite(pool))
+                Ok(Self::Sqlite(pool, WriteGate::default()))
             }
             Backend::Postgres { url } => {
                 let pool = PgPoolOptions::new()
@@ -253,7 +277,7 @@ impl Db {
 
     /// Closes the pool (and, for SQLite, folds the WAL back into the database file).
     pub async fn close(&self) {
-        if let Self::Sqlite(pool) = self {
+        if let Self::Sqlite(pool, _) = self {
             let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(pool)
                 .await;
@@ -264,7 +288,7 @@ impl Db {
     /// Copies committed WAL frames into the SQLite database file without blocking the
     /// writer (a no-op on PostgreSQL).
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        if let Self::Sqlite(pool) = self {
+        if let Self::Sqlite(pool, _) = self {
             sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                 .execute(pool)
                 .await?;
@@ -278,10 +302,18 @@ impl Db {
         Ok(())
     }
 
+    /// SQLite's [`WriteGate`] (`None` on PostgreSQL, which has row locks).
+    pub fn write_gate(&self) -> Option<WriteGate> {
+        match self {
+            Self::Sqlite(_, gate) => Some(gate.clone()),
+            Self::Postgres(_) => None,
+        }
+    }
+
     /// Which backend, for logs and `/health`.
     pub const fn kind(&self) -> &'static str {
         match self {
-            Self::Sqlite(_) => "sqlite",
+            Self::Sqlite(..) => "sqlite",
             Self::Postgres(_) => "postgres",
         }
     }
@@ -292,7 +324,7 @@ impl Db {
     pub async fn insert_mesh(&self, m: &MeshRow) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO mesh (id, name, slug, owner_pubkey, root_key, created_at, archived_at) \
                            VALUES ($1, $2, $3, $4, $5, $6, $7)";
-        with_db!(self, p => sqlx::query(SQL)
+        with_db_write!(self, p => sqlx::query(SQL)
             .bind(&m.id).bind(&m.name).bind(&m.slug).bind(&m.owner_pubkey)
             .bind(&m.root_key).bind(m.created_at).bind(m.archived_at)
             .execute(p).await.map(drop))?;
@@ -312,7 +344,7 @@ impl Db {
             "INSERT INTO mesh_template (mesh_id, template, definition) VALUES ($1, $2, $3)";
         const STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by, updated_at) \
                                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (mesh_id, key) DO NOTHING";
-        with_db!(self, p => async {
+        with_db_write!(self, p => async {
             let mut tx = p.begin().await?;
             sqlx::query(TEMPLATE_SQL).bind(mesh_id).bind(template).bind(definition)
                 .execute(&mut *tx).await?;
@@ -381,7 +413,7 @@ impl Db {
         const SQL: &str = "UPDATE member SET revoked_at = $1 \
                            WHERE mesh_id = $2 AND (id = $3 OR pubkey = $4) AND revoked_at IS NULL \
                            RETURNING id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, home_broker";
-        Ok(with_db!(self, p => sqlx::query_as(SQL)
+        Ok(with_db_write!(self, p => sqlx::query_as(SQL)
             .bind(now).bind(mesh_id).bind(id_or_pubkey).bind(id_or_pubkey.to_ascii_lowercase())
             .fetch_optional(p).await)?)
     }
@@ -405,7 +437,7 @@ impl Db {
     pub async fn insert_invite(&self, i: &InviteRow) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO invite (id, mesh_id, token, role, max_uses, used_count, expires_at, created_at, revoked_at) \
                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-        with_db!(self, p => sqlx::query(SQL)
+        with_db_write!(self, p => sqlx::query(SQL)
             .bind(&i.id).bind(&i.mesh_id).bind(&i.token).bind(&i.role).bind(i.max_uses)
             .bind(i.used_count).bind(i.expires_at).bind(i.created_at).bind(i.revoked_at)
             .execute(p).await.map(drop))?;

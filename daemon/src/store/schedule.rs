@@ -54,7 +54,7 @@ impl Db {
         const SQL: &str = "INSERT INTO scheduled_message (id, mesh_id, member_id, member_pubkey, sender_pubkey, sender_name, target_spec, message, cron, next_at, fired_count, created_at, subtype) \
                            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $13 \
                            WHERE (SELECT COUNT(*) FROM scheduled_message WHERE mesh_id = $2 AND member_id = $3 AND next_at IS NOT NULL) < $12";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(&r.id).bind(&r.mesh_id).bind(&r.member_id)
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(&r.id).bind(&r.mesh_id).bind(&r.member_id)
             .bind(&r.member_pubkey).bind(&r.sender_pubkey).bind(&r.sender_name).bind(&r.target_spec)
             .bind(&r.message).bind(&r.cron).bind(r.next_at).bind(r.created_at).bind(MAX_PENDING_PER_MEMBER)
             .bind(&r.subtype)
@@ -89,7 +89,7 @@ impl Db {
     ) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE scheduled_message SET next_at = NULL, cancelled = 1 \
                            WHERE id = $1 AND mesh_id = $2 AND member_id = $3 AND next_at IS NOT NULL";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(id).bind(mesh_id).bind(member_id)
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(id).bind(mesh_id).bind(member_id)
             .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
@@ -98,7 +98,7 @@ impl Db {
     pub async fn cancel_schedule_by_id(&self, id: &str) -> Result<(), StoreError> {
         const SQL: &str =
             "UPDATE scheduled_message SET next_at = NULL, cancelled = 1 WHERE id = $1";
-        with_db!(self, p => sqlx::query(SQL).bind(id).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(SQL).bind(id).execute(p).await.map(drop))?;
         Ok(())
     }
 
@@ -134,7 +134,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE scheduled_message SET next_at = $1, fired_count = fired_count + 1, fired_at = $2 \
                            WHERE id = $3 AND next_at = $4";
-        with_db!(self, p => sqlx::query(SQL).bind(next).bind(now).bind(id).bind(was)
+        with_db_write!(self, p => sqlx::query(SQL).bind(next).bind(now).bind(id).bind(was)
             .execute(p).await.map(drop))?;
         Ok(())
     }

@@ -53,13 +53,13 @@ impl Db {
                              updated_at = excluded.updated_at, author_member_id = excluded.author_member_id \
                            WHERE skill.updated_at <= excluded.updated_at";
         let others: i64 =
-            with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&s.mesh_id).bind(&s.name)
+            with_db_write!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&s.mesh_id).bind(&s.name)
             .fetch_one(p).await)
             .map_err(StoreError::from)?;
         if others >= MAX_SKILLS_PER_MESH {
             return Err(SkillError::Full);
         }
-        let n = with_db!(self, p => sqlx::query(SQL).bind(&s.mesh_id).bind(&s.name).bind(&s.description)
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(&s.mesh_id).bind(&s.name).bind(&s.description)
             .bind(&s.instructions).bind(&s.tags).bind(&s.author).bind(s.created_at).bind(s.updated_at)
             .bind(author_member).execute(p).await.map(|r| r.rows_affected())).map_err(StoreError::from)?;
         Ok(n > 0)
@@ -93,7 +93,7 @@ impl Db {
         const SQL: &str = "DELETE FROM skill WHERE mesh_id = $1 AND name = $2 AND updated_at <= $3 \
                            RETURNING COALESCE(author_member_id, '')";
         Ok(
-            with_db!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(name).bind(at)
+            with_db_write!(self, p => sqlx::query_scalar(SQL).bind(mesh_id).bind(name).bind(at)
             .fetch_optional(p).await)?,
         )
     }

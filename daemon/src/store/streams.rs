@@ -34,20 +34,19 @@ impl Db {
                            VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (mesh_id, name) DO NOTHING";
         const GET_SQL: &str = "SELECT id, mesh_id, name, created_by, created_at FROM stream \
                                WHERE mesh_id = $1 AND name = $2";
-        let existing: Option<StreamRow> = with_db!(self, p => sqlx::query_as(GET_SQL)
+        let existing: Option<StreamRow> = with_db_write!(self, p => sqlx::query_as(GET_SQL)
             .bind(&s.mesh_id).bind(&s.name).fetch_optional(p).await)?;
         if existing.is_some() {
             return Ok(existing);
         }
-        let n: i64 =
-            with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&s.mesh_id).fetch_one(p).await)?;
+        let n: i64 = with_db_write!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&s.mesh_id).fetch_one(p).await)?;
         if n >= MAX_STREAMS_PER_MESH {
             return Ok(None);
         }
-        with_db!(self, p => sqlx::query(SQL).bind(&s.id).bind(&s.mesh_id).bind(&s.name)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&s.id).bind(&s.mesh_id).bind(&s.name)
             .bind(&s.created_by).bind(s.created_at).bind(member).execute(p).await.map(drop))?;
         Ok(
-            with_db!(self, p => sqlx::query_as(GET_SQL).bind(&s.mesh_id).bind(&s.name).fetch_optional(p).await)?,
+            with_db_write!(self, p => sqlx::query_as(GET_SQL).bind(&s.mesh_id).bind(&s.name).fetch_optional(p).await)?,
         )
     }
 

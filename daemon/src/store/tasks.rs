@@ -41,12 +41,11 @@ impl Db {
         const SQL: &str = "INSERT INTO task (id, mesh_id, title, assignee, claimed_by, priority, status, tags, result, created_by, created_at, seq, creator_pubkey) \
                            SELECT $1, $2, $3, $4, NULL, $5, 'open', $6, NULL, $7, $8, COALESCE(MAX(seq), 0) + 1, $9 \
                            FROM task WHERE mesh_id = $2";
-        let n: i64 =
-            with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&t.mesh_id).fetch_one(p).await)?;
+        let n: i64 = with_db_write!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&t.mesh_id).fetch_one(p).await)?;
         if n >= MAX_ACTIVE_TASKS {
             return Ok(false);
         }
-        with_db!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
             .bind(&t.priority).bind(&t.tags).bind(&t.created_by).bind(t.created_at).bind(creator_pubkey)
             .execute(p).await.map(drop))?;
         Ok(true)
@@ -62,7 +61,7 @@ impl Db {
     ) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE task SET status = 'claimed', claimed_by = $1, claimed_at = $2 \
                            WHERE mesh_id = $3 AND id = $4 AND status = 'open'";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(by).bind(now).bind(mesh_id).bind(id)
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(by).bind(now).bind(mesh_id).bind(id)
             .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
@@ -81,7 +80,7 @@ impl Db {
         const SQL: &str = "UPDATE task SET status = 'done', result = $1, \
                            completed_at = CASE WHEN completed_at IS NULL OR completed_at < $2 THEN $2 ELSE completed_at + 1 END \
                            WHERE mesh_id = $3 AND id = $4";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(result).bind(now).bind(mesh_id).bind(id)
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(result).bind(now).bind(mesh_id).bind(id)
             .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
@@ -214,7 +213,7 @@ impl Db {
                            HAVING (SELECT COUNT(*) FROM task WHERE mesh_id = $2 AND status <> 'done') < $15 \
                            ON CONFLICT (id) DO NOTHING";
         let status = t.progress().status();
-        with_db!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
+        with_db_write!(self, p => sqlx::query(SQL).bind(&t.id).bind(&t.mesh_id).bind(&t.title).bind(&t.assignee)
             .bind(&t.claimed_by).bind(&t.priority).bind(status).bind(&t.tags).bind(&t.result)
             .bind(&t.created_by).bind(t.created_at).bind(t.claimed_at).bind(t.completed_at).bind(&t.creator_pubkey)
             .bind(MAX_ACTIVE_TASKS)
@@ -240,7 +239,7 @@ impl Db {
         let (completed_at, result) = p.completion.clone().unzip();
         let (was_claimed_at, was_claimed_by) = was.claim.clone().unzip();
         let (was_completed_at, was_result) = was.completion.clone().unzip();
-        let n = with_db!(self, pool => sqlx::query(SQL).bind(p.status()).bind(claimed_by).bind(claimed_at)
+        let n = with_db_write!(self, pool => sqlx::query(SQL).bind(p.status()).bind(claimed_by).bind(claimed_at)
             .bind(result.flatten()).bind(completed_at).bind(mesh_id).bind(id)
             .bind(was_claimed_by).bind(was_claimed_at).bind(was_result.flatten()).bind(was_completed_at)
             .execute(pool).await.map(|r| r.rows_affected()))?;

@@ -179,7 +179,7 @@ impl Db {
     async fn purge_loop(&self, sql: &str, bind: i64) -> Result<u64, StoreError> {
         let mut total = 0;
         for _ in 0..20 {
-            let n = with_db!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            let n = with_db_write!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
                 .bind(bind).bind(PURGE_CHUNK).execute(p).await.map(|r| r.rows_affected()))?;
             total += n;
             if n < u64::try_from(PURGE_CHUNK).unwrap_or(u64::MAX) {
@@ -254,7 +254,7 @@ impl Db {
              (SELECT mesh_id, pubkey, ROW_NUMBER() OVER (PARTITION BY mesh_id, member_id ORDER BY last_seen DESC) AS rn \
               FROM session_key) t WHERE rn > $1 LIMIT $2) RETURNING mesh_id, pubkey";
         Ok(
-            with_db!(self, p => sqlx::query_as(SQL).bind(keep).bind(PURGE_CHUNK).fetch_all(p).await)?,
+            with_db_write!(self, p => sqlx::query_as(SQL).bind(keep).bind(PURGE_CHUNK).fetch_all(p).await)?,
         )
     }
 
@@ -279,7 +279,7 @@ impl Db {
     ) -> Result<u64, StoreError> {
         const DELETE: &str = "DELETE FROM audit_log WHERE mesh_id = $1 AND seq < $2";
         Ok(
-            with_db!(self, p => sqlx::query(DELETE).bind(mesh_id).bind(first_kept).execute(p).await
+            with_db_write!(self, p => sqlx::query(DELETE).bind(mesh_id).bind(first_kept).execute(p).await
             .map(|r| r.rows_affected()))?,
         )
     }

@@ -45,13 +45,13 @@ impl Db {
         const SQL: &str = "INSERT INTO webhook (id, mesh_id, name, secret, creator_member_id, active, created_at) \
                            VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING";
         let n: i64 =
-            with_db!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&w.mesh_id).fetch_one(p).await)
+            with_db_write!(self, p => sqlx::query_scalar(COUNT_SQL).bind(&w.mesh_id).fetch_one(p).await)
                 .map_err(StoreError::from)?;
         if n >= MAX_WEBHOOKS_PER_MESH {
             return Err(WebhookError::Full);
         }
         let inserted =
-            with_db!(self, p => sqlx::query(SQL).bind(&w.id).bind(&w.mesh_id).bind(&w.name)
+            with_db_write!(self, p => sqlx::query(SQL).bind(&w.id).bind(&w.mesh_id).bind(&w.name)
             .bind(&w.secret).bind(&w.creator_member_id).bind(w.active).bind(w.created_at)
             .execute(p).await.map(|r| r.rows_affected()))
             .map_err(StoreError::from)?;
@@ -71,7 +71,7 @@ impl Db {
     /// Deactivates a webhook. Returns whether one was active.
     pub async fn deactivate_webhook(&self, id: &str) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE webhook SET active = FALSE WHERE id = $1 AND active";
-        let n = with_db!(self, p => sqlx::query(SQL).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(id).execute(p).await.map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
 }

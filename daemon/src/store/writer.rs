@@ -363,9 +363,11 @@ impl WriterHandle {
 }
 
 /// Creates the writer's channel. Run the returned [`Writer`] on the daemon's tracker.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn channel(
     conn: WriterConn,
     reopen: (Backend, Durability),
+    gate: Option<super::WriteGate>,
     capacity: usize,
     max_batch: usize,
     backlog_cap: usize,
@@ -378,6 +380,7 @@ pub(crate) fn channel(
         Writer {
             conn,
             reopen,
+            gate,
             rx,
             capacity,
             max_batch,
@@ -394,6 +397,8 @@ pub(crate) struct Writer {
     conn: WriterConn,
     /// To reconnect after the database dropped the writer's connection.
     reopen: (Backend, Durability),
+    /// SQLite: taken per batch (see [`super::WriteGate`]).
+    gate: Option<super::WriteGate>,
     rx: mpsc::Receiver<WriteOp>,
     capacity: usize,
     max_batch: usize,
@@ -455,6 +460,7 @@ impl Writer {
         let Self {
             conn,
             reopen,
+            gate,
             mut rx,
             capacity,
             max_batch,
@@ -467,6 +473,7 @@ impl Writer {
         let mut executor = Executor {
             conn,
             reopen,
+            gate,
             last_reopen: None,
             rx: exec_rx,
             max_batch,
@@ -647,6 +654,7 @@ fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
 struct Executor {
     conn: WriterConn,
     reopen: (Backend, Durability),
+    gate: Option<super::WriteGate>,
     /// When the connection was last replaced (see `recover`).
     last_reopen: Option<std::time::Instant>,
     rx: mpsc::Receiver<WriteOp>,
@@ -815,6 +823,10 @@ pub(crate) fn store_wide(e: &StoreError) -> bool {
 
 impl Executor {
     async fn exec(&mut self, plan: &mut Plan, done: &mut Done) -> Result<(), StoreError> {
+        let _turn = match &self.gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
         match &mut self.conn {
             WriterConn::Sqlite(c) => exec_sqlite(c, plan, done).await,
             WriterConn::Postgres(c) => exec_pg(c, plan, done).await,
