@@ -12,7 +12,8 @@ use meshd_protocol::time::iso8601_ms;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{MeshHub, lock, system_push};
+use crate::delivery::system_push;
+use crate::hub::{MeshHub, lock};
 use crate::ids::now_ms;
 
 /// A simulated minute.

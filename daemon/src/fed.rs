@@ -33,21 +33,22 @@ use meshd_federation::{
     Backoff, Endpoint, FrameReader, FrameWriter, Link, LinkConn, LinkCounters, LinkError,
     LinkHandler, LinkOptions, Manager, PeerTarget,
 };
-use meshd_protocol::broker::{BrokerFrame, Push};
+use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::fed::{
     self, CloseReason, Dm, EventPush, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast,
     PresenceEntry, RejectReason, SkillSet, StateSet, StreamClass, StreamPublish,
 };
 use meshd_protocol::{Priority, TargetSpec};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::Ctx;
-use crate::hub::{ConnId, DirectRoute, MeshHub, Peer, StateValue, lock, member_info};
+use crate::delivery::{self, Author, Body, Commit, Envelope, Origin, Target};
+use crate::hub::{ConnId, MeshHub, Peer, StateValue, lock, member_info};
 use crate::ids::now_ms;
-use crate::store::writer::{Delivery, DirectKey, NewMessage, WriteOp};
+use crate::store::writer::{NewMessage, WriteOp};
 use crate::store::{MemberUpsert, MeshRow, ShareRole, StoreError};
 
 /// Outbox rows read per query.
@@ -2101,17 +2102,17 @@ impl Fed {
                 }
                 for p in batch {
                     match p {
-                        Pending::Stored(seq, reply) => match reply.await {
-                            Ok(Ok(())) => upto = Some(seq),
-                            Ok(Err(e)) => {
+                        Pending::Stored(seq, commit) => match commit.committed().await {
+                            Ok(()) => upto = Some(seq),
+                            Err(StoreError::Closed) => {
+                                return Err(LinkError::Io("the store is shutting down".into()));
+                            }
+                            Err(e) => {
                                 // The in-memory cursor is ahead of the store now: re-read it.
                                 *lock(&failed_cursor) = None;
                                 return Err(LinkError::Io(format!(
                                     "storing a forwarded message: {e}"
                                 )));
-                            }
-                            Err(_) => {
-                                return Err(LinkError::Io("the store is shutting down".into()));
                             }
                         },
                         Pending::Done(seq) => upto = Some(seq),
@@ -2268,7 +2269,7 @@ impl Fed {
         ctx: &Ctx,
         link: &LinkShared,
         dm: Dm,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, RejectReason> {
+    ) -> Result<Commit, RejectReason> {
         if !link.accepts(&dm.mesh_id) {
             return Err(RejectReason::NotShared);
         }
@@ -2296,110 +2297,43 @@ impl Fed {
             return Err(RejectReason::Revoked);
         }
         let priority = Priority::from_rank(dm.priority).ok_or(RejectReason::Invalid)?;
-        let size = dm.nonce.len() + dm.ciphertext.len() + dm.target_spec.len();
-        if size > ctx.config.limits.max_message_bytes || dm.id.is_empty() || dm.id.len() > 64 {
+        if dm.id.is_empty() || dm.id.len() > 64 {
             return Err(RejectReason::Invalid);
         }
-        // Counted against the remote sender's (and the mesh's) quota here, where it is
-        // stored.
-        if ctx
-            .usage_book
-            .admit_message(
-                crate::quota::caps(crate::quota::Kind::Messages, &ctx.config),
-                &dm.mesh_id,
-                &dm.sender_member_id,
-                dm.nonce.len() + dm.ciphertext.len(),
-            )
-            .is_err()
-        {
-            return Err(RejectReason::OverQuota);
-        }
-        let grace = i64::try_from(ctx.config.limits.session_grace.as_millis()).unwrap_or(i64::MAX);
-        let target_key = hub.resolve_direct_key(&dm.target_key, now_ms(), grace);
-        let route = hub.route_direct(&target_key, priority, 0);
-        let target = match route {
-            DirectRoute::Deliver(t) => Some(t),
-            DirectRoute::Queue => None,
-            // One hop: a broker never forwards what a peer forwarded to it.
-            DirectRoute::Remote(_) | DirectRoute::Unknown => {
-                return Err(RejectReason::UnknownRecipient);
-            }
-            DirectRoute::Revoked => return Err(RejectReason::Revoked),
-        };
-        let push = BrokerFrame::Push(Push {
-            message_id: dm.id.clone(),
-            mesh_id: dm.mesh_id.clone(),
-            sender_pubkey: dm.sender_pubkey.clone(),
-            priority: priority.as_str(),
-            nonce: dm.nonce.clone(),
-            ciphertext: dm.ciphertext.clone(),
-            created_at: meshd_protocol::time::iso8601_ms(dm.created_at),
-            subtype: dm
-                .subtype
-                .as_deref()
-                .and_then(crate::session::known_subtype),
-            event: None,
-            event_data: None,
-            sender_member_pubkey: Some(dm.sender_member_pubkey.clone()),
-            sender_member_id: Some(dm.sender_member_id.clone()),
-            sender_name: Some(dm.sender_name.clone()),
-            client_message_id: dm.client_message_id.clone(),
-        });
-        let frame = Utf8Bytes::from(push.to_json());
-        let now = now_ms();
-        let delivery = target.map(|t| {
-            let acks = t.acks.load(Ordering::SeqCst);
-            let lease = i64::try_from(ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
-            Delivery {
-                target: t,
-                frame,
-                lease_until: if acks {
-                    now.saturating_add(lease)
-                } else {
-                    i64::MAX
-                },
-            }
-        });
-        let seq = i64::try_from(dm.seq).unwrap_or(i64::MAX);
-        let row = NewMessage {
+        let envelope = Envelope {
             id: dm.id,
-            mesh_id: dm.mesh_id,
-            sender_member_id: dm.sender_member_id,
+            mesh: hub,
             sender_pubkey: dm.sender_pubkey,
-            sender_member_pubkey: dm.sender_member_pubkey,
-            sender_name: dm.sender_name,
+            author: Some(Author {
+                member_id: dm.sender_member_id,
+                member_pubkey: dm.sender_member_pubkey,
+                name: dm.sender_name,
+            }),
+            target: Target::Key(dm.target_key),
             target_spec: dm.target_spec,
-            target_key: Some(target_key.clone()),
-            priority: dm.priority,
-            nonce: dm.nonce,
-            ciphertext: dm.ciphertext,
+            priority,
+            body: Body::Sealed {
+                nonce: dm.nonce,
+                ciphertext: dm.ciphertext,
+            },
             subtype: dm.subtype,
             client_message_id: dm.client_message_id,
             created_at: dm.created_at,
             expires_at: dm.expires_at,
-            delivered_at: None,
-            lease_conn: None,
-            lease_until: None,
-            forward_to: None,
-            forward_seq: None,
-            inbox: Some((link.peer.to_string(), seq)),
+            origin: Origin::Peer {
+                broker: link.peer.clone(),
+                seq: Some(i64::try_from(dm.seq).unwrap_or(i64::MAX)),
+            },
         };
-        let (reply, rx) = oneshot::channel();
-        let op = WriteOp::Insert {
-            row: Box::new(row),
-            delivery,
-            direct: Some(DirectKey {
-                mesh: hub,
-                key: target_key,
-            }),
-            forward: None,
-            reply,
+        let accepted = delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
+        let Some((op, commit)) = accepted.write else {
+            return Err(RejectReason::Invalid);
         };
         if ctx.writer.send(op).await.is_err() {
             return Err(RejectReason::Invalid);
         }
         ctx.metrics.fed_received.fetch_add(1, Ordering::Relaxed);
-        Ok(rx)
+        Ok(commit)
     }
 
     async fn inbound_presence(
@@ -2873,34 +2807,32 @@ impl Fed {
             return Err(RejectReason::Invalid);
         };
         let priority = Priority::from_rank(m.priority).ok_or(RejectReason::Invalid)?;
-        if m.nonce.len() + m.ciphertext.len() > ctx.config.limits.max_message_bytes {
-            return Err(RejectReason::Invalid);
-        }
-        let push = BrokerFrame::Push(Push {
-            message_id: m.id,
-            mesh_id: m.mesh_id,
+        let envelope = Envelope {
+            id: m.id,
+            mesh: hub,
             sender_pubkey: m.sender_pubkey,
-            priority: priority.as_str(),
-            nonce: m.nonce,
-            ciphertext: m.ciphertext,
-            created_at: meshd_protocol::time::iso8601_ms(m.created_at),
-            subtype: m.subtype.as_deref().and_then(crate::session::known_subtype),
-            event: None,
-            event_data: None,
-            sender_member_pubkey: Some(m.sender_member_pubkey),
-            sender_member_id: Some(m.sender_member_id),
-            sender_name: Some(m.sender_name),
+            author: Some(Author {
+                member_id: m.sender_member_id,
+                member_pubkey: m.sender_member_pubkey,
+                name: m.sender_name,
+            }),
+            target: Target::Spec(target),
+            target_spec: m.target_spec,
+            priority,
+            body: Body::Sealed {
+                nonce: m.nonce,
+                ciphertext: m.ciphertext,
+            },
+            subtype: m.subtype,
             client_message_id: m.client_message_id,
-        });
-        let frame = Utf8Bytes::from(push.to_json());
-        // Connection 0 is nobody: every eligible local peer receives it.
-        let (delivered, dropped) = hub.fan_out(&target, 0, &frame);
-        ctx.metrics
-            .multicast_deliveries
-            .fetch_add(delivered as u64, Ordering::Relaxed);
-        ctx.metrics
-            .fanout_dropped
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+            created_at: m.created_at,
+            expires_at: m.created_at,
+            origin: Origin::Peer {
+                broker: link.peer.clone(),
+                seq: None,
+            },
+        };
+        delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         Ok(())
     }
 }
@@ -2989,23 +2921,28 @@ async fn deliver_event(ctx: &Ctx, link: &LinkShared, e: EventPush) -> Result<(),
     let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &e.mesh_id).await else {
         return Err(RejectReason::NotShared);
     };
-    let push = BrokerFrame::Push(Push {
-        message_id: e.id,
-        mesh_id: e.mesh_id,
+    let envelope = Envelope {
+        id: e.id,
+        mesh: hub,
         sender_pubkey: e.sender,
-        priority: Priority::Next.as_str(),
-        nonce: String::new(),
-        ciphertext: String::new(),
-        created_at: meshd_protocol::time::iso8601_ms(e.created_at),
-        subtype: Some("webhook"),
-        event: Some(e.event.into()),
-        event_data: Some(data),
-        sender_member_pubkey: None,
-        sender_member_id: None,
-        sender_name: None,
+        author: None,
+        target: Target::Everyone,
+        target_spec: String::new(),
+        priority: Priority::Next,
+        body: Body::Event {
+            name: e.event,
+            data,
+        },
+        subtype: Some(e.subtype),
         client_message_id: None,
-    });
-    hub.announce(&Utf8Bytes::from(push.to_json()), 0, None);
+        created_at: e.created_at,
+        expires_at: e.created_at,
+        origin: Origin::Peer {
+            broker: link.peer.clone(),
+            seq: None,
+        },
+    };
+    delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
     Ok(())
 }
 
@@ -3460,7 +3397,7 @@ async fn apply_mcp_servers(
         }
         data.insert("hostedBy".into(), hosted_by.into());
         hub.announce(
-            &crate::hub::system_push(&mesh_id, event, data, now),
+            &crate::delivery::system_push(&mesh_id, event, data, now),
             0,
             None,
         );
@@ -3648,7 +3585,7 @@ async fn apply_skill(ctx: &Ctx, link: &LinkShared, s: SkillSet) -> Result<(), Re
 
 /// An inbound message's fate, in arrival order.
 enum Pending {
-    Stored(u64, oneshot::Receiver<Result<(), StoreError>>),
+    Stored(u64, Commit),
     Done(u64),
     Rejected(u64, RejectReason),
 }

@@ -126,40 +126,35 @@ async fn webhook(
     let Ok(data) = serde_json::from_slice::<Box<serde_json::value::RawValue>>(&body) else {
         return fail(StatusCode::BAD_REQUEST, "the body must be JSON");
     };
-    let message_id = crate::ids::uuid_v4();
-    let created_at = now_ms();
-    if let Some(fed) = &ctx.fed {
-        fed.event(meshd_protocol::fed::EventPush {
-            mesh_id: mesh_id.clone(),
-            id: message_id.clone(),
-            subtype: "webhook".into(),
-            event: hook.name.clone(),
-            data: data.get().to_owned(),
-            sender: format!("webhook:{}", hook.name),
-            created_at,
-        });
-    }
-    let push = meshd_protocol::broker::BrokerFrame::Push(meshd_protocol::broker::Push {
-        message_id,
-        mesh_id: mesh_id.clone(),
-        sender_pubkey: format!("webhook:{}", hook.name),
-        priority: meshd_protocol::Priority::Next.as_str(),
-        nonce: String::new(),
-        ciphertext: String::new(),
-        created_at: meshd_protocol::time::iso8601_ms(created_at),
-        subtype: Some("webhook"),
-        event: Some(hook.name.clone().into()),
-        event_data: Some(data),
-        sender_member_pubkey: None,
-        sender_member_id: None,
-        sender_name: None,
-        client_message_id: None,
+    // A mesh no one is connected to has nobody to hear the event here; its peer
+    // brokers still do.
+    let mesh = match ctx.hub.loaded(&mesh_id) {
+        Some(m) => Some(m),
+        None if ctx.fed.is_some() => ctx.hub.mesh(&ctx.db, &mesh_id).await.ok().flatten(),
+        None => None,
+    };
+    let delivered = mesh.map_or(0, |mesh| {
+        let now = now_ms();
+        let envelope = crate::delivery::Envelope {
+            id: crate::ids::uuid_v4(),
+            mesh,
+            sender_pubkey: format!("webhook:{}", hook.name),
+            author: None,
+            target: crate::delivery::Target::Everyone,
+            target_spec: String::new(),
+            priority: meshd_protocol::Priority::Next,
+            body: crate::delivery::Body::Event {
+                name: hook.name.clone(),
+                data,
+            },
+            subtype: Some("webhook".to_owned()),
+            client_message_id: None,
+            created_at: now,
+            expires_at: now,
+            origin: crate::delivery::Origin::Webhook,
+        };
+        crate::delivery::submit(&ctx, envelope, now).map_or(0, |a| a.delivered)
     });
-    let frame = axum::extract::ws::Utf8Bytes::from(push.to_json());
-    let delivered = ctx
-        .hub
-        .loaded(&mesh_id)
-        .map_or(0, |mesh| mesh.announce(&frame, 0, None));
     (
         StatusCode::OK,
         axum::Json(json!({"ok": true, "delivered": delivered})),

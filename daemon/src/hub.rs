@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
-use meshd_protocol::broker::{BrokerFrame, CumulativeStats, PeerEntry, Push, peer_event_data};
+use meshd_protocol::broker::{BrokerFrame, CumulativeStats, PeerEntry, peer_event_data};
 use meshd_protocol::client::{GroupEntry, Stats};
 use meshd_protocol::routing::group_reaches;
 use meshd_protocol::status::StatusState;
@@ -1005,7 +1005,7 @@ impl MeshHub {
             },
         );
         if let Some(event) = event {
-            let frame = system_push(&self.row.id, event, data, now);
+            let frame = crate::delivery::system_push(&self.row.id, event, data, now);
             for p in inner.peers.values() {
                 offer(&p.shared, Outbound::Frame(frame.clone()));
             }
@@ -1445,7 +1445,7 @@ fn announce_left(inner: &MeshInner, mesh_id: &str, r: &RemotePeer, now: i64) {
     if !r.entry.visible {
         return;
     }
-    let frame = system_push(
+    let frame = crate::delivery::system_push(
         mesh_id,
         "peer_left",
         peer_event_data(&r.entry.display_name, &r.entry.key),
@@ -1488,32 +1488,6 @@ pub(crate) fn offer(peer: &PeerShared, out: Outbound) -> bool {
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
-}
-
-/// A `system` push about a peer.
-pub(crate) fn system_push(
-    mesh_id: &str,
-    event: &'static str,
-    data: serde_json::Map<String, serde_json::Value>,
-    now: i64,
-) -> Utf8Bytes {
-    let push = BrokerFrame::Push(Push {
-        message_id: crate::ids::uuid_v4(),
-        mesh_id: mesh_id.to_owned(),
-        sender_pubkey: "system".to_owned(),
-        priority: Priority::Low.as_str(),
-        nonce: String::new(),
-        ciphertext: String::new(),
-        created_at: meshd_protocol::time::iso8601_ms(now),
-        subtype: Some("system"),
-        event: Some(event.into()),
-        event_data: serde_json::value::to_raw_value(&data).ok(),
-        sender_member_pubkey: None,
-        sender_member_id: None,
-        sender_name: None,
-        client_message_id: None,
-    });
-    Utf8Bytes::from(push.to_json())
 }
 
 /// `{name, pubkey}` event data for a peer.

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cli;
 mod clock;
 mod cron;
+mod delivery;
 mod fed;
 mod files;
 mod hooks;
@@ -516,7 +517,12 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                             let mut data = serde_json::Map::new();
                             data.insert("serverName".into(), name.into());
                             data.insert("hostedBy".into(), hosted_by.into());
-                            let frame = hub::system_push(&m.mesh_id, "mcp_unregistered", data, now);
+                            let frame = crate::delivery::system_push(
+                                &m.mesh_id,
+                                "mcp_unregistered",
+                                data,
+                                now,
+                            );
                             mesh.announce(&frame, 0, None);
                         }
                     }

@@ -899,7 +899,7 @@ pub(crate) fn broker_gone(ctx: &Ctx, hub: &crate::hub::MeshHub, broker: &str) {
         data.insert("serverName".into(), name.into());
         data.insert("hostedBy".into(), hosted_by.into());
         hub.announce(
-            &crate::hub::system_push(&hub.row.id, "mcp_unregistered", data, now),
+            &crate::delivery::system_push(&hub.row.id, "mcp_unregistered", data, now),
             0,
             None,
         );

@@ -12,25 +12,20 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use base64::Engine as _;
 use meshd_protocol::Priority;
-use meshd_protocol::broker::{BrokerFrame, Push};
 use meshd_protocol::routing::TargetSpec;
-use meshd_protocol::time::iso8601_ms;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::Ctx;
-use crate::hub::DirectRoute;
+use crate::delivery::{self, Author, Body, Envelope, Origin, Refused, Target};
 use crate::ids::now_ms;
 use crate::store::StoreError;
 use crate::store::schedule::ScheduleRow;
-use crate::store::writer::{Delivery, DirectKey, NewMessage, WriteOp};
 
 /// Rows fired per store read.
 const BATCH: i64 = 256;
@@ -193,187 +188,57 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
     let Ok(target) = TargetSpec::parse(&row.target_spec) else {
         return Ok(Fired::Dropped("its target is not valid"));
     };
-    let schedule_id = row.id.clone();
     let reminder = row.subtype.as_deref() == Some("reminder");
-    let message_id = crate::ids::message_id();
     // Reminders are plain text, as in the reference: base64 with an empty nonce, which
     // clients decode through their plaintext fallback.
     let ciphertext = base64::engine::general_purpose::STANDARD.encode(row.message.as_bytes());
-    let push = BrokerFrame::Push(Push {
-        message_id: message_id.clone(),
-        mesh_id: row.mesh_id.clone(),
-        sender_pubkey: row.sender_pubkey.clone(),
-        priority: Priority::Now.as_str(),
-        nonce: String::new(),
-        ciphertext: ciphertext.clone(),
-        created_at: iso8601_ms(now),
-        subtype: reminder.then_some("reminder"),
-        event: None,
-        event_data: None,
-        sender_member_pubkey: Some(row.member_pubkey.clone()),
-        sender_member_id: Some(row.member_id.clone()),
-        sender_name: Some(row.sender_name.clone()),
-        client_message_id: None,
-    });
-    let frame = Utf8Bytes::from(push.to_json());
-    // A reminder is a message of its creator: it counts against the same quota.
-    if let Err(e) = ctx.usage_book.admit_message(
-        crate::quota::caps(crate::quota::Kind::Messages, &ctx.config),
-        &row.mesh_id,
-        &row.member_id,
-        ciphertext.len(),
-    ) {
-        tracing::info!(cause = %e, "reminder not delivered");
-        return Ok(Fired::Dropped(
-            "its creator's (or the mesh's) message quota is full",
-        ));
-    }
-    let ttl = i64::try_from(ctx.config.limits.queue_ttl.as_millis()).unwrap_or(i64::MAX);
-    let mut msg = NewMessage {
-        id: message_id,
-        mesh_id: row.mesh_id,
-        sender_member_id: row.member_id,
+    let envelope = Envelope {
+        id: crate::ids::message_id(),
+        mesh,
         sender_pubkey: row.sender_pubkey,
-        sender_member_pubkey: row.member_pubkey,
-        sender_name: row.sender_name,
+        author: Some(Author {
+            member_id: row.member_id,
+            member_pubkey: row.member_pubkey,
+            name: row.sender_name,
+        }),
+        target: Target::Spec(target),
         target_spec: row.target_spec,
-        target_key: None,
-        priority: Priority::Now.rank(),
-        nonce: String::new(),
-        ciphertext,
+        priority: Priority::Now,
+        body: Body::Sealed {
+            nonce: String::new(),
+            ciphertext,
+        },
         subtype: reminder.then(|| "reminder".to_owned()),
         client_message_id: None,
         created_at: now,
-        expires_at: now.saturating_add(ttl),
-        delivered_at: None,
-        lease_conn: None,
-        lease_until: None,
-        forward_to: None,
-        forward_seq: None,
-        inbox: None,
+        expires_at: delivery::expires_at(ctx, now),
+        origin: Origin::Schedule { id: row.id },
     };
-    let mut delivery = None;
-    let mut direct = None;
-    let mut forward = None;
-    match &target {
-        TargetSpec::Direct(pk) => {
-            let grace =
-                i64::try_from(ctx.config.limits.session_grace.as_millis()).unwrap_or(i64::MAX);
-            let key = mesh.resolve_direct_key(&pk.to_hex(), now, grace);
-            msg.target_key = Some(key.clone());
-            // Connection 0 is nobody: a reminder to oneself reaches one's own sessions.
-            match mesh.route_direct(&key, Priority::Now, 0) {
-                DirectRoute::Unknown => return Ok(Fired::Dropped("its recipient is unknown")),
-                DirectRoute::Revoked => return Ok(Fired::Dropped("its recipient was removed")),
-                DirectRoute::Deliver(t) => {
-                    let lease_until = if t.acks.load(Ordering::SeqCst) {
-                        let lease = i64::try_from(ctx.config.limits.ack_lease.as_millis())
-                            .unwrap_or(i64::MAX);
-                        now.saturating_add(lease)
-                    } else {
-                        i64::MAX
-                    };
-                    delivery = Some(Delivery {
-                        target: t,
-                        frame,
-                        lease_until,
-                    });
-                    direct = Some(DirectKey { mesh, key });
-                }
-                DirectRoute::Queue => direct = Some(DirectKey { mesh, key }),
-                DirectRoute::Remote(broker) => {
-                    let Some(fed) = ctx
-                        .fed
-                        .as_ref()
-                        .filter(|f| f.will_forward(&msg.mesh_id, &broker))
-                    else {
-                        return Ok(Fired::Dropped(
-                            "its recipient's broker no longer shares the mesh",
-                        ));
-                    };
-                    msg.forward_to = Some(broker.to_string());
-                    forward = Some((fed.clone(), broker));
-                }
-            }
+    let accepted = match delivery::submit(ctx, envelope, now) {
+        Ok(a) => a,
+        Err(e) => {
+            info!(cause = %e, "reminder not delivered");
+            return Ok(Fired::Dropped(match e {
+                Refused::Quota(_) => "its creator's (or the mesh's) message quota is full",
+                Refused::UnknownRecipient(_) => "its recipient is unknown",
+                Refused::RevokedRecipient => "its recipient was removed",
+                Refused::NotHere(_) => "its recipient's broker no longer shares the mesh",
+                Refused::Unroutable(_) => "its target is not routable",
+                Refused::TooLarge { .. } => "its text is larger than a message may be",
+            }));
         }
-        TargetSpec::Broadcast | TargetSpec::Group(_) => {
-            let (delivered, dropped) = mesh.fan_out(&target, 0, &frame);
-            ctx.metrics
-                .multicast_deliveries
-                .fetch_add(delivered as u64, Ordering::Relaxed);
-            ctx.metrics
-                .fanout_dropped
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-            if let Some(fed) = &ctx.fed {
-                fed.multicast(
-                    &mesh,
-                    &target,
-                    meshd_protocol::fed::Multicast {
-                        mesh_id: msg.mesh_id.clone(),
-                        id: msg.id.clone(),
-                        sender_member_id: msg.sender_member_id.clone(),
-                        sender_member_pubkey: msg.sender_member_pubkey.clone(),
-                        sender_pubkey: msg.sender_pubkey.clone(),
-                        sender_name: msg.sender_name.clone(),
-                        target_spec: msg.target_spec.clone(),
-                        priority: msg.priority,
-                        nonce: String::new(),
-                        ciphertext: msg.ciphertext.clone(),
-                        client_message_id: None,
-                        created_at: now,
-                        subtype: reminder.then(|| "reminder".to_owned()),
-                    },
-                );
-            }
-            // Live-only, like every multicast: the row keeps the metadata.
-            msg.delivered_at = Some(now);
-            msg.ciphertext = String::new();
-        }
-        TargetSpec::Channel(_) | TargetSpec::Tag(_) | TargetSpec::Name(_) => {
-            return Ok(Fired::Dropped("its target is not routable"));
-        }
-    }
-    let multicast = matches!(target, TargetSpec::Broadcast | TargetSpec::Group(_));
-    ctx.metrics.messages_routed.inc(Priority::Now.as_str());
-    // Metadata only, as for every send.
-    ctx.audit.record(
-        &msg.mesh_id,
-        "message_sent",
-        Some(msg.sender_member_id.clone()),
-        &msg.sender_name,
-        serde_json::json!({
-            "messageId": msg.id,
-            "targetSpec": msg.target_spec,
-            "priority": Priority::Now.as_str(),
-            "scheduledId": schedule_id,
-        }),
-    );
-    let (reply, rx) = oneshot::channel();
-    let sink = forward
-        .as_ref()
-        .map(|(fed, peer)| fed.hot_sink(peer) as Arc<dyn crate::store::writer::ForwardSink>);
-    ctx.writer
-        .send(WriteOp::Insert {
-            row: Box::new(msg),
-            delivery,
-            direct,
-            forward: sink,
-            reply,
-        })
-        .await?;
-    match rx.await {
-        Ok(Ok(())) => {
-            if let Some((fed, peer)) = forward {
-                fed.outbox_ready(&peer);
-            }
-            Ok(Fired::Delivered)
-        }
+    };
+    let Some((op, commit)) = accepted.write else {
+        return Ok(Fired::Delivered);
+    };
+    ctx.writer.send(op).await?;
+    match commit.committed().await {
+        Ok(()) => Ok(Fired::Delivered),
         // A multicast went out live before its (metadata) row: it was delivered.
-        Ok(Err(e)) if multicast => {
+        Err(e) if accepted.live => {
             warn!(cause = %e, "storing a fired multicast reminder's metadata");
             Ok(Fired::Delivered)
         }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(StoreError::Closed),
+        Err(e) => Err(e),
     }
 }

@@ -24,7 +24,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use meshd_protocol::broker::{
     Ack, BrokerFrame, CumulativeStats, ErrorFrame, HelloAck, MemberProfile, MessageStatusResult,
-    PeersList, Push, RecipientStatus, StateEntry, StateList, StateResult,
+    PeersList, RecipientStatus, StateEntry, StateList, StateResult,
 };
 use meshd_protocol::client::{ClientFrame, GroupEntry, Inbound, Stats};
 use meshd_protocol::hello::{HelloError, verify_hello, verify_session_hello};
@@ -38,17 +38,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::Ctx;
+use crate::delivery::{self, Author, Body, Envelope, Origin, Target};
 use crate::hub::{
     CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError,
     Registered, Sent, StateValue, lease_owner, lock, member_info, offer, peer_data, raw,
-    system_push,
 };
 use crate::ids::{now_ms, random_id};
 use crate::ratelimit::Bucket;
 use crate::store::StoreError;
-use crate::store::writer::{
-    ClaimSpec, Claimed, Delivery, DirectKey, NewMessage, PeerStateWrite, WriteOp,
-};
+use crate::store::writer::{ClaimSpec, Claimed, PeerStateWrite, WriteOp};
 
 /// Replies awaited concurrently but written in request order.
 type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>>;
@@ -629,16 +627,9 @@ struct Live {
 }
 
 impl Live {
-    /// When a row pushed now is offered again: after the ack lease for a client that
-    /// acknowledges, never (`i64::MAX`: delivered once written) for any other.
+    /// When a row pushed now is offered again (see [`delivery::lease_until`]).
     fn lease_until(&self, acks: bool, now: i64) -> i64 {
-        if acks {
-            let lease_ms =
-                i64::try_from(self.ctx.config.limits.ack_lease.as_millis()).unwrap_or(i64::MAX);
-            now.saturating_add(lease_ms)
-        } else {
-            i64::MAX
-        }
+        delivery::lease_until(self.ctx.config.limits.ack_lease, acks, now)
     }
 
     fn routing_key(&self) -> &str {
@@ -692,7 +683,7 @@ impl Live {
             return;
         };
         if let Some(data) = data {
-            let frame = system_push(self.mesh_id(), event, data, now_ms());
+            let frame = delivery::system_push(self.mesh_id(), event, data, now_ms());
             self.mesh
                 .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
@@ -1023,29 +1014,13 @@ impl Live {
             });
         }
         for row in rows {
-            let priority = Priority::from_rank(row.priority).unwrap_or(Priority::Next);
-            let frame = BrokerFrame::Push(Push {
-                message_id: row.id.clone(),
-                mesh_id: self.mesh_id().to_owned(),
-                sender_pubkey: row.sender_pubkey,
-                priority: priority.as_str(),
-                nonce: row.nonce,
-                ciphertext: row.ciphertext,
-                created_at: iso8601_ms(row.created_at),
-                subtype: row.subtype.as_deref().and_then(known_subtype),
-                event: None,
-                event_data: None,
-                sender_member_pubkey: Some(row.sender_member_pubkey),
-                sender_member_id: Some(row.sender_member_id),
-                sender_name: Some(row.sender_name),
-                client_message_id: row.client_message_id,
-            });
-            let msg = Message::Text(frame.to_json().into());
+            let id = row.id.clone();
+            let msg = Message::Text(delivery::stored_push(self.mesh_id(), row));
             if !guarded(&guard, limit, socket.feed(msg)).await {
                 return false;
             }
             unflushed.push(Sent {
-                id: row.id,
+                id,
                 finite_lease: self.claim_leased,
             });
             self.ctx.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
@@ -1151,7 +1126,7 @@ impl Live {
                     } else {
                         "peer_hidden"
                     };
-                    let frame = system_push(self.mesh_id(), event, data, now);
+                    let frame = delivery::system_push(self.mesh_id(), event, data, now);
                     self.mesh.announce(&frame, self.conn, None);
                     self.presence_changed();
                 }
@@ -1503,246 +1478,53 @@ impl Live {
                 }
             },
         };
-        let size = send.nonce.len() + send.ciphertext.len() + send.target_spec.len();
-        if size > self.ctx.config.limits.max_message_bytes {
-            return refuse(
-                "too_large",
-                format!(
-                    "message too large: {size} bytes (max {})",
-                    self.ctx.config.limits.max_message_bytes
-                ),
-            );
-        }
         let target = match TargetSpec::parse(&send.target_spec) {
             Ok(t) => t,
             Err(e) => return refuse("invalid_target", format!("invalid targetSpec: {e}")),
         };
-        match &target {
-            TargetSpec::Channel(_) => {
-                return refuse(
-                    "unroutable_target",
-                    "#channels are not supported by this broker".into(),
-                );
-            }
-            TargetSpec::Tag(_) => {
-                return refuse(
-                    "unroutable_target",
-                    "tag: targets are not supported by this broker".into(),
-                );
-            }
-            TargetSpec::Name(n) => {
-                return refuse(
-                    "unroutable_target",
-                    format!(
-                        "no peer has the key {n:?}: address a member or session key (resolve names with list_peers), @group or *"
-                    ),
-                );
-            }
-            _ => {}
-        }
         if send.client_message_id.is_some() {
             self.shared.acks.store(true, Ordering::SeqCst);
         }
-        let message_id = crate::ids::message_id();
-        let sender_key = self.routing_key().to_owned();
-        let push = BrokerFrame::Push(Push {
-            message_id: message_id.clone(),
-            mesh_id: self.mesh_id().to_owned(),
-            sender_pubkey: sender_key.clone(),
-            priority: priority.as_str(),
-            nonce: send.nonce,
-            ciphertext: send.ciphertext,
-            created_at: iso8601_ms(now),
-            subtype: None,
-            event: None,
-            event_data: None,
-            sender_member_pubkey: Some(self.member_pubkey.clone()),
-            sender_member_id: Some(self.member_id.clone()),
-            sender_name: Some(self.display_name.clone()),
-            client_message_id: send.client_message_id.clone(),
-        });
-        let frame = Utf8Bytes::from(push.to_json());
-        // The stored row takes the body back from the frame (no copy of a large body).
-        let (nonce, ciphertext) = match push {
-            BrokerFrame::Push(p) => (p.nonce, p.ciphertext),
-            _ => (String::new(), String::new()),
-        };
-        let ttl = i64::try_from(self.ctx.config.limits.queue_ttl.as_millis()).unwrap_or(i64::MAX);
-        let mut row = NewMessage {
-            id: message_id.clone(),
-            mesh_id: self.mesh_id().to_owned(),
-            sender_member_id: self.member_id.clone(),
-            sender_pubkey: sender_key,
-            sender_member_pubkey: self.member_pubkey.clone(),
-            sender_name: self.display_name.clone(),
+        let envelope = Envelope {
+            id: crate::ids::message_id(),
+            mesh: self.mesh.clone(),
+            sender_pubkey: self.routing_key().to_owned(),
+            author: Some(Author {
+                member_id: self.member_id.clone(),
+                member_pubkey: self.member_pubkey.clone(),
+                name: self.display_name.clone(),
+            }),
+            target: Target::Spec(target),
             target_spec: send.target_spec,
-            target_key: None,
-            priority: priority.rank(),
-            nonce,
-            ciphertext,
+            priority,
+            body: Body::Sealed {
+                nonce: send.nonce,
+                ciphertext: send.ciphertext,
+            },
             subtype: None,
             client_message_id: send.client_message_id,
             created_at: now,
-            expires_at: now.saturating_add(ttl),
-            delivered_at: None,
-            lease_conn: None,
-            lease_until: None,
-            forward_to: None,
-            forward_seq: None,
-            inbox: None,
+            expires_at: delivery::expires_at(&self.ctx, now),
+            origin: Origin::Client { conn: self.conn },
         };
-        // Every stored row counts (a multicast's keeps no body); refused before anything
-        // is delivered or written when this member, or the mesh, holds its quota.
-        let body = if matches!(target, TargetSpec::Direct(_)) {
-            row.nonce.len() + row.ciphertext.len()
-        } else {
-            0
+        let accepted = match delivery::submit(&self.ctx, envelope, now) {
+            Ok(a) => a,
+            Err(e) => return refuse(e.code(), e.to_string()),
         };
-        if let Err(e) = self.ctx.usage_book.admit_message(
-            crate::quota::caps(crate::quota::Kind::Messages, &self.ctx.config),
-            self.mesh_id(),
-            &self.member_id,
-            body,
-        ) {
-            return refuse(
-                crate::quota::QuotaExceeded::CODE,
-                format!("{}: {e}", crate::quota::QuotaExceeded::CODE),
-            );
-        }
-        let mut forward: Option<Arc<str>> = None;
-        let (delivery, direct) = match &target {
-            TargetSpec::Direct(pk) => {
-                let grace = i64::try_from(self.ctx.config.limits.session_grace.as_millis())
-                    .unwrap_or(i64::MAX);
-                let key = self.mesh.resolve_direct_key(&pk.to_hex(), now, grace);
-                let route = self.mesh.route_direct(&key, priority, self.conn);
-                row.target_key = Some(key.clone());
-                let direct = Some(DirectKey {
-                    mesh: self.mesh.clone(),
-                    key: key.clone(),
-                });
-                match route {
-                    DirectRoute::Unknown => {
-                        return refuse(
-                            "unknown_recipient",
-                            format!("no member or session of this mesh has the key {key}"),
-                        );
-                    }
-                    DirectRoute::Revoked => {
-                        return refuse(
-                            "revoked_recipient",
-                            "the recipient was removed from this mesh".into(),
-                        );
-                    }
-                    DirectRoute::Deliver(target) => {
-                        let lease_until = self.lease_until(target.acks.load(Ordering::SeqCst), now);
-                        (
-                            Some(Delivery {
-                                target,
-                                frame,
-                                lease_until,
-                            }),
-                            direct,
-                        )
-                    }
-                    DirectRoute::Queue => (None, direct),
-                    DirectRoute::Remote(broker) => {
-                        let shared = self
-                            .ctx
-                            .fed
-                            .as_ref()
-                            .is_some_and(|f| f.will_forward(self.mesh_id(), &broker));
-                        if !shared {
-                            return refuse(
-                                "unroutable_target",
-                                format!(
-                                    "the recipient is hosted by broker {broker}, which this mesh is not shared with"
-                                ),
-                            );
-                        }
-                        row.forward_to = Some(broker.to_string());
-                        forward = Some(broker);
-                        (None, None)
-                    }
-                }
-            }
-            TargetSpec::Broadcast | TargetSpec::Group(_) => {
-                let (delivered, dropped) = self.mesh.fan_out(&target, self.conn, &frame);
-                self.ctx
-                    .metrics
-                    .multicast_deliveries
-                    .fetch_add(delivered as u64, Ordering::Relaxed);
-                self.ctx
-                    .metrics
-                    .fanout_dropped
-                    .fetch_add(dropped as u64, Ordering::Relaxed);
-                if let Some(fed) = &self.ctx.fed {
-                    fed.multicast(
-                        &self.mesh,
-                        &target,
-                        meshd_protocol::fed::Multicast {
-                            mesh_id: row.mesh_id.clone(),
-                            id: row.id.clone(),
-                            sender_member_id: row.sender_member_id.clone(),
-                            sender_member_pubkey: row.sender_member_pubkey.clone(),
-                            sender_pubkey: row.sender_pubkey.clone(),
-                            sender_name: row.sender_name.clone(),
-                            target_spec: row.target_spec.clone(),
-                            priority: row.priority,
-                            nonce: row.nonce.clone(),
-                            ciphertext: row.ciphertext.clone(),
-                            client_message_id: row.client_message_id.clone(),
-                            created_at: now,
-                            subtype: None,
-                        },
-                    );
-                }
-                // Multicast is live-only: keep the metadata for message_status, not the body.
-                row.delivered_at = Some(now);
-                row.nonce = String::new();
-                row.ciphertext = String::new();
-                (None, None)
-            }
-            TargetSpec::Channel(_) | TargetSpec::Tag(_) | TargetSpec::Name(_) => return None,
-        };
-        self.ctx.metrics.messages_routed.inc(priority.as_str());
-        // Metadata only: never the ciphertext.
-        self.ctx.audit.record(
-            self.mesh_id(),
-            "message_sent",
-            Some(self.member_id.clone()),
-            &self.display_name,
-            serde_json::json!({
-                "messageId": row.id,
-                "targetSpec": row.target_spec,
-                "priority": priority.as_str(),
-            }),
-        );
-        let (tx, rx) = oneshot::channel();
-        let sink = forward.as_ref().and_then(|peer| {
-            self.ctx
-                .fed
-                .as_ref()
-                .map(|f| f.hot_sink(peer) as Arc<dyn crate::store::writer::ForwardSink>)
-        });
-        self.outbox.push_back(WriteOp::Insert {
-            row: Box::new(row),
-            delivery,
-            direct,
-            forward: sink,
-            reply: tx,
-        });
+        // Every message a client sends is stored (a multicast keeps its metadata).
+        let (op, commit) = accepted.write?;
+        self.outbox.push_back(op);
+        let message_id = accepted.message_id;
         let metrics = self.ctx.metrics.clone();
-        let fed = forward.and_then(|peer| self.ctx.fed.clone().map(|f| (f, peer)));
         self.pending.push_back(Box::pin(async move {
-            let (queued, message_id, error) = match rx.await {
-                Ok(Ok(())) => {
-                    if let Some((fed, peer)) = fed {
-                        fed.outbox_ready(&peer);
-                    }
-                    (true, message_id, None)
-                }
-                Ok(Err(e)) => {
+            let (queued, message_id, error) = match commit.committed().await {
+                Ok(()) => (true, message_id, None),
+                Err(StoreError::Closed) => (
+                    false,
+                    String::new(),
+                    Some("the broker is shutting down; retry".to_owned()),
+                ),
+                Err(e) => {
                     metrics.messages_rejected.inc("store_error");
                     warn!(cause = %e, "storing a message failed");
                     (
@@ -1751,11 +1533,6 @@ impl Live {
                         Some("the broker could not store the message; retry".to_owned()),
                     )
                 }
-                Err(_) => (
-                    false,
-                    String::new(),
-                    Some("the broker is shutting down; retry".to_owned()),
-                ),
             };
             Some(
                 BrokerFrame::Ack(Ack {
@@ -1990,7 +1767,7 @@ impl Live {
             let mut data = serde_json::Map::new();
             data.insert("serverName".into(), name.clone().into());
             data.insert("hostedBy".into(), self.display_name.clone().into());
-            let frame = system_push(self.mesh_id(), "mcp_restored", data, now);
+            let frame = delivery::system_push(self.mesh_id(), "mcp_restored", data, now);
             self.mesh.announce(&frame, 0, None);
         }
         let sets = restored
@@ -2458,7 +2235,7 @@ impl Live {
                 data.insert("description".into(), description.into());
                 data.insert("tools".into(), tool_names.into());
                 data.insert("hostedBy".into(), self.display_name.clone().into());
-                let frame = system_push(self.mesh_id(), "mcp_registered", data, now);
+                let frame = delivery::system_push(self.mesh_id(), "mcp_registered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
                 let sets = self
                     .ctx
@@ -2538,7 +2315,7 @@ impl Live {
                 let mut data = serde_json::Map::new();
                 data.insert("serverName".into(), server_name.clone().into());
                 data.insert("hostedBy".into(), hosted_by.into());
-                let frame = system_push(self.mesh_id(), "mcp_unregistered", data, now);
+                let frame = delivery::system_push(self.mesh_id(), "mcp_unregistered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
                 let removed = before
                     .map(|mut s| {
@@ -3595,7 +3372,7 @@ impl Live {
                 let mut data = serde_json::Map::new();
                 data.insert("serverName".into(), name.into());
                 data.insert("hostedBy".into(), hosted_by.into());
-                let frame = system_push(self.mesh_id(), "mcp_unregistered", data, now);
+                let frame = delivery::system_push(self.mesh_id(), "mcp_unregistered", data, now);
                 self.mesh.announce(&frame, self.conn, None);
             }
         }
@@ -3663,7 +3440,7 @@ impl Live {
             && !self.ctx.sessions_cancel.is_cancelled()
             && peer.visible
         {
-            let frame = system_push(self.mesh_id(), "peer_left", peer_data(peer), now);
+            let frame = delivery::system_push(self.mesh_id(), "peer_left", peer_data(peer), now);
             self.mesh
                 .announce(&frame, self.conn, Some(&self.member_pubkey));
         }
@@ -3701,15 +3478,6 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-pub(crate) fn known_subtype(s: &str) -> Option<&'static str> {
-    match s {
-        "reminder" => Some("reminder"),
-        "system" => Some("system"),
-        "webhook" => Some("webhook"),
-        _ => None,
     }
 }
 
