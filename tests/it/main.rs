@@ -45,6 +45,7 @@ mod presence;
 mod quotas;
 mod reminders;
 mod routing;
+mod schema;
 mod skills;
 mod state;
 mod streams;
