@@ -214,7 +214,7 @@ struct HotQueue {
 /// Rows a hot queue holds before it gives up and lets the store catch up.
 const HOT_QUEUE: usize = 8192;
 
-impl crate::store::writer::ForwardSink for HotSink {
+impl crate::delivery::router::ForwardSink for HotSink {
     fn offer(&self, row: &NewMessage) {
         let mut q = lock(&self.inner);
         if let Some(seq) = row.forward_seq {

@@ -44,9 +44,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::delivery::router::Handle as WriterHandle;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::writer::{WriteOp, WriterHandle};
+use crate::store::writer::WriteOp;
 use crate::store::{Db, StoreError, WriterConn};
 
 /// Why the daemon could not start.
@@ -148,12 +149,27 @@ impl DaemonOptions {
     }
 }
 
+/// The store's write path: the router (hot-path pushes, in channel order) in front of
+/// the writer (batches and commits). Stopping the router ends the writer once it has
+/// committed what was queued.
+#[derive(Debug)]
+struct WriterTask {
+    router: delivery::router::Router,
+    store_writer: store::writer::Writer,
+}
+
+impl WriterTask {
+    async fn run(self, stop: CancellationToken) {
+        tokio::join!(self.router.run(stop), self.store_writer.run());
+    }
+}
+
 /// A broker with its store open and its listener bound, not yet serving.
 #[derive(Debug)]
 pub struct Bound {
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
-    writer: store::writer::Writer,
+    writer: WriterTask,
     endpoint: Option<meshd_federation::Endpoint>,
 }
 
@@ -174,16 +190,26 @@ impl Daemon {
         let db = Db::open(&config.storage.backend, config.storage.durability).await?;
         let conn = WriterConn::open(&config.storage.backend, config.storage.durability).await?;
         let metrics = Arc::new(Metrics::default());
-        let (writer, task) = store::writer::channel(
+        let (to_store, store_writer) = store::writer::channel(
             conn,
             (config.storage.backend.clone(), config.storage.durability),
             db.write_gate(),
             config.storage.max_batch * 4,
             config.storage.max_batch,
+            metrics.clone(),
+        );
+        let (writer, router) = delivery::router::channel(
+            to_store,
+            config.storage.max_batch * 4,
+            config.storage.max_batch,
             config.limits.outbound_queue_bytes.saturating_mul(4),
             metrics.clone(),
-            store::writer::OutSeqs::from_committed(db.outseqs().await?, ids::now_ms()),
+            delivery::router::OutSeqs::from_committed(db.outseqs().await?, ids::now_ms()),
         );
+        let task = WriterTask {
+            router,
+            store_writer,
+        };
         // No connection survives a restart, so no lease does either.
         writer.send(WriteOp::ClearLeases).await?;
         let addr = config.server.listen;

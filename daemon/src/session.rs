@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::Ctx;
+use crate::delivery::router::Op;
 use crate::delivery::{self, Author, Body, Envelope, Origin, Target};
 use crate::hub::{
     CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError,
@@ -609,7 +610,7 @@ struct Live {
     /// The system event to announce once `hello_ack` is out.
     announce: Option<Arrival>,
     pending: Pending,
-    outbox: VecDeque<WriteOp>,
+    outbox: VecDeque<Op>,
     claim: Option<oneshot::Receiver<Result<Claimed, StoreError>>>,
     drain_wanted: bool,
     /// When to drain again without a wake: an acknowledging client's lease ends, or a
@@ -630,6 +631,11 @@ impl Live {
     /// When a row pushed now is offered again (see [`delivery::lease_until`]).
     fn lease_until(&self, acks: bool, now: i64) -> i64 {
         delivery::lease_until(self.ctx.config.limits.ack_lease, acks, now)
+    }
+
+    /// Queues a store operation behind this session's earlier ones.
+    fn queue_write(&mut self, op: impl Into<Op>) {
+        self.outbox.push_back(op.into());
     }
 
     fn routing_key(&self) -> &str {
@@ -942,12 +948,12 @@ impl Live {
                 .collect();
             if !open.is_empty() {
                 let until = self.lease_until(true, now_ms());
-                self.outbox.push_back(WriteOp::Lease { ids: open, until });
+                self.queue_write(WriteOp::Lease { ids: open, until });
             }
             let at = Instant::now() + lease;
             self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
         } else {
-            self.outbox.push_back(WriteOp::MarkDelivered {
+            self.queue_write(WriteOp::MarkDelivered {
                 ids: sent.into_iter().map(|s| s.id).collect(),
                 at: now_ms(),
             });
@@ -966,9 +972,9 @@ impl Live {
         let lease_until = self.lease_until(self.shared.acks.load(Ordering::SeqCst), now);
         self.claim_leased = lease_until != i64::MAX;
         let (tx, rx) = oneshot::channel();
-        self.outbox.push_back(WriteOp::Claim {
+        self.queue_write(Op::Claim {
+            peer: self.shared.clone(),
             spec: Box::new(ClaimSpec {
-                peer: self.shared.clone(),
                 stamp: 0,
                 mesh_id: self.mesh_id().to_owned(),
                 member_key: self.member_pubkey.clone(),
@@ -1008,7 +1014,7 @@ impl Live {
             .direct_drained
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
         if !not_now.is_empty() {
-            self.outbox.push_back(WriteOp::Release {
+            self.queue_write(WriteOp::Release {
                 conn: lease_owner(self.conn),
                 ids: not_now.into_iter().map(|r| r.id).collect(),
             });
@@ -1041,7 +1047,7 @@ impl Live {
             // Nothing more was waiting when the claim passed the router: ask it to put
             // this connection back on the hot path (it refuses, and a spill wakes us,
             // if anything spilled since).
-            self.outbox.push_back(WriteOp::CaughtUp {
+            self.queue_write(Op::CaughtUp {
                 peer: self.shared.clone(),
                 stamp,
             });
@@ -1213,7 +1219,7 @@ impl Live {
                             },
                         );
                     }
-                    self.outbox.push_back(WriteOp::SetState {
+                    self.queue_write(WriteOp::SetState {
                         mesh_id: self.mesh_id().to_owned(),
                         key,
                         value: json,
@@ -1420,7 +1426,7 @@ impl Live {
                 broker_message_id,
             } => {
                 self.shared.acks.store(true, Ordering::SeqCst);
-                self.outbox.push_back(WriteOp::Ack {
+                self.queue_write(WriteOp::Ack {
                     mesh_id: self.mesh_id().to_owned(),
                     keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
                     message_id: broker_message_id,
@@ -1513,7 +1519,7 @@ impl Live {
         };
         // Every message a client sends is stored (a multicast keeps its metadata).
         let (op, commit) = accepted.write?;
-        self.outbox.push_back(op);
+        self.queue_write(op);
         let message_id = accepted.message_id;
         let metrics = self.ctx.metrics.clone();
         self.pending.push_back(Box::pin(async move {
@@ -3387,7 +3393,7 @@ impl Live {
         self.rx.close();
         while self.rx.try_recv().is_ok() {}
         lock(&self.shared.route).close();
-        self.outbox.push_back(WriteOp::ReleaseConn {
+        self.queue_write(WriteOp::ReleaseConn {
             mesh_id: self.mesh_id().to_owned(),
             keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
             conn: lease_owner(self.conn),
@@ -3401,8 +3407,7 @@ impl Live {
             .mesh
             .with_peer(self.conn, |p| peer_state(&mesh_id, p, now))
         {
-            self.outbox
-                .push_back(WriteOp::SavePeerState(Box::new(state)));
+            self.queue_write(WriteOp::SavePeerState(Box::new(state)));
         }
         while let Some(op) = self.outbox.pop_front() {
             if self.ctx.writer.send(op).await.is_err() {

@@ -11,6 +11,7 @@
 //! A routing rule — a tag or spatial filter, a link policy — is added here, once.
 
 mod push;
+pub(crate) mod router;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +26,8 @@ use crate::Ctx;
 use crate::hub::{ConnId, DirectRoute, MeshHub};
 use crate::quota::QuotaExceeded;
 use crate::store::StoreError;
-use crate::store::writer::{Delivery, DirectKey, ForwardSink, NewMessage, WriteOp};
+use crate::store::writer::NewMessage;
+use router::{Delivery, DirectKey, ForwardSink, Op};
 
 /// Where a message comes from: decides whom fan-out skips, whether it may be forwarded
 /// to peer brokers (only what started here: one hop), and what is audited.
@@ -159,7 +161,7 @@ pub(crate) struct Accepted {
     pub(crate) message_id: String,
     /// The row to store (none for what is live-only: a multicast from a peer broker,
     /// a webhook event), and how to learn that it is committed.
-    pub(crate) write: Option<(WriteOp, Commit)>,
+    pub(crate) write: Option<(Op, Commit)>,
     /// Live connections the message was queued for (multicasts and events).
     pub(crate) delivered: usize,
     /// Whether it went out live already (a multicast): a store failure afterwards lost
@@ -309,7 +311,7 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
         .as_ref()
         .map(|(fed, peer)| fed.hot_sink(peer) as Arc<dyn ForwardSink>);
     let (reply, rx) = oneshot::channel();
-    let op = WriteOp::Insert {
+    let op = Op::Insert {
         row: Box::new(row),
         delivery,
         direct,
@@ -383,7 +385,7 @@ fn multicast(
     row.nonce = String::new();
     row.ciphertext = String::new();
     let (reply, rx) = oneshot::channel();
-    let op = WriteOp::Insert {
+    let op = Op::Insert {
         row: Box::new(row),
         delivery: None,
         direct: None,

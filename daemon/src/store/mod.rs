@@ -590,3 +590,46 @@ pub mod streams;
 pub mod tasks;
 pub mod usage;
 pub mod webhooks;
+
+#[cfg(test)]
+mod layering {
+    /// Modules of this crate the store may use: itself and leaves that use nothing of
+    /// the crate (the metrics registry).
+    const BELOW: &[&str] = &["store", "metrics"];
+
+    /// The store is the bottom layer: it never names the hub, sessions, delivery or
+    /// federation, so it can be read, tested and replaced on its own.
+    #[test]
+    fn the_store_depends_on_nothing_above_it() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut offending = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(root.join("store"))
+            .expect("daemon/src/store")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.push(root.join("metrics.rs"));
+        for path in files {
+            let text = std::fs::read_to_string(&path).expect("readable source");
+            let leaf = path.ends_with("metrics.rs");
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                // Spelled in two parts so this test does not find itself.
+                let needle = concat!("crate", "::");
+                for (i, _) in code.match_indices(needle) {
+                    let module: String = code[i + needle.len()..]
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if leaf || !BELOW.contains(&module.as_str()) {
+                        offending.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        assert!(
+            offending.is_empty(),
+            "layering broken:\n{}",
+            offending.join("\n")
+        );
+    }
+}

@@ -6,11 +6,9 @@
 //! so a `send` is acknowledged only once its row is durable, while one fsync (or, with
 //! `durability = "normal"`, one WAL write) serves the whole batch.
 //!
-//! The writer has two stages. The *router* takes operations in channel order and makes
-//! the hot-path pushes (see `hub`) as each insert arrives, so a push never waits for an
-//! earlier commit; any delivery mark a recipient sends for that message enters the
-//! channel after the insert, so it is executed after it. The *executor* batches what the
-//! router forwards. Within a batch, operations run by kind in a fixed order — inserts,
+//! Operations arrive through `delivery::router`, which makes the hot-path pushes as
+//! each insert passes, in channel order (so a delivery mark a recipient sends for a
+//! message is executed after its insert). Within a batch, operations run by kind in a fixed order — inserts,
 //! lease changes, delivery marks, the rest in arrival order, claims — which keeps
 //! inserts in multi-row statements and lets every claim see every earlier insert; the
 //! releases of ended connections run after the claims.
@@ -28,13 +26,11 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
-use axum::extract::ws::Utf8Bytes;
 use sqlx::{AssertSqlSafe, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{StoreError, WriterConn};
-use crate::hub::{ConnId, MeshHub, Outbound, PeerShared, RouteState, Sent, lease_owner, lock};
 use crate::metrics::Metrics;
 use meshd_config::{Backend, Durability};
 
@@ -61,7 +57,7 @@ pub(crate) struct NewMessage {
     pub(crate) lease_until: Option<i64>,
     /// Peer broker hosting the recipient: the row is that link's outbox entry.
     pub(crate) forward_to: Option<String>,
-    /// Its position in that outbox, assigned by the router (see [`OutSeqs`]).
+    /// Its position in that outbox, assigned by the router (see `delivery::router::OutSeqs`).
     pub(crate) forward_seq: Option<i64>,
     /// Set for a message received from a peer broker: (peer, its outbox seq), recorded
     /// in `fed_inbox` in the same transaction so a resend is recognised after any crash.
@@ -69,71 +65,6 @@ pub(crate) struct NewMessage {
 }
 
 const MESSAGE_COLUMNS: usize = 20;
-
-/// Gap left after the last committed outbox position when the writer starts. Rows are
-/// forwarded before their commit (the hot path), so the previous run may have sent
-/// positions it never committed: the peer's high-water mark may be that far ahead. The
-/// hot queue and the writer channel bound those to a few thousand, far below the gap.
-const OUTSEQ_RESTART_GAP: i64 = 1 << 20;
-
-/// Per-peer outbox sequences, owned by the router: it numbers rows in channel order, so
-/// every peer sees its messages in commit order with increasing numbers. The highest
-/// committed number is persisted (`fed_outseq`) in the same transaction as the rows.
-///
-/// Every run also starts at least at the clock in microseconds: a previous run that was
-/// killed before committing anything for a peer left no maximum behind, but it numbered
-/// from its own (earlier) clock reading, at far less than one row per microsecond.
-#[derive(Debug, Default)]
-pub(crate) struct OutSeqs {
-    next: std::collections::HashMap<String, i64>,
-    floor: i64,
-}
-
-impl OutSeqs {
-    /// From the persisted maxima (`SELECT peer, last_seq FROM fed_outseq`) and the time
-    /// the writer starts (ms since the epoch).
-    pub(crate) fn from_committed(rows: Vec<(String, i64)>, now_ms: i64) -> Self {
-        let floor = now_ms.saturating_mul(1000);
-        Self {
-            next: rows
-                .into_iter()
-                .map(|(p, last)| (p, last.saturating_add(OUTSEQ_RESTART_GAP).max(floor)))
-                .collect(),
-            floor,
-        }
-    }
-
-    fn assign(&mut self, peer: &str) -> i64 {
-        let n = self.next.entry(peer.to_owned()).or_insert(self.floor);
-        *n += 1;
-        *n
-    }
-}
-
-/// The mesh and recipient key of a direct message, so the router can make the key's
-/// live connections drain when the row is stored undelivered (see `hub`).
-#[derive(Debug)]
-pub(crate) struct DirectKey {
-    pub(crate) mesh: Arc<MeshHub>,
-    pub(crate) key: String,
-}
-
-/// Where the router hands a row bound for a peer broker once it has its outbox position,
-/// before the commit (the federation link forwards it at once when it is caught up; the
-/// store remains the truth, read when it is not).
-pub(crate) trait ForwardSink: Send + Sync + std::fmt::Debug {
-    /// Offers a numbered row; never blocks.
-    fn offer(&self, row: &NewMessage);
-}
-
-/// A hot-path push to attempt while inserting.
-#[derive(Debug)]
-pub(crate) struct Delivery {
-    pub(crate) target: Arc<PeerShared>,
-    pub(crate) frame: Utf8Bytes,
-    /// Lease end if pushed (`i64::MAX` for clients that do not acknowledge).
-    pub(crate) lease_until: i64,
-}
 
 /// A stored message handed to a drain.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -167,9 +98,7 @@ pub(crate) struct Claimed {
 /// Parameters of a claim.
 #[derive(Debug)]
 pub(crate) struct ClaimSpec {
-    /// The claiming connection (its store count is stamped by the router).
-    pub(crate) peer: Arc<PeerShared>,
-    /// Set by the router as the claim passes.
+    /// Returned with the rows (the router's count of rows stored for the claimer).
     pub(crate) stamp: u64,
     pub(crate) mesh_id: String,
     pub(crate) member_key: String,
@@ -221,14 +150,9 @@ pub(crate) struct PeerStateWrite {
 /// An operation for the writer.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
-    /// Store a message; the router routes it to `delivery`'s connection if set and
-    /// live, and otherwise makes `direct`'s live connections drain.
+    /// Store a message.
     Insert {
         row: Box<NewMessage>,
-        delivery: Option<Delivery>,
-        direct: Option<DirectKey>,
-        /// For rows with `forward_to`: the link's sink.
-        forward: Option<Arc<dyn ForwardSink>>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Messages written to their recipient's socket (clients that do not acknowledge).
@@ -253,9 +177,6 @@ pub(crate) enum WriteOp {
         client_message_id: Option<String>,
         at: i64,
     },
-    /// A drain came back short: the router flushes the connection's backlog unless rows
-    /// for it were stored after the claim with this stamp (handled by the router).
-    CaughtUp { peer: Arc<PeerShared>, stamp: u64 },
     /// Lease up to `limit` undelivered messages for a recipient.
     Claim {
         spec: Box<ClaimSpec>,
@@ -313,85 +234,31 @@ pub(crate) enum WriteOp {
     Flush(oneshot::Sender<()>),
 }
 
-/// The sending side of the writer.
-#[derive(Debug, Clone)]
-pub(crate) struct WriterHandle {
-    tx: mpsc::Sender<WriteOp>,
-}
-
-impl WriterHandle {
-    /// Queues an operation, waiting for room.
-    ///
-    /// # Errors
-    /// [`StoreError::Closed`] once the writer has stopped.
-    pub(crate) async fn send(&self, op: WriteOp) -> Result<(), StoreError> {
-        self.tx.send(op).await.map_err(|_| StoreError::Closed)
-    }
-
-    /// Queues an operation and waits for its answer.
-    ///
-    /// # Errors
-    /// [`StoreError::Closed`] or the operation's own error.
-    pub(crate) async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(make(tx)).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Waits for room in the queue (cancel-safe), for callers that must not block.
-    pub(crate) async fn reserve(&self) -> Result<mpsc::Permit<'_, WriteOp>, StoreError> {
-        self.tx.reserve().await.map_err(|_| StoreError::Closed)
-    }
-
-    /// Room in the queue right now, if any.
-    pub(crate) fn try_reserve(&self) -> Option<mpsc::Permit<'_, WriteOp>> {
-        self.tx.try_reserve().ok()
-    }
-
-    /// Waits until everything queued so far is committed.
-    ///
-    /// # Errors
-    /// [`StoreError::Closed`].
-    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::Flush(tx)).await?;
-        rx.await.map_err(|_| StoreError::Closed)
-    }
-}
-
-/// Creates the writer's channel. Run the returned [`Writer`] on the daemon's tracker.
-#[allow(clippy::too_many_arguments)]
+/// Creates the writer's channel. Run the returned [`Writer`] on the daemon's tracker;
+/// operations reach it through `delivery::router`, which owns the sending side.
 pub(crate) fn channel(
     conn: WriterConn,
     reopen: (Backend, Durability),
     gate: Option<super::WriteGate>,
     capacity: usize,
     max_batch: usize,
-    backlog_cap: usize,
     metrics: Arc<Metrics>,
-    outseqs: OutSeqs,
-) -> (WriterHandle, Writer) {
+) -> (mpsc::Sender<WriteOp>, Writer) {
     let (tx, rx) = mpsc::channel(capacity);
     (
-        WriterHandle { tx },
+        tx,
         Writer {
             conn,
             reopen,
             gate,
             rx,
-            capacity,
             max_batch,
-            backlog_cap,
             metrics,
-            outseqs,
         },
     )
 }
 
-/// The writer's state, until [`Writer::run`] splits it into its two stages.
+/// The writer, until it runs.
 #[derive(Debug)]
 pub(crate) struct Writer {
     conn: WriterConn,
@@ -400,12 +267,8 @@ pub(crate) struct Writer {
     /// SQLite: taken per batch (see [`super::WriteGate`]).
     gate: Option<super::WriteGate>,
     rx: mpsc::Receiver<WriteOp>,
-    capacity: usize,
     max_batch: usize,
-    /// Most bytes the router keeps for one draining connection.
-    backlog_cap: usize,
     metrics: Arc<Metrics>,
-    outseqs: OutSeqs,
 }
 
 /// Rows removed by a sweep.
@@ -454,199 +317,29 @@ impl Done {
 }
 
 impl Writer {
-    /// Runs until `stop` is cancelled (or every [`WriterHandle`] is dropped), commits
-    /// what is still queued, and closes its connection cleanly.
-    pub(crate) async fn run(self, stop: tokio_util::sync::CancellationToken) {
+    /// Runs until every sender is dropped (the router stops first, see
+    /// `delivery::router`), commits what is still queued, and closes its connection.
+    pub(crate) async fn run(self) {
         let Self {
             conn,
             reopen,
             gate,
-            mut rx,
-            capacity,
+            rx,
             max_batch,
-            backlog_cap,
             metrics,
-            mut outseqs,
         } = self;
-        let (exec_tx, exec_rx) = mpsc::channel(capacity);
-        let router_metrics = metrics.clone();
-        let mut executor = Executor {
+        Executor {
             conn,
             reopen,
             gate,
             last_reopen: None,
-            rx: exec_rx,
+            rx,
             max_batch,
             metrics,
-        };
-        let router = async move {
-            let mut ops = Vec::with_capacity(max_batch);
-            let mut stopping = false;
-            loop {
-                let n = if stopping {
-                    rx.recv_many(&mut ops, max_batch).await
-                } else {
-                    tokio::select! {
-                        biased;
-                        n = rx.recv_many(&mut ops, max_batch) => n,
-                        () = stop.cancelled() => {
-                            // Refuse new operations; the loop drains those already queued.
-                            rx.close();
-                            stopping = true;
-                            continue;
-                        }
-                    }
-                };
-                if n == 0 {
-                    break;
-                }
-                for mut op in ops.drain(..) {
-                    let mut extra = None;
-                    match &mut op {
-                        WriteOp::Insert {
-                            row,
-                            delivery,
-                            direct,
-                            forward,
-                            ..
-                        } => {
-                            if let Some(peer) = &row.forward_to {
-                                row.forward_seq = Some(outseqs.assign(peer));
-                                if let Some(sink) = forward.take() {
-                                    sink.offer(row);
-                                }
-                            }
-                            let routed = delivery
-                                .take()
-                                .is_some_and(|d| route_live(row, d, backlog_cap, &mut extra));
-                            if routed {
-                                router_metrics.direct_hot.fetch_add(1, Ordering::Relaxed);
-                            } else if let Some(d) = direct {
-                                d.mesh.spill_key(&d.key);
-                            }
-                        }
-                        WriteOp::Claim { spec, .. } => spec.stamp = lock(&spec.peer.route).stored,
-                        WriteOp::CaughtUp { peer, stamp } => {
-                            caught_up(peer, *stamp, &mut extra);
-                            let Some(release) = extra else { continue };
-                            op = release;
-                            extra = None;
-                        }
-                        _ => {}
-                    }
-                    if exec_tx.send(op).await.is_err() {
-                        return;
-                    }
-                    // Leases the router gave back run after the inserts they concern.
-                    if let Some(release) = extra
-                        && exec_tx.send(release).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            // Dropping exec_tx lets the executor finish the queue and stop.
-        };
-        tokio::join!(router, executor.run());
-    }
-}
-
-/// Routes a direct message to a live connection (see `hub`): pushed at once, or kept in
-/// the connection's backlog while it drains the store. Either way the row is leased to
-/// the connection and `true` is returned. `false` leaves the row for a drain: the
-/// connection is closing, its queue is full, or its backlog outgrew `backlog_cap` bytes
-/// (then the backlog goes back to the store too, through `release`).
-fn route_live(
-    row: &mut NewMessage,
-    d: Delivery,
-    backlog_cap: usize,
-    release: &mut Option<WriteOp>,
-) -> bool {
-    let target = d.target;
-    let mut st = lock(&target.route);
-    if st.closed {
-        return false;
-    }
-    let sent = Sent {
-        id: row.id.clone(),
-        finite_lease: d.lease_until != i64::MAX,
-    };
-    let accepted = if st.draining {
-        if st.backlog_bytes + d.frame.len() <= backlog_cap {
-            st.backlog_bytes += d.frame.len();
-            st.backlog.push_back((d.frame, sent));
-            true
-        } else {
-            *release = Some(give_back(&mut st, target.conn_id));
-            false
         }
-    } else {
-        match target.try_queue(Outbound::Stored {
-            frame: d.frame,
-            sent,
-        }) {
-            Ok(()) => true,
-            // A full queue is no slow-consumer offence for a durable message: it waits
-            // in the store for the drain.
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                st.stored();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    };
-    drop(st);
-    tracing::trace!(id = %row.id, conn = target.conn_id, accepted, "direct message routed");
-    if accepted {
-        row.lease_conn = Some(lease_owner(target.conn_id));
-        row.lease_until = Some(d.lease_until);
-    } else {
-        target.wake.notify_one();
+        .run()
+        .await;
     }
-    accepted
-}
-
-/// Hands a connection's backlog back to the store; it drains again before going live.
-fn give_back(st: &mut RouteState, conn: ConnId) -> WriteOp {
-    let ids = st.take_backlog();
-    st.stored();
-    WriteOp::Release {
-        conn: lease_owner(conn),
-        ids,
-    }
-}
-
-/// A drain came back short at `stamp`: if nothing entered the store for the connection
-/// since, flush its backlog into its queue and take it live again. If the queue fills
-/// up on the way, the rest goes back to the store (through `release`) and it drains again.
-fn caught_up(peer: &PeerShared, stamp: u64, release: &mut Option<WriteOp>) {
-    let mut st = lock(&peer.route);
-    if st.closed || !st.draining || st.stored != stamp {
-        return;
-    }
-    while let Some((frame, sent)) = st.backlog.pop_front() {
-        let len = frame.len();
-        match peer.try_queue(Outbound::Stored { frame, sent }) {
-            Ok(()) => st.backlog_bytes = st.backlog_bytes.saturating_sub(len),
-            Err(mpsc::error::TrySendError::Full(Outbound::Stored { frame, sent })) => {
-                st.backlog.push_front((frame, sent));
-                *release = Some(give_back(&mut st, peer.conn_id));
-                drop(st);
-                peer.wake.notify_one();
-                return;
-            }
-            // Closing: the session's teardown gives back whatever stays in the backlog.
-            Err(
-                mpsc::error::TrySendError::Full(other) | mpsc::error::TrySendError::Closed(other),
-            ) => {
-                if let Outbound::Stored { frame, sent } = other {
-                    st.backlog.push_front((frame, sent));
-                }
-                return;
-            }
-        }
-    }
-    st.draining = false;
 }
 
 /// The executor stage: batches and commits.
@@ -1171,7 +864,7 @@ const FED_INBOX_SQL: &str = "INSERT INTO fed_inbox (peer, high_seq) VALUES ($1, 
 const FED_OUTSEQ_SQL: &str = "INSERT INTO fed_outseq (peer, last_seq) VALUES ($1, $2) \
      ON CONFLICT (peer) DO UPDATE SET last_seq = CASE WHEN excluded.last_seq > fed_outseq.last_seq \
        THEN excluded.last_seq ELSE fed_outseq.last_seq END";
-/// Read once when the writer starts (see [`OutSeqs`]).
+/// Read once when the writer starts (see `delivery::router::OutSeqs`).
 pub(crate) const OUTSEQS_SQL: &str = "SELECT peer, last_seq FROM fed_outseq";
 const INBOX_REJECT_SQL: &str = "INSERT INTO fed_inbox_reject (peer, seq, reason, at) VALUES ($1, $2, $3, $4) \
      ON CONFLICT (peer, seq) DO NOTHING";
@@ -1533,8 +1226,7 @@ macro_rules! executor {
                     | WriteOp::Release { .. }
                     | WriteOp::Lease { .. }
                     | WriteOp::ReleaseConn { .. }
-                    | WriteOp::Claim { .. }
-                    | WriteOp::CaughtUp { .. } => {}
+                    | WriteOp::Claim { .. } => {}
                 }
             }
 
@@ -1646,19 +1338,6 @@ executor!(exec_pg, sqlx::PgConnection, begin_pg, pg_sql);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outbox_positions_only_go_up() {
-        // A peer never numbered: from the clock (µs), even with nothing committed.
-        let mut fresh = OutSeqs::from_committed(Vec::new(), 1_000);
-        assert_eq!(fresh.assign("b"), 1_000_001);
-        assert_eq!(fresh.assign("b"), 1_000_002);
-        // A peer with a committed maximum: past it by the gap, or the clock if later.
-        let mut known = OutSeqs::from_committed(vec![("b".into(), 5)], 0);
-        assert_eq!(known.assign("b"), 5 + OUTSEQ_RESTART_GAP + 1);
-        let mut clock = OutSeqs::from_committed(vec![("b".into(), 5)], 10_000);
-        assert_eq!(clock.assign("b"), 10_000_001);
-    }
 
     #[test]
     fn placeholder_shapes() {
