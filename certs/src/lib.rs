@@ -16,6 +16,7 @@
 mod der;
 pub mod pki;
 pub mod secret;
+mod time;
 pub mod trust;
 
 #[cfg(test)]

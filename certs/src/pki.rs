@@ -15,7 +15,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls_pki_types::pem::{self, PemObject as _};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::fs;
@@ -428,7 +428,7 @@ impl OrgCa {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = OffsetDateTime::now_utc();
+        let now = crate::time::now_utc();
         params.not_before = now - Duration::days(BACKDATE_DAYS);
         params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
         let key = KeyPair::generate().map_err(generate)?;
@@ -486,7 +486,7 @@ impl OrgCa {
         if Path::new(CA_CERT_FILE).file_stem() == Some(name.as_ref()) {
             return Err(IssueError::Reserved { broker: name });
         }
-        let now = OffsetDateTime::now_utc();
+        let now = crate::time::now_utc();
         let (cert, key) = self
             .issue_leaf(
                 &name,
@@ -502,11 +502,17 @@ impl OrgCa {
                 broker: name.clone(),
                 source,
             })?;
-        crate::trust::verify_chain(&self.cert, cert.der(), &[], Some(&name), UnixTime::now())
-            .map_err(|e| IssueError::SelfCheck {
-                broker: name.clone(),
-                reason: e.to_string(),
-            })?;
+        crate::trust::verify_chain(
+            &self.cert,
+            cert.der(),
+            &[],
+            Some(&name),
+            crate::time::unix_now(),
+        )
+        .map_err(|e| IssueError::SelfCheck {
+            broker: name.clone(),
+            reason: e.to_string(),
+        })?;
 
         ensure_private_dir(out_dir)?;
         let paths = BrokerCertPaths {
@@ -763,12 +769,18 @@ impl BrokerIdentity {
         }
 
         if let Some((ca, intermediates)) = rest.split_last() {
-            crate::trust::verify_chain(ca, leaf, intermediates, Some(&name), UnixTime::now())
-                .map_err(|e| {
-                    invalid_cert(format!(
-                        "the certificate does not verify under the CA certificate that follows it: {e}"
-                    ))
-                })?;
+            crate::trust::verify_chain(
+                ca,
+                leaf,
+                intermediates,
+                Some(&name),
+                crate::time::unix_now(),
+            )
+            .map_err(|e| {
+                invalid_cert(format!(
+                    "the certificate does not verify under the CA certificate that follows it: {e}"
+                ))
+            })?;
         }
         let not_after = der::not_after(leaf)
             .ok_or_else(|| invalid_cert("unreadable validity period".to_owned()))?;
@@ -825,7 +837,7 @@ mod tests {
             Some("example.test")
         );
         assert!(der::is_ca(&ca.cert_der()));
-        let expires = der::not_after(&ca.cert_der()).unwrap() - OffsetDateTime::now_utc();
+        let expires = der::not_after(&ca.cert_der()).unwrap() - crate::time::now_utc();
         assert!((Duration::days(3649)..=Duration::days(3650)).contains(&expires));
 
         let (again, created) = OrgCa::init_or_load(&ca_dir, "example.test").unwrap();
@@ -924,7 +936,7 @@ mod tests {
         let leaf = id.chain()[0].clone();
         assert_eq!(der::organization(&leaf).as_deref(), Some("x.test"));
         assert!(!der::is_ca(&leaf));
-        let left = id.not_after() - OffsetDateTime::now_utc();
+        let left = id.not_after() - crate::time::now_utc();
         assert!(
             (Duration::days(824)..=Duration::days(825)).contains(&left),
             "{left}"

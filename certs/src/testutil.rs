@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Arc;
 use tempfile::TempDir;
-use time::{Duration, OffsetDateTime};
+use time::Duration;
 
 pub(crate) const ALPN: &[u8] = b"meshd-fed/1";
 
@@ -55,7 +55,7 @@ impl Org {
         to_days: i64,
         ekus: Vec<ExtendedKeyUsagePurpose>,
     ) -> (Vec<CertificateDer<'static>>, rcgen::KeyPair) {
-        let now = OffsetDateTime::now_utc();
+        let now = crate::time::now_utc();
         let (cert, key) = self
             .ca
             .issue_leaf(

@@ -363,7 +363,7 @@ impl PeerTrust {
         let (leaf, rest) = chain
             .split_first()
             .ok_or_else(|| PeerCertError::Malformed("no certificate".to_owned()))?;
-        self.identify_at(leaf, rest, UnixTime::now())
+        self.identify_at(leaf, rest, crate::time::unix_now())
             .map(str::to_owned)
     }
 
@@ -423,7 +423,7 @@ impl PeerTrust {
         let (leaf, rest) = chain
             .split_first()
             .ok_or_else(|| PeerCertError::Malformed("no certificate".to_owned()))?;
-        self.verify_for_at(name, leaf, rest, UnixTime::now())
+        self.verify_for_at(name, leaf, rest, crate::time::unix_now())
     }
 
     fn verify_for_at(

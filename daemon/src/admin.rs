@@ -12,8 +12,9 @@ use meshd_protocol::invite::{InvitePayload, Role};
 use meshd_protocol::keys::SecretKey;
 use serde::Serialize;
 
-use crate::ids::{now_ms, random_bytes, random_id};
+use crate::ids::{random_bytes, random_id};
 use crate::store::{Db, InviteRow, MemberRow, MeshRow, StoreError};
+use crate::time::now_ms;
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]

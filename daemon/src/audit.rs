@@ -249,7 +249,7 @@ impl Audit {
             actor_member_id,
             actor: actor.to_owned(),
             payload,
-            at: crate::ids::now_ms(),
+            at: crate::time::now_ms(),
         };
         let queued = lock(&self.tx)
             .as_ref()
@@ -286,7 +286,7 @@ async fn writer(
                 actor_member_id: None,
                 actor: "system".into(),
                 payload: serde_json::json!({"dropped": n}),
-                at: crate::ids::now_ms(),
+                at: crate::time::now_ms(),
             })
             .collect();
         entries.append(&mut batch);

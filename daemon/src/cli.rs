@@ -444,7 +444,7 @@ async fn mesh(config: Config, cmd: MeshCmd) -> anyhow::Result<()> {
                     t.name,
                     &serde_json::to_string(t)?,
                     t.state_keys,
-                    crate::ids::now_ms(),
+                    crate::time::now_ms(),
                 )
                 .await?;
             }
@@ -511,8 +511,8 @@ next, on {}: meshd mesh accept {} --from {}",
                 .transpose()?;
             let mut s = admin::accept_mesh(&db, &config, &mesh_id, &from).await?;
             if let Some(wait) = wait {
-                let deadline = tokio::time::Instant::now() + wait;
-                while s.slug.is_none() && tokio::time::Instant::now() < deadline {
+                let deadline = crate::time::instant() + wait;
+                while s.slug.is_none() && crate::time::instant() < deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     s.slug = db.mesh_by_id(&mesh_id).await?.map(|m| m.slug);
                 }

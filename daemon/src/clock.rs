@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::delivery::system_push;
 use crate::hub::{MeshHub, lock};
-use crate::ids::now_ms;
+use crate::time::now_ms;
 
 /// A simulated minute.
 const SIM_STEP_MS: i64 = 60_000;
@@ -244,8 +244,7 @@ impl Clocks {
         let clocks = self.clocks.clone();
         let mesh = mesh.clone();
         self.tasks.spawn(async move {
-            let mut interval =
-                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let mut interval = tokio::time::interval_at(crate::time::instant() + period, period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

@@ -47,9 +47,9 @@ use tracing::{Instrument as _, debug, info, warn};
 use crate::Ctx;
 use crate::delivery::{self, Author, Body, Commit, Envelope, Origin, Target};
 use crate::hub::{ConnId, MeshHub, Peer, StateValue, lock, member_info};
-use crate::ids::now_ms;
 use crate::store::writer::{NewMessage, WriteOp};
 use crate::store::{MemberUpsert, MeshRow, ShareRole, StoreError};
+use crate::time::now_ms;
 
 /// Outbox rows read per query.
 const OUTBOX_PAGE: i64 = 512;
@@ -457,6 +457,13 @@ impl Held {
     }
 }
 
+/// Whether a message of a mesh goes (or waits to go) over a link of this `age`: the
+/// mesh flows, or the peer said it is ready and the link is within [`FLOW_SETTLE`] of
+/// its start (our side's claim is still being made).
+fn may_send(flows: bool, peer_ready: bool, age: Duration) -> bool {
+    flows || (peer_ready && age < FLOW_SETTLE)
+}
+
 /// Sleeps until `deadline` (a std instant); forever without one.
 async fn sleep_until_std(deadline: Option<std::time::Instant>) {
     match deadline {
@@ -510,9 +517,12 @@ impl LinkShared {
     /// (our side's claim is being made). A peer that said it is not ready (its hello
     /// omitted the mesh, or it withdrew) refuses at once: nothing waits for a consent
     /// that was withdrawn.
-    fn settling_or_flows(&self, mesh: &str) -> bool {
-        self.flows(mesh)
-            || (self.started.elapsed() < FLOW_SETTLE && lock(&self.peer_ready).contains(mesh))
+    fn settling_or_flows(&self, mesh: &str, now: std::time::Instant) -> bool {
+        may_send(
+            self.flows(mesh),
+            lock(&self.peer_ready).contains(mesh),
+            now.saturating_duration_since(self.started),
+        )
     }
 
     /// Whether we take this mesh's traffic from the peer: we told it we consent (the
@@ -777,7 +787,10 @@ impl Fed {
     /// if the link is up and settled, the peer consents too (while the link is down the
     /// message waits in the outbox).
     pub(crate) fn will_forward(&self, mesh: &str, peer: &str) -> bool {
-        self.consents(mesh, peer) && self.link(peer).is_none_or(|l| l.settling_or_flows(mesh))
+        self.consents(mesh, peer)
+            && self
+                .link(peer)
+                .is_none_or(|l| l.settling_or_flows(mesh, crate::time::std_instant()))
     }
 
     /// Whether `mesh` is shared with `peer` (messages to its members may be queued for it,
@@ -1156,7 +1169,7 @@ impl Fed {
                 Ok(false) => {}
                 Err(e) => warn!(cause = %e, "reloading federation consent"),
             }
-            self.check_links(std::time::Instant::now()).await;
+            self.check_links(crate::time::std_instant()).await;
         }
     }
 
@@ -1538,7 +1551,7 @@ impl Fed {
             counters: counters.clone(),
             messages_in: std::sync::atomic::AtomicBool::new(false),
             live_in: std::sync::atomic::AtomicBool::new(false),
-            started: std::time::Instant::now(),
+            started: crate::time::std_instant(),
             held: Mutex::default(),
             announced: Notify::new(),
             catch_ups: Mutex::default(),
@@ -1946,7 +1959,8 @@ impl Fed {
                         // mesh that has not started flowing yet on a new link waits a
                         // moment instead (nothing after it may overtake it: the peer
                         // de-duplicates by a high-water mark).
-                        if self.consents(&dm.mesh_id, &peer) && link.settling_or_flows(&dm.mesh_id)
+                        if self.consents(&dm.mesh_id, &peer)
+                            && link.settling_or_flows(&dm.mesh_id, crate::time::std_instant())
                         {
                             blocked = true;
                             caught_up = false;
@@ -2470,7 +2484,7 @@ impl Fed {
             {
                 let mut held = lock(&link.held);
                 if held.fits(encoded.len()) {
-                    held.push(encoded, unknown, std::time::Instant::now());
+                    held.push(encoded, unknown, crate::time::std_instant());
                     return Ok(());
                 }
                 if !held.drop_front() {
@@ -2492,7 +2506,7 @@ impl Fed {
         link: &Arc<LinkShared>,
     ) -> Result<(), LinkError> {
         loop {
-            let popped = lock(&link.held).pop(std::time::Instant::now(), |mesh, key| {
+            let popped = lock(&link.held).pop(crate::time::std_instant(), |mesh, key| {
                 ctx.hub.loaded(mesh).is_some_and(|hub| hub.knows(key))
             });
             match popped {
@@ -3735,8 +3749,130 @@ async fn live_writer(
 
 #[cfg(test)]
 mod tests {
-    use super::{HELD_BYTES, HELD_FOR, HELD_FRAMES, Held, Popped};
-    use std::time::{Duration, Instant};
+    use super::{
+        Coalescer, Consent, FLOW_SETTLE, HELD_BYTES, HELD_FOR, HELD_FRAMES, Held, Popped, may_send,
+    };
+    use crate::store::ShareRole;
+    use meshd_protocol::fed::Frame;
+    use std::time::Duration;
+
+    fn consent(shares: &[(&str, &str, ShareRole)], replicas: &[(&str, &str, &[&str])]) -> Consent {
+        Consent {
+            shares: shares
+                .iter()
+                .map(|(m, p, r)| (((*m).to_owned(), (*p).to_owned()), *r))
+                .collect(),
+            replicas: replicas
+                .iter()
+                .map(|(m, home, roster)| {
+                    let roster = roster.iter().map(|b| (*b).to_owned()).collect();
+                    ((*m).to_owned(), ((*home).to_owned(), roster))
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn consent_follows_offer_accept_and_roster() {
+        // The home offers: ready at once, for that peer only.
+        let home = consent(&[("m", "b", ShareRole::Offer)], &[]);
+        assert!(home.local_ready("m", "b") && !home.local_ready("m", "c"));
+        assert_eq!(home.roster("a", "m"), ["a", "b"]);
+        // Accepted before the home's offer arrived: not ready (no replica yet).
+        let accepted = consent(&[("m", "a", ShareRole::Accept)], &[]);
+        assert!(!accepted.local_ready("m", "a"));
+        // The offer arrived (replica of home a): ready with a, and with a roster broker
+        // only through the accepted home.
+        let replica = consent(
+            &[("m", "a", ShareRole::Accept)],
+            &[("m", "a", &["a", "b", "c"])],
+        );
+        assert!(replica.local_ready("m", "a") && replica.local_ready("m", "c"));
+        assert!(!replica.local_ready("m", "d"), "not on the roster");
+        assert_eq!(
+            replica.ready_for("c").into_iter().collect::<Vec<_>>(),
+            ["m"]
+        );
+        // Withdrawn (the accept is gone): the replica alone consents to nothing.
+        let withdrawn = consent(&[], &[("m", "a", &["a", "b", "c"])]);
+        assert!(!withdrawn.local_ready("m", "a") && !withdrawn.local_ready("m", "c"));
+        assert!(withdrawn.ready_for("a").is_empty());
+        // An accept of a different home does not make another home's replica ready.
+        let other = consent(&[("m", "x", ShareRole::Accept)], &[("m", "a", &["a", "c"])]);
+        assert!(!other.local_ready("m", "x") && !other.local_ready("m", "c"));
+    }
+
+    #[test]
+    fn a_new_link_waits_for_flow_only_while_it_settles() {
+        let fresh = Duration::ZERO;
+        let settled = FLOW_SETTLE;
+        assert!(
+            may_send(true, false, settled),
+            "a flowing mesh always sends"
+        );
+        assert!(
+            may_send(false, true, fresh),
+            "peer ready, ours being claimed"
+        );
+        assert!(may_send(
+            false,
+            true,
+            FLOW_SETTLE - Duration::from_millis(1)
+        ));
+        assert!(
+            !may_send(false, true, settled),
+            "settled without flowing: refused"
+        );
+        assert!(
+            !may_send(false, false, fresh),
+            "the peer withdrew: refused at once"
+        );
+    }
+
+    fn presence(key: &str, version: u64) -> Frame {
+        Frame::PresenceGone {
+            mesh_id: "m".into(),
+            key: key.into(),
+            version,
+        }
+    }
+
+    fn versions(frames: Vec<Frame>) -> Vec<(String, u64)> {
+        frames
+            .into_iter()
+            .map(|f| match f {
+                Frame::PresenceGone { key, version, .. } => (key, version),
+                Frame::PresenceSnapshot { entries, .. } => {
+                    ("snapshot".into(), entries.len() as u64)
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_coalescer_keeps_the_newest_update_per_session_in_first_arrival_order() {
+        let mut c = Coalescer::default();
+        c.put("m", "k1", presence("k1", 1));
+        c.put("m", "k2", presence("k2", 2));
+        c.put("m", "k1", presence("k1", 3));
+        assert_eq!(versions(c.take()), [("k1".into(), 3), ("k2".into(), 2)]);
+        assert!(c.take().is_empty(), "taken once");
+        // A snapshot supersedes every pending update of its mesh, not of others.
+        c.put("m", "k1", presence("k1", 4));
+        c.put("other", "k9", presence("k9", 5));
+        c.snapshot(
+            "m",
+            Frame::PresenceSnapshot {
+                mesh_id: "m".into(),
+                entries: Vec::new(),
+            },
+        );
+        assert_eq!(
+            versions(c.take()),
+            [("k9".into(), 5), ("snapshot".into(), 0)]
+        );
+    }
 
     fn unknown(keys: &[&str]) -> Vec<(String, String)> {
         keys.iter()
@@ -3746,7 +3882,7 @@ mod tests {
 
     #[test]
     fn held_frames_keep_their_order_and_wait_for_their_members() {
-        let t0 = Instant::now();
+        let t0 = crate::time::std_instant();
         let mut held = Held::default();
         held.push(vec![1], unknown(&["yan"]), t0);
         // A frame behind it waits for its turn, even with nobody unknown.
@@ -3769,7 +3905,7 @@ mod tests {
 
     #[test]
     fn the_hold_is_bounded_in_frames_and_bytes() {
-        let t0 = Instant::now();
+        let t0 = crate::time::std_instant();
         let mut held = Held::default();
         for n in 0..HELD_FRAMES {
             assert!(held.fits(8));

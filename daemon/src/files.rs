@@ -25,8 +25,8 @@ use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use crate::Ctx;
-use crate::ids::now_ms;
 use crate::store::files::FileRow;
+use crate::time::now_ms;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -256,7 +256,7 @@ impl Files {
         req_id: Option<String>,
         file_id: &str,
     ) -> Option<String> {
-        let now = tokio::time::Instant::now();
+        let now = crate::time::instant();
         let mut asks = crate::hub::lock(&self.asks);
         asks.retain(|_, a| now.duration_since(a.at) < ASK_OPEN_FOR);
         // Bounded per asking connection and in all (as the peer relay is).
@@ -677,7 +677,7 @@ pub(crate) async fn upload(
         );
     };
     let id = crate::ids::random_id();
-    let deadline = tokio::time::Instant::now()
+    let deadline = crate::time::instant()
         + ctx.config.limits.http_body_timeout
         + std::time::Duration::from_secs(len / UPLOAD_MIN_RATE);
     let received = match ctx

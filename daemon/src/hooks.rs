@@ -168,7 +168,7 @@ pub(crate) async fn set_status(
     // The source address first: a flood is refused (slowly, see `ratelimit::TARPIT`)
     // before its body is parsed.
     let ip = crate::http::client_ip(&ctx, remote, &headers);
-    let now = Instant::now();
+    let now = crate::time::instant();
     let hooks = &ctx.hooks;
     let by_address = lock(&hooks.by_address).take(addr_key(ip), now);
     match by_address {
@@ -247,7 +247,7 @@ pub(crate) async fn set_status(
             );
         }
     }
-    let now_ms = crate::ids::now_ms();
+    let now_ms = crate::time::now_ms();
     let best = ctx
         .hub
         .all()
@@ -318,7 +318,7 @@ mod tests {
         // Every address slot is fresh: refused, until they expire.
         assert!(!hooks.stash([192, 168, 0, 1].into(), "/x", Status::Idle, 1));
         assert!(hooks.stash([192, 168, 0, 1].into(), "/x", Status::Idle, PENDING_MS + 1));
-        hooks.prune(PENDING_MS * 3, Instant::now());
+        hooks.prune(PENDING_MS * 3, crate::time::instant());
         assert_eq!(hooks.sizes().1, 0);
     }
 }

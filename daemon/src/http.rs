@@ -23,8 +23,9 @@ use tracing::{info, warn};
 
 use crate::Ctx;
 use crate::hub::MemberInfo;
-use crate::ids::{now_ms, random_id};
+use crate::ids::random_id;
 use crate::store::writer::{JoinOp, JoinOutcome, WriteOp};
+use crate::time::now_ms;
 
 /// The client's address: the connection's, or, when that is a trusted reverse proxy,
 /// the rightmost `X-Forwarded-For` address that is not itself a trusted proxy (proxies
@@ -87,7 +88,7 @@ async fn webhook(
     // Guessing secrets costs a store read each: per source address, posts are limited
     // before the lookup (well above what one honest sender's webhooks post).
     let ip = crate::ratelimit::addr_key(client_ip(&ctx, remote, &headers));
-    if crate::hub::lock(&ctx.webhook_sources).take(ip, tokio::time::Instant::now())
+    if crate::hub::lock(&ctx.webhook_sources).take(ip, crate::time::instant())
         != crate::ratelimit::Take::Allowed
     {
         ctx.metrics.http_refused.inc("webhook_rate_limited");
@@ -116,7 +117,7 @@ async fn webhook(
         return fail(StatusCode::UNAUTHORIZED, "unauthorized");
     };
     let allowed =
-        crate::hub::lock(&ctx.webhook_buckets).take(hook.id.clone(), tokio::time::Instant::now());
+        crate::hub::lock(&ctx.webhook_buckets).take(hook.id.clone(), crate::time::instant());
     if allowed != crate::ratelimit::Take::Allowed {
         return fail(
             StatusCode::TOO_MANY_REQUESTS,

@@ -690,7 +690,7 @@ impl MeshHub {
         if let Some(key) = &peer.session_pubkey
             && !inner.by_key.contains_key(key)
         {
-            let now = crate::ids::now_ms();
+            let now = crate::time::now_ms();
             // Entries past any plausible grace (a day) go; the map stays as small as
             // the sessions that left within it.
             if inner.departed.len() >= inner.peers.len().max(1024) {

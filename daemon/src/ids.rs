@@ -1,4 +1,5 @@
-//! Identifiers and the wall clock.
+//! Identifiers (message ids, uuids, random tokens) and the plausibility check for ids
+//! strangers send.
 //!
 //! Ids are drawn from the OS CSPRNG: the reference used `Math.random`, which let a
 //! guessed `messageId` reveal a target through `message_status` (§10.1.8).
@@ -75,7 +76,7 @@ fn push_random_base62(out: &mut String, len: usize) {
 /// pages on every commit.
 pub(crate) fn message_id() -> String {
     let mut out = String::with_capacity(32);
-    let mut t = u64::try_from(now_ms()).unwrap_or(0);
+    let mut t = u64::try_from(crate::time::now_ms()).unwrap_or(0);
     let mut prefix = [b'0'; 8];
     for slot in prefix.iter_mut().rev() {
         *slot = ALPHABET[(t % 62) as usize];
@@ -100,13 +101,6 @@ pub(crate) fn uuid_v4() -> String {
         &h[16..20],
         &h[20..32]
     )
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Whether `s` could be an id meshd generated (mesh, member, file ids: base62, `-`, `_`,
@@ -137,7 +131,7 @@ mod tests {
         let u = uuid_v4();
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
-        assert!(now_ms() > 1_700_000_000_000);
+        assert!(crate::time::now_ms() > 1_700_000_000_000);
         assert!(plausible_id(&a) && plausible_id(&u) && plausible_id("a-b_c"));
         assert!(!plausible_id("") && !plausible_id("a/b") && !plausible_id(&"x".repeat(65)));
     }

@@ -31,6 +31,7 @@ pub mod store;
 mod systemd;
 mod telemetry;
 pub mod templates;
+mod time;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -123,7 +124,7 @@ impl Ctx {
     }
 
     pub(crate) fn uptime(&self) -> Duration {
-        self.started.elapsed()
+        time::since(self.started)
     }
 }
 
@@ -204,7 +205,7 @@ impl Daemon {
             config.storage.max_batch,
             config.limits.outbound_queue_bytes.saturating_mul(4),
             metrics.clone(),
-            delivery::router::OutSeqs::from_committed(db.outseqs().await?, ids::now_ms()),
+            delivery::router::OutSeqs::from_committed(db.outseqs().await?, time::now_ms()),
         );
         let task = WriterTask {
             router,
@@ -244,7 +245,7 @@ impl Daemon {
             relay: relay::Relay::default(),
             mcp: {
                 let mcp = mcp::Mcp::default();
-                mcp.load(db.mcp_servers().await?, ids::now_ms());
+                mcp.load(db.mcp_servers().await?, time::now_ms());
                 mcp
             },
             audit: Arc::new(audit::Audit::new(audit_key, db.clone())),
@@ -271,7 +272,7 @@ impl Daemon {
             sessions: TaskTracker::new(),
             sessions_cancel: CancellationToken::new(),
             next_conn: AtomicU64::new(0),
-            started: tokio::time::Instant::now(),
+            started: crate::time::instant(),
         });
         if let Some(f) = &ctx.fed {
             f.attach(Arc::downgrade(&ctx));
@@ -373,7 +374,7 @@ impl Bound {
         ctx.sessions_cancel.cancel();
         reminders_cancel.cancel();
         ctx.sessions.close();
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = crate::time::instant() + grace;
         if tokio::time::timeout_at(deadline, ctx.sessions.wait())
             .await
             .is_err()
@@ -421,7 +422,7 @@ impl Bound {
         }
         // Phase 3: commit everything queued, then stop the writer and close the store.
         background_cancel.cancel();
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = crate::time::instant() + grace;
         if tokio::time::timeout_at(deadline, ctx.writer.flush())
             .await
             .is_err()
@@ -492,14 +493,14 @@ async fn checkpoints(ctx: Arc<Ctx>, cancel: CancellationToken) {
 async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut revoked_watermark = ids::now_ms() - 60_000;
+    let mut revoked_watermark = time::now_ms() - 60_000;
     // The watch's windows overlap; a revocation is audited once. Only revocations still
     // inside the window are remembered.
     let mut audited_revocations: std::collections::HashMap<(String, String), i64> =
         std::collections::HashMap::new();
     let mut n: u64 = 0;
-    let mut last_recount = tokio::time::Instant::now();
-    let mut last_purge = tokio::time::Instant::now();
+    let mut last_recount = crate::time::instant();
+    let mut last_purge = crate::time::instant();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -507,7 +508,7 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         }
         n += 1;
         // Revocations made by `meshd member revoke` in another process.
-        let now = ids::now_ms();
+        let now = time::now_ms();
         match ctx.db.revoked_since(revoked_watermark - 5_000).await {
             Ok(rows) => {
                 for m in rows {
@@ -569,9 +570,9 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
             }
             Err(e) => warn!(cause = %e, "revocation watch"),
         }
-        ctx.hooks.prune(now, tokio::time::Instant::now());
-        hub::lock(&ctx.webhook_buckets).prune(tokio::time::Instant::now());
-        hub::lock(&ctx.webhook_sources).prune(tokio::time::Instant::now());
+        ctx.hooks.prune(now, crate::time::instant());
+        hub::lock(&ctx.webhook_buckets).prune(crate::time::instant());
+        hub::lock(&ctx.webhook_sources).prune(crate::time::instant());
         let ttl = i64::try_from(ctx.config.limits.status_ttl.as_millis()).unwrap_or(i64::MAX);
         for mesh in ctx.hub.all() {
             for conn in mesh.expire_statuses(now, ttl) {
@@ -583,18 +584,18 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
         // Quotas: messages recounted (deliveries and sweeps free room) and the usage
         // gauges refreshed every `quotas.recount_interval`; what outlived its retention
         // purged every `quotas.purge_interval`.
-        if last_recount.elapsed() >= ctx.config.quotas.recount_interval {
-            last_recount = tokio::time::Instant::now();
+        if time::since(last_recount) >= ctx.config.quotas.recount_interval {
+            last_recount = crate::time::instant();
             if let Err(e) = quota::refresh(&ctx).await {
                 warn!(cause = %e, "recounting usage");
             }
         }
-        if last_purge.elapsed() >= ctx.config.quotas.purge_interval {
-            last_purge = tokio::time::Instant::now();
+        if time::since(last_purge) >= ctx.config.quotas.purge_interval {
+            last_purge = crate::time::instant();
             // A purge frees room: the counts follow at once.
             match quota::purge(&ctx, now).await {
                 Ok(()) => {
-                    last_recount = tokio::time::Instant::now();
+                    last_recount = crate::time::instant();
                     if let Err(e) = quota::refresh(&ctx).await {
                         warn!(cause = %e, "recounting usage");
                     }

@@ -416,7 +416,7 @@ impl Mcp {
                     },
                     caller: Caller::Local(caller_shared.clone()),
                     req_id,
-                    deadline: Instant::now() + ctx.config.limits.mcp_call_timeout,
+                    deadline: crate::time::instant() + ctx.config.limits.mcp_call_timeout,
                 },
             );
         }
@@ -480,7 +480,7 @@ impl Mcp {
                         call_id: a.call_id.clone(),
                     },
                     req_id: None,
-                    deadline: Instant::now(),
+                    deadline: crate::time::instant(),
                 },
                 None,
                 Some(error),
@@ -522,7 +522,7 @@ impl Mcp {
                     call_id: a.call_id.clone(),
                 },
                 req_id: None,
-                deadline: Instant::now() + ctx.config.limits.mcp_call_timeout,
+                deadline: crate::time::instant() + ctx.config.limits.mcp_call_timeout,
             },
         );
         self.wake.notify_one();
@@ -893,7 +893,7 @@ pub(crate) fn broker_gone(ctx: &Ctx, hub: &crate::hub::MeshHub, broker: &str) {
         });
         gone
     };
-    let now = crate::ids::now_ms();
+    let now = crate::time::now_ms();
     for (name, hosted_by) in gone {
         let mut data = serde_json::Map::new();
         data.insert("serverName".into(), name.into());
@@ -948,7 +948,7 @@ fn finish(ctx: &Ctx, call: Call, result: Option<Box<RawValue>>, error: Option<St
 pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let timeout = ctx.config.limits.mcp_call_timeout;
     loop {
-        let next = ctx.mcp.expire(&ctx, Instant::now(), timeout);
+        let next = ctx.mcp.expire(&ctx, crate::time::instant(), timeout);
         let sleep = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at).await,

@@ -39,8 +39,9 @@ pub(crate) struct Bucket {
 }
 
 impl Bucket {
-    pub(crate) fn new(rate: u32, burst: u32) -> Self {
-        Self::with_rate(f64::from(rate), f64::from(burst), Instant::now())
+    /// A full bucket at `now`.
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        Self::with_rate(f64::from(rate), f64::from(burst), now)
     }
 
     fn with_rate(rate: f64, burst: f64, now: Instant) -> Self {
@@ -182,7 +183,7 @@ mod tests {
 
     #[test]
     fn bucket_refills() {
-        let t0 = Instant::now();
+        let t0 = crate::time::instant();
         let mut b = Bucket::with_rate(10.0, 2.0, t0);
         assert!(b.take(t0));
         assert!(b.take(t0));
@@ -195,7 +196,7 @@ mod tests {
 
     #[test]
     fn buckets_are_bounded_and_forget_only_refilled_keys() {
-        let t0 = Instant::now();
+        let t0 = crate::time::instant();
         // 60 a minute (1/s), burst 60, at most 3 keys.
         let mut m = Buckets::per_minute(60.0, 3);
         for k in 0..3 {
@@ -220,7 +221,7 @@ mod tests {
 
     #[test]
     fn full_map_sweeps_at_most_once_a_second() {
-        let t0 = Instant::now();
+        let t0 = crate::time::instant();
         let mut m = Buckets::per_second(1, 1, 1);
         assert_eq!(m.take(1, t0), Take::Allowed);
         assert_eq!(m.take(2, t0), Take::Full);

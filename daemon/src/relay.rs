@@ -109,7 +109,7 @@ impl Relay {
         req_id: Option<String>,
         asker: Asker,
     ) -> Result<(), AskError> {
-        let now = Instant::now();
+        let now = crate::time::instant();
         let mut open = lock(&self.open);
         open.retain(|_, q| {
             q.retain(|o| now.duration_since(o.at) < OPEN_FOR);
@@ -168,7 +168,7 @@ impl Relay {
         if q.is_empty() {
             open.remove(&key);
         }
-        (Instant::now().duration_since(o.at) < OPEN_FOR).then_some((o.asker, o.req_id))
+        (crate::time::instant().duration_since(o.at) < OPEN_FOR).then_some((o.asker, o.req_id))
     }
 
     /// Records a request relayed to `broker` under a fresh relay id (returned).
@@ -180,7 +180,7 @@ impl Relay {
         req_id: Option<String>,
         asker: &Arc<PeerShared>,
     ) -> Result<String, AskError> {
-        let now = Instant::now();
+        let now = crate::time::instant();
         let mut out = lock(&self.outgoing);
         out.retain(|_, o| now.duration_since(o.at) < OPEN_FOR);
         if out

@@ -23,9 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::Ctx;
 use crate::delivery::{self, Author, Body, Envelope, Origin, Refused, Target};
-use crate::ids::now_ms;
 use crate::store::StoreError;
 use crate::store::schedule::ScheduleRow;
+use crate::time::now_ms;
 
 /// Rows fired per store read.
 const BATCH: i64 = 256;

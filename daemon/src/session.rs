@@ -44,10 +44,11 @@ use crate::hub::{
     CloseReason, ConnId, DirectRoute, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError,
     Registered, Sent, StateValue, lease_owner, lock, member_info, offer, peer_data, raw,
 };
-use crate::ids::{now_ms, random_id};
+use crate::ids::random_id;
 use crate::ratelimit::Bucket;
 use crate::store::StoreError;
 use crate::store::writer::{ClaimSpec, Claimed, PeerStateWrite, WriteOp};
+use crate::time::now_ms;
 
 /// Replies awaited concurrently but written in request order.
 type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>>;
@@ -196,7 +197,7 @@ async fn handshake(
 ) -> Option<Live> {
     let timeout_ms = i64::try_from(ctx.config.limits.hello_timeout.as_millis()).unwrap_or(i64::MAX);
     let mut hs = Session::new(now_ms(), timeout_ms);
-    let deadline = Instant::now() + ctx.config.limits.hello_timeout;
+    let deadline = crate::time::instant() + ctx.config.limits.hello_timeout;
     loop {
         let msg = tokio::select! {
             biased;
@@ -532,6 +533,7 @@ async fn authenticate(
     let mut machine = Session::new(now, 0);
     machine.accepted();
     let io_guard = shared.cancel.clone();
+    let started = crate::time::instant();
     let live = Live {
         ctx: ctx.clone(),
         machine,
@@ -567,8 +569,9 @@ async fn authenticate(
         bucket: Bucket::new(
             ctx.config.limits.sends_per_second,
             ctx.config.limits.send_burst,
+            started,
         ),
-        last_activity: Instant::now(),
+        last_activity: started,
         io_guard,
         predecessor,
     };
@@ -698,13 +701,13 @@ impl Live {
     async fn serve(mut self, mut socket: WebSocket) {
         let ping_every = self.ctx.config.limits.ping_interval;
         let idle_timeout = self.ctx.config.limits.idle_timeout;
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let mut ping = tokio::time::interval_at(crate::time::instant() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let cancel = self.shared.cancel.clone();
         let writer_tx = self.ctx.writer.clone();
         let mut unflushed: Vec<Sent> = Vec::new();
         let retired = self.predecessor.as_ref().map(|p| p.retired.clone());
-        let handover_deadline = Instant::now() + Duration::from_secs(10);
+        let handover_deadline = crate::time::instant() + Duration::from_secs(10);
         let ended: &'static str = loop {
             if self.drain_wanted && self.claim.is_none() && self.predecessor.is_none() {
                 self.start_claim();
@@ -736,7 +739,7 @@ impl Live {
                             // Retry soon: until a drain succeeds, newer messages for this
                             // connection wait in its backlog.
                             warn!(cause = %e, "drain failed; retrying in 1 s");
-                            let at = Instant::now() + Duration::from_secs(1);
+                            let at = crate::time::instant() + Duration::from_secs(1);
                             self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
                         }
                         Err(_) => break "shutdown",
@@ -762,7 +765,7 @@ impl Live {
                     self.predecessor = None;
                 }
                 msg = socket.recv(), if reading => {
-                    self.last_activity = Instant::now();
+                    self.last_activity = crate::time::instant();
                     match msg {
                         Some(Ok(Message::Text(t))) => {
                             self.ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
@@ -786,7 +789,7 @@ impl Live {
                     }
                 }
                 _ = ping.tick() => {
-                    if self.last_activity.elapsed() > idle_timeout {
+                    if crate::time::since(self.last_activity) > idle_timeout {
                         break "idle_timeout";
                     }
                     let limit = self.ctx.config.limits.idle_timeout;
@@ -950,7 +953,7 @@ impl Live {
                 let until = self.lease_until(true, now_ms());
                 self.queue_write(WriteOp::Lease { ids: open, until });
             }
-            let at = Instant::now() + lease;
+            let at = crate::time::instant() + lease;
             self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
         } else {
             self.queue_write(WriteOp::MarkDelivered {
@@ -1038,7 +1041,7 @@ impl Live {
         if let Some(at) = claimed.next_lease_expiry {
             let wait =
                 Duration::from_millis(u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0));
-            let at = Instant::now() + wait;
+            let at = crate::time::instant() + wait;
             self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
         }
         if full {
@@ -1462,7 +1465,7 @@ impl Live {
                 .into(),
             )
         };
-        if !self.bucket.take(Instant::now()) {
+        if !self.bucket.take(crate::time::instant()) {
             let l = &self.ctx.config.limits;
             return refuse(
                 "rate_limited",

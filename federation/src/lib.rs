@@ -9,6 +9,7 @@
 pub mod discovery;
 pub mod link;
 pub mod manager;
+mod time;
 
 pub use link::{Endpoint, FrameReader, FrameWriter, Link, LinkConn, LinkError, LinkOptions};
 pub use manager::{

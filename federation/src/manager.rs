@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use meshd_protocol::fed::{self, CloseReason, DEFAULT_PORT, Hello};
 use tokio::sync::Notify;
@@ -204,12 +204,6 @@ impl std::fmt::Debug for Manager {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -234,7 +228,7 @@ impl Manager {
                         status: PeerStatus {
                             name: t.name.clone(),
                             state: LinkState::Connecting,
-                            since_ms: now_ms(),
+                            since_ms: crate::time::now_ms(),
                             addr: None,
                             dialer: false,
                             rtt: None,
@@ -351,7 +345,7 @@ impl Manager {
     fn set_state(&self, peer: &str, state: LinkState, error: Option<String>) {
         if let Some(slot) = lock(&self.slots).get_mut(peer) {
             if slot.status.state != state {
-                slot.status.since_ms = now_ms();
+                slot.status.since_ms = crate::time::now_ms();
             }
             slot.status.state = state;
             if error.is_some() {
@@ -538,7 +532,8 @@ impl Manager {
                     peer.as_str()
                 };
                 let new_wins = new_dialer == old_dialer
-                    || old.established.elapsed() > SIMULTANEOUS
+                    || crate::time::instant().saturating_duration_since(old.established)
+                        > SIMULTANEOUS
                     || fed::keep_dialed_by(new_dialer, old_dialer);
                 if !new_wins {
                     debug!(peer = %peer, "duplicate link closed");
@@ -553,10 +548,10 @@ impl Manager {
                 conn: link.conn.conn.clone(),
                 dialed_by_me: link.dialer,
                 stop: stop.clone(),
-                established: std::time::Instant::now(),
+                established: crate::time::instant(),
             });
             slot.status.state = LinkState::Up;
-            slot.status.since_ms = now_ms();
+            slot.status.since_ms = crate::time::now_ms();
             slot.status.addr = Some(link.remote);
             slot.status.dialer = link.dialer;
             slot.status.connects += 1;
@@ -601,7 +596,7 @@ impl Manager {
                         } else {
                             LinkState::Connecting
                         };
-                        slot.status.since_ms = now_ms();
+                        slot.status.since_ms = crate::time::now_ms();
                         if err.is_some() {
                             slot.status.last_error.clone_from(&err);
                         }

@@ -9,6 +9,9 @@
 //!
 //! Run `ulimit -n 65536` first for the idle-connection scenario.
 
+// Tests and benchmarks measure real time (see clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod abuse;
 mod fed;
 mod nats;

@@ -1,6 +1,9 @@
 //! meshd integration tests: one binary, one module per area. Tests that touch the store
 //! run against SQLite and PostgreSQL (see [`both!`]).
 
+// Tests and benchmarks measure real time (see clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 /// The daemon binary built by this package (same code as `meshd`).
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_meshd-under-test");
 

@@ -359,10 +359,11 @@ impl Executor {
     async fn run(&mut self) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while self.rx.recv_many(&mut batch, self.max_batch).await > 0 {
-            let started = std::time::Instant::now();
+            let started = crate::time::std_instant();
             let n = batch.len();
             self.run_batch(batch.drain(..)).await;
-            self.metrics.record_commit(n, started.elapsed());
+            self.metrics
+                .record_commit(n, crate::time::since_std(started));
         }
         let conn = std::mem::replace(&mut self.conn, WriterConn::Closed);
         let result = match conn {
@@ -445,7 +446,7 @@ impl Executor {
         if usable {
             return false;
         }
-        let now = std::time::Instant::now();
+        let now = crate::time::std_instant();
         if self
             .last_reopen
             .is_some_and(|at| now.duration_since(at) < REOPEN_INTERVAL)
