@@ -13,6 +13,7 @@ pub mod cli;
 mod clock;
 mod cron;
 mod delivery;
+mod features;
 mod fed;
 mod files;
 mod hooks;

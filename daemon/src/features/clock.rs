@@ -1,0 +1,64 @@
+//! The mesh's simulation clock, as clients drive it (the clocks are `crate::clock`).
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_protocol::broker::{BrokerFrame, ErrorFrame};
+use meshd_protocol::client::ClientFrame;
+
+use crate::session::*;
+
+impl Live {
+    /// The mesh's simulation clock.
+    pub(crate) fn on_clock(
+        &mut self,
+        frame: ClientFrame,
+        req_id: Option<String>,
+    ) -> Option<Utf8Bytes> {
+        match frame {
+            ClientFrame::SetClock { speed } => {
+                let status = self.ctx.clocks.set(&self.mesh, speed, req_id);
+                self.clock_changed();
+                Some(BrokerFrame::ClockStatus(status).to_json().into())
+            }
+            ClientFrame::PauseClock | ClientFrame::ResumeClock => {
+                let status = if matches!(frame, ClientFrame::PauseClock) {
+                    self.ctx.clocks.pause(self.mesh_id(), req_id.clone())
+                } else {
+                    self.ctx.clocks.resume(&self.mesh, req_id.clone())
+                };
+                if status.is_some() {
+                    self.clock_changed();
+                }
+                Some(
+                    status
+                        .map_or_else(
+                            || {
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        "no_clock",
+                                        "this mesh has no clock: set_clock first",
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                            },
+                            BrokerFrame::ClockStatus,
+                        )
+                        .to_json()
+                        .into(),
+                )
+            }
+            ClientFrame::GetClock => Some(
+                BrokerFrame::ClockStatus(self.ctx.clocks.get(self.mesh_id(), req_id))
+                    .to_json()
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The mesh's clock changed here: its other brokers hear of it.
+    pub(crate) fn clock_changed(&self) {
+        if let (Some(fed), Some(set)) = (&self.ctx.fed, self.ctx.clocks.set_of(self.mesh_id())) {
+            fed.clock_changed(set);
+        }
+    }
+}

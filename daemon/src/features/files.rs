@@ -1,0 +1,276 @@
+//! Files: get, list, status, delete, grant (uploads and downloads are HTTP: `crate::files`).
+
+use std::sync::Arc;
+
+use meshd_protocol::broker::{Ack, BrokerFrame};
+use meshd_protocol::client::ClientFrame;
+use meshd_protocol::time::iso8601_ms;
+
+use crate::session::*;
+
+impl Live {
+    /// Stored files: `get_file`, `list_files`, `file_status`, `delete_file`,
+    /// `grant_file_access` (see `files`). A reader sees a file when it is the uploader,
+    /// the file has no target, or the target includes it; `delete_file` is the
+    /// uploader's or an admin's; `grant_file_access` the owner's.
+    pub(crate) fn queue_files(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{
+            FileAccess, FileEntry, FileList, FileStatusResult, FileUrl, GrantFileAccessOk,
+        };
+        let ctx = self.ctx.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let member_id = self.member_id.clone();
+        let keys = [self.routing_key().to_owned(), self.member_pubkey.clone()];
+        let me = self.display_name.clone();
+        let groups = self
+            .mesh
+            .local_peer(self.conn, |p| p.groups.clone())
+            .unwrap_or_default();
+        let admin = self
+            .mesh
+            .member(&self.member_pubkey)
+            .is_some_and(|m| m.role == "admin");
+        let (shared, member_pubkey) = (self.shared.clone(), self.member_pubkey.clone());
+        self.pending.push_back(Box::pin(async move {
+            let key_refs = [keys[0].as_str(), keys[1].as_str()];
+            // A file another broker of the mesh holds: `get_file` asks it for a URL (at
+            // that broker); the owner's operations are made there.
+            let held_by = match &frame {
+                ClientFrame::GetFile { file_id }
+                | ClientFrame::FileStatus { file_id }
+                | ClientFrame::DeleteFile { file_id }
+                | ClientFrame::GrantFileAccess { file_id, .. } => {
+                    match ctx.db.file(&mesh_id, file_id, now).await {
+                        Ok(Some(f)) => f.home_broker.clone().map(|b| (f, b)),
+                        Ok(None) => None,
+                        Err(e) => return store_unavailable("reading a file", req_id, &e),
+                    }
+                }
+                _ => None,
+            };
+            if let Some((f, broker)) = held_by {
+                if !matches!(frame, ClientFrame::GetFile { .. }) {
+                    return error(
+                        "held_elsewhere",
+                        format!("this file is held by broker {broker}: its owner manages it there"),
+                        req_id,
+                    );
+                }
+                if !crate::files::may_read(&f, &member_id, &key_refs, &groups) {
+                    return error("forbidden", "this file is not shared with you", req_id);
+                }
+                let broker: Arc<str> = Arc::from(broker.as_str());
+                let Some(ask_id) = ctx
+                    .files
+                    .ask(broker.clone(), &shared, req_id.clone(), &f.id)
+                else {
+                    return error(
+                        "rate_limited",
+                        "too many file requests waiting for other brokers; retry shortly",
+                        req_id,
+                    );
+                };
+                let ask = meshd_protocol::fed::FileUrlAsk {
+                    mesh_id: mesh_id.clone(),
+                    ask_id: ask_id.clone(),
+                    file_id: f.id.clone(),
+                    member_id: member_id.clone(),
+                    member_pubkey,
+                    reader_key: keys[0].clone(),
+                    reader_name: me,
+                    groups: groups.iter().map(|g| g.name.clone()).collect(),
+                };
+                let sent = ctx.fed.as_ref().is_some_and(|fed| {
+                    fed.relay_send(
+                        &broker,
+                        &mesh_id,
+                        meshd_protocol::fed::Frame::FileUrlAsk(Box::new(ask)),
+                    )
+                });
+                if !sent {
+                    ctx.files.unask(&ask_id);
+                    return error(
+                        "unavailable",
+                        format!("the broker holding this file ({broker}) cannot be reached now"),
+                        req_id,
+                    );
+                }
+                // The answer comes through the outbound queue (see `files::Files::answered`).
+                return None;
+            }
+            let readable = |f: &crate::store::files::FileRow| {
+                crate::files::may_read(f, &member_id, &key_refs, &groups)
+            };
+            let file_id = match &frame {
+                ClientFrame::GetFile { file_id }
+                | ClientFrame::FileStatus { file_id }
+                | ClientFrame::DeleteFile { file_id }
+                | ClientFrame::GrantFileAccess { file_id, .. } => Some(file_id.clone()),
+                _ => None,
+            };
+            let file = match &file_id {
+                Some(id) => match ctx.db.file(&mesh_id, id, now).await {
+                    Ok(f) => f,
+                    Err(e) => return store_unavailable("reading a file", req_id, &e),
+                },
+                None => None,
+            };
+            let reply = match frame {
+                ClientFrame::GetFile { file_id } => {
+                    let Some(f) = file else {
+                        return error("not_found", "no such file in this mesh", req_id);
+                    };
+                    if !readable(&f) {
+                        return error("forbidden", "this file is not shared with you", req_id);
+                    }
+                    let sealed_key = if f.encrypted != 0 {
+                        match ctx.db.sealed_file_key(&f.id, &key_refs).await {
+                            Ok(k) => k,
+                            Err(e) => return store_unavailable("reading a file key", req_id, &e),
+                        }
+                    } else {
+                        None
+                    };
+                    if let Err(e) = ctx.db.record_file_access(&f.id, &keys[0], &me, now).await {
+                        return store_unavailable("recording a download", req_id, &e);
+                    }
+                    let base = crate::http::hook_base(&ctx.config);
+                    BrokerFrame::FileUrl(FileUrl {
+                        url: ctx.files.signed_url(
+                            &base,
+                            &mesh_id,
+                            &f.id,
+                            now + crate::files::URL_TTL_MS,
+                        ),
+                        file_id,
+                        name: f.name,
+                        encrypted: f.encrypted != 0,
+                        sealed_key,
+                        req_id,
+                    })
+                }
+                ClientFrame::ListFiles { query, from } => {
+                    let rows = match ctx.db.files(&mesh_id, now).await {
+                        Ok(r) => r,
+                        Err(e) => return store_unavailable("listing files", req_id, &e),
+                    };
+                    let q = query.map(|q| q.to_lowercase());
+                    BrokerFrame::FileList(FileList {
+                        files: rows
+                            .into_iter()
+                            .filter(|f| readable(f))
+                            .filter(|f| {
+                                q.as_ref().is_none_or(|q| f.name.to_lowercase().contains(q))
+                            })
+                            .filter(|f| from.as_ref().is_none_or(|w| &f.uploaded_by_name == w))
+                            .take(100)
+                            .map(|f| FileEntry {
+                                tags: serde_json::from_str(&f.tags).unwrap_or_default(),
+                                id: f.id,
+                                name: f.name,
+                                size: f.size_bytes,
+                                uploaded_by: f.uploaded_by_name,
+                                uploaded_at: iso8601_ms(f.uploaded_at),
+                                persistent: f.persistent != 0,
+                                encrypted: f.encrypted != 0,
+                            })
+                            .collect(),
+                        req_id,
+                    })
+                }
+                ClientFrame::FileStatus { file_id } => {
+                    let Some(f) = file.filter(|f| readable(f)) else {
+                        return error("not_found", "no such file in this mesh", req_id);
+                    };
+                    let accesses = match ctx.db.file_accesses(&f.id).await {
+                        Ok(a) => a,
+                        Err(e) => return store_unavailable("reading downloads", req_id, &e),
+                    };
+                    BrokerFrame::FileStatusResult(FileStatusResult {
+                        file_id,
+                        accesses: accesses
+                            .into_iter()
+                            .map(|(peer_name, at)| FileAccess {
+                                peer_name,
+                                accessed_at: iso8601_ms(at),
+                            })
+                            .collect(),
+                        req_id,
+                    })
+                }
+                ClientFrame::DeleteFile { file_id } => {
+                    // Answered with an `ack` (as the reference), carrying the refusal.
+                    let refusal = match &file {
+                        None => Some("no such file in this mesh"),
+                        Some(f) if f.uploader_member_id != member_id && !admin => {
+                            Some("only the file's uploader or an admin may delete it")
+                        }
+                        Some(_) => None,
+                    };
+                    if refusal.is_none() {
+                        match ctx.db.delete_file(&file_id, now).await {
+                            Ok(deleted) => {
+                                if deleted && let Some(f) = &file {
+                                    crate::quota::recount_member(
+                                        &ctx,
+                                        crate::quota::Kind::Files,
+                                        &mesh_id,
+                                        &f.uploader_member_id,
+                                    )
+                                    .await;
+                                }
+                                ctx.files.remove(&mesh_id, &file_id).await;
+                                crate::files::publish(
+                                    &ctx,
+                                    &mesh_id,
+                                    vec![crate::files::file_removal(&file_id)],
+                                );
+                            }
+                            Err(e) => return store_unavailable("deleting a file", req_id, &e),
+                        }
+                    }
+                    BrokerFrame::Ack(Ack {
+                        id: file_id.clone(),
+                        message_id: file_id,
+                        queued: false,
+                        error: refusal.map(str::to_owned),
+                        req_id,
+                    })
+                }
+                ClientFrame::GrantFileAccess {
+                    file_id,
+                    peer_pubkey,
+                    sealed_key,
+                } => {
+                    let Some(f) = file else {
+                        return error("not_found", "no such file in this mesh", req_id);
+                    };
+                    if !key_refs.contains(&f.owner_pubkey.as_str())
+                        && f.uploader_member_id != member_id
+                    {
+                        return error(
+                            "forbidden",
+                            "only the file's owner may grant access",
+                            req_id,
+                        );
+                    }
+                    let peer = peer_pubkey.to_ascii_lowercase();
+                    if let Err(e) = ctx
+                        .db
+                        .grant_file_key(&f.id, &peer, &sealed_key, &keys[0], now)
+                        .await
+                    {
+                        return store_unavailable("storing a file key", req_id, &e);
+                    }
+                    BrokerFrame::GrantFileAccessOk(GrantFileAccessOk {
+                        file_id,
+                        peer_pubkey,
+                        req_id,
+                    })
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
+    }
+}

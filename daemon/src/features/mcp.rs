@@ -1,0 +1,282 @@
+//! The MCP proxy, as clients use it (`crate::mcp` keeps the registry and calls).
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_protocol::broker::BrokerFrame;
+use meshd_protocol::client::ClientFrame;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::delivery;
+use crate::session::*;
+use crate::time::now_ms;
+
+impl Live {
+    /// A session of the member is back: its persistent MCP servers that were offline are
+    /// hosted by this session again (`mcp_restored` to everyone, stored as online).
+    pub(crate) fn restore_mcp(&mut self) {
+        let host = crate::mcp::Host {
+            conn: self.conn,
+            shared: self.shared.clone(),
+        };
+        let restored =
+            self.ctx
+                .mcp
+                .member_back(self.mesh_id(), &self.member_id, &self.display_name, &host);
+        if restored.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        for name in &restored {
+            let mut data = serde_json::Map::new();
+            data.insert("serverName".into(), name.clone().into());
+            data.insert("hostedBy".into(), self.display_name.clone().into());
+            let frame = delivery::system_push(self.mesh_id(), "mcp_restored", data, now);
+            self.mesh.announce(&frame, 0, None);
+        }
+        let sets = restored
+            .iter()
+            .filter_map(|n| self.ctx.mcp.set_of(self.mesh_id(), n))
+            .collect();
+        crate::mcp::publish(&self.ctx, self.mesh_id(), sets);
+        for name in restored {
+            self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
+                mesh_id: self.mesh_id().to_owned(),
+                name,
+                since: None,
+            });
+        }
+    }
+
+    /// The MCP proxy (see `mcp`).
+    pub(crate) fn on_mcp(
+        &mut self,
+        frame: ClientFrame,
+        req_id: Option<String>,
+        now: i64,
+    ) -> Option<Utf8Bytes> {
+        use meshd_protocol::broker::{McpCallResult, McpListResult, McpRegisterAck};
+        match frame {
+            ClientFrame::McpRegister(r) => {
+                let r = *r;
+                let who = crate::mcp::Registrant {
+                    member_id: &self.member_id,
+                    member_pubkey: &self.member_pubkey,
+                    display_name: &self.display_name,
+                    host: crate::mcp::Host {
+                        conn: self.conn,
+                        shared: self.shared.clone(),
+                    },
+                };
+                let tool_names: Vec<serde_json::Value> =
+                    r.tools.iter().map(|t| t.name.clone().into()).collect();
+                let tool_count = r.tools.len();
+                let (server_name, description) = (r.server_name.clone(), r.description.clone());
+                let r_persistent = r.persistent;
+                let row = match self.ctx.mcp.register(self.mesh_id(), r, who, now) {
+                    Ok(row) => row,
+                    Err(e @ crate::mcp::RegisterError::Taken { .. }) => {
+                        return error("mcp_name_taken", e.to_string(), req_id);
+                    }
+                    Err(e @ crate::mcp::RegisterError::Full) => {
+                        return error("mcp_full", e.to_string(), req_id);
+                    }
+                    Err(e @ crate::mcp::RegisterError::TooLarge) => {
+                        return error("invalid_mcp_server", e.to_string(), req_id);
+                    }
+                };
+                let mut data = serde_json::Map::new();
+                data.insert("serverName".into(), server_name.clone().into());
+                data.insert("description".into(), description.into());
+                data.insert("tools".into(), tool_names.into());
+                data.insert("hostedBy".into(), self.display_name.clone().into());
+                let frame = delivery::system_push(self.mesh_id(), "mcp_registered", data, now);
+                self.mesh.announce(&frame, self.conn, None);
+                let sets = self
+                    .ctx
+                    .mcp
+                    .set_of(self.mesh_id(), &server_name)
+                    .into_iter()
+                    .collect();
+                crate::mcp::publish(&self.ctx, self.mesh_id(), sets);
+                // The ack of a persistent registration follows its store write, so an
+                // acknowledged one survives a restart.
+                let name = server_name;
+                let stored = match row {
+                    Some(row) => {
+                        let (tx, rx) = oneshot::channel();
+                        self.ctx
+                            .mcp
+                            .persist(crate::mcp::StoreOp::Upsert(row, Some(tx)))
+                            .then_some(rx)
+                    }
+                    None => {
+                        self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
+                            mesh_id: self.mesh_id().to_owned(),
+                            name: name.clone(),
+                        });
+                        None
+                    }
+                };
+                let persistent = r_persistent;
+                self.pending.push_back(Box::pin(async move {
+                    if persistent {
+                        match stored {
+                            Some(rx) => match rx.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => {
+                                    return store_unavailable("storing an MCP server", req_id, &e);
+                                }
+                                Err(_) => {
+                                    return store_unavailable(
+                                        "storing an MCP server",
+                                        req_id,
+                                        &"shutting down",
+                                    );
+                                }
+                            },
+                            None => {
+                                return store_unavailable(
+                                    "storing an MCP server",
+                                    req_id,
+                                    &"store queue full",
+                                );
+                            }
+                        }
+                    }
+                    Some(
+                        BrokerFrame::McpRegisterAck(McpRegisterAck {
+                            server_name: name,
+                            tool_count,
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    )
+                }));
+                None
+            }
+            ClientFrame::McpUnregister { server_name } => {
+                let before = self.ctx.mcp.set_of(self.mesh_id(), &server_name);
+                let Some((hosted_by, persistent)) =
+                    self.ctx
+                        .mcp
+                        .unregister(self.mesh_id(), &server_name, &self.member_id)
+                else {
+                    // No reply to this frame, even a refusal (the CLI does not wait).
+                    debug!(server = %server_name, "mcp_unregister of a server this member does not host");
+                    return None;
+                };
+                let mut data = serde_json::Map::new();
+                data.insert("serverName".into(), server_name.clone().into());
+                data.insert("hostedBy".into(), hosted_by.into());
+                let frame = delivery::system_push(self.mesh_id(), "mcp_unregistered", data, now);
+                self.mesh.announce(&frame, self.conn, None);
+                let removed = before
+                    .map(|mut s| {
+                        s.removed = true;
+                        s
+                    })
+                    .into_iter()
+                    .collect();
+                crate::mcp::publish(&self.ctx, self.mesh_id(), removed);
+                if persistent {
+                    self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
+                        mesh_id: self.mesh_id().to_owned(),
+                        name: server_name,
+                    });
+                }
+                None
+            }
+            ClientFrame::McpList => Some(
+                BrokerFrame::McpListResult(McpListResult {
+                    servers: self.ctx.mcp.list(self.mesh_id()),
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            ),
+            ClientFrame::McpCall(c) => {
+                match self.ctx.mcp.call(
+                    &self.ctx,
+                    self.mesh_id(),
+                    *c,
+                    (
+                        &self.shared,
+                        &self.display_name,
+                        &self.member_pubkey,
+                        req_id.clone(),
+                    ),
+                    now,
+                ) {
+                    Ok(()) => None,
+                    Err(e) => Some(
+                        BrokerFrame::McpCallResult(McpCallResult {
+                            result: None,
+                            error: Some(e.to_string()),
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    ),
+                }
+            }
+            ClientFrame::McpCallResponse(r) => {
+                let r = *r;
+                if !self
+                    .ctx
+                    .mcp
+                    .respond(&self.ctx, self.conn, &r.call_id, r.result, r.error)
+                {
+                    self.ctx.metrics.frames_dropped.inc("mcp_response_refused");
+                    debug!(call = %r.call_id, "mcp_call_response for a call this session was not asked");
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// After the socket is gone: give back unwritten leases, leave the mesh, announce
+    /// the departure, save the session state for "welcome back".
+    /// This connection's MCP servers: non-persistent ones go (`mcp_unregistered`),
+    /// persistent ones go offline (returned, to store); calls it hosted fail, calls it
+    /// made end.
+    pub(crate) fn mcp_gone(&self, now: i64) -> Vec<String> {
+        // Relayed file requests this connection was asked fail now; its own are dropped.
+        for (kind, path, asker, req_id) in self.ctx.relay.conn_gone(self.conn) {
+            let answer = crate::relay::Answer {
+                kind,
+                path,
+                content: None,
+                entries: None,
+                error: Some("the asked peer disconnected".to_owned()),
+            };
+            crate::relay::deliver(&self.ctx, self.mesh_id(), asker, answer, req_id);
+        }
+        let successor = self
+            .mesh
+            .siblings(&self.member_pubkey, self.conn)
+            .into_iter()
+            .filter(|p| p.conn_id > self.conn && p.close_reason().is_none())
+            .max_by_key(|p| p.conn_id)
+            .map(|shared| crate::mcp::Host {
+                conn: shared.conn_id,
+                shared,
+            });
+        let gone = self
+            .ctx
+            .mcp
+            .conn_gone(&self.ctx, self.mesh_id(), self.conn, successor, now);
+        crate::mcp::publish(&self.ctx, self.mesh_id(), gone.sets);
+        if !self.ctx.sessions_cancel.is_cancelled() {
+            for (name, hosted_by) in gone.removed {
+                let mut data = serde_json::Map::new();
+                data.insert("serverName".into(), name.into());
+                data.insert("hostedBy".into(), hosted_by.into());
+                let frame = delivery::system_push(self.mesh_id(), "mcp_unregistered", data, now);
+                self.mesh.announce(&frame, self.conn, None);
+            }
+        }
+        gone.offline
+    }
+}

@@ -1,0 +1,153 @@
+//! The skills catalogue: share, get, list, remove.
+
+use meshd_protocol::broker::{BrokerFrame, ErrorFrame};
+use meshd_protocol::client::ClientFrame;
+use meshd_protocol::time::iso8601_ms;
+
+use crate::session::*;
+
+impl Live {
+    /// The skills catalogue: stored per mesh, replicated to the mesh's other brokers.
+    pub(crate) fn queue_skill(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{Skill, SkillAck, SkillData, SkillList, SkillSummary};
+        let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
+        let member_id = self.member_id.clone();
+        let fed = self.ctx.fed.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let author = self.display_name.clone();
+        self.pending.push_back(Box::pin(async move {
+            let failed = |req_id, e: &dyn std::fmt::Display| {
+                store_unavailable("skills catalogue", req_id, e)
+            };
+            let reply = match frame {
+                ClientFrame::ShareSkill(s) => {
+                    let existing = match db.skill(&mesh_id, &s.name).await {
+                        Ok(e) => e,
+                        Err(e) => return failed(req_id, &e),
+                    };
+                    let replacing = existing.is_some();
+                    let row = crate::store::skills::SkillRow {
+                        mesh_id,
+                        name: s.name.trim().to_owned(),
+                        description: s.description,
+                        instructions: s.instructions,
+                        tags: serde_json::to_string(&s.tags).unwrap_or_else(|_| "[]".into()),
+                        author,
+                        created_at: existing.map_or(now, |e| e.created_at),
+                        updated_at: now,
+                    };
+                    let weight = i64::try_from(
+                        row.instructions.len() + row.description.len() + row.tags.len(),
+                    )
+                    .unwrap_or(i64::MAX);
+                    let new_rows = i64::from(!replacing);
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
+                        crate::quota::Kind::Skills,
+                        &row.mesh_id,
+                        &member_id,
+                        crate::quota::Usage::new(new_rows, weight),
+                    ) {
+                        return Some(
+                            BrokerFrame::Error(
+                                ErrorFrame::new(crate::quota::QuotaExceeded::CODE, e.to_string())
+                                    .with_req_id(req_id),
+                            )
+                            .to_json()
+                            .into(),
+                        );
+                    }
+                    match db.put_skill(&row, Some(&member_id)).await {
+                        Ok(_) => {}
+                        Err(crate::store::skills::SkillError::Full) => {
+                            return Some(
+                                BrokerFrame::Error(
+                                    ErrorFrame::new(
+                                        "skills_full",
+                                        "the mesh's skills catalogue is full; remove a skill first",
+                                    )
+                                    .with_req_id(req_id),
+                                )
+                                .to_json()
+                                .into(),
+                            );
+                        }
+                        Err(e) => return failed(req_id, &e),
+                    }
+                    let name = row.name.clone();
+                    if let Some(fed) = &fed {
+                        fed.skill_changed(crate::fed::skill_set(row, false));
+                    }
+                    BrokerFrame::SkillAck(SkillAck {
+                        name,
+                        action: "shared",
+                        req_id,
+                    })
+                }
+                ClientFrame::GetSkill { name } => match db.skill(&mesh_id, &name).await {
+                    Ok(row) => BrokerFrame::SkillData(SkillData {
+                        skill: row.map(|r| Skill {
+                            tags: r.tag_list(),
+                            name: r.name,
+                            description: r.description,
+                            instructions: r.instructions,
+                            author: r.author,
+                            created_at: iso8601_ms(r.created_at),
+                        }),
+                        req_id,
+                    }),
+                    Err(e) => return failed(req_id, &e),
+                },
+                ClientFrame::ListSkills { query } => match db.skills(&mesh_id).await {
+                    Ok(rows) => BrokerFrame::SkillList(SkillList {
+                        skills: rows
+                            .into_iter()
+                            .filter(|r| {
+                                query
+                                    .as_deref()
+                                    .is_none_or(|q| crate::store::skills::matches(r, q))
+                            })
+                            .map(|r| SkillSummary {
+                                tags: r.tag_list(),
+                                name: r.name,
+                                description: r.description,
+                                author: r.author,
+                                created_at: iso8601_ms(r.created_at),
+                            })
+                            .collect(),
+                        req_id,
+                    }),
+                    Err(e) => return failed(req_id, &e),
+                },
+                ClientFrame::RemoveSkill { name } => {
+                    match db.delete_skill(&mesh_id, &name, now).await {
+                        Ok(author) => {
+                            let removed = author.is_some();
+                            if let Some(author) = author {
+                                crate::quota::recount_member(
+                                    &ctx,
+                                    crate::quota::Kind::Skills,
+                                    &mesh_id,
+                                    &author,
+                                )
+                                .await;
+                            }
+                            if removed && let Some(fed) = &fed {
+                                fed.skill_changed(crate::fed::skill_removal(&mesh_id, &name, now));
+                            }
+                            BrokerFrame::SkillAck(SkillAck {
+                                name,
+                                action: if removed { "removed" } else { "not_found" },
+                                req_id,
+                            })
+                        }
+                        Err(e) => return failed(req_id, &e),
+                    }
+                }
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
+    }
+}

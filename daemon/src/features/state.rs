@@ -1,0 +1,121 @@
+//! Shared state: `set_state`, `get_state`, `list_state`.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_protocol::broker::{BrokerFrame, StateEntry, StateList, StateResult};
+use meshd_protocol::client::ClientFrame;
+use meshd_protocol::time::iso8601_ms;
+use tracing::warn;
+
+use crate::hub::{StateValue, raw};
+use crate::session::*;
+use crate::store::writer::WriteOp;
+
+impl Live {
+    /// Shared state: `set_state` (never answered), `get_state`, `list_state`.
+    pub(crate) fn on_state(
+        &mut self,
+        frame: ClientFrame,
+        req_id: Option<String>,
+        now: i64,
+    ) -> Option<Utf8Bytes> {
+        match frame {
+            ClientFrame::SetState { key, value } => {
+                let json: Arc<str> =
+                    value.map_or_else(|| Arc::from("null"), |v| Arc::from(v.get()));
+                let limits = &self.ctx.config.limits;
+                let ok = json.len() <= limits.max_state_value_bytes
+                    && self
+                        .mesh
+                        .state_set(
+                            &key,
+                            StateValue {
+                                value: json.clone(),
+                                updated_by: self.display_name.clone(),
+                                updated_at: now,
+                                member_id: Some(self.member_id.clone()),
+                            },
+                            self.conn,
+                            limits.max_state_bytes_per_mesh,
+                            self.ctx.config.quotas.state_bytes_per_member,
+                        )
+                        .is_ok();
+                if ok {
+                    // The value's digest, not the value: the log must not copy state.
+                    self.ctx.audit.record(
+                        self.mesh_id(),
+                        "state_set",
+                        Some(self.member_id.clone()),
+                        &self.display_name,
+                        serde_json::json!({"key": key, "valueSha256": crate::audit::digest(&json)}),
+                    );
+                    if let Some(fed) = &self.ctx.fed {
+                        fed.state_set(
+                            self.mesh_id(),
+                            meshd_protocol::fed::StateSet {
+                                mesh_id: self.mesh_id().to_owned(),
+                                key: key.clone(),
+                                value: json.to_string(),
+                                updated_by: self.display_name.clone(),
+                                updated_at: now,
+                                member_pubkey: self.member_pubkey.clone(),
+                            },
+                        );
+                    }
+                    self.queue_write(WriteOp::SetState {
+                        mesh_id: self.mesh_id().to_owned(),
+                        key,
+                        value: json,
+                        updated_by: self.display_name.clone(),
+                        member_id: Some(self.member_id.clone()),
+                        at: now,
+                    });
+                } else {
+                    // set_state never gets a reply (§0.6); the refusal is logged and counted.
+                    warn!(key = %key, bytes = json.len(), "set_state refused: over a state size limit or quota");
+                    self.ctx.metrics.frames_dropped.inc("state_too_large");
+                }
+                None
+            }
+            ClientFrame::GetState { key } => {
+                let frame = match self.mesh.state_get(&key) {
+                    Some(v) => StateResult {
+                        key,
+                        value: raw(&v.value),
+                        updated_at: iso8601_ms(v.updated_at),
+                        updated_by: v.updated_by,
+                        req_id,
+                    },
+                    None => StateResult {
+                        key,
+                        value: raw("null"),
+                        updated_at: String::new(),
+                        updated_by: String::new(),
+                        req_id,
+                    },
+                };
+                Some(BrokerFrame::StateResult(frame).to_json().into())
+            }
+            ClientFrame::ListState => {
+                let entries = self
+                    .mesh
+                    .state_list()
+                    .into_iter()
+                    .map(|(key, v)| StateEntry {
+                        key,
+                        value: raw(&v.value),
+                        updated_by: v.updated_by,
+                        updated_at: iso8601_ms(v.updated_at),
+                    })
+                    .collect();
+                Some(
+                    BrokerFrame::StateList(StateList { entries, req_id })
+                        .to_json()
+                        .into(),
+                )
+            }
+            _ => None,
+        }
+    }
+}

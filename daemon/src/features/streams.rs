@@ -1,0 +1,140 @@
+//! Streams: the registry (`create_stream`, `list_streams`) and live data
+//! (`publish`, `subscribe`, `unsubscribe`).
+
+use axum::extract::ws::Utf8Bytes;
+use meshd_protocol::broker::{BrokerFrame, ErrorFrame};
+use meshd_protocol::client::ClientFrame;
+use meshd_protocol::time::iso8601_ms;
+use tracing::warn;
+
+use crate::session::*;
+
+/// Streams one connection may follow.
+pub(crate) const MAX_STREAMS_PER_CONN: usize = 256;
+
+impl Live {
+    /// Stream data: `publish`, `subscribe`, `unsubscribe` (live only, never stored).
+    pub(crate) fn on_stream_data(
+        &mut self,
+        frame: ClientFrame,
+        req_id: Option<String>,
+    ) -> Option<Utf8Bytes> {
+        match frame {
+            ClientFrame::Publish { stream, data } => {
+                if let Some(fed) = &self.ctx.fed {
+                    fed.stream_data(meshd_protocol::fed::StreamPublish {
+                        mesh_id: self.mesh_id().to_owned(),
+                        stream: stream.clone(),
+                        data: data.get().to_owned(),
+                        published_by: self.display_name.clone(),
+                        member_pubkey: self.member_pubkey.clone(),
+                    });
+                }
+                let frame = BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
+                    stream: stream.clone(),
+                    data,
+                    published_by: self.display_name.clone(),
+                });
+                self.mesh
+                    .publish(&stream, self.conn, &Utf8Bytes::from(frame.to_json()));
+                None
+            }
+            ClientFrame::Subscribe { stream } => {
+                if self
+                    .mesh
+                    .subscribe(self.conn, &stream, MAX_STREAMS_PER_CONN)
+                {
+                    Some(
+                        BrokerFrame::Subscribed(meshd_protocol::broker::Subscribed {
+                            stream,
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    )
+                } else {
+                    // The client does not wait for an answer: refuse by logging only.
+                    warn!(stream = %stream, "subscription refused: too many streams");
+                    self.ctx.metrics.frames_dropped.inc("invalid");
+                    None
+                }
+            }
+            ClientFrame::Unsubscribe { stream } => {
+                self.mesh.unsubscribe(self.conn, &stream);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The stream registry.
+    pub(crate) fn queue_stream(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
+        use meshd_protocol::broker::{StreamCreated, StreamEntry, StreamList};
+        let db = self.ctx.db.clone();
+        let ctx = self.ctx.clone();
+        let member_id = self.member_id.clone();
+        let mesh = self.mesh.clone();
+        let created_by = self.display_name.clone();
+        self.pending.push_back(Box::pin(async move {
+            let failed =
+                |req_id, e: &dyn std::fmt::Display| store_unavailable("stream registry", req_id, e);
+            let reply = match frame {
+                ClientFrame::CreateStream { name } => {
+                    let row = crate::store::streams::StreamRow {
+                        id: crate::ids::random_id(),
+                        mesh_id: mesh.row.id.clone(),
+                        name,
+                        created_by,
+                        created_at: now,
+                    };
+                    if let Err(e) = crate::quota::check(
+                        &ctx,
+                        crate::quota::Kind::Streams,
+                        &row.mesh_id,
+                        &member_id,
+                        crate::quota::Usage::new(1, 0),
+                    ) {
+                        return Some(
+                            BrokerFrame::Error(
+                                ErrorFrame::new(crate::quota::QuotaExceeded::CODE, e.to_string())
+                                    .with_req_id(req_id),
+                            )
+                            .to_json()
+                            .into(),
+                        );
+                    }
+                    match db.create_stream(&row, &member_id).await {
+                        Ok(Some(s)) => BrokerFrame::StreamCreated(StreamCreated {
+                            id: s.id,
+                            name: s.name,
+                            req_id,
+                        }),
+                        Ok(None) => BrokerFrame::Error(
+                            ErrorFrame::new("streams_full", "this mesh has too many streams")
+                                .with_req_id(req_id),
+                        ),
+                        Err(e) => return failed(req_id, &e),
+                    }
+                }
+                ClientFrame::ListStreams => match db.streams(&mesh.row.id).await {
+                    Ok(rows) => BrokerFrame::StreamList(StreamList {
+                        streams: rows
+                            .into_iter()
+                            .map(|s| StreamEntry {
+                                subscriber_count: mesh.subscribers(&s.name),
+                                id: s.id,
+                                name: s.name,
+                                created_by: s.created_by,
+                                created_at: iso8601_ms(s.created_at),
+                            })
+                            .collect(),
+                        req_id,
+                    }),
+                    Err(e) => return failed(req_id, &e),
+                },
+                _ => return None,
+            };
+            Some(reply.to_json().into())
+        }));
+    }
+}

@@ -1,0 +1,244 @@
+//! The session's task: one `select!` loop over cancellation, replies, outbound
+//! pushes, store drains, wake signals, inbound frames, pings and timers; then teardown.
+
+use super::*;
+
+pub(crate) async fn wait_retired(retired: Option<&CancellationToken>, deadline: Instant) {
+    if let Some(r) = retired {
+        let _ = tokio::time::timeout_at(deadline, r.cancelled()).await;
+    }
+}
+
+pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Live {
+    pub(crate) async fn serve(mut self, mut socket: WebSocket) {
+        let ping_every = self.ctx.config.limits.ping_interval;
+        let idle_timeout = self.ctx.config.limits.idle_timeout;
+        let mut ping = tokio::time::interval_at(crate::time::instant() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cancel = self.shared.cancel.clone();
+        let writer_tx = self.ctx.writer.clone();
+        let mut unflushed: Vec<Sent> = Vec::new();
+        let retired = self.predecessor.as_ref().map(|p| p.retired.clone());
+        let handover_deadline = crate::time::instant() + Duration::from_secs(10);
+        let ended: &'static str = loop {
+            if self.drain_wanted && self.claim.is_none() && self.predecessor.is_none() {
+                self.start_claim();
+            }
+            self.flush_outbox();
+            let reading = self.pending.len() < MAX_PENDING && self.outbox.len() < MAX_OUTBOX;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break self.cancelled_reason(),
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    if !self.write_replies(&mut socket, reply).await {
+                        break self.failed_reason();
+                    }
+                }
+                Some(out) = self.rx.recv() => {
+                    if !self.write_outbound(&mut socket, out, &mut unflushed).await {
+                        break self.failed_reason();
+                    }
+                }
+                Some(result) = OptionFuture::from(self.claim.as_mut()), if self.claim.is_some() => {
+                    self.claim = None;
+                    match result {
+                        Ok(Ok(claimed)) => {
+                            if !self.deliver_claimed(&mut socket, claimed, &mut unflushed).await {
+                                break self.failed_reason();
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            // Retry soon: until a drain succeeds, newer messages for this
+                            // connection wait in its backlog.
+                            warn!(cause = %e, "drain failed; retrying in 1 s");
+                            let at = crate::time::instant() + Duration::from_secs(1);
+                            self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
+                        }
+                        Err(_) => break "shutdown",
+                    }
+                }
+                permit = writer_tx.reserve(), if !self.outbox.is_empty() => {
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(op) = self.outbox.pop_front() {
+                                permit.send(op);
+                            }
+                            self.flush_outbox();
+                        }
+                        Err(_) => break "shutdown",
+                    }
+                }
+                () = self.shared.wake.notified() => {
+                    self.drain_wanted = true;
+                }
+                // Draining starts once the replaced connection gave back its messages
+                // (bounded, in case its teardown is stuck).
+                () = wait_retired(retired.as_ref(), handover_deadline), if self.predecessor.is_some() => {
+                    self.predecessor = None;
+                }
+                msg = socket.recv(), if reading => {
+                    self.last_activity = crate::time::instant();
+                    match msg {
+                        Some(Ok(Message::Text(t))) => {
+                            self.ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
+                            if let Some(text) = self.on_text(&t) {
+                                if self.pending.is_empty() {
+                                    if !self.write_replies(&mut socket, Some(text)).await {
+                                        break self.failed_reason();
+                                    }
+                                } else {
+                                    self.pending.push_back(Box::pin(async move { Some(text) }));
+                                }
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => self.ctx.metrics.frames_dropped.inc("binary"),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => break "client",
+                        Some(Err(e)) => {
+                            oversize_close(&self.ctx, &mut socket, &e).await;
+                            break self.failed_reason();
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if crate::time::since(self.last_activity) > idle_timeout {
+                        break "idle_timeout";
+                    }
+                    let limit = self.ctx.config.limits.idle_timeout;
+                    if !guarded(&self.io_guard, limit, socket.send(Message::Ping(Default::default()))).await {
+                        break self.failed_reason();
+                    }
+                }
+                () = sleep_until_opt(self.drain_timer), if self.drain_timer.is_some() => {
+                    self.drain_timer = None;
+                    self.drain_wanted = true;
+                }
+            }
+        };
+        self.ctx.metrics.connections_closed.inc(ended);
+        let close_frame = match ended {
+            "replaced" => Some(CloseReason::Replaced.frame()),
+            "revoked" => Some(CloseReason::Revoked.frame()),
+            "slow_consumer" => Some(CloseReason::SlowConsumer.frame()),
+            "shutdown" => {
+                // Flush what is already queued for this client before saying goodbye.
+                self.flush_queued(&mut socket, &mut unflushed).await;
+                Some(CloseReason::Shutdown.frame())
+            }
+            "idle_timeout" => Some((1001, "idle timeout")),
+            "client" => {
+                answer_close(&mut socket).await;
+                None
+            }
+            _ => None,
+        };
+        if ended == "revoked" {
+            let e = ErrorFrame::new("revoked", revoked_message(&self.mesh.row.name));
+            let _ = send_text(&mut socket, &self.ctx, BrokerFrame::Error(e).to_json()).await;
+        }
+        if let Some((code, reason)) = close_frame {
+            let _ = tokio::time::timeout(Duration::from_secs(2), close(&mut socket, code, reason))
+                .await;
+        }
+        info!(reason = ended, "session closed");
+        self.teardown().await;
+    }
+
+    /// Why the connection was cancelled.
+    pub(crate) fn cancelled_reason(&self) -> &'static str {
+        match self.shared.close_reason() {
+            Some(CloseReason::Replaced) => "replaced",
+            Some(CloseReason::Revoked) => "revoked",
+            Some(CloseReason::SlowConsumer) => "slow_consumer",
+            Some(CloseReason::Shutdown) | None => "shutdown",
+        }
+    }
+
+    /// Why socket I/O failed: a cancellation that interrupted a write, or the socket.
+    pub(crate) fn failed_reason(&self) -> &'static str {
+        if self.shared.cancel.is_cancelled() {
+            self.cancelled_reason()
+        } else {
+            "error"
+        }
+    }
+
+    pub(crate) async fn teardown(mut self) {
+        // Whatever this connection holds and did not deliver goes back to the store: rows
+        // queued or backlogged for it, written but unacknowledged, or claimed by a claim
+        // still in flight. One conn-scoped release covers them all (it runs after the
+        // claims of its batch).
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+        lock(&self.shared.route).close();
+        self.queue_write(WriteOp::ReleaseConn {
+            mesh_id: self.mesh_id().to_owned(),
+            keys: [self.member_pubkey.clone(), self.routing_key().to_owned()],
+            conn: lease_owner(self.conn),
+        });
+        // Save "welcome back" state and wait for it to commit before the presence goes,
+        // so a quick reconnect restores it. (A reattached connection was already replaced
+        // and has nothing to save.)
+        let now = now_ms();
+        let mesh_id = self.mesh.row.id.clone();
+        if let Some(state) = self
+            .mesh
+            .with_peer(self.conn, |p| peer_state(&mesh_id, p, now))
+        {
+            self.queue_write(WriteOp::SavePeerState(Box::new(state)));
+        }
+        while let Some(op) = self.outbox.pop_front() {
+            if self.ctx.writer.send(op).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.ctx.writer.flush().await;
+        let peer = self.mesh.unregister(self.conn);
+        for name in self.mcp_gone(now) {
+            self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
+                mesh_id: self.mesh_id().to_owned(),
+                name,
+                since: Some(now),
+            });
+        }
+        if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
+            fed.presence_gone(self.mesh_id(), p.routing_key());
+        }
+        if peer.is_some() {
+            self.ctx.audit.record(
+                self.mesh_id(),
+                "peer_left",
+                Some(self.member_id.clone()),
+                &self.display_name,
+                serde_json::json!({"pubkey": self.routing_key()}),
+            );
+        }
+        if peer.is_some()
+            && self.mesh.no_peers_anywhere()
+            && self.ctx.clocks.mesh_emptied(self.mesh_id())
+        {
+            self.clock_changed();
+        }
+        if let Some(peer) = &peer
+            && !self.ctx.sessions_cancel.is_cancelled()
+            && peer.visible
+        {
+            let frame = delivery::system_push(self.mesh_id(), "peer_left", peer_data(peer), now);
+            self.mesh
+                .announce(&frame, self.conn, Some(&self.member_pubkey));
+        }
+        // Another session of the member (or the connection that replaced this one) takes
+        // over what this one gave back; its next claim runs after the release.
+        for sibling in self.mesh.siblings(&self.member_pubkey, self.conn) {
+            sibling.spill();
+        }
+        self.shared.retired.cancel();
+    }
+}
