@@ -2106,7 +2106,7 @@ impl Fed {
             });
         }
         let failed_cursor = cursor.clone();
-        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(self.cfg.outbox_window * 2);
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Fate>(self.cfg.outbox_window * 2);
         let acker = async move {
             let mut upto: Option<u64> = None;
             while let Some(p) = pending_rx.recv().await {
@@ -2116,7 +2116,7 @@ impl Fed {
                 }
                 for p in batch {
                     match p {
-                        Pending::Stored(seq, commit) => match commit.committed().await {
+                        Fate::Stored(seq, commit) => match commit.committed().await {
                             Ok(()) => upto = Some(seq),
                             Err(StoreError::Closed) => {
                                 return Err(LinkError::Io("the store is shutting down".into()));
@@ -2129,8 +2129,8 @@ impl Fed {
                                 )));
                             }
                         },
-                        Pending::Done(seq) => upto = Some(seq),
-                        Pending::Rejected(seq, reason) => {
+                        Fate::Done(seq) => upto = Some(seq),
+                        Fate::Rejected(seq, reason) => {
                             tx.send(&Frame::Reject { seq, reason }).await?;
                             upto = Some(seq);
                         }
@@ -2177,17 +2177,17 @@ impl Fed {
                             // Seen before: stored, or refused (then refused again, so
                             // the sender does not take it for delivered).
                             let p = match ctx.db.inbox_rejection(&peer, seq_i).await {
-                                Ok(Some(r)) => Pending::Rejected(
+                                Ok(Some(r)) => Fate::Rejected(
                                     seq,
                                     RejectReason::parse(&r).unwrap_or(RejectReason::Invalid),
                                 ),
-                                _ => Pending::Done(seq),
+                                _ => Fate::Done(seq),
                             };
                             let _ = pending_tx.send(p).await;
                             continue;
                         }
                         let p = match self.accept_dm(&ctx, &link, *dm).await {
-                            Ok(reply) => Pending::Stored(seq, reply),
+                            Ok(reply) => Fate::Stored(seq, reply),
                             Err(reason) => {
                                 count_refused(&ctx, &link, reason, 1);
                                 let _ = ctx
@@ -2199,7 +2199,7 @@ impl Fed {
                                         at: now_ms(),
                                     })
                                     .await;
-                                Pending::Rejected(seq, reason)
+                                Fate::Rejected(seq, reason)
                             }
                         };
                         ahead.disarm();
@@ -3598,7 +3598,7 @@ async fn apply_skill(ctx: &Ctx, link: &LinkShared, s: SkillSet) -> Result<(), Re
 }
 
 /// An inbound message's fate, in arrival order.
-enum Pending {
+enum Fate {
     Stored(u64, Commit),
     Done(u64),
     Rejected(u64, RejectReason),

@@ -82,7 +82,7 @@ pub(crate) struct Sent {
 
 /// Why the broker closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CloseReason {
+pub(crate) enum Disconnect {
     /// A new connection took over this session key.
     Replaced,
     /// The member was revoked.
@@ -93,7 +93,7 @@ pub(crate) enum CloseReason {
     Shutdown,
 }
 
-impl CloseReason {
+impl Disconnect {
     /// WebSocket close code and reason text.
     pub(crate) const fn frame(self) -> (u16, &'static str) {
         match self {
@@ -128,7 +128,7 @@ pub(crate) struct PeerShared {
     /// a connection that replaced it drains only after that, so nothing it gives back
     /// can arrive after newer messages.
     pub(crate) retired: CancellationToken,
-    close: Mutex<Option<CloseReason>>,
+    close: Mutex<Option<Disconnect>>,
 }
 
 impl PeerShared {
@@ -153,13 +153,13 @@ impl PeerShared {
     }
 
     /// Asks the session to close (the first reason wins).
-    pub(crate) fn close(&self, reason: CloseReason) {
+    pub(crate) fn close(&self, reason: Disconnect) {
         lock(&self.close).get_or_insert(reason);
         self.cancel.cancel();
     }
 
     /// Why the broker closed this connection, if it did.
-    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+    pub(crate) fn close_reason(&self) -> Option<Disconnect> {
         *lock(&self.close)
     }
 
@@ -611,7 +611,7 @@ impl MeshHub {
         member.revoked = true;
         let mut closed = 0;
         for p in inner.peers.values().filter(|p| p.member_pubkey == pubkey) {
-            p.shared.close(CloseReason::Revoked);
+            p.shared.close(Disconnect::Revoked);
             closed += 1;
         }
         closed
@@ -650,7 +650,7 @@ impl MeshHub {
         }
         let registered = match old.and_then(|id| remove_peer(&mut inner, id)) {
             Some(old) => {
-                old.shared.close(CloseReason::Replaced);
+                old.shared.close(Disconnect::Replaced);
                 peer.presence_id = old.presence_id;
                 peer.status = old.status;
                 peer.summary = old.summary;
@@ -1483,7 +1483,7 @@ pub(crate) fn offer(peer: &PeerShared, out: Outbound) -> bool {
     match peer.try_queue(out) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
-            peer.close(CloseReason::SlowConsumer);
+            peer.close(Disconnect::SlowConsumer);
             false
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,

@@ -110,7 +110,7 @@ proptest! {
     /// The handshake machine takes any sequence of frames in any phase.
     #[test]
     fn session_machine_takes_any_sequence(frames in proptest::collection::vec(client_frame(), 0..12), accept_at in 0usize..12) {
-        let mut s = session::Session::new(0, 10_000);
+        let mut s = session::ClientMachine::new(0, 10_000);
         for (i, f) in frames.iter().enumerate() {
             if i == accept_at {
                 s.accepted();

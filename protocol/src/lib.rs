@@ -12,7 +12,7 @@
 //!
 //! Entry points: [`client::decode`] for inbound frames, [`broker::BrokerFrame`] for
 //! outbound ones, [`hello::verify_hello`], [`invite::InvitePayload`] and
-//! [`session::Session`].
+//! [`session::ClientMachine`].
 
 #![warn(missing_docs)]
 

@@ -1,10 +1,10 @@
 //! The per-connection handshake phases, as a sans-IO state machine.
 //!
 //! A connection starts waiting for `hello` with a deadline (the reference had none, so
-//! idle unauthenticated sockets piled up). [`Session::on_text`] classifies every inbound
-//! text frame into a [`Verdict`] the driver acts on; [`Session::poll_timeout`] says when
+//! idle unauthenticated sockets piled up). [`ClientMachine::on_text`] classifies every inbound
+//! text frame into a [`Verdict`] the driver acts on; [`ClientMachine::poll_timeout`] says when
 //! the handshake deadline has passed. The driver reports the handshake's outcome with
-//! [`Session::accepted`] or closes the socket.
+//! [`ClientMachine::accepted`] or closes the socket.
 
 use crate::broker::ErrorFrame;
 use crate::client::{ClientFrame, DecodeError, Inbound, decode};
@@ -40,13 +40,14 @@ pub enum Verdict {
     Ignore(&'static str),
 }
 
-/// The handshake state of one connection.
+/// The protocol state of one client connection: the handshake, then the verdict on
+/// every frame (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Session {
+pub struct ClientMachine {
     phase: Phase,
 }
 
-impl Session {
+impl ClientMachine {
     /// A fresh connection accepted at `now` that must authenticate within `timeout_ms`.
     pub const fn new(now: i64, timeout_ms: i64) -> Self {
         Self {
@@ -204,7 +205,7 @@ mod tests {
 
     #[test]
     fn frames_before_hello_get_no_hello() {
-        let mut s = Session::new(0, 10_000);
+        let mut s = ClientMachine::new(0, 10_000);
         let v = s.on_text(r#"{"type":"list_peers","_reqId":"r"}"#);
         assert_eq!(code(&v), "no_hello");
         // no_hello carries no _reqId (reference behaviour)
@@ -219,7 +220,7 @@ mod tests {
 
     #[test]
     fn handshake_then_requests() {
-        let mut s = Session::new(0, 10_000);
+        let mut s = ClientMachine::new(0, 10_000);
         assert_eq!(code(&s.on_text(HELLO)), "handshake");
         assert!(matches!(
             s.phase(),
@@ -271,7 +272,7 @@ mod tests {
 
     #[test]
     fn deadline_applies_until_accepted() {
-        let mut s = Session::new(1_000, 10_000);
+        let mut s = ClientMachine::new(1_000, 10_000);
         assert!(!s.poll_timeout(10_999));
         assert!(s.poll_timeout(11_000));
         let _ = s.on_text(HELLO);

@@ -7,14 +7,14 @@ use meshd_protocol::time::iso8601_ms;
 use crate::hub::raw;
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// `audit_query` and `audit_verify`.
     pub(crate) fn queue_audit(&mut self, frame: ClientFrame, req_id: Option<String>) {
         use meshd_protocol::broker::{AuditEntry, AuditResult, AuditVerifyResult};
         let db = self.ctx.db.clone();
         let audit = self.ctx.audit.clone();
         let mesh_id = self.mesh_id().to_owned();
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let reply = match frame {
                 ClientFrame::AuditQuery {
                     limit,

@@ -6,7 +6,7 @@ use meshd_protocol::client::ClientFrame;
 
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// The mesh's simulation clock.
     pub(crate) fn on_clock(
         &mut self,

@@ -8,7 +8,7 @@ use meshd_protocol::time::iso8601_ms;
 use crate::hub::raw;
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// Shared contexts: one per member, announced to the others as a `state_change` of
     /// `_context:<name>` (as the reference does; it is not stored as state).
     pub(crate) fn queue_context(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
@@ -22,7 +22,7 @@ impl Live {
         let mesh = self.mesh.clone();
         let conn = self.conn;
         let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
             let reply = match frame {
                 ClientFrame::ShareContext(c) => {

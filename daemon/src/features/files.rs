@@ -8,7 +8,7 @@ use meshd_protocol::time::iso8601_ms;
 
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// Stored files: `get_file`, `list_files`, `file_status`, `delete_file`,
     /// `grant_file_access` (see `files`). A reader sees a file when it is the uploader,
     /// the file has no target, or the target includes it; `delete_file` is the
@@ -31,7 +31,7 @@ impl Live {
             .member(&self.member_pubkey)
             .is_some_and(|m| m.role == "admin");
         let (shared, member_pubkey) = (self.shared.clone(), self.member_pubkey.clone());
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let key_refs = [keys[0].as_str(), keys[1].as_str()];
             // A file another broker of the mesh holds: `get_file` asks it for a URL (at
             // that broker); the owner's operations are made there.

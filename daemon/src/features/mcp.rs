@@ -10,7 +10,7 @@ use crate::delivery;
 use crate::session::*;
 use crate::time::now_ms;
 
-impl Live {
+impl Session {
     /// A session of the member is back: its persistent MCP servers that were offline are
     /// hosted by this session again (`mcp_restored` to everyone, stored as online).
     pub(crate) fn restore_mcp(&mut self) {
@@ -118,7 +118,7 @@ impl Live {
                     }
                 };
                 let persistent = r_persistent;
-                self.pending.push_back(Box::pin(async move {
+                self.replies.push_back(Box::pin(async move {
                     if persistent {
                         match stored {
                             Some(rx) => match rx.await {

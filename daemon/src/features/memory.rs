@@ -6,7 +6,7 @@ use meshd_protocol::time::iso8601_ms;
 
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// The mesh's memory: `remember`, ranked full-text `recall`, `forget`.
     pub(crate) fn queue_memory(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{Memory, MemoryResults, MemoryStored};
@@ -16,7 +16,7 @@ impl Live {
         let member_pubkey = self.member_pubkey.clone();
         let mesh_id = self.mesh_id().to_owned();
         let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let reply = match frame {
                 ClientFrame::Remember { content, tags } => {
                     let row = crate::store::memory::MemoryRow {

@@ -5,7 +5,7 @@ use meshd_protocol::broker::BrokerFrame;
 use crate::session::*;
 use crate::time::now_ms;
 
-impl Live {
+impl Session {
     /// `mesh_info`: an overview from the hub and the stores.
     pub(crate) fn queue_mesh_info(&mut self, req_id: Option<String>) {
         use meshd_protocol::broker::{MeshInfoResult, TaskCounts};
@@ -17,7 +17,7 @@ impl Live {
             .mesh
             .local_peer(self.conn, |p| p.groups.clone())
             .unwrap_or_default();
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let id = mesh.row.id.clone();
             let (memory_count, tasks, streams, file_count) = match tokio::try_join!(
                 db.memory_count(&id),

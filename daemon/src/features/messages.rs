@@ -15,7 +15,7 @@ use crate::session::*;
 use crate::store::StoreError;
 use crate::store::writer::WriteOp;
 
-impl Live {
+impl Session {
     /// `client_ack`: the client acknowledges a push (and so is leased from now on).
     pub(crate) fn on_client_ack(&mut self, frame: ClientFrame, now: i64) -> Option<Utf8Bytes> {
         match frame {
@@ -119,7 +119,7 @@ impl Live {
         self.queue_write(op);
         let message_id = accepted.message_id;
         let metrics = self.ctx.metrics.clone();
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let (queued, message_id, error) = match commit.committed().await {
                 Ok(()) => (true, message_id, None),
                 Err(StoreError::Closed) => (
@@ -157,7 +157,7 @@ impl Live {
         let mesh = self.mesh.clone();
         let mesh_id = self.mesh_id().to_owned();
         let member_pubkey = self.member_pubkey.clone();
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let not_found = |req_id| {
                 Some(
                     BrokerFrame::Error(

@@ -1,5 +1,5 @@
 //! One module per feature: its client-frame handlers (as methods of the session,
-//! `crate::session::Live`). Each feature's store queries are in `crate::store`, its
+//! `crate::session::Session`). Each feature's store queries are in `crate::store`, its
 //! federation replication in `crate::fed`.
 
 mod audit;

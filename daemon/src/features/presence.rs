@@ -9,7 +9,7 @@ use crate::delivery;
 use crate::hub::peer_data;
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// Presence: status, summary, visibility, profile, stats, groups, `list_peers`.
     pub(crate) fn on_presence(
         &mut self,

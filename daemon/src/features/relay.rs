@@ -8,7 +8,7 @@ use tracing::debug;
 use crate::hub::{Outbound, offer};
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// The peer-to-peer file relay (see `relay`).
     pub(crate) fn on_relay(
         &mut self,

@@ -8,7 +8,7 @@ use meshd_protocol::{Priority, TargetSpec};
 use crate::hub::DirectRoute;
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// `schedule`, `list_scheduled`, `cancel_scheduled`. A schedule belongs to the
     /// member (any of its sessions lists and cancels it) and fires as that member
     /// whether or not this session is still connected (see `reminders`).
@@ -118,7 +118,7 @@ impl Live {
                     fired_count: 0,
                     created_at: now,
                 };
-                self.pending.push_back(Box::pin(async move {
+                self.replies.push_back(Box::pin(async move {
                     let weight = i64::try_from(row.message.len()).unwrap_or(i64::MAX);
                     if let Err(e) = crate::quota::check(
                         &ctx,
@@ -156,7 +156,7 @@ impl Live {
                 }));
             }
             ClientFrame::ListScheduled => {
-                self.pending.push_back(Box::pin(async move {
+                self.replies.push_back(Box::pin(async move {
                     match db.pending_schedules(&mesh_id, &member_id).await {
                         Ok(rows) => Some(
                             BrokerFrame::ScheduledList(ScheduledList {
@@ -182,7 +182,7 @@ impl Live {
                 }));
             }
             ClientFrame::CancelScheduled { scheduled_id } => {
-                self.pending.push_back(Box::pin(async move {
+                self.replies.push_back(Box::pin(async move {
                     match db
                         .cancel_schedule(&mesh_id, &member_id, &scheduled_id)
                         .await

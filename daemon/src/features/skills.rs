@@ -6,7 +6,7 @@ use meshd_protocol::time::iso8601_ms;
 
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// The skills catalogue: stored per mesh, replicated to the mesh's other brokers.
     pub(crate) fn queue_skill(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use meshd_protocol::broker::{Skill, SkillAck, SkillData, SkillList, SkillSummary};
@@ -16,7 +16,7 @@ impl Live {
         let fed = self.ctx.fed.clone();
         let mesh_id = self.mesh_id().to_owned();
         let author = self.display_name.clone();
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let failed = |req_id, e: &dyn std::fmt::Display| {
                 store_unavailable("skills catalogue", req_id, e)
             };

@@ -12,7 +12,7 @@ use crate::hub::{StateValue, raw};
 use crate::session::*;
 use crate::store::writer::WriteOp;
 
-impl Live {
+impl Session {
     /// Shared state: `set_state` (never answered), `get_state`, `list_state`.
     pub(crate) fn on_state(
         &mut self,

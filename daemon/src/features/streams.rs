@@ -12,7 +12,7 @@ use crate::session::*;
 /// Streams one connection may follow.
 pub(crate) const MAX_STREAMS_PER_CONN: usize = 256;
 
-impl Live {
+impl Session {
     /// Stream data: `publish`, `subscribe`, `unsubscribe` (live only, never stored).
     pub(crate) fn on_stream_data(
         &mut self,
@@ -75,7 +75,7 @@ impl Live {
         let member_id = self.member_id.clone();
         let mesh = self.mesh.clone();
         let created_by = self.display_name.clone();
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let failed =
                 |req_id, e: &dyn std::fmt::Display| store_unavailable("stream registry", req_id, e);
             let reply = match frame {

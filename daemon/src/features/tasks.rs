@@ -8,7 +8,7 @@ use tracing::warn;
 use crate::session::*;
 use crate::store::StoreError;
 
-impl Live {
+impl Session {
     /// Tasks. `claim_task` and `complete_task` are answered with the task list; their
     /// failures are answered only to a request with a `_reqId` (the CLI sends them
     /// without one, and would hand an uncorrelated error to another waiter).
@@ -29,7 +29,7 @@ impl Live {
                 fed.task_changed(crate::fed::task_set(&hub, t));
             }
         };
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let error = |code: &'static str, msg: &str, req_id: Option<String>| {
                 req_id.is_some().then(|| {
                     BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))

@@ -6,7 +6,7 @@ use meshd_protocol::time::iso8601_ms;
 
 use crate::session::*;
 
-impl Live {
+impl Session {
     /// Inbound webhooks. Only the creator and admins see a webhook's secret (in its URL).
     pub(crate) fn queue_webhook(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
         use crate::store::webhooks::{WebhookError, WebhookRow};
@@ -20,7 +20,7 @@ impl Live {
             .mesh
             .member(&self.member_pubkey)
             .is_some_and(|m| m.role == "admin");
-        self.pending.push_back(Box::pin(async move {
+        self.replies.push_back(Box::pin(async move {
             let url = |secret: &str| format!("{base}/hook/{mesh_id}/{secret}");
             let reply = match frame {
                 ClientFrame::CreateWebhook { name: None } => {

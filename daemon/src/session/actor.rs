@@ -3,6 +3,33 @@
 
 use super::*;
 
+/// Why a session ended (the `reason` label of `meshd_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The broker closed it.
+    Broker(Disconnect),
+    /// The client closed it (or the socket ended).
+    Client,
+    /// Nothing arrived within `limits.idle_timeout`.
+    IdleTimeout,
+    /// A socket error.
+    Error,
+}
+
+impl Ended {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Broker(Disconnect::Replaced) => "replaced",
+            Self::Broker(Disconnect::Revoked) => "revoked",
+            Self::Broker(Disconnect::SlowConsumer) => "slow_consumer",
+            Self::Broker(Disconnect::Shutdown) => "shutdown",
+            Self::Client => "client",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Error => "error",
+        }
+    }
+}
+
 pub(crate) async fn wait_retired(retired: Option<&CancellationToken>, deadline: Instant) {
     if let Some(r) = retired {
         let _ = tokio::time::timeout_at(deadline, r.cancelled()).await;
@@ -16,7 +43,7 @@ pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-impl Live {
+impl Session {
     pub(crate) async fn serve(mut self, mut socket: WebSocket) {
         let ping_every = self.ctx.config.limits.ping_interval;
         let idle_timeout = self.ctx.config.limits.idle_timeout;
@@ -27,16 +54,16 @@ impl Live {
         let mut unflushed: Vec<Sent> = Vec::new();
         let retired = self.predecessor.as_ref().map(|p| p.retired.clone());
         let handover_deadline = crate::time::instant() + Duration::from_secs(10);
-        let ended: &'static str = loop {
+        let ended: Ended = loop {
             if self.drain_wanted && self.claim.is_none() && self.predecessor.is_none() {
                 self.start_claim();
             }
-            self.flush_outbox();
-            let reading = self.pending.len() < MAX_PENDING && self.outbox.len() < MAX_OUTBOX;
+            self.flush_writes();
+            let reading = self.replies.len() < MAX_REPLIES && self.writes.len() < MAX_WRITES;
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break self.cancelled_reason(),
-                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                Some(reply) = self.replies.next(), if !self.replies.is_empty() => {
                     if !self.write_replies(&mut socket, reply).await {
                         break self.failed_reason();
                     }
@@ -61,18 +88,18 @@ impl Live {
                             let at = crate::time::instant() + Duration::from_secs(1);
                             self.drain_timer = Some(self.drain_timer.map_or(at, |t| t.min(at)));
                         }
-                        Err(_) => break "shutdown",
+                        Err(_) => break Ended::Broker(Disconnect::Shutdown),
                     }
                 }
-                permit = writer_tx.reserve(), if !self.outbox.is_empty() => {
+                permit = writer_tx.reserve(), if !self.writes.is_empty() => {
                     match permit {
                         Ok(permit) => {
-                            if let Some(op) = self.outbox.pop_front() {
+                            if let Some(op) = self.writes.pop_front() {
                                 permit.send(op);
                             }
-                            self.flush_outbox();
+                            self.flush_writes();
                         }
-                        Err(_) => break "shutdown",
+                        Err(_) => break Ended::Broker(Disconnect::Shutdown),
                     }
                 }
                 () = self.shared.wake.notified() => {
@@ -89,18 +116,18 @@ impl Live {
                         Some(Ok(Message::Text(t))) => {
                             self.ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
                             if let Some(text) = self.on_text(&t) {
-                                if self.pending.is_empty() {
+                                if self.replies.is_empty() {
                                     if !self.write_replies(&mut socket, Some(text)).await {
                                         break self.failed_reason();
                                     }
                                 } else {
-                                    self.pending.push_back(Box::pin(async move { Some(text) }));
+                                    self.replies.push_back(Box::pin(async move { Some(text) }));
                                 }
                             }
                         }
                         Some(Ok(Message::Binary(_))) => self.ctx.metrics.frames_dropped.inc("binary"),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => break "client",
+                        Some(Ok(Message::Close(_))) | None => break Ended::Client,
                         Some(Err(e)) => {
                             oversize_close(&self.ctx, &mut socket, &e).await;
                             break self.failed_reason();
@@ -109,7 +136,7 @@ impl Live {
                 }
                 _ = ping.tick() => {
                     if crate::time::since(self.last_activity) > idle_timeout {
-                        break "idle_timeout";
+                        break Ended::IdleTimeout;
                     }
                     let limit = self.ctx.config.limits.idle_timeout;
                     if !guarded(&self.io_guard, limit, socket.send(Message::Ping(Default::default()))).await {
@@ -122,24 +149,22 @@ impl Live {
                 }
             }
         };
-        self.ctx.metrics.connections_closed.inc(ended);
+        self.ctx.metrics.connections_closed.inc(ended.as_str());
         let close_frame = match ended {
-            "replaced" => Some(CloseReason::Replaced.frame()),
-            "revoked" => Some(CloseReason::Revoked.frame()),
-            "slow_consumer" => Some(CloseReason::SlowConsumer.frame()),
-            "shutdown" => {
+            Ended::Broker(Disconnect::Shutdown) => {
                 // Flush what is already queued for this client before saying goodbye.
                 self.flush_queued(&mut socket, &mut unflushed).await;
-                Some(CloseReason::Shutdown.frame())
+                Some(Disconnect::Shutdown.frame())
             }
-            "idle_timeout" => Some((1001, "idle timeout")),
-            "client" => {
+            Ended::Broker(d) => Some(d.frame()),
+            Ended::IdleTimeout => Some((1001, "idle timeout")),
+            Ended::Client => {
                 answer_close(&mut socket).await;
                 None
             }
-            _ => None,
+            Ended::Error => None,
         };
-        if ended == "revoked" {
+        if ended == Ended::Broker(Disconnect::Revoked) {
             let e = ErrorFrame::new("revoked", revoked_message(&self.mesh.row.name));
             let _ = send_text(&mut socket, &self.ctx, BrokerFrame::Error(e).to_json()).await;
         }
@@ -147,26 +172,21 @@ impl Live {
             let _ = tokio::time::timeout(Duration::from_secs(2), close(&mut socket, code, reason))
                 .await;
         }
-        info!(reason = ended, "session closed");
+        info!(reason = ended.as_str(), "session closed");
         self.teardown().await;
     }
 
     /// Why the connection was cancelled.
-    pub(crate) fn cancelled_reason(&self) -> &'static str {
-        match self.shared.close_reason() {
-            Some(CloseReason::Replaced) => "replaced",
-            Some(CloseReason::Revoked) => "revoked",
-            Some(CloseReason::SlowConsumer) => "slow_consumer",
-            Some(CloseReason::Shutdown) | None => "shutdown",
-        }
+    pub(crate) fn cancelled_reason(&self) -> Ended {
+        Ended::Broker(self.shared.close_reason().unwrap_or(Disconnect::Shutdown))
     }
 
     /// Why socket I/O failed: a cancellation that interrupted a write, or the socket.
-    pub(crate) fn failed_reason(&self) -> &'static str {
+    pub(crate) fn failed_reason(&self) -> Ended {
         if self.shared.cancel.is_cancelled() {
             self.cancelled_reason()
         } else {
-            "error"
+            Ended::Error
         }
     }
 
@@ -194,7 +214,7 @@ impl Live {
         {
             self.queue_write(WriteOp::SavePeerState(Box::new(state)));
         }
-        while let Some(op) = self.outbox.pop_front() {
+        while let Some(op) = self.writes.pop_front() {
             if self.ctx.writer.send(op).await.is_err() {
                 break;
             }

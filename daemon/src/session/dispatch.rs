@@ -2,9 +2,9 @@
 
 use super::*;
 
-impl Live {
+impl Session {
     /// Handles one text frame. Returns an immediate reply, if any; asynchronous replies
-    /// are queued on `pending`.
+    /// are queued on `replies`.
     pub(crate) fn on_text(&mut self, text: &str) -> Option<Utf8Bytes> {
         let inbound = match self.machine.on_text(text) {
             Verdict::Request(inbound) => inbound,

@@ -6,7 +6,7 @@ use super::*;
 /// Rows fetched per drain round.
 pub(crate) const CLAIM_LIMIT: i64 = 256;
 
-impl Live {
+impl Session {
     /// When a row pushed now is offered again (see [`delivery::lease_until`]).
     pub(crate) fn lease_until(&self, acks: bool, now: i64) -> i64 {
         delivery::lease_until(self.ctx.config.limits.ack_lease, acks, now)

@@ -66,9 +66,9 @@ pub(crate) async fn handshake(
     socket: &mut WebSocket,
     conn_id: ConnId,
     remote_ip: std::net::IpAddr,
-) -> Option<Live> {
+) -> Option<Session> {
     let timeout_ms = i64::try_from(ctx.config.limits.hello_timeout.as_millis()).unwrap_or(i64::MAX);
-    let mut hs = Session::new(now_ms(), timeout_ms);
+    let mut hs = ClientMachine::new(now_ms(), timeout_ms);
     let deadline = crate::time::instant() + ctx.config.limits.hello_timeout;
     loop {
         let msg = tokio::select! {
@@ -174,7 +174,7 @@ pub(crate) async fn authenticate(
     inbound: Inbound,
     conn_id: ConnId,
     remote_ip: std::net::IpAddr,
-) -> Result<(Live, String), Refusal> {
+) -> Result<(Session, String), Refusal> {
     let now = now_ms();
     let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
     let (ident, mut fields) = match inbound.frame {
@@ -402,11 +402,11 @@ pub(crate) async fn authenticate(
         reattached, restored, "session authenticated"
     );
     // The connection starts spilled: its first drain delivers whatever waited for it.
-    let mut machine = Session::new(now, 0);
+    let mut machine = ClientMachine::new(now, 0);
     machine.accepted();
     let io_guard = shared.cancel.clone();
     let started = crate::time::instant();
-    let live = Live {
+    let live = Session {
         ctx: ctx.clone(),
         machine,
         mesh,
@@ -432,8 +432,8 @@ pub(crate) async fn authenticate(
                 returned: None,
             })
         },
-        pending: FuturesOrdered::new(),
-        outbox: VecDeque::new(),
+        replies: FuturesOrdered::new(),
+        writes: VecDeque::new(),
         claim: None,
         drain_wanted: true,
         drain_timer: None,
@@ -450,7 +450,7 @@ pub(crate) async fn authenticate(
     Ok((live, ack.to_json()))
 }
 
-impl Live {
+impl Session {
     pub(crate) fn announce_arrival(&self) {
         self.presence_changed();
         self.ctx.audit.record(

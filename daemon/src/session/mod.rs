@@ -6,7 +6,7 @@
 //! signals, inbound frames (only while the reply and store queues have room, which is the
 //! back-pressure on a fast sender), pings, lease timers.
 //!
-//! Every write the session asks of the store goes through a local FIFO (`outbox`) fed to
+//! Every write the session asks of the store goes through a local FIFO (`writes`) fed to
 //! the writer with `reserve()`, so a congested store never stops the session from
 //! writing to its socket.
 
@@ -28,7 +28,7 @@ use meshd_protocol::broker::{
 };
 use meshd_protocol::client::{ClientFrame, GroupEntry, Inbound, Stats};
 use meshd_protocol::hello::{HelloError, verify_hello, verify_session_hello};
-use meshd_protocol::session::{Session, Verdict};
+use meshd_protocol::session::{ClientMachine, Verdict};
 use meshd_protocol::status::{StatusSource, StatusState};
 use meshd_protocol::time::iso8601_ms;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -40,7 +40,7 @@ use crate::Ctx;
 use crate::delivery;
 use crate::delivery::router::Op;
 use crate::hub::{
-    CloseReason, ConnId, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError, Registered,
+    ConnId, Disconnect, KeyTaken, MeshHub, Outbound, Peer, PeerShared, RegisterError, Registered,
     Sent, lease_owner, lock, member_info, peer_data,
 };
 use crate::ids::random_id;
@@ -58,12 +58,12 @@ mod outbound;
 pub(crate) use handshake::*;
 
 /// Replies awaited concurrently but written in request order.
-pub(crate) type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>>;
+pub(crate) type Replies = FuturesOrdered<Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>>;
 
 /// Requests whose replies may be outstanding before the session stops reading.
-pub(crate) const MAX_PENDING: usize = 256;
+pub(crate) const MAX_REPLIES: usize = 256;
 /// Store operations a session may queue locally before it stops reading.
-pub(crate) const MAX_OUTBOX: usize = 256;
+pub(crate) const MAX_WRITES: usize = 256;
 /// The answer to a request whose store access failed (the cause is logged, not sent).
 pub(crate) fn store_unavailable(
     what: &str,
@@ -154,10 +154,10 @@ pub(crate) struct Arrival {
 }
 
 /// An authenticated connection.
-pub(crate) struct Live {
+pub(crate) struct Session {
     pub(crate) ctx: Arc<Ctx>,
     /// The connection's protocol state (authenticated).
-    pub(crate) machine: Session,
+    pub(crate) machine: ClientMachine,
     pub(crate) mesh: Arc<MeshHub>,
     pub(crate) shared: Arc<PeerShared>,
     pub(crate) rx: mpsc::Receiver<Outbound>,
@@ -168,8 +168,8 @@ pub(crate) struct Live {
     pub(crate) display_name: String,
     /// The system event to announce once `hello_ack` is out.
     pub(crate) announce: Option<Arrival>,
-    pub(crate) pending: Pending,
-    pub(crate) outbox: VecDeque<Op>,
+    pub(crate) replies: Replies,
+    pub(crate) writes: VecDeque<Op>,
     pub(crate) claim: Option<oneshot::Receiver<Result<Claimed, StoreError>>>,
     pub(crate) drain_wanted: bool,
     /// When to drain again without a wake: an acknowledging client's lease ends, or a
@@ -186,10 +186,10 @@ pub(crate) struct Live {
     pub(crate) predecessor: Option<Arc<PeerShared>>,
 }
 
-impl Live {
+impl Session {
     /// Queues a store operation behind this session's earlier ones.
     pub(crate) fn queue_write(&mut self, op: impl Into<Op>) {
-        self.outbox.push_back(op.into());
+        self.writes.push_back(op.into());
     }
 
     pub(crate) fn routing_key(&self) -> &str {

@@ -6,13 +6,13 @@ use super::*;
 /// Outbound frames written between flushes.
 pub(crate) const WRITE_BATCH: usize = 64;
 
-impl Live {
+impl Session {
     /// Hands queued store operations to the writer while it has room, without waiting.
-    pub(crate) fn flush_outbox(&mut self) {
-        while !self.outbox.is_empty() {
+    pub(crate) fn flush_writes(&mut self) {
+        while !self.writes.is_empty() {
             match self.ctx.writer.try_reserve() {
                 Some(permit) => {
-                    if let Some(op) = self.outbox.pop_front() {
+                    if let Some(op) = self.writes.pop_front() {
                         permit.send(op);
                     }
                 }
@@ -45,7 +45,7 @@ impl Live {
                 n += 1;
             }
             if n < WRITE_BATCH {
-                next = self.pending.next().now_or_never().flatten();
+                next = self.replies.next().now_or_never().flatten();
             }
         }
         self.ctx
