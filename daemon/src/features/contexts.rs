@@ -40,7 +40,7 @@ impl Session {
                         return store_unavailable("contexts", req_id, &e);
                     }
                     if let Some(fed) = &fed {
-                        fed.context_shared(crate::fed::context_set(row, &member_pubkey));
+                        fed.context_shared(context_set(row, &member_pubkey));
                     }
                     let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
                         key: format!("_context:{name}"),
@@ -91,5 +91,96 @@ impl Session {
             };
             Some(reply.to_json().into())
         }));
+    }
+}
+
+pub(crate) use replication::*;
+
+/// Replication across brokers: applying a peer's change, and this broker's part of a
+/// link's catch-up.
+mod replication {
+
+    use axum::extract::ws::Utf8Bytes;
+
+    use meshd_protocol::broker::BrokerFrame;
+    use meshd_protocol::fed::RejectReason;
+
+    use tracing::warn;
+
+    use crate::Ctx;
+
+    use crate::fed::*;
+
+    /// A stored context as a federation frame.
+    pub(crate) fn context_set(
+        row: crate::store::contexts::ContextRow,
+        pubkey: &str,
+    ) -> meshd_protocol::fed::ContextSet {
+        use crate::store::contexts::ContextRow;
+        meshd_protocol::fed::ContextSet {
+            files_read: ContextRow::list(&row.files_read),
+            key_findings: ContextRow::list(&row.key_findings),
+            tags: ContextRow::list(&row.tags),
+            mesh_id: row.mesh_id,
+            member_id: row.member_id,
+            member_pubkey: pubkey.to_owned(),
+            peer_name: row.peer_name,
+            summary: row.summary,
+            updated_at: row.updated_at,
+        }
+    }
+
+    /// Stores a context a member of the peer shared (newest wins) and tells local peers.
+    pub(crate) async fn apply_context(
+        ctx: &Ctx,
+        link: &LinkShared,
+        c: meshd_protocol::fed::ContextSet,
+    ) -> Result<(), RejectReason> {
+        use meshd_protocol::client::{MAX_GROUPS, MAX_NAME_LEN, MAX_PATH_LEN, MAX_SUMMARY_LEN};
+        if !link.accepts(&c.mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        if c.summary.len() > MAX_SUMMARY_LEN
+            || c.peer_name.len() > MAX_NAME_LEN
+            || [&c.files_read, &c.key_findings, &c.tags]
+                .iter()
+                .any(|l| l.len() > MAX_GROUPS || l.iter().any(|x| x.len() > MAX_PATH_LEN))
+        {
+            return Err(RejectReason::Invalid);
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &c.mesh_id).await else {
+            return Err(RejectReason::NotShared);
+        };
+        if !speaks_for(&hub, &link.peer, &c.member_id, &c.member_pubkey) {
+            return Err(RejectReason::ForgedSender);
+        }
+        let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+        let row = crate::store::contexts::ContextRow {
+            mesh_id: c.mesh_id.clone(),
+            member_id: c.member_id.clone(),
+            peer_name: c.peer_name.clone(),
+            summary: c.summary.clone(),
+            files_read: json(&c.files_read),
+            key_findings: json(&c.key_findings),
+            tags: json(&c.tags),
+            updated_at: c.updated_at,
+        };
+        match ctx.db.put_context_if_newer(&row).await {
+            Ok(true) => {
+                // As for a local share_context: a state_change of `_context:<name>`.
+                let change = BrokerFrame::StateChange(meshd_protocol::broker::StateChange {
+                    key: format!("_context:{}", c.peer_name),
+                    value: crate::hub::raw(&serde_json::Value::String(c.summary).to_string()),
+                    updated_by: c.peer_name,
+                });
+                hub.announce(&Utf8Bytes::from(change.to_json()), 0, None);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                warn!(cause = %e, "storing a peer's context");
+                Err(RejectReason::Invalid)
+            }
+        }
     }
 }

@@ -280,3 +280,76 @@ impl Session {
         gone.offline
     }
 }
+
+pub(crate) use replication::*;
+
+/// Replication across brokers: applying a peer's change, and this broker's part of a
+/// link's catch-up.
+mod replication {
+
+    use meshd_protocol::fed::RejectReason;
+
+    use crate::Ctx;
+
+    use crate::time::now_ms;
+
+    use crate::fed::*;
+
+    /// Applies a peer broker's MCP servers: only those of members it hosts, within limits;
+    /// local peers hear `mcp_registered` / `mcp_unregistered` / `mcp_restored`.
+    pub(crate) async fn apply_mcp_servers(
+        ctx: &Ctx,
+        link: &LinkShared,
+        mesh_id: String,
+        servers: Vec<meshd_protocol::fed::McpServerSet>,
+        all: Option<Vec<String>>,
+    ) -> Result<(), RejectReason> {
+        use meshd_protocol::client::{MAX_NAME_LEN, MAX_SUMMARY_LEN};
+        if !link.accepts(&mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh_id).await else {
+            return Err(RejectReason::NotShared);
+        };
+        if servers.len() > crate::mcp::MAX_SERVERS_PER_MESH
+            || all
+                .as_ref()
+                .is_some_and(|a| a.len() > crate::mcp::MAX_SERVERS_PER_MESH)
+        {
+            return Err(RejectReason::Invalid);
+        }
+        let mut forged = false;
+        let servers: Vec<_> = servers
+            .into_iter()
+            .filter(|s| {
+                let ok = speaks_for(&hub, &link.peer, &s.member_id, &s.member_pubkey);
+                forged |= !ok;
+                ok && !s.name.is_empty()
+                    && s.name.len() <= MAX_NAME_LEN
+                    && s.hosted_by.len() <= MAX_NAME_LEN
+                    && s.description.len() <= MAX_SUMMARY_LEN
+                    && s.tools_json.len() <= 256 * 1024
+            })
+            .collect();
+        let now = now_ms();
+        for (event, name, hosted_by) in ctx.mcp.apply_remote(&link.peer, &mesh_id, servers, all) {
+            let mut data = serde_json::Map::new();
+            data.insert("serverName".into(), name.clone().into());
+            if event == "mcp_registered" {
+                let (description, tools) = ctx.mcp.summary(&mesh_id, &name).unwrap_or_default();
+                data.insert("description".into(), description.into());
+                data.insert("tools".into(), tools.into());
+            }
+            data.insert("hostedBy".into(), hosted_by.into());
+            hub.announce(
+                &crate::delivery::system_push(&mesh_id, event, data, now),
+                0,
+                None,
+            );
+        }
+        if forged {
+            return Err(RejectReason::ForgedSender);
+        }
+        Ok(())
+    }
+}

@@ -55,11 +55,7 @@ impl Session {
                         Ok(()) => {
                             let id = row.id.clone();
                             if let Some(fed) = &fed {
-                                fed.memory_remembered(crate::fed::memory_set(
-                                    row,
-                                    &member_pubkey,
-                                    None,
-                                ));
+                                fed.memory_remembered(memory_set(row, &member_pubkey, None));
                             }
                             BrokerFrame::MemoryStored(MemoryStored { id, req_id })
                         }
@@ -133,5 +129,84 @@ impl Session {
             };
             Some(reply.to_json().into())
         }));
+    }
+}
+
+pub(crate) use replication::*;
+
+/// Replication across brokers: applying a peer's change, and this broker's part of a
+/// link's catch-up.
+mod replication {
+
+    use meshd_protocol::fed::RejectReason;
+
+    use tracing::warn;
+
+    use crate::Ctx;
+
+    use crate::fed::*;
+
+    /// Memories a peer broker is sent when its link comes up (newest first).
+    pub(crate) const MEMORY_CATCH_UP: i64 = 10_000;
+
+    /// A stored memory as a federation frame.
+    pub(crate) fn memory_set(
+        row: crate::store::memory::MemoryRow,
+        pubkey: &str,
+        forgotten_at: Option<i64>,
+    ) -> meshd_protocol::fed::MemorySet {
+        meshd_protocol::fed::MemorySet {
+            mesh_id: row.mesh_id,
+            id: row.id,
+            content: row.content,
+            tags: row.tags,
+            remembered_by: row.remembered_by,
+            remembered_by_pubkey: pubkey.to_owned(),
+            remembered_by_name: row.remembered_by_name,
+            remembered_at: row.remembered_at,
+            forgotten_at,
+        }
+    }
+
+    /// Stores a memory a member of the peer remembered (idempotent).
+    pub(crate) async fn apply_memory(
+        ctx: &Ctx,
+        link: &LinkShared,
+        m: meshd_protocol::fed::MemorySet,
+    ) -> Result<(), RejectReason> {
+        use meshd_protocol::client::{MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN};
+        if !link.accepts(&m.mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        if m.id.is_empty()
+            || m.id.len() > 64
+            || m.content.len() > MAX_SKILL_INSTRUCTIONS
+            || m.tags.len() > MAX_SUMMARY_LEN
+            || m.remembered_by_name.len() > MAX_NAME_LEN
+        {
+            return Err(RejectReason::Invalid);
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
+            return Err(RejectReason::NotShared);
+        };
+        if !speaks_for(&hub, &link.peer, &m.remembered_by, &m.remembered_by_pubkey) {
+            return Err(RejectReason::ForgedSender);
+        }
+        let row = crate::store::memory::MemoryRow {
+            id: m.id,
+            mesh_id: m.mesh_id,
+            content: m.content,
+            tags: m.tags,
+            remembered_by: m.remembered_by,
+            remembered_by_name: m.remembered_by_name,
+            remembered_at: m.remembered_at,
+        };
+        ctx.db
+            .put_remote_memory(&row, m.forgotten_at)
+            .await
+            .map_err(|e| {
+                warn!(cause = %e, "storing a peer's memory");
+                RejectReason::Invalid
+            })
     }
 }

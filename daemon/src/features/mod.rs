@@ -2,19 +2,19 @@
 //! `crate::session::Session`). Each feature's store queries are in `crate::store`, its
 //! federation replication in `crate::fed`.
 
-mod audit;
-mod clock;
-mod contexts;
-mod files;
-mod mcp;
-mod memory;
-mod mesh_info;
-mod messages;
-mod presence;
-mod relay;
-mod schedule;
-mod skills;
-mod state;
-mod streams;
-mod tasks;
-mod webhooks;
+pub(crate) mod audit;
+pub(crate) mod clock;
+pub(crate) mod contexts;
+pub(crate) mod files;
+pub(crate) mod mcp;
+pub(crate) mod memory;
+pub(crate) mod mesh_info;
+pub(crate) mod messages;
+pub(crate) mod presence;
+pub(crate) mod relay;
+pub(crate) mod schedule;
+pub(crate) mod skills;
+pub(crate) mod state;
+pub(crate) mod streams;
+pub(crate) mod tasks;
+pub(crate) mod webhooks;

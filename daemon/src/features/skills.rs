@@ -77,7 +77,7 @@ impl Session {
                     }
                     let name = row.name.clone();
                     if let Some(fed) = &fed {
-                        fed.skill_changed(crate::fed::skill_set(row, false));
+                        fed.skill_changed(skill_set(row, false));
                     }
                     BrokerFrame::SkillAck(SkillAck {
                         name,
@@ -134,7 +134,7 @@ impl Session {
                                 .await;
                             }
                             if removed && let Some(fed) = &fed {
-                                fed.skill_changed(crate::fed::skill_removal(&mesh_id, &name, now));
+                                fed.skill_changed(skill_removal(&mesh_id, &name, now));
                             }
                             BrokerFrame::SkillAck(SkillAck {
                                 name,
@@ -149,5 +149,103 @@ impl Session {
             };
             Some(reply.to_json().into())
         }));
+    }
+}
+
+pub(crate) use replication::*;
+
+/// Replication across brokers: applying a peer's change, and this broker's part of a
+/// link's catch-up.
+mod replication {
+
+    use meshd_protocol::fed::{RejectReason, SkillSet};
+
+    use tracing::warn;
+
+    use crate::Ctx;
+
+    use crate::fed::*;
+
+    /// A skill removal, as a federation frame.
+    pub(crate) fn skill_removal(mesh_id: &str, name: &str, at: i64) -> SkillSet {
+        SkillSet {
+            mesh_id: mesh_id.to_owned(),
+            name: name.to_owned(),
+            description: String::new(),
+            instructions: String::new(),
+            tags: Vec::new(),
+            author: String::new(),
+            created_at: at,
+            updated_at: at,
+            removed: true,
+        }
+    }
+
+    /// A stored skill as a federation frame.
+    pub(crate) fn skill_set(row: crate::store::skills::SkillRow, removed: bool) -> SkillSet {
+        let tags = row.tag_list();
+        SkillSet {
+            mesh_id: row.mesh_id,
+            name: row.name,
+            description: row.description,
+            instructions: row.instructions,
+            tags,
+            author: row.author,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            removed,
+        }
+    }
+
+    /// Applies a peer's skill write or removal (newest wins), within the local limits.
+    pub(crate) async fn apply_skill(
+        ctx: &Ctx,
+        link: &LinkShared,
+        s: SkillSet,
+    ) -> Result<(), RejectReason> {
+        use meshd_protocol::client::{
+            MAX_GROUPS, MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN,
+        };
+        if !link.accepts(&s.mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        if s.name.trim().is_empty()
+            || s.name.len() > MAX_NAME_LEN
+            || s.description.len() > MAX_SUMMARY_LEN
+            || s.instructions.len() > MAX_SKILL_INSTRUCTIONS
+            || s.tags.len() > MAX_GROUPS
+            || s.tags.iter().any(|t| t.len() > MAX_NAME_LEN)
+            || s.author.len() > MAX_NAME_LEN
+        {
+            return Err(RejectReason::Invalid);
+        }
+        let result = if s.removed {
+            ctx.db
+                .delete_skill(&s.mesh_id, &s.name, s.updated_at)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else {
+            let row = crate::store::skills::SkillRow {
+                mesh_id: s.mesh_id,
+                name: s.name,
+                description: s.description,
+                instructions: s.instructions,
+                tags: serde_json::to_string(&s.tags).unwrap_or_else(|_| "[]".into()),
+                author: s.author,
+                created_at: s.created_at,
+                updated_at: s.updated_at,
+            };
+            ctx.db
+                .put_skill(&row, None)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = result {
+            warn!(cause = %e, "storing a peer's skill");
+            return Err(RejectReason::Invalid);
+        }
+        Ok(())
     }
 }

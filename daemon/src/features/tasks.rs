@@ -26,7 +26,7 @@ impl Session {
             if let Some(fed) = fed
                 && let Ok(Some(t)) = db.task_full(&mesh_id, &id).await
             {
-                fed.task_changed(crate::fed::task_set(&hub, t));
+                fed.task_changed(task_set(&hub, t));
             }
         };
         self.replies.push_back(Box::pin(async move {
@@ -200,4 +200,167 @@ impl Session {
             Some(reply.to_json().into())
         }));
     }
+}
+
+pub(crate) use replication::*;
+
+/// Replication across brokers: applying a peer's change, and this broker's part of a
+/// link's catch-up.
+mod replication {
+
+    use meshd_protocol::fed::RejectReason;
+
+    use tracing::warn;
+
+    use crate::Ctx;
+
+    use crate::hub::MeshHub;
+
+    use crate::store::StoreError;
+    use crate::time::now_ms;
+
+    use crate::fed::*;
+
+    /// Tasks a peer broker is sent when its link comes up (newest first).
+    pub(crate) const TASK_CATCH_UP: i64 = 10_000;
+
+    /// A stored task as a federation frame (`hub`: its mesh, to tell whether this broker
+    /// hosts the creator).
+    pub(crate) fn task_set(
+        hub: &MeshHub,
+        t: crate::store::tasks::TaskFull,
+    ) -> meshd_protocol::fed::TaskSet {
+        let creator_hosted = t
+            .creator_pubkey
+            .as_deref()
+            .and_then(|k| hub.member(k))
+            .is_some_and(|m| m.home.is_none());
+        meshd_protocol::fed::TaskSet {
+            creator_hosted,
+            tags: serde_json::from_str(&t.tags).unwrap_or_default(),
+            mesh_id: t.mesh_id,
+            id: t.id,
+            title: t.title,
+            assignee: t.assignee,
+            priority: t.priority,
+            created_by: t.created_by,
+            creator_pubkey: t.creator_pubkey.unwrap_or_default(),
+            created_at: t.created_at,
+            claimed_by: t.claimed_by,
+            claimed_at: t.claimed_at,
+            result: t.result,
+            completed_at: t.completed_at,
+        }
+    }
+
+    /// Merges a peer broker's view of a task. A task new here must have been created by a
+    /// member the peer hosts; progress (claims, completions) merges from any sharing broker.
+    pub(crate) async fn apply_task(
+        ctx: &Ctx,
+        link: &LinkShared,
+        t: meshd_protocol::fed::TaskSet,
+    ) -> Result<(), RejectReason> {
+        use crate::store::tasks::{TaskFull, TaskProgress};
+        use meshd_protocol::client::{
+            MAX_GROUPS, MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN,
+        };
+        if !link.accepts(&t.mesh_id) {
+            return Err(RejectReason::NotShared);
+        }
+        let name_ok = |n: &Option<String>| n.as_ref().is_none_or(|n| n.len() <= MAX_NAME_LEN);
+        // Claims and completions win by being earliest: times before the task existed or
+        // from the future are refused, so no broker can win every race with a zero.
+        let now = now_ms();
+        let plausible = |at: Option<i64>| {
+            at.is_none_or(|at| at >= t.created_at && at <= now.saturating_add(5 * 60_000))
+        };
+        if !plausible(t.claimed_at)
+            || !plausible(t.completed_at)
+            || t.created_at > now.saturating_add(5 * 60_000)
+            || t.id.is_empty()
+            || t.id.len() > 64
+            || t.title.len() > MAX_SUMMARY_LEN
+            || t.priority.len() > MAX_NAME_LEN
+            || !name_ok(&t.assignee)
+            || !name_ok(&t.created_by)
+            || !name_ok(&t.claimed_by)
+            || t.tags.len() > MAX_GROUPS
+            || t.tags.iter().any(|x| x.len() > MAX_NAME_LEN)
+            || t.result
+                .as_ref()
+                .is_some_and(|r| r.len() > MAX_SKILL_INSTRUCTIONS)
+        {
+            return Err(RejectReason::Invalid);
+        }
+        let store = |e: StoreError| {
+            warn!(cause = %e, "storing a peer's task");
+            RejectReason::Invalid
+        };
+        let incoming = TaskFull {
+            tags: serde_json::to_string(&t.tags).unwrap_or_else(|_| "[]".into()),
+            id: t.id,
+            mesh_id: t.mesh_id,
+            title: t.title,
+            assignee: t.assignee,
+            priority: t.priority,
+            created_by: t.created_by,
+            creator_pubkey: Some(t.creator_pubkey),
+            created_at: t.created_at,
+            claimed_by: t.claimed_by,
+            claimed_at: t.claimed_at,
+            result: t.result,
+            completed_at: t.completed_at,
+        };
+        // Read, merge, compare-and-set; a local claim or completion in between makes the
+        // write miss, and the merge is done again over what it wrote.
+        for _ in 0..TASK_MERGE_ATTEMPTS {
+            match ctx
+                .db
+                .task_full(&incoming.mesh_id, &incoming.id)
+                .await
+                .map_err(store)?
+            {
+                None => {
+                    let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &incoming.mesh_id).await else {
+                        return Err(RejectReason::NotShared);
+                    };
+                    let creator = incoming.creator_pubkey.as_deref().unwrap_or_default();
+                    if !hub.hosted_by(&link.peer, creator) {
+                        return Err(RejectReason::ForgedSender);
+                    }
+                    ctx.db.insert_remote_task(&incoming).await.map_err(store)?;
+                    // Not stored (the mesh's open tasks are at their cap) or stored as
+                    // sent: done. Changed here meanwhile: merged next round.
+                    match ctx
+                        .db
+                        .task_full(&incoming.mesh_id, &incoming.id)
+                        .await
+                        .map_err(store)?
+                    {
+                        Some(t) if t.progress() != incoming.progress() => {}
+                        _ => return Ok(()),
+                    }
+                }
+                Some(local) => {
+                    let was = local.progress();
+                    let merged: TaskProgress = was.merge(&incoming.progress());
+                    if merged == was
+                        || ctx
+                            .db
+                            .set_task_progress(&local.mesh_id, &local.id, &was, &merged)
+                            .await
+                            .map_err(store)?
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        warn!(task = %incoming.id, "a peer's task kept changing here while merging; left for the next catch-up");
+        Ok(())
+    }
+
+    /// Rounds of read-merge-write for one task from a peer before it is left to the next
+    /// catch-up (each lost round means a local change won the race).
+    pub(crate) const TASK_MERGE_ATTEMPTS: usize = 8;
 }
