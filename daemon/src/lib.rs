@@ -226,7 +226,7 @@ impl Daemon {
         }
         let (fed, endpoint) = match &config.federation {
             Some(f) => {
-                let (fed, ep) = fed::Fed::bind(f, options.link_hooks.clone())?;
+                let (fed, ep) = fed::Fed::bind(f, options.link_hooks.clone(), metrics.clone())?;
                 (Some(fed), Some(ep))
             }
             None => (None, None),
@@ -276,8 +276,7 @@ impl Daemon {
             started: crate::time::instant(),
         });
         if let Some(f) = &ctx.fed {
-            f.attach(Arc::downgrade(&ctx));
-            f.reload_consent().await?;
+            f.reload_consent(&ctx).await?;
         }
         Ok(Bound {
             ctx,
@@ -349,7 +348,7 @@ impl Bound {
 
         if let (Some(f), Some(ep)) = (&ctx.fed, endpoint) {
             let quic = ep.local_addr().ok();
-            f.start(ep).await;
+            f.start(&ctx, ep).await;
             info!(broker = f.name(), ?quic, "federation endpoint listening");
             if let Some(q) = quic {
                 systemd::notify(&format!("STATUS=federation quic on {q}"));

@@ -64,10 +64,7 @@ pub(crate) async fn replica_row(
 impl Fed {
     /// Re-reads stored consent; `true` when it changed. Also called once before the
     /// daemon serves, so the first sends already see it.
-    pub(crate) async fn reload_consent(&self) -> Result<bool, StoreError> {
-        let Some(ctx) = self.ctx() else {
-            return Ok(false);
-        };
+    pub(crate) async fn reload_consent(&self, ctx: &Ctx) -> Result<bool, StoreError> {
         let mut next = Consent::default();
         for s in ctx.db.shares().await? {
             next.shares.insert((s.mesh_id, s.peer), s.role);
@@ -108,7 +105,7 @@ impl Fed {
     }
 
     /// Offers received before the local admin accepted them.
-    pub(crate) async fn apply_pending_offers(&self) {
+    pub(crate) async fn apply_pending_offers(&self, ctx: &Arc<Ctx>) {
         let offers: Vec<((String, String), MeshOffer)> = lock(&self.offers)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -119,7 +116,7 @@ impl Fed {
                 .get(&(offer.mesh_id.clone(), peer.clone()))
                 .is_some_and(|r| *r == ShareRole::Accept);
             if accepted {
-                self.adopt_offer(&peer, &offer).await;
+                self.adopt_offer(ctx, &peer, &offer).await;
             }
         }
     }
@@ -127,10 +124,7 @@ impl Fed {
     /// Creates or updates the replica described by an accepted offer. One at a time:
     /// the link that receives an offer and the reconcile loop that sees its acceptance
     /// may both adopt it at once.
-    pub(crate) async fn adopt_offer(&self, home: &str, offer: &MeshOffer) {
-        let Some(ctx) = self.ctx() else {
-            return;
-        };
+    pub(crate) async fn adopt_offer(&self, ctx: &Arc<Ctx>, home: &str, offer: &MeshOffer) {
         let _one = self.adopting.lock().await;
         let roster = serde_json::to_string(&offer.roster).unwrap_or_else(|_| "[]".into());
         let known = lock(&self.consent)
@@ -140,7 +134,7 @@ impl Fed {
         if known {
             return;
         }
-        let row = match replica_row(&ctx, offer).await {
+        let row = match replica_row(ctx, offer).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(mesh.id = %offer.mesh_id, cause = %e, "creating a replica");
@@ -152,12 +146,12 @@ impl Fed {
             return;
         }
         info!(mesh.id = %offer.mesh_id, slug = %row.slug, home, "replica of a shared mesh ready");
-        if let Err(e) = self.reload_consent().await {
+        if let Err(e) = self.reload_consent(ctx).await {
             warn!(cause = %e, "reloading federation consent");
         }
         let links: Vec<Arc<LinkShared>> = lock(&self.links).values().cloned().collect();
         for l in links {
-            self.reconcile_link(&l).await;
+            self.reconcile_link(ctx, &l).await;
         }
     }
 }

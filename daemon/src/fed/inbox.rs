@@ -42,11 +42,11 @@ impl Fed {
     /// before they are acknowledged, in order.
     pub(crate) async fn inbound_messages(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Arc<LinkShared>,
         mut rx: FrameReader,
         mut tx: FrameWriter,
     ) -> Result<(), LinkError> {
-        let Some(ctx) = self.ctx() else { return Ok(()) };
         let peer = link.peer.to_string();
         let cursor = lock(&self.cursors).entry(peer.clone()).or_default().clone();
         if lock(&cursor).is_none() {

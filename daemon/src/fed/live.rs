@@ -92,9 +92,9 @@ impl Fed {
                 if link.live.try_send(frame.clone()).is_ok() {
                     sent += 1;
                 } else {
-                    if let Some(ctx) = self.ctx() {
-                        ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.metrics
+                        .fed_live_dropped
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -108,10 +108,10 @@ impl Fed {
             return;
         }
         for link in self.links_for(mesh_id) {
-            if link.live.try_send(frame.clone()).is_err()
-                && let Some(ctx) = self.ctx()
-            {
-                ctx.metrics.fed_live_dropped.fetch_add(1, Ordering::Relaxed);
+            if link.live.try_send(frame.clone()).is_err() {
+                self.metrics
+                    .fed_live_dropped
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -222,10 +222,10 @@ impl Fed {
 
     pub(crate) async fn inbound_live(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Arc<LinkShared>,
         mut rx: FrameReader,
     ) -> Result<(), LinkError> {
-        let Some(ctx) = self.ctx() else { return Ok(()) };
         // One reader, one applier: frames released from the hold and new frames are
         // applied by the same loop, in the stream's order. (Reading a frame cannot be
         // interrupted without losing its bytes, so it is not raced against the hold.)

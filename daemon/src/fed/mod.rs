@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -234,8 +234,10 @@ impl LinkShared {
 pub(crate) struct Fed {
     me: Arc<str>,
     cfg: FedConfig,
-    ctx: OnceLock<Weak<Ctx>>,
-    manager: OnceLock<Arc<Manager>>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The link manager, from `start` until `shutdown` (which drops it, and with it the
+    /// link handler's handle on the daemon's context).
+    manager: Mutex<Option<Arc<Manager>>>,
     /// Presence versions: start above anything a previous run used (ms·1000).
     version: AtomicU64,
     consent: Mutex<Consent>,
@@ -287,6 +289,7 @@ impl Fed {
     pub(crate) fn bind(
         cfg: &FedConfig,
         hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<(Arc<Self>, Endpoint), FedStartError> {
         let identity = meshd_certs::BrokerIdentity::load(&cfg.cert, &cfg.key, &cfg.broker)
             .map_err(|e| FedStartError::Identity(e.to_string()))?;
@@ -327,8 +330,8 @@ impl Fed {
         let fed = Arc::new(Self {
             me: Arc::from(cfg.broker.as_str()),
             cfg: cfg.clone(),
-            ctx: OnceLock::new(),
-            manager: OnceLock::new(),
+            metrics,
+            manager: Mutex::new(None),
             version: AtomicU64::new(seed),
             consent: Mutex::default(),
             links: Mutex::default(),
@@ -350,8 +353,8 @@ impl Fed {
     }
 
     /// Starts the link manager and the consent reconciler.
-    pub(crate) async fn start(self: &Arc<Self>, ep: Endpoint) {
-        if let Err(e) = self.reload_consent().await {
+    pub(crate) async fn start(self: &Arc<Self>, ctx: &Arc<Ctx>, ep: Endpoint) {
+        if let Err(e) = self.reload_consent(ctx).await {
             warn!(cause = %e, "loading federation consent");
         }
         let discovery =
@@ -379,20 +382,25 @@ impl Fed {
                 min: self.cfg.reconnect_min,
                 max: self.cfg.reconnect_max,
             },
-            self.clone(),
+            Arc::new(Links {
+                fed: self.clone(),
+                ctx: ctx.clone(),
+            }),
             self.stop.child_token(),
             self.hooks.clone(),
         );
         manager.start();
-        let _ = self.manager.set(manager);
-        let me = self.clone();
-        self.tracker.spawn(async move { me.reconcile_loop().await });
+        *lock(&self.manager) = Some(manager);
+        let (me, ctx) = (self.clone(), ctx.clone());
+        self.tracker
+            .spawn(async move { me.reconcile_loop(ctx).await });
     }
 
     /// Closes every link and stops the background tasks.
     pub(crate) async fn shutdown(&self) {
         self.stop.cancel();
-        if let Some(m) = self.manager.get() {
+        let manager = lock(&self.manager).take();
+        if let Some(m) = manager {
             m.shutdown().await;
         }
         self.tracker.close();
@@ -414,13 +422,9 @@ impl Fed {
         self.quic
     }
 
-    /// Connects the daemon's shared state (once, right after it is built).
-    pub(crate) fn attach(&self, ctx: Weak<Ctx>) {
-        let _ = self.ctx.set(ctx);
-    }
-
-    pub(crate) fn ctx(&self) -> Option<Arc<Ctx>> {
-        self.ctx.get().and_then(Weak::upgrade)
+    /// The link manager, while federation runs.
+    pub(crate) fn manager(&self) -> Option<Arc<Manager>> {
+        lock(&self.manager).clone()
     }
 
     /// The hot queue of `peer` (see [`HotSink`]).
@@ -494,16 +498,23 @@ impl Fed {
     // ---- the link ---------------------------------------------------------------------
 }
 
-impl LinkHandler for Fed {
+/// The handler the link manager runs for each link: the federation state and the
+/// daemon's context, held explicitly for as long as the manager runs.
+struct Links {
+    fed: Arc<Fed>,
+    ctx: Arc<Ctx>,
+}
+
+impl LinkHandler for Links {
     fn hello(&self, peer: &str) -> Hello {
-        let meshes = lock(&self.consent)
+        let meshes = lock(&self.fed.consent)
             .ready_for(peer)
             .into_iter()
             .map(|mesh_id| MeshClaim { mesh_id })
             .collect();
         Hello {
             version: fed::VERSION,
-            broker: self.me.to_string(),
+            broker: self.fed.me.to_string(),
             caps: vec![
                 "dm".into(),
                 "multicast".into(),
@@ -521,14 +532,12 @@ impl LinkHandler for Fed {
         counters: Arc<LinkCounters>,
         stop: CancellationToken,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<(), LinkError>> + Send>> {
-        Box::pin(self.serve_link(link, id, counters, stop))
+        Box::pin(
+            self.fed
+                .clone()
+                .serve_link(self.ctx.clone(), link, id, counters, stop),
+        )
     }
-}
-
-/// The daemon's context, or the end of a link task when the daemon is gone.
-pub(crate) fn ctx_of(fed: &Fed) -> Result<Arc<Ctx>, LinkError> {
-    fed.ctx()
-        .ok_or_else(|| LinkError::Io("the daemon is shutting down".into()))
 }
 
 /// Whether `peer` hosts the member `(id, pubkey)` of `hub` (it may speak for it).

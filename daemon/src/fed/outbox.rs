@@ -150,10 +150,10 @@ impl Fed {
     /// Sends member announcements and the durable outbox; reads acks on the same stream.
     pub(crate) async fn outbox(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Arc<LinkShared>,
         conn: Arc<LinkConn>,
     ) -> Result<(), LinkError> {
-        let Some(ctx) = self.ctx() else { return Ok(()) };
         let (mut tx, rx) = conn.open(StreamClass::Messages).await?;
         let Some(mut rx) = rx else {
             return Err(LinkError::Io("messages stream without a reply half".into()));

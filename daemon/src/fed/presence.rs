@@ -209,6 +209,7 @@ impl Fed {
     /// link came back, whose snapshot replaced them).
     pub(crate) fn schedule_presence_expiry(
         self: &Arc<Self>,
+        ctx: Arc<Ctx>,
         peer: Arc<str>,
         meshes: HashSet<String>,
     ) {
@@ -247,7 +248,6 @@ impl Fed {
                 Some(l) => meshes.into_iter().filter(|m| !l.flows(m)).collect(),
                 None => meshes.into_iter().collect(),
             };
-            let Some(ctx) = me.ctx() else { return };
             let now = now_ms();
             for m in meshes {
                 if let Some(hub) = ctx.hub.loaded(&m) {
@@ -261,10 +261,10 @@ impl Fed {
 
     pub(crate) async fn inbound_presence(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Arc<LinkShared>,
         mut rx: FrameReader,
     ) -> Result<(), LinkError> {
-        let Some(ctx) = self.ctx() else { return Ok(()) };
         while let Some(frame) = rx.recv().await? {
             link.counters.received.fetch_add(1, Ordering::Relaxed);
             let now = now_ms();

@@ -5,8 +5,8 @@ use super::*;
 impl Fed {
     /// `GET /federation`.
     pub(crate) fn status_json(&self) -> serde_json::Value {
-        let links = self.manager.get().map(|m| m.status()).unwrap_or_default();
-        let refusals = self.manager.get().map(|m| m.refusals()).unwrap_or_default();
+        let links = self.manager().map(|m| m.status()).unwrap_or_default();
+        let refusals = self.manager().map(|m| m.refusals()).unwrap_or_default();
         let live = lock(&self.links).clone();
         let consent = lock(&self.consent).clone();
         let links: Vec<serde_json::Value> = links

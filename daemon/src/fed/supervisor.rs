@@ -22,7 +22,7 @@ pub(crate) async fn control_writer(
 }
 
 impl Fed {
-    pub(crate) async fn reconcile_loop(self: Arc<Self>) {
+    pub(crate) async fn reconcile_loop(self: Arc<Self>, ctx: Arc<Ctx>) {
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u64 = 0;
@@ -32,33 +32,32 @@ impl Fed {
                 _ = tick.tick() => {}
             }
             n += 1;
-            match self.reload_consent().await {
+            match self.reload_consent(&ctx).await {
                 Ok(true) => {
-                    self.apply_pending_offers().await;
+                    self.apply_pending_offers(&ctx).await;
                     let links: Vec<Arc<LinkShared>> = lock(&self.links).values().cloned().collect();
                     for l in links {
-                        self.reconcile_link(&l).await;
+                        self.reconcile_link(&ctx, &l).await;
                     }
                 }
                 // An accepted offer whose replica could not be made (a store or disk
                 // error) is tried again every few seconds, not only when consent changes.
                 Ok(false) if n.is_multiple_of(ADOPT_RETRY_TICKS) => {
-                    self.apply_pending_offers().await;
+                    self.apply_pending_offers(&ctx).await;
                 }
                 Ok(false) => {}
                 Err(e) => warn!(cause = %e, "reloading federation consent"),
             }
-            self.check_links(crate::time::std_instant()).await;
+            self.check_links(&ctx, crate::time::std_instant()).await;
         }
     }
 
     /// Tears a link down (both sides dial again), counted by `reason`.
     pub(crate) fn reset_link(&self, link: &LinkShared, reason: &'static str) {
-        if let Some(m) = self.manager.get()
+        if let Some(m) = self.manager()
             && m.reset(&link.peer, link.id, CloseReason::Protocol)
-            && let Some(ctx) = self.ctx()
         {
-            ctx.metrics.fed_link_resets.inc(reason);
+            self.metrics.fed_link_resets.inc(reason);
         }
     }
 
@@ -72,8 +71,8 @@ impl Fed {
     /// - A mesh we claim that the peer has not said it is ready for is announced again
     ///   every [`REANNOUNCE_EVERY`] (idempotent on the peer; it converges a lost or
     ///   crossed announcement). A control queue too full to take it resets the link.
-    pub(crate) async fn check_links(&self, now: std::time::Instant) {
-        let Some(manager) = self.manager.get() else {
+    pub(crate) async fn check_links(&self, ctx: &Arc<Ctx>, now: std::time::Instant) {
+        let Some(manager) = self.manager() else {
             return;
         };
         for st in manager.status() {
@@ -94,23 +93,21 @@ impl Fed {
                 if overdue && manager.reset(&st.name, id, CloseReason::Protocol) {
                     warn!(peer = %st.name, id, "link up but never registered; reset");
                     lock(&self.unregistered_since).remove(&st.name);
-                    if let Some(ctx) = self.ctx() {
-                        ctx.metrics.fed_link_resets.inc("unregistered");
-                    }
+                    self.metrics.fed_link_resets.inc("unregistered");
                 }
                 continue;
             };
             lock(&self.unregistered_since).remove(&st.name);
             let ready = lock(&self.consent).ready_for(&link.peer);
             if *lock(&link.claimed) != ready {
-                self.reconcile_link(&link).await;
+                self.reconcile_link(ctx, &link).await;
                 continue;
             }
             let (claimed, peer_ready) =
                 (lock(&link.claimed).clone(), lock(&link.peer_ready).clone());
             let want: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
             if *lock(&link.flowing) != want {
-                self.update_flowing(&link).await;
+                self.update_flowing(ctx, &link).await;
             }
             if now.duration_since(link.started) < REANNOUNCE_EVERY {
                 continue;
@@ -140,7 +137,7 @@ impl Fed {
     }
 
     /// Brings a link's consent claims and flowing meshes in line with stored consent.
-    pub(crate) async fn reconcile_link(&self, link: &Arc<LinkShared>) {
+    pub(crate) async fn reconcile_link(&self, ctx: &Arc<Ctx>, link: &Arc<LinkShared>) {
         let peer = &*link.peer;
         let (ready, offers) = {
             let c = lock(&self.consent);
@@ -159,7 +156,7 @@ impl Fed {
             (ready, offers)
         };
         // Homes (re)send their offers, with the mesh's name and current roster.
-        if let Some(ctx) = self.ctx() {
+        {
             for mut o in offers {
                 if let Ok(Some(row)) = ctx.db.mesh_by_id(&o.mesh_id).await {
                     o.name = row.name;
@@ -198,11 +195,11 @@ impl Fed {
                 }
             }
         }
-        self.update_flowing(link).await;
+        self.update_flowing(ctx, link).await;
     }
 
     /// Recomputes what flows over a link; starts and stops meshes accordingly.
-    pub(crate) async fn update_flowing(&self, link: &Arc<LinkShared>) {
+    pub(crate) async fn update_flowing(&self, ctx: &Arc<Ctx>, link: &Arc<LinkShared>) {
         let _serial = link.flow_lock.lock().await;
         let claimed = lock(&link.claimed).clone();
         let peer_ready = lock(&link.peer_ready).clone();
@@ -214,9 +211,6 @@ impl Fed {
             let stopped: Vec<String> = flowing.difference(&now_flowing).cloned().collect();
             (started, stopped)
         };
-        let Some(ctx) = self.ctx() else {
-            return;
-        };
         if !stopped.is_empty() {
             lock(&link.flowing).retain(|m| !stopped.contains(m));
             self.refresh_shared();
@@ -226,7 +220,7 @@ impl Fed {
             info!(peer = %link.peer, mesh.id = %m, "mesh no longer flows over the link");
             if let Some(hub) = ctx.hub.loaded(&m) {
                 hub.remote_drop(&link.peer, now);
-                crate::mcp::broker_gone(&ctx, &hub, &link.peer);
+                crate::mcp::broker_gone(ctx, &hub, &link.peer);
             }
             // Messages for the peer in a mesh we no longer share are refused, not kept.
             if !self.consents(&m, &link.peer) {
@@ -331,14 +325,12 @@ impl Fed {
 
     pub(crate) async fn serve_link(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Link,
         id: u64,
         counters: Arc<LinkCounters>,
         stop: CancellationToken,
     ) -> Result<(), LinkError> {
-        let Some(ctx) = self.ctx() else {
-            return Ok(());
-        };
         let peer: Arc<str> = Arc::from(link.peer.as_str());
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (live_tx, live_rx) = mpsc::channel(LIVE_QUEUE);
@@ -415,10 +407,16 @@ impl Fed {
             };
         let conn = Arc::new(conn);
         spawn(Box::pin(control_writer(control.tx, control_rx)));
-        spawn(Box::pin(
-            self.clone().control_reader(shared.clone(), control.rx),
-        ));
-        spawn(Box::pin(self.clone().outbox(shared.clone(), conn.clone())));
+        spawn(Box::pin(self.clone().control_reader(
+            ctx.clone(),
+            shared.clone(),
+            control.rx,
+        )));
+        spawn(Box::pin(self.clone().outbox(
+            ctx.clone(),
+            shared.clone(),
+            conn.clone(),
+        )));
         spawn(Box::pin(presence_writer(shared.clone(), conn.clone())));
         spawn(Box::pin(live_writer(
             conn.clone(),
@@ -427,6 +425,7 @@ impl Fed {
             shared.live_drained.clone(),
         )));
         spawn(Box::pin(self.clone().accept_streams(
+            ctx.clone(),
             shared.clone(),
             conn.clone(),
             tasks.clone(),
@@ -438,7 +437,7 @@ impl Fed {
         // stopping: a stop never waits on the peer).
         let result = tokio::select! {
             () = stop.cancelled() => Ok(()),
-            () = self.reconcile_link(&shared) => tokio::select! {
+            () = self.reconcile_link(&ctx, &shared) => tokio::select! {
                 r = done_rx.recv() => r.unwrap_or(Ok(())),
                 () = stop.cancelled() => Ok(()),
             },
@@ -458,12 +457,13 @@ impl Fed {
         }
         self.refresh_shared();
         ctx.metrics.fed_links_up.fetch_sub(1, Ordering::Relaxed);
-        self.schedule_presence_expiry(peer, lock(&shared.flowing).clone());
+        self.schedule_presence_expiry(ctx.clone(), peer, lock(&shared.flowing).clone());
         result
     }
 
     pub(crate) async fn control_reader(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Arc<LinkShared>,
         mut rx: FrameReader,
     ) -> Result<(), LinkError> {
@@ -488,7 +488,6 @@ impl Fed {
                         || offer.roster.len() > MAX_ROSTER
                         || offer.roster.iter().any(|b| b.len() > 253)
                     {
-                        let ctx = ctx_of(&self)?;
                         count_refused(&ctx, &link, RejectReason::Invalid, 1);
                         continue;
                     }
@@ -502,7 +501,6 @@ impl Fed {
                         let of_peer = offers.keys().filter(|(_, p)| *p == *link.peer).count();
                         if !offers.contains_key(&key) && of_peer >= MAX_OFFERS_PER_PEER {
                             drop(offers);
-                            let ctx = ctx_of(&self)?;
                             count_refused(&ctx, &link, RejectReason::Invalid, 1);
                             continue;
                         }
@@ -513,7 +511,7 @@ impl Fed {
                         .get(&(o.mesh_id.clone(), link.peer.to_string()))
                         .is_some_and(|r| *r == ShareRole::Accept);
                     if accepted {
-                        self.adopt_offer(&link.peer, &o).await;
+                        self.adopt_offer(&ctx, &link.peer, &o).await;
                     } else {
                         debug!(mesh.id = %o.mesh_id, "offer received; not accepted here (yet)");
                     }
@@ -522,7 +520,6 @@ impl Fed {
                     // The peer's claims are bounded like its offers: a peer claiming
                     // meshes without end is misbehaving, and the link starts over.
                     if !crate::ids::plausible_id(&c.mesh_id) {
-                        let ctx = ctx_of(&self)?;
                         count_refused(&ctx, &link, RejectReason::Invalid, 1);
                         continue;
                     }
@@ -539,11 +536,11 @@ impl Fed {
                         self.reset_link(&link, "peer_ready_full");
                         return Err(LinkError::Io("too many mesh claims from the peer".into()));
                     }
-                    self.update_flowing(&link).await;
+                    self.update_flowing(&ctx, &link).await;
                 }
                 Frame::MeshWithdraw(c) => {
                     lock(&link.peer_ready).remove(&c.mesh_id);
-                    self.update_flowing(&link).await;
+                    self.update_flowing(&ctx, &link).await;
                 }
                 Frame::Close(reason) => return Err(LinkError::Closed(reason)),
                 other => return Err(protocol_error(&other, "control")),
@@ -555,6 +552,7 @@ impl Fed {
     /// Accepts the streams the peer opens and serves each by its class.
     pub(crate) async fn accept_streams(
         self: Arc<Self>,
+        ctx: Arc<Ctx>,
         link: Arc<LinkShared>,
         conn: Arc<LinkConn>,
         tasks: TaskTracker,
@@ -576,11 +574,18 @@ impl Fed {
                                 "messages stream without a reply half".into(),
                             ));
                         };
-                        Box::pin(self.clone().inbound_messages(link.clone(), incoming.rx, tx))
+                        Box::pin(self.clone().inbound_messages(
+                            ctx.clone(),
+                            link.clone(),
+                            incoming.rx,
+                            tx,
+                        ))
                     }
-                    StreamClass::Presence => {
-                        Box::pin(self.clone().inbound_presence(link.clone(), incoming.rx))
-                    }
+                    StreamClass::Presence => Box::pin(self.clone().inbound_presence(
+                        ctx.clone(),
+                        link.clone(),
+                        incoming.rx,
+                    )),
                     StreamClass::Live => {
                         // One applier keeps the live stream's order (and its hold).
                         if link.live_in.swap(true, Ordering::SeqCst) {
@@ -588,7 +593,10 @@ impl Fed {
                                 "the peer opened a second live stream".into(),
                             ));
                         }
-                        Box::pin(self.clone().inbound_live(link.clone(), incoming.rx))
+                        Box::pin(
+                            self.clone()
+                                .inbound_live(ctx.clone(), link.clone(), incoming.rx),
+                        )
                     }
                 };
             let done = done.clone();
