@@ -338,7 +338,7 @@ pub async fn share_mesh(
             "{slug} is a replica; only its home broker can share it"
         )));
     }
-    db.insert_share(&m.id, &peer, crate::store::ShareRole::Offer, now_ms())
+    db.insert_share(&m.id, &peer, crate::fed::store::ShareRole::Offer, now_ms())
         .await?;
     Ok(ShareInfo {
         mesh_id: m.id,
@@ -375,8 +375,13 @@ pub async fn accept_mesh(
             existing.slug
         )));
     }
-    db.insert_share(mesh_id, &peer, crate::store::ShareRole::Accept, now_ms())
-        .await?;
+    db.insert_share(
+        mesh_id,
+        &peer,
+        crate::fed::store::ShareRole::Accept,
+        now_ms(),
+    )
+    .await?;
     // A replica already there (accepted before, or the offer came first) has its slug.
     let slug = db.mesh_by_id(mesh_id).await?.map(|m| m.slug);
     Ok(ShareInfo {

@@ -15,9 +15,9 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use crate::features::audit::store::AuditRow;
 use crate::hub::lock;
 use crate::store::Db;
-use crate::store::audit::AuditRow;
 
 /// The first entry's `prevHash`.
 pub const GENESIS: &str = "genesis";

@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use crate::Ctx;
-use crate::store::files::FileRow;
+use crate::features::files::store::FileRow;
 use crate::time::now_ms;
 
 type HmacSha256 = hmac::Hmac<Sha256>;

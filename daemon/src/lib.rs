@@ -13,7 +13,7 @@ pub mod cli;
 mod clock;
 mod cron;
 mod delivery;
-mod features;
+pub mod features;
 mod fed;
 mod files;
 mod hooks;

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::Ctx;
+use crate::features::mcp::store::McpServerRow;
 use crate::hub::{ConnId, Outbound, PeerShared, lock, offer};
-use crate::store::mcp::McpServerRow;
 
 /// Most servers one mesh registers.
 pub(crate) const MAX_SERVERS_PER_MESH: usize = 256;

@@ -51,7 +51,7 @@ pub(crate) fn caps(kind: Kind, config: &meshd_config::Config) -> Caps {
         Kind::Skills => (
             Usage::new(n(defaults::SKILLS_PER_MEMBER), n(q.skill_bytes_per_member)),
             Usage::new(
-                crate::store::skills::MAX_SKILLS_PER_MESH,
+                crate::features::skills::store::MAX_SKILLS_PER_MESH,
                 n(q.skill_bytes_per_mesh),
             ),
         ),
@@ -68,11 +68,14 @@ pub(crate) fn caps(kind: Kind, config: &meshd_config::Config) -> Caps {
         ),
         Kind::Streams => (
             Usage::new(n(defaults::STREAMS_PER_MEMBER), none),
-            Usage::new(crate::store::streams::MAX_STREAMS_PER_MESH, none),
+            Usage::new(crate::features::streams::store::MAX_STREAMS_PER_MESH, none),
         ),
         Kind::Webhooks => (
             Usage::new(n(defaults::WEBHOOKS_PER_MEMBER), none),
-            Usage::new(crate::store::webhooks::MAX_WEBHOOKS_PER_MESH, none),
+            Usage::new(
+                crate::features::webhooks::store::MAX_WEBHOOKS_PER_MESH,
+                none,
+            ),
         ),
         Kind::State => (
             Usage::new(none, n(q.state_bytes_per_member)),

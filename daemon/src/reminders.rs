@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 
 use crate::Ctx;
 use crate::delivery::{self, Author, Body, Envelope, Origin, Refused, Target};
+use crate::features::schedule::store::ScheduleRow;
 use crate::store::StoreError;
-use crate::store::schedule::ScheduleRow;
 use crate::time::now_ms;
 
 /// Rows fired per store read.

@@ -1,7 +1,7 @@
 //! Tasks (`create_task`, `claim_task`, `complete_task`, `list_tasks`).
 
 use anyhow::Context as _;
-use meshd::store::tasks::TaskProgress;
+use meshd::features::tasks::store::TaskProgress;
 use meshd_tests::{Backend, TestBroker};
 use serde_json::json;
 

@@ -1,5 +1,7 @@
 //! The audit log, as clients query and verify it (`crate::audit` writes it).
 
+pub mod store;
+
 use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::client::ClientFrame;
 use meshd_protocol::time::iso8601_ms;

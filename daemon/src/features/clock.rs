@@ -62,3 +62,14 @@ impl Session {
         }
     }
 }
+
+/// Catch-up: this mesh's clock, if it has one.
+pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
+    match c.ctx.clocks.set_of(c.mesh_id()) {
+        Some(set) => {
+            c.send(meshd_protocol::fed::Frame::Clock(Box::new(set)))
+                .await
+        }
+        None => true,
+    }
+}

@@ -1,5 +1,7 @@
 //! Shared contexts: what each member is working on.
 
+pub mod store;
+
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::client::ClientFrame;
@@ -12,7 +14,7 @@ impl Session {
     /// Shared contexts: one per member, announced to the others as a `state_change` of
     /// `_context:<name>` (as the reference does; it is not stored as state).
     pub(crate) fn queue_context(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
-        use crate::store::contexts::{ContextRow, SEARCH_LIMIT, matches};
+        use crate::features::contexts::store::{ContextRow, SEARCH_LIMIT, matches};
         use meshd_protocol::broker::{
             ContextEntry, ContextList, ContextResults, ContextShared, ContextSummary,
         };
@@ -110,13 +112,14 @@ mod replication {
     use crate::Ctx;
 
     use crate::fed::*;
+    use meshd_protocol::fed::Frame;
 
     /// A stored context as a federation frame.
     pub(crate) fn context_set(
-        row: crate::store::contexts::ContextRow,
+        row: crate::features::contexts::store::ContextRow,
         pubkey: &str,
     ) -> meshd_protocol::fed::ContextSet {
-        use crate::store::contexts::ContextRow;
+        use crate::features::contexts::store::ContextRow;
         meshd_protocol::fed::ContextSet {
             files_read: ContextRow::list(&row.files_read),
             key_findings: ContextRow::list(&row.key_findings),
@@ -155,7 +158,7 @@ mod replication {
             return Err(RejectReason::ForgedSender);
         }
         let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
-        let row = crate::store::contexts::ContextRow {
+        let row = crate::features::contexts::store::ContextRow {
             mesh_id: c.mesh_id.clone(),
             member_id: c.member_id.clone(),
             peer_name: c.peer_name.clone(),
@@ -182,5 +185,23 @@ mod replication {
                 Err(RejectReason::Invalid)
             }
         }
+    }
+
+    /// Catch-up: the contexts of the members hosted here.
+    pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
+        let local = c.local_members();
+        match c.ctx.db.contexts(c.mesh_id()).await {
+            Ok(rows) => {
+                for row in rows {
+                    if let Some(pk) = local.get(&row.member_id)
+                        && !c.send(Frame::Context(Box::new(context_set(row, pk)))).await
+                    {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => warn!(cause = %e, "reading contexts for a peer"),
+        }
+        true
     }
 }

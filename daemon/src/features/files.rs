@@ -1,5 +1,7 @@
 //! Files: get, list, status, delete, grant (uploads and downloads are HTTP: `crate::files`).
 
+pub mod store;
+
 use std::sync::Arc;
 
 use meshd_protocol::broker::{Ack, BrokerFrame};
@@ -98,7 +100,7 @@ impl Session {
                 // The answer comes through the outbound queue (see `files::Files::answered`).
                 return None;
             }
-            let readable = |f: &crate::store::files::FileRow| {
+            let readable = |f: &crate::features::files::store::FileRow| {
                 crate::files::may_read(f, &member_id, &key_refs, &groups)
             };
             let file_id = match &frame {
@@ -273,4 +275,34 @@ impl Session {
             Some(reply.to_json().into())
         }));
     }
+}
+
+/// Catch-up: the empty full list first (the peer forgets ours), then the list read
+/// after it, so a file uploaded meanwhile is in the list or arrives after it.
+pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
+    use meshd_protocol::fed::Frame;
+    let m = c.mesh_id().to_owned();
+    let files = |files, full| Frame::Files {
+        mesh_id: m.clone(),
+        files,
+        full,
+    };
+    if !c.send(files(Vec::new(), true)).await {
+        return false;
+    }
+    match c.ctx.db.local_files(&m, crate::time::now_ms()).await {
+        Ok(rows) => {
+            let sets = rows
+                .iter()
+                .map(|f| crate::files::file_set(f, false))
+                .collect();
+            for part in crate::fed::parts(sets, c.budget, crate::fed::file_set_size) {
+                if !part.is_empty() && !c.send(files(part, false)).await {
+                    return false;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(cause = %e, "reading files for a peer"),
+    }
+    true
 }

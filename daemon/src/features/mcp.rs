@@ -1,5 +1,7 @@
 //! The MCP proxy, as clients use it (`crate::mcp` keeps the registry and calls).
 
+pub mod store;
+
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::client::ClientFrame;
@@ -294,6 +296,7 @@ mod replication {
     use crate::time::now_ms;
 
     use crate::fed::*;
+    use meshd_protocol::fed::Frame;
 
     /// Applies a peer broker's MCP servers: only those of members it hosts, within limits;
     /// local peers hear `mcp_registered` / `mcp_unregistered` / `mcp_restored`.
@@ -351,5 +354,38 @@ mod replication {
             return Err(RejectReason::ForgedSender);
         }
         Ok(())
+    }
+
+    /// Catch-up: every name first, in a frame of its own (a part holding a large
+    /// registration could exceed a small frame limit and be dropped), so the peer drops the
+    /// others; then the servers, in parts.
+    pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
+        let m = c.mesh_id().to_owned();
+        let sets = c.ctx.mcp.local_sets(&m);
+        let names = Frame::McpServers {
+            mesh_id: m.clone(),
+            servers: Vec::new(),
+            all: Some(sets.iter().map(|s| s.name.clone()).collect()),
+        };
+        if !c.send(names).await {
+            return false;
+        }
+        let size = |s: &meshd_protocol::fed::McpServerSet| {
+            s.name.len() + s.hosted_by.len() + s.description.len() + s.tools_json.len() + 256
+        };
+        for servers in parts(sets, c.budget, size) {
+            if servers.is_empty() {
+                continue;
+            }
+            let frame = Frame::McpServers {
+                mesh_id: m.clone(),
+                servers,
+                all: None,
+            };
+            if !c.send(frame).await {
+                return false;
+            }
+        }
+        true
     }
 }

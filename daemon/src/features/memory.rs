@@ -1,5 +1,7 @@
 //! Mesh memory: remember, recall, get, forget.
 
+pub mod store;
+
 use meshd_protocol::broker::{Ack, BrokerFrame, ErrorFrame};
 use meshd_protocol::client::ClientFrame;
 use meshd_protocol::time::iso8601_ms;
@@ -19,7 +21,7 @@ impl Session {
         self.replies.push_back(Box::pin(async move {
             let reply = match frame {
                 ClientFrame::Remember { content, tags } => {
-                    let row = crate::store::memory::MemoryRow {
+                    let row = crate::features::memory::store::MemoryRow {
                         id: crate::ids::random_id(),
                         mesh_id,
                         content,
@@ -145,13 +147,14 @@ mod replication {
     use crate::Ctx;
 
     use crate::fed::*;
+    use meshd_protocol::fed::Frame;
 
     /// Memories a peer broker is sent when its link comes up (newest first).
     pub(crate) const MEMORY_CATCH_UP: i64 = 10_000;
 
     /// A stored memory as a federation frame.
     pub(crate) fn memory_set(
-        row: crate::store::memory::MemoryRow,
+        row: crate::features::memory::store::MemoryRow,
         pubkey: &str,
         forgotten_at: Option<i64>,
     ) -> meshd_protocol::fed::MemorySet {
@@ -192,7 +195,7 @@ mod replication {
         if !speaks_for(&hub, &link.peer, &m.remembered_by, &m.remembered_by_pubkey) {
             return Err(RejectReason::ForgedSender);
         }
-        let row = crate::store::memory::MemoryRow {
+        let row = crate::features::memory::store::MemoryRow {
             id: m.id,
             mesh_id: m.mesh_id,
             content: m.content,
@@ -208,5 +211,33 @@ mod replication {
                 warn!(cause = %e, "storing a peer's memory");
                 RejectReason::Invalid
             })
+    }
+
+    /// Catch-up: the memories of the members hosted here, and every forgetting (any
+    /// member may forget).
+    pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
+        let local = c.local_members();
+        match c.ctx.db.memories_by(c.mesh_id(), MEMORY_CATCH_UP).await {
+            Ok(rows) => {
+                for (row, forgotten_at) in rows {
+                    let frame = match local.get(&row.remembered_by) {
+                        Some(pk) => Frame::Memory(Box::new(memory_set(row, pk, forgotten_at))),
+                        None => match forgotten_at {
+                            Some(at) => Frame::Forget {
+                                mesh_id: row.mesh_id,
+                                id: row.id,
+                                at,
+                            },
+                            None => continue,
+                        },
+                    };
+                    if !c.send(frame).await {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => warn!(cause = %e, "reading memories for a peer"),
+        }
+        true
     }
 }

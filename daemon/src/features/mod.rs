@@ -2,19 +2,19 @@
 //! `crate::session::Session`). Each feature's store queries are in `crate::store`, its
 //! federation replication in `crate::fed`.
 
-pub(crate) mod audit;
-pub(crate) mod clock;
-pub(crate) mod contexts;
-pub(crate) mod files;
-pub(crate) mod mcp;
-pub(crate) mod memory;
-pub(crate) mod mesh_info;
-pub(crate) mod messages;
-pub(crate) mod presence;
-pub(crate) mod relay;
-pub(crate) mod schedule;
-pub(crate) mod skills;
-pub(crate) mod state;
-pub(crate) mod streams;
-pub(crate) mod tasks;
-pub(crate) mod webhooks;
+pub mod audit;
+pub mod clock;
+pub mod contexts;
+pub mod files;
+pub mod mcp;
+pub mod memory;
+pub mod mesh_info;
+pub mod messages;
+pub mod presence;
+pub mod relay;
+pub mod schedule;
+pub mod skills;
+pub mod state;
+pub mod streams;
+pub mod tasks;
+pub mod webhooks;

@@ -1,5 +1,7 @@
 //! Scheduled messages and reminders: schedule, list, cancel (`crate::reminders` fires them).
 
+pub mod store;
+
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::client::ClientFrame;
@@ -18,7 +20,7 @@ impl Session {
         req_id: Option<String>,
         now: i64,
     ) -> Option<Utf8Bytes> {
-        use crate::store::schedule::ScheduleRow;
+        use crate::features::schedule::store::ScheduleRow;
         use meshd_protocol::broker::{
             CancelScheduledAck, ScheduledAck, ScheduledEntry, ScheduledList,
         };
@@ -33,7 +35,7 @@ impl Session {
                 if s.message.is_empty() {
                     return error("invalid_schedule", "a schedule needs a message", req_id);
                 }
-                let max = crate::store::schedule::MAX_TEXT_BYTES;
+                let max = crate::features::schedule::store::MAX_TEXT_BYTES;
                 if s.message.len() > max {
                     return error(
                         "invalid_schedule",
@@ -147,7 +149,7 @@ impl Session {
                             "schedules_full",
                             format!(
                                 "at most {} pending schedules per member",
-                                crate::store::schedule::MAX_PENDING_PER_MEMBER
+                                crate::features::schedule::store::MAX_PENDING_PER_MEMBER
                             ),
                             req_id,
                         ),

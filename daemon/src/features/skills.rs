@@ -1,5 +1,7 @@
 //! The skills catalogue: share, get, list, remove.
 
+pub mod store;
+
 use meshd_protocol::broker::{BrokerFrame, ErrorFrame};
 use meshd_protocol::client::ClientFrame;
 use meshd_protocol::time::iso8601_ms;
@@ -27,7 +29,7 @@ impl Session {
                         Err(e) => return failed(req_id, &e),
                     };
                     let replacing = existing.is_some();
-                    let row = crate::store::skills::SkillRow {
+                    let row = crate::features::skills::store::SkillRow {
                         mesh_id,
                         name: s.name.trim().to_owned(),
                         description: s.description,
@@ -60,7 +62,7 @@ impl Session {
                     }
                     match db.put_skill(&row, Some(&member_id)).await {
                         Ok(_) => {}
-                        Err(crate::store::skills::SkillError::Full) => {
+                        Err(crate::features::skills::store::SkillError::Full) => {
                             return Some(
                                 BrokerFrame::Error(
                                     ErrorFrame::new(
@@ -106,7 +108,7 @@ impl Session {
                             .filter(|r| {
                                 query
                                     .as_deref()
-                                    .is_none_or(|q| crate::store::skills::matches(r, q))
+                                    .is_none_or(|q| crate::features::skills::store::matches(r, q))
                             })
                             .map(|r| SkillSummary {
                                 tags: r.tag_list(),
@@ -165,6 +167,7 @@ mod replication {
     use crate::Ctx;
 
     use crate::fed::*;
+    use meshd_protocol::fed::Frame;
 
     /// A skill removal, as a federation frame.
     pub(crate) fn skill_removal(mesh_id: &str, name: &str, at: i64) -> SkillSet {
@@ -182,7 +185,10 @@ mod replication {
     }
 
     /// A stored skill as a federation frame.
-    pub(crate) fn skill_set(row: crate::store::skills::SkillRow, removed: bool) -> SkillSet {
+    pub(crate) fn skill_set(
+        row: crate::features::skills::store::SkillRow,
+        removed: bool,
+    ) -> SkillSet {
         let tags = row.tag_list();
         SkillSet {
             mesh_id: row.mesh_id,
@@ -226,7 +232,7 @@ mod replication {
                 .map(drop)
                 .map_err(|e| e.to_string())
         } else {
-            let row = crate::store::skills::SkillRow {
+            let row = crate::features::skills::store::SkillRow {
                 mesh_id: s.mesh_id,
                 name: s.name,
                 description: s.description,
@@ -247,5 +253,20 @@ mod replication {
             return Err(RejectReason::Invalid);
         }
         Ok(())
+    }
+
+    /// Catch-up: the mesh's skills.
+    pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
+        match c.ctx.db.skills(c.mesh_id()).await {
+            Ok(skills) => {
+                for row in skills {
+                    if !c.send(Frame::Skill(Box::new(skill_set(row, false)))).await {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => warn!(cause = %e, "reading skills for a peer"),
+        }
+        true
     }
 }

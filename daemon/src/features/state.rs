@@ -119,3 +119,22 @@ impl Session {
         }
     }
 }
+
+/// Catch-up: every key of the mesh's shared state.
+pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
+    use meshd_protocol::fed::{Frame, StateSet};
+    for (key, v) in c.hub.state_list() {
+        let frame = Frame::State(Box::new(StateSet {
+            mesh_id: c.mesh_id().to_owned(),
+            key,
+            value: v.value.to_string(),
+            updated_by: v.updated_by,
+            updated_at: v.updated_at,
+            member_pubkey: String::new(),
+        }));
+        if !c.send(frame).await {
+            return false;
+        }
+    }
+    true
+}

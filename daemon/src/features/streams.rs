@@ -1,6 +1,8 @@
 //! Streams: the registry (`create_stream`, `list_streams`) and live data
 //! (`publish`, `subscribe`, `unsubscribe`).
 
+pub mod store;
+
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::{BrokerFrame, ErrorFrame};
 use meshd_protocol::client::ClientFrame;
@@ -80,7 +82,7 @@ impl Session {
                 |req_id, e: &dyn std::fmt::Display| store_unavailable("stream registry", req_id, e);
             let reply = match frame {
                 ClientFrame::CreateStream { name } => {
-                    let row = crate::store::streams::StreamRow {
+                    let row = crate::features::streams::store::StreamRow {
                         id: crate::ids::random_id(),
                         mesh_id: mesh.row.id.clone(),
                         name,

@@ -1,5 +1,7 @@
 //! Tasks: create, claim, complete, get, list.
 
+pub mod store;
+
 use meshd_protocol::broker::{BrokerFrame, ErrorFrame};
 use meshd_protocol::client::ClientFrame;
 use meshd_protocol::time::iso8601_ms;
@@ -37,7 +39,7 @@ impl Session {
                         .into()
                 })
             };
-            let list = |rows: Vec<crate::store::tasks::TaskRow>, req_id| {
+            let list = |rows: Vec<crate::features::tasks::store::TaskRow>, req_id| {
                 BrokerFrame::TaskList(TaskList {
                     tasks: rows
                         .into_iter()
@@ -63,7 +65,7 @@ impl Session {
             };
             let reply = match frame {
                 ClientFrame::CreateTask(t) => {
-                    let row = crate::store::tasks::TaskRow {
+                    let row = crate::features::tasks::store::TaskRow {
                         id: crate::ids::random_id(),
                         mesh_id,
                         title: t.title,
@@ -220,6 +222,7 @@ mod replication {
     use crate::time::now_ms;
 
     use crate::fed::*;
+    use meshd_protocol::fed::Frame;
 
     /// Tasks a peer broker is sent when its link comes up (newest first).
     pub(crate) const TASK_CATCH_UP: i64 = 10_000;
@@ -228,7 +231,7 @@ mod replication {
     /// hosts the creator).
     pub(crate) fn task_set(
         hub: &MeshHub,
-        t: crate::store::tasks::TaskFull,
+        t: crate::features::tasks::store::TaskFull,
     ) -> meshd_protocol::fed::TaskSet {
         let creator_hosted = t
             .creator_pubkey
@@ -260,7 +263,7 @@ mod replication {
         link: &LinkShared,
         t: meshd_protocol::fed::TaskSet,
     ) -> Result<(), RejectReason> {
-        use crate::store::tasks::{TaskFull, TaskProgress};
+        use crate::features::tasks::store::{TaskFull, TaskProgress};
         use meshd_protocol::client::{
             MAX_GROUPS, MAX_NAME_LEN, MAX_SKILL_INSTRUCTIONS, MAX_SUMMARY_LEN,
         };
@@ -363,4 +366,19 @@ mod replication {
     /// Rounds of read-merge-write for one task from a peer before it is left to the next
     /// catch-up (each lost round means a local change won the race).
     pub(crate) const TASK_MERGE_ATTEMPTS: usize = 8;
+
+    /// Catch-up: the mesh's newest tasks.
+    pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
+        match c.ctx.db.tasks_full(c.mesh_id(), TASK_CATCH_UP).await {
+            Ok(rows) => {
+                for t in rows {
+                    if !c.send(Frame::Task(Box::new(task_set(c.hub, t)))).await {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => warn!(cause = %e, "reading tasks for a peer"),
+        }
+        true
+    }
 }

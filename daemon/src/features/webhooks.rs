@@ -1,5 +1,7 @@
 //! Inbound webhooks, as clients manage them (posts arrive over HTTP: `crate::http`).
 
+pub mod store;
+
 use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::client::ClientFrame;
 use meshd_protocol::time::iso8601_ms;
@@ -9,7 +11,7 @@ use crate::session::*;
 impl Session {
     /// Inbound webhooks. Only the creator and admins see a webhook's secret (in its URL).
     pub(crate) fn queue_webhook(&mut self, frame: ClientFrame, req_id: Option<String>, now: i64) {
-        use crate::store::webhooks::{WebhookError, WebhookRow};
+        use crate::features::webhooks::store::{WebhookError, WebhookRow};
         use meshd_protocol::broker::{WebhookAck, WebhookEntry, WebhookList};
         let db = self.ctx.db.clone();
         let ctx = self.ctx.clone();

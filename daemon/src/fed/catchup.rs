@@ -26,20 +26,41 @@ pub(crate) async fn send_catch_up(link: &LinkShared, mut frame: Frame) -> bool {
     }
 }
 
-/// Sends a peer what converges without the outbox: the clock, MCP servers and files
-/// (full lists), shared state, skills, contexts, memories, tasks. Waits for room on
-/// the live stream (see [`send_catch_up`]); stops when the link ends.
-pub(crate) async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
-    let m = hub.row.id.clone();
-    let send = |frame: Frame| send_catch_up(link, frame);
-    if let Some(c) = ctx.clocks.set_of(&m)
-        && !send(Frame::Clock(Box::new(c))).await
-    {
-        return;
+/// One link's catch-up of one mesh, as each feature contributes to it.
+pub(crate) struct CatchUp<'a> {
+    pub(crate) ctx: &'a Ctx,
+    pub(crate) link: &'a LinkShared,
+    pub(crate) hub: &'a MeshHub,
+    /// Bytes of one part of a list (well below the peer's frame limit).
+    pub(crate) budget: usize,
+}
+
+impl CatchUp<'_> {
+    /// The mesh's id.
+    pub(crate) fn mesh_id(&self) -> &str {
+        &self.hub.row.id
     }
-    // Full lists replace what the peer knew from us, so withdrawals made while the
-    // link was down are not missed. They go in parts that stay well below any frame
-    // limit; the first names every MCP server, so the peer drops the others.
+
+    /// Queues a frame (see [`send_catch_up`]); `false` when the link ended.
+    pub(crate) async fn send(&self, frame: Frame) -> bool {
+        send_catch_up(self.link, frame).await
+    }
+
+    /// Member id → member key of the members hosted here (whose memories and contexts
+    /// this broker speaks for).
+    pub(crate) fn local_members(&self) -> HashMap<String, String> {
+        self.hub
+            .local_members()
+            .into_iter()
+            .map(|(pk, m)| (m.id, pk))
+            .collect()
+    }
+}
+
+/// Sends a peer what converges without the outbox, feature by feature (each stops the
+/// rest when the link ends). Full lists (MCP servers, files) replace what the peer knew
+/// from us, so withdrawals made while the link was down are not missed.
+pub(crate) async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
     let budget = ctx
         .config
         .federation
@@ -47,130 +68,21 @@ pub(crate) async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
         .map_or(CATCH_UP_PART_BYTES, |f| {
             CATCH_UP_PART_BYTES.min(f.max_frame_bytes / 2)
         });
-    // MCP servers: every name first, in a frame of its own (a part holding a large
-    // registration could exceed a small frame limit and be dropped), then the servers.
-    let sets = ctx.mcp.local_sets(&m);
-    let names = Frame::McpServers {
-        mesh_id: m.clone(),
-        servers: Vec::new(),
-        all: Some(sets.iter().map(|s| s.name.clone()).collect()),
+    let c = CatchUp {
+        ctx,
+        link,
+        hub,
+        budget,
     };
-    if !send(names).await {
-        return;
-    }
-    let mcp_size = |s: &meshd_protocol::fed::McpServerSet| {
-        s.name.len() + s.hosted_by.len() + s.description.len() + s.tools_json.len() + 256
-    };
-    for servers in parts(sets, budget, mcp_size) {
-        if servers.is_empty() {
-            continue;
-        }
-        let frame = Frame::McpServers {
-            mesh_id: m.clone(),
-            servers,
-            all: None,
-        };
-        if !send(frame).await {
-            return;
-        }
-    }
-    // Files: the empty full list first (the peer forgets ours), then the list read
-    // after it, so a file uploaded meanwhile is in the list or arrives after it.
-    let files = |files, full| Frame::Files {
-        mesh_id: m.clone(),
-        files,
-        full,
-    };
-    if !send(files(Vec::new(), true)).await {
-        return;
-    }
-    match ctx.db.local_files(&m, now_ms()).await {
-        Ok(rows) => {
-            let sets = rows
-                .iter()
-                .map(|f| crate::files::file_set(f, false))
-                .collect();
-            for part in parts(sets, budget, file_set_size) {
-                if !part.is_empty() && !send(files(part, false)).await {
-                    return;
-                }
-            }
-        }
-        Err(e) => warn!(cause = %e, "reading files for a peer"),
-    }
-    for (key, v) in hub.state_list() {
-        let frame = Frame::State(Box::new(StateSet {
-            mesh_id: m.clone(),
-            key,
-            value: v.value.to_string(),
-            updated_by: v.updated_by,
-            updated_at: v.updated_at,
-            member_pubkey: String::new(),
-        }));
-        if !send(frame).await {
-            return;
-        }
-    }
-    match ctx.db.skills(&m).await {
-        Ok(skills) => {
-            for row in skills {
-                if !send(Frame::Skill(Box::new(skill_set(row, false)))).await {
-                    return;
-                }
-            }
-        }
-        Err(e) => warn!(cause = %e, "reading skills for a peer"),
-    }
-    // Memories and contexts of the members hosted here (and every forgetting: any
-    // member may forget).
-    let local: HashMap<String, String> = hub
-        .local_members()
-        .into_iter()
-        .map(|(pk, m)| (m.id, pk))
-        .collect();
-    match ctx.db.contexts(&m).await {
-        Ok(rows) => {
-            for row in rows {
-                if let Some(pk) = local.get(&row.member_id)
-                    && !send(Frame::Context(Box::new(context_set(row, pk)))).await
-                {
-                    return;
-                }
-            }
-        }
-        Err(e) => warn!(cause = %e, "reading contexts for a peer"),
-    }
-    match ctx.db.memories_by(&m, MEMORY_CATCH_UP).await {
-        Ok(rows) => {
-            for (row, forgotten_at) in rows {
-                let frame = match local.get(&row.remembered_by) {
-                    Some(pk) => Frame::Memory(Box::new(memory_set(row, pk, forgotten_at))),
-                    None => match forgotten_at {
-                        Some(at) => Frame::Forget {
-                            mesh_id: row.mesh_id,
-                            id: row.id,
-                            at,
-                        },
-                        None => continue,
-                    },
-                };
-                if !send(frame).await {
-                    return;
-                }
-            }
-        }
-        Err(e) => warn!(cause = %e, "reading memories for a peer"),
-    }
-    match ctx.db.tasks_full(&m, TASK_CATCH_UP).await {
-        Ok(rows) => {
-            for t in rows {
-                if !send(Frame::Task(Box::new(task_set(hub, t)))).await {
-                    return;
-                }
-            }
-        }
-        Err(e) => warn!(cause = %e, "reading tasks for a peer"),
-    }
+    use crate::features::{clock, contexts, files, mcp, memory, skills, state, tasks};
+    let _ = clock::catch_up(&c).await
+        && mcp::catch_up(&c).await
+        && files::catch_up(&c).await
+        && state::catch_up(&c).await
+        && skills::catch_up(&c).await
+        && contexts::catch_up(&c).await
+        && memory::catch_up(&c).await
+        && tasks::catch_up(&c).await;
 }
 
 /// When the live catch-up is sent a second time after a link comes up.

@@ -48,8 +48,9 @@ use crate::Ctx;
 use crate::delivery::{self, Author, Body, Commit, Envelope, Origin, Target};
 use crate::hub::{ConnId, MeshHub, Peer, StateValue, lock, member_info};
 use crate::store::writer::{NewMessage, WriteOp};
-use crate::store::{MemberUpsert, MeshRow, ShareRole, StoreError};
+use crate::store::{MeshRow, StoreError};
 use crate::time::now_ms;
+use store::{MemberUpsert, ShareRole};
 
 mod catchup;
 mod consent;
@@ -59,13 +60,15 @@ mod live;
 mod outbox;
 mod presence;
 mod status;
+pub(crate) mod store;
 mod supervisor;
 
-use crate::features::contexts::{apply_context, context_set};
+// The live dispatch names each replicated feature's apply function (see `live`).
+use crate::features::contexts::apply_context;
 use crate::features::mcp::apply_mcp_servers;
-use crate::features::memory::{MEMORY_CATCH_UP, apply_memory, memory_set};
-use crate::features::skills::{apply_skill, skill_set};
-use crate::features::tasks::{TASK_CATCH_UP, apply_task, task_set};
+use crate::features::memory::apply_memory;
+use crate::features::skills::apply_skill;
+use crate::features::tasks::apply_task;
 pub(crate) use catchup::*;
 pub(crate) use consent::*;
 pub(crate) use hold::*;

@@ -125,7 +125,7 @@ impl Drop for HotGuard {
     }
 }
 
-pub(crate) fn outbox_dm(row: crate::store::OutboxRow) -> Dm {
+pub(crate) fn outbox_dm(row: crate::fed::store::OutboxRow) -> Dm {
     Dm {
         seq: u64::try_from(row.seq).unwrap_or(0),
         mesh_id: row.mesh_id,

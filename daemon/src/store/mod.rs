@@ -10,8 +10,6 @@
 
 pub(crate) mod writer;
 
-pub use fed::{MemberUpsert, OutboxRow, ReplicaRow, ShareRole, ShareRow};
-
 use std::path::Path;
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -90,6 +88,7 @@ macro_rules! with_db_write {
         }
     };
 }
+pub(crate) use {with_db, with_db_write};
 
 /// A mesh.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -578,18 +577,7 @@ impl WriterConn {
 }
 
 // After `with_db!`, which they use.
-pub mod audit;
-pub mod contexts;
-mod fed;
-pub mod files;
-pub mod mcp;
-pub mod memory;
-pub mod schedule;
-pub mod skills;
-pub mod streams;
-pub mod tasks;
 pub mod usage;
-pub mod webhooks;
 
 #[cfg(test)]
 mod layering {

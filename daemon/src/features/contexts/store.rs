@@ -1,6 +1,6 @@
 //! Shared contexts: what each member is working on (one per member and mesh).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A member's shared context.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

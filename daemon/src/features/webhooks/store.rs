@@ -1,6 +1,6 @@
 //! Inbound webhooks (rare writes, through the pool).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored webhook.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -2,7 +2,7 @@
 //! side and the inbox cursor. Writes made while serving traffic go through the writer;
 //! these are the reads and the rare writes (consent, member announcements).
 
-use super::{Db, MeshRow, StoreError};
+use crate::store::{Db, MeshRow, StoreError, with_db, with_db_write};
 
 /// Which side of a share this broker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,9 +179,11 @@ impl Db {
 
     /// The highest outbox position committed per peer (for the writer's [`OutSeqs`]).
     ///
-    /// [`OutSeqs`]: super::writer::OutSeqs
+    /// [`OutSeqs`]: crate::store::writer::OutSeqs
     pub async fn outseqs(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(with_db!(self, p => sqlx::query_as(super::writer::OUTSEQS_SQL).fetch_all(p).await)?)
+        Ok(
+            with_db!(self, p => sqlx::query_as(crate::store::writer::OUTSEQS_SQL).fetch_all(p).await)?,
+        )
     }
 
     /// Why this broker refused `peer`'s outbox position `seq`, if it did.

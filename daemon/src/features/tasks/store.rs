@@ -1,6 +1,6 @@
 //! Tasks (rare writes, through the pool; a claim is a compare-and-set in one statement).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored task.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -1,7 +1,7 @@
 //! Mesh memory: stored notes with full-text recall, ranked (SQLite FTS5 with bm25,
 //! PostgreSQL tsvector with ts_rank: the one place the two backends run different SQL).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A remembered note.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -2,7 +2,7 @@
 //! only state: the firing task reads what is due from it, so nothing is lost or
 //! forgotten across a restart.
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored schedule.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

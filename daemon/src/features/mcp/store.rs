@@ -1,6 +1,6 @@
 //! Persistent MCP server registrations (rare writes, through the pool).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored (persistent) registration.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

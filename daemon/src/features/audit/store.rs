@@ -1,6 +1,6 @@
 //! Audit log rows (the chain logic is in `crate::audit`).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored entry.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -1,7 +1,7 @@
 //! The skills catalogue. Written through the pool (a handful of writes per hour, each
 //! answered to the client once stored), read through the pool.
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored skill.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -1,7 +1,7 @@
 //! Stored files' metadata, download log and sealed keys (rare writes, through the pool).
 //! The bytes are on disk (see `crate::files`).
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored file.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

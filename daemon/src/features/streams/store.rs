@@ -1,6 +1,6 @@
 //! The stream registry (`create_stream`, `list_streams`); data is never stored.
 
-use super::{Db, StoreError};
+use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A registered stream.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
