@@ -131,3 +131,37 @@ fn iso_parsing_matches_the_broker() {
         );
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use serde_json::json;
+
+    use crate::federation::*;
+
+    /// The simulation clock is one clock on every broker: set on A, it ticks for peers on B
+    /// too; paused on B, it is paused on A.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clock_crosses_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let set = p
+            .alice
+            .request(json!({"type": "set_clock", "speed": 100}))
+            .await?;
+        assert_eq!(set["speed"], 100, "{set}");
+        let tick = bob.expect_event("tick").await?;
+        assert_eq!(tick["eventData"]["speed"], 100, "{tick}");
+        let paused = bob.request(json!({"type": "pause_clock"})).await?;
+        assert_eq!(paused["paused"], true, "{paused}");
+        let c = p
+            .alice
+            .poll("B's pause at A", json!({"type": "get_clock"}), |c| {
+                c["paused"] == true
+            })
+            .await?;
+        assert_eq!(c["speed"], 100);
+        Ok(())
+    }
+}

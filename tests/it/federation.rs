@@ -15,12 +15,12 @@ use meshd_tests::fed::{self, Org};
 use meshd_tests::{Backend, Client, HelloOpts, Keypair, Member, TestBroker, eventually};
 use serde_json::{Value, json};
 
-const A: &str = "mesh.alpha.test";
-const B: &str = "mesh.beta.test";
-const C: &str = "mesh.gamma.test";
+pub(crate) const A: &str = "mesh.alpha.test";
+pub(crate) const B: &str = "mesh.beta.test";
+pub(crate) const C: &str = "mesh.gamma.test";
 
 /// Starts an in-process broker of `org` named `name`.
-async fn start(
+pub(crate) async fn start(
     org: &Org,
     name: &str,
     dns: Option<SocketAddr>,
@@ -31,7 +31,7 @@ async fn start(
 
 /// [`start`] on a given store: some scenarios put one broker on PostgreSQL, so the
 /// federation tables are exercised on both backends (and mixed backends interoperate).
-async fn start_on(
+pub(crate) async fn start_on(
     backend: Backend,
     org: &Org,
     name: &str,
@@ -41,7 +41,7 @@ async fn start_on(
     start_tweaked(backend, org, name, dns, peers, |_| {}).await
 }
 
-async fn start_tweaked(
+pub(crate) async fn start_tweaked(
     backend: Backend,
     org: &Org,
     name: &str,
@@ -58,7 +58,7 @@ async fn start_tweaked(
 }
 
 /// Publishes `_meshd._udp.NAME` → 127.0.0.1:port.
-fn publish(dns: &TestDns, name: &str, quic: SocketAddr) {
+pub(crate) fn publish(dns: &TestDns, name: &str, quic: SocketAddr) {
     let host = format!("host.{name}");
     dns.set_srv(
         &format!("_meshd._udp.{name}"),
@@ -68,7 +68,7 @@ fn publish(dns: &TestDns, name: &str, quic: SocketAddr) {
 }
 
 /// Waits for the replica of `mesh_id` on a broker and returns it as a `MeshCreated`.
-async fn replica(db: &meshd::store::Db, mesh_id: &str) -> anyhow::Result<MeshCreated> {
+pub(crate) async fn replica(db: &meshd::store::Db, mesh_id: &str) -> anyhow::Result<MeshCreated> {
     let row = eventually(&format!("replica of {mesh_id}"), || async {
         db.mesh_by_id(mesh_id).await.ok().flatten()
     })
@@ -83,7 +83,11 @@ async fn replica(db: &meshd::store::Db, mesh_id: &str) -> anyhow::Result<MeshCre
 
 /// A member's client without a session key: addressed (and sealed for) by its member
 /// key, which stays routable across brokers even while its presence is unknown.
-async fn member_client(url: &str, m: &Member, groups: &[&str]) -> anyhow::Result<Client> {
+pub(crate) async fn member_client(
+    url: &str,
+    m: &Member,
+    groups: &[&str],
+) -> anyhow::Result<Client> {
     let opts = HelloOpts {
         session: None,
         groups: groups.iter().map(|g| ((*g).to_owned(), None)).collect(),
@@ -92,7 +96,7 @@ async fn member_client(url: &str, m: &Member, groups: &[&str]) -> anyhow::Result
     Client::connect(url, m, opts).await
 }
 
-fn broker_of<'a>(peers: &'a Value, key: &str) -> Option<&'a Value> {
+pub(crate) fn broker_of<'a>(peers: &'a Value, key: &str) -> Option<&'a Value> {
     peers["peers"]
         .as_array()?
         .iter()
@@ -340,7 +344,7 @@ async fn untrusted_certificates_are_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn link_opts() -> meshd_federation::LinkOptions {
+pub(crate) fn link_opts() -> meshd_federation::LinkOptions {
     meshd_federation::LinkOptions {
         keepalive: Duration::from_millis(300),
         idle_timeout: Duration::from_secs(5),
@@ -351,7 +355,7 @@ fn link_opts() -> meshd_federation::LinkOptions {
 
 /// The test plays broker B (with B's real certificate) over a raw link to A, sharing
 /// `mesh_id`; returns once the mesh flows.
-async fn play_b(
+pub(crate) async fn play_b(
     a: &TestBroker,
     oa: &Org,
     ob: &Org,
@@ -639,25 +643,25 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
 
 /// Two brokers linked through UDP fault proxies (one per dialing direction); B runs on
 /// PostgreSQL.
-struct CutPair {
-    a: TestBroker,
-    b: TestBroker,
-    to_b: FaultProxy,
-    to_a: FaultProxy,
-    mesh: MeshCreated,
-    alice: Client,
-    alice_member: Member,
-    bob: Member,
+pub(crate) struct CutPair {
+    pub(crate) a: TestBroker,
+    pub(crate) b: TestBroker,
+    pub(crate) to_b: FaultProxy,
+    pub(crate) to_a: FaultProxy,
+    pub(crate) mesh: MeshCreated,
+    pub(crate) alice: Client,
+    pub(crate) alice_member: Member,
+    pub(crate) bob: Member,
     /// The CAs and certificate files (a restart reads them again).
-    _orgs: (Org, Org),
+    pub(crate) _orgs: (Org, Org),
 }
 
-async fn cut_pair() -> anyhow::Result<CutPair> {
+pub(crate) async fn cut_pair() -> anyhow::Result<CutPair> {
     linked_pair(|_| {}, Backend::Postgres).await
 }
 
 /// [`cut_pair`] with A's configuration adjusted and B on `b_backend`.
-async fn linked_pair(
+pub(crate) async fn linked_pair(
     a_tweak: impl FnOnce(&mut meshd_config::Config),
     b_backend: Backend,
 ) -> anyhow::Result<CutPair> {
@@ -701,7 +705,7 @@ async fn linked_pair(
 
 /// Waits until A knows bob (announced over the link), so DMs to him are accepted.
 /// Exactly one probe is accepted (and later delivered).
-async fn until_known(alice: &mut Client, bob: &Member) -> anyhow::Result<()> {
+pub(crate) async fn until_known(alice: &mut Client, bob: &Member) -> anyhow::Result<()> {
     let key = bob.keys.public_hex();
     let deadline = tokio::time::Instant::now() + meshd_tests::patience();
     loop {
@@ -717,7 +721,11 @@ async fn until_known(alice: &mut Client, bob: &Member) -> anyhow::Result<()> {
 }
 
 /// Receives `n` DMs and checks they are `0..n` exactly once, in order.
-async fn receive_in_order(bob: &mut Client, from: usize, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn receive_in_order(
+    bob: &mut Client,
+    from: usize,
+    n: usize,
+) -> anyhow::Result<()> {
     for i in from..n {
         let (_, text) = bob
             .expect_message()
@@ -1192,644 +1200,6 @@ async fn outbox_positions_survive_sweeps_and_restarts() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The skills catalogue of a shared mesh is the same on every broker: a skill shared at A
-/// is read at B, a removal at B reaches A.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skills_replicate_across_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let ack = p
-        .alice
-        .request(
-            json!({"type": "share_skill", "name": "triage", "description": "Sort incidents",
-            "instructions": "page the on-call", "tags": ["ops"]}),
-        )
-        .await?;
-    assert_eq!(ack["action"], "shared");
-    let got = bob
-        .poll(
-            "the skill at B",
-            json!({"type": "get_skill", "name": "triage"}),
-            |g| !g["skill"].is_null(),
-        )
-        .await?;
-    assert_eq!(got["skill"]["instructions"], "page the on-call");
-    assert_eq!(got["skill"]["author"], "alice");
-    let rm = bob
-        .request(json!({"type": "remove_skill", "name": "triage"}))
-        .await?;
-    assert_eq!(rm["action"], "removed");
-    p.alice
-        .poll(
-            "the removal at A",
-            json!({"type": "get_skill", "name": "triage"}),
-            |g| g["skill"].is_null(),
-        )
-        .await?;
-    Ok(())
-}
-
-/// A webhook of a shared mesh reaches the mesh's peers on every broker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhook_posts_reach_every_broker() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let bob_key = p.bob.keys.public_hex();
-    p.alice
-        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-        .await?;
-    let ack = p
-        .alice
-        .request(json!({"type": "create_webhook", "name": "deploys"}))
-        .await?;
-    let secret = ack["secret"].as_str().context("secret")?;
-    let path = format!("/hook/{}/{secret}", p.mesh.mesh_id);
-    let (status, _, _) =
-        meshd_tests::http(p.a.addr, "POST", &path, Some(br#"{"env":"prod","at":1}"#)).await?;
-    assert_eq!(status, 200);
-    for c in [&mut p.alice, &mut bob] {
-        let push =
-            c.ws.expect("webhook push", |v| {
-                v["type"] == "push" && v["subtype"] == "webhook"
-            })
-            .await?;
-        assert_eq!(
-            (push["event"].as_str(), push["eventData"]["env"].as_str()),
-            (Some("deploys"), Some("prod"))
-        );
-        // The body as posted, on every broker.
-        assert!(
-            c.ws.raw_texts()
-                .iter()
-                .any(|t| t.contains(r#""eventData":{"env":"prod","at":1}"#)),
-            "{:?}",
-            c.ws.raw_texts()
-        );
-    }
-    Ok(())
-}
-
-/// Data published to a stream reaches its subscribers on the mesh's other brokers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_data_crosses_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    bob.send(json!({"type": "subscribe", "stream": "builds"}))
-        .await?;
-    bob.ws
-        .expect("subscribed", |v| v["type"] == "subscribed")
-        .await?;
-    let bob_key = p.bob.keys.public_hex();
-    p.alice
-        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-        .await?;
-    p.alice
-        .send(json!({"type": "publish", "stream": "builds", "data": {"ok": true}}))
-        .await?;
-    let d = bob
-        .ws
-        .expect("stream_data", |v| v["type"] == "stream_data")
-        .await?;
-    assert_eq!(
-        (d["publishedBy"].as_str(), d["data"]["ok"].as_bool()),
-        (Some("alice"), Some(true))
-    );
-    Ok(())
-}
-
-/// The peer file relay crosses brokers: alice on A asks bob on B for a file and a
-/// listing; only bob's answers come back (another peer's injection is dropped), with
-/// alice's `_reqId`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let bob_key = p.bob.keys.public_hex();
-    p.alice
-        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-        .await?;
-    let alice_key = p.alice.key();
-    p.alice
-        .send(json!({"type": "peer_file_request", "targetPubkey": bob_key, "filePath": "notes.md", "_reqId": "x1"}))
-        .await?;
-    let fwd = bob
-        .ws
-        .expect("forward at B", |v| v["type"] == "peer_file_request_forward")
-        .await?;
-    assert_eq!(
-        fwd,
-        json!({"type": "peer_file_request_forward", "requesterPubkey": alice_key, "filePath": "notes.md", "_reqId": "x1"})
-    );
-    // Another member at B injects an answer: dropped.
-    let eve =
-        p.b.enroll(&replica(&p.b.db, &p.mesh.mesh_id).await?, "eve")
-            .await?;
-    let mut eve = member_client(&p.b.ws_url(), &eve, &[]).await?;
-    eve.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "ZXZl", "_reqId": "x1"}))
-        .await?;
-    eve.sync().await?;
-    bob.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "Ym9i", "_reqId": "x1"}))
-        .await?;
-    let got = p
-        .alice
-        .ws
-        .expect("answer at A", |v| v["type"] == "peer_file_response_forward")
-        .await?;
-    assert_eq!(
-        got,
-        json!({"type": "peer_file_response_forward", "filePath": "notes.md", "content": "Ym9i", "_reqId": "x1"})
-    );
-    p.alice
-        .send(json!({"type": "peer_dir_request", "targetPubkey": bob_key, "dirPath": ".", "_reqId": "x2"}))
-        .await?;
-    bob.ws
-        .expect("dir forward at B", |v| {
-            v["type"] == "peer_dir_request_forward"
-        })
-        .await?;
-    bob.send(json!({"type": "peer_dir_response", "requesterPubkey": alice_key, "dirPath": ".", "entries": ["a", "b"], "_reqId": "x2"}))
-        .await?;
-    let got = p
-        .alice
-        .ws
-        .expect("dir answer at A", |v| {
-            v["type"] == "peer_dir_response_forward"
-        })
-        .await?;
-    assert_eq!(got["entries"], json!(["a", "b"]));
-    p.alice.sync().await?;
-    assert!(
-        p.alice
-            .ws
-            .backlog()
-            .iter()
-            .all(|v| v["type"] != "peer_file_response_forward"),
-        "the injected answer was dropped"
-    );
-    Ok(())
-}
-
-/// MCP servers are the mesh's on every broker: registered on A, listed and called from
-/// B (the call goes over the link to the host and back), the name is refused to another
-/// member at B, and the server goes away everywhere when its host leaves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let ack = p
-        .alice
-        .request(json!({"type": "mcp_register", "serverName": "fs", "description": "files", "tools": [{"name": "read", "description": "read a file"}]}))
-        .await?;
-    assert_eq!(ack["type"], "mcp_register_ack", "{ack}");
-    let ev = bob
-        .ws
-        .expect("mcp_registered at B", |v| v["event"] == "mcp_registered")
-        .await?;
-    assert_eq!(
-        ev["eventData"],
-        json!({"serverName": "fs", "description": "files", "tools": ["read"], "hostedBy": "alice"})
-    );
-    let list = bob.request(json!({"type": "mcp_list"})).await?;
-    assert_eq!(
-        (
-            list["servers"][0]["name"].as_str(),
-            list["servers"][0]["online"].as_bool()
-        ),
-        (Some("fs"), Some(true)),
-        "{list}"
-    );
-    let taken = bob
-        .request(json!({"type": "mcp_register", "serverName": "fs", "tools": []}))
-        .await?;
-    assert_eq!(taken["code"], "mcp_name_taken", "{taken}");
-
-    bob.send(json!({"type": "mcp_call", "serverName": "fs", "toolName": "read", "args": {"path": "x"}, "_reqId": "m1"}))
-        .await?;
-    let fwd = p
-        .alice
-        .ws
-        .expect("forward at A", |v| v["type"] == "mcp_call_forward")
-        .await?;
-    assert_eq!(
-        (fwd["callerName"].as_str(), &fwd["args"]),
-        (Some("bob"), &json!({"path": "x"}))
-    );
-    p.alice
-        .send(
-            json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": {"text": "hi"}}),
-        )
-        .await?;
-    let r = bob
-        .ws
-        .expect("result at B", |v| v["_reqId"] == "m1")
-        .await?;
-    assert_eq!(
-        (r["type"].as_str(), &r["result"]),
-        (Some("mcp_call_result"), &json!({"text": "hi"})),
-        "{r}"
-    );
-
-    p.alice.close().await;
-    let gone = bob
-        .ws
-        .expect("mcp_unregistered at B", |v| {
-            v["event"] == "mcp_unregistered"
-        })
-        .await?;
-    assert_eq!(gone["eventData"]["serverName"], "fs");
-    let list = bob.request(json!({"type": "mcp_list"})).await?;
-    assert_eq!(list["servers"], json!([]));
-    Ok(())
-}
-
-/// Names of the MCP servers an `mcp_list` answer lists, sorted.
-fn mcp_names(list: &Value) -> Vec<String> {
-    let mut names: Vec<String> = list["servers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s["name"].as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names
-}
-
-/// Polls `client`'s `mcp_list` until it names exactly `want`.
-async fn until_mcp_names(client: &mut Client, want: &[String]) -> anyhow::Result<()> {
-    client
-        .poll(
-            &format!("MCP servers {want:?}"),
-            json!({"type": "mcp_list"}),
-            |l| mcp_names(l) == want,
-        )
-        .await
-        .map(drop)
-}
-
-/// The full MCP list a broker sends when a link comes up may exceed a frame: it is sent
-/// in parts (A's frames are limited to 256 KiB here, its 8 servers hold ~400 KiB), and
-/// a server withdrawn while the link was down is gone from B after the reconnect.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_mcp_lists_cross_a_reconnect() -> anyhow::Result<()> {
-    let mut p = linked_pair(
-        |c| {
-            c.limits.max_message_bytes = 64 * 1024;
-            if let Some(f) = c.federation.as_mut() {
-                f.max_frame_bytes = 256 * 1024;
-            }
-        },
-        Backend::Sqlite,
-    )
-    .await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let mut names: Vec<String> = (0..8).map(|i| format!("srv{i}")).collect();
-    for name in &names {
-        let tools: Vec<Value> = (0..4)
-            .map(|t| json!({"name": format!("t{t}"), "description": "x".repeat(12 * 1024)}))
-            .collect();
-        let ack = p
-            .alice
-            .request(json!({"type": "mcp_register", "serverName": name, "tools": tools}))
-            .await?;
-        assert_eq!(ack["type"], "mcp_register_ack", "{ack}");
-    }
-    until_mcp_names(&mut bob, &names).await?;
-
-    p.to_a.cut();
-    p.to_b.cut();
-    fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
-    p.alice
-        .send(json!({"type": "mcp_unregister", "serverName": "srv0"}))
-        .await?;
-    names.remove(0);
-    assert_eq!(
-        mcp_names(&p.alice.request(json!({"type": "mcp_list"})).await?),
-        names
-    );
-    p.to_a.heal();
-    p.to_b.heal();
-    fed::wait_link(p.a.addr, B, "up again", |l| {
-        l["state"] == "up" && l["connects"].as_u64() >= Some(2)
-    })
-    .await?;
-    until_mcp_names(&mut bob, &names).await?;
-    Ok(())
-}
-
-/// Files held by one broker are the mesh's on every broker: uploaded on A, listed on B;
-/// `get_file` on B returns a URL at A (A checks the reader's access) that serves the
-/// bytes; only A manages the file; deleting it there removes it from B's list.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_cross_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    // Alice is the only member connected to A from this address: the unsigned upload is hers.
-    let (st, _, body) = meshd_tests::broker::http_with(
-        p.a.addr,
-        "POST",
-        "/upload",
-        &[
-            ("X-Mesh-Id", &p.mesh.mesh_id),
-            ("X-Member-Id", "x"),
-            ("X-File-Name", "plan.txt"),
-        ],
-        Some(b"the plan"),
-    )
-    .await?;
-    let up: Value = serde_json::from_slice(&body)?;
-    assert_eq!(st, 200, "{up}");
-    let id = up["fileId"].as_str().unwrap_or_default().to_owned();
-    let l = bob
-        .poll("A's file in B's list", json!({"type": "list_files"}), |l| {
-            l["files"][0]["id"] == id.as_str()
-        })
-        .await?;
-    assert_eq!(l["files"][0]["uploadedBy"], "alice");
-    let url = bob
-        .request(json!({"type": "get_file", "fileId": id}))
-        .await?;
-    assert_eq!(url["type"], "file_url", "{url}");
-    let link = url["url"].as_str().unwrap_or_default().to_owned();
-    let path = link
-        .split_once(&p.a.addr.to_string())
-        .map(|(_, path)| path.to_owned())
-        .with_context(|| format!("the URL is not at A: {link}"))?;
-    let (st, _, bytes) = meshd_tests::broker::http_with(p.a.addr, "GET", &path, &[], None).await?;
-    assert_eq!((st, bytes.as_slice()), (200, b"the plan".as_slice()));
-    let refused = bob
-        .request(json!({"type": "file_status", "fileId": id}))
-        .await?;
-    assert_eq!(refused["code"], "held_elsewhere", "{refused}");
-
-    p.alice
-        .request(json!({"type": "delete_file", "fileId": id}))
-        .await?;
-    bob.poll("the deletion at B", json!({"type": "list_files"}), |l| {
-        l["files"] == json!([])
-    })
-    .await?;
-    Ok(())
-}
-
-/// The simulation clock is one clock on every broker: set on A, it ticks for peers on B
-/// too; paused on B, it is paused on A.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clock_crosses_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let set = p
-        .alice
-        .request(json!({"type": "set_clock", "speed": 100}))
-        .await?;
-    assert_eq!(set["speed"], 100, "{set}");
-    let tick = bob.expect_event("tick").await?;
-    assert_eq!(tick["eventData"]["speed"], 100, "{tick}");
-    let paused = bob.request(json!({"type": "pause_clock"})).await?;
-    assert_eq!(paused["paused"], true, "{paused}");
-    let c = p
-        .alice
-        .poll("B's pause at A", json!({"type": "get_clock"}), |c| {
-            c["paused"] == true
-        })
-        .await?;
-    assert_eq!(c["speed"], 100);
-    Ok(())
-}
-
-/// Polls `list_tasks` on `c` until the task `id` satisfies `pred`.
-async fn until_task(
-    c: &mut Client,
-    id: &str,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    let task = |l: &Value| {
-        l["tasks"]
-            .as_array()
-            .and_then(|ts| ts.iter().find(|t| t["id"] == id).cloned())
-            .unwrap_or_default()
-    };
-    let l = c
-        .poll(what, json!({"type": "list_tasks"}), |l| pred(&task(l)))
-        .await?;
-    Ok(task(&l))
-}
-
-/// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A,
-/// completed again on B (the new result wins everywhere); a state write made during a
-/// cut arrives with the catch-up; two claims made on both sides of a cut converge,
-/// after the heal, on the earlier one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_cross_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let t = p
-        .alice
-        .request(json!({"type": "create_task", "title": "rotate the keys"}))
-        .await?;
-    let id = t["id"].as_str().unwrap_or_default().to_owned();
-    until_task(&mut bob, &id, "the task never reached B", |t| {
-        t["status"] == "open"
-    })
-    .await?;
-    let claimed = bob
-        .request(json!({"type": "claim_task", "taskId": id}))
-        .await?;
-    assert_eq!(claimed["type"], "task_list", "{claimed}");
-    until_task(&mut p.alice, &id, "bob's claim never reached A", |t| {
-        t["claimedBy"] == "bob"
-    })
-    .await?;
-    p.alice
-        .request(json!({"type": "complete_task", "taskId": id, "result": "done"}))
-        .await?;
-    let done = until_task(&mut bob, &id, "the completion never reached B", |t| {
-        t["status"] == "done"
-    })
-    .await?;
-    assert_eq!(done["result"], "done");
-    // Completing again replaces the result on every broker (the later completion wins).
-    bob.request(json!({"type": "complete_task", "taskId": id, "result": "redone"}))
-        .await?;
-    until_task(
-        &mut p.alice,
-        &id,
-        "the second completion never won at A",
-        |t| t["result"] == "redone",
-    )
-    .await?;
-    until_task(&mut bob, &id, "B lost its second completion", |t| {
-        t["result"] == "redone"
-    })
-    .await?;
-
-    let t2 = p
-        .alice
-        .request(json!({"type": "create_task", "title": "contested"}))
-        .await?;
-    let id2 = t2["id"].as_str().unwrap_or_default().to_owned();
-    until_task(&mut bob, &id2, "the second task never reached B", |t| {
-        t["status"] == "open"
-    })
-    .await?;
-    p.to_a.cut();
-    p.to_b.cut();
-    fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
-    p.alice
-        .request(json!({"type": "claim_task", "taskId": id2}))
-        .await?;
-    bob.request(json!({"type": "claim_task", "taskId": id2}))
-        .await?;
-    // A state write made during the cut reaches B with the catch-up after the heal.
-    p.alice
-        .send(json!({"type": "set_state", "key": "phase", "value": "cut"}))
-        .await?;
-    p.alice.sync().await?;
-    p.to_a.heal();
-    p.to_b.heal();
-    bob.poll(
-        "the state written during the cut, at B",
-        json!({"type": "get_state", "key": "phase"}),
-        |r| r["value"] == "cut",
-    )
-    .await?;
-    until_task(
-        &mut bob,
-        &id2,
-        "B never converged on the earlier claim",
-        |t| t["claimedBy"] == "alice",
-    )
-    .await?;
-    until_task(&mut p.alice, &id2, "A lost its earlier claim", |t| {
-        t["claimedBy"] == "alice"
-    })
-    .await?;
-    Ok(())
-}
-
-/// Polls `recall` on `c` until `pred` holds for its results.
-async fn until_recall(
-    c: &mut Client,
-    query: &str,
-    what: &str,
-    pred: impl Fn(&[Value]) -> bool,
-) -> anyhow::Result<Vec<Value>> {
-    let found = |r: &Value| r["memories"].as_array().cloned().unwrap_or_default();
-    let r = c
-        .poll(what, json!({"type": "recall", "query": query}), |r| {
-            pred(&found(r))
-        })
-        .await?;
-    Ok(found(&r))
-}
-
-/// Memory and contexts are the mesh's on every broker: a note remembered on A is
-/// recalled on B, forgotten on B it is gone on A, one remembered during a cut arrives
-/// after the heal; a context shared on B reaches A (with the `_context:` state change).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_contexts_cross_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let stored = p
-        .alice
-        .request(json!({"type": "remember", "content": "deploys use blue-green switching", "tags": ["ops"]}))
-        .await?;
-    let id = stored["id"].as_str().unwrap_or_default().to_owned();
-    let found = until_recall(&mut bob, "deploys", "alice's memory never reached B", |m| {
-        !m.is_empty()
-    })
-    .await?;
-    assert_eq!(
-        (found[0]["id"].as_str(), found[0]["rememberedBy"].as_str()),
-        (Some(id.as_str()), Some("alice"))
-    );
-    bob.send(json!({"type": "forget", "memoryId": id})).await?;
-    until_recall(
-        &mut p.alice,
-        "deploys",
-        "bob's forget never reached A",
-        <[Value]>::is_empty,
-    )
-    .await?;
-
-    p.to_a.cut();
-    p.to_b.cut();
-    fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
-    p.alice
-        .request(json!({"type": "remember", "content": "the staging database moved to pg16"}))
-        .await?;
-    p.to_a.heal();
-    p.to_b.heal();
-    until_recall(
-        &mut bob,
-        "staging",
-        "a memory made during the cut never reached B",
-        |m| m.len() == 1,
-    )
-    .await?;
-
-    bob.send(
-        json!({"type": "share_context", "summary": "profiling the ingest path", "tags": ["perf"]}),
-    )
-    .await?;
-    let change = p
-        .alice
-        .ws
-        .expect("context state change", |v| {
-            v["type"] == "state_change" && v["key"] == "_context:bob"
-        })
-        .await?;
-    assert_eq!(change["value"], "profiling the ingest path");
-    let ctx = p
-        .alice
-        .request(json!({"type": "get_context", "query": "perf"}))
-        .await?;
-    assert_eq!(ctx["contexts"][0]["peerName"], "bob", "{ctx}");
-    Ok(())
-}
-
-/// Reminders scheduled on A reach a member hosted by B, direct (through the durable
-/// outbox) and broadcast (live), tagged `subtype: "reminder"` and sent as their creator.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reminders_cross_brokers() -> anyhow::Result<()> {
-    let mut p = cut_pair().await?;
-    until_known(&mut p.alice, &p.bob).await?;
-    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-    let bob_key = p.bob.keys.public_hex();
-    p.alice
-        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-        .await?;
-    let now = meshd_tests::client::now_ms();
-    for (to, text) in [(bob_key.as_str(), "direct"), ("*", "everyone")] {
-        let ack = p
-            .alice
-            .request(json!({"type": "schedule", "to": to, "message": text, "deliverAt": now, "subtype": "reminder"}))
-            .await?;
-        assert_eq!(ack["type"], "scheduled_ack", "{ack}");
-        let push = bob
-            .ws
-            .expect("reminder from A", |v| {
-                v["type"] == "push" && v["subtype"] == "reminder"
-            })
-            .await?;
-        assert_eq!(
-            (bob.read_push(&push).as_deref(), push["senderName"].as_str()),
-            (Some(text), Some("alice"))
-        );
-    }
-    Ok(())
-}
-
 /// A DM to a remote *session* key stays deliverable while its presence is gone: during a
 /// cut (after the peer has left the list) it is taken and queued, and arrives after the
 /// heal.
@@ -1865,7 +1235,7 @@ async fn session_keys_route_through_a_cut() -> anyhow::Result<()> {
 
 /// Writes a configuration file for a broker process `name` of `org`, finding its peers
 /// through the DNS server at `dns`; returns (config path, data dir).
-fn process_config(
+pub(crate) fn process_config(
     org: &Org,
     name: &str,
     dns: SocketAddr,
@@ -2048,7 +1418,7 @@ async fn linked_brokers_stop_together_promptly() -> anyhow::Result<()> {
 }
 
 /// An endpoint with B's real certificate, trusting A's CA: the test plays broker B.
-fn fake_b(oa: &Org, ob: &Org) -> anyhow::Result<meshd_federation::Endpoint> {
+pub(crate) fn fake_b(oa: &Org, ob: &Org) -> anyhow::Result<meshd_federation::Endpoint> {
     let paths = ob.issue(B)?;
     let identity = meshd_certs::BrokerIdentity::load(&paths.cert, &paths.key, B)?;
     let trust = meshd_certs::PeerTrust::new([(
@@ -2063,7 +1433,7 @@ fn fake_b(oa: &Org, ob: &Org) -> anyhow::Result<meshd_federation::Endpoint> {
     )?)
 }
 
-fn b_hello(mesh_id: &str) -> wire::Hello {
+pub(crate) fn b_hello(mesh_id: &str) -> wire::Hello {
     wire::Hello {
         version: wire::VERSION,
         broker: B.into(),
@@ -2074,7 +1444,7 @@ fn b_hello(mesh_id: &str) -> wire::Hello {
     }
 }
 
-async fn next_held(
+pub(crate) async fn next_held(
     events: &mut tokio::sync::mpsc::UnboundedReceiver<fed::LinkEvent>,
 ) -> anyhow::Result<fed::HeldLink> {
     loop {
@@ -2086,7 +1456,7 @@ async fn next_held(
     }
 }
 
-async fn until_ended(
+pub(crate) async fn until_ended(
     events: &mut tokio::sync::mpsc::UnboundedReceiver<fed::LinkEvent>,
     id: u64,
 ) -> anyhow::Result<()> {
@@ -2105,7 +1475,10 @@ async fn until_ended(
 /// before either handler ran. The handlers then start in the order given, and the mesh
 /// is shared before or after they do. A must serve W, and the mesh must flow over it
 /// with A's members announced.
-async fn simultaneous_dial_case(winner_first: bool, share_after: bool) -> anyhow::Result<()> {
+pub(crate) async fn simultaneous_dial_case(
+    winner_first: bool,
+    share_after: bool,
+) -> anyhow::Result<()> {
     let (oa, ob) = (Org::new("alpha.test")?, Org::new("beta.test")?);
     let ep_b = fake_b(&oa, &ob)?;
     let b_addr = ep_b.local_addr()?;
@@ -2318,7 +1691,7 @@ async fn a_link_that_never_serves_is_reset() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fake_presence(version: u64) -> wire::PresenceEntry {
+pub(crate) fn fake_presence(version: u64) -> wire::PresenceEntry {
     let key = Keypair::generate().public_hex();
     wire::PresenceEntry {
         key: key.clone(),
@@ -2395,4 +1768,23 @@ async fn remote_presences_are_capped() -> anyhow::Result<()> {
         "{metrics}"
     );
     Ok(())
+}
+
+/// Polls `list_tasks` on `c` until the task `id` satisfies `pred`.
+pub(crate) async fn until_task(
+    c: &mut Client,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let task = |l: &Value| {
+        l["tasks"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["id"] == id).cloned())
+            .unwrap_or_default()
+    };
+    let l = c
+        .poll(what, json!({"type": "list_tasks"}), |l| pred(&task(l)))
+        .await?;
+    Ok(task(&l))
 }

@@ -478,3 +478,143 @@ async fn stalled_uploads_do_not_block_other_meshes() -> anyhow::Result<()> {
     assert_eq!(st, 200, "{v}");
     Ok(())
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use anyhow::Context as _;
+
+    use serde_json::{Value, json};
+
+    use crate::federation::*;
+
+    /// The peer file relay crosses brokers: alice on A asks bob on B for a file and a
+    /// listing; only bob's answers come back (another peer's injection is dropped), with
+    /// alice's `_reqId`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let bob_key = p.bob.keys.public_hex();
+        p.alice
+            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+            .await?;
+        let alice_key = p.alice.key();
+        p.alice
+            .send(json!({"type": "peer_file_request", "targetPubkey": bob_key, "filePath": "notes.md", "_reqId": "x1"}))
+            .await?;
+        let fwd = bob
+            .ws
+            .expect("forward at B", |v| v["type"] == "peer_file_request_forward")
+            .await?;
+        assert_eq!(
+            fwd,
+            json!({"type": "peer_file_request_forward", "requesterPubkey": alice_key, "filePath": "notes.md", "_reqId": "x1"})
+        );
+        // Another member at B injects an answer: dropped.
+        let eve =
+            p.b.enroll(&replica(&p.b.db, &p.mesh.mesh_id).await?, "eve")
+                .await?;
+        let mut eve = member_client(&p.b.ws_url(), &eve, &[]).await?;
+        eve.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "ZXZl", "_reqId": "x1"}))
+            .await?;
+        eve.sync().await?;
+        bob.send(json!({"type": "peer_file_response", "requesterPubkey": alice_key, "filePath": "notes.md", "content": "Ym9i", "_reqId": "x1"}))
+            .await?;
+        let got = p
+            .alice
+            .ws
+            .expect("answer at A", |v| v["type"] == "peer_file_response_forward")
+            .await?;
+        assert_eq!(
+            got,
+            json!({"type": "peer_file_response_forward", "filePath": "notes.md", "content": "Ym9i", "_reqId": "x1"})
+        );
+        p.alice
+            .send(json!({"type": "peer_dir_request", "targetPubkey": bob_key, "dirPath": ".", "_reqId": "x2"}))
+            .await?;
+        bob.ws
+            .expect("dir forward at B", |v| {
+                v["type"] == "peer_dir_request_forward"
+            })
+            .await?;
+        bob.send(json!({"type": "peer_dir_response", "requesterPubkey": alice_key, "dirPath": ".", "entries": ["a", "b"], "_reqId": "x2"}))
+            .await?;
+        let got = p
+            .alice
+            .ws
+            .expect("dir answer at A", |v| {
+                v["type"] == "peer_dir_response_forward"
+            })
+            .await?;
+        assert_eq!(got["entries"], json!(["a", "b"]));
+        p.alice.sync().await?;
+        assert!(
+            p.alice
+                .ws
+                .backlog()
+                .iter()
+                .all(|v| v["type"] != "peer_file_response_forward"),
+            "the injected answer was dropped"
+        );
+        Ok(())
+    }
+
+    /// Files held by one broker are the mesh's on every broker: uploaded on A, listed on B;
+    /// `get_file` on B returns a URL at A (A checks the reader's access) that serves the
+    /// bytes; only A manages the file; deleting it there removes it from B's list.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_cross_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        // Alice is the only member connected to A from this address: the unsigned upload is hers.
+        let (st, _, body) = meshd_tests::broker::http_with(
+            p.a.addr,
+            "POST",
+            "/upload",
+            &[
+                ("X-Mesh-Id", &p.mesh.mesh_id),
+                ("X-Member-Id", "x"),
+                ("X-File-Name", "plan.txt"),
+            ],
+            Some(b"the plan"),
+        )
+        .await?;
+        let up: Value = serde_json::from_slice(&body)?;
+        assert_eq!(st, 200, "{up}");
+        let id = up["fileId"].as_str().unwrap_or_default().to_owned();
+        let l = bob
+            .poll("A's file in B's list", json!({"type": "list_files"}), |l| {
+                l["files"][0]["id"] == id.as_str()
+            })
+            .await?;
+        assert_eq!(l["files"][0]["uploadedBy"], "alice");
+        let url = bob
+            .request(json!({"type": "get_file", "fileId": id}))
+            .await?;
+        assert_eq!(url["type"], "file_url", "{url}");
+        let link = url["url"].as_str().unwrap_or_default().to_owned();
+        let path = link
+            .split_once(&p.a.addr.to_string())
+            .map(|(_, path)| path.to_owned())
+            .with_context(|| format!("the URL is not at A: {link}"))?;
+        let (st, _, bytes) =
+            meshd_tests::broker::http_with(p.a.addr, "GET", &path, &[], None).await?;
+        assert_eq!((st, bytes.as_slice()), (200, b"the plan".as_slice()));
+        let refused = bob
+            .request(json!({"type": "file_status", "fileId": id}))
+            .await?;
+        assert_eq!(refused["code"], "held_elsewhere", "{refused}");
+
+        p.alice
+            .request(json!({"type": "delete_file", "fileId": id}))
+            .await?;
+        bob.poll("the deletion at B", json!({"type": "list_files"}), |l| {
+            l["files"] == json!([])
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -182,3 +182,162 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use meshd_tests::fed::{self};
+    use meshd_tests::{Backend, Client};
+    use serde_json::{Value, json};
+
+    use crate::federation::*;
+
+    /// MCP servers are the mesh's on every broker: registered on A, listed and called from
+    /// B (the call goes over the link to the host and back), the name is refused to another
+    /// member at B, and the server goes away everywhere when its host leaves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mcp_servers_cross_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let ack = p
+            .alice
+            .request(json!({"type": "mcp_register", "serverName": "fs", "description": "files", "tools": [{"name": "read", "description": "read a file"}]}))
+            .await?;
+        assert_eq!(ack["type"], "mcp_register_ack", "{ack}");
+        let ev = bob
+            .ws
+            .expect("mcp_registered at B", |v| v["event"] == "mcp_registered")
+            .await?;
+        assert_eq!(
+            ev["eventData"],
+            json!({"serverName": "fs", "description": "files", "tools": ["read"], "hostedBy": "alice"})
+        );
+        let list = bob.request(json!({"type": "mcp_list"})).await?;
+        assert_eq!(
+            (
+                list["servers"][0]["name"].as_str(),
+                list["servers"][0]["online"].as_bool()
+            ),
+            (Some("fs"), Some(true)),
+            "{list}"
+        );
+        let taken = bob
+            .request(json!({"type": "mcp_register", "serverName": "fs", "tools": []}))
+            .await?;
+        assert_eq!(taken["code"], "mcp_name_taken", "{taken}");
+
+        bob.send(json!({"type": "mcp_call", "serverName": "fs", "toolName": "read", "args": {"path": "x"}, "_reqId": "m1"}))
+            .await?;
+        let fwd = p
+            .alice
+            .ws
+            .expect("forward at A", |v| v["type"] == "mcp_call_forward")
+            .await?;
+        assert_eq!(
+            (fwd["callerName"].as_str(), &fwd["args"]),
+            (Some("bob"), &json!({"path": "x"}))
+        );
+        p.alice
+            .send(
+                json!({"type": "mcp_call_response", "callId": fwd["callId"], "result": {"text": "hi"}}),
+            )
+            .await?;
+        let r = bob
+            .ws
+            .expect("result at B", |v| v["_reqId"] == "m1")
+            .await?;
+        assert_eq!(
+            (r["type"].as_str(), &r["result"]),
+            (Some("mcp_call_result"), &json!({"text": "hi"})),
+            "{r}"
+        );
+
+        p.alice.close().await;
+        let gone = bob
+            .ws
+            .expect("mcp_unregistered at B", |v| {
+                v["event"] == "mcp_unregistered"
+            })
+            .await?;
+        assert_eq!(gone["eventData"]["serverName"], "fs");
+        let list = bob.request(json!({"type": "mcp_list"})).await?;
+        assert_eq!(list["servers"], json!([]));
+        Ok(())
+    }
+
+    /// Names of the MCP servers an `mcp_list` answer lists, sorted.
+    fn mcp_names(list: &Value) -> Vec<String> {
+        let mut names: Vec<String> = list["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Polls `client`'s `mcp_list` until it names exactly `want`.
+    async fn until_mcp_names(client: &mut Client, want: &[String]) -> anyhow::Result<()> {
+        client
+            .poll(
+                &format!("MCP servers {want:?}"),
+                json!({"type": "mcp_list"}),
+                |l| mcp_names(l) == want,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// The full MCP list a broker sends when a link comes up may exceed a frame: it is sent
+    /// in parts (A's frames are limited to 256 KiB here, its 8 servers hold ~400 KiB), and
+    /// a server withdrawn while the link was down is gone from B after the reconnect.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_mcp_lists_cross_a_reconnect() -> anyhow::Result<()> {
+        let mut p = linked_pair(
+            |c| {
+                c.limits.max_message_bytes = 64 * 1024;
+                if let Some(f) = c.federation.as_mut() {
+                    f.max_frame_bytes = 256 * 1024;
+                }
+            },
+            Backend::Sqlite,
+        )
+        .await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let mut names: Vec<String> = (0..8).map(|i| format!("srv{i}")).collect();
+        for name in &names {
+            let tools: Vec<Value> = (0..4)
+                .map(|t| json!({"name": format!("t{t}"), "description": "x".repeat(12 * 1024)}))
+                .collect();
+            let ack = p
+                .alice
+                .request(json!({"type": "mcp_register", "serverName": name, "tools": tools}))
+                .await?;
+            assert_eq!(ack["type"], "mcp_register_ack", "{ack}");
+        }
+        until_mcp_names(&mut bob, &names).await?;
+
+        p.to_a.cut();
+        p.to_b.cut();
+        fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+        p.alice
+            .send(json!({"type": "mcp_unregister", "serverName": "srv0"}))
+            .await?;
+        names.remove(0);
+        assert_eq!(
+            mcp_names(&p.alice.request(json!({"type": "mcp_list"})).await?),
+            names
+        );
+        p.to_a.heal();
+        p.to_b.heal();
+        fed::wait_link(p.a.addr, B, "up again", |l| {
+            l["state"] == "up" && l["connects"].as_u64() >= Some(2)
+        })
+        .await?;
+        until_mcp_names(&mut bob, &names).await?;
+        Ok(())
+    }
+}

@@ -45,3 +45,95 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use meshd_tests::Client;
+    use meshd_tests::fed::{self};
+    use serde_json::{Value, json};
+
+    use crate::federation::*;
+
+    /// Polls `recall` on `c` until `pred` holds for its results.
+    async fn until_recall(
+        c: &mut Client,
+        query: &str,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
+        let found = |r: &Value| r["memories"].as_array().cloned().unwrap_or_default();
+        let r = c
+            .poll(what, json!({"type": "recall", "query": query}), |r| {
+                pred(&found(r))
+            })
+            .await?;
+        Ok(found(&r))
+    }
+
+    /// Memory and contexts are the mesh's on every broker: a note remembered on A is
+    /// recalled on B, forgotten on B it is gone on A, one remembered during a cut arrives
+    /// after the heal; a context shared on B reaches A (with the `_context:` state change).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_and_contexts_cross_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let stored = p
+            .alice
+            .request(json!({"type": "remember", "content": "deploys use blue-green switching", "tags": ["ops"]}))
+            .await?;
+        let id = stored["id"].as_str().unwrap_or_default().to_owned();
+        let found = until_recall(&mut bob, "deploys", "alice's memory never reached B", |m| {
+            !m.is_empty()
+        })
+        .await?;
+        assert_eq!(
+            (found[0]["id"].as_str(), found[0]["rememberedBy"].as_str()),
+            (Some(id.as_str()), Some("alice"))
+        );
+        bob.send(json!({"type": "forget", "memoryId": id})).await?;
+        until_recall(
+            &mut p.alice,
+            "deploys",
+            "bob's forget never reached A",
+            <[Value]>::is_empty,
+        )
+        .await?;
+
+        p.to_a.cut();
+        p.to_b.cut();
+        fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+        p.alice
+            .request(json!({"type": "remember", "content": "the staging database moved to pg16"}))
+            .await?;
+        p.to_a.heal();
+        p.to_b.heal();
+        until_recall(
+            &mut bob,
+            "staging",
+            "a memory made during the cut never reached B",
+            |m| m.len() == 1,
+        )
+        .await?;
+
+        bob.send(
+            json!({"type": "share_context", "summary": "profiling the ingest path", "tags": ["perf"]}),
+        )
+        .await?;
+        let change = p
+            .alice
+            .ws
+            .expect("context state change", |v| {
+                v["type"] == "state_change" && v["key"] == "_context:bob"
+            })
+            .await?;
+        assert_eq!(change["value"], "profiling the ingest path");
+        let ctx = p
+            .alice
+            .request(json!({"type": "get_context", "query": "perf"}))
+            .await?;
+        assert_eq!(ctx["contexts"][0]["peerName"], "bob", "{ctx}");
+        Ok(())
+    }
+}

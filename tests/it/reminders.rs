@@ -215,3 +215,43 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use serde_json::json;
+
+    use crate::federation::*;
+
+    /// Reminders scheduled on A reach a member hosted by B, direct (through the durable
+    /// outbox) and broadcast (live), tagged `subtype: "reminder"` and sent as their creator.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reminders_cross_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let bob_key = p.bob.keys.public_hex();
+        p.alice
+            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+            .await?;
+        let now = meshd_tests::client::now_ms();
+        for (to, text) in [(bob_key.as_str(), "direct"), ("*", "everyone")] {
+            let ack = p
+                .alice
+                .request(json!({"type": "schedule", "to": to, "message": text, "deliverAt": now, "subtype": "reminder"}))
+                .await?;
+            assert_eq!(ack["type"], "scheduled_ack", "{ack}");
+            let push = bob
+                .ws
+                .expect("reminder from A", |v| {
+                    v["type"] == "push" && v["subtype"] == "reminder"
+                })
+                .await?;
+            assert_eq!(
+                (bob.read_push(&push).as_deref(), push["senderName"].as_str()),
+                (Some(text), Some("alice"))
+            );
+        }
+        Ok(())
+    }
+}

@@ -67,3 +67,49 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use serde_json::json;
+
+    use crate::federation::*;
+
+    /// The skills catalogue of a shared mesh is the same on every broker: a skill shared at A
+    /// is read at B, a removal at B reaches A.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn skills_replicate_across_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let ack = p
+            .alice
+            .request(
+                json!({"type": "share_skill", "name": "triage", "description": "Sort incidents",
+                "instructions": "page the on-call", "tags": ["ops"]}),
+            )
+            .await?;
+        assert_eq!(ack["action"], "shared");
+        let got = bob
+            .poll(
+                "the skill at B",
+                json!({"type": "get_skill", "name": "triage"}),
+                |g| !g["skill"].is_null(),
+            )
+            .await?;
+        assert_eq!(got["skill"]["instructions"], "page the on-call");
+        assert_eq!(got["skill"]["author"], "alice");
+        let rm = bob
+            .request(json!({"type": "remove_skill", "name": "triage"}))
+            .await?;
+        assert_eq!(rm["action"], "removed");
+        p.alice
+            .poll(
+                "the removal at A",
+                json!({"type": "get_skill", "name": "triage"}),
+                |g| g["skill"].is_null(),
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -56,3 +56,40 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use serde_json::json;
+
+    use crate::federation::*;
+
+    /// Data published to a stream reaches its subscribers on the mesh's other brokers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_data_crosses_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        bob.send(json!({"type": "subscribe", "stream": "builds"}))
+            .await?;
+        bob.ws
+            .expect("subscribed", |v| v["type"] == "subscribed")
+            .await?;
+        let bob_key = p.bob.keys.public_hex();
+        p.alice
+            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+            .await?;
+        p.alice
+            .send(json!({"type": "publish", "stream": "builds", "data": {"ok": true}}))
+            .await?;
+        let d = bob
+            .ws
+            .expect("stream_data", |v| v["type"] == "stream_data")
+            .await?;
+        assert_eq!(
+            (d["publishedBy"].as_str(), d["data"]["ok"].as_bool()),
+            (Some("alice"), Some(true))
+        );
+        Ok(())
+    }
+}

@@ -147,3 +147,106 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use meshd_tests::fed::{self};
+
+    use serde_json::json;
+
+    use crate::federation::*;
+
+    /// Tasks are the mesh's on every broker: created on A, claimed on B, completed on A,
+    /// completed again on B (the new result wins everywhere); a state write made during a
+    /// cut arrives with the catch-up; two claims made on both sides of a cut converge,
+    /// after the heal, on the earlier one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_cross_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let t = p
+            .alice
+            .request(json!({"type": "create_task", "title": "rotate the keys"}))
+            .await?;
+        let id = t["id"].as_str().unwrap_or_default().to_owned();
+        until_task(&mut bob, &id, "the task never reached B", |t| {
+            t["status"] == "open"
+        })
+        .await?;
+        let claimed = bob
+            .request(json!({"type": "claim_task", "taskId": id}))
+            .await?;
+        assert_eq!(claimed["type"], "task_list", "{claimed}");
+        until_task(&mut p.alice, &id, "bob's claim never reached A", |t| {
+            t["claimedBy"] == "bob"
+        })
+        .await?;
+        p.alice
+            .request(json!({"type": "complete_task", "taskId": id, "result": "done"}))
+            .await?;
+        let done = until_task(&mut bob, &id, "the completion never reached B", |t| {
+            t["status"] == "done"
+        })
+        .await?;
+        assert_eq!(done["result"], "done");
+        // Completing again replaces the result on every broker (the later completion wins).
+        bob.request(json!({"type": "complete_task", "taskId": id, "result": "redone"}))
+            .await?;
+        until_task(
+            &mut p.alice,
+            &id,
+            "the second completion never won at A",
+            |t| t["result"] == "redone",
+        )
+        .await?;
+        until_task(&mut bob, &id, "B lost its second completion", |t| {
+            t["result"] == "redone"
+        })
+        .await?;
+
+        let t2 = p
+            .alice
+            .request(json!({"type": "create_task", "title": "contested"}))
+            .await?;
+        let id2 = t2["id"].as_str().unwrap_or_default().to_owned();
+        until_task(&mut bob, &id2, "the second task never reached B", |t| {
+            t["status"] == "open"
+        })
+        .await?;
+        p.to_a.cut();
+        p.to_b.cut();
+        fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+        p.alice
+            .request(json!({"type": "claim_task", "taskId": id2}))
+            .await?;
+        bob.request(json!({"type": "claim_task", "taskId": id2}))
+            .await?;
+        // A state write made during the cut reaches B with the catch-up after the heal.
+        p.alice
+            .send(json!({"type": "set_state", "key": "phase", "value": "cut"}))
+            .await?;
+        p.alice.sync().await?;
+        p.to_a.heal();
+        p.to_b.heal();
+        bob.poll(
+            "the state written during the cut, at B",
+            json!({"type": "get_state", "key": "phase"}),
+            |r| r["value"] == "cut",
+        )
+        .await?;
+        until_task(
+            &mut bob,
+            &id2,
+            "B never converged on the earlier claim",
+            |t| t["claimedBy"] == "alice",
+        )
+        .await?;
+        until_task(&mut p.alice, &id2, "A lost its earlier claim", |t| {
+            t["claimedBy"] == "alice"
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -84,3 +84,54 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+
+    use anyhow::Context as _;
+
+    use serde_json::json;
+
+    use crate::federation::*;
+
+    /// A webhook of a shared mesh reaches the mesh's peers on every broker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn webhook_posts_reach_every_broker() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let bob_key = p.bob.keys.public_hex();
+        p.alice
+            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+            .await?;
+        let ack = p
+            .alice
+            .request(json!({"type": "create_webhook", "name": "deploys"}))
+            .await?;
+        let secret = ack["secret"].as_str().context("secret")?;
+        let path = format!("/hook/{}/{secret}", p.mesh.mesh_id);
+        let (status, _, _) =
+            meshd_tests::http(p.a.addr, "POST", &path, Some(br#"{"env":"prod","at":1}"#)).await?;
+        assert_eq!(status, 200);
+        for c in [&mut p.alice, &mut bob] {
+            let push =
+                c.ws.expect("webhook push", |v| {
+                    v["type"] == "push" && v["subtype"] == "webhook"
+                })
+                .await?;
+            assert_eq!(
+                (push["event"].as_str(), push["eventData"]["env"].as_str()),
+                (Some("deploys"), Some("prod"))
+            );
+            // The body as posted, on every broker.
+            assert!(
+                c.ws.raw_texts()
+                    .iter()
+                    .any(|t| t.contains(r#""eventData":{"env":"prod","at":1}"#)),
+                "{:?}",
+                c.ws.raw_texts()
+            );
+        }
+        Ok(())
+    }
+}
