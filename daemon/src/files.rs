@@ -171,7 +171,7 @@ enum ReceiveError {
 
 /// Why the file store could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum FilesError {
+pub enum FilesError {
     /// The URL key file.
     #[error(transparent)]
     Key(#[from] meshd_certs::SecretFileError),

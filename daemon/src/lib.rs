@@ -16,6 +16,7 @@ mod delivery;
 pub mod features;
 mod fed;
 mod files;
+pub use files::FilesError;
 mod hooks;
 mod http;
 mod hub;
@@ -61,9 +62,10 @@ pub enum StartError {
     Store(#[from] StoreError),
     /// The audit key could not be loaded or created.
     #[error("audit key: {0}")]
-    Audit(String),
+    Audit(#[from] audit::AuditKeyError),
+    /// The file store's directory could not be prepared.
     #[error("file store: {0}")]
-    Files(String),
+    Files(#[from] files::FilesError),
     /// Federation could not start (certificates, trust, QUIC endpoint).
     #[error(transparent)]
     Federation(#[from] fed::FedStartError),
@@ -231,10 +233,8 @@ impl Daemon {
             }
             None => (None, None),
         };
-        let audit_key = audit::load_or_create_key(&config.data_dir)
-            .map_err(|e| StartError::Audit(e.to_string()))?;
-        let files =
-            files::Files::open(&config.data_dir).map_err(|e| StartError::Files(e.to_string()))?;
+        let audit_key = audit::load_or_create_key(&config.data_dir)?;
+        let files = files::Files::open(&config.data_dir)?;
         let skew = meshd_protocol::hello::DEFAULT_SKEW_MS;
         let ctx = Arc::new(Ctx {
             fed,

@@ -70,6 +70,21 @@ pub enum LinkError {
     /// The stream or connection failed.
     #[error("{0}")]
     Io(String),
+    /// The peer broke the link protocol (an unexpected frame or stream, a claim too many).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The link handler's store failed (the link starts over and reads it again).
+    #[error("{what}: {source}")]
+    Store {
+        /// What the handler was doing.
+        what: &'static str,
+        /// The store's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The handler ends the link on purpose, to start it over from the store.
+    #[error("restarting the link: {0}")]
+    Restart(&'static str),
     /// The handshake took too long.
     #[error("handshake timed out")]
     Timeout,
@@ -89,6 +104,9 @@ impl LinkError {
             Self::Hello(_) => "hello",
             Self::Frame(_) => "frame",
             Self::Io(_) => "io",
+            Self::Protocol(_) => "protocol",
+            Self::Store { .. } => "store",
+            Self::Restart(_) => "restart",
             Self::Timeout => "timeout",
             Self::Closed(_) => "closed",
         }

@@ -92,7 +92,8 @@ both! {
         let mut pages = 0;
         loop {
             let page = a.request(json!({"type": "audit_query", "limit": 3})).await?;
-            let newest = page["entries"][0]["id"].as_i64();
+            // An empty log (the first entries not flushed yet) has no newest entry: 0.
+            let newest = page["entries"][0]["id"].as_i64().or(Some(0));
             let total = page["total"].as_i64();
             assert_eq!(newest, total, "a page contradicts its total: {page}");
             pages += 1;

@@ -56,7 +56,7 @@ impl Fed {
                 .db
                 .inbox_high(&peer)
                 .await
-                .map_err(|e| LinkError::Io(format!("reading the inbox cursor: {e}")))?;
+                .map_err(|e| store_error("reading the inbox cursor", e))?;
             lock(&cursor).get_or_insert(fed::InboxCursor {
                 high: u64::try_from(high).unwrap_or(0),
             });
@@ -75,14 +75,15 @@ impl Fed {
                         Fate::Stored(seq, commit) => match commit.committed().await {
                             Ok(()) => upto = Some(seq),
                             Err(StoreError::Closed) => {
-                                return Err(LinkError::Io("the store is shutting down".into()));
+                                return Err(store_error(
+                                    "storing a forwarded message",
+                                    StoreError::Closed,
+                                ));
                             }
                             Err(e) => {
                                 // The in-memory cursor is ahead of the store now: re-read it.
                                 *lock(&failed_cursor) = None;
-                                return Err(LinkError::Io(format!(
-                                    "storing a forwarded message: {e}"
-                                )));
+                                return Err(store_error("storing a forwarded message", e));
                             }
                         },
                         Fate::Done(seq) => upto = Some(seq),
@@ -117,9 +118,7 @@ impl Fed {
                         // A cursor reset by a failed insert (on this or another link of
                         // the peer) must be re-read from the store: end this stream.
                         let Some(admitted) = lock(&cursor).as_mut().map(|c| c.admit(seq)) else {
-                            return Err(LinkError::Io(
-                                "the inbox cursor was reset; reconnecting".into(),
-                            ));
+                            return Err(LinkError::Restart("the inbox cursor was reset"));
                         };
                         tracing::trace!(seq, admitted, "forwarded message");
                         // From here until the store writer holds the message (or its

@@ -117,17 +117,24 @@ pub(crate) const REANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FedStartError {
-    /// Certificate, key or CA file.
+    /// This broker's certificate or key.
     #[error("federation certificate: {0}")]
-    Identity(String),
-    /// A peer's CA file or pin.
-    #[error("federation peer {peer}: {reason}")]
+    Identity(#[from] meshd_certs::IdentityError),
+    /// The org CA file (served as the bundle).
+    #[error("federation CA file: {0}")]
+    Bundle(#[source] meshd_certs::CaFileError),
+    /// A peer's CA file.
+    #[error("federation peer {peer}: {source}")]
     Peer {
         /// Peer name.
         peer: String,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong with its CA file.
+        #[source]
+        source: meshd_certs::CaFileError,
     },
+    /// The peers' trust anchors as a whole (e.g. a name configured twice).
+    #[error("federation peers: {0}")]
+    Trust(#[from] meshd_certs::TrustError),
     /// The endpoint.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -294,19 +301,18 @@ impl Fed {
         hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<(Arc<Self>, Endpoint), FedStartError> {
-        let identity = meshd_certs::BrokerIdentity::load(&cfg.cert, &cfg.key, &cfg.broker)
-            .map_err(|e| FedStartError::Identity(e.to_string()))?;
+        let identity = meshd_certs::BrokerIdentity::load(&cfg.cert, &cfg.key, &cfg.broker)?;
         let bundle = meshd_certs::Bundle::from_ca_pem_file(&cfg.ca)
-            .map_err(|e| FedStartError::Identity(e.to_string()))?
+            .map_err(FedStartError::Bundle)?
             .to_text();
         let mut anchors = Vec::new();
         for p in &cfg.peers {
             let anchor = match &p.anchor {
                 meshd_config::PeerAnchorConfig::CaFile(path) => {
-                    meshd_certs::PeerAnchor::load_ca_file(path).map_err(|e| {
+                    meshd_certs::PeerAnchor::load_ca_file(path).map_err(|source| {
                         FedStartError::Peer {
                             peer: p.name.clone(),
-                            reason: e.to_string(),
+                            source,
                         }
                     })?
                 }
@@ -314,10 +320,7 @@ impl Fed {
             };
             anchors.push((p.name.clone(), anchor));
         }
-        let trust = meshd_certs::PeerTrust::new(anchors).map_err(|e| FedStartError::Peer {
-            peer: "(trust)".into(),
-            reason: e.to_string(),
-        })?;
+        let trust = meshd_certs::PeerTrust::new(anchors)?;
         let ep = Endpoint::bind(
             cfg.listen,
             identity,
@@ -549,11 +552,16 @@ pub(crate) fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &st
 }
 
 pub(crate) fn protocol_error(frame: &Frame, stream: &str) -> LinkError {
-    LinkError::Io(format!(
+    LinkError::Protocol(format!(
         "unexpected {} frame on the {stream} stream",
         frame.kind()
     ))
 }
 
-#[cfg(test)]
-mod tests {}
+/// A store failure inside a link task: the link ends and starts over from the store.
+pub(crate) fn store_error(what: &'static str, e: StoreError) -> LinkError {
+    LinkError::Store {
+        what,
+        source: Box::new(e),
+    }
+}

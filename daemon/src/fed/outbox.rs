@@ -156,7 +156,9 @@ impl Fed {
     ) -> Result<(), LinkError> {
         let (mut tx, rx) = conn.open(StreamClass::Messages).await?;
         let Some(mut rx) = rx else {
-            return Err(LinkError::Io("messages stream without a reply half".into()));
+            return Err(LinkError::Protocol(
+                "messages stream without a reply half".into(),
+            ));
         };
         let window = self.cfg.outbox_window;
         let inflight: Arc<Mutex<VecDeque<i64>>> = Arc::default();
@@ -212,7 +214,7 @@ impl Fed {
                     }
                 }
                 // Acks stop for good: the link cannot carry messages any more.
-                Err::<(), LinkError>(LinkError::Io(
+                Err::<(), LinkError>(LinkError::Protocol(
                     "the peer finished the reply half of the messages stream".into(),
                 ))
             }
@@ -269,7 +271,7 @@ impl Fed {
                         .db
                         .outbox_page(&peer, last, limit)
                         .await
-                        .map_err(|e| LinkError::Io(format!("reading the outbox: {e}")))?;
+                        .map_err(|e| store_error("reading the outbox", e))?;
                     if i64::try_from(rows.len()).unwrap_or(0) < limit {
                         caught_up = true;
                     }

@@ -134,7 +134,7 @@ impl Fed {
                 },
             );
             if !queued {
-                self.reset_link(&link, "presence_full");
+                self.reset_link(&link, Reset::PresenceFull);
             }
         }
     }
@@ -156,7 +156,7 @@ impl Fed {
                 },
             );
             if !queued {
-                self.reset_link(&link, "presence_full");
+                self.reset_link(&link, Reset::PresenceFull);
             }
         }
     }
@@ -200,7 +200,7 @@ impl Fed {
             if full {
                 // The peer is not taking announcements: start over (the next link
                 // announces every member in full).
-                self.reset_link(&link, "members_full");
+                self.reset_link(&link, Reset::MembersFull);
             }
         }
     }

@@ -4,6 +4,34 @@
 
 use super::*;
 
+/// Why this broker tore a link down (both sides then dial again): the `reason` label of
+/// `meshd_federation_link_resets_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reset {
+    /// The peer stopped reading its control stream.
+    ControlFull,
+    /// The peer stopped reading member announcements.
+    MembersFull,
+    /// The peer claimed more meshes than any broker shares.
+    PeerReadyFull,
+    /// The peer stopped reading presence updates.
+    PresenceFull,
+    /// The link came up but its handler never registered it.
+    Unregistered,
+}
+
+impl Reset {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::ControlFull => "control_full",
+            Self::MembersFull => "members_full",
+            Self::PeerReadyFull => "peer_ready_full",
+            Self::PresenceFull => "presence_full",
+            Self::Unregistered => "unregistered",
+        }
+    }
+}
+
 /// Whether a message of a mesh goes (or waits to go) over a link of this `age`: the
 /// mesh flows, or the peer said it is ready and the link is within [`FLOW_SETTLE`] of
 /// its start (our side's claim is still being made).
@@ -53,11 +81,11 @@ impl Fed {
     }
 
     /// Tears a link down (both sides dial again), counted by `reason`.
-    pub(crate) fn reset_link(&self, link: &LinkShared, reason: &'static str) {
+    pub(crate) fn reset_link(&self, link: &LinkShared, reason: Reset) {
         if let Some(m) = self.manager()
             && m.reset(&link.peer, link.id, CloseReason::Protocol)
         {
-            self.metrics.fed_link_resets.inc(reason);
+            self.metrics.fed_link_resets.inc(reason.as_str());
         }
     }
 
@@ -93,7 +121,9 @@ impl Fed {
                 if overdue && manager.reset(&st.name, id, CloseReason::Protocol) {
                     warn!(peer = %st.name, id, "link up but never registered; reset");
                     lock(&self.unregistered_since).remove(&st.name);
-                    self.metrics.fed_link_resets.inc("unregistered");
+                    self.metrics
+                        .fed_link_resets
+                        .inc(Reset::Unregistered.as_str());
                 }
                 continue;
             };
@@ -128,7 +158,7 @@ impl Fed {
                 debug!(peer = %link.peer, mesh.id = %m, "announcing a claim again");
                 let frame = Frame::MeshReady(MeshClaim { mesh_id: m.clone() });
                 if link.control.try_send(frame).is_err() {
-                    self.reset_link(&link, "control_full");
+                    self.reset_link(&link, Reset::ControlFull);
                     break;
                 }
                 lock(&link.reannounced).insert(m, now);
@@ -164,7 +194,7 @@ impl Fed {
                     // Never waits on one peer (the reconcile loop serves every link):
                     // a control queue this full means the peer stopped reading.
                     if link.control.try_send(Frame::MeshOffer(o)).is_err() {
-                        self.reset_link(link, "control_full");
+                        self.reset_link(link, Reset::ControlFull);
                         return;
                     }
                 }
@@ -190,7 +220,7 @@ impl Fed {
                     // The peer would never learn of this change: start over (the hellos
                     // of the next link carry the whole consent).
                     warn!(peer = %link.peer, "control queue full; resetting the link");
-                    self.reset_link(link, "control_full");
+                    self.reset_link(link, Reset::ControlFull);
                     break;
                 }
             }
@@ -279,7 +309,7 @@ impl Fed {
             };
             link.outbox_wake.notify_one();
             if overflow {
-                self.reset_link(link, "members_full");
+                self.reset_link(link, Reset::MembersFull);
             }
             self.refresh_shared();
             // The snapshot is taken under the link's presence queue lock: updates queued
@@ -533,8 +563,10 @@ impl Fed {
                         }
                     };
                     if full {
-                        self.reset_link(&link, "peer_ready_full");
-                        return Err(LinkError::Io("too many mesh claims from the peer".into()));
+                        self.reset_link(&link, Reset::PeerReadyFull);
+                        return Err(LinkError::Protocol(
+                            "too many mesh claims from the peer".into(),
+                        ));
                     }
                     self.update_flowing(&ctx, &link).await;
                 }
@@ -565,12 +597,12 @@ impl Fed {
                 match incoming.class {
                     StreamClass::Messages => {
                         if link.messages_in.swap(true, Ordering::SeqCst) {
-                            return Err(LinkError::Io(
+                            return Err(LinkError::Protocol(
                                 "the peer opened a second messages stream".into(),
                             ));
                         }
                         let Some(tx) = incoming.tx else {
-                            return Err(LinkError::Io(
+                            return Err(LinkError::Protocol(
                                 "messages stream without a reply half".into(),
                             ));
                         };
@@ -589,7 +621,7 @@ impl Fed {
                     StreamClass::Live => {
                         // One applier keeps the live stream's order (and its hold).
                         if link.live_in.swap(true, Ordering::SeqCst) {
-                            return Err(LinkError::Io(
+                            return Err(LinkError::Protocol(
                                 "the peer opened a second live stream".into(),
                             ));
                         }
