@@ -73,3 +73,12 @@ pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
         None => true,
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// The mesh's clock changed here.
+    pub(crate) fn clock_changed(&self, c: meshd_protocol::fed::ClockSet) {
+        let mesh_id = c.mesh_id.clone();
+        self.to_every_link(&mesh_id, meshd_protocol::fed::Frame::Clock(Box::new(c)));
+    }
+}

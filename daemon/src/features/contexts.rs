@@ -205,3 +205,12 @@ mod replication {
         true
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// A member hosted here shared its context.
+    pub(crate) fn context_shared(&self, c: meshd_protocol::fed::ContextSet) {
+        let mesh_id = c.mesh_id.clone();
+        self.to_every_link(&mesh_id, meshd_protocol::fed::Frame::Context(Box::new(c)));
+    }
+}

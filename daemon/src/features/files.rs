@@ -306,3 +306,26 @@ pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
     }
     true
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// Files held here changed (`full`: all of them).
+    pub(crate) fn files_changed(
+        &self,
+        mesh_id: &str,
+        files: Vec<meshd_protocol::fed::FileSet>,
+        full: bool,
+    ) {
+        if files.is_empty() && !full {
+            return;
+        }
+        self.to_every_link(
+            mesh_id,
+            meshd_protocol::fed::Frame::Files {
+                mesh_id: mesh_id.to_owned(),
+                files,
+                full,
+            },
+        );
+    }
+}

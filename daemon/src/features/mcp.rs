@@ -389,3 +389,22 @@ mod replication {
         true
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// MCP servers hosted here changed.
+    pub(crate) fn mcp_servers(
+        &self,
+        mesh_id: &str,
+        servers: Vec<meshd_protocol::fed::McpServerSet>,
+    ) {
+        self.to_every_link(
+            mesh_id,
+            meshd_protocol::fed::Frame::McpServers {
+                mesh_id: mesh_id.to_owned(),
+                servers,
+                all: None,
+            },
+        );
+    }
+}

@@ -241,3 +241,24 @@ mod replication {
         true
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// A member hosted here remembered something.
+    pub(crate) fn memory_remembered(&self, m: meshd_protocol::fed::MemorySet) {
+        let mesh_id = m.mesh_id.clone();
+        self.to_every_link(&mesh_id, meshd_protocol::fed::Frame::Memory(Box::new(m)));
+    }
+
+    /// A member here forgot a memory.
+    pub(crate) fn memory_forgotten(&self, mesh_id: &str, id: &str, at: i64) {
+        self.to_every_link(
+            mesh_id,
+            meshd_protocol::fed::Frame::Forget {
+                mesh_id: mesh_id.to_owned(),
+                id: id.to_owned(),
+                at,
+            },
+        );
+    }
+}

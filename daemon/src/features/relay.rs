@@ -157,3 +157,19 @@ impl Session {
         }
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// A relay frame for one peer broker (when the mesh flows to it). `false` when it
+    /// could not be queued.
+    pub(crate) fn relay_send(
+        &self,
+        peer: &str,
+        mesh_id: &str,
+        frame: meshd_protocol::fed::Frame,
+    ) -> bool {
+        self.link(peer)
+            .filter(|l| l.flows(mesh_id))
+            .is_some_and(|l| l.live.try_send(frame).is_ok())
+    }
+}

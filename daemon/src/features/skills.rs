@@ -270,3 +270,12 @@ mod replication {
         true
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// A skill was shared or removed here.
+    pub(crate) fn skill_changed(&self, set: meshd_protocol::fed::SkillSet) {
+        let mesh_id = set.mesh_id.clone();
+        self.to_every_link(&mesh_id, meshd_protocol::fed::Frame::Skill(Box::new(set)));
+    }
+}

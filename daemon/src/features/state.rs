@@ -138,3 +138,11 @@ pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
     }
     true
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// A local state write.
+    pub(crate) fn state_set(&self, mesh_id: &str, s: meshd_protocol::fed::StateSet) {
+        self.to_every_link(mesh_id, meshd_protocol::fed::Frame::State(Box::new(s)));
+    }
+}

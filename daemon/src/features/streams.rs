@@ -140,3 +140,16 @@ impl Session {
         }));
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// Data published to a stream here goes to the mesh's other brokers (their
+    /// subscribers receive it).
+    pub(crate) fn stream_data(&self, p: meshd_protocol::fed::StreamPublish) {
+        let mesh_id = p.mesh_id.clone();
+        self.to_every_link(
+            &mesh_id,
+            meshd_protocol::fed::Frame::StreamData(Box::new(p)),
+        );
+    }
+}

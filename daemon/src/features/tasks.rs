@@ -382,3 +382,12 @@ mod replication {
         true
     }
 }
+
+/// Telling the mesh's other brokers of a change made here.
+impl crate::fed::Fed {
+    /// A task changed here.
+    pub(crate) fn task_changed(&self, t: meshd_protocol::fed::TaskSet) {
+        let mesh_id = t.mesh_id.clone();
+        self.to_every_link(&mesh_id, meshd_protocol::fed::Frame::Task(Box::new(t)));
+    }
+}

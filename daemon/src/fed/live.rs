@@ -116,108 +116,10 @@ impl Fed {
         }
     }
 
-    /// A local state write.
-    pub(crate) fn state_set(&self, mesh_id: &str, s: StateSet) {
-        self.to_every_link(mesh_id, Frame::State(Box::new(s)));
-    }
-
     /// An event pushed to the mesh here (a webhook post) goes to its other brokers.
     pub(crate) fn event(&self, e: EventPush) {
         let mesh_id = e.mesh_id.clone();
         self.to_every_link(&mesh_id, Frame::Event(Box::new(e)));
-    }
-
-    /// Data published to a stream here goes to the mesh's other brokers (their
-    /// subscribers receive it).
-    pub(crate) fn stream_data(&self, p: StreamPublish) {
-        let mesh_id = p.mesh_id.clone();
-        self.to_every_link(&mesh_id, Frame::StreamData(Box::new(p)));
-    }
-
-    /// A member hosted here remembered something.
-    pub(crate) fn memory_remembered(&self, m: meshd_protocol::fed::MemorySet) {
-        let mesh_id = m.mesh_id.clone();
-        self.to_every_link(&mesh_id, Frame::Memory(Box::new(m)));
-    }
-
-    /// A member here forgot a memory.
-    pub(crate) fn memory_forgotten(&self, mesh_id: &str, id: &str, at: i64) {
-        self.to_every_link(
-            mesh_id,
-            Frame::Forget {
-                mesh_id: mesh_id.to_owned(),
-                id: id.to_owned(),
-                at,
-            },
-        );
-    }
-
-    /// A relay frame for one peer broker (when the mesh flows to it). `false` when it
-    /// could not be queued.
-    pub(crate) fn relay_send(&self, peer: &str, mesh_id: &str, frame: Frame) -> bool {
-        self.link(peer)
-            .filter(|l| l.flows(mesh_id))
-            .is_some_and(|l| l.live.try_send(frame).is_ok())
-    }
-
-    /// Files held here changed (`full`: all of them).
-    pub(crate) fn files_changed(
-        &self,
-        mesh_id: &str,
-        files: Vec<meshd_protocol::fed::FileSet>,
-        full: bool,
-    ) {
-        if files.is_empty() && !full {
-            return;
-        }
-        self.to_every_link(
-            mesh_id,
-            Frame::Files {
-                mesh_id: mesh_id.to_owned(),
-                files,
-                full,
-            },
-        );
-    }
-
-    /// The mesh's clock changed here.
-    pub(crate) fn clock_changed(&self, c: meshd_protocol::fed::ClockSet) {
-        let mesh_id = c.mesh_id.clone();
-        self.to_every_link(&mesh_id, Frame::Clock(Box::new(c)));
-    }
-
-    /// A task changed here.
-    pub(crate) fn task_changed(&self, t: meshd_protocol::fed::TaskSet) {
-        let mesh_id = t.mesh_id.clone();
-        self.to_every_link(&mesh_id, Frame::Task(Box::new(t)));
-    }
-
-    /// MCP servers hosted here changed.
-    pub(crate) fn mcp_servers(
-        &self,
-        mesh_id: &str,
-        servers: Vec<meshd_protocol::fed::McpServerSet>,
-    ) {
-        self.to_every_link(
-            mesh_id,
-            Frame::McpServers {
-                mesh_id: mesh_id.to_owned(),
-                servers,
-                all: None,
-            },
-        );
-    }
-
-    /// A member hosted here shared its context.
-    pub(crate) fn context_shared(&self, c: meshd_protocol::fed::ContextSet) {
-        let mesh_id = c.mesh_id.clone();
-        self.to_every_link(&mesh_id, Frame::Context(Box::new(c)));
-    }
-
-    /// A skill was shared or removed here.
-    pub(crate) fn skill_changed(&self, set: SkillSet) {
-        let mesh_id = set.mesh_id.clone();
-        self.to_every_link(&mesh_id, Frame::Skill(Box::new(set)));
     }
 
     pub(crate) async fn inbound_live(

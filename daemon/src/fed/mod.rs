@@ -36,7 +36,7 @@ use meshd_federation::{
 use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::fed::{
     self, CloseReason, Dm, EventPush, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast,
-    PresenceEntry, RejectReason, SkillSet, StateSet, StreamClass, StreamPublish,
+    PresenceEntry, RejectReason, StreamClass,
 };
 use meshd_protocol::{Priority, TargetSpec};
 use tokio::sync::{Notify, mpsc};
