@@ -82,3 +82,32 @@ impl crate::fed::Fed {
         self.to_every_link(&mesh_id, meshd_protocol::fed::Frame::Clock(Box::new(c)));
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use crate::fed::*;
+    use meshd_protocol::fed::RejectReason;
+
+    /// Applies a peer broker's `Clock` frame.
+    pub(crate) async fn on_peer_clock(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        c: Box<meshd_protocol::fed::ClockSet>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        // A broker speaks for its own changes (every pair of brokers of a
+        // mesh is linked, so each change comes from its maker).
+        let hub = if link.accepts(&c.mesh_id) && c.broker == *link.peer {
+            ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
+        } else {
+            None
+        };
+        match hub {
+            Some(hub) if ctx.clocks.apply_remote(&hub, *c) => {}
+            _ => {
+                count_refused(ctx, link, RejectReason::NotShared, 1);
+            }
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

@@ -329,3 +329,88 @@ impl crate::fed::Fed {
         );
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use crate::fed::*;
+    use meshd_protocol::fed::{Frame, RejectReason};
+
+    /// Applies a peer broker's `Files` frame.
+    pub(crate) async fn on_peer_files(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        mesh_id: String,
+        files: Vec<meshd_protocol::fed::FileSet>,
+        full: bool,
+    ) -> Result<(), meshd_federation::LinkError> {
+        let hub = if link.accepts(&mesh_id) && files.len() <= 10_000 {
+            ctx.hub.mesh(&ctx.db, &mesh_id).await.ok().flatten()
+        } else {
+            None
+        };
+        let ok = match hub {
+            Some(hub) => {
+                match crate::files::apply_remote(ctx, &link.peer, &hub, files, full).await {
+                    Ok(all_valid) => all_valid,
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "storing a peer's files");
+                        false
+                    }
+                }
+            }
+            None => false,
+        };
+        if !ok {
+            count_refused(ctx, link, RejectReason::Invalid, 1);
+        }
+        Ok(())
+    }
+
+    /// Applies a peer broker's `FileUrlAsk` frame.
+    pub(crate) async fn on_peer_file_url_ask(
+        fed: &std::sync::Arc<crate::fed::Fed>,
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        a: Box<meshd_protocol::fed::FileUrlAsk>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        let mut a = *a;
+        // The reader must be a presence the peer hosts for that member; its
+        // groups are the ones the peer announced for it, not the ask's.
+        let hub = if link.accepts(&a.mesh_id) && a.reader_name.len() <= 256 {
+            ctx.hub.mesh(&ctx.db, &a.mesh_id).await.ok().flatten()
+        } else {
+            None
+        };
+        let allowed = hub.as_ref().is_some_and(|hub| {
+            hub.remote_presence_of(&link.peer, &a.reader_key, &a.member_pubkey)
+                && hub
+                    .member(&a.member_pubkey)
+                    .is_some_and(|m| m.id == a.member_id)
+        });
+        if let (true, Some(hub)) = (allowed, &hub) {
+            a.groups = hub.remote_groups(&a.reader_key);
+            let answer = crate::files::remote_url(ctx, &a).await;
+            fed.relay_send(
+                &link.peer,
+                &a.mesh_id,
+                Frame::FileUrlAnswer(Box::new(answer)),
+            );
+        } else {
+            count_refused(ctx, link, RejectReason::ForgedSender, 1);
+        }
+        Ok(())
+    }
+
+    /// Applies a peer broker's `FileUrlAnswer` frame.
+    pub(crate) async fn on_peer_file_url_answer(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        a: Box<meshd_protocol::fed::FileUrlAnswer>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        if link.accepts(&a.mesh_id) {
+            ctx.files.answered(&link.peer, *a);
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

@@ -408,3 +408,39 @@ impl crate::fed::Fed {
         );
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use crate::fed::*;
+    use meshd_protocol::fed::RejectReason;
+
+    /// Applies a peer broker's `McpCall` frame.
+    pub(crate) async fn on_peer_mcp_call(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        a: Box<meshd_protocol::fed::McpCallAsk>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        let allowed = link.accepts(&a.mesh_id)
+            && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
+                    Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.caller_member_pubkey));
+        if allowed {
+            ctx.mcp.remote_call(ctx, &link.peer, *a);
+        } else {
+            count_refused(ctx, link, RejectReason::ForgedSender, 1);
+        }
+        Ok(())
+    }
+
+    /// Applies a peer broker's `McpResult` frame.
+    pub(crate) async fn on_peer_mcp_result(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        d: Box<meshd_protocol::fed::McpCallDone>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        if link.accepts(&d.mesh_id) {
+            ctx.mcp.remote_result(ctx, &link.peer, *d);
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

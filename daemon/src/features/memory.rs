@@ -262,3 +262,26 @@ impl crate::fed::Fed {
         );
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use crate::fed::*;
+    use meshd_protocol::fed::RejectReason;
+
+    /// Applies a peer broker's `Forget` frame.
+    pub(crate) async fn on_peer_forget(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        mesh_id: String,
+        id: String,
+        at: i64,
+    ) -> Result<(), meshd_federation::LinkError> {
+        if !link.accepts(&mesh_id) || id.len() > 64 {
+            count_refused(ctx, link, RejectReason::NotShared, 1);
+        } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
+            tracing::warn!(cause = %e, "storing a peer's forget");
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

@@ -173,3 +173,74 @@ impl crate::fed::Fed {
             .is_some_and(|l| l.live.try_send(frame).is_ok())
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use crate::fed::*;
+    use meshd_protocol::fed::{Frame, RejectReason};
+
+    /// Applies a peer broker's `RelayAsk` frame.
+    pub(crate) async fn on_peer_relay_ask(
+        fed: &std::sync::Arc<crate::fed::Fed>,
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        r: Box<meshd_protocol::fed::RelayAsk>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        let r = *r;
+        let (mesh_id, relay_id) = (r.mesh_id.clone(), r.relay_id.clone());
+        let refused = if !link.accepts(&r.mesh_id) {
+            Err(RejectReason::NotShared)
+        } else if r.path.len() > meshd_protocol::client::MAX_PATH_LEN
+            || r.relay_id.len() > 64
+            || r.req_id.as_ref().is_some_and(|q| q.len() > 256)
+        {
+            Err(RejectReason::Invalid)
+        } else {
+            match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
+                Ok(Some(hub))
+                    if hub.remote_presence_of(
+                        &link.peer,
+                        &r.requester_key,
+                        &r.requester_member_pubkey,
+                    ) =>
+                {
+                    Ok(crate::relay::remote_asked(ctx, &link.peer, &hub, r))
+                }
+                _ => Err(RejectReason::ForgedSender),
+            }
+        };
+        match refused {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                fed.relay_send(
+                    &link.peer,
+                    &mesh_id,
+                    Frame::RelayAnswer(Box::new(meshd_protocol::fed::RelayAnswer {
+                        mesh_id: mesh_id.clone(),
+                        relay_id,
+                        content: None,
+                        entries: None,
+                        error: Some(error),
+                    })),
+                );
+            }
+            Err(reason) => {
+                count_refused(ctx, link, reason, 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a peer broker's `RelayAnswer` frame.
+    pub(crate) async fn on_peer_relay_answer(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        r: Box<meshd_protocol::fed::RelayAnswer>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        if link.accepts(&r.mesh_id) {
+            crate::relay::remote_answered(ctx, &link.peer, *r);
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

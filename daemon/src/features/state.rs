@@ -146,3 +146,68 @@ impl crate::fed::Fed {
         self.to_every_link(mesh_id, meshd_protocol::fed::Frame::State(Box::new(s)));
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use super::*;
+    use crate::fed::*;
+    use meshd_protocol::fed::RejectReason;
+
+    /// Applies a peer broker's `State` frame.
+    pub(crate) async fn on_peer_state(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        s: Box<meshd_protocol::fed::StateSet>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        if !link.accepts(&s.mesh_id) {
+            ctx.metrics
+                .fed_refused
+                .inc(RejectReason::NotShared.as_str());
+            return Ok(());
+        }
+        let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &s.mesh_id).await else {
+            return Ok(());
+        };
+        // Writes by a peer's member must come from that member's broker; a
+        // snapshot's entries (no member) are accepted as newest-wins data.
+        if !s.member_pubkey.is_empty() && !hub.may_speak_for(&link.peer, &s.member_pubkey) {
+            count_refused(ctx, link, RejectReason::ForgedSender, 1);
+            return Ok(());
+        }
+        if s.key.len() > 1024
+            || s.value.len() > ctx.config.limits.max_state_value_bytes
+            || serde_json::from_str::<&serde_json::value::RawValue>(&s.value).is_err()
+        {
+            ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
+            return Ok(());
+        }
+        let value: Arc<str> = Arc::from(s.value.as_str());
+        let member_id = hub.member(&s.member_pubkey).map(|m| m.id);
+        let applied = hub.state_apply_remote(
+            &s.key,
+            StateValue {
+                value: value.clone(),
+                updated_by: s.updated_by.clone(),
+                updated_at: s.updated_at,
+                member_id: member_id.clone(),
+            },
+            ctx.config.limits.max_state_bytes_per_mesh,
+            ctx.config.quotas.state_bytes_per_member,
+        );
+        if applied {
+            let _ = ctx
+                .writer
+                .send(WriteOp::SetState {
+                    mesh_id: s.mesh_id,
+                    key: s.key,
+                    value,
+                    updated_by: s.updated_by,
+                    member_id,
+                    at: s.updated_at,
+                })
+                .await;
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

@@ -153,3 +153,47 @@ impl crate::fed::Fed {
         );
     }
 }
+
+/// Frames from peer brokers.
+mod from_peers {
+    use super::*;
+    use crate::fed::*;
+    use meshd_protocol::fed::RejectReason;
+
+    /// Applies a peer broker's `StreamData` frame.
+    pub(crate) async fn on_peer_stream_data(
+        ctx: &std::sync::Arc<crate::Ctx>,
+        link: &std::sync::Arc<crate::fed::LinkShared>,
+        p: Box<meshd_protocol::fed::StreamPublish>,
+    ) -> Result<(), meshd_federation::LinkError> {
+        let refused = if !link.accepts(&p.mesh_id) {
+            Some(RejectReason::NotShared)
+        } else if p.stream.is_empty()
+            || p.stream.len() > meshd_protocol::client::MAX_NAME_LEN
+            || p.published_by.len() > meshd_protocol::client::MAX_NAME_LEN
+            || p.data.len() > ctx.config.limits.max_message_bytes
+            || serde_json::from_str::<&serde_json::value::RawValue>(&p.data).is_err()
+        {
+            Some(RejectReason::Invalid)
+        } else {
+            match ctx.hub.mesh(&ctx.db, &p.mesh_id).await {
+                Ok(Some(hub)) if hub.may_speak_for(&link.peer, &p.member_pubkey) => {
+                    let frame = BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
+                        stream: p.stream.clone(),
+                        data: crate::hub::raw(&p.data),
+                        published_by: p.published_by,
+                    });
+                    hub.publish(&p.stream, 0, &Utf8Bytes::from(frame.to_json()));
+                    None
+                }
+                Ok(Some(_)) => Some(RejectReason::ForgedSender),
+                _ => Some(RejectReason::NotShared),
+            }
+        };
+        if let Some(reason) = refused {
+            count_refused(ctx, link, reason, 1);
+        }
+        Ok(())
+    }
+}
+pub(crate) use from_peers::*;

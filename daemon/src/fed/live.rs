@@ -249,84 +249,10 @@ impl Fed {
                 }
             }
             Frame::State(s) => {
-                if !link.accepts(&s.mesh_id) {
-                    ctx.metrics
-                        .fed_refused
-                        .inc(RejectReason::NotShared.as_str());
-                    return Ok(());
-                }
-                let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &s.mesh_id).await else {
-                    return Ok(());
-                };
-                // Writes by a peer's member must come from that member's broker; a
-                // snapshot's entries (no member) are accepted as newest-wins data.
-                if !s.member_pubkey.is_empty() && !hub.may_speak_for(&link.peer, &s.member_pubkey) {
-                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
-                    return Ok(());
-                }
-                if s.key.len() > 1024
-                    || s.value.len() > ctx.config.limits.max_state_value_bytes
-                    || serde_json::from_str::<&serde_json::value::RawValue>(&s.value).is_err()
-                {
-                    ctx.metrics.fed_refused.inc(RejectReason::Invalid.as_str());
-                    return Ok(());
-                }
-                let value: Arc<str> = Arc::from(s.value.as_str());
-                let member_id = hub.member(&s.member_pubkey).map(|m| m.id);
-                let applied = hub.state_apply_remote(
-                    &s.key,
-                    StateValue {
-                        value: value.clone(),
-                        updated_by: s.updated_by.clone(),
-                        updated_at: s.updated_at,
-                        member_id: member_id.clone(),
-                    },
-                    ctx.config.limits.max_state_bytes_per_mesh,
-                    ctx.config.quotas.state_bytes_per_member,
-                );
-                if applied {
-                    let _ = ctx
-                        .writer
-                        .send(WriteOp::SetState {
-                            mesh_id: s.mesh_id,
-                            key: s.key,
-                            value,
-                            updated_by: s.updated_by,
-                            member_id,
-                            at: s.updated_at,
-                        })
-                        .await;
-                }
+                crate::features::state::on_peer_state(ctx, link, s).await?;
             }
             Frame::StreamData(p) => {
-                let refused = if !link.accepts(&p.mesh_id) {
-                    Some(RejectReason::NotShared)
-                } else if p.stream.is_empty()
-                    || p.stream.len() > meshd_protocol::client::MAX_NAME_LEN
-                    || p.published_by.len() > meshd_protocol::client::MAX_NAME_LEN
-                    || p.data.len() > ctx.config.limits.max_message_bytes
-                    || serde_json::from_str::<&serde_json::value::RawValue>(&p.data).is_err()
-                {
-                    Some(RejectReason::Invalid)
-                } else {
-                    match ctx.hub.mesh(&ctx.db, &p.mesh_id).await {
-                        Ok(Some(hub)) if hub.may_speak_for(&link.peer, &p.member_pubkey) => {
-                            let frame =
-                                BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
-                                    stream: p.stream.clone(),
-                                    data: crate::hub::raw(&p.data),
-                                    published_by: p.published_by,
-                                });
-                            hub.publish(&p.stream, 0, &Utf8Bytes::from(frame.to_json()));
-                            None
-                        }
-                        Ok(Some(_)) => Some(RejectReason::ForgedSender),
-                        _ => Some(RejectReason::NotShared),
-                    }
-                };
-                if let Some(reason) = refused {
-                    count_refused(ctx, link, reason, 1);
-                }
+                crate::features::streams::on_peer_stream_data(ctx, link, p).await?;
             }
             Frame::Event(e) => {
                 if let Err(reason) = deliver_event(ctx, link, *e).await {
@@ -344,55 +270,10 @@ impl Fed {
                 }
             }
             Frame::Forget { mesh_id, id, at } => {
-                if !link.accepts(&mesh_id) || id.len() > 64 {
-                    count_refused(ctx, link, RejectReason::NotShared, 1);
-                } else if let Err(e) = ctx.db.forget(&mesh_id, &id, at).await {
-                    warn!(cause = %e, "storing a peer's forget");
-                }
+                crate::features::memory::on_peer_forget(ctx, link, mesh_id, id, at).await?;
             }
             Frame::RelayAsk(r) => {
-                let r = *r;
-                let (mesh_id, relay_id) = (r.mesh_id.clone(), r.relay_id.clone());
-                let refused = if !link.accepts(&r.mesh_id) {
-                    Err(RejectReason::NotShared)
-                } else if r.path.len() > meshd_protocol::client::MAX_PATH_LEN
-                    || r.relay_id.len() > 64
-                    || r.req_id.as_ref().is_some_and(|q| q.len() > 256)
-                {
-                    Err(RejectReason::Invalid)
-                } else {
-                    match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
-                        Ok(Some(hub))
-                            if hub.remote_presence_of(
-                                &link.peer,
-                                &r.requester_key,
-                                &r.requester_member_pubkey,
-                            ) =>
-                        {
-                            Ok(crate::relay::remote_asked(ctx, &link.peer, &hub, r))
-                        }
-                        _ => Err(RejectReason::ForgedSender),
-                    }
-                };
-                match refused {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        self.relay_send(
-                            &link.peer,
-                            &mesh_id,
-                            Frame::RelayAnswer(Box::new(meshd_protocol::fed::RelayAnswer {
-                                mesh_id: mesh_id.clone(),
-                                relay_id,
-                                content: None,
-                                entries: None,
-                                error: Some(error),
-                            })),
-                        );
-                    }
-                    Err(reason) => {
-                        count_refused(ctx, link, reason, 1);
-                    }
-                }
+                crate::features::relay::on_peer_relay_ask(self, ctx, link, r).await?;
             }
             Frame::McpServers {
                 mesh_id,
@@ -404,87 +285,23 @@ impl Fed {
                 }
             }
             Frame::McpCall(a) => {
-                let allowed = link.accepts(&a.mesh_id)
-                    && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
-                        Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.caller_member_pubkey));
-                if allowed {
-                    ctx.mcp.remote_call(ctx, &link.peer, *a);
-                } else {
-                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
-                }
+                crate::features::mcp::on_peer_mcp_call(ctx, link, a).await?;
             }
             Frame::Files {
                 mesh_id,
                 files,
                 full,
             } => {
-                let hub = if link.accepts(&mesh_id) && files.len() <= 10_000 {
-                    ctx.hub.mesh(&ctx.db, &mesh_id).await.ok().flatten()
-                } else {
-                    None
-                };
-                let ok = match hub {
-                    Some(hub) => {
-                        match crate::files::apply_remote(ctx, &link.peer, &hub, files, full).await {
-                            Ok(all_valid) => all_valid,
-                            Err(e) => {
-                                warn!(cause = %e, "storing a peer's files");
-                                false
-                            }
-                        }
-                    }
-                    None => false,
-                };
-                if !ok {
-                    count_refused(ctx, link, RejectReason::Invalid, 1);
-                }
+                crate::features::files::on_peer_files(ctx, link, mesh_id, files, full).await?;
             }
             Frame::FileUrlAsk(a) => {
-                let mut a = *a;
-                // The reader must be a presence the peer hosts for that member; its
-                // groups are the ones the peer announced for it, not the ask's.
-                let hub = if link.accepts(&a.mesh_id) && a.reader_name.len() <= 256 {
-                    ctx.hub.mesh(&ctx.db, &a.mesh_id).await.ok().flatten()
-                } else {
-                    None
-                };
-                let allowed = hub.as_ref().is_some_and(|hub| {
-                    hub.remote_presence_of(&link.peer, &a.reader_key, &a.member_pubkey)
-                        && hub
-                            .member(&a.member_pubkey)
-                            .is_some_and(|m| m.id == a.member_id)
-                });
-                if let (true, Some(hub)) = (allowed, &hub) {
-                    a.groups = hub.remote_groups(&a.reader_key);
-                    let answer = crate::files::remote_url(ctx, &a).await;
-                    self.relay_send(
-                        &link.peer,
-                        &a.mesh_id,
-                        Frame::FileUrlAnswer(Box::new(answer)),
-                    );
-                } else {
-                    count_refused(ctx, link, RejectReason::ForgedSender, 1);
-                }
+                crate::features::files::on_peer_file_url_ask(self, ctx, link, a).await?;
             }
             Frame::FileUrlAnswer(a) => {
-                if link.accepts(&a.mesh_id) {
-                    ctx.files.answered(&link.peer, *a);
-                }
+                crate::features::files::on_peer_file_url_answer(ctx, link, a).await?;
             }
             Frame::Clock(c) => {
-                // A broker speaks for its own changes (every pair of brokers of a
-                // mesh is linked, so each change comes from its maker).
-                let hub = if link.accepts(&c.mesh_id) && c.broker == *link.peer {
-                    ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
-                } else {
-                    None
-                };
-                match hub {
-                    Some(hub) if ctx.clocks.apply_remote(&hub, *c) => {}
-                    _ => {
-                        count_refused(ctx, link, RejectReason::NotShared, 1);
-                    }
-                }
+                crate::features::clock::on_peer_clock(ctx, link, c).await?;
             }
             Frame::Task(t) => {
                 if let Err(reason) = apply_task(ctx, link, *t).await {
@@ -492,14 +309,10 @@ impl Fed {
                 }
             }
             Frame::McpResult(d) => {
-                if link.accepts(&d.mesh_id) {
-                    ctx.mcp.remote_result(ctx, &link.peer, *d);
-                }
+                crate::features::mcp::on_peer_mcp_result(ctx, link, d).await?;
             }
             Frame::RelayAnswer(r) => {
-                if link.accepts(&r.mesh_id) {
-                    crate::relay::remote_answered(ctx, &link.peer, *r);
-                }
+                crate::features::relay::on_peer_relay_answer(ctx, link, r).await?;
             }
             Frame::Context(c) => {
                 if let Err(reason) = apply_context(ctx, link, *c).await {

@@ -27,13 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use meshd_config::Federation as FedConfig;
 use meshd_federation::{
     Backoff, Endpoint, FrameReader, FrameWriter, Link, LinkConn, LinkCounters, LinkError,
     LinkHandler, LinkOptions, Manager, PeerTarget,
 };
-use meshd_protocol::broker::BrokerFrame;
 use meshd_protocol::fed::{
     self, CloseReason, Dm, EventPush, Frame, Hello, MemberAnn, MeshClaim, MeshOffer, Multicast,
     PresenceEntry, RejectReason, StreamClass,
@@ -46,7 +44,7 @@ use tracing::{Instrument as _, debug, info, warn};
 
 use crate::Ctx;
 use crate::delivery::{self, Author, Body, Commit, Envelope, Origin, Target};
-use crate::hub::{ConnId, MeshHub, Peer, StateValue, lock, member_info};
+use crate::hub::{ConnId, MeshHub, Peer, lock, member_info};
 use crate::store::writer::{NewMessage, WriteOp};
 use crate::store::{MeshRow, StoreError};
 use crate::time::now_ms;
