@@ -96,7 +96,7 @@ mod from_peers {
     ) -> Result<(), meshd_federation::LinkError> {
         // A broker speaks for its own changes (every pair of brokers of a
         // mesh is linked, so each change comes from its maker).
-        let hub = if link.accepts(&c.mesh_id) && c.broker == *link.peer {
+        let hub = if link.accepts(&c.mesh_id) && c.broker == *link.broker {
             ctx.hub.mesh(&ctx.db, &c.mesh_id).await.ok().flatten()
         } else {
             None

@@ -154,7 +154,7 @@ mod replication {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &c.mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        if !speaks_for(&hub, &link.peer, &c.member_id, &c.member_pubkey) {
+        if !speaks_for(&hub, &link.broker, &c.member_id, &c.member_pubkey) {
             return Err(RejectReason::ForgedSender);
         }
         let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());

@@ -350,7 +350,7 @@ mod from_peers {
         };
         let ok = match hub {
             Some(hub) => {
-                match crate::files::apply_remote(ctx, &link.peer, &hub, files, full).await {
+                match crate::files::apply_remote(ctx, &link.broker, &hub, files, full).await {
                     Ok(all_valid) => all_valid,
                     Err(e) => {
                         tracing::warn!(cause = %e, "storing a peer's files");
@@ -382,7 +382,7 @@ mod from_peers {
             None
         };
         let allowed = hub.as_ref().is_some_and(|hub| {
-            hub.remote_presence_of(&link.peer, &a.reader_key, &a.member_pubkey)
+            hub.remote_presence_of(&link.broker, &a.reader_key, &a.member_pubkey)
                 && hub
                     .member(&a.member_pubkey)
                     .is_some_and(|m| m.id == a.member_id)
@@ -391,7 +391,7 @@ mod from_peers {
             a.groups = hub.remote_groups(&a.reader_key);
             let answer = crate::files::remote_url(ctx, &a).await;
             fed.relay_send(
-                &link.peer,
+                &link.broker,
                 &a.mesh_id,
                 Frame::FileUrlAnswer(Box::new(answer)),
             );
@@ -408,7 +408,7 @@ mod from_peers {
         a: Box<meshd_protocol::fed::FileUrlAnswer>,
     ) -> Result<(), meshd_federation::LinkError> {
         if link.accepts(&a.mesh_id) {
-            ctx.files.answered(&link.peer, *a);
+            ctx.files.answered(&link.broker, *a);
         }
         Ok(())
     }

@@ -325,7 +325,7 @@ mod replication {
         let servers: Vec<_> = servers
             .into_iter()
             .filter(|s| {
-                let ok = speaks_for(&hub, &link.peer, &s.member_id, &s.member_pubkey);
+                let ok = speaks_for(&hub, &link.broker, &s.member_id, &s.member_pubkey);
                 forged |= !ok;
                 ok && !s.name.is_empty()
                     && s.name.len() <= MAX_NAME_LEN
@@ -335,7 +335,7 @@ mod replication {
             })
             .collect();
         let now = now_ms();
-        for (event, name, hosted_by) in ctx.mcp.apply_remote(&link.peer, &mesh_id, servers, all) {
+        for (event, name, hosted_by) in ctx.mcp.apply_remote(&link.broker, &mesh_id, servers, all) {
             let mut data = serde_json::Map::new();
             data.insert("serverName".into(), name.clone().into());
             if event == "mcp_registered" {
@@ -422,9 +422,9 @@ mod from_peers {
     ) -> Result<(), meshd_federation::LinkError> {
         let allowed = link.accepts(&a.mesh_id)
             && matches!(ctx.hub.mesh(&ctx.db, &a.mesh_id).await,
-                    Ok(Some(hub)) if hub.may_speak_for(&link.peer, &a.caller_member_pubkey));
+                    Ok(Some(hub)) if hub.may_speak_for(&link.broker, &a.caller_member_pubkey));
         if allowed {
-            ctx.mcp.remote_call(ctx, &link.peer, *a);
+            ctx.mcp.remote_call(ctx, &link.broker, *a);
         } else {
             count_refused(ctx, link, RejectReason::ForgedSender, 1);
         }
@@ -438,7 +438,7 @@ mod from_peers {
         d: Box<meshd_protocol::fed::McpCallDone>,
     ) -> Result<(), meshd_federation::LinkError> {
         if link.accepts(&d.mesh_id) {
-            ctx.mcp.remote_result(ctx, &link.peer, *d);
+            ctx.mcp.remote_result(ctx, &link.broker, *d);
         }
         Ok(())
     }

@@ -192,7 +192,12 @@ mod replication {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        if !speaks_for(&hub, &link.peer, &m.remembered_by, &m.remembered_by_pubkey) {
+        if !speaks_for(
+            &hub,
+            &link.broker,
+            &m.remembered_by,
+            &m.remembered_by_pubkey,
+        ) {
             return Err(RejectReason::ForgedSender);
         }
         let row = crate::features::memory::store::MemoryRow {

@@ -199,12 +199,12 @@ mod from_peers {
             match ctx.hub.mesh(&ctx.db, &r.mesh_id).await {
                 Ok(Some(hub))
                     if hub.remote_presence_of(
-                        &link.peer,
+                        &link.broker,
                         &r.requester_key,
                         &r.requester_member_pubkey,
                     ) =>
                 {
-                    Ok(crate::relay::remote_asked(ctx, &link.peer, &hub, r))
+                    Ok(crate::relay::remote_asked(ctx, &link.broker, &hub, r))
                 }
                 _ => Err(RejectReason::ForgedSender),
             }
@@ -213,7 +213,7 @@ mod from_peers {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 fed.relay_send(
-                    &link.peer,
+                    &link.broker,
                     &mesh_id,
                     Frame::RelayAnswer(Box::new(meshd_protocol::fed::RelayAnswer {
                         mesh_id: mesh_id.clone(),
@@ -238,7 +238,7 @@ mod from_peers {
         r: Box<meshd_protocol::fed::RelayAnswer>,
     ) -> Result<(), meshd_federation::LinkError> {
         if link.accepts(&r.mesh_id) {
-            crate::relay::remote_answered(ctx, &link.peer, *r);
+            crate::relay::remote_answered(ctx, &link.broker, *r);
         }
         Ok(())
     }

@@ -170,7 +170,7 @@ mod from_peers {
         };
         // Writes by a peer's member must come from that member's broker; a
         // snapshot's entries (no member) are accepted as newest-wins data.
-        if !s.member_pubkey.is_empty() && !hub.may_speak_for(&link.peer, &s.member_pubkey) {
+        if !s.member_pubkey.is_empty() && !hub.may_speak_for(&link.broker, &s.member_pubkey) {
             count_refused(ctx, link, RejectReason::ForgedSender, 1);
             return Ok(());
         }

@@ -177,7 +177,7 @@ mod from_peers {
             Some(RejectReason::Invalid)
         } else {
             match ctx.hub.mesh(&ctx.db, &p.mesh_id).await {
-                Ok(Some(hub)) if hub.may_speak_for(&link.peer, &p.member_pubkey) => {
+                Ok(Some(hub)) if hub.may_speak_for(&link.broker, &p.member_pubkey) => {
                     let frame = BrokerFrame::StreamData(meshd_protocol::broker::StreamData {
                         stream: p.stream.clone(),
                         data: crate::hub::raw(&p.data),

@@ -328,7 +328,7 @@ mod replication {
                         return Err(RejectReason::NotShared);
                     };
                     let creator = incoming.creator_pubkey.as_deref().unwrap_or_default();
-                    if !hub.hosted_by(&link.peer, creator) {
+                    if !hub.hosted_by(&link.broker, creator) {
                         return Err(RejectReason::ForgedSender);
                     }
                     ctx.db.insert_remote_task(&incoming).await.map_err(store)?;

@@ -47,7 +47,7 @@ impl Fed {
         mut rx: FrameReader,
         mut tx: FrameWriter,
     ) -> Result<(), LinkError> {
-        let peer = link.peer.to_string();
+        let peer = link.broker.to_string();
         let cursor = lock(&self.cursors).entry(peer.clone()).or_default().clone();
         if lock(&cursor).is_none() {
             // Everything queued before is committed first, so the stored cursor is exact.
@@ -192,7 +192,7 @@ impl Fed {
         let now = now_ms();
         // Members a peer hosts in this mesh are bounded (each carries rows, presence,
         // contexts and quotas here).
-        let mut hosted = hub.members_hosted_by(&link.peer);
+        let mut hosted = hub.members_hosted_by(&link.broker);
         for ann in members {
             if meshd_protocol::Pubkey::parse_hex(&ann.pubkey).is_err()
                 || !crate::ids::plausible_id(&ann.member_id)
@@ -212,7 +212,7 @@ impl Fed {
             }
             match ctx
                 .db
-                .upsert_remote_member(mesh_id, &link.peer, ann, now)
+                .upsert_remote_member(mesh_id, &link.broker, ann, now)
                 .await
             {
                 Ok(MemberUpsert::Applied { .. }) => {
@@ -247,7 +247,7 @@ impl Fed {
         };
         // The sender's member id must be the one its key belongs to: it is stored, and
         // quotas are counted by it.
-        if !hub.hosted_by(&link.peer, &dm.sender_member_pubkey)
+        if !hub.hosted_by(&link.broker, &dm.sender_member_pubkey)
             || hub
                 .member(&dm.sender_member_pubkey)
                 .is_none_or(|m| m.id != dm.sender_member_id)
@@ -290,7 +290,7 @@ impl Fed {
             created_at: dm.created_at,
             expires_at: dm.expires_at,
             origin: Origin::Peer {
-                broker: link.peer.clone(),
+                broker: link.broker.clone(),
                 seq: Some(i64::try_from(dm.seq).unwrap_or(i64::MAX)),
             },
         };

@@ -44,7 +44,7 @@ pub(crate) async fn deliver_event(
         created_at: e.created_at,
         expires_at: e.created_at,
         origin: Origin::Peer {
-            broker: link.peer.clone(),
+            broker: link.broker.clone(),
             seq: None,
         },
     };
@@ -336,7 +336,7 @@ impl Fed {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &m.mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        if !hub.may_speak_for(&link.peer, &m.sender_member_pubkey) {
+        if !hub.may_speak_for(&link.broker, &m.sender_member_pubkey) {
             return Err(RejectReason::ForgedSender);
         }
         let Ok(target @ (TargetSpec::Broadcast | TargetSpec::Group(_))) =
@@ -366,7 +366,7 @@ impl Fed {
             created_at: m.created_at,
             expires_at: m.created_at,
             origin: Origin::Peer {
-                broker: link.peer.clone(),
+                broker: link.broker.clone(),
                 seq: None,
             },
         };

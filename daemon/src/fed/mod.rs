@@ -141,7 +141,8 @@ pub enum FedStartError {
 /// One live link, as the rest of the daemon sees it.
 #[derive(Debug)]
 pub(crate) struct LinkShared {
-    pub(crate) peer: Arc<str>,
+    /// The peer broker at the other end ("peer" alone means a client presence).
+    pub(crate) broker: Arc<str>,
     /// The manager's number for this link (see [`meshd_federation::LinkHandler::run`]).
     pub(crate) id: u64,
     /// Held for the whole of `update_flowing`, so two recomputations (a consent change

@@ -163,7 +163,7 @@ impl Fed {
         let window = self.cfg.outbox_window;
         let inflight: Arc<Mutex<VecDeque<i64>>> = Arc::default();
         let acked = Arc::new(Notify::new());
-        let peer = link.peer.to_string();
+        let peer = link.broker.to_string();
         // Acks and rejects come back on the reply half.
         let ack_reader = {
             let inflight = inflight.clone();

@@ -287,11 +287,11 @@ impl Fed {
             let (refused, over) = match frame {
                 Frame::PresenceSnapshot { entries, .. } => {
                     let (ok, bad): (Vec<_>, Vec<_>) = entries.into_iter().partition(valid_entry);
-                    let (forged, over) = hub.remote_replace(&link.peer, ok, now, caps);
+                    let (forged, over) = hub.remote_replace(&link.broker, ok, now, caps);
                     (bad.len() + forged, over)
                 }
                 Frame::PresenceUpsert { entry, .. } if valid_entry(&entry) => {
-                    match hub.remote_upsert(&link.peer, *entry, now, caps) {
+                    match hub.remote_upsert(&link.broker, *entry, now, caps) {
                         crate::hub::RemoteUpsert::Accepted => (0, 0),
                         crate::hub::RemoteUpsert::Forged => (1, 0),
                         crate::hub::RemoteUpsert::OverLimit => (0, 1),
@@ -299,7 +299,7 @@ impl Fed {
                 }
                 Frame::PresenceUpsert { .. } => (1, 0),
                 Frame::PresenceGone { key, version, .. } => {
-                    hub.remote_gone(&link.peer, &key, version, now);
+                    hub.remote_gone(&link.broker, &key, version, now);
                     (0, 0)
                 }
                 _ => (0, 0),

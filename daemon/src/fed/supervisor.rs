@@ -83,7 +83,7 @@ impl Fed {
     /// Tears a link down (both sides dial again), counted by `reason`.
     pub(crate) fn reset_link(&self, link: &LinkShared, reason: Reset) {
         if let Some(m) = self.manager()
-            && m.reset(&link.peer, link.id, CloseReason::Protocol)
+            && m.reset(&link.broker, link.id, CloseReason::Protocol)
         {
             self.metrics.fed_link_resets.inc(reason.as_str());
         }
@@ -128,7 +128,7 @@ impl Fed {
                 continue;
             };
             lock(&self.unregistered_since).remove(&st.name);
-            let ready = lock(&self.consent).ready_for(&link.peer);
+            let ready = lock(&self.consent).ready_for(&link.broker);
             if *lock(&link.claimed) != ready {
                 self.reconcile_link(ctx, &link).await;
                 continue;
@@ -155,7 +155,7 @@ impl Fed {
                     .collect()
             };
             for m in due {
-                debug!(peer = %link.peer, mesh.id = %m, "announcing a claim again");
+                debug!(peer = %link.broker, mesh.id = %m, "announcing a claim again");
                 let frame = Frame::MeshReady(MeshClaim { mesh_id: m.clone() });
                 if link.control.try_send(frame).is_err() {
                     self.reset_link(&link, Reset::ControlFull);
@@ -168,7 +168,7 @@ impl Fed {
 
     /// Brings a link's consent claims and flowing meshes in line with stored consent.
     pub(crate) async fn reconcile_link(&self, ctx: &Arc<Ctx>, link: &Arc<LinkShared>) {
-        let peer = &*link.peer;
+        let peer = &*link.broker;
         let (ready, offers) = {
             let c = lock(&self.consent);
             let ready = c.ready_for(peer);
@@ -219,7 +219,7 @@ impl Fed {
                 if link.control.try_send(f).is_err() {
                     // The peer would never learn of this change: start over (the hellos
                     // of the next link carry the whole consent).
-                    warn!(peer = %link.peer, "control queue full; resetting the link");
+                    warn!(peer = %link.broker, "control queue full; resetting the link");
                     self.reset_link(link, Reset::ControlFull);
                     break;
                 }
@@ -234,7 +234,7 @@ impl Fed {
         let claimed = lock(&link.claimed).clone();
         let peer_ready = lock(&link.peer_ready).clone();
         let now_flowing: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
-        debug!(peer = %link.peer, ?claimed, ?peer_ready, "consent on the link");
+        debug!(peer = %link.broker, ?claimed, ?peer_ready, "consent on the link");
         let (started, stopped) = {
             let flowing = lock(&link.flowing);
             let started: Vec<String> = now_flowing.difference(&flowing).cloned().collect();
@@ -247,17 +247,17 @@ impl Fed {
         }
         let now = now_ms();
         for m in stopped {
-            info!(peer = %link.peer, mesh.id = %m, "mesh no longer flows over the link");
+            info!(peer = %link.broker, mesh.id = %m, "mesh no longer flows over the link");
             if let Some(hub) = ctx.hub.loaded(&m) {
-                hub.remote_drop(&link.peer, now);
-                crate::mcp::broker_gone(ctx, &hub, &link.peer);
+                hub.remote_drop(&link.broker, now);
+                crate::mcp::broker_gone(ctx, &hub, &link.broker);
             }
             // Messages for the peer in a mesh we no longer share are refused, not kept.
-            if !self.consents(&m, &link.peer) {
+            if !self.consents(&m, &link.broker) {
                 let _ = ctx
                     .writer
                     .send(WriteOp::ForwardRefused {
-                        peer: link.peer.to_string(),
+                        peer: link.broker.to_string(),
                         seq: None,
                         mesh_id: Some(m.clone()),
                         reason: RejectReason::NotShared.as_str(),
@@ -275,7 +275,7 @@ impl Fed {
                     continue;
                 }
             };
-            info!(peer = %link.peer, mesh.id = %m, "mesh flows over the link");
+            info!(peer = %link.broker, mesh.id = %m, "mesh flows over the link");
             // Members first: the mesh's messages may go out as soon as it flows, and the
             // peer refuses a message from a member it has not heard of.
             // The list is taken, queued and the mesh marked flowing under the members
@@ -365,7 +365,7 @@ impl Fed {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (live_tx, live_rx) = mpsc::channel(LIVE_QUEUE);
         let shared = Arc::new(LinkShared {
-            peer: peer.clone(),
+            broker: peer.clone(),
             id,
             flow_lock: tokio::sync::Mutex::new(()),
             reannounced: Mutex::default(),
@@ -507,7 +507,7 @@ impl Fed {
                     if !offer
                         .roster
                         .iter()
-                        .any(|b| b.eq_ignore_ascii_case(&link.peer))
+                        .any(|b| b.eq_ignore_ascii_case(&link.broker))
                     {
                         warn!(mesh.id = %offer.mesh_id, "offer whose roster omits its home; ignored");
                         continue;
@@ -525,10 +525,10 @@ impl Fed {
                     o.roster.retain(|b| !b.is_empty());
                     // The home is the sender; remember it with the offer (a bounded number
                     // per peer: homes send their offers again whenever consent changes).
-                    let key = (o.mesh_id.clone(), link.peer.to_string());
+                    let key = (o.mesh_id.clone(), link.broker.to_string());
                     {
                         let mut offers = lock(&self.offers);
-                        let of_peer = offers.keys().filter(|(_, p)| *p == *link.peer).count();
+                        let of_peer = offers.keys().filter(|(_, p)| *p == *link.broker).count();
                         if !offers.contains_key(&key) && of_peer >= MAX_OFFERS_PER_PEER {
                             drop(offers);
                             count_refused(&ctx, &link, RejectReason::Invalid, 1);
@@ -538,10 +538,10 @@ impl Fed {
                     }
                     let accepted = lock(&self.consent)
                         .shares
-                        .get(&(o.mesh_id.clone(), link.peer.to_string()))
+                        .get(&(o.mesh_id.clone(), link.broker.to_string()))
                         .is_some_and(|r| *r == ShareRole::Accept);
                     if accepted {
-                        self.adopt_offer(&ctx, &link.peer, &o).await;
+                        self.adopt_offer(&ctx, &link.broker, &o).await;
                     } else {
                         debug!(mesh.id = %o.mesh_id, "offer received; not accepted here (yet)");
                     }
