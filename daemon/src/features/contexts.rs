@@ -190,19 +190,12 @@ mod replication {
     /// Catch-up: the contexts of the members hosted here.
     pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
         let local = c.local_members();
-        match c.ctx.db.contexts(c.mesh_id()).await {
-            Ok(rows) => {
-                for row in rows {
-                    if let Some(pk) = local.get(&row.member_id)
-                        && !c.send(Frame::Context(Box::new(context_set(row, pk)))).await
-                    {
-                        return false;
-                    }
-                }
-            }
-            Err(e) => warn!(cause = %e, "reading contexts for a peer"),
-        }
-        true
+        let rows = c.ctx.db.contexts(c.mesh_id()).await;
+        c.send_rows("contexts", rows, |row| {
+            let pk = local.get(&row.member_id)?;
+            Some(Frame::Context(Box::new(context_set(row, pk))))
+        })
+        .await
     }
 }
 

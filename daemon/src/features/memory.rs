@@ -222,28 +222,18 @@ mod replication {
     /// member may forget).
     pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
         let local = c.local_members();
-        match c.ctx.db.memories_by(c.mesh_id(), MEMORY_CATCH_UP).await {
-            Ok(rows) => {
-                for (row, forgotten_at) in rows {
-                    let frame = match local.get(&row.remembered_by) {
-                        Some(pk) => Frame::Memory(Box::new(memory_set(row, pk, forgotten_at))),
-                        None => match forgotten_at {
-                            Some(at) => Frame::Forget {
-                                mesh_id: row.mesh_id,
-                                id: row.id,
-                                at,
-                            },
-                            None => continue,
-                        },
-                    };
-                    if !c.send(frame).await {
-                        return false;
-                    }
-                }
+        let rows = c.ctx.db.memories_by(c.mesh_id(), MEMORY_CATCH_UP).await;
+        c.send_rows("memories", rows, |(row, forgotten_at)| {
+            match local.get(&row.remembered_by) {
+                Some(pk) => Some(Frame::Memory(Box::new(memory_set(row, pk, forgotten_at)))),
+                None => forgotten_at.map(|at| Frame::Forget {
+                    mesh_id: row.mesh_id,
+                    id: row.id,
+                    at,
+                }),
             }
-            Err(e) => warn!(cause = %e, "reading memories for a peer"),
-        }
-        true
+        })
+        .await
     }
 }
 

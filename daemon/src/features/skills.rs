@@ -257,17 +257,11 @@ mod replication {
 
     /// Catch-up: the mesh's skills.
     pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
-        match c.ctx.db.skills(c.mesh_id()).await {
-            Ok(skills) => {
-                for row in skills {
-                    if !c.send(Frame::Skill(Box::new(skill_set(row, false)))).await {
-                        return false;
-                    }
-                }
-            }
-            Err(e) => warn!(cause = %e, "reading skills for a peer"),
-        }
-        true
+        let rows = c.ctx.db.skills(c.mesh_id()).await;
+        c.send_rows("skills", rows, |row| {
+            Some(Frame::Skill(Box::new(skill_set(row, false))))
+        })
+        .await
     }
 }
 

@@ -369,17 +369,11 @@ mod replication {
 
     /// Catch-up: the mesh's newest tasks.
     pub(crate) async fn catch_up(c: &CatchUp<'_>) -> bool {
-        match c.ctx.db.tasks_full(c.mesh_id(), TASK_CATCH_UP).await {
-            Ok(rows) => {
-                for t in rows {
-                    if !c.send(Frame::Task(Box::new(task_set(c.hub, t)))).await {
-                        return false;
-                    }
-                }
-            }
-            Err(e) => warn!(cause = %e, "reading tasks for a peer"),
-        }
-        true
+        let rows = c.ctx.db.tasks_full(c.mesh_id(), TASK_CATCH_UP).await;
+        c.send_rows("tasks", rows, |t| {
+            Some(Frame::Task(Box::new(task_set(c.hub, t))))
+        })
+        .await
     }
 }
 

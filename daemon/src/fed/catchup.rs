@@ -46,6 +46,27 @@ impl CatchUp<'_> {
         send_catch_up(self.link, frame).await
     }
 
+    /// Sends a frame for each row read (`frame` may skip one); a failed read is logged
+    /// and skipped (the next catch-up reads again). `false` when the link ended.
+    pub(crate) async fn send_rows<T>(
+        &self,
+        what: &'static str,
+        rows: Result<Vec<T>, StoreError>,
+        frame: impl Fn(T) -> Option<Frame>,
+    ) -> bool {
+        match rows {
+            Ok(rows) => {
+                for f in rows.into_iter().filter_map(frame) {
+                    if !self.send(f).await {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => warn!(cause = %e, what, "reading for a peer's catch-up"),
+        }
+        true
+    }
+
     /// Member id → member key of the members hosted here (whose memories and contexts
     /// this broker speaks for).
     pub(crate) fn local_members(&self) -> HashMap<String, String> {
