@@ -556,7 +556,9 @@ next, on {}: meshd mesh accept {} --from {}",
 
 /// `meshd audit verify`: `Ok(false)` when the chain is broken (already reported).
 async fn audit_verify(config: &Config, slug: &str, json: bool) -> anyhow::Result<bool> {
-    let key = crate::audit::load_key(&crate::audit::key_path(&config.data_dir))?;
+    let key = crate::features::audit::engine::load_key(&crate::features::audit::engine::key_path(
+        &config.data_dir,
+    ))?;
     let db = admin::open(config).await?;
     let mesh = db
         .mesh_by_slug(slug)
@@ -564,7 +566,7 @@ async fn audit_verify(config: &Config, slug: &str, json: bool) -> anyhow::Result
         .ok_or_else(|| anyhow::anyhow!("no mesh {slug:?}"))?;
     let rows = db.audit_rows(&mesh.id).await;
     db.close().await;
-    let v = crate::audit::verify_rows(&rows?, &key.verifying_key());
+    let v = crate::features::audit::engine::verify_rows(&rows?, &key.verifying_key());
     print(json, &v, |v| match (v.broken_at, &v.reason) {
         (Some(at), Some(why)) => format!("BROKEN at entry {at} of {}: {why}", v.entries),
         _ => format!(

@@ -181,8 +181,11 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/.well-known/meshd/bundle", get(bundle))
         // The upload reads its body itself, after checking the sender, up to
         // `limits.max_upload_bytes`.
-        .route("/upload", post(crate::files::upload))
-        .route("/files/{mesh_id}/{file_id}", get(crate::files::download))
+        .route("/upload", post(crate::features::files::engine::upload))
+        .route(
+            "/files/{mesh_id}/{file_id}",
+            get(crate::features::files::engine::download),
+        )
         .route(
             "/hook/set-status",
             post(crate::hooks::set_status)

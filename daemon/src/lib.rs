@@ -8,25 +8,26 @@
 //! Entry points for binaries: [`cli::main`]. Library users (the test harness): [`Daemon`].
 
 pub mod admin;
-pub mod audit;
 pub mod cli;
-mod clock;
 mod cron;
 mod delivery;
 pub mod features;
+/// The signed audit log (public: `meshd audit verify` and tests use it).
+pub use features::audit::engine as audit;
+use features::clock::engine as clock;
+use features::files::engine as files;
+pub use features::files::engine::FilesError;
+use features::mcp::engine as mcp;
+use features::relay::engine as relay;
+use features::schedule::engine as reminders;
 mod fed;
-mod files;
-pub use files::FilesError;
 mod hooks;
 mod http;
 mod hub;
 mod ids;
-mod mcp;
 mod metrics;
 pub(crate) mod quota;
 mod ratelimit;
-mod relay;
-mod reminders;
 mod server;
 mod session;
 pub mod store;

@@ -1,4 +1,6 @@
-//! The audit log, as clients query and verify it (`crate::audit` writes it).
+//! The audit log, as clients query and verify it (`engine` writes it).
+
+pub mod engine;
 
 pub mod store;
 
@@ -46,7 +48,10 @@ impl Session {
                 },
                 ClientFrame::AuditVerify => match db.audit_rows(&mesh_id).await {
                     Ok(rows) => {
-                        let v = crate::audit::verify_rows(&rows, &audit.verifying_key());
+                        let v = crate::features::audit::engine::verify_rows(
+                            &rows,
+                            &audit.verifying_key(),
+                        );
                         BrokerFrame::AuditVerifyResult(AuditVerifyResult {
                             valid: v.valid,
                             entries: v.entries,

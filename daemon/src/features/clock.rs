@@ -1,4 +1,6 @@
-//! The mesh's simulation clock, as clients drive it (the clocks are `crate::clock`).
+//! The mesh's simulation clock, as clients drive it (the clocks are in `engine`).
+
+pub mod engine;
 
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::{BrokerFrame, ErrorFrame};

@@ -1,4 +1,6 @@
-//! Files: get, list, status, delete, grant (uploads and downloads are HTTP: `crate::files`).
+//! Files: get, list, status, delete, grant (uploads and downloads are HTTP: `engine`).
+
+pub mod engine;
 
 pub mod store;
 
@@ -58,7 +60,7 @@ impl Session {
                         req_id,
                     );
                 }
-                if !crate::files::may_read(&f, &member_id, &key_refs, &groups) {
+                if !crate::features::files::engine::may_read(&f, &member_id, &key_refs, &groups) {
                     return error("forbidden", "this file is not shared with you", req_id);
                 }
                 let broker: Arc<str> = Arc::from(broker.as_str());
@@ -101,7 +103,7 @@ impl Session {
                 return None;
             }
             let readable = |f: &crate::features::files::store::FileRow| {
-                crate::files::may_read(f, &member_id, &key_refs, &groups)
+                crate::features::files::engine::may_read(f, &member_id, &key_refs, &groups)
             };
             let file_id = match &frame {
                 ClientFrame::GetFile { file_id }
@@ -142,7 +144,7 @@ impl Session {
                             &base,
                             &mesh_id,
                             &f.id,
-                            now + crate::files::URL_TTL_MS,
+                            now + crate::features::files::engine::URL_TTL_MS,
                         ),
                         file_id,
                         name: f.name,
@@ -222,10 +224,10 @@ impl Session {
                                     .await;
                                 }
                                 ctx.files.remove(&mesh_id, &file_id).await;
-                                crate::files::publish(
+                                crate::features::files::engine::publish(
                                     &ctx,
                                     &mesh_id,
-                                    vec![crate::files::file_removal(&file_id)],
+                                    vec![crate::features::files::engine::file_removal(&file_id)],
                                 );
                             }
                             Err(e) => return store_unavailable("deleting a file", req_id, &e),
@@ -294,7 +296,7 @@ pub(crate) async fn catch_up(c: &crate::fed::CatchUp<'_>) -> bool {
         Ok(rows) => {
             let sets = rows
                 .iter()
-                .map(|f| crate::files::file_set(f, false))
+                .map(|f| crate::features::files::engine::file_set(f, false))
                 .collect();
             for part in crate::fed::parts(sets, c.budget, crate::fed::file_set_size) {
                 if !part.is_empty() && !c.send(files(part, false)).await {
@@ -350,7 +352,15 @@ mod from_peers {
         };
         let ok = match hub {
             Some(hub) => {
-                match crate::files::apply_remote(ctx, &link.broker, &hub, files, full).await {
+                match crate::features::files::engine::apply_remote(
+                    ctx,
+                    &link.broker,
+                    &hub,
+                    files,
+                    full,
+                )
+                .await
+                {
                     Ok(all_valid) => all_valid,
                     Err(e) => {
                         tracing::warn!(cause = %e, "storing a peer's files");
@@ -389,7 +399,7 @@ mod from_peers {
         });
         if let (true, Some(hub)) = (allowed, &hub) {
             a.groups = hub.remote_groups(&a.reader_key);
-            let answer = crate::files::remote_url(ctx, &a).await;
+            let answer = crate::features::files::engine::remote_url(ctx, &a).await;
             fed.relay_send(
                 &link.broker,
                 &a.mesh_id,

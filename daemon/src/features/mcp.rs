@@ -1,4 +1,6 @@
-//! The MCP proxy, as clients use it (`crate::mcp` keeps the registry and calls).
+//! The MCP proxy, as clients use it (`engine` keeps the registry and calls).
+
+pub mod engine;
 
 pub mod store;
 
@@ -16,7 +18,7 @@ impl Session {
     /// A session of the member is back: its persistent MCP servers that were offline are
     /// hosted by this session again (`mcp_restored` to everyone, stored as online).
     pub(crate) fn restore_mcp(&mut self) {
-        let host = crate::mcp::Host {
+        let host = crate::features::mcp::engine::Host {
             conn: self.conn,
             shared: self.shared.clone(),
         };
@@ -39,13 +41,15 @@ impl Session {
             .iter()
             .filter_map(|n| self.ctx.mcp.set_of(self.mesh_id(), n))
             .collect();
-        crate::mcp::publish(&self.ctx, self.mesh_id(), sets);
+        crate::features::mcp::engine::publish(&self.ctx, self.mesh_id(), sets);
         for name in restored {
-            self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
-                mesh_id: self.mesh_id().to_owned(),
-                name,
-                since: None,
-            });
+            self.ctx
+                .mcp
+                .persist(crate::features::mcp::engine::StoreOp::Offline {
+                    mesh_id: self.mesh_id().to_owned(),
+                    name,
+                    since: None,
+                });
         }
     }
 
@@ -60,11 +64,11 @@ impl Session {
         match frame {
             ClientFrame::McpRegister(r) => {
                 let r = *r;
-                let who = crate::mcp::Registrant {
+                let who = crate::features::mcp::engine::Registrant {
                     member_id: &self.member_id,
                     member_pubkey: &self.member_pubkey,
                     display_name: &self.display_name,
-                    host: crate::mcp::Host {
+                    host: crate::features::mcp::engine::Host {
                         conn: self.conn,
                         shared: self.shared.clone(),
                     },
@@ -76,13 +80,13 @@ impl Session {
                 let r_persistent = r.persistent;
                 let row = match self.ctx.mcp.register(self.mesh_id(), r, who, now) {
                     Ok(row) => row,
-                    Err(e @ crate::mcp::RegisterError::Taken { .. }) => {
+                    Err(e @ crate::features::mcp::engine::RegisterError::Taken { .. }) => {
                         return error("mcp_name_taken", e.to_string(), req_id);
                     }
-                    Err(e @ crate::mcp::RegisterError::Full) => {
+                    Err(e @ crate::features::mcp::engine::RegisterError::Full) => {
                         return error("mcp_full", e.to_string(), req_id);
                     }
-                    Err(e @ crate::mcp::RegisterError::TooLarge) => {
+                    Err(e @ crate::features::mcp::engine::RegisterError::TooLarge) => {
                         return error("invalid_mcp_server", e.to_string(), req_id);
                     }
                 };
@@ -99,7 +103,7 @@ impl Session {
                     .set_of(self.mesh_id(), &server_name)
                     .into_iter()
                     .collect();
-                crate::mcp::publish(&self.ctx, self.mesh_id(), sets);
+                crate::features::mcp::engine::publish(&self.ctx, self.mesh_id(), sets);
                 // The ack of a persistent registration follows its store write, so an
                 // acknowledged one survives a restart.
                 let name = server_name;
@@ -108,14 +112,16 @@ impl Session {
                         let (tx, rx) = oneshot::channel();
                         self.ctx
                             .mcp
-                            .persist(crate::mcp::StoreOp::Upsert(row, Some(tx)))
+                            .persist(crate::features::mcp::engine::StoreOp::Upsert(row, Some(tx)))
                             .then_some(rx)
                     }
                     None => {
-                        self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
-                            mesh_id: self.mesh_id().to_owned(),
-                            name: name.clone(),
-                        });
+                        self.ctx
+                            .mcp
+                            .persist(crate::features::mcp::engine::StoreOp::Delete {
+                                mesh_id: self.mesh_id().to_owned(),
+                                name: name.clone(),
+                            });
                         None
                     }
                 };
@@ -180,12 +186,14 @@ impl Session {
                     })
                     .into_iter()
                     .collect();
-                crate::mcp::publish(&self.ctx, self.mesh_id(), removed);
+                crate::features::mcp::engine::publish(&self.ctx, self.mesh_id(), removed);
                 if persistent {
-                    self.ctx.mcp.persist(crate::mcp::StoreOp::Delete {
-                        mesh_id: self.mesh_id().to_owned(),
-                        name: server_name,
-                    });
+                    self.ctx
+                        .mcp
+                        .persist(crate::features::mcp::engine::StoreOp::Delete {
+                            mesh_id: self.mesh_id().to_owned(),
+                            name: server_name,
+                        });
                 }
                 None
             }
@@ -246,14 +254,20 @@ impl Session {
     pub(crate) fn mcp_gone(&self, now: i64) -> Vec<String> {
         // Relayed file requests this connection was asked fail now; its own are dropped.
         for (kind, path, asker, req_id) in self.ctx.relay.conn_gone(self.conn) {
-            let answer = crate::relay::Answer {
+            let answer = crate::features::relay::engine::Answer {
                 kind,
                 path,
                 content: None,
                 entries: None,
                 error: Some("the asked peer disconnected".to_owned()),
             };
-            crate::relay::deliver(&self.ctx, self.mesh_id(), asker, answer, req_id);
+            crate::features::relay::engine::deliver(
+                &self.ctx,
+                self.mesh_id(),
+                asker,
+                answer,
+                req_id,
+            );
         }
         let successor = self
             .mesh
@@ -261,7 +275,7 @@ impl Session {
             .into_iter()
             .filter(|p| p.conn_id > self.conn && p.close_reason().is_none())
             .max_by_key(|p| p.conn_id)
-            .map(|shared| crate::mcp::Host {
+            .map(|shared| crate::features::mcp::engine::Host {
                 conn: shared.conn_id,
                 shared,
             });
@@ -269,7 +283,7 @@ impl Session {
             .ctx
             .mcp
             .conn_gone(&self.ctx, self.mesh_id(), self.conn, successor, now);
-        crate::mcp::publish(&self.ctx, self.mesh_id(), gone.sets);
+        crate::features::mcp::engine::publish(&self.ctx, self.mesh_id(), gone.sets);
         if !self.ctx.sessions_cancel.is_cancelled() {
             for (name, hosted_by) in gone.removed {
                 let mut data = serde_json::Map::new();
@@ -314,10 +328,10 @@ mod replication {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        if servers.len() > crate::mcp::MAX_SERVERS_PER_MESH
+        if servers.len() > crate::features::mcp::engine::MAX_SERVERS_PER_MESH
             || all
                 .as_ref()
-                .is_some_and(|a| a.len() > crate::mcp::MAX_SERVERS_PER_MESH)
+                .is_some_and(|a| a.len() > crate::features::mcp::engine::MAX_SERVERS_PER_MESH)
         {
             return Err(RejectReason::Invalid);
         }

@@ -1,4 +1,6 @@
-//! The peer-to-peer file relay, as clients use it (`crate::relay` keeps the asks).
+//! The peer-to-peer file relay, as clients use it (`engine` keeps the asks).
+
+pub mod engine;
 
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::BrokerFrame;
@@ -15,7 +17,7 @@ impl Session {
         frame: ClientFrame,
         req_id: Option<String>,
     ) -> Option<Utf8Bytes> {
-        use crate::relay::{Answer, Asker, Kind};
+        use crate::features::relay::engine::{Answer, Asker, Kind};
         use meshd_protocol::broker::{PeerDirRequestForward, PeerFileRequestForward};
         let me = self.routing_key().to_owned();
         let (kind, target_key, path, pattern) = match frame {
@@ -137,7 +139,7 @@ impl Session {
     pub(crate) fn relay_answer(
         &self,
         requester_key: &str,
-        answer: crate::relay::Answer,
+        answer: crate::features::relay::engine::Answer,
         req_id: Option<&str>,
     ) {
         match self.ctx.relay.answer(
@@ -148,7 +150,13 @@ impl Session {
             req_id,
         ) {
             Some((asker, req_id)) => {
-                crate::relay::deliver(&self.ctx, self.mesh_id(), asker, answer, req_id);
+                crate::features::relay::engine::deliver(
+                    &self.ctx,
+                    self.mesh_id(),
+                    asker,
+                    answer,
+                    req_id,
+                );
             }
             None => {
                 self.ctx.metrics.frames_dropped.inc("relay_unasked");
@@ -204,7 +212,12 @@ mod from_peers {
                         &r.requester_member_pubkey,
                     ) =>
                 {
-                    Ok(crate::relay::remote_asked(ctx, &link.broker, &hub, r))
+                    Ok(crate::features::relay::engine::remote_asked(
+                        ctx,
+                        &link.broker,
+                        &hub,
+                        r,
+                    ))
                 }
                 _ => Err(RejectReason::ForgedSender),
             }
@@ -238,7 +251,7 @@ mod from_peers {
         r: Box<meshd_protocol::fed::RelayAnswer>,
     ) -> Result<(), meshd_federation::LinkError> {
         if link.accepts(&r.mesh_id) {
-            crate::relay::remote_answered(ctx, &link.broker, *r);
+            crate::features::relay::engine::remote_answered(ctx, &link.broker, *r);
         }
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! Scheduled messages and reminders: schedule, list, cancel (`crate::reminders` fires them).
+//! Scheduled messages and reminders: schedule, list, cancel (`engine` fires them).
+
+pub mod engine;
 
 pub mod store;
 

@@ -48,7 +48,7 @@ impl Session {
                         "state_set",
                         Some(self.member_id.clone()),
                         &self.display_name,
-                        serde_json::json!({"key": key, "valueSha256": crate::audit::digest(&json)}),
+                        serde_json::json!({"key": key, "valueSha256": crate::features::audit::engine::digest(&json)}),
                     );
                     if let Some(fed) = &self.ctx.fed {
                         fed.state_set(

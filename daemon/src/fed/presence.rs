@@ -252,7 +252,7 @@ impl Fed {
             for m in meshes {
                 if let Some(hub) = ctx.hub.loaded(&m) {
                     hub.remote_drop(&peer, now);
-                    crate::mcp::broker_gone(&ctx, &hub, &peer);
+                    crate::features::mcp::engine::broker_gone(&ctx, &hub, &peer);
                 }
             }
             debug!(peer = %peer, "presence of a lost link expired");

@@ -250,7 +250,7 @@ impl Fed {
             info!(peer = %link.broker, mesh.id = %m, "mesh no longer flows over the link");
             if let Some(hub) = ctx.hub.loaded(&m) {
                 hub.remote_drop(&link.broker, now);
-                crate::mcp::broker_gone(ctx, &hub, &link.broker);
+                crate::features::mcp::engine::broker_gone(ctx, &hub, &link.broker);
             }
             // Messages for the peer in a mesh we no longer share are refused, not kept.
             if !self.consents(&m, &link.broker) {

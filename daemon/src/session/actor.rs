@@ -222,11 +222,13 @@ impl Session {
         let _ = self.ctx.writer.flush().await;
         let peer = self.mesh.unregister(self.conn);
         for name in self.mcp_gone(now) {
-            self.ctx.mcp.persist(crate::mcp::StoreOp::Offline {
-                mesh_id: self.mesh_id().to_owned(),
-                name,
-                since: Some(now),
-            });
+            self.ctx
+                .mcp
+                .persist(crate::features::mcp::engine::StoreOp::Offline {
+                    mesh_id: self.mesh_id().to_owned(),
+                    name,
+                    since: Some(now),
+                });
         }
         if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
             fed.presence_gone(self.mesh_id(), p.routing_key());

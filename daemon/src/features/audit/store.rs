@@ -1,4 +1,4 @@
-//! Audit log rows (the chain logic is in `crate::audit`).
+//! Audit log rows (the chain logic is in `super::engine`).
 
 use crate::store::{Db, StoreError, with_db, with_db_write};
 

@@ -1,5 +1,5 @@
 //! Stored files' metadata, download log and sealed keys (rare writes, through the pool).
-//! The bytes are on disk (see `crate::files`).
+//! The bytes are on disk (see `super::engine`).
 
 use crate::store::{Db, StoreError, with_db, with_db_write};
 
