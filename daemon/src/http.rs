@@ -188,8 +188,10 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         )
         .route(
             "/hook/set-status",
-            post(crate::hooks::set_status)
-                .layer(DefaultBodyLimit::max(crate::hooks::HOOK_BODY_LIMIT))
+            post(crate::features::presence::hooks::set_status)
+                .layer(DefaultBodyLimit::max(
+                    crate::features::presence::hooks::HOOK_BODY_LIMIT,
+                ))
                 .layer(middleware::from_fn_with_state(ctx.clone(), body_deadline)),
         )
         .route(

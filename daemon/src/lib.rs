@@ -9,7 +9,6 @@
 
 pub mod admin;
 pub mod cli;
-mod cron;
 mod delivery;
 pub mod features;
 /// The signed audit log (public: `meshd audit verify` and tests use it).
@@ -18,10 +17,10 @@ use features::clock::engine as clock;
 use features::files::engine as files;
 pub use features::files::engine::FilesError;
 use features::mcp::engine as mcp;
+use features::presence::hooks;
 use features::relay::engine as relay;
 use features::schedule::engine as reminders;
 mod fed;
-mod hooks;
 mod http;
 mod hub;
 mod ids;

@@ -1,5 +1,7 @@
 //! Presence: status, summary, visibility, profile, stats, groups and `list_peers`.
 
+pub mod hooks;
+
 use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::{BrokerFrame, PeersList};
 use meshd_protocol::client::ClientFrame;

@@ -1,5 +1,7 @@
 //! Scheduled messages and reminders: schedule, list, cancel (`engine` fires them).
 
+pub mod cron;
+
 pub mod engine;
 
 pub mod store;
@@ -85,7 +87,11 @@ impl Session {
                 }
                 let next_at = match &s.cron {
                     Some(c) => {
-                        match crate::cron::first_fire(c, now, &self.ctx.config.schedule.timezone) {
+                        match crate::features::schedule::cron::first_fire(
+                            c,
+                            now,
+                            &self.ctx.config.schedule.timezone,
+                        ) {
                             Ok(t) => t,
                             Err(e) => return error("invalid_cron", e.to_string(), req_id),
                         }

@@ -147,10 +147,9 @@ async fn fire_due(ctx: &Ctx, trouble: &mut Trouble) -> Result<(bool, bool), Stor
             stuck = true;
             continue;
         }
-        let next = row
-            .cron
-            .as_deref()
-            .and_then(|c| crate::cron::next_fire(c, now, &ctx.config.schedule.timezone));
+        let next = row.cron.as_deref().and_then(|c| {
+            crate::features::schedule::cron::next_fire(c, now, &ctx.config.schedule.timezone)
+        });
         let outcome = match fire(ctx, row, now).await {
             Ok(Fired::Delivered) => {
                 debug!(schedule = %id, ?next, "reminder fired");
