@@ -250,3 +250,34 @@ mod across_brokers {
         Ok(())
     }
 }
+
+both! {
+    /// A client that sends store requests and hangs up at once (as the CLI does after
+    /// `claim_task`) leaves nothing behind that blocks the store: every other member's
+    /// writes are answered, and the broker still stops within its budget. (Its pending
+    /// requests once kept SQLite's write gate while the ended session waited on the
+    /// writer: every later write of the process hung.)
+    async fn a_client_that_hangs_up_mid_request_blocks_no_one(b: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(b).await?;
+        let mesh = broker.create_mesh("hangups").await?;
+        let (ann, bo) = (broker.enroll(&mesh, "ann").await?, broker.enroll(&mesh, "bo").await?);
+        let mut c = broker.connect(&bo).await?;
+        let created = c.request(json!({"type": "create_task", "title": "shared"})).await?;
+        let id = created["id"].as_str().context("task id")?.to_owned();
+        for round in 0..5 {
+            let mut a = broker.connect(&ann).await?;
+            for n in 0..10 {
+                a.send(json!({"type": "create_task", "title": format!("r{round} n{n}")})).await?;
+                a.send(json!({"type": "claim_task", "taskId": id})).await?;
+                a.send(json!({"type": "remember", "content": format!("note {round} {n}")})).await?;
+            }
+            a.close().await;
+            // The other member's writes are still answered.
+            let t = c.request(json!({"type": "create_task", "title": format!("after {round}")})).await?;
+            assert_eq!(t["type"], "task_created", "{t}");
+            let m = c.request(json!({"type": "remember", "content": format!("after {round}")})).await?;
+            assert_eq!(m["type"], "memory_stored", "{m}");
+        }
+        Ok(())
+    }
+}

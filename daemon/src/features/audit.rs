@@ -18,7 +18,7 @@ impl Session {
         let db = self.ctx.db.clone();
         let audit = self.ctx.audit.clone();
         let mesh_id = self.mesh_id().to_owned();
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let reply = match frame {
                 ClientFrame::AuditQuery {
                     limit,
@@ -65,6 +65,6 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }

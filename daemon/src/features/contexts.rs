@@ -24,7 +24,7 @@ impl Session {
         let mesh = self.mesh.clone();
         let conn = self.conn;
         let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
             let reply = match frame {
                 ClientFrame::ShareContext(c) => {
@@ -92,7 +92,7 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }
 

@@ -35,7 +35,7 @@ impl Session {
             .member(&self.member_pubkey)
             .is_some_and(|m| m.role == "admin");
         let (shared, member_pubkey) = (self.shared.clone(), self.member_pubkey.clone());
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let key_refs = [keys[0].as_str(), keys[1].as_str()];
             // A file another broker of the mesh holds: `get_file` asks it for a URL (at
             // that broker); the owner's operations are made there.
@@ -275,7 +275,7 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }
 

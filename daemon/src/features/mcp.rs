@@ -126,7 +126,7 @@ impl Session {
                     }
                 };
                 let persistent = r_persistent;
-                self.replies.push_back(Box::pin(async move {
+                self.reply_later(async move {
                     if persistent {
                         match stored {
                             Some(rx) => match rx.await {
@@ -160,7 +160,7 @@ impl Session {
                         .to_json()
                         .into(),
                     )
-                }));
+                });
                 None
             }
             ClientFrame::McpUnregister { server_name } => {

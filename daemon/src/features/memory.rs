@@ -18,7 +18,7 @@ impl Session {
         let member_pubkey = self.member_pubkey.clone();
         let mesh_id = self.mesh_id().to_owned();
         let (member_id, name) = (self.member_id.clone(), self.display_name.clone());
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let reply = match frame {
                 ClientFrame::Remember { content, tags } => {
                     let row = crate::features::memory::store::MemoryRow {
@@ -130,7 +130,7 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }
 

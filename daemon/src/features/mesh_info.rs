@@ -17,7 +17,7 @@ impl Session {
             .mesh
             .local_peer(self.conn, |p| p.groups.clone())
             .unwrap_or_default();
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let id = mesh.row.id.clone();
             let (memory_count, tasks, streams, file_count) = match tokio::try_join!(
                 db.memory_count(&id),
@@ -52,6 +52,6 @@ impl Session {
                 req_id,
             };
             Some(BrokerFrame::MeshInfoResult(info).to_json().into())
-        }));
+        });
     }
 }

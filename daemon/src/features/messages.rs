@@ -157,7 +157,7 @@ impl Session {
         let mesh = self.mesh.clone();
         let mesh_id = self.mesh_id().to_owned();
         let member_pubkey = self.member_pubkey.clone();
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let not_found = |req_id| {
                 Some(
                     BrokerFrame::Error(
@@ -242,6 +242,6 @@ impl Session {
                 .to_json()
                 .into(),
             )
-        }));
+        });
     }
 }

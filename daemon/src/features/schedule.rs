@@ -128,7 +128,7 @@ impl Session {
                     fired_count: 0,
                     created_at: now,
                 };
-                self.replies.push_back(Box::pin(async move {
+                self.reply_later(async move {
                     let weight = i64::try_from(row.message.len()).unwrap_or(i64::MAX);
                     if let Err(e) = crate::quota::check(
                         &ctx,
@@ -163,10 +163,10 @@ impl Session {
                         ),
                         Err(e) => store_unavailable("storing a schedule", req_id, &e),
                     }
-                }));
+                });
             }
             ClientFrame::ListScheduled => {
-                self.replies.push_back(Box::pin(async move {
+                self.reply_later(async move {
                     match db.pending_schedules(&mesh_id, &member_id).await {
                         Ok(rows) => Some(
                             BrokerFrame::ScheduledList(ScheduledList {
@@ -189,10 +189,10 @@ impl Session {
                         ),
                         Err(e) => store_unavailable("listing schedules", req_id, &e),
                     }
-                }));
+                });
             }
             ClientFrame::CancelScheduled { scheduled_id } => {
-                self.replies.push_back(Box::pin(async move {
+                self.reply_later(async move {
                     match db
                         .cancel_schedule(&mesh_id, &member_id, &scheduled_id)
                         .await
@@ -213,7 +213,7 @@ impl Session {
                         }
                         Err(e) => store_unavailable("cancelling a schedule", req_id, &e),
                     }
-                }));
+                });
             }
             _ => {}
         }

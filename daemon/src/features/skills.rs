@@ -18,7 +18,7 @@ impl Session {
         let fed = self.ctx.fed.clone();
         let mesh_id = self.mesh_id().to_owned();
         let author = self.display_name.clone();
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let failed = |req_id, e: &dyn std::fmt::Display| {
                 store_unavailable("skills catalogue", req_id, e)
             };
@@ -150,7 +150,7 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }
 

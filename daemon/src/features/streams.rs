@@ -77,7 +77,7 @@ impl Session {
         let member_id = self.member_id.clone();
         let mesh = self.mesh.clone();
         let created_by = self.display_name.clone();
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let failed =
                 |req_id, e: &dyn std::fmt::Display| store_unavailable("stream registry", req_id, e);
             let reply = match frame {
@@ -137,7 +137,7 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }
 

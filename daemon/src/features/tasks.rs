@@ -31,7 +31,7 @@ impl Session {
                 fed.task_changed(task_set(&hub, t));
             }
         };
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let error = |code: &'static str, msg: &str, req_id: Option<String>| {
                 req_id.is_some().then(|| {
                     BrokerFrame::Error(ErrorFrame::new(code, msg).with_req_id(req_id))
@@ -200,7 +200,7 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }
 

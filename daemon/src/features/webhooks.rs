@@ -22,7 +22,7 @@ impl Session {
             .mesh
             .member(&self.member_pubkey)
             .is_some_and(|m| m.role == "admin");
-        self.replies.push_back(Box::pin(async move {
+        self.reply_later(async move {
             let url = |secret: &str| format!("{base}/hook/{mesh_id}/{secret}");
             let reply = match frame {
                 ClientFrame::CreateWebhook { name: None } => {
@@ -136,6 +136,6 @@ impl Session {
                 _ => return None,
             };
             Some(reply.to_json().into())
-        }));
+        });
     }
 }

@@ -187,6 +187,20 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Queues a reply whose work touches the store. The work runs as a task of its own
+    /// (tracked with the sessions), not inside this session's reply queue: a store write
+    /// holds SQLite's write gate while it runs, and a future this session stopped
+    /// polling — its client hung up, or its socket is slow — would keep the gate and stop
+    /// every write of the process. The reply still goes out in request order.
+    pub(crate) fn reply_later(
+        &mut self,
+        work: impl Future<Output = Option<Utf8Bytes>> + Send + 'static,
+    ) {
+        let task = self.ctx.sessions.spawn(work);
+        self.replies
+            .push_back(Box::pin(async move { task.await.ok().flatten() }));
+    }
+
     /// Queues a store operation behind this session's earlier ones.
     pub(crate) fn queue_write(&mut self, op: impl Into<Op>) {
         self.writes.push_back(op.into());
