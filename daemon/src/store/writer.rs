@@ -663,7 +663,7 @@ impl Plan {
 
 /// How a backend spells bind parameters in the generated multi-row statements.
 #[derive(Clone, Copy)]
-enum Params {
+pub(crate) enum Params {
     /// `?`: SQLite. Its `$N` names are looked up linearly per bind, which makes binding
     /// a statement with n parameters O(n²); anonymous parameters bind in order.
     Anonymous,
@@ -684,7 +684,7 @@ impl Params {
 }
 
 /// `head (p, p, …), (p, …)…` for `rows` rows of `cols` parameters.
-fn values_sql(style: Params, head: &str, cols: usize, rows: usize) -> String {
+pub(crate) fn values_sql(style: Params, head: &str, cols: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(head.len() + rows * cols * 5);
     sql.push_str(head);
     let mut n = 1;

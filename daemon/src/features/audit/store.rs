@@ -1,5 +1,6 @@
 //! Audit log rows (the chain logic is in `super::engine`).
 
+use crate::store::writer::{Params, values_sql};
 use crate::store::{Db, StoreError, with_db, with_db_write};
 
 /// A stored entry.
@@ -77,19 +78,31 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_optional(p).await)?)
     }
 
-    /// Stores entries in one transaction.
+    /// Stores entries in one transaction, in multi-row statements: the audit writer
+    /// takes SQLite's write gate for the whole transaction, and one statement per entry
+    /// held it long enough to halve the message writer's throughput.
     pub(crate) async fn audit_insert_all(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
-        const SQL: &str = "INSERT INTO audit_log (mesh_id, seq, event_type, actor_member_id, actor, payload, prev_hash, hash, sig, created_at) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        const HEAD: &str = "INSERT INTO audit_log (mesh_id, seq, event_type, actor_member_id, actor, payload, prev_hash, hash, sig, created_at) VALUES ";
+        /// Rows per statement (10 parameters each, far below either backend's limit).
+        const CHUNK: usize = 64;
         if rows.is_empty() {
             return Ok(());
         }
+        let style = match self {
+            Self::Sqlite(..) => Params::Anonymous,
+            Self::Postgres(_) => Params::Numbered,
+        };
         with_db_write!(self, p => async {
             let mut tx = p.begin().await?;
-            for r in rows {
-                sqlx::query(SQL).bind(&r.mesh_id).bind(r.seq).bind(&r.event_type)
-                    .bind(&r.actor_member_id).bind(&r.actor).bind(&r.payload).bind(&r.prev_hash)
-                    .bind(&r.hash).bind(&r.sig).bind(r.created_at).execute(&mut *tx).await?;
+            for chunk in rows.chunks(CHUNK) {
+                let sql = values_sql(style, HEAD, 10, chunk.len());
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for r in chunk {
+                    q = q.bind(&r.mesh_id).bind(r.seq).bind(&r.event_type)
+                        .bind(&r.actor_member_id).bind(&r.actor).bind(&r.payload)
+                        .bind(&r.prev_hash).bind(&r.hash).bind(&r.sig).bind(r.created_at);
+                }
+                q.execute(&mut *tx).await?;
             }
             tx.commit().await
         }.await)?;
