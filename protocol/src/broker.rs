@@ -485,6 +485,11 @@ pub struct ContextList {
 pub struct MemoryStored {
     /// Memory id.
     pub id: String,
+    /// The id again, as `memoryId`: the newest CLI's daemon reads this name (the
+    /// reference sends only `id`, so that daemon never sees the id and the CLI stores
+    /// the memory a second time through its fallback path).
+    #[serde(rename = "memoryId")]
+    pub memory_id: String,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,

@@ -18,6 +18,9 @@ both! {
 
         let r1 = a.request(json!({"type": "remember", "content": "We deploy the API on Fridays after the deploy review", "tags": ["ops"]})).await?;
         assert_eq!(r1["type"], "memory_stored");
+        // The newest CLI's daemon reads `memoryId`; older clients read `id`.
+        assert_eq!(r1["memoryId"], r1["id"], "{r1}");
+        assert!(r1["id"].as_str().is_some_and(|s| !s.is_empty()), "{r1}");
         let id1 = r1["id"].as_str().unwrap_or_default().to_owned();
         a.request(json!({"type": "remember", "content": "The database migration runs before the API deploy"})).await?;
         a.request(json!({"type": "remember", "content": "Lunch is at noon", "tags": ["social"]})).await?;

@@ -59,7 +59,11 @@ impl Session {
                             if let Some(fed) = &fed {
                                 fed.memory_remembered(memory_set(row, &member_pubkey, None));
                             }
-                            BrokerFrame::MemoryStored(MemoryStored { id, req_id })
+                            BrokerFrame::MemoryStored(MemoryStored {
+                                memory_id: id.clone(),
+                                id,
+                                req_id,
+                            })
                         }
                         Err(e) => return store_unavailable("memory", req_id, &e),
                     }
