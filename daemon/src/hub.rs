@@ -8,7 +8,7 @@
 //! when the peer reconnects.
 //!
 //! # Delivery order
-//! Every direct message passes the store writer's *router*, one task that sees all
+//! Every direct message passes the *router* (`delivery::router`), one task that sees all
 //! inserts and claims in order; it is the only sequencer. For a live recipient it either
 //! pushes the message to the connection's queue at once (the row is committed leased to
 //! that connection), or — while the connection is *draining*, i.e. older rows for it may
@@ -112,7 +112,7 @@ pub(crate) struct PeerShared {
     pub(crate) tx: mpsc::Sender<Outbound>,
     /// Wakes the session to drain the store.
     pub(crate) wake: Notify,
-    /// Routing state, owned by the store writer's router (see the module docs).
+    /// Routing state, owned by the router (`delivery::router`; see the module docs).
     pub(crate) route: Mutex<RouteState>,
     /// Bytes of frames queued for this connection and not yet written.
     queued_bytes: AtomicUsize,
@@ -830,7 +830,7 @@ impl MeshHub {
     }
 
     /// A row for `key` was stored undelivered: every live connection of the key must
-    /// drain before taking hot pushes again. Called by the store writer's router.
+    /// drain before taking hot pushes again. Called by the router (`delivery::router`).
     pub(crate) fn spill_key(&self, key: &str) {
         for p in self.inner().live_for(key) {
             p.shared.spill();

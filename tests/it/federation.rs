@@ -1788,3 +1788,16 @@ pub(crate) async fn until_task(
         .await?;
     Ok(task(&l))
 }
+
+/// A cut pair with bob online on B (his own client) and listed on A: the start of the
+/// features' cross-broker tests. Returns the pair, bob's client and his key.
+pub(crate) async fn pair_with_bob_online() -> anyhow::Result<(CutPair, Client, String)> {
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let bob_key = p.bob.keys.public_hex();
+    p.alice
+        .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
+        .await?;
+    Ok((p, bob, bob_key))
+}

@@ -493,13 +493,7 @@ mod across_brokers {
     /// alice's `_reqId`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn peer_file_relay_crosses_brokers() -> anyhow::Result<()> {
-        let mut p = cut_pair().await?;
-        until_known(&mut p.alice, &p.bob).await?;
-        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-        let bob_key = p.bob.keys.public_hex();
-        p.alice
-            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-            .await?;
+        let (mut p, mut bob, bob_key) = pair_with_bob_online().await?;
         let alice_key = p.alice.key();
         p.alice
             .send(json!({"type": "peer_file_request", "targetPubkey": bob_key, "filePath": "notes.md", "_reqId": "x1"}))

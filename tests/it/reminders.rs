@@ -227,13 +227,7 @@ mod across_brokers {
     /// outbox) and broadcast (live), tagged `subtype: "reminder"` and sent as their creator.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reminders_cross_brokers() -> anyhow::Result<()> {
-        let mut p = cut_pair().await?;
-        until_known(&mut p.alice, &p.bob).await?;
-        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-        let bob_key = p.bob.keys.public_hex();
-        p.alice
-            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-            .await?;
+        let (mut p, mut bob, bob_key) = pair_with_bob_online().await?;
         let now = meshd_tests::client::now_ms();
         for (to, text) in [(bob_key.as_str(), "direct"), ("*", "everyone")] {
             let ack = p

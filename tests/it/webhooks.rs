@@ -97,13 +97,7 @@ mod across_brokers {
     /// A webhook of a shared mesh reaches the mesh's peers on every broker.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn webhook_posts_reach_every_broker() -> anyhow::Result<()> {
-        let mut p = cut_pair().await?;
-        until_known(&mut p.alice, &p.bob).await?;
-        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
-        let bob_key = p.bob.keys.public_hex();
-        p.alice
-            .until_peers("bob listed", |v| broker_of(v, &bob_key).is_some())
-            .await?;
+        let (mut p, mut bob, _) = pair_with_bob_online().await?;
         let ack = p
             .alice
             .request(json!({"type": "create_webhook", "name": "deploys"}))

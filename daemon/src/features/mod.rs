@@ -1,6 +1,8 @@
 //! One module per feature: its client-frame handlers (as methods of the session,
-//! `crate::session::Session`). Each feature's store queries are in `crate::store`, its
-//! federation replication in `crate::fed`.
+//! `crate::session::Session`), its store queries (`<feature>/store.rs`), its running
+//! state and tasks if any (`<feature>/engine.rs`), and for replicated features how a
+//! peer broker's frames are applied, its part of a link's catch-up, and how its changes
+//! are sent (`impl Fed`). `crate::fed` and the session's dispatch only name them.
 
 pub mod audit;
 pub mod clock;

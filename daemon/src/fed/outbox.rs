@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Rows the store writer's router hands over for one peer, numbered but not yet
+/// Rows the router (`delivery::router`) hands over for one peer, numbered but not yet
 /// committed. While the peer's link is up and its outbox caught up with the store, the
 /// link forwards from here at once (no commit wait, no store read); otherwise it reads
 /// the store. Bounded: on overflow the queue is dropped and the link reads the store.
