@@ -1,6 +1,6 @@
 //! Finding a peer broker's QUIC addresses from its name.
 //!
-//! A peer is named by a DNS name (usually the organization's domain). Its brokers are
+//! A peer organization is named by a DNS name (usually its domain). Its brokers are
 //! published as SRV records at `_meshd._udp.<name>` (RFC 2782), so an organization can run
 //! several brokers, on any port, with failover order and load shares chosen in DNS. A
 //! name without SRV records falls back to its own A/AAAA records on the default port,
@@ -19,7 +19,7 @@ use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::{Resolver, TokioResolver};
 use rand::{Rng, RngExt};
 
-/// The SRV service label pair queried under a peer's name.
+/// The SRV service label pair queried under a peer broker's name.
 const SERVICE_PREFIX: &str = "_meshd._udp";
 
 /// Why a broker name did not yield any address.
@@ -120,7 +120,7 @@ impl Discovery {
             None => {
                 let mut b = Resolver::builder_tokio().map_err(DiscoveryError::Resolver)?;
                 let opts = b.options_mut();
-                // A peer that vanished from DNS must not stay unresolvable for the
+                // A broker that vanished from DNS must not stay unresolvable for the
                 // zone's full negative TTL once it comes back.
                 opts.negative_max_ttl = Some(Duration::from_secs(30));
                 opts.positive_max_ttl = Some(Duration::from_secs(300));

@@ -1,12 +1,12 @@
 //! One QUIC endpoint per broker, and the handshake that turns a QUIC connection into an
 //! authenticated [`Link`].
 //!
-//! Trust is per peer (see `meshd_certs::PeerTrust`): when dialing, the server certificate
-//! must chain to *that peer's* org CA and name that peer; when accepting, the client
-//! certificate must chain to the CA of the configured peer it names. TLS 1.3 lets a
-//! dialer finish `connect()` before the acceptor has judged its certificate, so a link
-//! counts as up only once the peer's [`Hello`] has arrived, and the hello must carry the
-//! name the certificate was verified for.
+//! Trust is per peer broker (see `meshd_certs::PeerTrust`): when dialing, the server
+//! certificate must chain to *that broker's* org CA and name that broker; when accepting,
+//! the client certificate must chain to the CA of the configured peer broker it names.
+//! TLS 1.3 lets a dialer finish `connect()` before the acceptor has judged its
+//! certificate, so a link counts as up only once the other broker's [`Hello`] has
+//! arrived, and the hello must carry the name the certificate was verified for.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,7 +49,7 @@ pub enum LinkError {
         #[source]
         source: std::io::Error,
     },
-    /// The QUIC connection failed (includes a peer refusing our certificate, seen as a
+    /// The QUIC connection failed (includes a broker refusing our certificate, seen as a
     /// TLS alert on the first stream operation).
     #[error("connection to {addr}: {reason}")]
     Connect {
@@ -58,7 +58,7 @@ pub enum LinkError {
         /// What happened.
         reason: String,
     },
-    /// The peer's certificate is not acceptable.
+    /// The other broker's certificate is not acceptable.
     #[error("peer certificate refused: {0}")]
     Certificate(String),
     /// The hello was refused.
@@ -70,7 +70,7 @@ pub enum LinkError {
     /// The stream or connection failed.
     #[error("{0}")]
     Io(String),
-    /// The peer broke the link protocol (an unexpected frame or stream, a claim too many).
+    /// The other broker broke the link protocol (an unexpected frame or stream, a claim too many).
     #[error("protocol violation: {0}")]
     Protocol(String),
     /// The link handler's store failed (the link starts over and reads it again).
@@ -88,7 +88,7 @@ pub enum LinkError {
     /// The handshake took too long.
     #[error("handshake timed out")]
     Timeout,
-    /// The peer closed the link with a reason.
+    /// The other broker closed the link with a reason.
     #[error("closed by peer: {}", .0.as_str())]
     Closed(CloseReason),
 }
@@ -183,7 +183,7 @@ impl Endpoint {
         &self.me
     }
 
-    /// The trust configuration (peer names and anchors).
+    /// The trust configuration (peer broker names and anchors).
     pub fn trust(&self) -> &PeerTrust {
         &self.trust
     }
@@ -193,17 +193,17 @@ impl Endpoint {
         self.opts.max_frame_bytes
     }
 
-    /// Dials `peer` at `addr`, verifies it and exchanges hellos.
+    /// Dials `broker` at `addr`, verifies it and exchanges hellos.
     ///
     /// # Errors
     /// [`LinkError`].
     pub async fn dial(
         &self,
-        peer: &str,
+        broker: &str,
         addr: SocketAddr,
         hello: Hello,
     ) -> Result<Link, LinkError> {
-        self.dial_with(peer, addr, move || hello).await
+        self.dial_with(broker, addr, move || hello).await
     }
 
     /// [`Self::dial`] with the hello made once the QUIC handshake is done (just before it
@@ -213,13 +213,13 @@ impl Endpoint {
     /// [`LinkError`].
     pub async fn dial_with(
         &self,
-        peer: &str,
+        broker: &str,
         addr: SocketAddr,
         hello: impl FnOnce() -> Hello + Send,
     ) -> Result<Link, LinkError> {
         tokio::time::timeout(
             self.opts.handshake_timeout,
-            self.dial_inner(peer, addr, hello),
+            self.dial_inner(broker, addr, hello),
         )
         .await
         .map_err(|_| LinkError::Timeout)?
@@ -227,20 +227,20 @@ impl Endpoint {
 
     async fn dial_inner(
         &self,
-        peer: &str,
+        broker: &str,
         addr: SocketAddr,
         hello: impl FnOnce() -> Hello + Send,
     ) -> Result<Link, LinkError> {
         let tls = self
             .trust
-            .client_config(peer, &self.identity, ALPN)
+            .client_config(broker, &self.identity, ALPN)
             .map_err(|e| LinkError::Tls(e.to_string()))?;
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(self.transport.clone());
         let conn = self
             .ep
-            .connect_with(client, addr, peer)
+            .connect_with(client, addr, broker)
             .map_err(|e| LinkError::Connect {
                 addr,
                 reason: e.to_string(),
@@ -251,10 +251,10 @@ impl Endpoint {
                 reason: e.to_string(),
             })?;
         // The verifier already checked chain and name; check again on what the connection
-        // actually holds, so a verifier bug cannot register the wrong peer.
-        let chain = peer_chain(&conn)?;
+        // actually holds, so a verifier bug cannot register the wrong broker.
+        let chain = broker_chain(&conn)?;
         self.trust
-            .verify_for(peer, &chain)
+            .verify_for(broker, &chain)
             .map_err(|e| LinkError::Certificate(e.to_string()))?;
         // Errors from here on may be the acceptor refusing *our* certificate.
         let connect_err = |e: LinkError| match e {
@@ -291,7 +291,7 @@ impl Endpoint {
         if let Frame::Close(reason) = first {
             return Err(LinkError::Closed(reason));
         }
-        let peer_hello = match fed::check_hello(first, peer) {
+        let their_hello = match fed::check_hello(first, broker) {
             Ok(h) => h,
             Err(e) => {
                 close(&conn, close_for(&e));
@@ -299,9 +299,9 @@ impl Endpoint {
             }
         };
         Ok(Link {
-            peer: peer.to_owned(),
+            broker: broker.to_owned(),
             hello,
-            peer_hello,
+            their_hello,
             dialer: true,
             remote: addr,
             conn: LinkConn {
@@ -317,8 +317,8 @@ impl Endpoint {
         self.ep.accept().await
     }
 
-    /// Completes an incoming connection: identifies the peer from its certificate, reads
-    /// its hello (which must name the same broker) and answers with `make_hello(peer)`.
+    /// Completes an incoming connection: identifies the broker from its certificate, reads
+    /// its hello (which must name the same broker) and answers with `make_hello(broker)`.
     ///
     /// # Errors
     /// [`LinkError`].
@@ -345,8 +345,8 @@ impl Endpoint {
             addr: remote,
             reason: e.to_string(),
         })?;
-        let chain = peer_chain(&conn)?;
-        let peer = match self.trust.identify(&chain) {
+        let chain = broker_chain(&conn)?;
+        let broker = match self.trust.identify(&chain) {
             Ok(p) => p,
             Err(e) => {
                 close(&conn, CloseReason::NotConfigured);
@@ -363,7 +363,7 @@ impl Endpoint {
             .recv()
             .await?
             .ok_or_else(|| LinkError::Io("control stream ended before hello".into()))?;
-        let peer_hello = match fed::check_hello(first, &peer) {
+        let their_hello = match fed::check_hello(first, &broker) {
             Ok(h) => h,
             Err(e) => {
                 let reason = close_for(&e);
@@ -372,12 +372,12 @@ impl Endpoint {
                 return Err(e.into());
             }
         };
-        let hello = make_hello(&peer);
+        let hello = make_hello(&broker);
         control.tx.send(&Frame::Hello(hello.clone())).await?;
         Ok(Link {
-            peer,
+            broker,
             hello,
-            peer_hello,
+            their_hello,
             dialer: false,
             remote,
             conn: LinkConn {
@@ -408,7 +408,7 @@ fn close_for(e: &HelloError) -> CloseReason {
     }
 }
 
-fn peer_chain(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, LinkError> {
+fn broker_chain(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, LinkError> {
     conn.peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .map(|b| *b)
@@ -426,7 +426,7 @@ pub fn close(conn: &quinn::Connection, reason: CloseReason) {
     conn.close(reason.code().into(), reason.as_str().as_bytes());
 }
 
-/// The typed reason a connection was closed with, if the peer (or we) gave one.
+/// The typed reason a connection was closed with, if the other broker (or we) gave one.
 pub fn close_reason_of(conn: &quinn::Connection) -> Option<CloseReason> {
     match conn.close_reason()? {
         quinn::ConnectionError::ApplicationClosed(c) => {
@@ -448,15 +448,15 @@ pub struct Control {
 /// An authenticated link to a peer broker.
 #[derive(Debug)]
 pub struct Link {
-    /// The peer's broker name (verified).
-    pub peer: String,
-    /// The hello we sent (what we told the peer we are ready for).
+    /// The other broker's name (verified).
+    pub broker: String,
+    /// The hello we sent (what we told `broker` we are ready for).
     pub hello: Hello,
-    /// The peer's hello.
-    pub peer_hello: Hello,
+    /// The other broker's hello.
+    pub their_hello: Hello,
     /// Whether this broker dialed.
     pub dialer: bool,
-    /// The peer's address.
+    /// The other broker's address.
     pub remote: SocketAddr,
     /// The connection (streams other than control).
     pub conn: LinkConn,
@@ -472,7 +472,7 @@ pub struct LinkConn {
     max: usize,
 }
 
-/// A stream the peer opened.
+/// A stream the other broker opened.
 #[derive(Debug)]
 pub struct Incoming {
     /// Its class.
@@ -514,7 +514,7 @@ impl LinkConn {
         }
     }
 
-    /// Waits for the next stream the peer opens.
+    /// Waits for the next stream the other broker opens.
     ///
     /// # Errors
     /// [`LinkError::Io`] when the connection ends, [`LinkError::Frame`] for a stream of
@@ -612,7 +612,7 @@ impl FrameReader {
         }
     }
 
-    /// The next frame; `None` when the peer finished the stream cleanly.
+    /// The next frame; `None` when the other broker finished the stream cleanly.
     ///
     /// # Errors
     /// [`LinkError::Frame`] for an oversize or malformed frame, [`LinkError::Io`].

@@ -1,4 +1,4 @@
-//! Keeps one link per configured peer: dials (with exponential backoff and jitter),
+//! Keeps one link per configured peer broker: dials (with exponential backoff and jitter),
 //! accepts, de-duplicates simultaneous connections and records each link's status.
 //!
 //! What runs *on* a link is the daemon's business ([`LinkHandler`]); the manager owns
@@ -22,7 +22,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::discovery::Discovery;
 use crate::link::{Endpoint, Link, LinkError, close, close_reason_of};
 
-/// A configured peer.
+/// A configured peer broker.
 #[derive(Debug, Clone)]
 pub struct PeerTarget {
     /// Broker name.
@@ -52,7 +52,7 @@ impl Backoff {
     }
 }
 
-/// Counters of one peer, across its successive links. The daemon's link handler
+/// Counters of one peer broker, across its successive links. The daemon's link handler
 /// updates them; `queued` is a gauge.
 #[derive(Debug, Default)]
 pub struct LinkCounters {
@@ -62,11 +62,11 @@ pub struct LinkCounters {
     pub resent: AtomicU64,
     /// Frames received.
     pub received: AtomicU64,
-    /// Frames of ours the peer refused.
+    /// Frames of ours the peer broker refused.
     pub rejected: AtomicU64,
-    /// Frames of the peer we refused (forged sender, not shared, invalid).
+    /// Frames of the peer broker we refused (forged sender, not shared, invalid).
     pub refused: AtomicU64,
-    /// Durable messages waiting for this peer.
+    /// Durable messages waiting for this broker.
     pub queued: AtomicU64,
 }
 
@@ -95,7 +95,7 @@ impl LinkState {
     }
 }
 
-/// A snapshot of one peer's link.
+/// A snapshot of one peer broker's link.
 #[derive(Debug, Clone)]
 pub struct PeerStatus {
     /// Broker name.
@@ -122,14 +122,14 @@ pub struct PeerStatus {
 
 /// What the daemon runs on each link.
 pub trait LinkHandler: Send + Sync + 'static {
-    /// Our hello to `peer` (the meshes we are ready to exchange with it).
-    fn hello(&self, peer: &str) -> Hello;
+    /// Our hello to `broker` (the meshes we are ready to exchange with it).
+    fn hello(&self, broker: &str) -> Hello;
 
     /// Serves `link` (number `id`: ids grow with each link the manager adopts) until it
     /// fails or `stop` is cancelled. The manager closes the connection afterwards.
     ///
     /// `stop` is already cancelled when the link was replaced before its handler ran:
-    /// the handler must then not announce the link as the peer's (its successor is).
+    /// the handler must then not announce the link as the broker's (its successor is).
     fn run(
         self: Arc<Self>,
         link: Link,
@@ -143,16 +143,16 @@ pub trait LinkHandler: Send + Sync + 'static {
 /// events that scheduling makes rare (a simultaneous dial's two handlers starting in
 /// either order). Production runs without hooks.
 pub trait LinkHooks: Send + Sync + std::fmt::Debug + 'static {
-    /// Before the handler of link `id` to `peer` runs (`dialer`: we dialed it).
+    /// Before the handler of link `id` to `broker` runs (`dialer`: we dialed it).
     fn before_run(
         &self,
-        peer: &str,
+        broker: &str,
         id: u64,
         dialer: bool,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
     /// After the handler of link `id` returned.
-    fn after_run(&self, peer: &str, id: u64);
+    fn after_run(&self, broker: &str, id: u64);
 }
 
 struct Active {
@@ -164,7 +164,7 @@ struct Active {
 }
 
 /// A link older than this is not half of a simultaneous dial: a new connection from the
-/// same peer means the peer lost it (a restart, say), so the new one replaces it instead
+/// same broker means that broker lost it (a restart, say), so the new one replaces it instead
 /// of being refused until the old one times out.
 const SIMULTANEOUS: Duration = Duration::from_secs(3);
 
@@ -258,7 +258,7 @@ impl Manager {
         })
     }
 
-    /// Starts the accept loop and one dial loop per peer.
+    /// Starts the accept loop and one dial loop per peer broker.
     pub fn start(self: &Arc<Self>) {
         let me = self.clone();
         self.tracker.spawn(async move { me.accept_loop().await });
@@ -286,7 +286,7 @@ impl Manager {
         &self.ep
     }
 
-    /// Every peer's status, sorted by name.
+    /// Every peer broker's status, sorted by name.
     pub fn status(&self) -> Vec<PeerStatus> {
         let slots = lock(&self.slots);
         let mut out: Vec<PeerStatus> = slots
@@ -302,32 +302,32 @@ impl Manager {
         out
     }
 
-    /// Counters of a peer.
-    pub fn counters(&self, peer: &str) -> Option<Arc<LinkCounters>> {
+    /// Counters of a peer broker.
+    pub fn counters(&self, broker: &str) -> Option<Arc<LinkCounters>> {
         lock(&self.slots)
-            .get(peer)
+            .get(broker)
             .map(|s| s.status.counters.clone())
     }
 
-    /// Whether a link to `peer` is up.
-    pub fn is_up(&self, peer: &str) -> bool {
+    /// Whether a link to `broker` is up.
+    pub fn is_up(&self, broker: &str) -> bool {
         lock(&self.slots)
-            .get(peer)
+            .get(broker)
             .is_some_and(|s| s.active.is_some())
     }
 
-    /// Tears down link `id` to `peer` if it is still the current one (both sides then
+    /// Tears down link `id` to `broker` if it is still the current one (both sides then
     /// dial again): for a link that is up but does not converge.
-    pub fn reset(&self, peer: &str, id: u64, reason: CloseReason) -> bool {
+    pub fn reset(&self, broker: &str, id: u64, reason: CloseReason) -> bool {
         let slots = lock(&self.slots);
-        let Some(active) = slots.get(peer).and_then(|s| s.active.as_ref()) else {
+        let Some(active) = slots.get(broker).and_then(|s| s.active.as_ref()) else {
             return false;
         };
         if active.id != id {
             return false;
         }
         warn!(
-            peer,
+            peer = broker,
             id,
             reason = reason.as_str(),
             "resetting a federation link"
@@ -342,8 +342,8 @@ impl Manager {
         lock(&self.refusals).iter().cloned().collect()
     }
 
-    fn set_state(&self, peer: &str, state: LinkState, error: Option<String>) {
-        if let Some(slot) = lock(&self.slots).get_mut(peer) {
+    fn set_state(&self, broker: &str, state: LinkState, error: Option<String>) {
+        if let Some(slot) = lock(&self.slots).get_mut(broker) {
             if slot.status.state != state {
                 slot.status.since_ms = crate::time::now_ms();
             }
@@ -384,10 +384,10 @@ impl Manager {
                 let _permit = permit;
                 let remote = incoming.remote_address();
                 let handler = me.handler.clone();
-                // A stop never waits for a handshake (the peer may be stopping too).
+                // A stop never waits for a handshake (the other broker may be stopping too).
                 let accepted = tokio::select! {
                     () = me.stop.cancelled() => return,
-                    r = me.ep.accept(incoming, |peer| handler.hello(peer)) => r,
+                    r = me.ep.accept(incoming, |broker| handler.hello(broker)) => r,
                 };
                 match accepted {
                     Ok(link) => me.register(link),
@@ -420,7 +420,7 @@ impl Manager {
                 return;
             }
             self.set_state(&target.name, LinkState::Connecting, None);
-            // A stop never waits for a lookup or a handshake: the peer may be stopping
+            // A stop never waits for a lookup or a handshake: the broker may be stopping
             // too, or gone (then only the handshake timeout would end the dial).
             let dialed = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -492,7 +492,7 @@ impl Manager {
     /// Adopts an authenticated link, unless an equivalent one wins the tie-break.
     fn register(self: &Arc<Self>, link: Link) {
         let me_name = self.ep.name().to_owned();
-        let peer = link.peer.clone();
+        let broker = link.broker.clone();
         let stop = self.stop.child_token();
         let counters;
         let id;
@@ -500,7 +500,7 @@ impl Manager {
             let mut slots = lock(&self.slots);
             // Numbered under the lock: ids grow in the order links are adopted.
             id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = slots.get_mut(&peer) else {
+            let Some(slot) = slots.get_mut(&broker) else {
                 link.close(CloseReason::NotConfigured);
                 return;
             };
@@ -510,33 +510,33 @@ impl Manager {
             let dialer_hello = if link.dialer {
                 &link.hello
             } else {
-                &link.peer_hello
+                &link.their_hello
             };
             if dialer_hello.caps.iter().any(|c| c == fed::CAP_HAS_LINK) {
-                debug!(peer = %peer, "late dial while a link serves; closed");
+                debug!(peer = %broker, "late dial while a link serves; closed");
                 link.close(CloseReason::Duplicate);
                 return;
             }
             if let Some(old) = &slot.active {
                 // Of two connections made at once, keep the one dialed by the broker whose
                 // name sorts first (both sides decide alike); otherwise the newer (the
-                // older is one the peer has lost, not yet noticed here).
+                // older is one the other broker has lost, not yet noticed here).
                 let new_dialer = if link.dialer {
                     me_name.as_str()
                 } else {
-                    peer.as_str()
+                    broker.as_str()
                 };
                 let old_dialer = if old.dialed_by_me {
                     me_name.as_str()
                 } else {
-                    peer.as_str()
+                    broker.as_str()
                 };
                 let new_wins = new_dialer == old_dialer
                     || crate::time::instant().saturating_duration_since(old.established)
                         > SIMULTANEOUS
                     || fed::keep_dialed_by(new_dialer, old_dialer);
                 if !new_wins {
-                    debug!(peer = %peer, "duplicate link closed");
+                    debug!(peer = %broker, "duplicate link closed");
                     link.close(CloseReason::Duplicate);
                     return;
                 }
@@ -557,19 +557,19 @@ impl Manager {
             slot.status.connects += 1;
             counters = slot.status.counters.clone();
         }
-        info!(peer = %peer, remote = %link.remote, dialer = link.dialer, "federation link up");
+        info!(peer = %broker, remote = %link.remote, dialer = link.dialer, "federation link up");
         let me = self.clone();
         let handler = self.handler.clone();
-        let span = info_span!("fed_link", peer = %peer, id);
+        let span = info_span!("fed_link", peer = %broker, id);
         self.tracker.spawn(
             async move {
                 let conn = link.conn.conn.clone();
                 if let Some(h) = &me.hooks {
-                    h.before_run(&peer, id, link.dialer).await;
+                    h.before_run(&broker, id, link.dialer).await;
                 }
                 let result = handler.run(link, id, counters, stop.clone()).await;
                 if let Some(h) = &me.hooks {
-                    h.after_run(&peer, id);
+                    h.after_run(&broker, id);
                 }
                 let reason = if me.stop.is_cancelled() {
                     CloseReason::Shutdown
@@ -587,7 +587,7 @@ impl Manager {
                 }
                 {
                     let mut slots = lock(&me.slots);
-                    if let Some(slot) = slots.get_mut(&peer)
+                    if let Some(slot) = slots.get_mut(&broker)
                         && slot.active.as_ref().is_some_and(|a| a.id == id)
                     {
                         slot.active = None;

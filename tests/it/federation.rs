@@ -340,7 +340,7 @@ async fn untrusted_certificates_are_refused() -> anyhow::Result<()> {
         meshes: vec![],
     };
     let link = ep.dial(A, a_quic, honest).await?;
-    assert_eq!(link.peer, A);
+    assert_eq!(link.broker, A);
     Ok(())
 }
 

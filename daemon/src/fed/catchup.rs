@@ -31,7 +31,7 @@ pub(crate) struct CatchUp<'a> {
     pub(crate) ctx: &'a Ctx,
     pub(crate) link: &'a LinkShared,
     pub(crate) hub: &'a MeshHub,
-    /// Bytes of one part of a list (well below the peer's frame limit).
+    /// Bytes of one part of a list (well below the peer broker's frame limit).
     pub(crate) budget: usize,
 }
 
@@ -78,9 +78,9 @@ impl CatchUp<'_> {
     }
 }
 
-/// Sends a peer what converges without the outbox, feature by feature (each stops the
-/// rest when the link ends). Full lists (MCP servers, files) replace what the peer knew
-/// from us, so withdrawals made while the link was down are not missed.
+/// Sends a peer broker what converges without the outbox, feature by feature (each stops
+/// the rest when the link ends). Full lists (MCP servers, files) replace what that broker
+/// knew from us, so withdrawals made while the link was down are not missed.
 pub(crate) async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
     let budget = ctx
         .config

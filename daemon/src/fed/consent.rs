@@ -1,42 +1,42 @@
-//! Consent: which meshes this broker exchanges with which peer (shares, accepted
-//! offers, replicas and their rosters), and adopting a home's offer as a replica.
+//! Consent: which meshes this broker exchanges with which peer broker (shares,
+//! accepted offers, replicas and their rosters), and adopting a home's offer as a replica.
 
 use super::*;
 
 /// Stored consent, cached.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Consent {
-    /// (mesh, peer) → our role.
+    /// (mesh, peer broker) → our role.
     pub(crate) shares: HashMap<(String, String), ShareRole>,
     /// Replicas: mesh → (home, roster).
     pub(crate) replicas: HashMap<String, (String, Vec<String>)>,
 }
 
 impl Consent {
-    /// Whether this broker consents to exchange `mesh` with `peer`.
-    pub(crate) fn local_ready(&self, mesh: &str, peer: &str) -> bool {
-        match self.shares.get(&(mesh.to_owned(), peer.to_owned())) {
+    /// Whether this broker consents to exchange `mesh` with `broker`.
+    pub(crate) fn local_ready(&self, mesh: &str, broker: &str) -> bool {
+        match self.shares.get(&(mesh.to_owned(), broker.to_owned())) {
             Some(ShareRole::Offer) => true,
             // Accepted, and the home's offer has arrived (the replica exists).
-            Some(ShareRole::Accept) => self.replicas.get(mesh).is_some_and(|(h, _)| h == peer),
+            Some(ShareRole::Accept) => self.replicas.get(mesh).is_some_and(|(h, _)| h == broker),
             None => self.replicas.get(mesh).is_some_and(|(home, roster)| {
                 self.shares
                     .get(&(mesh.to_owned(), home.clone()))
                     .is_some_and(|r| *r == ShareRole::Accept)
-                    && roster.iter().any(|b| b == peer)
+                    && roster.iter().any(|b| b == broker)
             }),
         }
     }
 
-    /// Meshes this broker consents to exchange with `peer`.
-    pub(crate) fn ready_for(&self, peer: &str) -> HashSet<String> {
+    /// Meshes this broker consents to exchange with `broker`.
+    pub(crate) fn ready_for(&self, broker: &str) -> HashSet<String> {
         let mut meshes: HashSet<String> = self.shares.keys().map(|(m, _)| m.clone()).collect();
         meshes.extend(self.replicas.keys().cloned());
-        meshes.retain(|m| self.local_ready(m, peer));
+        meshes.retain(|m| self.local_ready(m, broker));
         meshes
     }
 
-    /// The roster a home announces: itself and every peer it shares the mesh with.
+    /// The roster a home announces: itself and every broker it shares the mesh with.
     pub(crate) fn roster(&self, me: &str, mesh: &str) -> Vec<String> {
         let mut r: Vec<String> = std::iter::once(me.to_owned())
             .chain(
@@ -67,7 +67,7 @@ impl Fed {
     pub(crate) async fn reload_consent(&self, ctx: &Ctx) -> Result<bool, StoreError> {
         let mut next = Consent::default();
         for s in ctx.db.shares().await? {
-            next.shares.insert((s.mesh_id, s.peer), s.role);
+            next.shares.insert((s.mesh_id, s.broker), s.role);
         }
         for r in ctx.db.replicas().await? {
             let roster: Vec<String> = serde_json::from_str(&r.roster).unwrap_or_default();
@@ -92,13 +92,13 @@ impl Fed {
             *cur = next;
             changes
         };
-        for (event, mesh, peer, role) in changes {
+        for (event, mesh, broker, role) in changes {
             ctx.audit.record(
                 &mesh,
                 event,
                 None,
                 "system",
-                serde_json::json!({"peer": peer, "role": role.as_str()}),
+                serde_json::json!({"peer": broker, "role": role.as_str()}),
             );
         }
         Ok(true)
@@ -110,13 +110,13 @@ impl Fed {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for ((_, peer), offer) in offers {
+        for ((_, broker), offer) in offers {
             let accepted = lock(&self.consent)
                 .shares
-                .get(&(offer.mesh_id.clone(), peer.clone()))
+                .get(&(offer.mesh_id.clone(), broker.clone()))
                 .is_some_and(|r| *r == ShareRole::Accept);
             if accepted {
-                self.adopt_offer(ctx, &peer, &offer).await;
+                self.adopt_offer(ctx, &broker, &offer).await;
             }
         }
     }
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn consent_follows_offer_accept_and_roster() {
-        // The home offers: ready at once, for that peer only.
+        // The home offers: ready at once, for that broker only.
         let home = consent(&[("m", "b", ShareRole::Offer)], &[]);
         assert!(home.local_ready("m", "b") && !home.local_ready("m", "c"));
         assert_eq!(home.roster("a", "m"), ["a", "b"]);

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Live frames waiting, in arrival order, for members the peer has not announced yet:
+/// Live frames waiting, in arrival order, for members the peer broker has not announced yet:
 /// announcements travel on the messages stream, so a live frame of a member who just
 /// joined can arrive first. While anything waits, every later live frame queues behind
 /// it, so the live stream's order is kept. Frames are kept encoded, at most
@@ -116,7 +116,7 @@ impl Held {
     }
 }
 
-/// The members a live frame is attributed to that the peer has not announced here
+/// The members a live frame is attributed to that the peer broker has not announced here
 /// yet, as (mesh, key); `Err` when it names more than [`HELD_UNKNOWN`].
 pub(crate) async fn unknown_members(
     ctx: &Ctx,

@@ -1,9 +1,9 @@
-//! The inbox from each peer: forwarded messages stored exactly once (the peer's
-//! outbox position recorded with each row), member announcements applied.
+//! The inbox from each peer broker: forwarded messages stored exactly once (the
+//! sender's outbox position recorded with each row), member announcements applied.
 
 use super::*;
 
-/// Resets a peer's inbox cursor when dropped armed: see `inbound_messages`.
+/// Resets a peer broker's inbox cursor when dropped armed: see `inbound_messages`.
 pub(crate) struct CursorAhead<'a> {
     pub(crate) cursor: &'a Mutex<Option<fed::InboxCursor>>,
     pub(crate) armed: bool,
@@ -38,7 +38,7 @@ pub(crate) enum Fate {
 }
 
 impl Fed {
-    /// The peer's members and durable messages: stored (with the de-duplication cursor)
+    /// The peer broker's members and durable messages: stored (with the de-duplication cursor)
     /// before they are acknowledged, in order.
     pub(crate) async fn inbound_messages(
         self: Arc<Self>,
@@ -47,14 +47,17 @@ impl Fed {
         mut rx: FrameReader,
         mut tx: FrameWriter,
     ) -> Result<(), LinkError> {
-        let peer = link.broker.to_string();
-        let cursor = lock(&self.cursors).entry(peer.clone()).or_default().clone();
+        let broker = link.broker.to_string();
+        let cursor = lock(&self.cursors)
+            .entry(broker.clone())
+            .or_default()
+            .clone();
         if lock(&cursor).is_none() {
             // Everything queued before is committed first, so the stored cursor is exact.
             let _ = ctx.writer.flush().await;
             let high = ctx
                 .db
-                .inbox_high(&peer)
+                .inbox_high(&broker)
                 .await
                 .map_err(|e| store_error("reading the inbox cursor", e))?;
             lock(&cursor).get_or_insert(fed::InboxCursor {
@@ -116,7 +119,7 @@ impl Fed {
                     Frame::Dm(dm) => {
                         let seq = dm.seq;
                         // A cursor reset by a failed insert (on this or another link of
-                        // the peer) must be re-read from the store: end this stream.
+                        // the same broker) must be re-read from the store: end this stream.
                         let Some(admitted) = lock(&cursor).as_mut().map(|c| c.admit(seq)) else {
                             return Err(LinkError::Restart("the inbox cursor was reset"));
                         };
@@ -131,7 +134,7 @@ impl Fed {
                         if !admitted {
                             // Seen before: stored, or refused (then refused again, so
                             // the sender does not take it for delivered).
-                            let p = match ctx.db.inbox_rejection(&peer, seq_i).await {
+                            let p = match ctx.db.inbox_rejection(&broker, seq_i).await {
                                 Ok(Some(r)) => Fate::Rejected(
                                     seq,
                                     RejectReason::parse(&r).unwrap_or(RejectReason::Invalid),
@@ -148,7 +151,7 @@ impl Fed {
                                 let _ = ctx
                                     .writer
                                     .send(WriteOp::InboxRejected {
-                                        peer: peer.clone(),
+                                        peer: broker.clone(),
                                         seq: seq_i,
                                         reason: reason.as_str(),
                                         at: now_ms(),
@@ -190,7 +193,7 @@ impl Fed {
             return;
         };
         let now = now_ms();
-        // Members a peer hosts in this mesh are bounded (each carries rows, presence,
+        // Members a peer broker hosts in this mesh are bounded (each carries rows, presence,
         // contexts and quotas here).
         let mut hosted = hub.members_hosted_by(&link.broker);
         for ann in members {

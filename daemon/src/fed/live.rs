@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Hands a peer's event push to every local connection of the mesh.
+/// Hands a peer broker's event push to every local connection of the mesh.
 pub(crate) async fn deliver_event(
     ctx: &Ctx,
     link: &LinkShared,
@@ -167,8 +167,8 @@ impl Fed {
         ended
     }
 
-    /// Applies a live frame, or holds it: when it names members the peer has not
-    /// announced yet, or when earlier frames are held (it keeps its place).
+    /// Applies a live frame, or holds it: when it names members the peer broker
+    /// has not announced yet, or when earlier frames are held (it keeps its place).
     pub(crate) async fn admit_live(
         self: &Arc<Self>,
         ctx: &Arc<Ctx>,

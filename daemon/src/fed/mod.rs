@@ -1,22 +1,22 @@
 //! Federation in the daemon: what flows over each link to a peer broker.
 //!
-//! `meshd-federation` keeps one authenticated QUIC link per configured peer; this module
-//! is its [`LinkHandler`]. Per link it runs:
+//! `meshd-federation` keeps one authenticated QUIC link per configured peer broker; this
+//! module is its [`LinkHandler`]. Per link it runs:
 //! - the *control* stream: mesh consent (`MeshOffer` from a mesh's home, `MeshReady` /
 //!   `MeshWithdraw` from either side). A mesh *flows* over a link only while both
-//!   brokers consent: the home has shared it with the peer (`meshd mesh share`) and the
-//!   peer accepted it (`meshd mesh accept`), or — between two replicas — both appear on
+//!   brokers consent: the home has shared it with the other broker (`meshd mesh share`)
+//!   and that broker accepted it (`meshd mesh accept`), or — between two replicas — both appear on
 //!   the home's roster.
 //! - an outgoing *messages* stream: member announcements, then the durable outbox (rows
-//!   of the `message` table with `forward_to` = peer, read in `seq` order, at most
-//!   `outbox_window` unacknowledged). The peer stores each message together with its
+//!   of the `message` table with `forward_to` = that broker, read in `seq` order, at most
+//!   `outbox_window` unacknowledged). The receiver stores each message together with its
 //!   de-duplication cursor before acknowledging it, so after cuts, restarts and
 //!   `kill -9` of either broker every acknowledged message is delivered exactly once, in
 //!   order.
 //! - a *presence* stream: a snapshot per mesh when it starts flowing, then coalesced
 //!   upserts/departures (at most one pending update per session per link).
 //! - a *live* stream: broadcasts, group messages and state writes, delivered by the
-//!   receiver to its own peers only (one hop: never re-forwarded).
+//!   receiver to its own (client) peers only (one hop: never re-forwarded).
 //!
 //! A broker speaks only for the members it hosts: a member announcement, message,
 //! presence or state write naming a member hosted elsewhere is refused and counted.
@@ -86,15 +86,16 @@ pub(crate) const LIVE_READ_AHEAD: usize = 1;
 /// Control frames waiting per link (rare: consent changes).
 pub(crate) const CONTROL_QUEUE: usize = 256;
 /// After a link comes up, how long the outbox waits for a consented mesh to start
-/// flowing (the peer's `MeshReady`) before it refuses that mesh's messages: the outbox
-/// is one ordered stream, so a mesh the peer no longer takes must not hold back others.
+/// flowing (the peer broker's `MeshReady`) before it refuses that mesh's messages: the
+/// outbox is one ordered stream, so a mesh that broker no longer takes must not hold back
+/// others.
 pub(crate) const FLOW_SETTLE: Duration = Duration::from_secs(5);
 /// How often stored consent is re-read (the admin CLI writes it beside the daemon).
 pub(crate) const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// Every this many reconcile ticks (5 s), accepted offers without a replica are retried.
 pub(crate) const ADOPT_RETRY_TICKS: u64 = 10;
 /// Presence updates waiting for one link (one per session and mesh); beyond, the peer
-/// is not reading and the link starts over.
+/// broker is not reading and the link starts over.
 pub(crate) const PRESENCE_PENDING: usize = 65_536;
 /// Member announcements waiting for one link; beyond, the link starts over.
 pub(crate) const MEMBERS_QUEUE: usize = 256;
@@ -104,11 +105,11 @@ pub(crate) const MAX_REMOTE_MEMBERS: usize = 10_000;
 pub(crate) const MAX_OFFERS_PER_PEER: usize = 1_024;
 /// Brokers named in one offer's roster.
 pub(crate) const MAX_ROSTER: usize = 64;
-/// Meshes one peer may claim to be ready for on a link.
+/// Meshes one peer broker may claim to be ready for on a link.
 pub(crate) const MAX_PEER_READY: usize = 4_096;
 /// How long a link may be up before its handler registers it (see `Fed::check_links`).
 pub(crate) const REGISTER_BOUND: Duration = Duration::from_secs(5);
-/// How often a claim the peer has not answered is announced again.
+/// How often a claim the peer broker has not answered is announced again.
 pub(crate) const REANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 
 /// Why federation could not start.
@@ -121,16 +122,16 @@ pub enum FedStartError {
     /// The org CA file (served as the bundle).
     #[error("federation CA file: {0}")]
     Bundle(#[source] meshd_certs::CaFileError),
-    /// A peer's CA file.
-    #[error("federation peer {peer}: {source}")]
+    /// A peer broker's CA file.
+    #[error("federation peer {broker}: {source}")]
     Peer {
-        /// Peer name.
-        peer: String,
+        /// The peer broker's name.
+        broker: String,
         /// What is wrong with its CA file.
         #[source]
         source: meshd_certs::CaFileError,
     },
-    /// The peers' trust anchors as a whole (e.g. a name configured twice).
+    /// The peer brokers' trust anchors as a whole (e.g. a name configured twice).
     #[error("federation peers: {0}")]
     Trust(#[from] meshd_certs::TrustError),
     /// The endpoint.
@@ -146,14 +147,14 @@ pub(crate) struct LinkShared {
     /// The manager's number for this link (see [`meshd_federation::LinkHandler::run`]).
     pub(crate) id: u64,
     /// Held for the whole of `update_flowing`, so two recomputations (a consent change
-    /// and the peer's ready) never work from views of each other's half-done changes.
+    /// and the peer broker's ready) never work from views of each other's half-done changes.
     pub(crate) flow_lock: tokio::sync::Mutex<()>,
-    /// When each claimed mesh was last announced again while the peer was not ready
+    /// When each claimed mesh was last announced again while the peer broker was not ready
     /// for it (see `Fed::check_links`).
     pub(crate) reannounced: Mutex<HashMap<String, std::time::Instant>>,
-    /// Meshes the peer said it is ready to exchange.
-    pub(crate) peer_ready: Mutex<HashSet<String>>,
-    /// Meshes we told the peer we are ready to exchange.
+    /// Meshes the peer broker said it is ready to exchange.
+    pub(crate) broker_ready: Mutex<HashSet<String>>,
+    /// Meshes we told the peer broker we are ready to exchange.
     pub(crate) claimed: Mutex<HashSet<String>>,
     /// Meshes flowing now (both ready).
     pub(crate) flowing: Mutex<HashSet<String>>,
@@ -166,16 +167,16 @@ pub(crate) struct LinkShared {
     pub(crate) members: Mutex<VecDeque<Frame>>,
     pub(crate) outbox_wake: Notify,
     pub(crate) counters: Arc<LinkCounters>,
-    /// The peer opened its messages stream: a second one would run a second
+    /// The peer broker opened its messages stream: a second one would run a second
     /// de-duplication cursor, so it is a protocol error.
     pub(crate) messages_in: std::sync::atomic::AtomicBool,
-    /// The peer opened its live stream (a second one is a protocol error).
+    /// The peer broker opened its live stream (a second one is a protocol error).
     pub(crate) live_in: std::sync::atomic::AtomicBool,
     /// When the link came up.
     pub(crate) started: std::time::Instant,
-    /// Live frames waiting for members the peer has not announced yet (see [`Held`]).
+    /// Live frames waiting for members the peer broker has not announced yet (see [`Held`]).
     pub(crate) held: Mutex<Held>,
-    /// Signalled when the peer announced members (held live frames may be ready).
+    /// Signalled when the peer broker announced members (held live frames may be ready).
     pub(crate) announced: Notify,
     /// The running catch-up of each mesh (cancelled when a new one starts).
     pub(crate) catch_ups: Mutex<HashMap<String, CancellationToken>>,
@@ -201,28 +202,28 @@ impl LinkShared {
         lock(&self.flowing).contains(mesh)
     }
 
-    /// Whether a message of `mesh` for the peer goes (or waits to go) over this link:
-    /// the mesh flows, or the peer said it is ready and the link is still settling
-    /// (our side's claim is being made). A peer that said it is not ready (its hello
+    /// Whether a message of `mesh` for the peer broker goes (or waits to go) over this
+    /// link: the mesh flows, or that broker said it is ready and the link is still settling
+    /// (our side's claim is being made). A broker that said it is not ready (its hello
     /// omitted the mesh, or it withdrew) refuses at once: nothing waits for a consent
     /// that was withdrawn.
     pub(crate) fn settling_or_flows(&self, mesh: &str, now: std::time::Instant) -> bool {
         may_send(
             self.flows(mesh),
-            lock(&self.peer_ready).contains(mesh),
+            lock(&self.broker_ready).contains(mesh),
             now.saturating_duration_since(self.started),
         )
     }
 
-    /// Whether we take this mesh's traffic from the peer: we told it we consent (the
-    /// peer sends only after it has heard so, which may be before our side has heard
-    /// the peer's own consent and marked the mesh flowing).
+    /// Whether we take this mesh's traffic from the peer broker: we told it we consent
+    /// (it sends only after it has heard so, which may be before our side has heard its
+    /// own consent and marked the mesh flowing).
     pub(crate) fn accepts(&self, mesh: &str) -> bool {
         lock(&self.claimed).contains(mesh)
     }
 
     /// Queues a presence update; `false` (nothing queued) when the coalescer holds
-    /// [`PRESENCE_PENDING`] updates already: the peer stopped reading, and the link must
+    /// [`PRESENCE_PENDING`] updates already: the peer broker stopped reading, and the link must
     /// start over (its successor sends a snapshot).
     pub(crate) fn queue_presence(&self, mesh: &str, key: &str, frame: Frame) -> bool {
         {
@@ -259,24 +260,24 @@ pub(crate) struct Fed {
     stop: CancellationToken,
     /// The org CA bundle served on `/.well-known/meshd/bundle`.
     bundle: String,
-    /// Per peer, the highest outbox seq ever sent (to count resends across links).
+    /// Per peer broker, the highest outbox seq ever sent (to count resends across links).
     resend_marks: Mutex<HashMap<String, Arc<AtomicU64>>>,
-    /// Per peer, rows handed over by the store writer before their commit.
+    /// Per peer broker, rows handed over by the store writer before their commit.
     hot: Mutex<HashMap<String, Arc<HotSink>>>,
     /// The bound QUIC address (known before the links start).
     quic: Option<std::net::SocketAddr>,
-    /// Per peer, the de-duplication cursor of its messages: shared by successive links,
+    /// Per peer broker, the de-duplication cursor of its messages: shared by successive links,
     /// so a replaced link's reader and its successor never admit the same position.
     /// `None` until read from the store (and again after a failed insert).
     cursors: Mutex<HashMap<String, Arc<Mutex<Option<fed::InboxCursor>>>>>,
-    /// Per peer, the pending expiry of a lost link's presences (see
+    /// Per peer broker, the pending expiry of a lost link's presences (see
     /// `schedule_presence_expiry`).
     expiries: Mutex<HashMap<String, (CancellationToken, HashSet<String>)>>,
     /// Held while a replica is adopted (see `adopt_offer`).
     adopting: tokio::sync::Mutex<()>,
     /// Test hooks handed to the link manager (none in production).
     hooks: Option<Arc<dyn meshd_federation::LinkHooks>>,
-    /// Per peer: since when the manager's current link has had no handler registered
+    /// Per peer broker: since when the manager's current link has had no handler registered
     /// here (see `check_links`).
     unregistered_since: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
@@ -291,7 +292,7 @@ impl std::fmt::Debug for Fed {
 
 impl Fed {
     /// Loads certificates and trust and binds the QUIC endpoint. Refuses to start on a
-    /// world-readable key, a certificate for another name, or an unreadable peer CA.
+    /// world-readable key, a certificate for another name, or an unreadable peer broker CA.
     ///
     /// # Errors
     /// [`FedStartError`].
@@ -310,7 +311,7 @@ impl Fed {
                 meshd_config::PeerAnchorConfig::CaFile(path) => {
                     meshd_certs::PeerAnchor::load_ca_file(path).map_err(|source| {
                         FedStartError::Peer {
-                            peer: p.name.clone(),
+                            broker: p.name.clone(),
                             source,
                         }
                     })?
@@ -432,14 +433,17 @@ impl Fed {
         lock(&self.manager).clone()
     }
 
-    /// The hot queue of `peer` (see [`HotSink`]).
-    pub(crate) fn hot_sink(&self, peer: &str) -> Arc<HotSink> {
-        lock(&self.hot).entry(peer.to_owned()).or_default().clone()
+    /// The hot queue of `broker` (see [`HotSink`]).
+    pub(crate) fn hot_sink(&self, broker: &str) -> Arc<HotSink> {
+        lock(&self.hot)
+            .entry(broker.to_owned())
+            .or_default()
+            .clone()
     }
 
-    pub(crate) fn resend_mark(&self, peer: &str) -> Arc<AtomicU64> {
+    pub(crate) fn resend_mark(&self, broker: &str) -> Arc<AtomicU64> {
         lock(&self.resend_marks)
-            .entry(peer.to_owned())
+            .entry(broker.to_owned())
             .or_default()
             .clone()
     }
@@ -448,8 +452,8 @@ impl Fed {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub(crate) fn link(&self, peer: &str) -> Option<Arc<LinkShared>> {
-        lock(&self.links).get(peer).cloned()
+    pub(crate) fn link(&self, broker: &str) -> Option<Arc<LinkShared>> {
+        lock(&self.links).get(broker).cloned()
     }
 
     pub(crate) fn links_for(&self, mesh: &str) -> Vec<Arc<LinkShared>> {
@@ -472,28 +476,28 @@ impl Fed {
         *lock(&self.shared) = set;
     }
 
-    /// Whether a message of `mesh` for `peer` is taken for forwarding: we consent, and,
-    /// if the link is up and settled, the peer consents too (while the link is down the
+    /// Whether a message of `mesh` for `broker` is taken for forwarding: we consent, and,
+    /// if the link is up and settled, `broker` consents too (while the link is down the
     /// message waits in the outbox).
-    pub(crate) fn will_forward(&self, mesh: &str, peer: &str) -> bool {
-        self.consents(mesh, peer)
+    pub(crate) fn will_forward(&self, mesh: &str, broker: &str) -> bool {
+        self.consents(mesh, broker)
             && self
-                .link(peer)
+                .link(broker)
                 .is_none_or(|l| l.settling_or_flows(mesh, crate::time::std_instant()))
     }
 
-    /// Whether `mesh` is shared with `peer` (messages to its members may be queued for it,
+    /// Whether `mesh` is shared with `broker` (messages to its members may be queued for it,
     /// even while the link is down).
-    pub(crate) fn consents(&self, mesh: &str, peer: &str) -> bool {
-        lock(&self.consent).local_ready(mesh, peer)
+    pub(crate) fn consents(&self, mesh: &str, broker: &str) -> bool {
+        lock(&self.consent).local_ready(mesh, broker)
     }
 
     // ---- hooks called by sessions and the HTTP layer --------------------------------
 
-    /// New outbox rows for `peer` are committed.
-    pub(crate) fn outbox_ready(&self, peer: &str) {
-        tracing::trace!(peer, "outbox rows committed");
-        if let Some(link) = self.link(peer) {
+    /// New outbox rows for `broker` are committed.
+    pub(crate) fn outbox_ready(&self, broker: &str) {
+        tracing::trace!(peer = broker, "outbox rows committed");
+        if let Some(link) = self.link(broker) {
             link.outbox_wake.notify_one();
         }
     }
@@ -511,9 +515,9 @@ struct Links {
 }
 
 impl LinkHandler for Links {
-    fn hello(&self, peer: &str) -> Hello {
+    fn hello(&self, broker: &str) -> Hello {
         let meshes = lock(&self.fed.consent)
-            .ready_for(peer)
+            .ready_for(broker)
             .into_iter()
             .map(|mesh_id| MeshClaim { mesh_id })
             .collect();
@@ -545,9 +549,9 @@ impl LinkHandler for Links {
     }
 }
 
-/// Whether `peer` hosts the member `(id, pubkey)` of `hub` (it may speak for it).
-pub(crate) fn speaks_for(hub: &MeshHub, peer: &str, member_id: &str, pubkey: &str) -> bool {
-    hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(peer, pubkey)
+/// Whether `broker` hosts the member `(id, pubkey)` of `hub` (it may speak for it).
+pub(crate) fn speaks_for(hub: &MeshHub, broker: &str, member_id: &str, pubkey: &str) -> bool {
+    hub.member(pubkey).is_some_and(|m| m.id == member_id) && hub.may_speak_for(broker, pubkey)
 }
 
 pub(crate) fn protocol_error(frame: &Frame, stream: &str) -> LinkError {

@@ -1,10 +1,10 @@
-//! The durable outbox to each peer: rows read from the store, or taken hot from the
-//! router before their commit, forwarded in order and acknowledged by the peer.
+//! The durable outbox to each peer broker: rows read from the store, or taken hot from the
+//! router before their commit, forwarded in order and acknowledged by that broker.
 
 use super::*;
 
-/// Rows the router (`delivery::router`) hands over for one peer, numbered but not yet
-/// committed. While the peer's link is up and its outbox caught up with the store, the
+/// Rows the router (`delivery::router`) hands over for one peer broker, numbered but not
+/// yet committed. While that broker's link is up and its outbox caught up with the store, the
 /// link forwards from here at once (no commit wait, no store read); otherwise it reads
 /// the store. Bounded: on overflow the queue is dropped and the link reads the store.
 #[derive(Debug, Default)]
@@ -163,13 +163,13 @@ impl Fed {
         let window = self.cfg.outbox_window;
         let inflight: Arc<Mutex<VecDeque<i64>>> = Arc::default();
         let acked = Arc::new(Notify::new());
-        let peer = link.broker.to_string();
+        let broker = link.broker.to_string();
         // Acks and rejects come back on the reply half.
         let ack_reader = {
             let inflight = inflight.clone();
             let acked = acked.clone();
             let ctx = ctx.clone();
-            let peer = peer.clone();
+            let broker = broker.clone();
             let counters = link.counters.clone();
             async move {
                 while let Some(frame) = rx.recv().await? {
@@ -186,7 +186,7 @@ impl Fed {
                             let _ = ctx
                                 .writer
                                 .send(WriteOp::Forwarded {
-                                    peer: peer.clone(),
+                                    peer: broker.clone(),
                                     upto: seq,
                                     at: now_ms(),
                                 })
@@ -202,7 +202,7 @@ impl Fed {
                             let _ = ctx
                                 .writer
                                 .send(WriteOp::ForwardRefused {
-                                    peer: peer.clone(),
+                                    peer: broker.clone(),
                                     seq: Some(i64::try_from(seq).unwrap_or(i64::MAX)),
                                     mesh_id: None,
                                     reason: reason.as_str(),
@@ -220,8 +220,8 @@ impl Fed {
             }
         };
         let sender = async {
-            let max_seen = self.resend_mark(&peer);
-            let hot = self.hot_sink(&peer);
+            let max_seen = self.resend_mark(&broker);
+            let hot = self.hot_sink(&broker);
             // Attach before the first store read: every row numbered from now on is
             // either in that read or offered to the hot queue.
             let mut attached = hot.attach();
@@ -269,7 +269,7 @@ impl Fed {
                 } else {
                     let rows = ctx
                         .db
-                        .outbox_page(&peer, last, limit)
+                        .outbox_page(&broker, last, limit)
                         .await
                         .map_err(|e| store_error("reading the outbox", e))?;
                     if i64::try_from(rows.len()).unwrap_or(0) < limit {
@@ -289,13 +289,13 @@ impl Fed {
                 }
                 if batch.is_empty() {
                     if from_store {
-                        let queued = ctx.db.outbox_len(&peer).await.unwrap_or(0);
+                        let queued = ctx.db.outbox_len(&broker).await.unwrap_or(0);
                         link.counters
                             .queued
                             .store(u64::try_from(queued).unwrap_or(0), Ordering::Relaxed);
                         continue;
                     }
-                    // Caught up: what waits is what the peer has not acknowledged yet.
+                    // Caught up: what waits is what the broker has not acknowledged yet.
                     link.counters
                         .queued
                         .store(lock(&inflight).len() as u64, Ordering::Relaxed);
@@ -325,11 +325,11 @@ impl Fed {
                         break;
                     }
                     if !link.flows(&dm.mesh_id) {
-                        // Not (or no longer) shared with this peer: refuse locally. A
+                        // Not (or no longer) shared with this broker: refuse locally. A
                         // mesh that has not started flowing yet on a new link waits a
-                        // moment instead (nothing after it may overtake it: the peer
+                        // moment instead (nothing after it may overtake it: the broker
                         // de-duplicates by a high-water mark).
-                        if self.consents(&dm.mesh_id, &peer)
+                        if self.consents(&dm.mesh_id, &broker)
                             && link.settling_or_flows(&dm.mesh_id, crate::time::std_instant())
                         {
                             blocked = true;
@@ -340,7 +340,7 @@ impl Fed {
                         let _ = ctx
                             .writer
                             .send(WriteOp::ForwardRefused {
-                                peer: peer.clone(),
+                                peer: broker.clone(),
                                 seq: Some(seq),
                                 mesh_id: None,
                                 reason: RejectReason::NotShared.as_str(),

@@ -36,8 +36,8 @@ impl Coalescer {
     }
 }
 
-/// Bounds on a peer's presence entry: keys are ed25519 hex, texts stay within what a
-/// local hello may carry (so a peer cannot make `list_peers` huge).
+/// Bounds on a presence entry from a peer broker: keys are ed25519 hex, texts stay within
+/// what a local hello may carry (so a broker cannot make `list_peers` huge).
 pub(crate) fn valid_entry(e: &PresenceEntry) -> bool {
     const TEXT: usize = 1024;
     meshd_protocol::Pubkey::parse_hex(&e.key).is_ok()
@@ -198,7 +198,7 @@ impl Fed {
                 link.outbox_wake.notify_one();
             }
             if full {
-                // The peer is not taking announcements: start over (the next link
+                // The peer broker is not taking announcements: start over (the next link
                 // announces every member in full).
                 self.reset_link(&link, Reset::MembersFull);
             }
@@ -210,22 +210,22 @@ impl Fed {
     pub(crate) fn schedule_presence_expiry(
         self: &Arc<Self>,
         ctx: Arc<Ctx>,
-        peer: Arc<str>,
+        broker: Arc<str>,
         meshes: HashSet<String>,
     ) {
         let me = self.clone();
         let grace = self.cfg.presence_grace;
-        // One expiry per peer: a newer one takes over the meshes of a pending one (a
-        // peer reconnecting quickly does not pile up timers).
+        // One expiry per peer broker: a newer one takes over the meshes of a pending one
+        // (a broker reconnecting quickly does not pile up timers).
         let cancel = self.stop.child_token();
         let mut meshes = meshes;
         if let Some((old, pending)) =
-            lock(&self.expiries).insert(peer.to_string(), (cancel.clone(), HashSet::new()))
+            lock(&self.expiries).insert(broker.to_string(), (cancel.clone(), HashSet::new()))
         {
             old.cancel();
             meshes.extend(pending);
         }
-        if let Some(e) = lock(&self.expiries).get_mut(&*peer) {
+        if let Some(e) = lock(&self.expiries).get_mut(&*broker) {
             e.1.clone_from(&meshes);
         }
         self.tracker.spawn(async move {
@@ -240,22 +240,22 @@ impl Fed {
                 if cancel.is_cancelled() {
                     return;
                 }
-                expiries.remove(&*peer);
+                expiries.remove(&*broker);
             }
             // A link that came back replaced these meshes' peers with its snapshot; the
             // ones it does not carry (unshared meanwhile, or not flowing yet) leave.
-            let meshes: Vec<String> = match me.link(&peer) {
+            let meshes: Vec<String> = match me.link(&broker) {
                 Some(l) => meshes.into_iter().filter(|m| !l.flows(m)).collect(),
                 None => meshes.into_iter().collect(),
             };
             let now = now_ms();
             for m in meshes {
                 if let Some(hub) = ctx.hub.loaded(&m) {
-                    hub.remote_drop(&peer, now);
-                    crate::features::mcp::engine::broker_gone(&ctx, &hub, &peer);
+                    hub.remote_drop(&broker, now);
+                    crate::features::mcp::engine::broker_gone(&ctx, &hub, &broker);
                 }
             }
-            debug!(peer = %peer, "presence of a lost link expired");
+            debug!(peer = %broker, "presence of a lost link expired");
         });
     }
 
@@ -308,7 +308,7 @@ impl Fed {
                 count_refused(&ctx, &link, RejectReason::ForgedSender, refused);
             }
             if over > 0 {
-                // Not the peer's fault as such (the cap is ours): counted apart.
+                // Not the peer broker's fault as such (the cap is ours): counted apart.
                 link.counters
                     .refused
                     .fetch_add(over as u64, Ordering::Relaxed);

@@ -7,9 +7,9 @@ use crate::store::{Db, MeshRow, StoreError, with_db, with_db_write};
 /// Which side of a share this broker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShareRole {
-    /// This broker is the mesh's home and shares it with the peer.
+    /// This broker is the mesh's home and shares it with the peer broker.
     Offer,
-    /// The peer is the home; this broker accepted its offer.
+    /// The peer broker is the home; this broker accepted its offer.
     Accept,
 }
 
@@ -29,7 +29,7 @@ pub struct ShareRow {
     /// Mesh id.
     pub mesh_id: String,
     /// Peer broker.
-    pub peer: String,
+    pub broker: String,
     /// Our side.
     pub role: ShareRole,
 }
@@ -37,7 +37,8 @@ pub struct ShareRow {
 #[derive(sqlx::FromRow)]
 struct RawShare {
     mesh_id: String,
-    peer: String,
+    #[sqlx(rename = "peer")]
+    broker: String,
     role: String,
 }
 
@@ -117,7 +118,7 @@ impl Db {
                 };
                 Ok(ShareRow {
                     mesh_id: r.mesh_id,
-                    peer: r.peer,
+                    broker: r.broker,
                     role,
                 })
             })
@@ -128,21 +129,21 @@ impl Db {
     pub async fn insert_share(
         &self,
         mesh_id: &str,
-        peer: &str,
+        broker: &str,
         role: ShareRole,
         now: i64,
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO fed_share (mesh_id, peer, role, created_at) VALUES ($1, $2, $3, $4) \
                            ON CONFLICT (mesh_id, peer) DO NOTHING";
-        with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(peer).bind(role.as_str()).bind(now)
+        with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(broker).bind(role.as_str()).bind(now)
             .execute(p).await.map(drop))?;
         Ok(())
     }
 
     /// Withdraws a consent. Returns whether one existed.
-    pub async fn delete_share(&self, mesh_id: &str, peer: &str) -> Result<bool, StoreError> {
+    pub async fn delete_share(&self, mesh_id: &str, broker: &str) -> Result<bool, StoreError> {
         const SQL: &str = "DELETE FROM fed_share WHERE mesh_id = $1 AND peer = $2";
-        let n = with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(peer).execute(p).await
+        let n = with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(broker).execute(p).await
             .map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
@@ -177,7 +178,7 @@ impl Db {
         Ok(())
     }
 
-    /// The highest outbox position committed per peer (for the writer's [`OutSeqs`]).
+    /// The highest outbox position committed per peer broker (for the writer's [`OutSeqs`]).
     ///
     /// [`OutSeqs`]: crate::store::writer::OutSeqs
     pub async fn outseqs(&self) -> Result<Vec<(String, i64)>, StoreError> {
@@ -186,30 +187,30 @@ impl Db {
         )
     }
 
-    /// Why this broker refused `peer`'s outbox position `seq`, if it did.
+    /// Why this broker refused `broker`'s outbox position `seq`, if it did.
     pub async fn inbox_rejection(
         &self,
-        peer: &str,
+        broker: &str,
         seq: i64,
     ) -> Result<Option<String>, StoreError> {
         const SQL: &str = "SELECT reason FROM fed_inbox_reject WHERE peer = $1 AND seq = $2";
         Ok(
-            with_db!(self, p => sqlx::query_scalar(SQL).bind(peer).bind(seq).fetch_optional(p).await)?,
+            with_db!(self, p => sqlx::query_scalar(SQL).bind(broker).bind(seq).fetch_optional(p).await)?,
         )
     }
 
-    /// Highest outbox seq of `peer` already stored here.
-    pub async fn inbox_high(&self, peer: &str) -> Result<i64, StoreError> {
+    /// Highest outbox seq of `broker` already stored here.
+    pub async fn inbox_high(&self, broker: &str) -> Result<i64, StoreError> {
         const SQL: &str = "SELECT high_seq FROM fed_inbox WHERE peer = $1";
         let v: Option<i64> =
-            with_db!(self, p => sqlx::query_scalar(SQL).bind(peer).fetch_optional(p).await)?;
+            with_db!(self, p => sqlx::query_scalar(SQL).bind(broker).fetch_optional(p).await)?;
         Ok(v.unwrap_or(0))
     }
 
-    /// Up to `limit` pending outbox rows for `peer` after `after`, in order.
+    /// Up to `limit` pending outbox rows for `broker` after `after`, in order.
     pub async fn outbox_page(
         &self,
-        peer: &str,
+        broker: &str,
         after: i64,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
@@ -218,23 +219,23 @@ impl Db {
                            FROM message WHERE forward_to = $1 AND forwarded_at IS NULL AND forward_seq > $2 \
                            ORDER BY forward_seq LIMIT $3";
         Ok(
-            with_db!(self, p => sqlx::query_as(SQL).bind(peer).bind(after).bind(limit).fetch_all(p).await)?,
+            with_db!(self, p => sqlx::query_as(SQL).bind(broker).bind(after).bind(limit).fetch_all(p).await)?,
         )
     }
 
-    /// Pending outbox rows for `peer`.
-    pub async fn outbox_len(&self, peer: &str) -> Result<i64, StoreError> {
+    /// Pending outbox rows for `broker`.
+    pub async fn outbox_len(&self, broker: &str) -> Result<i64, StoreError> {
         const SQL: &str =
             "SELECT COUNT(*) FROM message WHERE forward_to = $1 AND forwarded_at IS NULL";
-        Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(peer).fetch_one(p).await)?)
+        Ok(with_db!(self, p => sqlx::query_scalar(SQL).bind(broker).fetch_one(p).await)?)
     }
 
-    /// Applies a member announced by `peer`. A key already held by a member hosted
+    /// Applies a member announced by `broker`. A key already held by a member hosted
     /// anywhere else (here included) is refused as forged.
     pub async fn upsert_remote_member(
         &self,
         mesh_id: &str,
-        peer: &str,
+        broker: &str,
         ann: &meshd_protocol::fed::MemberAnn,
         now: i64,
     ) -> Result<MemberUpsert, StoreError> {
@@ -244,12 +245,12 @@ impl Db {
                                   revoked_at = CASE WHEN revoked_at IS NOT NULL THEN revoked_at WHEN $3 THEN $4 ELSE NULL END \
                                   WHERE mesh_id = $5 AND pubkey = $6 AND home_broker = $7";
         if let Some(existing) = self.member_by_pubkey(mesh_id, &ann.pubkey).await? {
-            if existing.home_broker.as_deref() != Some(peer) {
+            if existing.home_broker.as_deref() != Some(broker) {
                 return Ok(MemberUpsert::Forged);
             }
             let revoked_now = ann.revoked && existing.revoked_at.is_none();
             with_db_write!(self, p => sqlx::query(UPDATE_SQL).bind(&ann.display_name).bind(&ann.role)
-                .bind(ann.revoked).bind(now).bind(mesh_id).bind(&ann.pubkey).bind(peer)
+                .bind(ann.revoked).bind(now).bind(mesh_id).bind(&ann.pubkey).bind(broker)
                 .execute(p).await.map(drop))?;
             return Ok(MemberUpsert::Applied {
                 member_id: existing.id,
@@ -258,11 +259,11 @@ impl Db {
         }
         let revoked_at = ann.revoked.then_some(now);
         with_db_write!(self, p => sqlx::query(INSERT_SQL).bind(&ann.member_id).bind(mesh_id).bind(&ann.pubkey)
-            .bind(&ann.display_name).bind(&ann.role).bind(now).bind(revoked_at).bind(peer)
+            .bind(&ann.display_name).bind(&ann.role).bind(now).bind(revoked_at).bind(broker)
             .execute(p).await.map(drop))?;
         // A lost race with another insert of the same key: judge what is stored now.
         match self.member_by_pubkey(mesh_id, &ann.pubkey).await? {
-            Some(m) if m.home_broker.as_deref() == Some(peer) => Ok(MemberUpsert::Applied {
+            Some(m) if m.home_broker.as_deref() == Some(broker) => Ok(MemberUpsert::Applied {
                 member_id: m.id,
                 revoked_now: false,
             }),

@@ -8,13 +8,13 @@ use super::*;
 /// `meshd_federation_link_resets_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reset {
-    /// The peer stopped reading its control stream.
+    /// The peer broker stopped reading its control stream.
     ControlFull,
-    /// The peer stopped reading member announcements.
+    /// The peer broker stopped reading member announcements.
     MembersFull,
-    /// The peer claimed more meshes than any broker shares.
+    /// The peer broker claimed more meshes than any broker shares.
     PeerReadyFull,
-    /// The peer stopped reading presence updates.
+    /// The peer broker stopped reading presence updates.
     PresenceFull,
     /// The link came up but its handler never registered it.
     Unregistered,
@@ -33,10 +33,10 @@ impl Reset {
 }
 
 /// Whether a message of a mesh goes (or waits to go) over a link of this `age`: the
-/// mesh flows, or the peer said it is ready and the link is within [`FLOW_SETTLE`] of
-/// its start (our side's claim is still being made).
-pub(crate) fn may_send(flows: bool, peer_ready: bool, age: Duration) -> bool {
-    flows || (peer_ready && age < FLOW_SETTLE)
+/// mesh flows, or the peer broker said it is ready (`broker_ready`) and the link is within
+/// [`FLOW_SETTLE`] of its start (our side's claim is still being made).
+pub(crate) fn may_send(flows: bool, broker_ready: bool, age: Duration) -> bool {
+    flows || (broker_ready && age < FLOW_SETTLE)
 }
 
 pub(crate) async fn control_writer(
@@ -96,8 +96,8 @@ impl Fed {
     ///   within [`REGISTER_BOUND`]; otherwise it is reset.
     /// - Our claims must match stored consent, and what flows must be what both sides
     ///   claim; otherwise they are recomputed.
-    /// - A mesh we claim that the peer has not said it is ready for is announced again
-    ///   every [`REANNOUNCE_EVERY`] (idempotent on the peer; it converges a lost or
+    /// - A mesh we claim that the peer broker has not said it is ready for is announced
+    ///   again every [`REANNOUNCE_EVERY`] (idempotent on that broker; it converges a lost or
     ///   crossed announcement). A control queue too full to take it resets the link.
     pub(crate) async fn check_links(&self, ctx: &Arc<Ctx>, now: std::time::Instant) {
         let Some(manager) = self.manager() else {
@@ -133,9 +133,11 @@ impl Fed {
                 self.reconcile_link(ctx, &link).await;
                 continue;
             }
-            let (claimed, peer_ready) =
-                (lock(&link.claimed).clone(), lock(&link.peer_ready).clone());
-            let want: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
+            let (claimed, broker_ready) = (
+                lock(&link.claimed).clone(),
+                lock(&link.broker_ready).clone(),
+            );
+            let want: HashSet<String> = claimed.intersection(&broker_ready).cloned().collect();
             if *lock(&link.flowing) != want {
                 self.update_flowing(ctx, &link).await;
             }
@@ -144,9 +146,9 @@ impl Fed {
             }
             let due: Vec<String> = {
                 let mut last = lock(&link.reannounced);
-                last.retain(|m, _| claimed.contains(m) && !peer_ready.contains(m));
+                last.retain(|m, _| claimed.contains(m) && !broker_ready.contains(m));
                 claimed
-                    .difference(&peer_ready)
+                    .difference(&broker_ready)
                     .filter(|m| {
                         last.get(*m)
                             .is_none_or(|at| now.duration_since(*at) >= REANNOUNCE_EVERY)
@@ -168,14 +170,14 @@ impl Fed {
 
     /// Brings a link's consent claims and flowing meshes in line with stored consent.
     pub(crate) async fn reconcile_link(&self, ctx: &Arc<Ctx>, link: &Arc<LinkShared>) {
-        let peer = &*link.broker;
+        let broker = &*link.broker;
         let (ready, offers) = {
             let c = lock(&self.consent);
-            let ready = c.ready_for(peer);
+            let ready = c.ready_for(broker);
             let offers: Vec<MeshOffer> = c
                 .shares
                 .iter()
-                .filter(|((_, p), r)| p == peer && **r == ShareRole::Offer)
+                .filter(|((_, p), r)| p == broker && **r == ShareRole::Offer)
                 .map(|((m, _), _)| MeshOffer {
                     mesh_id: m.clone(),
                     name: String::new(),
@@ -191,8 +193,8 @@ impl Fed {
                 if let Ok(Some(row)) = ctx.db.mesh_by_id(&o.mesh_id).await {
                     o.name = row.name;
                     o.slug = row.slug;
-                    // Never waits on one peer (the reconcile loop serves every link):
-                    // a control queue this full means the peer stopped reading.
+                    // Never waits on one broker (the reconcile loop serves every link):
+                    // a control queue this full means that broker stopped reading.
                     if link.control.try_send(Frame::MeshOffer(o)).is_err() {
                         self.reset_link(link, Reset::ControlFull);
                         return;
@@ -217,7 +219,7 @@ impl Fed {
                 );
             for f in frames {
                 if link.control.try_send(f).is_err() {
-                    // The peer would never learn of this change: start over (the hellos
+                    // The peer broker would never learn of this change: start over (the hellos
                     // of the next link carry the whole consent).
                     warn!(peer = %link.broker, "control queue full; resetting the link");
                     self.reset_link(link, Reset::ControlFull);
@@ -232,9 +234,9 @@ impl Fed {
     pub(crate) async fn update_flowing(&self, ctx: &Arc<Ctx>, link: &Arc<LinkShared>) {
         let _serial = link.flow_lock.lock().await;
         let claimed = lock(&link.claimed).clone();
-        let peer_ready = lock(&link.peer_ready).clone();
-        let now_flowing: HashSet<String> = claimed.intersection(&peer_ready).cloned().collect();
-        debug!(peer = %link.broker, ?claimed, ?peer_ready, "consent on the link");
+        let broker_ready = lock(&link.broker_ready).clone();
+        let now_flowing: HashSet<String> = claimed.intersection(&broker_ready).cloned().collect();
+        debug!(peer = %link.broker, ?claimed, peer_ready = ?broker_ready, "consent on the link");
         let (started, stopped) = {
             let flowing = lock(&link.flowing);
             let started: Vec<String> = now_flowing.difference(&flowing).cloned().collect();
@@ -252,7 +254,7 @@ impl Fed {
                 hub.remote_drop(&link.broker, now);
                 crate::features::mcp::engine::broker_gone(ctx, &hub, &link.broker);
             }
-            // Messages for the peer in a mesh we no longer share are refused, not kept.
+            // Messages for the peer broker in a mesh we no longer share are refused, not kept.
             if !self.consents(&m, &link.broker) {
                 let _ = ctx
                     .writer
@@ -277,12 +279,12 @@ impl Fed {
             };
             info!(peer = %link.broker, mesh.id = %m, "mesh flows over the link");
             // Members first: the mesh's messages may go out as soon as it flows, and the
-            // peer refuses a message from a member it has not heard of.
+            // peer broker refuses a message from a member it has not heard of.
             // The list is taken, queued and the mesh marked flowing under the members
             // lock (see `member_changed`).
             let overflow = {
                 let mut q = lock(&link.members);
-                // Earlier full lists of this mesh are superseded by this one (a peer
+                // Earlier full lists of this mesh are superseded by this one (a broker
                 // toggling its consent cannot pile them up).
                 q.retain(
                     |f| !matches!(f, Frame::Members { mesh_id, full: true, .. } if *mesh_id == m),
@@ -328,7 +330,7 @@ impl Fed {
             link.presence_wake.notify_one();
             // What converges by merging or newest write goes over the live stream, in
             // its own task (it waits for room instead of dropping). It runs again a few
-            // seconds later: what the peer could not take the first time (held too
+            // seconds later: what the broker could not take the first time (held too
             // long for a member announcement, changed while the lists were read) is
             // sent again. A new run for the mesh on this link replaces a running one.
             let (ctx2, link2, hub2) = (ctx.clone(), link.clone(), hub.clone());
@@ -361,23 +363,23 @@ impl Fed {
         counters: Arc<LinkCounters>,
         stop: CancellationToken,
     ) -> Result<(), LinkError> {
-        let peer: Arc<str> = Arc::from(link.peer.as_str());
+        let broker: Arc<str> = Arc::from(link.broker.as_str());
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (live_tx, live_rx) = mpsc::channel(LIVE_QUEUE);
         let shared = Arc::new(LinkShared {
-            broker: peer.clone(),
+            broker: broker.clone(),
             id,
             flow_lock: tokio::sync::Mutex::new(()),
             reannounced: Mutex::default(),
-            peer_ready: Mutex::new(
-                link.peer_hello
+            broker_ready: Mutex::new(
+                link.their_hello
                     .meshes
                     .iter()
                     .map(|m| m.mesh_id.clone())
                     .collect(),
             ),
             // What our hello said, not what consent says now: it may have changed
-            // during the handshake, and the reconcile below tells the peer the difference.
+            // during the handshake, and the reconcile below tells the broker the difference.
             claimed: Mutex::new(
                 link.hello
                     .meshes
@@ -406,14 +408,14 @@ impl Fed {
             // The manager cancels a replaced link's `stop` before it starts the link that
             // replaces it. So, checked under the table's lock: a link replaced before its
             // handler got here steps aside (registering it would shadow its successor,
-            // and its removal on the way out would leave the peer with no link at all —
+            // and its removal on the way out would leave the broker with no link at all —
             // "up" and carrying nothing, for good).
             let mut links = lock(&self.links);
             if stop.is_cancelled() {
-                debug!(peer = %peer, id, "link replaced before it started");
+                debug!(peer = %broker, id, "link replaced before it started");
                 return Ok(());
             }
-            links.insert(peer.to_string(), shared.clone());
+            links.insert(broker.to_string(), shared.clone());
         }
         ctx.metrics.fed_links_up.fetch_add(1, Ordering::Relaxed);
 
@@ -464,7 +466,7 @@ impl Fed {
         )));
         drop(done_tx);
         // Start the meshes both sides are ready for (unless the link is already
-        // stopping: a stop never waits on the peer).
+        // stopping: a stop never waits on the peer broker).
         let result = tokio::select! {
             () = stop.cancelled() => Ok(()),
             () = self.reconcile_link(&ctx, &shared) => tokio::select! {
@@ -478,16 +480,16 @@ impl Fed {
         }
         tasks.close();
         tasks.wait().await;
-        // Unregister (unless a newer link for this peer already replaced this one).
+        // Unregister (unless a newer link for this broker already replaced this one).
         {
             let mut links = lock(&self.links);
-            if links.get(&*peer).is_some_and(|l| Arc::ptr_eq(l, &shared)) {
-                links.remove(&*peer);
+            if links.get(&*broker).is_some_and(|l| Arc::ptr_eq(l, &shared)) {
+                links.remove(&*broker);
             }
         }
         self.refresh_shared();
         ctx.metrics.fed_links_up.fetch_sub(1, Ordering::Relaxed);
-        self.schedule_presence_expiry(ctx.clone(), peer, lock(&shared.flowing).clone());
+        self.schedule_presence_expiry(ctx.clone(), broker, lock(&shared.flowing).clone());
         result
     }
 
@@ -524,12 +526,12 @@ impl Fed {
                     let mut o = offer.clone();
                     o.roster.retain(|b| !b.is_empty());
                     // The home is the sender; remember it with the offer (a bounded number
-                    // per peer: homes send their offers again whenever consent changes).
+                    // per broker: homes send their offers again whenever consent changes).
                     let key = (o.mesh_id.clone(), link.broker.to_string());
                     {
                         let mut offers = lock(&self.offers);
-                        let of_peer = offers.keys().filter(|(_, p)| *p == *link.broker).count();
-                        if !offers.contains_key(&key) && of_peer >= MAX_OFFERS_PER_PEER {
+                        let of_broker = offers.keys().filter(|(_, p)| *p == *link.broker).count();
+                        if !offers.contains_key(&key) && of_broker >= MAX_OFFERS_PER_PEER {
                             drop(offers);
                             count_refused(&ctx, &link, RejectReason::Invalid, 1);
                             continue;
@@ -547,14 +549,14 @@ impl Fed {
                     }
                 }
                 Frame::MeshReady(c) => {
-                    // The peer's claims are bounded like its offers: a peer claiming
+                    // The broker's claims are bounded like its offers: a broker claiming
                     // meshes without end is misbehaving, and the link starts over.
                     if !crate::ids::plausible_id(&c.mesh_id) {
                         count_refused(&ctx, &link, RejectReason::Invalid, 1);
                         continue;
                     }
                     let full = {
-                        let mut ready = lock(&link.peer_ready);
+                        let mut ready = lock(&link.broker_ready);
                         if ready.len() >= MAX_PEER_READY && !ready.contains(&c.mesh_id) {
                             true
                         } else {
@@ -571,7 +573,7 @@ impl Fed {
                     self.update_flowing(&ctx, &link).await;
                 }
                 Frame::MeshWithdraw(c) => {
-                    lock(&link.peer_ready).remove(&c.mesh_id);
+                    lock(&link.broker_ready).remove(&c.mesh_id);
                     self.update_flowing(&ctx, &link).await;
                 }
                 Frame::Close(reason) => return Err(LinkError::Closed(reason)),
@@ -581,7 +583,7 @@ impl Fed {
         Ok(())
     }
 
-    /// Accepts the streams the peer opens and serves each by its class.
+    /// Accepts the streams the peer broker opens and serves each by its class.
     pub(crate) async fn accept_streams(
         self: Arc<Self>,
         ctx: Arc<Ctx>,
