@@ -153,6 +153,7 @@ async fn webhook(
             created_at: now,
             expires_at: now,
             origin: crate::delivery::Origin::Webhook,
+            tags: Vec::new(),
         };
         crate::delivery::submit(&ctx, envelope, now).map_or(0, |a| a.delivered)
     });

@@ -275,6 +275,8 @@ pub(crate) struct Peer {
     pub(crate) status: StatusState,
     pub(crate) summary: Option<String>,
     pub(crate) groups: Vec<GroupEntry>,
+    /// Tag subscriptions (`features::tags`).
+    pub(crate) tags: Vec<String>,
     pub(crate) visible: bool,
     pub(crate) profile: serde_json::Map<String, serde_json::Value>,
     pub(crate) stats: Option<Stats>,
@@ -297,6 +299,15 @@ impl Peer {
         self.groups.iter().any(|g| group_reaches(group, &g.name))
     }
 
+    /// Whether a multicast to `target` reaches this presence (visibility aside).
+    fn reached_by(&self, target: &TargetSpec) -> bool {
+        match target {
+            TargetSpec::Group(g) => self.in_group(g),
+            TargetSpec::Tag(t) => self.tags.contains(t),
+            _ => true,
+        }
+    }
+
     fn entry(&self) -> PeerEntry {
         PeerEntry {
             pubkey: self.routing_key().to_owned(),
@@ -317,6 +328,7 @@ impl Peer {
             member_pubkey: self.member_pubkey.clone(),
             peer_role: self.peer_role,
             broker: None,
+            tags: self.tags.clone(),
         }
     }
 }
@@ -349,11 +361,13 @@ pub(crate) struct RemotePeer {
 }
 
 impl RemotePeer {
-    fn in_group(&self, group: &str) -> bool {
-        self.entry
-            .groups
-            .iter()
-            .any(|g| group_reaches(group, &g.name))
+    /// Whether a multicast to `target` reaches this presence (visibility aside).
+    fn reached_by(&self, target: &TargetSpec) -> bool {
+        match target {
+            TargetSpec::Group(g) => self.entry.groups.iter().any(|e| group_reaches(g, &e.name)),
+            TargetSpec::Tag(t) => self.entry.tags.contains(t),
+            _ => true,
+        }
     }
 
     fn peer_entry(&self) -> PeerEntry {
@@ -395,6 +409,7 @@ impl RemotePeer {
                 "control-plane"
             },
             broker: Some(self.broker.to_string()),
+            tags: e.tags.clone(),
         }
     }
 }
@@ -838,7 +853,8 @@ impl MeshHub {
     }
 
     /// Pushes a multicast envelope to every eligible live peer: visible, not the sender,
-    /// and (for `@group`) in the group or a sub-group. Returns (delivered, dropped).
+    /// and in the group or a sub-group (`@group`) or subscribed to the tag (`tag:NAME`).
+    /// Returns (delivered, dropped).
     pub(crate) fn fan_out(
         &self,
         target: &TargetSpec,
@@ -848,12 +864,7 @@ impl MeshHub {
         let inner = self.inner();
         let (mut delivered, mut dropped) = (0, 0);
         for p in inner.peers.values() {
-            if p.shared.conn_id == sender || !p.visible {
-                continue;
-            }
-            if let TargetSpec::Group(g) = target
-                && !p.in_group(g)
-            {
+            if p.shared.conn_id == sender || !p.visible || !p.reached_by(target) {
                 continue;
             }
             if offer(&p.shared, Outbound::Frame(frame.clone())) {
@@ -924,20 +935,13 @@ impl MeshHub {
         inner
             .visible_to(viewer_member)
             .into_iter()
-            .filter(|p| match target {
-                TargetSpec::Group(g) => p.in_group(g),
-                _ => true,
-            })
+            .filter(|p| p.reached_by(target))
             .map(|p| (p.display_name.clone(), p.routing_key().to_owned()))
             .chain(
                 inner
                     .remote
                     .values()
-                    .filter(|r| r.entry.visible)
-                    .filter(|r| match target {
-                        TargetSpec::Group(g) => r.in_group(g),
-                        _ => true,
-                    })
+                    .filter(|r| r.entry.visible && r.reached_by(target))
                     .map(|r| (r.entry.display_name.clone(), r.entry.key.clone())),
             )
             .collect()
@@ -1078,12 +1082,7 @@ impl MeshHub {
         let inner = self.inner();
         let mut out: Vec<Arc<str>> = Vec::new();
         for r in inner.remote.values() {
-            if !r.entry.visible {
-                continue;
-            }
-            if let TargetSpec::Group(g) = target
-                && !r.in_group(g)
-            {
+            if !r.entry.visible || !r.reached_by(target) {
                 continue;
             }
             if !out.contains(&r.broker) {

@@ -104,8 +104,20 @@ pub enum BrokerFrame {
     PeerDirRequestForward(PeerDirRequestForward),
     /// The asked peer's listing.
     PeerDirResponseForward(PeerDirResponseForward),
+    /// Answer to `subscribe_tags` / `unsubscribe_tags` (meshd extension).
+    TagSubscriptions(TagSubscriptions),
     /// A refusal.
     Error(ErrorFrame),
+}
+
+/// `tag_subscriptions`: the presence's subscriptions after the change.
+#[derive(Debug, Serialize)]
+pub struct TagSubscriptions {
+    /// Every tag subscribed to, in subscription order.
+    pub tags: Vec<String>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
 }
 
 impl BrokerFrame {
@@ -231,6 +243,9 @@ pub struct Push {
     /// HEAD: the sender's idempotency id.
     #[serde(rename = "client_message_id", skip_serializing_if = "Option::is_none")]
     pub client_message_id: Option<String>,
+    /// meshd extension: the message's tags (absent when it has none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// `peers_list`.
@@ -291,6 +306,9 @@ pub struct PeerEntry {
     /// peers; clients ignore unknown fields).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
+    /// meshd extension: the tags this presence subscribes to (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// `state_change`.
@@ -810,6 +828,9 @@ pub struct MessageStatusResult {
     pub delivered_at: Option<String>,
     /// Per-recipient state.
     pub recipients: Vec<RecipientStatus>,
+    /// meshd extension: the message's tags (absent when it has none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,
@@ -915,12 +936,14 @@ mod tests {
             sender_member_id: None,
             sender_name: None,
             client_message_id: None,
+            tags: Vec::new(),
         });
         let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
         assert_eq!(v["type"], "push");
         assert_eq!(v["senderPubkey"], "system");
         assert_eq!(v["eventData"]["name"], "a");
         assert!(v.get("senderName").is_none());
+        assert!(v.get("tags").is_none());
     }
 }
 

@@ -307,6 +307,17 @@ pub enum ClientFrame {
     },
     /// The asked peer's listing (relayed back; no reply).
     PeerDirResponse(Box<PeerDirResponse>),
+    /// meshd extension: subscribe this presence to tags (`tag:NAME` sends reach it).
+    /// Replied with `tag_subscriptions`.
+    SubscribeTags {
+        /// Tags to add.
+        tags: Vec<String>,
+    },
+    /// meshd extension: drop tag subscriptions. Replied with `tag_subscriptions`.
+    UnsubscribeTags {
+        /// Tags to drop (unknown ones are ignored).
+        tags: Vec<String>,
+    },
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -326,6 +337,8 @@ impl ClientFrame {
             | Self::Send(_)
             | Self::SetVisible { .. }
             | Self::SetProfile(_)
+            | Self::SubscribeTags { .. }
+            | Self::UnsubscribeTags { .. }
             | Self::ListPeers
             | Self::GetState { .. }
             | Self::ListState
@@ -501,6 +514,10 @@ pub struct Send {
     /// HEAD idempotency id; its presence marks a client that sends `client_ack`.
     #[serde(default, rename = "client_message_id")]
     pub client_message_id: Option<String>,
+    /// meshd extension: tags the message carries (see [`crate::tags`]); checked by the
+    /// broker, which answers a bad list with an `ack` error like any bad `send`.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// A group membership, `{name, role?}`. Roles are free text the broker never interprets.
@@ -644,6 +661,10 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         name: String,
     }
     #[derive(Deserialize)]
+    struct TagsBody {
+        tags: Vec<String>,
+    }
+    #[derive(Deserialize)]
     struct SetStateBody {
         key: String,
         #[serde(default)]
@@ -739,6 +760,12 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         }
         "set_stats" => ClientFrame::SetStats(serde_json::from_str::<StatsBody>(text)?.stats),
         "join_group" => ClientFrame::JoinGroup(serde_json::from_str(text)?),
+        "subscribe_tags" => ClientFrame::SubscribeTags {
+            tags: serde_json::from_str::<TagsBody>(text)?.tags,
+        },
+        "unsubscribe_tags" => ClientFrame::UnsubscribeTags {
+            tags: serde_json::from_str::<TagsBody>(text)?.tags,
+        },
         "leave_group" => ClientFrame::LeaveGroup {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },
@@ -1227,6 +1254,12 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
         ClientFrame::JoinGroup(g) if !groups_ok(&Some(vec![g.clone()])) => {
             return Err("group name must be 1..=256 bytes");
         }
+        ClientFrame::SubscribeTags { tags } | ClientFrame::UnsubscribeTags { tags }
+            if tags.len() > crate::tags::MAX_SUBSCRIPTIONS
+                || !tags.iter().all(|t| crate::tags::valid(t)) =>
+        {
+            return Err("tags: up to 64, each 1..=64 bytes of letters, digits and - _ . : /");
+        }
         ClientFrame::SetState { key, .. } | ClientFrame::GetState { key }
             if key.is_empty() || key.len() > MAX_STATE_KEY_LEN =>
         {
@@ -1482,6 +1515,9 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("peer_dir_response", false),
     ("audit_query", true),
     ("audit_verify", true),
+    // meshd extensions (no claudemesh client sends them).
+    ("subscribe_tags", true),
+    ("unsubscribe_tags", true),
 ];
 
 #[cfg(test)]

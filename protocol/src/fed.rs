@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 pub const ALPN: &[u8] = b"meshd-fed/1";
 /// Version carried in the hello; a peer with another version is refused with a clear
 /// reason (frames are postcard: an unknown variant or field is a decode error). 2: the
-/// feature frames (tasks, clock, files, MCP servers sent in parts, …).
-pub const VERSION: u16 = 2;
+/// feature frames (tasks, clock, files, MCP servers sent in parts, …). 3: tags on
+/// messages and presence.
+pub const VERSION: u16 = 3;
 /// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
 pub const DEFAULT_PORT: u16 = 7901;
 /// Bytes of the length prefix.
@@ -146,6 +147,8 @@ pub struct Dm {
     pub created_at: i64,
     /// Expiry (ms).
     pub expires_at: i64,
+    /// Tags (see [`crate::tags`]).
+    pub tags: Vec<String>,
 }
 
 /// A broadcast or group message, live-only, delivered by the receiver to its own peers.
@@ -163,7 +166,7 @@ pub struct Multicast {
     pub sender_pubkey: String,
     /// Sender's display name.
     pub sender_name: String,
-    /// `*` or `@group`.
+    /// `*`, `@group` or `tag:NAME`.
     pub target_spec: String,
     /// Priority rank.
     pub priority: i64,
@@ -177,6 +180,8 @@ pub struct Multicast {
     pub created_at: i64,
     /// `reminder` for a scheduled delivery.
     pub subtype: Option<String>,
+    /// Tags (see [`crate::tags`]); a `tag:NAME` target's NAME among them.
+    pub tags: Vec<String>,
 }
 
 /// A remembered note.
@@ -579,6 +584,8 @@ pub struct PresenceEntry {
     pub profile: String,
     /// Stats as JSON text, if reported.
     pub stats: Option<String>,
+    /// Tags the session subscribes to.
+    pub tags: Vec<String>,
 }
 
 /// Why a receiver refused a forwarded message (it is not retried).
@@ -1094,6 +1101,7 @@ mod tests {
             client_message_id: Some("c".into()),
             created_at: 1,
             expires_at: 2,
+            tags: vec!["ops".into()],
         }))
     }
 

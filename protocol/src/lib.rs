@@ -29,6 +29,7 @@ pub mod nul;
 pub mod routing;
 pub mod session;
 pub mod status;
+pub mod tags;
 pub mod time;
 
 pub use keys::{KeyError, Pubkey};

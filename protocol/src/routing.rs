@@ -120,7 +120,7 @@ pub enum TargetSpec {
     Direct(Pubkey),
     /// `#name`: a channel/topic. Not routable by a core broker.
     Channel(String),
-    /// `tag:name`. Not routable by a core broker.
+    /// `tag:name`: visible peers subscribed to the tag (see [`crate::tags`]).
     Tag(String),
     /// Anything else, typically a display name the client could not resolve.
     /// Name resolution is the client's job, so a broker cannot route it.
@@ -137,6 +137,9 @@ pub enum TargetError {
     /// `@` with no group name.
     #[error("group name is empty")]
     EmptyGroup,
+    /// `tag:` with a name outside the tag alphabet or length.
+    #[error("invalid tag in target: 1..=64 bytes of letters, digits and - _ . : /")]
+    InvalidTag,
 }
 
 impl TargetSpec {
@@ -157,6 +160,9 @@ impl TargetSpec {
                     return Ok(Self::Channel(channel.to_owned()));
                 }
                 if let Some(tag) = spec.strip_prefix("tag:") {
+                    if !crate::tags::valid(tag) {
+                        return Err(TargetError::InvalidTag);
+                    }
                     return Ok(Self::Tag(tag.to_owned()));
                 }
                 match Pubkey::parse_hex(spec) {
@@ -167,9 +173,9 @@ impl TargetSpec {
         }
     }
 
-    /// True for `*`, `@all` and `@group`: delivered live to many peers.
+    /// True for `*`, `@all`, `@group` and `tag:name`: delivered live to many peers.
     pub const fn is_multicast(&self) -> bool {
-        matches!(self, Self::Broadcast | Self::Group(_))
+        matches!(self, Self::Broadcast | Self::Group(_) | Self::Tag(_))
     }
 }
 
@@ -237,6 +243,9 @@ mod tests {
         );
         assert_eq!(TargetSpec::parse(""), Err(TargetError::Empty));
         assert_eq!(TargetSpec::parse("@"), Err(TargetError::EmptyGroup));
+        assert_eq!(TargetSpec::parse("tag:"), Err(TargetError::InvalidTag));
+        assert_eq!(TargetSpec::parse("tag:a b"), Err(TargetError::InvalidTag));
+        assert!(TargetSpec::parse("tag:ops").unwrap().is_multicast());
     }
 
     #[test]

@@ -513,6 +513,64 @@ impl Client {
         self.send_envelope(target, "next", &nonce, &c).await
     }
 
+    /// Sends a plaintext message carrying `tags` (meshd extension) and returns the `ack`.
+    ///
+    /// # Errors
+    /// Timeout.
+    pub async fn send_tagged(
+        &mut self,
+        target: &str,
+        text: &str,
+        tags: &[&str],
+    ) -> anyhow::Result<Value> {
+        let (nonce, c) = crypto::plain(text);
+        let id = self.req_id();
+        self.ws
+            .send_json(
+                &json!({"type": "send", "id": id, "targetSpec": target, "priority": "next",
+                "nonce": nonce, "ciphertext": c, "tags": tags}),
+            )
+            .await?;
+        self.ws
+            .expect("ack", |v| v["type"] == "ack" && v["id"] == id.as_str())
+            .await
+    }
+
+    /// Sends a sealed DM carrying `tags` and returns the `ack`.
+    ///
+    /// # Errors
+    /// Timeout.
+    pub async fn dm_tagged(
+        &mut self,
+        to: &str,
+        text: &str,
+        tags: &[&str],
+    ) -> anyhow::Result<Value> {
+        let (nonce, c) = crypto::seal(text, to, self.dm_keys());
+        let id = self.req_id();
+        self.ws
+            .send_json(
+                &json!({"type": "send", "id": id, "targetSpec": to, "priority": "now",
+                "nonce": nonce, "ciphertext": c, "tags": tags}),
+            )
+            .await?;
+        self.ws
+            .expect("ack", |v| v["type"] == "ack" && v["id"] == id.as_str())
+            .await
+    }
+
+    /// Subscribes to `tags` and returns the subscriptions after the change.
+    ///
+    /// # Errors
+    /// Timeout, or an error answer.
+    pub async fn subscribe_tags(&mut self, tags: &[&str]) -> anyhow::Result<Vec<String>> {
+        let v = self
+            .request(json!({"type": "subscribe_tags", "tags": tags}))
+            .await?;
+        anyhow::ensure!(v["type"] == "tag_subscriptions", "subscribe_tags: {v}");
+        Ok(serde_json::from_value(v["tags"].clone())?)
+    }
+
     /// Waits for a non-system push and returns it with its decrypted text.
     ///
     /// # Errors

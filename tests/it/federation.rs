@@ -104,53 +104,86 @@ pub(crate) fn broker_of<'a>(peers: &'a Value, key: &str) -> Option<&'a Value> {
         .map(|p| &p["broker"])
 }
 
+/// Three organizations with their own CAs and three brokers found through DNS SRV, each
+/// linked to the other two.
+pub(crate) struct Trio {
+    pub(crate) a: TestBroker,
+    pub(crate) b: TestBroker,
+    pub(crate) c: TestBroker,
+    pub(crate) dns: TestDns,
+    /// The CAs and certificate files.
+    pub(crate) _orgs: (Org, Org, Org),
+}
+
+impl Trio {
+    /// Starts the three brokers (A on `a_backend`) and waits for the three links.
+    pub(crate) async fn start(a_backend: Backend) -> anyhow::Result<Self> {
+        let dns = TestDns::start().await?;
+        let (oa, ob, oc) = (
+            Org::new("alpha.test")?,
+            Org::new("beta.test")?,
+            Org::new("gamma.test")?,
+        );
+        let ns = Some(dns.addr());
+        let a = start_on(
+            a_backend,
+            &oa,
+            A,
+            ns,
+            vec![ob.peer(B, None), oc.peer(C, None)],
+        )
+        .await?;
+        let b = start(&ob, B, ns, vec![oa.peer(A, None), oc.peer(C, None)]).await?;
+        let c = start(&oc, C, ns, vec![oa.peer(A, None), ob.peer(B, None)]).await?;
+        for (name, br) in [(A, &a), (B, &b), (C, &c)] {
+            publish(&dns, name, br.quic.context("quic addr")?);
+        }
+        for (br, peers) in [(&a, [B, C]), (&b, [A, C]), (&c, [A, B])] {
+            for p in peers {
+                fed::wait_link(br.addr, p, "up", |l| l["state"] == "up").await?;
+            }
+        }
+        Ok(Self {
+            a,
+            b,
+            c,
+            dns,
+            _orgs: (oa, ob, oc),
+        })
+    }
+
+    /// A mesh homed at A, shared with B and C and flowing on every link: its row at A,
+    /// B and C.
+    pub(crate) async fn shared_mesh(&self, name: &str) -> anyhow::Result<[MeshCreated; 3]> {
+        let (a, b, c) = (&self.a, &self.b, &self.c);
+        let mesh = a.create_mesh(name).await?;
+        admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
+        admin::share_mesh(&a.db, &a.config, &mesh.slug, C).await?;
+        admin::accept_mesh(&b.db, &b.config, &mesh.mesh_id, A).await?;
+        admin::accept_mesh(&c.db, &c.config, &mesh.mesh_id, A).await?;
+        let mesh_b = replica(&b.db, &mesh.mesh_id).await?;
+        let mesh_c = replica(&c.db, &mesh.mesh_id).await?;
+        for (br, peers) in [(a, [B, C]), (b, [A, C]), (c, [A, B])] {
+            for p in peers {
+                fed::wait_flowing(br.addr, p, &mesh.mesh_id).await?;
+            }
+        }
+        Ok([mesh, mesh_b, mesh_c])
+    }
+}
+
 /// Three organizations, three brokers (A on PostgreSQL, B and C on SQLite), everything
 /// found through DNS SRV; a mesh homed at A shared with B and C; members enrolled at each broker exchange DMs (opened by the
 /// recipient), broadcasts and group messages, and see each other's presence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_organizations_share_a_mesh() -> anyhow::Result<()> {
-    let dns = TestDns::start().await?;
-    let (oa, ob, oc) = (
-        Org::new("alpha.test")?,
-        Org::new("beta.test")?,
-        Org::new("gamma.test")?,
-    );
-    let ns = Some(dns.addr());
-    let a = start_on(
-        Backend::Postgres,
-        &oa,
-        A,
-        ns,
-        vec![ob.peer(B, None), oc.peer(C, None)],
-    )
-    .await?;
-    let b = start(&ob, B, ns, vec![oa.peer(A, None), oc.peer(C, None)]).await?;
-    let c = start(&oc, C, ns, vec![oa.peer(A, None), ob.peer(B, None)]).await?;
-    for (name, br) in [(A, &a), (B, &b), (C, &c)] {
-        publish(&dns, name, br.quic.context("quic addr")?);
-    }
-    for (br, peers) in [(&a, [B, C]), (&b, [A, C]), (&c, [A, B])] {
-        for p in peers {
-            fed::wait_link(br.addr, p, "up", |l| l["state"] == "up").await?;
-        }
-    }
+    let t = Trio::start(Backend::Postgres).await?;
     assert!(
-        dns.queries(&format!("_meshd._udp.{C}")) > 0,
+        t.dns.queries(&format!("_meshd._udp.{C}")) > 0,
         "C was found through its SRV record"
     );
-
-    let mesh = a.create_mesh("Joint Ops").await?;
-    admin::share_mesh(&a.db, &a.config, &mesh.slug, B).await?;
-    admin::share_mesh(&a.db, &a.config, &mesh.slug, C).await?;
-    admin::accept_mesh(&b.db, &b.config, &mesh.mesh_id, A).await?;
-    admin::accept_mesh(&c.db, &c.config, &mesh.mesh_id, A).await?;
-    let mesh_b = replica(&b.db, &mesh.mesh_id).await?;
-    let mesh_c = replica(&c.db, &mesh.mesh_id).await?;
-    for (br, peers) in [(&a, [B, C]), (&b, [A, C]), (&c, [A, B])] {
-        for p in peers {
-            fed::wait_flowing(br.addr, p, &mesh.mesh_id).await?;
-        }
-    }
+    let [mesh, mesh_b, mesh_c] = t.shared_mesh("Joint Ops").await?;
+    let (a, b, c) = (&t.a, &t.b, &t.c);
 
     // Each broker enrolls its own people with its own invites (pinning its own URL).
     let inv = b.invite(&mesh_b.slug, Role::Member, 1).await?;
@@ -540,6 +573,7 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
             client_message_id: None,
             created_at: meshd_tests::now_ms(),
             expires_at: meshd_tests::now_ms() + 60_000,
+            tags: Vec::new(),
         }))
     };
     // Forged: B claims to send as a member A hosts.
@@ -1713,6 +1747,7 @@ pub(crate) fn fake_presence(version: u64) -> wire::PresenceEntry {
         peer_role: "control-plane".into(),
         profile: "{}".into(),
         stats: None,
+        tags: Vec::new(),
     }
 }
 

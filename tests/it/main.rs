@@ -52,5 +52,6 @@ mod schema;
 mod skills;
 mod state;
 mod streams;
+mod tags;
 mod tasks;
 mod webhooks;

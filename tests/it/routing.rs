@@ -143,7 +143,7 @@ both! {
         for (target, needle) in [
             (stranger.as_str(), "no member or session"),
             ("#general", "#channels"),
-            ("tag:ops", "tag:"),
+            ("tag:", "invalid tag"),
             ("bob", "resolve names"),
         ] {
             let ack = a.send_envelope(target, "next", "bm9uY2U=", "aGk=").await?;

@@ -109,6 +109,8 @@ pub(crate) struct Envelope {
     pub(crate) created_at: i64,
     pub(crate) expires_at: i64,
     pub(crate) origin: Origin,
+    /// The message's tags (a `tag:NAME` target's NAME among them), checked by the origin.
+    pub(crate) tags: Vec<String>,
 }
 
 /// Why a message was not accepted.
@@ -209,14 +211,11 @@ impl Route {
             Target::Key(key) => Ok(Self::Direct(key)),
             Target::Everyone => Ok(Self::Everyone),
             Target::Spec(TargetSpec::Direct(pk)) => Ok(Self::Direct(pk.to_hex())),
-            Target::Spec(spec @ (TargetSpec::Broadcast | TargetSpec::Group(_))) => {
-                Ok(Self::Multicast(spec))
-            }
+            Target::Spec(
+                spec @ (TargetSpec::Broadcast | TargetSpec::Group(_) | TargetSpec::Tag(_)),
+            ) => Ok(Self::Multicast(spec)),
             Target::Spec(TargetSpec::Channel(_)) => Err(Refused::Unroutable(
                 "#channels are not supported by this broker".into(),
-            )),
-            Target::Spec(TargetSpec::Tag(_)) => Err(Refused::Unroutable(
-                "tag: targets are not supported by this broker".into(),
             )),
             Target::Spec(TargetSpec::Name(n)) => Err(Refused::Unroutable(format!(
                 "no peer has the key {n:?}: address a member or session key (resolve names with list_peers), @group or *"
@@ -326,7 +325,7 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
     })
 }
 
-/// A broadcast or group message: live only, to every eligible connection here and to
+/// A broadcast, group or tagged message: live only, to every eligible connection here and to
 /// the peer brokers hosting eligible peers. A local one keeps a row of metadata (no
 /// body) for `message_status`.
 fn multicast(
@@ -376,6 +375,7 @@ fn multicast(
                 client_message_id: env.client_message_id.clone(),
                 created_at: env.created_at,
                 subtype: env.subtype.clone(),
+                tags: env.tags.clone(),
             },
         );
     }
@@ -484,6 +484,7 @@ fn row(env: Envelope) -> NewMessage {
         lease_until: None,
         forward_to: None,
         forward_seq: None,
+        tags: env.tags,
         inbox: match env.origin {
             Origin::Peer {
                 broker,
@@ -508,9 +509,10 @@ mod tests {
         let parse = |s: &str| Route::of(Target::Spec(TargetSpec::parse(s).unwrap()));
         assert!(matches!(parse("*"), Ok(Route::Multicast(_))));
         assert!(matches!(parse("@ops"), Ok(Route::Multicast(_))));
+        assert!(matches!(parse("tag:ops"), Ok(Route::Multicast(_))));
         let key = "a".repeat(64);
         assert!(matches!(parse(&key), Ok(Route::Direct(k)) if k == key));
-        for refused in ["#general", "tag:urgent", "alice"] {
+        for refused in ["#general", "alice"] {
             let e = parse(refused).err().unwrap();
             assert_eq!(e.code(), "unroutable_target", "{refused}");
             assert_eq!(e.reject_reason(), RejectReason::Invalid);

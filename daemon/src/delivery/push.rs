@@ -50,6 +50,7 @@ fn frame(
     subtype: Option<&'static str>,
     event: Option<(Cow<'static, str>, Box<serde_json::value::RawValue>)>,
     client_message_id: Option<String>,
+    tags: Vec<String>,
 ) -> Utf8Bytes {
     let (event, event_data) = event.map_or((None, None), |(e, d)| (Some(e), Some(d)));
     let push = BrokerFrame::Push(Push {
@@ -67,6 +68,7 @@ fn frame(
         sender_member_id: from.member.map(|m| m.1.to_owned()),
         sender_name: from.member.map(|m| m.2.to_owned()),
         client_message_id,
+        tags,
     });
     let text = Utf8Bytes::from(push.to_json());
     if let BrokerFrame::Push(p) = push {
@@ -108,6 +110,7 @@ impl Envelope {
             subtype,
             event,
             self.client_message_id.clone(),
+            self.tags.clone(),
         )
     }
 }
@@ -133,6 +136,7 @@ pub(crate) fn stored(mesh_id: &str, mut row: ClaimedRow) -> Utf8Bytes {
         row.subtype.as_deref().and_then(known_subtype),
         None,
         row.client_message_id.take(),
+        crate::features::tags::from_column(row.tags.as_deref()),
     )
 }
 
@@ -161,6 +165,7 @@ pub(crate) fn system(
         Some("system"),
         Some((Cow::Borrowed(event), data)),
         None,
+        Vec::new(),
     )
 }
 
@@ -191,6 +196,7 @@ mod tests {
             subtype: Some("made-up".into()),
             client_message_id: Some("c1".into()),
             created_at: 0,
+            tags: Some("ops sales/emea".into()),
         };
         let v: serde_json::Value = serde_json::from_str(&stored("mesh", row)).unwrap();
         assert_eq!(v["type"], "push");
@@ -202,6 +208,7 @@ mod tests {
         assert_eq!(v["senderMemberPubkey"], "cd");
         assert_eq!(v["client_message_id"], "c1");
         assert!(v.get("subtype").is_none());
+        assert_eq!(v["tags"], serde_json::json!(["ops", "sales/emea"]));
     }
 
     #[test]

@@ -424,6 +424,7 @@ mod tests {
             lease_until: None,
             forward_to: None,
             forward_seq: None,
+            tags: Vec::new(),
             inbox: None,
         }
     }

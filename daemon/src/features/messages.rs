@@ -85,6 +85,10 @@ impl Session {
             Ok(t) => t,
             Err(e) => return refuse("invalid_target", format!("invalid targetSpec: {e}")),
         };
+        let tags = match crate::features::tags::of_message(&target, send.tags) {
+            Ok(t) => t,
+            Err(e) => return refuse("invalid_tags", e.to_string()),
+        };
         if send.client_message_id.is_some() {
             self.shared.acks.store(true, Ordering::SeqCst);
         }
@@ -109,6 +113,7 @@ impl Session {
             created_at: now,
             expires_at: delivery::expires_at(&self.ctx, now),
             origin: Origin::Client { conn: self.conn },
+            tags,
         };
         let accepted = match delivery::submit(&self.ctx, envelope, now) {
             Ok(a) => a,
@@ -237,6 +242,7 @@ impl Session {
                     delivered,
                     delivered_at: row.delivered_at.map(iso8601_ms),
                     recipients,
+                    tags: crate::features::tags::from_column(row.tags.as_deref()),
                     req_id,
                 })
                 .to_json()

@@ -18,5 +18,6 @@ pub mod schedule;
 pub mod skills;
 pub mod state;
 pub mod streams;
+pub mod tags;
 pub mod tasks;
 pub mod webhooks;

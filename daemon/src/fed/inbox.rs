@@ -272,6 +272,8 @@ impl Fed {
         if dm.id.is_empty() || dm.id.len() > 64 {
             return Err(RejectReason::Invalid);
         }
+        let tags = crate::features::tags::from_peer(dm.tags, meshd_protocol::tags::MAX_TAGS)
+            .ok_or(RejectReason::Invalid)?;
         let envelope = Envelope {
             id: dm.id,
             mesh: hub,
@@ -296,6 +298,7 @@ impl Fed {
                 broker: link.broker.clone(),
                 seq: Some(i64::try_from(dm.seq).unwrap_or(i64::MAX)),
             },
+            tags,
         };
         let accepted = delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         let Some((op, commit)) = accepted.write else {

@@ -47,6 +47,7 @@ pub(crate) async fn deliver_event(
             broker: link.broker.clone(),
             seq: None,
         },
+        tags: Vec::new(),
     };
     delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
     Ok(())
@@ -339,11 +340,13 @@ impl Fed {
         if !hub.may_speak_for(&link.broker, &m.sender_member_pubkey) {
             return Err(RejectReason::ForgedSender);
         }
-        let Ok(target @ (TargetSpec::Broadcast | TargetSpec::Group(_))) =
+        let Ok(target @ (TargetSpec::Broadcast | TargetSpec::Group(_) | TargetSpec::Tag(_))) =
             TargetSpec::parse(&m.target_spec)
         else {
             return Err(RejectReason::Invalid);
         };
+        let tags = crate::features::tags::from_peer(m.tags, meshd_protocol::tags::MAX_TAGS)
+            .ok_or(RejectReason::Invalid)?;
         let priority = Priority::from_rank(m.priority).ok_or(RejectReason::Invalid)?;
         let envelope = Envelope {
             id: m.id,
@@ -369,6 +372,7 @@ impl Fed {
                 broker: link.broker.clone(),
                 seq: None,
             },
+            tags,
         };
         delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         Ok(())

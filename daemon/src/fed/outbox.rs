@@ -59,6 +59,7 @@ impl crate::delivery::router::ForwardSink for HotSink {
                 client_message_id: row.client_message_id.clone(),
                 created_at: row.created_at,
                 expires_at: row.expires_at,
+                tags: row.tags.clone(),
             });
         }
         drop(q);
@@ -143,6 +144,7 @@ pub(crate) fn outbox_dm(row: crate::fed::store::OutboxRow) -> Dm {
         client_message_id: row.client_message_id,
         created_at: row.created_at,
         expires_at: row.expires_at,
+        tags: crate::features::tags::from_column(row.tags.as_deref()),
     }
 }
 

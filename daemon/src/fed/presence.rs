@@ -51,6 +51,8 @@ pub(crate) fn valid_entry(e: &PresenceEntry) -> bool {
         && e.groups.len() <= meshd_protocol::client::MAX_GROUPS
         && e.profile.len() <= 16 * TEXT
         && e.stats.as_ref().is_none_or(|s| s.len() <= TEXT)
+        && e.tags.len() <= meshd_protocol::tags::MAX_SUBSCRIPTIONS
+        && e.tags.iter().all(|t| meshd_protocol::tags::valid(t))
         && [&e.hostname, &e.peer_type, &e.channel, &e.model]
             .iter()
             .all(|f| f.as_ref().is_none_or(|s| s.len() <= TEXT))
@@ -85,6 +87,7 @@ pub(crate) fn presence_entry(p: &Peer, version: u64) -> PresenceEntry {
         peer_role: p.peer_role.to_owned(),
         profile: serde_json::to_string(&p.profile).unwrap_or_else(|_| "{}".into()),
         stats: p.stats.and_then(|s| serde_json::to_string(&s).ok()),
+        tags: p.tags.clone(),
     }
 }
 

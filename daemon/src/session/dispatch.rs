@@ -28,6 +28,9 @@ impl Session {
             | ClientFrame::JoinGroup(_)
             | ClientFrame::LeaveGroup { .. }
             | ClientFrame::ListPeers) => self.on_presence(frame, req_id, now),
+            frame @ (ClientFrame::SubscribeTags { .. } | ClientFrame::UnsubscribeTags { .. }) => {
+                self.on_tags(frame, req_id)
+            }
             frame @ (ClientFrame::SetState { .. }
             | ClientFrame::GetState { .. }
             | ClientFrame::ListState) => self.on_state(frame, req_id, now),

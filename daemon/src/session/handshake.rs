@@ -344,6 +344,8 @@ pub(crate) async fn authenticate(
         status: StatusState::new(now),
         summary: None,
         groups: groups.clone(),
+        // Subscriptions come back with the member, like its groups.
+        tags: crate::features::tags::from_column(saved.as_ref().and_then(|s| s.tags.as_deref())),
         visible: saved.as_ref().is_none_or(|s| s.visible),
         profile: saved
             .as_ref()

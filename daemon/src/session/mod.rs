@@ -258,6 +258,7 @@ pub(crate) fn peer_state(mesh_id: &str, peer: &Peer, now: i64) -> PeerStateWrite
         last_display_name: peer.display_name.clone(),
         stats: serde_json::to_string(&stats).unwrap_or_else(|_| "{}".into()),
         at: now,
+        tags: crate::features::tags::to_column(&peer.tags),
     }
 }
 

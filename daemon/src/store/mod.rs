@@ -173,6 +173,8 @@ pub struct PeerStateRow {
     pub last_display_name: Option<String>,
     /// Cumulative counters, JSON.
     pub stats: String,
+    /// Tag subscriptions, space-separated.
+    pub tags: Option<String>,
     /// Disconnect time (ms).
     pub last_seen_at: i64,
 }
@@ -200,6 +202,8 @@ pub struct MessageStatusRow {
     pub forwarded_at: Option<i64>,
     /// Why that broker refused it.
     pub forward_error: Option<String>,
+    /// Tags, space-separated.
+    pub tags: Option<String>,
 }
 
 /// An invite as stored.
@@ -464,7 +468,7 @@ impl Db {
         mesh_id: &str,
         member_id: &str,
     ) -> Result<Option<PeerStateRow>, StoreError> {
-        const SQL: &str = "SELECT mesh_id, member_id, groups, profile, visible, last_summary, last_display_name, stats, last_seen_at \
+        const SQL: &str = "SELECT mesh_id, member_id, groups, profile, visible, last_summary, last_display_name, stats, last_seen_at, tags \
                            FROM peer_state WHERE mesh_id = $1 AND member_id = $2";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(member_id).fetch_optional(p).await)?,
@@ -474,7 +478,7 @@ impl Db {
     /// A message's delivery record.
     pub async fn message_status(&self, id: &str) -> Result<Option<MessageStatusRow>, StoreError> {
         const SQL: &str = "SELECT id, mesh_id, target_spec, target_key, sender_member_id, delivered_at, expires_at, \
-                           forward_to, forwarded_at, forward_error \
+                           forward_to, forwarded_at, forward_error, tags \
                            FROM message WHERE id = $1";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(id).fetch_optional(p).await)?)
     }

@@ -59,12 +59,14 @@ pub(crate) struct NewMessage {
     pub(crate) forward_to: Option<String>,
     /// Its position in that outbox, assigned by the router (see `delivery::router::OutSeqs`).
     pub(crate) forward_seq: Option<i64>,
+    /// Tags (stored space-separated, see `features::tags`).
+    pub(crate) tags: Vec<String>,
     /// Set for a message received from a peer broker: (peer, its outbox seq), recorded
     /// in `fed_inbox` in the same transaction so a resend is recognised after any crash.
     pub(crate) inbox: Option<(String, i64)>,
 }
 
-const MESSAGE_COLUMNS: usize = 20;
+const MESSAGE_COLUMNS: usize = 21;
 
 /// A stored message handed to a drain.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -81,6 +83,8 @@ pub(crate) struct ClaimedRow {
     pub(crate) subtype: Option<String>,
     pub(crate) client_message_id: Option<String>,
     pub(crate) created_at: i64,
+    /// Space-separated tags, if any.
+    pub(crate) tags: Option<String>,
 }
 
 /// What a claim returned.
@@ -145,6 +149,8 @@ pub(crate) struct PeerStateWrite {
     pub(crate) last_display_name: String,
     pub(crate) stats: String,
     pub(crate) at: i64,
+    /// Tag subscriptions, space-separated.
+    pub(crate) tags: Option<String>,
 }
 
 /// An operation for the writer.
@@ -766,7 +772,7 @@ impl SqlCache {
                         style,
                         "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
                          sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
-                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to, forward_seq) VALUES ",
+                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to, forward_seq, tags) VALUES ",
                         MESSAGE_COLUMNS,
                         n,
                     );
@@ -814,7 +820,7 @@ const CLAIM_SQL: &str = "UPDATE message SET lease_conn = $1, lease_until = $2 \
           AND (lease_until IS NULL OR lease_until <= $6) AND priority <= $7 AND expires_at > $6 \
         ORDER BY seq LIMIT $8) \
      RETURNING seq, id, sender_pubkey, sender_member_pubkey, sender_member_id, sender_name, priority, \
-               nonce, ciphertext, subtype, client_message_id, created_at";
+               nonce, ciphertext, subtype, client_message_id, created_at, tags";
 
 const NEXT_LEASE_SQL: &str = "SELECT MIN(lease_until) FROM message \
      WHERE mesh_id = $1 AND target_key IN ($2, $3) AND delivered_at IS NULL \
@@ -835,9 +841,9 @@ const SET_STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by,
        updated_at = excluded.updated_at, updated_by_member = excluded.updated_by_member";
 
 const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups, profile, visible, last_summary, \
-       last_display_name, stats, last_seen_at, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9) \
-     ON CONFLICT (mesh_id, member_id) DO UPDATE SET groups = excluded.groups, profile = excluded.profile, \
+       last_display_name, stats, last_seen_at, created_at, updated_at, tags) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9, $10) \
+     ON CONFLICT (mesh_id, member_id) DO UPDATE SET groups = excluded.groups, profile = excluded.profile, tags = excluded.tags, \
        visible = excluded.visible, last_summary = excluded.last_summary, \
        last_display_name = excluded.last_display_name, stats = excluded.stats, \
        last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
@@ -933,7 +939,8 @@ macro_rules! executor {
                         .bind(r.lease_conn)
                         .bind(r.lease_until)
                         .bind(&r.forward_to)
-                        .bind(r.forward_seq);
+                        .bind(r.forward_seq)
+                        .bind(crate::features::tags::to_column(&r.tags));
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -1120,6 +1127,7 @@ macro_rules! executor {
                             .bind(&s.last_display_name)
                             .bind(&s.stats)
                             .bind(s.at)
+                            .bind(&s.tags)
                             .execute(&mut *tx)
                             .await?;
                     }

@@ -191,6 +191,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
     // Reminders are plain text, as in the reference: base64 with an empty nonce, which
     // clients decode through their plaintext fallback.
     let ciphertext = base64::engine::general_purpose::STANDARD.encode(row.message.as_bytes());
+    let tags = crate::features::tags::of_message(&target, Vec::new()).unwrap_or_default();
     let envelope = Envelope {
         id: crate::ids::message_id(),
         mesh,
@@ -212,6 +213,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         created_at: now,
         expires_at: delivery::expires_at(ctx, now),
         origin: Origin::Schedule { id: row.id },
+        tags,
     };
     let accepted = match delivery::submit(ctx, envelope, now) {
         Ok(a) => a,
