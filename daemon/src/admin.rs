@@ -406,6 +406,114 @@ pub async fn unshare_mesh(db: &Db, mesh_ref: &str, broker: &str) -> Result<bool,
     Ok(db.delete_share(&id, &broker).await?)
 }
 
+pub use crate::fed::policy::{
+    Direction as PolicyDirection, Field as PresenceField, Kind as MessageKind, Rules as PolicyRules,
+};
+
+/// A stored link policy, as `meshd mesh policy show` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyInfo {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Peer broker.
+    pub broker: String,
+    /// `export` or `import`.
+    pub direction: String,
+    /// The rules (a field left out lets everything of its sort through).
+    pub rules: PolicyRules,
+    /// Last change.
+    pub updated_at: String,
+}
+
+/// A mesh by slug or id.
+async fn mesh_ref(db: &Db, r: &str) -> Result<MeshRow, AdminError> {
+    match db.mesh_by_slug(r).await? {
+        Some(m) => Ok(m),
+        None => db
+            .mesh_by_id(r)
+            .await?
+            .ok_or_else(|| AdminError::NoSuchMesh(r.to_owned())),
+    }
+}
+
+/// `meshd mesh policy set MESH --broker B --direction D …`: replaces one direction's
+/// rules; the running daemon applies them within a second.
+///
+/// # Errors
+/// [`AdminError`]: no such mesh, a broker that is not configured, bad prefixes.
+pub async fn set_policy(
+    db: &Db,
+    config: &Config,
+    mesh: &str,
+    broker: &str,
+    direction: PolicyDirection,
+    rules: PolicyRules,
+) -> Result<PolicyInfo, AdminError> {
+    let broker = configured_peer(config, broker)?;
+    let m = mesh_ref(db, mesh).await?;
+    rules.validate().map_err(AdminError::Invalid)?;
+    let now = now_ms();
+    db.set_policy(&m.id, &broker, direction, &rules, now)
+        .await?;
+    Ok(PolicyInfo {
+        mesh_id: m.id,
+        broker,
+        direction: direction.as_str().to_owned(),
+        rules,
+        updated_at: meshd_protocol::time::iso8601_ms(now),
+    })
+}
+
+/// `meshd mesh policy show MESH [--broker B]`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn show_policies(
+    db: &Db,
+    mesh: &str,
+    broker: Option<&str>,
+) -> Result<Vec<PolicyInfo>, AdminError> {
+    let m = mesh_ref(db, mesh).await?;
+    let broker = broker.map(|b| b.trim().trim_end_matches('.').to_ascii_lowercase());
+    let mut out = Vec::new();
+    for r in db.policies().await? {
+        if r.mesh_id != m.id || broker.as_ref().is_some_and(|b| *b != r.broker) {
+            continue;
+        }
+        let rules = serde_json::from_str(&r.rules).map_err(|e| {
+            AdminError::Invalid(format!(
+                "stored policy for {} {} does not parse: {e}",
+                r.broker, r.direction
+            ))
+        })?;
+        out.push(PolicyInfo {
+            mesh_id: r.mesh_id,
+            broker: r.broker,
+            direction: r.direction,
+            rules,
+            updated_at: meshd_protocol::time::iso8601_ms(r.updated_at),
+        });
+    }
+    Ok(out)
+}
+
+/// `meshd mesh policy reset MESH --broker B [--direction D]`: everything passes again.
+/// Returns how many directions had rules.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn reset_policy(
+    db: &Db,
+    mesh: &str,
+    broker: &str,
+    direction: Option<PolicyDirection>,
+) -> Result<u64, AdminError> {
+    let m = mesh_ref(db, mesh).await?;
+    let broker = broker.trim().trim_end_matches('.').to_ascii_lowercase();
+    Ok(db.delete_policy(&m.id, &broker, direction).await?)
+}
+
 /// A consent as printed by the CLI.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

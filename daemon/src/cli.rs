@@ -178,6 +178,10 @@ enum MeshCmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Link policies: what of a shared mesh may leave for (export) or enter from
+    /// (import) a peer broker. Applied by the running daemon within a second.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Withdraw this broker's consent to exchange a mesh with a peer broker.
     Unshare {
         /// Mesh slug or id.
@@ -234,6 +238,197 @@ enum MemberCmd {
         #[command(flatten)]
         out: Output,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Show a mesh's policies (every peer broker, or one). No rules: everything passes.
+    Show {
+        /// Mesh slug or id.
+        mesh: String,
+        /// Only this peer broker.
+        #[arg(long, value_name = "BROKER")]
+        broker: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Set one direction's rules for a mesh and a peer broker, replacing what was
+    /// there. An option left out lets everything of its sort through.
+    Set {
+        /// Mesh slug or id.
+        mesh: String,
+        /// Peer broker (one of [[federation.peers]]).
+        #[arg(long, value_name = "BROKER")]
+        broker: String,
+        /// `export` (what this broker sends it) or `import` (what it takes from it).
+        #[arg(long, value_enum)]
+        direction: DirectionArg,
+        /// Message kinds that pass: dm, broadcast, group, tagged (or `none`).
+        #[arg(long, value_delimiter = ',', value_name = "KINDS")]
+        kinds: Option<Vec<String>>,
+        /// Tag prefixes every tag of a message must match (plain prefixes: `ops`
+        /// admits `ops/db` and `opsec`; `ops/` only the `ops/…` family).
+        #[arg(long, value_delimiter = ',', value_name = "PREFIXES")]
+        allow_tags: Option<Vec<String>>,
+        /// Tag prefixes no tag of a message may match (checked before the allow list).
+        #[arg(long, value_delimiter = ',', value_name = "PREFIXES")]
+        deny_tags: Vec<String>,
+        /// Presence fields that pass (or `none`): status, summary, groups, tags, cwd,
+        /// hostname, profile, stats, peer_type, channel, model, session_id. The key,
+        /// member and display name always pass.
+        #[arg(long, value_delimiter = ',', value_name = "FIELDS")]
+        presence_fields: Option<Vec<String>>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Remove rules (both directions unless --direction): everything passes again.
+    Reset {
+        /// Mesh slug or id.
+        mesh: String,
+        /// Peer broker.
+        #[arg(long, value_name = "BROKER")]
+        broker: String,
+        /// Only this direction.
+        #[arg(long, value_enum)]
+        direction: Option<DirectionArg>,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DirectionArg {
+    Export,
+    Import,
+}
+
+impl From<DirectionArg> for admin::PolicyDirection {
+    fn from(d: DirectionArg) -> Self {
+        match d {
+            DirectionArg::Export => Self::Export,
+            DirectionArg::Import => Self::Import,
+        }
+    }
+}
+
+/// A comma list of names (`none`: the empty list), each parsed by `parse`.
+fn names<T>(
+    what: &str,
+    list: Option<Vec<String>>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> anyhow::Result<Option<Vec<T>>> {
+    let Some(list) = list else { return Ok(None) };
+    if list.len() == 1 && list[0] == "none" {
+        return Ok(Some(Vec::new()));
+    }
+    list.iter()
+        .map(|n| parse(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown {what} {n:?}")))
+        .collect::<anyhow::Result<Vec<T>>>()
+        .map(Some)
+}
+
+/// One line per policy for `meshd mesh policy show`.
+fn policy_text(p: &admin::PolicyInfo) -> String {
+    let r = &p.rules;
+    let list = |v: &[String]| v.join(",");
+    let mut parts = vec![format!("{} {}", p.direction, p.broker)];
+    if let Some(k) = &r.kinds {
+        let k: Vec<&str> = k.iter().map(|k| k.as_str()).collect();
+        parts.push(format!(
+            "kinds={}",
+            if k.is_empty() {
+                "none".into()
+            } else {
+                k.join(",")
+            }
+        ));
+    }
+    if let Some(a) = &r.allow_tags {
+        parts.push(format!("allow-tags={}", list(a)));
+    }
+    if !r.deny_tags.is_empty() {
+        parts.push(format!("deny-tags={}", list(&r.deny_tags)));
+    }
+    if let Some(f) = &r.presence_fields {
+        let f: Vec<&str> = f.iter().map(|f| f.as_str()).collect();
+        parts.push(format!(
+            "presence-fields={}",
+            if f.is_empty() {
+                "none".into()
+            } else {
+                f.join(",")
+            }
+        ));
+    }
+    if parts.len() == 1 {
+        parts.push("(everything passes)".into());
+    }
+    parts.join("  ")
+}
+
+async fn policy(db: &crate::store::Db, config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Show { mesh, broker, out } => {
+            #[derive(Serialize)]
+            struct Shown {
+                policies: Vec<admin::PolicyInfo>,
+            }
+            let policies = admin::show_policies(db, &mesh, broker.as_deref()).await?;
+            print(out.json, &Shown { policies }, |s| {
+                if s.policies.is_empty() {
+                    format!("no link policies for {mesh}: everything passes")
+                } else {
+                    s.policies
+                        .iter()
+                        .map(policy_text)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            })
+        }
+        PolicyCmd::Set {
+            mesh,
+            broker,
+            direction,
+            kinds,
+            allow_tags,
+            deny_tags,
+            presence_fields,
+            out,
+        } => {
+            let rules = admin::PolicyRules {
+                kinds: names("message kind", kinds, admin::MessageKind::parse)?,
+                allow_tags,
+                deny_tags,
+                presence_fields: names(
+                    "presence field",
+                    presence_fields,
+                    admin::PresenceField::parse,
+                )?,
+            };
+            let p = admin::set_policy(db, config, &mesh, &broker, direction.into(), rules).await?;
+            print(out.json, &p, policy_text)
+        }
+        PolicyCmd::Reset {
+            mesh,
+            broker,
+            direction,
+            out,
+        } => {
+            #[derive(Serialize)]
+            struct Reset {
+                removed: u64,
+            }
+            let removed =
+                admin::reset_policy(db, &mesh, &broker, direction.map(Into::into)).await?;
+            print(out.json, &Reset { removed }, |r| {
+                format!(
+                    "removed {} rule set(s); everything passes to and from {broker}",
+                    r.removed
+                )
+            })
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -535,6 +730,7 @@ next, on {}: meshd mesh accept {} --from {}",
                 ),
             })
         }
+        MeshCmd::Policy(cmd) => policy(&db, &config, cmd).await,
         MeshCmd::Unshare { mesh, with, out } => {
             #[derive(Serialize)]
             struct Unshared {

@@ -925,24 +925,30 @@ impl MeshHub {
     }
 
     /// Live peers reached by a multicast spec, the sender included, hidden peers only for
-    /// their own member (for `message_status`).
+    /// their own member (for `message_status`): (name, key, broker of a remote one).
     pub(crate) fn multicast_recipients(
         &self,
         target: &TargetSpec,
         viewer_member: &str,
-    ) -> Vec<(String, String)> {
+    ) -> Vec<(String, String, Option<Arc<str>>)> {
         let inner = self.inner();
         inner
             .visible_to(viewer_member)
             .into_iter()
             .filter(|p| p.reached_by(target))
-            .map(|p| (p.display_name.clone(), p.routing_key().to_owned()))
+            .map(|p| (p.display_name.clone(), p.routing_key().to_owned(), None))
             .chain(
                 inner
                     .remote
                     .values()
                     .filter(|r| r.entry.visible && r.reached_by(target))
-                    .map(|r| (r.entry.display_name.clone(), r.entry.key.clone())),
+                    .map(|r| {
+                        (
+                            r.entry.display_name.clone(),
+                            r.entry.key.clone(),
+                            Some(r.broker.clone()),
+                        )
+                    }),
             )
             .collect()
     }
@@ -1053,6 +1059,22 @@ impl MeshHub {
             }
         }
         (forged, over)
+    }
+
+    /// Applies `f` to every presence `broker` announced (a stricter import policy
+    /// withholding fields from what is listed now); the sum of what `f` returns.
+    pub(crate) fn remote_restrip(
+        &self,
+        broker: &str,
+        mut f: impl FnMut(&mut meshd_protocol::fed::PresenceEntry) -> usize,
+    ) -> usize {
+        let mut inner = self.inner();
+        inner
+            .remote
+            .values_mut()
+            .filter(|r| &*r.broker == broker)
+            .map(|r| f(&mut r.entry))
+            .sum()
     }
 
     /// Forgets every session of `broker` (its link stayed down past the grace period,

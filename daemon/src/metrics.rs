@@ -57,6 +57,19 @@ const FED_REFUSALS: &[&str] = &[
     "revoked",
     "invalid",
     "quota_exceeded",
+    "policy_denied",
+    "other",
+];
+/// Refusals by link policy: direction and rule (see `fed::policy`).
+pub(crate) const FED_POLICY_REFUSALS: &[&str] = &[
+    "export_kind",
+    "export_tag_denied",
+    "export_tag_not_allowed",
+    "export_field",
+    "import_kind",
+    "import_tag_denied",
+    "import_tag_not_allowed",
+    "import_field",
     "other",
 ];
 const HTTP_REFUSALS: &[&str] = &[
@@ -108,6 +121,8 @@ const MSG_REJECTS: &[&str] = &[
     "too_large",
     "rate_limited",
     "quota_exceeded",
+    "invalid_tags",
+    "policy_denied",
     "store_error",
     "other",
 ];
@@ -164,6 +179,9 @@ pub(crate) struct Metrics {
     pub(crate) fed_link_resets: Labeled,
     /// Frames from peer brokers refused, by reason.
     pub(crate) fed_refused: Labeled,
+    /// Messages and presence fields kept from crossing by a link policy, by direction
+    /// and rule.
+    pub(crate) fed_policy_refused: Labeled,
     /// Direct messages received from peer brokers.
     pub(crate) fed_received: AtomicU64,
     /// Live frames (broadcasts, state) not forwarded because a link's queue was full.
@@ -200,6 +218,7 @@ impl Default for Metrics {
             http_refused: Labeled::new("reason", HTTP_REFUSALS),
             fed_links_up: AtomicI64::new(0),
             fed_refused: Labeled::new("reason", FED_REFUSALS),
+            fed_policy_refused: Labeled::new("reason", FED_POLICY_REFUSALS),
             fed_link_resets: Labeled::new("reason", LINK_RESETS),
             fed_received: AtomicU64::new(0),
             fed_live_dropped: AtomicU64::new(0),
@@ -381,6 +400,12 @@ impl Metrics {
             "meshd_federation_refused_total",
             "Frames from peer brokers refused (forged sender, mesh not shared, …).",
             &self.fed_refused,
+        );
+        l(
+            &mut out,
+            "meshd_federation_policy_refused_total",
+            "Messages and presence fields a link policy kept from crossing, by direction and rule.",
+            &self.fed_policy_refused,
         );
         l(
             &mut out,

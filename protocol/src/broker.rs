@@ -831,6 +831,9 @@ pub struct MessageStatusResult {
     /// meshd extension: the message's tags (absent when it has none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// meshd extension: brokers a link policy kept the message from (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<PolicyRefusal>,
     /// Correlation id.
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,
@@ -843,8 +846,23 @@ pub struct RecipientStatus {
     pub name: String,
     /// Key addressed.
     pub pubkey: String,
-    /// `delivered`, `held` (recipient online, message waiting) or `disconnected`.
+    /// `delivered`, `held` (recipient online, message waiting), `disconnected`, or,
+    /// across brokers, `queued`, `forwarded` and `refused`.
     pub status: &'static str,
+    /// meshd extension: why it was refused (e.g. `policy_denied`), when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// meshd extension: a broker whose link policy kept a multicast from its peers.
+#[derive(Debug, Serialize)]
+pub struct PolicyRefusal {
+    /// The broker whose peers did not get it.
+    pub broker: String,
+    /// Whose policy: `export` (this broker's) or `import` (that broker's).
+    pub by: String,
+    /// Which rule: `kind:broadcast`, `tag:secret`, …
+    pub reason: String,
 }
 
 /// `error`. Handshake errors carry neither `id` nor `_reqId`.

@@ -25,7 +25,7 @@ pub const ALPN: &[u8] = b"meshd-fed/1";
 /// Version carried in the hello; a peer with another version is refused with a clear
 /// reason (frames are postcard: an unknown variant or field is a decode error). 2: the
 /// feature frames (tasks, clock, files, MCP servers sent in parts, …). 3: tags on
-/// messages and presence.
+/// messages and presence, link policies (`RejectReason::Policy`, `MulticastRefused`).
 pub const VERSION: u16 = 3;
 /// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
 pub const DEFAULT_PORT: u16 = 7901;
@@ -604,6 +604,8 @@ pub enum RejectReason {
     /// The sender, or the mesh, holds its quota of stored messages on the receiver.
     /// (Appended: the wire enum only grows at its end.)
     OverQuota,
+    /// The receiver's import policy for this mesh and the sending broker refuses it.
+    Policy,
 }
 
 impl RejectReason {
@@ -616,6 +618,7 @@ impl RejectReason {
             Self::Revoked,
             Self::Invalid,
             Self::OverQuota,
+            Self::Policy,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -630,6 +633,7 @@ impl RejectReason {
             Self::Revoked => "revoked",
             Self::Invalid => "invalid",
             Self::OverQuota => "quota_exceeded",
+            Self::Policy => "policy_denied",
         }
     }
 }
@@ -810,6 +814,16 @@ pub enum Frame {
     FileUrlAsk(Box<FileUrlAsk>),
     /// Live: its answer.
     FileUrlAnswer(Box<FileUrlAnswer>),
+    /// Live: the receiver's import policy refused a multicast the sender forwarded
+    /// (so the sender's `message_status` can say so).
+    MulticastRefused {
+        /// Mesh id.
+        mesh_id: String,
+        /// The multicast's message id.
+        id: String,
+        /// Which rule refused it (a short label, e.g. `kind:broadcast`, `tag:secret`).
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -888,7 +902,8 @@ impl Frame {
             | Self::Clock(_)
             | Self::Files { .. }
             | Self::FileUrlAsk(_)
-            | Self::FileUrlAnswer(_) => {
+            | Self::FileUrlAnswer(_)
+            | Self::MulticastRefused { .. } => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -927,6 +942,7 @@ impl Frame {
             Self::Files { .. } => "files",
             Self::FileUrlAsk(_) => "file_url_ask",
             Self::FileUrlAnswer(_) => "file_url_answer",
+            Self::MulticastRefused { .. } => "multicast_refused",
         }
     }
 }

@@ -44,6 +44,7 @@ mod hooks;
 mod http;
 mod mcp;
 mod memory;
+mod policy;
 mod presence;
 mod quotas;
 mod reminders;

@@ -132,6 +132,12 @@ pub(crate) enum Refused {
     /// forwarded).
     #[error("the recipient is hosted by broker {0}, which this mesh is not shared with")]
     NotHere(Arc<str>),
+    /// This broker's export policy for the recipient's broker refuses the message.
+    #[error("policy_denied: this broker's export policy for {broker} refuses it: {denied}")]
+    Policy {
+        broker: Arc<str>,
+        denied: crate::fed::policy::Denied,
+    },
 }
 
 impl Refused {
@@ -143,6 +149,7 @@ impl Refused {
             Self::Quota(_) => QuotaExceeded::CODE,
             Self::UnknownRecipient(_) => "unknown_recipient",
             Self::RevokedRecipient => "revoked_recipient",
+            Self::Policy { .. } => "policy_denied",
         }
     }
 
@@ -153,6 +160,7 @@ impl Refused {
             Self::Quota(_) => RejectReason::OverQuota,
             Self::UnknownRecipient(_) | Self::NotHere(_) => RejectReason::UnknownRecipient,
             Self::RevokedRecipient => RejectReason::Revoked,
+            Self::Policy { .. } => RejectReason::Policy,
         }
     }
 }
@@ -285,6 +293,17 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
             let Some(fed) = fed else {
                 return Err(Refused::NotHere(broker));
             };
+            fed.policy_check(
+                &mesh.row.id,
+                &broker,
+                crate::fed::policy::Direction::Export,
+                crate::fed::policy::Kind::Dm,
+                &env.tags,
+            )
+            .map_err(|denied| Refused::Policy {
+                broker: broker.clone(),
+                denied,
+            })?;
             forward = Some((fed.clone(), broker));
         }
         DirectRoute::Deliver(target) => {
@@ -355,10 +374,11 @@ fn multicast(
             live: true,
         });
     }
+    let mut refusals = Vec::new();
     if let (Some(fed), Some(author), Body::Sealed { nonce, ciphertext }) =
         (&ctx.fed, &env.author, &env.body)
     {
-        fed.multicast(
+        (_, refusals) = fed.multicast(
             &env.mesh,
             spec,
             meshd_protocol::fed::Multicast {
@@ -384,6 +404,7 @@ fn multicast(
     row.delivered_at = Some(now);
     row.nonce = String::new();
     row.ciphertext = String::new();
+    row.refusals = refusals;
     let (reply, rx) = oneshot::channel();
     let op = Op::Insert {
         row: Box::new(row),
@@ -485,6 +506,7 @@ fn row(env: Envelope) -> NewMessage {
         forward_to: None,
         forward_seq: None,
         tags: env.tags,
+        refusals: Vec::new(),
         inbox: match env.origin {
             Origin::Peer {
                 broker,

@@ -425,6 +425,7 @@ mod tests {
             forward_to: None,
             forward_seq: None,
             tags: Vec::new(),
+            refusals: Vec::new(),
             inbox: None,
         }
     }

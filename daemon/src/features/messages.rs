@@ -4,7 +4,9 @@
 use std::sync::atomic::Ordering;
 
 use axum::extract::ws::Utf8Bytes;
-use meshd_protocol::broker::{Ack, BrokerFrame, ErrorFrame, MessageStatusResult, RecipientStatus};
+use meshd_protocol::broker::{
+    Ack, BrokerFrame, ErrorFrame, MessageStatusResult, PolicyRefusal, RecipientStatus,
+};
 use meshd_protocol::client::ClientFrame;
 use meshd_protocol::time::iso8601_ms;
 use meshd_protocol::{Priority, TargetSpec};
@@ -188,6 +190,10 @@ impl Session {
                     );
                 }
             };
+            let refusals = db.refusals(&row.id).await.unwrap_or_else(|e| {
+                warn!(cause = %e, "message_status refusals");
+                Vec::new()
+            });
             let delivered = row.delivered_at.is_some();
             let recipients = match (&row.target_key, TargetSpec::parse(&row.target_spec)) {
                 // Forwarded to the recipient's broker: stored there, refused, or queued.
@@ -203,6 +209,7 @@ impl Session {
                             .map_or_else(|| "unknown".into(), |m| m.display_name),
                         pubkey: key.clone(),
                         status,
+                        reason: row.forwarded_at.and(row.forward_error.clone()),
                     }]
                 }
                 (Some(key), _) => {
@@ -222,15 +229,29 @@ impl Session {
                         name: name.unwrap_or_else(|| "unknown".into()),
                         pubkey: key.clone(),
                         status,
+                        reason: None,
                     }]
                 }
+                // Peers on a broker a policy kept the message from did not get it.
                 (None, Ok(target)) => mesh
                     .multicast_recipients(&target, &member_pubkey)
                     .into_iter()
-                    .map(|(name, pubkey)| RecipientStatus {
-                        name,
-                        pubkey,
-                        status: if delivered { "delivered" } else { "held" },
+                    .map(|(name, pubkey, broker)| {
+                        let refused = broker
+                            .as_deref()
+                            .is_some_and(|b| refusals.iter().any(|(rb, _, _)| rb == b));
+                        RecipientStatus {
+                            name,
+                            pubkey,
+                            status: if refused {
+                                "refused"
+                            } else if delivered {
+                                "delivered"
+                            } else {
+                                "held"
+                            },
+                            reason: refused.then(|| "policy_denied".to_owned()),
+                        }
                     })
                     .collect(),
                 (None, Err(_)) => Vec::new(),
@@ -243,6 +264,10 @@ impl Session {
                     delivered_at: row.delivered_at.map(iso8601_ms),
                     recipients,
                     tags: crate::features::tags::from_column(row.tags.as_deref()),
+                    refused: refusals
+                        .into_iter()
+                        .map(|(broker, by, reason)| PolicyRefusal { broker, by, reason })
+                        .collect(),
                     req_id,
                 })
                 .to_json()

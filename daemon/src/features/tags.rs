@@ -20,21 +20,8 @@ use meshd_protocol::tags::{MAX_SUBSCRIPTIONS, MAX_TAGS, TagError, normalize};
 
 use crate::session::*;
 
-/// The stored form of a tag list (`None` when empty).
-pub(crate) fn to_column(tags: &[String]) -> Option<String> {
-    (!tags.is_empty()).then(|| tags.join(" "))
-}
-
-/// A tag list from its stored form; anything malformed is dropped.
-pub(crate) fn from_column(col: Option<&str>) -> Vec<String> {
-    col.map(|c| {
-        c.split(' ')
-            .filter(|t| meshd_protocol::tags::valid(t))
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default()
-}
+// The stored form (space-separated) belongs to the store layer.
+pub(crate) use crate::store::{tags_from_column as from_column, tags_to_column as to_column};
 
 /// The tags of a message sent to `target` with `tags`: a `tag:NAME` target's NAME
 /// first, then the rest in order, without duplicates.

@@ -274,6 +274,14 @@ impl Fed {
         }
         let tags = crate::features::tags::from_peer(dm.tags, meshd_protocol::tags::MAX_TAGS)
             .ok_or(RejectReason::Invalid)?;
+        self.policy_check(
+            &dm.mesh_id,
+            &link.broker,
+            Direction::Import,
+            Kind::Dm,
+            &tags,
+        )
+        .map_err(|_| RejectReason::Policy)?;
         let envelope = Envelope {
             id: dm.id,
             mesh: hub,

@@ -80,13 +80,32 @@ pub(crate) async fn live_writer(
 impl Fed {
     /// A local broadcast or group message: forwarded once to each broker with an
     /// eligible recipient.
-    pub(crate) fn multicast(&self, mesh: &MeshHub, target: &TargetSpec, m: Multicast) -> usize {
+    /// Forwards a multicast that started here to every broker hosting a peer it
+    /// reaches, unless this broker's export policy for that broker refuses it. Returns
+    /// how many links took it and the refusals (broker, reason), counted.
+    pub(crate) fn multicast(
+        &self,
+        mesh: &MeshHub,
+        target: &TargetSpec,
+        m: Multicast,
+    ) -> (usize, Vec<(String, String)>) {
         if !self.is_shared(&mesh.row.id) {
-            return 0;
+            return (0, Vec::new());
         }
-        let mut sent = 0;
+        let (mut sent, mut refused) = (0, Vec::new());
+        let kind = Kind::of(target);
         let frame = Frame::Multicast(Box::new(m));
+        let Frame::Multicast(m) = &frame else {
+            return (0, Vec::new());
+        };
         for broker in mesh.remote_brokers_for(target) {
+            if let Some(kind) = kind
+                && let Err(denied) =
+                    self.policy_check(&mesh.row.id, &broker, Direction::Export, kind, &m.tags)
+            {
+                refused.push((broker.to_string(), denied.reason()));
+                continue;
+            }
             if let Some(link) = self.link(&broker)
                 && link.flows(&mesh.row.id)
             {
@@ -99,7 +118,7 @@ impl Fed {
                 }
             }
         }
-        sent
+        (sent, refused)
     }
 
     /// Sends a live frame of `mesh_id` to every link the mesh flows over. A full link
@@ -320,6 +339,29 @@ impl Fed {
                     count_refused(ctx, link, reason, 1);
                 }
             }
+            Frame::MulticastRefused {
+                mesh_id,
+                id,
+                reason,
+            } => {
+                // A refusal of a multicast we forwarded, by that broker's import policy.
+                if !link.accepts(&mesh_id) || id.len() > 64 || reason.len() > 128 {
+                    count_refused(ctx, link, RejectReason::Invalid, 1);
+                } else if let Err(e) = ctx
+                    .db
+                    .record_refusal(
+                        &id,
+                        &mesh_id,
+                        &link.broker,
+                        Direction::Import,
+                        &reason,
+                        now_ms(),
+                    )
+                    .await
+                {
+                    warn!(cause = %e, "recording a refusal by a peer broker's policy");
+                }
+            }
             other => return Err(protocol_error(&other, "live")),
         }
         Ok(())
@@ -347,6 +389,18 @@ impl Fed {
         };
         let tags = crate::features::tags::from_peer(m.tags, meshd_protocol::tags::MAX_TAGS)
             .ok_or(RejectReason::Invalid)?;
+        if let Some(kind) = Kind::of(&target)
+            && let Err(denied) =
+                self.policy_check(&m.mesh_id, &link.broker, Direction::Import, kind, &tags)
+        {
+            // Tell the sender's broker, for its message_status (live: dropped if full).
+            let _ = link.live.try_send(Frame::MulticastRefused {
+                mesh_id: m.mesh_id.clone(),
+                id: m.id.clone(),
+                reason: denied.reason(),
+            });
+            return Err(RejectReason::Policy);
+        }
         let priority = Priority::from_rank(m.priority).ok_or(RejectReason::Invalid)?;
         let envelope = Envelope {
             id: m.id,

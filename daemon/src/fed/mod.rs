@@ -48,6 +48,7 @@ use crate::hub::{ConnId, MeshHub, Peer, lock, member_info};
 use crate::store::writer::{NewMessage, WriteOp};
 use crate::store::{MeshRow, StoreError};
 use crate::time::now_ms;
+use policy::{Direction, Kind};
 use store::{MemberUpsert, ShareRole};
 
 mod catchup;
@@ -56,6 +57,7 @@ mod hold;
 mod inbox;
 mod live;
 mod outbox;
+pub(crate) mod policy;
 mod presence;
 mod status;
 pub(crate) mod store;
@@ -280,6 +282,12 @@ pub(crate) struct Fed {
     /// Per peer broker: since when the manager's current link has had no handler registered
     /// here (see `check_links`).
     unregistered_since: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    /// Link policies in force (see `policy`), replaced whole when the stored rows change.
+    policies: Mutex<Arc<policy::Policies>>,
+    /// The stored rows they were built from.
+    policy_rows: Mutex<Vec<policy::PolicyRow>>,
+    /// Per peer broker, refusals by policy, by reason (for `/federation`).
+    policy_counts: Mutex<HashMap<String, std::collections::BTreeMap<&'static str, u64>>>,
 }
 
 impl std::fmt::Debug for Fed {
@@ -354,6 +362,9 @@ impl Fed {
             unregistered_since: Mutex::default(),
             expiries: Mutex::default(),
             adopting: tokio::sync::Mutex::new(()),
+            policies: Mutex::default(),
+            policy_rows: Mutex::default(),
+            policy_counts: Mutex::default(),
         });
         Ok((fed, ep))
     }
@@ -362,6 +373,9 @@ impl Fed {
     pub(crate) async fn start(self: &Arc<Self>, ctx: &Arc<Ctx>, ep: Endpoint) {
         if let Err(e) = self.reload_consent(ctx).await {
             warn!(cause = %e, "loading federation consent");
+        }
+        if let Err(e) = self.reload_policies(ctx).await {
+            warn!(cause = %e, "loading link policies");
         }
         let discovery =
             match meshd_federation::discovery::Discovery::new(self.cfg.nameservers.clone()) {

@@ -117,6 +117,33 @@ pub(crate) async fn presence_writer(
 }
 
 impl Fed {
+    /// Queues every local presence of `hub` for `link` as a snapshot (when the mesh
+    /// starts flowing, or the fields that broker may see changed).
+    pub(crate) fn send_presence_snapshot(&self, link: &LinkShared, hub: &MeshHub) {
+        let m = &hub.row.id;
+        // Taken under the link's presence queue lock: updates queued before it are
+        // older than it (it replaces them), updates after it are newer.
+        {
+            let mut queue = lock(&link.presence);
+            let entries = hub
+                .local_peers(|p| presence_entry(p, self.next_version()))
+                .into_iter()
+                .map(|mut e| {
+                    self.strip_presence(m, &link.broker, Direction::Export, &mut e);
+                    e
+                })
+                .collect();
+            queue.snapshot(
+                m,
+                Frame::PresenceSnapshot {
+                    mesh_id: m.clone(),
+                    entries,
+                },
+            );
+        }
+        link.presence_wake.notify_one();
+    }
+
     /// A local presence of `mesh` appeared or changed.
     pub(crate) fn presence_changed(&self, mesh: &MeshHub, conn: ConnId) {
         if !self.is_shared(&mesh.row.id) {
@@ -128,12 +155,15 @@ impl Fed {
         };
         let mesh_id = &mesh.row.id;
         for link in self.links_for(mesh_id) {
+            let mut entry = entry.clone();
+            self.strip_presence(mesh_id, &link.broker, Direction::Export, &mut entry);
+            let key = entry.key.clone();
             let queued = link.queue_presence(
                 mesh_id,
-                &entry.key,
+                &key,
                 Frame::PresenceUpsert {
                     mesh_id: mesh_id.clone(),
-                    entry: Box::new(entry.clone()),
+                    entry: Box::new(entry),
                 },
             );
             if !queued {
@@ -289,11 +319,16 @@ impl Fed {
             let caps = crate::hub::RemoteCaps::from_limits(&ctx.config.limits);
             let (refused, over) = match frame {
                 Frame::PresenceSnapshot { entries, .. } => {
-                    let (ok, bad): (Vec<_>, Vec<_>) = entries.into_iter().partition(valid_entry);
+                    let (mut ok, bad): (Vec<_>, Vec<_>) =
+                        entries.into_iter().partition(valid_entry);
+                    for e in &mut ok {
+                        self.strip_presence(&mesh_id, &link.broker, Direction::Import, e);
+                    }
                     let (forged, over) = hub.remote_replace(&link.broker, ok, now, caps);
                     (bad.len() + forged, over)
                 }
-                Frame::PresenceUpsert { entry, .. } if valid_entry(&entry) => {
+                Frame::PresenceUpsert { mut entry, .. } if valid_entry(&entry) => {
+                    self.strip_presence(&mesh_id, &link.broker, Direction::Import, &mut entry);
                     match hub.remote_upsert(&link.broker, *entry, now, caps) {
                         crate::hub::RemoteUpsert::Accepted => (0, 0),
                         crate::hub::RemoteUpsert::Forged => (1, 0),

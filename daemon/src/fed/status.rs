@@ -35,6 +35,7 @@ impl Fed {
                     "received": c.received.load(Ordering::Relaxed),
                     "rejected": c.rejected.load(Ordering::Relaxed),
                     "refused": c.refused.load(Ordering::Relaxed),
+                    "policyRefused": self.policy_counts(&st.name),
                     "held": held,
                     "lastError": st.last_error,
                     "meshes": meshes,
@@ -47,8 +48,23 @@ impl Fed {
             .map(|((m, p), r)| serde_json::json!({"meshId": m, "peer": p, "role": r.as_str()}))
             .collect();
         shares.sort_by_key(|v| v.to_string());
+        let mut policies: Vec<serde_json::Value> = lock(&self.policies)
+            .iter()
+            .flat_map(|(mesh, by)| {
+                by.iter().map(move |(broker, p)| {
+                    serde_json::json!({
+                        "meshId": mesh,
+                        "peer": broker,
+                        "export": p.export,
+                        "import": p.import,
+                    })
+                })
+            })
+            .collect();
+        policies.sort_by_key(|v| v.to_string());
         serde_json::json!({
             "broker": &*self.me,
+            "policies": policies,
             "quic": self.local_addr().map(|a| a.to_string()),
             "links": links,
             "shares": shares,

@@ -76,6 +76,9 @@ impl Fed {
                 Ok(false) => {}
                 Err(e) => warn!(cause = %e, "reloading federation consent"),
             }
+            if let Err(e) = self.reload_policies(&ctx).await {
+                warn!(cause = %e, "reloading link policies");
+            }
             self.check_links(&ctx, crate::time::std_instant()).await;
         }
     }
@@ -314,20 +317,7 @@ impl Fed {
                 self.reset_link(link, Reset::MembersFull);
             }
             self.refresh_shared();
-            // The snapshot is taken under the link's presence queue lock: updates queued
-            // before it are older than it (it replaces them), updates after it are newer.
-            {
-                let mut queue = lock(&link.presence);
-                let entries = hub.local_peers(|p| presence_entry(p, self.next_version()));
-                queue.snapshot(
-                    &m,
-                    Frame::PresenceSnapshot {
-                        mesh_id: m.clone(),
-                        entries,
-                    },
-                );
-            }
-            link.presence_wake.notify_one();
+            self.send_presence_snapshot(link, &hub);
             // What converges by merging or newest write goes over the live stream, in
             // its own task (it waits for room instead of dropping). It runs again a few
             // seconds later: what the broker could not take the first time (held too

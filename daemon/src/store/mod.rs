@@ -90,6 +90,23 @@ macro_rules! with_db_write {
 }
 pub(crate) use {with_db, with_db_write};
 
+/// The stored form of a tag list: space-separated (the tag alphabet has no space),
+/// `None` when empty.
+pub(crate) fn tags_to_column(tags: &[String]) -> Option<String> {
+    (!tags.is_empty()).then(|| tags.join(" "))
+}
+
+/// A tag list from its stored form; anything malformed is dropped.
+pub(crate) fn tags_from_column(col: Option<&str>) -> Vec<String> {
+    col.map(|c| {
+        c.split(' ')
+            .filter(|t| meshd_protocol::tags::valid(t))
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 /// A mesh.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MeshRow {

@@ -59,8 +59,11 @@ pub(crate) struct NewMessage {
     pub(crate) forward_to: Option<String>,
     /// Its position in that outbox, assigned by the router (see `delivery::router::OutSeqs`).
     pub(crate) forward_seq: Option<i64>,
-    /// Tags (stored space-separated, see `features::tags`).
+    /// Tags (stored space-separated, see [`super::tags_to_column`]).
     pub(crate) tags: Vec<String>,
+    /// Peer brokers this broker's export policy kept a multicast from: (broker,
+    /// reason), stored in `message_refusal` with the row.
+    pub(crate) refusals: Vec<(String, String)>,
     /// Set for a message received from a peer broker: (peer, its outbox seq), recorded
     /// in `fed_inbox` in the same transaction so a resend is recognised after any crash.
     pub(crate) inbox: Option<(String, i64)>,
@@ -848,6 +851,9 @@ const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups
        last_display_name = excluded.last_display_name, stats = excluded.stats, \
        last_seen_at = excluded.last_seen_at, updated_at = excluded.updated_at";
 
+const REFUSAL_SQL: &str = "INSERT INTO message_refusal (message_id, mesh_id, broker, direction, reason, at) \
+     VALUES ($1, $2, $3, 'export', $4, $5) ON CONFLICT (message_id, broker, direction) DO NOTHING";
+
 const JOIN_INVITE_SQL: &str = "SELECT id, mesh_id, role, max_uses, used_count, expires_at, revoked_at FROM invite WHERE token = $1";
 const JOIN_MEMBER_SQL: &str =
     "SELECT id, revoked_at FROM member WHERE mesh_id = $1 AND pubkey = $2";
@@ -865,6 +871,9 @@ const SWEEP_DELIVERED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq 
      WHERE delivered_at IS NOT NULL AND delivered_at < $1 ORDER BY seq LIMIT 5000)";
 const SWEEP_EXPIRED_SQL: &str = "DELETE FROM message WHERE seq IN (SELECT seq FROM message \
      WHERE delivered_at IS NULL AND expires_at <= $1 ORDER BY seq LIMIT 5000)";
+/// Policy refusals go with the delivered messages they describe.
+const SWEEP_REFUSALS_SQL: &str = "DELETE FROM message_refusal WHERE (message_id, broker, direction) IN \
+     (SELECT message_id, broker, direction FROM message_refusal WHERE at < $1 ORDER BY at LIMIT 5000)";
 const FED_INBOX_SQL: &str = "INSERT INTO fed_inbox (peer, high_seq) VALUES ($1, $2) \
      ON CONFLICT (peer) DO UPDATE SET high_seq = CASE WHEN excluded.high_seq > fed_inbox.high_seq \
        THEN excluded.high_seq ELSE fed_inbox.high_seq END";
@@ -940,9 +949,21 @@ macro_rules! executor {
                         .bind(r.lease_until)
                         .bind(&r.forward_to)
                         .bind(r.forward_seq)
-                        .bind(crate::features::tags::to_column(&r.tags));
+                        .bind(super::tags_to_column(&r.tags));
                 }
                 q.execute(&mut *tx).await?;
+            }
+            for r in rows.iter().filter(|r| !r.refusals.is_empty()) {
+                for (broker, reason) in &r.refusals {
+                    sqlx::query(REFUSAL_SQL)
+                        .bind(&r.id)
+                        .bind(&r.mesh_id)
+                        .bind(broker)
+                        .bind(reason)
+                        .bind(r.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             // Messages from peer brokers: their de-duplication cursor moves with them.
             let mut cursors: Vec<(&str, i64)> = Vec::new();
@@ -1218,6 +1239,10 @@ macro_rules! executor {
                             .execute(&mut *tx)
                             .await?
                             .rows_affected();
+                        sqlx::query(SWEEP_REFUSALS_SQL)
+                            .bind(delivered_before)
+                            .execute(&mut *tx)
+                            .await?;
                         sweeps.push((
                             i,
                             Swept {

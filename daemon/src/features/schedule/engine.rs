@@ -226,6 +226,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
                 Refused::NotHere(_) => "its recipient's broker no longer shares the mesh",
                 Refused::Unroutable(_) => "its target is not routable",
                 Refused::TooLarge { .. } => "its text is larger than a message may be",
+                Refused::Policy { .. } => "the link policy for its recipient's broker refuses it",
             }));
         }
     };
