@@ -179,6 +179,7 @@ struct RawFederation {
     idle_timeout: Option<String>,
     outbox_window: Option<usize>,
     max_frame_bytes: Option<usize>,
+    spatial_interest: Option<bool>,
     /// `[[federation.peers]]`; file only (no `MESHD_*` variable).
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -265,6 +266,7 @@ pub const KEYS: &[&str] = &[
     "federation.idle_timeout",
     "federation.outbox_window",
     "federation.max_frame_bytes",
+    "federation.spatial_interest",
 ];
 
 /// Keys whose `MESHD_*` variable holds a comma-separated list (a TOML array also works).
@@ -555,6 +557,10 @@ pub struct Federation {
     pub nameservers: Option<Vec<SocketAddr>>,
     /// How long the remote peers of a lost link stay listed.
     pub presence_grace: Duration,
+    /// Send a peer's move to a peer broker only when a viewer there could be affected
+    /// (interest management, see `meshd_protocol::spatial`); `false` sends every move to
+    /// every broker of the mesh (for comparison and debugging).
+    pub spatial_interest: bool,
     /// First reconnect delay (doubling up to `reconnect_max`).
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
@@ -1188,6 +1194,7 @@ fn validate_federation(
         ca,
         nameservers,
         presence_grace,
+        spatial_interest: raw.spatial_interest.unwrap_or(true),
         reconnect_min,
         reconnect_max,
         keepalive,
@@ -1663,6 +1670,7 @@ mod tests {
         assert_eq!(f.ca, PathBuf::from("/var/lib/meshd/certs/ca.pem"));
         assert_eq!(f.nameservers, Some(vec!["127.0.0.1:5353".parse().unwrap()]));
         assert_eq!(f.presence_grace, defaults::FEDERATION_PRESENCE_GRACE);
+        assert!(f.spatial_interest, "interest management is on by default");
         assert_eq!(f.reconnect_min, defaults::FEDERATION_RECONNECT_MIN);
         assert_eq!(f.reconnect_max, defaults::FEDERATION_RECONNECT_MAX);
         assert_eq!(f.keepalive, defaults::FEDERATION_KEEPALIVE);
@@ -1988,6 +1996,7 @@ mod tests {
                 "federation.outbox_window" => "2048",
                 "federation.max_frame_bytes" => "8388608",
                 "federation.reconnect_max" => "20s",
+                "federation.spatial_interest" => "false",
                 "federation.cert" | "federation.key" | "federation.ca" => "/tmp/x.pem",
                 k if k.ends_with("_timeout")
                     || k.ends_with("ttl")
@@ -2007,6 +2016,9 @@ mod tests {
             let c = Config::load(None, &env(&vars), &Overrides::default())
                 .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
             assert_eq!(c.federation.is_some(), key.starts_with("federation."));
+            if *key == "federation.spatial_interest" {
+                assert!(c.federation.is_some_and(|f| !f.spatial_interest));
+            }
         }
     }
 }

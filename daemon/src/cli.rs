@@ -274,7 +274,7 @@ enum PolicyCmd {
         #[arg(long, value_delimiter = ',', value_name = "PREFIXES")]
         deny_tags: Vec<String>,
         /// Presence fields that pass (or `none`): status, summary, groups, tags, cwd,
-        /// hostname, profile, stats, peer_type, channel, model, session_id. The key,
+        /// hostname, profile, stats, peer_type, channel, model, session_id, position. The key,
         /// member and display name always pass.
         #[arg(long, value_delimiter = ',', value_name = "FIELDS")]
         presence_fields: Option<Vec<String>>,

@@ -34,6 +34,7 @@ use axum::extract::ws::Utf8Bytes;
 use meshd_protocol::broker::{BrokerFrame, CumulativeStats, PeerEntry, peer_event_data};
 use meshd_protocol::client::{GroupEntry, Stats};
 use meshd_protocol::routing::group_reaches;
+use meshd_protocol::spatial::{self as space, Position};
 use meshd_protocol::status::StatusState;
 use meshd_protocol::{Priority, TargetSpec};
 use serde_json::value::RawValue;
@@ -41,6 +42,8 @@ use tokio::sync::{Notify, OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Db, MemberRow, MeshRow, StoreError};
+
+mod spatial;
 
 /// Process-local connection number (also the lease owner in the store).
 pub(crate) type ConnId = u64;
@@ -277,6 +280,8 @@ pub(crate) struct Peer {
     pub(crate) groups: Vec<GroupEntry>,
     /// Tag subscriptions (`features::tags`).
     pub(crate) tags: Vec<String>,
+    /// Where the peer stands (`features::spatial`); `None`: it sees everyone.
+    pub(crate) position: Option<Position>,
     pub(crate) visible: bool,
     pub(crate) profile: serde_json::Map<String, serde_json::Value>,
     pub(crate) stats: Option<Stats>,
@@ -329,6 +334,7 @@ impl Peer {
             peer_role: self.peer_role,
             broker: None,
             tags: self.tags.clone(),
+            position: self.position,
         }
     }
 }
@@ -410,6 +416,7 @@ impl RemotePeer {
             },
             broker: Some(self.broker.to_string()),
             tags: e.tags.clone(),
+            position: e.position,
         }
     }
 }
@@ -511,12 +518,16 @@ impl MeshInner {
             .filter_map(|c| self.peers.get(c))
     }
 
-    /// Live peers `viewer_member` may see (hidden ones only its own), oldest first.
-    fn visible_to(&self, viewer_member: &str) -> Vec<&Peer> {
+    /// Live peers `viewer_member` may see (hidden ones only its own; from `viewer_at`,
+    /// only those within its radius), oldest first.
+    fn visible_to(&self, viewer_member: &str, viewer_at: Option<&Position>) -> Vec<&Peer> {
         let mut peers: Vec<&Peer> = self
             .peers
             .values()
-            .filter(|p| p.visible || p.member_pubkey == viewer_member)
+            .filter(|p| {
+                p.member_pubkey == viewer_member
+                    || (p.visible && space::visible(viewer_at, p.position.as_ref()))
+            })
             .collect();
         peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
         peers
@@ -855,16 +866,24 @@ impl MeshHub {
     /// Pushes a multicast envelope to every eligible live peer: visible, not the sender,
     /// and in the group or a sub-group (`@group`) or subscribed to the tag (`tag:NAME`).
     /// Returns (delivered, dropped).
+    ///
+    /// A receiver standing somewhere gets it only if it sees the sender (`sender_key`).
     pub(crate) fn fan_out(
         &self,
         target: &TargetSpec,
         sender: ConnId,
+        sender_key: &str,
         frame: &Utf8Bytes,
     ) -> (usize, usize) {
         let inner = self.inner();
+        let from = inner.position_of(sender, sender_key);
         let (mut delivered, mut dropped) = (0, 0);
         for p in inner.peers.values() {
-            if p.shared.conn_id == sender || !p.visible || !p.reached_by(target) {
+            if p.shared.conn_id == sender
+                || !p.visible
+                || !p.reached_by(target)
+                || !space::visible(p.position.as_ref(), from.as_ref())
+            {
                 continue;
             }
             if offer(&p.shared, Outbound::Frame(frame.clone())) {
@@ -898,17 +917,23 @@ impl MeshHub {
         queued
     }
 
-    /// `peers_list` for `viewer`: every live peer, hidden ones only for their own member,
-    /// then the visible peers of other brokers (with their `broker`).
-    pub(crate) fn peers_for(&self, viewer_member: &str) -> Vec<PeerEntry> {
+    /// `peers_list` for `viewer` (a connection of `viewer_member`, 0 for none): every live
+    /// peer, hidden ones only for their own member, then the visible peers of other
+    /// brokers (with their `broker`); a viewer standing somewhere lists only those within
+    /// its radius.
+    pub(crate) fn peers_for(&self, viewer_member: &str, viewer: ConnId) -> Vec<PeerEntry> {
         let inner = self.inner();
+        let at = inner.peers.get(&viewer).and_then(|p| p.position);
         let mut out: Vec<PeerEntry> = inner
-            .visible_to(viewer_member)
+            .visible_to(viewer_member, at.as_ref())
             .into_iter()
             .map(Peer::entry)
             .collect();
-        let mut remote: Vec<&RemotePeer> =
-            inner.remote.values().filter(|r| r.entry.visible).collect();
+        let mut remote: Vec<&RemotePeer> = inner
+            .remote
+            .values()
+            .filter(|r| r.entry.visible && space::visible(at.as_ref(), r.entry.position.as_ref()))
+            .collect();
         remote.sort_by(|a, b| {
             (a.entry.connected_at, &a.entry.key).cmp(&(b.entry.connected_at, &b.entry.key))
         });
@@ -930,18 +955,24 @@ impl MeshHub {
         &self,
         target: &TargetSpec,
         viewer_member: &str,
+        viewer: ConnId,
     ) -> Vec<(String, String, Option<Arc<str>>)> {
         let inner = self.inner();
+        let from = inner.peers.get(&viewer).and_then(|p| p.position);
         inner
-            .visible_to(viewer_member)
+            .visible_to(viewer_member, None)
             .into_iter()
-            .filter(|p| p.reached_by(target))
+            .filter(|p| p.reached_by(target) && space::visible(p.position.as_ref(), from.as_ref()))
             .map(|p| (p.display_name.clone(), p.routing_key().to_owned(), None))
             .chain(
                 inner
                     .remote
                     .values()
-                    .filter(|r| r.entry.visible && r.reached_by(target))
+                    .filter(|r| {
+                        r.entry.visible
+                            && r.reached_by(target)
+                            && space::visible(r.entry.position.as_ref(), from.as_ref())
+                    })
                     .map(|r| {
                         (
                             r.entry.display_name.clone(),
@@ -994,14 +1025,20 @@ impl MeshHub {
         if !meshd_protocol::fed::newer(entry.version, old.map(|r| r.entry.version)) {
             return RemoteUpsert::Accepted;
         }
-        let was_visible = old.map(|r| r.entry.visible);
-        let event = match (was_visible, entry.visible) {
-            (None | Some(false), true) if was_visible.is_none() => Some("peer_joined"),
-            (Some(false), true) => Some("peer_visible"),
-            (Some(true), false) => Some("peer_hidden"),
-            _ => None,
-        };
-        let data = peer_event_data(&entry.display_name, &entry.key);
+        // Each local viewer hears what changed in its own view (spatial filters apply).
+        let mut heard: Vec<(Arc<PeerShared>, &'static str)> = Vec::new();
+        for p in inner.peers.values() {
+            if let Some(ev) = spatial::remote_change_event(p, old.map(|r| &r.entry), &entry) {
+                heard.push((p.shared.clone(), ev));
+            }
+        }
+        let mut data = peer_event_data(&entry.display_name, &entry.key);
+        if entry.position.is_some() {
+            data.insert(
+                "position".into(),
+                serde_json::to_value(entry.position).unwrap_or_default(),
+            );
+        }
         if entry.key != entry.member_pubkey && inner.remote_sessions.len() < MAX_REMOTE_SESSIONS {
             inner
                 .remote_sessions
@@ -1014,11 +1051,15 @@ impl MeshHub {
                 entry,
             },
         );
-        if let Some(event) = event {
-            let frame = crate::delivery::system_push(&self.row.id, event, data, now);
-            for p in inner.peers.values() {
-                offer(&p.shared, Outbound::Frame(frame.clone()));
-            }
+        let mut frames: HashMap<&'static str, Utf8Bytes> = HashMap::new();
+        for (shared, ev) in heard {
+            let frame = frames
+                .entry(ev)
+                .or_insert_with(|| {
+                    crate::delivery::system_push(&self.row.id, ev, data.clone(), now)
+                })
+                .clone();
+            offer(&shared, Outbound::Frame(frame));
         }
         RemoteUpsert::Accepted
     }
@@ -1099,12 +1140,25 @@ impl MeshHub {
         }
     }
 
-    /// Peer brokers with at least one visible session a multicast reaches.
-    pub(crate) fn remote_brokers_for(&self, target: &TargetSpec) -> Vec<Arc<str>> {
+    /// Peer brokers with at least one visible session a multicast from `sender_key`
+    /// reaches. A session standing somewhere counts if it may see the sender: what is
+    /// known of its position may be off by its slack, so the test is widened by it
+    /// (that broker filters exactly).
+    pub(crate) fn remote_brokers_for(
+        &self,
+        target: &TargetSpec,
+        sender_key: &str,
+    ) -> Vec<Arc<str>> {
         let inner = self.inner();
+        let from = inner.position_of(0, sender_key);
         let mut out: Vec<Arc<str>> = Vec::new();
         for r in inner.remote.values() {
             if !r.entry.visible || !r.reached_by(target) {
+                continue;
+            }
+            if let Some(v) = &r.entry.position
+                && from.is_none_or(|f| v.distance(&f) > v.radius + v.slack())
+            {
                 continue;
             }
             if !out.contains(&r.broker) {
@@ -1222,7 +1276,7 @@ impl MeshHub {
     /// Groups in use by the peers `viewer_member` can see (local and remote), sorted.
     pub(crate) fn groups_in_use(&self, viewer_member: &str) -> Vec<String> {
         let mut names: Vec<String> = self
-            .peers_for(viewer_member)
+            .peers_for(viewer_member, 0)
             .into_iter()
             .flat_map(|p| p.groups.into_iter().map(|g| g.name))
             .collect();
@@ -1472,7 +1526,7 @@ fn announce_left(inner: &MeshInner, mesh_id: &str, r: &RemotePeer, now: i64) {
         peer_event_data(&r.entry.display_name, &r.entry.key),
         now,
     );
-    for p in inner.peers.values() {
+    for p in inner.peers.values().filter(|p| spatial::saw(p, &r.entry)) {
         offer(&p.shared, Outbound::Frame(frame.clone()));
     }
 }

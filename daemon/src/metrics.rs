@@ -186,6 +186,11 @@ pub(crate) struct Metrics {
     pub(crate) fed_received: AtomicU64,
     /// Live frames (broadcasts, state) not forwarded because a link's queue was full.
     pub(crate) fed_live_dropped: AtomicU64,
+    /// Presence frames and bytes written to peer brokers.
+    pub(crate) fed_presence_frames: AtomicU64,
+    pub(crate) fed_presence_bytes: AtomicU64,
+    /// Moves not sent to a peer broker because no viewer there could be affected.
+    pub(crate) fed_moves_suppressed: AtomicU64,
     store_commits: AtomicU64,
     store_ops: AtomicU64,
     store_commit_micros: AtomicU64,
@@ -222,6 +227,9 @@ impl Default for Metrics {
             fed_link_resets: Labeled::new("reason", LINK_RESETS),
             fed_received: AtomicU64::new(0),
             fed_live_dropped: AtomicU64::new(0),
+            fed_presence_frames: AtomicU64::new(0),
+            fed_presence_bytes: AtomicU64::new(0),
+            fed_moves_suppressed: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
             store_commit_micros: AtomicU64::new(0),
@@ -426,6 +434,27 @@ impl Metrics {
             "Broadcasts and state writes not forwarded because a link's queue was full.",
             "counter",
             r(&self.fed_live_dropped),
+        );
+        c(
+            &mut out,
+            "meshd_federation_presence_frames_total",
+            "Presence frames (snapshots, updates, departures) written to peer brokers.",
+            "counter",
+            r(&self.fed_presence_frames),
+        );
+        c(
+            &mut out,
+            "meshd_federation_presence_bytes_total",
+            "Bytes of presence frames written to peer brokers.",
+            "counter",
+            r(&self.fed_presence_bytes),
+        );
+        c(
+            &mut out,
+            "meshd_federation_moves_suppressed_total",
+            "Position updates not sent to a peer broker: no viewer there could be affected.",
+            "counter",
+            r(&self.fed_moves_suppressed),
         );
         c(
             &mut out,

@@ -106,8 +106,20 @@ pub enum BrokerFrame {
     PeerDirResponseForward(PeerDirResponseForward),
     /// Answer to `subscribe_tags` / `unsubscribe_tags` (meshd extension).
     TagSubscriptions(TagSubscriptions),
+    /// Answer to `set_position` / `clear_position` (meshd extension).
+    Position(PositionFrame),
     /// A refusal.
     Error(ErrorFrame),
+}
+
+/// `position`: where the presence stands now (`null`: nowhere).
+#[derive(Debug, Serialize)]
+pub struct PositionFrame {
+    /// The position in force.
+    pub position: Option<crate::spatial::Position>,
+    /// Correlation id.
+    #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+    pub req_id: Option<String>,
 }
 
 /// `tag_subscriptions`: the presence's subscriptions after the change.
@@ -309,6 +321,9 @@ pub struct PeerEntry {
     /// meshd extension: the tags this presence subscribes to (absent when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// meshd extension: where the presence stands (absent when nowhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<crate::spatial::Position>,
 }
 
 /// `state_change`.

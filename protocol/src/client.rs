@@ -318,6 +318,11 @@ pub enum ClientFrame {
         /// Tags to drop (unknown ones are ignored).
         tags: Vec<String>,
     },
+    /// meshd extension: stand at a position and see within its radius
+    /// (see [`crate::spatial`]). Replied with `position`.
+    SetPosition(crate::spatial::Position),
+    /// meshd extension: stand nowhere again (see every peer). Replied with `position`.
+    ClearPosition,
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -339,6 +344,8 @@ impl ClientFrame {
             | Self::SetProfile(_)
             | Self::SubscribeTags { .. }
             | Self::UnsubscribeTags { .. }
+            | Self::SetPosition(_)
+            | Self::ClearPosition
             | Self::ListPeers
             | Self::GetState { .. }
             | Self::ListState
@@ -766,6 +773,8 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "unsubscribe_tags" => ClientFrame::UnsubscribeTags {
             tags: serde_json::from_str::<TagsBody>(text)?.tags,
         },
+        "set_position" => ClientFrame::SetPosition(serde_json::from_str(text)?),
+        "clear_position" => ClientFrame::ClearPosition,
         "leave_group" => ClientFrame::LeaveGroup {
             name: serde_json::from_str::<NameBody>(text)?.name,
         },
@@ -1260,6 +1269,9 @@ fn validate(frame: &ClientFrame) -> Result<(), &'static str> {
         {
             return Err("tags: up to 64, each 1..=64 bytes of letters, digits and - _ . : /");
         }
+        ClientFrame::SetPosition(p) if !p.valid() => {
+            return Err("position: finite x and y within ±1e6, radius in (0, 1e6]");
+        }
         ClientFrame::SetState { key, .. } | ClientFrame::GetState { key }
             if key.is_empty() || key.len() > MAX_STATE_KEY_LEN =>
         {
@@ -1518,6 +1530,8 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     // meshd extensions (no claudemesh client sends them).
     ("subscribe_tags", true),
     ("unsubscribe_tags", true),
+    ("set_position", true),
+    ("clear_position", true),
 ];
 
 #[cfg(test)]

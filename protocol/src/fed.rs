@@ -25,7 +25,8 @@ pub const ALPN: &[u8] = b"meshd-fed/1";
 /// Version carried in the hello; a peer with another version is refused with a clear
 /// reason (frames are postcard: an unknown variant or field is a decode error). 2: the
 /// feature frames (tasks, clock, files, MCP servers sent in parts, …). 3: tags on
-/// messages and presence, link policies (`RejectReason::Policy`, `MulticastRefused`).
+/// messages and presence, link policies (`RejectReason::Policy`, `MulticastRefused`),
+/// positions in presence.
 pub const VERSION: u16 = 3;
 /// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
 pub const DEFAULT_PORT: u16 = 7901;
@@ -586,6 +587,8 @@ pub struct PresenceEntry {
     pub stats: Option<String>,
     /// Tags the session subscribes to.
     pub tags: Vec<String>,
+    /// Where the session stands (see [`crate::spatial`]).
+    pub position: Option<crate::spatial::Position>,
 }
 
 /// Why a receiver refused a forwarded message (it is not retried).

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod nul;
 pub mod routing;
 pub mod session;
+pub mod spatial;
 pub mod status;
 pub mod tags;
 pub mod time;

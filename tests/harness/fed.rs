@@ -81,6 +81,7 @@ impl Org {
             ca: self.ca_path(),
             nameservers: nameserver.map(|n| vec![n]),
             presence_grace: Duration::from_secs(2),
+            spatial_interest: true,
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_millis(500),
             keepalive: Duration::from_millis(300),

@@ -1748,6 +1748,7 @@ pub(crate) fn fake_presence(version: u64) -> wire::PresenceEntry {
         profile: "{}".into(),
         stats: None,
         tags: Vec::new(),
+        position: None,
     }
 }
 

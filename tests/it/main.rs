@@ -51,6 +51,7 @@ mod reminders;
 mod routing;
 mod schema;
 mod skills;
+mod spatial;
 mod state;
 mod streams;
 mod tags;

@@ -358,7 +358,9 @@ fn multicast(
         admit(ctx, &env, 0)?;
     }
     let frame = env.frame();
-    let (delivered, dropped) = env.mesh.fan_out(spec, env.origin.conn(), &frame);
+    let (delivered, dropped) =
+        env.mesh
+            .fan_out(spec, env.origin.conn(), &env.sender_pubkey, &frame);
     ctx.metrics
         .multicast_deliveries
         .fetch_add(delivered as u64, Ordering::Relaxed);

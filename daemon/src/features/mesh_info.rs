@@ -12,6 +12,7 @@ impl Session {
         let db = self.ctx.db.clone();
         let mesh = self.mesh.clone();
         let viewer = self.member_pubkey.clone();
+        let conn = self.conn;
         let your_name = self.display_name.clone();
         let your_groups = self
             .mesh
@@ -29,7 +30,7 @@ impl Session {
                 Err(e) => return store_unavailable("mesh_info", req_id, &e),
             };
             let info = MeshInfoResult {
-                peers: mesh.peers_for(&viewer).len(),
+                peers: mesh.peers_for(&viewer, conn).len(),
                 groups: mesh
                     .groups_in_use(&viewer)
                     .into_iter()

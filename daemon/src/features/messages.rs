@@ -164,6 +164,7 @@ impl Session {
         let mesh = self.mesh.clone();
         let mesh_id = self.mesh_id().to_owned();
         let member_pubkey = self.member_pubkey.clone();
+        let conn = self.conn;
         self.reply_later(async move {
             let not_found = |req_id| {
                 Some(
@@ -234,7 +235,7 @@ impl Session {
                 }
                 // Peers on a broker a policy kept the message from did not get it.
                 (None, Ok(target)) => mesh
-                    .multicast_recipients(&target, &member_pubkey)
+                    .multicast_recipients(&target, &member_pubkey, conn)
                     .into_iter()
                     .map(|(name, pubkey, broker)| {
                         let refused = broker

@@ -16,6 +16,7 @@ pub mod presence;
 pub mod relay;
 pub mod schedule;
 pub mod skills;
+pub mod spatial;
 pub mod state;
 pub mod streams;
 pub mod tags;

@@ -46,16 +46,22 @@ impl Session {
                 let changed = self.mesh.with_peer(self.conn, |p| {
                     let changed = p.visible != visible;
                     p.visible = visible;
-                    changed.then(|| peer_data(p))
+                    changed.then(|| (peer_data(p), p.position))
                 });
-                if let Some(Some(data)) = changed {
+                if let Some(Some((data, at))) = changed {
                     let event = if visible {
                         "peer_visible"
                     } else {
                         "peer_hidden"
                     };
                     let frame = delivery::system_push(self.mesh_id(), event, data, now);
-                    self.mesh.announce(&frame, self.conn, None);
+                    self.mesh.announce_about(
+                        &frame,
+                        self.conn,
+                        None,
+                        &self.member_pubkey,
+                        at.as_ref(),
+                    );
                     self.presence_changed();
                 }
                 Self::small_ack(req_id)
@@ -93,7 +99,7 @@ impl Session {
             }
             ClientFrame::ListPeers => Some(
                 BrokerFrame::PeersList(PeersList {
-                    peers: self.mesh.peers_for(&self.member_pubkey),
+                    peers: self.mesh.peers_for(&self.member_pubkey, self.conn),
                     req_id,
                 })
                 .to_json()

@@ -98,7 +98,7 @@ impl Fed {
         let Frame::Multicast(m) = &frame else {
             return (0, Vec::new());
         };
-        for broker in mesh.remote_brokers_for(target) {
+        for broker in mesh.remote_brokers_for(target, &m.sender_pubkey) {
             if let Some(kind) = kind
                 && let Err(denied) =
                     self.policy_check(&mesh.row.id, &broker, Direction::Export, kind, &m.tags)

@@ -182,6 +182,9 @@ pub(crate) struct LinkShared {
     pub(crate) announced: Notify,
     /// The running catch-up of each mesh (cancelled when a new one starts).
     pub(crate) catch_ups: Mutex<HashMap<String, CancellationToken>>,
+    /// Where the peer broker last heard each local presence stands, by (mesh, key):
+    /// what interest management compares a move with (`features::spatial`).
+    pub(crate) sent_at: Mutex<HashMap<(String, String), meshd_protocol::spatial::Position>>,
 }
 
 /// Sleeps until `deadline` (a std instant); forever without one.
@@ -228,6 +231,17 @@ impl LinkShared {
     /// [`PRESENCE_PENDING`] updates already: the peer broker stopped reading, and the link must
     /// start over (its successor sends a snapshot).
     pub(crate) fn queue_presence(&self, mesh: &str, key: &str, frame: Frame) -> bool {
+        {
+            let mut sent = lock(&self.sent_at);
+            let at = match &frame {
+                Frame::PresenceUpsert { entry, .. } => entry.position,
+                _ => None,
+            };
+            match at {
+                Some(at) => sent.insert((mesh.to_owned(), key.to_owned()), at),
+                None => sent.remove(&(mesh.to_owned(), key.to_owned())),
+            };
+        }
         {
             let mut c = lock(&self.presence);
             if c.pending.len() >= PRESENCE_PENDING
@@ -425,6 +439,17 @@ impl Fed {
         }
         self.tracker.close();
         self.tracker.wait().await;
+    }
+
+    /// Whether moves go only to brokers with an interested viewer
+    /// (`federation.spatial_interest`).
+    pub(crate) fn spatial_interest(&self) -> bool {
+        self.cfg.spatial_interest
+    }
+
+    /// The daemon's metrics.
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// This broker's name.

@@ -103,11 +103,13 @@ pub enum Field {
     Model,
     /// Client session id.
     SessionId,
+    /// Position (withheld: viewers standing somewhere there never see the peer).
+    Position,
 }
 
 impl Field {
     /// Every field.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Status,
         Self::Summary,
         Self::Groups,
@@ -120,6 +122,7 @@ impl Field {
         Self::Channel,
         Self::Model,
         Self::SessionId,
+        Self::Position,
     ];
 
     /// Its name on the command line and in stored rules.
@@ -137,6 +140,7 @@ impl Field {
             Self::Channel => "channel",
             Self::Model => "model",
             Self::SessionId => "session_id",
+            Self::Position => "position",
         }
     }
 
@@ -163,6 +167,7 @@ impl Field {
             Self::Channel => take(&mut e.channel),
             Self::Model => take(&mut e.model),
             Self::SessionId => take(&mut e.session_id),
+            Self::Position => e.position.take().is_some(),
         }
     }
 }
@@ -675,6 +680,7 @@ mod tests {
             profile: "{}".into(),
             stats: None,
             tags: v(&["ops"]),
+            position: None,
         };
         let r = Rules {
             presence_fields: Some(vec![Field::Status, Field::Tags]),

@@ -88,12 +88,14 @@ pub(crate) fn presence_entry(p: &Peer, version: u64) -> PresenceEntry {
         profile: serde_json::to_string(&p.profile).unwrap_or_else(|_| "{}".into()),
         stats: p.stats.and_then(|s| serde_json::to_string(&s).ok()),
         tags: p.tags.clone(),
+        position: p.position,
     }
 }
 
 pub(crate) async fn presence_writer(
     link: Arc<LinkShared>,
     conn: Arc<LinkConn>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(), LinkError> {
     let (mut tx, _) = conn.open(StreamClass::Presence).await?;
     loop {
@@ -113,6 +115,12 @@ pub(crate) async fn presence_writer(
         link.counters
             .sent
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        metrics
+            .fed_presence_frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        metrics
+            .fed_presence_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -125,7 +133,7 @@ impl Fed {
         // older than it (it replaces them), updates after it are newer.
         {
             let mut queue = lock(&link.presence);
-            let entries = hub
+            let entries: Vec<PresenceEntry> = hub
                 .local_peers(|p| presence_entry(p, self.next_version()))
                 .into_iter()
                 .map(|mut e| {
@@ -133,6 +141,14 @@ impl Fed {
                     e
                 })
                 .collect();
+            let mut sent = lock(&link.sent_at);
+            sent.retain(|(mesh, _), _| mesh != m);
+            for e in &entries {
+                if let Some(at) = e.position {
+                    sent.insert((m.clone(), e.key.clone()), at);
+                }
+            }
+            drop(sent);
             queue.snapshot(
                 m,
                 Frame::PresenceSnapshot {
@@ -324,13 +340,23 @@ impl Fed {
                     for e in &mut ok {
                         self.strip_presence(&mesh_id, &link.broker, Direction::Import, e);
                     }
+                    let viewers: Vec<_> = ok.iter().filter_map(|e| e.position).collect();
                     let (forged, over) = hub.remote_replace(&link.broker, ok, now, caps);
+                    for v in viewers {
+                        self.viewer_moved(&link, &hub, v);
+                    }
                     (bad.len() + forged, over)
                 }
                 Frame::PresenceUpsert { mut entry, .. } if valid_entry(&entry) => {
                     self.strip_presence(&mesh_id, &link.broker, Direction::Import, &mut entry);
+                    let viewer = entry.position;
                     match hub.remote_upsert(&link.broker, *entry, now, caps) {
-                        crate::hub::RemoteUpsert::Accepted => (0, 0),
+                        crate::hub::RemoteUpsert::Accepted => {
+                            if let Some(v) = viewer {
+                                self.viewer_moved(&link, &hub, v);
+                            }
+                            (0, 0)
+                        }
                         crate::hub::RemoteUpsert::Forged => (1, 0),
                         crate::hub::RemoteUpsert::OverLimit => (0, 1),
                     }

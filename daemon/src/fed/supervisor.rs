@@ -392,6 +392,7 @@ impl Fed {
             held: Mutex::default(),
             announced: Notify::new(),
             catch_ups: Mutex::default(),
+            sent_at: Mutex::default(),
         });
         let Link { conn, control, .. } = link;
         {
@@ -439,7 +440,11 @@ impl Fed {
             shared.clone(),
             conn.clone(),
         )));
-        spawn(Box::pin(presence_writer(shared.clone(), conn.clone())));
+        spawn(Box::pin(presence_writer(
+            shared.clone(),
+            conn.clone(),
+            self.metrics.clone(),
+        )));
         spawn(Box::pin(live_writer(
             conn.clone(),
             live_rx,

@@ -253,8 +253,13 @@ impl Session {
             && peer.visible
         {
             let frame = delivery::system_push(self.mesh_id(), "peer_left", peer_data(peer), now);
-            self.mesh
-                .announce(&frame, self.conn, Some(&self.member_pubkey));
+            self.mesh.announce_about(
+                &frame,
+                self.conn,
+                Some(&self.member_pubkey),
+                &self.member_pubkey,
+                peer.position.as_ref(),
+            );
         }
         // Another session of the member (or the connection that replaced this one) takes
         // over what this one gave back; its next claim runs after the release.

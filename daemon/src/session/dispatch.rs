@@ -31,6 +31,9 @@ impl Session {
             frame @ (ClientFrame::SubscribeTags { .. } | ClientFrame::UnsubscribeTags { .. }) => {
                 self.on_tags(frame, req_id)
             }
+            frame @ (ClientFrame::SetPosition(_) | ClientFrame::ClearPosition) => {
+                self.on_position(frame, req_id, now)
+            }
             frame @ (ClientFrame::SetState { .. }
             | ClientFrame::GetState { .. }
             | ClientFrame::ListState) => self.on_state(frame, req_id, now),

@@ -346,6 +346,7 @@ pub(crate) async fn authenticate(
         groups: groups.clone(),
         // Subscriptions come back with the member, like its groups.
         tags: crate::features::tags::from_column(saved.as_ref().and_then(|s| s.tags.as_deref())),
+        position: None,
         visible: saved.as_ref().is_none_or(|s| s.visible),
         profile: saved
             .as_ref()
@@ -445,6 +446,11 @@ pub(crate) async fn authenticate(
             ctx.config.limits.send_burst,
             started,
         ),
+        move_bucket: Bucket::new(
+            crate::features::spatial::MOVES_PER_SECOND,
+            crate::features::spatial::MOVE_BURST,
+            started,
+        ),
         last_activity: started,
         io_guard,
         predecessor,
@@ -486,8 +492,14 @@ impl Session {
         };
         if let Some(data) = data {
             let frame = delivery::system_push(self.mesh_id(), event, data, now_ms());
-            self.mesh
-                .announce(&frame, self.conn, Some(&self.member_pubkey));
+            // A new presence stands nowhere: viewers standing somewhere do not see it.
+            self.mesh.announce_about(
+                &frame,
+                self.conn,
+                Some(&self.member_pubkey),
+                &self.member_pubkey,
+                None,
+            );
         }
     }
 }

@@ -178,6 +178,8 @@ pub(crate) struct Session {
     /// Whether the claim in flight leases rows until acknowledged.
     pub(crate) claim_leased: bool,
     pub(crate) bucket: Bucket,
+    /// `set_position` / `clear_position` rate (`features::spatial`).
+    pub(crate) move_bucket: Bucket,
     pub(crate) last_activity: Instant,
     /// Aborts socket writes (the connection's cancel token; a fresh one while the
     /// shutdown path flushes what is queued).
