@@ -331,17 +331,28 @@ mod across_brokers {
             after >= before + 8,
             "moves within the slack, far from every viewer, stayed home: {before} → {after}"
         );
-        stand(&mut customer, 5.0, 0.0, 15.0).await?;
-        let key = ck.clone();
-        rep.until_peers("the customer back in view", |v| {
-            v["peers"].as_array().is_some_and(|ps| {
-                ps.iter()
-                    .any(|p| p["pubkey"] == key && p["position"]["x"] == 5.0)
+        // Back in steps of 1 (within the slack): near the viewers every step crosses, so
+        // each sees it enter at exactly the first step within its radius.
+        for x in (5..=30).rev() {
+            stand(&mut customer, f64::from(x), 0.0, 15.0).await?;
+        }
+        for (cl, enter_x) in [(&mut rep, 10.0), (&mut observer, 9.0)] {
+            let entered = cl.expect_event("peer_in_range").await?;
+            assert_eq!(
+                entered["eventData"]["position"]["x"].as_f64(),
+                Some(enter_x),
+                "{entered}"
+            );
+            let key = ck.clone();
+            cl.until_peers("the customer at 5", |v| {
+                v["peers"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["pubkey"] == key && p["position"]["x"] == 5.0)
+                })
             })
-        })
-        .await?;
-        rep.sync().await?;
-        assert_eq!(range_events(&mut rep), [ev("peer_in_range", "customer")]);
+            .await?;
+            assert!(range_events(cl).is_empty());
+        }
         Ok(())
     }
 }
