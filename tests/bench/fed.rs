@@ -13,7 +13,7 @@ use meshd_tests::faultproxy::FaultProxy;
 use meshd_tests::{DaemonProcess, run_cli};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Bench, Broker, Conn, count_pushes, measure, nats};
+use crate::{Bench, Broker, Conn, count_pushes, count_pushes_keep, measure, nats, rand_u32};
 
 const A: &str = "mesh.alpha.bench";
 const B: &str = "mesh.beta.bench";
@@ -81,6 +81,16 @@ async fn poll<T>(
 impl Bench {
     /// Starts A and B with their own org CAs; B accepts A's mesh.
     pub(crate) async fn start_fed(&self, via_proxy: bool, grace: &str) -> anyhow::Result<FedPair> {
+        self.start_fed_with(via_proxy, grace, true).await
+    }
+
+    /// [`Bench::start_fed`] with interest management on or off.
+    pub(crate) async fn start_fed_with(
+        &self,
+        via_proxy: bool,
+        grace: &str,
+        interest: bool,
+    ) -> anyhow::Result<FedPair> {
         let certs = tempfile::tempdir()?;
         let ca_a = certs.path().join("alpha");
         let ca_b = certs.path().join("beta");
@@ -115,7 +125,7 @@ impl Bench {
                  max_connections_per_mesh = 60000\n[log]\nlevel = \"{log}\"\n\
                  [federation]\nbroker = \"{me}\"\nlisten = \"127.0.0.1:{port}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                  ca = \"{ca}\"\npresence_grace = \"{grace}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
-                 keepalive = \"300ms\"\nidle_timeout = \"1500ms\"\n\
+                 keepalive = \"300ms\"\nidle_timeout = \"1500ms\"\nspatial_interest = {interest}\n\
                  [[federation.peers]]\nname = \"{peer}\"\naddr = \"{peer_addr}\"\nca = \"{peer_ca}\"\n",
                 dur = self.durability,
                 log = crate::log_level(),
@@ -260,6 +270,175 @@ impl Bench {
         Ok(())
     }
 
+    /// Tagged messages across brokers next to plain DMs, on the same pair: senders on
+    /// A, receivers on B; first DMs, then `tag:t<p>` sends to the subscriber of `t<p>`.
+    pub(crate) async fn fed_tagged(&self, pairs: usize, window: usize) -> anyhow::Result<()> {
+        let pair = self.start_fed(false, "30s").await?;
+        let (ma, mut receivers) = receivers_on_b(&pair, pairs).await?;
+        for (p, r) in receivers.iter_mut().enumerate() {
+            r.send_raw(&format!(
+                r#"{{"type":"subscribe_tags","tags":["t{p}"],"_reqId":"s"}}"#
+            ))
+            .await?;
+        }
+        let mut observer = Conn::connect(&pair.a, &ma[pairs]).await?;
+        poll(
+            "B's subscriptions at A",
+            Duration::from_secs(30),
+            async || {
+                let v = list_peers(&mut observer).await.ok()?;
+                let subscribed = v["peers"]
+                    .as_array()?
+                    .iter()
+                    .filter(|p| p["tags"].as_array().is_some_and(|t| !t.is_empty()))
+                    .count();
+                (subscribed >= pairs).then_some(())
+            },
+        )
+        .await?;
+        let text = self.plaintext();
+        let mut rates = Vec::new();
+        for tagged in [false, true] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let delivered = Arc::new(AtomicU64::new(0));
+            let mut handles = Vec::new();
+            let mut senders = Vec::new();
+            let mut back = Vec::new();
+            for (p, r) in receivers.drain(..).enumerate() {
+                let s = Conn::connect(&pair.a, &ma[p]).await?;
+                let frame = if tagged {
+                    let (nonce, c) = meshd_tests::crypto::plain(&text);
+                    format!(
+                        r#"{{"type":"send","id":"x","targetSpec":"tag:t{p}","priority":"next","nonce":"{nonce}","ciphertext":"{c}"}}"#
+                    )
+                } else {
+                    s.sealed(&r.key, &text)
+                };
+                handles.push(count_pushes_keep(r, stop.clone(), delivered.clone()));
+                let stop_s = stop.clone();
+                senders.push(tokio::spawn(async move {
+                    s.pump(&frame, window, &stop_s).await
+                }));
+            }
+            let (rate, mut acks) = measure(&delivered, self.duration, &stop, senders).await?;
+            for h in handles {
+                back.push(h.await??);
+            }
+            receivers = back;
+            let what = if tagged { "tag:NAME sends" } else { "DMs" };
+            println!(
+                "meshd  fed-tagged {pairs} pairs A→B, window {window}, {what}: {rate:.0} delivered/s; send→ack {}",
+                acks.summary()
+            );
+            rates.push(rate);
+        }
+        println!(
+            "meshd  fed-tagged tagged / DM throughput: {:.2}×",
+            rates[1] / rates[0].max(1.0)
+        );
+        Ok(())
+    }
+
+    /// Presence traffic on the link while `peers` peers on A move, `viewers` positioned
+    /// peers on B watch, with interest management and without.
+    pub(crate) async fn fed_moving(
+        &self,
+        peers: usize,
+        viewers: usize,
+        radius: f64,
+        step: f64,
+        moves_per_sec: f64,
+    ) -> anyhow::Result<()> {
+        let mut results = Vec::new();
+        for interest in [true, false] {
+            let pair = self.start_fed_with(false, "30s", interest).await?;
+            let ma = pair.a.enroll(50).await?;
+            let mb = pair.b.enroll(viewers.max(1)).await?;
+            // Viewers stand still, spread over the area; the walkers start anywhere.
+            let area = 1000.0;
+            let mut held = Vec::new();
+            for (i, m) in mb.iter().enumerate().take(viewers) {
+                let mut v = Conn::connect(&pair.b, m).await?;
+                let (x, y) = spread(i, viewers, area);
+                v.send_raw(&format!(
+                    r#"{{"type":"set_position","x":{x},"y":{y},"radius":{radius},"_reqId":"p"}}"#
+                ))
+                .await?;
+                held.push(tokio::spawn(
+                    async move { while v.ws.next().await.is_some() {} },
+                ));
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let moves = Arc::new(AtomicU64::new(0));
+            let mut walkers = Vec::new();
+            for i in 0..peers {
+                let w = Conn::connect(&pair.a, &ma[i % ma.len()]).await?;
+                let (stop, moves) = (stop.clone(), moves.clone());
+                let (mut x, mut y) = spread(i * 7919 % peers.max(1), peers, area);
+                let pause = Duration::from_secs_f64(1.0 / moves_per_sec);
+                walkers.push(tokio::spawn(async move {
+                    let mut heading = f64::from(rand_u32() % 360).to_radians();
+                    let mut tick = tokio::time::interval(pause);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let (tx, mut rx) = futures_util::StreamExt::split(w.ws);
+                    let drain = tokio::spawn(async move { while rx.next().await.is_some() {} });
+                    let mut tx = tx;
+                    while !stop.load(Ordering::Relaxed) {
+                        tick.tick().await;
+                        heading += (f64::from(rand_u32() % 61) - 30.0).to_radians();
+                        x = (x + step * heading.cos()).clamp(0.0, area);
+                        y = (y + step * heading.sin()).clamp(0.0, area);
+                        let f = format!(
+                            r#"{{"type":"set_position","x":{x:.3},"y":{y:.3},"radius":{radius}}}"#
+                        );
+                        if tx.send(Message::Text(f.into())).await.is_err() {
+                            break;
+                        }
+                        moves.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drain.abort();
+                }));
+            }
+            // Settle (every walker placed and heard once), then measure.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let m0 = metrics_of(&pair.a).await?;
+            let n0 = moves.load(Ordering::Relaxed);
+            let t = Instant::now();
+            tokio::time::sleep(self.duration).await;
+            let m1 = metrics_of(&pair.a).await?;
+            let n1 = moves.load(Ordering::Relaxed);
+            let secs = t.elapsed().as_secs_f64();
+            stop.store(true, Ordering::Relaxed);
+            for w in walkers {
+                let _ = w.await;
+            }
+            for h in held {
+                h.abort();
+            }
+            let rate = |k: &str| {
+                (m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0)) / secs
+            };
+            let (frames, bytes, kept) = (
+                rate("meshd_federation_presence_frames_total"),
+                rate("meshd_federation_presence_bytes_total"),
+                rate("meshd_federation_moves_suppressed_total"),
+            );
+            let made = (n1 - n0) as f64 / secs;
+            println!(
+                "meshd  fed-moving {peers} walkers on A (step {step}, radius {radius}, {moves_per_sec}/s each), {viewers} viewers on B, interest {}: {made:.0} moves/s; link {frames:.0} presence frames/s, {:.1} KiB/s; {kept:.0} moves/s kept home",
+                if interest { "on" } else { "off" },
+                bytes / 1024.0
+            );
+            results.push((frames, bytes));
+        }
+        println!(
+            "meshd  fed-moving interest on / off: {:.3}× frames, {:.3}× bytes",
+            results[0].0 / results[1].0.max(1.0),
+            results[0].1 / results[1].1.max(1.0)
+        );
+        Ok(())
+    }
+
     /// Time for A to list `peers` sessions of B again after the link comes back.
     pub(crate) async fn fed_presence(&self, peers: usize) -> anyhow::Result<()> {
         let pair = self.start_fed(true, "1s").await?;
@@ -393,6 +572,27 @@ async fn receivers_on_b(
     let keys: Vec<String> = receivers.iter().map(|r| r.key.clone()).collect();
     wait_listed(&mut observer, &keys).await?;
     Ok((ma, receivers))
+}
+
+/// Point `i` of `n` on a grid over `[0, area]²`.
+fn spread(i: usize, n: usize, area: f64) -> (f64, f64) {
+    let side = (n as f64).sqrt().ceil().max(1.0);
+    let cell = area / side;
+    let (col, row) = (i as f64 % side, (i as f64 / side).floor());
+    (cell * (col + 0.5), cell * (row + 0.5))
+}
+
+/// The counters of a broker's `/metrics` (unlabelled lines).
+async fn metrics_of(b: &Broker) -> anyhow::Result<std::collections::HashMap<String, f64>> {
+    let (_, _, body) = meshd_tests::http(b.proc.addr, "GET", "/metrics", None).await?;
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect())
 }
 
 /// Peers of other brokers in `list_peers`.

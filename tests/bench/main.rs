@@ -119,6 +119,29 @@ enum Scenario {
         #[arg(long, default_value_t = 128)]
         window: usize,
     },
+    /// Tagged sends (`tag:NAME`) across brokers next to plain DMs, same pair.
+    FedTagged {
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        #[arg(long, default_value_t = 128)]
+        window: usize,
+    },
+    /// Presence traffic on the link for N moving peers, interest management on and off.
+    FedMoving {
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        /// Positioned viewers on the other broker.
+        #[arg(long, default_value_t = 10)]
+        viewers: usize,
+        #[arg(long, default_value_t = 40.0)]
+        radius: f64,
+        /// Distance of one move.
+        #[arg(long, default_value_t = 2.0)]
+        step: f64,
+        /// Moves per second of each walker.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+    },
     /// Time for presence of N peers to converge after the link comes back.
     FedPresence {
         #[arg(long, default_value_t = 1000)]
@@ -188,6 +211,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::FedRtt { count } => b.fed_rtt(count).await,
         Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,
         Scenario::FedPresence { peers } => b.fed_presence(peers).await,
+        Scenario::FedTagged { pairs, window } => b.fed_tagged(pairs, window).await,
+        Scenario::FedMoving {
+            peers,
+            viewers,
+            radius,
+            step,
+            rate,
+        } => b.fed_moving(peers, viewers, radius, step, rate).await,
         Scenario::FedCatchup { pairs, cut } => {
             let cut = meshd_config::parse_duration(&cut).map_err(|e| anyhow::anyhow!(e))?;
             b.fed_catchup(pairs, cut).await
@@ -895,6 +926,25 @@ async fn nats_flow_on(
 }
 
 /// A receiver task: counts the pushes `r` gets until `stop`.
+/// [`count_pushes`] that hands the connection back when stopped.
+fn count_pushes_keep(
+    mut r: Conn,
+    stop: Arc<AtomicBool>,
+    delivered: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<anyhow::Result<Conn>> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            if tokio::time::timeout(Duration::from_secs(2), r.next_push())
+                .await
+                .is_ok()
+            {
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        anyhow::Ok(r)
+    })
+}
+
 fn count_pushes(
     mut r: Conn,
     stop: Arc<AtomicBool>,
