@@ -514,6 +514,72 @@ pub async fn reset_policy(
     Ok(db.delete_policy(&m.id, &broker, direction).await?)
 }
 
+pub use crate::features::bridges::{BridgeRow, Direction as BridgeDirection};
+
+/// `meshd bridge create A B --tags P,.. [--direction D] [--peers]`: joins two meshes of
+/// this broker; the running daemon applies it within a second.
+///
+/// # Errors
+/// [`AdminError`]: a mesh that does not exist, the same mesh twice, bad prefixes, too
+/// many bridges.
+pub async fn create_bridge(
+    db: &Db,
+    a: &str,
+    b: &str,
+    direction: BridgeDirection,
+    tags: &[String],
+    peers: bool,
+) -> Result<BridgeRow, AdminError> {
+    let (ma, mb) = (mesh_ref(db, a).await?, mesh_ref(db, b).await?);
+    if ma.id == mb.id {
+        return Err(AdminError::Invalid(
+            "a bridge joins two different meshes".into(),
+        ));
+    }
+    if tags.is_empty() || tags.len() > crate::fed::policy::MAX_PREFIXES {
+        return Err(AdminError::Invalid(
+            "--tags: 1 to 64 tag prefixes (what the bridge relays)".into(),
+        ));
+    }
+    if let Some(bad) = tags.iter().find(|t| !meshd_protocol::tags::valid(t)) {
+        return Err(AdminError::Invalid(format!(
+            "invalid tag prefix {bad:?}: 1..=64 bytes of letters, digits and - _ . : /"
+        )));
+    }
+    let row = BridgeRow {
+        id: crate::ids::random_id(),
+        mesh_a: ma.id,
+        mesh_b: mb.id,
+        direction: direction.as_str().to_owned(),
+        tags: tags.join(" "),
+        peers,
+        created_at: now_ms(),
+    };
+    if !db.insert_bridge(&row).await? {
+        return Err(AdminError::Invalid(format!(
+            "this broker has {} bridges already",
+            crate::features::bridges::MAX_BRIDGES
+        )));
+    }
+    Ok(row)
+}
+
+/// `meshd bridge list`.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn list_bridges(db: &Db) -> Result<Vec<BridgeRow>, AdminError> {
+    Ok(db.bridges().await?)
+}
+
+/// `meshd bridge delete ID`: whether it existed.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn delete_bridge(db: &Db, id: &str) -> Result<bool, AdminError> {
+    Ok(db.delete_bridge(id).await?)
+}
+
 /// A consent as printed by the CLI.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -58,6 +58,9 @@ enum Command {
     /// List and revoke members.
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Bridges between two meshes of this broker: tagged messages relayed, peers listed.
+    #[command(subcommand)]
+    Bridge(BridgeCmd),
     /// Org CA and broker certificates for federation.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -238,6 +241,105 @@ enum MemberCmd {
         #[command(flatten)]
         out: Output,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BridgeCmd {
+    /// Join two meshes (slugs or ids). Applied by the running daemon within a second.
+    Create {
+        /// First mesh.
+        a: String,
+        /// Second mesh.
+        b: String,
+        /// Tag prefixes a message must carry one of to be relayed (plain prefixes).
+        #[arg(long, value_delimiter = ',', required = true, value_name = "PREFIXES")]
+        tags: Vec<String>,
+        /// Which way tagged messages are relayed: a-to-b, b-to-a or both.
+        #[arg(long, default_value = "both")]
+        direction: String,
+        /// List each mesh's peers in the other and let them send each other DMs.
+        #[arg(long)]
+        peers: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// List bridges.
+    List {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Remove a bridge.
+    Delete {
+        /// Bridge id (from `meshd bridge list`).
+        id: String,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+async fn bridge(config: Config, cmd: BridgeCmd) -> anyhow::Result<()> {
+    let db = admin::open(&config).await?;
+    let line = |b: &admin::BridgeRow| {
+        format!(
+            "{}  {} {} {}  tags={}{}",
+            b.id,
+            b.mesh_a,
+            match b.direction.as_str() {
+                "a-to-b" => "->",
+                "b-to-a" => "<-",
+                _ => "<->",
+            },
+            b.mesh_b,
+            b.tags.replace(' ', ","),
+            if b.peers { "  peers" } else { "" }
+        )
+    };
+    let r = match cmd {
+        BridgeCmd::Create {
+            a,
+            b,
+            tags,
+            direction,
+            peers,
+            out,
+        } => {
+            let d = admin::BridgeDirection::parse(&direction).ok_or_else(|| {
+                anyhow::anyhow!("--direction {direction:?}: use a-to-b, b-to-a or both")
+            })?;
+            let row = admin::create_bridge(&db, &a, &b, d, &tags, peers).await?;
+            print(out.json, &row, line)
+        }
+        BridgeCmd::List { out } => {
+            #[derive(Serialize)]
+            struct List {
+                bridges: Vec<admin::BridgeRow>,
+            }
+            let bridges = admin::list_bridges(&db).await?;
+            print(out.json, &List { bridges }, |l| {
+                if l.bridges.is_empty() {
+                    "no bridges".to_owned()
+                } else {
+                    l.bridges.iter().map(line).collect::<Vec<_>>().join("\n")
+                }
+            })
+        }
+        BridgeCmd::Delete { id, out } => {
+            #[derive(Serialize)]
+            struct Deleted {
+                removed: bool,
+            }
+            let removed = admin::delete_bridge(&db, &id).await?;
+            print(out.json, &Deleted { removed }, |d| {
+                if d.removed {
+                    format!("bridge {id} removed")
+                } else {
+                    format!("no bridge {id}")
+                }
+            })
+        }
+    };
+    db.close().await;
+    r
 }
 
 #[derive(Debug, Subcommand)]
@@ -480,6 +582,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Mesh(cmd) => mesh(config, cmd).await,
         Command::Invite(cmd) => invite(config, cmd).await,
         Command::Member(cmd) => member(config, cmd).await,
+        Command::Bridge(cmd) => bridge(config, cmd).await,
         Command::Usage { mesh, out } => usage(config, &mesh, out.json).await,
         Command::Certs(cmd) => certs(&config, cmd),
         Command::Audit(AuditCmd::Verify { mesh, out }) => {

@@ -154,6 +154,7 @@ async fn webhook(
             expires_at: now,
             origin: crate::delivery::Origin::Webhook,
             tags: Vec::new(),
+            bridged: None,
         };
         crate::delivery::submit(&ctx, envelope, now).map_or(0, |a| a.delivered)
     });

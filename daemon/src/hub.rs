@@ -335,6 +335,7 @@ impl Peer {
             broker: None,
             tags: self.tags.clone(),
             position: self.position,
+            bridged: None,
         }
     }
 }
@@ -417,6 +418,7 @@ impl RemotePeer {
             broker: Some(self.broker.to_string()),
             tags: e.tags.clone(),
             position: e.position,
+            bridged: None,
         }
     }
 }
@@ -1216,6 +1218,26 @@ impl MeshHub {
     /// Whether the member is revoked (unknown keys count as not revoked).
     pub(crate) fn member_revoked(&self, pubkey: &str) -> bool {
         self.inner().members.get(pubkey).is_some_and(|m| m.revoked)
+    }
+
+    /// Whether `key` is a member hosted here (not revoked) or a key of a live or known
+    /// session of one: a DM to it can be stored in this mesh (`features::bridges`).
+    pub(crate) fn hosts_key(&self, key: &str) -> bool {
+        let inner = self.inner();
+        inner.by_key.contains_key(key)
+            || inner.session_keys.contains_key(key)
+            || inner
+                .members
+                .get(key)
+                .is_some_and(|m| !m.revoked && m.home.is_none())
+    }
+
+    /// `list_peers` entries of the visible local presences (listed in bridged meshes).
+    pub(crate) fn local_entries(&self) -> Vec<PeerEntry> {
+        let inner = self.inner();
+        let mut peers: Vec<&Peer> = inner.peers.values().filter(|p| p.visible).collect();
+        peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
+        peers.into_iter().map(Peer::entry).collect()
     }
 
     /// Every live local presence, for a snapshot to a peer broker.

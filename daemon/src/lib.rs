@@ -117,6 +117,8 @@ pub(crate) struct Ctx {
     pub(crate) webhook_buckets: std::sync::Mutex<ratelimit::Buckets<String>>,
     /// Rate limits of webhook posts by source address (before the secret is looked up).
     pub(crate) webhook_sources: std::sync::Mutex<ratelimit::Buckets<std::net::IpAddr>>,
+    /// Bridges between meshes in force (`features::bridges`).
+    pub(crate) bridges: crate::features::bridges::Bridges,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -261,6 +263,7 @@ impl Daemon {
                 16_384,
             )),
             usage: quota::Snapshot::default(),
+            bridges: crate::features::bridges::Bridges::default(),
             usage_book: quota::UsageBook::load(&db).await?,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             pending: server::PendingTable::new(config.limits.max_pending_per_address),
@@ -332,6 +335,10 @@ impl Bound {
         let reminders_task =
             background.spawn(reminders::run(ctx.clone(), reminders_cancel.clone()));
         upkeep.push(background.spawn(mcp::run(ctx.clone(), background_cancel.clone())));
+        upkeep.push(background.spawn(crate::features::bridges::run(
+            ctx.clone(),
+            background_cancel.clone(),
+        )));
         upkeep.push(background.spawn(mcp::run_store(ctx.clone(), background_cancel.clone())));
 
         let accept_cancel = CancellationToken::new();

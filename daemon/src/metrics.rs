@@ -191,6 +191,10 @@ pub(crate) struct Metrics {
     pub(crate) fed_presence_bytes: AtomicU64,
     /// Moves not sent to a peer broker because no viewer there could be affected.
     pub(crate) fed_moves_suppressed: AtomicU64,
+    /// Multicasts relayed into another mesh by a bridge.
+    pub(crate) bridge_relayed: AtomicU64,
+    /// Bridges in force.
+    pub(crate) bridges_active: AtomicI64,
     store_commits: AtomicU64,
     store_ops: AtomicU64,
     store_commit_micros: AtomicU64,
@@ -230,6 +234,8 @@ impl Default for Metrics {
             fed_presence_frames: AtomicU64::new(0),
             fed_presence_bytes: AtomicU64::new(0),
             fed_moves_suppressed: AtomicU64::new(0),
+            bridge_relayed: AtomicU64::new(0),
+            bridges_active: AtomicI64::new(0),
             store_commits: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
             store_commit_micros: AtomicU64::new(0),
@@ -455,6 +461,20 @@ impl Metrics {
             "Position updates not sent to a peer broker: no viewer there could be affected.",
             "counter",
             r(&self.fed_moves_suppressed),
+        );
+        c(
+            &mut out,
+            "meshd_bridge_relayed_total",
+            "Multicasts relayed into another mesh by a bridge.",
+            "counter",
+            r(&self.bridge_relayed),
+        );
+        c(
+            &mut out,
+            "meshd_bridges_active",
+            "Bridges between meshes in force.",
+            "gauge",
+            g(&self.bridges_active),
         );
         c(
             &mut out,

@@ -112,6 +112,34 @@ pub enum BrokerFrame {
     Error(ErrorFrame),
 }
 
+/// meshd extension: where a bridged peer, or a message relayed by a bridge, comes
+/// from (a mesh on this broker, or on `broker`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bridged {
+    /// The mesh it comes from.
+    pub mesh_id: String,
+    /// That mesh's name.
+    pub mesh_name: String,
+    /// The broker hosting that mesh, when it is not this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    /// For a relayed message: every mesh it was delivered in before, origin first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<Hop>,
+}
+
+/// One mesh on a relayed message's path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hop {
+    /// The broker hosting it (`None`: the broker that delivered the push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    /// Mesh id.
+    pub mesh_id: String,
+}
+
 /// `position`: where the presence stands now (`null`: nowhere).
 #[derive(Debug, Serialize)]
 pub struct PositionFrame {
@@ -258,6 +286,9 @@ pub struct Push {
     /// meshd extension: the message's tags (absent when it has none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// meshd extension: the mesh a bridged sender or relayed message comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridged: Option<Bridged>,
 }
 
 /// `peers_list`.
@@ -324,6 +355,9 @@ pub struct PeerEntry {
     /// meshd extension: where the presence stands (absent when nowhere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<crate::spatial::Position>,
+    /// meshd extension: a peer of another mesh, listed through a bridge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridged: Option<Bridged>,
 }
 
 /// `state_change`.
@@ -970,6 +1004,7 @@ mod tests {
             sender_name: None,
             client_message_id: None,
             tags: Vec::new(),
+            bridged: None,
         });
         let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
         assert_eq!(v["type"], "push");

@@ -29,6 +29,7 @@ macro_rules! both {
 }
 
 mod audit;
+mod bridges;
 mod cli;
 mod clock;
 mod compat;

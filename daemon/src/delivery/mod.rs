@@ -42,6 +42,10 @@ pub(crate) enum Origin {
     /// A peer broker forwarded it. A stored message carries its position in that
     /// broker's outbox, recorded with the row so a resend is recognised after any crash.
     Peer { broker: Arc<str>, seq: Option<i64> },
+    /// A bridge relayed it from another mesh of this broker (`features::bridges`):
+    /// delivered live here and relayed on, never forwarded to peer brokers (its sender
+    /// is no member of this mesh).
+    Bridge,
 }
 
 impl Origin {
@@ -54,6 +58,12 @@ impl Origin {
     }
 
     fn is_local(&self) -> bool {
+        !matches!(self, Self::Peer { .. } | Self::Bridge)
+    }
+
+    /// Whether a multicast from here is relayed over the mesh's bridges: what entered
+    /// the mesh at this broker (a peer broker's copy is relayed by that broker).
+    fn relays(&self) -> bool {
         !matches!(self, Self::Peer { .. })
     }
 }
@@ -111,6 +121,9 @@ pub(crate) struct Envelope {
     pub(crate) origin: Origin,
     /// The message's tags (a `tag:NAME` target's NAME among them), checked by the origin.
     pub(crate) tags: Vec<String>,
+    /// Set when the sender is in another mesh: a DM to a bridged peer, a relayed
+    /// multicast (with its path).
+    pub(crate) bridged: Option<meshd_protocol::broker::Bridged>,
 }
 
 /// Why a message was not accepted.
@@ -276,13 +289,26 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
     }
     let limits = &ctx.config.limits;
     let grace = i64::try_from(limits.session_grace.as_millis()).unwrap_or(i64::MAX);
-    let mesh = env.mesh.clone();
-    let key = mesh.resolve_direct_key(&key, now, grace);
+    let mut mesh = env.mesh.clone();
+    let mut key = mesh.resolve_direct_key(&key, now, grace);
+    let mut route = mesh.route_direct(&key, env.priority, env.origin.conn());
+    // A key of no one here may be a peer of a mesh bridged to this one: the DM goes
+    // there, stored in that mesh for that key, its ciphertext untouched.
+    if matches!(route, DirectRoute::Unknown)
+        && env.origin.is_local()
+        && let Some(other) = crate::features::bridges::dm_target(ctx, &mesh, &key)
+    {
+        env.bridged = Some(crate::features::bridges::from_mesh(ctx, &mesh));
+        env.mesh = other.clone();
+        mesh = other;
+        key = mesh.resolve_direct_key(&key, now, grace);
+        route = mesh.route_direct(&key, env.priority, env.origin.conn());
+    }
     let (mut delivery, mut forward) = (None, None);
-    match mesh.route_direct(&key, env.priority, env.origin.conn()) {
+    match route {
         DirectRoute::Unknown => return Err(Refused::UnknownRecipient(key)),
         DirectRoute::Revoked => return Err(Refused::RevokedRecipient),
-        DirectRoute::Remote(_) if !env.origin.is_local() => {
+        DirectRoute::Remote(_) if !env.origin.is_local() || env.bridged.is_some() => {
             return Err(Refused::UnknownRecipient(key));
         }
         DirectRoute::Remote(broker) => {
@@ -356,6 +382,9 @@ fn multicast(
     let local = env.origin.is_local();
     if local {
         admit(ctx, &env, 0)?;
+    }
+    if env.origin.relays() {
+        crate::features::bridges::relay(ctx, &env, spec, now);
     }
     let frame = env.frame();
     let (delivered, dropped) =
@@ -509,6 +538,10 @@ fn row(env: Envelope) -> NewMessage {
         forward_seq: None,
         tags: env.tags,
         refusals: Vec::new(),
+        bridged: env
+            .bridged
+            .as_ref()
+            .and_then(|b| serde_json::to_string(b).ok()),
         inbox: match env.origin {
             Origin::Peer {
                 broker,

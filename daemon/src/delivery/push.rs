@@ -51,6 +51,7 @@ fn frame(
     event: Option<(Cow<'static, str>, Box<serde_json::value::RawValue>)>,
     client_message_id: Option<String>,
     tags: Vec<String>,
+    bridged: Option<meshd_protocol::broker::Bridged>,
 ) -> Utf8Bytes {
     let (event, event_data) = event.map_or((None, None), |(e, d)| (Some(e), Some(d)));
     let push = BrokerFrame::Push(Push {
@@ -69,6 +70,7 @@ fn frame(
         sender_name: from.member.map(|m| m.2.to_owned()),
         client_message_id,
         tags,
+        bridged,
     });
     let text = Utf8Bytes::from(push.to_json());
     if let BrokerFrame::Push(p) = push {
@@ -111,6 +113,7 @@ impl Envelope {
             event,
             self.client_message_id.clone(),
             self.tags.clone(),
+            self.bridged.clone(),
         )
     }
 }
@@ -137,6 +140,9 @@ pub(crate) fn stored(mesh_id: &str, mut row: ClaimedRow) -> Utf8Bytes {
         None,
         row.client_message_id.take(),
         crate::features::tags::from_column(row.tags.as_deref()),
+        row.bridged
+            .as_deref()
+            .and_then(|b| serde_json::from_str(b).ok()),
     )
 }
 
@@ -166,6 +172,7 @@ pub(crate) fn system(
         Some((Cow::Borrowed(event), data)),
         None,
         Vec::new(),
+        None,
     )
 }
 
@@ -197,6 +204,7 @@ mod tests {
             client_message_id: Some("c1".into()),
             created_at: 0,
             tags: Some("ops sales/emea".into()),
+            bridged: None,
         };
         let v: serde_json::Value = serde_json::from_str(&stored("mesh", row)).unwrap();
         assert_eq!(v["type"], "push");

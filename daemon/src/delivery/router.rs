@@ -426,6 +426,7 @@ mod tests {
             forward_seq: None,
             tags: Vec::new(),
             refusals: Vec::new(),
+            bridged: None,
             inbox: None,
         }
     }

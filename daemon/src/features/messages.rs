@@ -116,6 +116,7 @@ impl Session {
             expires_at: delivery::expires_at(&self.ctx, now),
             origin: Origin::Client { conn: self.conn },
             tags,
+            bridged: None,
         };
         let accepted = match delivery::submit(&self.ctx, envelope, now) {
             Ok(a) => a,
@@ -164,7 +165,9 @@ impl Session {
         let mesh = self.mesh.clone();
         let mesh_id = self.mesh_id().to_owned();
         let member_pubkey = self.member_pubkey.clone();
+        let member_id = self.member_id.clone();
         let conn = self.conn;
+        let ctx = self.ctx.clone();
         self.reply_later(async move {
             let not_found = |req_id| {
                 Some(
@@ -178,6 +181,9 @@ impl Session {
             };
             let row = match db.message_status(&message_id).await {
                 Ok(Some(r)) if r.mesh_id == mesh_id => r,
+                // A DM sent through a bridge is stored in the recipient's mesh: its
+                // sender may ask about it there.
+                Ok(Some(r)) if r.sender_member_id == member_id => r,
                 Ok(_) => return not_found(req_id),
                 Err(e) => {
                     warn!(cause = %e, "message_status");
@@ -189,6 +195,14 @@ impl Session {
                         .to_json()
                         .into(),
                     );
+                }
+            };
+            let mesh = if row.mesh_id == mesh_id {
+                mesh
+            } else {
+                match ctx.hub.loaded(&row.mesh_id) {
+                    Some(m) => m,
+                    None => return not_found(req_id),
                 }
             };
             let refusals = db.refusals(&row.id).await.unwrap_or_else(|e| {

@@ -5,6 +5,7 @@
 //! are sent (`impl Fed`). `crate::fed` and the session's dispatch only name them.
 
 pub mod audit;
+pub mod bridges;
 pub mod clock;
 pub mod contexts;
 pub mod files;

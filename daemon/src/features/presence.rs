@@ -97,14 +97,17 @@ impl Session {
                 self.presence_changed();
                 None
             }
-            ClientFrame::ListPeers => Some(
-                BrokerFrame::PeersList(PeersList {
-                    peers: self.mesh.peers_for(&self.member_pubkey, self.conn),
-                    req_id,
-                })
-                .to_json()
-                .into(),
-            ),
+            ClientFrame::ListPeers => {
+                let mut peers = self.mesh.peers_for(&self.member_pubkey, self.conn);
+                peers.extend(crate::features::bridges::bridged_peers(
+                    &self.ctx, &self.mesh,
+                ));
+                Some(
+                    BrokerFrame::PeersList(PeersList { peers, req_id })
+                        .to_json()
+                        .into(),
+                )
+            }
             _ => None,
         }
     }

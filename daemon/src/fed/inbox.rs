@@ -307,6 +307,7 @@ impl Fed {
                 seq: Some(i64::try_from(dm.seq).unwrap_or(i64::MAX)),
             },
             tags,
+            bridged: None,
         };
         let accepted = delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         let Some((op, commit)) = accepted.write else {

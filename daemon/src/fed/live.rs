@@ -48,6 +48,7 @@ pub(crate) async fn deliver_event(
             seq: None,
         },
         tags: Vec::new(),
+        bridged: None,
     };
     delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
     Ok(())
@@ -427,6 +428,7 @@ impl Fed {
                 seq: None,
             },
             tags,
+            bridged: None,
         };
         delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         Ok(())

@@ -64,12 +64,14 @@ pub(crate) struct NewMessage {
     /// Peer brokers this broker's export policy kept a multicast from: (broker,
     /// reason), stored in `message_refusal` with the row.
     pub(crate) refusals: Vec<(String, String)>,
+    /// For a DM whose sender is in another (bridged) mesh: where from, as JSON.
+    pub(crate) bridged: Option<String>,
     /// Set for a message received from a peer broker: (peer, its outbox seq), recorded
     /// in `fed_inbox` in the same transaction so a resend is recognised after any crash.
     pub(crate) inbox: Option<(String, i64)>,
 }
 
-const MESSAGE_COLUMNS: usize = 21;
+const MESSAGE_COLUMNS: usize = 22;
 
 /// A stored message handed to a drain.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -88,6 +90,8 @@ pub(crate) struct ClaimedRow {
     pub(crate) created_at: i64,
     /// Space-separated tags, if any.
     pub(crate) tags: Option<String>,
+    /// Where a bridged sender is from (JSON), if it is.
+    pub(crate) bridged: Option<String>,
 }
 
 /// What a claim returned.
@@ -775,7 +779,7 @@ impl SqlCache {
                         style,
                         "INSERT INTO message (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, \
                          sender_name, target_spec, target_key, priority, nonce, ciphertext, subtype, \
-                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to, forward_seq, tags) VALUES ",
+                         client_message_id, created_at, expires_at, delivered_at, lease_conn, lease_until, forward_to, forward_seq, tags, bridged) VALUES ",
                         MESSAGE_COLUMNS,
                         n,
                     );
@@ -823,7 +827,7 @@ const CLAIM_SQL: &str = "UPDATE message SET lease_conn = $1, lease_until = $2 \
           AND (lease_until IS NULL OR lease_until <= $6) AND priority <= $7 AND expires_at > $6 \
         ORDER BY seq LIMIT $8) \
      RETURNING seq, id, sender_pubkey, sender_member_pubkey, sender_member_id, sender_name, priority, \
-               nonce, ciphertext, subtype, client_message_id, created_at, tags";
+               nonce, ciphertext, subtype, client_message_id, created_at, tags, bridged";
 
 const NEXT_LEASE_SQL: &str = "SELECT MIN(lease_until) FROM message \
      WHERE mesh_id = $1 AND target_key IN ($2, $3) AND delivered_at IS NULL \
@@ -949,7 +953,8 @@ macro_rules! executor {
                         .bind(r.lease_until)
                         .bind(&r.forward_to)
                         .bind(r.forward_seq)
-                        .bind(super::tags_to_column(&r.tags));
+                        .bind(super::tags_to_column(&r.tags))
+                        .bind(&r.bridged);
                 }
                 q.execute(&mut *tx).await?;
             }

@@ -214,6 +214,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         expires_at: delivery::expires_at(ctx, now),
         origin: Origin::Schedule { id: row.id },
         tags,
+        bridged: None,
     };
     let accepted = match delivery::submit(ctx, envelope, now) {
         Ok(a) => a,
