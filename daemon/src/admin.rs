@@ -530,8 +530,57 @@ pub async fn create_bridge(
     tags: &[String],
     peers: bool,
 ) -> Result<BridgeRow, AdminError> {
-    let (ma, mb) = (mesh_ref(db, a).await?, mesh_ref(db, b).await?);
-    if ma.id == mb.id {
+    let mb = mesh_ref(db, b).await?;
+    bridge_row(db, a, mb.id, None, direction, tags, peers).await
+}
+
+/// `meshd bridge create A MESH_ID --broker B …`: this broker's side of a bridge between
+/// its mesh `a` and the mesh `remote_mesh` of the peer broker `broker`, whose admin
+/// creates the mirror (`meshd bridge create MESH_ID_THERE A_ID --broker THIS_BROKER`).
+/// It flows while both sides keep it.
+///
+/// # Errors
+/// [`AdminError`]: as [`create_bridge`], and a broker that is not configured.
+#[allow(clippy::too_many_arguments)]
+pub async fn create_remote_bridge(
+    db: &Db,
+    config: &Config,
+    a: &str,
+    remote_mesh: &str,
+    broker: &str,
+    direction: BridgeDirection,
+    tags: &[String],
+    peers: bool,
+) -> Result<BridgeRow, AdminError> {
+    let broker = configured_peer(config, broker)?;
+    if !crate::ids::plausible_id(remote_mesh) {
+        return Err(AdminError::Invalid(format!(
+            "{remote_mesh:?} is not a mesh id (the other broker's `meshd mesh list` shows it)"
+        )));
+    }
+    bridge_row(
+        db,
+        a,
+        remote_mesh.to_owned(),
+        Some(broker),
+        direction,
+        tags,
+        peers,
+    )
+    .await
+}
+
+async fn bridge_row(
+    db: &Db,
+    a: &str,
+    mesh_b: String,
+    broker_b: Option<String>,
+    direction: BridgeDirection,
+    tags: &[String],
+    peers: bool,
+) -> Result<BridgeRow, AdminError> {
+    let ma = mesh_ref(db, a).await?;
+    if ma.id == mesh_b && broker_b.is_none() {
         return Err(AdminError::Invalid(
             "a bridge joins two different meshes".into(),
         ));
@@ -549,7 +598,8 @@ pub async fn create_bridge(
     let row = BridgeRow {
         id: crate::ids::random_id(),
         mesh_a: ma.id,
-        mesh_b: mb.id,
+        mesh_b,
+        broker_b,
         direction: direction.as_str().to_owned(),
         tags: tags.join(" "),
         peers,

@@ -260,6 +260,9 @@ enum BridgeCmd {
         /// List each mesh's peers in the other and let them send each other DMs.
         #[arg(long)]
         peers: bool,
+        /// B is a mesh id of this peer broker (whose admin creates the mirror bridge).
+        #[arg(long, value_name = "BROKER")]
+        broker: Option<String>,
         #[command(flatten)]
         out: Output,
     },
@@ -281,7 +284,7 @@ async fn bridge(config: Config, cmd: BridgeCmd) -> anyhow::Result<()> {
     let db = admin::open(&config).await?;
     let line = |b: &admin::BridgeRow| {
         format!(
-            "{}  {} {} {}  tags={}{}",
+            "{}  {} {} {}{}  tags={}{}",
             b.id,
             b.mesh_a,
             match b.direction.as_str() {
@@ -290,6 +293,9 @@ async fn bridge(config: Config, cmd: BridgeCmd) -> anyhow::Result<()> {
                 _ => "<->",
             },
             b.mesh_b,
+            b.broker_b
+                .as_ref()
+                .map_or(String::new(), |x| format!("@{x}")),
             b.tags.replace(' ', ","),
             if b.peers { "  peers" } else { "" }
         )
@@ -301,12 +307,19 @@ async fn bridge(config: Config, cmd: BridgeCmd) -> anyhow::Result<()> {
             tags,
             direction,
             peers,
+            broker,
             out,
         } => {
             let d = admin::BridgeDirection::parse(&direction).ok_or_else(|| {
                 anyhow::anyhow!("--direction {direction:?}: use a-to-b, b-to-a or both")
             })?;
-            let row = admin::create_bridge(&db, &a, &b, d, &tags, peers).await?;
+            let row = match broker {
+                Some(broker) => {
+                    admin::create_remote_bridge(&db, &config, &a, &b, &broker, d, &tags, peers)
+                        .await?
+                }
+                None => admin::create_bridge(&db, &a, &b, d, &tags, peers).await?,
+            };
             print(out.json, &row, line)
         }
         BridgeCmd::List { out } => {

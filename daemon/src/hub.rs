@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{Db, MemberRow, MeshRow, StoreError};
 
+mod bridged;
 mod spatial;
 
 /// Process-local connection number (also the lease owner in the store).
@@ -464,6 +465,10 @@ struct MeshInner {
     remote_sessions: HashMap<String, String>,
     /// Stream subscriptions: stream name → connections.
     subs: HashMap<String, std::collections::HashSet<ConnId>>,
+    /// Peers of other brokers' meshes listed here through bridges, by routing key.
+    bridged: HashMap<String, bridged::BridgedPeer>,
+    /// Member keys of those peers → (broker, its mesh, that mesh's name).
+    bridged_members: HashMap<String, (Arc<str>, String, String)>,
     /// Session keys whose last connection left, and when (ms): within the session
     /// grace the session may come back (see `resolve_direct_key`). Pruned as it grows
     /// (an entry older than the grace changes nothing).
@@ -1124,6 +1129,7 @@ impl MeshHub {
     /// or the mesh is no longer shared with it), announcing `peer_left`.
     pub(crate) fn remote_drop(&self, broker: &str, now: i64) {
         self.remote_remove(now, |_, r| &*r.broker == broker);
+        self.bridged_drop(broker, None, false);
     }
 
     /// Removes the remote sessions `gone` selects, announcing `peer_left`.

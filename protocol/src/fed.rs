@@ -26,7 +26,7 @@ pub const ALPN: &[u8] = b"meshd-fed/1";
 /// reason (frames are postcard: an unknown variant or field is a decode error). 2: the
 /// feature frames (tasks, clock, files, MCP servers sent in parts, …). 3: tags on
 /// messages and presence, link policies (`RejectReason::Policy`, `MulticastRefused`),
-/// positions in presence.
+/// positions in presence, bridges (`Bridges`, `BridgeRelay`, `BridgePeers`, `Dm.bridged`).
 pub const VERSION: u16 = 3;
 /// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
 pub const DEFAULT_PORT: u16 = 7901;
@@ -150,6 +150,9 @@ pub struct Dm {
     pub expires_at: i64,
     /// Tags (see [`crate::tags`]).
     pub tags: Vec<String>,
+    /// For a DM through a bridge: the sender's mesh on the sending broker (id, name);
+    /// `mesh_id` is then the recipient's mesh on the receiver.
+    pub bridged: Option<(String, String)>,
 }
 
 /// A broadcast or group message, live-only, delivered by the receiver to its own peers.
@@ -183,6 +186,37 @@ pub struct Multicast {
     pub subtype: Option<String>,
     /// Tags (see [`crate::tags`]); a `tag:NAME` target's NAME among them.
     pub tags: Vec<String>,
+}
+
+/// A bridge this broker keeps between one of its meshes and a mesh of the receiver
+/// (its side of the consent; a bridge flows when both sides claim it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeClaim {
+    /// The sender's mesh.
+    pub mesh_id: String,
+    /// Its name (shown with bridged peers and messages).
+    pub mesh_name: String,
+    /// The receiver's mesh.
+    pub remote_mesh_id: String,
+    /// The sender relays tagged messages of its mesh into the receiver's.
+    pub relays: bool,
+    /// The sender takes tagged messages of the receiver's mesh into its own.
+    pub accepts: bool,
+    /// Each mesh's peers are listed in the other and reachable by DM.
+    pub peers: bool,
+}
+
+/// A tagged multicast relayed by a bridge into a mesh of the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeRelay {
+    /// The receiver's mesh it goes into.
+    pub to_mesh_id: String,
+    /// The sender's mesh it was delivered in.
+    pub from_mesh_id: String,
+    /// Every (broker, mesh) it was delivered in, origin first, the sender's last.
+    pub path: Vec<(String, String)>,
+    /// The message as delivered there (its `mesh_id` is the sender's mesh).
+    pub message: Multicast,
 }
 
 /// A remembered note.
@@ -759,6 +793,32 @@ pub enum Frame {
     },
     /// Live: a broadcast or group message.
     Multicast(Box<Multicast>),
+    /// Control: every bridge the sender keeps with the receiver's meshes (replaces the
+    /// previous list).
+    Bridges(Vec<BridgeClaim>),
+    /// Live: a tagged multicast relayed by a bridge.
+    BridgeRelay(Box<BridgeRelay>),
+    /// Presence: sessions of the sender's mesh `from_mesh_id`, listed in the receiver's
+    /// `to_mesh_id` through a bridge (`full`: replaces what the receiver had).
+    BridgePeers {
+        /// The sender's mesh.
+        from_mesh_id: String,
+        /// The receiver's mesh.
+        to_mesh_id: String,
+        /// Sessions.
+        entries: Vec<PresenceEntry>,
+        /// A complete list.
+        full: bool,
+    },
+    /// Presence: a session listed through a bridge left.
+    BridgePeerGone {
+        /// The sender's mesh.
+        from_mesh_id: String,
+        /// The receiver's mesh.
+        to_mesh_id: String,
+        /// Its routing key.
+        key: String,
+    },
     /// Live: a shared-state write.
     State(Box<StateSet>),
     /// Live: a skill shared or removed (the newest write wins).
@@ -879,13 +939,16 @@ impl Frame {
             | Self::MeshOffer(_)
             | Self::MeshReady(_)
             | Self::MeshWithdraw(_)
+            | Self::Bridges(_)
             | Self::Close(_) => class.is_none(),
             Self::Members { .. } | Self::Dm(_) | Self::Ack { .. } | Self::Reject { .. } => {
                 matches!(class, Some(StreamClass::Messages))
             }
             Self::PresenceSnapshot { .. }
             | Self::PresenceUpsert { .. }
-            | Self::PresenceGone { .. } => {
+            | Self::PresenceGone { .. }
+            | Self::BridgePeers { .. }
+            | Self::BridgePeerGone { .. } => {
                 matches!(class, Some(StreamClass::Presence))
             }
             Self::Multicast(_)
@@ -906,7 +969,8 @@ impl Frame {
             | Self::Files { .. }
             | Self::FileUrlAsk(_)
             | Self::FileUrlAnswer(_)
-            | Self::MulticastRefused { .. } => {
+            | Self::MulticastRefused { .. }
+            | Self::BridgeRelay(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -946,6 +1010,10 @@ impl Frame {
             Self::FileUrlAsk(_) => "file_url_ask",
             Self::FileUrlAnswer(_) => "file_url_answer",
             Self::MulticastRefused { .. } => "multicast_refused",
+            Self::Bridges(_) => "bridges",
+            Self::BridgeRelay(_) => "bridge_relay",
+            Self::BridgePeers { .. } => "bridge_peers",
+            Self::BridgePeerGone { .. } => "bridge_peer_gone",
         }
     }
 }
@@ -1121,6 +1189,7 @@ mod tests {
             created_at: 1,
             expires_at: 2,
             tags: vec!["ops".into()],
+            bridged: None,
         }))
     }
 

@@ -193,6 +193,12 @@ both! {
 
         // Offline: stored in the vendor mesh, delivered once, after a restart too.
         seller.close().await;
+        let gone = sk.clone();
+        buyer
+            .until_peers("the seller gone", |v| {
+                v["peers"].as_array().is_some_and(|ps| ps.iter().all(|p| p["pubkey"] != gone.as_str()))
+            })
+            .await?;
         let member_key = seller_m.keys.public_hex();
         let ack = buyer.dm(&member_key, "are you there?", "now").await?;
         assert_eq!(ack["queued"], true, "{ack}");
@@ -237,4 +243,307 @@ async fn bad_bridges_are_refused() -> anyhow::Result<()> {
     }
     assert!(admin::list_bridges(&broker.db).await?.is_empty());
     Ok(())
+}
+
+/// Bridges between meshes of federated brokers: each broker's admin keeps its side.
+mod across_brokers {
+    use meshd::admin::{self, BridgeDirection};
+    use meshd_tests::{Backend, Client, TestBroker};
+    use serde_json::json;
+
+    use super::strings;
+    use crate::federation::*;
+
+    /// This broker's side of a bridge between its mesh `local` and `remote` at `broker`.
+    async fn side(
+        b: &TestBroker,
+        local: &str,
+        remote: &str,
+        broker: &str,
+        d: BridgeDirection,
+        peers: bool,
+    ) -> anyhow::Result<()> {
+        admin::create_remote_bridge(
+            &b.db,
+            &b.config,
+            local,
+            remote,
+            broker,
+            d,
+            &strings(&["news"]),
+            peers,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until `c` lists `key` as a peer bridged from `mesh` at `broker`.
+    async fn until_bridged(
+        c: &mut Client,
+        key: &str,
+        mesh: &str,
+        broker: &str,
+    ) -> anyhow::Result<()> {
+        c.until_peers("a bridged peer of another broker", |v| {
+            v["peers"].as_array().is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p["pubkey"] == key
+                        && p["bridged"]["meshId"] == mesh
+                        && p["bridged"]["broker"] == broker
+                })
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A bridge between a mesh at A and a mesh at B flows once both admins created their
+    /// side: tagged messages cross with their path, each mesh lists the other's peers,
+    /// and a DM to a bridged peer reaches it end to end and is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bridge_between_meshes_of_two_brokers() -> anyhow::Result<()> {
+        let t = Trio::start(Backend::Sqlite).await?;
+        let north = t.a.create_mesh("north").await?;
+        let east = t.b.create_mesh("east").await?;
+        let alice = t.a.enroll(&north, "alice").await?;
+        let bob = t.b.enroll(&east, "bob").await?;
+        let mut alice = member_client(&t.a.ws_url(), &alice, &[]).await?;
+        let mut bob = member_client(&t.b.ws_url(), &bob, &[]).await?;
+        // Only A consents: nothing crosses, nobody is listed.
+        side(
+            &t.a,
+            &north.slug,
+            &east.mesh_id,
+            B,
+            BridgeDirection::Both,
+            true,
+        )
+        .await?;
+        alice.send_tagged("*", "anyone?", &["news"]).await?;
+        // B consents: it flows.
+        side(
+            &t.b,
+            &east.slug,
+            &north.mesh_id,
+            A,
+            BridgeDirection::Both,
+            true,
+        )
+        .await?;
+        let (ak, bk) = (alice.key(), bob.key());
+        until_bridged(&mut bob, &ak, &north.mesh_id, A).await?;
+        until_bridged(&mut alice, &bk, &east.mesh_id, B).await?;
+        bob.sync().await?;
+        assert!(
+            bob.pending_messages().is_empty(),
+            "nothing crossed before both consented"
+        );
+
+        alice
+            .send_tagged("*", "the river is rising", &["news/weather"])
+            .await?;
+        let (push, text) = bob.expect_message().await?;
+        assert_eq!(text, "the river is rising");
+        assert_eq!(push["meshId"], east.mesh_id.as_str());
+        assert_eq!(push["senderPubkey"], ak.as_str());
+        assert_eq!(push["bridged"]["meshId"], north.mesh_id.as_str());
+        assert_eq!(push["bridged"]["meshName"], "north");
+        assert_eq!(push["bridged"]["broker"], A);
+        assert_eq!(
+            push["bridged"]["path"],
+            json!([{"broker": A, "meshId": north.mesh_id}])
+        );
+        alice.send_tagged("*", "not news", &["gossip"]).await?;
+
+        let ack = bob.dm(&ak, "sandbags at the bridge?", "now").await?;
+        assert_eq!(ack["queued"], true, "{ack}");
+        let (push, text) = alice.expect_message().await?;
+        assert_eq!(text, "sandbags at the bridge?");
+        assert!(alice.open_push(&push).is_some(), "sealed end to end");
+        assert_eq!(push["meshId"], north.mesh_id.as_str());
+        assert_eq!(push["bridged"]["meshId"], east.mesh_id.as_str());
+        assert_eq!(push["bridged"]["broker"], B);
+        let st = bob
+            .until_status(&ack["messageId"], |s| {
+                s["recipients"][0]["status"] == "forwarded"
+            })
+            .await?;
+        assert_eq!(st["recipients"][0]["pubkey"], ak.as_str());
+        alice.dm(&bk, "on their way", "now").await?;
+        let (push, text) = bob.expect_message().await?;
+        assert_eq!(text, "on their way");
+        assert!(bob.open_push(&push).is_some());
+        for c in [&mut alice, &mut bob] {
+            c.sync().await?;
+            let extra = c.pending_messages();
+            assert!(
+                extra.is_empty(),
+                "{}: unexpected {extra:?}",
+                c.member.display_name
+            );
+        }
+        Ok(())
+    }
+
+    /// A triangle of bridges over three brokers (north@A → east@B → west@C → north@A): a
+    /// message from north reaches east and west once each and stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_triangle_across_three_brokers_stops() -> anyhow::Result<()> {
+        let t = Trio::start(Backend::Sqlite).await?;
+        let north = t.a.create_mesh("north").await?;
+        let east = t.b.create_mesh("east").await?;
+        let west = t.c.create_mesh("west").await?;
+        side(
+            &t.a,
+            &north.slug,
+            &east.mesh_id,
+            B,
+            BridgeDirection::AToB,
+            false,
+        )
+        .await?;
+        side(
+            &t.b,
+            &east.slug,
+            &north.mesh_id,
+            A,
+            BridgeDirection::BToA,
+            false,
+        )
+        .await?;
+        side(
+            &t.b,
+            &east.slug,
+            &west.mesh_id,
+            C,
+            BridgeDirection::AToB,
+            false,
+        )
+        .await?;
+        side(
+            &t.c,
+            &west.slug,
+            &east.mesh_id,
+            B,
+            BridgeDirection::BToA,
+            false,
+        )
+        .await?;
+        side(
+            &t.c,
+            &west.slug,
+            &north.mesh_id,
+            A,
+            BridgeDirection::AToB,
+            false,
+        )
+        .await?;
+        side(
+            &t.a,
+            &north.slug,
+            &west.mesh_id,
+            C,
+            BridgeDirection::BToA,
+            false,
+        )
+        .await?;
+        let n1 = t.a.enroll(&north, "n1").await?;
+        let n2 = t.a.enroll(&north, "n2").await?;
+        let e = t.b.enroll(&east, "e").await?;
+        let w = t.c.enroll(&west, "w").await?;
+        let mut n1 = member_client(&t.a.ws_url(), &n1, &[]).await?;
+        let mut n2 = member_client(&t.a.ws_url(), &n2, &[]).await?;
+        let mut e = member_client(&t.b.ws_url(), &e, &[]).await?;
+        let mut w = member_client(&t.c.ws_url(), &w, &[]).await?;
+        // The bridges flow once every side heard the other's claims: probe until a
+        // relay reaches the end of the chain.
+        let deadline = tokio::time::Instant::now() + meshd_tests::patience();
+        loop {
+            n1.send_tagged("*", "probe", &["news"]).await?;
+            if w.ws
+                .expect_within("a probe", std::time::Duration::from_millis(300), |v| {
+                    v["type"] == "push" && v.get("subtype").is_none()
+                })
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the chain never flowed"
+            );
+        }
+        for c in [&mut n2, &mut e, &mut w] {
+            c.sync().await?;
+            c.pending_messages();
+        }
+        n1.send_tagged("*", "round the world", &["news"]).await?;
+        assert_eq!(n2.expect_message().await?.1, "round the world");
+        let (pe, _) = e.expect_message().await?;
+        let (pw, _) = w.expect_message().await?;
+        assert_eq!(
+            pe["bridged"]["path"],
+            json!([{"broker": A, "meshId": north.mesh_id}])
+        );
+        assert_eq!(
+            pw["bridged"]["path"],
+            json!([{"broker": A, "meshId": north.mesh_id}, {"broker": B, "meshId": east.mesh_id}])
+        );
+        for c in [&mut n1, &mut n2, &mut e, &mut w] {
+            c.sync().await?;
+            let extra = c.pending_messages();
+            assert!(
+                extra.is_empty(),
+                "{}: once each, and not back into north: {extra:?}",
+                c.member.display_name
+            );
+        }
+        Ok(())
+    }
+
+    /// DMs to a bridged peer of another broker sent while the link is cut wait in the
+    /// outbox and arrive exactly once, in order, when it heals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bridged_dms_exactly_once_through_a_cut() -> anyhow::Result<()> {
+        let p = cut_pair().await?;
+        let left = p.a.create_mesh("left").await?;
+        let right = p.b.create_mesh("right").await?;
+        side(
+            &p.a,
+            &left.slug,
+            &right.mesh_id,
+            B,
+            BridgeDirection::Both,
+            true,
+        )
+        .await?;
+        side(
+            &p.b,
+            &right.slug,
+            &left.mesh_id,
+            A,
+            BridgeDirection::Both,
+            true,
+        )
+        .await?;
+        let sender = p.a.enroll(&left, "sender").await?;
+        let receiver = p.b.enroll(&right, "receiver").await?;
+        let mut sender = member_client(&p.a.ws_url(), &sender, &[]).await?;
+        let mut receiver_c = member_client(&p.b.ws_url(), &receiver, &[]).await?;
+        let rk = receiver_c.key();
+        until_bridged(&mut sender, &rk, &right.mesh_id, B).await?;
+        sender.dm(&rk, "#0", "now").await?;
+        receive_in_order(&mut receiver_c, 0, 1).await?;
+        p.to_a.cut();
+        p.to_b.cut();
+        for i in 1..30 {
+            let ack = sender.dm(&rk, &format!("#{i}"), "now").await?;
+            assert_eq!(ack["queued"], true, "{ack}");
+        }
+        p.to_a.heal();
+        p.to_b.heal();
+        receive_in_order(&mut receiver_c, 1, 30).await?;
+        Ok(())
+    }
 }

@@ -574,6 +574,7 @@ async fn forged_sender_is_refused() -> anyhow::Result<()> {
             created_at: meshd_tests::now_ms(),
             expires_at: meshd_tests::now_ms() + 60_000,
             tags: Vec::new(),
+            bridged: None,
         }))
     };
     // Forged: B claims to send as a member A hosts.

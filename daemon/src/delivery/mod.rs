@@ -292,6 +292,7 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
     let mut mesh = env.mesh.clone();
     let mut key = mesh.resolve_direct_key(&key, now, grace);
     let mut route = mesh.route_direct(&key, env.priority, env.origin.conn());
+    let mut forward = None;
     // A key of no one here may be a peer of a mesh bridged to this one: the DM goes
     // there, stored in that mesh for that key, its ciphertext untouched.
     if matches!(route, DirectRoute::Unknown)
@@ -304,7 +305,22 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
         key = mesh.resolve_direct_key(&key, now, grace);
         route = mesh.route_direct(&key, env.priority, env.origin.conn());
     }
-    let (mut delivery, mut forward) = (None, None);
+    // Or a peer listed here through a bridge with a mesh of another broker: the DM is
+    // forwarded to that broker for that mesh (and waits in the outbox through a cut).
+    let mut remote_mesh: Option<String> = None;
+    if matches!(route, DirectRoute::Unknown)
+        && env.origin.is_local()
+        && env.bridged.is_none()
+        && let Some((broker, remote, _)) = mesh.bridged_route(&key)
+        && crate::features::bridges::bridge_dm_consented(ctx, &broker, &mesh.row.id, &remote)
+        && let Some(fed) = &ctx.fed
+    {
+        env.bridged = Some(crate::features::bridges::from_mesh(ctx, &mesh));
+        remote_mesh = Some(remote);
+        forward = Some((fed.clone(), broker));
+        route = DirectRoute::Queue;
+    }
+    let mut delivery = None;
     match route {
         DirectRoute::Unknown => return Err(Refused::UnknownRecipient(key)),
         DirectRoute::Revoked => return Err(Refused::RevokedRecipient),
@@ -351,6 +367,10 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
     let mut row = row(env);
     row.target_key = Some(key);
     row.forward_to = forward.as_ref().map(|(_, b)| b.to_string());
+    if let Some(remote) = remote_mesh {
+        // Stored (and forwarded) as a message of the recipient's mesh.
+        row.mesh_id = remote;
+    }
     let sink = forward
         .as_ref()
         .map(|(fed, peer)| fed.hot_sink(peer) as Arc<dyn ForwardSink>);

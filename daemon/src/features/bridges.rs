@@ -36,6 +36,9 @@ use crate::delivery::{self, Envelope, Origin, Target};
 use crate::hub::{MeshHub, lock};
 use crate::store::{Db, StoreError, with_db, with_db_write};
 
+mod remote;
+pub(crate) use remote::{bridge_dm_consented, bridged_meshes};
+
 /// Meshes a relayed message may be delivered in, its origin included.
 pub(crate) const MAX_HOPS: usize = 8;
 /// Bridges per broker.
@@ -82,6 +85,8 @@ pub struct BridgeRow {
     pub mesh_a: String,
     /// Second mesh.
     pub mesh_b: String,
+    /// The peer broker hosting `mesh_b` (`None`: this broker).
+    pub broker_b: Option<String>,
     /// [`Direction`] spelling.
     pub direction: String,
     /// Tag prefixes, space-separated.
@@ -94,15 +99,19 @@ pub struct BridgeRow {
 
 /// A bridge as one of its meshes sees it.
 #[derive(Debug, Clone)]
-struct Side {
+pub(crate) struct Side {
     /// The other mesh.
-    other: String,
+    pub(crate) other: String,
+    /// The peer broker hosting it (`None`: this broker).
+    pub(crate) broker: Option<Arc<str>>,
     /// Whether tagged messages of this mesh are relayed into the other.
-    relays: bool,
+    pub(crate) relays: bool,
+    /// Whether tagged messages of the other mesh are taken into this one.
+    pub(crate) accepts: bool,
     /// Tag prefixes.
-    tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// Peers listed across.
-    peers: bool,
+    pub(crate) peers: bool,
 }
 
 /// The bridges in force, by mesh.
@@ -110,12 +119,31 @@ struct Side {
 pub(crate) struct Bridges {
     rows: Mutex<Vec<BridgeRow>>,
     by_mesh: Mutex<Arc<HashMap<String, Vec<Side>>>>,
+    /// Names of the local meshes bridges join (told to the other broker).
+    names: Mutex<HashMap<String, String>>,
 }
 
 impl Bridges {
-    fn sides(&self, mesh: &str) -> Vec<Side> {
+    /// The name of a local mesh a bridge joins.
+    pub(crate) fn name(&self, mesh: &str) -> String {
+        lock(&self.names).get(mesh).cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn sides(&self, mesh: &str) -> Vec<Side> {
         let all = lock(&self.by_mesh).clone();
         all.get(mesh).cloned().unwrap_or_default()
+    }
+
+    /// Every side of a bridge with a mesh of `broker`: (local mesh, side).
+    pub(crate) fn with_broker(&self, broker: &str) -> Vec<(String, Side)> {
+        let all = lock(&self.by_mesh).clone();
+        let mut out: Vec<(String, Side)> = all
+            .iter()
+            .flat_map(|(m, sides)| sides.iter().map(move |s| (m.clone(), s.clone())))
+            .filter(|(_, s)| s.broker.as_deref() == Some(broker))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1.other).cmp(&(&b.0, &b.1.other)));
+        out
     }
 
     /// Puts `rows` in force; whether anything changed.
@@ -136,18 +164,26 @@ impl Bridges {
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .collect();
+            let broker: Option<Arc<str>> = r.broker_b.as_deref().map(Arc::from);
             by.entry(r.mesh_a.clone()).or_default().push(Side {
                 other: r.mesh_b.clone(),
+                broker: broker.clone(),
                 relays: d != Direction::BToA,
+                accepts: d != Direction::AToB,
                 tags: tags.clone(),
                 peers: r.peers,
             });
-            by.entry(r.mesh_b.clone()).or_default().push(Side {
-                other: r.mesh_a.clone(),
-                relays: d != Direction::AToB,
-                tags,
-                peers: r.peers,
-            });
+            // The other side of a bridge with a mesh of a peer broker is that broker's.
+            if broker.is_none() {
+                by.entry(r.mesh_b.clone()).or_default().push(Side {
+                    other: r.mesh_a.clone(),
+                    broker: None,
+                    relays: d != Direction::AToB,
+                    accepts: d != Direction::BToA,
+                    tags,
+                    peers: r.peers,
+                });
+            }
         }
         *lock(&self.by_mesh) = Arc::new(by);
         *current = rows;
@@ -173,7 +209,22 @@ pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     .flat_map(|r| [r.mesh_a.clone(), r.mesh_b.clone()])
                     .collect();
                 let n = rows.len();
+                for r in &rows {
+                    let local =
+                        std::iter::once(&r.mesh_a).chain(r.broker_b.is_none().then_some(&r.mesh_b));
+                    for m in local {
+                        if lock(&ctx.bridges.names).contains_key(m) {
+                            continue;
+                        }
+                        if let Ok(Some(row)) = ctx.db.mesh_by_id(m).await {
+                            lock(&ctx.bridges.names).insert(m.clone(), row.name);
+                        }
+                    }
+                }
                 if ctx.bridges.set(rows) {
+                    if let Some(fed) = &ctx.fed {
+                        fed.bridges_changed(&ctx);
+                    }
                     info!(bridges = n, "bridges in force");
                     ctx.metrics.bridges_active.store(
                         i64::try_from(n).unwrap_or(i64::MAX),
@@ -217,25 +268,33 @@ pub(crate) fn relay(ctx: &Ctx, env: &Envelope, spec: &TargetSpec, now: i64) {
     let delivery::Body::Sealed { nonce, ciphertext } = &env.body else {
         return;
     };
-    // Where it has been: the path it came with, then this mesh.
+    // Where it has been: the path it came with, then this mesh (with this broker's
+    // name when it is federated: the path may cross brokers).
+    let me: Option<String> = ctx.fed.as_ref().map(|f| f.name().to_owned());
     let mut path: Vec<Hop> = env
         .bridged
         .as_ref()
         .map(|b| b.path.clone())
         .unwrap_or_default();
     path.push(Hop {
-        broker: None,
+        broker: me.clone(),
         mesh_id: env.mesh.row.id.clone(),
     });
     if path.len() >= MAX_HOPS {
         return;
     }
     for side in sides {
+        if side.broker.is_some() {
+            if let Some(fed) = &ctx.fed {
+                fed.relay_to_broker(env, &side, &path);
+            }
+            continue;
+        }
         if !side.relays
             || !meshd_protocol::tags::any_matches(&env.tags, &side.tags)
             || path
                 .iter()
-                .any(|h| h.broker.is_none() && h.mesh_id == side.other)
+                .any(|h| h.broker == me && h.mesh_id == side.other)
         {
             continue;
         }
@@ -283,7 +342,7 @@ pub(crate) fn dm_target(ctx: &Ctx, mesh: &MeshHub, key: &str) -> Option<Arc<Mesh
     ctx.bridges
         .sides(&mesh.row.id)
         .into_iter()
-        .filter(|s| s.peers)
+        .filter(|s| s.peers && s.broker.is_none())
         .filter_map(|s| ctx.hub.loaded(&s.other))
         .find(|other| other.hosts_key(key))
 }
@@ -296,7 +355,7 @@ pub(crate) fn bridged_peers(ctx: &Ctx, mesh: &MeshHub) -> Vec<PeerEntry> {
         .bridges
         .sides(&mesh.row.id)
         .into_iter()
-        .filter(|s| s.peers)
+        .filter(|s| s.peers && s.broker.is_none())
     {
         let Some(other) = ctx.hub.loaded(&side.other) else {
             continue;
@@ -313,20 +372,20 @@ pub(crate) fn bridged_peers(ctx: &Ctx, mesh: &MeshHub) -> Vec<PeerEntry> {
 impl Db {
     /// Every stored bridge.
     pub async fn bridges(&self) -> Result<Vec<BridgeRow>, StoreError> {
-        const SQL: &str = "SELECT id, mesh_a, mesh_b, direction, tags, peers, created_at FROM bridge ORDER BY created_at, id";
+        const SQL: &str = "SELECT id, mesh_a, mesh_b, broker_b, direction, tags, peers, created_at FROM bridge ORDER BY created_at, id";
         Ok(with_db!(self, p => sqlx::query_as(SQL).fetch_all(p).await)?)
     }
 
     /// Stores a bridge; `false` when the broker has [`MAX_BRIDGES`] already.
     pub async fn insert_bridge(&self, b: &BridgeRow) -> Result<bool, StoreError> {
         const COUNT: &str = "SELECT COUNT(*) FROM bridge";
-        const SQL: &str = "INSERT INTO bridge (id, mesh_a, mesh_b, direction, tags, peers, created_at) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        const SQL: &str = "INSERT INTO bridge (id, mesh_a, mesh_b, broker_b, direction, tags, peers, created_at) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
         let n: i64 = with_db!(self, p => sqlx::query_scalar(COUNT).fetch_one(p).await)?;
         if usize::try_from(n).unwrap_or(usize::MAX) >= MAX_BRIDGES {
             return Ok(false);
         }
-        with_db_write!(self, p => sqlx::query(SQL).bind(&b.id).bind(&b.mesh_a).bind(&b.mesh_b).bind(&b.direction).bind(&b.tags).bind(b.peers).bind(b.created_at).execute(p).await.map(drop))?;
+        with_db_write!(self, p => sqlx::query(SQL).bind(&b.id).bind(&b.mesh_a).bind(&b.mesh_b).bind(&b.broker_b).bind(&b.direction).bind(&b.tags).bind(b.peers).bind(b.created_at).execute(p).await.map(drop))?;
         Ok(true)
     }
 
@@ -347,6 +406,7 @@ mod tests {
             id: id.into(),
             mesh_a: a.into(),
             mesh_b: b.into(),
+            broker_b: None,
             direction: d.as_str().into(),
             tags: tags.into(),
             peers,

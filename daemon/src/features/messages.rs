@@ -197,13 +197,12 @@ impl Session {
                     );
                 }
             };
-            let mesh = if row.mesh_id == mesh_id {
-                mesh
-            } else {
-                match ctx.hub.loaded(&row.mesh_id) {
-                    Some(m) => m,
-                    None => return not_found(req_id),
-                }
+            // A DM through a bridge is stored in the recipient's mesh: that mesh's view
+            // names its recipient (forwarded to another broker: the sender's own does).
+            let mesh = match ctx.hub.loaded(&row.mesh_id) {
+                Some(m) => m,
+                None if row.forward_to.is_some() => mesh,
+                None => return not_found(req_id),
             };
             let refusals = db.refusals(&row.id).await.unwrap_or_else(|e| {
                 warn!(cause = %e, "message_status refusals");

@@ -102,6 +102,7 @@ impl Session {
                 peers.extend(crate::features::bridges::bridged_peers(
                     &self.ctx, &self.mesh,
                 ));
+                peers.extend(self.mesh.bridged_entries());
                 Some(
                     BrokerFrame::PeersList(PeersList { peers, req_id })
                         .to_json()

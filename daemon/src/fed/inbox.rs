@@ -240,17 +240,45 @@ impl Fed {
         &self,
         ctx: &Ctx,
         link: &LinkShared,
-        dm: Dm,
+        mut dm: Dm,
     ) -> Result<Commit, RejectReason> {
-        if !link.accepts(&dm.mesh_id) {
+        // A DM through a bridge: its sender is in the other broker's mesh, which this
+        // broker trusts for its own members once both consented to the bridge; the
+        // sender may not pose as a key of the recipient's mesh.
+        let bridged = match dm.bridged.take() {
+            Some((from, name)) => {
+                if !self.bridge_dm_flows(ctx, &link.broker, &dm.mesh_id, &from)
+                    || !crate::ids::plausible_id(&from)
+                    || name.len() > meshd_protocol::client::MAX_NAME_LEN
+                {
+                    return Err(RejectReason::NotShared);
+                }
+                Some(meshd_protocol::broker::Bridged {
+                    mesh_id: from,
+                    mesh_name: name,
+                    broker: Some(link.broker.to_string()),
+                    path: Vec::new(),
+                })
+            }
+            None => None,
+        };
+        if bridged.is_none() && !link.accepts(&dm.mesh_id) {
             return Err(RejectReason::NotShared);
         }
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &dm.mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        // The sender's member id must be the one its key belongs to: it is stored, and
-        // quotas are counted by it.
-        if !hub.hosted_by(&link.broker, &dm.sender_member_pubkey)
+        if bridged.is_some() {
+            if hub.knows(&dm.sender_member_pubkey)
+                || hub.knows(&dm.sender_pubkey)
+                || meshd_protocol::Pubkey::parse_hex(&dm.sender_member_pubkey).is_err()
+                || dm.sender_member_id.len() > 64
+            {
+                return Err(RejectReason::ForgedSender);
+            }
+        } else if !hub.hosted_by(&link.broker, &dm.sender_member_pubkey)
+            // The sender's member id must be the one its key belongs to: it is stored,
+            // and quotas are counted by it.
             || hub
                 .member(&dm.sender_member_pubkey)
                 .is_none_or(|m| m.id != dm.sender_member_id)
@@ -307,7 +335,7 @@ impl Fed {
                 seq: Some(i64::try_from(dm.seq).unwrap_or(i64::MAX)),
             },
             tags,
-            bridged: None,
+            bridged,
         };
         let accepted = delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         let Some((op, commit)) = accepted.write else {

@@ -340,6 +340,11 @@ impl Fed {
                     count_refused(ctx, link, reason, 1);
                 }
             }
+            Frame::BridgeRelay(r) => {
+                if let Err(reason) = self.on_bridge_relay(ctx, link, *r).await {
+                    count_refused(ctx, link, reason, 1);
+                }
+            }
             Frame::MulticastRefused {
                 mesh_id,
                 id,

@@ -182,6 +182,8 @@ pub(crate) struct LinkShared {
     pub(crate) announced: Notify,
     /// The running catch-up of each mesh (cancelled when a new one starts).
     pub(crate) catch_ups: Mutex<HashMap<String, CancellationToken>>,
+    /// The bridges the peer broker keeps with our meshes (`features::bridges`).
+    pub(crate) bridge_claims: Mutex<Vec<meshd_protocol::fed::BridgeClaim>>,
     /// Where the peer broker last heard each local presence stands, by (mesh, key):
     /// what interest management compares a move with (`features::spatial`).
     pub(crate) sent_at: Mutex<HashMap<(String, String), meshd_protocol::spatial::Position>>,
@@ -493,6 +495,11 @@ impl Fed {
 
     pub(crate) fn link(&self, broker: &str) -> Option<Arc<LinkShared>> {
         lock(&self.links).get(broker).cloned()
+    }
+
+    /// Every live link.
+    pub(crate) fn all_links(&self) -> Vec<Arc<LinkShared>> {
+        lock(&self.links).values().cloned().collect()
     }
 
     pub(crate) fn links_for(&self, mesh: &str) -> Vec<Arc<LinkShared>> {

@@ -60,6 +60,7 @@ impl crate::delivery::router::ForwardSink for HotSink {
                 created_at: row.created_at,
                 expires_at: row.expires_at,
                 tags: row.tags.clone(),
+                bridged: bridged_of(row.bridged.as_deref()),
             });
         }
         drop(q);
@@ -145,7 +146,14 @@ pub(crate) fn outbox_dm(row: crate::fed::store::OutboxRow) -> Dm {
         created_at: row.created_at,
         expires_at: row.expires_at,
         tags: crate::features::tags::from_column(row.tags.as_deref()),
+        bridged: bridged_of(row.bridged.as_deref()),
     }
+}
+
+/// The sender's mesh of a DM through a bridge, from its stored `bridged` (id, name).
+fn bridged_of(stored: Option<&str>) -> Option<(String, String)> {
+    let b: meshd_protocol::broker::Bridged = serde_json::from_str(stored?).ok()?;
+    Some((b.mesh_id, b.mesh_name))
 }
 
 impl Fed {
@@ -326,14 +334,31 @@ impl Fed {
                         caught_up = false;
                         break;
                     }
-                    if !link.flows(&dm.mesh_id) {
+                    // A DM through a bridge goes while the bridge flows; any other while
+                    // its mesh does.
+                    let (flows, consents) = match &dm.bridged {
+                        Some((from, _)) => (
+                            self.bridge_dm_flows(&ctx, &broker, from, &dm.mesh_id),
+                            crate::features::bridges::bridge_dm_consented(
+                                &ctx,
+                                &broker,
+                                from,
+                                &dm.mesh_id,
+                            ) && crate::time::std_instant().saturating_duration_since(link.started)
+                                < FLOW_SETTLE,
+                        ),
+                        None => (
+                            link.flows(&dm.mesh_id),
+                            self.consents(&dm.mesh_id, &broker)
+                                && link.settling_or_flows(&dm.mesh_id, crate::time::std_instant()),
+                        ),
+                    };
+                    if !flows {
                         // Not (or no longer) shared with this broker: refuse locally. A
                         // mesh that has not started flowing yet on a new link waits a
                         // moment instead (nothing after it may overtake it: the broker
                         // de-duplicates by a high-water mark).
-                        if self.consents(&dm.mesh_id, &broker)
-                            && link.settling_or_flows(&dm.mesh_id, crate::time::std_instant())
-                        {
+                        if consents {
                             blocked = true;
                             caught_up = false;
                             break;

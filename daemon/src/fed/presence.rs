@@ -321,6 +321,10 @@ impl Fed {
                 Frame::PresenceSnapshot { mesh_id, .. }
                 | Frame::PresenceUpsert { mesh_id, .. }
                 | Frame::PresenceGone { mesh_id, .. } => mesh_id.clone(),
+                Frame::BridgePeers { .. } | Frame::BridgePeerGone { .. } => {
+                    self.on_bridge_peers(&ctx, &link, frame).await;
+                    continue;
+                }
                 other => return Err(protocol_error(other, "presence")),
             };
             if !link.accepts(&mesh_id) {

@@ -90,6 +90,8 @@ pub struct OutboxRow {
     pub expires_at: i64,
     /// Tags, space-separated.
     pub tags: Option<String>,
+    /// For a DM through a bridge: its sender's mesh (JSON).
+    pub bridged: Option<String>,
 }
 
 /// Outcome of applying a member announced by a peer broker.
@@ -217,7 +219,7 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         const SQL: &str = "SELECT forward_seq AS seq, id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, sender_name, \
-                           target_spec, target_key, priority, nonce, ciphertext, subtype, client_message_id, created_at, expires_at, tags \
+                           target_spec, target_key, priority, nonce, ciphertext, subtype, client_message_id, created_at, expires_at, tags, bridged \
                            FROM message WHERE forward_to = $1 AND forwarded_at IS NULL AND forward_seq > $2 \
                            ORDER BY forward_seq LIMIT $3";
         Ok(

@@ -393,6 +393,7 @@ impl Fed {
             announced: Notify::new(),
             catch_ups: Mutex::default(),
             sent_at: Mutex::default(),
+            bridge_claims: Mutex::default(),
         });
         let Link { conn, control, .. } = link;
         {
@@ -409,6 +410,8 @@ impl Fed {
             links.insert(broker.to_string(), shared.clone());
         }
         ctx.metrics.fed_links_up.fetch_add(1, Ordering::Relaxed);
+        // Our bridges with that broker's meshes: queued before the control writer starts.
+        self.send_bridge_claims(&ctx, &shared);
 
         let tasks = TaskTracker::new();
         let link_stop = stop.child_token();
@@ -484,7 +487,9 @@ impl Fed {
         }
         self.refresh_shared();
         ctx.metrics.fed_links_up.fetch_sub(1, Ordering::Relaxed);
-        self.schedule_presence_expiry(ctx.clone(), broker, lock(&shared.flowing).clone());
+        let mut gone = lock(&shared.flowing).clone();
+        gone.extend(crate::features::bridges::bridged_meshes(&ctx, &broker));
+        self.schedule_presence_expiry(ctx.clone(), broker, gone);
         result
     }
 
@@ -570,6 +575,10 @@ impl Fed {
                 Frame::MeshWithdraw(c) => {
                     lock(&link.broker_ready).remove(&c.mesh_id);
                     self.update_flowing(&ctx, &link).await;
+                }
+                Frame::Bridges(claims) => {
+                    self.on_bridge_claims(&ctx, &link, claims)
+                        .map_err(LinkError::Protocol)?;
                 }
                 Frame::Close(reason) => return Err(LinkError::Closed(reason)),
                 other => return Err(protocol_error(&other, "control")),

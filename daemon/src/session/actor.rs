@@ -232,6 +232,7 @@ impl Session {
         }
         if let (Some(p), Some(fed)) = (&peer, &self.ctx.fed) {
             fed.presence_gone(self.mesh_id(), p.routing_key());
+            fed.bridge_presence(&self.ctx, &self.mesh, self.conn, Some(p.routing_key()));
         }
         if peer.is_some() {
             self.ctx.audit.record(

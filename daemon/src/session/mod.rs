@@ -224,6 +224,7 @@ impl Session {
     pub(crate) fn presence_changed(&self) {
         if let Some(fed) = &self.ctx.fed {
             fed.presence_changed(&self.mesh, self.conn);
+            fed.bridge_presence(&self.ctx, &self.mesh, self.conn, None);
         }
     }
 }
