@@ -204,10 +204,13 @@ impl Session {
                 None if row.forward_to.is_some() => mesh,
                 None => return not_found(req_id),
             };
-            let refusals = db.refusals(&row.id).await.unwrap_or_else(|e| {
-                warn!(cause = %e, "message_status refusals");
-                Vec::new()
-            });
+            let refusals = db
+                .refusals(&row.id, &row.mesh_id)
+                .await
+                .unwrap_or_else(|e| {
+                    warn!(cause = %e, "message_status refusals");
+                    Vec::new()
+                });
             let delivered = row.delivered_at.is_some();
             let recipients = match (&row.target_key, TargetSpec::parse(&row.target_spec)) {
                 // Forwarded to the recipient's broker: stored there, refused, or queued.

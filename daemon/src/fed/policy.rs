@@ -576,8 +576,10 @@ impl Db {
     }
 
     /// Records that a broker's policy kept a multicast from it (`direction` is whose
-    /// half: `export` ours, `import` theirs). Only for a message of `mesh_id` stored
-    /// here; a repeat changes nothing.
+    /// half: `export` ours, `import` theirs); a repeat changes nothing. The message's own
+    /// row may not be committed yet when a peer broker's refusal arrives (its commit and
+    /// the round trip race), so the row is not required: `message_status` reads
+    /// refusals only for a message it found, and stray rows go with the sweep.
     pub async fn record_refusal(
         &self,
         message_id: &str,
@@ -588,7 +590,7 @@ impl Db {
         now: i64,
     ) -> Result<(), StoreError> {
         const SQL: &str = "INSERT INTO message_refusal (message_id, mesh_id, broker, direction, reason, at) \
-                           SELECT id, mesh_id, $3, $4, $5, $6 FROM message WHERE id = $1 AND mesh_id = $2 \
+                           VALUES ($1, $2, $3, $4, $5, $6) \
                            ON CONFLICT (message_id, broker, direction) DO NOTHING";
         with_db_write!(self, p => sqlx::query(SQL).bind(message_id).bind(mesh_id).bind(broker).bind(d.as_str()).bind(reason).bind(now).execute(p).await.map(drop))?;
         Ok(())
@@ -598,10 +600,13 @@ impl Db {
     pub async fn refusals(
         &self,
         message_id: &str,
+        mesh_id: &str,
     ) -> Result<Vec<(String, String, String)>, StoreError> {
         const SQL: &str = "SELECT broker, direction, reason FROM message_refusal \
-                           WHERE message_id = $1 ORDER BY broker, direction";
-        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(message_id).fetch_all(p).await)?)
+                           WHERE message_id = $1 AND mesh_id = $2 ORDER BY broker, direction";
+        Ok(
+            with_db!(self, p => sqlx::query_as(SQL).bind(message_id).bind(mesh_id).fetch_all(p).await)?,
+        )
     }
 }
 
