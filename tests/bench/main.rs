@@ -946,19 +946,10 @@ fn count_pushes_keep(
 }
 
 fn count_pushes(
-    mut r: Conn,
+    r: Conn,
     stop: Arc<AtomicBool>,
     delivered: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            if tokio::time::timeout(Duration::from_secs(2), r.next_push())
-                .await
-                .is_ok()
-            {
-                delivered.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        anyhow::Ok(())
-    })
+    let keep = count_pushes_keep(r, stop, delivered);
+    tokio::spawn(async move { keep.await?.map(drop) })
 }

@@ -126,6 +126,67 @@ pub(crate) struct Envelope {
     pub(crate) bridged: Option<meshd_protocol::broker::Bridged>,
 }
 
+impl Envelope {
+    /// A multicast another broker sent (forwarded within its mesh, or relayed by a
+    /// bridge), with its target, priority and tags already checked by the caller.
+    pub(crate) fn from_multicast(
+        m: meshd_protocol::fed::Multicast,
+        mesh: Arc<MeshHub>,
+        target: TargetSpec,
+        priority: Priority,
+        tags: Vec<String>,
+        origin: Origin,
+    ) -> Self {
+        Self {
+            id: m.id,
+            mesh,
+            sender_pubkey: m.sender_pubkey,
+            author: Some(Author {
+                member_id: m.sender_member_id,
+                member_pubkey: m.sender_member_pubkey,
+                name: m.sender_name,
+            }),
+            target: Target::Spec(target),
+            target_spec: m.target_spec,
+            priority,
+            body: Body::Sealed {
+                nonce: m.nonce,
+                ciphertext: m.ciphertext,
+            },
+            subtype: m.subtype,
+            client_message_id: m.client_message_id,
+            created_at: m.created_at,
+            expires_at: m.created_at,
+            origin,
+            tags,
+            bridged: None,
+        }
+    }
+
+    /// The federation frame of a sealed multicast with an author (`None` otherwise).
+    pub(crate) fn to_multicast(&self) -> Option<meshd_protocol::fed::Multicast> {
+        let (Some(author), Body::Sealed { nonce, ciphertext }) = (&self.author, &self.body) else {
+            return None;
+        };
+        Some(meshd_protocol::fed::Multicast {
+            mesh_id: self.mesh.row.id.clone(),
+            id: self.id.clone(),
+            sender_member_id: author.member_id.clone(),
+            sender_member_pubkey: author.member_pubkey.clone(),
+            sender_pubkey: self.sender_pubkey.clone(),
+            sender_name: author.name.clone(),
+            target_spec: self.target_spec.clone(),
+            priority: self.priority.rank(),
+            nonce: nonce.clone(),
+            ciphertext: ciphertext.clone(),
+            client_message_id: self.client_message_id.clone(),
+            created_at: self.created_at,
+            subtype: self.subtype.clone(),
+            tags: self.tags.clone(),
+        })
+    }
+}
+
 /// Why a message was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Refused {
@@ -426,29 +487,8 @@ fn multicast(
         });
     }
     let mut refusals = Vec::new();
-    if let (Some(fed), Some(author), Body::Sealed { nonce, ciphertext }) =
-        (&ctx.fed, &env.author, &env.body)
-    {
-        (_, refusals) = fed.multicast(
-            &env.mesh,
-            spec,
-            meshd_protocol::fed::Multicast {
-                mesh_id: env.mesh.row.id.clone(),
-                id: env.id.clone(),
-                sender_member_id: author.member_id.clone(),
-                sender_member_pubkey: author.member_pubkey.clone(),
-                sender_pubkey: env.sender_pubkey.clone(),
-                sender_name: author.name.clone(),
-                target_spec: env.target_spec.clone(),
-                priority: env.priority.rank(),
-                nonce: nonce.clone(),
-                ciphertext: ciphertext.clone(),
-                client_message_id: env.client_message_id.clone(),
-                created_at: env.created_at,
-                subtype: env.subtype.clone(),
-                tags: env.tags.clone(),
-            },
-        );
+    if let (Some(fed), Some(m)) = (&ctx.fed, env.to_multicast()) {
+        (_, refusals) = fed.multicast(&env.mesh, spec, m);
     }
     sent(ctx, &env);
     let mut row = row(env);

@@ -377,7 +377,7 @@ impl Fed {
         &self,
         ctx: &Ctx,
         link: &LinkShared,
-        m: Multicast,
+        mut m: Multicast,
     ) -> Result<(), RejectReason> {
         if !link.accepts(&m.mesh_id) {
             return Err(RejectReason::NotShared);
@@ -393,8 +393,11 @@ impl Fed {
         else {
             return Err(RejectReason::Invalid);
         };
-        let tags = crate::features::tags::from_peer(m.tags, meshd_protocol::tags::MAX_TAGS)
-            .ok_or(RejectReason::Invalid)?;
+        let tags = crate::features::tags::from_peer(
+            std::mem::take(&mut m.tags),
+            meshd_protocol::tags::MAX_TAGS,
+        )
+        .ok_or(RejectReason::Invalid)?;
         if let Some(kind) = Kind::of(&target)
             && let Err(denied) =
                 self.policy_check(&m.mesh_id, &link.broker, Direction::Import, kind, &tags)
@@ -408,33 +411,11 @@ impl Fed {
             return Err(RejectReason::Policy);
         }
         let priority = Priority::from_rank(m.priority).ok_or(RejectReason::Invalid)?;
-        let envelope = Envelope {
-            id: m.id,
-            mesh: hub,
-            sender_pubkey: m.sender_pubkey,
-            author: Some(Author {
-                member_id: m.sender_member_id,
-                member_pubkey: m.sender_member_pubkey,
-                name: m.sender_name,
-            }),
-            target: Target::Spec(target),
-            target_spec: m.target_spec,
-            priority,
-            body: Body::Sealed {
-                nonce: m.nonce,
-                ciphertext: m.ciphertext,
-            },
-            subtype: m.subtype,
-            client_message_id: m.client_message_id,
-            created_at: m.created_at,
-            expires_at: m.created_at,
-            origin: Origin::Peer {
-                broker: link.broker.clone(),
-                seq: None,
-            },
-            tags,
-            bridged: None,
+        let origin = Origin::Peer {
+            broker: link.broker.clone(),
+            seq: None,
         };
+        let envelope = Envelope::from_multicast(m, hub, target, priority, tags, origin);
         delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         Ok(())
     }

@@ -7,15 +7,13 @@
 //! arrives: the direction it accepts, its tags, `peers`, the path.
 
 use meshd_protocol::broker::{Bridged, Hop};
-use meshd_protocol::fed::{
-    BridgeClaim, BridgeRelay, Frame, Multicast, PresenceEntry, RejectReason,
-};
+use meshd_protocol::fed::{BridgeClaim, BridgeRelay, Frame, PresenceEntry, RejectReason};
 use meshd_protocol::{Priority, TargetSpec};
 use tracing::debug;
 
 use super::{MAX_BRIDGES, MAX_HOPS, Side};
 use crate::Ctx;
-use crate::delivery::{self, Author, Body, Envelope, Origin, Target};
+use crate::delivery::{self, Envelope, Origin};
 use crate::fed::{Fed, LinkShared, Reset, presence_entry};
 use crate::hub::{ConnId, MeshHub, RemoteCaps, lock};
 
@@ -282,9 +280,10 @@ impl Fed {
     pub(crate) fn relay_to_broker(&self, env: &Envelope, side: &Side, path: &[Hop]) {
         let Some(broker) = &side.broker else { return };
         let local = &env.mesh.row.id;
-        let (Some(author), Body::Sealed { nonce, ciphertext }) = (&env.author, &env.body) else {
+        let Some(mut message) = env.to_multicast() else {
             return;
         };
+        message.client_message_id = None;
         if !side.relays
             || !meshd_protocol::tags::any_matches(&env.tags, &side.tags)
             || path.len() >= MAX_HOPS
@@ -307,22 +306,7 @@ impl Fed {
                 .iter()
                 .map(|h| (h.broker.clone().unwrap_or_default(), h.mesh_id.clone()))
                 .collect(),
-            message: Multicast {
-                mesh_id: local.clone(),
-                id: env.id.clone(),
-                sender_member_id: author.member_id.clone(),
-                sender_member_pubkey: author.member_pubkey.clone(),
-                sender_pubkey: env.sender_pubkey.clone(),
-                sender_name: author.name.clone(),
-                target_spec: env.target_spec.clone(),
-                priority: env.priority.rank(),
-                nonce: nonce.clone(),
-                ciphertext: ciphertext.clone(),
-                client_message_id: None,
-                created_at: env.created_at,
-                subtype: env.subtype.clone(),
-                tags: env.tags.clone(),
-            },
+            message,
         }));
         if link.live.try_send(frame).is_err() {
             self.metrics()
@@ -348,9 +332,12 @@ impl Fed {
         let claim = self
             .counterpart(&link.broker, &r.to_mesh_id, &side)
             .ok_or(RejectReason::NotShared)?;
-        let m = r.message;
-        let tags = crate::features::tags::from_peer(m.tags, meshd_protocol::tags::MAX_TAGS)
-            .ok_or(RejectReason::Invalid)?;
+        let mut m = r.message;
+        let tags = crate::features::tags::from_peer(
+            std::mem::take(&mut m.tags),
+            meshd_protocol::tags::MAX_TAGS,
+        )
+        .ok_or(RejectReason::Invalid)?;
         let me = self.name();
         let well_formed = r.path.len() < MAX_HOPS
             && r.path.last() == Some(&(link.broker.to_string(), r.from_mesh_id.clone()))
@@ -383,42 +370,23 @@ impl Fed {
         let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &r.to_mesh_id).await else {
             return Err(RejectReason::NotShared);
         };
-        let envelope = Envelope {
-            id: crate::ids::message_id(),
-            mesh: hub,
-            sender_pubkey: m.sender_pubkey,
-            author: Some(Author {
-                member_id: m.sender_member_id,
-                member_pubkey: m.sender_member_pubkey,
-                name: m.sender_name,
-            }),
-            target: Target::Spec(target),
-            target_spec: m.target_spec,
-            priority,
-            body: Body::Sealed {
-                nonce: m.nonce,
-                ciphertext: m.ciphertext,
-            },
-            subtype: m.subtype,
-            client_message_id: None,
-            created_at: m.created_at,
-            expires_at: m.created_at,
-            origin: Origin::Bridge,
-            tags,
-            bridged: Some(Bridged {
-                mesh_id: r.from_mesh_id,
-                mesh_name: claim.mesh_name,
-                broker: Some(link.broker.to_string()),
-                path: r
-                    .path
-                    .into_iter()
-                    .map(|(b, mesh_id)| Hop {
-                        broker: (!b.is_empty()).then_some(b),
-                        mesh_id,
-                    })
-                    .collect(),
-            }),
-        };
+        let mut envelope = Envelope::from_multicast(m, hub, target, priority, tags, Origin::Bridge);
+        // A message of this mesh now: its own id, no client's idempotency id.
+        envelope.id = crate::ids::message_id();
+        envelope.client_message_id = None;
+        envelope.bridged = Some(Bridged {
+            mesh_id: r.from_mesh_id,
+            mesh_name: claim.mesh_name,
+            broker: Some(link.broker.to_string()),
+            path: r
+                .path
+                .into_iter()
+                .map(|(b, mesh_id)| Hop {
+                    broker: (!b.is_empty()).then_some(b),
+                    mesh_id,
+                })
+                .collect(),
+        });
         delivery::submit(ctx, envelope, crate::time::now_ms()).map_err(|e| e.reject_reason())?;
         ctx.metrics
             .bridge_relayed
