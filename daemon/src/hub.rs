@@ -911,11 +911,23 @@ impl MeshHub {
         except_conn: ConnId,
         except_member: Option<&str>,
     ) -> usize {
+        self.announce_to(frame, except_conn, except_member, |_| true)
+    }
+
+    /// [`Self::announce`] to the peers `to` admits.
+    fn announce_to(
+        &self,
+        frame: &Utf8Bytes,
+        except_conn: ConnId,
+        except_member: Option<&str>,
+        to: impl Fn(&Peer) -> bool,
+    ) -> usize {
         let inner = self.inner();
         let mut queued = 0;
         for p in inner.peers.values() {
             if p.shared.conn_id == except_conn
                 || except_member.is_some_and(|m| m == p.member_pubkey)
+                || !to(p)
             {
                 continue;
             }

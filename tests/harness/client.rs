@@ -620,6 +620,21 @@ impl Client {
             .await
     }
 
+    /// After a round trip, that no message push arrived beyond those consumed.
+    ///
+    /// # Errors
+    /// Timeout, or the unexpected pushes.
+    pub async fn expect_no_messages(&mut self) -> anyhow::Result<()> {
+        self.sync().await?;
+        let extra = self.pending_messages();
+        anyhow::ensure!(
+            extra.is_empty(),
+            "{}: unexpected {extra:?}",
+            self.member.display_name
+        );
+        Ok(())
+    }
+
     /// Message pushes (not events) already read but not consumed.
     pub fn pending_messages(&mut self) -> Vec<Value> {
         self.ws

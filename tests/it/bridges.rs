@@ -31,13 +31,7 @@ async fn in_force(b: &TestBroker, n: i64) -> anyhow::Result<()> {
 /// Nothing more than what was expected arrived.
 async fn quiet(clients: &mut [&mut Client]) -> anyhow::Result<()> {
     for c in clients {
-        c.sync().await?;
-        let extra = c.pending_messages();
-        anyhow::ensure!(
-            extra.is_empty(),
-            "{}: unexpected {extra:?}",
-            c.member.display_name
-        );
+        c.expect_no_messages().await?;
     }
     Ok(())
 }
@@ -374,13 +368,7 @@ mod across_brokers {
         assert_eq!(text, "on their way");
         assert!(bob.open_push(&push).is_some());
         for c in [&mut alice, &mut bob] {
-            c.sync().await?;
-            let extra = c.pending_messages();
-            assert!(
-                extra.is_empty(),
-                "{}: unexpected {extra:?}",
-                c.member.display_name
-            );
+            c.expect_no_messages().await?;
         }
         Ok(())
     }

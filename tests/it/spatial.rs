@@ -105,13 +105,7 @@ async fn positions_decide_what_a_peer_sees() -> anyhow::Result<()> {
         assert_eq!(texts, want);
     }
     for cl in [&mut *customer, &mut *near, &mut *far, &mut *roamer] {
-        cl.sync().await?;
-        let extra = cl.pending_messages();
-        assert!(
-            extra.is_empty(),
-            "{}: unexpected {extra:?}",
-            cl.member.display_name
-        );
+        cl.expect_no_messages().await?;
     }
     // DMs are not spatial.
     let key = customer.key();

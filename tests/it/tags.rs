@@ -36,9 +36,7 @@ both! {
         // Nobody else got the tagged one: not the sender, not the hidden subscriber,
         // not the subscriber of a longer tag.
         for cl in [&mut *sender, &mut *sub, &mut *other, &mut *hidden] {
-            cl.sync().await?;
-            let extra = cl.pending_messages();
-            assert!(extra.is_empty(), "{}: unexpected {extra:?}", cl.member.display_name);
+            cl.expect_no_messages().await?;
         }
         // message_status names the subscribers reached and the tags.
         let st = sender.request(json!({"type": "message_status", "messageId": ack["messageId"]})).await?;
@@ -194,13 +192,7 @@ mod across_brokers {
             ("private note", &json!(["handover"]))
         );
         for cl in [&mut alice, &mut bob, &mut carol, &mut dave] {
-            cl.sync().await?;
-            let extra = cl.pending_messages();
-            assert!(
-                extra.is_empty(),
-                "{}: unexpected {extra:?}",
-                cl.member.display_name
-            );
+            cl.expect_no_messages().await?;
         }
         // An unsubscription travels too: the next incident reaches carol only.
         bob.request(json!({"type": "unsubscribe_tags", "tags": ["incident"]}))

@@ -73,18 +73,7 @@ impl MeshHub {
         member: &str,
         at: Option<&Position>,
     ) -> usize {
-        let inner = self.inner();
-        let mut queued = 0;
-        for p in inner.peers.values() {
-            if p.shared.conn_id == except_conn
-                || except_member.is_some_and(|m| m == p.member_pubkey)
-                || !sees(p, member, at)
-            {
-                continue;
-            }
-            queued += usize::from(offer(&p.shared, Outbound::Frame(frame.clone())));
-        }
-        queued
+        self.announce_to(frame, except_conn, except_member, |p| sees(p, member, at))
     }
 
     /// Moves a local presence (`None`: to nowhere) and tells every viewer whose view
