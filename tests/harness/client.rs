@@ -483,13 +483,18 @@ impl Client {
         nonce: &str,
         ciphertext: &str,
     ) -> anyhow::Result<Value> {
+        self.send_acked(
+            json!({"type": "send", "targetSpec": target, "priority": priority,
+            "nonce": nonce, "ciphertext": ciphertext}),
+        )
+        .await
+    }
+
+    /// Sends a `send` frame with a fresh `id` and waits for its `ack`.
+    async fn send_acked(&mut self, mut frame: Value) -> anyhow::Result<Value> {
         let id = self.req_id();
-        self.ws
-            .send_json(
-                &json!({"type": "send", "id": id, "targetSpec": target, "priority": priority,
-                "nonce": nonce, "ciphertext": ciphertext}),
-            )
-            .await?;
+        frame["id"] = id.clone().into();
+        self.ws.send_json(&frame).await?;
         self.ws
             .expect("ack", |v| v["type"] == "ack" && v["id"] == id.as_str())
             .await
@@ -524,16 +529,11 @@ impl Client {
         tags: &[&str],
     ) -> anyhow::Result<Value> {
         let (nonce, c) = crypto::plain(text);
-        let id = self.req_id();
-        self.ws
-            .send_json(
-                &json!({"type": "send", "id": id, "targetSpec": target, "priority": "next",
-                "nonce": nonce, "ciphertext": c, "tags": tags}),
-            )
-            .await?;
-        self.ws
-            .expect("ack", |v| v["type"] == "ack" && v["id"] == id.as_str())
-            .await
+        self.send_acked(
+            json!({"type": "send", "targetSpec": target, "priority": "next",
+            "nonce": nonce, "ciphertext": c, "tags": tags}),
+        )
+        .await
     }
 
     /// Sends a sealed DM carrying `tags` and returns the `ack`.
@@ -547,15 +547,8 @@ impl Client {
         tags: &[&str],
     ) -> anyhow::Result<Value> {
         let (nonce, c) = crypto::seal(text, to, self.dm_keys());
-        let id = self.req_id();
-        self.ws
-            .send_json(
-                &json!({"type": "send", "id": id, "targetSpec": to, "priority": "now",
-                "nonce": nonce, "ciphertext": c, "tags": tags}),
-            )
-            .await?;
-        self.ws
-            .expect("ack", |v| v["type"] == "ack" && v["id"] == id.as_str())
+        self.send_acked(json!({"type": "send", "targetSpec": to, "priority": "now",
+            "nonce": nonce, "ciphertext": c, "tags": tags}))
             .await
     }
 

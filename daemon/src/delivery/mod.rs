@@ -360,7 +360,7 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
         && env.origin.is_local()
         && let Some(other) = crate::features::bridges::dm_target(ctx, &mesh, &key)
     {
-        env.bridged = Some(crate::features::bridges::from_mesh(ctx, &mesh));
+        env.bridged = Some(crate::features::bridges::from_mesh(&mesh));
         env.mesh = other.clone();
         mesh = other;
         key = mesh.resolve_direct_key(&key, now, grace);
@@ -376,7 +376,7 @@ fn direct(ctx: &Ctx, mut env: Envelope, key: String, now: i64) -> Result<Accepte
         && crate::features::bridges::bridge_dm_consented(ctx, &broker, &mesh.row.id, &remote)
         && let Some(fed) = &ctx.fed
     {
-        env.bridged = Some(crate::features::bridges::from_mesh(ctx, &mesh));
+        env.bridged = Some(crate::features::bridges::from_mesh(&mesh));
         remote_mesh = Some(remote);
         forward = Some((fed.clone(), broker));
         route = DirectRoute::Queue;

@@ -245,7 +245,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
 }
 
 /// `bridged` for a sender or peer of `mesh` seen from another mesh of this broker.
-pub(crate) fn from_mesh(_ctx: &Ctx, mesh: &MeshHub) -> Bridged {
+pub(crate) fn from_mesh(mesh: &MeshHub) -> Bridged {
     Bridged {
         mesh_id: mesh.row.id.clone(),
         mesh_name: mesh.row.name.clone(),
@@ -321,7 +321,7 @@ pub(crate) fn relay(ctx: &Ctx, env: &Envelope, spec: &TargetSpec, now: i64) {
             tags: env.tags.clone(),
             bridged: Some(Bridged {
                 path: path.clone(),
-                ..from_mesh(ctx, &env.mesh)
+                ..from_mesh(&env.mesh)
             }),
         };
         match delivery::submit(ctx, relayed, now) {
@@ -360,7 +360,7 @@ pub(crate) fn bridged_peers(ctx: &Ctx, mesh: &MeshHub) -> Vec<PeerEntry> {
         let Some(other) = ctx.hub.loaded(&side.other) else {
             continue;
         };
-        let from = from_mesh(ctx, &other);
+        let from = from_mesh(&other);
         out.extend(other.local_entries().into_iter().map(|mut e| {
             e.bridged = Some(from.clone());
             e

@@ -108,27 +108,20 @@ impl Fed {
             return;
         }
         let mesh_id = &mesh.row.id;
-        let stale: Vec<String> = {
-            let sent = lock(&link.sent_at);
-            mesh.local_positions()
-                .into_iter()
-                .filter(|(key, at)| {
-                    let heard = sent.get(&(mesh_id.clone(), key.clone()));
-                    heard != Some(at) && interested([&viewer], heard, at)
-                })
-                .map(|(key, _)| key)
-                .collect()
-        };
-        for key in stale {
-            let version = self.next_version();
-            let entry = mesh
-                .local_peers(|p| (p.routing_key() == key).then(|| presence_entry(p, version)))
-                .into_iter()
-                .flatten()
-                .next();
-            if let Some(entry) = entry {
-                self.queue_upsert(link, mesh_id, entry);
-            }
+        // What that broker heard of this mesh (copied: the hub's lock is taken next).
+        let heard: std::collections::HashMap<String, Position> = lock(&link.sent_at)
+            .iter()
+            .filter(|((m, _), _)| m == mesh_id)
+            .map(|((_, key), at)| (key.clone(), *at))
+            .collect();
+        let stale = mesh.local_peers(|p| {
+            let at = p.position?;
+            let before = heard.get(p.routing_key());
+            (before != Some(&at) && interested([&viewer], before, &at))
+                .then(|| presence_entry(p, self.next_version()))
+        });
+        for entry in stale.into_iter().flatten() {
+            self.queue_upsert(link, mesh_id, entry);
         }
     }
 

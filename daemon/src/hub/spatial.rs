@@ -137,15 +137,6 @@ impl MeshHub {
         Some(Moved { from })
     }
 
-    /// Where the local presences of this mesh stand: (routing key, position).
-    pub(crate) fn local_positions(&self) -> Vec<(String, Position)> {
-        self.inner()
-            .peers
-            .values()
-            .filter_map(|p| p.position.map(|at| (p.routing_key().to_owned(), at)))
-            .collect()
-    }
-
     /// Where the presences `broker` announced stand.
     pub(crate) fn remote_positions(&self, broker: &str) -> Vec<Position> {
         self.inner()
