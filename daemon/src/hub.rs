@@ -95,6 +95,17 @@ pub(crate) enum Disconnect {
     SlowConsumer,
     /// The broker is stopping.
     Shutdown,
+    /// A mesh admin kicked it (`stale`: for silence). Clients do not come back on their
+    /// own after a kick.
+    Kicked {
+        /// Selected by `stale`.
+        stale: bool,
+    },
+    /// A mesh admin disconnected it; the client may reconnect at once.
+    Disconnected {
+        /// Selected by `stale`.
+        stale: bool,
+    },
 }
 
 impl Disconnect {
@@ -105,6 +116,10 @@ impl Disconnect {
             Self::Revoked => (4002, "banned"),
             Self::SlowConsumer => (1008, "slow consumer"),
             Self::Shutdown => (1001, "shutting down"),
+            Self::Kicked { stale: false } => (4001, "kicked"),
+            Self::Kicked { stale: true } => (4001, "kicked_stale"),
+            Self::Disconnected { stale: false } => (1000, "disconnected"),
+            Self::Disconnected { stale: true } => (1000, "disconnected_stale"),
         }
     }
 }
@@ -128,6 +143,8 @@ pub(crate) struct PeerShared {
     pub(crate) acks: AtomicBool,
     /// Cancelled to close the connection.
     pub(crate) cancel: CancellationToken,
+    /// When a frame (or a pong) last arrived (ms): what `kick --stale` measures.
+    pub(crate) last_active: std::sync::atomic::AtomicI64,
     /// Cancelled once the session has given back everything it held (end of teardown):
     /// a connection that replaced it drains only after that, so nothing it gives back
     /// can arrive after newer messages.
@@ -151,6 +168,7 @@ impl PeerShared {
             max_queued_bytes,
             retired: CancellationToken::new(),
             acks: AtomicBool::new(false),
+            last_active: std::sync::atomic::AtomicI64::new(i64::MAX),
             cancel,
             close: Mutex::new(None),
         }
@@ -804,6 +822,30 @@ impl MeshHub {
     }
 
     /// Live peers of the same member other than `conn` (to wake after leases are released).
+    /// The connections on this broker that `pred` selects: (display name, peer role,
+    /// handle), in connection order.
+    pub(crate) fn select_local(
+        &self,
+        pred: impl Fn(&Peer) -> bool,
+    ) -> Vec<(String, &'static str, Arc<PeerShared>)> {
+        let inner = self.inner();
+        let mut picked: Vec<_> = inner
+            .peers
+            .values()
+            .filter(|p| pred(p))
+            .map(|p| (p.display_name.clone(), p.peer_role, p.shared.clone()))
+            .collect();
+        picked.sort_by_key(|(_, _, s)| s.conn_id);
+        picked
+    }
+
+    /// Lifts a member's revocation (after `unban`).
+    pub(crate) fn unrevoke(&self, pubkey: &str) {
+        if let Some(m) = self.inner().members.get_mut(pubkey) {
+            m.revoked = false;
+        }
+    }
+
     pub(crate) fn siblings(&self, member_pubkey: &str, conn: ConnId) -> Vec<Arc<PeerShared>> {
         self.inner()
             .peers

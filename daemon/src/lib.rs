@@ -536,41 +536,7 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                             serde_json::json!({"memberId": m.id, "pubkey": m.pubkey}),
                         );
                     }
-                    // A revoked member's MCP servers go (their names are free again).
-                    for (name, hosted_by, persistent, removal) in
-                        ctx.mcp.drop_member(&m.mesh_id, &m.id)
-                    {
-                        mcp::publish(&ctx, &m.mesh_id, vec![removal]);
-                        if persistent {
-                            ctx.mcp.persist(mcp::StoreOp::Delete {
-                                mesh_id: m.mesh_id.clone(),
-                                name: name.clone(),
-                            });
-                        }
-                        if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
-                            let mut data = serde_json::Map::new();
-                            data.insert("serverName".into(), name.into());
-                            data.insert("hostedBy".into(), hosted_by.into());
-                            let frame = crate::delivery::system_push(
-                                &m.mesh_id,
-                                "mcp_unregistered",
-                                data,
-                                now,
-                            );
-                            mesh.announce(&frame, 0, None);
-                        }
-                    }
-                    if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
-                        let closed = mesh.revoke(&m.pubkey);
-                        if m.home_broker.is_none()
-                            && let Some(fed) = &ctx.fed
-                        {
-                            fed.member_changed(&mesh, &m.pubkey);
-                        }
-                        if closed > 0 {
-                            info!(mesh.id = %m.mesh_id, member.id = %m.id, closed, "member revoked; connections closed");
-                        }
-                    }
+                    crate::features::moderation::apply_revocation(&ctx, &m, now).await;
                 }
                 revoked_watermark = now;
                 audited_revocations.retain(|_, at| *at >= revoked_watermark - 60_000);

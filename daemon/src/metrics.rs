@@ -143,6 +143,8 @@ const CLOSES: &[&str] = &[
     "replaced",
     "revoked",
     "shutdown",
+    "kicked",
+    "disconnected",
     "idle_timeout",
     "error",
     "other",

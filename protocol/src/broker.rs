@@ -110,6 +110,12 @@ pub enum BrokerFrame {
     Position(PositionFrame),
     /// A refusal.
     Error(ErrorFrame),
+    /// Moderation replies (they carry their own `type`).
+    #[serde(untagged)]
+    Moderation(crate::moderation::Reply),
+    /// Vault replies.
+    #[serde(untagged)]
+    Vault(crate::vault::Reply),
 }
 
 /// meshd extension: where a bridged peer, or a message relayed by a bridge, comes

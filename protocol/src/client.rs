@@ -323,6 +323,10 @@ pub enum ClientFrame {
     SetPosition(crate::spatial::Position),
     /// meshd extension: stand nowhere again (see every peer). Replied with `position`.
     ClearPosition,
+    /// `kick`, `disconnect`, `ban`, `unban`, `list_bans` (HEAD §4).
+    Moderation(crate::moderation::Request),
+    /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
+    Vault(crate::vault::Request),
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -385,7 +389,9 @@ impl ClientFrame {
             | Self::FileStatus { .. }
             | Self::GrantFileAccess { .. }
             | Self::PeerFileRequest { .. }
-            | Self::PeerDirRequest { .. } => true,
+            | Self::PeerDirRequest { .. }
+            | Self::Moderation(_)
+            | Self::Vault(_) => true,
             Self::McpUnregister { .. } | Self::McpCallResponse(_) => false,
             // Answered with an `ack` the CLI does not wait for.
             Self::DeleteFile { .. } => false,
@@ -1045,6 +1051,12 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
                 broker_message_id: b.broker_message_id,
             }
         }
+        "kick" | "disconnect" | "ban" | "unban" | "list_bans" => {
+            ClientFrame::Moderation(crate::moderation::decode(kind, text)?)
+        }
+        "vault_set" | "vault_list" | "vault_get" | "vault_delete" => {
+            ClientFrame::Vault(crate::vault::decode(kind, text)?)
+        }
         other => {
             let awaits_reply = lookup_kind(other).is_some_and(|(_, r)| r);
             ClientFrame::Unsupported { kind, awaits_reply }
@@ -1532,6 +1544,16 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("unsubscribe_tags", true),
     ("set_position", true),
     ("clear_position", true),
+    // HEAD (213a6b3) additions; every one is awaited by `_reqId`.
+    ("kick", true),
+    ("disconnect", true),
+    ("ban", true),
+    ("unban", true),
+    ("list_bans", true),
+    ("vault_set", true),
+    ("vault_list", true),
+    ("vault_get", true),
+    ("vault_delete", true),
 ];
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ mod fuzz;
 pub mod hello;
 pub mod invite;
 pub mod keys;
+pub mod moderation;
 pub mod nul;
 pub mod routing;
 pub mod session;
@@ -32,6 +33,7 @@ pub mod spatial;
 pub mod status;
 pub mod tags;
 pub mod time;
+pub mod vault;
 
 pub use keys::{KeyError, Pubkey};
 pub use routing::{Priority, Status, TargetSpec};

@@ -218,7 +218,20 @@ impl TestBroker {
     /// # Errors
     /// Any step failing.
     pub async fn enroll(&self, mesh: &MeshCreated, name: &str) -> anyhow::Result<Member> {
-        let inv = self.invite(&mesh.slug, Role::Member, 1).await?;
+        self.enroll_as(mesh, name, Role::Member).await
+    }
+
+    /// [`Self::enroll`] with a role.
+    ///
+    /// # Errors
+    /// Any step failing.
+    pub async fn enroll_as(
+        &self,
+        mesh: &MeshCreated,
+        name: &str,
+        role: Role,
+    ) -> anyhow::Result<Member> {
+        let inv = self.invite(&mesh.slug, role, 1).await?;
         let keys = Keypair::generate();
         let (status, body) = self.join(&inv.token, &keys, name).await?;
         if status != 200 || body["ok"] != true {

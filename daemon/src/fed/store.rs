@@ -235,7 +235,9 @@ impl Db {
     }
 
     /// Applies a member announced by `broker`. A key already held by a member hosted
-    /// anywhere else (here included) is refused as forged.
+    /// anywhere else (here included) is refused as forged. The home broker is the
+    /// authority on its members' revocations: an announcement lifts a ban (`unban`) as
+    /// well as it sets one.
     pub async fn upsert_remote_member(
         &self,
         mesh_id: &str,
@@ -246,7 +248,7 @@ impl Db {
         const INSERT_SQL: &str = "INSERT INTO member (id, mesh_id, pubkey, display_name, role, joined_at, revoked_at, invite_id, home_broker) \
                                   VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8) ON CONFLICT (mesh_id, pubkey) DO NOTHING";
         const UPDATE_SQL: &str = "UPDATE member SET display_name = $1, role = $2, \
-                                  revoked_at = CASE WHEN revoked_at IS NOT NULL THEN revoked_at WHEN $3 THEN $4 ELSE NULL END \
+                                  revoked_at = CASE WHEN $3 THEN COALESCE(revoked_at, $4) ELSE NULL END \
                                   WHERE mesh_id = $5 AND pubkey = $6 AND home_broker = $7";
         if let Some(existing) = self.member_by_pubkey(mesh_id, &ann.pubkey).await? {
             if existing.home_broker.as_deref() != Some(broker) {

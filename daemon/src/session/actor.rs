@@ -23,6 +23,8 @@ impl Ended {
             Self::Broker(Disconnect::Revoked) => "revoked",
             Self::Broker(Disconnect::SlowConsumer) => "slow_consumer",
             Self::Broker(Disconnect::Shutdown) => "shutdown",
+            Self::Broker(Disconnect::Kicked { .. }) => "kicked",
+            Self::Broker(Disconnect::Disconnected { .. }) => "disconnected",
             Self::Client => "client",
             Self::IdleTimeout => "idle_timeout",
             Self::Error => "error",
@@ -112,6 +114,7 @@ impl Session {
                 }
                 msg = socket.recv(), if reading => {
                     self.last_activity = crate::time::instant();
+                    self.shared.last_active.store(now_ms(), Ordering::Relaxed);
                     match msg {
                         Some(Ok(Message::Text(t))) => {
                             self.ctx.metrics.frames_received.fetch_add(1, Ordering::Relaxed);

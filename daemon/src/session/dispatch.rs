@@ -115,6 +115,11 @@ impl Session {
                 self.queue_skill(frame, req_id, now);
                 None
             }
+            ClientFrame::Moderation(request) => self.on_moderation(request, req_id, now),
+            ClientFrame::Vault(request) => {
+                self.queue_vault(request, req_id, now);
+                None
+            }
             // Handshakes and unsupported frames are answered by the protocol machine.
             _ => None,
         }

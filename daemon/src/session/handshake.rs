@@ -322,6 +322,7 @@ pub(crate) async fn authenticate(
         ctx.config.limits.outbound_queue_bytes,
     ));
     shared.acks.store(ident.session, Ordering::SeqCst);
+    shared.last_active.store(now, Ordering::Relaxed);
     let peer = Peer {
         shared: shared.clone(),
         presence_id: random_id(),

@@ -1,0 +1,381 @@
+//! Moderation (HEAD §4): `kick`, `disconnect`, `ban`, `unban`, `list_bans`, and what a
+//! revocation does to a live mesh (shared with `meshd member revoke`, which another
+//! process writes and the housekeeping watch picks up).
+//!
+//! Unlike the reference, a kicked, disconnected or banned connection leaves through the
+//! normal teardown: `peer_left` is announced, its MCP servers and subscriptions go, and
+//! the mesh's connection count drops. Admins (member role `admin`; meshd has no mesh
+//! owner account) may kick, disconnect, ban and unban; anyone may list bans, as in the
+//! reference. Only members hosted on this broker can be banned here: a member's home
+//! broker is the authority on its revocation and announces it to the others.
+
+pub mod store;
+
+use meshd_protocol::broker::BrokerFrame;
+use meshd_protocol::moderation::{Ban, Reply, Request, Selection};
+use meshd_protocol::time::iso8601_ms;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::Utf8Bytes;
+use tracing::info;
+
+use crate::Ctx;
+use crate::features::mcp::engine as mcp;
+use crate::hub::{ConnId, Disconnect, Peer};
+use crate::session::*;
+use crate::store::MemberRow;
+
+/// Shortest key prefix a target may be (a shorter one names members by accident).
+const MIN_PREFIX: usize = 8;
+
+/// Whether `target` names `pubkey`: the whole key, or a prefix of [`MIN_PREFIX`]+ hex
+/// digits.
+fn names_key(target: &str, pubkey: &str) -> bool {
+    let t = target.to_ascii_lowercase();
+    pubkey == t
+        || (t.len() >= MIN_PREFIX
+            && t.bytes().all(|b| b.is_ascii_hexdigit())
+            && pubkey.starts_with(&t))
+}
+
+/// Whether a `kick`/`disconnect` selection picks `p` (never the caller's own connection
+/// for `stale` and `all`).
+fn selects(selection: &Selection, p: &Peer, caller: ConnId, now: i64) -> bool {
+    match selection {
+        Selection::All => p.shared.conn_id != caller,
+        Selection::Stale(ms) => {
+            p.shared.conn_id != caller
+                && p.shared.last_active.load(Ordering::Relaxed) < now.saturating_sub(*ms)
+        }
+        Selection::Target(t) => {
+            p.display_name == *t
+                || names_key(t, &p.member_pubkey)
+                || p.session_pubkey.as_deref() == Some(t.as_str())
+        }
+    }
+}
+
+/// Applies a revocation to the running broker: the member's MCP servers go, its live
+/// connections close with 4002 (through their normal teardown), and peer brokers hear
+/// of it if the member is hosted here.
+pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
+    for (name, hosted_by, persistent, removal) in ctx.mcp.drop_member(&m.mesh_id, &m.id) {
+        mcp::publish(ctx, &m.mesh_id, vec![removal]);
+        if persistent {
+            ctx.mcp.persist(mcp::StoreOp::Delete {
+                mesh_id: m.mesh_id.clone(),
+                name: name.clone(),
+            });
+        }
+        if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
+            let mut data = serde_json::Map::new();
+            data.insert("serverName".into(), name.into());
+            data.insert("hostedBy".into(), hosted_by.into());
+            let frame = crate::delivery::system_push(&m.mesh_id, "mcp_unregistered", data, now);
+            mesh.announce(&frame, 0, None);
+        }
+    }
+    if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
+        let closed = mesh.revoke(&m.pubkey);
+        if m.home_broker.is_none()
+            && let Some(fed) = &ctx.fed
+        {
+            fed.member_changed(&mesh, &m.pubkey);
+        }
+        if closed > 0 {
+            info!(mesh.id = %m.mesh_id, member.id = %m.id, closed, "member revoked; connections closed");
+        }
+    }
+}
+
+impl Session {
+    /// `kick` / `disconnect` close connections at once (answered here); `ban`, `unban`
+    /// and `list_bans` touch the store.
+    pub(crate) fn on_moderation(
+        &mut self,
+        request: Request,
+        req_id: Option<String>,
+        now: i64,
+    ) -> Option<Utf8Bytes> {
+        let verb = match &request {
+            Request::ListBans => return self.queue_list_bans(req_id),
+            Request::Kick(_) => "kick",
+            Request::Disconnect(_) => "disconnect",
+            Request::Ban { .. } => "ban",
+            Request::Unban { .. } => "unban",
+        };
+        let admin = self
+            .mesh
+            .member(&self.member_pubkey)
+            .is_some_and(|m| m.role == "admin");
+        if !admin {
+            return error(
+                "forbidden",
+                format!("only owner or admin can {verb}"),
+                req_id,
+            );
+        }
+        let reply = match request {
+            Request::Kick(selection) | Request::Disconnect(selection) => {
+                let kick = verb == "kick";
+                let stale = matches!(selection, Selection::Stale(_));
+                let picked = self
+                    .mesh
+                    .select_local(|p| selects(&selection, p, self.conn, now));
+                let (mut closed, mut skipped) = (Vec::new(), Vec::new());
+                for (name, role, shared) in picked {
+                    // A daemon would reconnect at once: a kick leaves it be.
+                    if kick && role == "control-plane" {
+                        skipped.push(name);
+                        continue;
+                    }
+                    shared.close(if kick {
+                        Disconnect::Kicked { stale }
+                    } else {
+                        Disconnect::Disconnected { stale }
+                    });
+                    closed.push(name);
+                }
+                self.ctx.audit.record(
+                    self.mesh_id(),
+                    if kick {
+                        "peers_kicked"
+                    } else {
+                        "peers_disconnected"
+                    },
+                    Some(self.member_id.clone()),
+                    &self.display_name,
+                    serde_json::json!({"peers": closed}),
+                );
+                if kick {
+                    Reply::KickAck {
+                        kicked: closed.clone(),
+                        affected: closed,
+                        skipped_control_plane: (!skipped.is_empty()).then_some(skipped),
+                        req_id,
+                    }
+                } else {
+                    Reply::DisconnectAck {
+                        kicked: closed.clone(),
+                        affected: closed,
+                        req_id,
+                    }
+                }
+            }
+            Request::Ban { target } => {
+                self.queue_ban(target, req_id, now);
+                return None;
+            }
+            Request::Unban { target } => {
+                self.queue_unban(target, req_id, now);
+                return None;
+            }
+            Request::ListBans => return None,
+        };
+        Some(BrokerFrame::Moderation(reply).to_json().into())
+    }
+
+    fn queue_list_bans(&mut self, req_id: Option<String>) -> Option<Utf8Bytes> {
+        let db = self.ctx.db.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        self.reply_later(async move {
+            let members = match db.members(&mesh_id).await {
+                Ok(m) => m,
+                Err(e) => return store_unavailable("list_bans", req_id, &e),
+            };
+            let mut banned: Vec<MemberRow> = members
+                .into_iter()
+                .filter(|m| m.revoked_at.is_some())
+                .collect();
+            banned.sort_by_key(|m| std::cmp::Reverse(m.revoked_at));
+            let bans = banned
+                .into_iter()
+                .map(|m| Ban {
+                    revoked_at: iso8601_ms(m.revoked_at.unwrap_or_default()),
+                    name: m.display_name,
+                    pubkey: m.pubkey,
+                })
+                .collect();
+            Some(
+                BrokerFrame::Moderation(Reply::ListBansResult { bans, req_id })
+                    .to_json()
+                    .into(),
+            )
+        });
+        None
+    }
+
+    fn queue_ban(&mut self, target: String, req_id: Option<String>, now: i64) {
+        let ctx = self.ctx.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let (me, my_id, my_name) = (
+            self.member_pubkey.clone(),
+            self.member_id.clone(),
+            self.display_name.clone(),
+        );
+        self.reply_later(async move {
+            let members = match ctx.db.members(&mesh_id).await {
+                Ok(m) => m,
+                Err(e) => return store_unavailable("ban", req_id, &e),
+            };
+            let live = members.iter().filter(|m| m.revoked_at.is_none());
+            // Exact names and keys first; a key prefix only when nothing is exact.
+            let mut hits: Vec<&MemberRow> = live
+                .clone()
+                .filter(|m| m.display_name == target || m.pubkey == target.to_ascii_lowercase())
+                .collect();
+            if hits.is_empty() {
+                hits = live.filter(|m| names_key(&target, &m.pubkey)).collect();
+            }
+            let m = match hits.as_slice() {
+                [] => return error("not_found", format!("no member matches {target:?}"), req_id),
+                [m] => *m,
+                many => {
+                    return error(
+                        "invalid",
+                        format!("{} members match {target:?}; give the full key", many.len()),
+                        req_id,
+                    );
+                }
+            };
+            if m.pubkey == me {
+                return error("invalid", "cannot ban yourself", req_id);
+            }
+            if let Some(home) = &m.home_broker {
+                return error(
+                    "forbidden",
+                    format!(
+                        "{} is hosted by broker {home}; ban them there",
+                        m.display_name
+                    ),
+                    req_id,
+                );
+            }
+            let row = match ctx.db.revoke_member(&mesh_id, &m.id, now).await {
+                Ok(Some(row)) => row,
+                // Revoked meanwhile (by another admin or `meshd member revoke`).
+                Ok(None) => {
+                    return error("not_found", format!("no member matches {target:?}"), req_id);
+                }
+                Err(e) => return store_unavailable("ban", req_id, &e),
+            };
+            ctx.audit.record(
+                &mesh_id,
+                "member_banned",
+                Some(my_id),
+                &my_name,
+                serde_json::json!({"target": target, "targetPubkey": row.pubkey}),
+            );
+            apply_revocation(&ctx, &row, now).await;
+            Some(
+                BrokerFrame::Moderation(Reply::BanAck {
+                    banned: row.display_name,
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            )
+        });
+    }
+
+    fn queue_unban(&mut self, target: String, req_id: Option<String>, _now: i64) {
+        let ctx = self.ctx.clone();
+        let mesh = self.mesh.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let (my_id, my_name) = (self.member_id.clone(), self.display_name.clone());
+        self.reply_later(async move {
+            let members = match ctx.db.members(&mesh_id).await {
+                Ok(m) => m,
+                Err(e) => return store_unavailable("unban", req_id, &e),
+            };
+            let hits: Vec<&MemberRow> = members
+                .iter()
+                .filter(|m| {
+                    m.revoked_at.is_some()
+                        && (m.display_name == target || m.pubkey == target.to_ascii_lowercase())
+                })
+                .collect();
+            let m = match hits.as_slice() {
+                [] => {
+                    return error(
+                        "not_found",
+                        format!("no banned member matches {target:?}"),
+                        req_id,
+                    );
+                }
+                [m] => *m,
+                many => {
+                    return error(
+                        "invalid",
+                        format!(
+                            "{} banned members match {target:?}; give the key",
+                            many.len()
+                        ),
+                        req_id,
+                    );
+                }
+            };
+            if let Some(home) = &m.home_broker {
+                return error(
+                    "forbidden",
+                    format!(
+                        "{} is hosted by broker {home}; unban them there",
+                        m.display_name
+                    ),
+                    req_id,
+                );
+            }
+            let row = match ctx.db.unrevoke_member(&mesh_id, &m.id).await {
+                Ok(Some(row)) => row,
+                Ok(None) => {
+                    return error(
+                        "not_found",
+                        format!("no banned member matches {target:?}"),
+                        req_id,
+                    );
+                }
+                Err(e) => return store_unavailable("unban", req_id, &e),
+            };
+            mesh.unrevoke(&row.pubkey);
+            if let Some(fed) = &ctx.fed {
+                fed.member_changed(&mesh, &row.pubkey);
+            }
+            ctx.audit.record(
+                &mesh_id,
+                "member_unbanned",
+                Some(my_id),
+                &my_name,
+                serde_json::json!({"target": target, "targetPubkey": row.pubkey}),
+            );
+            Some(
+                BrokerFrame::Moderation(Reply::UnbanAck {
+                    unbanned: row.display_name,
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            )
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_key;
+
+    #[test]
+    fn keys_are_named_whole_or_by_a_long_hex_prefix() {
+        let key = "abcdef0123456789".repeat(4);
+        assert!(names_key(&key, &key));
+        assert!(names_key(&key.to_ascii_uppercase(), &key));
+        assert!(names_key("abcdef01", &key));
+        assert!(
+            !names_key("abcdef0", &key),
+            "7 digits name members by accident"
+        );
+        assert!(!names_key("abcdef0z", &key));
+        assert!(!names_key("bcdef012", &key));
+    }
+}
