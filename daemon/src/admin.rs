@@ -768,6 +768,112 @@ pub async fn revoke_member(db: &Db, slug: &str, member: &str) -> Result<MemberIn
         .ok_or_else(|| AdminError::NoSuchMember(member.to_owned()))
 }
 
+/// A key minted by `meshd apikey create` (the secret is shown this once).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyCreated {
+    /// The key as listed.
+    #[serde(flatten)]
+    pub key: meshd_protocol::apikeys::KeyInfo,
+    /// The bearer secret.
+    pub secret: String,
+    /// The member it acts as.
+    pub member_id: Option<String>,
+}
+
+/// The live member of mesh `m` named by id, key or display name.
+async fn member_named(db: &Db, m: &MeshRow, who: &str) -> Result<MemberRow, AdminError> {
+    let hits: Vec<MemberRow> = db
+        .members(&m.id)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.revoked_at.is_none()
+                && (r.id == who || r.pubkey == who.to_ascii_lowercase() || r.display_name == who)
+        })
+        .collect();
+    match <[MemberRow; 1]>::try_from(hits) {
+        Ok([r]) => Ok(r),
+        Err(v) if v.is_empty() => Err(AdminError::NoSuchMember(who.to_owned())),
+        Err(_) => Err(AdminError::Invalid(format!(
+            "several members are named {who:?}; give a member id or key"
+        ))),
+    }
+}
+
+/// `meshd apikey create`: an operator mints a key, acting as `member` (id, key or
+/// name; any capability) or unattached (the routes that need a member refuse it).
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn create_api_key(
+    db: &Db,
+    slug: &str,
+    create: &meshd_protocol::apikeys::CreateKey,
+    member: Option<&str>,
+) -> Result<ApiKeyCreated, AdminError> {
+    use crate::features::apikeys::{MintError, key_info, mint};
+    let m = mesh(db, slug).await?;
+    let issuer = match member {
+        Some(who) => Some(member_named(db, &m, who).await?.id),
+        None => None,
+    };
+    let (row, secret) = mint(
+        db,
+        &m.id,
+        issuer.as_deref().map(|i| (i, true)),
+        create,
+        now_ms(),
+    )
+    .await
+    .map_err(|e| match e {
+        MintError::Store(e) => AdminError::Store(e),
+        MintError::Invalid(m) | MintError::Forbidden(m) => AdminError::Invalid(m),
+    })?;
+    Ok(ApiKeyCreated {
+        key: key_info(row),
+        secret,
+        member_id: issuer,
+    })
+}
+
+/// `meshd apikey list`: every key of a mesh, newest first.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn list_api_keys(
+    db: &Db,
+    slug: &str,
+) -> Result<Vec<meshd_protocol::apikeys::KeyInfo>, AdminError> {
+    let m = mesh(db, slug).await?;
+    Ok(db
+        .api_keys(&m.id, None)
+        .await?
+        .into_iter()
+        .map(crate::features::apikeys::key_info)
+        .collect())
+}
+
+/// `meshd apikey revoke`: by id or unique id prefix. Refused from the next request on;
+/// a running daemon closes the key's WebSocket connections within seconds.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn revoke_api_key(db: &Db, slug: &str, id: &str) -> Result<String, AdminError> {
+    use crate::features::apikeys::{Revoked, revoke_among};
+    let m = mesh(db, slug).await?;
+    let keys = db.api_keys(&m.id, None).await?;
+    match revoke_among(db, &keys, id, now_ms()).await? {
+        Revoked::Key(id) => Ok(id),
+        Revoked::NotFound => Err(AdminError::Invalid(format!(
+            "no api key {id:?} in this mesh"
+        ))),
+        Revoked::NotUnique(n) => Err(AdminError::Invalid(format!(
+            "{n} api keys start with {id:?}; give more of the id"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

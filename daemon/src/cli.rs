@@ -61,6 +61,9 @@ enum Command {
     /// Bridges between two meshes of this broker: tagged messages relayed, peers listed.
     #[command(subcommand)]
     Bridge(BridgeCmd),
+    /// API keys for the REST API (`/api/v1`) and the external WebSocket.
+    #[command(subcommand)]
+    Apikey(ApikeyCmd),
     /// Org CA and broker certificates for federation.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -241,6 +244,146 @@ enum MemberCmd {
         #[command(flatten)]
         out: Output,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApikeyCmd {
+    /// Mint a key; its secret is printed this once.
+    Create {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        /// Free text.
+        #[arg(long)]
+        label: String,
+        /// Capabilities: send, read, state_write, admin.
+        #[arg(long = "cap", value_delimiter = ',', default_value = "send,read")]
+        caps: Vec<String>,
+        /// Limit the key to these topics (names; default: every topic).
+        #[arg(long = "topic", value_delimiter = ',', value_name = "TOPICS")]
+        topics: Option<Vec<String>>,
+        /// Expiry: an ISO 8601 time or a duration from now (e.g. `24h`).
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+        /// The member the key acts as (id, key or display name). Without it the key
+        /// belongs to no member, and routes that need one (`/me`, posting as a
+        /// member) refuse it.
+        #[arg(long, value_name = "MEMBER")]
+        member: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// List a mesh's keys (never their secrets).
+    List {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Revoke a key by id or unique id prefix: refused at once.
+    Revoke {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        /// Key id or prefix.
+        id: String,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+async fn apikey(config: Config, cmd: ApikeyCmd) -> anyhow::Result<()> {
+    let db = admin::open(&config).await?;
+    let r = async {
+        match cmd {
+            ApikeyCmd::Create {
+                mesh,
+                label,
+                caps,
+                topics,
+                expires,
+                member,
+                out,
+            } => {
+                let mut body = serde_json::json!({"label": label, "capabilities": caps});
+                if let Some(t) = topics {
+                    body["topicScopes"] = t.into();
+                }
+                if let Some(e) = expires {
+                    let iso = match meshd_config::parse_duration(&e) {
+                        Ok(d) => meshd_protocol::time::iso8601_ms(
+                            crate::time::now_ms()
+                                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+                        ),
+                        Err(_) => e,
+                    };
+                    body["expiresAt"] = iso.into();
+                }
+                let meshd_protocol::apikeys::Request::Create(create) =
+                    meshd_protocol::apikeys::decode("apikey_create", &body.to_string())?
+                else {
+                    anyhow::bail!("not a key request");
+                };
+                let k = admin::create_api_key(&db, &mesh, &create, member.as_deref()).await?;
+                print(out.json, &k, |k| {
+                    format!(
+                        "api key {} ({}) for {}\n{}\nshown once: store it now",
+                        k.key.id,
+                        k.key.label,
+                        k.member_id.as_deref().unwrap_or("no member"),
+                        k.secret
+                    )
+                })
+            }
+            ApikeyCmd::List { mesh, out } => {
+                #[derive(Serialize)]
+                struct List {
+                    keys: Vec<meshd_protocol::apikeys::KeyInfo>,
+                }
+                let list = List {
+                    keys: admin::list_api_keys(&db, &mesh).await?,
+                };
+                print(out.json, &list, |l| {
+                    if l.keys.is_empty() {
+                        return "no api keys".to_owned();
+                    }
+                    l.keys
+                        .iter()
+                        .map(|k| {
+                            let caps: Vec<&str> =
+                                k.capabilities.iter().map(|c| c.as_str()).collect();
+                            format!(
+                                "{}  {}  {}  caps={}{}{}",
+                                k.id,
+                                k.prefix,
+                                k.label,
+                                caps.join(","),
+                                k.topic_scopes
+                                    .as_ref()
+                                    .map_or(String::new(), |t| format!("  topics={}", t.join(","))),
+                                if k.revoked_at.is_some() {
+                                    "  revoked"
+                                } else {
+                                    ""
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+            ApikeyCmd::Revoke { mesh, id, out } => {
+                let id = admin::revoke_api_key(&db, &mesh, &id).await?;
+                print(out.json, &serde_json::json!({"revoked": id}), |_| {
+                    format!("api key {id} revoked")
+                })
+            }
+        }
+    }
+    .await;
+    db.close().await;
+    r
 }
 
 #[derive(Debug, Subcommand)]
@@ -596,6 +739,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Invite(cmd) => invite(config, cmd).await,
         Command::Member(cmd) => member(config, cmd).await,
         Command::Bridge(cmd) => bridge(config, cmd).await,
+        Command::Apikey(cmd) => apikey(config, cmd).await,
         Command::Usage { mesh, out } => usage(config, &mesh, out.json).await,
         Command::Certs(cmd) => certs(&config, cmd),
         Command::Audit(AuditCmd::Verify { mesh, out }) => {

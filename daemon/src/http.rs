@@ -155,6 +155,7 @@ async fn webhook(
             origin: crate::delivery::Origin::Webhook,
             tags: Vec::new(),
             bridged: None,
+            topic: None,
         };
         crate::delivery::submit(&ctx, envelope, now).map_or(0, |a| a.delivered)
     });
@@ -171,6 +172,7 @@ const JOIN_BODY_LIMIT: usize = 64 * 1024;
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/ws", get(ws))
+        .nest("/api/v1", crate::api::router())
         .route(
             "/join",
             post(join)
@@ -239,12 +241,12 @@ async fn cors(req: Request, next: Next) -> Response {
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, GET, OPTIONS"),
+        HeaderValue::from_static("POST, GET, PATCH, OPTIONS"),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static(
-            "Content-Type, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec, X-Encrypted, X-Owner-Pubkey, X-File-Keys, X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature",
+            "Content-Type, Authorization, X-Mesh-Id, X-Member-Id, X-File-Name, X-Tags, X-Persistent, X-Target-Spec, X-Encrypted, X-Owner-Pubkey, X-File-Keys, X-Meshd-Pubkey, X-Meshd-Timestamp, X-Meshd-Signature",
         ),
     );
     resp
@@ -472,6 +474,30 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> Response {
                 );
                 if let Some(fed) = &ctx.fed {
                     fed.member_changed(&hub, &pubkey_hex);
+                }
+            }
+            // Every new member reads #general, as the reference's invite claim does.
+            if let Ok(Some(hub)) = ctx.hub.mesh(&ctx.db, &mesh.id).await {
+                let now = now_ms();
+                let general = crate::features::topics::ensure_general(&ctx, &hub, now).await;
+                let subscribed = match general {
+                    Ok(g) => {
+                        crate::features::topics::subscribe(
+                            &ctx,
+                            &hub,
+                            &g.id,
+                            &member_id,
+                            &pubkey_hex,
+                            meshd_protocol::topics::TopicRole::Member,
+                            false,
+                            now,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = subscribed {
+                    warn!(cause = %e, "join: subscribing to #general");
                 }
             }
             (

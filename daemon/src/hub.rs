@@ -45,6 +45,9 @@ use crate::store::{Db, MemberRow, MeshRow, StoreError};
 
 mod bridged;
 mod spatial;
+pub(crate) mod topics;
+
+use meshd_protocol::topics::TopicRole;
 
 /// Process-local connection number (also the lease owner in the store).
 pub(crate) type ConnId = u64;
@@ -491,6 +494,8 @@ struct MeshInner {
     /// grace the session may come back (see `resolve_direct_key`). Pruned as it grows
     /// (an entry older than the grace changes nothing).
     departed: HashMap<String, i64>,
+    /// Topics, their subscribers and listeners (`features::topics`).
+    topics: topics::TopicBook,
 }
 
 impl MeshInner {
@@ -1455,7 +1460,25 @@ impl MeshHub {
         }))
     }
 
-    /// Members hosted here, for announcements to peer brokers.
+    /// Every member (revoked ones too, wherever hosted): (key, member).
+    pub(crate) fn all_members(&self) -> Vec<(String, MemberInfo)> {
+        self.inner()
+            .members
+            .iter()
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect()
+    }
+
+    /// Every member (revoked ones too) by member id: (key, member).
+    pub(crate) fn members_by_id(&self) -> HashMap<String, (String, MemberInfo)> {
+        self.inner()
+            .members
+            .iter()
+            .map(|(k, m)| (m.id.clone(), (k.clone(), m.clone())))
+            .collect()
+    }
+
+    /// Members hosted here, for announcements to peer brokers: (key, member).
     pub(crate) fn local_members(&self) -> Vec<(String, MemberInfo)> {
         self.inner()
             .members
@@ -1754,6 +1777,14 @@ async fn load_mesh(db: &Db, mesh_id: &str) -> Result<Option<Arc<MeshHub>>, Store
                 member_id: s.updated_by_member,
             },
         );
+    }
+    for t in db.topic_rows(mesh_id).await? {
+        inner.topics.put(t.into());
+    }
+    for m in db.topic_memberships(mesh_id).await? {
+        if let Some(t) = inner.topics.by_id_mut(&m.topic_id) {
+            t.members.insert(m.member_id, TopicRole::parse(&m.role));
+        }
     }
     Ok(Some(Arc::new(MeshHub {
         row,

@@ -8,6 +8,7 @@
 //! Entry points for binaries: [`cli::main`]. Library users (the test harness): [`Daemon`].
 
 pub mod admin;
+mod api;
 pub mod cli;
 mod delivery;
 pub mod features;

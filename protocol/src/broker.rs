@@ -116,6 +116,12 @@ pub enum BrokerFrame {
     /// Vault replies.
     #[serde(untagged)]
     Vault(crate::vault::Reply),
+    /// API key replies.
+    #[serde(untagged)]
+    ApiKey(crate::apikeys::Reply),
+    /// Topic replies.
+    #[serde(untagged)]
+    Topic(crate::topics::Reply),
 }
 
 /// meshd extension: where a bridged peer, or a message relayed by a bridge, comes
@@ -295,6 +301,24 @@ pub struct Push {
     /// meshd extension: the mesh a bridged sender or relayed message comes from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridged: Option<Bridged>,
+    /// A topic post's fields (boxed: most pushes are not topic posts).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<Box<TopicPush>>,
+}
+
+/// The fields a topic post's push adds.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicPush {
+    /// HEAD: the topic's name.
+    pub topic: String,
+    /// meshd: the topic's id (`#<topicId>` targets it).
+    pub topic_id: String,
+    /// HEAD: the message answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to_id: Option<String>,
+    /// meshd: 1 (base64 plaintext) or 2 (sealed with the topic key).
+    pub body_version: i64,
 }
 
 /// `peers_list`.
@@ -1011,6 +1035,7 @@ mod tests {
             client_message_id: None,
             tags: Vec::new(),
             bridged: None,
+            topic: None,
         });
         let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
         assert_eq!(v["type"], "push");

@@ -327,6 +327,10 @@ pub enum ClientFrame {
     Moderation(crate::moderation::Request),
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
+    /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
+    ApiKey(crate::apikeys::Request),
+    /// The seven `topic_*` frames (HEAD §1.2).
+    Topic(crate::topics::Request),
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -391,7 +395,9 @@ impl ClientFrame {
             | Self::PeerFileRequest { .. }
             | Self::PeerDirRequest { .. }
             | Self::Moderation(_)
-            | Self::Vault(_) => true,
+            | Self::Vault(_)
+            | Self::ApiKey(_) => true,
+            Self::Topic(r) => r.answered(),
             Self::McpUnregister { .. } | Self::McpCallResponse(_) => false,
             // Answered with an `ack` the CLI does not wait for.
             Self::DeleteFile { .. } => false,
@@ -531,6 +537,15 @@ pub struct Send {
     /// broker, which answers a bad list with an `ack` error like any bad `send`.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// HEAD, topic posts: lowercased display names mentioned (without `@`).
+    #[serde(default)]
+    pub mentions: Option<Vec<String>>,
+    /// HEAD, topic posts: the topic message this one answers.
+    #[serde(default)]
+    pub reply_to_id: Option<String>,
+    /// HEAD, topic posts: 1 = base64 plaintext, 2 = sealed with the topic key.
+    #[serde(default)]
+    pub body_version: Option<i64>,
 }
 
 /// A group membership, `{name, role?}`. Roles are free text the broker never interprets.
@@ -1054,6 +1069,13 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "kick" | "disconnect" | "ban" | "unban" | "list_bans" => {
             ClientFrame::Moderation(crate::moderation::decode(kind, text)?)
         }
+        "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
+        | "topic_history" | "topic_mark_read" => {
+            ClientFrame::Topic(crate::topics::decode(kind, text)?)
+        }
+        "apikey_create" | "apikey_list" | "apikey_revoke" => {
+            ClientFrame::ApiKey(crate::apikeys::decode(kind, text)?)
+        }
         "vault_set" | "vault_list" | "vault_get" | "vault_delete" => {
             ClientFrame::Vault(crate::vault::decode(kind, text)?)
         }
@@ -1554,6 +1576,16 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("vault_list", true),
     ("vault_get", true),
     ("vault_delete", true),
+    ("apikey_create", true),
+    ("apikey_list", true),
+    ("apikey_revoke", true),
+    ("topic_create", true),
+    ("topic_list", true),
+    ("topic_join", false),
+    ("topic_leave", false),
+    ("topic_members", true),
+    ("topic_history", true),
+    ("topic_mark_read", false),
 ];
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub const ALPN: &[u8] = b"meshd-fed/1";
 /// feature frames (tasks, clock, files, MCP servers sent in parts, …). 3: tags on
 /// messages and presence, link policies (`RejectReason::Policy`, `MulticastRefused`),
 /// positions in presence, bridges (`Bridges`, `BridgeRelay`, `BridgePeers`, `Dm.bridged`).
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Default UDP port of the federation endpoint (DNS A/AAAA fallback).
 pub const DEFAULT_PORT: u16 = 7901;
 /// Bytes of the length prefix.
@@ -217,6 +217,96 @@ pub struct BridgeRelay {
     pub path: Vec<(String, String)>,
     /// The message as delivered there (its `mesh_id` is the sender's mesh).
     pub message: Multicast,
+}
+
+/// A topic (created here, or its key flag set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Topic id (derived from the mesh and the name: the same on every broker).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// `public`, `private` or `dm`.
+    pub visibility: String,
+    /// Creator's member id.
+    pub created_by: Option<String>,
+    /// The key flag.
+    pub encrypted_key_pubkey: Option<String>,
+    /// Creation (ms).
+    pub created_at: i64,
+}
+
+/// A member subscribed to (or left) a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMemberSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Topic id.
+    pub topic_id: String,
+    /// Member id.
+    pub member_id: String,
+    /// Its key (hosted by the sending broker).
+    pub member_pubkey: String,
+    /// `lead`, `member` or `observer`.
+    pub role: String,
+    /// Subscribed (`false`: left).
+    pub joined: bool,
+    /// When (ms).
+    pub at: i64,
+}
+
+/// A topic key sealed for a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSealSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Topic id.
+    pub topic_id: String,
+    /// The member it is for.
+    pub member_id: String,
+    /// The sealed key, base64.
+    pub encrypted_key: String,
+    /// Nonce, base64.
+    pub nonce: String,
+    /// The member key it was sealed to.
+    pub sealed_for: String,
+    /// When (ms).
+    pub at: i64,
+}
+
+/// A topic post by a member the sender hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPostSet {
+    /// Mesh id.
+    pub mesh_id: String,
+    /// Topic message id (the same on every broker).
+    pub id: String,
+    /// Topic id.
+    pub topic_id: String,
+    /// Sender member id.
+    pub sender_member_id: String,
+    /// Its key.
+    pub sender_member_pubkey: String,
+    /// The sending session's key.
+    pub sender_session_pubkey: Option<String>,
+    /// Sender display name.
+    pub sender_name: String,
+    /// Nonce, base64.
+    pub nonce: String,
+    /// Body, base64.
+    pub ciphertext: String,
+    /// 1 or 2.
+    pub body_version: i64,
+    /// Answered message.
+    pub reply_to_id: Option<String>,
+    /// Mention tokens (lowercased names).
+    pub mentions: Vec<String>,
+    /// When (ms).
+    pub created_at: i64,
 }
 
 /// A remembered note.
@@ -887,6 +977,14 @@ pub enum Frame {
         /// Which rule refused it (a short label, e.g. `kind:broadcast`, `tag:secret`).
         reason: String,
     },
+    /// Live: a topic of the mesh.
+    Topic(Box<TopicSet>),
+    /// Live: a subscription changed.
+    TopicMember(Box<TopicMemberSet>),
+    /// Live: a topic key sealed for a member.
+    TopicSeal(Box<TopicSealSet>),
+    /// Live: a topic post (applied once, by id).
+    TopicPost(Box<TopicPostSet>),
 }
 
 impl Frame {
@@ -926,6 +1024,8 @@ impl Frame {
                     .collect(),
             ),
             Self::FileUrlAsk(a) => (&a.mesh_id, vec![a.member_pubkey.as_str()]),
+            Self::TopicPost(p) => (&p.mesh_id, vec![p.sender_member_pubkey.as_str()]),
+            Self::TopicMember(m) => (&m.mesh_id, vec![m.member_pubkey.as_str()]),
             _ => return None,
         };
         let keys: Vec<&str> = keys.into_iter().filter(|k| !k.is_empty()).collect();
@@ -970,7 +1070,11 @@ impl Frame {
             | Self::FileUrlAsk(_)
             | Self::FileUrlAnswer(_)
             | Self::MulticastRefused { .. }
-            | Self::BridgeRelay(_) => {
+            | Self::BridgeRelay(_)
+            | Self::Topic(_)
+            | Self::TopicMember(_)
+            | Self::TopicSeal(_)
+            | Self::TopicPost(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -1010,6 +1114,10 @@ impl Frame {
             Self::FileUrlAsk(_) => "file_url_ask",
             Self::FileUrlAnswer(_) => "file_url_answer",
             Self::MulticastRefused { .. } => "multicast_refused",
+            Self::Topic(_) => "topic",
+            Self::TopicMember(_) => "topic_member",
+            Self::TopicSeal(_) => "topic_seal",
+            Self::TopicPost(_) => "topic_post",
             Self::Bridges(_) => "bridges",
             Self::BridgeRelay(_) => "bridge_relay",
             Self::BridgePeers { .. } => "bridge_peers",

@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod apikeys;
 pub mod broker;
 pub mod client;
 pub mod fed;
@@ -33,6 +34,7 @@ pub mod spatial;
 pub mod status;
 pub mod tags;
 pub mod time;
+pub mod topics;
 pub mod vault;
 
 pub use keys::{KeyError, Pubkey};

@@ -14,11 +14,11 @@ pub mod faultproxy;
 pub mod fed;
 pub mod postgres;
 
-pub use broker::{Backend, DaemonProcess, TestBroker, http, http_json, run_cli};
+pub use broker::{Backend, DaemonProcess, TestBroker, http, http_json, http_with, run_cli};
 pub use client::{
     Client, HelloOpts, Member, RawWs, hello_frame, now_ms, patience, session_hello_frame, unique_ts,
 };
-pub use crypto::Keypair;
+pub use crypto::{Keypair, x25519_public};
 
 /// Routes `tracing` output to the test writer once (`RUST_LOG` selects, default off).
 pub fn init_tracing() {

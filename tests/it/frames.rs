@@ -16,7 +16,7 @@ async fn unknown_malformed_and_unsupported() -> anyhow::Result<()> {
         (Some("error"), Some("unknown_message_type"))
     );
     // HEAD clients probe with frames meshd does not know and expect exactly this code.
-    let e = a.request(json!({"type": "topic_list"})).await?;
+    let e = a.request(json!({"type": "mcp_catalog"})).await?;
     assert_eq!(e["code"], "unknown_message_type");
 
     // Malformed JSON never closes the socket and gets no (uncorrelatable) reply.
@@ -102,7 +102,7 @@ async fn unknown_frame_without_req_id_gets_silence() -> anyhow::Result<()> {
     // claudemesh clients hand an uncorrelated error to whichever request waits first:
     // an unknown frame without `_reqId` must not be answered.
     a.send(json!({"type": "teleport"})).await?;
-    a.send(json!({"type": "topic_list"})).await?;
+    a.send(json!({"type": "mcp_catalog"})).await?;
     let peers = a.sync().await?;
     assert_eq!(peers["type"], "peers_list");
     assert!(a.ws.backlog().is_empty(), "{:?}", a.ws.backlog());

@@ -28,6 +28,7 @@ macro_rules! both {
     };
 }
 
+mod api;
 mod audit;
 mod bridges;
 mod cli;
@@ -58,5 +59,6 @@ mod state;
 mod streams;
 mod tags;
 mod tasks;
+mod topics;
 mod vault;
 mod webhooks;

@@ -142,7 +142,7 @@ both! {
         let stranger = Keypair::generate().public_hex();
         for (target, needle) in [
             (stranger.as_str(), "no member or session"),
-            ("#general", "#channels"),
+            ("#nope", "topic \"nope\" not found"),
             ("tag:", "invalid tag"),
             ("bob", "resolve names"),
         ] {

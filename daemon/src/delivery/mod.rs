@@ -42,6 +42,8 @@ pub(crate) enum Origin {
     /// A peer broker forwarded it. A stored message carries its position in that
     /// broker's outbox, recorded with the row so a resend is recognised after any crash.
     Peer { broker: Arc<str>, seq: Option<i64> },
+    /// The REST API (`crate::api`), for a key's member.
+    Api,
     /// A bridge relayed it from another mesh of this broker (`features::bridges`):
     /// delivered live here and relayed on, never forwarded to peer brokers (its sender
     /// is no member of this mesh).
@@ -124,6 +126,8 @@ pub(crate) struct Envelope {
     /// Set when the sender is in another mesh: a DM to a bridged peer, a relayed
     /// multicast (with its path).
     pub(crate) bridged: Option<meshd_protocol::broker::Bridged>,
+    /// A topic post's fields (`#` targets; `features::topics`).
+    pub(crate) topic: Option<Box<crate::features::topics::PostFields>>,
 }
 
 impl Envelope {
@@ -160,6 +164,7 @@ impl Envelope {
             origin,
             tags,
             bridged: None,
+            topic: None,
         }
     }
 
@@ -201,6 +206,9 @@ pub(crate) enum Refused {
     UnknownRecipient(String),
     #[error("the recipient was removed from this mesh")]
     RevokedRecipient,
+    /// A `#` target that is no topic of the sender's mesh.
+    #[error("topic {0:?} not found in this mesh")]
+    UnknownTopic(String),
     /// The recipient lives on a broker this mesh is not shared with; for a message from
     /// a peer, any recipient not hosted here (a broker never forwards what it was
     /// forwarded).
@@ -223,6 +231,7 @@ impl Refused {
             Self::Quota(_) => QuotaExceeded::CODE,
             Self::UnknownRecipient(_) => "unknown_recipient",
             Self::RevokedRecipient => "revoked_recipient",
+            Self::UnknownTopic(_) => "topic_not_found",
             Self::Policy { .. } => "policy_denied",
         }
     }
@@ -232,7 +241,9 @@ impl Refused {
         match self {
             Self::Unroutable(_) | Self::TooLarge { .. } => RejectReason::Invalid,
             Self::Quota(_) => RejectReason::OverQuota,
-            Self::UnknownRecipient(_) | Self::NotHere(_) => RejectReason::UnknownRecipient,
+            Self::UnknownRecipient(_) | Self::NotHere(_) | Self::UnknownTopic(_) => {
+                RejectReason::UnknownRecipient
+            }
             Self::RevokedRecipient => RejectReason::Revoked,
             Self::Policy { .. } => RejectReason::Policy,
         }
@@ -283,6 +294,7 @@ impl Commit {
 /// Where an addressed message goes.
 enum Route {
     Direct(String),
+    Topic(String),
     Multicast(TargetSpec),
     Everyone,
 }
@@ -296,9 +308,7 @@ impl Route {
             Target::Spec(
                 spec @ (TargetSpec::Broadcast | TargetSpec::Group(_) | TargetSpec::Tag(_)),
             ) => Ok(Self::Multicast(spec)),
-            Target::Spec(TargetSpec::Channel(_)) => Err(Refused::Unroutable(
-                "#channels are not supported by this broker".into(),
-            )),
+            Target::Spec(TargetSpec::Channel(t)) => Ok(Self::Topic(t)),
             Target::Spec(TargetSpec::Name(n)) => Err(Refused::Unroutable(format!(
                 "no peer has the key {n:?}: address a member or session key (resolve names with list_peers), @group or *"
             ))),
@@ -322,6 +332,7 @@ pub(crate) fn submit(ctx: &Ctx, mut env: Envelope, now: i64) -> Result<Accepted,
     let target = std::mem::replace(&mut env.target, Target::Everyone);
     let accepted = match Route::of(target)? {
         Route::Direct(key) => direct(ctx, env, key, now)?,
+        Route::Topic(topic) => self::topic(ctx, env, &topic)?,
         Route::Multicast(spec) => multicast(ctx, env, &spec, now)?,
         Route::Everyone => everyone(ctx, env),
     };
@@ -512,6 +523,117 @@ fn multicast(
     })
 }
 
+/// A topic post: pushed live to every connection of every subscribed member (not the
+/// sender's) and every listener, replicated to the mesh's other brokers when it was
+/// posted here, and stored once in the topic's history with its mention notifications.
+fn topic(ctx: &Ctx, mut env: Envelope, topic: &str) -> Result<Accepted, Refused> {
+    use crate::features::topics;
+    let Some(t) = env.mesh.topic(topic) else {
+        return Err(Refused::UnknownTopic(topic.to_owned()));
+    };
+    let (Some(author), Body::Sealed { nonce, ciphertext }) = (env.author.clone(), &env.body) else {
+        return Err(Refused::Unroutable("only members post in topics".into()));
+    };
+    let mut fields = env.topic.take().map(|f| *f).unwrap_or_default();
+    let body_version = fields.body_version.unwrap_or(1);
+    if !(1..=2).contains(&body_version) {
+        return Err(Refused::Unroutable(format!(
+            "bodyVersion {body_version} is not 1 or 2"
+        )));
+    }
+    if env.origin.is_local() {
+        admit(ctx, &env, nonce.len() + ciphertext.len())?;
+    }
+    let tokens = meshd_protocol::topics::mention_tokens(
+        fields.mentions.as_deref(),
+        body_version,
+        ciphertext,
+    );
+    let mentioned = topics::mentioned(&env.mesh, &tokens, &author.member_id);
+    fields.body_version = Some(body_version);
+    fields.topic_id.clone_from(&t.id);
+    fields.topic_name.clone_from(&t.name);
+    fields.mentions = Some(tokens.clone());
+    let post = crate::store::writer::TopicPostWrite {
+        id: env.id.clone(),
+        topic_id: t.id.clone(),
+        mesh_id: env.mesh.row.id.clone(),
+        sender_member_id: author.member_id.clone(),
+        sender_member_pubkey: author.member_pubkey.clone(),
+        sender_session_pubkey: (env.sender_pubkey != author.member_pubkey)
+            .then(|| env.sender_pubkey.clone()),
+        sender_name: author.name.clone(),
+        nonce: nonce.clone(),
+        ciphertext: ciphertext.clone(),
+        body_version,
+        reply_to_id: fields.reply_to_id.clone().filter(|r| r.len() <= 128),
+        created_at: env.created_at,
+        origin_broker: match &env.origin {
+            Origin::Peer { broker, .. } => Some(broker.to_string()),
+            _ => None,
+        },
+        mentions: mentioned
+            .into_iter()
+            .map(|m| (crate::ids::random_id(), m))
+            .collect(),
+    };
+    env.topic = Some(Box::new(fields));
+    let view = Arc::new(crate::hub::topics::PostView {
+        id: post.id.clone(),
+        topic: t.name.clone(),
+        topic_id: t.id.clone(),
+        sender_member_id: post.sender_member_id.clone(),
+        sender_pubkey: post.sender_member_pubkey.clone(),
+        sender_name: post.sender_name.clone(),
+        nonce: post.nonce.clone(),
+        ciphertext: post.ciphertext.clone(),
+        body_version,
+        reply_to_id: post.reply_to_id.clone(),
+        created_at: meshd_protocol::time::iso8601_ms(post.created_at),
+    });
+    let frame = env.frame();
+    let (delivered, dropped) = env
+        .mesh
+        .topic_fan_out(&t.id, &author.member_id, &frame, &view);
+    ctx.metrics
+        .multicast_deliveries
+        .fetch_add(delivered as u64, Ordering::Relaxed);
+    ctx.metrics
+        .fanout_dropped
+        .fetch_add(dropped as u64, Ordering::Relaxed);
+    if env.origin.is_local()
+        && let Some(fed) = &ctx.fed
+    {
+        fed.topic_posted(meshd_protocol::fed::TopicPostSet {
+            mesh_id: post.mesh_id.clone(),
+            id: post.id.clone(),
+            topic_id: post.topic_id.clone(),
+            sender_member_id: post.sender_member_id.clone(),
+            sender_member_pubkey: post.sender_member_pubkey.clone(),
+            sender_session_pubkey: post.sender_session_pubkey.clone(),
+            sender_name: post.sender_name.clone(),
+            nonce: post.nonce.clone(),
+            ciphertext: post.ciphertext.clone(),
+            body_version,
+            reply_to_id: post.reply_to_id.clone(),
+            mentions: tokens,
+            created_at: post.created_at,
+        });
+    }
+    sent(ctx, &env);
+    let (reply, rx) = oneshot::channel();
+    let op = Op::Store(crate::store::writer::WriteOp::TopicPost {
+        post: Box::new(post),
+        reply,
+    });
+    Ok(Accepted {
+        message_id: env.id,
+        write: Some((op, Commit { rx, forward: None })),
+        delivered,
+        live: true,
+    })
+}
+
 /// An event to every live connection (webhooks): live only, forwarded to every peer
 /// broker the mesh flows to when it started here.
 fn everyone(ctx: &Ctx, mut env: Envelope) -> Accepted {
@@ -629,11 +751,10 @@ mod tests {
         assert!(matches!(parse("tag:ops"), Ok(Route::Multicast(_))));
         let key = "a".repeat(64);
         assert!(matches!(parse(&key), Ok(Route::Direct(k)) if k == key));
-        for refused in ["#general", "alice"] {
-            let e = parse(refused).err().unwrap();
-            assert_eq!(e.code(), "unroutable_target", "{refused}");
-            assert_eq!(e.reject_reason(), RejectReason::Invalid);
-        }
+        assert!(matches!(parse("#general"), Ok(Route::Topic(t)) if t == "general"));
+        let e = parse("alice").err().unwrap();
+        assert_eq!(e.code(), "unroutable_target");
+        assert_eq!(e.reject_reason(), RejectReason::Invalid);
         assert!(matches!(Route::of(Target::Everyone), Ok(Route::Everyone)));
     }
 }

@@ -52,6 +52,7 @@ fn frame(
     client_message_id: Option<String>,
     tags: Vec<String>,
     bridged: Option<meshd_protocol::broker::Bridged>,
+    topic: Option<&crate::features::topics::PostFields>,
 ) -> Utf8Bytes {
     let (event, event_data) = event.map_or((None, None), |(e, d)| (Some(e), Some(d)));
     let push = BrokerFrame::Push(Push {
@@ -71,6 +72,14 @@ fn frame(
         client_message_id,
         tags,
         bridged,
+        topic: topic.map(|t| {
+            Box::new(meshd_protocol::broker::TopicPush {
+                topic: t.topic_name.clone(),
+                topic_id: t.topic_id.clone(),
+                reply_to_id: t.reply_to_id.clone(),
+                body_version: t.body_version.unwrap_or(1),
+            })
+        }),
     });
     let text = Utf8Bytes::from(push.to_json());
     if let BrokerFrame::Push(p) = push {
@@ -114,6 +123,7 @@ impl Envelope {
             self.client_message_id.clone(),
             self.tags.clone(),
             self.bridged.clone(),
+            self.topic.as_deref(),
         )
     }
 }
@@ -143,6 +153,7 @@ pub(crate) fn stored(mesh_id: &str, mut row: ClaimedRow) -> Utf8Bytes {
         row.bridged
             .as_deref()
             .and_then(|b| serde_json::from_str(b).ok()),
+        None,
     )
 }
 
@@ -172,6 +183,7 @@ pub(crate) fn system(
         Some((Cow::Borrowed(event), data)),
         None,
         Vec::new(),
+        None,
         None,
     )
 }

@@ -323,6 +323,7 @@ pub(crate) fn relay(ctx: &Ctx, env: &Envelope, spec: &TargetSpec, now: i64) {
                 path: path.clone(),
                 ..from_mesh(&env.mesh)
             }),
+            topic: None,
         };
         match delivery::submit(ctx, relayed, now) {
             Ok(a) => {

@@ -117,6 +117,12 @@ impl Session {
             origin: Origin::Client { conn: self.conn },
             tags,
             bridged: None,
+            topic: Some(Box::new(crate::features::topics::PostFields {
+                reply_to_id: send.reply_to_id,
+                body_version: send.body_version,
+                mentions: send.mentions,
+                ..Default::default()
+            })),
         };
         let accepted = match delivery::submit(&self.ctx, envelope, now) {
             Ok(a) => a,

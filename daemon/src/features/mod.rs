@@ -4,6 +4,7 @@
 //! peer broker's frames are applied, its part of a link's catch-up, and how its changes
 //! are sent (`impl Fed`). `crate::fed` and the session's dispatch only name them.
 
+pub mod apikeys;
 pub mod audit;
 pub mod bridges;
 pub mod clock;
@@ -14,6 +15,7 @@ pub mod memory;
 pub mod mesh_info;
 pub mod messages;
 pub mod moderation;
+pub mod people;
 pub mod presence;
 pub mod relay;
 pub mod schedule;
@@ -23,5 +25,6 @@ pub mod state;
 pub mod streams;
 pub mod tags;
 pub mod tasks;
+pub mod topics;
 pub mod vault;
 pub mod webhooks;

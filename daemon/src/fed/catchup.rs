@@ -103,7 +103,8 @@ pub(crate) async fn catch_up(ctx: &Ctx, link: &LinkShared, hub: &MeshHub) {
         && skills::catch_up(&c).await
         && contexts::catch_up(&c).await
         && memory::catch_up(&c).await
-        && tasks::catch_up(&c).await;
+        && tasks::catch_up(&c).await
+        && crate::features::topics::catch_up(&c).await;
 }
 
 /// When the live catch-up is sent a second time after a link comes up.

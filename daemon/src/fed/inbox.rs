@@ -336,6 +336,7 @@ impl Fed {
             },
             tags,
             bridged,
+            topic: None,
         };
         let accepted = delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
         let Some((op, commit)) = accepted.write else {

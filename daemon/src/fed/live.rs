@@ -49,6 +49,7 @@ pub(crate) async fn deliver_event(
         },
         tags: Vec::new(),
         bridged: None,
+        topic: None,
     };
     delivery::submit(ctx, envelope, now_ms()).map_err(|e| e.reject_reason())?;
     Ok(())
@@ -282,6 +283,30 @@ impl Fed {
             }
             Frame::Skill(s) => {
                 if let Err(reason) = apply_skill(ctx, link, *s).await {
+                    count_refused(ctx, link, reason, 1);
+                }
+            }
+            Frame::Topic(t) => {
+                if let Err(reason) = crate::features::topics::apply_topic(ctx, link, *t).await {
+                    count_refused(ctx, link, reason, 1);
+                }
+            }
+            Frame::TopicMember(m) => {
+                if let Err(reason) =
+                    crate::features::topics::apply_topic_member(ctx, link, *m).await
+                {
+                    count_refused(ctx, link, reason, 1);
+                }
+            }
+            Frame::TopicSeal(sl) => {
+                if let Err(reason) = crate::features::topics::apply_topic_seal(ctx, link, *sl).await
+                {
+                    count_refused(ctx, link, reason, 1);
+                }
+            }
+            Frame::TopicPost(p) => {
+                if let Err(reason) = crate::features::topics::apply_topic_post(ctx, link, *p).await
+                {
                     count_refused(ctx, link, reason, 1);
                 }
             }

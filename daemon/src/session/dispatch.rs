@@ -116,6 +116,11 @@ impl Session {
                 None
             }
             ClientFrame::Moderation(request) => self.on_moderation(request, req_id, now),
+            ClientFrame::Topic(request) => self.on_topic(request, req_id, now),
+            ClientFrame::ApiKey(request) => {
+                self.queue_apikey(request, req_id, now);
+                None
+            }
             ClientFrame::Vault(request) => {
                 self.queue_vault(request, req_id, now);
                 None

@@ -144,6 +144,29 @@ pub(crate) enum JoinOutcome {
     Refused(&'static str),
 }
 
+/// A topic post: its history row and its mention notifications. Inserted once: a
+/// post sent again (a peer broker's catch-up) changes nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicPostWrite {
+    pub(crate) id: String,
+    pub(crate) topic_id: String,
+    pub(crate) mesh_id: String,
+    pub(crate) sender_member_id: String,
+    pub(crate) sender_member_pubkey: String,
+    pub(crate) sender_session_pubkey: Option<String>,
+    pub(crate) sender_name: String,
+    pub(crate) nonce: String,
+    pub(crate) ciphertext: String,
+    pub(crate) body_version: i64,
+    /// Kept only if it names a message of the same topic.
+    pub(crate) reply_to_id: Option<String>,
+    pub(crate) created_at: i64,
+    /// The peer broker it came from (`None`: posted here).
+    pub(crate) origin_broker: Option<String>,
+    /// `(notification id, recipient member id)` of each mention.
+    pub(crate) mentions: Vec<(String, String)>,
+}
+
 /// One saved "welcome back" record.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerStateWrite {
@@ -214,6 +237,11 @@ pub(crate) enum WriteOp {
     },
     /// Save a member's session state.
     SavePeerState(Box<PeerStateWrite>),
+    /// Store a topic post (`features::topics`).
+    TopicPost {
+        post: Box<TopicPostWrite>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// `/join`.
     Join(Box<JoinOp>),
     /// Delete expired and old delivered messages.
@@ -665,6 +693,9 @@ impl Plan {
                 WriteOp::Sweep { reply, .. } => {
                     let _ = reply.send(Err(err()));
                 }
+                WriteOp::TopicPost { reply, .. } => {
+                    let _ = reply.send(Err(err()));
+                }
                 _ => {}
             }
         }
@@ -846,6 +877,15 @@ const BIND_SQL: &str = "INSERT INTO session_key (mesh_id, pubkey, member_id, fir
 const SET_STATE_SQL: &str = "INSERT INTO state (mesh_id, key, value, updated_by, updated_at, updated_by_member) VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (mesh_id, key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by, \
        updated_at = excluded.updated_at, updated_by_member = excluded.updated_by_member";
+
+const TOPIC_POST_SQL: &str = "INSERT INTO topic_message (id, topic_id, mesh_id, sender_member_id, sender_member_pubkey, \
+       sender_session_pubkey, sender_name, nonce, ciphertext, body_version, reply_to_id, created_at, origin_broker) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT id FROM topic_message WHERE id = $11 AND topic_id = $2), $12, $13) \
+     ON CONFLICT (id) DO NOTHING";
+
+const NOTIFICATION_SQL: &str = "INSERT INTO notification (id, mesh_id, topic_id, message_id, recipient_member_id, \
+       sender_member_id, kind, created_at, read_at) VALUES ($1, $2, $3, $4, $5, $6, 'mention', $7, NULL) \
+     ON CONFLICT (message_id, recipient_member_id) DO NOTHING";
 
 const PEER_STATE_SQL: &str = "INSERT INTO peer_state (mesh_id, member_id, groups, profile, visible, last_summary, \
        last_display_name, stats, last_seen_at, created_at, updated_at, tags) \
@@ -1124,6 +1164,36 @@ macro_rules! executor {
                                 .await?;
                         }
                     }
+                    WriteOp::TopicPost { post: t, .. } => {
+                        sqlx::query(TOPIC_POST_SQL)
+                            .bind(&t.id)
+                            .bind(&t.topic_id)
+                            .bind(&t.mesh_id)
+                            .bind(&t.sender_member_id)
+                            .bind(&t.sender_member_pubkey)
+                            .bind(&t.sender_session_pubkey)
+                            .bind(&t.sender_name)
+                            .bind(&t.nonce)
+                            .bind(&t.ciphertext)
+                            .bind(t.body_version)
+                            .bind(&t.reply_to_id)
+                            .bind(t.created_at)
+                            .bind(&t.origin_broker)
+                            .execute(&mut *tx)
+                            .await?;
+                        for (id, recipient) in &t.mentions {
+                            sqlx::query(NOTIFICATION_SQL)
+                                .bind(id)
+                                .bind(&t.mesh_id)
+                                .bind(&t.topic_id)
+                                .bind(&t.id)
+                                .bind(recipient)
+                                .bind(&t.sender_member_id)
+                                .bind(t.created_at)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
                     WriteOp::SetState {
                         mesh_id,
                         key,
@@ -1341,6 +1411,13 @@ macro_rules! executor {
             for i in flushes {
                 if let Some(WriteOp::Flush(reply)) = misc[i].take() {
                     done.flushes.push(reply);
+                }
+            }
+            for op in &mut misc {
+                if matches!(op, Some(WriteOp::TopicPost { .. }))
+                    && let Some(WriteOp::TopicPost { reply, .. }) = op.take()
+                {
+                    done.unit.push(reply);
                 }
             }
             plan.leases.clear();

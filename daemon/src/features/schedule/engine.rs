@@ -215,6 +215,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
         origin: Origin::Schedule { id: row.id },
         tags,
         bridged: None,
+        topic: None,
     };
     let accepted = match delivery::submit(ctx, envelope, now) {
         Ok(a) => a,
@@ -228,6 +229,7 @@ async fn fire(ctx: &Ctx, row: ScheduleRow, now: i64) -> Result<Fired, StoreError
                 Refused::Unroutable(_) => "its target is not routable",
                 Refused::TooLarge { .. } => "its text is larger than a message may be",
                 Refused::Policy { .. } => "the link policy for its recipient's broker refuses it",
+                Refused::UnknownTopic(_) => "its topic does not exist",
             }));
         }
     };
