@@ -801,6 +801,27 @@ async fn member_named(db: &Db, m: &MeshRow, who: &str) -> Result<MemberRow, Admi
     }
 }
 
+/// `meshd member link`: links a member (id, key or name) to a named person. Returns
+/// the member id.
+///
+/// # Errors
+/// [`AdminError`].
+pub async fn link_member(
+    db: &Db,
+    slug: &str,
+    who: &str,
+    person: &str,
+) -> Result<String, AdminError> {
+    let person = person.trim();
+    if person.is_empty() || person.len() > 256 {
+        return Err(AdminError::Invalid("a person's name is 1-256 bytes".into()));
+    }
+    let m = mesh(db, slug).await?;
+    let member = member_named(db, &m, who).await?;
+    db.link_person(&member.id, person).await?;
+    Ok(member.id)
+}
+
 /// `meshd apikey create`: an operator mints a key, acting as `member` (id, key or
 /// name; any capability) or unattached (the routes that need a member refuse it).
 ///

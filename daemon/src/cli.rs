@@ -234,6 +234,21 @@ enum MemberCmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Link a member to a named person: the REST API's `/me` views of any of the
+    /// person's members span all of them (members enrolled with the same key are
+    /// linked already).
+    Link {
+        /// Mesh slug.
+        #[arg(long, value_name = "SLUG")]
+        mesh: String,
+        /// Member id, key or display name.
+        member: String,
+        /// The person's name (any text; the same name links members).
+        #[arg(long, value_name = "NAME")]
+        person: String,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Revoke a member: its connections are closed and it can no longer connect.
     Revoke {
         /// Mesh slug.
@@ -1339,6 +1354,19 @@ async fn member(config: Config, cmd: MemberCmd) -> anyhow::Result<()> {
                 }
                 s
             })
+        }
+        MemberCmd::Link {
+            mesh,
+            member,
+            person,
+            out,
+        } => {
+            let m = admin::link_member(&db, &mesh, &member, &person).await?;
+            print(
+                out.json,
+                &serde_json::json!({"memberId": m, "person": person}),
+                |_| format!("member {m} is now {person:?}"),
+            )
         }
         MemberCmd::Revoke { mesh, member, out } => {
             let m = admin::revoke_member(&db, &mesh, &member).await?;

@@ -301,6 +301,24 @@ async fn operator_keys() -> anyhow::Result<()> {
             .len(),
         2
     );
+    // Linked to a person, the member's /me views span its other mesh.
+    let mesh2 = broker.create_mesh("ops-two").await?;
+    let _ann2 = broker.enroll(&mesh2, "ann-two").await?;
+    meshd::admin::link_member(&broker.db, &mesh.slug, "ann", "Ann Example").await?;
+    meshd::admin::link_member(&broker.db, &mesh2.slug, "ann-two", "Ann Example").await?;
+    let (_, v) = rest(
+        broker.addr,
+        "GET",
+        "/api/v1/me/workspace",
+        Some(&k.secret),
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (v["userId"].as_str(), v["totals"]["meshes"].as_u64()),
+        (Some("Ann Example"), Some(2)),
+        "{v}"
+    );
     meshd::admin::revoke_api_key(&broker.db, &mesh.slug, &k.key.id).await?;
     let (s, _) = rest(broker.addr, "GET", "/api/v1/topics", Some(&k.secret), None).await?;
     assert_eq!(s, 401);

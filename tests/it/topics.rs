@@ -126,3 +126,107 @@ both! {
         Ok(())
     }
 }
+
+/// Across federated brokers.
+mod across_brokers {
+    use meshd_tests::fed;
+    use serde_json::json;
+
+    use super::{expect_post, post, text_of};
+    use crate::federation::*;
+
+    /// A topic of a shared mesh spans its brokers: created on A it appears on B, a
+    /// subscriber on B gets A's posts live and A gets B's, a post made during a cut
+    /// arrives after the heal, and every post is delivered exactly once (another cut
+    /// and heal, whose catch-up sends the posts again, delivers nothing twice); both
+    /// histories hold every post.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topic_spans_brokers() -> anyhow::Result<()> {
+        let mut p = cut_pair().await?;
+        until_known(&mut p.alice, &p.bob).await?;
+        let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+        let made = p
+            .alice
+            .request(json!({"type": "topic_create", "name": "ops"}))
+            .await?;
+        let id = made["topic"]["id"].as_str().unwrap_or_default().to_owned();
+        bob.poll("the topic on B", json!({"type": "topic_list"}), |v| {
+            v["topics"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["id"] == id.as_str()))
+        })
+        .await?;
+        bob.send(json!({"type": "topic_join", "topic": "ops"}))
+            .await?;
+        bob.sync().await?;
+        // A learns of bob's subscription (its topic_members lists him).
+        p.alice
+            .poll(
+                "bob subscribed, seen from A",
+                json!({"type": "topic_members", "topic": "ops"}),
+                |v| {
+                    v["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().any(|m| m["displayName"] == "bob"))
+                },
+            )
+            .await?;
+
+        let ack = p.alice.request(post(&format!("#{id}"), "from A")).await?;
+        assert_eq!(ack["queued"], true, "{ack}");
+        let got = expect_post(&mut bob).await?;
+        assert_eq!(
+            (
+                text_of(&got).as_str(),
+                got["topic"].as_str(),
+                got["senderName"].as_str()
+            ),
+            ("from A", Some("ops"), Some("alice"))
+        );
+        assert_eq!(
+            got["messageId"], ack["messageId"],
+            "the same id on both brokers"
+        );
+        let ack = bob.request(post("#ops", "from B")).await?;
+        assert_eq!(ack["queued"], true, "{ack}");
+        assert_eq!(text_of(&expect_post(&mut p.alice).await?), "from B");
+
+        p.to_a.cut();
+        p.to_b.cut();
+        fed::wait_link(p.a.addr, B, "down", |l| l["state"] != "up").await?;
+        p.alice.request(post("#ops", "during the cut")).await?;
+        p.to_a.heal();
+        p.to_b.heal();
+        assert_eq!(text_of(&expect_post(&mut bob).await?), "during the cut");
+
+        p.to_a.cut();
+        p.to_b.cut();
+        fed::wait_link(p.a.addr, B, "down again", |l| l["state"] != "up").await?;
+        p.to_a.heal();
+        p.to_b.heal();
+        fed::wait_flowing(p.a.addr, B, &p.mesh.mesh_id).await?;
+        // A probe DM after the catch-up: everything resent before it was applied first.
+        p.alice
+            .dm(&p.bob.keys.public_hex(), "probe 2", "now")
+            .await?;
+        let (_, text) = bob.expect_message().await?;
+        assert!(text.starts_with("probe"), "{text}");
+        let (_, text) = bob.expect_message().await?;
+        assert_eq!(text, "probe 2", "no topic post was delivered twice");
+        bob.expect_no_messages().await?;
+
+        for c in [&mut p.alice, &mut bob] {
+            let hist = c
+                .request(json!({"type": "topic_history", "topic": "ops"}))
+                .await?;
+            let texts: Vec<String> = hist["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text_of)
+                .collect();
+            assert_eq!(texts, ["during the cut", "from B", "from A"], "{hist}");
+        }
+        Ok(())
+    }
+}
