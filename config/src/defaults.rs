@@ -235,3 +235,6 @@ pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 pub const RECOUNT_INTERVAL: Duration = Duration::from_secs(30);
 /// How often what outlived its retention is purged (each purge is a few short deletes).
 pub const PURGE_INTERVAL: Duration = Duration::from_secs(30 * 60);
+
+/// Watches one member keeps per mesh (`watch.max_per_member`).
+pub const WATCHES_PER_MEMBER: usize = 20;

@@ -74,6 +74,8 @@ struct RawConfig {
     schedule: RawSchedule,
     #[serde(default)]
     quotas: RawQuotas,
+    #[serde(default)]
+    watch: RawWatch,
     /// `None` when the file has no `[federation]` section (and no `MESHD_FEDERATION_*`).
     federation: Option<RawFederation>,
 }
@@ -132,6 +134,13 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawSchedule {
     timezone: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    allow_private: Option<bool>,
+    max_per_member: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -253,6 +262,8 @@ pub const KEYS: &[&str] = &[
     "log.level",
     "log.format",
     "schedule.timezone",
+    "watch.allow_private",
+    "watch.max_per_member",
     "federation.broker",
     "federation.listen",
     "federation.cert",
@@ -338,6 +349,8 @@ pub struct Config {
     pub schedule: Schedule,
     /// What one member, and one mesh, may keep stored.
     pub quotas: Quotas,
+    /// URL watches (`watch` frames).
+    pub watch: Watch,
     /// Links to other organizations' brokers; `None` when `[federation]` is absent.
     pub federation: Option<Federation>,
 }
@@ -467,6 +480,17 @@ pub struct Limits {
     pub max_upload_bytes: usize,
     /// Stored files (live ones, bytes) one mesh may hold.
     pub max_file_bytes_per_mesh: usize,
+}
+
+/// `[watch]`: URLs the broker polls for members (`watch` frames).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// Whether watched URLs may resolve to loopback, private, link-local or other
+    /// non-public addresses (off by default: the broker's own network is not for its
+    /// members to probe).
+    pub allow_private: bool,
+    /// Most watches one member keeps per mesh.
+    pub max_per_member: usize,
 }
 
 /// `[schedule]`.
@@ -1021,6 +1045,19 @@ impl Config {
                 timezone,
             },
             quotas,
+            watch: Watch {
+                allow_private: raw.watch.allow_private.unwrap_or(false),
+                max_per_member: match raw.watch.max_per_member {
+                    Some(0) => {
+                        return Err(invalid(
+                            "watch.max_per_member",
+                            "must be at least 1".to_owned(),
+                        ));
+                    }
+                    Some(n) => n,
+                    None => defaults::WATCHES_PER_MEMBER,
+                },
+            },
             federation,
         })
     }
@@ -1997,6 +2034,8 @@ mod tests {
                 "federation.max_frame_bytes" => "8388608",
                 "federation.reconnect_max" => "20s",
                 "federation.spatial_interest" => "false",
+                "watch.allow_private" => "true",
+                "watch.max_per_member" => "5",
                 "federation.cert" | "federation.key" | "federation.ca" => "/tmp/x.pem",
                 k if k.ends_with("_timeout")
                     || k.ends_with("ttl")

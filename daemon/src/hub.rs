@@ -851,6 +851,17 @@ impl MeshHub {
         }
     }
 
+    /// Queues a frame for every live connection of a member here. Returns how many.
+    pub(crate) fn to_member(&self, member_id: &str, frame: &Utf8Bytes) -> usize {
+        let inner = self.inner();
+        inner
+            .peers
+            .values()
+            .filter(|p| p.member_id == member_id)
+            .map(|p| usize::from(offer(&p.shared, Outbound::Frame(frame.clone()))))
+            .sum()
+    }
+
     pub(crate) fn siblings(&self, member_pubkey: &str, conn: ConnId) -> Vec<Arc<PeerShared>> {
         self.inner()
             .peers

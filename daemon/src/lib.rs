@@ -120,6 +120,8 @@ pub(crate) struct Ctx {
     pub(crate) webhook_sources: std::sync::Mutex<ratelimit::Buckets<std::net::IpAddr>>,
     /// Bridges between meshes in force (`features::bridges`).
     pub(crate) bridges: crate::features::bridges::Bridges,
+    /// URL watches in force (`features::watch`).
+    pub(crate) watches: crate::features::watch::Watches,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -265,6 +267,7 @@ impl Daemon {
             )),
             usage: quota::Snapshot::default(),
             bridges: crate::features::bridges::Bridges::default(),
+            watches: crate::features::watch::Watches::default(),
             usage_book: quota::UsageBook::load(&db).await?,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             pending: server::PendingTable::new(config.limits.max_pending_per_address),
@@ -341,6 +344,10 @@ impl Bound {
             background_cancel.clone(),
         )));
         upkeep.push(background.spawn(mcp::run_store(ctx.clone(), background_cancel.clone())));
+        upkeep.push(background.spawn(crate::features::watch::run(
+            ctx.clone(),
+            background_cancel.clone(),
+        )));
 
         let accept_cancel = CancellationToken::new();
         let app = http::router(ctx.clone());

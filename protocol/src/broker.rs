@@ -122,6 +122,9 @@ pub enum BrokerFrame {
     /// Topic replies.
     #[serde(untagged)]
     Topic(crate::topics::Reply),
+    /// Watch replies.
+    #[serde(untagged)]
+    Watch(crate::watch::Reply),
 }
 
 /// meshd extension: where a bridged peer, or a message relayed by a bridge, comes

@@ -331,6 +331,8 @@ pub enum ClientFrame {
     ApiKey(crate::apikeys::Request),
     /// The seven `topic_*` frames (HEAD §1.2).
     Topic(crate::topics::Request),
+    /// `watch`, `unwatch`, `watch_list` (HEAD §6).
+    Watch(crate::watch::Request),
     /// A claudemesh frame type that meshd recognises but does not serve.
     Unsupported {
         /// The frame type.
@@ -396,7 +398,8 @@ impl ClientFrame {
             | Self::PeerDirRequest { .. }
             | Self::Moderation(_)
             | Self::Vault(_)
-            | Self::ApiKey(_) => true,
+            | Self::ApiKey(_)
+            | Self::Watch(_) => true,
             Self::Topic(r) => r.answered(),
             Self::McpUnregister { .. } | Self::McpCallResponse(_) => false,
             // Answered with an `ack` the CLI does not wait for.
@@ -1073,6 +1076,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
         }
+        "watch" | "unwatch" | "watch_list" => ClientFrame::Watch(crate::watch::decode(kind, text)?),
         "apikey_create" | "apikey_list" | "apikey_revoke" => {
             ClientFrame::ApiKey(crate::apikeys::decode(kind, text)?)
         }
@@ -1586,6 +1590,9 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("topic_members", true),
     ("topic_history", true),
     ("topic_mark_read", false),
+    ("watch", true),
+    ("unwatch", true),
+    ("watch_list", true),
 ];
 
 #[cfg(test)]

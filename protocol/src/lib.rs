@@ -36,6 +36,7 @@ pub mod tags;
 pub mod time;
 pub mod topics;
 pub mod vault;
+pub mod watch;
 
 pub use keys::{KeyError, Pubkey};
 pub use routing::{Priority, Status, TargetSpec};

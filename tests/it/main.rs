@@ -61,4 +61,5 @@ mod tags;
 mod tasks;
 mod topics;
 mod vault;
+mod watch;
 mod webhooks;

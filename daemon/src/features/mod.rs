@@ -27,4 +27,5 @@ pub mod tags;
 pub mod tasks;
 pub mod topics;
 pub mod vault;
+pub mod watch;
 pub mod webhooks;

@@ -77,6 +77,7 @@ pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
             mesh.announce(&frame, 0, None);
         }
     }
+    ctx.watches.remove_member(&m.mesh_id, &m.id);
     if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
         let closed = mesh.revoke(&m.pubkey);
         if m.home_broker.is_none()

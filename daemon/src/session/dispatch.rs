@@ -117,6 +117,10 @@ impl Session {
             }
             ClientFrame::Moderation(request) => self.on_moderation(request, req_id, now),
             ClientFrame::Topic(request) => self.on_topic(request, req_id, now),
+            ClientFrame::Watch(request) => {
+                self.queue_watch(request, req_id, now);
+                None
+            }
             ClientFrame::ApiKey(request) => {
                 self.queue_apikey(request, req_id, now);
                 None
