@@ -17,6 +17,7 @@
 mod me;
 mod openapi;
 mod topics;
+pub(crate) mod ws;
 
 use std::sync::Arc;
 
@@ -346,7 +347,9 @@ pub(crate) const ROUTES: &[Route] = &[
 
 /// The `/api/v1` router.
 pub(crate) fn router() -> Router<Arc<Ctx>> {
-    let mut r = Router::new().route("/openapi.json", get(openapi::document));
+    let mut r = Router::new()
+        .route("/openapi.json", get(openapi::document))
+        .route("/ws", get(ws::upgrade));
     for route in ROUTES {
         let filter = match route.method {
             "POST" => MethodFilter::POST,

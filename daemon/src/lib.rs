@@ -122,6 +122,8 @@ pub(crate) struct Ctx {
     pub(crate) bridges: crate::features::bridges::Bridges,
     /// URL watches in force (`features::watch`).
     pub(crate) watches: crate::features::watch::Watches,
+    /// External API-key WebSocket connections, by key (`api::ws`).
+    pub(crate) external: crate::api::ws::ExternalConns,
     next_conn: AtomicU64,
     started: tokio::time::Instant,
 }
@@ -268,6 +270,7 @@ impl Daemon {
             usage: quota::Snapshot::default(),
             bridges: crate::features::bridges::Bridges::default(),
             watches: crate::features::watch::Watches::default(),
+            external: crate::api::ws::ExternalConns::default(),
             usage_book: quota::UsageBook::load(&db).await?,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             pending: server::PendingTable::new(config.limits.max_pending_per_address),
@@ -550,6 +553,18 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 audited_revocations.retain(|_, at| *at >= revoked_watermark - 60_000);
             }
             Err(e) => warn!(cause = %e, "revocation watch"),
+        }
+        // API keys revoked by `meshd apikey revoke` (another process) close their
+        // external connections.
+        if !ctx.external.keys().is_empty() {
+            match ctx
+                .db
+                .api_keys_revoked_since(revoked_watermark - 10_000)
+                .await
+            {
+                Ok(ids) => ids.iter().for_each(|id| ctx.external.key_revoked(id)),
+                Err(e) => warn!(cause = %e, "api key revocation watch"),
+            }
         }
         ctx.hooks.prune(now, crate::time::instant());
         hub::lock(&ctx.webhook_buckets).prune(crate::time::instant());

@@ -228,10 +228,10 @@ both! {
         let (s, doc) = rest(addr, "GET", "/api/v1/openapi.json", None, None).await?;
         assert_eq!((s, doc["openapi"].as_str()), (200, Some("3.1.0")));
         let paths = doc["paths"].as_object().cloned().unwrap_or_default();
-        assert_eq!(paths.len(), 23, "the 22 routes of the reference's table and the document");
+        assert_eq!(paths.len(), 24, "the 22 routes of the reference's table, the WebSocket and the document");
         for (path, ops) in &paths {
             for method in ops.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
-                if path.ends_with("/stream") {
+                if path.ends_with("/stream") || path.ends_with("/ws") {
                     continue;
                 }
                 let p = path.replace("{name}", "general");
@@ -324,4 +324,194 @@ async fn operator_keys() -> anyhow::Result<()> {
     assert_eq!(s, 401);
     let _ = Keypair::generate();
     Ok(())
+}
+
+mod external {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use meshd_tests::{Backend, TestBroker};
+    use serde_json::{Value, json};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    use super::mint;
+
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn next(ws: &mut Ws) -> anyhow::Result<Value> {
+        loop {
+            let m = tokio::time::timeout(meshd_tests::patience(), ws.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("closed"))??;
+            match m {
+                Message::Text(t) => return Ok(serde_json::from_str(&t)?),
+                Message::Close(c) => return Ok(json!({"closed": c.map(|c| u16::from(c.code))})),
+                _ => {}
+            }
+        }
+    }
+
+    async fn call(ws: &mut Ws, mut f: Value) -> anyhow::Result<Value> {
+        f["_reqId"] = "q".into();
+        ws.send(Message::Text(f.to_string().into())).await?;
+        loop {
+            let v = next(ws).await?;
+            if v["_reqId"] == "q" || v.get("closed").is_some() {
+                return Ok(v);
+            }
+        }
+    }
+
+    async fn open(
+        addr: std::net::SocketAddr,
+        key: &str,
+        header: bool,
+    ) -> anyhow::Result<(Ws, Value)> {
+        let mut req = format!("ws://{addr}/api/v1/ws").into_client_request()?;
+        if header {
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {key}").parse()?);
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        if !header {
+            ws.send(Message::Text(
+                json!({"type": "auth", "apiKey": key}).to_string().into(),
+            ))
+            .await?;
+        }
+        let hello = next(&mut ws).await?;
+        Ok((ws, hello))
+    }
+
+    /// A client holding only an API key: authenticates by header or first frame,
+    /// receives the posts of the topics it subscribes to within its scope, posts and
+    /// sends as its key's member within its capabilities, reaches nothing of another
+    /// mesh, and is closed the moment its key is revoked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn external_websocket() -> anyhow::Result<()> {
+        let broker = TestBroker::start(Backend::Sqlite).await?;
+        let mesh = broker.create_mesh("ext").await?;
+        let other = broker.create_mesh("elsewhere").await?;
+        let ann = broker.enroll(&mesh, "ann").await?;
+        let bot = broker.enroll(&mesh, "bot").await?;
+        let eve = broker.enroll(&other, "eve").await?;
+        let mut a = broker.connect(&ann).await?;
+        let mut b = broker.connect(&bot).await?;
+        let mut e = broker.connect(&eve).await?;
+        a.request(json!({"type": "topic_create", "name": "deploys"}))
+            .await?;
+        let full = mint(&mut b, &["read", "send"], Some(&["deploys"])).await?;
+        let reader = mint(&mut b, &["read"], None).await?;
+        let foreign = mint(&mut e, &["read", "send"], None).await?;
+
+        let (mut x, hello) = open(
+            broker.addr,
+            full["secret"].as_str().unwrap_or_default(),
+            false,
+        )
+        .await?;
+        assert_eq!(
+            (hello["type"].as_str(), hello["member"]["name"].as_str()),
+            (Some("auth_ok"), Some("bot")),
+            "{hello}"
+        );
+        let sub = call(&mut x, json!({"type": "subscribe", "topic": "deploys"})).await?;
+        assert_eq!(sub["type"], "subscribed", "{sub}");
+        let out = call(&mut x, json!({"type": "subscribe", "topic": "general"})).await?;
+        assert_eq!(
+            out["code"], "topic_not_found",
+            "outside the key's scope: {out}"
+        );
+
+        a.request(super::super::topics::post("#deploys", "from ann"))
+            .await?;
+        let got = next(&mut x).await?;
+        assert_eq!(
+            (
+                got["type"].as_str(),
+                got["topic"].as_str(),
+                got["message"]["senderName"].as_str()
+            ),
+            (Some("topic_message"), Some("deploys"), Some("ann")),
+            "{got}"
+        );
+
+        let posted = call(
+            &mut x,
+            json!({"type": "post", "topic": "deploys", "text": "from the bot @ann"}),
+        )
+        .await?;
+        assert_eq!(posted["type"], "posted", "{posted}");
+        let p = super::super::topics::expect_post(&mut a).await?;
+        assert_eq!(
+            (
+                super::super::topics::text_of(&p).as_str(),
+                p["senderName"].as_str()
+            ),
+            ("from the bot @ann", Some("bot"))
+        );
+        let sent = call(
+            &mut x,
+            json!({"type": "send", "to": "*", "text": "hello all"}),
+        )
+        .await?;
+        assert_eq!(sent["type"], "sent", "{sent}");
+        let (_, text) = a.expect_message().await?;
+        assert_eq!(text, "hello all");
+
+        let (mut r, _) = open(
+            broker.addr,
+            reader["secret"].as_str().unwrap_or_default(),
+            true,
+        )
+        .await?;
+        let no = call(
+            &mut r,
+            json!({"type": "post", "topic": "deploys", "text": "x"}),
+        )
+        .await?;
+        assert_eq!(no["code"], "forbidden", "a read key cannot post: {no}");
+        let peers = call(&mut r, json!({"type": "peers"})).await?;
+        assert!(
+            peers["peers"].as_array().is_some_and(|p| p.len() >= 2),
+            "{peers}"
+        );
+
+        let (mut f, _) = open(
+            broker.addr,
+            foreign["secret"].as_str().unwrap_or_default(),
+            true,
+        )
+        .await?;
+        let no = call(&mut f, json!({"type": "subscribe", "topic": "deploys"})).await?;
+        assert_eq!(no["code"], "topic_not_found", "another mesh's topic: {no}");
+
+        let (mut bad, hello) = open(
+            broker.addr,
+            "cm_nothing_nothing_nothing_nothing_nothing1",
+            true,
+        )
+        .await?;
+        assert_eq!(hello["code"], "api_key_invalid");
+        assert_eq!(next(&mut bad).await?["closed"], 4003);
+
+        // An operator's revocation (another process, seen by the daemon's watch) too.
+        meshd::admin::revoke_api_key(
+            &broker.db,
+            &mesh.slug,
+            reader["id"].as_str().unwrap_or_default(),
+        )
+        .await?;
+        let v = next(&mut r).await?;
+        assert_eq!(v["code"], "key_revoked", "{v}");
+        let r = b
+            .request(json!({"type": "apikey_revoke", "id": full["id"]}))
+            .await?;
+        assert_eq!(r["status"], "revoked");
+        let v = next(&mut x).await?;
+        assert_eq!(v["code"], "key_revoked", "{v}");
+        assert_eq!(next(&mut x).await?["closed"], 4003);
+        Ok(())
+    }
 }

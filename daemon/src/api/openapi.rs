@@ -102,6 +102,10 @@ pub(crate) fn build() -> Value {
             .or_insert_with(|| json!({}));
         entry[r.method.to_ascii_lowercase()] = op;
     }
+    paths.insert("/api/v1/ws".into(), json!({"get": {"operationId": "get_ws", "summary":
+        "The external WebSocket for API-key clients (see the README: auth, subscribe, unsubscribe, post, send, peers)",
+        "parameters": [{"name": "Upgrade", "in": "header", "required": true, "schema": {"type": "string", "const": "websocket"}}],
+        "responses": {"101": {"description": "switching protocols"}}}}));
     paths.insert("/api/v1/openapi.json".into(), json!({"get": {"operationId": "get_openapi", "summary": "This document",
         "security": [], "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}}}));
     json!({

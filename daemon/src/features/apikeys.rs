@@ -306,12 +306,15 @@ impl Session {
                         Err(e) => return store_unavailable("apikey", req_id, &e),
                     };
                     match revoke_among(db, &keys, &id, now).await {
-                        Ok(Revoked::Key(id)) => Reply::ApikeyRevokeResponse {
-                            status: "revoked",
-                            id: Some(id),
-                            matches: None,
-                            req_id,
-                        },
+                        Ok(Revoked::Key(id)) => {
+                            ctx.external.key_revoked(&id);
+                            Reply::ApikeyRevokeResponse {
+                                status: "revoked",
+                                id: Some(id),
+                                matches: None,
+                                req_id,
+                            }
+                        }
                         Ok(Revoked::NotFound) => Reply::ApikeyRevokeResponse {
                             status: "not_found",
                             id: None,
