@@ -291,8 +291,8 @@ pub(crate) const ROUTES: &[Route] = &[
     Route {
         method: "POST",
         path: "/topics/{name}/seal",
-        summary: "Store the topic key sealed for a member",
-        capability: Some("send"),
+        summary: "Store the topic key sealed for a member (by a member holding it)",
+        capability: Some("read"),
         scoped: true,
         query: &[],
         body: &[

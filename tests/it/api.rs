@@ -189,6 +189,9 @@ both! {
         crypto_box_easy(&mut boxed, &topic_key, &seal_nonce, &recipient, &ann.keys.x25519_secret()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut sealed = meshd_tests::x25519_public(&ann.keys.public_hex()).ok_or_else(|| anyhow::anyhow!("key"))?.to_vec();
         sealed.extend_from_slice(&boxed);
+        let (s, v) = rest(addr, "POST", "/api/v1/topics/deploys/seal", Some(&bo_key), Some(json!({"memberId": bo_id,
+            "encryptedKey": "eA==", "nonce": "eQ=="}))).await?;
+        assert_eq!((s, v["error"].as_str()), (403, Some("not_a_key_holder")), "only holders seal: {v}");
         let (s, v) = rest(addr, "POST", "/api/v1/topics/deploys/seal", Some(&admin_key), Some(json!({"memberId": bo_id,
             "encryptedKey": STANDARD.encode(&sealed), "nonce": STANDARD.encode(seal_nonce)}))).await?;
         assert_eq!(s, 200, "{v}");
