@@ -387,13 +387,13 @@ mod external {
         Ok((ws, hello))
     }
 
+    both! {
     /// A client holding only an API key: authenticates by header or first frame,
     /// receives the posts of the topics it subscribes to within its scope, posts and
     /// sends as its key's member within its capabilities, reaches nothing of another
     /// mesh, and is closed the moment its key is revoked.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn external_websocket() -> anyhow::Result<()> {
-        let broker = TestBroker::start(Backend::Sqlite).await?;
+    async fn external_websocket(backend: Backend) -> anyhow::Result<()> {
+        let broker = TestBroker::start(backend).await?;
         let mesh = broker.create_mesh("ext").await?;
         let other = broker.create_mesh("elsewhere").await?;
         let ann = broker.enroll(&mesh, "ann").await?;
@@ -427,7 +427,7 @@ mod external {
             "outside the key's scope: {out}"
         );
 
-        a.request(super::super::topics::post("#deploys", "from ann"))
+        a.request(crate::topics::post("#deploys", "from ann"))
             .await?;
         let got = next(&mut x).await?;
         assert_eq!(
@@ -446,10 +446,10 @@ mod external {
         )
         .await?;
         assert_eq!(posted["type"], "posted", "{posted}");
-        let p = super::super::topics::expect_post(&mut a).await?;
+        let p = crate::topics::expect_post(&mut a).await?;
         assert_eq!(
             (
-                super::super::topics::text_of(&p).as_str(),
+                crate::topics::text_of(&p).as_str(),
                 p["senderName"].as_str()
             ),
             ("from the bot @ann", Some("bot"))
@@ -516,5 +516,6 @@ mod external {
         assert_eq!(v["code"], "key_revoked", "{v}");
         assert_eq!(next(&mut x).await?["closed"], 4003);
         Ok(())
+    }
     }
 }
