@@ -540,6 +540,19 @@ pub(crate) async fn caller(
     })
 }
 
+/// [`caller`] for a route on topic `name`: the topic resolved within the key's scope.
+pub(crate) async fn topic_caller(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    path: &str,
+    cap: Capability,
+    name: &str,
+) -> Result<(Caller, TopicInfo), Response> {
+    let c = caller(ctx, headers, path, Some(cap)).await?;
+    let t = c.topic(name)?;
+    Ok((c, t))
+}
+
 /// Parses an optional ISO time query parameter.
 pub(crate) fn parse_iso(s: Option<&str>) -> Result<Option<i64>, ()> {
     match s {

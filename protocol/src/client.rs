@@ -1479,6 +1479,19 @@ fn truncate_utf8(s: &mut String, max: usize) {
     }
 }
 
+/// The error code the reference gives a HEAD-era frame with bad arguments (`None`: the
+/// frame is older, and gets `malformed`).
+pub fn head_invalid_code(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "apikey_create" | "apikey_list" | "apikey_revoke" => "invalid_args",
+        "vault_set" | "vault_list" | "vault_get" | "vault_delete" => "vault_error",
+        "kick" | "disconnect" | "ban" | "unban" | "list_bans" | "watch" | "unwatch"
+        | "watch_list" | "topic_create" | "topic_list" | "topic_join" | "topic_leave"
+        | "topic_members" | "topic_history" | "topic_mark_read" => "invalid",
+        _ => return None,
+    })
+}
+
 /// Frame types meshd knows, and whether the client awaits a reply. Types served by
 /// this build decode into their own variants; the rest become [`ClientFrame::Unsupported`].
 fn lookup_kind(kind: &str) -> Option<(&'static str, bool)> {

@@ -170,9 +170,14 @@ impl ClientMachine {
                     awaits_reply,
                 }) => {
                     if awaits_reply && (req_id.is_some() || id.is_some()) {
-                        let mut e =
-                            ErrorFrame::new("malformed", format!("invalid {kind}: {reason}"))
-                                .with_req_id(req_id);
+                        let mut e = match crate::client::head_invalid_code(kind) {
+                            // HEAD's frames answer with their own codes and bare reasons.
+                            Some(code) => ErrorFrame::new(code, reason),
+                            None => {
+                                ErrorFrame::new("malformed", format!("invalid {kind}: {reason}"))
+                            }
+                        }
+                        .with_req_id(req_id);
                         e.id = id;
                         Verdict::Reply(e)
                     } else {

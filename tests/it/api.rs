@@ -108,7 +108,9 @@ both! {
         let no_admin = mint(&mut o, &["admin"], None).await?;
         assert_eq!((no_admin["type"].as_str(), no_admin["code"].as_str()), (Some("error"), Some("forbidden")), "{no_admin}");
         let bad = mint(&mut o, &["root"], None).await?;
-        assert_eq!(bad["type"], "error");
+        assert_eq!((bad["type"].as_str(), bad["code"].as_str()), (Some("error"), Some("invalid_args")), "{bad}");
+        let nolabel = o.request(json!({"type": "apikey_create", "capabilities": ["read"]})).await?;
+        assert_eq!((nolabel["code"].as_str(), nolabel["message"].as_str()), (Some("invalid_args"), Some("label and at least one capability required")));
         let past = o.request(json!({"type": "apikey_create", "label": "x", "capabilities": ["read"], "expiresAt": "yesterday"})).await?;
         assert_eq!(past["code"], "invalid_args", "{past}");
         let ak = mint(&mut a, &["admin"], None).await?;

@@ -89,6 +89,8 @@ both! {
         let mut bob_daemon = broker.connect(&bob).await?;
         let me = r.request(json!({"type": "ban", "target": "root"})).await?;
         assert_eq!((me["type"].as_str(), me["message"].as_str()), (Some("error"), Some("cannot ban yourself")));
+        let blank = r.request(json!({"type": "ban"})).await?;
+        assert_eq!((blank["code"].as_str(), blank["message"].as_str()), (Some("invalid"), Some("target required")), "{blank}");
         let nobody = r.request(json!({"type": "ban", "target": "zed"})).await?;
         assert_eq!(nobody["code"], "not_found");
         let banned = r.request(json!({"type": "ban", "target": "bob", "reason": "spam"})).await?;

@@ -15,7 +15,7 @@ use meshd_protocol::topics::TopicRole;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Caller, caller, invalid, parse_iso, route_error, store_failed};
+use super::{Caller, caller, invalid, parse_iso, route_error, store_failed, topic_caller};
 use crate::Ctx;
 use crate::delivery::{self, Author, Body as MsgBody, Envelope, Origin, Target};
 use crate::features::topics::store::SealRow;
@@ -226,14 +226,17 @@ pub(crate) async fn mark_read(
     OriginalUri(uri): OriginalUri,
     Path(name): Path<String>,
 ) -> Response {
-    let c = match caller(&ctx, &headers, uri.path(), Some(Capability::Read)).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (topic, issuer) = match (c.topic(&name), c.issuer()) {
-        (Ok(t), Ok(i)) => (t, i.to_owned()),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
+    let (c, topic, issuer) =
+        match topic_caller(&ctx, &headers, uri.path(), Capability::Read, &name).await {
+            Ok((c, t)) => match c.issuer() {
+                Ok(i) => {
+                    let i = i.to_owned();
+                    (c, t, i)
+                }
+                Err(r) => return r,
+            },
+            Err(r) => return r,
+        };
     let now = crate::time::now_ms();
     if !topic.members.contains_key(&issuer) {
         let pk = c.issuer_member().map(|(pk, _)| pk).unwrap_or_default();
@@ -272,12 +275,8 @@ pub(crate) async fn messages(
         Some(Ok(l)) if (1..=meshd_protocol::topics::MAX_PAGE).contains(&l) => l,
         Some(_) => return invalid(path, "limit must be an integer from 1 to 200"),
     };
-    let c = match caller(&ctx, &headers, path, Some(Capability::Read)).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let topic = match c.topic(&name) {
-        Ok(t) => t,
+    let (_, topic) = match topic_caller(&ctx, &headers, path, Capability::Read, &name).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     // An unknown `before` is ignored (the latest page), as the reference does.
@@ -313,12 +312,8 @@ pub(crate) async fn stream(
     OriginalUri(uri): OriginalUri,
     Path(name): Path<String>,
 ) -> Response {
-    let c = match caller(&ctx, &headers, uri.path(), Some(Capability::Read)).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let topic = match c.topic(&name) {
-        Ok(t) => t,
+    let (c, topic) = match topic_caller(&ctx, &headers, uri.path(), Capability::Read, &name).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let (listener, rx) = c.mesh.topic_listen(&topic.id);
@@ -431,14 +426,17 @@ pub(crate) async fn key(
     OriginalUri(uri): OriginalUri,
     Path(name): Path<String>,
 ) -> Response {
-    let c = match caller(&ctx, &headers, uri.path(), Some(Capability::Read)).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (topic, issuer) = match (c.topic(&name), c.issuer()) {
-        (Ok(t), Ok(i)) => (t, i.to_owned()),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
+    let (c, topic, issuer) =
+        match topic_caller(&ctx, &headers, uri.path(), Capability::Read, &name).await {
+            Ok((c, t)) => match c.issuer() {
+                Ok(i) => {
+                    let i = i.to_owned();
+                    (c, t, i)
+                }
+                Err(r) => return r,
+            },
+            Err(r) => return r,
+        };
     let Some(sender) = topic.encrypted_key_pubkey.clone() else {
         return route_error(
             StatusCode::CONFLICT,
@@ -499,13 +497,16 @@ pub(crate) async fn claim_key(
             "encryptedKeyPubkey: 64 hex; encryptedKey: 1-4096 characters; nonce: 1-64 characters",
         );
     }
-    let c = match caller(&ctx, &headers, path, Some(Capability::Send)).await {
-        Ok(c) => c,
+    let (c, topic, issuer) = match topic_caller(&ctx, &headers, path, Capability::Send, &name).await
+    {
+        Ok((c, t)) => match c.issuer() {
+            Ok(i) => {
+                let i = i.to_owned();
+                (c, t, i)
+            }
+            Err(r) => return r,
+        },
         Err(r) => return r,
-    };
-    let (topic, issuer) = match (c.topic(&name), c.issuer()) {
-        (Ok(t), Ok(i)) => (t, i.to_owned()),
-        (Err(r), _) | (_, Err(r)) => return r,
     };
     let pubkey = b.encrypted_key_pubkey.to_ascii_lowercase();
     let already = |sender: Option<String>| {
@@ -557,12 +558,8 @@ pub(crate) async fn pending_seals(
     OriginalUri(uri): OriginalUri,
     Path(name): Path<String>,
 ) -> Response {
-    let c = match caller(&ctx, &headers, uri.path(), Some(Capability::Read)).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let topic = match c.topic(&name) {
-        Ok(t) => t,
+    let (c, topic) = match topic_caller(&ctx, &headers, uri.path(), Capability::Read, &name).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let Some(sender) = topic.encrypted_key_pubkey.clone() else {
@@ -627,13 +624,16 @@ pub(crate) async fn seal(
             "memberId, encryptedKey (≤4096) and nonce (≤64) are required",
         );
     }
-    let c = match caller(&ctx, &headers, path, Some(Capability::Read)).await {
-        Ok(c) => c,
+    let (c, topic, issuer) = match topic_caller(&ctx, &headers, path, Capability::Read, &name).await
+    {
+        Ok((c, t)) => match c.issuer() {
+            Ok(i) => {
+                let i = i.to_owned();
+                (c, t, i)
+            }
+            Err(r) => return r,
+        },
         Err(r) => return r,
-    };
-    let (topic, issuer) = match (c.topic(&name), c.issuer()) {
-        (Ok(t), Ok(i)) => (t, i.to_owned()),
-        (Err(r), _) | (_, Err(r)) => return r,
     };
     if topic.encrypted_key_pubkey.is_none() {
         return route_error(

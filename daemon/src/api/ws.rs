@@ -228,12 +228,18 @@ async fn serve(ctx: Arc<Ctx>, mut socket: WebSocket, bearer: Option<String>) {
     if !send(&mut socket, hello).await {
         return;
     }
+    let bucket = crate::ratelimit::Bucket::new(
+        ctx.config.limits.sends_per_second,
+        ctx.config.limits.send_burst,
+        crate::time::instant(),
+    );
     let mut conn = Conn {
         ctx: ctx.clone(),
         mesh,
         key,
         member,
         subs: HashMap::new(),
+        bucket,
     };
     let mut streams: SelectAll<ReceiverStream<Arc<crate::hub::topics::PostView>>> =
         SelectAll::new();
@@ -303,6 +309,8 @@ struct Conn {
     member: Option<(String, crate::hub::MemberInfo)>,
     /// Topic id → listener id.
     subs: HashMap<String, u64>,
+    /// Posts and sends, at the WebSocket sessions' rate (`limits.sends_per_second`).
+    bucket: crate::ratelimit::Bucket,
 }
 
 #[derive(Deserialize)]
@@ -425,6 +433,16 @@ impl Conn {
             "post" | "send" => {
                 if let Some(r) = need(Capability::Send) {
                     return r;
+                }
+                if !self.bucket.take(crate::time::instant()) {
+                    let l = &self.ctx.config.limits;
+                    return Self::refuse(
+                        "rate_limited",
+                        format!(
+                            "max {}/s (burst {}) — slow down",
+                            l.sends_per_second, l.send_burst
+                        ),
+                    );
                 }
                 let Some((pubkey, m)) = self.member.clone() else {
                     return Self::refuse(

@@ -77,7 +77,11 @@ pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
             mesh.announce(&frame, 0, None);
         }
     }
+    // Its watches go: nobody could receive what they find.
     ctx.watches.remove_member(&m.mesh_id, &m.id);
+    if let Err(e) = ctx.db.delete_member_watches(&m.mesh_id, &m.id).await {
+        tracing::warn!(cause = %e, "removing a revoked member's watches");
+    }
     if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
         let closed = mesh.revoke(&m.pubkey);
         if m.home_broker.is_none()

@@ -81,6 +81,17 @@ impl Db {
         )
     }
 
+    /// Deletes every watch of a member (it was banned or revoked).
+    pub async fn delete_member_watches(
+        &self,
+        mesh_id: &str,
+        member_id: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "DELETE FROM watch WHERE mesh_id = $1 AND member_id = $2";
+        with_db_write!(self, p => sqlx::query(SQL).bind(mesh_id).bind(member_id).execute(p).await.map(drop))?;
+        Ok(())
+    }
+
     /// Records a check.
     pub async fn watch_checked(
         &self,
