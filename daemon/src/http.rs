@@ -172,7 +172,20 @@ const JOIN_BODY_LIMIT: usize = 64 * 1024;
 pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/ws", get(ws))
-        .nest("/api/v1", crate::api::router())
+        // REST bodies are small JSON (a post is at most a message); they must arrive within
+        // `limits.http_body_timeout` like the other small-body routes. The event stream
+        // and the WebSocket answer at once, so the deadline does not cut them.
+        .nest(
+            "/api/v1",
+            crate::api::router()
+                .layer(DefaultBodyLimit::max(
+                    ctx.config
+                        .limits
+                        .max_message_bytes
+                        .saturating_add(64 * 1024),
+                ))
+                .layer(middleware::from_fn_with_state(ctx.clone(), body_deadline)),
+        )
         .route(
             "/join",
             post(join)

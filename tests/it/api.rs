@@ -170,6 +170,9 @@ both! {
         assert_eq!(v["messages"][0]["senderPubkey"], ann.keys.public_hex().as_str(), "REST shows member keys");
         let (s, _) = rest(addr, "GET", "/api/v1/topics/deploys/messages?limit=500", Some(&bo_key), None).await?;
         assert_eq!(s, 422);
+        let huge = json!({"topic": "deploys", "ciphertext": "A".repeat(3 << 20), "nonce": "bg=="});
+        let (s, _) = rest(addr, "POST", "/api/v1/messages", Some(&admin_key), Some(huge)).await?;
+        assert_eq!(s, 413, "a body past the message limit is refused before it is read whole");
 
         // Topic keys: ann holds hers; bo is pending until ann seals it for him.
         let (s, v) = rest(addr, "GET", "/api/v1/topics/deploys/key", Some(&admin_key), None).await?;
