@@ -553,6 +553,20 @@ pub(crate) async fn topic_caller(
     Ok((c, t))
 }
 
+/// [`topic_caller`] for a route that acts as the key's member (`400
+/// api_key_has_no_issuer` without one). Returns the caller, the topic and the member id.
+pub(crate) async fn topic_issuer(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    path: &str,
+    cap: Capability,
+    name: &str,
+) -> Result<(Caller, TopicInfo, String), Response> {
+    let (c, t) = topic_caller(ctx, headers, path, cap, name).await?;
+    let issuer = c.issuer()?.to_owned();
+    Ok((c, t, issuer))
+}
+
 /// Parses an optional ISO time query parameter.
 pub(crate) fn parse_iso(s: Option<&str>) -> Result<Option<i64>, ()> {
     match s {

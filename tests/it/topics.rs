@@ -112,6 +112,11 @@ both! {
         let members = o.request(json!({"type": "topic_members", "topic": "deploys"})).await?;
         let ann_row = members["members"].as_array().into_iter().flatten().find(|m| m["displayName"] == "Ann").cloned().unwrap_or_default();
         assert!(ann_row["lastReadAt"].is_string(), "{members}");
+        let join_missing = o.request(json!({"type": "topic_join", "topic": "nope"})).await?;
+        assert_eq!(join_missing["code"], "topic_not_found", "a _reqId gets the refusal: {join_missing}");
+        o.send(json!({"type": "topic_join", "topic": "nope"})).await?;
+        o.sync().await?;
+        assert!(o.ws.backlog().iter().all(|v| v["type"] != "error"), "without one, silence: {:?}", o.ws.backlog());
         let missing = o.request(json!({"type": "topic_history", "topic": "nope"})).await?;
         assert_eq!((missing["type"].as_str(), missing["code"].as_str()), (Some("error"), Some("topic_not_found")));
 

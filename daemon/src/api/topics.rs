@@ -15,7 +15,9 @@ use meshd_protocol::topics::TopicRole;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Caller, caller, invalid, parse_iso, route_error, store_failed, topic_caller};
+use super::{
+    Caller, caller, invalid, parse_iso, route_error, store_failed, topic_caller, topic_issuer,
+};
 use crate::Ctx;
 use crate::delivery::{self, Author, Body as MsgBody, Envelope, Origin, Target};
 use crate::features::topics::store::SealRow;
@@ -227,14 +229,8 @@ pub(crate) async fn mark_read(
     Path(name): Path<String>,
 ) -> Response {
     let (c, topic, issuer) =
-        match topic_caller(&ctx, &headers, uri.path(), Capability::Read, &name).await {
-            Ok((c, t)) => match c.issuer() {
-                Ok(i) => {
-                    let i = i.to_owned();
-                    (c, t, i)
-                }
-                Err(r) => return r,
-            },
+        match topic_issuer(&ctx, &headers, uri.path(), Capability::Read, &name).await {
+            Ok(x) => x,
             Err(r) => return r,
         };
     let now = crate::time::now_ms();
@@ -427,14 +423,8 @@ pub(crate) async fn key(
     Path(name): Path<String>,
 ) -> Response {
     let (c, topic, issuer) =
-        match topic_caller(&ctx, &headers, uri.path(), Capability::Read, &name).await {
-            Ok((c, t)) => match c.issuer() {
-                Ok(i) => {
-                    let i = i.to_owned();
-                    (c, t, i)
-                }
-                Err(r) => return r,
-            },
+        match topic_issuer(&ctx, &headers, uri.path(), Capability::Read, &name).await {
+            Ok(x) => x,
             Err(r) => return r,
         };
     let Some(sender) = topic.encrypted_key_pubkey.clone() else {
@@ -497,15 +487,9 @@ pub(crate) async fn claim_key(
             "encryptedKeyPubkey: 64 hex; encryptedKey: 1-4096 characters; nonce: 1-64 characters",
         );
     }
-    let (c, topic, issuer) = match topic_caller(&ctx, &headers, path, Capability::Send, &name).await
+    let (c, topic, issuer) = match topic_issuer(&ctx, &headers, path, Capability::Send, &name).await
     {
-        Ok((c, t)) => match c.issuer() {
-            Ok(i) => {
-                let i = i.to_owned();
-                (c, t, i)
-            }
-            Err(r) => return r,
-        },
+        Ok(x) => x,
         Err(r) => return r,
     };
     let pubkey = b.encrypted_key_pubkey.to_ascii_lowercase();
@@ -624,15 +608,9 @@ pub(crate) async fn seal(
             "memberId, encryptedKey (≤4096) and nonce (≤64) are required",
         );
     }
-    let (c, topic, issuer) = match topic_caller(&ctx, &headers, path, Capability::Read, &name).await
+    let (c, topic, issuer) = match topic_issuer(&ctx, &headers, path, Capability::Read, &name).await
     {
-        Ok((c, t)) => match c.issuer() {
-            Ok(i) => {
-                let i = i.to_owned();
-                (c, t, i)
-            }
-            Err(r) => return r,
-        },
+        Ok(x) => x,
         Err(r) => return r,
     };
     if topic.encrypted_key_pubkey.is_none() {

@@ -296,6 +296,38 @@ fn history_entry(m: TopicMessageRow) -> HistoryMessage {
 }
 
 impl Session {
+    /// The topic a fire-and-forget frame names: `Err` carries the answer to send
+    /// instead (`topic_not_found` to a frame with `_reqId`, else nothing).
+    fn named_topic(
+        &self,
+        topic: &str,
+        req_id: Option<&String>,
+    ) -> Result<TopicInfo, Option<Utf8Bytes>> {
+        self.mesh.topic(topic).ok_or_else(|| {
+            req_id.and_then(|r| {
+                error(
+                    "topic_not_found",
+                    format!("topic {topic:?} not found"),
+                    Some(r.clone()),
+                )
+            })
+        })
+    }
+
+    /// Runs a store write that gets no answer unless it fails and its frame carried
+    /// `_reqId`.
+    fn write_silently(
+        &mut self,
+        what: &'static str,
+        req_id: Option<String>,
+        write: impl Future<Output = Result<(), StoreError>> + Send + 'static,
+    ) {
+        self.reply_later(async move {
+            let e = write.await.err()?;
+            req_id.and_then(|r| store_unavailable(what, Some(r), &e))
+        });
+    }
+
     /// The seven `topic_*` frames.
     pub(crate) fn on_topic(
         &mut self,
@@ -366,15 +398,15 @@ impl Session {
                 });
                 None
             }
+            // Fire-and-forget frames (as the reference: no answer on success; a failure
+            // is answered only to a frame carrying `_reqId`).
             Request::Join { topic, role } => {
-                let Some(t) = mesh.topic(&topic) else {
-                    return req_id
-                        .is_some()
-                        .then(|| not_found(&topic, req_id))
-                        .flatten();
+                let t = match self.named_topic(&topic, req_id.as_ref()) {
+                    Ok(t) => t,
+                    Err(answer) => return answer,
                 };
-                self.reply_later(async move {
-                    match subscribe(
+                self.write_silently("topic_join", req_id, async move {
+                    subscribe(
                         &ctx,
                         &mesh,
                         &t.id,
@@ -385,44 +417,29 @@ impl Session {
                         now,
                     )
                     .await
-                    {
-                        Ok(()) => None,
-                        Err(e) => req_id.and_then(|r| store_unavailable("topic_join", Some(r), &e)),
-                    }
                 });
                 None
             }
             Request::Leave { topic } => {
-                let Some(t) = mesh.topic(&topic) else {
-                    return req_id
-                        .is_some()
-                        .then(|| not_found(&topic, req_id))
-                        .flatten();
+                let t = match self.named_topic(&topic, req_id.as_ref()) {
+                    Ok(t) => t,
+                    Err(answer) => return answer,
                 };
-                self.reply_later(async move {
-                    match unsubscribe(&ctx, &mesh, &t.id, &member_id, &member_pubkey, now).await {
-                        Ok(()) => None,
-                        Err(e) => {
-                            req_id.and_then(|r| store_unavailable("topic_leave", Some(r), &e))
-                        }
-                    }
+                self.write_silently("topic_leave", req_id, async move {
+                    unsubscribe(&ctx, &mesh, &t.id, &member_id, &member_pubkey, now).await
                 });
                 None
             }
             Request::MarkRead { topic } => {
-                let Some(t) = mesh.topic(&topic) else {
-                    return req_id
-                        .is_some()
-                        .then(|| not_found(&topic, req_id))
-                        .flatten();
+                let t = match self.named_topic(&topic, req_id.as_ref()) {
+                    Ok(t) => t,
+                    Err(answer) => return answer,
                 };
-                self.reply_later(async move {
-                    match ctx.db.mark_topic_read(&t.id, &member_id, now, false).await {
-                        Ok(_) => None,
-                        Err(e) => {
-                            req_id.and_then(|r| store_unavailable("topic_mark_read", Some(r), &e))
-                        }
-                    }
+                self.write_silently("topic_mark_read", req_id, async move {
+                    ctx.db
+                        .mark_topic_read(&t.id, &member_id, now, false)
+                        .await
+                        .map(drop)
                 });
                 None
             }
