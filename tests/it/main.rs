@@ -47,6 +47,7 @@ mod http;
 mod mcp;
 mod memory;
 mod moderation;
+mod perf;
 mod policy;
 mod presence;
 mod quotas;
