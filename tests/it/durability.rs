@@ -398,3 +398,64 @@ async fn writer_recovers_after_disk_full() -> anyhow::Result<()> {
     std::fs::remove_file(&filler)?;
     Ok(())
 }
+
+both! {
+    /// An `ack` is never sent before its message is committed: while another connection
+    /// holds the store's write lock (SQLite `BEGIN IMMEDIATE`; PostgreSQL `LOCK TABLE
+    /// message`), 50 DMs sent back to back — to a connected peer and to an offline one,
+    /// the hot and the stored path — get no ack at all; once the lock is released every
+    /// one is acknowledged, and each acknowledged message is in the store.
+    async fn acks_follow_commits(b: Backend) -> anyhow::Result<()> {
+        let broker = meshd_tests::TestBroker::start_with(b, |c| c.limits.sends_per_second = 0).await?;
+        let mesh = broker.create_mesh("acks").await?;
+        let alice = broker.enroll(&mesh, "alice").await?;
+        let bob = broker.enroll(&mesh, "bob").await?;
+        let carol = broker.enroll(&mesh, "carol").await?;
+        let mut a = broker.connect(&alice).await?;
+        let _b = broker.connect(&bob).await?;
+        let (bob_key, carol_key) = (bob.keys.public_hex(), carol.keys.public_hex());
+        // Hold the write lock from another connection.
+        let lock = match &broker.db {
+            meshd::store::Db::Sqlite(p, _) => {
+                let mut c = p.acquire().await?;
+                sqlx::query("BEGIN IMMEDIATE").execute(&mut *c).await?;
+                Lock::Sqlite(c)
+            }
+            meshd::store::Db::Postgres(p) => {
+                let mut c = p.acquire().await?;
+                sqlx::query("BEGIN").execute(&mut *c).await?;
+                sqlx::query("LOCK TABLE message IN EXCLUSIVE MODE").execute(&mut *c).await?;
+                Lock::Postgres(c)
+            }
+        };
+        const N: usize = 50;
+        for i in 0..N {
+            let to = if i % 2 == 0 { &bob_key } else { &carol_key };
+            let (nonce, c) = meshd_tests::crypto::seal(&format!("m{i}"), to, &alice.keys);
+            a.ws.send_json(&json!({"type": "send", "id": format!("s{i}"), "targetSpec": to,
+                "priority": "now", "nonce": nonce, "ciphertext": c})).await?;
+        }
+        // Nothing can be committed now, so nothing may be acknowledged.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+        while let Some(v) = a.ws.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+            anyhow::ensure!(v["type"] != "ack", "acknowledged before its commit: {v}");
+        }
+        match lock {
+            Lock::Sqlite(mut c) => drop(sqlx::query("ROLLBACK").execute(&mut *c).await?),
+            Lock::Postgres(mut c) => drop(sqlx::query("ROLLBACK").execute(&mut *c).await?),
+        }
+        for _ in 0..N {
+            let ack = a.ws.expect("an ack", |v| v["type"] == "ack").await?;
+            anyhow::ensure!(ack["queued"] == true, "{ack}");
+            let id = ack["messageId"].as_str().unwrap_or_default();
+            anyhow::ensure!(broker.db.message_status(id).await?.is_some(), "{id} acknowledged but not stored");
+        }
+        Ok(())
+    }
+}
+
+/// A connection holding the store's write lock.
+enum Lock {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
