@@ -441,8 +441,12 @@ both! {
             anyhow::ensure!(v["type"] != "ack", "acknowledged before its commit: {v}");
         }
         match lock {
-            Lock::Sqlite(mut c) => drop(sqlx::query("ROLLBACK").execute(&mut *c).await?),
-            Lock::Postgres(mut c) => drop(sqlx::query("ROLLBACK").execute(&mut *c).await?),
+            Lock::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut *c).await?;
+            }
+            Lock::Postgres(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut *c).await?;
+            }
         }
         for _ in 0..N {
             let ack = a.ws.expect("an ack", |v| v["type"] == "ack").await?;
