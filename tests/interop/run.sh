@@ -20,6 +20,8 @@ MESHD_PID=
 TAILS=()
 cleanup() {
   for p in "${TAILS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The CLI starts a background daemon of its own (`daemon up`) on some commands.
+  pkill -f "$WORK/cm/apps/cli" 2>/dev/null || true
   [ -n "$MESHD_PID" ] && kill "$MESHD_PID" 2>/dev/null && wait "$MESHD_PID" 2>/dev/null || true
   [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
