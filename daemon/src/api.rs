@@ -567,6 +567,25 @@ pub(crate) async fn topic_issuer(
     Ok((c, t, issuer))
 }
 
+/// A day in ms.
+pub(crate) const DAY: i64 = 24 * 3_600_000;
+
+/// The `since` query parameter: an ISO time, or `ago` ms before now when absent
+/// (`400 invalid_since` when it does not parse).
+pub(crate) fn since(
+    q: &std::collections::HashMap<String, String>,
+    ago: i64,
+) -> Result<i64, Response> {
+    match parse_iso(q.get("since").map(String::as_str)) {
+        Ok(s) => Ok(s.unwrap_or_else(|| crate::time::now_ms() - ago)),
+        Err(()) => Err(route_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_since",
+            json!({}),
+        )),
+    }
+}
+
 /// Parses an optional ISO time query parameter.
 pub(crate) fn parse_iso(s: Option<&str>) -> Result<Option<i64>, ()> {
     match s {

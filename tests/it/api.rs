@@ -217,6 +217,10 @@ both! {
         let (_, v) = rest(addr, "GET", "/api/v1/notifications?unread=1", Some(&bo_key), None).await?;
         assert_eq!((v["notifications"].as_array().map(Vec::len), v["mentionedAs"].as_str()), (Some(1), Some("bo")), "{v}");
         assert_eq!(v["notifications"][0]["id"], message_id.as_str());
+        for path in ["/api/v1/notifications?since=soon", "/api/v1/me/notifications?since=soon", "/api/v1/me/activity?since=soon"] {
+            let (s, v) = rest(addr, "GET", path, Some(&bo_key), None).await?;
+            assert_eq!((s, v["error"].as_str()), (400, Some("invalid_since")), "{path}: {v}");
+        }
         let (s, v) = rest(addr, "POST", "/api/v1/notifications/read", Some(&bo_key), Some(json!({"all": true}))).await?;
         assert_eq!((s, v["marked"].as_str()), (200, Some("all")), "{v}");
         let (_, v) = rest(addr, "GET", "/api/v1/notifications?unread=1", Some(&bo_key), None).await?;

@@ -14,7 +14,7 @@ use meshd_protocol::apikeys::Capability;
 use meshd_protocol::time::iso8601_ms;
 use serde_json::{Value, json};
 
-use super::{caller, mw_error, parse_iso, route_error, snippet, store_failed};
+use super::{DAY, caller, mw_error, route_error, snippet, store_failed};
 use crate::Ctx;
 use crate::hub::MeshHub;
 use crate::store::{MemberRow, MeshRow};
@@ -200,10 +200,9 @@ pub(crate) async fn notifications(
     OriginalUri(uri): OriginalUri,
     Query(q): Q,
 ) -> Response {
-    let now = crate::time::now_ms();
-    let since = match parse_iso(q.get("since").map(String::as_str)) {
-        Ok(s) => s.unwrap_or(now - 7 * 24 * 3_600_000),
-        Err(()) => return route_error(StatusCode::BAD_REQUEST, "invalid_since", json!({})),
+    let since = match super::since(&q, 7 * DAY) {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let (_, seats) = match person(&ctx, &headers, &uri).await {
         Ok(p) => p,
@@ -239,10 +238,9 @@ pub(crate) async fn activity(
     OriginalUri(uri): OriginalUri,
     Query(q): Q,
 ) -> Response {
-    let now = crate::time::now_ms();
-    let since = match parse_iso(q.get("since").map(String::as_str)) {
-        Ok(s) => s.unwrap_or(now - 24 * 3_600_000),
-        Err(()) => return route_error(StatusCode::BAD_REQUEST, "invalid_since", json!({})),
+    let since = match super::since(&q, DAY) {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let (_, seats) = match person(&ctx, &headers, &uri).await {
         Ok(p) => p,

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Caller, caller, invalid, parse_iso, route_error, store_failed, topic_caller, topic_issuer,
+    Caller, DAY, caller, invalid, parse_iso, route_error, store_failed, topic_caller, topic_issuer,
 };
 use crate::Ctx;
 use crate::delivery::{self, Author, Body as MsgBody, Envelope, Origin, Target};
@@ -522,11 +522,10 @@ pub(crate) async fn claim_key(
     if let Err(e) = ctx.db.put_seal(&seal).await {
         return store_failed(path, &e);
     }
-    if let Some(fed) = &ctx.fed
-        && let Ok(rows) = ctx.db.topic_rows(&c.mesh.row.id).await
-        && let Some(row) = rows.into_iter().find(|t| t.id == topic.id)
-    {
-        fed.topic_changed(&row);
+    if let Some(fed) = &ctx.fed {
+        if let Ok(Some(row)) = ctx.db.topic_row(&topic.id).await {
+            fed.topic_changed(&row);
+        }
         fed.topic_sealed(&c.mesh.row.id, &seal);
     }
     ok(
@@ -681,10 +680,9 @@ pub(crate) async fn notifications(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let now = crate::time::now_ms();
-    let since = match parse_iso(q.get("since").map(String::as_str)) {
-        Ok(s) => s.unwrap_or(now - 24 * 3_600_000),
-        Err(()) => return route_error(StatusCode::BAD_REQUEST, "invalid_since", json!({})),
+    let since = match super::since(&q, DAY) {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let Some(issuer) = c.key.issuer.clone() else {
         return ok(json!({"notifications": []}));

@@ -172,12 +172,11 @@ pub(crate) async fn create(
                     fed.topic_changed(&row);
                 }
             }
+            // What is stored: ours, or the copy a peer broker (or a race) stored first.
             let stored = ctx
                 .db
-                .topic_rows(mesh_id)
+                .topic_row(&id)
                 .await?
-                .into_iter()
-                .find(|t| t.id == id)
                 .ok_or_else(|| CreateError::Invalid("the topic vanished".into()))?;
             mesh.topic_put(stored.into());
             mesh.topic(&id)
@@ -565,9 +564,7 @@ mod replication {
             warn!(cause = %e, "storing a peer's topic");
             RejectReason::Invalid
         })?;
-        if let Ok(rows) = ctx.db.topic_rows(&row.mesh_id).await
-            && let Some(stored) = rows.into_iter().find(|r| r.id == row.id)
-        {
+        if let Ok(Some(stored)) = ctx.db.topic_row(&row.id).await {
             hub.topic_put(stored.into());
         }
         Ok(())

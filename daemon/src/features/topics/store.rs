@@ -129,6 +129,13 @@ impl Db {
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_all(p).await)?)
     }
 
+    /// One topic by id (archived or not).
+    pub async fn topic_row(&self, id: &str) -> Result<Option<TopicRow>, StoreError> {
+        const SQL: &str = "SELECT id, mesh_id, name, description, visibility, created_by_member_id, encrypted_key_pubkey, created_at \
+                           FROM topic WHERE id = $1";
+        Ok(with_db!(self, p => sqlx::query_as(SQL).bind(id).fetch_optional(p).await)?)
+    }
+
     /// Every subscription in a mesh's live topics.
     pub async fn topic_memberships(
         &self,
