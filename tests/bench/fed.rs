@@ -13,6 +13,7 @@ use meshd_tests::faultproxy::FaultProxy;
 use meshd_tests::{DaemonProcess, run_cli};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::stats::Samples;
 use crate::{Bench, Broker, Conn, count_pushes, count_pushes_keep, measure, nats, rand_u32};
 
 const A: &str = "mesh.alpha.bench";
@@ -122,7 +123,7 @@ impl Bench {
                       peer_ca: &std::path::Path| {
             format!(
                 "[storage]\ndurability = \"{dur}\"\n[limits]\nsends_per_second = 0\nmax_connections = 60000\n\
-                 max_connections_per_mesh = 60000\n[log]\nlevel = \"{log}\"\n\
+                 max_connections_per_mesh = 60000\nmax_pending_per_address = 60000\n[log]\nlevel = \"{log}\"\n\
                  [federation]\nbroker = \"{me}\"\nlisten = \"127.0.0.1:{port}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                  ca = \"{ca}\"\npresence_grace = \"{grace}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
                  keepalive = \"300ms\"\nidle_timeout = \"1500ms\"\nspatial_interest = {interest}\n\
@@ -226,6 +227,15 @@ impl Bench {
 
     /// Cross-broker round trip: a on A, b on B.
     pub(crate) async fn fed_rtt(&self, count: usize) -> anyhow::Result<()> {
+        let mut samples = self.fed_rtt_samples(count).await?;
+        println!(
+            "meshd  fed-rtt    DM A→B→A across two brokers (each DM stored on both): {}",
+            samples.summary()
+        );
+        Ok(())
+    }
+
+    pub(crate) async fn fed_rtt_samples(&self, count: usize) -> anyhow::Result<Samples> {
         let pair = self.start_fed(false, "30s").await?;
         let ma = pair.a.enroll(1).await?;
         let mb = pair.b.enroll(1).await?;
@@ -234,16 +244,25 @@ impl Bench {
         let (a_key, b_key) = (a.key.clone(), b.key.clone());
         wait_listed(&mut a, std::slice::from_ref(&b_key)).await?;
         wait_listed(&mut b, std::slice::from_ref(&a_key)).await?;
-        let mut samples = crate::round_trips(a, b, &self.plaintext(), count).await?;
-        println!(
-            "meshd  fed-rtt    DM A→B→A across two brokers (each DM stored on both): {}",
-            samples.summary()
-        );
-        Ok(())
+        crate::round_trips(a, b, &self.plaintext(), count).await
     }
 
     /// Senders on A, receivers on B.
     pub(crate) async fn fed_throughput(&self, pairs: usize, window: usize) -> anyhow::Result<()> {
+        let (rate, mut acks) = self.fed_flow(pairs, window).await?;
+        println!(
+            "meshd  fed-throughput {pairs} pairs A→B, window {window}: {rate:.0} delivered DMs/s; send→ack {}",
+            acks.summary()
+        );
+        Ok(())
+    }
+
+    /// Delivered DMs/s and send→ack samples, senders on A and receivers on B.
+    pub(crate) async fn fed_flow(
+        &self,
+        pairs: usize,
+        window: usize,
+    ) -> anyhow::Result<(f64, Samples)> {
         let pair = self.start_fed(false, "30s").await?;
         let (ma, receivers) = receivers_on_b(&pair, pairs).await?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -259,15 +278,11 @@ impl Bench {
                 s.pump(&frame, window, &stop_s).await
             }));
         }
-        let (rate, mut acks) = measure(&delivered, self.duration, &stop, senders).await?;
+        let (rate, acks) = measure(&delivered, self.duration, &stop, senders).await?;
         for h in handles {
             h.abort();
         }
-        println!(
-            "meshd  fed-throughput {pairs} pairs A→B, window {window}: {rate:.0} delivered DMs/s; send→ack {}",
-            acks.summary()
-        );
-        Ok(())
+        Ok((rate, acks))
     }
 
     /// Tagged messages across brokers next to plain DMs, on the same pair: senders on

@@ -13,6 +13,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod abuse;
+mod compare;
 mod fed;
 mod nats;
 mod stats;
@@ -172,6 +173,25 @@ enum Scenario {
         #[arg(long, value_delimiter = ',')]
         attacks: Vec<String>,
     },
+    /// The same patterns against NATS core, JetStream (file storage) and meshd (normal
+    /// and fsync durability) in one run: a table of figures and ratios to the goals.
+    Compare {
+        /// DM senders (each with its own receiver).
+        #[arg(long, default_value_t = 4)]
+        pairs: usize,
+        /// Fan-out subscribers.
+        #[arg(long, default_value_t = 16)]
+        peers: usize,
+        /// Sends in flight per sender.
+        #[arg(long, default_value_t = 128)]
+        window: usize,
+        /// Idle connections for the memory reading.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Handshakes at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     /// Everything, meshd and NATS, one after the other.
     All,
 }
@@ -231,6 +251,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             peers,
             conns,
         } => nats_suite(&args.nats, pairs, peers, &conns, args.size, duration).await,
+        Scenario::Compare {
+            pairs,
+            peers,
+            window,
+            conns,
+            concurrency,
+        } => {
+            let shape = compare::Shape {
+                pairs,
+                peers,
+                window,
+                conns,
+                concurrency,
+            };
+            compare::compare(&b, &args.nats, shape).await
+        }
         Scenario::All => {
             b.rtt(5000).await?;
             b.throughput(10, 128).await?;
@@ -263,7 +299,9 @@ struct Broker {
 impl Bench {
     async fn start(&self) -> anyhow::Result<Broker> {
         self.start_with(
-            "[limits]\nsends_per_second = 0\nmax_connections = 60000\nmax_connections_per_mesh = 60000\n",
+            // The load generator is one address with many clients.
+            "[limits]\nsends_per_second = 0\nmax_connections = 60000\nmax_connections_per_mesh = 60000\n\
+             max_pending_per_address = 60000\n",
         )
         .await
     }
@@ -319,12 +357,16 @@ impl Bench {
         "x".repeat(self.size)
     }
 
-    async fn rtt(&self, count: usize) -> anyhow::Result<()> {
+    async fn rtt_samples(&self, count: usize) -> anyhow::Result<Samples> {
         let broker = self.start().await?;
         let members = broker.enroll(2).await?;
         let a = Conn::connect(&broker, &members[0]).await?;
         let b = Conn::connect(&broker, &members[1]).await?;
-        let mut samples = round_trips(a, b, &self.plaintext(), count).await?;
+        round_trips(a, b, &self.plaintext(), count).await
+    }
+
+    async fn rtt(&self, count: usize) -> anyhow::Result<()> {
+        let mut samples = self.rtt_samples(count).await?;
         println!(
             "meshd  rtt        DM A→B→A (two stored DMs per round trip): {}",
             samples.summary()
@@ -401,6 +443,18 @@ impl Bench {
             );
         }
         for &n in counts {
+            let (before, after) = self.idle_run(n).await?;
+            println!(
+                "meshd  idle       {n} authenticated connections: RSS {before} KiB → {after} KiB, {:.1} KiB per connection",
+                (after.saturating_sub(before)) as f64 / n as f64
+            );
+        }
+        Ok(())
+    }
+
+    /// RSS (KiB) before and after `n` idle authenticated connections.
+    async fn idle_run(&self, n: usize) -> anyhow::Result<(u64, u64)> {
+        {
             let broker = self.start().await?;
             let members = broker.enroll(50).await?;
             let pid = broker.proc.pid().context("pid")?;
@@ -430,18 +484,28 @@ impl Bench {
             drop(pending);
             settle().await;
             let after = stats::rss_kib(pid)?;
-            println!(
-                "meshd  idle       {n} authenticated connections: RSS {before} KiB → {after} KiB, {:.1} KiB per connection",
-                (after.saturating_sub(before)) as f64 / n as f64
-            );
             for c in conns {
                 c.abort();
             }
+            Ok((before, after))
         }
-        Ok(())
     }
 
     async fn handshake(&self, count: usize, concurrency: usize) -> anyhow::Result<()> {
+        let (rate, mut samples) = self.handshake_run(count, concurrency).await?;
+        println!(
+            "meshd  handshake  connect+hello→hello_ack, concurrency {concurrency}: {rate:.0}/s; {}",
+            samples.summary()
+        );
+        Ok(())
+    }
+
+    /// `count` handshakes, `concurrency` at once: (per second, samples).
+    async fn handshake_run(
+        &self,
+        count: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(f64, Samples)> {
         let broker = self.start().await?;
         let members = broker.enroll(20).await?;
         let started = Instant::now();
@@ -468,11 +532,7 @@ impl Bench {
             }
         }
         let rate = count as f64 / started.elapsed().as_secs_f64();
-        println!(
-            "meshd  handshake  connect+hello→hello_ack, concurrency {concurrency}: {rate:.0}/s; {}",
-            samples.summary()
-        );
-        Ok(())
+        Ok((rate, samples))
     }
 }
 
@@ -737,35 +797,7 @@ async fn nats_suite(
 
     // Round trip.
     let server = nats::NatsServer::spawn(binary).await?;
-    let (mut ar, mut aw) = nats::connect(server.addr).await?;
-    let (mut br, mut bw) = nats::connect(server.addr).await?;
-    aw.sub("a", 1).await?;
-    bw.sub("b", 1).await?;
-    aw.ping().await?;
-    bw.ping().await?;
-    let count = 5000;
-    let p2 = payload.clone();
-    let echo = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        for _ in 0..count + 100 {
-            br.next_msg(&mut buf).await?;
-            bw.publish("a", &p2).await?;
-            bw.flush().await?;
-        }
-        anyhow::Ok(())
-    });
-    let mut samples = Samples::with_capacity(count);
-    let mut buf = Vec::new();
-    for i in 0..count + 100 {
-        let t = Instant::now();
-        aw.publish("b", &payload).await?;
-        aw.flush().await?;
-        ar.next_msg(&mut buf).await?;
-        if i >= 100 {
-            samples.push(t.elapsed());
-        }
-    }
-    echo.await??;
+    let mut samples = compare::core_rtt(server.addr, &payload, 5000).await?;
     println!("nats   rtt        A→B→A: {}", samples.summary());
     drop(server);
 
@@ -788,18 +820,7 @@ async fn nats_suite(
 
     // Idle connections.
     for &n in conns {
-        let server = nats::NatsServer::spawn(binary).await?;
-        let pid = server.child.id().context("pid")?;
-        settle().await;
-        let before = stats::rss_kib(pid)?;
-        let mut held = Vec::with_capacity(n);
-        for i in 0..n {
-            let (r, mut w) = nats::connect(server.addr).await?;
-            w.sub(&format!("idle.{i}"), 1).await?;
-            held.push((r, w));
-        }
-        settle().await;
-        let after = stats::rss_kib(pid)?;
+        let (before, after) = compare::core_idle(binary, n).await?;
         println!(
             "nats   idle       {n} connections (one SUB each): RSS {before} KiB → {after} KiB, {:.1} KiB per connection",
             (after.saturating_sub(before)) as f64 / n as f64
