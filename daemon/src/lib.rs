@@ -256,7 +256,7 @@ impl Daemon {
                 mcp.load(db.mcp_servers().await?, time::now_ms());
                 mcp
             },
-            audit: Arc::new(audit::Audit::new(audit_key, db.clone())),
+            audit: Arc::new(audit::Audit::new(audit_key, db.clone(), writer.clone())),
             webhook_buckets: std::sync::Mutex::new(ratelimit::Buckets::per_second(
                 http::WEBHOOK_RATE.0,
                 http::WEBHOOK_RATE.1,

@@ -34,6 +34,35 @@ use super::{StoreError, WriterConn};
 use crate::metrics::Metrics;
 use meshd_config::{Backend, Durability};
 
+/// A stored audit entry (the chain logic is in `features::audit`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AuditRow {
+    /// Mesh.
+    pub mesh_id: String,
+    /// Position in the mesh's chain, from 1.
+    pub seq: i64,
+    /// `peer_joined`, `state_set`, …
+    pub event_type: String,
+    /// Acting member, if any.
+    pub actor_member_id: Option<String>,
+    /// Display name of the actor, or `system`.
+    pub actor: String,
+    /// Event data, canonical JSON.
+    pub payload: String,
+    /// Hash of the previous entry (`genesis` for the first).
+    pub prev_hash: String,
+    /// SHA-256 (hex) of this entry's canonical form.
+    pub hash: String,
+    /// Ed25519 signature (hex) of the hash bytes.
+    pub sig: String,
+    /// When (ms).
+    pub created_at: i64,
+}
+
+/// The multi-row insert of audit entries (10 columns), run in the batch transaction of
+/// the messages the entries are about.
+const AUDIT_INSERT_HEAD: &str = "INSERT INTO audit_log (mesh_id, seq, event_type, actor_member_id, actor, payload, prev_hash, hash, sig, created_at) VALUES ";
+
 /// A row of the `message` table to insert.
 #[derive(Debug, Clone)]
 pub(crate) struct NewMessage {
@@ -240,6 +269,13 @@ pub(crate) enum WriteOp {
     /// Store a topic post (`features::topics`).
     TopicPost {
         post: Box<TopicPostWrite>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Chained, signed audit entries (`features::audit`): written in the transaction of
+    /// the batch they arrive in, so the audit log takes no commit, and no turn at the
+    /// store's write lock, of its own.
+    Audit {
+        rows: Vec<AuditRow>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// `/join`.
@@ -693,7 +729,7 @@ impl Plan {
                 WriteOp::Sweep { reply, .. } => {
                     let _ = reply.send(Err(err()));
                 }
-                WriteOp::TopicPost { reply, .. } => {
+                WriteOp::TopicPost { reply, .. } | WriteOp::Audit { reply, .. } => {
                     let _ = reply.send(Err(err()));
                 }
                 _ => {}
@@ -783,6 +819,7 @@ struct SqlCache {
     delivered: Vec<Arc<str>>,
     release: Vec<Arc<str>>,
     lease: Vec<Arc<str>>,
+    audit: Vec<Arc<str>>,
 }
 
 impl SqlCache {
@@ -838,6 +875,17 @@ impl SqlCache {
                 format!("UPDATE message SET lease_until = {} WHERE delivered_at IS NULL AND id IN ", p(1)),
                 2,
             ),
+            audit: sizes
+                .clone()
+                .map(|n| {
+                    Arc::from(values_sql(
+                        style,
+                        AUDIT_INSERT_HEAD,
+                        10,
+                        n,
+                    ))
+                })
+                .collect(),
         }
     }
 }
@@ -1164,6 +1212,25 @@ macro_rules! executor {
                                 .await?;
                         }
                     }
+                    WriteOp::Audit { rows, .. } => {
+                        for chunk in chunked(rows) {
+                            let mut q = sqlx::query(AssertSqlSafe(cache.audit[chunk.len()].clone()));
+                            for r in chunk {
+                                q = q
+                                    .bind(&r.mesh_id)
+                                    .bind(r.seq)
+                                    .bind(&r.event_type)
+                                    .bind(&r.actor_member_id)
+                                    .bind(&r.actor)
+                                    .bind(&r.payload)
+                                    .bind(&r.prev_hash)
+                                    .bind(&r.hash)
+                                    .bind(&r.sig)
+                                    .bind(r.created_at);
+                            }
+                            q.execute(&mut *tx).await?;
+                        }
+                    }
                     WriteOp::TopicPost { post: t, .. } => {
                         sqlx::query(TOPIC_POST_SQL)
                             .bind(&t.id)
@@ -1414,8 +1481,9 @@ macro_rules! executor {
                 }
             }
             for op in &mut misc {
-                if matches!(op, Some(WriteOp::TopicPost { .. }))
-                    && let Some(WriteOp::TopicPost { reply, .. }) = op.take()
+                if matches!(op, Some(WriteOp::TopicPost { .. } | WriteOp::Audit { .. }))
+                    && let Some(WriteOp::TopicPost { reply, .. } | WriteOp::Audit { reply, .. }) =
+                        op.take()
                 {
                     done.unit.push(reply);
                 }

@@ -1,32 +1,8 @@
 //! Audit log rows (the chain logic is in `super::engine`).
 
-use crate::store::writer::{Params, values_sql};
-use crate::store::{Db, StoreError, with_db, with_db_write};
+use crate::store::{Db, StoreError, with_db};
 
-/// A stored entry.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct AuditRow {
-    /// Mesh.
-    pub mesh_id: String,
-    /// Position in the mesh's chain, from 1.
-    pub seq: i64,
-    /// `peer_joined`, `state_set`, …
-    pub event_type: String,
-    /// Acting member, if any.
-    pub actor_member_id: Option<String>,
-    /// Display name of the actor, or `system`.
-    pub actor: String,
-    /// Event data, canonical JSON.
-    pub payload: String,
-    /// Hash of the previous entry (`genesis` for the first).
-    pub prev_hash: String,
-    /// SHA-256 (hex) of this entry's canonical form.
-    pub hash: String,
-    /// Ed25519 signature (hex) of the hash bytes.
-    pub sig: String,
-    /// When (ms).
-    pub created_at: i64,
-}
+pub use crate::store::writer::AuditRow;
 
 impl Db {
     /// A mesh's entries in chain order.
@@ -76,36 +52,5 @@ impl Db {
         const SQL: &str =
             "SELECT seq, hash FROM audit_log WHERE mesh_id = $1 ORDER BY seq DESC LIMIT 1";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).fetch_optional(p).await)?)
-    }
-
-    /// Stores entries in one transaction, in multi-row statements: the audit writer
-    /// takes SQLite's write gate for the whole transaction, and one statement per entry
-    /// held it long enough to halve the message writer's throughput.
-    pub(crate) async fn audit_insert_all(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
-        const HEAD: &str = "INSERT INTO audit_log (mesh_id, seq, event_type, actor_member_id, actor, payload, prev_hash, hash, sig, created_at) VALUES ";
-        /// Rows per statement (10 parameters each, far below either backend's limit).
-        const CHUNK: usize = 64;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let style = match self {
-            Self::Sqlite(..) => Params::Anonymous,
-            Self::Postgres(_) => Params::Numbered,
-        };
-        with_db_write!(self, p => async {
-            let mut tx = p.begin().await?;
-            for chunk in rows.chunks(CHUNK) {
-                let sql = values_sql(style, HEAD, 10, chunk.len());
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for r in chunk {
-                    q = q.bind(&r.mesh_id).bind(r.seq).bind(&r.event_type)
-                        .bind(&r.actor_member_id).bind(&r.actor).bind(&r.payload)
-                        .bind(&r.prev_hash).bind(&r.hash).bind(&r.sig).bind(r.created_at);
-                }
-                q.execute(&mut *tx).await?;
-            }
-            tx.commit().await
-        }.await)?;
-        Ok(())
     }
 }
