@@ -301,12 +301,14 @@ async fn ws(
             max.saturating_mul(2)
                 .saturating_add(ctx.config.limits.ws_write_buffer),
         )
-        .on_upgrade(move |socket| async move {
-            // The session runs on our tracker so shutdown can wait for it (axum's own
-            // upgrade task is not tracked).
+        .on_upgrade(move |socket| {
+            // The session runs in axum's upgrade task, tracked by ours so shutdown can
+            // wait for it (not spawned again: a second task per connection cost memory
+            // and a wake per session end).
             let tracker = ctx.sessions.clone();
-            let run = crate::session::run(ctx, socket, remote, conn_id, permit, slot);
-            let _ = tracker.spawn(run).await;
+            tracker.track_future(crate::session::run(
+                ctx, socket, remote, conn_id, permit, slot,
+            ))
         })
 }
 

@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{Db, MemberRow, MeshRow, StoreError};
 
 mod bridged;
+pub(crate) mod outq;
 mod spatial;
 pub(crate) mod topics;
 
@@ -131,7 +132,7 @@ impl Disconnect {
 #[derive(Debug)]
 pub(crate) struct PeerShared {
     pub(crate) conn_id: ConnId,
-    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) tx: outq::OutTx,
     /// Wakes the session to drain the store.
     pub(crate) wake: Notify,
     /// Routing state, owned by the router (`delivery::router`; see the module docs).
@@ -158,7 +159,7 @@ pub(crate) struct PeerShared {
 impl PeerShared {
     pub(crate) fn new(
         conn_id: ConnId,
-        tx: mpsc::Sender<Outbound>,
+        tx: outq::OutTx,
         cancel: CancellationToken,
         max_queued_bytes: usize,
     ) -> Self {
@@ -467,7 +468,9 @@ pub(crate) enum StateRefused {
 
 #[derive(Debug, Default)]
 struct MeshInner {
-    peers: HashMap<ConnId, Peer>,
+    /// Boxed: a `Peer` is large, and the table keeps room for up to twice as many
+    /// entries as it holds.
+    peers: HashMap<ConnId, Box<Peer>>,
     /// Member and session keys of live peers → their connections.
     by_key: HashMap<String, Vec<ConnId>>,
     /// Every member key of the mesh.
@@ -545,7 +548,7 @@ impl MeshInner {
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|c| self.peers.get(c))
+            .filter_map(|c| self.peers.get(c).map(|p| &**p))
     }
 
     /// Live peers `viewer_member` may see (hidden ones only its own; from `viewer_at`,
@@ -554,6 +557,7 @@ impl MeshInner {
         let mut peers: Vec<&Peer> = self
             .peers
             .values()
+            .map(|p| &**p)
             .filter(|p| {
                 p.member_pubkey == viewer_member
                     || (p.visible && space::visible(viewer_at, p.position.as_ref()))
@@ -735,7 +739,7 @@ impl MeshHub {
                 list.push(conn);
             }
         }
-        inner.peers.insert(conn, peer);
+        inner.peers.insert(conn, Box::new(peer));
         Ok((registered, presence_id))
     }
 
@@ -809,7 +813,7 @@ impl MeshHub {
 
     /// Runs `f` on a live peer.
     pub(crate) fn with_peer<R>(&self, conn: ConnId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
-        self.inner().peers.get_mut(&conn).map(f)
+        self.inner().peers.get_mut(&conn).map(|p| f(p))
     }
 
     /// Decays every `working` older than `ttl_ms` to `idle` and lets those peers drain
@@ -1311,19 +1315,24 @@ impl MeshHub {
     /// `list_peers` entries of the visible local presences (listed in bridged meshes).
     pub(crate) fn local_entries(&self) -> Vec<PeerEntry> {
         let inner = self.inner();
-        let mut peers: Vec<&Peer> = inner.peers.values().filter(|p| p.visible).collect();
+        let mut peers: Vec<&Peer> = inner
+            .peers
+            .values()
+            .map(|p| &**p)
+            .filter(|p| p.visible)
+            .collect();
         peers.sort_by_key(|p| (p.connected_at, p.shared.conn_id));
         peers.into_iter().map(Peer::entry).collect()
     }
 
     /// Every live local presence, for a snapshot to a peer broker.
     pub(crate) fn local_peers<T>(&self, f: impl Fn(&Peer) -> T) -> Vec<T> {
-        self.inner().peers.values().map(f).collect()
+        self.inner().peers.values().map(|p| f(p)).collect()
     }
 
     /// A local presence by connection, for an update to peer brokers.
     pub(crate) fn local_peer<T>(&self, conn: ConnId, f: impl FnOnce(&Peer) -> T) -> Option<T> {
-        self.inner().peers.get(&conn).map(f)
+        self.inner().peers.get(&conn).map(|p| f(p))
     }
 
     /// Subscribes a connection to a stream. `false` when it already follows
@@ -1648,7 +1657,7 @@ fn announce_left(inner: &MeshInner, mesh_id: &str, r: &RemotePeer, now: i64) {
 }
 
 fn remove_peer(inner: &mut MeshInner, conn: ConnId) -> Option<Peer> {
-    let peer = inner.peers.remove(&conn)?;
+    let peer = *inner.peers.remove(&conn)?;
     inner.subs.retain(|_, set| {
         set.remove(&conn);
         !set.is_empty()

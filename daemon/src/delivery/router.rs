@@ -432,8 +432,8 @@ mod tests {
     }
 
     /// A connection with a queue of `frames`, and the receiving end of that queue.
-    fn connection(frames: usize) -> (Arc<PeerShared>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(frames);
+    fn connection(frames: usize) -> (Arc<PeerShared>, crate::hub::outq::OutRx) {
+        let (tx, rx) = crate::hub::outq::channel(frames);
         let peer = PeerShared::new(7, tx, CancellationToken::new(), 1 << 20);
         (Arc::new(peer), rx)
     }
@@ -446,7 +446,7 @@ mod tests {
         }
     }
 
-    fn ids(rx: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
+    fn ids(rx: &mut crate::hub::outq::OutRx) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(o) = rx.try_recv() {
             if let Outbound::Stored { sent, .. } = o {

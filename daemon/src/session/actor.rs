@@ -176,7 +176,8 @@ impl Session {
                 .await;
         }
         info!(reason = ended.as_str(), "session closed");
-        self.teardown().await;
+        // Boxed: inline, every live connection's task would keep room for the teardown.
+        Box::pin(self.teardown()).await;
     }
 
     /// Why the connection was cancelled.

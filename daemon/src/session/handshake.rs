@@ -313,7 +313,7 @@ pub(crate) async fn authenticate(
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| member.display_name.clone());
 
-    let (tx, rx) = mpsc::channel(ctx.config.limits.outbound_queue);
+    let (tx, rx) = crate::hub::outq::channel(ctx.config.limits.outbound_queue);
     let cancel = ctx.sessions_cancel.child_token();
     let shared = Arc::new(PeerShared::new(
         conn_id,

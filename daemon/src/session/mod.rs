@@ -31,7 +31,7 @@ use meshd_protocol::hello::{HelloError, verify_hello, verify_session_hello};
 use meshd_protocol::session::{ClientMachine, Verdict};
 use meshd_protocol::status::{StatusSource, StatusState};
 use meshd_protocol::time::iso8601_ms;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
@@ -117,12 +117,16 @@ pub(crate) async fn run(
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
         let mut socket = socket;
-        let authenticated = handshake(&ctx, &mut socket, conn_id, remote.ip()).await;
+        // Boxed: the handshake's state is large and short-lived; inline, every idle
+        // connection's task would keep room for it after the handshake is over.
+        let authenticated = Box::pin(handshake(&ctx, &mut socket, conn_id, remote.ip())).await;
         // Authenticated (or gone): no longer an unauthenticated connection of its address.
         drop(pending);
         if let Some(live) = authenticated {
             ctx.metrics.sessions_active.fetch_add(1, Ordering::Relaxed);
-            live.serve(socket).await;
+            // Boxed for the same reason (and so the session and socket moved into it
+            // are not also kept in this frame).
+            Box::pin(live.serve(socket)).await;
             ctx.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
         }
         ctx.metrics
@@ -160,7 +164,7 @@ pub(crate) struct Session {
     pub(crate) machine: ClientMachine,
     pub(crate) mesh: Arc<MeshHub>,
     pub(crate) shared: Arc<PeerShared>,
-    pub(crate) rx: mpsc::Receiver<Outbound>,
+    pub(crate) rx: crate::hub::outq::OutRx,
     pub(crate) conn: ConnId,
     pub(crate) member_id: String,
     pub(crate) member_pubkey: String,

@@ -19,6 +19,10 @@ impl Session {
                 None => break,
             }
         }
+        // A burst of writes must not leave its buffer behind on an idle connection.
+        if self.writes.is_empty() && self.writes.capacity() > 4 {
+            self.writes = std::collections::VecDeque::new();
+        }
     }
 
     /// Writes a reply and every other reply already available (in order), then flushes.
