@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::stats::{self, Samples};
+use crate::stats::{self, Inflight, Samples};
 use crate::{Bench, Broker, Conn, Frame, nats};
 
 /// The shapes of the comparison (the issue's: 4 → 4 DMs, 1 → 16 fan-out, 32 concurrent
@@ -127,6 +127,17 @@ struct Sent {
     drain_max: Duration,
 }
 
+impl From<Inflight> for Sent {
+    fn from(inflight: Inflight) -> Self {
+        let (acks, unacked, drain_max) = inflight.finish();
+        Self {
+            acks,
+            unacked,
+            drain_max,
+        }
+    }
+}
+
 fn merge(sent: Vec<Sent>) -> (Samples, u64, f64) {
     let mut acks = Samples::default();
     let (mut unacked, mut late) = (0, Duration::ZERO);
@@ -175,25 +186,16 @@ async fn meshd_sender(
     window: usize,
     ctl: Arc<Ctl>,
 ) -> anyhow::Result<Sent> {
-    let mut inflight = std::collections::VecDeque::with_capacity(window);
-    let mut acks = Samples::default();
-    let mut drain_max = Duration::ZERO;
-    let mut drain_until = None;
+    let mut inflight = Inflight::new(window);
     loop {
         let stopping = ctl.stop.load(Ordering::Relaxed);
-        if stopping {
-            if inflight.is_empty() {
-                break;
-            }
-            let until =
-                *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
-            if Instant::now() > until {
-                break;
-            }
-        } else {
-            while inflight.len() < window {
+        let Some(room) = inflight.room(stopping) else {
+            break;
+        };
+        if !stopping {
+            for _ in 0..room {
                 c.ws.feed(Message::Text(frames.next().into())).await?;
-                inflight.push_back(Instant::now());
+                inflight.sent();
             }
             c.ws.flush().await?;
         }
@@ -204,24 +206,14 @@ async fn meshd_sender(
                     if t.as_str().contains("\"error\"") {
                         bail!("send refused: {}", t.as_str());
                     }
-                    if let Some(sent) = inflight.pop_front() {
-                        if stopping {
-                            drain_max = drain_max.max(sent.elapsed());
-                        } else if ctl.measuring.load(Ordering::Relaxed) {
-                            acks.push(sent.elapsed());
-                        }
-                    }
+                    inflight.acked(stopping, ctl.measuring.load(Ordering::Relaxed));
                 }
             }
             Ok(Some(Ok(_))) | Err(_) => {}
             Ok(_) => bail!("connection closed"),
         }
     }
-    Ok(Sent {
-        acks,
-        unacked: inflight.len() as u64,
-        drain_max,
-    })
+    Ok(inflight.into())
 }
 
 /// Counts message pushes and their latency until the flow is over.
@@ -553,25 +545,17 @@ async fn jetstream_flow(
         let (ctl, payload) = (ctl.clone(), payload.to_vec());
         senders.push(tokio::spawn(async move {
             let subject = format!("dm.{p}");
-            let mut inflight = std::collections::VecDeque::with_capacity(window);
-            let mut acks = Samples::default();
-            let (mut drain_max, mut drain_until) = (Duration::ZERO, None);
+            let mut inflight = Inflight::new(window);
             loop {
                 let stopping = ctl.stop.load(Ordering::Relaxed);
-                if stopping {
-                    if inflight.is_empty() {
-                        break;
-                    }
-                    let until = *drain_until
-                        .get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
-                    if Instant::now() > until {
-                        break;
-                    }
-                } else {
-                    while inflight.len() < window {
+                let Some(room) = inflight.room(stopping) else {
+                    break;
+                };
+                if !stopping {
+                    for _ in 0..room {
                         w.publish_reply(&subject, &inbox, &stamped(&payload))
                             .await?;
-                        inflight.push_back(Instant::now());
+                        inflight.sent();
                     }
                     w.flush().await?;
                 }
@@ -583,19 +567,9 @@ async fn jetstream_flow(
                 if m.payload.windows(7).any(|x| x == b"\"error\"") {
                     bail!("publish refused: {}", String::from_utf8_lossy(&m.payload));
                 }
-                if let Some(sent) = inflight.pop_front() {
-                    if stopping {
-                        drain_max = drain_max.max(sent.elapsed());
-                    } else if ctl.measuring.load(Ordering::Relaxed) {
-                        acks.push(sent.elapsed());
-                    }
-                }
+                inflight.acked(stopping, ctl.measuring.load(Ordering::Relaxed));
             }
-            anyhow::Ok(Sent {
-                acks,
-                unacked: inflight.len() as u64,
-                drain_max,
-            })
+            anyhow::Ok(Sent::from(inflight))
         }));
     }
     finish(

@@ -747,13 +747,12 @@ impl Conn {
         window: usize,
         stop: &AtomicBool,
     ) -> anyhow::Result<Samples> {
-        let mut inflight = std::collections::VecDeque::with_capacity(window);
-        let mut samples = Samples::default();
+        let mut inflight = stats::Inflight::new(window);
         let msg = Message::Text(frame.to_owned().into());
         while !stop.load(Ordering::Relaxed) {
-            while inflight.len() < window {
+            for _ in 0..inflight.room(false).unwrap_or(0) {
                 self.ws.feed(msg.clone()).await?;
-                inflight.push_back(Instant::now());
+                inflight.sent();
             }
             self.ws.flush().await?;
             match tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await {
@@ -763,9 +762,7 @@ impl Conn {
                         if t.as_str().contains("\"error\"") {
                             bail!("send refused: {}", t.as_str());
                         }
-                        if let Some(sent) = inflight.pop_front() {
-                            samples.push(sent.elapsed());
-                        }
+                        inflight.acked(false, true);
                     }
                 }
                 Ok(Some(Ok(_))) => {}
@@ -773,7 +770,7 @@ impl Conn {
                 Err(_) => bail!("no ack for 5 s"),
             }
         }
-        Ok(samples)
+        Ok(inflight.finish().0)
     }
 }
 
