@@ -762,10 +762,19 @@ pub async fn list_members(db: &Db, slug: &str) -> Result<Vec<MemberInfo>, AdminE
 /// [`AdminError`].
 pub async fn revoke_member(db: &Db, slug: &str, member: &str) -> Result<MemberInfo, AdminError> {
     let m = mesh(db, slug).await?;
-    db.revoke_member(&m.id, member, now_ms())
+    let row = db
+        .revoke_member(&m.id, member, now_ms())
         .await?
-        .map(Into::into)
-        .ok_or_else(|| AdminError::NoSuchMember(member.to_owned()))
+        .ok_or_else(|| AdminError::NoSuchMember(member.to_owned()))?;
+    // A running daemon checks hellos against its member cache: return once it has
+    // applied the revocation, so the member is refused from now on.
+    if !crate::features::moderation::wait_applied(db, now_ms()).await? {
+        tracing::warn!(
+            "the running daemon has not applied the revocation yet; \
+             it refuses the member as soon as it does"
+        );
+    }
+    Ok(row.into())
 }
 
 /// A key minted by `meshd apikey create` (the secret is shown this once).

@@ -41,7 +41,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{Notify, OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Db, MemberRow, MeshRow, StoreError};
+use crate::store::{Db, MemberRow, MeshRow, PeerStateRow, StoreError};
 
 mod bridged;
 pub(crate) mod outq;
@@ -499,6 +499,10 @@ struct MeshInner {
     departed: HashMap<String, i64>,
     /// Topics, their subscribers and listeners (`features::topics`).
     topics: topics::TopicBook,
+    /// "Welcome back" records by member id as this process last read or saved them
+    /// (`None`: the member has none), so a hello reads the store once per member: only
+    /// this process writes them.
+    saved: HashMap<String, Option<PeerStateRow>>,
 }
 
 impl MeshInner {
@@ -626,6 +630,33 @@ impl MeshHub {
     /// Whether `pubkey` is a member of the mesh (revoked ones included).
     pub(crate) fn knows(&self, pubkey: &str) -> bool {
         self.inner().members.contains_key(pubkey)
+    }
+
+    /// The member's "welcome back" record, if this process has read or saved it
+    /// (`Some(None)`: it has none).
+    pub(crate) fn saved_state(&self, member_id: &str) -> Option<Option<PeerStateRow>> {
+        self.inner().saved.get(member_id).cloned()
+    }
+
+    /// Remembers a record read from the store, unless one was saved meanwhile (a
+    /// departure's is newer than any read). Returns the record to use.
+    pub(crate) fn read_state(
+        &self,
+        member_id: &str,
+        read: Option<PeerStateRow>,
+    ) -> Option<PeerStateRow> {
+        self.inner()
+            .saved
+            .entry(member_id.to_owned())
+            .or_insert(read)
+            .clone()
+    }
+
+    /// Remembers the record a departing session saves.
+    pub(crate) fn save_state(&self, state: PeerStateRow) {
+        self.inner()
+            .saved
+            .insert(state.member_id.clone(), Some(state));
     }
 
     /// Adds or updates a member (after `/join`).

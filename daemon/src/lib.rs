@@ -334,6 +334,10 @@ impl Bound {
         // Kept to abort what outlives the stop's budget (a sick store can stall them).
         let mut upkeep = vec![
             background.spawn(housekeeping(ctx.clone(), background_cancel.clone())),
+            background.spawn(crate::features::moderation::watch_revocations(
+                ctx.clone(),
+                background_cancel.clone(),
+            )),
             background.spawn(checkpoints(ctx.clone(), background_cancel.clone())),
         ];
         // Reminders stop with the sessions (phase 2): what they fire must still reach
@@ -507,15 +511,11 @@ async fn checkpoints(ctx: Arc<Ctx>, cancel: CancellationToken) {
     }
 }
 
-/// Periodic upkeep: expiry sweeps, the revocation watch, health and gauges.
+/// Periodic upkeep: expiry sweeps, the API key revocation watch, health and gauges.
 async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut revoked_watermark = time::now_ms() - 60_000;
-    // The watch's windows overlap; a revocation is audited once. Only revocations still
-    // inside the window are remembered.
-    let mut audited_revocations: std::collections::HashMap<(String, String), i64> =
-        std::collections::HashMap::new();
+    let mut keys_watermark = time::now_ms() - 60_000;
     let mut n: u64 = 0;
     let mut last_recount = crate::time::instant();
     let mut last_purge = crate::time::instant();
@@ -525,44 +525,15 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         n += 1;
-        // Revocations made by `meshd member revoke` in another process.
         let now = time::now_ms();
-        match ctx.db.revoked_since(revoked_watermark - 5_000).await {
-            Ok(rows) => {
-                for m in rows {
-                    // Revocations of members hosted here (peers announce their own).
-                    if m.home_broker.is_none()
-                        && audited_revocations
-                            .insert(
-                                (m.mesh_id.clone(), m.id.clone()),
-                                m.revoked_at.unwrap_or(now),
-                            )
-                            .is_none()
-                    {
-                        ctx.audit.record(
-                            &m.mesh_id,
-                            "member_revoked",
-                            None,
-                            "system",
-                            serde_json::json!({"memberId": m.id, "pubkey": m.pubkey}),
-                        );
-                    }
-                    crate::features::moderation::apply_revocation(&ctx, &m, now).await;
-                }
-                revoked_watermark = now;
-                audited_revocations.retain(|_, at| *at >= revoked_watermark - 60_000);
-            }
-            Err(e) => warn!(cause = %e, "revocation watch"),
-        }
         // API keys revoked by `meshd apikey revoke` (another process) close their
         // external connections.
         if !ctx.external.keys().is_empty() {
-            match ctx
-                .db
-                .api_keys_revoked_since(revoked_watermark - 10_000)
-                .await
-            {
-                Ok(ids) => ids.iter().for_each(|id| ctx.external.key_revoked(id)),
+            match ctx.db.api_keys_revoked_since(keys_watermark - 10_000).await {
+                Ok(ids) => {
+                    ids.iter().for_each(|id| ctx.external.key_revoked(id));
+                    keys_watermark = now;
+                }
                 Err(e) => warn!(cause = %e, "api key revocation watch"),
             }
         }

@@ -1,6 +1,6 @@
 //! Moderation (HEAD §4): `kick`, `disconnect`, `ban`, `unban`, `list_bans`, and what a
 //! revocation does to a live mesh (shared with `meshd member revoke`, which another
-//! process writes and the housekeeping watch picks up).
+//! process writes and [`watch_revocations`] picks up).
 //!
 //! Unlike the reference, a kicked, disconnected or banned connection leaves through the
 //! normal teardown: `peer_left` is announced, its MCP servers and subscriptions go, and
@@ -91,6 +91,111 @@ pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
         }
         if closed > 0 {
             info!(mesh.id = %m.mesh_id, member.id = %m.id, closed, "member revoked; connections closed");
+        }
+    }
+}
+
+/// How often the daemon looks for revocations another process wrote.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Each look re-reads revocations this far back (ms): a row committed late (another
+/// process's clock, a slow transaction) with an older `revoked_at` is still seen.
+const WATCH_OVERLAP_MS: i64 = 5_000;
+/// The watch's progress row is rewritten at least this often (ms), so a command can
+/// tell a live daemon from a stopped one.
+const BEAT_EVERY_MS: i64 = 1_000;
+/// A daemon whose progress row is older than this (ms) is taken for stopped.
+const BEAT_STALE_MS: i64 = 4 * BEAT_EVERY_MS;
+/// Longest a command waits for the live daemon to apply its revocation.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Applies revocations that `meshd member revoke` (another process) wrote to the
+/// store. Hellos are checked against the hub's member cache, not the store, so this
+/// watch is what makes such a revocation bite; `revocations_applied` tells the command
+/// when it has (see [`wait_applied`]).
+///
+/// A revocation is applied in full once; while it stays inside the overlap window the
+/// hub's flag is set again on each pass, which undoes a hello that refreshed the
+/// member from a read taken just before the revocation committed.
+pub(crate) async fn watch_revocations(ctx: Arc<Ctx>, cancel: tokio_util::sync::CancellationToken) {
+    let broker = ctx
+        .config
+        .federation
+        .as_ref()
+        .map_or_else(|| "local".to_owned(), |f| f.broker.clone());
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watermark = crate::time::now_ms() - 60_000;
+    let mut applied: std::collections::HashMap<(String, String), i64> =
+        std::collections::HashMap::new();
+    let mut last_beat: Option<i64> = None;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // Taken before the read: every revocation committed before it is in the rows.
+        let now = crate::time::now_ms();
+        let rows = match ctx.db.revoked_since(watermark - WATCH_OVERLAP_MS).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(cause = %e, "revocation watch");
+                continue;
+            }
+        };
+        let mut fresh = false;
+        for m in rows {
+            let at = m.revoked_at.unwrap_or(now);
+            let key = (m.mesh_id.clone(), m.id.clone());
+            if applied.get(&key) == Some(&at) {
+                if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
+                    mesh.revoke(&m.pubkey);
+                }
+                continue;
+            }
+            applied.insert(key, at);
+            fresh = true;
+            // Revocations of members hosted here are audited here (peer brokers audit
+            // their own).
+            if m.home_broker.is_none() {
+                ctx.audit.record(
+                    &m.mesh_id,
+                    "member_revoked",
+                    None,
+                    "system",
+                    serde_json::json!({"memberId": m.id, "pubkey": m.pubkey}),
+                );
+            }
+            apply_revocation(&ctx, &m, now).await;
+        }
+        watermark = now;
+        applied.retain(|_, at| *at >= watermark - 60_000);
+        if fresh || last_beat.is_none_or(|b| now.saturating_sub(b) >= BEAT_EVERY_MS) {
+            match ctx.db.revocations_applied(&broker, now, now).await {
+                Ok(()) => last_beat = Some(now),
+                Err(e) => tracing::warn!(cause = %e, "recording the revocation watch"),
+            }
+        }
+    }
+}
+
+/// Waits until every live daemon on this store has applied revocations committed up
+/// to `committed` (ms, read after the commit), for at most [`APPLY_WAIT`]. Returns
+/// whether they have (`true` too when no daemon is running).
+///
+/// # Errors
+/// [`StoreError`](crate::store::StoreError).
+pub(crate) async fn wait_applied(
+    db: &crate::store::Db,
+    committed: i64,
+) -> Result<bool, crate::store::StoreError> {
+    let deadline = crate::time::instant() + APPLY_WAIT;
+    loop {
+        let since = crate::time::now_ms() - BEAT_STALE_MS;
+        match db.revocations_applied_through(since).await? {
+            None => return Ok(true),
+            Some(through) if through > committed => return Ok(true),
+            Some(_) if crate::time::instant() >= deadline => return Ok(false),
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     }
 }

@@ -221,7 +221,7 @@ impl Db {
         const SQL: &str = "SELECT forward_seq AS seq, id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, sender_name, \
                            target_spec, target_key, priority, nonce, ciphertext, subtype, client_message_id, created_at, expires_at, tags, bridged \
                            FROM message WHERE forward_to = $1 AND forwarded_at IS NULL AND forward_seq > $2 \
-                           ORDER BY forward_seq LIMIT $3";
+                           ORDER BY forward_seq LIMIT +$3";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(broker).bind(after).bind(limit).fetch_all(p).await)?,
         )

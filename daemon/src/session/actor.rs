@@ -216,6 +216,7 @@ impl Session {
             .mesh
             .with_peer(self.conn, |p| peer_state(&mesh_id, p, now))
         {
+            self.mesh.save_state(state.to_row());
             self.queue_write(WriteOp::SavePeerState(Box::new(state)));
         }
         while let Some(op) = self.writes.pop_front() {

@@ -218,20 +218,26 @@ pub(crate) async fn authenticate(
         .await
         .map_err(|e| Refusal::store(&e))?
         .ok_or_else(not_member)?;
-    // The store is authoritative (members join and are revoked from other processes);
-    // the hub's copy is refreshed on every hello.
-    let member = match ctx
-        .db
-        .member_by_pubkey(&ident.mesh_id, &ident.member_pubkey)
-        .await
-        .map_err(|e| Refusal::store(&e))?
-    {
-        Some(row) => {
-            let info = member_info(&row);
-            mesh.upsert_member(&row.pubkey, info.clone());
-            info
-        }
-        None => return Err(not_member()),
+    // The hub's member cache answers: it is loaded with the mesh, kept by this
+    // process's joins and revocations, and by the watch for those of other processes
+    // (`features::moderation::watch_revocations`, which `meshd member revoke` waits
+    // for). A key it does not know, or knows as revoked (another process may have
+    // lifted the ban), is read from the store.
+    let member = match mesh.member(&ident.member_pubkey).filter(|m| !m.revoked) {
+        Some(info) => info,
+        None => match ctx
+            .db
+            .member_by_pubkey(&ident.mesh_id, &ident.member_pubkey)
+            .await
+            .map_err(|e| Refusal::store(&e))?
+        {
+            Some(row) => {
+                let info = member_info(&row);
+                mesh.upsert_member(&row.pubkey, info.clone());
+                info
+            }
+            None => return Err(not_member()),
+        },
     };
     if member.revoked {
         return Err(Refusal::revoked(&mesh.row.name));
@@ -293,11 +299,17 @@ pub(crate) async fn authenticate(
         }
     }
 
-    let saved = ctx
-        .db
-        .peer_state(&ident.mesh_id, &member.id)
-        .await
-        .map_err(|e| Refusal::store(&e))?;
+    let saved = match mesh.saved_state(&member.id) {
+        Some(saved) => saved,
+        None => {
+            let read = ctx
+                .db
+                .peer_state(&ident.mesh_id, &member.id)
+                .await
+                .map_err(|e| Refusal::store(&e))?;
+            mesh.read_state(&member.id, read)
+        }
+    };
     let saved_groups: Vec<GroupEntry> = saved
         .as_ref()
         .and_then(|s| serde_json::from_str(&s.groups).ok())

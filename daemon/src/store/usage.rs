@@ -193,7 +193,7 @@ impl Db {
     pub async fn purge_forgotten(&self, before: i64) -> Result<u64, StoreError> {
         self.purge_loop(
             "DELETE FROM memory WHERE id IN (SELECT id FROM memory \
-             WHERE forgotten_at IS NOT NULL AND forgotten_at < $1 LIMIT $2)",
+             WHERE forgotten_at IS NOT NULL AND forgotten_at < $1 LIMIT +$2)",
             before,
         )
         .await
@@ -203,7 +203,7 @@ impl Db {
     pub async fn purge_done_tasks(&self, before: i64) -> Result<u64, StoreError> {
         self.purge_loop(
             "DELETE FROM task WHERE id IN (SELECT id FROM task \
-             WHERE completed_at IS NOT NULL AND completed_at < $1 LIMIT $2)",
+             WHERE completed_at IS NOT NULL AND completed_at < $1 LIMIT +$2)",
             before,
         )
         .await
@@ -213,7 +213,7 @@ impl Db {
     pub async fn purge_closed_schedules(&self, before: i64) -> Result<u64, StoreError> {
         self.purge_loop(
             "DELETE FROM scheduled_message WHERE id IN (SELECT id FROM scheduled_message \
-             WHERE next_at IS NULL AND COALESCE(fired_at, created_at) < $1 LIMIT $2)",
+             WHERE next_at IS NULL AND COALESCE(fired_at, created_at) < $1 LIMIT +$2)",
             before,
         )
         .await
@@ -225,13 +225,13 @@ impl Db {
         for table in ["file_key", "file_access"] {
             let sql = format!(
                 "DELETE FROM {table} WHERE file_id IN (SELECT id FROM file \
-                 WHERE deleted_at IS NOT NULL AND deleted_at < $1 LIMIT $2)"
+                 WHERE deleted_at IS NOT NULL AND deleted_at < $1 LIMIT +$2)"
             );
             self.purge_loop(&sql, before).await?;
         }
         self.purge_loop(
             "DELETE FROM file WHERE id IN (SELECT id FROM file \
-             WHERE deleted_at IS NOT NULL AND deleted_at < $1 LIMIT $2)",
+             WHERE deleted_at IS NOT NULL AND deleted_at < $1 LIMIT +$2)",
             before,
         )
         .await
@@ -242,7 +242,7 @@ impl Db {
         self.purge_loop(
             "DELETE FROM file_access WHERE (file_id, accessed_at) IN (SELECT file_id, accessed_at FROM \
              (SELECT file_id, accessed_at, ROW_NUMBER() OVER (PARTITION BY file_id ORDER BY accessed_at DESC) AS rn \
-              FROM file_access) t WHERE rn > $1 LIMIT $2)",
+              FROM file_access) t WHERE rn > $1 LIMIT +$2)",
             keep,
         )
         .await
@@ -252,7 +252,7 @@ impl Db {
     pub async fn prune_session_keys(&self, keep: i64) -> Result<Vec<(String, String)>, StoreError> {
         const SQL: &str = "DELETE FROM session_key WHERE (mesh_id, pubkey) IN (SELECT mesh_id, pubkey FROM \
              (SELECT mesh_id, pubkey, ROW_NUMBER() OVER (PARTITION BY mesh_id, member_id ORDER BY last_seen DESC) AS rn \
-              FROM session_key) t WHERE rn > $1 LIMIT $2) RETURNING mesh_id, pubkey";
+              FROM session_key) t WHERE rn > $1 LIMIT +$2) RETURNING mesh_id, pubkey";
         Ok(
             with_db_write!(self, p => sqlx::query_as(SQL).bind(keep).bind(PURGE_CHUNK).fetch_all(p).await)?,
         )
@@ -289,7 +289,7 @@ impl Db {
     /// Webhooks deleted (inactive) are kept for nothing.
     pub async fn purge_inactive_webhooks(&self) -> Result<u64, StoreError> {
         self.purge_loop(
-            "DELETE FROM webhook WHERE id IN (SELECT id FROM webhook WHERE NOT active AND $1 = $1 LIMIT $2)",
+            "DELETE FROM webhook WHERE id IN (SELECT id FROM webhook WHERE NOT active AND $1 = $1 LIMIT +$2)",
             0,
         )
         .await

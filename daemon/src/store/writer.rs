@@ -212,6 +212,24 @@ pub(crate) struct PeerStateWrite {
     pub(crate) tags: Option<String>,
 }
 
+impl PeerStateWrite {
+    /// The row as the store will hold it.
+    pub(crate) fn to_row(&self) -> super::PeerStateRow {
+        super::PeerStateRow {
+            mesh_id: self.mesh_id.clone(),
+            member_id: self.member_id.clone(),
+            groups: self.groups.clone(),
+            profile: self.profile.clone(),
+            visible: self.visible,
+            last_summary: self.last_summary.clone(),
+            last_display_name: Some(self.last_display_name.clone()),
+            stats: self.stats.clone(),
+            tags: self.tags.clone(),
+            last_seen_at: self.at,
+        }
+    }
+}
+
 /// An operation for the writer.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
@@ -904,7 +922,7 @@ const CLAIM_SQL: &str = "UPDATE message SET lease_conn = $1, lease_until = $2 \
      WHERE seq IN (SELECT seq FROM message \
         WHERE mesh_id = $3 AND target_key IN ($4, $5) AND delivered_at IS NULL \
           AND (lease_until IS NULL OR lease_until <= $6) AND priority <= $7 AND expires_at > $6 \
-        ORDER BY seq LIMIT $8) \
+        ORDER BY seq LIMIT +$8) \
      RETURNING seq, id, sender_pubkey, sender_member_pubkey, sender_member_id, sender_name, priority, \
                nonce, ciphertext, subtype, client_message_id, created_at, tags, bridged";
 

@@ -23,7 +23,7 @@ impl Db {
     ) -> Result<(Vec<AuditRow>, i64), StoreError> {
         const SQL: &str = "SELECT mesh_id, seq, event_type, actor_member_id, actor, payload, prev_hash, hash, sig, created_at \
                            FROM audit_log WHERE mesh_id = $1 AND ($2 IS NULL OR event_type = $2) \
-                           ORDER BY seq DESC LIMIT $3 OFFSET $4";
+                           ORDER BY seq DESC LIMIT +$3 OFFSET $4";
         const COUNT: &str =
             "SELECT COUNT(*) FROM audit_log WHERE mesh_id = $1 AND ($2 IS NULL OR event_type = $2)";
         // PostgreSQL's default (READ COMMITTED) takes a snapshot per statement; SQLite's

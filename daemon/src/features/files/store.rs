@@ -108,7 +108,7 @@ impl Db {
             "SELECT ",
             columns!(),
             " FROM file WHERE mesh_id = $1 AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
-             ORDER BY uploaded_at DESC, id DESC LIMIT $3"
+             ORDER BY uploaded_at DESC, id DESC LIMIT +$3"
         );
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(now).bind(LIST_SCAN).fetch_all(p).await)?,
@@ -133,7 +133,7 @@ impl Db {
             "SELECT ",
             columns!(),
             " FROM file WHERE mesh_id = $1 AND home_broker IS NULL AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
-             ORDER BY uploaded_at DESC, id DESC LIMIT $3"
+             ORDER BY uploaded_at DESC, id DESC LIMIT +$3"
         );
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(now).bind(MAX_HELD_LISTED).fetch_all(p).await)?,

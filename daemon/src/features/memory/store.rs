@@ -43,12 +43,12 @@ impl Db {
         const SQLITE: &str = "SELECT m.id, m.mesh_id, m.content, m.tags, m.remembered_by, m.remembered_by_name, m.remembered_at \
                               FROM memory_fts JOIN memory m ON m.rowid = memory_fts.rowid \
                               WHERE memory_fts MATCH $1 AND m.mesh_id = $2 AND m.forgotten_at IS NULL \
-                              ORDER BY bm25(memory_fts), m.remembered_at DESC LIMIT $3";
+                              ORDER BY bm25(memory_fts), m.remembered_at DESC LIMIT +$3";
         const PG: &str = "SELECT id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at \
                           FROM memory WHERE search_vector @@ plainto_tsquery('english', $1) AND mesh_id = $2 \
                             AND forgotten_at IS NULL \
                           ORDER BY ts_rank(search_vector, plainto_tsquery('english', $1)) DESC, remembered_at DESC \
-                          LIMIT $3";
+                          LIMIT +$3";
         let Some(q) = fts5_query(query) else {
             return Ok(Vec::new());
         };
@@ -113,7 +113,7 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<(MemoryRow, Option<i64>)>, StoreError> {
         const SQL: &str = "SELECT id, mesh_id, content, tags, remembered_by, remembered_by_name, remembered_at, forgotten_at \
-                           FROM memory WHERE mesh_id = $1 ORDER BY remembered_at DESC LIMIT $2";
+                           FROM memory WHERE mesh_id = $1 ORDER BY remembered_at DESC LIMIT +$2";
         type Row = (
             String,
             String,

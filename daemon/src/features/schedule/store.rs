@@ -112,7 +112,7 @@ impl Db {
             "SELECT ",
             columns!(),
             " FROM scheduled_message \
-             WHERE next_at IS NOT NULL AND next_at <= $1 ORDER BY next_at, id LIMIT $2"
+             WHERE next_at IS NOT NULL AND next_at <= $1 ORDER BY next_at, id LIMIT +$2"
         );
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(now).bind(limit).fetch_all(p).await)?)
     }

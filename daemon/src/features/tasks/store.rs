@@ -103,7 +103,7 @@ impl Db {
     ) -> Result<Vec<TaskRow>, StoreError> {
         const SQL: &str = "SELECT id, mesh_id, title, assignee, claimed_by, priority, status, tags, result, created_by, created_at FROM task \
                            WHERE mesh_id = $1 AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR assignee = $3) \
-                           ORDER BY seq DESC LIMIT $4";
+                           ORDER BY seq DESC LIMIT +$4";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(status).bind(assignee).bind(LIST_LIMIT)
             .fetch_all(p).await)?,
@@ -201,7 +201,7 @@ impl Db {
     /// The mesh's newest tasks with their replication fields (a peer's catch-up).
     pub async fn tasks_full(&self, mesh_id: &str, limit: i64) -> Result<Vec<TaskFull>, StoreError> {
         const SQL: &str = "SELECT id, mesh_id, title, assignee, priority, tags, created_by, creator_pubkey, created_at, claimed_by, claimed_at, result, completed_at \
-                           FROM task WHERE mesh_id = $1 ORDER BY seq DESC LIMIT $2";
+                           FROM task WHERE mesh_id = $1 ORDER BY seq DESC LIMIT +$2";
         Ok(with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(limit).fetch_all(p).await)?)
     }
 

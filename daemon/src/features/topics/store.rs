@@ -237,12 +237,12 @@ impl Db {
     ) -> Result<Vec<TopicMessageRow>, StoreError> {
         const LATEST: &str = "SELECT id, topic_id, mesh_id, sender_member_id, sender_member_pubkey, sender_session_pubkey, sender_name, \
                               nonce, ciphertext, body_version, reply_to_id, created_at, origin_broker \
-                              FROM topic_message WHERE topic_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2";
+                              FROM topic_message WHERE topic_id = $1 ORDER BY created_at DESC, id DESC LIMIT +$2";
         const BEFORE: &str = "SELECT m.id, m.topic_id, m.mesh_id, m.sender_member_id, m.sender_member_pubkey, m.sender_session_pubkey, m.sender_name, \
                               m.nonce, m.ciphertext, m.body_version, m.reply_to_id, m.created_at, m.origin_broker \
                               FROM topic_message m JOIN topic_message b ON b.id = $3 AND b.topic_id = $1 \
                               WHERE m.topic_id = $1 AND (m.created_at < b.created_at OR (m.created_at = b.created_at AND m.id < b.id)) \
-                              ORDER BY m.created_at DESC, m.id DESC LIMIT $2";
+                              ORDER BY m.created_at DESC, m.id DESC LIMIT +$2";
         Ok(match before {
             None => {
                 with_db!(self, p => sqlx::query_as(LATEST).bind(topic_id).bind(limit).fetch_all(p).await)?
@@ -271,7 +271,7 @@ impl Db {
         const SQL: &str = "SELECT id, topic_id, mesh_id, sender_member_id, sender_member_pubkey, sender_session_pubkey, sender_name, \
                            nonce, ciphertext, body_version, reply_to_id, created_at, origin_broker \
                            FROM topic_message WHERE mesh_id = $1 AND created_at >= $2 AND origin_broker IS NULL \
-                           ORDER BY created_at, id LIMIT $3";
+                           ORDER BY created_at, id LIMIT +$3";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(since).bind(limit).fetch_all(p).await)?,
         )
@@ -332,7 +332,7 @@ impl Db {
                              m.sender_name, m.sender_member_pubkey AS sender_pubkey, m.ciphertext, m.body_version, n.kind, n.created_at, n.read_at \
                            FROM notification n JOIN topic t ON t.id = n.topic_id JOIN topic_message m ON m.id = n.message_id \
                            WHERE n.mesh_id = $1 AND n.recipient_member_id = $2 AND n.created_at > $3 AND ($4 = 0 OR n.read_at IS NULL) \
-                           ORDER BY n.created_at DESC, n.id DESC LIMIT $5";
+                           ORDER BY n.created_at DESC, n.id DESC LIMIT +$5";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(member_id).bind(since)
             .bind(i64::from(unread_only)).bind(limit).fetch_all(p).await)?,
@@ -378,7 +378,7 @@ impl Db {
     ) -> Result<Vec<TopicMessageRow>, StoreError> {
         const SQL: &str = "SELECT id, topic_id, mesh_id, sender_member_id, sender_member_pubkey, sender_session_pubkey, sender_name, \
                            nonce, ciphertext, body_version, reply_to_id, created_at, origin_broker \
-                           FROM topic_message WHERE mesh_id = $1 AND created_at > $2 ORDER BY created_at DESC, id DESC LIMIT $3";
+                           FROM topic_message WHERE mesh_id = $1 AND created_at > $2 ORDER BY created_at DESC, id DESC LIMIT +$3";
         Ok(
             with_db!(self, p => sqlx::query_as(SQL).bind(mesh_id).bind(since).bind(limit).fetch_all(p).await)?,
         )
