@@ -108,6 +108,10 @@ pub struct InviteCreated {
     pub max_uses: i64,
     /// The broker URL the invite pins.
     pub broker_url: String,
+    /// The same invite for a person: the web app at the broker's host, the token in
+    /// the URL's fragment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
 }
 
 /// One member in `meshd member list --json`.
@@ -732,6 +736,7 @@ pub async fn create_invite(
     .await?;
     Ok(InviteCreated {
         url: format!("ic://join/{token}"),
+        web_url: crate::features::webapp::invite_link(broker_url, &token),
         token,
         expires_at,
         mesh_id: m.id,

@@ -1313,14 +1313,18 @@ async fn invite(config: Config, cmd: InviteCmd) -> anyhow::Result<()> {
     let inv = r?;
     print(out.json, &inv, |i| {
         format!(
-            "invite for {} ({} use{}, role {}, expires {})\n{}\n\njoin with: claudemesh join {}",
+            "invite for {} ({} use{}, role {}, expires {})\n{}\n\njoin with: claudemesh join {}{}",
             i.slug,
             i.max_uses,
             if i.max_uses == 1 { "" } else { "s" },
             i.role,
             meshd_protocol::time::iso8601_ms(i.expires_at * 1000),
             i.url,
-            i.url
+            i.url,
+            i.web_url
+                .as_ref()
+                .map(|w| format!("\nor in a browser: {w}"))
+                .unwrap_or_default()
         )
     })
 }

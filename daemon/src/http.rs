@@ -192,6 +192,9 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
                 .layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT))
                 .layer(middleware::from_fn_with_state(ctx.clone(), body_deadline)),
         )
+        .route("/app", get(crate::features::webapp::index))
+        .route("/app/", get(crate::features::webapp::index))
+        .route("/app/{*path}", get(crate::features::webapp::file))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/federation", get(federation))

@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod broker;
+pub mod browser;
 pub mod client;
 pub mod crypto;
 pub mod dns;

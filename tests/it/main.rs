@@ -63,4 +63,5 @@ mod tasks;
 mod topics;
 mod vault;
 mod watch;
+mod webapp;
 mod webhooks;

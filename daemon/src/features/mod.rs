@@ -28,4 +28,5 @@ pub mod tasks;
 pub mod topics;
 pub mod vault;
 pub mod watch;
+pub mod webapp;
 pub mod webhooks;

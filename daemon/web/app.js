@@ -1,0 +1,595 @@
+// meshd web app: a person in a claudemesh mesh.
+//
+// The browser holds the member's ed25519 key (localStorage), signs the hello like the
+// CLI, and encrypts direct messages with crypto_box over keys converted from ed25519
+// (libsodium's crypto_sign_ed25519_*_to_curve25519, here ed2curve), so a Claude peer
+// and a person read each other. The broker sees ciphertext only. DM history stays in
+// this browser: the broker keeps a message only until it is delivered.
+
+const nacl = window.nacl;
+const ed2curve = window.ed2curve;
+
+const STORE_IDS = "meshd.identities.v1";
+const STORE_CURRENT = "meshd.current.v1";
+const HISTORY_CAP = 500;
+
+// ---- encoding ----------------------------------------------------------------------
+
+const enc = new TextEncoder();
+const dec = new TextDecoder("utf-8", { fatal: true });
+
+function hex(bytes) {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+function unhex(s) {
+  if (typeof s !== "string" || s.length % 2 || /[^0-9a-f]/i.test(s)) throw new Error("bad hex");
+  const out = new Uint8Array(s.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(s.substr(i * 2, 2), 16);
+  return out;
+}
+function b64(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+function unb64(s) {
+  const bin = atob(s);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+function unb64url(s) {
+  s = s.replace(/-/g, "+").replace(/_/g, "/").replace(/=+$/, "");
+  return unb64(s + "===".slice((s.length + 3) % 4));
+}
+function randomId() {
+  return hex(nacl.randomBytes(12));
+}
+
+// ---- identities ----------------------------------------------------------------------
+
+function loadIdentities() {
+  try {
+    const v = JSON.parse(localStorage.getItem(STORE_IDS) || "[]");
+    return Array.isArray(v) ? v.filter(validIdentity) : [];
+  } catch {
+    return [];
+  }
+}
+function saveIdentities(ids) {
+  localStorage.setItem(STORE_IDS, JSON.stringify(ids));
+}
+function validIdentity(i) {
+  try {
+    return typeof i.meshId === "string" && typeof i.memberId === "string" &&
+      unhex(i.secretKey).length === 64 && unhex(i.publicKey).length === 32 &&
+      hex(nacl.sign.keyPair.fromSecretKey(unhex(i.secretKey)).publicKey) === i.publicKey;
+  } catch {
+    return false;
+  }
+}
+function identityKey(i) {
+  return `${i.meshId}:${i.memberId}`;
+}
+
+// ---- DOM -----------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+function show(section) {
+  for (const s of ["join", "empty", "chat", "keys"]) $(s).hidden = s !== section;
+}
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+// ---- joining ------------------------------------------------------------------------
+
+function inviteFromHash() {
+  const m = /^#join=([A-Za-z0-9_-]+=*)$/.exec(location.hash);
+  if (!m) return null;
+  try {
+    const payload = JSON.parse(dec.decode(unb64url(m[1])));
+    if (payload.v !== 1 || typeof payload.mesh_id !== "string") return null;
+    return { token: m[1], payload };
+  } catch {
+    return null;
+  }
+}
+
+function showJoin(invite) {
+  const p = invite.payload;
+  $("join-mesh").textContent = `${p.mesh_slug} (${p.mesh_id})`;
+  $("join-broker").textContent = p.broker_url;
+  $("join-role").textContent = p.role;
+  $("join-expires").textContent = new Date(p.expires_at * 1000).toLocaleString();
+  $("join-error").textContent = "";
+  show("join");
+  $("join-name").focus();
+  $("join-btn").onclick = () => join(invite);
+}
+
+async function join(invite) {
+  const name = $("join-name").value.trim();
+  if (!name) {
+    $("join-error").textContent = "Enter the name the mesh will see.";
+    return;
+  }
+  $("join-btn").disabled = true;
+  $("join-error").textContent = "";
+  const kp = nacl.sign.keyPair();
+  try {
+    const resp = await fetch("/join", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({
+        invite_token: invite.token,
+        invite_payload: invite.payload,
+        peer_pubkey: hex(kp.publicKey),
+        display_name: name,
+      }),
+    });
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok || body.ok !== true || typeof body.memberId !== "string") {
+      throw new Error(body.error || `HTTP ${resp.status}`);
+    }
+    const id = {
+      meshId: invite.payload.mesh_id,
+      slug: invite.payload.mesh_slug,
+      brokerUrl: invite.payload.broker_url,
+      role: invite.payload.role,
+      memberId: body.memberId,
+      displayName: name,
+      publicKey: hex(kp.publicKey),
+      secretKey: hex(kp.secretKey),
+      joinedAt: Date.now(),
+    };
+    const ids = loadIdentities().filter((i) => identityKey(i) !== identityKey(id));
+    ids.push(id);
+    saveIdentities(ids);
+    localStorage.setItem(STORE_CURRENT, identityKey(id));
+    history.replaceState(null, "", location.pathname);
+    start();
+  } catch (e) {
+    $("join-error").textContent = `Could not join: ${e.message}`;
+  } finally {
+    $("join-btn").disabled = false;
+  }
+}
+
+// ---- the mesh connection ---------------------------------------------------------------
+
+class Mesh {
+  constructor(identity, ui) {
+    this.id = identity;
+    this.ui = ui;
+    this.sk = unhex(identity.secretKey);
+    this.boxSk = ed2curve.convertSecretKey(this.sk);
+    this.peers = new Map(); // routing key -> peer entry
+    this.pending = new Map(); // send id -> history entry
+    this.ws = null;
+    this.backoff = 500;
+    this.closed = false;
+    this.sessionId = `web-${randomId()}`;
+  }
+
+  url() {
+    return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  }
+
+  connect() {
+    const ws = new WebSocket(this.url());
+    this.ws = ws;
+    ws.onopen = () => this.hello();
+    ws.onmessage = (ev) => {
+      let f;
+      try {
+        f = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      this.onFrame(f);
+    };
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return;
+      this.ui.connection(false, ev.reason || `closed (${ev.code})`);
+      if (this.closed || ev.code === 4002) return;
+      setTimeout(() => !this.closed && this.connect(), this.backoff);
+      this.backoff = Math.min(this.backoff * 2, 15000);
+    };
+  }
+
+  close() {
+    this.closed = true;
+    if (this.ws) this.ws.close(1000, "bye");
+  }
+
+  send(frame) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  hello() {
+    const ts = Date.now();
+    const canonical = `${this.id.meshId}|${this.id.memberId}|${this.id.publicKey}|${ts}`;
+    const sig = nacl.sign.detached(enc.encode(canonical), this.sk);
+    this.send({
+      type: "hello",
+      meshId: this.id.meshId,
+      memberId: this.id.memberId,
+      pubkey: this.id.publicKey,
+      sessionId: this.sessionId,
+      pid: 0,
+      cwd: "",
+      displayName: this.id.displayName,
+      peerType: "human",
+      channel: "web",
+      timestamp: ts,
+      signature: hex(sig),
+    });
+  }
+
+  onFrame(f) {
+    switch (f.type) {
+      case "hello_ack":
+        this.backoff = 500;
+        this.ui.connection(true, "online");
+        this.listPeers();
+        break;
+      case "peers_list":
+        this.peers.clear();
+        for (const p of f.peers || []) this.peers.set(p.pubkey, p);
+        this.ui.peersChanged();
+        break;
+      case "push":
+        this.onPush(f);
+        break;
+      case "ack": {
+        const h = this.pending.get(f.id);
+        if (h) {
+          this.pending.delete(f.id);
+          h.state = "sent";
+          h.messageId = f.messageId;
+          this.ui.historyChanged();
+        }
+        break;
+      }
+      case "error":
+        this.ui.error(f.message || f.code || "error");
+        break;
+      default:
+        break;
+    }
+  }
+
+  listPeers() {
+    this.send({ type: "list_peers", _reqId: randomId() });
+  }
+
+  onPush(f) {
+    if (f.subtype === "system") {
+      if (/^peer_(joined|left|returned)$/.test(f.event || "")) this.listPeers();
+      return;
+    }
+    const opened = this.open(f);
+    const text = opened === null ? "[a message this browser cannot decrypt]" : opened;
+    const from = f.senderPubkey || "";
+    const peer = this.peers.get(from);
+    const conv = (peer && peer.memberPubkey) || from;
+    this.ui.record(conv, {
+      dir: "in",
+      text,
+      at: Date.parse(f.createdAt) || Date.now(),
+      id: f.messageId,
+      broadcast: !!(f.targetSpec && !/^[0-9a-f]{64}$/i.test(f.targetSpec)),
+      from: (peer && peer.displayName) || f.senderName || from.slice(0, 8),
+    }, from);
+  }
+
+  /** crypto_box first (a DM), then base64 plaintext (a broadcast), as the CLI reads. */
+  open(f) {
+    try {
+      if (f.senderPubkey && f.nonce && f.ciphertext) {
+        const pk = ed2curve.convertPublicKey(unhex(f.senderPubkey));
+        if (pk) {
+          const m = nacl.box.open(unb64(f.ciphertext), unb64(f.nonce), pk, this.boxSk);
+          if (m) return dec.decode(m);
+        }
+      }
+    } catch {
+      // not a crypto_box: try plaintext
+    }
+    try {
+      return dec.decode(unb64(f.ciphertext || ""));
+    } catch {
+      return null;
+    }
+  }
+
+  /** Encrypts `text` to the peer's routing key and sends it. */
+  dm(peer, text) {
+    const pk = ed2curve.convertPublicKey(unhex(peer.pubkey));
+    if (!pk) throw new Error("the peer's key is not a valid ed25519 key");
+    const nonce = nacl.randomBytes(24);
+    const c = nacl.box(enc.encode(text), nonce, pk, this.boxSk);
+    const id = randomId();
+    const entry = { dir: "out", text, at: Date.now(), id, state: "sending" };
+    this.pending.set(id, entry);
+    const ok = this.send({
+      type: "send",
+      id,
+      targetSpec: peer.pubkey,
+      priority: "now",
+      nonce: b64(nonce),
+      ciphertext: b64(c),
+    });
+    if (!ok) entry.state = "not sent (offline)";
+    return entry;
+  }
+
+  setStatus(status) {
+    this.send({ type: "set_status", status });
+  }
+}
+
+// ---- the page --------------------------------------------------------------------------
+
+const ui = {
+  mesh: null,
+  selected: null, // conversation key (member pubkey)
+  history: {}, // conversation key -> entries
+  unread: {},
+
+  historyKey() {
+    return `meshd.history.v1.${identityKey(this.mesh.id)}`;
+  },
+  loadHistory() {
+    try {
+      this.history = JSON.parse(localStorage.getItem(this.historyKey()) || "{}") || {};
+    } catch {
+      this.history = {};
+    }
+  },
+  saveHistory() {
+    for (const k of Object.keys(this.history)) {
+      this.history[k] = this.history[k].slice(-HISTORY_CAP);
+    }
+    localStorage.setItem(this.historyKey(), JSON.stringify(this.history));
+  },
+
+  connection(on, text) {
+    const c = $("conn");
+    c.textContent = text;
+    c.className = `conn ${on ? "on" : "off"}`;
+  },
+  error(text) {
+    const li = el("li", "system", `broker: ${text}`);
+    $("messages").append(li);
+  },
+
+  record(conv, entry, routingKey) {
+    (this.history[conv] ||= []).push(entry);
+    if (routingKey) this.lastKey[conv] = routingKey;
+    if (conv !== this.selected) this.unread[conv] = (this.unread[conv] || 0) + 1;
+    this.saveHistory();
+    this.peersChanged();
+    this.historyChanged();
+  },
+  lastKey: {},
+
+  conversations() {
+    // Live peers by member, plus conversations with peers now offline.
+    const byConv = new Map();
+    for (const p of this.mesh.peers.values()) {
+      if (p.memberPubkey === this.mesh.id.publicKey && p.pubkey === this.mesh.id.publicKey) continue;
+      const conv = p.memberPubkey || p.pubkey;
+      if (!byConv.has(conv)) byConv.set(conv, { conv, peer: p, online: true });
+    }
+    for (const conv of Object.keys(this.history)) {
+      if (!byConv.has(conv)) byConv.set(conv, { conv, peer: null, online: false });
+    }
+    return [...byConv.values()];
+  },
+
+  peersChanged() {
+    const list = $("peers");
+    list.replaceChildren();
+    const convs = this.conversations();
+    $("peer-count").textContent = `(${convs.filter((c) => c.online).length} online)`;
+    for (const c of convs) {
+      const li = el("li");
+      li.dataset.conv = c.conv;
+      if (c.conv === this.selected) li.classList.add("sel");
+      const dot = el("span", `dot ${c.online ? c.peer.status || "idle" : "off"}`);
+      if (!c.online) dot.style.background = "var(--off)";
+      const name = c.peer ? c.peer.displayName : this.nameFromHistory(c.conv);
+      li.append(dot, el("span", "name", name));
+      if (c.peer && c.peer.summary) li.title = c.peer.summary;
+      if (this.unread[c.conv]) li.append(el("span", "unread", String(this.unread[c.conv])));
+      li.append(el("span", "kind", c.peer ? c.peer.peerType || "" : "offline"));
+      li.onclick = () => this.select(c.conv);
+      list.append(li);
+    }
+  },
+  nameFromHistory(conv) {
+    const h = this.history[conv] || [];
+    const e = h.find((x) => x.dir === "in" && x.from);
+    return e ? e.from : conv.slice(0, 12);
+  },
+
+  peerFor(conv) {
+    let best = null;
+    for (const p of this.mesh.peers.values()) {
+      if ((p.memberPubkey || p.pubkey) === conv) {
+        if (!best || p.pubkey === this.lastKey[conv]) best = p;
+      }
+    }
+    return best;
+  },
+
+  select(conv) {
+    this.selected = conv;
+    delete this.unread[conv];
+    const peer = this.peerFor(conv);
+    $("chat-title").textContent = peer ? `${peer.displayName}` : this.nameFromHistory(conv);
+    $("compose").disabled = !peer;
+    $("send-btn").disabled = !peer;
+    this.peersChanged();
+    this.historyChanged();
+    if (peer) $("compose").focus();
+  },
+
+  historyChanged() {
+    const list = $("messages");
+    list.replaceChildren();
+    for (const h of this.history[this.selected] || []) {
+      const li = el("li", h.dir);
+      li.append(el("span", "text", h.text));
+      const meta = `${new Date(h.at).toLocaleTimeString()}${h.dir === "out" ? ` · ${h.state || "sent"}` : ""}${h.broadcast ? " · broadcast" : ""}`;
+      li.append(el("span", "meta", meta));
+      list.append(li);
+    }
+    list.scrollTop = list.scrollHeight;
+  },
+
+  submit() {
+    const text = $("compose").value;
+    if (!text.trim() || !this.selected) return;
+    const peer = this.peerFor(this.selected);
+    if (!peer) return;
+    const entry = this.mesh.dm(peer, text);
+    (this.history[this.selected] ||= []).push(entry);
+    $("compose").value = "";
+    this.saveHistory();
+    this.historyChanged();
+  },
+};
+
+// Outbound entries are saved when their ack arrives too.
+const historyChangedBase = ui.historyChanged.bind(ui);
+ui.historyChanged = () => {
+  historyChangedBase();
+  if (ui.mesh) ui.saveHistory();
+};
+
+function fillIdentitySelect(ids, current) {
+  const sel = $("identity");
+  sel.replaceChildren();
+  for (const i of ids) {
+    const o = el("option", null, `${i.slug} · ${i.displayName}`);
+    o.value = identityKey(i);
+    o.selected = identityKey(i) === current;
+    sel.append(o);
+  }
+  sel.hidden = ids.length === 0;
+  sel.onchange = () => {
+    localStorage.setItem(STORE_CURRENT, sel.value);
+    start();
+  };
+}
+
+function start() {
+  if (ui.mesh) ui.mesh.close();
+  ui.mesh = null;
+  const invite = inviteFromHash();
+  const ids = loadIdentities();
+  const current = localStorage.getItem(STORE_CURRENT);
+  fillIdentitySelect(ids, current);
+  if (invite) {
+    showJoin(invite);
+    return;
+  }
+  const id = ids.find((i) => identityKey(i) === current) || ids[0];
+  if (!id) {
+    $("status").hidden = true;
+    show("empty");
+    return;
+  }
+  localStorage.setItem(STORE_CURRENT, identityKey(id));
+  fillIdentitySelect(ids, identityKey(id));
+  ui.mesh = new Mesh(id, ui);
+  ui.selected = null;
+  ui.unread = {};
+  ui.loadHistory();
+  $("whoami").textContent = `You are ${id.displayName} in ${id.slug} (member ${id.memberId}, key ${id.publicKey.slice(0, 16)}…) on ${id.brokerUrl}`;
+  $("chat-title").textContent = "Select a peer";
+  $("compose").disabled = true;
+  $("send-btn").disabled = true;
+  $("messages").replaceChildren();
+  $("status").hidden = false;
+  show("chat");
+  ui.peersChanged();
+  ui.mesh.connect();
+}
+
+// ---- keys: export and import -------------------------------------------------------------
+
+function showKeys() {
+  const list = $("key-list");
+  list.replaceChildren();
+  for (const i of loadIdentities()) {
+    const li = el("li");
+    li.append(el("span", null, `${i.slug} · ${i.displayName} · `), el("code", null, i.publicKey));
+    const forget = el("button", null, "Forget");
+    forget.type = "button";
+    forget.onclick = () => {
+      if (!confirm(`Forget the key for ${i.slug}? Without an export it cannot come back.`)) return;
+      saveIdentities(loadIdentities().filter((x) => identityKey(x) !== identityKey(i)));
+      showKeys();
+    };
+    li.append(" ", forget);
+    list.append(li);
+  }
+  $("keys-msg").textContent = "";
+  show("keys");
+}
+
+$("keys-btn").onclick = showKeys;
+$("keys-close").onclick = start;
+$("export-btn").onclick = () => {
+  const blob = new Blob([JSON.stringify({ meshdIdentities: 1, identities: loadIdentities() }, null, 2)], {
+    type: "application/json",
+  });
+  const a = el("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "meshd-keys.json";
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+};
+$("import-file").onchange = async (ev) => {
+  const file = ev.target.files[0];
+  if (!file) return;
+  try {
+    const v = JSON.parse(await file.text());
+    const incoming = (v && Array.isArray(v.identities) ? v.identities : []).filter(validIdentity);
+    if (!incoming.length) throw new Error("no valid keys in this file");
+    const ids = loadIdentities().filter((i) => !incoming.some((n) => identityKey(n) === identityKey(i)));
+    saveIdentities([...ids, ...incoming]);
+    $("keys-msg").textContent = `Imported ${incoming.length} key(s).`;
+    showKeys();
+    $("keys-msg").textContent = `Imported ${incoming.length} key(s).`;
+  } catch (e) {
+    $("keys-msg").textContent = `Import failed: ${e.message}`;
+  }
+  ev.target.value = "";
+};
+
+$("composer").onsubmit = (ev) => {
+  ev.preventDefault();
+  ui.submit();
+};
+$("compose").onkeydown = (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) {
+    ev.preventDefault();
+    ui.submit();
+  }
+};
+$("status").onchange = () => ui.mesh && ui.mesh.setStatus($("status").value);
+window.addEventListener("hashchange", start);
+
+start();

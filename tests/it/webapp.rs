@@ -1,0 +1,210 @@
+//! The web app (`features::webapp`) in a real headless Chromium against a real broker:
+//! a person enrolls from an invite link and talks with a peer that runs the test
+//! client (the CLI's crypto). SQLite only: the app adds no store queries.
+
+use meshd_protocol::invite::Role;
+use meshd_tests::browser::Browser;
+use meshd_tests::{Backend, TestBroker, http_with};
+use serde_json::json;
+
+/// The header `name` of a raw HTTP head, if present.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_is_embedded_and_served_with_a_strict_policy() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let (status, head, body) = http_with(broker.addr, "GET", "/app/", &[], None).await?;
+    assert_eq!(status, 200, "{head}");
+    assert!(header(&head, "content-type").is_some_and(|v| v.starts_with("text/html")));
+    let csp = header(&head, "content-security-policy").unwrap_or_default();
+    assert_eq!(csp, meshd::features::webapp::CSP);
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"));
+    assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
+    assert_eq!(header(&head, "x-frame-options"), Some("DENY"));
+    let html = String::from_utf8(body)?;
+    // No inline script: every <script> has a src on this origin.
+    for tag in html.split("<script").skip(1) {
+        let open = &tag[..tag.find('>').unwrap_or(tag.len())];
+        assert!(
+            open.contains("src=\"/app/"),
+            "inline or foreign script: <script{open}>"
+        );
+        assert!(
+            tag[open.len() + 1..].starts_with("</script>"),
+            "inline script body"
+        );
+    }
+    assert!(!html.contains("style=\""), "inline style");
+
+    // The vendored library comes from the binary, with its license beside it.
+    let (status, head, js) = http_with(
+        broker.addr,
+        "GET",
+        "/app/vendor/nacl-fast.min.js",
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert!(header(&head, "content-type").is_some_and(|v| v.starts_with("text/javascript")));
+    assert!(js.len() > 20_000);
+    let (status, _, license) = http_with(
+        broker.addr,
+        "GET",
+        "/app/vendor/LICENSE-tweetnacl",
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8(license)?.contains("public domain"));
+
+    // Revalidation: the ETag answers 304 with no body.
+    let etag = header(&head, "etag").expect("etag").to_owned();
+    let (status, _, body) = http_with(
+        broker.addr,
+        "GET",
+        "/app/vendor/nacl-fast.min.js",
+        &[("If-None-Match", &etag)],
+        None,
+    )
+    .await?;
+    assert_eq!((status, body.len()), (304, 0));
+
+    // Nothing else is served from /app, not by traversal either.
+    for path in [
+        "/app/nope.js",
+        "/app/../Cargo.toml",
+        "/app/%2e%2e/Cargo.toml",
+        "/app/vendor",
+    ] {
+        let (status, head, _) = http_with(broker.addr, "GET", path, &[], None).await?;
+        assert_eq!(status, 404, "{path}: {head}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_joins_from_an_invite_and_talks_with_a_claude_peer() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("web-team").await?;
+    let claude = broker.enroll(&mesh, "claude").await?;
+    let mut peer = broker.connect(&claude).await?;
+    let invite = broker.invite(&mesh.slug, Role::Member, 1).await?;
+    let link = invite
+        .web_url
+        .clone()
+        .expect("an invite has a browser link");
+    assert!(link.starts_with(&format!("http://{}/app/#join=", broker.addr)));
+
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        browser.goto(&link).await?;
+        browser
+            .wait_for("the join form", "!document.getElementById('join').hidden")
+            .await?;
+        let text = browser.text().await?;
+        assert!(text.contains(&mesh.slug) && text.contains(&mesh.mesh_id), "{text}");
+        browser.fill("#join-name", "Ada").await?;
+        browser.click("#join-btn").await?;
+        browser
+            .wait_for(
+                "the page to be online",
+                "document.getElementById('conn').textContent === 'online'",
+            )
+            .await?;
+        let me = browser
+            .eval("JSON.parse(localStorage.getItem('meshd.identities.v1'))[0]")
+            .await?;
+        let my_key = me["publicKey"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(me["meshId"], json!(mesh.mesh_id));
+        assert_eq!(my_key.len(), 64);
+
+        // The broker sees a human member with the browser's key.
+        let peers = peer
+            .poll(
+                "the browser's presence",
+                json!({"type": "list_peers"}),
+                |v| {
+                    v["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|p| p["displayName"] == "Ada"))
+                },
+            )
+            .await?;
+        let ada = peers["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["displayName"] == "Ada"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(ada["peerType"], "human");
+        assert_eq!(ada["pubkey"], json!(my_key));
+
+        // A DM from the page arrives sealed and opens with the peer's session key.
+        browser
+            .wait_for(
+                "claude in the peer list",
+                "[...document.querySelectorAll('#peers li')].some(li => li.textContent.includes('claude'))",
+            )
+            .await?;
+        browser
+            .eval("[...document.querySelectorAll('#peers li')].find(li => li.textContent.includes('claude')).click()")
+            .await?;
+        browser.fill("#compose", "hello from a browser").await?;
+        browser.click("#send-btn").await?;
+        let (push, text) = peer.expect_message().await?;
+        assert_eq!(text, "hello from a browser");
+        assert_eq!(push["senderPubkey"], json!(my_key));
+        assert!(
+            peer.open_push(&push).is_some(),
+            "the DM is a crypto_box, not plaintext"
+        );
+        browser
+            .wait_for(
+                "the send's ack",
+                "document.getElementById('messages').innerText.includes('sent')",
+            )
+            .await?;
+
+        // The reply, sealed by the peer, is decrypted in the page.
+        peer.dm(&my_key, "hi Ada, from claude", "now").await?;
+        browser
+            .wait_for(
+                "the decrypted reply",
+                "document.getElementById('messages').innerText.includes('hi Ada, from claude')",
+            )
+            .await?;
+
+        // History survives a reload (kept by the browser; the broker holds only
+        // ciphertext in transit).
+        browser.goto(&format!("http://{}/app/", broker.addr)).await?;
+        browser
+            .wait_for(
+                "online again",
+                "document.getElementById('conn').textContent === 'online'",
+            )
+            .await?;
+        browser
+            .eval("[...document.querySelectorAll('#peers li')].find(li => li.textContent.includes('claude')).click()")
+            .await?;
+        let shown = browser
+            .wait_for(
+                "the history after a reload",
+                "(t => t.includes('hello from a browser') && t.includes('hi Ada, from claude') && t)(document.getElementById('messages').innerText)",
+            )
+            .await?;
+        assert!(shown.as_str().is_some());
+        let violations = browser.csp_violations();
+        assert!(violations.is_empty(), "CSP violations: {violations:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-join-and-dm", steps).await;
+    browser.close().await;
+    r
+}
