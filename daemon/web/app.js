@@ -76,7 +76,7 @@ function identityKey(i) {
 
 const $ = (id) => document.getElementById(id);
 function show(section) {
-  for (const s of ["join", "empty", "chat", "keys"]) $(s).hidden = s !== section;
+  for (const s of ["join", "empty", "chat", "keys", "invite"]) $(s).hidden = s !== section;
 }
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -169,6 +169,7 @@ class Mesh {
     this.boxSk = ed2curve.convertSecretKey(this.sk);
     this.peers = new Map(); // routing key -> peer entry
     this.pending = new Map(); // send id -> history entry
+    this.requests = new Map(); // _reqId -> {resolve, reject}
     this.ws = null;
     this.backoff = 500;
     this.closed = false;
@@ -234,7 +235,29 @@ class Mesh {
     });
   }
 
+  /** Sends a request and resolves with the frame that echoes its `_reqId`. */
+  request(frame) {
+    const id = randomId();
+    return new Promise((resolve, reject) => {
+      if (!this.send({ ...frame, _reqId: id })) {
+        reject(new Error("offline"));
+        return;
+      }
+      this.requests.set(id, { resolve, reject });
+      setTimeout(() => {
+        if (this.requests.delete(id)) reject(new Error("no answer from the broker"));
+      }, 15000);
+    });
+  }
+
   onFrame(f) {
+    const waiter = f._reqId && this.requests.get(f._reqId);
+    if (waiter) {
+      this.requests.delete(f._reqId);
+      if (f.type === "error") waiter.reject(new Error(f.message || f.code));
+      else waiter.resolve(f);
+      return;
+    }
     switch (f.type) {
       case "hello_ack":
         this.backoff = 500;
@@ -507,6 +530,7 @@ function start() {
   const id = ids.find((i) => identityKey(i) === current) || ids[0];
   if (!id) {
     $("status").hidden = true;
+    $("invite-btn").hidden = true;
     show("empty");
     return;
   }
@@ -522,6 +546,8 @@ function start() {
   $("send-btn").disabled = true;
   $("messages").replaceChildren();
   $("status").hidden = false;
+  // Admin actions show for admins only (the broker refuses them to others anyway).
+  $("invite-btn").hidden = id.role !== "admin";
   show("chat");
   ui.peersChanged();
   ui.mesh.connect();
@@ -550,6 +576,48 @@ function showKeys() {
 }
 
 $("keys-btn").onclick = showKeys;
+
+// ---- administration: invites -------------------------------------------------------------
+
+function showInvite() {
+  if (!ui.mesh) return;
+  $("invite-mesh").textContent = ui.mesh.id.slug;
+  $("invite-error").textContent = "";
+  $("invite-result").hidden = true;
+  show("invite");
+}
+
+async function createInvite() {
+  $("invite-error").textContent = "";
+  $("invite-create").disabled = true;
+  try {
+    const r = await ui.mesh.request({
+      type: "invite_create",
+      role: $("invite-role").value,
+      maxUses: Number($("invite-uses").value) || 1,
+      expiresInS: Math.round((Number($("invite-days").value) || 1) * 86400),
+      brokerUrl: ui.mesh.url(),
+    });
+    const link = r.webUrl || r.url;
+    $("invite-web").textContent = link;
+    $("invite-web").href = link;
+    $("invite-cli").textContent = `claudemesh join ${r.url}`;
+    const qr = qrcode(0, "L");
+    qr.addData(link);
+    qr.make();
+    $("invite-qr").src = qr.createDataURL(3, 8);
+    $("invite-meta").textContent = `${r.role}, ${r.maxUses} use(s), expires ${new Date(r.expiresAt * 1000).toLocaleString()}`;
+    $("invite-result").hidden = false;
+  } catch (e) {
+    $("invite-error").textContent = `Could not create the invite: ${e.message}`;
+  } finally {
+    $("invite-create").disabled = false;
+  }
+}
+
+$("invite-btn").onclick = showInvite;
+$("invite-close").onclick = () => show("chat");
+$("invite-create").onclick = createInvite;
 $("keys-close").onclick = start;
 $("export-btn").onclick = () => {
   const blob = new Blob([JSON.stringify({ meshdIdentities: 1, identities: loadIdentities() }, null, 2)], {

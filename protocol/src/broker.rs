@@ -113,6 +113,9 @@ pub enum BrokerFrame {
     /// Moderation replies (they carry their own `type`).
     #[serde(untagged)]
     Moderation(crate::moderation::Reply),
+    /// `invite_created` (it carries its own `type`).
+    #[serde(untagged)]
+    InviteCreated(crate::invites::Created),
     /// Vault replies.
     #[serde(untagged)]
     Vault(crate::vault::Reply),

@@ -325,6 +325,8 @@ pub enum ClientFrame {
     ClearPosition,
     /// `kick`, `disconnect`, `ban`, `unban`, `list_bans` (HEAD §4).
     Moderation(crate::moderation::Request),
+    /// meshd extension: `invite_create` (admins). Replied with `invite_created`.
+    InviteCreate(crate::invites::Create),
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
     /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
@@ -397,6 +399,7 @@ impl ClientFrame {
             | Self::PeerFileRequest { .. }
             | Self::PeerDirRequest { .. }
             | Self::Moderation(_)
+            | Self::InviteCreate(_)
             | Self::Vault(_)
             | Self::ApiKey(_)
             | Self::Watch(_) => true,
@@ -1072,6 +1075,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "kick" | "disconnect" | "ban" | "unban" | "list_bans" => {
             ClientFrame::Moderation(crate::moderation::decode(kind, text)?)
         }
+        "invite_create" => ClientFrame::InviteCreate(crate::invites::decode(text)?),
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1606,6 +1610,7 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("watch", true),
     ("unwatch", true),
     ("watch_list", true),
+    ("invite_create", true),
 ];
 
 #[cfg(test)]

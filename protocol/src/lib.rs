@@ -25,6 +25,7 @@ pub mod fit;
 mod fuzz;
 pub mod hello;
 pub mod invite;
+pub mod invites;
 pub mod keys;
 pub mod moderation;
 pub mod nul;

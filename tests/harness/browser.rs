@@ -337,6 +337,21 @@ impl Browser {
         r
     }
 
+    /// With `MESHD_README_SHOTS` set (a directory, `docs/` for the README's images), saves
+    /// the page there as `name.png`; otherwise nothing.
+    ///
+    /// # Errors
+    /// Capture or write failed.
+    pub async fn readme_shot(&mut self, name: &str) -> anyhow::Result<()> {
+        match std::env::var_os("MESHD_README_SHOTS") {
+            Some(dir) => {
+                self.screenshot(&PathBuf::from(dir).join(format!("{name}.png")))
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Console errors that name the Content-Security-Policy (a blocked script, style
     /// or connection).
     #[must_use]

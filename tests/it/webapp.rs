@@ -179,6 +179,7 @@ async fn a_person_joins_from_an_invite_and_talks_with_a_claude_peer() -> anyhow:
                 "document.getElementById('messages').innerText.includes('hi Ada, from claude')",
             )
             .await?;
+        browser.readme_shot("webapp-chat").await?;
 
         // History survives a reload (kept by the browser; the broker holds only
         // ciphertext in transit).
@@ -207,4 +208,119 @@ async fn a_person_joins_from_an_invite_and_talks_with_a_claude_peer() -> anyhow:
     let r = browser.on_failure("webapp-join-and-dm", steps).await;
     browser.close().await;
     r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_invites_from_the_page_and_members_cannot() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("ops").await?;
+    let other = broker.create_mesh("lab").await?;
+    let admin_link = broker
+        .invite(&mesh.slug, Role::Admin, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let member_link = broker
+        .invite(&other.slug, Role::Member, 1)
+        .await?
+        .web_url
+        .expect("link");
+
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        browser.goto(&admin_link).await?;
+        browser.fill("#join-name", "Grace").await?;
+        browser.click("#join-btn").await?;
+        browser
+            .wait_for(
+                "online as an admin",
+                "document.getElementById('conn').textContent === 'online' && !document.getElementById('invite-btn').hidden",
+            )
+            .await?;
+        browser.click("#invite-btn").await?;
+        browser
+            .eval("document.getElementById('invite-role').value = 'member'")
+            .await?;
+        browser.fill("#invite-uses", "2").await?;
+        browser.click("#invite-create").await?;
+        let cli = browser
+            .wait_for(
+                "the created invite",
+                "!document.getElementById('invite-result').hidden && document.getElementById('invite-cli').textContent",
+            )
+            .await?;
+        let cli = cli.as_str().unwrap_or_default().to_owned();
+        let token = cli
+            .strip_prefix("claudemesh join ic://join/")
+            .unwrap_or_else(|| panic!("not a join command: {cli}"))
+            .to_owned();
+        let qr = browser
+            .eval("document.getElementById('invite-qr').src")
+            .await?;
+        browser.readme_shot("webapp-invite").await?;
+        assert!(
+            qr.as_str().is_some_and(|s| s.starts_with("data:image/gif;base64,")),
+            "{qr}"
+        );
+        let web = browser
+            .eval("document.getElementById('invite-web').textContent")
+            .await?;
+        assert_eq!(
+            web.as_str(),
+            Some(format!("http://{}/app/#join={token}", broker.addr).as_str())
+        );
+
+        // A CLI enrolls with it (the same /join claudemesh join posts), twice: two uses.
+        for name in ["cli-1", "cli-2"] {
+            let keys = meshd_tests::Keypair::generate();
+            let (status, body) = broker.join(&token, &keys, name).await?;
+            assert_eq!(status, 200, "{body}");
+            let member = meshd_tests::Member {
+                mesh_id: mesh.mesh_id.clone(),
+                member_id: body["memberId"].as_str().unwrap_or_default().to_owned(),
+                keys,
+                display_name: name.to_owned(),
+            };
+            broker.connect(&member).await?.close().await;
+        }
+        let (status, body) = broker
+            .join(&token, &meshd_tests::Keypair::generate(), "cli-3")
+            .await?;
+        assert_eq!(status, 400, "a third use: {body}");
+
+        // A member of another mesh, in the same browser: no admin action in the page…
+        browser.goto(&member_link).await?;
+        browser.fill("#join-name", "Grace").await?;
+        browser.click("#join-btn").await?;
+        browser
+            .wait_for(
+                "online in the second mesh",
+                &format!(
+                    "document.getElementById('conn').textContent === 'online' && document.getElementById('identity').options.length === 2 && document.getElementById('whoami').textContent.includes({})",
+                    json!(other.slug)
+                ),
+            )
+            .await?;
+        assert_eq!(
+            browser
+                .eval("document.getElementById('invite-btn').hidden")
+                .await?,
+            json!(true)
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-admin-invite", steps).await;
+    browser.close().await;
+    r?;
+
+    // …and none through the protocol either.
+    let plain = broker.enroll(&other, "plain").await?;
+    let mut c = broker.connect(&plain).await?;
+    let v = c
+        .request(json!({"type": "invite_create", "role": "admin", "maxUses": 5}))
+        .await?;
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], "forbidden");
+    Ok(())
 }

@@ -10,6 +10,7 @@ pub mod bridges;
 pub mod clock;
 pub mod contexts;
 pub mod files;
+pub mod invites;
 pub mod mcp;
 pub mod memory;
 pub mod mesh_info;

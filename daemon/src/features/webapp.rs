@@ -39,6 +39,11 @@ const ASSETS: &[Asset] = &[
     asset!("app.css", "text/css; charset=utf-8"),
     asset!("vendor/nacl-fast.min.js", "text/javascript; charset=utf-8"),
     asset!("vendor/ed2curve.min.js", "text/javascript; charset=utf-8"),
+    asset!("vendor/qrcode.js", "text/javascript; charset=utf-8"),
+    asset!(
+        "vendor/LICENSE-qrcode-generator",
+        "text/plain; charset=utf-8"
+    ),
     asset!("vendor/LICENSE-tweetnacl", "text/plain; charset=utf-8"),
     asset!("vendor/LICENSE-ed2curve", "text/plain; charset=utf-8"),
     asset!("vendor/README.md", "text/plain; charset=utf-8"),
