@@ -313,6 +313,9 @@ pub(crate) struct Peer {
     /// Where the connection comes from (a status hook may only change presences of
     /// its own address).
     pub(crate) remote_ip: std::net::IpAddr,
+    /// Opted in to typing indicators and read receipts, with the rate limiter of those
+    /// it sends (`features::signals`); `None` for every client that did not ask.
+    pub(crate) signals: Option<Box<crate::features::signals::Limiter>>,
 }
 
 impl Peer {

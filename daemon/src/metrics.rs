@@ -135,6 +135,8 @@ const FRAME_DROPS: &[&str] = &[
     "binary",
     "state_too_large",
     "reply_trimmed",
+    "signal_rate",
+    "signal_refused",
     "other",
 ];
 const CLOSES: &[&str] = &[

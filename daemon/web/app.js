@@ -174,6 +174,7 @@ class Mesh {
     this.backoff = 500;
     this.closed = false;
     this.sessionId = `web-${randomId()}`;
+    this.lastTyping = new Map();
   }
 
   url() {
@@ -262,7 +263,16 @@ class Mesh {
       case "hello_ack":
         this.backoff = 500;
         this.ui.connection(true, "online");
+        // Typing indicators and read receipts (meshd extension): opt in.
+        this.send({ type: "signals" });
         this.listPeers();
+        this.ui.sendReceipts();
+        break;
+      case "typing":
+        this.ui.typing(f.fromMember || f.from, f.fromName);
+        break;
+      case "read":
+        this.ui.readBy(f.fromMember || f.from, f.messageIds || []);
         break;
       case "peers_list":
         this.peers.clear();
@@ -306,6 +316,7 @@ class Mesh {
     const conv = (peer && peer.memberPubkey) || from;
     this.ui.record(conv, {
       dir: "in",
+      key: from,
       text,
       at: Date.parse(f.createdAt) || Date.now(),
       id: f.messageId,
@@ -358,6 +369,20 @@ class Mesh {
   setStatus(status) {
     this.send({ type: "set_status", status });
   }
+
+  /** At most one `typing` per peer every 2 s (the broker enforces the same). */
+  typing(peer) {
+    const now = Date.now();
+    if (now - (this.lastTyping.get(peer.pubkey) || 0) < 2000) return;
+    this.lastTyping.set(peer.pubkey, now);
+    this.send({ type: "typing", to: peer.pubkey });
+  }
+
+  read(to, messageIds) {
+    for (let i = 0; i < messageIds.length; i += 100) {
+      this.send({ type: "read", to, messageIds: messageIds.slice(i, i + 100) });
+    }
+  }
 }
 
 // ---- the page --------------------------------------------------------------------------
@@ -399,9 +424,50 @@ const ui = {
     (this.history[conv] ||= []).push(entry);
     if (routingKey) this.lastKey[conv] = routingKey;
     if (conv !== this.selected) this.unread[conv] = (this.unread[conv] || 0) + 1;
+    this.typingUntil[conv] = 0;
     this.saveHistory();
     this.peersChanged();
     this.historyChanged();
+    this.sendReceipts();
+  },
+  typingUntil: {},
+
+  /** Read receipts for what the open conversation shows, while the page is visible. */
+  sendReceipts() {
+    if (!this.mesh || !this.selected || document.visibilityState !== "visible") return;
+    const byKey = new Map();
+    for (const h of this.history[this.selected] || []) {
+      if (h.dir === "in" && h.id && h.key && !h.receipted) {
+        h.receipted = true;
+        (byKey.get(h.key) || byKey.set(h.key, []).get(h.key)).push(h.id);
+      }
+    }
+    for (const [key, ids] of byKey) this.mesh.read(key, ids);
+    if (byKey.size) this.saveHistory();
+  },
+
+  typing(conv, name) {
+    this.typingUntil[conv] = Date.now() + 4000;
+    this.showTyping();
+    setTimeout(() => this.showTyping(), 4100);
+  },
+  showTyping() {
+    const on = this.selected && (this.typingUntil[this.selected] || 0) > Date.now();
+    const peer = on && this.peerFor(this.selected);
+    $("typing").textContent = on ? `${peer ? peer.displayName : "The peer"} is typing…` : "";
+  },
+
+  readBy(conv, ids) {
+    const set = new Set(ids);
+    let changed = false;
+    for (const h of this.history[conv] || []) {
+      if (h.dir === "out" && h.messageId && set.has(h.messageId) && h.state !== "read") {
+        h.state = "read";
+        changed = true;
+      }
+    }
+    if (changed && conv === this.selected) this.historyChanged();
+    else if (changed) this.saveHistory();
   },
   lastKey: {},
 
@@ -464,6 +530,8 @@ const ui = {
     $("send-btn").disabled = !peer;
     this.peersChanged();
     this.historyChanged();
+    this.showTyping();
+    this.sendReceipts();
     if (peer) $("compose").focus();
   },
 
@@ -651,6 +719,11 @@ $("composer").onsubmit = (ev) => {
   ev.preventDefault();
   ui.submit();
 };
+$("compose").oninput = () => {
+  const peer = ui.mesh && ui.selected && ui.peerFor(ui.selected);
+  if (peer && $("compose").value) ui.mesh.typing(peer);
+};
+document.addEventListener("visibilitychange", () => ui.sendReceipts());
 $("compose").onkeydown = (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) {
     ev.preventDefault();

@@ -327,6 +327,8 @@ pub enum ClientFrame {
     Moderation(crate::moderation::Request),
     /// meshd extension: `invite_create` (admins). Replied with `invite_created`.
     InviteCreate(crate::invites::Create),
+    /// meshd extension: `signals`, `typing`, `read` (no reply).
+    Signal(crate::signals::Request),
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
     /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
@@ -410,6 +412,8 @@ impl ClientFrame {
             Self::PeerFileResponse(_) | Self::PeerDirResponse(_) => false,
             // `context_shared` is sent, but the CLI does not wait for it.
             Self::ShareContext(_) => false,
+            // meshd extension, fire-and-forget.
+            Self::Signal(_) => false,
             Self::Forget { .. } => false,
             Self::ClaimTask { .. } | Self::CompleteTask { .. } => false,
             // `subscribed` is sent, but the reference's clients do not wait for it.
@@ -1076,6 +1080,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
             ClientFrame::Moderation(crate::moderation::decode(kind, text)?)
         }
         "invite_create" => ClientFrame::InviteCreate(crate::invites::decode(text)?),
+        "signals" | "typing" | "read" => ClientFrame::Signal(crate::signals::decode(kind, text)?),
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1611,6 +1616,9 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("unwatch", true),
     ("watch_list", true),
     ("invite_create", true),
+    ("signals", false),
+    ("typing", false),
+    ("read", false),
 ];
 
 #[cfg(test)]

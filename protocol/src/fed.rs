@@ -69,6 +69,8 @@ pub struct MeshClaim {
 /// connection, whatever they hold, and keep the serving link, instead of letting the
 /// tie-break replace it and lose what was in flight on it.
 pub const CAP_HAS_LINK: &str = "has_link";
+/// Hello capability: the sender understands [`Frame::Signal`].
+pub const CAP_SIGNALS: &str = "signals";
 
 /// First frame on the control stream, both ways.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -985,6 +987,9 @@ pub enum Frame {
     TopicSeal(Box<TopicSealSet>),
     /// Live: a topic post (applied once, by id).
     TopicPost(Box<TopicPostSet>),
+    /// Live: a typing indicator or read receipt for a peer of the receiver (sent only
+    /// to brokers whose hello lists [`CAP_SIGNALS`]).
+    Signal(Box<crate::signals::SignalRelay>),
 }
 
 impl Frame {
@@ -1074,7 +1079,8 @@ impl Frame {
             | Self::Topic(_)
             | Self::TopicMember(_)
             | Self::TopicSeal(_)
-            | Self::TopicPost(_) => {
+            | Self::TopicPost(_)
+            | Self::Signal(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -1118,6 +1124,7 @@ impl Frame {
             Self::TopicMember(_) => "topic_member",
             Self::TopicSeal(_) => "topic_seal",
             Self::TopicPost(_) => "topic_post",
+            Self::Signal(_) => "signal",
             Self::Bridges(_) => "bridges",
             Self::BridgeRelay(_) => "bridge_relay",
             Self::BridgePeers { .. } => "bridge_peers",

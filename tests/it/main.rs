@@ -54,6 +54,7 @@ mod quotas;
 mod reminders;
 mod routing;
 mod schema;
+mod signals;
 mod skills;
 mod spatial;
 mod state;

@@ -324,3 +324,87 @@ async fn an_admin_invites_from_the_page_and_members_cannot() -> anyhow::Result<(
     assert_eq!(v["code"], "forbidden");
     Ok(())
 }
+
+/// Opens an invite link, joins as `name` and waits until the page is online.
+async fn join_as(browser: &mut Browser, link: &str, name: &str) -> anyhow::Result<()> {
+    browser.goto(link).await?;
+    browser.fill("#join-name", name).await?;
+    browser.click("#join-btn").await?;
+    browser
+        .wait_for(
+            &format!("{name} online"),
+            "document.getElementById('conn').textContent === 'online'",
+        )
+        .await?;
+    Ok(())
+}
+
+/// Opens the conversation with the peer named `name` once it is listed.
+async fn open_chat(browser: &mut Browser, name: &str) -> anyhow::Result<()> {
+    let find = format!(
+        "[...document.querySelectorAll('#peers li')].find(li => li.querySelector('.name').textContent === {})",
+        json!(name)
+    );
+    browser
+        .wait_for(&format!("{name} in the peer list"), &format!("!!{find}"))
+        .await?;
+    browser.eval(&format!("{find}.click()")).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_see_typing_and_read_receipts() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("pair").await?;
+    let link_a = broker
+        .invite(&mesh.slug, Role::Member, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let link_b = broker
+        .invite(&mesh.slug, Role::Member, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let mut ada = Browser::launch().await?;
+    let mut bob = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut ada, &link_a, "Ada").await?;
+        join_as(&mut bob, &link_b, "Bob").await?;
+        open_chat(&mut ada, "Bob").await?;
+        open_chat(&mut bob, "Ada").await?;
+        ada.fill("#compose", "hel").await?;
+        bob.wait_for(
+            "Ada's typing indicator",
+            "document.getElementById('typing').textContent === 'Ada is typing…'",
+        )
+        .await?;
+        ada.fill("#compose", "hello Bob").await?;
+        ada.click("#send-btn").await?;
+        bob.wait_for(
+            "the DM",
+            "document.getElementById('messages').innerText.includes('hello Bob')",
+        )
+        .await?;
+        // The message arriving ends the typing indicator.
+        bob.wait_for(
+            "the indicator to go",
+            "document.getElementById('typing').textContent === ''",
+        )
+        .await?;
+        // Bob's open conversation sends a receipt; Ada's message shows it.
+        ada.wait_for(
+            "the read receipt",
+            "[...document.querySelectorAll('#messages li.out .meta')].some(m => m.textContent.endsWith('· read'))",
+        )
+        .await?;
+        ada.readme_shot("webapp-receipt").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let r = ada.on_failure("webapp-typing-ada", steps).await;
+    let r = bob.on_failure("webapp-typing-bob", r).await;
+    ada.close().await;
+    bob.close().await;
+    r
+}

@@ -20,6 +20,7 @@ pub mod people;
 pub mod presence;
 pub mod relay;
 pub mod schedule;
+pub mod signals;
 pub mod skills;
 pub mod spatial;
 pub mod state;

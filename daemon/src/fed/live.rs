@@ -318,6 +318,7 @@ impl Fed {
             Frame::Forget { mesh_id, id, at } => {
                 crate::features::memory::on_peer_forget(ctx, link, mesh_id, id, at).await?;
             }
+            Frame::Signal(s) => crate::features::signals::on_peer_signal(ctx, link, *s).await,
             Frame::RelayAsk(r) => {
                 crate::features::relay::on_peer_relay_ask(self, ctx, link, r).await?;
             }

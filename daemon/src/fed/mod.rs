@@ -172,6 +172,8 @@ pub(crate) struct LinkShared {
     /// The peer broker opened its messages stream: a second one would run a second
     /// de-duplication cursor, so it is a protocol error.
     pub(crate) messages_in: std::sync::atomic::AtomicBool,
+    /// The peer broker understands `Frame::Signal` (its hello said so).
+    pub(crate) signals: bool,
     /// The peer broker opened its live stream (a second one is a protocol error).
     pub(crate) live_in: std::sync::atomic::AtomicBool,
     /// When the link came up.
@@ -575,6 +577,7 @@ impl LinkHandler for Links {
                 "multicast".into(),
                 "presence".into(),
                 "state".into(),
+                meshd_protocol::fed::CAP_SIGNALS.into(),
             ],
             meshes,
         }

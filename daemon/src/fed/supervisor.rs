@@ -388,6 +388,11 @@ impl Fed {
             counters: counters.clone(),
             messages_in: std::sync::atomic::AtomicBool::new(false),
             live_in: std::sync::atomic::AtomicBool::new(false),
+            signals: link
+                .their_hello
+                .caps
+                .iter()
+                .any(|c| c == meshd_protocol::fed::CAP_SIGNALS),
             started: crate::time::std_instant(),
             held: Mutex::default(),
             announced: Notify::new(),

@@ -368,6 +368,7 @@ pub(crate) async fn authenticate(
         stats: None,
         restored_stats: saved_stats,
         remote_ip,
+        signals: None,
     };
     // A status hook that fired just before this session connected (same address, cwd).
     let stashed = ctx.hooks.take_pending(remote_ip, &peer.cwd, now);
