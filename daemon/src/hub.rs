@@ -316,6 +316,8 @@ pub(crate) struct Peer {
     /// Opted in to typing indicators and read receipts, with the rate limiter of those
     /// it sends (`features::signals`); `None` for every client that did not ask.
     pub(crate) signals: Option<Box<crate::features::signals::Limiter>>,
+    /// Watches the mesh's live dashboard (`features::dashboard`).
+    pub(crate) dashboard: bool,
 }
 
 impl Peer {
@@ -580,6 +582,9 @@ impl MeshInner {
 pub(crate) struct MeshHub {
     pub(crate) row: MeshRow,
     inner: Mutex<MeshInner>,
+    /// Live dashboards watching this mesh (`features::dashboard`): the delivery
+    /// pipeline describes messages only while there is one.
+    pub(crate) watchers: std::sync::atomic::AtomicUsize,
 }
 
 /// Where a direct message goes.
@@ -745,6 +750,10 @@ impl MeshHub {
         let registered = match old.and_then(|id| remove_peer(&mut inner, id)) {
             Some(old) => {
                 old.shared.close(Disconnect::Replaced);
+                if old.dashboard {
+                    self.watchers
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 peer.presence_id = old.presence_id;
                 peer.status = old.status;
                 peer.summary = old.summary;
@@ -781,6 +790,10 @@ impl MeshHub {
     pub(crate) fn unregister(&self, conn: ConnId) -> Option<Peer> {
         let mut inner = self.inner();
         let peer = remove_peer(&mut inner, conn)?;
+        if peer.dashboard {
+            self.watchers
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(key) = &peer.session_pubkey
             && !inner.by_key.contains_key(key)
         {
@@ -1843,6 +1856,7 @@ async fn load_mesh(db: &Db, mesh_id: &str) -> Result<Option<Arc<MeshHub>>, Store
     Ok(Some(Arc::new(MeshHub {
         row,
         inner: Mutex::new(inner),
+        watchers: std::sync::atomic::AtomicUsize::new(0),
     })))
 }
 

@@ -137,6 +137,7 @@ const FRAME_DROPS: &[&str] = &[
     "reply_trimmed",
     "signal_rate",
     "signal_refused",
+    "dashboard_full",
     "other",
 ];
 const CLOSES: &[&str] = &[

@@ -76,7 +76,7 @@ function identityKey(i) {
 
 const $ = (id) => document.getElementById(id);
 function show(section) {
-  for (const s of ["join", "empty", "chat", "keys", "invite"]) $(s).hidden = s !== section;
+  for (const s of ["join", "empty", "chat", "keys", "invite", "dashboard"]) $(s).hidden = s !== section;
 }
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -278,6 +278,10 @@ class Mesh {
         this.peers.clear();
         for (const p of f.peers || []) this.peers.set(p.pubkey, p);
         this.ui.peersChanged();
+        if (dash) dash.peersChanged();
+        break;
+      case "mesh_event":
+        if (dash) dash.onEvent(f);
         break;
       case "push":
         this.onPush(f);
@@ -306,7 +310,10 @@ class Mesh {
 
   onPush(f) {
     if (f.subtype === "system") {
-      if (/^peer_(joined|left|returned)$/.test(f.event || "")) this.listPeers();
+      if (/^peer_(joined|left|returned)$/.test(f.event || "")) {
+        this.listPeers();
+        if (dash) dash.onSystem(f);
+      }
       return;
     }
     const opened = this.open(f);
@@ -599,6 +606,7 @@ function start() {
   if (!id) {
     $("status").hidden = true;
     $("invite-btn").hidden = true;
+    $("dash-btn").hidden = true;
     show("empty");
     return;
   }
@@ -616,6 +624,9 @@ function start() {
   $("status").hidden = false;
   // Admin actions show for admins only (the broker refuses them to others anyway).
   $("invite-btn").hidden = id.role !== "admin";
+  $("dash-btn").hidden = id.role !== "admin";
+  if (dash) dash.stop();
+  dash = null;
   show("chat");
   ui.peersChanged();
   ui.mesh.connect();
@@ -684,6 +695,227 @@ async function createInvite() {
 }
 
 $("invite-btn").onclick = showInvite;
+
+// ---- the live dashboard ------------------------------------------------------------------
+
+let dash = null;
+const PRIO_COLOR = { now: "#c0392b", next: "#8a8780", low: "#2f7d4a" };
+const STATUS_COLOR = { idle: "#2f7d4a", working: "#b4552d", dnd: "#6b3f6e" };
+const GROUP_COLORS = ["#3b6ea8", "#c49a2c", "#7a4ea3", "#2c8c8c", "#a83b6e", "#5c7d2f", "#8c5a2c", "#4a4a8c"];
+const FEED_CAP = 200;
+
+class Dashboard {
+  constructor(mesh) {
+    this.mesh = mesh;
+    this.canvas = $("graph");
+    this.ctx = this.canvas.getContext("2d");
+    this.nodes = new Map(); // routing key -> {x, y, peer}
+    this.edges = []; // {from, to: [keys], color, born}
+    this.recent = []; // message times (ms), for the rate
+    this.prio = { now: 0, next: 0, low: 0 };
+    this.bytes = 0;
+    this.dirty = true;
+    this.running = false;
+    // Frame timing, read by the tests and the benchmark.
+    this.draws = [];
+    this.intervals = [];
+    this.lastFrame = 0;
+    window.__meshdDashboard = () => this.timing();
+  }
+
+  async start() {
+    await this.mesh.request({ type: "dashboard_subscribe" });
+    this.mesh.listPeers();
+    this.running = true;
+    const loop = (t) => {
+      if (!this.running) return;
+      if (this.lastFrame) this.pushSample(this.intervals, t - this.lastFrame);
+      this.lastFrame = t;
+      if (this.dirty || this.edges.length) {
+        const t0 = performance.now();
+        this.draw(Date.now());
+        this.pushSample(this.draws, performance.now() - t0);
+      }
+      requestAnimationFrame(loop);
+    };
+    requestAnimationFrame(loop);
+    this.cards();
+  }
+
+  stop() {
+    this.running = false;
+  }
+
+  pushSample(arr, v) {
+    arr.push(v);
+    if (arr.length > 1200) arr.splice(0, arr.length - 1200);
+  }
+
+  timing() {
+    const pct = (arr, q) => {
+      if (!arr.length) return 0;
+      const s = [...arr].sort((a, b) => a - b);
+      return s[Math.min(s.length - 1, Math.floor(q * s.length))];
+    };
+    return {
+      nodes: this.nodes.size,
+      draws: this.draws.length,
+      drawP50: pct(this.draws, 0.5),
+      drawP95: pct(this.draws, 0.95),
+      drawMax: pct(this.draws, 1),
+      frameP50: pct(this.intervals, 0.5),
+      frameP95: pct(this.intervals, 0.95),
+      frameMax: pct(this.intervals, 1),
+      events: this.recentTotal || 0,
+    };
+  }
+
+  peersChanged() {
+    const peers = [...this.mesh.peers.values()].sort((a, b) => (a.pubkey < b.pubkey ? -1 : 1));
+    const n = peers.length || 1;
+    const { width: w, height: h } = this.canvas;
+    const r = Math.min(w, h) / 2 - 30;
+    this.nodes.clear();
+    peers.forEach((p, i) => {
+      const a = (2 * Math.PI * i) / n - Math.PI / 2;
+      this.nodes.set(p.pubkey, { x: w / 2 + r * Math.cos(a), y: h / 2 + r * Math.sin(a), peer: p });
+    });
+    // Me, in the middle when not listed (a dashboard does not list itself).
+    if (!this.nodes.has(this.mesh.id.publicKey)) {
+      this.nodes.set(this.mesh.id.publicKey, { x: w / 2, y: h / 2, peer: { displayName: "you", status: "idle" } });
+    }
+    this.dirty = true;
+    this.cards();
+  }
+
+  onEvent(f) {
+    if (f.kind === "status") {
+      const n = this.nodes.get(f.from);
+      if (n) n.peer.status = f.status;
+      this.feed("timeline", `${this.time(f.at)} ${f.fromName || f.from.slice(0, 8)} → ${f.status}`);
+      this.dirty = true;
+      return;
+    }
+    if (f.kind !== "message") return;
+    this.recentTotal = (this.recentTotal || 0) + 1;
+    this.recent.push(Date.now());
+    this.prio[f.priority] = (this.prio[f.priority] || 0) + 1;
+    this.bytes += f.size || 0;
+    const to = f.targetKind === "direct" ? [f.to] : f.targetKind === "broadcast" ? [...this.nodes.keys()].filter((k) => k !== f.from) : [];
+    this.edges.push({ from: f.from, to, color: PRIO_COLOR[f.priority] || "#888", born: Date.now(), pulse: to.length === 0 || to.length > 64 });
+    if (this.edges.length > 400) this.edges.splice(0, this.edges.length - 400);
+    const via = f.broker ? ` via ${f.broker}` : "";
+    const target = this.nodes.get(f.to);
+    const toName = target ? target.peer.displayName : f.to.length > 16 ? `${f.to.slice(0, 12)}…` : f.to;
+    this.feed("stream", `${this.time(f.at)} ${f.fromName || f.from.slice(0, 8)} → ${toName} · ${f.targetKind} · ${f.priority} · ${f.size} B${via}`, f.priority);
+    this.cardsSoon();
+  }
+
+  onSystem(f) {
+    const d = f.eventData || {};
+    const what = { peer_joined: "joined", peer_returned: "returned", peer_left: "left" }[f.event] || f.event;
+    this.feed("timeline", `${this.time(Date.parse(f.createdAt) || Date.now())} ${d.name || "a peer"} ${what}`);
+  }
+
+  time(ms) {
+    return new Date(ms).toLocaleTimeString();
+  }
+
+  feed(id, text, cls) {
+    const list = $(id);
+    const li = el("li", cls || null, text);
+    list.prepend(li);
+    while (list.childElementCount > FEED_CAP) list.lastElementChild.remove();
+  }
+
+  cardsSoon() {
+    if (this.cardTimer) return;
+    this.cardTimer = setTimeout(() => {
+      this.cardTimer = null;
+      this.cards();
+    }, 250);
+  }
+
+  cards() {
+    const now = Date.now();
+    this.recent = this.recent.filter((t) => now - t < 60000);
+    const peers = [...this.mesh.peers.values()];
+    $("card-peers").textContent = String(peers.length);
+    $("card-rate").textContent = String(this.recent.length);
+    $("card-prio").textContent = `${this.prio.now} / ${this.prio.next} / ${this.prio.low}`;
+    $("card-brokers").textContent = String(new Set(peers.map((p) => p.broker || "here")).size || 1);
+    $("card-bytes").textContent = this.bytes.toLocaleString();
+  }
+
+  draw(now) {
+    const c = this.ctx;
+    const { width: w, height: h } = this.canvas;
+    c.clearRect(0, 0, w, h);
+    const many = this.nodes.size > 80;
+    // Edges fade over 2 s.
+    this.edges = this.edges.filter((e) => now - e.born < 2000);
+    for (const e of this.edges) {
+      const a = this.nodes.get(e.from);
+      if (!a) continue;
+      const alpha = 1 - (now - e.born) / 2000;
+      c.globalAlpha = Math.max(alpha, 0);
+      c.strokeStyle = e.color;
+      c.lineWidth = 1.5;
+      if (e.pulse) {
+        c.beginPath();
+        c.arc(a.x, a.y, 6 + 30 * (1 - alpha), 0, 2 * Math.PI);
+        c.stroke();
+        continue;
+      }
+      c.beginPath();
+      for (const k of e.to) {
+        const b = this.nodes.get(k);
+        if (!b) continue;
+        c.moveTo(a.x, a.y);
+        c.quadraticCurveTo((a.x + b.x) / 2 + (b.y - a.y) * 0.15, (a.y + b.y) / 2 - (b.x - a.x) * 0.15, b.x, b.y);
+      }
+      c.stroke();
+    }
+    c.globalAlpha = 1;
+    const groups = new Map();
+    for (const [, n] of this.nodes) {
+      const p = n.peer;
+      const g = (p.groups && p.groups[0] && p.groups[0].name) || null;
+      if (g && !groups.has(g)) groups.set(g, GROUP_COLORS[groups.size % GROUP_COLORS.length]);
+      c.beginPath();
+      c.arc(n.x, n.y, many ? 3 : 7, 0, 2 * Math.PI);
+      c.fillStyle = STATUS_COLOR[p.status] || "#9a9892";
+      c.fill();
+      if (g) {
+        c.strokeStyle = groups.get(g);
+        c.lineWidth = 2;
+        c.stroke();
+      }
+      if (!many) {
+        c.fillStyle = "#1d1d1b";
+        c.font = "11px system-ui, sans-serif";
+        c.fillText(`${p.displayName}${p.broker ? ` @${p.broker}` : ""}`, n.x + 9, n.y + 4);
+      }
+    }
+    this.dirty = false;
+  }
+}
+
+$("dash-btn").onclick = async () => {
+  if (!ui.mesh) return;
+  show("dashboard");
+  if (!dash) {
+    dash = new Dashboard(ui.mesh);
+    try {
+      await dash.start();
+    } catch (e) {
+      dash = null;
+      ui.error(`dashboard: ${e.message}`);
+      show("chat");
+    }
+  }
+};
+$("dash-close").onclick = () => show("chat");
 $("invite-close").onclick = () => show("chat");
 $("invite-create").onclick = createInvite;
 $("keys-close").onclick = start;

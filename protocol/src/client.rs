@@ -329,6 +329,9 @@ pub enum ClientFrame {
     InviteCreate(crate::invites::Create),
     /// meshd extension: `signals`, `typing`, `read` (no reply).
     Signal(crate::signals::Request),
+    /// meshd extension: watch the mesh's live dashboard feed (admins). Replied with
+    /// `dashboard_subscribed`; then `mesh_event` frames.
+    DashboardSubscribe,
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
     /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
@@ -402,6 +405,7 @@ impl ClientFrame {
             | Self::PeerDirRequest { .. }
             | Self::Moderation(_)
             | Self::InviteCreate(_)
+            | Self::DashboardSubscribe
             | Self::Vault(_)
             | Self::ApiKey(_)
             | Self::Watch(_) => true,
@@ -1081,6 +1085,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         }
         "invite_create" => ClientFrame::InviteCreate(crate::invites::decode(text)?),
         "signals" | "typing" | "read" => ClientFrame::Signal(crate::signals::decode(kind, text)?),
+        "dashboard_subscribe" => ClientFrame::DashboardSubscribe,
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1619,6 +1624,7 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("signals", false),
     ("typing", false),
     ("read", false),
+    ("dashboard_subscribe", true),
 ];
 
 #[cfg(test)]

@@ -408,3 +408,77 @@ async fn two_people_see_typing_and_read_receipts() -> anyhow::Result<()> {
     bob.close().await;
     r
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_watches_the_live_dashboard() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("live").await?;
+    let link = broker
+        .invite(&mesh.slug, Role::Admin, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let (a, b) = (
+        broker.enroll(&mesh, "alpha").await?,
+        broker.enroll(&mesh, "beta").await?,
+    );
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut browser, &link, "Admin").await?;
+        browser.click("#dash-btn").await?;
+        browser
+            .wait_for(
+                "the dashboard feed",
+                "typeof window.__meshdDashboard === 'function' && window.__meshdDashboard().nodes >= 1",
+            )
+            .await?;
+        // A peer joins: the graph and the timeline show it.
+        let mut alpha = broker.connect(&a).await?;
+        let mut beta = broker.connect(&b).await?;
+        browser
+            .wait_for(
+                "two peers in the graph",
+                "window.__meshdDashboard().nodes >= 3 && document.getElementById('timeline').innerText.includes('beta joined')",
+            )
+            .await?;
+        // A DM and a status change: metadata in the stream, never the body.
+        alpha.dm(&beta.key(), "top secret plan", "now").await?;
+        beta.expect_message().await?;
+        beta.send(json!({"type": "set_status", "status": "working"}))
+            .await?;
+        let stream = browser
+            .wait_for(
+                "the DM's metadata",
+                "(t => t.includes('alpha →') && t.includes('direct · now') && t)(document.getElementById('stream').innerText)",
+            )
+            .await?;
+        assert!(!stream.to_string().contains("top secret"), "{stream}");
+        browser
+            .wait_for(
+                "the status change",
+                "document.getElementById('timeline').innerText.includes('beta → working')",
+            )
+            .await?;
+        let timing = browser.eval("window.__meshdDashboard()").await?;
+        assert!(timing["draws"].as_u64().unwrap_or(0) > 0, "{timing}");
+        browser.readme_shot("webapp-dashboard").await?;
+        let violations = browser.csp_violations();
+        assert!(violations.is_empty(), "CSP violations: {violations:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-dashboard", steps).await;
+    browser.close().await;
+    r?;
+    // A member who is not an admin cannot watch.
+    let mut plain = broker.connect(&a).await?;
+    let v = plain
+        .request(json!({"type": "dashboard_subscribe"}))
+        .await?;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{v}"
+    );
+    Ok(())
+}

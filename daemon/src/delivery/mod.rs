@@ -329,6 +329,9 @@ pub(crate) fn submit(ctx: &Ctx, mut env: Envelope, now: i64) -> Result<Accepted,
             return Err(Refused::TooLarge { size, max });
         }
     }
+    // The live dashboards see every message that passes here, described, never read.
+    let seen = crate::features::dashboard::describe(&env, now);
+    let mesh = seen.as_ref().map(|_| env.mesh.clone());
     let target = std::mem::replace(&mut env.target, Target::Everyone);
     let accepted = match Route::of(target)? {
         Route::Direct(key) => direct(ctx, env, key, now)?,
@@ -336,6 +339,9 @@ pub(crate) fn submit(ctx: &Ctx, mut env: Envelope, now: i64) -> Result<Accepted,
         Route::Multicast(spec) => multicast(ctx, env, &spec, now)?,
         Route::Everyone => everyone(ctx, env),
     };
+    if let (Some(event), Some(mesh)) = (seen, mesh) {
+        crate::features::dashboard::publish(ctx, &mesh, &event);
+    }
     Ok(accepted)
 }
 

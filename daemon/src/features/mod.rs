@@ -9,6 +9,7 @@ pub mod audit;
 pub mod bridges;
 pub mod clock;
 pub mod contexts;
+pub mod dashboard;
 pub mod files;
 pub mod invites;
 pub mod mcp;

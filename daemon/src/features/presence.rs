@@ -34,6 +34,14 @@ impl Session {
                     }
                 });
                 self.presence_changed();
+                crate::features::dashboard::status_changed(
+                    &self.ctx,
+                    &self.mesh,
+                    self.routing_key(),
+                    &self.display_name,
+                    status.as_str(),
+                    now,
+                );
                 None
             }
             ClientFrame::SetSummary { summary } => {

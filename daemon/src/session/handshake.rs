@@ -369,6 +369,7 @@ pub(crate) async fn authenticate(
         restored_stats: saved_stats,
         remote_ip,
         signals: None,
+        dashboard: false,
     };
     // A status hook that fired just before this session connected (same address, cwd).
     let stashed = ctx.hooks.take_pending(remote_ip, &peer.cwd, now);

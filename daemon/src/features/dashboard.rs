@@ -1,0 +1,182 @@
+//! The live dashboard's feed (meshd extension): a mesh admin's connection sends
+//! `dashboard_subscribe` and from then on receives a `mesh_event` for every message the
+//! mesh routes — described by its metadata only (sender → target, kind, priority, size,
+//! origin; never its body, which for DMs the broker cannot read anyway) — and for every
+//! status change. The delivery pipeline describes a message only while a dashboard
+//! watches the mesh (one atomic load otherwise).
+//!
+//! Only admins may watch (who talks to whom is sensitive); others are told `forbidden`.
+//! Events go to a watcher's outbound queue like any frame; one that is full loses the
+//! event (a dashboard is a view, not a log) and the loss is counted in
+//! `meshd_frames_dropped_total{reason="dashboard_full"}`.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+
+use crate::Ctx;
+use crate::delivery::{Body, Envelope, Origin, Target};
+use crate::hub::{MeshHub, Outbound, offer};
+use crate::session::*;
+use meshd_protocol::routing::TargetSpec;
+
+/// Longest target text an event carries.
+const MAX_TARGET: usize = 80;
+
+/// One `mesh_event`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "mesh_event", rename_all = "camelCase")]
+pub(crate) struct Event {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    from: String,
+    from_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<String>,
+    at: i64,
+}
+
+/// Describes `env` for the mesh's dashboards, if any watches.
+pub(crate) fn describe(env: &Envelope, now: i64) -> Option<Event> {
+    if env.mesh.watchers.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    let target_kind = match &env.target {
+        Target::Spec(TargetSpec::Broadcast) => "broadcast",
+        Target::Spec(TargetSpec::Group(_)) => "group",
+        Target::Spec(TargetSpec::Direct(_)) | Target::Key(_) => "direct",
+        Target::Spec(TargetSpec::Channel(_)) => "topic",
+        Target::Spec(TargetSpec::Tag(_)) => "tag",
+        Target::Spec(TargetSpec::Name(_)) => "name",
+        Target::Everyone => "event",
+    };
+    let (origin, broker) = match &env.origin {
+        Origin::Client { .. } => ("client", None),
+        Origin::Schedule { .. } => ("schedule", None),
+        Origin::Webhook => ("webhook", None),
+        Origin::Peer { broker, .. } => ("peer_broker", Some(broker.to_string())),
+        Origin::Api => ("api", None),
+        Origin::Bridge => ("bridge", None),
+    };
+    let size = match &env.body {
+        Body::Sealed { nonce, ciphertext } => nonce.len() + ciphertext.len(),
+        Body::Event { data, .. } => data.get().len(),
+    };
+    let mut to = env.target_spec.clone();
+    if to.len() > MAX_TARGET {
+        let mut cut = MAX_TARGET;
+        while !to.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        to.truncate(cut);
+    }
+    Some(Event {
+        kind: "message",
+        id: Some(env.id.clone()),
+        from: env.sender_pubkey.clone(),
+        from_name: env
+            .author
+            .as_ref()
+            .map(|a| a.name.clone())
+            .unwrap_or_default(),
+        to: Some(to),
+        target_kind: Some(target_kind),
+        priority: Some(env.priority.as_str()),
+        size: Some(size),
+        origin: Some(origin),
+        broker,
+        status: None,
+        at: now,
+    })
+}
+
+/// A status change, for the mesh's dashboards.
+pub(crate) fn status_changed(
+    ctx: &Ctx,
+    mesh: &MeshHub,
+    key: &str,
+    name: &str,
+    status: &str,
+    now: i64,
+) {
+    if mesh.watchers.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    publish(
+        ctx,
+        mesh,
+        &Event {
+            kind: "status",
+            id: None,
+            from: key.to_owned(),
+            from_name: name.to_owned(),
+            to: None,
+            target_kind: None,
+            priority: None,
+            size: None,
+            origin: None,
+            broker: None,
+            status: Some(status.to_owned()),
+            at: now,
+        },
+    );
+}
+
+/// Queues `event` for every dashboard of the mesh.
+pub(crate) fn publish(ctx: &Ctx, mesh: &MeshHub, event: &Event) {
+    let frame: Utf8Bytes = serde_json::to_string(event).unwrap_or_default().into();
+    let watchers = mesh
+        .local_peers(|p| p.dashboard.then(|| p.shared.clone()))
+        .into_iter()
+        .flatten();
+    for shared in watchers {
+        if !offer(&shared, Outbound::Frame(frame.clone())) {
+            ctx.metrics.frames_dropped.inc("dashboard_full");
+        }
+    }
+}
+
+impl Session {
+    /// `dashboard_subscribe`: admins only; answered `dashboard_subscribed`.
+    pub(crate) fn on_dashboard_subscribe(&mut self, req_id: Option<String>) -> Option<Utf8Bytes> {
+        let admin = self
+            .mesh
+            .member(&self.member_pubkey)
+            .is_some_and(|m| m.role == "admin" && !m.revoked);
+        if !admin {
+            return error(
+                "forbidden",
+                "only a mesh admin can watch the dashboard",
+                req_id,
+            );
+        }
+        // Counted under the hub's lock, as `unregister` uncounts it.
+        let mesh = self.mesh.clone();
+        mesh.with_peer(self.conn, |p| {
+            if !std::mem::replace(&mut p.dashboard, true) {
+                mesh.watchers.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let reply = serde_json::json!({
+            "type": "dashboard_subscribed",
+            "meshId": self.mesh_id(),
+            "broker": self.ctx.config.federation.as_ref().map(|f| f.broker.clone()),
+            "_reqId": req_id,
+        });
+        Some(reply.to_string().into())
+    }
+}
