@@ -262,6 +262,8 @@ class Mesh {
     switch (f.type) {
       case "hello_ack":
         this.backoff = 500;
+        this.listing = false;
+        this.listAgain = false;
         this.ui.connection(true, "online");
         // Typing indicators and read receipts (meshd extension): opt in.
         this.send({ type: "signals" });
@@ -275,12 +277,18 @@ class Mesh {
         this.ui.readBy(f.fromMember || f.from, f.messageIds || []);
         break;
       case "peers_list":
+        this.listing = false;
+        if (this.listAgain) {
+          this.listAgain = false;
+          setTimeout(() => this.listPeers(), 200);
+        }
         this.peers.clear();
         for (const p of f.peers || []) this.peers.set(p.pubkey, p);
         this.ui.peersChanged();
         if (dash) dash.peersChanged();
         break;
       case "mesh_event":
+        window.__meshdEventsIn = (window.__meshdEventsIn || 0) + 1;
         if (dash) dash.onEvent(f);
         break;
       case "push":
@@ -304,7 +312,14 @@ class Mesh {
     }
   }
 
+  /** One `list_peers` in flight at a time, and a burst of joins asks once more after
+   * it: a list is O(peers), so asking on every join of a 500-peer mesh would be O(n²). */
   listPeers() {
+    if (this.listing) {
+      this.listAgain = true;
+      return;
+    }
+    this.listing = true;
     this.send({ type: "list_peers", _reqId: randomId() });
   }
 
@@ -721,10 +736,16 @@ class Dashboard {
     this.intervals = [];
     this.lastFrame = 0;
     window.__meshdDashboard = () => this.timing();
+    window.__meshdResetTiming = () => {
+      this.draws = [];
+      this.intervals = [];
+      this.recentTotal = 0;
+    };
   }
 
   async start() {
     await this.mesh.request({ type: "dashboard_subscribe" });
+    this.subscribed = true;
     this.mesh.listPeers();
     this.running = true;
     const loop = (t) => {
@@ -759,6 +780,7 @@ class Dashboard {
     };
     return {
       nodes: this.nodes.size,
+      subscribed: !!this.subscribed,
       draws: this.draws.length,
       drawP50: pct(this.draws, 0.5),
       drawP95: pct(this.draws, 0.95),
@@ -767,6 +789,7 @@ class Dashboard {
       frameP95: pct(this.intervals, 0.95),
       frameMax: pct(this.intervals, 1),
       events: this.recentTotal || 0,
+      received: window.__meshdEventsIn || 0,
     };
   }
 

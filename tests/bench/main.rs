@@ -17,6 +17,7 @@ mod compare;
 mod fed;
 mod nats;
 mod stats;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -91,6 +92,16 @@ enum Scenario {
     Idle {
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         conns: Vec<usize>,
+    },
+    /// The web app in headless Chromium: page weight, first load, and the live
+    /// dashboard's frame times with `peers` peers exchanging `rate` DMs/s.
+    Web {
+        #[arg(long, default_value_t = 500)]
+        peers: usize,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
     },
     /// Handshake time: connect + hello → hello_ack.
     Handshake {
@@ -228,6 +239,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             attacks,
         } => b.abuse(pairs, pace, &attacks).await,
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
+        Scenario::Web { peers, rate, secs } => b.web(peers, rate, secs).await,
         Scenario::FedRtt { count } => b.fed_rtt(count).await,
         Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,
         Scenario::FedPresence { peers } => b.fed_presence(peers).await,

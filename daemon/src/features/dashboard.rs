@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::Ctx;
 use crate::delivery::{Body, Envelope, Origin, Target};
-use crate::hub::{MeshHub, Outbound, offer};
+use crate::hub::{MeshHub, Outbound};
 use crate::session::*;
 use meshd_protocol::routing::TargetSpec;
 
@@ -144,7 +144,8 @@ pub(crate) fn publish(ctx: &Ctx, mesh: &MeshHub, event: &Event) {
         .into_iter()
         .flatten();
     for shared in watchers {
-        if !offer(&shared, Outbound::Frame(frame.clone())) {
+        // Not `offer`: a dashboard that falls behind loses events, not its connection.
+        if shared.try_queue(Outbound::Frame(frame.clone())).is_err() {
             ctx.metrics.frames_dropped.inc("dashboard_full");
         }
     }
