@@ -159,6 +159,41 @@ async function join(invite) {
   }
 }
 
+// ---- topics ----------------------------------------------------------------------------
+
+/** A topic post's text: v1 is base64 of the UTF-8 text; v2 needs the topic key. */
+function topicText(m) {
+  if ((m.bodyVersion || 1) !== 1) return "[encrypted with the topic key, which this browser does not hold]";
+  try {
+    return dec.decode(unb64(m.ciphertext || ""));
+  } catch {
+    return "[unreadable post]";
+  }
+}
+
+/** `@name` tokens of `text` (lowercased, 1–64 of [A-Za-z0-9_-]), at most 16. */
+function mentionTokens(text) {
+  const out = new Set();
+  for (const m of text.matchAll(/(^|[^A-Za-z0-9_-])@([A-Za-z0-9_-]{1,64})(?![A-Za-z0-9_-])/g)) {
+    out.add(m[2].toLowerCase());
+    if (out.size >= 16) break;
+  }
+  return [...out];
+}
+
+/** Appends `text` to `parent` with each @mention in a <mark> (the reader's own marked
+ * apart), as text nodes: peer text never becomes HTML. */
+function appendWithMentions(parent, text, me) {
+  let last = 0;
+  for (const m of text.matchAll(/@[A-Za-z0-9_-]{1,64}/g)) {
+    parent.append(text.slice(last, m.index));
+    const mark = el("mark", m[0].slice(1).toLowerCase() === me ? "me" : null, m[0]);
+    parent.append(mark);
+    last = m.index + m[0].length;
+  }
+  parent.append(text.slice(last));
+}
+
 // ---- the mesh connection ---------------------------------------------------------------
 
 class Mesh {
@@ -268,6 +303,7 @@ class Mesh {
         // Typing indicators and read receipts (meshd extension): opt in.
         this.send({ type: "signals" });
         this.listPeers();
+        this.send({ type: "topic_list", _reqId: randomId() });
         this.ui.sendReceipts();
         break;
       case "typing":
@@ -286,6 +322,9 @@ class Mesh {
         for (const p of f.peers || []) this.peers.set(p.pubkey, p);
         this.ui.peersChanged();
         if (dash) dash.peersChanged();
+        break;
+      case "topic_list_response":
+        this.ui.topicsListed(f.topics || []);
         break;
       case "mesh_event":
         window.__meshdEventsIn = (window.__meshdEventsIn || 0) + 1;
@@ -329,6 +368,16 @@ class Mesh {
         this.listPeers();
         if (dash) dash.onSystem(f);
       }
+      return;
+    }
+    if (f.topicId) {
+      this.ui.topicPost(f.topicId, {
+        id: f.messageId,
+        from: f.senderName || (f.senderPubkey || "").slice(0, 8),
+        fromMember: f.senderMemberPubkey || f.senderPubkey,
+        text: topicText(f),
+        at: Date.parse(f.createdAt) || Date.now(),
+      });
       return;
     }
     const opened = this.open(f);
@@ -454,6 +503,50 @@ const ui = {
   },
   typingUntil: {},
 
+  /** Names @mention can complete to: live peers and the topic's posters. */
+  mentionNames() {
+    const names = new Set();
+    for (const p of this.mesh.peers.values()) if (p.displayName) names.add(p.displayName);
+    const t = this.selected && this.selected.startsWith("#") && this.topics.get(this.selected.slice(1));
+    for (const p of (t && t.posts) || []) if (p.from) names.add(p.from);
+    names.delete(this.mesh.id.displayName);
+    return [...names].filter((n) => /^[A-Za-z0-9_-]{1,64}$/.test(n)).sort();
+  },
+
+  /** Offers completions for the `@prefix` before the caret. */
+  suggestMentions() {
+    const ta = $("compose");
+    const before = ta.value.slice(0, ta.selectionStart);
+    const m = /(^|[^A-Za-z0-9_-])@([A-Za-z0-9_-]*)$/.exec(before);
+    const list = $("mention-list");
+    if (!m) return this.hideMentions();
+    const prefix = m[2].toLowerCase();
+    const hits = this.mentionNames().filter((n) => n.toLowerCase().startsWith(prefix)).slice(0, 8);
+    if (!hits.length) return this.hideMentions();
+    list.replaceChildren();
+    hits.forEach((n, i) => {
+      const li = el("li", i === 0 ? "sel" : null, `@${n}`);
+      li.onmousedown = (ev) => {
+        ev.preventDefault();
+        this.completeMention(n);
+      };
+      list.append(li);
+    });
+    list.hidden = false;
+  },
+  hideMentions() {
+    $("mention-list").hidden = true;
+  },
+  completeMention(name) {
+    const ta = $("compose");
+    const before = ta.value.slice(0, ta.selectionStart).replace(/@([A-Za-z0-9_-]*)$/, `@${name} `);
+    const after = ta.value.slice(ta.selectionStart);
+    ta.value = before + after;
+    ta.selectionStart = ta.selectionEnd = before.length;
+    this.hideMentions();
+    ta.focus();
+  },
+
   /** Read receipts for what the open conversation shows, while the page is visible. */
   sendReceipts() {
     if (!this.mesh || !this.selected || document.visibilityState !== "visible") return;
@@ -546,6 +639,8 @@ const ui = {
   select(conv) {
     this.selected = conv;
     delete this.unread[conv];
+    this.hideMentions();
+    this.renderTopics();
     const peer = this.peerFor(conv);
     $("chat-title").textContent = peer ? `${peer.displayName}` : this.nameFromHistory(conv);
     $("compose").disabled = !peer;
@@ -557,9 +652,101 @@ const ui = {
     if (peer) $("compose").focus();
   },
 
+  topics: new Map(), // id -> {id, name, unread, mentions, posts: [] | null}
+
+  topicsListed(list) {
+    for (const t of list) {
+      const cur = this.topics.get(t.id) || { unread: 0, mentions: 0, posts: null };
+      this.topics.set(t.id, { ...cur, id: t.id, name: t.name, memberCount: t.memberCount });
+    }
+    this.renderTopics();
+  },
+
+  renderTopics() {
+    const list = $("topics");
+    list.replaceChildren();
+    for (const t of [...this.topics.values()].sort((a, b) => (a.name < b.name ? -1 : 1))) {
+      const li = el("li");
+      li.dataset.topic = t.id;
+      if (this.selected === `#${t.id}`) li.classList.add("sel");
+      li.append(el("span", "name", `#${t.name}`));
+      if (t.mentions) li.append(el("span", "mention", `@${t.mentions}`));
+      if (t.unread) li.append(el("span", "unread", String(t.unread)));
+      li.onclick = () => this.openTopic(t.id);
+      list.append(li);
+    }
+  },
+
+  async openTopic(id) {
+    const t = this.topics.get(id);
+    if (!t || !this.mesh) return;
+    this.selected = `#${id}`;
+    t.unread = 0;
+    t.mentions = 0;
+    $("chat-title").textContent = `#${t.name}`;
+    $("compose").disabled = false;
+    $("send-btn").disabled = false;
+    $("typing").textContent = "";
+    this.renderTopics();
+    this.peersChanged();
+    this.mesh.send({ type: "topic_join", topic: id });
+    try {
+      const h = await this.mesh.request({ type: "topic_history", topic: id, limit: 100 });
+      const older = (h.messages || []).reverse().map((m) => ({
+        id: m.id,
+        from: m.senderName,
+        fromMember: m.senderPubkey,
+        text: topicText(m),
+        at: Date.parse(m.createdAt) || 0,
+      }));
+      // Posts that arrived while the history was on its way stay.
+      const seen = new Set(older.map((p) => p.id));
+      t.posts = [...older, ...(t.posts || []).filter((p) => !seen.has(p.id))];
+    } catch (e) {
+      this.error(`topic history: ${e.message}`);
+      t.posts = t.posts || [];
+    }
+    this.mesh.send({ type: "topic_mark_read", topic: id });
+    this.historyChanged();
+    $("compose").focus();
+  },
+
+  topicPost(id, post) {
+    let t = this.topics.get(id);
+    if (!t) {
+      t = { id, name: id, unread: 0, mentions: 0, posts: null };
+      this.topics.set(id, t);
+      this.mesh.send({ type: "topic_list", _reqId: randomId() });
+    }
+    if (t.posts) t.posts.push(post);
+    const mine = post.fromMember === this.mesh.id.publicKey;
+    if (this.selected === `#${id}`) {
+      this.mesh.send({ type: "topic_mark_read", topic: id });
+      this.historyChanged();
+    } else if (!mine) {
+      t.unread += 1;
+      if (mentionTokens(post.text).includes(this.mesh.id.displayName.toLowerCase())) t.mentions += 1;
+    }
+    this.renderTopics();
+  },
+
   historyChanged() {
     const list = $("messages");
     list.replaceChildren();
+    if (this.selected && this.selected.startsWith("#")) {
+      const t = this.topics.get(this.selected.slice(1));
+      const me = this.mesh.id.displayName.toLowerCase();
+      for (const p of (t && t.posts) || []) {
+        const li = el("li", p.fromMember === this.mesh.id.publicKey ? "out" : "in");
+        li.append(el("span", "who", p.from));
+        const body = el("span", "text");
+        appendWithMentions(body, p.text, me);
+        li.append(body, el("span", "meta", new Date(p.at).toLocaleTimeString()));
+        list.append(li);
+      }
+      list.scrollTop = list.scrollHeight;
+      return;
+    }
     for (const h of this.history[this.selected] || []) {
       const li = el("li", h.dir);
       li.append(el("span", "text", h.text));
@@ -573,6 +760,31 @@ const ui = {
   submit() {
     const text = $("compose").value;
     if (!text.trim() || !this.selected) return;
+    if (this.selected.startsWith("#")) {
+      // v1 (base64 text): the page does not hold topic keys yet, so the broker can
+      // read topic posts from the web app, as from `claudemesh send #topic`.
+      const names = new Set(this.mentionNames().map((n) => n.toLowerCase()));
+      const id = randomId();
+      // The broker does not echo a post to its sender: shown here.
+      const t = this.topics.get(this.selected.slice(1));
+      if (t) {
+        (t.posts ||= []).push({ id, from: this.mesh.id.displayName, fromMember: this.mesh.id.publicKey, text, at: Date.now() });
+      }
+      this.mesh.send({
+        type: "send",
+        id,
+        targetSpec: this.selected,
+        priority: "now",
+        nonce: b64(nacl.randomBytes(24)),
+        ciphertext: b64(enc.encode(text)),
+        bodyVersion: 1,
+        mentions: mentionTokens(text).filter((t) => names.has(t)),
+      });
+      $("compose").value = "";
+      this.hideMentions();
+      this.historyChanged();
+      return;
+    }
     const peer = this.peerFor(this.selected);
     if (!peer) return;
     const entry = this.mesh.dm(peer, text);
@@ -630,6 +842,8 @@ function start() {
   ui.mesh = new Mesh(id, ui);
   ui.selected = null;
   ui.unread = {};
+  ui.topics = new Map();
+  $("topics").replaceChildren();
   ui.loadHistory();
   $("whoami").textContent = `You are ${id.displayName} in ${id.slug} (member ${id.memberId}, key ${id.publicKey.slice(0, 16)}…) on ${id.brokerUrl}`;
   $("chat-title").textContent = "Select a peer";
@@ -975,11 +1189,24 @@ $("composer").onsubmit = (ev) => {
   ui.submit();
 };
 $("compose").oninput = () => {
-  const peer = ui.mesh && ui.selected && ui.peerFor(ui.selected);
+  if (!ui.mesh) return;
+  ui.suggestMentions();
+  const peer = ui.selected && !ui.selected.startsWith("#") && ui.peerFor(ui.selected);
   if (peer && $("compose").value) ui.mesh.typing(peer);
 };
 document.addEventListener("visibilitychange", () => ui.sendReceipts());
 $("compose").onkeydown = (ev) => {
+  const list = $("mention-list");
+  if (!list.hidden && (ev.key === "Tab" || (ev.key === "Enter" && !ev.shiftKey))) {
+    ev.preventDefault();
+    const sel = list.querySelector("li.sel");
+    if (sel) ui.completeMention(sel.textContent.slice(1));
+    return;
+  }
+  if (!list.hidden && ev.key === "Escape") {
+    ui.hideMentions();
+    return;
+  }
   if (ev.key === "Enter" && !ev.shiftKey) {
     ev.preventDefault();
     ui.submit();

@@ -482,3 +482,104 @@ async fn an_admin_watches_the_live_dashboard() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_in_the_page_with_history_mentions_and_unread() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("forum").await?;
+    let claude = broker.enroll(&mesh, "claude").await?;
+    let mut peer = broker.connect(&claude).await?;
+    let link = broker
+        .invite(&mesh.slug, Role::Member, 1)
+        .await?
+        .web_url
+        .expect("link");
+    // #general has a post before the person joins (history).
+    let topics = peer.request(json!({"type": "topic_list"})).await?;
+    let general = topics["topics"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "general"))
+        .and_then(|t| t["id"].as_str())
+        .expect("#general")
+        .to_owned();
+    let post = |text: &str| {
+        json!({"type": "send", "targetSpec": format!("#{general}"), "priority": "now",
+            "nonce": meshd_tests::crypto::plain(text).0, "ciphertext": meshd_tests::crypto::plain(text).1,
+            "bodyVersion": 1})
+    };
+    peer.send(post("welcome, everyone")).await?;
+    peer.sync().await?;
+
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut browser, &link, "Ada").await?;
+        browser
+            .wait_for(
+                "#general in the list",
+                "[...document.querySelectorAll('#topics li')].some(li => li.textContent.startsWith('#general'))",
+            )
+            .await?;
+        // A post with a mention while the topic is closed: unread and mention badges.
+        peer.send(post("@Ada can you review the plan?")).await?;
+        browser
+            .wait_for(
+                "the unread and mention badges",
+                "(li => li && li.querySelector('.unread')?.textContent === '1' && li.querySelector('.mention')?.textContent === '@1')([...document.querySelectorAll('#topics li')].find(li => li.textContent.startsWith('#general')))",
+            )
+            .await?;
+        browser
+            .eval("[...document.querySelectorAll('#topics li')].find(li => li.textContent.startsWith('#general')).click()")
+            .await?;
+        browser
+            .wait_for(
+                "history and the live post, the mention marked",
+                "(t => t.includes('welcome, everyone') && t.includes('can you review the plan?') && document.querySelector('#messages mark.me')?.textContent === '@Ada')(document.getElementById('messages').innerText)",
+            )
+            .await?;
+        assert_eq!(
+            browser
+                .eval("document.querySelector('#topics li .unread') === null")
+                .await?,
+            json!(true),
+            "opening the topic clears its badges"
+        );
+        // Autocomplete: "@cl" offers claude; Tab completes it.
+        browser.fill("#compose", "thanks @cl").await?;
+        browser
+            .wait_for(
+                "the suggestion",
+                "!document.getElementById('mention-list').hidden && document.querySelector('#mention-list li').textContent === '@claude'",
+            )
+            .await?;
+        browser
+            .eval("document.getElementById('compose').dispatchEvent(new KeyboardEvent('keydown', {key: 'Tab', bubbles: true})); document.getElementById('compose').value")
+            .await?;
+        let value = browser.eval("document.getElementById('compose').value").await?;
+        assert_eq!(value, json!("thanks @claude "));
+        browser.fill("#compose", "thanks @claude, on it").await?;
+        browser.click("#send-btn").await?;
+        let push = peer
+            .ws
+            .expect_within("the page's topic post", meshd_tests::patience(), |v| {
+                v["type"] == "push" && v["topicId"] == general.as_str()
+            })
+            .await?;
+        assert_eq!(
+            meshd_tests::crypto::unplain(push["ciphertext"].as_str().unwrap_or_default()).as_deref(),
+            Some("thanks @claude, on it")
+        );
+        assert_eq!(push["senderName"], "Ada");
+        browser
+            .wait_for(
+                "the page's own post",
+                "document.querySelector('#messages li.out')?.innerText.includes('thanks @claude, on it')",
+            )
+            .await?;
+        browser.readme_shot("webapp-topic").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-topics", steps).await;
+    browser.close().await;
+    r
+}
