@@ -508,9 +508,21 @@ struct MeshInner {
     /// (`None`: the member has none), so a hello reads the store once per member: only
     /// this process writes them.
     saved: HashMap<String, Option<PeerStateRow>>,
+    /// Counts changes of `members`; `member_changed` keeps each key's latest count, so
+    /// the revocation watch can tell a member changed after its store read began (an
+    /// unban, a hello's refresh) and not act on what it read.
+    member_gen: u64,
+    member_changed: HashMap<String, u64>,
 }
 
 impl MeshInner {
+    /// Records that the member holding `pubkey` changed.
+    fn stamp_member(&mut self, pubkey: &str) {
+        self.member_gen += 1;
+        let count = self.member_gen;
+        self.member_changed.insert(pubkey.to_owned(), count);
+    }
+
     /// Accounts for `value` replacing `key`'s value within the mesh's and the writer's
     /// budgets; changes nothing when either would be exceeded.
     fn state_account(
@@ -669,7 +681,22 @@ impl MeshHub {
 
     /// Adds or updates a member (after `/join`).
     pub(crate) fn upsert_member(&self, pubkey: &str, info: MemberInfo) {
-        self.inner().members.insert(pubkey.to_owned(), info);
+        let mut inner = self.inner();
+        inner.members.insert(pubkey.to_owned(), info);
+        inner.stamp_member(pubkey);
+    }
+
+    /// The member-change count now (see [`Self::changed_since`]).
+    pub(crate) fn member_gen(&self) -> u64 {
+        self.inner().member_gen
+    }
+
+    /// Whether the member holding `pubkey` changed after the count was `seen`.
+    pub(crate) fn changed_since(&self, pubkey: &str, seen: u64) -> bool {
+        self.inner()
+            .member_changed
+            .get(pubkey)
+            .is_some_and(|g| *g > seen)
     }
 
     /// Binds a session key to a member, atomically: the first member to present a key
@@ -703,17 +730,27 @@ impl MeshHub {
 
     /// Marks a member revoked and closes its live connections.
     pub(crate) fn revoke(&self, pubkey: &str) -> usize {
+        self.revoke_unless_changed(pubkey, u64::MAX).unwrap_or(0)
+    }
+
+    /// [`Self::revoke`], unless the member changed after the count was `seen` (then `None`:
+    /// what the caller read is stale).
+    pub(crate) fn revoke_unless_changed(&self, pubkey: &str, seen: u64) -> Option<usize> {
         let mut inner = self.inner();
+        if inner.member_changed.get(pubkey).is_some_and(|g| *g > seen) {
+            return None;
+        }
         let Some(member) = inner.members.get_mut(pubkey) else {
-            return 0;
+            return Some(0);
         };
         member.revoked = true;
+        inner.stamp_member(pubkey);
         let mut closed = 0;
         for p in inner.peers.values().filter(|p| p.member_pubkey == pubkey) {
             p.shared.close(Disconnect::Revoked);
             closed += 1;
         }
-        closed
+        Some(closed)
     }
 
     /// Registers a presence. Takes over a live connection with the same session key (or
@@ -897,8 +934,10 @@ impl MeshHub {
 
     /// Lifts a member's revocation (after `unban`).
     pub(crate) fn unrevoke(&self, pubkey: &str) {
-        if let Some(m) = self.inner().members.get_mut(pubkey) {
+        let mut inner = self.inner();
+        if let Some(m) = inner.members.get_mut(pubkey) {
             m.revoked = false;
+            inner.stamp_member(pubkey);
         }
     }
 

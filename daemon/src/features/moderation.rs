@@ -61,6 +61,18 @@ fn selects(selection: &Selection, p: &Peer, caller: ConnId, now: i64) -> bool {
 /// connections close with 4002 (through their normal teardown), and peer brokers hear
 /// of it if the member is hosted here.
 pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
+    apply_revocation_read_at(ctx, m, now, u64::MAX).await;
+}
+
+/// [`apply_revocation`] of a row read when the hub's member count was `seen`: nothing is
+/// done (and `false` returned) if the member changed since — an unban or a refresh that
+/// the stale row must not undo.
+async fn apply_revocation_read_at(ctx: &Arc<Ctx>, m: &MemberRow, now: i64, seen: u64) -> bool {
+    if let Some(mesh) = ctx.hub.loaded(&m.mesh_id)
+        && mesh.changed_since(&m.pubkey, seen)
+    {
+        return false;
+    }
     for (name, hosted_by, persistent, removal) in ctx.mcp.drop_member(&m.mesh_id, &m.id) {
         mcp::publish(ctx, &m.mesh_id, vec![removal]);
         if persistent {
@@ -83,7 +95,9 @@ pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
         tracing::warn!(cause = %e, "removing a revoked member's watches");
     }
     if let Some(mesh) = ctx.hub.loaded_or_loading(&ctx.db, &m.mesh_id).await {
-        let closed = mesh.revoke(&m.pubkey);
+        let Some(closed) = mesh.revoke_unless_changed(&m.pubkey, seen) else {
+            return false;
+        };
         if m.home_broker.is_none()
             && let Some(fed) = &ctx.fed
         {
@@ -93,6 +107,7 @@ pub(crate) async fn apply_revocation(ctx: &Arc<Ctx>, m: &MemberRow, now: i64) {
             info!(mesh.id = %m.mesh_id, member.id = %m.id, closed, "member revoked; connections closed");
         }
     }
+    true
 }
 
 /// How often the daemon looks for revocations another process wrote.
@@ -115,7 +130,9 @@ const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 ///
 /// A revocation is applied in full once; while it stays inside the overlap window the
 /// hub's flag is set again on each pass, which undoes a hello that refreshed the
-/// member from a read taken just before the revocation committed.
+/// member from a read taken just before the revocation committed. Neither is done to a
+/// member the hub changed after the pass's read began (an unban must not be undone by a
+/// stale row): the next pass reads it again.
 pub(crate) async fn watch_revocations(ctx: Arc<Ctx>, cancel: tokio_util::sync::CancellationToken) {
     let broker = ctx
         .config
@@ -128,12 +145,20 @@ pub(crate) async fn watch_revocations(ctx: Arc<Ctx>, cancel: tokio_util::sync::C
     let mut applied: std::collections::HashMap<(String, String), i64> =
         std::collections::HashMap::new();
     let mut last_beat: Option<i64> = None;
+    let mut applied_through = watermark;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        // Taken before the read: every revocation committed before it is in the rows.
+        // Taken before the read: every revocation committed before it is in the rows,
+        // and a member that changes in the hub after it is left to the next pass.
+        let gens: std::collections::HashMap<String, u64> = ctx
+            .hub
+            .all()
+            .iter()
+            .map(|m| (m.row.id.clone(), m.member_gen()))
+            .collect();
         let now = crate::time::now_ms();
         let rows = match ctx.db.revoked_since(watermark - WATCH_OVERLAP_MS).await {
             Ok(rows) => rows,
@@ -143,13 +168,19 @@ pub(crate) async fn watch_revocations(ctx: Arc<Ctx>, cancel: tokio_util::sync::C
             }
         };
         let mut fresh = false;
+        let mut skipped = false;
         for m in rows {
             let at = m.revoked_at.unwrap_or(now);
             let key = (m.mesh_id.clone(), m.id.clone());
+            let seen = gens.get(&m.mesh_id).copied().unwrap_or(0);
             if applied.get(&key) == Some(&at) {
                 if let Some(mesh) = ctx.hub.loaded(&m.mesh_id) {
-                    mesh.revoke(&m.pubkey);
+                    mesh.revoke_unless_changed(&m.pubkey, seen);
                 }
+                continue;
+            }
+            if !apply_revocation_read_at(&ctx, &m, now, seen).await {
+                skipped = true;
                 continue;
             }
             applied.insert(key, at);
@@ -165,12 +196,20 @@ pub(crate) async fn watch_revocations(ctx: Arc<Ctx>, cancel: tokio_util::sync::C
                     serde_json::json!({"memberId": m.id, "pubkey": m.pubkey}),
                 );
             }
-            apply_revocation(&ctx, &m, now).await;
         }
         watermark = now;
         applied.retain(|_, at| *at >= watermark - 60_000);
+        // A skipped row is read again next pass; until then, nothing after it counts
+        // as applied.
+        if !skipped {
+            applied_through = now;
+        }
         if fresh || last_beat.is_none_or(|b| now.saturating_sub(b) >= BEAT_EVERY_MS) {
-            match ctx.db.revocations_applied(&broker, now, now).await {
+            match ctx
+                .db
+                .revocations_applied(&broker, applied_through, now)
+                .await
+            {
                 Ok(()) => last_beat = Some(now),
                 Err(e) => tracing::warn!(cause = %e, "recording the revocation watch"),
             }
