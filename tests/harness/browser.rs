@@ -2,7 +2,7 @@
 //! WebSocket, for the web app's end-to-end tests. Each [`Browser`] is its own process
 //! with its own profile (so its own localStorage: its own keys), one page.
 //!
-//! The binary is `$MESHD_CHROMIUM`, else the first of `chromium`, `chromium-browser`,
+//! The binary is `$MESHD_TEST_CHROMIUM`, else the first of `chromium`, `chromium-browser`,
 //! `google-chrome` on `PATH` (`.ci/run` installs Debian's `chromium`).
 
 use std::collections::VecDeque;
@@ -48,7 +48,7 @@ impl std::fmt::Debug for Browser {
 /// # Errors
 /// None found.
 pub fn chromium() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MESHD_CHROMIUM") {
+    if let Some(p) = std::env::var_os("MESHD_TEST_CHROMIUM") {
         return Ok(PathBuf::from(p));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -62,7 +62,7 @@ pub fn chromium() -> anyhow::Result<PathBuf> {
     }
     bail!(
         "no Chromium found for the web app tests: install Debian's `chromium` \
-         (apt-get install chromium) or set MESHD_CHROMIUM"
+         (apt-get install chromium) or set MESHD_TEST_CHROMIUM"
     )
 }
 
@@ -337,13 +337,13 @@ impl Browser {
         r
     }
 
-    /// With `MESHD_README_SHOTS` set (a directory, `docs/` for the README's images), saves
+    /// With `MESHD_TEST_README_SHOTS` set (a directory, `docs/` for the README's images), saves
     /// the page there as `name.png`; otherwise nothing.
     ///
     /// # Errors
     /// Capture or write failed.
     pub async fn readme_shot(&mut self, name: &str) -> anyhow::Result<()> {
-        match std::env::var_os("MESHD_README_SHOTS") {
+        match std::env::var_os("MESHD_TEST_README_SHOTS") {
             Some(dir) => {
                 self.screenshot(&PathBuf::from(dir).join(format!("{name}.png")))
                     .await
@@ -370,10 +370,10 @@ impl Browser {
     }
 }
 
-/// Where screenshots go: `$MESHD_SCREENSHOTS`, else `meshd-screenshots` in the temp dir.
+/// Where screenshots go: `$MESHD_TEST_SCREENSHOTS`, else `meshd-screenshots` in the temp dir.
 #[must_use]
 pub fn screenshot_dir() -> PathBuf {
-    std::env::var_os("MESHD_SCREENSHOTS").map_or_else(
+    std::env::var_os("MESHD_TEST_SCREENSHOTS").map_or_else(
         || std::env::temp_dir().join("meshd-screenshots"),
         PathBuf::from,
     )
