@@ -161,14 +161,38 @@ async function join(invite) {
 
 // ---- topics ----------------------------------------------------------------------------
 
-/** A topic post's text: v1 is base64 of the UTF-8 text; v2 needs the topic key. */
-function topicText(m) {
-  if ((m.bodyVersion || 1) !== 1) return "[encrypted with the topic key, which this browser does not hold]";
+/** A topic post's text: v1 is base64 of the UTF-8 text; v2 is a secretbox under the
+ * topic key (XSalsa20-Poly1305, as the CLI and the reference web app write it). */
+function topicText(raw, key) {
   try {
-    return dec.decode(unb64(m.ciphertext || ""));
+    if ((raw.bodyVersion || 1) === 1) return dec.decode(unb64(raw.ciphertext || ""));
+    if (!key) return "[encrypted with the topic key, which this browser does not hold yet]";
+    const m = nacl.secretbox.open(unb64(raw.ciphertext), unb64(raw.nonce), key);
+    return m ? dec.decode(m) : "[does not open with this topic key]";
   } catch {
     return "[unreadable post]";
   }
+}
+
+/** The topic key sealed as the CLI and the reference seal it: base64(sender X25519
+ * public key ‖ crypto_box(key, nonce, recipient X25519, sender X25519 secret)). */
+function sealKey(key, recipientEd25519Hex, boxSk) {
+  const to = ed2curve.convertPublicKey(unhex(recipientEd25519Hex));
+  if (!to) throw new Error("not an ed25519 key");
+  const nonce = nacl.randomBytes(24);
+  const me = nacl.box.keyPair.fromSecretKey(boxSk).publicKey;
+  const c = nacl.box(key, nonce, to, boxSk);
+  const blob = new Uint8Array(32 + c.length);
+  blob.set(me, 0);
+  blob.set(c, 32);
+  return { encryptedKey: b64(blob), nonce: b64(nonce) };
+}
+
+function openKey(encryptedKey, nonce, boxSk) {
+  const blob = unb64(encryptedKey);
+  if (blob.length < 32 + 16 + 32) return null;
+  const k = nacl.box.open(blob.subarray(32), unb64(nonce), blob.subarray(0, 32), boxSk);
+  return k && k.length === 32 ? k : null;
 }
 
 /** `@name` tokens of `text` (lowercased, 1–64 of [A-Za-z0-9_-]), at most 16. */
@@ -269,6 +293,39 @@ class Mesh {
       timestamp: ts,
       signature: hex(sig),
     });
+  }
+
+  /** This browser's API key for the REST routes the WebSocket does not cover (topic
+   * keys): minted once per identity over the connection (`apikey_create`, send+read,
+   * acting as this member) and kept with the identity. */
+  async apiKey(fresh) {
+    const slot = `meshd.apikey.v1.${identityKey(this.id)}`;
+    let secret = fresh ? null : localStorage.getItem(slot);
+    if (!secret) {
+      const r = await this.request({
+        type: "apikey_create",
+        label: `web app ${new Date().toISOString().slice(0, 10)}`,
+        capabilities: ["send", "read"],
+      });
+      secret = r.secret;
+      localStorage.setItem(slot, secret);
+    }
+    return secret;
+  }
+
+  /** A REST call on this origin; a refused key is replaced once. */
+  async api(method, path, body) {
+    for (const fresh of [false, true]) {
+      const secret = await this.apiKey(fresh);
+      const resp = await fetch(`/api/v1${path}`, {
+        method,
+        headers: { Authorization: `Bearer ${secret}`, "Content-Type": "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      if (resp.status === 401 && !fresh) continue;
+      return { status: resp.status, ok: resp.ok, body: await resp.json().catch(() => ({})) };
+    }
+    return { status: 401, ok: false, body: {} };
   }
 
   /** Sends a request and resolves with the frame that echoes its `_reqId`. */
@@ -375,7 +432,7 @@ class Mesh {
         id: f.messageId,
         from: f.senderName || (f.senderPubkey || "").slice(0, 8),
         fromMember: f.senderMemberPubkey || f.senderPubkey,
-        text: topicText(f),
+        raw: { bodyVersion: f.bodyVersion || 1, nonce: f.nonce, ciphertext: f.ciphertext },
         at: Date.parse(f.createdAt) || Date.now(),
       });
       return;
@@ -637,6 +694,9 @@ const ui = {
   },
 
   select(conv) {
+    clearTimeout(this.keyTimer);
+    $("key-state").textContent = "";
+    $("claim-key").hidden = true;
     this.selected = conv;
     delete this.unread[conv];
     this.hideMentions();
@@ -696,7 +756,7 @@ const ui = {
         id: m.id,
         from: m.senderName,
         fromMember: m.senderPubkey,
-        text: topicText(m),
+        raw: { bodyVersion: m.bodyVersion || 1, nonce: m.nonce, ciphertext: m.ciphertext },
         at: Date.parse(m.createdAt) || 0,
       }));
       // Posts that arrived while the history was on its way stay.
@@ -709,6 +769,78 @@ const ui = {
     this.mesh.send({ type: "topic_mark_read", topic: id });
     this.historyChanged();
     $("compose").focus();
+    this.topicKeys(t);
+  },
+
+  /** The open topic's key: fetched (REST, with this browser's API key), re-sealed for
+   * members still without it, polled while it is not sealed for us yet. */
+  async topicKeys(t) {
+    clearTimeout(this.keyTimer);
+    if (this.selected !== `#${t.id}` || !this.mesh) return;
+    let again = 0;
+    try {
+      if (!t.key) {
+        const r = await this.mesh.api("GET", `/topics/${encodeURIComponent(t.name)}/key`);
+        if (r.status === 409) t.keyState = "plain";
+        else if (r.status === 404) {
+          t.keyState = "waiting";
+          again = 3000;
+        } else if (r.ok) {
+          t.key = openKey(r.body.encryptedKey, r.body.nonce, this.mesh.boxSk);
+          t.keyState = t.key ? "sealed" : "error";
+        } else t.keyState = "error";
+      }
+      if (t.key) {
+        await this.resealFor(t);
+        again = 5000;
+      }
+    } catch (e) {
+      t.keyState = "error";
+      again = 5000;
+    }
+    this.keyBadge(t);
+    this.historyChanged();
+    if (again) this.keyTimer = setTimeout(() => this.topicKeys(t), again);
+  },
+
+  async resealFor(t) {
+    const r = await this.mesh.api("GET", `/topics/${encodeURIComponent(t.name)}/pending-seals`);
+    for (const p of (r.ok && r.body.pending) || []) {
+      try {
+        await this.mesh.api("POST", `/topics/${encodeURIComponent(t.name)}/seal`, {
+          memberId: p.memberId,
+          ...sealKey(t.key, p.pubkey, this.mesh.boxSk),
+        });
+      } catch {
+        // a bad key on one member does not stop the others
+      }
+    }
+  },
+
+  /** A plaintext topic gets a key: made here, sealed to ourselves, claimed. */
+  async claimKey(t) {
+    const key = nacl.randomBytes(32);
+    const r = await this.mesh.api("POST", `/topics/${encodeURIComponent(t.name)}/claim-key`, {
+      encryptedKeyPubkey: this.mesh.id.publicKey,
+      ...sealKey(key, this.mesh.id.publicKey, this.mesh.boxSk),
+    });
+    if (!r.ok) throw new Error(r.body.error || `HTTP ${r.status}`);
+    t.key = key;
+    t.keyState = "sealed";
+    this.topicKeys(t);
+  },
+
+  keyBadge(t) {
+    const b = $("key-state");
+    const label = {
+      sealed: "end-to-end encrypted",
+      waiting: "waiting for the topic key",
+      plain: "plaintext (v1)",
+      error: "topic key unavailable",
+    }[t.keyState] || "";
+    b.textContent = label;
+    b.className = `key ${t.keyState || ""}`;
+    $("claim-key").hidden = t.keyState !== "plain";
   },
 
   topicPost(id, post) {
@@ -725,7 +857,8 @@ const ui = {
       this.historyChanged();
     } else if (!mine) {
       t.unread += 1;
-      if (mentionTokens(post.text).includes(this.mesh.id.displayName.toLowerCase())) t.mentions += 1;
+      const text = post.raw ? topicText(post.raw, t.key) : post.text;
+      if (mentionTokens(text).includes(this.mesh.id.displayName.toLowerCase())) t.mentions += 1;
     }
     this.renderTopics();
   },
@@ -740,7 +873,7 @@ const ui = {
         const li = el("li", p.fromMember === this.mesh.id.publicKey ? "out" : "in");
         li.append(el("span", "who", p.from));
         const body = el("span", "text");
-        appendWithMentions(body, p.text, me);
+        appendWithMentions(body, p.raw ? topicText(p.raw, t.key) : p.text, me);
         li.append(body, el("span", "meta", new Date(p.at).toLocaleTimeString()));
         list.append(li);
       }
@@ -761,8 +894,8 @@ const ui = {
     const text = $("compose").value;
     if (!text.trim() || !this.selected) return;
     if (this.selected.startsWith("#")) {
-      // v1 (base64 text): the page does not hold topic keys yet, so the broker can
-      // read topic posts from the web app, as from `claudemesh send #topic`.
+      // v2 (secretbox under the topic key) when the page holds the key; v1 (base64
+      // text, which the broker can read) in a plaintext topic.
       const names = new Set(this.mentionNames().map((n) => n.toLowerCase()));
       const id = randomId();
       // The broker does not echo a post to its sender: shown here.
@@ -770,14 +903,21 @@ const ui = {
       if (t) {
         (t.posts ||= []).push({ id, from: this.mesh.id.displayName, fromMember: this.mesh.id.publicKey, text, at: Date.now() });
       }
+      const key = t && t.key;
+      if (t && t.keyState === "waiting") {
+        this.error("this topic is encrypted and its key has not been sealed for you yet");
+        t.posts.pop();
+        return;
+      }
+      const nonce = nacl.randomBytes(24);
       this.mesh.send({
         type: "send",
         id,
         targetSpec: this.selected,
         priority: "now",
-        nonce: b64(nacl.randomBytes(24)),
-        ciphertext: b64(enc.encode(text)),
-        bodyVersion: 1,
+        nonce: b64(nonce),
+        ciphertext: b64(key ? nacl.secretbox(enc.encode(text), nonce, key) : enc.encode(text)),
+        bodyVersion: key ? 2 : 1,
         mentions: mentionTokens(text).filter((t) => names.has(t)),
       });
       $("compose").value = "";
@@ -1153,6 +1293,15 @@ $("dash-btn").onclick = async () => {
   }
 };
 $("dash-close").onclick = () => show("chat");
+$("claim-key").onclick = async () => {
+  const t = ui.selected && ui.selected.startsWith("#") && ui.topics.get(ui.selected.slice(1));
+  if (!t) return;
+  try {
+    await ui.claimKey(t);
+  } catch (e) {
+    ui.error(`could not enable encryption: ${e.message}`);
+  }
+};
 $("invite-close").onclick = () => show("chat");
 $("invite-create").onclick = createInvite;
 $("keys-close").onclick = start;

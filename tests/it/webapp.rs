@@ -583,3 +583,76 @@ async fn topics_in_the_page_with_history_mentions_and_unread() -> anyhow::Result
     browser.close().await;
     r
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_encrypted_in_the_page_is_read_by_another_person_only() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("sealed").await?;
+    let claude = broker.enroll(&mesh, "claude").await?;
+    let mut peer = broker.connect(&claude).await?;
+    let link_a = broker
+        .invite(&mesh.slug, Role::Member, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let link_b = broker
+        .invite(&mesh.slug, Role::Member, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let open_general = "[...document.querySelectorAll('#topics li')].find(li => li.textContent.startsWith('#general'))";
+    let mut ada = Browser::launch().await?;
+    let mut bob = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut ada, &link_a, "Ada").await?;
+        join_as(&mut bob, &link_b, "Bob").await?;
+        ada.wait_for("#general", &format!("!!{open_general}")).await?;
+        ada.eval(&format!("{open_general}.click()")).await?;
+        ada.wait_for(
+            "a plaintext topic",
+            "document.getElementById('key-state').textContent === 'plaintext (v1)' && !document.getElementById('claim-key').hidden",
+        )
+        .await?;
+        ada.click("#claim-key").await?;
+        ada.wait_for(
+            "the topic encrypted",
+            "document.getElementById('key-state').textContent === 'end-to-end encrypted'",
+        )
+        .await?;
+        // Bob opens it: Ada's page seals the key for him (pending-seals → seal).
+        bob.wait_for("#general", &format!("!!{open_general}")).await?;
+        bob.eval(&format!("{open_general}.click()")).await?;
+        bob.wait_for(
+            "the key sealed for Bob",
+            "document.getElementById('key-state').textContent === 'end-to-end encrypted'",
+        )
+        .await?;
+        ada.fill("#compose", "the secret plan").await?;
+        ada.click("#send-btn").await?;
+        bob.wait_for(
+            "the v2 post, decrypted",
+            "document.getElementById('messages').innerText.includes('the secret plan')",
+        )
+        .await?;
+        // The broker and a member without the key see only ciphertext.
+        let push = peer
+            .ws
+            .expect_within("the post", meshd_tests::patience(), |v| {
+                v["type"] == "push" && v["bodyVersion"] == 2
+            })
+            .await?;
+        let c = push["ciphertext"].as_str().unwrap_or_default();
+        assert!(!c.is_empty());
+        assert_ne!(
+            meshd_tests::crypto::unplain(c).as_deref(),
+            Some("the secret plan")
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let r = ada.on_failure("webapp-topic-key-ada", steps).await;
+    let r = bob.on_failure("webapp-topic-key-bob", r).await;
+    ada.close().await;
+    bob.close().await;
+    r
+}
