@@ -76,7 +76,7 @@ function identityKey(i) {
 
 const $ = (id) => document.getElementById(id);
 function show(section) {
-  for (const s of ["join", "empty", "chat", "keys", "invite", "dashboard"]) $(s).hidden = s !== section;
+  for (const s of ["join", "empty", "chat", "keys", "invite", "dashboard", "admin"]) $(s).hidden = s !== section;
 }
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -974,6 +974,7 @@ function start() {
     $("status").hidden = true;
     $("invite-btn").hidden = true;
     $("dash-btn").hidden = true;
+    $("admin-btn").hidden = true;
     show("empty");
     return;
   }
@@ -994,6 +995,7 @@ function start() {
   // Admin actions show for admins only (the broker refuses them to others anyway).
   $("invite-btn").hidden = id.role !== "admin";
   $("dash-btn").hidden = id.role !== "admin";
+  $("admin-btn").hidden = id.role !== "admin";
   if (dash) dash.stop();
   dash = null;
   show("chat");
@@ -1064,6 +1066,107 @@ async function createInvite() {
 }
 
 $("invite-btn").onclick = showInvite;
+
+// ---- administration: members, API keys, webhooks -------------------------------------------
+// What `meshd member`, `meshd apikey` and webhook commands do, over the admin's own
+// connection (ban, unban, list_bans, apikey_*, *_webhook) and REST (/members). The
+// broker checks the role on every request; the page only hides what would be refused.
+
+function adminButton(label, onclick) {
+  const b = el("button", null, label);
+  b.type = "button";
+  b.onclick = async () => {
+    b.disabled = true;
+    try {
+      await onclick();
+      await loadAdmin();
+    } catch (e) {
+      $("admin-error").textContent = `${label}: ${e.message}`;
+    } finally {
+      b.disabled = false;
+    }
+  };
+  return b;
+}
+
+async function loadAdmin() {
+  const m = ui.mesh;
+  $("admin-error").textContent = "";
+  const [members, bans, keys, hooks] = await Promise.all([
+    m.api("GET", "/members"),
+    m.request({ type: "list_bans" }),
+    m.request({ type: "apikey_list" }),
+    m.request({ type: "list_webhooks" }),
+  ]);
+  const tbody = $("admin-members");
+  tbody.replaceChildren();
+  for (const x of (members.ok && members.body.members) || []) {
+    const tr = el("tr");
+    tr.dataset.member = x.displayName;
+    tr.append(el("td", null, x.displayName), el("td", null, x.role), el("td", null, x.online ? x.status : "offline"));
+    const td = el("td");
+    if (x.pubkey !== m.id.publicKey) td.append(adminButton("Ban", () => m.request({ type: "ban", target: x.pubkey })));
+    tr.append(td);
+    tbody.append(tr);
+  }
+  const bl = $("admin-bans");
+  bl.replaceChildren();
+  for (const b of bans.bans || []) {
+    const li = el("li", null, `${b.name} (since ${new Date(b.revokedAt).toLocaleString()}) `);
+    li.dataset.member = b.name;
+    li.append(adminButton("Unban", () => m.request({ type: "unban", target: b.pubkey })));
+    bl.append(li);
+  }
+  const kl = $("admin-keys");
+  kl.replaceChildren();
+  for (const k of keys.keys || []) {
+    const li = el("li", null, `${k.label} · ${k.prefix}… · ${k.capabilities.join(", ")}${k.revokedAt ? " · revoked" : ""} `);
+    if (!k.revokedAt) li.append(adminButton("Revoke", () => m.request({ type: "apikey_revoke", id: k.id })));
+    kl.append(li);
+  }
+  const hl = $("admin-hooks");
+  hl.replaceChildren();
+  for (const h of hooks.webhooks || []) {
+    const li = el("li", null, `${h.name}${h.active ? "" : " (inactive)"} `);
+    li.append(adminButton("Delete", () => m.request({ type: "delete_webhook", name: h.name })));
+    hl.append(li);
+  }
+}
+
+$("admin-btn").onclick = async () => {
+  if (!ui.mesh) return;
+  $("admin-mesh").textContent = ui.mesh.id.slug;
+  $("key-secret").textContent = "";
+  $("hook-url").textContent = "";
+  show("admin");
+  try {
+    await loadAdmin();
+  } catch (e) {
+    $("admin-error").textContent = e.message;
+  }
+};
+$("admin-close").onclick = () => show("chat");
+$("key-create").onclick = async () => {
+  const caps = [["key-send", "send"], ["key-read", "read"], ["key-state-write", "state_write"]]
+    .filter(([id]) => $(id).checked)
+    .map(([, c]) => c);
+  try {
+    const r = await ui.mesh.request({ type: "apikey_create", label: $("key-label").value.trim() || "web", capabilities: caps });
+    $("key-secret").textContent = `Secret (shown once): ${r.secret}`;
+    await loadAdmin();
+  } catch (e) {
+    $("admin-error").textContent = `create key: ${e.message}`;
+  }
+};
+$("hook-create").onclick = async () => {
+  try {
+    const r = await ui.mesh.request({ type: "create_webhook", name: $("hook-name").value.trim() });
+    $("hook-url").textContent = `Post events to: ${r.url}`;
+    await loadAdmin();
+  } catch (e) {
+    $("admin-error").textContent = `create webhook: ${e.message}`;
+  }
+};
 
 // ---- the live dashboard ------------------------------------------------------------------
 

@@ -656,3 +656,62 @@ async fn a_topic_encrypted_in_the_page_is_read_by_another_person_only() -> anyho
     bob.close().await;
     r
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_bans_and_unbans_a_member_from_the_page() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("admin").await?;
+    let eve = broker.enroll(&mesh, "eve").await?;
+    let mut eve_client = broker.connect(&eve).await?;
+    let link = broker
+        .invite(&mesh.slug, Role::Admin, 1)
+        .await?
+        .web_url
+        .expect("link");
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut browser, &link, "Root").await?;
+        browser.click("#admin-btn").await?;
+        let eve_row = "document.querySelector('#admin-members tr[data-member=\"eve\"]')";
+        browser
+            .wait_for("eve listed", &format!("!!{eve_row}"))
+            .await?;
+        browser
+            .eval(&format!("{eve_row}.querySelector('button').click()"))
+            .await?;
+        // Eve's connection is closed with 4002 and she is listed as banned.
+        let close = eve_client.ws.expect_close().await;
+        assert_eq!(close.map(|c| c.0), Some(4002));
+        browser
+            .wait_for(
+                "eve among the banned",
+                "!!document.querySelector('#admin-bans li[data-member=\"eve\"]') && !document.querySelector('#admin-members tr[data-member=\"eve\"]')",
+            )
+            .await?;
+        assert!(broker.connect(&eve).await.is_err(), "a banned member is refused");
+        browser
+            .eval("document.querySelector('#admin-bans li[data-member=\"eve\"] button').click()")
+            .await?;
+        browser
+            .wait_for(
+                "eve back among the members",
+                "!!document.querySelector('#admin-members tr[data-member=\"eve\"]')",
+            )
+            .await?;
+        broker.connect(&eve).await?.close().await;
+        // An API key made in the page shows its secret once and is listed.
+        browser.fill("#key-label", "ci").await?;
+        browser.click("#key-create").await?;
+        browser
+            .wait_for(
+                "the key's secret and listing",
+                "document.getElementById('key-secret').textContent.startsWith('Secret (shown once): ') && document.getElementById('admin-keys').innerText.includes('ci ·')",
+            )
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-admin", steps).await;
+    browser.close().await;
+    r
+}
