@@ -850,7 +850,10 @@ const ui = {
       this.topics.set(id, t);
       this.mesh.send({ type: "topic_list", _reqId: randomId() });
     }
-    if (t.posts) t.posts.push(post);
+    // Kept even while the topic is closed: its push can arrive before the post is
+    // committed, so a history read on opening may not have it yet (merged by id).
+    (t.posts ||= []).push(post);
+    if (t.posts.length > 500) t.posts.splice(0, t.posts.length - 500);
     const mine = post.fromMember === this.mesh.id.publicKey;
     if (this.selected === `#${id}`) {
       this.mesh.send({ type: "topic_mark_read", topic: id });
