@@ -288,6 +288,7 @@ impl Daemon {
         if let Some(f) = &ctx.fed {
             f.reload_consent(&ctx).await?;
         }
+        crate::features::dashboard::tap_audit(&ctx);
         Ok(Bound {
             ctx,
             listener,

@@ -1279,6 +1279,10 @@ class Dashboard {
       this.dirty = true;
       return;
     }
+    if (f.kind === "audit") {
+      this.feed("timeline", `${this.time(f.at)} audit: ${f.status}${f.fromName ? ` by ${f.fromName}` : ""}`);
+      return;
+    }
     if (f.kind !== "message") return;
     this.recentTotal = (this.recentTotal || 0) + 1;
     this.recent.push(Date.now());

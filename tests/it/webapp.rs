@@ -459,6 +459,14 @@ async fn an_admin_watches_the_live_dashboard() -> anyhow::Result<()> {
                 "document.getElementById('timeline').innerText.includes('beta → working')",
             )
             .await?;
+        // Audit entries reach the timeline live (a join is audited as member_joined).
+        broker.enroll(&mesh, "gamma").await?;
+        browser
+            .wait_for(
+                "the audit entry",
+                "document.getElementById('timeline').innerText.includes('audit: member_joined by gamma')",
+            )
+            .await?;
         let timing = browser.eval("window.__meshdDashboard()").await?;
         assert!(timing["draws"].as_u64().unwrap_or(0) > 0, "{timing}");
         browser.readme_shot("webapp-dashboard").await?;

@@ -136,6 +136,45 @@ pub(crate) fn status_changed(
     );
 }
 
+/// Shows audit entries in the dashboards' timeline (a `mesh_event` of kind `audit`).
+/// `message_sent` is left out: the message itself is already in the stream.
+pub(crate) fn tap_audit(ctx: &std::sync::Arc<Ctx>) {
+    let weak = std::sync::Arc::downgrade(ctx);
+    ctx.audit
+        .set_tap(crate::features::audit::engine::Tap(Box::new(
+            move |mesh_id: &str, event_type: &'static str, actor: &str| {
+                if event_type == "message_sent" {
+                    return;
+                }
+                let Some(ctx) = weak.upgrade() else { return };
+                let Some(mesh) = ctx.hub.loaded(mesh_id) else {
+                    return;
+                };
+                if mesh.watchers.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
+                publish(
+                    &ctx,
+                    &mesh,
+                    &Event {
+                        kind: "audit",
+                        id: None,
+                        from: String::new(),
+                        from_name: actor.to_owned(),
+                        to: None,
+                        target_kind: None,
+                        priority: None,
+                        size: None,
+                        origin: None,
+                        broker: None,
+                        status: Some(event_type.to_owned()),
+                        at: crate::time::now_ms(),
+                    },
+                );
+            },
+        )));
+}
+
 /// Queues `event` for every dashboard of the mesh.
 pub(crate) fn publish(ctx: &Ctx, mesh: &MeshHub, event: &Event) {
     let frame: Utf8Bytes = serde_json::to_string(event).unwrap_or_default().into();

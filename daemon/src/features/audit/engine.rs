@@ -258,13 +258,32 @@ struct Pending {
 #[derive(Debug)]
 pub(crate) struct Audit {
     key: SigningKey,
+    /// Sees each entry as it is recorded (the live dashboards' timeline).
+    tap: std::sync::OnceLock<Tap>,
     tx: Mutex<Option<tokio::sync::mpsc::Sender<Pending>>>,
     /// Entries not queued, per mesh, since the writer last recorded a gap.
     dropped: Arc<Mutex<HashMap<String, u64>>>,
     tasks: TaskTracker,
 }
 
+/// What a tap is called with: mesh id, event type, actor.
+type TapFn = dyn Fn(&str, &'static str, &str) + Send + Sync;
+
+/// Sees `(mesh id, event type, actor)` of each recorded entry.
+pub(crate) struct Tap(pub(crate) Box<TapFn>);
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
+}
+
 impl Audit {
+    /// Sets what sees each entry (once).
+    pub(crate) fn set_tap(&self, tap: Tap) {
+        let _ = self.tap.set(tap);
+    }
+
     /// Starts the writer: chains' tails are read from `db`, entries are written through
     /// the store writer (`store`), in the batch transactions of the messages.
     pub(crate) fn new(key: SigningKey, db: Db, store: crate::delivery::router::Handle) -> Self {
@@ -274,6 +293,7 @@ impl Audit {
         tasks.spawn(writer(key.clone(), db, store, rx, dropped.clone()));
         Self {
             key,
+            tap: std::sync::OnceLock::new(),
             tx: Mutex::new(Some(tx)),
             dropped,
             tasks,
@@ -293,6 +313,9 @@ impl Audit {
         actor: &str,
         payload: Value,
     ) {
+        if let Some(tap) = self.tap.get() {
+            (tap.0)(mesh_id, event_type, actor);
+        }
         let entry = Pending {
             mesh_id: mesh_id.to_owned(),
             event_type,
