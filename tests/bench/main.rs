@@ -611,11 +611,11 @@ async fn measure(
 }
 
 impl Broker {
-    /// Enrolls `n` members through one multi-use invite and `/join`.
-    async fn enroll(&self, n: usize) -> anyhow::Result<Vec<Member>> {
+    /// `meshd invite create --json` for the bench mesh: `uses` enrollments as `role`.
+    async fn invite(&self, role: &str, uses: usize) -> anyhow::Result<serde_json::Value> {
         let d = self.proc.data_dir.to_str().context("path")?;
         let url = self.proc.ws_url();
-        let uses = n.to_string();
+        let uses = uses.to_string();
         let mut args = vec!["--data-dir", d];
         if let Some(u) = &self.database_url {
             args.extend(["--database-url", u.as_str()]);
@@ -625,6 +625,8 @@ impl Broker {
             "create",
             "--mesh",
             &self.slug,
+            "--role",
+            role,
             "--max-uses",
             &uses,
             "--public-url",
@@ -635,7 +637,12 @@ impl Broker {
         if code != 0 {
             bail!("invite create failed: {err}");
         }
-        let inv: serde_json::Value = serde_json::from_str(out.trim())?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
+    /// Enrolls `n` members through one multi-use invite and `/join`.
+    async fn enroll(&self, n: usize) -> anyhow::Result<Vec<Member>> {
+        let inv = self.invite("member", n).await?;
         let token = inv["token"].as_str().context("token")?;
         let payload = InvitePayload::from_token(token).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut out = Vec::with_capacity(n);

@@ -177,27 +177,6 @@ impl Bench {
 
 /// A one-use admin invite's browser link.
 async fn admin_link(broker: &Broker) -> anyhow::Result<String> {
-    let d = broker.proc.data_dir.to_str().context("path")?;
-    let url = broker.proc.ws_url();
-    let mut args = vec!["--data-dir", d];
-    if let Some(u) = &broker.database_url {
-        args.extend(["--database-url", u.as_str()]);
-    }
-    args.extend([
-        "invite",
-        "create",
-        "--mesh",
-        &broker.slug,
-        "--role",
-        "admin",
-        "--public-url",
-        &url,
-        "--json",
-    ]);
-    let (code, out, err) = run_cli(&broker.proc.binary, &args, &[]).await?;
-    if code != 0 {
-        bail!("invite create failed: {err}");
-    }
-    let inv: serde_json::Value = serde_json::from_str(out.trim())?;
+    let inv = broker.invite("admin", 1).await?;
     Ok(inv["web_url"].as_str().context("web_url")?.to_owned())
 }

@@ -7,6 +7,14 @@ use meshd_tests::browser::Browser;
 use meshd_tests::{Backend, TestBroker, http_with};
 use serde_json::json;
 
+/// A one-use invite's browser link.
+async fn web_link(broker: &TestBroker, slug: &str, role: Role) -> anyhow::Result<String> {
+    let invite = broker.invite(slug, role, 1).await?;
+    invite
+        .web_url
+        .ok_or_else(|| anyhow::anyhow!("an invite has a browser link"))
+}
+
 /// The header `name` of a raw HTTP head, if present.
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| {
@@ -215,16 +223,8 @@ async fn an_admin_invites_from_the_page_and_members_cannot() -> anyhow::Result<(
     let broker = TestBroker::start(Backend::Sqlite).await?;
     let mesh = broker.create_mesh("ops").await?;
     let other = broker.create_mesh("lab").await?;
-    let admin_link = broker
-        .invite(&mesh.slug, Role::Admin, 1)
-        .await?
-        .web_url
-        .expect("link");
-    let member_link = broker
-        .invite(&other.slug, Role::Member, 1)
-        .await?
-        .web_url
-        .expect("link");
+    let admin_link = web_link(&broker, &mesh.slug, Role::Admin).await?;
+    let member_link = web_link(&broker, &other.slug, Role::Member).await?;
 
     let mut browser = Browser::launch().await?;
     let steps = async {
@@ -356,16 +356,8 @@ async fn open_chat(browser: &mut Browser, name: &str) -> anyhow::Result<()> {
 async fn two_people_see_typing_and_read_receipts() -> anyhow::Result<()> {
     let broker = TestBroker::start(Backend::Sqlite).await?;
     let mesh = broker.create_mesh("pair").await?;
-    let link_a = broker
-        .invite(&mesh.slug, Role::Member, 1)
-        .await?
-        .web_url
-        .expect("link");
-    let link_b = broker
-        .invite(&mesh.slug, Role::Member, 1)
-        .await?
-        .web_url
-        .expect("link");
+    let link_a = web_link(&broker, &mesh.slug, Role::Member).await?;
+    let link_b = web_link(&broker, &mesh.slug, Role::Member).await?;
     let mut ada = Browser::launch().await?;
     let mut bob = Browser::launch().await?;
     let steps = async {
@@ -413,11 +405,7 @@ async fn two_people_see_typing_and_read_receipts() -> anyhow::Result<()> {
 async fn an_admin_watches_the_live_dashboard() -> anyhow::Result<()> {
     let broker = TestBroker::start(Backend::Sqlite).await?;
     let mesh = broker.create_mesh("live").await?;
-    let link = broker
-        .invite(&mesh.slug, Role::Admin, 1)
-        .await?
-        .web_url
-        .expect("link");
+    let link = web_link(&broker, &mesh.slug, Role::Admin).await?;
     let (a, b) = (
         broker.enroll(&mesh, "alpha").await?,
         broker.enroll(&mesh, "beta").await?,
@@ -497,11 +485,7 @@ async fn topics_in_the_page_with_history_mentions_and_unread() -> anyhow::Result
     let mesh = broker.create_mesh("forum").await?;
     let claude = broker.enroll(&mesh, "claude").await?;
     let mut peer = broker.connect(&claude).await?;
-    let link = broker
-        .invite(&mesh.slug, Role::Member, 1)
-        .await?
-        .web_url
-        .expect("link");
+    let link = web_link(&broker, &mesh.slug, Role::Member).await?;
     // #general has a post before the person joins (history).
     let topics = peer.request(json!({"type": "topic_list"})).await?;
     let general = topics["topics"]
@@ -598,16 +582,8 @@ async fn a_topic_encrypted_in_the_page_is_read_by_another_person_only() -> anyho
     let mesh = broker.create_mesh("sealed").await?;
     let claude = broker.enroll(&mesh, "claude").await?;
     let mut peer = broker.connect(&claude).await?;
-    let link_a = broker
-        .invite(&mesh.slug, Role::Member, 1)
-        .await?
-        .web_url
-        .expect("link");
-    let link_b = broker
-        .invite(&mesh.slug, Role::Member, 1)
-        .await?
-        .web_url
-        .expect("link");
+    let link_a = web_link(&broker, &mesh.slug, Role::Member).await?;
+    let link_b = web_link(&broker, &mesh.slug, Role::Member).await?;
     let open_general = "[...document.querySelectorAll('#topics li')].find(li => li.textContent.startsWith('#general'))";
     let mut ada = Browser::launch().await?;
     let mut bob = Browser::launch().await?;
@@ -671,11 +647,7 @@ async fn an_admin_bans_and_unbans_a_member_from_the_page() -> anyhow::Result<()>
     let mesh = broker.create_mesh("admin").await?;
     let eve = broker.enroll(&mesh, "eve").await?;
     let mut eve_client = broker.connect(&eve).await?;
-    let link = broker
-        .invite(&mesh.slug, Role::Admin, 1)
-        .await?
-        .web_url
-        .expect("link");
+    let link = web_link(&broker, &mesh.slug, Role::Admin).await?;
     let mut browser = Browser::launch().await?;
     let steps = async {
         join_as(&mut browser, &link, "Root").await?;

@@ -50,6 +50,27 @@ pub(crate) struct Event {
     at: i64,
 }
 
+impl Event {
+    /// An event about a peer or member that is not a message (`status` carries the new
+    /// status or the audit event type).
+    fn about(kind: &'static str, from: &str, from_name: &str, status: &str, at: i64) -> Self {
+        Self {
+            kind,
+            id: None,
+            from: from.to_owned(),
+            from_name: from_name.to_owned(),
+            to: None,
+            target_kind: None,
+            priority: None,
+            size: None,
+            origin: None,
+            broker: None,
+            status: Some(status.to_owned()),
+            at,
+        }
+    }
+}
+
 /// Describes `env` for the mesh's dashboards, if any watches.
 pub(crate) fn describe(env: &Envelope, now: i64) -> Option<Event> {
     if env.mesh.watchers.load(Ordering::Relaxed) == 0 {
@@ -116,24 +137,7 @@ pub(crate) fn status_changed(
     if mesh.watchers.load(Ordering::Relaxed) == 0 {
         return;
     }
-    publish(
-        ctx,
-        mesh,
-        &Event {
-            kind: "status",
-            id: None,
-            from: key.to_owned(),
-            from_name: name.to_owned(),
-            to: None,
-            target_kind: None,
-            priority: None,
-            size: None,
-            origin: None,
-            broker: None,
-            status: Some(status.to_owned()),
-            at: now,
-        },
-    );
+    publish(ctx, mesh, &Event::about("status", key, name, status, now));
 }
 
 /// Shows audit entries in the dashboards' timeline (a `mesh_event` of kind `audit`).
@@ -156,20 +160,7 @@ pub(crate) fn tap_audit(ctx: &std::sync::Arc<Ctx>) {
                 publish(
                     &ctx,
                     &mesh,
-                    &Event {
-                        kind: "audit",
-                        id: None,
-                        from: String::new(),
-                        from_name: actor.to_owned(),
-                        to: None,
-                        target_kind: None,
-                        priority: None,
-                        size: None,
-                        origin: None,
-                        broker: None,
-                        status: Some(event_type.to_owned()),
-                        at: crate::time::now_ms(),
-                    },
+                    &Event::about("audit", "", actor, event_type, crate::time::now_ms()),
                 );
             },
         )));
