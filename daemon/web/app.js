@@ -384,7 +384,6 @@ class Mesh {
         this.ui.topicsListed(f.topics || []);
         break;
       case "mesh_event":
-        window.__meshdEventsIn = (window.__meshdEventsIn || 0) + 1;
         if (dash) dash.onEvent(f);
         break;
       case "push":
@@ -1249,7 +1248,6 @@ class Dashboard {
       frameP95: pct(this.intervals, 0.95),
       frameMax: pct(this.intervals, 1),
       events: this.recentTotal || 0,
-      received: window.__meshdEventsIn || 0,
     };
   }
 

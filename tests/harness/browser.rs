@@ -5,7 +5,6 @@
 //! The binary is `$MESHD_TEST_CHROMIUM`, else the first of `chromium`, `chromium-browser`,
 //! `google-chrome` on `PATH` (`.ci/run` installs Debian's `chromium`).
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,7 +30,6 @@ pub struct Browser {
     session: String,
     /// Console and log entries seen so far (`level`, `text`).
     pub console: Vec<(String, String)>,
-    events: VecDeque<Value>,
 }
 
 impl std::fmt::Debug for Browser {
@@ -109,7 +107,6 @@ impl Browser {
             next_id: 0,
             session: String::new(),
             console: Vec::new(),
-            events: VecDeque::new(),
         };
         let target = b
             .call_on(None, "Target.createTarget", json!({"url": "about:blank"}))
@@ -168,11 +165,11 @@ impl Browser {
                 }
                 return Ok(v["result"].clone());
             }
-            self.note_event(v);
+            self.note_event(&v);
         }
     }
 
-    fn note_event(&mut self, v: Value) {
+    fn note_event(&mut self, v: &Value) {
         match v["method"].as_str() {
             Some("Runtime.consoleAPICalled") => {
                 let level = v["params"]["type"].as_str().unwrap_or("").to_owned();
@@ -207,10 +204,6 @@ impl Browser {
             }
             _ => {}
         }
-        if self.events.len() >= 256 {
-            self.events.pop_front();
-        }
-        self.events.push_back(v);
     }
 
     /// Opens `url` and waits until the document has loaded.
