@@ -196,6 +196,11 @@ function openKey(encryptedKey, nonce, boxSk) {
 }
 
 /** `@name` tokens of `text` (lowercased, 1–64 of [A-Za-z0-9_-]), at most 16. */
+/** `*` (everyone) and `@group` conversations, as opposed to a peer's or a topic's. */
+function isGroupConv(conv) {
+  return conv === "*" || /^@[^\s]{1,64}$/.test(conv);
+}
+
 function mentionTokens(text) {
   const out = new Set();
   for (const m of text.matchAll(/(^|[^A-Za-z0-9_-])@([A-Za-z0-9_-]{1,64})(?![A-Za-z0-9_-])/g)) {
@@ -359,6 +364,8 @@ class Mesh {
         this.ui.connection(true, "online");
         // Typing indicators and read receipts (meshd extension): opt in.
         this.send({ type: "signals" });
+        // Groups are per connection: the ones joined here are joined again.
+        for (const name of this.groups()) this.send({ type: "join_group", name });
         this.listPeers();
         this.send({ type: "topic_list", _reqId: randomId() });
         this.ui.sendReceipts();
@@ -378,6 +385,7 @@ class Mesh {
         this.peers.clear();
         for (const p of f.peers || []) this.peers.set(p.pubkey, p);
         this.ui.peersChanged();
+        this.ui.renderGroups();
         if (dash) dash.peersChanged();
         break;
       case "topic_list_response":
@@ -440,6 +448,19 @@ class Mesh {
     const text = opened === null ? "[a message this browser cannot decrypt]" : opened;
     const from = f.senderPubkey || "";
     const peer = this.peers.get(from);
+    const name = (peer && peer.displayName) || f.senderName || from.slice(0, 8);
+    // A broadcast or group message (meshd names its target) goes to that conversation.
+    if (f.targetSpec && isGroupConv(f.targetSpec)) {
+      this.ui.record(f.targetSpec, {
+        dir: "in",
+        key: from,
+        text,
+        at: Date.parse(f.createdAt) || Date.now(),
+        id: f.messageId,
+        from: name,
+      });
+      return;
+    }
     const conv = (peer && peer.memberPubkey) || from;
     this.ui.record(conv, {
       dir: "in",
@@ -447,9 +468,46 @@ class Mesh {
       text,
       at: Date.parse(f.createdAt) || Date.now(),
       id: f.messageId,
-      broadcast: !!(f.targetSpec && !/^[0-9a-f]{64}$/i.test(f.targetSpec)),
-      from: (peer && peer.displayName) || f.senderName || from.slice(0, 8),
+      broadcast: !!f.targetSpec,
+      from: name,
     }, from);
+  }
+
+  groupsKey() {
+    return `meshd.groups.v1.${identityKey(this.id)}`;
+  }
+  groups() {
+    try {
+      const g = JSON.parse(localStorage.getItem(this.groupsKey()) || "[]");
+      return Array.isArray(g) ? g.filter((n) => typeof n === "string") : [];
+    } catch {
+      return [];
+    }
+  }
+  joinGroup(name) {
+    const g = new Set(this.groups());
+    g.add(name);
+    localStorage.setItem(this.groupsKey(), JSON.stringify([...g]));
+    this.send({ type: "join_group", name });
+    this.listPeers();
+  }
+
+  /** A broadcast (`*`) or group (`@name`) message: base64 text, as the CLI sends them
+   * (there is no shared key; the broker can read these, and the page says so). */
+  multicast(target, text) {
+    const id = randomId();
+    const entry = { dir: "out", text, at: Date.now(), id, state: "sending", from: this.id.displayName };
+    this.pending.set(id, entry);
+    const ok = this.send({
+      type: "send",
+      id,
+      targetSpec: target,
+      priority: "now",
+      nonce: b64(nacl.randomBytes(24)),
+      ciphertext: b64(enc.encode(text)),
+    });
+    if (!ok) entry.state = "not sent (offline)";
+    return entry;
   }
 
   /** crypto_box first (a DM), then base64 plaintext (a broadcast), as the CLI reads. */
@@ -554,6 +612,7 @@ const ui = {
     this.typingUntil[conv] = 0;
     this.saveHistory();
     this.peersChanged();
+    this.renderGroups();
     this.historyChanged();
     this.sendReceipts();
   },
@@ -651,7 +710,7 @@ const ui = {
       if (!byConv.has(conv)) byConv.set(conv, { conv, peer: p, online: true });
     }
     for (const conv of Object.keys(this.history)) {
-      if (!byConv.has(conv)) byConv.set(conv, { conv, peer: null, online: false });
+      if (!byConv.has(conv) && !isGroupConv(conv)) byConv.set(conv, { conv, peer: null, online: false });
     }
     return [...byConv.values()];
   },
@@ -700,6 +759,19 @@ const ui = {
     delete this.unread[conv];
     this.hideMentions();
     this.renderTopics();
+    this.renderGroups();
+    if (isGroupConv(conv)) {
+      $("chat-title").textContent = conv === "*" ? "Everyone (broadcast)" : conv;
+      $("key-state").textContent = "readable by the broker";
+      $("key-state").className = "key plain";
+      $("compose").disabled = false;
+      $("send-btn").disabled = false;
+      $("typing").textContent = "";
+      this.peersChanged();
+      this.historyChanged();
+      $("compose").focus();
+      return;
+    }
     const peer = this.peerFor(conv);
     $("chat-title").textContent = peer ? `${peer.displayName}` : this.nameFromHistory(conv);
     $("compose").disabled = !peer;
@@ -733,6 +805,42 @@ const ui = {
       if (t.unread) li.append(el("span", "unread", String(t.unread)));
       li.onclick = () => this.openTopic(t.id);
       list.append(li);
+    }
+  },
+
+  /** Everyone, then every group a visible peer (or this page) is in, then groups
+   * known only from history. */
+  renderGroups() {
+    const list = $("groups");
+    if (!this.mesh) return;
+    const mine = new Set();
+    const all = new Set();
+    for (const p of this.mesh.peers.values()) {
+      for (const g of p.groups || []) {
+        all.add(`@${g.name}`);
+        if (p.pubkey === this.mesh.id.publicKey) mine.add(`@${g.name}`);
+      }
+    }
+    for (const conv of Object.keys(this.history)) if (conv !== "*" && isGroupConv(conv)) all.add(conv);
+    list.replaceChildren();
+    for (const conv of ["*", ...[...all].sort()]) {
+      const li = el("li");
+      li.dataset.group = conv;
+      if (conv === this.selected) li.classList.add("sel");
+      li.append(el("span", "name", conv === "*" ? "Everyone" : conv));
+      if (this.unread[conv]) li.append(el("span", "unread", String(this.unread[conv])));
+      if (conv !== "*") li.append(el("span", "kind", mine.has(conv) ? "joined" : ""));
+      li.onclick = () => this.select(conv);
+      list.append(li);
+    }
+  },
+
+  async createTopic(name) {
+    const r = await this.mesh.request({ type: "topic_create", name });
+    const t = r.topic || {};
+    if (t.id) {
+      this.topicsListed([{ id: t.id, name: t.name || name }]);
+      await this.openTopic(t.id);
     }
   },
 
@@ -882,8 +990,10 @@ const ui = {
       list.scrollTop = list.scrollHeight;
       return;
     }
+    const group = isGroupConv(this.selected || "");
     for (const h of this.history[this.selected] || []) {
       const li = el("li", h.dir);
+      if (group && h.from) li.append(el("span", "who", h.from));
       li.append(el("span", "text", h.text));
       const meta = `${new Date(h.at).toLocaleTimeString()}${h.dir === "out" ? ` · ${h.state || "sent"}` : ""}${h.broadcast ? " · broadcast" : ""}`;
       li.append(el("span", "meta", meta));
@@ -924,6 +1034,13 @@ const ui = {
       });
       $("compose").value = "";
       this.hideMentions();
+      this.historyChanged();
+      return;
+    }
+    if (isGroupConv(this.selected)) {
+      (this.history[this.selected] ||= []).push(this.mesh.multicast(this.selected, text));
+      $("compose").value = "";
+      this.saveHistory();
       this.historyChanged();
       return;
     }
@@ -987,6 +1104,7 @@ function start() {
   ui.unread = {};
   ui.topics = new Map();
   $("topics").replaceChildren();
+  $("groups").replaceChildren();
   ui.loadHistory();
   $("whoami").textContent = `You are ${id.displayName} in ${id.slug} (member ${id.memberId}, key ${id.publicKey.slice(0, 16)}…) on ${id.brokerUrl}`;
   $("chat-title").textContent = "Select a peer";
@@ -1077,6 +1195,7 @@ $("invite-btn").onclick = showInvite;
 function adminButton(label, onclick) {
   const b = el("button", null, label);
   b.type = "button";
+  b.dataset.action = label;
   b.onclick = async () => {
     b.disabled = true;
     try {
@@ -1094,11 +1213,12 @@ function adminButton(label, onclick) {
 async function loadAdmin() {
   const m = ui.mesh;
   $("admin-error").textContent = "";
-  const [members, bans, keys, hooks] = await Promise.all([
+  const [members, bans, keys, hooks, shares] = await Promise.all([
     m.api("GET", "/members"),
     m.request({ type: "list_bans" }),
     m.request({ type: "apikey_list" }),
     m.request({ type: "list_webhooks" }),
+    m.request({ type: "share_list" }),
   ]);
   const tbody = $("admin-members");
   tbody.replaceChildren();
@@ -1107,9 +1227,16 @@ async function loadAdmin() {
     tr.dataset.member = x.displayName;
     tr.append(el("td", null, x.displayName), el("td", null, x.role), el("td", null, x.online ? x.status : "offline"));
     const td = el("td");
-    if (x.pubkey !== m.id.publicKey) td.append(adminButton("Ban", () => m.request({ type: "ban", target: x.pubkey })));
     tr.append(td);
     tbody.append(tr);
+    // A member another broker hosts is managed there (the broker refuses it here).
+    if (x.broker) {
+      td.append(el("span", "note", `on ${x.broker}`));
+      continue;
+    }
+    const other = x.role === "admin" ? "member" : "admin";
+    td.append(adminButton(x.role === "admin" ? "Make member" : "Make admin", () => m.request({ type: "member_role", target: x.pubkey, role: other })));
+    if (x.pubkey !== m.id.publicKey) td.append(adminButton("Ban", () => m.request({ type: "ban", target: x.pubkey })));
   }
   const bl = $("admin-bans");
   bl.replaceChildren();
@@ -1125,6 +1252,21 @@ async function loadAdmin() {
     const li = el("li", null, `${k.label} · ${k.prefix}… · ${k.capabilities.join(", ")}${k.revokedAt ? " · revoked" : ""} `);
     if (!k.revokedAt) li.append(adminButton("Revoke", () => m.request({ type: "apikey_revoke", id: k.id })));
     kl.append(li);
+  }
+  $("admin-fed").textContent = shares.broker
+    ? `This broker is ${shares.broker}; ${shares.home ? "this mesh's home" : "it hosts a replica of this mesh (only its home can offer it)"}.`
+    : "Federation is not configured on this broker.";
+  const sl = $("admin-shares");
+  sl.replaceChildren();
+  for (const p of shares.peers || []) {
+    const li = el("li", null, `${p.broker} · link ${p.link}${p.rttMs ? ` (${p.rttMs.toFixed(1)} ms)` : ""} · ${p.role ? `shared (${p.role})` : "not shared"}${p.flowing ? " · flowing" : ""} `);
+    li.dataset.broker = p.broker;
+    if (p.role === "offer" || p.role === "accept") {
+      li.append(adminButton("Unshare", () => m.request({ type: "share_set", broker: p.broker, shared: false })));
+    } else if (shares.home) {
+      li.append(adminButton("Share", () => m.request({ type: "share_set", broker: p.broker, shared: true })));
+    }
+    sl.append(li);
   }
   const hl = $("admin-hooks");
   hl.replaceChildren();
@@ -1203,8 +1345,11 @@ class Dashboard {
   }
 
   async start() {
-    await this.mesh.request({ type: "dashboard_subscribe" });
+    const sub = await this.mesh.request({ type: "dashboard_subscribe" });
     this.subscribed = true;
+    this.links = new Map((sub.links || []).map((l) => [l.broker, l]));
+    this.renderLinks();
+    this.resources();
     this.mesh.listPeers();
     this.running = true;
     const loop = (t) => {
@@ -1279,6 +1424,21 @@ class Dashboard {
     }
     if (f.kind === "audit") {
       this.feed("timeline", `${this.time(f.at)} audit: ${f.status}${f.fromName ? ` by ${f.fromName}` : ""}`);
+      this.resourcesSoon();
+      return;
+    }
+    if (f.kind === "resource") {
+      this.resourcesSoon();
+      return;
+    }
+    if (f.kind === "link") {
+      const l = this.links.get(f.broker) || { broker: f.broker };
+      l.flowing = f.status === "flowing";
+      l.link = f.status === "down" ? "down" : l.link === "down" ? "up" : l.link || "up";
+      l.state = f.status;
+      this.links.set(f.broker, l);
+      this.renderLinks();
+      this.feed("timeline", `${this.time(f.at)} link to ${f.broker}: ${f.status}`);
       return;
     }
     if (f.kind !== "message") return;
@@ -1294,6 +1454,7 @@ class Dashboard {
     const toName = target ? target.peer.displayName : f.to.length > 16 ? `${f.to.slice(0, 12)}…` : f.to;
     this.feed("stream", `${this.time(f.at)} ${f.fromName || f.from.slice(0, 8)} → ${toName} · ${f.targetKind} · ${f.priority} · ${f.size} B${via}`, f.priority);
     this.cardsSoon();
+    this.resourcesSoon();
   }
 
   onSystem(f) {
@@ -1311,6 +1472,45 @@ class Dashboard {
     const li = el("li", cls || null, text);
     list.prepend(li);
     while (list.childElementCount > FEED_CAP) list.lastElementChild.remove();
+  }
+
+  /** The resource cards, asked again at most every 500 ms while events say they changed. */
+  resourcesSoon() {
+    if (this.resTimer) return;
+    this.resTimer = setTimeout(() => {
+      this.resTimer = null;
+      this.resources();
+    }, 500);
+  }
+
+  async resources() {
+    let r;
+    try {
+      r = await this.mesh.request({ type: "dashboard_resources" });
+    } catch (e) {
+      return;
+    }
+    $("card-queue").textContent = `${r.queue.now} / ${r.queue.next} / ${r.queue.low}`;
+    $("card-files").textContent = `${r.files.count}`;
+    $("card-files").title = `${r.files.bytes.toLocaleString()} bytes held here`;
+    $("card-mcp").textContent = `${r.mcpServers.count} (${r.mcpServers.online})`;
+    $("card-skills").textContent = String(r.skills);
+    $("card-tasks").textContent = `${r.tasks.open} / ${r.tasks.claimed} / ${r.tasks.done}`;
+    $("card-schedules").textContent = String(r.schedules);
+    for (const l of r.links || []) this.links.set(l.broker, { ...l, state: l.flowing ? "flowing" : l.link });
+    this.renderLinks();
+  }
+
+  renderLinks() {
+    const list = $("links");
+    list.replaceChildren();
+    for (const l of [...this.links.values()].sort((a, b) => (a.broker < b.broker ? -1 : 1))) {
+      const state = l.flowing ? "flowing" : l.state || l.link || "down";
+      const li = el("li", state, `${l.broker}: ${state}${l.rttMs ? ` · ${l.rttMs.toFixed(1)} ms` : ""}`);
+      li.dataset.broker = l.broker;
+      li.dataset.state = state;
+      list.append(li);
+    }
   }
 
   cardsSoon() {
@@ -1439,6 +1639,37 @@ $("import-file").onchange = async (ev) => {
     $("keys-msg").textContent = `Import failed: ${e.message}`;
   }
   ev.target.value = "";
+};
+
+$("topic-new").onclick = () => {
+  $("topic-form").hidden = !$("topic-form").hidden;
+  if (!$("topic-form").hidden) $("topic-name").focus();
+};
+$("topic-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const name = $("topic-name").value.trim();
+  if (!name || !ui.mesh) return;
+  try {
+    await ui.createTopic(name);
+    $("topic-name").value = "";
+    $("topic-form").hidden = true;
+  } catch (e) {
+    ui.error(`topic: ${e.message}`);
+  }
+};
+$("group-new").onclick = () => {
+  $("group-form").hidden = !$("group-form").hidden;
+  if (!$("group-form").hidden) $("group-name").focus();
+};
+$("group-form").onsubmit = (ev) => {
+  ev.preventDefault();
+  const name = $("group-name").value.trim().replace(/^@/, "");
+  if (!name || !ui.mesh) return;
+  // No reply: the peer list (asked again) shows the group as joined.
+  ui.mesh.joinGroup(name);
+  $("group-name").value = "";
+  $("group-form").hidden = true;
+  ui.select(`@${name}`);
 };
 
 $("composer").onsubmit = (ev) => {

@@ -116,6 +116,9 @@ pub enum BrokerFrame {
     /// `invite_created` (it carries its own `type`).
     #[serde(untagged)]
     InviteCreated(crate::invites::Created),
+    /// `share_list` / `share_set` replies.
+    #[serde(untagged)]
+    Share(crate::shares::Reply),
     /// Vault replies.
     #[serde(untagged)]
     Vault(crate::vault::Reply),
@@ -307,6 +310,11 @@ pub struct Push {
     /// meshd extension: the mesh a bridged sender or relayed message comes from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridged: Option<Bridged>,
+    /// meshd extension: what a broadcast, group or tag message was sent to (`*`,
+    /// `@group`, `tag:…`), so a client can file it under that conversation rather than
+    /// the sender's. Absent on direct messages, topic posts and events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_spec: Option<String>,
     /// A topic post's fields (boxed: most pushes are not topic posts).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub topic: Option<Box<TopicPush>>,
@@ -1041,9 +1049,11 @@ mod tests {
             client_message_id: None,
             tags: Vec::new(),
             bridged: None,
+            target_spec: None,
             topic: None,
         });
         let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert!(v.get("targetSpec").is_none());
         assert_eq!(v["type"], "push");
         assert_eq!(v["senderPubkey"], "system");
         assert_eq!(v["eventData"]["name"], "a");

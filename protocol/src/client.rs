@@ -332,6 +332,11 @@ pub enum ClientFrame {
     /// meshd extension: watch the mesh's live dashboard feed (admins). Replied with
     /// `dashboard_subscribed`; then `mesh_event` frames.
     DashboardSubscribe,
+    /// meshd extension: the dashboard's resource counts and link states (admins).
+    /// Replied with `dashboard_resources`.
+    DashboardResources,
+    /// meshd extension: `share_list`, `share_set` (admins).
+    Share(crate::shares::Request),
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
     /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
@@ -406,6 +411,8 @@ impl ClientFrame {
             | Self::Moderation(_)
             | Self::InviteCreate(_)
             | Self::DashboardSubscribe
+            | Self::DashboardResources
+            | Self::Share(_)
             | Self::Vault(_)
             | Self::ApiKey(_)
             | Self::Watch(_) => true,
@@ -1080,12 +1087,14 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
                 broker_message_id: b.broker_message_id,
             }
         }
-        "kick" | "disconnect" | "ban" | "unban" | "list_bans" => {
+        "kick" | "disconnect" | "ban" | "unban" | "list_bans" | "member_role" => {
             ClientFrame::Moderation(crate::moderation::decode(kind, text)?)
         }
         "invite_create" => ClientFrame::InviteCreate(crate::invites::decode(text)?),
         "signals" | "typing" | "read" => ClientFrame::Signal(crate::signals::decode(kind, text)?),
         "dashboard_subscribe" => ClientFrame::DashboardSubscribe,
+        "dashboard_resources" => ClientFrame::DashboardResources,
+        "share_list" | "share_set" => ClientFrame::Share(crate::shares::decode(kind, text)?),
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1625,6 +1634,10 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("typing", false),
     ("read", false),
     ("dashboard_subscribe", true),
+    ("member_role", true),
+    ("dashboard_resources", true),
+    ("share_list", true),
+    ("share_set", true),
 ];
 
 #[cfg(test)]

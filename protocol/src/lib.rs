@@ -31,6 +31,7 @@ pub mod moderation;
 pub mod nul;
 pub mod routing;
 pub mod session;
+pub mod shares;
 pub mod signals;
 pub mod spatial;
 pub mod status;

@@ -1,5 +1,7 @@
 //! Moderation frames (HEAD addendum §4): `kick`, `disconnect`, `ban`, `unban`,
-//! `list_bans`. Every reply echoes `_reqId`: the newest CLI matches them by it alone.
+//! `list_bans`, and meshd's `member_role` (an admin makes a member admin or member: the
+//! web app's admin page, and `meshd member role` at the shell). Every reply echoes
+//! `_reqId`: the newest CLI matches them by it alone.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +36,13 @@ pub enum Request {
     },
     /// Every revoked member of the mesh.
     ListBans,
+    /// meshd extension: give a member (exact name or key) the role `admin` or `member`.
+    SetRole {
+        /// Name or key.
+        target: String,
+        /// `admin` or `member`.
+        role: crate::invite::Role,
+    },
 }
 
 #[derive(Deserialize)]
@@ -50,6 +59,8 @@ struct SelectionBody {
 struct TargetBody {
     #[serde(default)]
     target: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
 }
 
 /// Decodes the body of a moderation frame of type `kind`.
@@ -103,6 +114,17 @@ pub fn decode(kind: &str, text: &str) -> Result<Request, serde_json::Error> {
         "unban" => Request::Unban {
             target: target(text)?,
         },
+        "member_role" => {
+            let role = match serde_json::from_str::<TargetBody>(text)?.role.as_deref() {
+                Some("admin") => crate::invite::Role::Admin,
+                Some("member") => crate::invite::Role::Member,
+                _ => return Err(serde_json::Error::custom("role must be admin or member")),
+            };
+            Request::SetRole {
+                target: target(text)?,
+                role,
+            }
+        }
         _ => Request::ListBans,
     })
 }
@@ -162,6 +184,18 @@ pub enum Reply {
         #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
         req_id: Option<String>,
     },
+    /// Answer to `member_role`.
+    MemberRoleSet {
+        /// The member's display name.
+        name: String,
+        /// The member's key.
+        pubkey: String,
+        /// The role now held.
+        role: &'static str,
+        /// Correlation id.
+        #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
+        req_id: Option<String>,
+    },
     /// Answer to `list_bans`.
     ListBansResult {
         /// Revoked members, newest ban first.
@@ -175,6 +209,25 @@ pub enum Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_change_names_a_member_and_a_known_role() {
+        assert_eq!(
+            decode("member_role", r#"{"target":"bob","role":"admin"}"#).ok(),
+            Some(Request::SetRole {
+                target: "bob".into(),
+                role: crate::invite::Role::Admin
+            })
+        );
+        for bad in [
+            r#"{"target":"bob"}"#,
+            r#"{"target":"bob","role":"owner"}"#,
+            r#"{"role":"member"}"#,
+            r#"{"target":"","role":"member"}"#,
+        ] {
+            assert!(decode("member_role", bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_selection_is_exactly_one_of_three() {

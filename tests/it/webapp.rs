@@ -455,6 +455,22 @@ async fn an_admin_watches_the_live_dashboard() -> anyhow::Result<()> {
                 "document.getElementById('timeline').innerText.includes('audit: member_joined by gamma')",
             )
             .await?;
+        // Resource cards follow a task and a skill made by a peer (pushed as `resource`
+        // events; the page asks for the counts again).
+        let t = alpha
+            .request(json!({"type": "create_task", "title": "ship it"}))
+            .await?;
+        assert!(t["error"].is_null(), "{t}");
+        let k = alpha
+            .request(json!({"type": "share_skill", "name": "deploy", "description": "d", "instructions": "i"}))
+            .await?;
+        assert!(k["error"].is_null(), "{k}");
+        browser
+            .wait_for(
+                "the task and skill cards",
+                "document.getElementById('card-tasks').textContent === '1 / 0 / 0' && document.getElementById('card-skills').textContent === '1'",
+            )
+            .await?;
         let timing = browser.eval("window.__meshdDashboard()").await?;
         assert!(timing["draws"].as_u64().unwrap_or(0) > 0, "{timing}");
         browser.readme_shot("webapp-dashboard").await?;
@@ -657,7 +673,7 @@ async fn an_admin_bans_and_unbans_a_member_from_the_page() -> anyhow::Result<()>
             .wait_for("eve listed", &format!("!!{eve_row}"))
             .await?;
         browser
-            .eval(&format!("{eve_row}.querySelector('button').click()"))
+            .eval(&format!("{eve_row}.querySelector('button[data-action=Ban]').click()"))
             .await?;
         // Eve's connection is closed with 4002 and she is listed as banned.
         let close = eve_client.ws.expect_close().await;
@@ -693,5 +709,310 @@ async fn an_admin_bans_and_unbans_a_member_from_the_page() -> anyhow::Result<()>
     .await;
     let r = browser.on_failure("webapp-admin", steps).await;
     browser.close().await;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_posts_to_groups_and_everyone_and_creates_a_topic() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("crowd").await?;
+    let link = web_link(&broker, &mesh.slug, Role::Member).await?;
+    let cli = broker.enroll(&mesh, "claude").await?;
+    let mut claude = broker.connect(&cli).await?;
+    claude
+        .send(json!({"type": "join_group", "name": "ops"}))
+        .await?;
+    claude.sync().await?;
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut browser, &link, "Ada").await?;
+        // Ada joins @ops from the page; the peer list shows her in it.
+        browser.click("#group-new").await?;
+        browser.fill("#group-name", "ops").await?;
+        browser
+            .eval("document.getElementById('group-form').requestSubmit()")
+            .await?;
+        browser
+            .wait_for(
+                "@ops joined",
+                "(li => li && li.innerText.includes('joined'))(document.querySelector('#groups li[data-group=\"@ops\"]'))",
+            )
+            .await?;
+        // A group message from the peer lands in @ops (open since the join), not in a
+        // DM with the sender; a broadcast while @ops is open counts as unread in Everyone.
+        let ack = claude.multicast("@ops", "deploy at noon").await?;
+        assert!(ack["error"].is_null(), "{ack}");
+        let ack = claude.multicast("*", "lunch is here").await?;
+        assert!(ack["error"].is_null(), "{ack}");
+        browser
+            .wait_for(
+                "the unread broadcast",
+                "(u => u && u.textContent === '1')(document.querySelector('#groups li[data-group=\"*\"] .unread'))",
+            )
+            .await?;
+        assert_eq!(
+            browser
+                .eval("[...document.querySelectorAll('#peers li .unread')].length")
+                .await?,
+            json!(0),
+            "nothing filed under the sender's DM"
+        );
+        browser
+            .wait_for(
+                "the group message with its sender",
+                "(t => t.includes('claude') && t.includes('deploy at noon'))(document.getElementById('messages').innerText)",
+            )
+            .await?;
+        // Ada answers the group, then everyone; the peer reads both (base64 text, as the
+        // CLI sends them) with the target in the push.
+        browser.fill("#compose", "on it").await?;
+        browser.click("#send-btn").await?;
+        let (push, text) = claude.expect_message().await?;
+        assert_eq!((push["targetSpec"].as_str(), text.as_str()), (Some("@ops"), "on it"), "{push}");
+        browser
+            .eval("document.querySelector('#groups li[data-group=\"*\"]').click()")
+            .await?;
+        browser
+            .wait_for(
+                "the broadcast in Everyone",
+                "document.getElementById('messages').innerText.includes('lunch is here')",
+            )
+            .await?;
+        browser.fill("#compose", "hello everyone").await?;
+        browser.click("#send-btn").await?;
+        let (push, text) = claude.expect_message().await?;
+        assert_eq!((push["targetSpec"].as_str(), text.as_str()), (Some("*"), "hello everyone"), "{push}");
+        browser
+            .wait_for(
+                "the broadcast acked",
+                "[...document.querySelectorAll('#messages li.out .meta')].some(m => m.textContent.includes('· sent'))",
+            )
+            .await?;
+        // A topic created in the page exists for the peer, and the page has it open.
+        browser.click("#topic-new").await?;
+        browser.fill("#topic-name", "launch").await?;
+        browser
+            .eval("document.getElementById('topic-form').requestSubmit()")
+            .await?;
+        browser
+            .wait_for(
+                "the new topic open",
+                "document.getElementById('chat-title').textContent === '#launch'",
+            )
+            .await?;
+        let list = claude.request(json!({"type": "topic_list"})).await?;
+        let topics = list["topics"].as_array().cloned().unwrap_or_default();
+        assert!(topics.iter().any(|t| t["name"] == "launch"), "{list}");
+        let violations = browser.csp_violations();
+        assert!(violations.is_empty(), "CSP violations: {violations:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-groups", steps).await;
+    browser.close().await;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_changes_roles_from_the_page_and_keeps_one_admin() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("roles").await?;
+    let eve = broker.enroll(&mesh, "eve").await?;
+    let mut eve_client = broker.connect(&eve).await?;
+    // Eve is a member: every admin frame of the page is refused to her.
+    for frame in [
+        json!({"type": "member_role", "target": "eve", "role": "admin"}),
+        json!({"type": "share_list"}),
+        json!({"type": "share_set", "broker": "b.example", "shared": true}),
+        json!({"type": "dashboard_resources"}),
+    ] {
+        let v = eve_client.request(frame.clone()).await?;
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some("forbidden")),
+            "{frame} → {v}"
+        );
+    }
+    let link = web_link(&broker, &mesh.slug, Role::Admin).await?;
+    let mut browser = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut browser, &link, "Root").await?;
+        browser.click("#admin-btn").await?;
+        let row = |name: &str| {
+            format!("document.querySelector('#admin-members tr[data-member=\"{name}\"]')")
+        };
+        browser
+            .wait_for("eve listed", &format!("!!{}", row("eve")))
+            .await?;
+        // Without federation the page says so and lists no peer broker.
+        browser
+            .wait_for(
+                "the federation note",
+                "document.getElementById('admin-fed').textContent.includes('not configured')",
+            )
+            .await?;
+        browser
+            .eval(&format!(
+                "{}.querySelector('button[data-action=\"Make admin\"]').click()",
+                row("eve")
+            ))
+            .await?;
+        browser
+            .wait_for(
+                "eve an admin",
+                &format!(
+                    "(r => r && r.children[1].textContent === 'admin')({})",
+                    row("eve")
+                ),
+            )
+            .await?;
+        // The change applies to eve's open connection at once.
+        let v = eve_client
+            .request(json!({"type": "dashboard_resources"}))
+            .await?;
+        assert_eq!(v["type"], "dashboard_resources", "{v}");
+        assert_eq!(v["queue"]["now"], 0, "{v}");
+        // Root steps down (eve is an admin now); the page, no longer an admin's, is
+        // refused the admin lists by the broker.
+        browser
+            .eval(&format!(
+                "{}.querySelector('button[data-action=\"Make member\"]').click()",
+                row("Root")
+            ))
+            .await?;
+        browser
+            .wait_for(
+                "the refusal after stepping down",
+                "document.getElementById('admin-error').textContent.includes('only a mesh admin')",
+            )
+            .await?;
+        // Eve may not step down: she is the last admin.
+        let v = eve_client
+            .request(
+                json!({"type": "member_role", "target": eve.keys.public_hex(), "role": "member"}),
+            )
+            .await?;
+        assert_eq!(v["code"], "invalid", "{v}");
+        assert!(
+            v["message"].as_str().unwrap_or("").contains("last admin"),
+            "{v}"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let r = browser.on_failure("webapp-roles", steps).await;
+    browser.close().await;
+    r?;
+    let roles: Vec<(String, String)> = broker
+        .db
+        .members(&mesh.mesh_id)
+        .await?
+        .into_iter()
+        .map(|m| (m.display_name, m.role))
+        .collect();
+    assert!(roles.contains(&("eve".into(), "admin".into())), "{roles:?}");
+    assert!(
+        roles.contains(&("Root".into(), "member".into())),
+        "{roles:?}"
+    );
+    // The audit chain has both changes, by Root.
+    meshd_tests::eventually("both role changes audited", || async {
+        let rows = broker.db.audit_rows(&mesh.mesh_id).await.ok()?;
+        let by: Vec<String> = rows
+            .into_iter()
+            .filter(|e| e.event_type == "member_role_changed")
+            .map(|e| e.actor)
+            .collect();
+        (by == ["Root", "Root"]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Two people on two brokers of a shared mesh: typing and a read receipt cross the link;
+/// the admin's dashboard shows the peer broker's link and who is on which broker; the
+/// admin page unshares the mesh and the dashboard sees the link stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_on_two_brokers_and_the_link_in_the_dashboard() -> anyhow::Result<()> {
+    use crate::federation::{B, linked_pair, replica};
+    let p = linked_pair(|_| {}, Backend::Sqlite).await?;
+    let mesh_b = replica(&p.b.db, &p.mesh.mesh_id).await?;
+    let link_a = web_link(&p.a, &p.mesh.slug, Role::Admin).await?;
+    let link_b = web_link(&p.b, &mesh_b.slug, Role::Member).await?;
+    let mut ada = Browser::launch().await?;
+    let mut bob = Browser::launch().await?;
+    let steps = async {
+        join_as(&mut ada, &link_a, "Ada").await?;
+        join_as(&mut bob, &link_b, "Bob").await?;
+        open_chat(&mut ada, "Bob").await?;
+        open_chat(&mut bob, "Ada").await?;
+        ada.fill("#compose", "are y").await?;
+        bob.wait_for(
+            "Ada's typing, across brokers",
+            "document.getElementById('typing').textContent === 'Ada is typing…'",
+        )
+        .await?;
+        ada.fill("#compose", "are you there, Bob?").await?;
+        ada.click("#send-btn").await?;
+        bob.wait_for(
+            "the DM from the other broker",
+            "document.getElementById('messages').innerText.includes('are you there, Bob?')",
+        )
+        .await?;
+        ada.wait_for(
+            "Bob's read receipt, across brokers",
+            "[...document.querySelectorAll('#messages li.out .meta')].some(m => m.textContent.endsWith('· read'))",
+        )
+        .await?;
+        // The dashboard: the link to B carries the mesh; Bob is drawn on his broker.
+        ada.click("#dash-btn").await?;
+        let chip = format!("document.querySelector('#links li[data-broker=\"{B}\"]')");
+        ada.wait_for(
+            "the link to B flowing",
+            &format!("(c => c && c.dataset.state === 'flowing')({chip})"),
+        )
+        .await?;
+        ada.wait_for(
+            "two brokers counted",
+            "document.getElementById('card-brokers').textContent === '2'",
+        )
+        .await?;
+        ada.readme_shot("webapp-federated").await?;
+        // The admin page lists B as shared (offered from here), and unshares.
+        ada.click("#admin-btn").await?;
+        let share = format!("document.querySelector('#admin-shares li[data-broker=\"{B}\"]')");
+        ada.wait_for(
+            "B listed as shared",
+            &format!("(l => l && l.innerText.includes('shared (offer)') && l.innerText.includes('flowing'))({share})"),
+        )
+        .await?;
+        // Bob's home is B: his row names it and offers no action here.
+        let bob_row = "document.querySelector('#admin-members tr[data-member=\"Bob\"]')";
+        ada.wait_for(
+            "Bob's row naming his broker",
+            &format!("(r => r && r.innerText.includes('on {B}') && !r.querySelector('button'))({bob_row})"),
+        )
+        .await?;
+        ada.readme_shot("webapp-admin").await?;
+        ada.eval(&format!("{share}.querySelector('button[data-action=Unshare]').click()"))
+            .await?;
+        ada.wait_for(
+            "B no longer shared",
+            &format!("(l => l && l.innerText.includes('not shared'))({share})"),
+        )
+        .await?;
+        // The dashboard (still subscribed behind the admin page) heard the link stop.
+        ada.wait_for(
+            "the link stop pushed to the dashboard",
+            &format!("(c => c && c.dataset.state === 'stopped')({chip})"),
+        )
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let r = ada.on_failure("webapp-fed-ada", steps).await;
+    let r = bob.on_failure("webapp-fed-bob", r).await;
+    ada.close().await;
+    bob.close().await;
     r
 }

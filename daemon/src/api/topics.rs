@@ -394,6 +394,8 @@ pub(crate) async fn members(
                 "isHuman": p.is_some_and(|p| p.peer_type.as_deref() == Some("human")),
                 "joinedAt": iso8601_ms(m.joined_at), "online": p.is_some(),
                 "status": p.map_or("offline", |p| p.status), "summary": p.and_then(|p| p.summary.clone()),
+                // meshd: the peer broker that hosts the member (null when this one does).
+                "broker": m.home_broker,
             })
         })
         .collect();

@@ -31,6 +31,13 @@ pub(crate) fn known_subtype(s: &str) -> Option<&'static str> {
     }
 }
 
+/// The `targetSpec` a push shows: only a multicast target's (`*`, `@group`, `tag:…`),
+/// and not for events or reminders (their target is the recipient).
+fn multicast_spec(spec: &str, subtype: Option<&'static str>) -> Option<String> {
+    (subtype.is_none() && (spec == "*" || spec.starts_with('@') || spec.starts_with("tag:")))
+        .then(|| spec.to_owned())
+}
+
 /// Who a push is from, as clients see it.
 struct From<'a> {
     pubkey: String,
@@ -53,6 +60,7 @@ fn frame(
     tags: Vec<String>,
     bridged: Option<meshd_protocol::broker::Bridged>,
     topic: Option<&crate::features::topics::PostFields>,
+    target_spec: &str,
 ) -> Utf8Bytes {
     let (event, event_data) = event.map_or((None, None), |(e, d)| (Some(e), Some(d)));
     let push = BrokerFrame::Push(Push {
@@ -72,6 +80,7 @@ fn frame(
         client_message_id,
         tags,
         bridged,
+        target_spec: multicast_spec(target_spec, subtype),
         topic: topic.map(|t| {
             Box::new(meshd_protocol::broker::TopicPush {
                 topic: t.topic_name.clone(),
@@ -124,6 +133,7 @@ impl Envelope {
             self.tags.clone(),
             self.bridged.clone(),
             self.topic.as_deref(),
+            &self.target_spec,
         )
     }
 }
@@ -154,6 +164,7 @@ pub(crate) fn stored(mesh_id: &str, mut row: ClaimedRow) -> Utf8Bytes {
             .as_deref()
             .and_then(|b| serde_json::from_str(b).ok()),
         None,
+        &row.target_spec,
     )
 }
 
@@ -185,6 +196,7 @@ pub(crate) fn system(
         Vec::new(),
         None,
         None,
+        "",
     )
 }
 
@@ -217,6 +229,7 @@ mod tests {
             created_at: 0,
             tags: Some("ops sales/emea".into()),
             bridged: None,
+            target_spec: "@ops".into(),
         };
         let v: serde_json::Value = serde_json::from_str(&stored("mesh", row)).unwrap();
         assert_eq!(v["type"], "push");
@@ -227,6 +240,7 @@ mod tests {
         assert_eq!(v["senderPubkey"], "ab");
         assert_eq!(v["senderMemberPubkey"], "cd");
         assert_eq!(v["client_message_id"], "c1");
+        assert_eq!(v["targetSpec"], "@ops");
         assert!(v.get("subtype").is_none());
         assert_eq!(v["tags"], serde_json::json!(["ops", "sales/emea"]));
     }

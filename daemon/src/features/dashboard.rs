@@ -5,10 +5,17 @@
 //! status change. The delivery pipeline describes a message only while a dashboard
 //! watches the mesh (one atomic load otherwise).
 //!
+//! `dashboard_resources` answers the resource cards (queue by priority, files, MCP
+//! servers, skills, tasks, schedules) and each peer broker's link; the page asks again
+//! when an event says something changed. Link changes of a federated mesh (the mesh
+//! starts or stops flowing over a link) are pushed as `mesh_event` of kind `link`.
+//!
 //! Only admins may watch (who talks to whom is sensitive); others are told `forbidden`.
 //! Events go to a watcher's outbound queue like any frame; one that is full loses the
 //! event (a dashboard is a view, not a log) and the loss is counted in
 //! `meshd_frames_dropped_total{reason="dashboard_full"}`.
+
+pub mod store;
 
 use std::sync::atomic::Ordering;
 
@@ -125,6 +132,36 @@ pub(crate) fn describe(env: &Envelope, now: i64) -> Option<Event> {
     })
 }
 
+/// The mesh started (`flowing`) or stopped (`stopped`) flowing over the link with
+/// `broker`, for the mesh's dashboards.
+pub(crate) fn link_changed(ctx: &Ctx, mesh_id: &str, broker: &str, state: &str) {
+    let Some(mesh) = ctx.hub.loaded(mesh_id) else {
+        return;
+    };
+    if mesh.watchers.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let mut e = Event::about("link", "", broker, state, crate::time::now_ms());
+    e.broker = Some(broker.to_owned());
+    publish(ctx, &mesh, &e);
+}
+
+/// Something the resource cards count changed (`files`, `skills`, `tasks`,
+/// `schedules`, `mcp`): the dashboards ask for the counts again.
+pub(crate) fn touched(ctx: &Ctx, mesh_id: &str, what: &'static str) {
+    let Some(mesh) = ctx.hub.loaded(mesh_id) else {
+        return;
+    };
+    if mesh.watchers.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    publish(
+        ctx,
+        &mesh,
+        &Event::about("resource", "", "", what, crate::time::now_ms()),
+    );
+}
+
 /// A status change, for the mesh's dashboards.
 pub(crate) fn status_changed(
     ctx: &Ctx,
@@ -166,6 +203,24 @@ pub(crate) fn tap_audit(ctx: &std::sync::Arc<Ctx>) {
         )));
 }
 
+/// Stops the dashboards of `member_pubkey`'s connections (the member is no longer an
+/// admin). Uncounted under the hub's lock, as `unregister` does.
+pub(crate) fn unwatch_member(mesh: &MeshHub, member_pubkey: &str) {
+    let conns = mesh
+        .local_peers(|p| {
+            (p.dashboard && p.member_pubkey == member_pubkey).then_some(p.shared.conn_id)
+        })
+        .into_iter()
+        .flatten();
+    for conn in conns {
+        mesh.with_peer(conn, |p| {
+            if std::mem::replace(&mut p.dashboard, false) {
+                mesh.watchers.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
 /// Queues `event` for every dashboard of the mesh.
 pub(crate) fn publish(ctx: &Ctx, mesh: &MeshHub, event: &Event) {
     let frame: Utf8Bytes = serde_json::to_string(event).unwrap_or_default().into();
@@ -184,11 +239,7 @@ pub(crate) fn publish(ctx: &Ctx, mesh: &MeshHub, event: &Event) {
 impl Session {
     /// `dashboard_subscribe`: admins only; answered `dashboard_subscribed`.
     pub(crate) fn on_dashboard_subscribe(&mut self, req_id: Option<String>) -> Option<Utf8Bytes> {
-        let admin = self
-            .mesh
-            .member(&self.member_pubkey)
-            .is_some_and(|m| m.role == "admin" && !m.revoked);
-        if !admin {
+        if !self.is_admin() {
             return error(
                 "forbidden",
                 "only a mesh admin can watch the dashboard",
@@ -206,8 +257,55 @@ impl Session {
             "type": "dashboard_subscribed",
             "meshId": self.mesh_id(),
             "broker": self.ctx.config.federation.as_ref().map(|f| f.broker.clone()),
+            "links": self.ctx.fed.as_ref().map(|f| f.mesh_links(self.mesh_id())).unwrap_or_default(),
             "_reqId": req_id,
         });
         Some(reply.to_string().into())
+    }
+
+    /// `dashboard_resources`: admins only; the cards' counts from the hub and the store.
+    pub(crate) fn on_dashboard_resources(&mut self, req_id: Option<String>) -> Option<Utf8Bytes> {
+        if !self.is_admin() {
+            return error(
+                "forbidden",
+                "only a mesh admin can watch the dashboard",
+                req_id,
+            );
+        }
+        let ctx = self.ctx.clone();
+        let mesh = self.mesh.clone();
+        self.reply_later(async move {
+            let id = mesh.row.id.clone();
+            let now = crate::time::now_ms();
+            let db = &ctx.db;
+            let (queue, files, bytes, skills, tasks, schedules) = match tokio::try_join!(
+                db.queue_depths(&id, now),
+                db.file_count(&id, now),
+                db.file_bytes(&id, now),
+                db.skill_count(&id),
+                db.task_counts(&id),
+                db.schedule_count(&id),
+            ) {
+                Ok(v) => v,
+                Err(e) => return store_unavailable("dashboard_resources", req_id, &e),
+            };
+            let servers = ctx.mcp.list(&id);
+            let reply = serde_json::json!({
+                "type": "dashboard_resources",
+                "queue": {"now": queue[0], "next": queue[1], "low": queue[2]},
+                "files": {"count": files, "bytes": bytes},
+                "mcpServers": {
+                    "count": servers.len(),
+                    "online": servers.iter().filter(|s| s.online).count(),
+                },
+                "skills": skills,
+                "tasks": {"open": tasks.0, "claimed": tasks.1, "done": tasks.2},
+                "schedules": schedules,
+                "links": ctx.fed.as_ref().map(|f| f.mesh_links(&id)).unwrap_or_default(),
+                "_reqId": req_id,
+            });
+            Some(reply.to_string().into())
+        });
+        None
     }
 }

@@ -214,6 +214,7 @@ impl Session {
                     if refusal.is_none() {
                         match ctx.db.delete_file(&file_id, now).await {
                             Ok(deleted) => {
+                                crate::features::dashboard::touched(&ctx, &mesh_id, "files");
                                 if deleted && let Some(f) = &file {
                                     crate::quota::recount_member(
                                         &ctx,

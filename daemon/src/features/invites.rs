@@ -20,11 +20,7 @@ impl Session {
         request: Create,
         req_id: Option<String>,
     ) -> Option<Utf8Bytes> {
-        let admin = self
-            .mesh
-            .member(&self.member_pubkey)
-            .is_some_and(|m| m.role == "admin" && !m.revoked);
-        if !admin {
+        if !self.is_admin() {
             return error("forbidden", "only a mesh admin can create invites", req_id);
         }
         let ctx = self.ctx.clone();

@@ -1,4 +1,5 @@
-//! Moderation (HEAD §4): `kick`, `disconnect`, `ban`, `unban`, `list_bans`, and what a
+//! Moderation (HEAD §4): `kick`, `disconnect`, `ban`, `unban`, `list_bans`, meshd's
+//! `member_role` (admins promote and demote; the mesh always keeps one admin), and what a
 //! revocation does to a live mesh (shared with `meshd member revoke`, which another
 //! process writes and [`watch_revocations`] picks up).
 //!
@@ -254,12 +255,9 @@ impl Session {
             Request::Disconnect(_) => "disconnect",
             Request::Ban { .. } => "ban",
             Request::Unban { .. } => "unban",
+            Request::SetRole { .. } => "change roles",
         };
-        let admin = self
-            .mesh
-            .member(&self.member_pubkey)
-            .is_some_and(|m| m.role == "admin");
-        if !admin {
+        if !self.is_admin() {
             return error(
                 "forbidden",
                 format!("only owner or admin can {verb}"),
@@ -319,6 +317,10 @@ impl Session {
             }
             Request::Unban { target } => {
                 self.queue_unban(target, req_id, now);
+                return None;
+            }
+            Request::SetRole { target, role } => {
+                self.queue_set_role(target, role.as_str(), req_id);
                 return None;
             }
             Request::ListBans => return None,
@@ -421,6 +423,85 @@ impl Session {
             Some(
                 BrokerFrame::Moderation(Reply::BanAck {
                     banned: row.display_name,
+                    req_id,
+                })
+                .to_json()
+                .into(),
+            )
+        });
+    }
+
+    /// `member_role`: the member's home broker decides (as for bans); the new role
+    /// reaches peer brokers in the member's announcement, and a demoted member's open
+    /// dashboards stop at once.
+    fn queue_set_role(&mut self, target: String, role: &'static str, req_id: Option<String>) {
+        let ctx = self.ctx.clone();
+        let mesh = self.mesh.clone();
+        let mesh_id = self.mesh_id().to_owned();
+        let (my_id, my_name) = (self.member_id.clone(), self.display_name.clone());
+        self.reply_later(async move {
+            let members = match ctx.db.members(&mesh_id).await {
+                Ok(m) => m,
+                Err(e) => return store_unavailable("member_role", req_id, &e),
+            };
+            let lower = target.to_ascii_lowercase();
+            let hits: Vec<&MemberRow> = members
+                .iter()
+                .filter(|m| {
+                    m.revoked_at.is_none() && (m.display_name == target || m.pubkey == lower)
+                })
+                .collect();
+            let m = match hits.as_slice() {
+                [] => return error("not_found", format!("no member matches {target:?}"), req_id),
+                [m] => *m,
+                many => {
+                    return error(
+                        "invalid",
+                        format!("{} members match {target:?}; give the key", many.len()),
+                        req_id,
+                    );
+                }
+            };
+            if let Some(home) = &m.home_broker {
+                return error(
+                    "forbidden",
+                    format!(
+                        "{} is hosted by broker {home}; change their role there",
+                        m.display_name
+                    ),
+                    req_id,
+                );
+            }
+            let row = match ctx.db.set_member_role(&mesh_id, &m.id, role).await {
+                Ok(Some(row)) => row,
+                Ok(None) => {
+                    return error(
+                        "invalid",
+                        format!("{} is the mesh's last admin", m.display_name),
+                        req_id,
+                    );
+                }
+                Err(e) => return store_unavailable("member_role", req_id, &e),
+            };
+            mesh.upsert_member(&row.pubkey, crate::hub::member_info(&row));
+            if role != "admin" {
+                crate::features::dashboard::unwatch_member(&mesh, &row.pubkey);
+            }
+            if let Some(fed) = &ctx.fed {
+                fed.member_changed(&mesh, &row.pubkey);
+            }
+            ctx.audit.record(
+                &mesh_id,
+                "member_role_changed",
+                Some(my_id),
+                &my_name,
+                serde_json::json!({"target": row.display_name, "targetPubkey": row.pubkey, "role": role}),
+            );
+            Some(
+                BrokerFrame::Moderation(Reply::MemberRoleSet {
+                    name: row.display_name,
+                    pubkey: row.pubkey,
+                    role,
                     req_id,
                 })
                 .to_json()

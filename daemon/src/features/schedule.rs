@@ -142,6 +142,7 @@ impl Session {
                     match db.insert_schedule(&row).await {
                         Ok(true) => {
                             ctx.reminders.changed();
+                            crate::features::dashboard::touched(&ctx, &row.mesh_id, "schedules");
                             Some(
                                 BrokerFrame::ScheduledAck(ScheduledAck {
                                     scheduled_id: row.id,
@@ -200,6 +201,7 @@ impl Session {
                         Ok(ok) => {
                             if ok {
                                 ctx.reminders.changed();
+                                crate::features::dashboard::touched(&ctx, &mesh_id, "schedules");
                             }
                             Some(
                                 BrokerFrame::CancelScheduledAck(CancelScheduledAck {

@@ -61,7 +61,7 @@ impl Session {
                         );
                     }
                     match db.put_skill(&row, Some(&member_id)).await {
-                        Ok(_) => {}
+                        Ok(_) => crate::features::dashboard::touched(&ctx, &row.mesh_id, "skills"),
                         Err(crate::features::skills::store::SkillError::Full) => {
                             return Some(
                                 BrokerFrame::Error(
@@ -126,6 +126,7 @@ impl Session {
                     match db.delete_skill(&mesh_id, &name, now).await {
                         Ok(author) => {
                             let removed = author.is_some();
+                            crate::features::dashboard::touched(&ctx, &mesh_id, "skills");
                             if let Some(author) = author {
                                 crate::quota::recount_member(
                                     &ctx,

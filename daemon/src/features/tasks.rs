@@ -92,6 +92,7 @@ impl Session {
                     match db.insert_task(&row, &member_pubkey).await {
                         Ok(true) => {
                             replicate(db.clone(), row.mesh_id.clone(), row.id.clone()).await;
+                            crate::features::dashboard::touched(&ctx, &row.mesh_id, "tasks");
                             BrokerFrame::TaskCreated(TaskCreated { id: row.id, req_id })
                         }
                         Ok(false) => {
@@ -108,6 +109,7 @@ impl Session {
                     match db.claim_task(&mesh_id, &task_id, &me, now).await {
                         Ok(true) => {
                             replicate(db.clone(), mesh_id.clone(), task_id.clone()).await;
+                            crate::features::dashboard::touched(&ctx, &mesh_id, "tasks");
                             match db.tasks(&mesh_id, None, None).await {
                                 Ok(rows) => list(rows, req_id),
                                 Err(e) => return store_err(&e, req_id),
@@ -153,6 +155,7 @@ impl Session {
                     {
                         Ok(true) => {
                             replicate(db.clone(), mesh_id.clone(), task_id.clone()).await;
+                            crate::features::dashboard::touched(&ctx, &mesh_id, "tasks");
                             match db.tasks(&mesh_id, None, None).await {
                                 Ok(rows) => list(rows, req_id),
                                 Err(e) => return store_err(&e, req_id),

@@ -72,3 +72,42 @@ impl Fed {
         })
     }
 }
+
+impl Fed {
+    /// Each peer broker as one mesh sees it: this broker's consent, the link's state,
+    /// whether the mesh flows over it (the dashboard's links and the admin page's shares).
+    pub(crate) fn mesh_links(&self, mesh_id: &str) -> Vec<meshd_protocol::shares::PeerShare> {
+        let links = self.manager().map(|m| m.status()).unwrap_or_default();
+        let live = lock(&self.links).clone();
+        let consent = lock(&self.consent).clone();
+        let mut out: Vec<meshd_protocol::shares::PeerShare> = links
+            .into_iter()
+            .map(|st| {
+                let role = match consent.shares.get(&(mesh_id.to_owned(), st.name.clone())) {
+                    Some(r) => Some(r.as_str()),
+                    None => consent
+                        .replicas
+                        .get(mesh_id)
+                        .is_some_and(|(home, roster)| *home != st.name && roster.contains(&st.name))
+                        .then_some("roster"),
+                };
+                meshd_protocol::shares::PeerShare {
+                    flowing: live
+                        .get(&st.name)
+                        .is_some_and(|l| lock(&l.flowing).contains(mesh_id)),
+                    role,
+                    link: st.state.as_str().to_owned(),
+                    rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    broker: st.name,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.broker.cmp(&b.broker));
+        out
+    }
+
+    /// Whether this broker is `mesh_id`'s home (not a replica of a peer's mesh).
+    pub(crate) fn is_home(&self, mesh_id: &str) -> bool {
+        !lock(&self.consent).replicas.contains_key(mesh_id)
+    }
+}

@@ -253,6 +253,7 @@ impl Fed {
         let now = now_ms();
         for m in stopped {
             info!(peer = %link.broker, mesh.id = %m, "mesh no longer flows over the link");
+            crate::features::dashboard::link_changed(ctx, &m, &link.broker, "stopped");
             if let Some(hub) = ctx.hub.loaded(&m) {
                 hub.remote_drop(&link.broker, now);
                 crate::features::mcp::engine::broker_gone(ctx, &hub, &link.broker);
@@ -317,6 +318,7 @@ impl Fed {
                 self.reset_link(link, Reset::MembersFull);
             }
             self.refresh_shared();
+            crate::features::dashboard::link_changed(ctx, &m, &link.broker, "flowing");
             self.send_presence_snapshot(link, &hub);
             // What converges by merging or newest write goes over the live stream, in
             // its own task (it waits for room instead of dropping). It runs again a few
@@ -493,6 +495,9 @@ impl Fed {
         self.refresh_shared();
         ctx.metrics.fed_links_up.fetch_sub(1, Ordering::Relaxed);
         let mut gone = lock(&shared.flowing).clone();
+        for m in &gone {
+            crate::features::dashboard::link_changed(&ctx, m, &broker, "down");
+        }
         gone.extend(crate::features::bridges::bridged_meshes(&ctx, &broker));
         self.schedule_presence_expiry(ctx.clone(), broker, gone);
         result

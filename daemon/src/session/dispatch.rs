@@ -119,6 +119,8 @@ impl Session {
             ClientFrame::InviteCreate(request) => self.on_invite_create(request, req_id),
             ClientFrame::Signal(request) => self.on_signal(request, now),
             ClientFrame::DashboardSubscribe => self.on_dashboard_subscribe(req_id),
+            ClientFrame::DashboardResources => self.on_dashboard_resources(req_id),
+            ClientFrame::Share(request) => self.on_share(request, req_id),
             ClientFrame::Topic(request) => self.on_topic(request, req_id, now),
             ClientFrame::Watch(request) => {
                 self.queue_watch(request, req_id, now);

@@ -207,6 +207,14 @@ impl Session {
             .push_back(Box::pin(async move { task.await.ok().flatten() }));
     }
 
+    /// Whether this connection's member is a mesh admin now (the hub's member table:
+    /// a role change or a ban applies to the next request).
+    pub(crate) fn is_admin(&self) -> bool {
+        self.mesh
+            .member(&self.member_pubkey)
+            .is_some_and(|m| m.role == "admin" && !m.revoked)
+    }
+
     /// Queues a store operation behind this session's earlier ones.
     pub(crate) fn queue_write(&mut self, op: impl Into<Op>) {
         self.writes.push_back(op.into());

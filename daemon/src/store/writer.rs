@@ -121,6 +121,8 @@ pub(crate) struct ClaimedRow {
     pub(crate) tags: Option<String>,
     /// Where a bridged sender is from (JSON), if it is.
     pub(crate) bridged: Option<String>,
+    /// What the sender addressed (`*`, `@group`, a key, …).
+    pub(crate) target_spec: String,
 }
 
 /// What a claim returned.
@@ -924,7 +926,7 @@ const CLAIM_SQL: &str = "UPDATE message SET lease_conn = $1, lease_until = $2 \
           AND (lease_until IS NULL OR lease_until <= $6) AND priority <= $7 AND expires_at > $6 \
         ORDER BY seq LIMIT +$8) \
      RETURNING seq, id, sender_pubkey, sender_member_pubkey, sender_member_id, sender_name, priority, \
-               nonce, ciphertext, subtype, client_message_id, created_at, tags, bridged";
+               nonce, ciphertext, subtype, client_message_id, created_at, tags, bridged, target_spec";
 
 const NEXT_LEASE_SQL: &str = "SELECT MIN(lease_until) FROM message \
      WHERE mesh_id = $1 AND target_key IN ($2, $3) AND delivered_at IS NULL \

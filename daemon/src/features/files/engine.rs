@@ -813,7 +813,11 @@ pub(crate) async fn upload(
         home_broker: None,
         uploader_pubkey: Some(uploader.member_pubkey),
     };
-    if let Err(e) = ctx.db.insert_file(&row, &keys).await {
+    let stored = ctx.db.insert_file(&row, &keys).await;
+    if stored.is_ok() {
+        crate::features::dashboard::touched(&ctx, &row.mesh_id, "files");
+    }
+    if let Err(e) = stored {
         warn!(cause = %e, "storing an upload's metadata");
         ctx.files.remove(&row.mesh_id, &id).await;
         return reply(

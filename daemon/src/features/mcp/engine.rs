@@ -986,6 +986,11 @@ pub(crate) async fn run_store(ctx: Arc<Ctx>, cancel: CancellationToken) {
 }
 
 async fn apply(ctx: &Ctx, op: StoreOp) {
+    let mesh_id = match &op {
+        StoreOp::Upsert(row, _) => &row.mesh_id,
+        StoreOp::Delete { mesh_id, .. } | StoreOp::Offline { mesh_id, .. } => mesh_id,
+    };
+    crate::features::dashboard::touched(ctx, mesh_id, "mcp");
     let result = match &op {
         StoreOp::Upsert(row, _) => ctx.db.upsert_mcp_server(row).await,
         StoreOp::Delete { mesh_id, name } => ctx.db.delete_mcp_server(mesh_id, name).await,
