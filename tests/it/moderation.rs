@@ -176,3 +176,65 @@ async fn ban_and_unban_across_brokers() -> anyhow::Result<()> {
     assert!(text == "probe" || text == "welcome back", "{text}");
     Ok(())
 }
+
+/// `member_role` on B's member (B on PostgreSQL): B decides, A learns the role from the
+/// member announcement, and A's admins cannot change it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_change_reaches_the_peer_broker() -> anyhow::Result<()> {
+    use crate::federation::*;
+    let mut p = cut_pair().await?;
+    until_known(&mut p.alice, &p.bob).await?;
+    let mesh_b = replica(&p.b.db, &p.mesh.mesh_id).await?;
+    let admin = p.b.enroll_as(&mesh_b, "root", Role::Admin).await?;
+    let mut root = p.b.connect(&admin).await?;
+    let bob_key = p.bob.keys.public_hex();
+    let set = root
+        .request(json!({"type": "member_role", "target": "bob", "role": "admin"}))
+        .await?;
+    assert_eq!(
+        (
+            set["type"].as_str(),
+            set["role"].as_str(),
+            set["pubkey"].as_str()
+        ),
+        (
+            Some("member_role_set"),
+            Some("admin"),
+            Some(bob_key.as_str())
+        ),
+        "{set}"
+    );
+    meshd_tests::eventually("bob an admin at A", || async {
+        let m =
+            p.a.db
+                .member_by_pubkey(&p.mesh.mesh_id, &bob_key)
+                .await
+                .ok()??;
+        (m.role == "admin").then_some(())
+    })
+    .await?;
+    let a_admin = p.a.enroll_as(&p.mesh, "aroot", Role::Admin).await?;
+    let mut aroot = p.a.connect(&a_admin).await?;
+    let remote = aroot
+        .request(json!({"type": "member_role", "target": bob_key, "role": "member"}))
+        .await?;
+    assert_eq!(remote["code"], "forbidden", "{remote}");
+    // Bob, an admin now, may demote root at B; an unknown name is not found.
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let down = bob
+        .request(json!({"type": "member_role", "target": "root", "role": "member"}))
+        .await?;
+    assert_eq!(down["type"], "member_role_set", "{down}");
+    let missing = bob
+        .request(json!({"type": "member_role", "target": "nobody", "role": "admin"}))
+        .await?;
+    assert_eq!(missing["code"], "not_found", "{missing}");
+    let refused = root
+        .request(json!({"type": "member_role", "target": "bob", "role": "member"}))
+        .await?;
+    assert_eq!(
+        refused["code"], "forbidden",
+        "root is no longer an admin: {refused}"
+    );
+    Ok(())
+}
