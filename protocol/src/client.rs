@@ -337,6 +337,8 @@ pub enum ClientFrame {
     DashboardResources,
     /// meshd extension: `share_list`, `share_set` (admins).
     Share(crate::shares::Request),
+    /// meshd extension: `search_peers`. Replied with `search_peers_result`.
+    SearchPeers(crate::search::Request),
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
     /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
@@ -413,6 +415,7 @@ impl ClientFrame {
             | Self::DashboardSubscribe
             | Self::DashboardResources
             | Self::Share(_)
+            | Self::SearchPeers(_)
             | Self::Vault(_)
             | Self::ApiKey(_)
             | Self::Watch(_) => true,
@@ -1095,6 +1098,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "dashboard_subscribe" => ClientFrame::DashboardSubscribe,
         "dashboard_resources" => ClientFrame::DashboardResources,
         "share_list" | "share_set" => ClientFrame::Share(crate::shares::decode(kind, text)?),
+        "search_peers" => ClientFrame::SearchPeers(crate::search::decode(text)?),
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1638,6 +1642,7 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("dashboard_resources", true),
     ("share_list", true),
     ("share_set", true),
+    ("search_peers", true),
 ];
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod keys;
 pub mod moderation;
 pub mod nul;
 pub mod routing;
+pub mod search;
 pub mod session;
 pub mod shares;
 pub mod signals;

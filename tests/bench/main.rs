@@ -16,6 +16,7 @@ mod abuse;
 mod compare;
 mod fed;
 mod nats;
+mod search;
 mod stats;
 mod web;
 
@@ -102,6 +103,14 @@ enum Scenario {
         rate: u32,
         #[arg(long, default_value_t = 10)]
         secs: u64,
+    },
+    /// `search_peers` latency (p50/p99) and precision@5 at each mesh size (the labelled
+    /// set plus distractors).
+    Search {
+        #[arg(long, value_delimiter = ',', default_value = "50,1000,10000")]
+        peers: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
     },
     /// Handshake time: connect + hello → hello_ack.
     Handshake {
@@ -240,6 +249,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         } => b.abuse(pairs, pace, &attacks).await,
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
         Scenario::Web { peers, rate, secs } => b.web(peers, rate, secs).await,
+        Scenario::Search { peers, rounds } => b.search(&peers, rounds).await,
         Scenario::FedRtt { count } => b.fed_rtt(count).await,
         Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,
         Scenario::FedPresence { peers } => b.fed_presence(peers).await,
@@ -692,6 +702,11 @@ struct Conn {
 
 impl Conn {
     async fn connect(broker: &Broker, m: &Member) -> anyhow::Result<Self> {
+        Self::connect_with(broker, m, HelloOpts::default()).await
+    }
+
+    /// [`Conn::connect`] with hello options (a fresh session key and id are set).
+    async fn connect_with(broker: &Broker, m: &Member, opts: HelloOpts) -> anyhow::Result<Self> {
         let session = Keypair::generate();
         let opts = HelloOpts {
             session: Some(session.clone()),
@@ -699,7 +714,7 @@ impl Conn {
                 "bench-{}",
                 meshd_tests::now_ms() as u64 ^ u64::from(rand_u32())
             )),
-            ..HelloOpts::default()
+            ..opts
         };
         let (mut ws, _) =
             tokio_tungstenite::connect_async_with_config(broker.proc.ws_url(), None, true).await?;

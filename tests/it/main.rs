@@ -54,6 +54,7 @@ mod quotas;
 mod reminders;
 mod routing;
 mod schema;
+mod search;
 mod signals;
 mod skills;
 mod spatial;

@@ -1,5 +1,6 @@
 //! The MCP proxy, as clients use it (`engine` keeps the registry and calls).
 
+pub mod builtin;
 pub mod engine;
 
 pub mod store;
@@ -197,14 +198,44 @@ impl Session {
                 }
                 None
             }
-            ClientFrame::McpList => Some(
-                BrokerFrame::McpListResult(McpListResult {
-                    servers: self.ctx.mcp.list(self.mesh_id()),
-                    req_id,
-                })
-                .to_json()
-                .into(),
-            ),
+            ClientFrame::McpList => {
+                let mut servers = vec![builtin::entry()];
+                servers.extend(
+                    self.ctx
+                        .mcp
+                        .list(self.mesh_id())
+                        .into_iter()
+                        .filter(|s| s.name != builtin::NAME),
+                );
+                Some(
+                    BrokerFrame::McpListResult(McpListResult { servers, req_id })
+                        .to_json()
+                        .into(),
+                )
+            }
+            ClientFrame::McpCall(c) if c.server_name == builtin::NAME => {
+                let (ctx, mesh) = (self.ctx.clone(), self.mesh.clone());
+                let (member, conn) = (self.member_pubkey.clone(), self.conn);
+                self.reply_later(async move {
+                    let args = c.args.as_ref().map_or("{}", |a| a.get());
+                    let (result, error) =
+                        match builtin::call(&ctx, &mesh, (&member, conn), &c.tool_name, args).await
+                        {
+                            Ok(v) => (serde_json::value::to_raw_value(&v).ok(), None),
+                            Err(e) => (None, Some(e)),
+                        };
+                    Some(
+                        BrokerFrame::McpCallResult(McpCallResult {
+                            result,
+                            error,
+                            req_id,
+                        })
+                        .to_json()
+                        .into(),
+                    )
+                });
+                None
+            }
             ClientFrame::McpCall(c) => {
                 match self.ctx.mcp.call(
                     &self.ctx,

@@ -21,6 +21,7 @@ pub mod people;
 pub mod presence;
 pub mod relay;
 pub mod schedule;
+pub mod search;
 pub mod shares;
 pub mod signals;
 pub mod skills;

@@ -262,6 +262,12 @@ impl Mcp {
         if tools_json.len() > MAX_TOOLS_BYTES {
             return Err(RegisterError::TooLarge);
         }
+        if name == super::builtin::NAME {
+            return Err(RegisterError::Taken {
+                name: name.to_owned(),
+                hosted_by: "the broker".to_owned(),
+            });
+        }
         let mut servers = lock(&self.servers);
         let mesh = servers.entry(mesh_id.to_owned()).or_default();
         let members = mesh

@@ -1,0 +1,60 @@
+//! The broker's own MCP server, `meshd`: tools served by the broker itself rather than
+//! by a peer, so a Claude peer reaches broker features through the MCP proxy it already
+//! uses (`mcp_list` shows the server; `mcp_call` with `serverName: "meshd"` is answered
+//! here). The name is reserved: no peer may register a server called `meshd`.
+
+use meshd_protocol::broker::McpServerEntry;
+use meshd_protocol::client::McpTool;
+
+use crate::Ctx;
+use crate::hub::{ConnId, MeshHub};
+
+/// The reserved server name.
+pub(crate) const NAME: &str = "meshd";
+
+/// The JSON Schema of `search_peers`' arguments.
+const SEARCH_SCHEMA: &str = r#"{"type":"object","properties":{"query":{"type":"string","description":"Free text: names, groups, roles, skills, summaries, profile fields (typos tolerated)"},"filters":{"type":"object","properties":{"group":{"type":"string"},"role":{"type":"string"},"status":{"type":"string","enum":["idle","working","dnd","offline"]},"broker":{"type":"string"},"peerType":{"type":"string"},"online":{"type":"boolean"}},"additionalProperties":false},"limit":{"type":"integer","minimum":1,"maximum":50}},"additionalProperties":false}"#;
+
+/// The server as `mcp_list` shows it.
+pub(crate) fn entry() -> McpServerEntry {
+    McpServerEntry {
+        name: NAME.to_owned(),
+        description: "Tools served by the broker itself".to_owned(),
+        hosted_by: "broker".to_owned(),
+        tools: vec![McpTool {
+            name: "search_peers".to_owned(),
+            description: "Ranked search over the mesh's peers and members, with filters and the reason for each match".to_owned(),
+            input_schema: serde_json::value::RawValue::from_string(SEARCH_SCHEMA.to_owned()).ok(),
+        }],
+        online: true,
+        offline_since: None,
+        persistent: true,
+    }
+}
+
+/// Runs `tool` for the caller (its member key and connection: what it may see).
+pub(crate) async fn call(
+    ctx: &Ctx,
+    mesh: &MeshHub,
+    caller: (&str, ConnId),
+    tool: &str,
+    args: &str,
+) -> Result<serde_json::Value, String> {
+    match tool {
+        "search_peers" => crate::features::search::tool(ctx, mesh, caller, args).await,
+        _ => Err(format!("the {NAME} server has no tool \"{tool}\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_tool_schemas_are_json() {
+        let e = super::entry();
+        for t in e.tools {
+            let schema = t.input_schema.expect("a schema");
+            let v: serde_json::Value = serde_json::from_str(schema.get()).expect("valid JSON");
+            assert_eq!(v["type"], "object");
+        }
+    }
+}
