@@ -76,6 +76,8 @@ struct RawConfig {
     quotas: RawQuotas,
     #[serde(default)]
     watch: RawWatch,
+    #[serde(default)]
+    sandbox: RawSandbox,
     /// `None` when the file has no `[federation]` section (and no `MESHD_FEDERATION_*`).
     federation: Option<RawFederation>,
 }
@@ -134,6 +136,23 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawSchedule {
     timezone: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    enabled: Option<bool>,
+    bwrap: Option<PathBuf>,
+    role: Option<String>,
+    wall_time: Option<String>,
+    cpu_time: Option<String>,
+    memory_mb: Option<u64>,
+    processes: Option<u64>,
+    file_size_mb: Option<u64>,
+    scratch_mb: Option<u64>,
+    output_kb: Option<u64>,
+    per_mesh: Option<usize>,
+    runs_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,6 +283,18 @@ pub const KEYS: &[&str] = &[
     "schedule.timezone",
     "watch.allow_private",
     "watch.max_per_member",
+    "sandbox.enabled",
+    "sandbox.bwrap",
+    "sandbox.role",
+    "sandbox.wall_time",
+    "sandbox.cpu_time",
+    "sandbox.memory_mb",
+    "sandbox.processes",
+    "sandbox.file_size_mb",
+    "sandbox.scratch_mb",
+    "sandbox.output_kb",
+    "sandbox.per_mesh",
+    "sandbox.runs_per_minute",
     "federation.broker",
     "federation.listen",
     "federation.cert",
@@ -351,6 +382,8 @@ pub struct Config {
     pub quotas: Quotas,
     /// URL watches (`watch` frames).
     pub watch: Watch,
+    /// Sandboxed code execution (`execute_code`).
+    pub sandbox: Sandbox,
     /// Links to other organizations' brokers; `None` when `[federation]` is absent.
     pub federation: Option<Federation>,
 }
@@ -480,6 +513,37 @@ pub struct Limits {
     pub max_upload_bytes: usize,
     /// Stored files (live ones, bytes) one mesh may hold.
     pub max_file_bytes_per_mesh: usize,
+}
+
+/// `[sandbox]`: code execution for members (`execute_code`), each run in its own
+/// bubblewrap sandbox with these limits. Off unless enabled; when enabled and the host
+/// cannot sandbox, the daemon refuses to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Whether `execute_code` runs at all.
+    pub enabled: bool,
+    /// The bubblewrap binary.
+    pub bwrap: PathBuf,
+    /// Who may run code: `member` (every member) or `admin`.
+    pub admin_only: bool,
+    /// Longest a run may take, wall clock.
+    pub wall_time: Duration,
+    /// CPU time a run may use (RLIMIT_CPU).
+    pub cpu_time: Duration,
+    /// Data segment limit, MiB (RLIMIT_DATA: heap and private mappings).
+    pub memory_mb: u64,
+    /// Processes of the sandbox user (RLIMIT_NPROC).
+    pub processes: u64,
+    /// Largest file a run may write, MiB (RLIMIT_FSIZE).
+    pub file_size_mb: u64,
+    /// Size of the run's private scratch directory (a tmpfs), MiB.
+    pub scratch_mb: u64,
+    /// Most stdout and stderr kept, each, KiB (more is cut off and said so).
+    pub output_kb: u64,
+    /// Runs at once per mesh.
+    pub per_mesh: usize,
+    /// Runs one member may start per minute.
+    pub runs_per_minute: u32,
 }
 
 /// `[watch]`: URLs the broker polls for members (`watch` frames).
@@ -1058,9 +1122,56 @@ impl Config {
                     None => defaults::WATCHES_PER_MEMBER,
                 },
             },
+            sandbox: sandbox(raw.sandbox)?,
             federation,
         })
     }
+}
+
+/// `[sandbox]`, checked.
+fn sandbox(raw: RawSandbox) -> Result<Sandbox, ConfigError> {
+    let positive = |key: &str, v: Option<u64>, default: u64, max: u64| match v {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(invalid(key, format!("must be 1 to {max}"))),
+    };
+    let admin_only = match raw.role.as_deref() {
+        None | Some("member") => false,
+        Some("admin") => true,
+        Some(_) => {
+            return Err(invalid(
+                "sandbox.role",
+                "must be member or admin".to_owned(),
+            ));
+        }
+    };
+    Ok(Sandbox {
+        enabled: raw.enabled.unwrap_or(false),
+        bwrap: raw.bwrap.unwrap_or_else(|| PathBuf::from("bwrap")),
+        admin_only,
+        wall_time: dur("sandbox.wall_time", raw.wall_time, Duration::from_secs(10))?,
+        cpu_time: dur("sandbox.cpu_time", raw.cpu_time, Duration::from_secs(5))?,
+        memory_mb: positive("sandbox.memory_mb", raw.memory_mb, 256, 65_536)?,
+        processes: positive("sandbox.processes", raw.processes, 64, 4_096)?,
+        file_size_mb: positive("sandbox.file_size_mb", raw.file_size_mb, 16, 65_536)?,
+        scratch_mb: positive("sandbox.scratch_mb", raw.scratch_mb, 64, 65_536)?,
+        output_kb: positive("sandbox.output_kb", raw.output_kb, 256, 65_536)?,
+        per_mesh: match raw.per_mesh {
+            None => 4,
+            Some(n @ 1..=256) => n,
+            Some(_) => return Err(invalid("sandbox.per_mesh", "must be 1 to 256".to_owned())),
+        },
+        runs_per_minute: match raw.runs_per_minute {
+            None => 60,
+            Some(n @ 1..=100_000) => n,
+            Some(_) => {
+                return Err(invalid(
+                    "sandbox.runs_per_minute",
+                    "must be 1 to 100000".to_owned(),
+                ));
+            }
+        },
+    })
 }
 
 fn validate_federation(
@@ -2036,6 +2147,17 @@ mod tests {
                 "federation.spatial_interest" => "false",
                 "watch.allow_private" => "true",
                 "watch.max_per_member" => "5",
+                "sandbox.enabled" => "true",
+                "sandbox.bwrap" => "/usr/bin/bwrap",
+                "sandbox.role" => "admin",
+                "sandbox.wall_time" | "sandbox.cpu_time" => "20s",
+                "sandbox.per_mesh" => "8",
+                "sandbox.runs_per_minute"
+                | "sandbox.memory_mb"
+                | "sandbox.processes"
+                | "sandbox.file_size_mb"
+                | "sandbox.scratch_mb"
+                | "sandbox.output_kb" => "100",
                 "federation.cert" | "federation.key" | "federation.ca" => "/tmp/x.pem",
                 k if k.ends_with("_timeout")
                     || k.ends_with("ttl")

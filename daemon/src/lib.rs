@@ -70,6 +70,9 @@ pub enum StartError {
     /// Federation could not start (certificates, trust, QUIC endpoint).
     #[error(transparent)]
     Federation(#[from] fed::FedStartError),
+    /// `[sandbox]` is enabled but the host cannot make sandboxes.
+    #[error("sandbox: {0}")]
+    Sandbox(String),
     /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -106,6 +109,7 @@ pub(crate) struct Ctx {
     pub(crate) audit: Arc<audit::Audit>,
     pub(crate) reminders: reminders::Reminders,
     pub(crate) mcp: mcp::Mcp,
+    pub(crate) exec: features::exec::Exec,
     pub(crate) files: files::Files,
     pub(crate) relay: relay::Relay,
     /// What every member and mesh holds, by kind, against the quotas (see `quota`).
@@ -198,6 +202,9 @@ impl Daemon {
     /// # Errors
     /// [`StartError`].
     pub async fn bind_with(config: Config, options: DaemonOptions) -> Result<Bound, StartError> {
+        // First: a broker asked to run code that cannot sandbox it does not start at all.
+        let exec = features::exec::Exec::new(&config.sandbox)
+            .map_err(|e| StartError::Sandbox(e.to_string()))?;
         let db = Db::open(&config.storage.backend, config.storage.durability).await?;
         let conn = WriterConn::open(&config.storage.backend, config.storage.durability).await?;
         let metrics = Arc::new(Metrics::default());
@@ -251,6 +258,7 @@ impl Daemon {
             reminders: reminders::Reminders::default(),
             files,
             relay: relay::Relay::default(),
+            exec,
             mcp: {
                 let mcp = mcp::Mcp::default();
                 mcp.load(db.mcp_servers().await?, time::now_ms());

@@ -93,6 +93,20 @@ const LINK_RESETS: &[&str] = &[
     "other",
 ];
 const PRIORITIES: &[&str] = &["now", "next", "low", "other"];
+
+/// How `execute_code` runs ended (or why they did not start).
+const EXEC_OUTCOMES: &[&str] = &[
+    "ok",
+    "wall_time",
+    "cpu_time",
+    "file_size",
+    "not_enabled",
+    "forbidden",
+    "rate_limited",
+    "busy",
+    "sandbox_error",
+    "other",
+];
 const CONN_REJECTS: &[&str] = &[
     "capacity",
     "too_many_connections",
@@ -165,6 +179,7 @@ pub(crate) struct Metrics {
     pub(crate) frames_sent: AtomicU64,
     pub(crate) frames_dropped: Labeled,
     pub(crate) messages_routed: Labeled,
+    pub(crate) exec_runs: Labeled,
     pub(crate) messages_rejected: Labeled,
     pub(crate) multicast_deliveries: AtomicU64,
     pub(crate) direct_hot: AtomicU64,
@@ -220,6 +235,7 @@ impl Default for Metrics {
             frames_sent: AtomicU64::new(0),
             frames_dropped: Labeled::new("reason", FRAME_DROPS),
             messages_routed: Labeled::new("priority", PRIORITIES),
+            exec_runs: Labeled::new("outcome", EXEC_OUTCOMES),
             messages_rejected: Labeled::new("reason", MSG_REJECTS),
             multicast_deliveries: AtomicU64::new(0),
             direct_hot: AtomicU64::new(0),
@@ -351,6 +367,12 @@ impl Metrics {
             "meshd_messages_routed_total",
             "Messages accepted for routing, by priority.",
             &self.messages_routed,
+        );
+        l(
+            &mut out,
+            "meshd_exec_runs_total",
+            "execute_code runs by outcome (a limit that ended them, or a refusal).",
+            &self.exec_runs,
         );
         l(
             &mut out,

@@ -339,6 +339,9 @@ pub enum ClientFrame {
     Share(crate::shares::Request),
     /// meshd extension: `search_peers`. Replied with `search_peers_result`.
     SearchPeers(crate::search::Request),
+    /// meshd extension: `execute_code`. Replied with `execute_result` (after
+    /// `execute_output` frames when streamed).
+    ExecuteCode(Box<crate::exec::Request>),
     /// `vault_set`, `vault_list`, `vault_get`, `vault_delete` (HEAD §5).
     Vault(crate::vault::Request),
     /// `apikey_create`, `apikey_list`, `apikey_revoke` (HEAD §2).
@@ -416,6 +419,7 @@ impl ClientFrame {
             | Self::DashboardResources
             | Self::Share(_)
             | Self::SearchPeers(_)
+            | Self::ExecuteCode(_)
             | Self::Vault(_)
             | Self::ApiKey(_)
             | Self::Watch(_) => true,
@@ -1099,6 +1103,7 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "dashboard_resources" => ClientFrame::DashboardResources,
         "share_list" | "share_set" => ClientFrame::Share(crate::shares::decode(kind, text)?),
         "search_peers" => ClientFrame::SearchPeers(crate::search::decode(text)?),
+        "execute_code" => ClientFrame::ExecuteCode(Box::new(crate::exec::decode(text)?)),
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1643,6 +1648,7 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("share_list", true),
     ("share_set", true),
     ("search_peers", true),
+    ("execute_code", true),
 ];
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 pub mod apikeys;
 pub mod broker;
 pub mod client;
+pub mod exec;
 pub mod fed;
 pub mod fit;
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 mod abuse;
 mod compare;
+mod exec;
 mod fed;
 mod nats;
 mod search;
@@ -111,6 +112,16 @@ enum Scenario {
         peers: Vec<usize>,
         #[arg(long, default_value_t = 20)]
         rounds: usize,
+    },
+    /// `execute_code`: start-up time per run (p50/p99, per language) and short runs per
+    /// second at a concurrency.
+    Exec {
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
     },
     /// Handshake time: connect + hello → hello_ack.
     Handshake {
@@ -250,6 +261,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
         Scenario::Web { peers, rate, secs } => b.web(peers, rate, secs).await,
         Scenario::Search { peers, rounds } => b.search(&peers, rounds).await,
+        Scenario::Exec {
+            runs,
+            concurrency,
+            secs,
+        } => b.exec(runs, concurrency, secs).await,
         Scenario::FedRtt { count } => b.fed_rtt(count).await,
         Scenario::FedThroughput { pairs, window } => b.fed_throughput(pairs, window).await,
         Scenario::FedPresence { peers } => b.fed_presence(peers).await,

@@ -37,6 +37,7 @@ mod compat;
 mod contexts;
 mod durability;
 mod enroll;
+mod exec;
 mod federation;
 mod files;
 mod frames;

@@ -216,11 +216,17 @@ impl Session {
             ClientFrame::McpCall(c) if c.server_name == builtin::NAME => {
                 let (ctx, mesh) = (self.ctx.clone(), self.mesh.clone());
                 let (member, conn) = (self.member_pubkey.clone(), self.conn);
+                let (member_id, admin) = (self.member_id.clone(), self.is_admin());
                 self.reply_later(async move {
                     let args = c.args.as_ref().map_or("{}", |a| a.get());
+                    let caller = builtin::Caller {
+                        member_pubkey: &member,
+                        conn,
+                        member_id: &member_id,
+                        admin,
+                    };
                     let (result, error) =
-                        match builtin::call(&ctx, &mesh, (&member, conn), &c.tool_name, args).await
-                        {
+                        match builtin::call(&ctx, &mesh, caller, &c.tool_name, args).await {
                             Ok(v) => (serde_json::value::to_raw_value(&v).ok(), None),
                             Err(e) => (None, Some(e)),
                         };

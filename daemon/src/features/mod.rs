@@ -10,6 +10,7 @@ pub mod bridges;
 pub mod clock;
 pub mod contexts;
 pub mod dashboard;
+pub mod exec;
 pub mod files;
 pub mod invites;
 pub mod mcp;

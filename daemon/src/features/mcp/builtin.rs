@@ -15,6 +15,9 @@ pub(crate) const NAME: &str = "meshd";
 /// The JSON Schema of `search_peers`' arguments.
 const SEARCH_SCHEMA: &str = r#"{"type":"object","properties":{"query":{"type":"string","description":"Free text: names, groups, roles, skills, summaries, profile fields (typos tolerated)"},"filters":{"type":"object","properties":{"group":{"type":"string"},"role":{"type":"string"},"status":{"type":"string","enum":["idle","working","dnd","offline"]},"broker":{"type":"string"},"peerType":{"type":"string"},"online":{"type":"boolean"}},"additionalProperties":false},"limit":{"type":"integer","minimum":1,"maximum":50}},"additionalProperties":false}"#;
 
+/// The JSON Schema of `execute_code`'s arguments.
+const EXEC_SCHEMA: &str = r#"{"type":"object","required":["lang","code"],"properties":{"lang":{"type":"string","enum":["python","node","bash"]},"code":{"type":"string"},"stdin":{"type":"string"},"args":{"type":"array","items":{"type":"string"}},"files":{"type":"array","items":{"type":"object","required":["name","content"],"properties":{"name":{"type":"string"},"content":{"type":"string","description":"base64"}}}},"outputs":{"type":"array","items":{"type":"string"},"description":"files to bring back"}}}"#;
+
 /// The server as `mcp_list` shows it.
 pub(crate) fn entry() -> McpServerEntry {
     McpServerEntry {
@@ -25,6 +28,11 @@ pub(crate) fn entry() -> McpServerEntry {
             name: "search_peers".to_owned(),
             description: "Ranked search over the mesh's peers and members, with filters and the reason for each match".to_owned(),
             input_schema: serde_json::value::RawValue::from_string(SEARCH_SCHEMA.to_owned()).ok(),
+        },
+        McpTool {
+            name: "execute_code".to_owned(),
+            description: "Run a python, node or bash program in a sandbox on the broker (no network, limited time and memory); returns stdout, stderr, exit code, time and memory".to_owned(),
+            input_schema: serde_json::value::RawValue::from_string(EXEC_SCHEMA.to_owned()).ok(),
         }],
         online: true,
         offline_since: None,
@@ -32,16 +40,32 @@ pub(crate) fn entry() -> McpServerEntry {
     }
 }
 
-/// Runs `tool` for the caller (its member key and connection: what it may see).
+/// Who calls a tool: its member key and connection (what it may see), member id and
+/// whether it is a mesh admin.
+pub(crate) struct Caller<'a> {
+    pub(crate) member_pubkey: &'a str,
+    pub(crate) conn: ConnId,
+    pub(crate) member_id: &'a str,
+    pub(crate) admin: bool,
+}
+
+/// Runs `tool` for `caller`.
 pub(crate) async fn call(
     ctx: &Ctx,
     mesh: &MeshHub,
-    caller: (&str, ConnId),
+    caller: Caller<'_>,
     tool: &str,
     args: &str,
 ) -> Result<serde_json::Value, String> {
     match tool {
-        "search_peers" => crate::features::search::tool(ctx, mesh, caller, args).await,
+        "search_peers" => {
+            crate::features::search::tool(ctx, mesh, (caller.member_pubkey, caller.conn), args)
+                .await
+        }
+        "execute_code" => {
+            crate::features::exec::tool(ctx, &mesh.row.id, caller.member_id, caller.admin, args)
+                .await
+        }
         _ => Err(format!("the {NAME} server has no tool \"{tool}\"")),
     }
 }
