@@ -110,6 +110,7 @@ pub(crate) struct Ctx {
     pub(crate) reminders: reminders::Reminders,
     pub(crate) mcp: mcp::Mcp,
     pub(crate) exec: features::exec::Exec,
+    pub(crate) telemetry: features::telemetry::Telemetry,
     pub(crate) files: files::Files,
     pub(crate) relay: relay::Relay,
     /// What every member and mesh holds, by kind, against the quotas (see `quota`).
@@ -259,6 +260,7 @@ impl Daemon {
             files,
             relay: relay::Relay::default(),
             exec,
+            telemetry: features::telemetry::Telemetry::default(),
             mcp: {
                 let mcp = mcp::Mcp::default();
                 mcp.load(db.mcp_servers().await?, time::now_ms());
@@ -577,6 +579,13 @@ async fn housekeeping(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     }
                 }
                 Err(e) => warn!(cause = %e, "purging expired rows"),
+            }
+        }
+        if n % 600 == 3 {
+            match ctx.db.purge_logs(now).await {
+                Ok(0) => {}
+                Ok(gone) => tracing::debug!(gone, "mesh log entries purged"),
+                Err(e) => warn!(cause = %e, "purging mesh log entries"),
             }
         }
         if n % 30 == 2 {

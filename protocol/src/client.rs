@@ -339,6 +339,8 @@ pub enum ClientFrame {
     Share(crate::shares::Request),
     /// meshd extension: `search_peers`. Replied with `search_peers_result`.
     SearchPeers(crate::search::Request),
+    /// meshd extension: `mesh_log`, `mesh_logs`, `mesh_report`.
+    Telemetry(crate::telemetry::Request),
     /// meshd extension: `execute_code`. Replied with `execute_result` (after
     /// `execute_output` frames when streamed).
     ExecuteCode(Box<crate::exec::Request>),
@@ -420,6 +422,7 @@ impl ClientFrame {
             | Self::Share(_)
             | Self::SearchPeers(_)
             | Self::ExecuteCode(_)
+            | Self::Telemetry(_)
             | Self::Vault(_)
             | Self::ApiKey(_)
             | Self::Watch(_) => true,
@@ -1104,6 +1107,9 @@ fn decode_body(kind: &'static str, text: &str) -> Result<ClientFrame, serde_json
         "share_list" | "share_set" => ClientFrame::Share(crate::shares::decode(kind, text)?),
         "search_peers" => ClientFrame::SearchPeers(crate::search::decode(text)?),
         "execute_code" => ClientFrame::ExecuteCode(Box::new(crate::exec::decode(text)?)),
+        "mesh_log" | "mesh_logs" | "mesh_report" => {
+            ClientFrame::Telemetry(crate::telemetry::decode(kind, text)?)
+        }
         "topic_create" | "topic_list" | "topic_join" | "topic_leave" | "topic_members"
         | "topic_history" | "topic_mark_read" => {
             ClientFrame::Topic(crate::topics::decode(kind, text)?)
@@ -1649,6 +1655,9 @@ pub(crate) const KNOWN: &[(&str, bool)] = &[
     ("share_set", true),
     ("search_peers", true),
     ("execute_code", true),
+    ("mesh_log", true),
+    ("mesh_logs", true),
+    ("mesh_report", true),
 ];
 
 #[cfg(test)]

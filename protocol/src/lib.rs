@@ -38,6 +38,7 @@ pub mod signals;
 pub mod spatial;
 pub mod status;
 pub mod tags;
+pub mod telemetry;
 pub mod time;
 pub mod topics;
 pub mod vault;

@@ -63,6 +63,7 @@ mod state;
 mod streams;
 mod tags;
 mod tasks;
+mod telemetry;
 mod topics;
 mod vault;
 mod watch;

@@ -139,14 +139,17 @@ fn without_search(shape: &mut Shape, tables: &[&str], columns: &[&str], indexes:
 async fn migration_twins_have_the_same_schema() -> anyhow::Result<()> {
     let mut sqlite = shape(Backend::Sqlite).await?;
     let mut postgres = shape(Backend::Postgres).await?;
-    let fts = ["", "_config", "_data", "_docsize", "_idx"].map(|s| format!("memory_fts{s}"));
+    let fts: Vec<String> = ["memory_fts", "mesh_log_fts"]
+        .iter()
+        .flat_map(|t| ["", "_config", "_data", "_docsize", "_idx"].map(|s| format!("{t}{s}")))
+        .collect();
     let fts: Vec<&str> = fts.iter().map(String::as_str).collect();
     without_search(&mut sqlite, &fts, &[], &[]);
     without_search(
         &mut postgres,
         &[],
-        &["memory.search_vector"],
-        &["memory.memory_search"],
+        &["memory.search_vector", "mesh_log.search_vector"],
+        &["memory.memory_search", "mesh_log.mesh_log_search"],
     );
     let ((st, sc, si, sv), (pt, pc, pi, pv)) = (sqlite, postgres);
     assert!(

@@ -217,12 +217,14 @@ impl Session {
                 let (ctx, mesh) = (self.ctx.clone(), self.mesh.clone());
                 let (member, conn) = (self.member_pubkey.clone(), self.conn);
                 let (member_id, admin) = (self.member_id.clone(), self.is_admin());
+                let name = self.display_name.clone();
                 self.reply_later(async move {
                     let args = c.args.as_ref().map_or("{}", |a| a.get());
                     let caller = builtin::Caller {
                         member_pubkey: &member,
                         conn,
                         member_id: &member_id,
+                        name: &name,
                         admin,
                     };
                     let (result, error) =

@@ -31,6 +31,7 @@ pub mod state;
 pub mod streams;
 pub mod tags;
 pub mod tasks;
+pub mod telemetry;
 pub mod topics;
 pub mod vault;
 pub mod watch;

@@ -121,6 +121,10 @@ impl Session {
             ClientFrame::DashboardSubscribe => self.on_dashboard_subscribe(req_id),
             ClientFrame::DashboardResources => self.on_dashboard_resources(req_id),
             ClientFrame::Share(request) => self.on_share(request, req_id),
+            ClientFrame::Telemetry(request) => {
+                self.on_telemetry(request, req_id, now);
+                None
+            }
             ClientFrame::ExecuteCode(request) => {
                 self.on_execute_code(*request, req_id);
                 None

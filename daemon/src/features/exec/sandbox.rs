@@ -88,6 +88,57 @@ pub(crate) struct Sandbox {
     /// The two seccomp programs (raw `sock_filter` arrays).
     filters: [Vec<u8>; 2],
     as_root: bool,
+    /// The cgroup (pids controller) runs are put in, when one is writable here.
+    pids_cgroup: Option<PathBuf>,
+}
+
+/// A writable pids cgroup for runs: v2 (`/sys/fs/cgroup` with the pids controller) or
+/// v1 (`/sys/fs/cgroup/pids`). `None` when neither can be used (not root, no
+/// delegation): the process cap is then RLIMIT_NPROC alone.
+fn pids_cgroup() -> Option<PathBuf> {
+    let v2 = Path::new("/sys/fs/cgroup");
+    if std::fs::read_to_string(v2.join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "pids"))
+    {
+        let base = v2.join("meshd-sandbox");
+        let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+pids");
+        std::fs::create_dir_all(&base).ok()?;
+        std::fs::write(base.join("cgroup.subtree_control"), "+pids").ok()?;
+        return Some(base);
+    }
+    let v1 = Path::new("/sys/fs/cgroup/pids");
+    if v1.join("cgroup.procs").exists() {
+        let base = v1.join("meshd-sandbox");
+        std::fs::create_dir_all(&base).ok()?;
+        return base.join("cgroup.procs").exists().then_some(base);
+    }
+    None
+}
+
+/// One run's pids cgroup, removed when dropped (its processes are gone by then).
+struct RunCgroup(PathBuf);
+
+impl RunCgroup {
+    fn new(base: &Path, max: u64) -> Option<Self> {
+        let dir = base.join(format!("run-{}", crate::ids::uuid_v4()));
+        std::fs::create_dir(&dir).ok()?;
+        let cg = Self(dir);
+        std::fs::write(cg.0.join("pids.max"), max.to_string()).ok()?;
+        Some(cg)
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        // Empty once the sandbox is reaped; a straggler still exiting gets a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!(cgroup = %self.0.display(), "a sandbox cgroup could not be removed");
+    }
 }
 
 fn interpreter(lang: Lang) -> (&'static str, &'static str) {
@@ -107,15 +158,17 @@ impl Sandbox {
                 limits.bwrap.display()
             ))
         })?;
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let as_root = unsafe { libc::geteuid() } == 0;
         let sb = Self {
             limits: limits.clone(),
             bwrap,
             filters: filters()?,
-            // SAFETY: geteuid cannot fail and touches no memory.
-            as_root: unsafe { libc::geteuid() } == 0,
+            as_root,
+            pids_cgroup: pids_cgroup(),
         };
         let out = sb
-            .command(&["/usr/bin/true".to_owned()], &[], &[])?
+            .command(&["/usr/bin/true".to_owned()], &[], &[], None)?
             .0
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -138,6 +191,7 @@ impl Sandbox {
         argv: &[String],
         files: &[(String, &[u8])],
         extra_fds: &[RawFd],
+        cgroup: Option<&RunCgroup>,
     ) -> Result<(std::process::Command, Vec<OwnedFd>), SandboxError> {
         let mut keep: Vec<OwnedFd> = Vec::new();
         let mut cmd = std::process::Command::new(&self.bwrap);
@@ -196,6 +250,12 @@ impl Sandbox {
             .collect();
         let l = self.limits.clone();
         let as_root = self.as_root;
+        // The child joins its cgroup before anything else runs (a path made here: no
+        // allocation after fork).
+        let procs_file = cgroup.and_then(|c| {
+            std::ffi::CString::new(c.0.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok()
+        });
+        let counted = procs_file.is_some();
         // SAFETY: only async-signal-safe calls (fcntl, setrlimit) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -212,12 +272,21 @@ impl Sandbox {
                 set(libc::RLIMIT_FSIZE, fsize, fsize)?;
                 set(libc::RLIMIT_CORE, 0, 0)?;
                 set(libc::RLIMIT_NOFILE, 256, 256)?;
-                // As root the program's uid is its own (65534); otherwise the limit
-                // counts every task of meshd's uid, so it leaves room for meshd's.
-                let procs = if as_root {
-                    l.processes
-                } else {
-                    l.processes + 4096
+                if let Some(path) = &procs_file {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd == -1 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                // The kernel counts RLIMIT_NPROC per uid (and releases counts of
+                // finished sandboxes lazily), so it cannot be the exact per-run cap: with
+                // a cgroup it is a backstop; without one it is the cap, with headroom
+                // (and, when meshd is not root, room for meshd's own tasks).
+                let procs = match (counted, as_root) {
+                    (true, _) => l.processes.saturating_mul(8).max(1024),
+                    (false, true) => l.processes.saturating_mul(4).max(256),
+                    (false, false) => l.processes + 4096,
                 };
                 set(libc::RLIMIT_NPROC, procs, procs)?;
                 if as_root {
@@ -266,7 +335,12 @@ impl Sandbox {
         argv.push(path.to_owned());
         argv.push(req.lang.file_name().to_owned());
         argv.extend(req.args.iter().cloned());
-        let (mut cmd, keep) = self.command(&argv, &files, &[report_w.as_raw_fd()])?;
+        let cgroup = self
+            .pids_cgroup
+            .as_deref()
+            .and_then(|base| RunCgroup::new(base, self.limits.processes));
+        let (mut cmd, keep) =
+            self.command(&argv, &files, &[report_w.as_raw_fd()], cgroup.as_ref())?;
         // The report pipe is fd 3 in the sandbox: bwrap passes its fds through, and
         // the wrapper's `>&3` needs that number.
         let report_raw = report_w.as_raw_fd();
@@ -388,6 +462,10 @@ impl Sandbox {
                 None => (n.clone(), None, 0),
             })
             .collect();
+        if let Some(cg) = cgroup {
+            // rmdir may wait for the last exiting task: off the async threads.
+            let _ = tokio::task::spawn_blocking(move || drop(cg)).await;
+        }
         Ok(o)
     }
 }

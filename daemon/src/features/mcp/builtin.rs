@@ -18,6 +18,10 @@ const SEARCH_SCHEMA: &str = r#"{"type":"object","properties":{"query":{"type":"s
 /// The JSON Schema of `execute_code`'s arguments.
 const EXEC_SCHEMA: &str = r#"{"type":"object","required":["lang","code"],"properties":{"lang":{"type":"string","enum":["python","node","bash"]},"code":{"type":"string"},"stdin":{"type":"string"},"args":{"type":"array","items":{"type":"string"}},"files":{"type":"array","items":{"type":"object","required":["name","content"],"properties":{"name":{"type":"string"},"content":{"type":"string","description":"base64"}}}},"outputs":{"type":"array","items":{"type":"string"},"description":"files to bring back"}}}"#;
 
+const LOG_SCHEMA: &str = r#"{"type":"object","required":["message"],"properties":{"level":{"type":"string","enum":["debug","info","warn","error"]},"message":{"type":"string"},"data":{"type":"object"}}}"#;
+const LOGS_SCHEMA: &str = r#"{"type":"object","properties":{"query":{"type":"string","description":"full text over message and data"},"peer":{"type":"string"},"level":{"type":"string","enum":["debug","info","warn","error"],"description":"at least this severe"},"last":{"type":"integer","minimum":1,"maximum":500}}}"#;
+const REPORT_SCHEMA: &str = r#"{"type":"object","properties":{"timeframe":{"type":"string","description":"15m, 1h, 24h, 7d (default 24h, at most 30d)"}}}"#;
+
 /// The server as `mcp_list` shows it.
 pub(crate) fn entry() -> McpServerEntry {
     McpServerEntry {
@@ -33,6 +37,21 @@ pub(crate) fn entry() -> McpServerEntry {
             name: "execute_code".to_owned(),
             description: "Run a python, node or bash program in a sandbox on the broker (no network, limited time and memory); returns stdout, stderr, exit code, time and memory".to_owned(),
             input_schema: serde_json::value::RawValue::from_string(EXEC_SCHEMA.to_owned()).ok(),
+        },
+        McpTool {
+            name: "mesh_log".to_owned(),
+            description: "Write a structured log entry to the mesh's log".to_owned(),
+            input_schema: serde_json::value::RawValue::from_string(LOG_SCHEMA.to_owned()).ok(),
+        },
+        McpTool {
+            name: "mesh_logs".to_owned(),
+            description: "Search the mesh's log by text, peer and level, newest first".to_owned(),
+            input_schema: serde_json::value::RawValue::from_string(LOGS_SCHEMA.to_owned()).ok(),
+        },
+        McpTool {
+            name: "mesh_report".to_owned(),
+            description: "A timeframe of the mesh summed up: messages, delivery times, errors, busiest peers, tasks, schedules".to_owned(),
+            input_schema: serde_json::value::RawValue::from_string(REPORT_SCHEMA.to_owned()).ok(),
         }],
         online: true,
         offline_since: None,
@@ -46,6 +65,7 @@ pub(crate) struct Caller<'a> {
     pub(crate) member_pubkey: &'a str,
     pub(crate) conn: ConnId,
     pub(crate) member_id: &'a str,
+    pub(crate) name: &'a str,
     pub(crate) admin: bool,
 }
 
@@ -61,6 +81,14 @@ pub(crate) async fn call(
         "search_peers" => {
             crate::features::search::tool(ctx, mesh, (caller.member_pubkey, caller.conn), args)
                 .await
+        }
+        "mesh_log" | "mesh_logs" | "mesh_report" => {
+            let who = crate::features::telemetry::Writer {
+                member_id: caller.member_id,
+                name: caller.name,
+                pubkey: caller.member_pubkey,
+            };
+            crate::features::telemetry::tool(ctx, &mesh.row.id, &who, tool, args).await
         }
         "execute_code" => {
             crate::features::exec::tool(ctx, &mesh.row.id, caller.member_id, caller.admin, args)

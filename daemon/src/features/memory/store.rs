@@ -168,7 +168,7 @@ impl Db {
 /// The words of a free-text query as an FTS5 query: every word must match (like
 /// `plainto_tsquery`), each quoted so no user text is FTS5 syntax. `None` when the
 /// query has no words.
-fn fts5_query(query: &str) -> Option<String> {
+pub(crate) fn fts5_query(query: &str) -> Option<String> {
     let words: Vec<String> = query
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())

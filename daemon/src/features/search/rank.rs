@@ -147,20 +147,28 @@ impl Index {
         for (d, fields) in docs.into_iter().enumerate() {
             let d = u32::try_from(d).unwrap_or(u32::MAX);
             let mut lens = [0u16; FIELDS];
-            let mut counts: HashMap<(String, u8), u16> = HashMap::new();
             for (field, text) in fields {
                 let slot = field.slot();
+                let f = field as u8;
                 for w in words(text) {
                     if usize::from(lens[slot]) >= MAX_WORDS {
                         break;
                     }
                     lens[slot] += 1;
-                    let c = counts.entry((w, field.slot() as u8)).or_insert(0);
-                    *c = c.saturating_add(1);
+                    // Postings are appended in document and field order, so a word seen
+                    // before in this field has this field's posting last.
+                    match ix.postings.get_mut(w.as_str()) {
+                        Some(list) => match list.last_mut() {
+                            Some(last) if last.0 == d && last.1 == f => {
+                                last.2 = last.2.saturating_add(1);
+                            }
+                            _ => list.push((d, f, 1)),
+                        },
+                        None => {
+                            ix.postings.insert(w, vec![(d, f, 1)]);
+                        }
+                    }
                 }
-            }
-            for ((w, f), c) in counts {
-                ix.postings.entry(w).or_default().push((d, f, c));
             }
             for ((t, h), l) in totals.iter_mut().zip(having.iter_mut()).zip(lens) {
                 *t += u64::from(l);
