@@ -26,7 +26,7 @@
 //! drain: new messages wait in its backlog, not in the store.
 
 use std::collections::VecDeque;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -513,6 +513,9 @@ struct MeshInner {
     /// unban, a hello's refresh) and not act on what it read.
     member_gen: u64,
     member_changed: HashMap<String, u64>,
+    /// Counts changes of `peers` and `remote` (joins, departures, any update of a live
+    /// peer): `search_peers` keeps its index while this and `member_gen` stand still.
+    presence_gen: u64,
 }
 
 impl MeshInner {
@@ -820,6 +823,7 @@ impl MeshHub {
             }
         }
         inner.peers.insert(conn, Box::new(peer));
+        inner.presence_gen += 1;
         Ok((registered, presence_id))
     }
 
@@ -897,7 +901,9 @@ impl MeshHub {
 
     /// Runs `f` on a live peer.
     pub(crate) fn with_peer<R>(&self, conn: ConnId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
-        self.inner().peers.get_mut(&conn).map(|p| f(p))
+        let mut inner = self.inner();
+        inner.presence_gen += 1;
+        inner.peers.get_mut(&conn).map(|p| f(p))
     }
 
     /// Decays every `working` older than `ttl_ms` to `idle` and lets those peers drain
@@ -905,12 +911,17 @@ impl MeshHub {
     /// Returns the connections whose status changed (peer brokers hear of them).
     pub(crate) fn expire_statuses(&self, now: i64, ttl_ms: i64) -> Vec<ConnId> {
         let mut changed = Vec::new();
-        for p in self.inner().peers.values_mut() {
+        let mut inner = self.inner();
+        for p in inner.peers.values_mut() {
             if p.status.expire(now, ttl_ms) {
                 p.shared.spill();
                 changed.push(p.shared.conn_id);
             }
         }
+        if !changed.is_empty() {
+            inner.presence_gen += 1;
+        }
+        drop(inner);
         changed
     }
 
@@ -1088,6 +1099,36 @@ impl MeshHub {
     /// peer, hidden ones only for their own member, then the visible peers of other
     /// brokers (with their `broker`); a viewer standing somewhere lists only those within
     /// its radius.
+    /// Every live peer, local and remote, hidden or not, with the presence and member
+    /// change counts they were read at (`search_peers` indexes these once per change).
+    pub(crate) fn all_entries(&self) -> ((u64, u64), Vec<PeerEntry>) {
+        let inner = self.inner();
+        let mut out: Vec<PeerEntry> = inner.peers.values().map(|p| p.entry()).collect();
+        out.extend(inner.remote.values().map(RemotePeer::peer_entry));
+        ((inner.presence_gen, inner.member_gen), out)
+    }
+
+    /// The keys of the peers `viewer` sees (as [`Self::peers_for`] lists them).
+    pub(crate) fn visible_keys(&self, viewer_member: &str, viewer: ConnId) -> HashSet<String> {
+        let inner = self.inner();
+        let at = inner.peers.get(&viewer).and_then(|p| p.position);
+        let mut keys: HashSet<String> = inner
+            .visible_to(viewer_member, at.as_ref())
+            .into_iter()
+            .map(|p| p.routing_key().to_owned())
+            .collect();
+        keys.extend(
+            inner
+                .remote
+                .values()
+                .filter(|r| {
+                    r.entry.visible && space::visible(at.as_ref(), r.entry.position.as_ref())
+                })
+                .map(|r| r.entry.key.clone()),
+        );
+        keys
+    }
+
     pub(crate) fn peers_for(&self, viewer_member: &str, viewer: ConnId) -> Vec<PeerEntry> {
         let inner = self.inner();
         let at = inner.peers.get(&viewer).and_then(|p| p.position);
@@ -1218,6 +1259,7 @@ impl MeshHub {
                 entry,
             },
         );
+        inner.presence_gen += 1;
         let mut frames: HashMap<&'static str, Utf8Bytes> = HashMap::new();
         for (shared, ev) in heard {
             let frame = frames
@@ -1241,6 +1283,7 @@ impl MeshHub {
             return;
         }
         if let Some(r) = inner.remote.remove(key) {
+            inner.presence_gen += 1;
             announce_left(&inner, &self.row.id, &r, now);
         }
     }
@@ -1303,6 +1346,7 @@ impl MeshHub {
             .collect();
         for k in keys {
             if let Some(r) = inner.remote.remove(&k) {
+                inner.presence_gen += 1;
                 announce_left(&inner, &self.row.id, &r, now);
             }
         }
@@ -1744,6 +1788,7 @@ fn announce_left(inner: &MeshInner, mesh_id: &str, r: &RemotePeer, now: i64) {
 
 fn remove_peer(inner: &mut MeshInner, conn: ConnId) -> Option<Peer> {
     let peer = *inner.peers.remove(&conn)?;
+    inner.presence_gen += 1;
     inner.subs.retain(|_, set| {
         set.remove(&conn);
         !set.is_empty()

@@ -111,6 +111,7 @@ pub(crate) struct Ctx {
     pub(crate) mcp: mcp::Mcp,
     pub(crate) exec: features::exec::Exec,
     pub(crate) telemetry: features::telemetry::Telemetry,
+    pub(crate) search: std::sync::Mutex<features::search::Cache>,
     pub(crate) files: files::Files,
     pub(crate) relay: relay::Relay,
     /// What every member and mesh holds, by kind, against the quotas (see `quota`).
@@ -261,6 +262,7 @@ impl Daemon {
             relay: relay::Relay::default(),
             exec,
             telemetry: features::telemetry::Telemetry::default(),
+            search: std::sync::Mutex::default(),
             mcp: {
                 let mcp = mcp::Mcp::default();
                 mcp.load(db.mcp_servers().await?, time::now_ms());

@@ -291,3 +291,45 @@ async fn search_sees_peers_on_other_brokers() -> anyhow::Result<()> {
     assert_eq!(names(&v), ["bob"], "{v}");
     Ok(())
 }
+
+/// A positioned searcher finds only the peers within its radius (and unpositioned
+/// ones), and its answer follows them as they move — the index is kept between queries,
+/// the visibility is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_respects_the_spatial_radius() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("space").await?;
+    let (peers, _) = labelled_set()?;
+    let pick = |n: &str| peers.iter().find(|p| p.name == n).expect("in the set");
+    let mut near = connect_labelled(&broker, &mesh, pick("bob")).await?;
+    let mut far = connect_labelled(&broker, &mesh, pick("igor")).await?;
+    let me = broker.enroll(&mesh, "seeker").await?;
+    let mut me = broker.connect(&me).await?;
+    let place =
+        |x: f64, y: f64, r: f64| json!({"type": "set_position", "x": x, "y": y, "radius": r});
+    for (c, f) in [
+        (&mut me, place(0.0, 0.0, 10.0)),
+        (&mut near, place(3.0, 4.0, 1.0)),
+        (&mut far, place(100.0, 0.0, 1.0)),
+    ] {
+        let v = c.request(f).await?;
+        assert_eq!(v["type"], "position", "{v}");
+    }
+    let q = json!({"type": "search_peers", "query": "postgres"});
+    let v = me.request(q.clone()).await?;
+    assert_eq!(names(&v), ["bob"], "igor is out of range: {v}");
+    far.request(place(6.0, 8.0, 1.0)).await?;
+    let v = me.request(q.clone()).await?;
+    let mut got = names(&v);
+    got.sort();
+    assert_eq!(got, ["bob", "igor"], "igor moved within range: {v}");
+    me.request(json!({"type": "clear_position"})).await?;
+    far.request(place(500.0, 0.0, 1.0)).await?;
+    let v = me.request(q).await?;
+    assert_eq!(
+        names(&v).len(),
+        2,
+        "unpositioned, the seeker sees everyone: {v}"
+    );
+    Ok(())
+}

@@ -6,12 +6,14 @@
 //! (`meshd`, see `features::mcp`).
 //!
 //! Ranking is [`rank`] (BM25F with typo tolerance) over name, groups, role, tags,
-//! summary, profile, the skills a peer shared and a little metadata. The index is built
-//! per query from the hub's in-memory peer table and one read of the skills catalogue:
-//! at 10,000 peers that is the cost to watch (see the README's figures).
+//! summary, profile, the skills a peer shared and a little metadata. The index covers
+//! every peer and member of the mesh and is kept ([`Cache`]) until the hub's presence or
+//! member change counts move or the skills catalogue changes; each query then only
+//! applies the caller's visibility (a set of keys) and its filters.
 
 pub mod rank;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::extract::{OriginalUri, Query, State};
@@ -194,14 +196,28 @@ fn flatten(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// Runs `req` over `visible` (the peers the caller sees) and the mesh's members who are
-/// not connected.
-pub(crate) async fn search(
-    ctx: &Ctx,
-    mesh: &MeshHub,
-    visible: Vec<PeerEntry>,
-    req: &Request,
-) -> Result<(Vec<Hit>, usize), StoreError> {
+/// One mesh's index and what it was built from.
+struct Built {
+    key: (u64, u64, u64),
+    cands: Vec<Candidate>,
+    index: Index,
+}
+
+/// The latest index per mesh (at most [`CACHED_MESHES`]); `Ctx` holds it in a mutex.
+#[derive(Default)]
+pub(crate) struct Cache(HashMap<String, Arc<Built>>);
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("search::Cache")
+    }
+}
+
+/// Meshes whose index is kept.
+const CACHED_MESHES: usize = 64;
+
+/// The mesh's index, built again when a peer, a member or a skill changed.
+async fn index_of(ctx: &Ctx, mesh: &MeshHub) -> Result<Arc<Built>, StoreError> {
     let skills: Vec<(String, String)> = ctx
         .db
         .skills(&mesh.row.id)
@@ -212,21 +228,34 @@ pub(crate) async fn search(
             (s.author, text)
         })
         .collect();
-    let members = mesh.all_members();
-    let role_of = |pk: &str| {
-        members
-            .iter()
-            .find(|(k, _)| k == pk)
-            .map(|(_, m)| m.role.clone())
+    let skills_hash = {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        skills.hash(&mut h);
+        h.finish()
     };
-    let mut online = std::collections::HashSet::new();
-    let mut cands: Vec<Candidate> = Vec::with_capacity(visible.len());
-    for p in visible {
-        online.insert(p.member_pubkey.clone());
+    let ((presence, members_gen), entries) = mesh.all_entries();
+    let key = (presence, members_gen, skills_hash);
+    if let Some(b) = crate::hub::lock(&ctx.search).0.get(&mesh.row.id)
+        && b.key == key
+    {
+        return Ok(b.clone());
+    }
+    let members = mesh.all_members();
+    let roles: HashMap<&str, &str> = members
+        .iter()
+        .map(|(k, m)| (k.as_str(), m.role.as_str()))
+        .collect();
+    let online: HashSet<String> = entries.iter().map(|p| p.member_pubkey.clone()).collect();
+    let mut cands: Vec<Candidate> = Vec::with_capacity(entries.len() + members.len());
+    for p in entries {
         cands.push(Candidate {
             member_pubkey: p.member_pubkey.clone(),
             name: p.display_name.clone(),
-            member_role: role_of(&p.member_pubkey).unwrap_or_default(),
+            member_role: roles
+                .get(p.member_pubkey.as_str())
+                .map(|r| (*r).to_owned())
+                .unwrap_or_default(),
             home: p.broker.clone(),
             live: Some(p),
         });
@@ -242,11 +271,39 @@ pub(crate) async fn search(
             });
         }
     }
+    let texts: Vec<Vec<(Field, String)>> = cands.iter().map(|c| c.fields(&skills)).collect();
+    let index = Index::build(
+        texts
+            .iter()
+            .map(|fields| fields.iter().map(|(f, t)| (*f, t.as_str())).collect()),
+    );
+    let built = Arc::new(Built { key, cands, index });
+    let mut cache = crate::hub::lock(&ctx.search);
+    if cache.0.len() >= CACHED_MESHES && !cache.0.contains_key(&mesh.row.id) {
+        cache.0.clear();
+    }
+    cache.0.insert(mesh.row.id.clone(), built.clone());
+    Ok(built)
+}
+
+/// Runs `req` over the peers whose keys are in `visible` (what the caller sees) and the
+/// mesh's members who are not connected.
+pub(crate) async fn search(
+    ctx: &Ctx,
+    mesh: &MeshHub,
+    visible: &HashSet<String>,
+    req: &Request,
+) -> Result<(Vec<Hit>, usize), StoreError> {
+    let built = index_of(ctx, mesh).await?;
     let me = ctx.config.federation.as_ref().map(|f| f.broker.as_str());
-    let searched = cands.len();
+    let sees = |c: &Candidate| c.live.as_ref().is_none_or(|p| visible.contains(&p.pubkey));
+    let searched = built.cands.iter().filter(|c| sees(c)).count();
     if req.query.is_empty() {
-        let mut kept: Vec<&Candidate> =
-            cands.iter().filter(|c| c.keeps(&req.filters, me)).collect();
+        let mut kept: Vec<&Candidate> = built
+            .cands
+            .iter()
+            .filter(|c| sees(c) && c.keeps(&req.filters, me))
+            .collect();
         kept.sort_by(|a, b| (a.live.is_none(), &a.name).cmp(&(b.live.is_none(), &b.name)));
         let hits = kept
             .into_iter()
@@ -255,14 +312,13 @@ pub(crate) async fn search(
             .collect();
         return Ok((hits, searched));
     }
-    let texts: Vec<Vec<(Field, String)>> = cands.iter().map(|c| c.fields(&skills)).collect();
-    let index = Index::build(
-        texts
-            .iter()
-            .map(|fields| fields.iter().map(|(f, t)| (*f, t.as_str())).collect()),
-    );
-    let hits = index
-        .search(&req.query, |d| cands[d].keeps(&req.filters, me), req.limit)
+    let hits = built
+        .index
+        .search(
+            &req.query,
+            |d| sees(&built.cands[d]) && built.cands[d].keeps(&req.filters, me),
+            req.limit,
+        )
         .into_iter()
         .map(|h| {
             let why = h
@@ -275,7 +331,7 @@ pub(crate) async fn search(
                     how: w.how.as_str(),
                 })
                 .collect();
-            cands[h.doc].hit(h.score, why)
+            built.cands[h.doc].hit(h.score, why)
         })
         .collect();
     Ok((hits, searched))
@@ -286,9 +342,9 @@ impl Session {
     pub(crate) fn on_search_peers(&mut self, req: Request, req_id: Option<String>) {
         let ctx = self.ctx.clone();
         let mesh = self.mesh.clone();
-        let visible = self.mesh.peers_for(&self.member_pubkey, self.conn);
+        let visible = self.mesh.visible_keys(&self.member_pubkey, self.conn);
         self.reply_later(async move {
-            match search(&ctx, &mesh, visible, &req).await {
+            match search(&ctx, &mesh, &visible, &req).await {
                 Ok((results, searched)) => Some(
                     serde_json::to_string(&Reply {
                         results,
@@ -313,8 +369,8 @@ pub(crate) async fn tool(
 ) -> Result<serde_json::Value, String> {
     let req =
         meshd_protocol::search::decode(args).map_err(|e| format!("invalid arguments: {e}"))?;
-    let visible = mesh.peers_for(viewer.0, viewer.1);
-    let (results, searched) = search(ctx, mesh, visible, &req)
+    let visible = mesh.visible_keys(viewer.0, viewer.1);
+    let (results, searched) = search(ctx, mesh, &visible, &req)
         .await
         .map_err(|e| format!("the broker's store is unavailable: {e}"))?;
     Ok(serde_json::json!({"results": results, "searched": searched}))
@@ -365,8 +421,8 @@ pub(crate) async fn rest(
         Err(e) => return crate::api::invalid(uri.path(), &e.to_string()),
     };
     // As `GET /peers`: no connection, so no position and no hidden peer of its own.
-    let visible = c.mesh.peers_for("", 0);
-    match search(&ctx, &c.mesh, visible, &req).await {
+    let visible = c.mesh.visible_keys("", 0);
+    match search(&ctx, &c.mesh, &visible, &req).await {
         Ok((results, searched)) => (
             StatusCode::OK,
             axum::Json(serde_json::json!({"results": results, "searched": searched})),
