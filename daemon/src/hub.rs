@@ -901,6 +901,12 @@ impl MeshHub {
 
     /// Runs `f` on a live peer.
     pub(crate) fn with_peer<R>(&self, conn: ConnId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
+        self.inner().peers.get_mut(&conn).map(|p| f(p))
+    }
+
+    /// [`Self::with_peer`] for a change others see — status, summary, profile, groups,
+    /// tags, visibility — which is counted (`search_peers` reindexes).
+    pub(crate) fn update_peer<R>(&self, conn: ConnId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
         let mut inner = self.inner();
         inner.presence_gen += 1;
         inner.peers.get_mut(&conn).map(|p| f(p))

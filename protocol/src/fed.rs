@@ -71,6 +71,33 @@ pub struct MeshClaim {
 pub const CAP_HAS_LINK: &str = "has_link";
 /// Hello capability: the sender understands [`Frame::Signal`].
 pub const CAP_SIGNALS: &str = "signals";
+/// Hello capability: the sender understands [`Frame::Log`].
+pub const CAP_TELEMETRY: &str = "telemetry";
+
+/// A mesh log entry written at the sending broker by a member it hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Mesh.
+    pub mesh_id: String,
+    /// Entry id (applied once).
+    pub id: String,
+    /// Epoch ms.
+    pub at: i64,
+    /// 0 debug … 3 error.
+    pub level: i64,
+    /// The writer's member id and member key.
+    pub member_id: String,
+    /// The writer's member key.
+    pub member_pubkey: String,
+    /// The writer's display name.
+    pub peer_name: String,
+    /// The writer's session (or member) key.
+    pub peer_pubkey: String,
+    /// Message.
+    pub message: String,
+    /// JSON text.
+    pub data: Option<String>,
+}
 
 /// First frame on the control stream, both ways.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -990,6 +1017,9 @@ pub enum Frame {
     /// Live: a typing indicator or read receipt for a peer of the receiver (sent only
     /// to brokers whose hello lists [`CAP_SIGNALS`]).
     Signal(Box<crate::signals::SignalRelay>),
+    /// Live: a mesh log entry (sent only to brokers whose hello lists
+    /// [`CAP_TELEMETRY`]).
+    Log(Box<LogEntry>),
 }
 
 impl Frame {
@@ -1080,7 +1110,8 @@ impl Frame {
             | Self::TopicMember(_)
             | Self::TopicSeal(_)
             | Self::TopicPost(_)
-            | Self::Signal(_) => {
+            | Self::Signal(_)
+            | Self::Log(_) => {
                 matches!(class, Some(StreamClass::Live))
             }
         }
@@ -1125,6 +1156,7 @@ impl Frame {
             Self::TopicSeal(_) => "topic_seal",
             Self::TopicPost(_) => "topic_post",
             Self::Signal(_) => "signal",
+            Self::Log(_) => "log",
             Self::Bridges(_) => "bridges",
             Self::BridgeRelay(_) => "bridge_relay",
             Self::BridgePeers { .. } => "bridge_peers",

@@ -333,3 +333,48 @@ async fn search_respects_the_spatial_radius() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The kept index follows every change a search can see: a summary, a group, a skill,
+/// a member who connects or leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_follows_changes() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("moving").await?;
+    let (p, q) = (
+        broker.enroll(&mesh, "pat").await?,
+        broker.enroll(&mesh, "quinn").await?,
+    );
+    let mut pat = broker.connect(&p).await?;
+    let mut quinn = broker.connect(&q).await?;
+    let find = |query: &str| json!({"type": "search_peers", "query": query});
+    pat.send(json!({"type": "set_summary", "summary": "migrating kafka"}))
+        .await?;
+    pat.sync().await?;
+    assert_eq!(names(&quinn.request(find("kafka")).await?), ["pat"]);
+    pat.send(json!({"type": "set_summary", "summary": "reviewing terraform"}))
+        .await?;
+    pat.sync().await?;
+    assert!(names(&quinn.request(find("kafka")).await?).is_empty());
+    assert_eq!(names(&quinn.request(find("terraform")).await?), ["pat"]);
+    pat.send(json!({"type": "join_group", "name": "sre"}))
+        .await?;
+    pat.sync().await?;
+    let v = quinn
+        .request(json!({"type": "search_peers", "filters": {"group": "sre"}}))
+        .await?;
+    assert_eq!(names(&v), ["pat"], "{v}");
+    let k = quinn
+        .request(json!({"type": "share_skill", "name": "pager", "description": "incident paging runbook", "instructions": "…"}))
+        .await?;
+    assert!(k["error"].is_null(), "{k}");
+    assert_eq!(names(&quinn.request(find("paging")).await?), ["quinn"]);
+    // Pat leaves: still found, as a member not connected.
+    pat.close().await;
+    let v = quinn
+        .poll("pat offline", find("pat"), |v| {
+            v["results"][0]["online"] == false
+        })
+        .await?;
+    assert_eq!(names(&v), ["pat"], "{v}");
+    Ok(())
+}

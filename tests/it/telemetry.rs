@@ -122,3 +122,45 @@ async fn a_member_writes_at_most_its_rate() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// In a shared mesh an entry written at B is in A's log and report, named with B; an
+/// entry of a member B does not host is refused by A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_cross_brokers() -> anyhow::Result<()> {
+    use crate::federation::{B, linked_pair, member_client};
+    let mut p = linked_pair(|_| {}, Backend::Sqlite).await?;
+    let mut bob = member_client(&p.b.ws_url(), &p.bob, &[]).await?;
+    let r = bob
+        .request(json!({"type": "mesh_log", "level": "error", "message": "replica lagging", "data": {"lag_s": 42}}))
+        .await?;
+    assert_eq!(r["type"], "mesh_log_ack", "{r}");
+    let v = p
+        .alice
+        .poll(
+            "bob's entry at A",
+            json!({"type": "mesh_logs", "query": "lagging"}),
+            |v| !messages(v).is_empty(),
+        )
+        .await?;
+    assert_eq!(v["logs"][0]["peer"], "bob", "{v}");
+    assert_eq!(v["logs"][0]["broker"], B, "{v}");
+    assert_eq!(v["logs"][0]["data"]["lag_s"], 42, "{v}");
+    let r = p
+        .alice
+        .request(json!({"type": "mesh_report", "timeframe": "1h"}))
+        .await?;
+    assert_eq!(r["errors"]["top"][0]["message"], "replica lagging", "{r}");
+    // A's own entries stay without a broker; B sees them the other way round.
+    p.alice
+        .request(json!({"type": "mesh_log", "message": "from alpha"}))
+        .await?;
+    let v = bob
+        .poll(
+            "alice's entry at B",
+            json!({"type": "mesh_logs", "query": "alpha"}),
+            |v| !messages(v).is_empty(),
+        )
+        .await?;
+    assert_eq!(v["logs"][0]["broker"], crate::federation::A, "{v}");
+    Ok(())
+}

@@ -11,6 +11,8 @@ CREATE TABLE mesh_log (
     peer_pubkey   TEXT NOT NULL,
     message       TEXT NOT NULL,
     data          TEXT,
+    -- The peer broker the entry was written at (NULL: here).
+    broker        TEXT,
     search_vector tsvector GENERATED ALWAYS AS (to_tsvector('english', message || ' ' || COALESCE(data, ''))) STORED
 );
 CREATE INDEX mesh_log_mesh ON mesh_log (mesh_id, at);

@@ -10,7 +10,9 @@ CREATE TABLE mesh_log (
     peer_name    TEXT NOT NULL,
     peer_pubkey  TEXT NOT NULL,
     message      TEXT NOT NULL,
-    data         TEXT
+    data         TEXT,
+    -- The peer broker the entry was written at (NULL: here).
+    broker       TEXT
 );
 CREATE INDEX mesh_log_mesh ON mesh_log (mesh_id, at);
 CREATE VIRTUAL TABLE mesh_log_fts USING fts5(message, data, content='mesh_log', content_rowid='rowid', tokenize='porter unicode61');

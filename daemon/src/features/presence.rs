@@ -26,7 +26,7 @@ impl Session {
                 // Unlike the reference, becoming more available releases held messages now.
                 // (Under the mesh lock: no send may see the new status before the drain
                 // that must come first is set up.)
-                self.mesh.with_peer(self.conn, |p| {
+                self.mesh.update_peer(self.conn, |p| {
                     let before = p.status.status.max_admitted();
                     p.status.write(status, StatusSource::Manual, now, fresh);
                     if p.status.status.max_admitted() > before {
@@ -46,12 +46,12 @@ impl Session {
             }
             ClientFrame::SetSummary { summary } => {
                 self.mesh
-                    .with_peer(self.conn, |p| p.summary = Some(summary));
+                    .update_peer(self.conn, |p| p.summary = Some(summary));
                 self.presence_changed();
                 None
             }
             ClientFrame::SetVisible { visible } => {
-                let changed = self.mesh.with_peer(self.conn, |p| {
+                let changed = self.mesh.update_peer(self.conn, |p| {
                     let changed = p.visible != visible;
                     p.visible = visible;
                     changed.then(|| (peer_data(p), p.position))
@@ -75,7 +75,7 @@ impl Session {
                 Self::small_ack(req_id)
             }
             ClientFrame::SetProfile(patch) => {
-                self.mesh.with_peer(self.conn, |p| {
+                self.mesh.update_peer(self.conn, |p| {
                     for (k, v) in patch.fields {
                         p.profile.insert(k.to_owned(), v);
                     }
@@ -84,12 +84,12 @@ impl Session {
                 Self::small_ack(req_id)
             }
             ClientFrame::SetStats(stats) => {
-                self.mesh.with_peer(self.conn, |p| p.stats = Some(stats));
+                self.mesh.update_peer(self.conn, |p| p.stats = Some(stats));
                 self.presence_changed();
                 None
             }
             ClientFrame::JoinGroup(group) => {
-                self.mesh.with_peer(self.conn, |p| {
+                self.mesh.update_peer(self.conn, |p| {
                     if let Some(i) = p.groups.iter().position(|g| g.name == group.name) {
                         p.groups[i].role = group.role;
                     } else if p.groups.len() < meshd_protocol::client::MAX_GROUPS {
@@ -101,7 +101,7 @@ impl Session {
             }
             ClientFrame::LeaveGroup { name } => {
                 self.mesh
-                    .with_peer(self.conn, |p| p.groups.retain(|g| g.name != name));
+                    .update_peer(self.conn, |p| p.groups.retain(|g| g.name != name));
                 self.presence_changed();
                 None
             }

@@ -71,7 +71,7 @@ impl Session {
         frame: ClientFrame,
         req_id: Option<String>,
     ) -> Option<Utf8Bytes> {
-        let result = self.mesh.with_peer(self.conn, |p| {
+        let result = self.mesh.update_peer(self.conn, |p| {
             match frame {
                 ClientFrame::SubscribeTags { tags } => subscribe(&mut p.tags, tags)?,
                 ClientFrame::UnsubscribeTags { tags } => p.tags.retain(|t| !tags.contains(t)),

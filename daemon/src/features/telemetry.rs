@@ -8,8 +8,10 @@
 //!
 //! Entries are kept a week and at most 100,000 per mesh (housekeeping trims the oldest);
 //! a member writes at most 20 a second (bursting to 100), more are refused
-//! `rate_limited`. Entries stay on the broker they were written to: a search on another
-//! broker of a shared mesh does not see them (not replicated yet).
+//! `rate_limited`. In a shared mesh each entry also goes to the mesh's other brokers
+//! (`Frame::Log`, to brokers whose hello lists the `telemetry` capability), which keep it
+//! with the broker it came from, so `mesh_logs` and `mesh_report` on any broker see the
+//! whole mesh's log. A peer broker may only send entries of members it hosts.
 
 pub mod store;
 
@@ -51,6 +53,7 @@ impl Default for Telemetry {
 /// Who writes an entry.
 pub(crate) struct Writer<'a> {
     pub(crate) member_id: &'a str,
+    pub(crate) member_pubkey: &'a str,
     pub(crate) name: &'a str,
     pub(crate) pubkey: &'a str,
 }
@@ -84,6 +87,7 @@ fn entry_json(r: &LogRow) -> Value {
         "level": Level::from_rank(r.level).map_or("info", Level::as_str),
         "peer": r.peer_name,
         "peerPubkey": r.peer_pubkey,
+        "broker": r.broker,
         "message": r.message,
         "data": data,
     })
@@ -120,8 +124,26 @@ pub(crate) async fn handle(
                 peer_pubkey: who.pubkey.to_owned(),
                 message,
                 data,
+                broker: None,
             };
             ctx.db.insert_log(&row).await?;
+            if let Some(fed) = &ctx.fed {
+                fed.log_send(
+                    mesh_id,
+                    meshd_protocol::fed::Frame::Log(Box::new(meshd_protocol::fed::LogEntry {
+                        mesh_id: mesh_id.to_owned(),
+                        id: row.id.clone(),
+                        at: row.at,
+                        level: row.level,
+                        member_id: row.member_id.clone(),
+                        member_pubkey: who.member_pubkey.to_owned(),
+                        peer_name: row.peer_name.clone(),
+                        peer_pubkey: row.peer_pubkey.clone(),
+                        message: row.message.clone(),
+                        data: row.data.clone(),
+                    })),
+                );
+            }
             Ok(json!({"id": row.id, "at": meshd_protocol::time::iso8601_ms(now)}))
         }
         Request::Logs {
@@ -269,8 +291,9 @@ impl Session {
     pub(crate) fn on_telemetry(&mut self, req: Request, req_id: Option<String>, now: i64) {
         let ctx = self.ctx.clone();
         let mesh_id = self.mesh_id().to_owned();
-        let (member_id, name, pubkey) = (
+        let (member_id, member_pubkey, name, pubkey) = (
             self.member_id.clone(),
+            self.member_pubkey.clone(),
             self.display_name.clone(),
             self.routing_key().to_owned(),
         );
@@ -278,6 +301,7 @@ impl Session {
             let kind = reply_type(&req);
             let who = Writer {
                 member_id: &member_id,
+                member_pubkey: &member_pubkey,
                 name: &name,
                 pubkey: &pubkey,
             };
@@ -342,11 +366,65 @@ pub(crate) async fn rest(
     };
     let who = Writer {
         member_id: "",
+        member_pubkey: "",
         name: "",
         pubkey: "",
     };
     match handle(&ctx, &c.mesh.row.id, &who, req, crate::time::now_ms()).await {
         Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
         Err(e) => crate::api::store_failed(uri.path(), &e),
+    }
+}
+
+/// Stores a peer broker's log entry: the mesh must be shared with it, the entry well
+/// formed, and its writer a member that broker hosts.
+pub(crate) async fn on_peer_log(
+    ctx: &Arc<Ctx>,
+    link: &Arc<crate::fed::LinkShared>,
+    e: meshd_protocol::fed::LogEntry,
+) {
+    use meshd_protocol::fed::RejectReason;
+    use meshd_protocol::telemetry::{MAX_DATA, MAX_MESSAGE};
+    let valid = crate::ids::plausible_id(&e.id)
+        && Level::from_rank(e.level).is_some()
+        && !e.message.is_empty()
+        && e.message.len() <= MAX_MESSAGE
+        && e.data.as_ref().is_none_or(|d| d.len() <= MAX_DATA)
+        && e.peer_name.len() <= meshd_protocol::client::MAX_NAME_LEN
+        && e.peer_pubkey.len() <= 64;
+    let refused = if !link.accepts(&e.mesh_id) {
+        Some(RejectReason::NotShared)
+    } else if !valid {
+        Some(RejectReason::Invalid)
+    } else {
+        match ctx.hub.mesh(&ctx.db, &e.mesh_id).await {
+            Ok(Some(hub))
+                if hub.hosted_by(&link.broker, &e.member_pubkey)
+                    && hub
+                        .member(&e.member_pubkey)
+                        .is_some_and(|m| m.id == e.member_id) =>
+            {
+                let row = LogRow {
+                    id: e.id,
+                    mesh_id: e.mesh_id,
+                    at: e.at,
+                    level: e.level,
+                    member_id: e.member_id,
+                    peer_name: e.peer_name,
+                    peer_pubkey: e.peer_pubkey,
+                    message: e.message,
+                    data: e.data,
+                    broker: Some(link.broker.to_string()),
+                };
+                if let Err(err) = ctx.db.insert_log(&row).await {
+                    tracing::warn!(cause = %err, "storing a peer broker's log entry");
+                }
+                None
+            }
+            _ => Some(RejectReason::ForgedSender),
+        }
+    };
+    if let Some(reason) = refused {
+        ctx.metrics.fed_refused.inc(reason.as_str());
     }
 }

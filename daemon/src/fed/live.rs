@@ -138,6 +138,21 @@ impl Fed {
         }
     }
 
+    /// Sends a mesh log entry (`features::telemetry`) to every broker the mesh flows to
+    /// that understands it.
+    pub(crate) fn log_send(&self, mesh_id: &str, frame: Frame) {
+        if !self.is_shared(mesh_id) {
+            return;
+        }
+        for link in self.links_for(mesh_id) {
+            if link.telemetry && link.live.try_send(frame.clone()).is_err() {
+                self.metrics
+                    .fed_live_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// An event pushed to the mesh here (a webhook post) goes to its other brokers.
     pub(crate) fn event(&self, e: EventPush) {
         let mesh_id = e.mesh_id.clone();
@@ -319,6 +334,7 @@ impl Fed {
                 crate::features::memory::on_peer_forget(ctx, link, mesh_id, id, at).await?;
             }
             Frame::Signal(s) => crate::features::signals::on_peer_signal(ctx, link, *s).await,
+            Frame::Log(e) => crate::features::telemetry::on_peer_log(ctx, link, *e).await,
             Frame::RelayAsk(r) => {
                 crate::features::relay::on_peer_relay_ask(self, ctx, link, r).await?;
             }

@@ -174,6 +174,8 @@ pub(crate) struct LinkShared {
     pub(crate) messages_in: std::sync::atomic::AtomicBool,
     /// The peer broker understands `Frame::Signal` (its hello said so).
     pub(crate) signals: bool,
+    /// The peer broker understands `Frame::Log`.
+    pub(crate) telemetry: bool,
     /// The peer broker opened its live stream (a second one is a protocol error).
     pub(crate) live_in: std::sync::atomic::AtomicBool,
     /// When the link came up.
@@ -578,6 +580,7 @@ impl LinkHandler for Links {
                 "presence".into(),
                 "state".into(),
                 meshd_protocol::fed::CAP_SIGNALS.into(),
+                meshd_protocol::fed::CAP_TELEMETRY.into(),
             ],
             meshes,
         }

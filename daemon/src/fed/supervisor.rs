@@ -395,6 +395,11 @@ impl Fed {
                 .caps
                 .iter()
                 .any(|c| c == meshd_protocol::fed::CAP_SIGNALS),
+            telemetry: link
+                .their_hello
+                .caps
+                .iter()
+                .any(|c| c == meshd_protocol::fed::CAP_TELEMETRY),
             started: crate::time::std_instant(),
             held: Mutex::default(),
             announced: Notify::new(),

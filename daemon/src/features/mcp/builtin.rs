@@ -85,6 +85,7 @@ pub(crate) async fn call(
         "mesh_log" | "mesh_logs" | "mesh_report" => {
             let who = crate::features::telemetry::Writer {
                 member_id: caller.member_id,
+                member_pubkey: caller.member_pubkey,
                 name: caller.name,
                 pubkey: caller.member_pubkey,
             };

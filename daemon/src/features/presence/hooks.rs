@@ -269,7 +269,7 @@ pub(crate) async fn set_status(
     };
     let fresh =
         i64::try_from(meshd_config::defaults::STATUS_FRESH_WINDOW.as_millis()).unwrap_or(i64::MAX);
-    mesh.with_peer(conn, |p| {
+    mesh.update_peer(conn, |p| {
         if p.status.status == Status::Dnd {
             return;
         }

@@ -24,6 +24,8 @@ pub struct LogRow {
     pub message: String,
     /// JSON text.
     pub data: Option<String>,
+    /// The peer broker it was written at (`None`: here).
+    pub broker: Option<String>,
 }
 
 /// Entries kept per mesh (the oldest go first).
@@ -34,12 +36,13 @@ pub const RETENTION_MS: i64 = 7 * 86_400_000;
 impl Db {
     /// Stores an entry.
     pub async fn insert_log(&self, r: &LogRow) -> Result<(), StoreError> {
-        const SQL: &str = "INSERT INTO mesh_log (id, mesh_id, at, level, member_id, peer_name, peer_pubkey, message, data) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+        // A replicated entry arriving twice is kept once.
+        const SQL: &str = "INSERT INTO mesh_log (id, mesh_id, at, level, member_id, peer_name, peer_pubkey, message, data, broker) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING";
         Ok(
             with_db_write!(self, p => sqlx::query(SQL).bind(&r.id).bind(&r.mesh_id).bind(r.at)
             .bind(r.level).bind(&r.member_id).bind(&r.peer_name).bind(&r.peer_pubkey)
-            .bind(&r.message).bind(&r.data).execute(p).await.map(drop))?,
+            .bind(&r.message).bind(&r.data).bind(&r.broker).execute(p).await.map(drop))?,
         )
     }
 
@@ -59,7 +62,7 @@ impl Db {
             query.and_then(crate::features::memory::store::fts5_query),
         ) {
             (_, None) => {
-                const SQL: &str = "SELECT id, mesh_id, at, level, member_id, peer_name, peer_pubkey, message, data \
+                const SQL: &str = "SELECT id, mesh_id, at, level, member_id, peer_name, peer_pubkey, message, data, broker \
                                    FROM mesh_log WHERE mesh_id = $1 AND level >= $2 \
                                    AND ($3 = '' OR peer_name = $3 OR peer_pubkey = $3) \
                                    ORDER BY at DESC, id DESC LIMIT +$4";
@@ -69,7 +72,7 @@ impl Db {
                 )
             }
             (Self::Sqlite(p, _), Some(q)) => {
-                let sql = "SELECT l.id, l.mesh_id, l.at, l.level, l.member_id, l.peer_name, l.peer_pubkey, l.message, l.data \
+                let sql = "SELECT l.id, l.mesh_id, l.at, l.level, l.member_id, l.peer_name, l.peer_pubkey, l.message, l.data, l.broker \
                            FROM mesh_log_fts JOIN mesh_log l ON l.rowid = mesh_log_fts.rowid \
                            WHERE mesh_log_fts MATCH $1 AND l.mesh_id = $2 AND l.level >= $3 \
                              AND ($4 = '' OR l.peer_name = $4 OR l.peer_pubkey = $4) \
@@ -84,7 +87,7 @@ impl Db {
                     .await?)
             }
             (Self::Postgres(p), Some(_)) => {
-                const SQL: &str = "SELECT id, mesh_id, at, level, member_id, peer_name, peer_pubkey, message, data \
+                const SQL: &str = "SELECT id, mesh_id, at, level, member_id, peer_name, peer_pubkey, message, data, broker \
                                    FROM mesh_log \
                                    WHERE search_vector @@ plainto_tsquery('english', $1) AND mesh_id = $2 AND level >= $3 \
                                      AND ($4 = '' OR peer_name = $4 OR peer_pubkey = $4) \
