@@ -1114,6 +1114,13 @@ impl MeshHub {
         ((inner.presence_gen, inner.member_gen), out)
     }
 
+    /// The presence and member change counts (what [`Self::all_entries`] would be read
+    /// at), without copying any peer.
+    pub(crate) fn change_counts(&self) -> (u64, u64) {
+        let inner = self.inner();
+        (inner.presence_gen, inner.member_gen)
+    }
+
     /// The keys of the peers `viewer` sees (as [`Self::peers_for`] lists them).
     pub(crate) fn visible_keys(&self, viewer_member: &str, viewer: ConnId) -> HashSet<String> {
         let inner = self.inner();

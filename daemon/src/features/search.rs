@@ -234,13 +234,16 @@ async fn index_of(ctx: &Ctx, mesh: &MeshHub) -> Result<Arc<Built>, StoreError> {
         skills.hash(&mut h);
         h.finish()
     };
-    let ((presence, members_gen), entries) = mesh.all_entries();
-    let key = (presence, members_gen, skills_hash);
+    let (presence, members_gen) = mesh.change_counts();
     if let Some(b) = crate::hub::lock(&ctx.search).0.get(&mesh.row.id)
-        && b.key == key
+        && b.key == (presence, members_gen, skills_hash)
     {
         return Ok(b.clone());
     }
+    // Read again with the copy: a change between the two reads is in the copy, and the
+    // key it is stored under says so.
+    let ((presence, members_gen), entries) = mesh.all_entries();
+    let key = (presence, members_gen, skills_hash);
     let members = mesh.all_members();
     let roles: HashMap<&str, &str> = members
         .iter()

@@ -320,12 +320,26 @@ const FIELD_OF: [Field; FIELDS] = [
 /// Damerau–Levenshtein (optimal string alignment) distance between `a` and `b`, or
 /// `max + 1` once it is certain to exceed `max`.
 fn edits(a: &str, b: &str, max: usize) -> usize {
+    if a.is_ascii() && b.is_ascii() {
+        return edits_of(a.as_bytes(), b.as_bytes(), max);
+    }
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
+    edits_of(&a, &b, max)
+}
+
+/// [`edits`] over any comparable units (bytes for ASCII words: no allocation for rows
+/// of up to [`MAX_WORD`] + 1).
+fn edits_of<T: PartialEq>(a: &[T], b: &[T], max: usize) -> usize {
     let (n, m) = (a.len(), b.len());
-    let mut prev2 = vec![0usize; m + 1];
-    let mut prev: Vec<usize> = (0..=m).collect();
-    let mut cur = vec![0usize; m + 1];
+    if m > MAX_WORD {
+        return max + 1;
+    }
+    let mut rows = [[0usize; MAX_WORD + 1]; 3];
+    let [prev2, prev, cur] = &mut rows;
+    for (j, v) in prev.iter_mut().enumerate().take(m + 1) {
+        *v = j;
+    }
     for i in 1..=n {
         cur[0] = i;
         let mut row_min = cur[0];
@@ -341,8 +355,8 @@ fn edits(a: &str, b: &str, max: usize) -> usize {
         if row_min > max {
             return max + 1;
         }
-        std::mem::swap(&mut prev2, &mut prev);
-        std::mem::swap(&mut prev, &mut cur);
+        std::mem::swap(prev2, prev);
+        std::mem::swap(prev, cur);
     }
     prev[m]
 }
