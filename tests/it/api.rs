@@ -240,7 +240,7 @@ both! {
         let (s, doc) = rest(addr, "GET", "/api/v1/openapi.json", None, None).await?;
         assert_eq!((s, doc["openapi"].as_str()), (200, Some("3.1.0")));
         let paths = doc["paths"].as_object().cloned().unwrap_or_default();
-        assert_eq!(paths.len(), 24, "the 22 routes of the reference's table, the WebSocket and the document");
+        assert_eq!(paths.len(), 27, "the 22 routes of the reference's table, meshd's /peers/search, /logs and /report, the WebSocket and the document");
         for (path, ops) in &paths {
             for method in ops.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
                 if path.ends_with("/stream") || path.ends_with("/ws") {
