@@ -16,6 +16,7 @@ mod abuse;
 mod compare;
 mod exec;
 mod fed;
+mod logs;
 mod nats;
 mod search;
 mod stats;
@@ -122,6 +123,11 @@ enum Scenario {
         concurrency: usize,
         #[arg(long, default_value_t = 10)]
         secs: u64,
+    },
+    /// `mesh_log` ingest rate and `mesh_logs` full-text latency.
+    Logs {
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
     },
     /// Handshake time: connect + hello → hello_ack.
     Handshake {
@@ -261,6 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Handshake { count, concurrency } => b.handshake(count, concurrency).await,
         Scenario::Web { peers, rate, secs } => b.web(peers, rate, secs).await,
         Scenario::Search { peers, rounds } => b.search(&peers, rounds).await,
+        Scenario::Logs { clients } => b.logs(clients).await,
         Scenario::Exec {
             runs,
             concurrency,
