@@ -7,29 +7,6 @@
 
 use super::*;
 
-#[derive(Deserialize)]
-struct Labelled {
-    name: String,
-    groups: Vec<String>,
-    summary: String,
-    title: String,
-    capabilities: Vec<String>,
-    #[serde(rename = "peerType")]
-    peer_type: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Query {
-    query: String,
-    relevant: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct Set {
-    peers: Vec<Labelled>,
-    queries: Vec<Query>,
-}
-
 /// Words no labelled query contains: the distractors' profiles.
 const FILLER: &[&str] = &[
     "meeting",
@@ -112,9 +89,9 @@ const TEAMS: &[&str] = &[
 
 impl Bench {
     pub(crate) async fn search(&self, sizes: &[usize], rounds: usize) -> anyhow::Result<()> {
-        let set: Set = serde_json::from_str(include_str!("../data/search-labelled.json"))?;
+        let (peers, queries) = meshd_tests::labelled::load()?;
         for &n in sizes {
-            let n = n.max(set.peers.len());
+            let n = n.max(peers.len());
             let broker = self.start().await?;
             let members = broker.enroll(n + 1).await?;
             let t = Instant::now();
@@ -127,7 +104,7 @@ impl Bench {
                 usize::try_from(seed % len as u64).unwrap_or(0)
             };
             for (i, m) in members.iter().take(n).enumerate() {
-                let (name, groups, summary, title, caps, peer_type) = match set.peers.get(i) {
+                let (name, groups, summary, title, caps, peer_type) = match peers.get(i) {
                     Some(p) => (
                         p.name.clone(),
                         p.groups.clone(),
@@ -186,7 +163,9 @@ impl Bench {
                     .await?;
                 if v["searched"].as_u64() >= Some(n as u64 + 1) {
                     let probe = asker
-                        .request(json!({"type": "search_peers", "query": set.peers[set.peers.len() - 1].title}))
+                        .request(
+                            json!({"type": "search_peers", "query": peers[peers.len() - 1].title}),
+                        )
                         .await?;
                     if probe["results"].as_array().is_some_and(|a| !a.is_empty()) {
                         break;
@@ -199,10 +178,10 @@ impl Bench {
                 "search {n:>6} peers connected with profiles in {:.1} s",
                 t.elapsed().as_secs_f64()
             );
-            let mut samples = Samples::with_capacity(rounds * set.queries.len());
+            let mut samples = Samples::with_capacity(rounds * queries.len());
             let (mut p5, mut norm) = (0.0, 0.0);
             for round in 0..rounds {
-                for q in &set.queries {
+                for q in &queries {
                     let t = Instant::now();
                     let v = asker
                         .request(json!({"type": "search_peers", "query": q.query, "limit": 5}))
@@ -227,7 +206,7 @@ impl Bench {
                     }
                 }
             }
-            let nq = set.queries.len() as f64;
+            let nq = queries.len() as f64;
             println!(
                 "search {n:>6} peers: {} queries, latency p50 {:.0} µs, p99 {:.0} µs; precision@5 {:.3} (over min(5, relevant): {:.3})",
                 samples.len(),

@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod dns;
 pub mod faultproxy;
 pub mod fed;
+pub mod labelled;
 pub mod postgres;
 
 pub use broker::{Backend, DaemonProcess, TestBroker, http, http_json, http_with, run_cli};

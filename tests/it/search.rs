@@ -6,33 +6,10 @@ use meshd_protocol::invite::Role;
 use meshd_tests::{Backend, Client, HelloOpts, TestBroker};
 use serde_json::{Value, json};
 
-/// A peer of the labelled set.
-#[derive(serde::Deserialize)]
-struct Labelled {
-    name: String,
-    groups: Vec<String>,
-    summary: String,
-    title: String,
-    capabilities: Vec<String>,
-    #[serde(rename = "peerType")]
-    peer_type: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Query {
-    query: String,
-    relevant: Vec<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Set {
-    peers: Vec<Labelled>,
-    queries: Vec<Query>,
-}
+use meshd_tests::labelled::{Peer as Labelled, Query};
 
 fn labelled_set() -> anyhow::Result<(Vec<Labelled>, Vec<Query>)> {
-    let s: Set = serde_json::from_str(include_str!("../data/search-labelled.json"))?;
-    Ok((s.peers, s.queries))
+    meshd_tests::labelled::load()
 }
 
 /// Connects `p` to `broker` with its groups, summary and profile.

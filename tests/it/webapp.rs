@@ -352,6 +352,50 @@ async fn open_chat(browser: &mut Browser, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ada and Bob join from their links and open their conversation; Ada types (Bob sees
+/// the indicator), sends `text` (Bob reads it and the indicator goes), and Bob's open
+/// conversation sends a receipt that Ada's message shows.
+async fn typing_dm_and_receipt(
+    ada: &mut Browser,
+    link_a: &str,
+    bob: &mut Browser,
+    link_b: &str,
+    text: &str,
+) -> anyhow::Result<()> {
+    join_as(ada, link_a, "Ada").await?;
+    join_as(bob, link_b, "Bob").await?;
+    open_chat(ada, "Bob").await?;
+    open_chat(bob, "Ada").await?;
+    ada.fill("#compose", &text[..3]).await?;
+    bob.wait_for(
+        "Ada's typing indicator",
+        "document.getElementById('typing').textContent === 'Ada is typing…'",
+    )
+    .await?;
+    ada.fill("#compose", text).await?;
+    ada.click("#send-btn").await?;
+    bob.wait_for(
+        "the DM",
+        &format!(
+            "document.getElementById('messages').innerText.includes({})",
+            json!(text)
+        ),
+    )
+    .await?;
+    // The message arriving ends the typing indicator.
+    bob.wait_for(
+        "the indicator to go",
+        "document.getElementById('typing').textContent === ''",
+    )
+    .await?;
+    ada.wait_for(
+        "the read receipt",
+        "[...document.querySelectorAll('#messages li.out .meta')].some(m => m.textContent.endsWith('· read'))",
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_people_see_typing_and_read_receipts() -> anyhow::Result<()> {
     let broker = TestBroker::start(Backend::Sqlite).await?;
@@ -361,35 +405,7 @@ async fn two_people_see_typing_and_read_receipts() -> anyhow::Result<()> {
     let mut ada = Browser::launch().await?;
     let mut bob = Browser::launch().await?;
     let steps = async {
-        join_as(&mut ada, &link_a, "Ada").await?;
-        join_as(&mut bob, &link_b, "Bob").await?;
-        open_chat(&mut ada, "Bob").await?;
-        open_chat(&mut bob, "Ada").await?;
-        ada.fill("#compose", "hel").await?;
-        bob.wait_for(
-            "Ada's typing indicator",
-            "document.getElementById('typing').textContent === 'Ada is typing…'",
-        )
-        .await?;
-        ada.fill("#compose", "hello Bob").await?;
-        ada.click("#send-btn").await?;
-        bob.wait_for(
-            "the DM",
-            "document.getElementById('messages').innerText.includes('hello Bob')",
-        )
-        .await?;
-        // The message arriving ends the typing indicator.
-        bob.wait_for(
-            "the indicator to go",
-            "document.getElementById('typing').textContent === ''",
-        )
-        .await?;
-        // Bob's open conversation sends a receipt; Ada's message shows it.
-        ada.wait_for(
-            "the read receipt",
-            "[...document.querySelectorAll('#messages li.out .meta')].some(m => m.textContent.endsWith('· read'))",
-        )
-        .await?;
+        typing_dm_and_receipt(&mut ada, &link_a, &mut bob, &link_b, "hello Bob").await?;
         ada.readme_shot("webapp-receipt").await?;
         anyhow::Ok(())
     }
@@ -942,28 +958,8 @@ async fn people_on_two_brokers_and_the_link_in_the_dashboard() -> anyhow::Result
     let mut ada = Browser::launch().await?;
     let mut bob = Browser::launch().await?;
     let steps = async {
-        join_as(&mut ada, &link_a, "Ada").await?;
-        join_as(&mut bob, &link_b, "Bob").await?;
-        open_chat(&mut ada, "Bob").await?;
-        open_chat(&mut bob, "Ada").await?;
-        ada.fill("#compose", "are y").await?;
-        bob.wait_for(
-            "Ada's typing, across brokers",
-            "document.getElementById('typing').textContent === 'Ada is typing…'",
-        )
-        .await?;
-        ada.fill("#compose", "are you there, Bob?").await?;
-        ada.click("#send-btn").await?;
-        bob.wait_for(
-            "the DM from the other broker",
-            "document.getElementById('messages').innerText.includes('are you there, Bob?')",
-        )
-        .await?;
-        ada.wait_for(
-            "Bob's read receipt, across brokers",
-            "[...document.querySelectorAll('#messages li.out .meta')].some(m => m.textContent.endsWith('· read'))",
-        )
-        .await?;
+        typing_dm_and_receipt(&mut ada, &link_a, &mut bob, &link_b, "are you there, Bob?")
+            .await?;
         // The dashboard: the link to B carries the mesh; Bob is drawn on his broker.
         ada.click("#dash-btn").await?;
         let chip = format!("document.querySelector('#links li[data-broker=\"{B}\"]')");

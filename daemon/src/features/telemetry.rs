@@ -115,7 +115,7 @@ pub(crate) async fn handle(
                 return Err(TelemetryError::RateLimited);
             }
             let row = LogRow {
-                id: crate::ids::uuid_v4(),
+                id: entry_id(now),
                 mesh_id: mesh_id.to_owned(),
                 at: now,
                 level: level.rank(),
@@ -264,6 +264,15 @@ async fn report(
         "tasks": {"open": tasks.0, "claimed": tasks.1, "done": tasks.2},
         "schedules": {"pending": schedules},
     }))
+}
+
+/// An entry id that sorts by time, then by write order here (entries of one millisecond
+/// are listed newest first by it), then a random part so brokers' ids never collide.
+fn entry_id(now: i64) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1_000_000;
+    let r = crate::ids::uuid_v4();
+    format!("{now:013}-{n:06}-{}", &r[..8])
 }
 
 /// `3600000` → `1h`.
@@ -426,5 +435,18 @@ pub(crate) async fn on_peer_log(
     };
     if let Some(reason) = refused {
         ctx.metrics.fed_refused.inc(reason.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn entry_ids_sort_by_time_then_write_order() {
+        let ids: Vec<String> = (0..5).map(|_| super::entry_id(1_700_000_000_000)).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        assert!(super::entry_id(1_000) < super::entry_id(2_000));
+        assert!(ids.iter().all(|i| crate::ids::plausible_id(i)));
     }
 }
