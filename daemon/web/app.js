@@ -1320,6 +1320,13 @@ const STATUS_COLOR = { idle: "#2f7d4a", working: "#b4552d", dnd: "#6b3f6e" };
 const GROUP_COLORS = ["#3b6ea8", "#c49a2c", "#7a4ea3", "#2c8c8c", "#a83b6e", "#5c7d2f", "#8c5a2c", "#4a4a8c"];
 const FEED_CAP = 200;
 
+/** A link as the dashboard shows it: the mesh flows over it, or the link is up and the
+ * mesh does not flow ("stopped"), or the link's own state (down, connecting, …). */
+function linkState(l) {
+  if (l.flowing) return "flowing";
+  return l.link === "up" ? "stopped" : l.link || "down";
+}
+
 class Dashboard {
   constructor(mesh) {
     this.mesh = mesh;
@@ -1347,7 +1354,7 @@ class Dashboard {
   async start() {
     const sub = await this.mesh.request({ type: "dashboard_subscribe" });
     this.subscribed = true;
-    this.links = new Map((sub.links || []).map((l) => [l.broker, l]));
+    this.links = new Map((sub.links || []).map((l) => [l.broker, { ...l, state: linkState(l) }]));
     this.renderLinks();
     this.resources();
     this.mesh.listPeers();
@@ -1497,7 +1504,7 @@ class Dashboard {
     $("card-skills").textContent = String(r.skills);
     $("card-tasks").textContent = `${r.tasks.open} / ${r.tasks.claimed} / ${r.tasks.done}`;
     $("card-schedules").textContent = String(r.schedules);
-    for (const l of r.links || []) this.links.set(l.broker, { ...l, state: l.flowing ? "flowing" : l.link });
+    for (const l of r.links || []) this.links.set(l.broker, { ...l, state: linkState(l) });
     this.renderLinks();
   }
 
@@ -1505,7 +1512,7 @@ class Dashboard {
     const list = $("links");
     list.replaceChildren();
     for (const l of [...this.links.values()].sort((a, b) => (a.broker < b.broker ? -1 : 1))) {
-      const state = l.flowing ? "flowing" : l.state || l.link || "down";
+      const state = l.state || linkState(l);
       const li = el("li", state, `${l.broker}: ${state}${l.rttMs ? ` · ${l.rttMs.toFixed(1)} ms` : ""}`);
       li.dataset.broker = l.broker;
       li.dataset.state = state;
