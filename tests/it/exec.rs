@@ -213,6 +213,15 @@ async fn escapes_fail() -> anyhow::Result<()> {
             .contains("SIGNALLED"),
         "{r}"
     );
+    // The program holds stdin, stdout and stderr only: not the broker's report pipe (it
+    // could forge its own exit status and output files), not the files bwrap read.
+    let r = c
+        .request(run(
+            "python",
+            "import os\nprint(sorted(int(f) for f in os.listdir('/proc/self/fd')))",
+        ))
+        .await?;
+    assert_eq!(r["stdout"], "[0, 1, 2, 3]\n", "3 is listdir's own: {r}");
     // New namespaces (a way to regain privileges) are refused by seccomp.
     let r = c
         .request(run(

@@ -46,17 +46,20 @@ pub(crate) enum SandboxError {
 /// The uid and gid a program runs as.
 const SANDBOX_ID: u32 = 65_534;
 
-/// The wrapper run as the sandbox's command: runs the interpreter with fd 3 closed,
-/// then reports the exit status and the requested output files on fd 3.
-const WRAPPER: &str = r#"n="$1"; shift
+/// The wrapper run as the sandbox's command (`$1`: the report pipe's descriptor, `$2`:
+/// how many output names follow): runs the interpreter with every descriptor but 0, 1
+/// and 2 closed — it cannot write the report (and so forge its own exit status or
+/// files) nor keep anything bwrap was handed — then reports the exit status and the
+/// requested output files on the pipe.
+const WRAPPER: &str = r#"r="$1"; n="$2"; shift 2
 outs=("${@:1:$n}"); shift "$n"
-"$@" 3>&-
+( for fd in /proc/self/fd/*; do d=${fd##*/}; [ "$d" -gt 2 ] && eval "exec $d>&-"; done; exec "$@" )
 rc=$?
-printf 'RC %s\n' "$rc" >&3
+printf 'RC %s\n' "$rc" >&"$r"
 for f in "${outs[@]}"; do
   if [ -f "$f" ] && [ ! -L "$f" ]; then
-    printf 'FILE %s %s\n' "$(stat -c %s -- "$f")" "$f" >&3
-    cat -- "$f" >&3
+    printf 'FILE %s %s\n' "$(stat -c %s -- "$f")" "$f" >&"$r"
+    cat -- "$f" >&"$r"
   fi
 done
 exit "$rc"
@@ -322,13 +325,14 @@ impl Sandbox {
         for f in &req.files {
             files.push((f.name.clone(), &f.content));
         }
-        // fd 3 of the wrapper: exit status and output files.
+        // The wrapper's report: exit status and output files.
         let (report_r, report_w) = pipe()?;
         let mut argv = vec![
             "/usr/bin/bash".to_owned(),
             "-c".to_owned(),
             WRAPPER.to_owned(),
             "wrapper".to_owned(),
+            report_w.as_raw_fd().to_string(),
             req.outputs.len().to_string(),
         ];
         argv.extend(req.outputs.iter().cloned());
@@ -339,20 +343,9 @@ impl Sandbox {
             .pids_cgroup
             .as_deref()
             .and_then(|base| RunCgroup::new(base, self.limits.processes));
+        // bwrap passes the report pipe through under its own number.
         let (mut cmd, keep) =
             self.command(&argv, &files, &[report_w.as_raw_fd()], cgroup.as_ref())?;
-        // The report pipe is fd 3 in the sandbox: bwrap passes its fds through, and
-        // the wrapper's `>&3` needs that number.
-        let report_raw = report_w.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe; the descriptor is open until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if report_raw != 3 && libc::dup2(report_raw, 3) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
