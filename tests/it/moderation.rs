@@ -238,3 +238,50 @@ async fn a_role_change_reaches_the_peer_broker() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Naming a member: exactly one must match, or the refusal says why — for bans, unbans
+/// and role changes alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_names_exactly_one_member() -> anyhow::Result<()> {
+    let broker = TestBroker::start(Backend::Sqlite).await?;
+    let mesh = broker.create_mesh("names").await?;
+    let admin = broker.enroll_as(&mesh, "root", Role::Admin).await?;
+    broker.enroll(&mesh, "twin").await?;
+    broker.enroll(&mesh, "twin").await?;
+    let mut root = broker.connect(&admin).await?;
+    for (frame, code, message) in [
+        (
+            json!({"type": "ban", "target": "twin"}),
+            "invalid",
+            "2 members match \"twin\"; give the full key",
+        ),
+        (
+            json!({"type": "member_role", "target": "twin", "role": "admin"}),
+            "invalid",
+            "2 members match \"twin\"; give the key",
+        ),
+        (
+            json!({"type": "ban", "target": "nobody"}),
+            "not_found",
+            "no member matches \"nobody\"",
+        ),
+        (
+            json!({"type": "unban", "target": "twin"}),
+            "not_found",
+            "no banned member matches \"twin\"",
+        ),
+        (
+            json!({"type": "member_role", "target": "nobody", "role": "member"}),
+            "not_found",
+            "no member matches \"nobody\"",
+        ),
+    ] {
+        let v = root.request(frame.clone()).await?;
+        assert_eq!(
+            (v["code"].as_str(), v["message"].as_str()),
+            (Some(code), Some(message)),
+            "{frame} → {v}"
+        );
+    }
+    Ok(())
+}

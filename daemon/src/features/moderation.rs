@@ -240,6 +240,57 @@ pub(crate) async fn wait_applied(
     }
 }
 
+/// Members named exactly (display name or key) by `target`, banned or live.
+fn named<'a>(members: &'a [MemberRow], target: &str, banned: bool) -> Vec<&'a MemberRow> {
+    let key = target.to_ascii_lowercase();
+    members
+        .iter()
+        .filter(|m| {
+            m.revoked_at.is_some() == banned && (m.display_name == target || m.pubkey == key)
+        })
+        .collect()
+}
+
+/// The one member of `hits` (`kind`: "member" or "banned member"), or the refusal: none
+/// (`not_found`) or several (`invalid`, `hint` says what to give instead).
+fn only<'a>(
+    hits: &[&'a MemberRow],
+    target: &str,
+    kind: &str,
+    hint: &str,
+    req_id: &Option<String>,
+) -> Result<&'a MemberRow, Option<Utf8Bytes>> {
+    match hits {
+        [m] => Ok(*m),
+        [] => Err(error(
+            "not_found",
+            format!("no {kind} matches {target:?}"),
+            req_id.clone(),
+        )),
+        many => Err(error(
+            "invalid",
+            format!("{} {kind}s match {target:?}; {hint}", many.len()),
+            req_id.clone(),
+        )),
+    }
+}
+
+/// A member hosted by another broker is managed there (it announces the member): the
+/// refusal saying where to `act`.
+fn hosted_elsewhere(
+    m: &MemberRow,
+    act: &str,
+    req_id: &Option<String>,
+) -> Option<Option<Utf8Bytes>> {
+    m.home_broker.as_ref().map(|home| {
+        error(
+            "forbidden",
+            format!("{} is hosted by broker {home}; {act} there", m.display_name),
+            req_id.clone(),
+        )
+    })
+}
+
 impl Session {
     /// `kick` / `disconnect` close connections at once (answered here); `ban`, `unban`
     /// and `list_bans` touch the store.
@@ -371,38 +422,23 @@ impl Session {
                 Ok(m) => m,
                 Err(e) => return store_unavailable("ban", req_id, &e),
             };
-            let live = members.iter().filter(|m| m.revoked_at.is_none());
             // Exact names and keys first; a key prefix only when nothing is exact.
-            let mut hits: Vec<&MemberRow> = live
-                .clone()
-                .filter(|m| m.display_name == target || m.pubkey == target.to_ascii_lowercase())
-                .collect();
+            let mut hits = named(&members, &target, false);
             if hits.is_empty() {
-                hits = live.filter(|m| names_key(&target, &m.pubkey)).collect();
+                hits = members
+                    .iter()
+                    .filter(|m| m.revoked_at.is_none() && names_key(&target, &m.pubkey))
+                    .collect();
             }
-            let m = match hits.as_slice() {
-                [] => return error("not_found", format!("no member matches {target:?}"), req_id),
-                [m] => *m,
-                many => {
-                    return error(
-                        "invalid",
-                        format!("{} members match {target:?}; give the full key", many.len()),
-                        req_id,
-                    );
-                }
+            let m = match only(&hits, &target, "member", "give the full key", &req_id) {
+                Ok(m) => m,
+                Err(refusal) => return refusal,
             };
             if m.pubkey == me {
                 return error("invalid", "cannot ban yourself", req_id);
             }
-            if let Some(home) = &m.home_broker {
-                return error(
-                    "forbidden",
-                    format!(
-                        "{} is hosted by broker {home}; ban them there",
-                        m.display_name
-                    ),
-                    req_id,
-                );
+            if let Some(refusal) = hosted_elsewhere(m, "ban them", &req_id) {
+                return refusal;
             }
             let row = match ctx.db.revoke_member(&mesh_id, &m.id, now).await {
                 Ok(Some(row)) => row,
@@ -444,33 +480,13 @@ impl Session {
                 Ok(m) => m,
                 Err(e) => return store_unavailable("member_role", req_id, &e),
             };
-            let lower = target.to_ascii_lowercase();
-            let hits: Vec<&MemberRow> = members
-                .iter()
-                .filter(|m| {
-                    m.revoked_at.is_none() && (m.display_name == target || m.pubkey == lower)
-                })
-                .collect();
-            let m = match hits.as_slice() {
-                [] => return error("not_found", format!("no member matches {target:?}"), req_id),
-                [m] => *m,
-                many => {
-                    return error(
-                        "invalid",
-                        format!("{} members match {target:?}; give the key", many.len()),
-                        req_id,
-                    );
-                }
+            let hits = named(&members, &target, false);
+            let m = match only(&hits, &target, "member", "give the key", &req_id) {
+                Ok(m) => m,
+                Err(refusal) => return refusal,
             };
-            if let Some(home) = &m.home_broker {
-                return error(
-                    "forbidden",
-                    format!(
-                        "{} is hosted by broker {home}; change their role there",
-                        m.display_name
-                    ),
-                    req_id,
-                );
+            if let Some(refusal) = hosted_elsewhere(m, "change their role", &req_id) {
+                return refusal;
             }
             let row = match ctx.db.set_member_role(&mesh_id, &m.id, role).await {
                 Ok(Some(row)) => row,
@@ -520,42 +536,13 @@ impl Session {
                 Ok(m) => m,
                 Err(e) => return store_unavailable("unban", req_id, &e),
             };
-            let hits: Vec<&MemberRow> = members
-                .iter()
-                .filter(|m| {
-                    m.revoked_at.is_some()
-                        && (m.display_name == target || m.pubkey == target.to_ascii_lowercase())
-                })
-                .collect();
-            let m = match hits.as_slice() {
-                [] => {
-                    return error(
-                        "not_found",
-                        format!("no banned member matches {target:?}"),
-                        req_id,
-                    );
-                }
-                [m] => *m,
-                many => {
-                    return error(
-                        "invalid",
-                        format!(
-                            "{} banned members match {target:?}; give the key",
-                            many.len()
-                        ),
-                        req_id,
-                    );
-                }
+            let hits = named(&members, &target, true);
+            let m = match only(&hits, &target, "banned member", "give the key", &req_id) {
+                Ok(m) => m,
+                Err(refusal) => return refusal,
             };
-            if let Some(home) = &m.home_broker {
-                return error(
-                    "forbidden",
-                    format!(
-                        "{} is hosted by broker {home}; unban them there",
-                        m.display_name
-                    ),
-                    req_id,
-                );
+            if let Some(refusal) = hosted_elsewhere(m, "unban them", &req_id) {
+                return refusal;
             }
             let row = match ctx.db.unrevoke_member(&mesh_id, &m.id).await {
                 Ok(Some(row)) => row,
